@@ -1,0 +1,1 @@
+"""The worked example: a hospital appointment scheduling app that works offline."""

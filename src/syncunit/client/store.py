@@ -1,0 +1,272 @@
+"""The client's local SQLite database: local tables, SyncProperties, cursors.
+
+One ``sqlite3`` connection, one transaction primitive (``atomic()``, with
+savepoints for nesting). The engine's own tables are prefixed ``syncunit_``:
+
+* ``syncunit_local``: key/value facts (client id, the cached catalog);
+* ``syncunit_sync_properties``: per unit, ``last_sync_on`` (for people) and the last result;
+* ``syncunit_cursors``: per stream, the server's cursor (for the engine);
+
+Local tables are created, and migrated when the catalog changes, from the
+catalog's stream descriptions. Every chunk is applied in one transaction
+together with its cursor, so an interrupted sync resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from syncunit.errors import LocalStoreError
+from syncunit.protocol import Catalog, Chunk, StreamInfo, decode_catalog, encode_catalog
+
+__all__ = ["LocalStore"]
+
+SQL_TYPES = {
+    "integer": "INTEGER",
+    "boolean": "INTEGER",
+    "real": "REAL",
+    "blob": "BLOB",
+}
+
+_META_DDL = [
+    "CREATE TABLE IF NOT EXISTS syncunit_local (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS syncunit_sync_properties ("
+    " unit TEXT PRIMARY KEY, last_sync_on TEXT, last_result TEXT)",
+    "CREATE TABLE IF NOT EXISTS syncunit_cursors ("
+    " stream TEXT PRIMARY KEY, local_table TEXT NOT NULL, definition TEXT NOT NULL,"
+    " cursor TEXT NOT NULL)",
+]
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def sql_type(logical: str) -> str:
+    return SQL_TYPES.get(logical, "TEXT")
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+class LocalStore:
+    """A local SQLite database managed by syncunit; the app may read and write it too."""
+
+    def __init__(self, path: str | Path | sqlite3.Connection) -> None:
+        try:
+            if isinstance(path, sqlite3.Connection):
+                self.conn = path
+            else:
+                self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self.conn.isolation_level = None
+            if not isinstance(path, sqlite3.Connection) and str(path) != ":memory:":
+                self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as exc:
+            raise LocalStoreError(f"cannot open local database {path!r}: {exc}") from exc
+        self.lock = threading.RLock()
+        self._depth = 0
+        with self.atomic():
+            for stmt in _META_DDL:
+                self.conn.execute(stmt)
+        self._upserts: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    # -- transactions ------------------------------------------------------------------
+
+    @contextmanager
+    def atomic(self) -> Iterator[sqlite3.Connection]:
+        """One transaction (``BEGIN IMMEDIATE``); nested calls become savepoints."""
+        with self.lock:
+            depth = self._depth
+            name = f"syncunit_sp{depth}"
+            try:
+                self.conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {name}")
+            except sqlite3.Error as exc:
+                raise LocalStoreError(f"cannot begin a local transaction: {exc}") from exc
+            self._depth += 1
+            try:
+                yield self.conn
+            except BaseException:
+                self._depth -= 1
+                if depth == 0:
+                    self.conn.execute("ROLLBACK")
+                else:
+                    self.conn.execute(f"ROLLBACK TO {name}")
+                    self.conn.execute(f"RELEASE {name}")
+                raise
+            else:
+                self._depth -= 1
+                try:
+                    self.conn.execute("COMMIT" if depth == 0 else f"RELEASE {name}")
+                except sqlite3.Error as exc:
+                    if depth == 0:
+                        self.conn.execute("ROLLBACK")
+                    raise LocalStoreError(f"cannot commit a local transaction: {exc}") from exc
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    # -- facts ---------------------------------------------------------------------------
+
+    def get_fact(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM syncunit_local WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_fact(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO syncunit_local (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def client_id(self) -> str:
+        """This database's client id, made once and kept."""
+        with self.atomic():
+            value = self.get_fact("client_id")
+            if value is None:
+                value = str(uuid.uuid4())
+                self.set_fact("client_id", value)
+        return value
+
+    # -- catalog and local tables ----------------------------------------------------------
+
+    def catalog(self) -> Catalog | None:
+        raw = self.get_fact("catalog")
+        return None if raw is None else decode_catalog(raw.encode())
+
+    def apply_catalog(self, catalog: Catalog) -> list[str]:
+        """Create or migrate every local table the catalog describes; return what changed."""
+        changes: list[str] = []
+        with self.atomic():
+            for stream in catalog.streams:
+                changes += self._migrate(stream)
+            self.set_fact("catalog", encode_catalog(catalog).decode())
+        self._upserts.clear()
+        return changes
+
+    def _migrate(self, s: StreamInfo) -> list[str]:
+        c = self.conn
+        t = quote(s.local_table)
+        have = {r[1]: (r[2], r[5]) for r in c.execute(f"PRAGMA table_info({t})")}
+        want = {col.name: sql_type(col.type) for col in s.columns}
+        changes: list[str] = []
+        if have:
+            rebuild = have.get(s.key, ("", 0))[1] != 1 or any(
+                name in have and have[name][0] != typ for name, typ in want.items()
+            )
+            if rebuild:
+                c.execute(f"DROP TABLE {t}")
+                changes.append(f"rebuilt {s.local_table}")
+                have = {}
+            else:
+                for name, typ in want.items():
+                    if name not in have:
+                        c.execute(f"ALTER TABLE {t} ADD COLUMN {quote(name)} {typ}")
+                        changes.append(f"added {s.local_table}.{name}")
+                for name in have:
+                    if name not in want and not name.startswith("syncunit_"):
+                        c.execute(f"ALTER TABLE {t} DROP COLUMN {quote(name)}")
+                        changes.append(f"dropped {s.local_table}.{name}")
+        if not have:
+            cols = ", ".join(
+                f"{quote(n)} {typ}{' PRIMARY KEY' if n == s.key else ''}" for n, typ in want.items()
+            )
+            c.execute(f"CREATE TABLE {t} ({cols})")
+            changes.append(f"created {s.local_table}")
+        for ix in s.indexes:
+            name = quote(f"ix_{s.local_table}_{'_'.join(ix)}")
+            c.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {t} ({', '.join(map(quote, ix))})")
+        row = c.execute(
+            "SELECT definition FROM syncunit_cursors WHERE stream = ?", (s.name,)
+        ).fetchone()
+        if row is not None and row[0] != s.definition:
+            # The server resets the stream on its side too; forget the old position.
+            c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (s.name,))
+            changes.append(f"reset cursor of {s.name}")
+        return changes
+
+    # -- cursors and sync properties ---------------------------------------------------------
+
+    def cursors(self, streams: Sequence[str]) -> dict[str, str]:
+        marks = ",".join("?" * len(streams))
+        rows = self.conn.execute(
+            f"SELECT stream, cursor FROM syncunit_cursors WHERE stream IN ({marks})", list(streams)
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def last_sync_on(self, unit: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT last_sync_on FROM syncunit_sync_properties WHERE unit = ?", (unit,)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def complete_unit(self, unit: str, result_json: str) -> None:
+        with self.atomic():
+            self.conn.execute(
+                "INSERT INTO syncunit_sync_properties (unit, last_sync_on, last_result)"
+                " VALUES (?, ?, ?) ON CONFLICT(unit) DO UPDATE SET"
+                " last_sync_on = excluded.last_sync_on, last_result = excluded.last_result",
+                (unit, utcnow(), result_json),
+            )
+
+    # -- applying chunks -----------------------------------------------------------------------
+
+    def apply_chunk(self, stream: StreamInfo, chunk: Chunk) -> tuple[int, int]:
+        """Apply one chunk and store its cursor in one transaction; return (upserted, removed)."""
+        t = quote(stream.local_table)
+        key = quote(stream.key)
+        upserted = removed = 0
+        try:
+            with self.atomic() as c:
+                if chunk.reset:
+                    removed += c.execute(f"DELETE FROM {t}").rowcount
+                if chunk.removed:
+                    cur = c.executemany(f"DELETE FROM {t} WHERE {key} = ?", [(k,) for k in chunk.removed])
+                    removed += max(cur.rowcount, 0)
+                if chunk.data:
+                    sql = self._upsert_sql(stream, tuple(chunk.columns))
+                    c.executemany(sql, zip(*chunk.data, strict=True))
+                    upserted = len(chunk.data[0])
+                c.execute(
+                    "INSERT INTO syncunit_cursors (stream, local_table, definition, cursor)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET"
+                    " cursor = excluded.cursor, definition = excluded.definition",
+                    (stream.name, stream.local_table, stream.definition, chunk.cursor),
+                )
+        except sqlite3.Error as exc:
+            raise LocalStoreError(f"cannot apply a chunk to {stream.local_table}: {exc}") from exc
+        return upserted, removed
+
+    def _upsert_sql(self, stream: StreamInfo, columns: tuple[str, ...]) -> str:
+        cache_key = (stream.local_table, columns)
+        sql = self._upserts.get(cache_key)
+        if sql is None:
+            known = {c.name for c in stream.columns}
+            unknown = [c for c in columns if c not in known]
+            if unknown or stream.key not in columns:
+                raise LocalStoreError(
+                    f"chunk for {stream.local_table} has columns {list(columns)},"
+                    " which do not match the catalog; refresh the catalog"
+                )
+            names = ", ".join(map(quote, columns))
+            marks = ", ".join("?" * len(columns))
+            sets = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in columns if c != stream.key)
+            sql = f"INSERT INTO {quote(stream.local_table)} ({names}) VALUES ({marks})"
+            sql += f" ON CONFLICT({quote(stream.key)}) DO UPDATE SET {sets}" if sets else " ON CONFLICT DO NOTHING"
+            self._upserts[cache_key] = sql
+        return sql
+
+    def rows(self, table: str, columns: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
+        """Every row of a local table (for checks and small tables)."""
+        cols = "*" if columns is None else ", ".join(map(quote, columns))
+        return list(self.conn.execute(f"SELECT {cols} FROM {quote(table)}"))

@@ -1,0 +1,103 @@
+"""The one exception tree of syncunit.
+
+    SyncUnitError
+    ├── DeclarationError     a table, stream or unit is declared wrongly
+    ├── ProtocolError        a wire message could not be read (malformed, wrong version)
+    ├── LocalStoreError      the client's local database cannot do what was asked
+    └── SyncError            a sync run failed
+        ├── NetworkError         the server could not be reached or the stream was cut: retryable
+        └── ProblemError         the server answered with an application/problem+json error
+            ├── AuthError            401 or 403: not retried
+            ├── UnknownUnitError     404: the unit does not exist on the server
+            └── RequestRejected      400, 413, 415, 422: the request itself is wrong: not retried
+
+Library code translates sqlite3, SQLAlchemy and httpx exceptions at the boundary
+(``raise ... from exc``) so callers only ever catch these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthError",
+    "DeclarationError",
+    "LocalStoreError",
+    "NetworkError",
+    "ProblemError",
+    "ProtocolError",
+    "RequestRejected",
+    "SyncError",
+    "SyncUnitError",
+    "UnknownUnitError",
+]
+
+
+class SyncUnitError(Exception):
+    """Base class of every error syncunit raises."""
+
+
+class DeclarationError(SyncUnitError):
+    """A tracked table, stream or sync unit is declared in a way that cannot work."""
+
+
+class ProtocolError(SyncUnitError):
+    """A wire message is malformed or speaks an unsupported protocol version."""
+
+
+class LocalStoreError(SyncUnitError):
+    """The client's local SQLite database refused an operation."""
+
+
+class SyncError(SyncUnitError):
+    """A sync run failed; ``retryable`` says whether trying again later can help."""
+
+    retryable: bool = False
+
+
+class NetworkError(SyncError):
+    """The server was unreachable, or the connection broke mid-sync."""
+
+    retryable = True
+
+
+class ProblemError(SyncError):
+    """The server answered with a problem document (RFC 9457)."""
+
+    def __init__(self, status: int, code: str, title: str, detail: str = "", **extra: Any) -> None:
+        self.status = status
+        self.code = code
+        self.title = title
+        self.detail = detail
+        self.extra = extra
+        self.retryable = status >= 500 or status == 429 or code == "schema-changed"
+        message = f"{status} {code}: {title}"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message)
+
+
+class AuthError(ProblemError):
+    """The server refused the credentials (401) or the action (403)."""
+
+
+class UnknownUnitError(ProblemError):
+    """The server has no sync unit of that name (404)."""
+
+
+class RequestRejected(ProblemError):
+    """The server rejected the request as malformed or too large."""
+
+
+def problem_error(status: int, code: str, title: str, detail: str = "", **extra: Any) -> ProblemError:
+    """Build the most specific ``ProblemError`` subclass for an HTTP status."""
+    cls: type[ProblemError]
+    if status in (401, 403):
+        cls = AuthError
+    elif status == 404:
+        cls = UnknownUnitError
+    elif status in (400, 409, 413, 415, 422) and code != "schema-changed":
+        cls = RequestRejected
+    else:
+        cls = ProblemError
+    return cls(status, code, title, detail, **extra)

@@ -1,0 +1,304 @@
+"""Wire messages of the syncunit protocol, and their two encodings.
+
+A sync run is one ``POST /v1/sync/{unit}``: the body is a ``SyncRequest``; the
+response is a stream of frames (``Frame``), each encoded on its own so both
+sides can work chunk by chunk with bounded memory:
+
+* MessagePack (default, ``application/vnd.syncunit.v1+msgpack``): each frame is a
+  4-byte big-endian length followed by the MessagePack bytes;
+* JSON (``application/vnd.syncunit.v1+json``, for debugging): one frame per line.
+
+Rows travel columnar: a chunk has ``columns`` (names) and ``data`` (one list of
+values per column). ``docs/protocol.md`` is the normative description.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import msgspec
+
+from syncunit.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MSGPACK = "application/vnd.syncunit.v1+msgpack"
+JSON = "application/vnd.syncunit.v1+json"
+PROBLEM = "application/problem+json"
+
+Encoding = Literal["msgpack", "json"]
+
+__all__ = [
+    "JSON",
+    "MSGPACK",
+    "PROTOCOL_VERSION",
+    "Catalog",
+    "Chunk",
+    "ColumnInfo",
+    "End",
+    "Failure",
+    "Frame",
+    "FrameDecoder",
+    "Mutation",
+    "MutationResult",
+    "Problem",
+    "PushResults",
+    "StreamInfo",
+    "StreamStart",
+    "SyncRequest",
+    "UnitInfo",
+    "decode_request",
+    "encode_frame",
+    "encode_request",
+]
+
+
+# -- catalog -----------------------------------------------------------------
+
+
+class ColumnInfo(msgspec.Struct, frozen=True):
+    """One column of a local table. ``type`` is a logical type (see protocol.md)."""
+
+    name: str
+    type: str
+    nullable: bool = True
+    writable: bool = False
+
+
+class StreamInfo(msgspec.Struct, frozen=True):
+    """A stream: the local table it fills and how."""
+
+    name: str
+    local_table: str
+    key: str
+    mode: Literal["delta", "full"]
+    columns: list[ColumnInfo]
+    indexes: list[list[str]] = []
+    definition: str = ""
+
+
+class UnitInfo(msgspec.Struct, frozen=True):
+    """A sync unit: its streams and direction (``pull``, ``push`` or ``both``)."""
+
+    name: str
+    direction: Literal["pull", "push", "both"]
+    streams: list[str]
+
+
+class Catalog(msgspec.Struct, frozen=True):
+    """What ``GET /v1/catalog`` answers: everything a generic client needs."""
+
+    protocol: int
+    schema_hash: str
+    units: list[UnitInfo]
+    streams: list[StreamInfo]
+
+    def unit(self, name: str) -> UnitInfo | None:
+        return next((u for u in self.units if u.name == name), None)
+
+    def stream(self, name: str) -> StreamInfo | None:
+        return next((s for s in self.streams if s.name == name), None)
+
+
+# -- request -----------------------------------------------------------------
+
+
+class Mutation(msgspec.Struct, frozen=True):
+    """One local change to push. ``seq`` grows by one per client and is never reused."""
+
+    seq: int
+    id: str
+    table: str
+    key: Any
+    op: Literal["insert", "update", "delete"]
+    values: dict[str, Any] = {}
+    changed: list[str] = []
+    base_version: int | None = None
+
+
+class SyncRequest(msgspec.Struct, frozen=True):
+    """The body of ``POST /v1/sync/{unit}``."""
+
+    protocol: int
+    client_id: str
+    schema_hash: str = ""
+    cursors: dict[str, str] = {}
+    mutations: list[Mutation] = []
+    chunk_size: int | None = None
+
+
+# -- response frames ---------------------------------------------------------
+
+
+class MutationResult(msgspec.Struct, frozen=True):
+    """The server's verdict on one mutation."""
+
+    seq: int
+    id: str
+    status: Literal["applied", "conflict", "rejected"]
+    reason: str = ""
+    code: str = ""
+    server_row: dict[str, Any] | None = None
+    version: int | None = None
+
+
+class PushResults(msgspec.Struct, frozen=True, tag="push"):
+    """First frame of a pushing unit: one result per mutation sent, in order."""
+
+    results: list[MutationResult]
+    last_seq: int
+
+
+class StreamStart(msgspec.Struct, frozen=True, tag="stream"):
+    """A stream begins; ``total`` rows are expected (an estimate for progress)."""
+
+    stream: str
+    total: int
+    reset: bool
+
+
+class Chunk(msgspec.Struct, frozen=True, tag="chunk"):
+    """A bounded batch of changes, applied in one local transaction with its cursor.
+
+    ``reset`` asks the client to clear the local table first (a full re-download);
+    ``complete`` marks the stream's last chunk in this response.
+    """
+
+    stream: str
+    columns: list[str]
+    data: list[list[Any]]
+    removed: list[Any]
+    cursor: str
+    reset: bool = False
+    complete: bool = False
+
+
+class End(msgspec.Struct, frozen=True, tag="end"):
+    """The last frame: the unit run completed."""
+
+    server_time: str
+
+
+class Failure(msgspec.Struct, frozen=True, tag="failure"):
+    """The server failed after the response started; the client keeps applied chunks."""
+
+    status: int
+    code: str
+    title: str
+    detail: str = ""
+
+
+Frame = PushResults | StreamStart | Chunk | End | Failure
+
+
+class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An ``application/problem+json`` document (RFC 9457) plus a stable ``code``."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str = ""
+
+
+# -- encoding ----------------------------------------------------------------
+
+_LEN = struct.Struct(">I")
+_mp_enc = msgspec.msgpack.Encoder()
+_js_enc = msgspec.json.Encoder()
+_mp_frame = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
+_js_frame = msgspec.json.Decoder(Frame)  # type: ignore[arg-type]
+_mp_req = msgspec.msgpack.Decoder(SyncRequest)
+_js_req = msgspec.json.Decoder(SyncRequest)
+
+
+def content_type(encoding: Encoding) -> str:
+    return MSGPACK if encoding == "msgpack" else JSON
+
+
+def encoding_of(media_type: str | None) -> Encoding | None:
+    """The encoding a Content-Type or Accept value names, or None."""
+    if not media_type:
+        return None
+    value = media_type.split(";")[0].strip().lower()
+    if value in (MSGPACK, "application/msgpack", "application/x-msgpack"):
+        return "msgpack"
+    if value in (JSON, "application/json"):
+        return "json"
+    return None
+
+
+def encode_request(request: SyncRequest, encoding: Encoding = "msgpack") -> bytes:
+    return _mp_enc.encode(request) if encoding == "msgpack" else _js_enc.encode(request)
+
+
+def decode_request(body: bytes, encoding: Encoding) -> SyncRequest:
+    """Decode a request body; raise ``ProtocolError`` saying what is wrong."""
+    try:
+        req = _mp_req.decode(body) if encoding == "msgpack" else _js_req.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed sync request: {exc}") from exc
+    return req
+
+
+def encode_frame(frame: Frame, encoding: Encoding = "msgpack") -> bytes:
+    if encoding == "msgpack":
+        payload = _mp_enc.encode(frame)
+        return _LEN.pack(len(payload)) + payload
+    return _js_enc.encode(frame) + b"\n"
+
+
+def encode_catalog(catalog: Catalog) -> bytes:
+    return _js_enc.encode(catalog)
+
+
+def decode_catalog(body: bytes) -> Catalog:
+    try:
+        return msgspec.json.decode(body, type=Catalog)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed catalog: {exc}") from exc
+
+
+def decode_problem(body: bytes) -> Problem | None:
+    try:
+        return msgspec.json.decode(body, type=Problem)
+    except msgspec.DecodeError:
+        return None
+
+
+class FrameDecoder:
+    """Incremental frame reader: feed it bytes as they arrive, get whole frames."""
+
+    def __init__(self, encoding: Encoding = "msgpack", max_frame: int = 256 * 1024 * 1024) -> None:
+        self.encoding = encoding
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        self._buf += data
+        buf = self._buf
+        pos = 0
+        try:
+            if self.encoding == "msgpack":
+                while len(buf) - pos >= 4:
+                    (size,) = _LEN.unpack_from(buf, pos)
+                    if size > self.max_frame:
+                        raise ProtocolError(f"frame of {size} bytes exceeds {self.max_frame}")
+                    if len(buf) - pos - 4 < size:
+                        break
+                    yield _mp_frame.decode(buf[pos + 4 : pos + 4 + size])
+                    pos += 4 + size
+            else:
+                while (nl := buf.find(b"\n", pos)) != -1:
+                    yield _js_frame.decode(buf[pos:nl])
+                    pos = nl + 1
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"malformed frame from server: {exc}") from exc
+        finally:
+            del buf[:pos]
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole frame."""
+        return len(self._buf)

@@ -1,0 +1,327 @@
+"""The sync server as a mountable ASGI (Starlette) application.
+
+* ``GET  /v1/catalog``      units, streams and local table schemas, with a schema hash
+* ``POST /v1/sync/{unit}``  one unit run: push (if the unit pushes), then pull, streamed
+
+The response body is a stream of frames produced on a worker thread that
+reads the database and encodes chunk by chunk into a bounded queue, so server
+memory does not grow with the result and reading overlaps with sending.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import threading
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+from sqlalchemy.engine import Engine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from syncunit.errors import ProtocolError
+from syncunit.protocol import (
+    PROTOCOL_VERSION,
+    End,
+    Failure,
+    Frame,
+    SyncRequest,
+    content_type,
+    decode_request,
+    encode_catalog,
+    encode_frame,
+    encoding_of,
+)
+from syncunit.server.auth import Authenticator, Principal
+from syncunit.server.changes import StreamReader
+from syncunit.server.problems import ProblemException, problem, problem_response
+from syncunit.server.store import ServerStore, open_store
+from syncunit.units import SyncSchema, SyncUnit
+
+try:  # optional: zstd is preferred when both sides have it
+    import zstandard
+except ImportError:  # pragma: no cover
+    zstandard = None
+
+log = logging.getLogger("syncunit.server")
+
+__all__ = ["SyncServer", "create_app"]
+
+_DONE = object()
+
+
+class SyncServer:
+    """The server's state and request handling; ``.app`` is the ASGI app."""
+
+    def __init__(
+        self,
+        schema: SyncSchema,
+        database: str | Engine | ServerStore,
+        *,
+        authenticate: Authenticator,
+        chunk_size: int = 2000,
+        max_chunk_size: int = 20_000,
+        max_body_bytes: int = 32 * 1024 * 1024,
+        max_mutations: int = 10_000,
+        install: bool = True,
+    ) -> None:
+        self.schema = schema
+        self.store = database if isinstance(database, ServerStore) else open_store(database)
+        self.authenticate = authenticate
+        self.chunk_size = chunk_size
+        self.max_chunk_size = max_chunk_size
+        self.max_body_bytes = max_body_bytes
+        self.max_mutations = max_mutations
+        self.catalog = schema.catalog()
+        self._catalog_body = encode_catalog(self.catalog)
+        self.push_handler: Callable[..., Any] | None = None
+        if install:
+            self.store.install(schema)
+        self.app = Starlette(
+            routes=[
+                Route("/v1/catalog", self.get_catalog, methods=["GET"]),
+                Route("/v1/sync/{unit}", self.post_sync, methods=["POST"]),
+            ],
+            exception_handlers={ProblemException: _on_problem, Exception: _on_error},
+        )
+
+    # -- handlers --------------------------------------------------------------------
+
+    async def _principal(self, request: Request) -> Principal:
+        principal = await anyio.to_thread.run_sync(self.authenticate, request)
+        if principal is None:
+            raise ProblemException("unauthenticated", "send a valid 'Authorization: Bearer <token>'")
+        return principal
+
+    async def get_catalog(self, request: Request) -> Response:
+        await self._principal(request)
+        return Response(self._catalog_body, media_type="application/json")
+
+    async def post_sync(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        name = request.path_params["unit"]
+        unit = self.schema.units.get(name)
+        if unit is None:
+            known = ", ".join(sorted(self.schema.units))
+            raise ProblemException("unknown-unit", f"unit {name!r} does not exist; known: {known}")
+        encoding = encoding_of(request.headers.get("content-type"))
+        if encoding is None:
+            raise ProblemException(
+                "unsupported-media-type",
+                f"Content-Type must be {content_type('msgpack')} or {content_type('json')}",
+            )
+        body = await self._read_body(request)
+        req = decode_request(body, encoding) if body else None
+        if req is None:
+            raise ProblemException("malformed-request", "the request body is empty")
+        self._validate(req, unit, principal)
+        accept = encoding_of(request.headers.get("accept")) or encoding
+        compressor = _compressor(request.headers.get("accept-encoding", ""))
+        headers = {"Cache-Control": "no-store"}
+        if compressor.name:
+            headers["Content-Encoding"] = compressor.name
+        frames = self._frames(unit, principal, req)
+        return StreamingResponse(
+            _pump(frames, accept, compressor),
+            media_type=content_type(accept),
+            headers=headers,
+        )
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise ProblemException("body-too-large", f"the limit is {self.max_body_bytes} bytes")
+        chunks = bytearray()
+        async for part in request.stream():
+            chunks += part
+            if len(chunks) > self.max_body_bytes:
+                raise ProblemException("body-too-large", f"the limit is {self.max_body_bytes} bytes")
+        coding = request.headers.get("content-encoding", "identity").strip().lower()
+        try:
+            if coding in ("", "identity"):
+                return bytes(chunks)
+            if coding == "gzip":
+                d = zlib.decompressobj(31)
+                out = d.decompress(chunks, self.max_body_bytes + 1)
+            elif coding == "zstd" and zstandard is not None:
+                dz = zstandard.ZstdDecompressor().decompressobj()
+                out = dz.decompress(bytes(chunks))
+            else:
+                raise ProblemException("unsupported-media-type", f"Content-Encoding {coding!r}")
+        except (zlib.error, ValueError) as exc:
+            raise ProblemException("malformed-request", f"cannot decompress body: {exc}") from exc
+        except Exception as exc:
+            if zstandard is not None and isinstance(exc, zstandard.ZstdError):
+                raise ProblemException("malformed-request", f"bad zstd body: {exc}") from exc
+            raise
+        if len(out) > self.max_body_bytes:
+            raise ProblemException("body-too-large", f"the limit is {self.max_body_bytes} bytes")
+        return bytes(out)
+
+    def _validate(self, req: SyncRequest, unit: SyncUnit, principal: Principal) -> None:
+        if req.protocol != PROTOCOL_VERSION:
+            raise ProblemException(
+                "unsupported-protocol",
+                f"client speaks protocol {req.protocol}; this server speaks {PROTOCOL_VERSION}",
+            )
+        if not req.client_id or len(req.client_id) > 200:
+            raise ProblemException("invalid-request", "client_id must be 1 to 200 characters")
+        if req.schema_hash and req.schema_hash != self.catalog.schema_hash:
+            raise ProblemException(
+                "schema-changed",
+                f"the client has schema {req.schema_hash}, the server {self.catalog.schema_hash}",
+            )
+        if req.chunk_size is not None and not 1 <= req.chunk_size <= self.max_chunk_size:
+            raise ProblemException(
+                "invalid-request", f"chunk_size must be between 1 and {self.max_chunk_size}"
+            )
+        if len(req.mutations) > self.max_mutations:
+            raise ProblemException("too-many-mutations", f"the limit is {self.max_mutations}")
+        if req.mutations and not unit.pushes:
+            raise ProblemException(
+                "invalid-request", f"unit {unit.name!r} does not push; send no mutations"
+            )
+        for stream in unit.streams if unit.pulls else ():
+            missing = [p for p in stream.parameters if p not in principal.params]
+            if missing:
+                raise ProblemException(
+                    "missing-parameter",
+                    f"stream {stream.name!r} filters on {', '.join(missing)}, which"
+                    f" principal {principal.id!r} does not have",
+                )
+
+    # -- the response ------------------------------------------------------------------
+
+    def _frames(self, unit: SyncUnit, principal: Principal, req: SyncRequest) -> Iterator[Frame]:
+        if unit.pushes and self.push_handler is not None:
+            yield self.push_handler(unit, principal, req)
+        if unit.pulls:
+            chunk = req.chunk_size or self.chunk_size
+            with self.store.snapshot() as (conn, watermark):
+                facts = self.store.facts(conn)
+                epoch = facts["epoch"]
+                horizon = int(facts.get("horizon", "0"))
+                for stream in unit.streams:
+                    reader = StreamReader(self.store, stream, principal.params, chunk_size=chunk)
+                    yield from reader.frames(
+                        conn, watermark, epoch, horizon, req.cursors.get(stream.name)
+                    )
+        yield End(server_time=dt.datetime.now(dt.UTC).isoformat())
+
+
+def create_app(
+    schema: SyncSchema,
+    database: str | Engine | ServerStore,
+    *,
+    authenticate: Authenticator,
+    **options: Any,
+) -> Starlette:
+    """The ASGI app serving ``schema`` from ``database``; mount it anywhere."""
+    return SyncServer(schema, database, authenticate=authenticate, **options).app
+
+
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProblemException)
+    return problem_response(exc.code, exc.detail)
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ProtocolError):
+        return problem_response("malformed-request", str(exc))
+    log.exception("sync request failed", exc_info=exc)
+    return problem_response("internal", "see the server log")
+
+
+# -- streaming -----------------------------------------------------------------------
+
+
+class _Compressor:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if name == "zstd":
+            self._z: Any = zstandard.ZstdCompressor(level=3).compressobj()
+        elif name == "gzip":
+            self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
+
+    def feed(self, data: bytes) -> bytes:
+        return self._z.compress(data) if self.name else data
+
+    def flush(self, final: bool = False) -> bytes:
+        if not self.name:
+            return b""
+        if self.name == "zstd":
+            mode = zstandard.COMPRESSOBJ_FLUSH_FINISH if final else zstandard.COMPRESSOBJ_FLUSH_BLOCK
+            return bytes(self._z.flush(mode))
+        return self._z.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+
+
+def _compressor(accept_encoding: str) -> _Compressor:
+    offered = {p.split(";")[0].strip().lower() for p in accept_encoding.split(",")}
+    if "zstd" in offered and zstandard is not None:
+        return _Compressor("zstd")
+    if "gzip" in offered:
+        return _Compressor("gzip")
+    return _Compressor("")
+
+
+async def _pump(frames: Iterator[Frame], encoding: Any, comp: _Compressor) -> AsyncIterator[bytes]:
+    """Run ``frames`` on a worker thread; hand its encoded bytes to the event loop."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for frame in frames:
+                data = comp.feed(encode_frame(frame, encoding)) + comp.flush()
+                if data and not put(data):
+                    return
+        except ProblemException as exc:
+            p = problem(exc.code, exc.detail)
+            fail = Failure(status=p.status, code=p.code, title=p.title, detail=p.detail)
+            put(comp.feed(encode_frame(fail, encoding)) + comp.flush())
+        except Exception as exc:
+            log.exception("sync stream failed", exc_info=exc)
+            fail = Failure(
+                status=500, code="internal", title="The server failed", detail="see the server log"
+            )
+            put(comp.feed(encode_frame(fail, encoding)) + comp.flush())
+        finally:
+            if not stop.is_set():
+                tail = comp.flush(final=True)
+                if tail:
+                    put(tail)
+            put(_DONE)
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=produce, name="syncunit-frames", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = await anyio.to_thread.run_sync(q.get)
+            if item is _DONE:
+                break
+            yield item
+    finally:
+        stop.set()
+        await anyio.to_thread.run_sync(worker.join, 5.0)
+
+
+_ = msgspec  # msgspec is used through syncunit.protocol

@@ -1,0 +1,363 @@
+"""Reading a stream's changes since a cursor, as bounded chunks.
+
+For a delta stream the server works in passes. A first copy (``full``) walks
+the rows in scope in key order. Later passes send, since the cursor's version:
+
+1. **removals**: keys from tombstones of the base or a joined table (deleted
+   rows, and updates of a column a filter or join reads) whose *old* values
+   were in the client's scope, unless the row is in scope now;
+2. **upserts**: rows in scope whose own version, or the version of any joined
+   row, is newer; in keyset order on (effective version, key), so chunk
+   borders neither skip nor repeat ties.
+
+Every query is driven by a version index, so a delta costs the changes, not
+the table. A full stream (an aggregate) is re-read and sent only when a hash
+of its rows differs from the client's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import ColumnElement
+
+from syncunit.protocol import Chunk, StreamStart
+from syncunit.server.cursor import Cursor, decode_cursor, encode_cursor
+from syncunit.server.store import VERSION, ServerStore, tombstones
+from syncunit.units import Stream, logical_type
+
+MAX_FULL_STREAM_ROWS = 100_000
+
+
+def _iso(v: Any) -> Any:
+    return v.isoformat() if v is not None else None
+
+
+def _str(v: Any) -> Any:
+    return str(v) if v is not None else None
+
+
+def _json(v: Any) -> Any:
+    return json.dumps(v) if v is not None else None
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "datetime": _iso,
+    "date": _iso,
+    "time": _iso,
+    "decimal": _str,
+    "uuid": _str,
+    "json": _json,
+}
+
+
+def to_wire(value: Any) -> Any:
+    """One server value as it travels and is stored locally."""
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal | uuid.UUID):
+        return str(value)
+    return value
+
+
+def params_hash(stream: Stream, params: Mapping[str, Any]) -> str:
+    used = {k: to_wire(params.get(k)) for k in stream.parameters}
+    return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StreamReader:
+    """Reads one stream for one principal; yields ``StreamStart`` then ``Chunk`` frames."""
+
+    def __init__(
+        self,
+        store: ServerStore,
+        stream: Stream,
+        params: Mapping[str, Any],
+        *,
+        chunk_size: int,
+    ) -> None:
+        self.store = store
+        self.stream = stream
+        self.params = {k: params[k] for k in stream.parameters}
+        self.chunk_size = chunk_size
+        self.phash = params_hash(stream, params)
+        self.columns = list(stream.columns)
+        self.converters: list[tuple[int, Callable[[Any], Any]]] = [
+            (i, _CONVERTERS[lt])
+            for i, expr in enumerate(stream.columns.values())
+            if (lt := logical_type(expr.type)) in _CONVERTERS
+        ]
+
+    # -- entry point ---------------------------------------------------------------
+
+    def frames(
+        self, conn: Connection, watermark: int, epoch: str, horizon: int, token: str | None
+    ) -> Iterator[StreamStart | Chunk]:
+        s = self.stream
+        cur = decode_cursor(token)
+        valid = (
+            cur is not None
+            and cur.epoch == epoch
+            and cur.definition == s.definition_hash
+            and cur.params == self.phash
+            and (cur.since is None or horizon <= cur.since <= watermark)
+            and cur.high <= watermark
+        )
+        if s.mode == "full":
+            yield from self._full_stream(conn, epoch, cur if valid else None)
+            return
+        reset = token is not None and not valid
+        if not valid or cur is None:
+            cur = self._cursor(epoch, "full", since=None, high=watermark)
+        elif cur.phase == "done":
+            if cur.since == watermark:
+                yield StreamStart(stream=s.name, total=0, reset=False)
+                yield self._chunk([], [], cur, complete=True)
+                return
+            cur = self._cursor(epoch, "removals", since=cur.since, high=watermark)
+        if cur.phase == "full":
+            yield from self._full_pass(conn, cur, reset)
+        else:
+            yield from self._delta_pass(conn, cur)
+
+    def _cursor(self, epoch: str, phase: Any, **kw: Any) -> Cursor:
+        return Cursor(epoch, self.stream.definition_hash, self.phash, phase, **kw)
+
+    # -- queries ---------------------------------------------------------------------
+
+    def _rows_select(self) -> sa.Select[Any]:
+        s = self.stream
+        from_: Any = s.base
+        for j in s.joins:
+            from_ = from_.outerjoin(j.table, j.on)
+        q = sa.select(*(expr.label(name) for name, expr in s.columns.items())).select_from(from_)
+        if s.where is not None:
+            q = q.where(s.where)
+        return q
+
+    def _effective_version(self) -> ColumnElement[Any]:
+        return self.store.greatest(*(t.c[VERSION] for t in self.stream.tables))
+
+    def _path(self, target: sa.Table) -> list[sa.Table]:
+        """The joined tables needed to reach ``target`` from the base table."""
+        by_table = {j.table.name: j for j in self.stream.joins}
+        need: list[sa.Table] = []
+        todo = [target]
+        while todo:
+            t = todo.pop()
+            if t is self.stream.base or t in need:
+                continue
+            need.append(t)
+            for e in visitors.iterate(by_table[t.name].on):
+                if isinstance(e, sa.Column) and isinstance(e.table, sa.Table) and e.table is not t:
+                    todo.append(e.table)
+        return need
+
+    def _candidates(self, since: int) -> sa.CompoundSelect[Any]:
+        """Keys of base rows whose own row or a joined row changed after ``since``."""
+        s = self.stream
+        pk = s.key_column
+        parts = [sa.select(pk).where(s.base.c[VERSION] > since)]
+        by_table = {j.table.name: j for j in s.joins}
+        for j in s.joins:
+            from_: Any = s.base
+            for t in reversed(self._path(j.table)):
+                from_ = from_.join(t, by_table[t.name].on)
+            parts.append(sa.select(pk).select_from(from_).where(j.table.c[VERSION] > since))
+        return sa.union(*parts)
+
+    def _removals(self, since: int, after: Any) -> sa.Select[Any]:
+        s = self.stream
+        pk = s.key_column
+        by_table = {j.table.name: j for j in s.joins}
+        parts: list[sa.Select[Any]] = []
+        # A joined row can only move base rows out of scope if the filter reads it,
+        # or reads a table joined through it.
+        relevant: set[str] = {s.base.name}
+        for c in visitors.iterate(s.where) if s.where is not None else ():
+            if isinstance(c, sa.Column) and isinstance(c.table, sa.Table) and c.table is not s.base:
+                relevant.update(t.name for t in self._path(c.table))
+        for t in s.tables:
+            if t.name not in relevant:
+                continue
+            old = self._old_image(t, since)
+
+            def swap(e: Any, t: sa.Table = t, old: Any = old) -> Any:
+                if isinstance(e, sa.Column) and e.table is t:
+                    return old.c[e.name]
+                return None
+
+            def sub(clause: Any, swap: Any = swap) -> Any:
+                return visitors.replacement_traverse(clause, {}, swap)
+
+            if t is s.base:
+                from_: Any = old
+                lenient: list[ColumnElement[bool]] = []
+                for j in s.joins:
+                    from_ = from_.outerjoin(j.table, sub(j.on))
+                    jpk = next(iter(j.table.primary_key.columns))
+                    lenient += [j.table.c[VERSION] > since, jpk.is_(None)]
+                cond: Any = sa.true() if s.where is None else sub(s.where)
+                if s.where is not None and lenient:
+                    cond = sa.or_(cond, *lenient)
+                parts.append(sa.select(old.c[pk.name].label("k")).select_from(from_).where(cond))
+            else:
+                path = self._path(t)
+                from_ = s.base
+                for jt in reversed(path):
+                    target = old if jt is t else jt
+                    from_ = from_.join(target, sub(by_table[jt.name].on))
+                for j in s.joins:
+                    if j.table not in path:
+                        from_ = from_.outerjoin(j.table, sub(j.on))
+                parts.append(sa.select(pk.label("k")).select_from(from_).where(sub(s.where)))
+        gone = sa.union(*parts).subquery("gone")
+        in_scope = self._rows_select().with_only_columns(sa.literal(1)).where(pk == gone.c.k)
+        q = sa.select(gone.c.k).where(~in_scope.exists()).order_by(gone.c.k)
+        if after is not None:
+            q = q.where(gone.c.k > after)
+        return q
+
+    def _old_image(self, table: sa.Table, since: int) -> Any:
+        ts = tombstones.alias(f"ts_{table.name}")
+        recorded = self.stream.scope_columns().get(table.name, set())
+        cols = [
+            self.store.old_value(ts.c.old, c).label(c.name)
+            for c in table.columns
+            if c.name in recorded or c.primary_key
+        ]
+        return (
+            sa.select(*cols)
+            .where(ts.c.table_name == table.name, ts.c.version > since)
+            .subquery(f"old_{table.name}")
+        )
+
+    # -- passes ----------------------------------------------------------------------
+
+    def _full_pass(self, conn: Connection, cur: Cursor, reset: bool) -> Iterator[Any]:
+        pk = self.stream.key_column
+        q = self._rows_select()
+        if cur.after:
+            q = q.where(pk > cur.after[0])
+        total = conn.execute(
+            sa.select(sa.func.count()).select_from(q.subquery()), self.params
+        ).scalar_one()
+        yield StreamStart(stream=self.stream.name, total=total, reset=reset)
+        key_index = self.columns.index(self.stream.key)
+        result = conn.execution_options(yield_per=self.chunk_size).execute(
+            q.order_by(pk), self.params
+        )
+        sent = False
+        for rows in result.partitions(self.chunk_size):
+            after = [rows[-1][key_index]]
+            cur = msgspec.structs.replace(cur, after=after)
+            yield self._chunk(rows, [], cur, reset=reset and not sent)
+            sent = True
+        done = self._cursor(cur.epoch, "done", since=cur.high, high=cur.high)
+        yield self._chunk([], [], done, reset=reset and not sent, complete=True)
+
+    def _delta_pass(self, conn: Connection, cur: Cursor) -> Iterator[Any]:
+        s = self.stream
+        since = cur.since or 0
+        removals = None
+        if cur.phase == "removals":
+            removals = self._removals(since, cur.after[0] if cur.after else None)
+        ev = self._effective_version()
+        upserts = (
+            self._rows_select()
+            .add_columns(ev.label("_ev"))
+            .where(s.key_column.in_(self._candidates(since)))
+        )
+        if cur.phase == "upserts" and cur.after:
+            last_ev, last_key = cur.after
+            upserts = upserts.where(
+                sa.or_(ev > last_ev, sa.and_(ev == last_ev, s.key_column > last_key))
+            )
+        removed_keys: list[Any] = []
+        if removals is not None:
+            removed_keys = [r[0] for r in conn.execute(removals, self.params)]
+        total = len(removed_keys) + conn.execute(
+            sa.select(sa.func.count()).select_from(upserts.subquery()), self.params
+        ).scalar_one()
+        yield StreamStart(stream=s.name, total=total, reset=False)
+        for i in range(0, len(removed_keys), self.chunk_size):
+            part = removed_keys[i : i + self.chunk_size]
+            cur = msgspec.structs.replace(cur, phase="removals", after=[part[-1]])
+            yield self._chunk([], part, cur)
+        cur = msgspec.structs.replace(cur, phase="upserts", after=cur.after if cur.phase == "upserts" else None)
+        key_index = self.columns.index(s.key)
+        result = conn.execution_options(yield_per=self.chunk_size).execute(
+            upserts.order_by(ev, s.key_column), self.params
+        )
+        for rows in result.partitions(self.chunk_size):
+            last = rows[-1]
+            cur = msgspec.structs.replace(cur, after=[last[-1], last[key_index]])
+            yield self._chunk([r[:-1] for r in rows], [], cur)
+        done = self._cursor(cur.epoch, "done", since=cur.high, high=cur.high)
+        yield self._chunk([], [], done, complete=True)
+
+    def _full_stream(self, conn: Connection, epoch: str, cur: Cursor | None) -> Iterator[Any]:
+        s = self.stream
+        assert s.query is not None
+        rows = conn.execute(s.query, self.params).fetchmany(MAX_FULL_STREAM_ROWS + 1)
+        if len(rows) > MAX_FULL_STREAM_ROWS:
+            raise ValueError(
+                f"full stream {s.name!r} has more than {MAX_FULL_STREAM_ROWS} rows;"
+                " declare it as a delta stream"
+            )
+        data = self._columnar(rows)
+        digest = hashlib.sha256(msgspec.msgpack.encode(data)).hexdigest()[:24]
+        if cur is not None and cur.phase == "content" and cur.content == digest:
+            yield StreamStart(stream=s.name, total=0, reset=False)
+            yield self._chunk([], [], cur, complete=True)
+            return
+        new = self._cursor(epoch, "content", content=digest)
+        yield StreamStart(stream=s.name, total=len(rows), reset=True)
+        yield Chunk(
+            stream=s.name,
+            columns=self.columns,
+            data=data,
+            removed=[],
+            cursor=encode_cursor(new),
+            reset=True,
+            complete=True,
+        )
+
+    # -- frames ----------------------------------------------------------------------
+
+    def _columnar(self, rows: Any) -> list[list[Any]]:
+        if not rows:
+            return []
+        data: list[Any] = list(zip(*rows, strict=True))
+        for i, conv in self.converters:
+            data[i] = [conv(v) for v in data[i]]
+        return data
+
+    def _chunk(
+        self,
+        rows: Any,
+        removed: list[Any],
+        cur: Cursor,
+        *,
+        reset: bool = False,
+        complete: bool = False,
+    ) -> Chunk:
+        return Chunk(
+            stream=self.stream.name,
+            columns=self.columns if rows else [],
+            data=self._columnar(rows),
+            removed=[to_wire(k) for k in removed],
+            cursor=encode_cursor(cur),
+            reset=reset,
+            complete=complete,
+        )

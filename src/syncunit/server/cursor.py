@@ -1,0 +1,56 @@
+"""Stream cursors: opaque to the client, self-describing for the server.
+
+A cursor says what the client has of one stream:
+
+* ``epoch``: the server database it came from (a restored or replaced database
+  has another epoch, or its clock is behind the cursor: both reset the stream);
+* ``definition`` / ``params``: hashes of the stream definition and of the
+  principal parameters it was filtered with (a change resets the stream);
+* ``phase``: ``full`` (first copy, keyset on the key), ``removals`` then
+  ``upserts`` (a delta pass), ``done`` (everything up to ``since``), or
+  ``content`` (a full stream, identified by a hash of its rows);
+* ``since``: every change at or below this version is on the client;
+* ``high``: the watermark when the current pass began; it becomes ``since``
+  when the pass completes, even if the pass was resumed in later requests;
+* ``after``: the keyset position of the last applied chunk in this pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+import msgspec
+
+Phase = Literal["full", "removals", "upserts", "done", "content"]
+
+
+class Cursor(msgspec.Struct, array_like=True, frozen=True):
+    epoch: str
+    definition: str
+    params: str
+    phase: Phase
+    since: int | None = None
+    high: int = 0
+    after: list[Any] | None = None
+    content: str = ""
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(Cursor)
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    return "c1." + base64.urlsafe_b64encode(_enc.encode(cursor)).rstrip(b"=").decode()
+
+
+def decode_cursor(token: str | None) -> Cursor | None:
+    """The cursor a token holds, or None if it is absent or unreadable (a reset)."""
+    if not token or not token.startswith("c1."):
+        return None
+    raw = token[3:]
+    try:
+        return _dec.decode(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (msgspec.DecodeError, binascii.Error, ValueError):
+        return None

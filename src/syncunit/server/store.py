@@ -1,0 +1,176 @@
+"""The server's database access: one interface, one implementation per database.
+
+``ServerStore`` owns everything that differs between databases: how changes are
+tracked (columns, triggers, tombstones), which version is safe to hand out as a
+cursor, and how transactions begin. Queries that are the same everywhere live in
+``changes`` (delta reads) and ``push`` (mutations), written in SQLAlchemy Core.
+
+Tracking adds to each tracked table:
+
+* ``syncunit_version``: a server-assigned, ever-growing number, stamped by a
+  trigger on every insert and update, whoever writes (the sync server, a
+  backoffice app, plain SQL);
+* ``syncunit_created_at`` / ``syncunit_updated_at``: timestamps for people;
+
+and records deletes, and updates that change a column some stream filters or
+joins on (a row may have left a scope), in ``syncunit_tombstones`` with the old
+values of those columns.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
+
+from syncunit.units import (  # noqa: F401  (re-exported)
+    CREATED_AT,
+    TRACKING_COLUMNS,
+    UPDATED_AT,
+    VERSION,
+    SyncSchema,
+)
+
+
+meta = sa.MetaData()
+
+#: Key/value facts about this database: its epoch (a random id made at install)
+#: and the tombstone horizon (the highest version whose tombstones were pruned).
+meta_table = sa.Table(
+    "syncunit_meta",
+    meta,
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("value", sa.String, nullable=False),
+)
+
+tombstones = sa.Table(
+    "syncunit_tombstones",
+    meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("table_name", sa.String, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.String, nullable=False),  # "delete" or "move"
+    sa.Column("old", sa.Text, nullable=False),  # JSON: key and scope columns, old values
+    sa.Column("at", sa.String, nullable=False),
+    sa.Index("ix_syncunit_tombstones_table_version", "table_name", "version"),
+)
+
+#: Per client: who it belongs to and the last mutation sequence number applied.
+clients = sa.Table(
+    "syncunit_clients",
+    meta,
+    sa.Column("client_id", sa.String, primary_key=True),
+    sa.Column("principal", sa.String, nullable=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False, default=0),
+    sa.Column("last_seen", sa.String, nullable=True),
+)
+
+
+class ServerStore(abc.ABC):
+    """Database-specific parts of the server. Subclass once per database."""
+
+    dialect: str
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- installing tracking -----------------------------------------------------
+
+    @abc.abstractmethod
+    def tracking_ddl(self, schema: SyncSchema, *, existing: bool = True) -> list[str]:
+        """The statements that install tracking for ``schema``.
+
+        With ``existing`` the database is inspected so only what is missing is
+        added; without it the DDL is for tables that have no tracking yet (for
+        users who migrate with Alembic).
+        """
+
+    def install(self, schema: SyncSchema) -> None:
+        """Install (or update) tracking for every table ``schema`` needs. Idempotent."""
+        meta.create_all(self.engine)
+        with self.write() as conn:
+            for stmt in self.tracking_ddl(schema):
+                conn.exec_driver_sql(stmt)
+            row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "epoch"))
+            if row.scalar() is None:
+                conn.execute(meta_table.insert().values(key="epoch", value=secrets.token_hex(8)))
+
+    # -- reading -----------------------------------------------------------------
+
+    @contextmanager
+    def snapshot(self) -> Iterator[tuple[Connection, int]]:
+        """A read transaction and the highest version safe to hand out within it."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn, self.watermark(conn)
+
+    @abc.abstractmethod
+    def watermark(self, conn: Connection) -> int:
+        """Every change with a version at or below this is visible to ``conn``'s snapshot."""
+
+    @abc.abstractmethod
+    def old_value(self, old: ColumnElement[Any], column: sa.Column[Any]) -> ColumnElement[Any]:
+        """Read ``column``'s old value out of a tombstone's JSON."""
+
+    @abc.abstractmethod
+    def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The largest of several (nullable) integers."""
+
+    # -- writing -----------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction that takes the write lock at once."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    # -- facts -------------------------------------------------------------------
+
+    def facts(self, conn: Connection) -> dict[str, str]:
+        return {k: v for k, v in conn.execute(sa.select(meta_table.c.key, meta_table.c.value))}
+
+    def epoch(self, conn: Connection) -> str:
+        value = self.facts(conn).get("epoch")
+        if value is None:
+            raise RuntimeError("tracking is not installed: call install() first")
+        return value
+
+    def prune_tombstones(self, keep_versions: int) -> int:
+        """Delete tombstones older than the newest ``keep_versions`` versions.
+
+        Returns the new horizon. Clients whose cursor is older than the horizon
+        get a reset (a clean re-download) of the affected streams.
+        """
+        with self.write() as conn:
+            high = self.watermark(conn)
+            horizon = max(0, high - keep_versions)
+            conn.execute(tombstones.delete().where(tombstones.c.version <= horizon))
+            current = int(self.facts(conn).get("horizon", "0"))
+            horizon = max(horizon, current)
+            self._set_fact(conn, "horizon", str(horizon))
+        return horizon
+
+    def _set_fact(self, conn: Connection, key: str, value: str) -> None:
+        updated = conn.execute(
+            meta_table.update().where(meta_table.c.key == key).values(value=value)
+        )
+        if updated.rowcount == 0:
+            conn.execute(meta_table.insert().values(key=key, value=value))
+
+
+def open_store(url_or_engine: str | Engine) -> ServerStore:
+    """The ``ServerStore`` for a database URL or engine (SQLite for now)."""
+    engine = url_or_engine if isinstance(url_or_engine, Engine) else None
+    url = str(url_or_engine) if engine is None else engine.url.render_as_string()
+    if url.startswith("sqlite"):
+        from syncunit.server.sqlite import SQLiteStore
+
+        return SQLiteStore(engine) if engine is not None else SQLiteStore.from_url(url)
+    raise ValueError(
+        f"unsupported database URL {url!r}: syncunit's server runs on SQLite (sqlite:///path)"
+    )

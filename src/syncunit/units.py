@@ -1,0 +1,369 @@
+"""Declaring what syncs: tracked tables, streams and sync units.
+
+A **stream** is one query: a base table, optional many-to-one joins whose
+columns are copied into a flat local table, a row filter whose parameters come
+from the principal (``bindparam("hospital_id")``), and the columns to send.
+A **sync unit** is a named set of streams plus a direction, run at a moment of
+the app ("Splash", "Login", "Online"). A ``SyncSchema`` collects the units.
+
+Tables are SQLAlchemy Core tables, so ORM users pass ``Model.__table__``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
+
+from syncunit.errors import DeclarationError
+from syncunit.protocol import PROTOCOL_VERSION, Catalog, ColumnInfo, StreamInfo, UnitInfo
+
+if TYPE_CHECKING:
+    from syncunit.policies import ConflictPolicy
+
+__all__ = ["Direction", "Join", "Stream", "SyncSchema", "SyncUnit", "logical_type"]
+
+VERSION = "syncunit_version"
+CREATED_AT = "syncunit_created_at"
+UPDATED_AT = "syncunit_updated_at"
+TRACKING_COLUMNS = (VERSION, CREATED_AT, UPDATED_AT)
+
+
+def add_tracking_columns(table: sa.Table) -> None:
+    """Declare the tracking columns on ``table`` (so ``create_all`` makes them too)."""
+    if VERSION not in table.c:
+        table.append_column(sa.Column(VERSION, sa.BigInteger, nullable=True))
+        table.append_column(sa.Column(CREATED_AT, sa.String(32), nullable=True))
+        table.append_column(sa.Column(UPDATED_AT, sa.String(32), nullable=True))
+
+Direction = Literal["pull", "push", "both"]
+Mode = Literal["delta", "full"]
+
+
+@dataclass(frozen=True)
+class Join:
+    """A many-to-one join whose columns a stream copies into its local table."""
+
+    table: sa.Table
+    on: ColumnElement[bool]
+
+
+def logical_type(type_: sa.types.TypeEngine[Any]) -> str:
+    """The protocol's logical type for a SQLAlchemy type (see docs/protocol.md)."""
+    checks: list[tuple[type[Any], str]] = [
+        (sa.Boolean, "boolean"),
+        (sa.Integer, "integer"),
+        (sa.Float, "real"),
+        (sa.Numeric, "decimal"),
+        (sa.DateTime, "datetime"),
+        (sa.Date, "date"),
+        (sa.Time, "time"),
+        (sa.Uuid, "uuid"),
+        (sa.LargeBinary, "blob"),
+        (sa.JSON, "json"),
+        (sa.String, "text"),
+    ]
+    for cls, name in checks:
+        if isinstance(type_, cls):
+            return name
+    if isinstance(type_, sa.types.NullType):
+        return "text"
+    return "text"
+
+
+def _bind_names(*clauses: Any) -> list[str]:
+    names: set[str] = set()
+    for clause in clauses:
+        if clause is None:
+            continue
+        for elem in visitors.iterate(clause):
+            if isinstance(elem, BindParameter) and elem.key and not elem.key.startswith("%"):
+                if elem.value is None and elem.callable is None:
+                    names.add(elem.key)
+    return sorted(names)
+
+
+def _columns_of(clause: Any) -> list[sa.Column[Any]]:
+    if clause is None:
+        return []
+    return [e for e in visitors.iterate(clause) if isinstance(e, sa.Column)]
+
+
+class Stream:
+    """One query of a sync unit, filling one local table.
+
+    ``columns`` maps local column names to columns of the base or joined tables
+    (a list of columns keeps their names). The base table's primary key is the
+    local key. Columns of joined tables are read-only on the client.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        base: sa.Table,
+        columns: Mapping[str, ColumnElement[Any]] | Sequence[sa.Column[Any]],
+        *,
+        joins: Sequence[Join] = (),
+        where: ColumnElement[bool] | None = None,
+        local_table: str | None = None,
+        indexes: Sequence[Sequence[str]] = (),
+        policy: ConflictPolicy | None = None,
+    ) -> None:
+        self.name = name
+        self.mode: Mode = "delta"
+        self.base = base
+        self.joins = tuple(joins)
+        self.where = where
+        self.local_table = local_table or name
+        self.indexes = [list(ix) for ix in indexes]
+        self.policy = policy
+        self.query: sa.Select[Any] | None = None
+        if isinstance(columns, Mapping):
+            self.columns: dict[str, ColumnElement[Any]] = dict(columns)
+        else:
+            self.columns = {c.name: c for c in columns}
+        pk = list(base.primary_key.columns)
+        if len(pk) != 1:
+            raise DeclarationError(
+                f"stream {name!r}: base table {base.name!r} needs a single-column primary key"
+            )
+        self.key_column: sa.Column[Any] = pk[0]
+        key_names = [n for n, c in self.columns.items() if c is self.key_column]
+        if not key_names:
+            self.columns = {self.key_column.name: self.key_column, **self.columns}
+            key_names = [self.key_column.name]
+        self.key = key_names[0]
+        allowed = {base, *(j.table for j in self.joins)}
+        for local, col in self.columns.items():
+            for c in _columns_of(col):
+                if c.table not in allowed:
+                    raise DeclarationError(
+                        f"stream {name!r}: column {local!r} reads table {c.table.name!r},"
+                        " which is neither the base table nor joined; add a Join for it"
+                    )
+        self.parameters = _bind_names(where, *(j.on for j in self.joins))
+        self._validate_names()
+
+    @classmethod
+    def full(
+        cls,
+        name: str,
+        query: sa.Select[Any],
+        *,
+        key: str,
+        local_table: str | None = None,
+        indexes: Sequence[Sequence[str]] = (),
+    ) -> Stream:
+        """A small stream (an aggregate, a summary) replaced whole at each sync.
+
+        ``query`` is any SELECT (it may use principal parameters as bind
+        parameters); ``key`` names the selected column that identifies a row.
+        """
+        self = cls.__new__(cls)
+        self.name = name
+        self.mode = "full"
+        self.query = query
+        self.local_table = local_table or name
+        self.indexes = [list(ix) for ix in indexes]
+        self.policy = None
+        self.joins = ()
+        self.where = None
+        self.columns = {c.key: c for c in query.selected_columns}
+        if key not in self.columns:
+            raise DeclarationError(f"stream {name!r}: key {key!r} is not a selected column")
+        self.key = key
+        froms = query.get_final_froms()
+        base = next((f for f in froms if isinstance(f, sa.Table)), None)
+        self.base = base if base is not None else sa.table(name)  # type: ignore[assignment]
+        self.key_column = self.columns[key]  # type: ignore[assignment]
+        self.parameters = _bind_names(query)
+        self._validate_names()
+        return self
+
+    def _validate_names(self) -> None:
+        for n in [self.local_table, *self.columns]:
+            if not n.replace("_", "").isalnum() or n.startswith("syncunit_"):
+                raise DeclarationError(
+                    f"stream {self.name!r}: {n!r} is not a usable local name"
+                    " (letters, digits and _; the prefix syncunit_ is reserved)"
+                )
+        for ix in self.indexes:
+            for c in ix:
+                if c not in self.columns:
+                    raise DeclarationError(f"stream {self.name!r}: index column {c!r} unknown")
+
+    # -- derived facts -------------------------------------------------------
+
+    @property
+    def tables(self) -> list[sa.Table]:
+        """The base table and the joined tables, in join order."""
+        return [self.base, *(j.table for j in self.joins)]
+
+    def writable(self, local: str) -> sa.Column[Any] | None:
+        """The base-table column a local column maps back to, or None if read-only."""
+        if self.mode != "delta":
+            return None
+        col = self.columns.get(local)
+        if isinstance(col, sa.Column) and col.table is self.base:
+            return col
+        return None
+
+    def scope_columns(self) -> dict[str, set[str]]:
+        """Per table, the columns whose change can move a row into or out of scope."""
+        out: dict[str, set[str]] = {}
+        for clause in [self.where, *(j.on for j in self.joins)]:
+            for c in _columns_of(clause):
+                if isinstance(c.table, sa.Table):
+                    out.setdefault(c.table.name, set()).add(c.name)
+        return out
+
+    def info(self) -> StreamInfo:
+        cols = []
+        for local, col in self.columns.items():
+            nullable = True
+            if isinstance(col, sa.Column) and col.table is self.base and self.mode == "delta":
+                nullable = bool(col.nullable) and col is not self.key_column
+            cols.append(
+                ColumnInfo(
+                    name=local,
+                    type=logical_type(col.type),
+                    nullable=nullable and local != self.key,
+                    writable=self.writable(local) is not None and local != self.key,
+                )
+            )
+        return StreamInfo(
+            name=self.name,
+            local_table=self.local_table,
+            key=self.key,
+            mode=self.mode,
+            columns=cols,
+            indexes=self.indexes,
+            definition=self.definition_hash,
+        )
+
+    @property
+    def definition_hash(self) -> str:
+        """Changes whenever what the stream sends changes: the client then re-downloads."""
+        cached: str | None = getattr(self, "_definition_hash", None)
+        if cached is None:
+            desc: dict[str, Any] = {
+                "mode": self.mode,
+                "local": self.local_table,
+                "key": self.key,
+                "columns": [[n, str(c), logical_type(c.type)] for n, c in self.columns.items()],
+            }
+            if self.mode == "full":
+                desc["query"] = str(self.query)
+            else:
+                desc["base"] = self.base.name
+                desc["joins"] = [[j.table.name, str(j.on)] for j in self.joins]
+                desc["where"] = str(self.where) if self.where is not None else None
+            raw = json.dumps(desc, sort_keys=True).encode()
+            cached = hashlib.sha256(raw).hexdigest()[:16]
+            self._definition_hash = cached
+        return cached
+
+    def __repr__(self) -> str:
+        return f"Stream({self.name!r}, mode={self.mode!r}, local_table={self.local_table!r})"
+
+
+@dataclass
+class SyncUnit:
+    """A named set of streams and a direction: one moment of the app."""
+
+    name: str
+    streams: Sequence[Stream] = ()
+    direction: Direction = "pull"
+    push_tables: Sequence[str] = field(default_factory=list)
+
+    @property
+    def pulls(self) -> bool:
+        return self.direction in ("pull", "both")
+
+    @property
+    def pushes(self) -> bool:
+        return self.direction in ("push", "both")
+
+
+class SyncSchema:
+    """All units a server offers; computes the catalog and what to track."""
+
+    def __init__(
+        self,
+        units: Iterable[SyncUnit],
+        *,
+        rules: Sequence[Callable[..., Any]] = (),
+    ) -> None:
+        self.units: dict[str, SyncUnit] = {}
+        self.streams: dict[str, Stream] = {}
+        self.rules = list(rules)
+        by_table: dict[str, Stream] = {}
+        for unit in units:
+            if unit.name in self.units:
+                raise DeclarationError(f"two units are named {unit.name!r}")
+            if unit.direction not in ("pull", "push", "both"):
+                raise DeclarationError(f"unit {unit.name!r}: unknown direction {unit.direction!r}")
+            self.units[unit.name] = unit
+            for s in unit.streams:
+                known = self.streams.get(s.name)
+                if known is not None and known is not s:
+                    raise DeclarationError(f"two different streams are named {s.name!r}")
+                other = by_table.get(s.local_table)
+                if other is not None and other is not s:
+                    raise DeclarationError(
+                        f"streams {other.name!r} and {s.name!r} both fill {s.local_table!r}"
+                    )
+                self.streams[s.name] = s
+                by_table[s.local_table] = s
+        for unit in self.units.values():
+            for t in unit.push_tables:
+                if t not in by_table:
+                    raise DeclarationError(f"unit {unit.name!r} pushes unknown table {t!r}")
+        self.by_local_table = by_table
+        for table in self.tracked_tables():
+            add_tracking_columns(table)
+
+    def tracked_tables(self) -> list[sa.Table]:
+        """Every table whose changes delta streams need, each once."""
+        seen: dict[str, sa.Table] = {}
+        for s in self.streams.values():
+            if s.mode == "delta":
+                for t in s.tables:
+                    seen.setdefault(t.name, t)
+        return list(seen.values())
+
+    def scope_columns(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for s in self.streams.values():
+            if s.mode == "delta":
+                for table, cols in s.scope_columns().items():
+                    out.setdefault(table, set()).update(cols)
+        return out
+
+    def unit_push_tables(self, unit: SyncUnit) -> list[str]:
+        """Local tables whose mutations a pushing unit sends (default: its streams')."""
+        if unit.push_tables:
+            return list(unit.push_tables)
+        return [s.local_table for s in unit.streams if s.mode == "delta"]
+
+    def catalog(self) -> Catalog:
+        streams = [s.info() for s in self.streams.values()]
+        units = [
+            UnitInfo(name=u.name, direction=u.direction, streams=[s.name for s in u.streams])
+            for u in self.units.values()
+        ]
+        raw = json.dumps(
+            [[s.name, s.definition, s.local_table] for s in streams]
+            + [[u.name, u.direction, u.streams] for u in units],
+            sort_keys=True,
+        )
+        schema_hash = hashlib.sha256(raw.encode()).hexdigest()[:16]
+        return Catalog(
+            protocol=PROTOCOL_VERSION, schema_hash=schema_hash, units=units, streams=streams
+        )
