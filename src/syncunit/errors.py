@@ -89,7 +89,9 @@ class RequestRejected(ProblemError):
     """The server rejected the request as malformed or too large."""
 
 
-def problem_error(status: int, code: str, title: str, detail: str = "", **extra: Any) -> ProblemError:
+def problem_error(
+    status: int, code: str, title: str, detail: str = "", **extra: Any
+) -> ProblemError:
     """Build the most specific ``ProblemError`` subclass for an HTTP status."""
     cls: type[ProblemError]
     if status in (401, 403):

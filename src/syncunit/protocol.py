@@ -207,8 +207,8 @@ class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
 _LEN = struct.Struct(">I")
 _mp_enc = msgspec.msgpack.Encoder()
 _js_enc = msgspec.json.Encoder()
-_mp_frame = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
-_js_frame = msgspec.json.Decoder(Frame)  # type: ignore[arg-type]
+_mp_frame = msgspec.msgpack.Decoder(Frame)
+_js_frame = msgspec.json.Decoder(Frame)
 _mp_req = msgspec.msgpack.Decoder(SyncRequest)
 _js_req = msgspec.json.Decoder(SyncRequest)
 

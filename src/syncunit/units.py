@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from syncunit.errors import DeclarationError
+from syncunit.policies import ConflictPolicy, LastWriteWins, Rule
 from syncunit.protocol import PROTOCOL_VERSION, Catalog, ColumnInfo, StreamInfo, UnitInfo
-
-if TYPE_CHECKING:
-    from syncunit.policies import ConflictPolicy
 
 __all__ = ["Direction", "Join", "Stream", "SyncSchema", "SyncUnit", "logical_type"]
 
@@ -41,6 +39,7 @@ def add_tracking_columns(table: sa.Table) -> None:
         table.append_column(sa.Column(VERSION, sa.BigInteger, nullable=True))
         table.append_column(sa.Column(CREATED_AT, sa.String(32), nullable=True))
         table.append_column(sa.Column(UPDATED_AT, sa.String(32), nullable=True))
+
 
 Direction = Literal["pull", "push", "both"]
 Mode = Literal["delta", "full"]
@@ -83,9 +82,13 @@ def _bind_names(*clauses: Any) -> list[str]:
         if clause is None:
             continue
         for elem in visitors.iterate(clause):
-            if isinstance(elem, BindParameter) and elem.key and not elem.key.startswith("%"):
-                if elem.value is None and elem.callable is None:
-                    names.add(elem.key)
+            if (
+                isinstance(elem, BindParameter)
+                and elem.value is None
+                and elem.callable is None
+                and not elem.key.startswith("%")
+            ):
+                names.add(elem.key)
     return sorted(names)
 
 
@@ -114,6 +117,7 @@ class Stream:
         local_table: str | None = None,
         indexes: Sequence[Sequence[str]] = (),
         policy: ConflictPolicy | None = None,
+        rules: Sequence[Rule] = (),
     ) -> None:
         self.name = name
         self.mode: Mode = "delta"
@@ -122,7 +126,8 @@ class Stream:
         self.where = where
         self.local_table = local_table or name
         self.indexes = [list(ix) for ix in indexes]
-        self.policy = policy
+        self.policy: ConflictPolicy = policy or LastWriteWins()
+        self.rules = list(rules)
         self.query: sa.Select[Any] | None = None
         if isinstance(columns, Mapping):
             self.columns: dict[str, ColumnElement[Any]] = dict(columns)
@@ -171,10 +176,11 @@ class Stream:
         self.query = query
         self.local_table = local_table or name
         self.indexes = [list(ix) for ix in indexes]
-        self.policy = None
+        self.policy = LastWriteWins()
+        self.rules = []
         self.joins = ()
         self.where = None
-        self.columns = {c.key: c for c in query.selected_columns}
+        self.columns = {str(c.key): c for c in query.selected_columns}
         if key not in self.columns:
             raise DeclarationError(f"stream {name!r}: key {key!r} is not a selected column")
         self.key = key
@@ -294,15 +300,9 @@ class SyncUnit:
 class SyncSchema:
     """All units a server offers; computes the catalog and what to track."""
 
-    def __init__(
-        self,
-        units: Iterable[SyncUnit],
-        *,
-        rules: Sequence[Callable[..., Any]] = (),
-    ) -> None:
+    def __init__(self, units: Iterable[SyncUnit]) -> None:
         self.units: dict[str, SyncUnit] = {}
         self.streams: dict[str, Stream] = {}
-        self.rules = list(rules)
         by_table: dict[str, Stream] = {}
         for unit in units:
             if unit.name in self.units:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from syncunit.client.store import LocalStore
-from syncunit.errors import NetworkError, ProblemError, ProtocolError, SyncError, problem_error
+from syncunit.errors import NetworkError, ProblemError, ProtocolError, problem_error
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Catalog,
@@ -148,12 +148,16 @@ class SyncClient:
         started = time.perf_counter()
         try:
             with self.store.lock:
-                catalog = self.catalog()
+                catalog = self.store.catalog()
+                if catalog is None:
+                    result.requests += 1
+                    catalog = self.catalog(refresh=True)
                 try:
                     self._run(unit, catalog, result)
                 except ProblemError as exc:
                     if exc.code != "schema-changed":
                         raise
+                    result.requests += 1
                     catalog = self.catalog(refresh=True)
                     self._run(unit, catalog, result)
         finally:
@@ -248,13 +252,10 @@ class SyncClient:
             problem = decode_problem(body)
             if problem is None:
                 raise problem_error(
-                    response.status_code, "http-error", response.reason_phrase, body[:200].decode(
-                        "utf-8", "replace"
-                    )
+                    response.status_code,
+                    "http-error",
+                    response.reason_phrase,
+                    body[:200].decode("utf-8", "replace"),
                 )
             raise problem_error(problem.status, problem.code, problem.title, problem.detail)
         return response
-
-
-def _unused(_: SyncError) -> None:  # keeps the import list honest for type checkers
-    pass

@@ -65,7 +65,9 @@ class LocalStore:
             if isinstance(path, sqlite3.Connection):
                 self.conn = path
             else:
-                self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+                self.conn = sqlite3.connect(
+                    str(path), isolation_level=None, check_same_thread=False
+                )
             self.conn.isolation_level = None
             if not isinstance(path, sqlite3.Connection) and str(path) != ":memory:":
                 self.conn.execute("PRAGMA journal_mode=WAL")
@@ -231,7 +233,9 @@ class LocalStore:
                 if chunk.reset:
                     removed += c.execute(f"DELETE FROM {t}").rowcount
                 if chunk.removed:
-                    cur = c.executemany(f"DELETE FROM {t} WHERE {key} = ?", [(k,) for k in chunk.removed])
+                    cur = c.executemany(
+                        f"DELETE FROM {t} WHERE {key} = ?", [(k,) for k in chunk.removed]
+                    )
                     removed += max(cur.rowcount, 0)
                 if chunk.data:
                     sql = self._upsert_sql(stream, tuple(chunk.columns))
@@ -260,9 +264,15 @@ class LocalStore:
                 )
             names = ", ".join(map(quote, columns))
             marks = ", ".join("?" * len(columns))
-            sets = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in columns if c != stream.key)
+            sets = ", ".join(
+                f"{quote(c)} = excluded.{quote(c)}" for c in columns if c != stream.key
+            )
             sql = f"INSERT INTO {quote(stream.local_table)} ({names}) VALUES ({marks})"
-            sql += f" ON CONFLICT({quote(stream.key)}) DO UPDATE SET {sets}" if sets else " ON CONFLICT DO NOTHING"
+            sql += (
+                f" ON CONFLICT({quote(stream.key)}) DO UPDATE SET {sets}"
+                if sets
+                else " ON CONFLICT DO NOTHING"
+            )
             self._upserts[cache_key] = sql
         return sql
 

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio.to_thread
-import msgspec
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -47,8 +46,10 @@ from syncunit.units import SyncSchema, SyncUnit
 
 try:  # optional: zstd is preferred when both sides have it
     import zstandard
+
+    HAVE_ZSTD = True
 except ImportError:  # pragma: no cover
-    zstandard = None
+    HAVE_ZSTD = False
 
 log = logging.getLogger("syncunit.server")
 
@@ -97,7 +98,9 @@ class SyncServer:
     async def _principal(self, request: Request) -> Principal:
         principal = await anyio.to_thread.run_sync(self.authenticate, request)
         if principal is None:
-            raise ProblemException("unauthenticated", "send a valid 'Authorization: Bearer <token>'")
+            raise ProblemException(
+                "unauthenticated", "send a valid 'Authorization: Bearer <token>'"
+            )
         return principal
 
     async def get_catalog(self, request: Request) -> Response:
@@ -142,7 +145,9 @@ class SyncServer:
         async for part in request.stream():
             chunks += part
             if len(chunks) > self.max_body_bytes:
-                raise ProblemException("body-too-large", f"the limit is {self.max_body_bytes} bytes")
+                raise ProblemException(
+                    "body-too-large", f"the limit is {self.max_body_bytes} bytes"
+                )
         coding = request.headers.get("content-encoding", "identity").strip().lower()
         try:
             if coding in ("", "identity"):
@@ -150,7 +155,7 @@ class SyncServer:
             if coding == "gzip":
                 d = zlib.decompressobj(31)
                 out = d.decompress(chunks, self.max_body_bytes + 1)
-            elif coding == "zstd" and zstandard is not None:
+            elif coding == "zstd" and HAVE_ZSTD:
                 dz = zstandard.ZstdDecompressor().decompressobj()
                 out = dz.decompress(bytes(chunks))
             else:
@@ -158,7 +163,7 @@ class SyncServer:
         except (zlib.error, ValueError) as exc:
             raise ProblemException("malformed-request", f"cannot decompress body: {exc}") from exc
         except Exception as exc:
-            if zstandard is not None and isinstance(exc, zstandard.ZstdError):
+            if HAVE_ZSTD and isinstance(exc, zstandard.ZstdError):
                 raise ProblemException("malformed-request", f"bad zstd body: {exc}") from exc
             raise
         if len(out) > self.max_body_bytes:
@@ -257,14 +262,16 @@ class _Compressor:
         if not self.name:
             return b""
         if self.name == "zstd":
-            mode = zstandard.COMPRESSOBJ_FLUSH_FINISH if final else zstandard.COMPRESSOBJ_FLUSH_BLOCK
+            mode = (
+                zstandard.COMPRESSOBJ_FLUSH_FINISH if final else zstandard.COMPRESSOBJ_FLUSH_BLOCK
+            )
             return bytes(self._z.flush(mode))
-        return self._z.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+        return bytes(self._z.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH))
 
 
 def _compressor(accept_encoding: str) -> _Compressor:
     offered = {p.split(";")[0].strip().lower() for p in accept_encoding.split(",")}
-    if "zstd" in offered and zstandard is not None:
+    if "zstd" in offered and HAVE_ZSTD:
         return _Compressor("zstd")
     if "gzip" in offered:
         return _Compressor("gzip")
@@ -322,6 +329,3 @@ async def _pump(frames: Iterator[Frame], encoding: Any, comp: _Compressor) -> As
     finally:
         stop.set()
         await anyio.to_thread.run_sync(worker.join, 5.0)
-
-
-_ = msgspec  # msgspec is used through syncunit.protocol

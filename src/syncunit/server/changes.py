@@ -33,8 +33,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.protocol import Chunk, StreamStart
 from syncunit.server.cursor import Cursor, decode_cursor, encode_cursor
-from syncunit.server.store import VERSION, ServerStore, tombstones
-from syncunit.units import Stream, logical_type
+from syncunit.server.store import ServerStore, tombstones
+from syncunit.units import VERSION, Stream, logical_type
 
 MAX_FULL_STREAM_ROWS = 100_000
 
@@ -286,15 +286,20 @@ class StreamReader:
         removed_keys: list[Any] = []
         if removals is not None:
             removed_keys = [r[0] for r in conn.execute(removals, self.params)]
-        total = len(removed_keys) + conn.execute(
-            sa.select(sa.func.count()).select_from(upserts.subquery()), self.params
-        ).scalar_one()
+        total = (
+            len(removed_keys)
+            + conn.execute(
+                sa.select(sa.func.count()).select_from(upserts.subquery()), self.params
+            ).scalar_one()
+        )
         yield StreamStart(stream=s.name, total=total, reset=False)
         for i in range(0, len(removed_keys), self.chunk_size):
             part = removed_keys[i : i + self.chunk_size]
             cur = msgspec.structs.replace(cur, phase="removals", after=[part[-1]])
             yield self._chunk([], part, cur)
-        cur = msgspec.structs.replace(cur, phase="upserts", after=cur.after if cur.phase == "upserts" else None)
+        cur = msgspec.structs.replace(
+            cur, phase="upserts", after=cur.after if cur.phase == "upserts" else None
+        )
         key_index = self.columns.index(s.key)
         result = conn.execution_options(yield_per=self.chunk_size).execute(
             upserts.order_by(ev, s.key_column), self.params

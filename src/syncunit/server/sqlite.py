@@ -15,14 +15,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from syncunit.server.store import (
-    CREATED_AT,
-    TRACKING_COLUMNS,
-    UPDATED_AT,
-    VERSION,
-    ServerStore,
-)
-from syncunit.units import SyncSchema
+from syncunit.server.store import ServerStore
+from syncunit.units import CREATED_AT, TRACKING_COLUMNS, UPDATED_AT, VERSION, SyncSchema
 
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _CLOCK_DDL = [

@@ -29,14 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from syncunit.units import (  # noqa: F401  (re-exported)
-    CREATED_AT,
-    TRACKING_COLUMNS,
-    UPDATED_AT,
-    VERSION,
-    SyncSchema,
-)
-
+from syncunit.units import SyncSchema
 
 meta = sa.MetaData()
 
@@ -132,7 +125,8 @@ class ServerStore(abc.ABC):
     # -- facts -------------------------------------------------------------------
 
     def facts(self, conn: Connection) -> dict[str, str]:
-        return {k: v for k, v in conn.execute(sa.select(meta_table.c.key, meta_table.c.value))}
+        rows = conn.execute(sa.select(meta_table.c.key, meta_table.c.value))
+        return {str(k): str(v) for k, v in rows}
 
     def epoch(self, conn: Connection) -> str:
         value = self.facts(conn).get("epoch")
@@ -154,6 +148,13 @@ class ServerStore(abc.ABC):
             horizon = max(horizon, current)
             self._set_fact(conn, "horizon", str(horizon))
         return horizon
+
+    def renew_epoch(self) -> str:
+        """Give the database a new epoch: every client's cursors reset (after a restore)."""
+        epoch = secrets.token_hex(8)
+        with self.write() as conn:
+            self._set_fact(conn, "epoch", epoch)
+        return epoch
 
     def _set_fact(self, conn: Connection, key: str, value: str) -> None:
         updated = conn.execute(

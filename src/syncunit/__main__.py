@@ -1,0 +1,3 @@
+from syncunit.cli import main
+
+raise SystemExit(main())

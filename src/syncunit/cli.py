@@ -1,0 +1,229 @@
+"""The ``syncunit`` command: a thin layer over the library.
+
+    syncunit serve TARGET --database URL     run a sync server
+    syncunit sync URL UNIT --db PATH         run one unit into a local file
+    syncunit ddl TARGET --database URL       print the tracking DDL (for Alembic users)
+    syncunit prune TARGET --database URL     drop old tombstones
+    syncunit renew-epoch TARGET --database URL   make every client re-download (after a restore)
+    syncunit demo                            the hospital example, end to end
+    syncunit bench                           the benchmarks (from a checkout)
+
+TARGET is ``module:attribute`` naming a ``SyncServer``, a function
+``build(database_url, **options) -> SyncServer``, or a ``SyncSchema`` (then
+``--tokens FILE`` gives the bearer tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from syncunit.errors import SyncUnitError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _add_path(path: str | Path) -> None:
+    p = str(Path(path).resolve())
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+def load_server(
+    target: str, database: str, *, app_dir: str, tokens: str | None, **options: Any
+) -> Any:
+    """Resolve TARGET into a ``SyncServer``."""
+    from syncunit.server import Principal, SyncServer, TokenAuth
+    from syncunit.units import SyncSchema
+
+    _add_path(app_dir)
+    module_name, _, attr = target.partition(":")
+    if not attr:
+        raise SystemExit(f"error: TARGET must be module:attribute, not {target!r}")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"error: cannot load {target!r}: {exc} (try --app-dir)") from exc
+    options = {k: v for k, v in options.items() if v is not None}
+    if isinstance(obj, SyncServer):
+        return obj
+    if isinstance(obj, SyncSchema):
+        if tokens is None:
+            raise SystemExit("error: serving a SyncSchema needs --tokens FILE")
+        raw = json.loads(Path(tokens).read_text())
+        auth = TokenAuth({t: Principal(p["id"], p.get("params", {})) for t, p in raw.items()})
+        return SyncServer(obj, database, authenticate=auth, **options)
+    if callable(obj):
+        return obj(database, **options)
+    raise SystemExit(f"error: {target!r} is not a SyncServer, SyncSchema or factory")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    server = load_server(
+        args.target, args.database, app_dir=args.app_dir, tokens=args.tokens,
+        chunk_size=args.chunk_size,
+    )  # fmt: skip
+    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_ddl(args: argparse.Namespace) -> int:
+    server = load_server(
+        args.target, args.database, app_dir=args.app_dir, tokens=None, install=False
+    )
+    for stmt in server.store.tracking_ddl(server.schema, existing=not args.fresh):
+        print(stmt.rstrip(";") + ";")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    server = load_server(args.target, args.database, app_dir=args.app_dir, tokens=None)
+    horizon = server.store.prune_tombstones(args.keep)
+    print(f"tombstones at or below version {horizon} removed")
+    return 0
+
+
+def cmd_renew_epoch(args: argparse.Namespace) -> int:
+    server = load_server(args.target, args.database, app_dir=args.app_dir, tokens=None)
+    print(f"new epoch {server.store.renew_epoch()}: every client re-downloads on its next sync")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from syncunit.client import SyncClient
+
+    console = Console(stderr=True)
+    bar = Progress(
+        TextColumn(args.unit), BarColumn(), MofNCompleteColumn(),
+        console=console, transient=True, disable=args.json,
+    )  # fmt: skip
+    with SyncClient(args.url, args.db, token=args.token, chunk_size=args.chunk_size) as client, bar:
+        task = bar.add_task(args.unit, total=None)
+        client.on_progress = lambda _u, done, total: bar.update(task, completed=done, total=total)
+        result = client.sync(args.unit)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.print(
+            f"{result.unit}: {result.total_in:,} rows in, {result.total_removed:,} removed,"
+            f" {result.rows_out:,} out, {result.bytes_in:,} bytes in, {result.seconds:.3f} s,"
+            f" {result.requests} request(s)"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    for candidate in (Path.cwd() / "examples", REPO_ROOT / "examples"):
+        if (candidate / "hospital" / "scenario.py").exists():
+            _add_path(candidate)
+            break
+    try:
+        run_demo = importlib.import_module("hospital.scenario").run_demo
+    except ImportError as exc:
+        raise SystemExit(
+            "error: the hospital example is not importable; run from a checkout of syncunit"
+        ) from exc
+    code: int = run_demo(
+        appointments=args.appointments,
+        report=Path(args.report) if args.report else None,
+        workdir=Path(args.workdir) if args.workdir else None,
+        chunk_size=args.chunk_size,
+    )
+    return code
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    for root in (Path.cwd(), REPO_ROOT):
+        if (root / "bench" / "run.py").exists():
+            _add_path(root)
+            break
+    try:
+        bench_main = importlib.import_module("bench.run").main
+    except ImportError as exc:
+        raise SystemExit("error: the benchmarks live in a checkout of syncunit (bench/)") from exc
+    result: int = bench_main(args.rest)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="syncunit", description="Offline-first data sync.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def server_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("target", help="module:attribute of a SyncServer, factory or SyncSchema")
+        p.add_argument("--database", required=True, help="database URL, e.g. sqlite:///app.sqlite")
+        p.add_argument("--app-dir", default=".", help="directory to import TARGET from")
+
+    p = sub.add_parser("serve", help="run a sync server", description="Run a sync server.")
+    server_args(p)
+    p.add_argument("--tokens", help="JSON file {token: {id, params}} when TARGET is a SyncSchema")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--chunk-size", type=int, help="rows per chunk (default 2000)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("sync", help="run one unit into a local file", description="Run one unit.")
+    p.add_argument("url", help="server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("unit", help="the sync unit to run")
+    p.add_argument("--db", required=True, help="the local SQLite file")
+    p.add_argument("--token", help="bearer token")
+    p.add_argument("--chunk-size", type=int, help="rows per chunk to ask for")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("ddl", help="print the tracking DDL", description="Print tracking DDL.")
+    server_args(p)
+    p.add_argument("--fresh", action="store_true", help="DDL for tables without tracking yet")
+    p.set_defaults(func=cmd_ddl)
+
+    p = sub.add_parser("prune", help="drop old tombstones", description="Drop old tombstones.")
+    server_args(p)
+    p.add_argument("--keep", type=int, required=True, help="keep the newest N versions")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "renew-epoch",
+        help="make every client re-download",
+        description="Give the database a new epoch, e.g. after restoring a backup.",
+    )
+    server_args(p)
+    p.set_defaults(func=cmd_renew_epoch)
+
+    p = sub.add_parser("demo", help="the hospital example, end to end", description="Run the demo.")
+    p.add_argument("--appointments", type=int, default=100_000, help="rows to generate")
+    p.add_argument("--report", help="write the syncs as JSON to this path")
+    p.add_argument("--workdir", help="keep the databases here")
+    p.add_argument("--chunk-size", type=int, help="rows per chunk")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run the benchmarks", description="Run the benchmarks.")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the bench (see --help)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``syncunit`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SyncUnitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

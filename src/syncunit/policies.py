@@ -1,0 +1,117 @@
+"""Conflict policies and business rules for pushed mutations.
+
+A stream's ``policy`` decides what happens when a pushed change meets a row
+that changed on the server since the client saw it:
+
+* ``LastWriteWins()`` (the default, as in the method): the change is applied;
+* ``Detect(merge=True)``: the change conflicts when a column it changes has a
+  different value on the server than the client's base value (what the client
+  last saw); columns the server did not change merge column by column;
+* ``Resolve(fn)``: like ``Detect``, but a conflict is handed to ``fn``, which
+  returns the values to write, ``None`` (the server's row stands: reported as
+  a conflict), or ``Reject(reason)``.
+
+Business rules are functions ``rule(ctx) -> str | None`` run before a change is
+written; a string rejects the mutation with that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+__all__ = [
+    "Conflict",
+    "ConflictPolicy",
+    "Detect",
+    "LastWriteWins",
+    "MutationContext",
+    "Reject",
+    "Resolve",
+    "Rule",
+]
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Returned by a resolver to reject the mutation with a reason."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A pushed change that meets a row changed on the server (base-table column names)."""
+
+    table: str
+    key: Any
+    op: Literal["insert", "update", "delete"]
+    server: Mapping[str, Any] | None  # the row as it is now; None if deleted
+    client: Mapping[str, Any]  # the values the client wants to write
+    base: Mapping[str, Any]  # what the client saw before its change
+    columns: tuple[str, ...]  # the columns in conflict
+
+
+Resolution = Mapping[str, Any] | Reject | None
+
+
+class ConflictPolicy:
+    """Base class of conflict policies."""
+
+    name = "policy"
+    detects = True
+
+    def resolve(self, conflict: Conflict) -> Resolution:
+        """What to do with a detected conflict (default: the server's row stands)."""
+        return None
+
+
+class LastWriteWins(ConflictPolicy):
+    """The pushed change is applied whatever the server holds (the method's default)."""
+
+    name = "last-write-wins"
+    detects = False
+
+
+@dataclass
+class Detect(ConflictPolicy):
+    """Report changes to columns that changed on the server since the client saw them.
+
+    With ``merge`` (default), changed columns that did not change on the server
+    are applied even when other columns of the row did.
+    """
+
+    merge: bool = True
+    name = "detect"
+
+
+@dataclass
+class Resolve(ConflictPolicy):
+    """Hand detected conflicts to ``resolver``."""
+
+    resolver: Callable[[Conflict], Resolution]
+    merge: bool = True
+    name = "resolve"
+
+    def resolve(self, conflict: Conflict) -> Resolution:
+        return self.resolver(conflict)
+
+
+@dataclass
+class MutationContext:
+    """What a business rule sees: the change about to be written."""
+
+    conn: Connection
+    table: str
+    op: Literal["insert", "update", "delete"]
+    key: Any
+    row: Mapping[str, Any]  # the full row after the change (base-table column names)
+    principal_id: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+Rule = Callable[[MutationContext], str | None]
