@@ -3,6 +3,12 @@
 * **Splash**: a small summary for the home screen, replaced whole.
 * **Login**: every doctor, and the appointments of the user's hospital,
   denormalized so the agenda needs no joins.
+* **SendAppointments**: push the appointments booked or changed on the device.
+* **Online**: on reconnect, push everything pending and pull everything changed.
+
+Appointments use ``Detect``: a change to a column the backoffice changed too is
+a conflict; changes to different columns merge. A business rule refuses a
+booking that overlaps another of the same doctor.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import sqlalchemy as sa
 
 from hospital.models import appointment, doctor, hospital, patient, specialty
 from syncunit import Join, Stream, SyncSchema, SyncUnit
+from syncunit.policies import Detect, MutationContext
 
 my_hospital = sa.bindparam("hospital_id")  # filled from the signed-in staff member
 
@@ -31,6 +38,33 @@ doctors = Stream(
     ],
     local_table="LocalDoctor",
 )
+
+
+def no_double_booking(ctx: MutationContext) -> str | None:
+    """A doctor cannot have two booked appointments at overlapping times."""
+    row = ctx.row
+    if row["ends_at"] <= row["starts_at"]:
+        return "an appointment must end after it starts"
+    if row["status"] != "booked":
+        return None
+    clash = ctx.conn.execute(
+        sa.select(appointment.c.starts_at, appointment.c.ends_at)
+        .where(
+            appointment.c.doctor_id == row["doctor_id"],
+            appointment.c.id != ctx.key,
+            appointment.c.status == "booked",
+            appointment.c.starts_at < row["ends_at"],
+            appointment.c.ends_at > row["starts_at"],
+        )
+        .limit(1)
+    ).first()
+    if clash is None:
+        return None
+    return (
+        f"doctor {row['doctor_id']} is already booked from {clash.starts_at:%Y-%m-%d %H:%M}"
+        f" to {clash.ends_at:%H:%M}"
+    )
+
 
 appointments = Stream(
     "appointments",
@@ -58,6 +92,8 @@ appointments = Stream(
     where=doctor.c.hospital_id == my_hospital,
     local_table="LocalAppointment",
     indexes=[["starts_at"], ["doctor_id", "starts_at"]],
+    policy=Detect(merge=True),
+    rules=[no_double_booking],
 )
 
 summary = Stream.full(
@@ -82,5 +118,7 @@ summary = Stream.full(
 
 splash = SyncUnit("Splash", [summary])
 login = SyncUnit("Login", [doctors, appointments])
+send_appointments = SyncUnit("SendAppointments", [appointments], direction="push")
+online = SyncUnit("Online", [summary, doctors, appointments], direction="both")
 
-schema = SyncSchema([splash, login])
+schema = SyncSchema([splash, login, send_appointments, online])

@@ -79,11 +79,12 @@ class StreamInfo(msgspec.Struct, frozen=True):
 
 
 class UnitInfo(msgspec.Struct, frozen=True):
-    """A sync unit: its streams and direction (``pull``, ``push`` or ``both``)."""
+    """A sync unit: its streams, direction (``pull``, ``push`` or ``both``), pushed tables."""
 
     name: str
     direction: Literal["pull", "push", "both"]
     streams: list[str]
+    push: list[str] = []
 
 
 class Catalog(msgspec.Struct, frozen=True):
@@ -105,7 +106,12 @@ class Catalog(msgspec.Struct, frozen=True):
 
 
 class Mutation(msgspec.Struct, frozen=True):
-    """One local change to push. ``seq`` grows by one per client and is never reused."""
+    """One local change to push. ``seq`` grows by one per client and is never reused.
+
+    ``values`` holds the new values (an insert: the whole row; an update: the
+    ``changed`` columns); ``base`` the values the client saw before its change,
+    which conflict detection compares with the server's current row.
+    """
 
     seq: int
     id: str
@@ -114,7 +120,7 @@ class Mutation(msgspec.Struct, frozen=True):
     op: Literal["insert", "update", "delete"]
     values: dict[str, Any] = {}
     changed: list[str] = []
-    base_version: int | None = None
+    base: dict[str, Any] = {}
 
 
 class SyncRequest(msgspec.Struct, frozen=True):

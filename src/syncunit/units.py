@@ -355,12 +355,17 @@ class SyncSchema:
     def catalog(self) -> Catalog:
         streams = [s.info() for s in self.streams.values()]
         units = [
-            UnitInfo(name=u.name, direction=u.direction, streams=[s.name for s in u.streams])
+            UnitInfo(
+                name=u.name,
+                direction=u.direction,
+                streams=[s.name for s in u.streams],
+                push=self.unit_push_tables(u) if u.pushes else [],
+            )
             for u in self.units.values()
         ]
         raw = json.dumps(
             [[s.name, s.definition, s.local_table] for s in streams]
-            + [[u.name, u.direction, u.streams] for u in units],
+            + [[u.name, u.direction, u.streams, u.push] for u in units],
             sort_keys=True,
         )
         schema_hash = hashlib.sha256(raw.encode()).hexdigest()[:16]

@@ -7,17 +7,27 @@ library's sqlite3 and httpx. One unit run is one HTTP request.
 
 from __future__ import annotations
 
+import gzip
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from syncunit.client.store import LocalStore
-from syncunit.errors import NetworkError, ProblemError, ProtocolError, problem_error
+from syncunit.client.outbox import Outbox
+from syncunit.client.store import LocalStore, quote
+from syncunit.errors import (
+    LocalStoreError,
+    NetworkError,
+    ProblemError,
+    ProtocolError,
+    problem_error,
+)
+from syncunit.ids import uuid7
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Catalog,
@@ -26,9 +36,12 @@ from syncunit.protocol import (
     End,
     Failure,
     FrameDecoder,
+    Mutation,
     PushResults,
+    StreamInfo,
     StreamStart,
     SyncRequest,
+    UnitInfo,
     content_type,
     decode_catalog,
     decode_problem,
@@ -45,6 +58,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["ProgressCallback", "SyncClient", "SyncResult"]
 
 ProgressCallback = Callable[[str, int, int], None]
+COMPRESS_ABOVE = 16 * 1024
 
 
 @dataclass
@@ -96,8 +110,12 @@ class SyncClient:
         chunk_size: int | None = None,
         timeout: float = 60.0,
         on_progress: ProgressCallback | None = None,
+        push_batch: int = 2000,
     ) -> None:
         self.store = local_db if isinstance(local_db, LocalStore) else LocalStore(local_db)
+        self.outbox = Outbox(self.store)
+        self.push_batch = push_batch
+        self._sync_lock = threading.Lock()
         self.encoding: Encoding = encoding
         self.chunk_size = chunk_size
         self.on_progress = on_progress
@@ -124,6 +142,48 @@ class SyncClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- local writes ----------------------------------------------------------------------
+
+    def insert(self, table: str, values: Mapping[str, Any]) -> Any:
+        """Insert a row into a local table; a UUIDv7 key is made if none is given.
+
+        Plain SQL on the local table works the same: triggers record the change.
+        """
+        stream = self._local_stream(table)
+        row = dict(values)
+        if row.get(stream.key) is None:
+            row[stream.key] = uuid7()
+        names = ", ".join(quote(c) for c in row)
+        marks = ", ".join("?" * len(row))
+        with self.store.atomic() as c:
+            c.execute(f"INSERT INTO {quote(table)} ({names}) VALUES ({marks})", list(row.values()))
+        return row[stream.key]
+
+    def update(self, table: str, key: Any, values: Mapping[str, Any]) -> None:
+        """Change columns of a local row."""
+        stream = self._local_stream(table)
+        sets = ", ".join(f"{quote(c)} = ?" for c in values)
+        with self.store.atomic() as c:
+            cur = c.execute(
+                f"UPDATE {quote(table)} SET {sets} WHERE {quote(stream.key)} = ?",
+                [*values.values(), key],
+            )
+            if cur.rowcount == 0:
+                raise LocalStoreError(f"{table} has no row with key {key!r}")
+
+    def delete(self, table: str, key: Any) -> None:
+        """Delete a local row."""
+        stream = self._local_stream(table)
+        with self.store.atomic() as c:
+            c.execute(f"DELETE FROM {quote(table)} WHERE {quote(stream.key)} = ?", (key,))
+
+    def _local_stream(self, table: str) -> StreamInfo:
+        catalog = self.catalog()
+        stream = next((s for s in catalog.streams if s.local_table == table), None)
+        if stream is None:
+            raise LocalStoreError(f"{table!r} is not a synced local table")
+        return stream
+
     # -- catalog -------------------------------------------------------------------------
 
     def catalog(self, *, refresh: bool = False) -> Catalog:
@@ -143,50 +203,77 @@ class SyncClient:
     # -- sync ----------------------------------------------------------------------------
 
     def sync(self, unit: str) -> SyncResult:
-        """Run ``unit`` now, in one request; block until done and return what it did."""
+        """Run ``unit`` now and return what it did.
+
+        One request, except when the outbox holds more than ``push_batch``
+        mutations (then one per batch) or the server's schema changed (the
+        catalog is fetched again and the run repeated).
+        """
         result = SyncResult(unit=unit)
         started = time.perf_counter()
         try:
-            with self.store.lock:
+            with self._sync_lock:
                 catalog = self.store.catalog()
                 if catalog is None:
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
                 try:
-                    self._run(unit, catalog, result)
+                    self._run_unit(unit, catalog, result)
                 except ProblemError as exc:
                     if exc.code != "schema-changed":
                         raise
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
-                    self._run(unit, catalog, result)
+                    self._run_unit(unit, catalog, result)
         finally:
             result.seconds = time.perf_counter() - started
         self.store.complete_unit(unit, json.dumps(result.to_dict()))
         return result
 
-    def _run(self, unit_name: str, catalog: Catalog, result: SyncResult) -> None:
+    def _run_unit(self, unit_name: str, catalog: Catalog, result: SyncResult) -> None:
         unit = catalog.unit(unit_name)
+        push_streams = [] if unit is None else [
+            s for s in catalog.streams if s.local_table in unit.push
+        ]  # fmt: skip
+        tables = [s.local_table for s in push_streams]
+        rounds = 1
+        if push_streams:
+            rounds += self.outbox.count(tables) // self.push_batch
+        for _ in range(rounds):
+            mutations = self.outbox.prepare(push_streams, self.push_batch) if push_streams else []
+            self._request(unit_name, unit, catalog, mutations, result)
+            if not push_streams or not self.outbox.count(tables):
+                break
+
+    def _request(
+        self,
+        unit_name: str,
+        unit: UnitInfo | None,
+        catalog: Catalog,
+        mutations: list[Mutation],
+        result: SyncResult,
+    ) -> None:
         stream_names = unit.streams if unit is not None and unit.direction != "push" else []
         request = SyncRequest(
             protocol=PROTOCOL_VERSION,
             client_id=self.client_id,
             schema_hash=catalog.schema_hash,
             cursors=self.store.cursors(stream_names) if stream_names else {},
+            mutations=mutations,
             chunk_size=self.chunk_size,
         )
         body = encode_request(request, self.encoding)
+        headers = {
+            "Content-Type": content_type(self.encoding),
+            "Accept": content_type(self.encoding),
+        }
+        if len(body) > COMPRESS_ABOVE:
+            body = gzip.compress(body, compresslevel=5, mtime=0)
+            headers["Content-Encoding"] = "gzip"
         result.bytes_out += len(body)
+        result.rows_out += len(mutations)
         result.requests += 1
-        response = self._send(
-            "POST",
-            f"/v1/sync/{unit_name}",
-            content=body,
-            headers={
-                "Content-Type": content_type(self.encoding),
-                "Accept": content_type(self.encoding),
-            },
-        )
+        response = self._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
         try:
             self._read_frames(response, catalog, result)
         finally:
@@ -218,7 +305,7 @@ class SyncClient:
                         if self.on_progress is not None:
                             self.on_progress(result.unit, done, total)
                     elif isinstance(frame, PushResults):
-                        self._on_push_results(frame, result)
+                        self._on_push_results(frame, catalog, result)
                     elif isinstance(frame, End):
                         ended = True
                     elif isinstance(frame, Failure):
@@ -231,8 +318,12 @@ class SyncClient:
                 " the next run resumes from the last one"
             )
 
-    def _on_push_results(self, frame: PushResults, result: SyncResult) -> None:
-        raise ProtocolError("this client sent no mutations but received push results")
+    def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:
+        applied, kept = self.outbox.complete(frame, catalog.streams)
+        result.applied += applied
+        for change in kept:
+            target = result.conflicts if change.status == "conflict" else result.rejected
+            target.append(change.to_dict())
 
     # -- http -------------------------------------------------------------------------------
 

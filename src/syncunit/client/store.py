@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from syncunit.client.outbox import DDL as OUTBOX_DDL
+from syncunit.client.outbox import trigger_ddl
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import Catalog, Chunk, StreamInfo, decode_catalog, encode_catalog
 
@@ -71,14 +73,15 @@ class LocalStore:
             self.conn.isolation_level = None
             if not isinstance(path, sqlite3.Connection) and str(path) != ":memory:":
                 self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a committed local change (and its outbox entry) survives power loss.
+            self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA busy_timeout=30000")
         except sqlite3.Error as exc:
             raise LocalStoreError(f"cannot open local database {path!r}: {exc}") from exc
         self.lock = threading.RLock()
         self._depth = 0
         with self.atomic():
-            for stmt in _META_DDL:
+            for stmt in _META_DDL + OUTBOX_DDL:
                 self.conn.execute(stmt)
         self._upserts: dict[tuple[str, tuple[str, ...]], str] = {}
 
@@ -114,6 +117,14 @@ class LocalStore:
                         self.conn.execute("ROLLBACK")
                     raise LocalStoreError(f"cannot commit a local transaction: {exc}") from exc
 
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read query under the store's lock (safe while a sync runs on another thread)."""
+        with self.lock:
+            try:
+                return list(self.conn.execute(sql, params))
+            except sqlite3.Error as exc:
+                raise LocalStoreError(f"local query failed: {exc}") from exc
+
     def close(self) -> None:
         with self.lock:
             self.conn.close()
@@ -121,7 +132,10 @@ class LocalStore:
     # -- facts ---------------------------------------------------------------------------
 
     def get_fact(self, key: str) -> str | None:
-        row = self.conn.execute("SELECT value FROM syncunit_local WHERE key = ?", (key,)).fetchone()
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT value FROM syncunit_local WHERE key = ?", (key,)
+            ).fetchone()
         return None if row is None else str(row[0])
 
     def set_fact(self, key: str, value: str) -> None:
@@ -150,8 +164,12 @@ class LocalStore:
         """Create or migrate every local table the catalog describes; return what changed."""
         changes: list[str] = []
         with self.atomic():
+            pushed = {t for u in catalog.units for t in u.push}
             for stream in catalog.streams:
                 changes += self._migrate(stream)
+                if stream.local_table in pushed:
+                    for stmt in trigger_ddl(stream):
+                        self.conn.execute(stmt)
             self.set_fact("catalog", encode_catalog(catalog).decode())
         self._upserts.clear()
         return changes
@@ -201,16 +219,18 @@ class LocalStore:
 
     def cursors(self, streams: Sequence[str]) -> dict[str, str]:
         marks = ",".join("?" * len(streams))
-        rows = self.conn.execute(
-            f"SELECT stream, cursor FROM syncunit_cursors WHERE stream IN ({marks})", list(streams)
-        )
+        with self.lock:
+            rows = self.conn.execute(
+                f"SELECT stream, cursor FROM syncunit_cursors WHERE stream IN ({marks})",
+                list(streams),
+            ).fetchall()
         return {r[0]: r[1] for r in rows}
 
     def last_sync_on(self, unit: str) -> str | None:
-        row = self.conn.execute(
-            "SELECT last_sync_on FROM syncunit_sync_properties WHERE unit = ?", (unit,)
-        ).fetchone()
-        return None if row is None else row[0]
+        """When ``unit`` last completed (ISO 8601, UTC), or None."""
+        sql = "SELECT last_sync_on FROM syncunit_sync_properties WHERE unit = ?"
+        rows = self.query(sql, (unit,))
+        return rows[0][0] if rows else None
 
     def complete_unit(self, unit: str, result_json: str) -> None:
         with self.atomic():
@@ -224,23 +244,45 @@ class LocalStore:
     # -- applying chunks -----------------------------------------------------------------------
 
     def apply_chunk(self, stream: StreamInfo, chunk: Chunk) -> tuple[int, int]:
-        """Apply one chunk and store its cursor in one transaction; return (upserted, removed)."""
+        """Apply one chunk and store its cursor in one transaction; return (upserted, removed).
+
+        Pulls don't clobber: rows with a local change the server has not accepted
+        yet are left as they are; the push resolves them.
+        """
         t = quote(stream.local_table)
         key = quote(stream.key)
         upserted = removed = 0
         try:
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # a lost chunk is fetched again
             with self.atomic() as c:
-                if chunk.reset:
-                    removed += c.execute(f"DELETE FROM {t}").rowcount
-                if chunk.removed:
-                    cur = c.executemany(
-                        f"DELETE FROM {t} WHERE {key} = ?", [(k,) for k in chunk.removed]
+                c.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+                pending = {
+                    r[0]
+                    for r in c.execute(
+                        "SELECT row_key FROM syncunit_outbox WHERE table_name = ?",
+                        (stream.local_table,),
                     )
+                }
+                if chunk.reset:
+                    if pending:
+                        marks = ",".join("?" * len(pending))
+                        cur = c.execute(f"DELETE FROM {t} WHERE {key} NOT IN ({marks})", [*pending])
+                    else:
+                        cur = c.execute(f"DELETE FROM {t}")
+                    removed += cur.rowcount
+                gone = [(k,) for k in chunk.removed if k not in pending]
+                if gone:
+                    cur = c.executemany(f"DELETE FROM {t} WHERE {key} = ?", gone)
                     removed += max(cur.rowcount, 0)
                 if chunk.data:
                     sql = self._upsert_sql(stream, tuple(chunk.columns))
-                    c.executemany(sql, zip(*chunk.data, strict=True))
+                    rows: Any = zip(*chunk.data, strict=True)
+                    if pending:
+                        k = chunk.columns.index(stream.key)
+                        rows = [r for r in rows if r[k] not in pending]
+                    c.executemany(sql, rows)
                     upserted = len(chunk.data[0])
+                c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
                 c.execute(
                     "INSERT INTO syncunit_cursors (stream, local_table, definition, cursor)"
                     " VALUES (?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET"
@@ -249,6 +291,8 @@ class LocalStore:
                 )
         except sqlite3.Error as exc:
             raise LocalStoreError(f"cannot apply a chunk to {stream.local_table}: {exc}") from exc
+        finally:
+            self.conn.execute("PRAGMA synchronous=FULL")
         return upserted, removed
 
     def _upsert_sql(self, stream: StreamInfo, columns: tuple[str, ...]) -> str:
@@ -279,4 +323,5 @@ class LocalStore:
     def rows(self, table: str, columns: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
         """Every row of a local table (for checks and small tables)."""
         cols = "*" if columns is None else ", ".join(map(quote, columns))
-        return list(self.conn.execute(f"SELECT {cols} FROM {quote(table)}"))
+        with self.lock:
+            return list(self.conn.execute(f"SELECT {cols} FROM {quote(table)}"))

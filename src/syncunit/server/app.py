@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio.to_thread
@@ -31,6 +31,7 @@ from syncunit.protocol import (
     End,
     Failure,
     Frame,
+    PushResults,
     SyncRequest,
     content_type,
     decode_request,
@@ -41,6 +42,7 @@ from syncunit.protocol import (
 from syncunit.server.auth import Authenticator, Principal
 from syncunit.server.changes import StreamReader
 from syncunit.server.problems import ProblemException, problem, problem_response
+from syncunit.server.push import PushApplier
 from syncunit.server.store import ServerStore, open_store
 from syncunit.units import SyncSchema, SyncUnit
 
@@ -82,7 +84,7 @@ class SyncServer:
         self.max_mutations = max_mutations
         self.catalog = schema.catalog()
         self._catalog_body = encode_catalog(self.catalog)
-        self.push_handler: Callable[..., Any] | None = None
+        self.pusher = PushApplier(self.store, schema)
         if install:
             self.store.install(schema)
         self.app = Starlette(
@@ -125,12 +127,15 @@ class SyncServer:
         if req is None:
             raise ProblemException("malformed-request", "the request body is empty")
         self._validate(req, unit, principal)
+        pushed = None
+        if req.mutations:
+            pushed = await anyio.to_thread.run_sync(self.pusher.apply, principal, req)
         accept = encoding_of(request.headers.get("accept")) or encoding
         compressor = _compressor(request.headers.get("accept-encoding", ""))
         headers = {"Cache-Control": "no-store"}
         if compressor.name:
             headers["Content-Encoding"] = compressor.name
-        frames = self._frames(unit, principal, req)
+        frames = self._frames(unit, principal, req, pushed)
         return StreamingResponse(
             _pump(frames, accept, compressor),
             media_type=content_type(accept),
@@ -204,9 +209,11 @@ class SyncServer:
 
     # -- the response ------------------------------------------------------------------
 
-    def _frames(self, unit: SyncUnit, principal: Principal, req: SyncRequest) -> Iterator[Frame]:
-        if unit.pushes and self.push_handler is not None:
-            yield self.push_handler(unit, principal, req)
+    def _frames(
+        self, unit: SyncUnit, principal: Principal, req: SyncRequest, pushed: PushResults | None
+    ) -> Iterator[Frame]:
+        if pushed is not None:
+            yield pushed
         if unit.pulls:
             chunk = req.chunk_size or self.chunk_size
             with self.store.snapshot() as (conn, watermark):

@@ -64,6 +64,16 @@ clients = sa.Table(
     sa.Column("last_seen", sa.String, nullable=True),
 )
 
+#: The result of every applied mutation, kept so a retried request gets the same answer.
+mutation_log = sa.Table(
+    "syncunit_mutations",
+    meta,
+    sa.Column("client_id", sa.String, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("mutation_id", sa.String, nullable=False),
+    sa.Column("result", sa.LargeBinary, nullable=False),
+)
+
 
 class ServerStore(abc.ABC):
     """Database-specific parts of the server. Subclass once per database."""

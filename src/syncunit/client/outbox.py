@@ -1,0 +1,390 @@
+"""The outbox: local changes waiting to be accepted by the server.
+
+The app writes its local tables with plain SQL (or ``SyncClient.insert`` and
+friends). SQLite triggers record each change in ``syncunit_outbox`` in the same
+transaction, coalescing several changes to one row (the changed columns are
+kept, an insert then delete cancels out). The triggers do not fire while the
+engine applies server changes.
+
+A push takes the unsent entries, gives each the next sequence number and
+freezes its payload, in one ``synchronous=FULL`` transaction, so a number is
+never handed out twice even across a power loss. Entries stay in the outbox,
+"in flight", until the server answers; a retry re-sends the same payloads
+with the same numbers, and the server answers from its log.
+
+Conflicts and rejections move to ``syncunit_rejected``, where the app lists
+them and decides: ``retry`` (with changes), or ``discard`` (keep the server's
+row). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from syncunit.errors import LocalStoreError
+from syncunit.protocol import Mutation, MutationResult, PushResults, StreamInfo
+
+if TYPE_CHECKING:
+    from syncunit.client.store import LocalStore
+
+__all__ = ["Outbox", "PendingChange", "RejectedChange"]
+
+DDL = [
+    "CREATE TABLE IF NOT EXISTS syncunit_outbox ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, mutation_id TEXT NOT NULL,"
+    " table_name TEXT NOT NULL, row_key NOT NULL, op TEXT NOT NULL,"
+    " changed TEXT NOT NULL DEFAULT '[]', base TEXT NOT NULL DEFAULT '{}',"
+    " seq INTEGER UNIQUE, payload BLOB, created_at TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS ix_syncunit_outbox_row ON syncunit_outbox (table_name, row_key)",
+    "CREATE TABLE IF NOT EXISTS syncunit_state ("
+    " id INTEGER PRIMARY KEY CHECK (id = 1), applying INTEGER NOT NULL DEFAULT 0,"
+    " next_seq INTEGER NOT NULL DEFAULT 1)",
+    "INSERT OR IGNORE INTO syncunit_state (id, applying, next_seq) VALUES (1, 0, 1)",
+    "CREATE TABLE IF NOT EXISTS syncunit_rejected ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, mutation_id TEXT NOT NULL, seq INTEGER,"
+    " table_name TEXT NOT NULL, row_key NOT NULL, op TEXT NOT NULL, status TEXT NOT NULL,"
+    " code TEXT NOT NULL, reason TEXT NOT NULL, attempted TEXT NOT NULL,"
+    " server_row TEXT, created_at TEXT NOT NULL)",
+]
+
+_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+_ID = "lower(hex(randomblob(16)))"
+_ACTIVE = "(SELECT applying FROM syncunit_state WHERE id = 1) = 0"
+_mut_enc = msgspec.msgpack.Encoder()
+_mut_dec = msgspec.msgpack.Decoder(Mutation)
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def trigger_ddl(stream: StreamInfo) -> list[str]:
+    """Triggers that record changes of ``stream``'s local table in the outbox."""
+    t, name, k = _q(stream.local_table), _lit(stream.local_table), _q(stream.key)
+    cols = [c.name for c in stream.columns]
+    changed = (
+        " UNION ALL ".join(
+            f"SELECT {_lit(c)} AS c WHERE OLD.{_q(c)} IS NOT NEW.{_q(c)}"
+            for c in cols
+            if c != stream.key
+        )
+        or "SELECT NULL AS c WHERE 0"
+    )
+    old_row = "json_object(" + ", ".join(f"{_lit(c)}, OLD.{_q(c)}" for c in cols) + ")"
+    unsent = f"table_name = {name} AND row_key = {{r}}.{k} AND seq IS NULL"
+    insert_cols = "(mutation_id, table_name, row_key, op, changed, base, created_at)"
+    prefix = f"syncunit_{stream.local_table}"
+    return [
+        *(f"DROP TRIGGER IF EXISTS {_q(prefix + s)}" for s in ("_ai", "_au", "_ad")),
+        f"CREATE TRIGGER {_q(prefix + '_ai')} AFTER INSERT ON {t} WHEN {_ACTIVE} BEGIN"
+        f" DELETE FROM syncunit_outbox WHERE {unsent.format(r='NEW')} AND op = 'delete';"
+        f" INSERT INTO syncunit_outbox {insert_cols}"
+        f" VALUES ({_ID}, {name}, NEW.{k}, 'insert', '[]', '{{}}', {_NOW}); END",
+        f"CREATE TRIGGER {_q(prefix + '_au')} AFTER UPDATE ON {t} WHEN {_ACTIVE} BEGIN"
+        f" SELECT RAISE(ABORT, 'the key of a synced row cannot change')"
+        f" WHERE OLD.{k} IS NOT NEW.{k};"
+        f" UPDATE syncunit_outbox SET changed = (SELECT json_group_array(c) FROM"
+        f" (SELECT value AS c FROM json_each(syncunit_outbox.changed) UNION {changed}))"
+        f" WHERE {unsent.format(r='NEW')};"
+        f" INSERT INTO syncunit_outbox {insert_cols}"
+        f" SELECT {_ID}, {name}, NEW.{k}, 'update', (SELECT json_group_array(c) FROM ({changed})),"
+        f" {old_row}, {_NOW}"
+        f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='NEW')})"
+        f" AND EXISTS ({changed}); END",
+        f"CREATE TRIGGER {_q(prefix + '_ad')} AFTER DELETE ON {t} WHEN {_ACTIVE} BEGIN"
+        f" INSERT INTO syncunit_outbox {insert_cols}"
+        f" SELECT {_ID}, {name}, OLD.{k}, 'delete', '[]', {old_row}, {_NOW}"
+        f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='OLD')});"
+        f" UPDATE syncunit_outbox SET op = 'delete'"
+        f" WHERE {unsent.format(r='OLD')} AND op = 'update';"
+        f" DELETE FROM syncunit_outbox WHERE {unsent.format(r='OLD')} AND op = 'insert'; END",
+    ]
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    """A local change not yet accepted by the server."""
+
+    id: int
+    table: str
+    key: Any
+    op: str
+    changed: list[str]
+    seq: int | None  # set once sent (in flight)
+
+
+@dataclass(frozen=True)
+class RejectedChange:
+    """A change the server did not apply: a conflict or a rejection, with its reason."""
+
+    id: int
+    table: str
+    key: Any
+    op: str
+    status: str  # "conflict" or "rejected"
+    code: str
+    reason: str
+    attempted: dict[str, Any]  # the values the change wanted to write
+    server_row: dict[str, Any] | None  # the server's row now (None: not on the server)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "key": self.key,
+            "op": self.op,
+            "status": self.status,
+            "code": self.code,
+            "reason": self.reason,
+        }
+
+
+class Outbox:
+    """The queue of local changes of one local database."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+
+    # -- reading -------------------------------------------------------------------------
+
+    def pending(self, tables: Sequence[str] | None = None) -> list[PendingChange]:
+        """Changes not yet accepted, oldest first (``seq`` set on those in flight)."""
+        rows = self.store.query(
+            "SELECT id, table_name, row_key, op, changed, seq FROM syncunit_outbox ORDER BY id"
+        )
+        return [
+            PendingChange(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5])
+            for r in rows
+            if tables is None or r[1] in tables
+        ]
+
+    def count(self, tables: Sequence[str] | None = None) -> int:
+        if tables is None:
+            return int(self.store.query("SELECT count(*) FROM syncunit_outbox")[0][0])
+        marks = ",".join("?" * len(tables))
+        rows = self.store.query(
+            f"SELECT count(*) FROM syncunit_outbox WHERE table_name IN ({marks})", list(tables)
+        )
+        return int(rows[0][0])
+
+    def rejected(self) -> list[RejectedChange]:
+        """Conflicts and rejections waiting for the app's decision, oldest first."""
+        rows = self.store.query(
+            "SELECT id, table_name, row_key, op, status, code, reason, attempted, server_row"
+            " FROM syncunit_rejected ORDER BY id"
+        )
+        return [
+            RejectedChange(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                json.loads(r[7]),
+                None if r[8] is None else json.loads(r[8]),
+            )
+            for r in rows
+        ]
+
+    # -- pushing ---------------------------------------------------------------------------
+
+    def prepare(self, streams: Sequence[StreamInfo], limit: int) -> list[Mutation]:
+        """Mutations to send: those in flight first, then up to ``limit`` new ones, numbered."""
+        by_table = {s.local_table: s for s in streams}
+        conn = self.store.conn
+        conn.execute("PRAGMA synchronous=FULL")
+        try:
+            with self.store.atomic():
+                in_flight = [
+                    _mut_dec.decode(r[0])
+                    for r in conn.execute(
+                        "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL ORDER BY seq"
+                    )
+                ]
+                room = max(0, limit - len(in_flight))
+                marks = ",".join("?" * len(by_table)) or "NULL"
+                rows = conn.execute(
+                    "SELECT id, mutation_id, table_name, row_key, op, changed, base"
+                    f" FROM syncunit_outbox WHERE seq IS NULL AND table_name IN ({marks})"
+                    " ORDER BY id LIMIT ?",
+                    [*by_table, room],
+                ).fetchall()
+                next_seq = int(
+                    conn.execute("SELECT next_seq FROM syncunit_state WHERE id = 1").fetchone()[0]
+                )
+                fresh: list[Mutation] = []
+                for oid, mid, table, key, op, changed, base in rows:
+                    m = self._mutation(by_table[table], next_seq, mid, key, op, changed, base)
+                    conn.execute(
+                        "UPDATE syncunit_outbox SET seq = ?, payload = ? WHERE id = ?",
+                        (next_seq, _mut_enc.encode(m), oid),
+                    )
+                    fresh.append(m)
+                    next_seq += 1
+                conn.execute("UPDATE syncunit_state SET next_seq = ? WHERE id = 1", (next_seq,))
+        finally:
+            conn.execute("PRAGMA synchronous=NORMAL")
+        return in_flight + fresh
+
+    def _mutation(
+        self, s: StreamInfo, seq: int, mid: str, key: Any, op: str, changed: str, base: str
+    ) -> Mutation:
+        writable = {c.name for c in s.columns if c.writable}
+        base_all = json.loads(base)
+        base_vals = {c: v for c, v in base_all.items() if c in writable}
+        if op == "delete":
+            return Mutation(
+                seq=seq, id=mid, table=s.local_table, key=key, op="delete", base=base_vals
+            )
+        row = self.store.conn.execute(
+            f"SELECT * FROM {_q(s.local_table)} WHERE {_q(s.key)} = ?", (key,)
+        ).fetchone()
+        if row is None:  # cannot happen with the triggers in place; keep the change visible
+            raise LocalStoreError(f"outbox entry for {s.local_table} {key!r} has no local row")
+        names = [d[0] for d in self.store.conn.execute(
+            f"SELECT * FROM {_q(s.local_table)} LIMIT 0"
+        ).description]  # fmt: skip
+        current = dict(zip(names, row, strict=True))
+        if op == "insert":
+            values = {c: current[c] for c in names if c in writable or c == s.key}
+            return Mutation(
+                seq=seq, id=mid, table=s.local_table, key=key, op="insert", values=values
+            )
+        cols = [c for c in json.loads(changed) if c is not None]
+        return Mutation(
+            seq=seq,
+            id=mid,
+            table=s.local_table,
+            key=key,
+            op="update",
+            values={c: current.get(c) for c in cols},
+            changed=cols,
+            base=base_vals,
+        )
+
+    def complete(
+        self, pushed: PushResults, streams: Sequence[StreamInfo]
+    ) -> tuple[int, list[RejectedChange]]:
+        """Record the server's verdicts: applied ones leave, the others are kept for the app."""
+        by_table = {s.local_table: s for s in streams}
+        conn = self.store.conn
+        applied = 0
+        kept: list[RejectedChange] = []
+        with self.store.atomic():
+            conn.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+            try:
+                conn.execute(
+                    "UPDATE syncunit_state SET next_seq = max(next_seq, ?) WHERE id = 1",
+                    (pushed.last_seq + 1,),
+                )
+                for r in pushed.results:
+                    row = conn.execute(
+                        "SELECT id, table_name, row_key, op, payload FROM syncunit_outbox"
+                        " WHERE seq = ? AND mutation_id = ?",
+                        (r.seq, r.id),
+                    ).fetchone()
+                    if row is None:
+                        continue  # already recorded by an earlier answer to the same request
+                    conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (row[0],))
+                    if r.status == "applied":
+                        applied += 1
+                        continue
+                    kept.append(self._keep(r, row, by_table.get(row[1])))
+            finally:
+                conn.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+        return applied, kept
+
+    def _keep(self, r: MutationResult, row: Any, stream: StreamInfo | None) -> RejectedChange:
+        conn = self.store.conn
+        _, table, key, op, payload = row
+        m = _mut_dec.decode(payload)
+        cur = conn.execute(
+            "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op, status,"
+            " code, reason, attempted, server_row, created_at)"
+            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {_NOW})",
+            (
+                r.id, r.seq, table, key, op, r.status, r.code or r.status, r.reason,
+                json.dumps(m.values), None if r.server_row is None else json.dumps(r.server_row),
+            ),
+        )  # fmt: skip
+        newer = conn.execute(
+            "SELECT 1 FROM syncunit_outbox WHERE table_name = ? AND row_key = ?", (table, key)
+        ).fetchone()
+        if stream is not None and newer is None:
+            self._restore(stream, key, r.server_row)
+        return RejectedChange(
+            int(cur.lastrowid or 0), table, key, op, r.status, r.code or r.status, r.reason,
+            dict(m.values), r.server_row,
+        )  # fmt: skip
+
+    def _restore(self, s: StreamInfo, key: Any, server_row: dict[str, Any] | None) -> None:
+        """Make the local row what the server holds (or remove it), without recording a change."""
+        t = _q(s.local_table)
+        self.store.conn.execute(f"DELETE FROM {t} WHERE {_q(s.key)} = ?", (key,))
+        if server_row is not None:
+            names = [c for c in server_row if c in {c.name for c in s.columns}]
+            self.store.conn.execute(
+                f"INSERT INTO {t} ({', '.join(map(_q, names))})"
+                f" VALUES ({', '.join('?' * len(names))})",
+                [server_row[c] for c in names],
+            )
+
+    # -- the app's decisions -----------------------------------------------------------------
+
+    def discard(self, rejected_id: int) -> None:
+        """Drop a conflicting or rejected change; the local row already is the server's."""
+        with self.store.atomic():
+            self.store.conn.execute("DELETE FROM syncunit_rejected WHERE id = ?", (rejected_id,))
+
+    accept_server = discard
+
+    def retry(self, rejected_id: int, changes: dict[str, Any] | None = None) -> None:
+        """Write the change again (optionally altered); it goes out with the next push."""
+        conn = self.store.conn
+        with self.store.atomic():
+            row = conn.execute(
+                "SELECT table_name, row_key, op, attempted FROM syncunit_rejected WHERE id = ?",
+                (rejected_id,),
+            ).fetchone()
+            if row is None:
+                raise LocalStoreError(f"no rejected change with id {rejected_id}")
+            table, key, op, attempted = row
+            catalog = self.store.catalog()
+            stream = None if catalog is None else next(
+                (s for s in catalog.streams if s.local_table == table), None
+            )  # fmt: skip
+            if stream is None:
+                raise LocalStoreError(f"table {table!r} is no longer synced")
+            values = {**json.loads(attempted), **(changes or {})}
+            values.pop(stream.key, None)
+            t, k = _q(table), _q(stream.key)
+            try:
+                if op == "delete":
+                    conn.execute(f"DELETE FROM {t} WHERE {k} = ?", (key,))
+                elif conn.execute(f"SELECT 1 FROM {t} WHERE {k} = ?", (key,)).fetchone():
+                    sets = ", ".join(f"{_q(c)} = ?" for c in values)
+                    if sets:
+                        conn.execute(
+                            f"UPDATE {t} SET {sets} WHERE {k} = ?", [*values.values(), key]
+                        )
+                else:
+                    names = [stream.key, *values]
+                    conn.execute(
+                        f"INSERT INTO {t} ({', '.join(map(_q, names))})"
+                        f" VALUES ({', '.join('?' * len(names))})",
+                        [key, *values.values()],
+                    )
+            except sqlite3.Error as exc:
+                raise LocalStoreError(f"cannot retry the change to {table}: {exc}") from exc
+            conn.execute("DELETE FROM syncunit_rejected WHERE id = ?", (rejected_id,))

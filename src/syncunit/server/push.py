@@ -1,0 +1,418 @@
+"""Applying pushed mutations: exactly once, validated, authorized, under a policy.
+
+All mutations of a request are applied in one write transaction together with
+the client's last applied sequence number and a log of each result, so a
+request retried after a lost response replays the logged results instead of
+applying anything twice, and a request that skips sequence numbers (an earlier
+one was lost) is refused as a whole.
+
+Each mutation runs in a savepoint: it is mapped from local to base-table
+columns (denormalized columns are read-only), its values are validated and
+coerced, the row must be in the principal's scope before and after the change,
+the stream's conflict policy and business rules decide, and the result is
+``applied``, ``conflict`` (with the server's row) or ``rejected`` (with a reason).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from syncunit.policies import Conflict, MutationContext, Reject, Resolve
+from syncunit.protocol import Mutation, MutationResult, PushResults, SyncRequest
+from syncunit.server.auth import Principal
+from syncunit.server.changes import StreamReader, to_wire
+from syncunit.server.problems import ProblemException
+from syncunit.server.store import ServerStore, clients, mutation_log
+from syncunit.units import VERSION, Stream, SyncSchema, logical_type
+
+LOG_RETENTION = 100_000
+_result_enc = msgspec.msgpack.Encoder()
+_result_dec = msgspec.msgpack.Decoder(MutationResult)
+
+
+class Rejected(Exception):
+    """A mutation is refused; becomes a ``rejected`` result."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class ConflictFound(Exception):
+    """A mutation conflicts; becomes a ``conflict`` result."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
+    """Validate a wire value for ``column`` and turn it into the column's Python type."""
+    if value is None:
+        if not column.nullable:
+            raise Rejected("invalid-value", f"column {local!r} cannot be empty")
+        return None
+    kind = logical_type(column.type)
+    try:
+        if kind == "integer":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError
+            return value
+        if kind == "real":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError
+            return float(value)
+        if kind == "boolean":
+            if value in (0, 1):
+                return bool(value)
+            raise TypeError
+        if kind in ("text", "uuid", "json", "decimal", "datetime", "date", "time"):
+            if kind == "json" and not isinstance(value, str):
+                return value
+            if kind == "decimal" and isinstance(value, int):
+                return decimal.Decimal(value)
+            if not isinstance(value, str):
+                raise TypeError
+            if kind == "datetime":
+                return dt.datetime.fromisoformat(value)
+            if kind == "date":
+                return dt.date.fromisoformat(value)
+            if kind == "time":
+                return dt.time.fromisoformat(value)
+            if kind == "decimal":
+                return decimal.Decimal(value)
+            if kind == "uuid":
+                parsed = uuid.UUID(value)
+                return parsed if isinstance(column.type, sa.Uuid) else value
+            if kind == "json":
+                return json.loads(value)
+            length = getattr(column.type, "length", None)
+            if length is not None and len(value) > length:
+                raise Rejected(
+                    "invalid-value", f"column {local!r} holds at most {length} characters"
+                )
+            return value
+        if kind == "blob":
+            if not isinstance(value, bytes):
+                raise TypeError
+            return value
+    except (TypeError, ValueError, decimal.InvalidOperation):
+        expected = {
+            "datetime": "an ISO 8601 date-time string",
+            "date": "an ISO 8601 date string",
+            "time": "an ISO 8601 time string",
+            "decimal": "a decimal number as a string",
+            "uuid": "a UUID string",
+        }.get(kind, f"a {kind} value")
+        raise Rejected(
+            "invalid-value", f"column {local!r} expects {expected}, got {value!r}"
+        ) from None
+    return value
+
+
+class PushApplier:
+    """Applies the mutations of sync requests for one schema and store."""
+
+    def __init__(self, store: ServerStore, schema: SyncSchema) -> None:
+        self.store = store
+        self.schema = schema
+        self.pushable = {
+            t
+            for unit in schema.units.values()
+            if unit.pushes
+            for t in schema.unit_push_tables(unit)
+        }
+
+    def apply(self, principal: Principal, req: SyncRequest) -> PushResults:
+        """Apply ``req.mutations`` in one transaction; return one result per mutation."""
+        with self.store.write() as conn:
+            row = conn.execute(
+                sa.select(clients.c.principal, clients.c.last_seq).where(
+                    clients.c.client_id == req.client_id
+                )
+            ).first()
+            now = dt.datetime.now(dt.UTC).isoformat()
+            if row is None:
+                conn.execute(
+                    clients.insert().values(
+                        client_id=req.client_id, principal=principal.id, last_seq=0, last_seen=now
+                    )
+                )
+                last = 0
+            elif row.principal != principal.id:
+                raise ProblemException(
+                    "forbidden", "this client id is registered to another principal"
+                )
+            else:
+                last = int(row.last_seq)
+            self._check_sequence(req.mutations, last)
+            results: list[MutationResult] = []
+            for m in req.mutations:
+                if m.seq <= last:
+                    results.append(self._replay(conn, req.client_id, m))
+                    continue
+                result = self._apply_one(conn, principal, m)
+                conn.execute(
+                    mutation_log.insert().values(
+                        client_id=req.client_id,
+                        seq=m.seq,
+                        mutation_id=m.id,
+                        result=_result_enc.encode(result),
+                    )
+                )
+                results.append(result)
+                last = m.seq
+            conn.execute(
+                clients.update()
+                .where(clients.c.client_id == req.client_id)
+                .values(last_seq=last, last_seen=now)
+            )
+            conn.execute(
+                mutation_log.delete().where(
+                    mutation_log.c.client_id == req.client_id,
+                    mutation_log.c.seq <= last - LOG_RETENTION,
+                )
+            )
+        return PushResults(results=results, last_seq=last)
+
+    @staticmethod
+    def _check_sequence(mutations: list[Mutation], last: int) -> None:
+        expected = None
+        for m in mutations:
+            if expected is None:
+                if m.seq > last + 1:
+                    raise ProblemException(
+                        "sequence-gap",
+                        f"the server has applied up to seq {last}; this request starts at"
+                        f" {m.seq}: send the missing mutations first",
+                    )
+            elif m.seq != expected:
+                raise ProblemException(
+                    "invalid-request",
+                    f"mutation seqs must be consecutive: expected {expected}, got {m.seq}",
+                )
+            expected = m.seq + 1
+
+    def _replay(self, conn: Connection, client_id: str, m: Mutation) -> MutationResult:
+        row = conn.execute(
+            sa.select(mutation_log.c.mutation_id, mutation_log.c.result).where(
+                mutation_log.c.client_id == client_id, mutation_log.c.seq == m.seq
+            )
+        ).first()
+        if row is None:  # older than the log's retention: it was applied long ago
+            return MutationResult(seq=m.seq, id=m.id, status="applied")
+        if row.mutation_id != m.id:
+            return MutationResult(
+                seq=m.seq,
+                id=m.id,
+                status="rejected",
+                code="sequence-reused",
+                reason=f"seq {m.seq} was already used by another mutation of this client",
+            )
+        return _result_dec.decode(row.result)
+
+    # -- one mutation -------------------------------------------------------------------
+
+    def _apply_one(self, conn: Connection, principal: Principal, m: Mutation) -> MutationResult:
+        stream = self.schema.by_local_table.get(m.table)
+        if stream is None or m.table not in self.pushable:
+            return MutationResult(
+                seq=m.seq,
+                id=m.id,
+                status="rejected",
+                code="unknown-table",
+                reason=f"table {m.table!r} does not accept changes",
+            )
+        savepoint = conn.begin_nested()
+        try:
+            version = self._write(conn, stream, principal, m)
+        except Rejected as exc:
+            savepoint.rollback()
+            return MutationResult(
+                seq=m.seq,
+                id=m.id,
+                status="rejected",
+                code=exc.code,
+                reason=exc.reason,
+                server_row=self._server_row(conn, stream, principal, m.key),
+            )
+        except ConflictFound as exc:
+            savepoint.rollback()
+            return MutationResult(
+                seq=m.seq,
+                id=m.id,
+                status="conflict",
+                code="conflict",
+                reason=exc.reason,
+                server_row=self._server_row(conn, stream, principal, m.key),
+            )
+        except sa.exc.IntegrityError as exc:
+            savepoint.rollback()
+            detail = str(exc.orig).splitlines()[0] if exc.orig is not None else "constraint"
+            return MutationResult(
+                seq=m.seq,
+                id=m.id,
+                status="rejected",
+                code="constraint",
+                reason=f"the database refused the change: {detail}",
+                server_row=self._server_row(conn, stream, principal, m.key),
+            )
+        savepoint.commit()
+        return MutationResult(seq=m.seq, id=m.id, status="applied", version=version)
+
+    def _write(self, conn: Connection, s: Stream, principal: Principal, m: Mutation) -> int | None:
+        base, pk = s.base, s.key_column
+        key = coerce(m.key, pk, s.key)
+        if key is None:
+            raise Rejected("invalid-value", "the row key cannot be empty")
+        if m.op not in ("insert", "update", "delete"):
+            raise Rejected("invalid-request", f"unknown operation {m.op!r}")
+        names = list(m.values) if m.op == "insert" else list(m.changed)
+        changes = self._map(s, m, names)
+        found = conn.execute(sa.select(base).where(pk == key)).mappings().first()
+        current: dict[str, Any] | None = None if found is None else dict(found)
+        if current is not None and not self._in_scope(conn, s, principal, key):
+            raise Rejected("out-of-scope", "the row is outside your scope")
+        policy = s.policy
+        if m.op == "delete":
+            if current is None:
+                return None  # already gone: deleting is idempotent
+            if policy.detects:
+                base_vals = self._map(s, m, [n for n in m.base if n != s.key], values=m.base)
+                differ = tuple(c for c, v in base_vals.items() if current[c] != v)
+                if differ:
+                    self._on_conflict(s, m, current, {}, base_vals, differ, key)
+            conn.execute(base.delete().where(pk == key))
+            return None
+        if current is None and m.op == "update":
+            raise ConflictFound("the row was deleted on the server")
+        if current is not None:
+            base_vals = self._map(s, m, [n for n in m.base if n != s.key], values=m.base)
+            if policy.detects:
+                merge = getattr(policy, "merge", True)
+                watched = list(changes) if merge else list(base_vals)
+                differ = tuple(c for c in watched if c in base_vals and current[c] != base_vals[c])
+                if m.op == "insert" and not base_vals:
+                    differ = tuple(c for c in changes if current[c] != changes[c])
+                if differ:
+                    changes = self._on_conflict(s, m, current, changes, base_vals, differ, key)
+            row = {**current, **changes}
+            self._check_rules(conn, s, principal, m, key, row)
+            if changes:
+                conn.execute(base.update().where(pk == key).values(changes))
+        else:
+            row = {c.name: None for c in base.columns} | changes | {pk.name: key}
+            self._check_rules(conn, s, principal, m, key, row)
+            conn.execute(base.insert().values({**changes, pk.name: key}))
+        if not self._in_scope(conn, s, principal, key):
+            raise Rejected("out-of-scope", "the change would move the row outside your scope")
+        version = conn.execute(sa.select(base.c[VERSION]).where(pk == key)).scalar()
+        return None if version is None else int(version)
+
+    def _map(
+        self, s: Stream, m: Mutation, names: list[str], values: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Local column names and values to base-table column names and coerced values.
+
+        ``values`` given means base values: columns that are not writable are skipped.
+        """
+        source = m.values if values is None else values
+        out: dict[str, Any] = {}
+        for name in names:
+            if values is not None and (name == s.key or s.writable(name) is None):
+                continue
+            if name == s.key:
+                if source.get(name, m.key) != m.key:
+                    raise Rejected("read-only-column", "the row key cannot change")
+                continue
+            if name not in s.columns:
+                raise Rejected("unknown-column", f"table {m.table!r} has no column {name!r}")
+            column = s.writable(name)
+            if column is None:
+                raise Rejected(
+                    "read-only-column",
+                    f"column {name!r} is copied from another table and is read-only;"
+                    " change the row it comes from instead",
+                )
+            if name not in source:
+                raise Rejected("invalid-request", f"column {name!r} is changed but has no value")
+            out[column.name] = coerce(source[name], column, name)
+        return out
+
+    def _on_conflict(
+        self,
+        s: Stream,
+        m: Mutation,
+        current: Mapping[str, Any],
+        changes: dict[str, Any],
+        base_vals: dict[str, Any],
+        differ: tuple[str, ...],
+        key: Any,
+    ) -> dict[str, Any]:
+        conflict = Conflict(
+            table=m.table,
+            key=key,
+            op=m.op,
+            server=dict(current),
+            client=changes,
+            base=base_vals,
+            columns=differ,
+        )
+        resolution = s.policy.resolve(conflict) if isinstance(s.policy, Resolve) else None
+        if isinstance(resolution, Reject):
+            raise Rejected("resolver", resolution.reason)
+        if resolution is None:
+            raise ConflictFound(f"changed on the server since you saw it: {', '.join(differ)}")
+        return {k: v for k, v in resolution.items() if k in s.base.c and k != s.key_column.name}
+
+    def _check_rules(
+        self,
+        conn: Connection,
+        s: Stream,
+        principal: Principal,
+        m: Mutation,
+        key: Any,
+        row: Mapping[str, Any],
+    ) -> None:
+        for rule in s.rules:
+            ctx = MutationContext(
+                conn=conn,
+                table=m.table,
+                op=m.op,
+                key=key,
+                row=row,
+                principal_id=principal.id,
+                params=principal.params,
+            )
+            reason = rule(ctx)
+            if reason:
+                raise Rejected("rule", reason)
+
+    def _in_scope(self, conn: Connection, s: Stream, principal: Principal, key: Any) -> bool:
+        reader = StreamReader(self.store, s, principal.params, chunk_size=1)
+        q = reader._rows_select().with_only_columns(sa.literal(1)).where(s.key_column == key)
+        return conn.execute(q, reader.params).first() is not None
+
+    def _server_row(
+        self, conn: Connection, s: Stream, principal: Principal, key: Any
+    ) -> dict[str, Any] | None:
+        """The row as the client should hold it now, or None if it should not hold it."""
+        reader = StreamReader(self.store, s, principal.params, chunk_size=1)
+        try:
+            k = coerce(key, s.key_column, s.key)
+        except Rejected:
+            return None
+        row = conn.execute(reader._rows_select().where(s.key_column == k), reader.params).first()
+        if row is None:
+            return None
+        return {name: to_wire(v) for name, v in zip(s.columns, row, strict=True)}
