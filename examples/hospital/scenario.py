@@ -10,10 +10,12 @@ device's user.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -31,7 +33,7 @@ from hospital.backoffice import run_backoffice
 from hospital.generate import generate
 from hospital.server import build
 from hospital.units import schema
-from syncunit import SyncClient, SyncResult
+from syncunit import NetworkError, SyncClient, SyncResult
 from syncunit.server.verify import compare, scope_rows
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent
@@ -80,8 +82,9 @@ def server_process(database_url: str, *, chunk_size: int | None = None) -> Itera
             proc.wait()
 
 
-def summarize(result: SyncResult) -> dict[str, Any]:
+def summarize(result: SyncResult, device: str = "device") -> dict[str, Any]:
     return {
+        "device": device,
         "unit": result.unit,
         "rows_in": result.total_in,
         "rows_removed": result.total_removed,
@@ -93,23 +96,184 @@ def summarize(result: SyncResult) -> dict[str, Any]:
     }
 
 
+class Connectivity(httpx.BaseTransport):
+    """Real HTTP, with a switch that makes the device offline (connection refused)."""
+
+    def __init__(self) -> None:
+        self.online = True
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if not self.online:
+            raise httpx.ConnectError("the device is offline", request=request)
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 def verify(server_db: Path, client: SyncClient, units: list[str]) -> list[str]:
     """Compare every local table of ``units`` with the server; return the differences."""
     server = build(f"sqlite:///{server_db}")
     problems: list[str] = []
     params = {"hospital_id": HOSPITAL_ID}
     seen: set[str] = set()
+    pending = {(p.table, p.key) for p in client.outbox.pending()}
     for unit in units:
         for stream in schema.units[unit].streams:
             if stream.name in seen:
                 continue
             seen.add(stream.name)
             local = client.store.rows(stream.local_table, list(stream.columns))
-            diff = compare(stream, scope_rows(server.store, stream, params), local)
+            ignore = {k for t, k in pending if t == stream.local_table}
+            diff = compare(stream, scope_rows(server.store, stream, params), local, ignore=ignore)
             if not diff.equal:
                 problems.append(str(diff))
     server.store.engine.dispose()
     return problems
+
+
+def server_has(server_db: Path, keys: list[str]) -> set[str]:
+    conn = sqlite3.connect(server_db)
+    try:
+        marks = ",".join("?" * len(keys))
+        return {
+            r[0] for r in conn.execute(f"SELECT id FROM appointment WHERE id IN ({marks})", keys)
+        }
+    finally:
+        conn.close()
+
+
+def slot(doctor_id: int, day: int, hour: int, patient_id: int = 1) -> dict[str, Any]:
+    start = dt.datetime(2027, 3, 1, hour) + dt.timedelta(days=day)
+    return {
+        "doctor_id": doctor_id,
+        "patient_id": patient_id,
+        "starts_at": start.isoformat(),
+        "ends_at": (start + dt.timedelta(minutes=30)).isoformat(),
+        "status": "booked",
+        "room": "R7",
+        "notes": "booked offline",
+    }
+
+
+class Demo:
+    """The scenario's state: the server database, the devices, what happened."""
+
+    def __init__(self, work: Path, url: str, console: Console) -> None:
+        self.work = work
+        self.url = url
+        self.console = console
+        self.server_db = work / "server.sqlite"
+        self.syncs: list[dict[str, Any]] = []
+        self.rejected: list[dict[str, Any]] = []
+        self.conflicts: list[dict[str, Any]] = []
+        self.problems: list[str] = []
+        self.net = Connectivity()
+        self.device = SyncClient(url, work / "device.sqlite", token=TOKEN, transport=self.net)
+        self.other = SyncClient(url, work / "other-device.sqlite", token=TOKEN)
+
+    def sync(self, unit: str, client: SyncClient | None = None) -> SyncResult:
+        result = (client or self.device).sync(unit)
+        self.syncs.append(summarize(result, "other" if client is self.other else "device"))
+        self.rejected += [_brief(r) for r in result.rejected]
+        self.conflicts += [_brief(c) for c in result.conflicts]
+        for item in result.rejected + result.conflicts:
+            self.console.print(f"  [yellow]{item['status']}[/] {item['key']}: {item['reason']}")
+        return result
+
+    def pull_path(self) -> None:
+        self.sync("Splash")
+        with Progress(
+            TextColumn("Login"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, transient=True,
+        ) as bar:  # fmt: skip
+            task = bar.add_task("Login", total=None)
+            self.device.on_progress = lambda _u, done, total: bar.update(
+                task, completed=done, total=total
+            )
+            self.sync("Login")
+            self.device.on_progress = None
+        edits = run_backoffice(str(self.server_db), HOSPITAL_ID)
+        self.console.print(
+            f"backoffice: rescheduled {len(edits.rescheduled)}, cancelled {len(edits.cancelled)},"
+            f" moved {len(edits.reassigned)} to another hospital, renamed doctor"
+            f" {edits.renamed_doctor} ({edits.renamed_rows} appointments)"
+        )
+        self.sync("Login")
+        self.sync("Splash")
+        self.problems += verify(self.server_db, self.device, ["Splash", "Login"])
+        gone = edits.cancelled + edits.reassigned
+        marks = ",".join("?" * len(gone))
+        left = self.device.store.query(
+            f"SELECT count(*) FROM LocalAppointment WHERE id IN ({marks})", gone
+        )[0][0]
+        if left:
+            self.problems.append(f"{left} cancelled or moved appointments are still local")
+
+    def write_path(self) -> None:
+        dev, other = self.device, self.other
+        other.sync("Login")
+        doctor = dev.store.query("SELECT id FROM LocalDoctor WHERE hospital_id = ? LIMIT 1", (1,))
+        doctor_id = doctor[0][0]
+        self.net.online = False
+        self.console.print("device: [bold]offline[/]; books 3 appointments, edits a note")
+        booked = [dev.insert("LocalAppointment", slot(doctor_id, day, 9)) for day in range(3)]
+        edited = dev.store.query("SELECT id FROM LocalAppointment ORDER BY id LIMIT 1")[0][0]
+        dev.update("LocalAppointment", edited, {"notes": "patient called: running late"})
+        try:
+            dev.sync("SendAppointments")
+        except NetworkError as exc:
+            self.console.print(f"  SendAppointments while offline: {exc.__class__.__name__}, kept")
+        self.console.print(
+            f"  outbox holds {dev.outbox.count()} changes;"
+            " meanwhile another device books the same slot and the backoffice edits the note"
+        )
+        taken = other.insert("LocalAppointment", slot(doctor_id, 1, 9, patient_id=2))
+        self.sync("SendAppointments", other)
+        conn = sqlite3.connect(self.server_db)
+        with conn:
+            conn.execute("UPDATE appointment SET notes = 'moved to room 9' WHERE id = ?", (edited,))
+        conn.close()
+        self.net.online = True
+        self.console.print("device: [bold]online[/]; runs Online")
+        result = self.sync("Online")
+        for change in dev.outbox.rejected():
+            if change.code == "rule":
+                new = slot(doctor_id, 1, 15)
+                self.console.print(f"  resolve: retry {change.key} at {new['starts_at']}")
+                dev.outbox.retry(
+                    change.id, {"starts_at": new["starts_at"], "ends_at": new["ends_at"]}
+                )
+            else:
+                self.console.print(f"  resolve: keep the server's row for {change.key}")
+                dev.outbox.discard(change.id)
+        self.sync("SendAppointments")
+        self.sync("Online")
+        self.sync("Login", other)
+        on_server = server_has(self.server_db, [*booked, taken])
+        listed = {r["key"] for r in self.rejected}
+        for key in booked:
+            if key not in on_server and key not in listed:
+                self.problems.append(
+                    f"booking {key} is neither on the server nor listed as rejected"
+                )
+        if taken not in on_server:
+            self.problems.append("the other device's booking is missing on the server")
+        if result.applied < 2:
+            self.problems.append(f"only {result.applied} offline changes were applied")
+        if dev.outbox.count() or dev.outbox.rejected():
+            self.problems.append("changes are still waiting after resolution")
+        self.problems += verify(self.server_db, dev, ["Splash", "Login"])
+        self.problems += verify(self.server_db, other, ["Login"])
+
+    def close(self) -> None:
+        self.device.close()
+        self.other.close()
+
+
+def _brief(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: item[k] for k in ("table", "key", "reason", "code", "op")}
 
 
 def run_demo(
@@ -125,10 +289,9 @@ def run_demo(
     own_dir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="syncunit-demo-")) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
-    server_db, device_db = work / "server.sqlite", work / "device.sqlite"
     for p in work.glob("*.sqlite*"):
         p.unlink()
-    syncs: list[dict[str, Any]] = []
+    server_db = work / "server.sqlite"
     try:
         console.print(f"[bold]syncunit demo[/] in {work}")
         started = time.perf_counter()
@@ -141,49 +304,35 @@ def run_demo(
         )
         with server_process(f"sqlite:///{server_db}", chunk_size=chunk_size) as url:
             console.print(f"server: {url}; device: staff of hospital {HOSPITAL_ID}")
-            with SyncClient(url, device_db, token=TOKEN) as client:
-                syncs.append(summarize(client.sync("Splash")))
-                with Progress(
-                    TextColumn("Login"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True,
-                ) as bar:  # fmt: skip
-                    task = bar.add_task("Login", total=None)
-
-                    def progress(unit: str, done: int, total: int) -> None:
-                        bar.update(task, completed=done, total=total)
-
-                    client.on_progress = progress
-                    syncs.append(summarize(client.sync("Login")))
-                    client.on_progress = None
-                edits = run_backoffice(str(server_db), HOSPITAL_ID)
-                console.print(
-                    f"backoffice: rescheduled {len(edits.rescheduled)}, cancelled"
-                    f" {len(edits.cancelled)}, moved {len(edits.reassigned)} to another"
-                    f" hospital, renamed doctor {edits.renamed_doctor}"
-                    f" ({edits.renamed_rows} appointments)"
-                )
-                syncs.append(summarize(client.sync("Login")))
-                syncs.append(summarize(client.sync("Splash")))
-                problems = verify(server_db, client, ["Splash", "Login"])
-                gone = edits.cancelled + edits.reassigned
-                present = client.store.conn.execute(
-                    "SELECT count(*) FROM LocalAppointment WHERE id IN"
-                    f" ({','.join('?' * len(gone))})",
-                    gone,
-                ).fetchone()[0]
-                if present:
-                    problems.append(f"{present} cancelled or moved appointments are still local")
-        verified = not problems
-        _print_table(console, syncs)
-        for p in problems:
+            demo = Demo(work, url, console)
+            try:
+                demo.pull_path()
+                demo.write_path()
+            finally:
+                demo.close()
+        verified = not demo.problems
+        _print_table(console, demo.syncs)
+        for p in demo.problems:
             console.print(f"[red]MISMATCH[/] {p}")
         console.print(
-            "[green]verified[/]: every local table equals the server-side query for this user"
+            "[green]verified[/]: every local table equals the server-side query for this user,"
+            " and every booking is on the server or listed as rejected with its reason"
             if verified
             else "[red]verification failed[/]"
         )
         if report is not None:
-            report.write_text(json.dumps({"verified": verified, "syncs": syncs}, indent=2))
+            report.write_text(
+                json.dumps(
+                    {
+                        "verified": verified,
+                        "syncs": demo.syncs,
+                        "rejected": demo.rejected,
+                        "conflicts": demo.conflicts,
+                        "problems": demo.problems,
+                    },
+                    indent=2,
+                )
+            )
         return 0 if verified else 1
     finally:
         if own_dir and not os.environ.get("SYNCUNIT_KEEP_DEMO"):
@@ -192,21 +341,12 @@ def run_demo(
 
 def _print_table(console: Console, syncs: list[dict[str, Any]]) -> None:
     table = Table(title="syncs")
-    for col in (
-        "unit",
-        "rows in",
-        "removed",
-        "rows out",
-        "bytes in",
-        "bytes out",
-        "ms",
-        "requests",
-    ):
-        table.add_column(col, justify="left" if col == "unit" else "right")
+    for col in ("device", "unit", "in", "removed", "out", "bytes in", "bytes out", "ms", "req"):
+        table.add_column(col, justify="left" if col in ("device", "unit") else "right")
     for s in syncs:
         table.add_row(
-            s["unit"], f"{s['rows_in']:,}", f"{s['rows_removed']:,}", f"{s['rows_out']:,}",
-            f"{s['bytes_in']:,}", f"{s['bytes_out']:,}", f"{s['seconds'] * 1000:.0f}",
-            str(s["requests"]),
+            s["device"], s["unit"], f"{s['rows_in']:,}", f"{s['rows_removed']:,}",
+            f"{s['rows_out']:,}", f"{s['bytes_in']:,}", f"{s['bytes_out']:,}",
+            f"{s['seconds'] * 1000:.0f}", str(s["requests"]),
         )  # fmt: skip
     console.print(table)
