@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,7 +19,9 @@ from typing import Any
 
 import httpx
 
+from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
+from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus
 from syncunit.client.store import LocalStore, quote
 from syncunit.errors import (
     LocalStoreError,
@@ -59,6 +62,7 @@ __all__ = ["ProgressCallback", "SyncClient", "SyncResult"]
 
 ProgressCallback = Callable[[str, int, int], None]
 COMPRESS_ABOVE = 16 * 1024
+log = logging.getLogger("syncunit.client")
 
 
 @dataclass
@@ -110,12 +114,30 @@ class SyncClient:
         chunk_size: int | None = None,
         timeout: float = 60.0,
         on_progress: ProgressCallback | None = None,
+        on_start: Callable[[str], None] | None = None,
+        on_complete: Callable[[SyncResult], None] | None = None,
+        on_error: Callable[[str, Exception], None] | None = None,
         push_batch: int = 2000,
+        retry: RetryPolicy | None = None,
+        sync_on_start: str | None = None,
+        sync_on_login: str | None = None,
+        sync_on_reconnect: str | None = None,
+        sync_every: tuple[str, float] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = local_db if isinstance(local_db, LocalStore) else LocalStore(local_db)
         self.outbox = Outbox(self.store)
         self.push_batch = push_batch
+        self.on_start = on_start
+        self.on_complete = on_complete
+        self.on_error = on_error
+        self.sync_on_start = sync_on_start
+        self.sync_on_login = sync_on_login
+        self.sync_on_reconnect = sync_on_reconnect
         self._sync_lock = threading.Lock()
+        self.scheduler = Scheduler(self, retry=retry or RetryPolicy(), clock=clock)
+        self.scheduler.periodic = sync_every
+        self._live: LiveWatcher | None = None
         self.encoding: Encoding = encoding
         self.chunk_size = chunk_size
         self.on_progress = on_progress
@@ -133,8 +155,67 @@ class SyncClient:
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:
+        """Stop the worker and live watcher (a running sync finishes first), then close."""
+        if self._live is not None:
+            self._live.stop()
+        self.scheduler.stop()
         self.http.close()
         self.store.close()
+
+    # -- sync moments -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background worker: pending work from before a restart resumes,
+        and the ``sync_on_start`` unit is queued."""
+        self.scheduler.start()
+        if self.sync_on_start:
+            self.scheduler.enqueue(self.sync_on_start)
+
+    def trigger(self, unit: str, *, discard_pending: bool = False) -> bool:
+        """Queue ``unit`` to run in the background and return at once.
+
+        A unit already waiting is not queued twice (returns False).
+        ``discard_pending`` drops every other waiting unit (not the running one).
+        """
+        added = self.scheduler.enqueue(unit, discard_pending=discard_pending)
+        self.scheduler.start()
+        return added
+
+    def login(self, token: str) -> SyncResult | None:
+        """Use ``token`` from now on and run the ``sync_on_login`` unit, blocking."""
+        self.http.headers["Authorization"] = f"Bearer {token}"
+        return self.sync(self.sync_on_login) if self.sync_on_login else None
+
+    def set_online(self, online: bool) -> None:
+        """Tell the engine about connectivity. Coming back online retries at once and
+        triggers the ``sync_on_reconnect`` unit with ``discard_pending``."""
+        came_back = self.scheduler.set_online(online)
+        if came_back and self.sync_on_reconnect:
+            self.trigger(self.sync_on_reconnect, discard_pending=True)
+
+    @property
+    def status(self) -> SyncStatus:
+        """What the engine is doing: idle, syncing, offline or retrying, and what waits."""
+        return self.scheduler.status()
+
+    def watch(self, unit: str, *, on_change: Callable[[str], None] | None = None) -> None:
+        """Listen for server changes in ``unit``'s scope; each one triggers ``unit``
+        (or calls ``on_change``). Reconnects by itself; stopped by ``close()``."""
+        if self._live is not None:
+            self._live.stop()
+        self._live = LiveWatcher(self, unit, on_change or self._trigger_quietly)
+        self._live.start()
+
+    def _trigger_quietly(self, unit: str) -> None:
+        self.trigger(unit)
+
+    def _emit(self, callback: Callable[..., None] | None, *args: Any) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("a sync event callback failed")
 
     def __enter__(self) -> SyncClient:
         return self
@@ -211,6 +292,7 @@ class SyncClient:
         """
         result = SyncResult(unit=unit)
         started = time.perf_counter()
+        self._emit(self.on_start, unit)
         try:
             with self._sync_lock:
                 catalog = self.store.catalog()
@@ -225,9 +307,15 @@ class SyncClient:
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
                     self._run_unit(unit, catalog, result)
-        finally:
+        except Exception as exc:
             result.seconds = time.perf_counter() - started
+            # Offline is a status: only the first network failure is an error event.
+            if not (isinstance(exc, NetworkError) and self.scheduler.offline_detected):
+                self._emit(self.on_error, unit, exc)
+            raise
+        result.seconds = time.perf_counter() - started
         self.store.complete_unit(unit, json.dumps(result.to_dict()))
+        self._emit(self.on_complete, result)
         return result
 
     def _run_unit(self, unit_name: str, catalog: Catalog, result: SyncResult) -> None:

@@ -10,6 +10,7 @@ memory does not grow with the result and reading overlaps with sending.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import queue
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio.to_thread
+import msgspec
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -41,6 +43,7 @@ from syncunit.protocol import (
 )
 from syncunit.server.auth import Authenticator, Principal
 from syncunit.server.changes import StreamReader
+from syncunit.server.live import VersionMonitor, unit_has_changes
 from syncunit.server.problems import ProblemException, problem, problem_response
 from syncunit.server.push import PushApplier
 from syncunit.server.store import ServerStore, open_store
@@ -73,6 +76,8 @@ class SyncServer:
         max_chunk_size: int = 20_000,
         max_body_bytes: int = 32 * 1024 * 1024,
         max_mutations: int = 10_000,
+        max_live_waiters: int = 1000,
+        max_live_wait: float = 60.0,
         install: bool = True,
     ) -> None:
         self.schema = schema
@@ -85,12 +90,16 @@ class SyncServer:
         self.catalog = schema.catalog()
         self._catalog_body = encode_catalog(self.catalog)
         self.pusher = PushApplier(self.store, schema)
+        self.monitor = VersionMonitor(self.store)
+        self.max_live_waiters = max_live_waiters
+        self.max_live_wait = max_live_wait
         if install:
             self.store.install(schema)
         self.app = Starlette(
             routes=[
                 Route("/v1/catalog", self.get_catalog, methods=["GET"]),
                 Route("/v1/sync/{unit}", self.post_sync, methods=["POST"]),
+                Route("/v1/live/{unit}", self.post_live, methods=["POST"]),
             ],
             exception_handlers={ProblemException: _on_problem, Exception: _on_error},
         )
@@ -109,7 +118,8 @@ class SyncServer:
         await self._principal(request)
         return Response(self._catalog_body, media_type="application/json")
 
-    async def post_sync(self, request: Request) -> Response:
+    async def _sync_request(self, request: Request) -> tuple[Principal, SyncUnit, SyncRequest]:
+        """Authenticate, find the unit, read and validate the body."""
         principal = await self._principal(request)
         name = request.path_params["unit"]
         unit = self.schema.units.get(name)
@@ -127,6 +137,11 @@ class SyncServer:
         if req is None:
             raise ProblemException("malformed-request", "the request body is empty")
         self._validate(req, unit, principal)
+        return principal, unit, req
+
+    async def post_sync(self, request: Request) -> Response:
+        principal, unit, req = await self._sync_request(request)
+        encoding = encoding_of(request.headers.get("content-type")) or "msgpack"
         pushed = None
         if req.mutations:
             pushed = await anyio.to_thread.run_sync(self.pusher.apply, principal, req)
@@ -141,6 +156,29 @@ class SyncServer:
             media_type=content_type(accept),
             headers=headers,
         )
+
+    async def post_live(self, request: Request) -> Response:
+        """Long-poll: answer as soon as ``unit`` has changes in scope, or when the wait ends."""
+        principal, unit, req = await self._sync_request(request)
+        try:
+            wait = float(request.query_params.get("wait", "25"))
+        except ValueError:
+            raise ProblemException("invalid-request", "wait must be a number of seconds") from None
+        wait = min(max(wait, 0.0), self.max_live_wait)
+        if self.monitor.waiters >= self.max_live_waiters:
+            raise ProblemException("busy", f"{self.monitor.waiters} clients are waiting")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        seen = await anyio.to_thread.run_sync(self.store.current_version)
+        while True:
+            changed = await anyio.to_thread.run_sync(
+                unit_has_changes, self.store, unit, principal.params, req.cursors
+            )
+            remaining = deadline - loop.time()
+            if changed or remaining <= 0:
+                body = msgspec.json.encode({"unit": unit.name, "changed": changed})
+                return Response(body, media_type="application/json")
+            seen = max(seen, await self.monitor.wait_beyond(seen, remaining))
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")

@@ -34,6 +34,7 @@ PROBLEMS: dict[str, Kind] = {
     "too-many-mutations": Kind(413, "Too many mutations in one request"),
     "unsupported-media-type": Kind(415, "Unsupported content type or encoding"),
     "internal": Kind(500, "The server failed"),
+    "busy": Kind(503, "Too many clients are waiting for live changes; try again later"),
 }
 
 

@@ -112,6 +112,11 @@ class ServerStore(abc.ABC):
         with self.engine.connect() as conn, conn.begin():
             yield conn, self.watermark(conn)
 
+    def current_version(self) -> int:
+        """The highest version safe to hand out now (one cheap query)."""
+        with self.engine.connect() as conn, conn.begin():
+            return self.watermark(conn)
+
     @abc.abstractmethod
     def watermark(self, conn: Connection) -> int:
         """Every change with a version at or below this is visible to ``conn``'s snapshot."""

@@ -1,0 +1,122 @@
+"""The client side of live changes: a long-poll loop on a background thread.
+
+It asks the server whether a unit has new changes in scope; when it does, the
+watcher triggers the unit (or calls a function) and waits for that sync to end
+before asking again. Errors (a server restart, a dropped connection) back off
+exponentially and reconnect; nothing spins.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httpx
+import msgspec
+
+from syncunit.protocol import PROTOCOL_VERSION, SyncRequest, content_type, encode_request
+
+if TYPE_CHECKING:
+    from syncunit.client.client import SyncClient
+
+log = logging.getLogger("syncunit.client")
+
+
+class LiveAnswer(msgspec.Struct):
+    unit: str
+    changed: bool
+
+
+class LiveWatcher:
+    """Long-polls ``POST /v1/live/{unit}`` and reacts to changes."""
+
+    def __init__(
+        self,
+        client: SyncClient,
+        unit: str,
+        on_change: Callable[[str], None],
+        *,
+        wait: float = 20.0,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.client = client
+        self.unit = unit
+        self.on_change = on_change
+        self.wait = wait
+        self.max_backoff = max_backoff
+        self.min_interval = 0.5
+        self.polls = 0
+        self.errors = 0
+        self.changes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="syncunit-live", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                changed = self._poll()
+            except (httpx.HTTPError, msgspec.DecodeError, OSError) as exc:
+                self.errors += 1
+                log.info("live changes for %s: %s; retrying in %.1f s", self.unit, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(self.max_backoff, backoff * 2)
+                continue
+            backoff = 0.5
+            if changed and not self._stop.is_set():
+                self.changes += 1
+                try:
+                    self.on_change(self.unit)
+                except Exception:
+                    log.exception("the live change callback failed")
+                self._settle()
+                self._stop.wait(self.min_interval)  # never spin, whatever the callback does
+
+    def _poll(self) -> bool:
+        catalog = self.client.store.catalog()
+        info = None if catalog is None else catalog.unit(self.unit)
+        streams = [] if info is None else info.streams
+        body = encode_request(
+            SyncRequest(
+                protocol=PROTOCOL_VERSION,
+                client_id=self.client.client_id,
+                schema_hash="" if catalog is None else catalog.schema_hash,
+                cursors=self.client.store.cursors(streams) if streams else {},
+            )
+        )
+        self.polls += 1
+        response = self.client.http.post(
+            f"/v1/live/{self.unit}",
+            params={"wait": str(self.wait)},
+            content=body,
+            headers={"Content-Type": content_type("msgpack")},
+            timeout=self.wait + 15.0,
+        )
+        if response.status_code >= 400:
+            raise httpx.HTTPStatusError(
+                f"live changes answered {response.status_code}",
+                request=response.request,
+                response=response,
+            )
+        return msgspec.json.decode(response.content, type=LiveAnswer).changed
+
+    def _settle(self) -> None:
+        """Wait for the triggered sync to finish so the next poll sends fresh cursors."""
+        deadline = time.monotonic() + 120.0
+        scheduler = self.client.scheduler
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if scheduler.current != self.unit and self.unit not in scheduler.queued():
+                return
+            self._stop.wait(0.1)

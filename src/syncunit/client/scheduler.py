@@ -1,0 +1,303 @@
+"""Sync moments: a persistent queue of unit runs and the one worker that runs them.
+
+``SyncClient.trigger(unit)`` puts the unit in ``syncunit_queue`` (not twice:
+a unit already waiting is not queued again) and returns at once; a single
+background worker runs the queue in order, one sync at a time. A run that
+fails on the network (or a 5xx) stays queued and is retried with exponential
+backoff and jitter, while the units behind it go ahead; errors that retrying
+cannot fix (401, 403, 422, bad requests) end the run and are reported. The
+queue lives in the local database, so pending work survives a restart.
+
+Offline is a status, not an error storm: while the device is offline the
+worker waits; ``set_online(True)`` retries at once and runs the configured
+reconnect unit with ``discard_pending``, as the method's Online unit does.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from syncunit.errors import NetworkError, SyncUnitError
+
+if TYPE_CHECKING:
+    from syncunit.client.client import SyncClient
+
+__all__ = ["RetryPolicy", "Scheduler", "SyncStatus"]
+
+log = logging.getLogger("syncunit.client")
+
+DDL = [
+    "CREATE TABLE IF NOT EXISTS syncunit_queue ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, unit TEXT NOT NULL,"
+    " state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,"
+    " next_at REAL NOT NULL DEFAULT 0, last_error TEXT, queued_at REAL NOT NULL)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ix_syncunit_queue_pending"
+    " ON syncunit_queue (unit) WHERE state = 'pending'",
+]
+
+State = Literal["idle", "syncing", "offline", "retrying"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: ``base * factor**(attempt-1)``, capped, ±``jitter``.
+
+    ``max_attempts`` None retries until the unit succeeds (offline-first); a
+    number gives up after that many attempts and reports the error.
+    """
+
+    base_delay: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 60.0
+    jitter: float = 0.2
+    max_attempts: int | None = None
+
+    def delay(self, attempt: int, rand: float) -> float:
+        """Seconds to wait before attempt ``attempt + 1``; ``rand`` is uniform in [0, 1)."""
+        raw = min(self.max_delay, self.base_delay * self.factor ** max(0, attempt - 1))
+        return raw * (1.0 + self.jitter * (2.0 * rand - 1.0))
+
+
+@dataclass(frozen=True)
+class SyncStatus:
+    """A snapshot an app can poll: what the sync engine is doing and what waits."""
+
+    state: State
+    online: bool
+    unit: str | None = None  # the unit running now
+    queued: list[str] = field(default_factory=list)
+    pending_mutations: int = 0
+    rejected: int = 0
+    last_error: str | None = None
+    last_error_unit: str | None = None
+    next_retry_in: float | None = None
+
+
+class Scheduler:
+    """The queue and its worker thread. ``step()`` runs one due unit (tests drive it)."""
+
+    def __init__(
+        self,
+        client: SyncClient,
+        *,
+        retry: RetryPolicy,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.client = client
+        self.retry = retry
+        self.clock = clock
+        self.rand = rand
+        self.online = True
+        self.offline_detected = False
+        self.current: str | None = None
+        self.last_error: str | None = None
+        self.last_error_unit: str | None = None
+        self.periodic: tuple[str, float] | None = None
+        self._next_periodic: float | None = None
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        with client.store.atomic() as c:
+            for stmt in DDL:
+                c.execute(stmt)
+
+    # -- the queue ------------------------------------------------------------------------
+
+    def enqueue(self, unit: str, *, discard_pending: bool = False) -> bool:
+        """Queue ``unit``; False if it was already waiting. ``discard_pending`` drops the rest."""
+        with self.client.store.atomic() as c:
+            if discard_pending:
+                c.execute(
+                    "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit != ?", (unit,)
+                )
+            cur = c.execute(
+                "INSERT OR IGNORE INTO syncunit_queue (unit, state, next_at, queued_at)"
+                " VALUES (?, 'pending', 0, ?)",
+                (unit, self.clock()),
+            )
+            added = cur.rowcount > 0
+        self.wake()
+        return added
+
+    def queued(self) -> list[str]:
+        rows = self.client.store.query(
+            "SELECT unit FROM syncunit_queue WHERE state = 'pending' ORDER BY id"
+        )
+        return [r[0] for r in rows]
+
+    def next_due(self) -> float | None:
+        rows = self.client.store.query(
+            "SELECT min(next_at) FROM syncunit_queue WHERE state = 'pending'"
+        )
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def recover(self) -> None:
+        """After a restart: runs that were interrupted go back to the queue."""
+        with self.client.store.atomic() as c:
+            for rid, unit in c.execute(
+                "SELECT id, unit FROM syncunit_queue WHERE state = 'running'"
+            ).fetchall():
+                c.execute(
+                    "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit = ?", (unit,)
+                )
+                c.execute("UPDATE syncunit_queue SET state = 'pending' WHERE id = ?", (rid,))
+
+    # -- running ----------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Run the first due unit, if any and if online; return whether one ran."""
+        now = self.clock()
+        self._tick_periodic(now)
+        if not self.online:
+            return False
+        with self.client.store.atomic() as c:
+            row = c.execute(
+                "SELECT id, unit, attempts FROM syncunit_queue WHERE state = 'pending'"
+                " AND next_at <= ? ORDER BY id LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return False
+            rid, unit, attempts = row
+            c.execute("UPDATE syncunit_queue SET state = 'running' WHERE id = ?", (rid,))
+        self.current = unit
+        try:
+            self.client.sync(unit)
+        except Exception as exc:
+            self._failed(rid, unit, attempts + 1, exc)
+        else:
+            self.offline_detected = False
+            with self.client.store.atomic() as c:
+                c.execute("DELETE FROM syncunit_queue WHERE id = ?", (rid,))
+        finally:
+            self.current = None
+        return True
+
+    def _failed(self, rid: int, unit: str, attempts: int, exc: Exception) -> None:
+        self.last_error = str(exc)
+        self.last_error_unit = unit
+        retryable = isinstance(exc, SyncUnitError) and bool(getattr(exc, "retryable", False))
+        if not isinstance(exc, SyncUnitError):
+            log.error("sync of %s failed unexpectedly", unit, exc_info=exc)
+        if isinstance(exc, NetworkError):
+            self.offline_detected = True
+        give_up = self.retry.max_attempts is not None and attempts >= self.retry.max_attempts
+        with self.client.store.atomic() as c:
+            if retryable and not give_up:
+                delay = self.retry.delay(attempts, self.rand())
+                c.execute(
+                    "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit = ?", (unit,)
+                )
+                c.execute(
+                    "UPDATE syncunit_queue SET state = 'pending', attempts = ?, next_at = ?,"
+                    " last_error = ? WHERE id = ?",
+                    (attempts, self.clock() + delay, str(exc), rid),
+                )
+            else:
+                c.execute("DELETE FROM syncunit_queue WHERE id = ?", (rid,))
+
+    def _tick_periodic(self, now: float) -> None:
+        if self.periodic is None:
+            return
+        unit, every = self.periodic
+        if self._next_periodic is None:
+            self._next_periodic = now + every
+        elif now >= self._next_periodic:
+            self._next_periodic = now + every
+            with self.client.store.atomic() as c:
+                c.execute(
+                    "INSERT OR IGNORE INTO syncunit_queue (unit, state, next_at, queued_at)"
+                    " VALUES (?, 'pending', 0, ?)",
+                    (unit, now),
+                )
+
+    def set_online(self, online: bool) -> bool:
+        """Record connectivity; True if this is a change from offline to online."""
+        came_back = online and (not self.online or self.offline_detected)
+        self.online = online
+        if came_back:
+            self.offline_detected = False
+            with self.client.store.atomic() as c:
+                c.execute("UPDATE syncunit_queue SET next_at = 0 WHERE state = 'pending'")
+        self.wake()
+        return came_back
+
+    # -- the worker thread -----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self.recover()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="syncunit-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                if self.step():
+                    continue
+            except Exception:  # the worker must survive anything
+                log.exception("the sync worker failed; it keeps going")
+            wait = self._wait_time()
+            with self._cond:
+                if not self._stop:
+                    self._cond.wait(wait)
+
+    def _wait_time(self) -> float | None:
+        now = self.clock()
+        waits: list[float] = []
+        due = self.next_due() if self.online else None
+        if due is not None:
+            waits.append(max(0.0, due - now))
+        if self.periodic is not None and self._next_periodic is not None:
+            waits.append(max(0.0, self._next_periodic - now))
+        return min(waits) if waits else None
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self) -> SyncStatus:
+        due = self.next_due()
+        state: State
+        if self.current is not None:
+            state = "syncing"
+        elif not self.online or self.offline_detected:
+            state = "offline"
+        elif due is not None and due > self.clock():
+            state = "retrying"
+        else:
+            state = "idle"
+        return SyncStatus(
+            state=state,
+            online=self.online,
+            unit=self.current,
+            queued=self.queued(),
+            pending_mutations=self.client.outbox.count(),
+            rejected=len(self.client.outbox.rejected()),
+            last_error=self.last_error,
+            last_error_unit=self.last_error_unit,
+            next_retry_in=None if due is None else max(0.0, due - self.clock()),
+        )

@@ -1,0 +1,80 @@
+"""Live changes: a long-poll that tells a client its unit has new changes in scope.
+
+``POST /v1/live/{unit}?wait=25`` takes the same body as a sync (client id and
+cursors) and answers ``{"unit": ..., "changed": true}`` as soon as one of the
+unit's streams has changes in the principal's scope, or ``"changed": false``
+when the wait is over. One monitor per server polls the database's version
+(a single cheap query) while anyone waits; the per-client scope check runs only
+when that version moved. Waits are capped in time and number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import anyio.to_thread
+
+from syncunit.protocol import StreamStart
+from syncunit.server.changes import StreamReader
+from syncunit.server.store import ServerStore
+from syncunit.units import SyncUnit
+
+
+class VersionMonitor:
+    """Polls the store's version while clients wait; wakes them when it moves."""
+
+    def __init__(self, store: ServerStore, *, interval: float = 0.2) -> None:
+        self.store = store
+        self.interval = interval
+        self.version = -1
+        self.waiters = 0
+        self._changed: asyncio.Condition | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def wait_beyond(self, seen: int, timeout: float) -> int:
+        """Wait until the version exceeds ``seen`` or ``timeout`` passes; return it."""
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        self.waiters += 1
+        try:
+            if self._task is None or self._task.done():
+                self._task = asyncio.create_task(self._run())
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._changed.wait_for(lambda: self.version > seen), timeout
+                    )
+            return self.version
+        finally:
+            self.waiters -= 1
+
+    async def _run(self) -> None:
+        assert self._changed is not None
+        while self.waiters > 0:
+            version = await anyio.to_thread.run_sync(self.store.current_version)
+            if version != self.version:
+                self.version = version
+                async with self._changed:
+                    self._changed.notify_all()
+            await asyncio.sleep(self.interval)
+
+
+def unit_has_changes(
+    store: ServerStore, unit: SyncUnit, params: Mapping[str, Any], cursors: Mapping[str, str]
+) -> bool:
+    """Whether a sync of ``unit`` with these cursors would bring anything."""
+    with store.snapshot() as (conn, watermark):
+        facts = store.facts(conn)
+        for stream in unit.streams:
+            reader = StreamReader(store, stream, params, chunk_size=1)
+            frames = reader.frames(
+                conn, watermark, facts["epoch"], int(facts.get("horizon", "0")),
+                cursors.get(stream.name),
+            )  # fmt: skip
+            first = next(iter(frames), None)
+            if isinstance(first, StreamStart) and (first.total > 0 or first.reset):
+                return True
+    return False
