@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from hospital.backoffice import run_backoffice
 from hospital.generate import generate
 from hospital.server import build
 from hospital.units import schema
-from syncunit import NetworkError, SyncClient, SyncResult
+from syncunit import SyncClient, SyncResult
+from syncunit.client.scheduler import RetryPolicy
 from syncunit.server.verify import compare, scope_rows
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent
@@ -158,7 +159,7 @@ def slot(doctor_id: int, day: int, hour: int, patient_id: int = 1) -> dict[str, 
 
 
 class Demo:
-    """The scenario's state: the server database, the devices, what happened."""
+    """The scenario's state: the server database, two devices, what happened."""
 
     def __init__(self, work: Path, url: str, console: Console) -> None:
         self.work = work
@@ -170,20 +171,51 @@ class Demo:
         self.conflicts: list[dict[str, Any]] = []
         self.problems: list[str] = []
         self.net = Connectivity()
-        self.device = SyncClient(url, work / "device.sqlite", token=TOKEN, transport=self.net)
-        self.other = SyncClient(url, work / "other-device.sqlite", token=TOKEN)
+        self.device = self._client("device", work / "device.sqlite", self.net)
+        self.other = self._client("other", work / "other-device.sqlite", None)
 
-    def sync(self, unit: str, client: SyncClient | None = None) -> SyncResult:
-        result = (client or self.device).sync(unit)
-        self.syncs.append(summarize(result, "other" if client is self.other else "device"))
-        self.rejected += [_brief(r) for r in result.rejected]
-        self.conflicts += [_brief(c) for c in result.conflicts]
-        for item in result.rejected + result.conflicts:
-            self.console.print(f"  [yellow]{item['status']}[/] {item['key']}: {item['reason']}")
-        return result
+    def _client(self, name: str, path: Path, transport: httpx.BaseTransport | None) -> SyncClient:
+        def started(unit: str) -> None:
+            if unit != "Login" or name == "other":
+                self.console.print(f"  [dim]{name}: start {unit}[/]")
+
+        def completed(result: SyncResult) -> None:
+            self.syncs.append(summarize(result, name))
+            self.rejected += [_brief(r) for r in result.rejected]
+            self.conflicts += [_brief(c) for c in result.conflicts]
+            self.console.print(
+                f"  [dim]{name}: {result.unit} done: {result.total_in} in,"
+                f" {result.total_removed} removed, {result.rows_out} out,"
+                f" {result.applied} applied[/]"
+            )
+            for item in result.rejected + result.conflicts:
+                self.console.print(f"  [yellow]{item['status']}[/] {item['key']}: {item['reason']}")
+
+        def failed(unit: str, exc: Exception) -> None:
+            self.console.print(f"  [dim]{name}: {unit} failed: {exc.__class__.__name__}[/]")
+
+        return SyncClient(
+            self.url, path, token=TOKEN, transport=transport, on_start=started,
+            on_complete=completed, on_error=failed, sync_on_reconnect="Online",
+            retry=RetryPolicy(base_delay=0.2, max_delay=2.0),
+        )  # fmt: skip
+
+    def wait_until(self, what: str, done: Callable[[], bool], timeout: float = 30.0) -> float:
+        """Wait (bounded) for background work; return the seconds it took."""
+        started = time.perf_counter()
+        while not done():
+            if time.perf_counter() - started > timeout:
+                self.problems.append(f"timed out waiting for {what}")
+                break
+            time.sleep(0.02)
+        return time.perf_counter() - started
+
+    def idle(self, client: SyncClient) -> bool:
+        status = client.status
+        return status.state == "idle" and not status.queued
 
     def pull_path(self) -> None:
-        self.sync("Splash")
+        self.device.sync("Splash")
         with Progress(
             TextColumn("Login"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=self.console, transient=True,
@@ -192,7 +224,7 @@ class Demo:
             self.device.on_progress = lambda _u, done, total: bar.update(
                 task, completed=done, total=total
             )
-            self.sync("Login")
+            self.device.sync("Login")
             self.device.on_progress = None
         edits = run_backoffice(str(self.server_db), HOSPITAL_ID)
         self.console.print(
@@ -200,8 +232,8 @@ class Demo:
             f" moved {len(edits.reassigned)} to another hospital, renamed doctor"
             f" {edits.renamed_doctor} ({edits.renamed_rows} appointments)"
         )
-        self.sync("Login")
-        self.sync("Splash")
+        self.device.sync("Login")
+        self.device.sync("Splash")
         self.problems += verify(self.server_db, self.device, ["Splash", "Login"])
         gone = edits.cancelled + edits.reassigned
         marks = ",".join("?" * len(gone))
@@ -214,30 +246,46 @@ class Demo:
     def write_path(self) -> None:
         dev, other = self.device, self.other
         other.sync("Login")
-        doctor = dev.store.query("SELECT id FROM LocalDoctor WHERE hospital_id = ? LIMIT 1", (1,))
-        doctor_id = doctor[0][0]
+        other.watch("Login")
+        doctor_id = dev.store.query("SELECT id FROM LocalDoctor WHERE hospital_id = 1 LIMIT 1")[0][
+            0
+        ]
+
+        self.console.print("device: books an appointment; SendAppointments is triggered")
+        first = dev.insert("LocalAppointment", slot(doctor_id, 0, 8))
+        dev.trigger("SendAppointments")
+        seconds = self.wait_until(
+            "the other device to see the booking",
+            lambda: bool(
+                other.store.query("SELECT 1 FROM LocalAppointment WHERE id = ?", (first,))
+            ),
+        )
+        self.console.print(f"other device: got the booking through live changes in {seconds:.2f} s")
+
         self.net.online = False
+        dev.set_online(False)
         self.console.print("device: [bold]offline[/]; books 3 appointments, edits a note")
         booked = [dev.insert("LocalAppointment", slot(doctor_id, day, 9)) for day in range(3)]
         edited = dev.store.query("SELECT id FROM LocalAppointment ORDER BY id LIMIT 1")[0][0]
         dev.update("LocalAppointment", edited, {"notes": "patient called: running late"})
-        try:
-            dev.sync("SendAppointments")
-        except NetworkError as exc:
-            self.console.print(f"  SendAppointments while offline: {exc.__class__.__name__}, kept")
+        dev.trigger("SendAppointments")
+        status = dev.status
         self.console.print(
-            f"  outbox holds {dev.outbox.count()} changes;"
-            " meanwhile another device books the same slot and the backoffice edits the note"
+            f"  status: {status.state}, queued {status.queued},"
+            f" {status.pending_mutations} changes in the outbox"
         )
+        self.console.print("other device books the same slot; the backoffice edits the note")
         taken = other.insert("LocalAppointment", slot(doctor_id, 1, 9, patient_id=2))
-        self.sync("SendAppointments", other)
+        other.sync("SendAppointments")
         conn = sqlite3.connect(self.server_db)
         with conn:
             conn.execute("UPDATE appointment SET notes = 'moved to room 9' WHERE id = ?", (edited,))
         conn.close()
+
+        self.console.print("device: [bold]online[/] again: Online runs, pending requests dropped")
         self.net.online = True
-        self.console.print("device: [bold]online[/]; runs Online")
-        result = self.sync("Online")
+        dev.set_online(True)
+        self.wait_until("the Online sync", lambda: self.idle(dev))
         for change in dev.outbox.rejected():
             if change.code == "rule":
                 new = slot(doctor_id, 1, 15)
@@ -248,20 +296,23 @@ class Demo:
             else:
                 self.console.print(f"  resolve: keep the server's row for {change.key}")
                 dev.outbox.discard(change.id)
-        self.sync("SendAppointments")
-        self.sync("Online")
-        self.sync("Login", other)
-        on_server = server_has(self.server_db, [*booked, taken])
+        dev.trigger("SendAppointments")
+        self.wait_until("the resolved changes", lambda: self.idle(dev) and not dev.outbox.count())
+        dev.sync("Online")
+        self.wait_until("the other device to catch up", lambda: self.idle(other))
+        other.sync("Login")
+
+        on_server = server_has(self.server_db, [first, *booked, taken])
         listed = {r["key"] for r in self.rejected}
-        for key in booked:
+        for key in [first, *booked]:
             if key not in on_server and key not in listed:
                 self.problems.append(
                     f"booking {key} is neither on the server nor listed as rejected"
                 )
         if taken not in on_server:
             self.problems.append("the other device's booking is missing on the server")
-        if result.applied < 2:
-            self.problems.append(f"only {result.applied} offline changes were applied")
+        if not listed:
+            self.problems.append("the double booking was not rejected")
         if dev.outbox.count() or dev.outbox.rejected():
             self.problems.append("changes are still waiting after resolution")
         self.problems += verify(self.server_db, dev, ["Splash", "Login"])
