@@ -386,12 +386,10 @@ class SyncClient:
                         if frame.reset:
                             result.resets.append(frame.stream)
                         done += upserted + len(frame.removed)
-                        if self.on_progress is not None:
-                            self.on_progress(result.unit, done, max(total, done))
+                        self._emit(self.on_progress, result.unit, done, max(total, done))
                     elif isinstance(frame, StreamStart):
                         total += frame.total
-                        if self.on_progress is not None:
-                            self.on_progress(result.unit, done, total)
+                        self._emit(self.on_progress, result.unit, done, total)
                     elif isinstance(frame, PushResults):
                         self._on_push_results(frame, catalog, result)
                     elif isinstance(frame, End):

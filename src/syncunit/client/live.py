@@ -58,7 +58,7 @@ class LiveWatcher:
         self._thread = threading.Thread(target=self._loop, name="syncunit-live", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 0.2) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)

@@ -68,6 +68,27 @@ def _lit(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _encode_bytes(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": bytes(value).hex()}
+    raise TypeError(f"cannot store {type(value).__name__} in the outbox")
+
+
+def _decode_bytes(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1 and isinstance(obj.get("$bytes"), str):
+        return bytes.fromhex(obj["$bytes"])
+    return obj
+
+
+def _dumps(value: Any) -> str:
+    """JSON for the outbox's row images; bytes (BLOB values) as ``{"$bytes": hex}``."""
+    return json.dumps(value, default=_encode_bytes)
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_hook=_decode_bytes)
+
+
 def trigger_ddl(stream: StreamInfo) -> list[str]:
     """Triggers that record changes of ``stream``'s local table in the outbox."""
     t, name, k = _q(stream.local_table), _lit(stream.local_table), _q(stream.key)
@@ -80,21 +101,34 @@ def trigger_ddl(stream: StreamInfo) -> list[str]:
         )
         or "SELECT NULL AS c WHERE 0"
     )
-    old_row = "json_object(" + ", ".join(f"{_lit(c)}, OLD.{_q(c)}" for c in cols) + ")"
+    # json_object() refuses BLOBs: binary values go in as {"$bytes": hex} (see _loads).
+    old = {
+        c.name: f"CASE WHEN OLD.{_q(c.name)} IS NULL THEN NULL"
+        f" ELSE json_object('$bytes', hex(OLD.{_q(c.name)})) END"
+        if c.type == "blob"
+        else f"OLD.{_q(c.name)}"
+        for c in stream.columns
+    }
+    old_row = "json_object(" + ", ".join(f"{_lit(c)}, {old[c]}" for c in cols) + ")"
     unsent = f"table_name = {name} AND row_key = {{r}}.{k} AND seq IS NULL"
     insert_cols = "(mutation_id, table_name, row_key, op, changed, base, created_at)"
     prefix = f"syncunit_{stream.local_table}"
     return [
         *(f"DROP TRIGGER IF EXISTS {_q(prefix + s)}" for s in ("_ai", "_au", "_ad")),
         f"CREATE TRIGGER {_q(prefix + '_ai')} AFTER INSERT ON {t} WHEN {_ACTIVE} BEGIN"
-        f" DELETE FROM syncunit_outbox WHERE {unsent.format(r='NEW')} AND op = 'delete';"
+        # A row deleted (or changed) and written again is sent whole, against the base
+        # the device saw before: the server detects conflicts as for an update.
+        f" UPDATE syncunit_outbox SET op = 'insert' WHERE {unsent.format(r='NEW')};"
         f" INSERT INTO syncunit_outbox {insert_cols}"
-        f" VALUES ({_ID}, {name}, NEW.{k}, 'insert', '[]', '{{}}', {_NOW}); END",
+        f" SELECT {_ID}, {name}, NEW.{k}, 'insert', '[]', '{{}}', {_NOW}"
+        f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='NEW')});"
+        " END",
         f"CREATE TRIGGER {_q(prefix + '_au')} AFTER UPDATE ON {t} WHEN {_ACTIVE} BEGIN"
         f" SELECT RAISE(ABORT, 'the key of a synced row cannot change')"
         f" WHERE OLD.{k} IS NOT NEW.{k};"
         f" UPDATE syncunit_outbox SET changed = (SELECT json_group_array(c) FROM"
-        f" (SELECT value AS c FROM json_each(syncunit_outbox.changed) UNION {changed}))"
+        f" (SELECT value AS c FROM json_each(syncunit_outbox.changed)"
+        f" UNION SELECT c FROM ({changed})))"
         f" WHERE {unsent.format(r='NEW')};"
         f" INSERT INTO syncunit_outbox {insert_cols}"
         f" SELECT {_ID}, {name}, NEW.{k}, 'update', (SELECT json_group_array(c) FROM ({changed})),"
@@ -105,8 +139,10 @@ def trigger_ddl(stream: StreamInfo) -> list[str]:
         f" INSERT INTO syncunit_outbox {insert_cols}"
         f" SELECT {_ID}, {name}, OLD.{k}, 'delete', '[]', {old_row}, {_NOW}"
         f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='OLD')});"
-        f" UPDATE syncunit_outbox SET op = 'delete'"
-        f" WHERE {unsent.format(r='OLD')} AND op = 'update';"
+        # An insert with a base wrote a row the server has (deleted and written again):
+        # deleting it is a delete; only a row new on this device cancels out.
+        f" UPDATE syncunit_outbox SET op = 'delete' WHERE {unsent.format(r='OLD')}"
+        f" AND (op = 'update' OR (op = 'insert' AND base <> '{{}}'));"
         f" DELETE FROM syncunit_outbox WHERE {unsent.format(r='OLD')} AND op = 'insert'; END",
     ]
 
@@ -191,8 +227,8 @@ class Outbox:
                 r[4],
                 r[5],
                 r[6],
-                json.loads(r[7]),
-                None if r[8] is None else json.loads(r[8]),
+                _loads(r[7]),
+                None if r[8] is None else _loads(r[8]),
             )
             for r in rows
         ]
@@ -241,7 +277,7 @@ class Outbox:
         self, s: StreamInfo, seq: int, mid: str, key: Any, op: str, changed: str, base: str
     ) -> Mutation:
         writable = {c.name for c in s.columns if c.writable}
-        base_all = json.loads(base)
+        base_all = _loads(base)
         base_vals = {c: v for c, v in base_all.items() if c in writable}
         if op == "delete":
             return Mutation(
@@ -259,7 +295,13 @@ class Outbox:
         if op == "insert":
             values = {c: current[c] for c in names if c in writable or c == s.key}
             return Mutation(
-                seq=seq, id=mid, table=s.local_table, key=key, op="insert", values=values
+                seq=seq,
+                id=mid,
+                table=s.local_table,
+                key=key,
+                op="insert",
+                values=values,
+                base=base_vals,
             )
         cols = [c for c in json.loads(changed) if c is not None]
         return Mutation(
@@ -315,7 +357,7 @@ class Outbox:
             f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {_NOW})",
             (
                 r.id, r.seq, table, key, op, r.status, r.code or r.status, r.reason,
-                json.dumps(m.values), None if r.server_row is None else json.dumps(r.server_row),
+                _dumps(m.values), None if r.server_row is None else _dumps(r.server_row),
             ),
         )  # fmt: skip
         newer = conn.execute(
@@ -366,7 +408,7 @@ class Outbox:
             )  # fmt: skip
             if stream is None:
                 raise LocalStoreError(f"table {table!r} is no longer synced")
-            values = {**json.loads(attempted), **(changes or {})}
+            values = {**_loads(attempted), **(changes or {})}
             values.pop(stream.key, None)
             t, k = _q(table), _q(stream.key)
             try:

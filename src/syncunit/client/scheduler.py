@@ -186,9 +186,13 @@ class Scheduler:
         retryable = isinstance(exc, SyncUnitError) and bool(getattr(exc, "retryable", False))
         if not isinstance(exc, SyncUnitError):
             log.error("sync of %s failed unexpectedly", unit, exc_info=exc)
-        if isinstance(exc, NetworkError):
-            self.offline_detected = True
         give_up = self.retry.max_attempts is not None and attempts >= self.retry.max_attempts
+        if isinstance(exc, NetworkError):
+            if give_up and self.offline_detected:
+                # sync() kept quiet about this retry (offline is a status), but dropping
+                # the unit is final: the app must hear about it.
+                self.client._emit(self.client.on_error, unit, exc)
+            self.offline_detected = True
         with self.client.store.atomic() as c:
             if retryable and not give_up:
                 delay = self.retry.delay(attempts, self.rand())
@@ -221,11 +225,19 @@ class Scheduler:
     def set_online(self, online: bool) -> bool:
         """Record connectivity; True if this is a change from offline to online."""
         came_back = online and (not self.online or self.offline_detected)
-        self.online = online
         if came_back:
             self.offline_detected = False
+            reconnect = self.client.sync_on_reconnect
             with self.client.store.atomic() as c:
+                if reconnect:
+                    # The client queues the reconnect unit with discard_pending next; drop
+                    # the rest now, before going online, so the worker cannot start one.
+                    c.execute(
+                        "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit != ?",
+                        (reconnect,),
+                    )
                 c.execute("UPDATE syncunit_queue SET next_at = 0 WHERE state = 'pending'")
+        self.online = online
         self.wake()
         return came_back
 

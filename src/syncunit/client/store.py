@@ -181,6 +181,14 @@ class LocalStore:
         want = {col.name: sql_type(col.type) for col in s.columns}
         changes: list[str] = []
         if have:
+            # The engine's triggers (the outbox's) name the old columns: a DROP COLUMN
+            # would fail on them. apply_catalog() recreates them for pushed tables.
+            for (trigger,) in c.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?"
+                " AND name LIKE 'syncunit\\_%' ESCAPE '\\'",
+                (s.local_table,),
+            ).fetchall():
+                c.execute(f"DROP TRIGGER {quote(trigger)}")
             rebuild = have.get(s.key, ("", 0))[1] != 1 or any(
                 name in have and have[name][0] != typ for name, typ in want.items()
             )
@@ -197,7 +205,8 @@ class LocalStore:
                     if name not in want and not name.startswith("syncunit_"):
                         c.execute(f"ALTER TABLE {t} DROP COLUMN {quote(name)}")
                         changes.append(f"dropped {s.local_table}.{name}")
-        if not have:
+        created = not have
+        if created:
             cols = ", ".join(
                 f"{quote(n)} {typ}{' PRIMARY KEY' if n == s.key else ''}" for n, typ in want.items()
             )
@@ -210,9 +219,14 @@ class LocalStore:
             "SELECT definition FROM syncunit_cursors WHERE stream = ?", (s.name,)
         ).fetchone()
         if row is not None and row[0] != s.definition:
-            # The server resets the stream on its side too; forget the old position.
-            c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (s.name,))
-            changes.append(f"reset cursor of {s.name}")
+            if created:
+                # The table is new and empty: download everything.
+                c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (s.name,))
+                changes.append(f"reset cursor of {s.name}")
+            # Otherwise keep the cursor: it names the old definition, so the server
+            # answers with a reset, which clears the old rows in the same transaction
+            # as the first chunk. Without a cursor the server would send a plain first
+            # copy, and rows deleted on the server meanwhile would stay here forever.
         return changes
 
     # -- cursors and sync properties ---------------------------------------------------------

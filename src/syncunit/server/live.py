@@ -33,11 +33,17 @@ class VersionMonitor:
         self.waiters = 0
         self._changed: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def wait_beyond(self, seen: int, timeout: float) -> int:
         """Wait until the version exceeds ``seen`` or ``timeout`` passes; return it."""
-        if self._changed is None:
+        loop = asyncio.get_running_loop()
+        if self._changed is None or self._loop is not loop:
+            # asyncio objects belong to one event loop: the app may be served again by a
+            # new one (a server restarted in the same process), so start afresh there.
+            self._loop = loop
             self._changed = asyncio.Condition()
+            self._task = None
         self.waiters += 1
         try:
             if self._task is None or self._task.done():
@@ -52,13 +58,14 @@ class VersionMonitor:
             self.waiters -= 1
 
     async def _run(self) -> None:
-        assert self._changed is not None
-        while self.waiters > 0:
+        changed = self._changed
+        assert changed is not None
+        while self.waiters > 0 and self._changed is changed:
             version = await anyio.to_thread.run_sync(self.store.current_version)
             if version != self.version:
                 self.version = version
-                async with self._changed:
-                    self._changed.notify_all()
+                async with changed:
+                    changed.notify_all()
             await asyncio.sleep(self.interval)
 
 

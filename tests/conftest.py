@@ -1,0 +1,446 @@
+"""Fixtures: a server database per backend, a live sync server, clients, plain SQL.
+
+Every test that touches the server database goes through ``server_db_url`` /
+``store``, parametrized over ``BACKENDS``: adding PostgreSQL means adding a
+backend here (a URL, a ``PlainSQL`` and a ``DbBackup`` for it), not editing tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hospital.generate import generate
+from hospital.models import metadata
+from hospital.server import staff_auth
+from hospital.units import schema as hospital_schema
+
+from syncunit.client import SyncClient
+from syncunit.server import SyncServer, open_store
+from syncunit.server.store import ServerStore
+from syncunit.units import SyncSchema
+from tests.support import LiveServer, TapTransport, assert_in_sync
+
+BACKENDS = ["sqlite"]
+
+#: Small but real: 2 hospitals, 5 doctors each, 400 appointments (200 per hospital).
+SIZE = {"appointments": 400, "hospitals": 2, "doctors": 10, "patients": 60}
+#: Chunk size the test clients ask for, so a download takes many chunks.
+CHUNK = 16
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def server_db_url(backend: str, tmp_path: Path) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'server.sqlite'}"
+    raise NotImplementedError(backend)
+
+
+@pytest.fixture
+def store(server_db_url: str) -> Iterator[ServerStore]:
+    """The server database with the hospital tables created (and no rows yet)."""
+    s = open_store(server_db_url)
+    metadata.create_all(s.engine)
+    yield s
+    s.engine.dispose()
+
+
+# -- plain SQL, without syncunit ------------------------------------------------------------
+
+
+class PlainSQL:
+    """Runs SQL on the server database with the bare DB-API driver, as a backoffice would.
+
+    Parameters are named, ``:name`` style (a PostgreSQL version translates them).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @contextmanager
+    def transaction(self) -> Iterator[Callable[..., list[tuple[Any, ...]]]]:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("BEGIN IMMEDIATE")
+
+            def run(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+                return list(conn.execute(sql, params))
+
+            try:
+                yield run
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def __call__(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        with self.transaction() as run:
+            return run(sql, params)
+
+    def many(self, sql: str, seq: Sequence[Any]) -> None:
+        with self.transaction() as run:
+            for params in seq:
+                run(sql, params)
+
+    def script(self, statements: Sequence[str]) -> None:
+        with self.transaction() as run:
+            for stmt in statements:
+                run(stmt)
+
+
+@pytest.fixture
+def plain_sql(backend: str, server_db_url: str) -> PlainSQL:
+    if backend == "sqlite":
+        return PlainSQL(server_db_url.removeprefix("sqlite:///"))
+    raise NotImplementedError(backend)
+
+
+class DbBackup:
+    """Copies the server database aside and puts a copy back (a restore from backup)."""
+
+    def __init__(self, path: str, tmp: Path) -> None:
+        self.path = path
+        self.tmp = tmp
+        self.n = 0
+
+    def save(self) -> str:
+        self.n += 1
+        dest = str(self.tmp / f"backup{self.n}.sqlite")
+        src, dst = sqlite3.connect(self.path), sqlite3.connect(dest)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        return dest
+
+    def restore(self, saved: str, store: ServerStore) -> None:
+        store.engine.dispose()
+        copy = str(self.tmp / "restoring.sqlite")
+        shutil.copyfile(saved, copy)
+        src, dst = sqlite3.connect(copy), sqlite3.connect(self.path)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+
+
+@pytest.fixture
+def db_backup(backend: str, server_db_url: str, tmp_path: Path) -> DbBackup:
+    if backend == "sqlite":
+        return DbBackup(server_db_url.removeprefix("sqlite:///"), tmp_path)
+    raise NotImplementedError(backend)
+
+
+# -- the sync server --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_server(store: ServerStore) -> Callable[..., SyncServer]:
+    """A ``SyncServer`` on the test database (installs tracking unless install=False)."""
+
+    def make(schema: SyncSchema = hospital_schema, **options: Any) -> SyncServer:
+        return SyncServer(schema, store, authenticate=staff_auth(store.engine), **options)
+
+    return make
+
+
+@pytest.fixture
+def server(
+    request: pytest.FixtureRequest, make_server: Callable[..., SyncServer], store: ServerStore
+) -> SyncServer:
+    """The hospital server with ``SIZE`` rows.
+
+    By default tracking is installed first and every generated row gets its own
+    version; parametrize indirectly with ``"data-first"`` to generate the rows
+    before tracking exists, so installing stamps each table's rows with one version.
+    """
+    order = getattr(request, "param", "tracking-first")
+    if order == "data-first":
+        generate(store.engine, **SIZE)
+        return make_server()
+    srv = make_server()
+    generate(store.engine, **SIZE)
+    return srv
+
+
+@pytest.fixture(scope="session")
+def _stopping() -> Iterator[list[LiveServer]]:
+    """Servers told to stop; joined at the end of the session.
+
+    Joining uvicorn costs a tick of its main loop (0.1 s), most of a small test's
+    time, so tests only ask their servers to stop: the port closes within a tick,
+    and a thread a test left behind meets a refused connection, never another
+    test's server.
+    """
+    stopping: list[LiveServer] = []
+    yield stopping
+    for live in stopping:
+        live.stop()
+
+
+@pytest.fixture
+def serve(_stopping: list[LiveServer]) -> Iterator[Callable[[Any], LiveServer]]:
+    """Serve an ASGI app over real HTTP on 127.0.0.1; ``live.app`` may be swapped later."""
+    started: list[LiveServer] = []
+
+    def start(app: Any) -> LiveServer:
+        live = LiveServer(app)
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        live.server.should_exit = True
+        _stopping.append(live)
+
+
+@pytest.fixture
+def live(server: SyncServer, serve: Callable[[Any], LiveServer]) -> LiveServer:
+    return serve(server.app)
+
+
+@pytest.fixture
+def make_client(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path
+) -> Iterator[Callable[..., SyncClient]]:
+    """``make_client(token, name=..., **SyncClient options)``; the same name reopens a device.
+
+    Clients talk to the ``live`` hospital server (started on first use) unless
+    given another ``url``. (``backend`` is requested so that ``live``, which
+    depends on it, can be requested lazily.)
+    """
+    clients: list[SyncClient] = []
+
+    def make(
+        token: str | None = "token-h1",
+        *,
+        name: str = "device",
+        url: str | None = None,
+        chunk_size: int | None = CHUNK,
+        **options: Any,
+    ) -> SyncClient:
+        c = SyncClient(
+            url or request.getfixturevalue("live").url,
+            tmp_path / f"{name}.sqlite",
+            token=token,
+            chunk_size=chunk_size,
+            **options,
+        )
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+def client(make_client: Callable[..., SyncClient]) -> SyncClient:
+    return make_client()
+
+
+@pytest.fixture
+def tap() -> TapTransport:
+    return TapTransport()
+
+
+@pytest.fixture
+def tapped(make_client: Callable[..., SyncClient], tap: TapTransport) -> SyncClient:
+    """A client whose sync responses ``tap`` records (and can cut)."""
+    return make_client(transport=tap)
+
+
+@pytest.fixture
+def in_sync(server: SyncServer) -> Callable[[SyncClient, str], None]:
+    """``in_sync(client, unit, token="token-h1")``: assert DESIGN invariant 1."""
+
+    def check(client: SyncClient, unit: str = "Login", token: str = "token-h1") -> None:
+        assert_in_sync(server, client, token, unit)
+
+    return check
+
+
+# -- the write path: a small test-only schema (for tests/test_push*, test_conflicts*, ...) ----
+
+
+@pytest.fixture
+def notes_app(tmp_path: Path, serve: Callable[[Any], LiveServer]) -> Iterator[Callable[..., Any]]:
+    """``notes_app(policy=..., rules=...)``: a live server of the small notes schema of
+    ``tests/test_push_support.py``; its clients are closed at teardown."""
+    from tests.test_push_support import NotesApp
+
+    apps: list[NotesApp] = []
+
+    def make(**options: Any) -> NotesApp:
+        app = NotesApp(tmp_path, serve, name=f"notes{len(apps)}", **options)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+# -- sync moments: a fake clock and a faulty network (test_scheduler, test_moments, test_live) --
+
+import json  # noqa: E402
+import threading  # noqa: E402
+
+import httpx  # noqa: E402
+
+
+class FakeClock:
+    """An injected clock (``SyncClient(clock=...)``): time moves only when a test says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> float:
+        self.t += seconds
+        return self.t
+
+
+class _CountedStream(httpx.SyncByteStream):
+    """A response body that counts as in flight until it is closed."""
+
+    def __init__(self, inner: Any, done: Callable[[], None]) -> None:
+        self.inner = inner
+        self.done = done
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.inner
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            if not self.closed:
+                self.closed = True
+                self.done()
+
+
+class FaultyNetwork(httpx.BaseTransport):
+    """Real HTTP with faults a test controls, for ``SyncClient(transport=...)``.
+
+    Only sync requests (``POST /v1/sync/{unit}``) are held, faulted and counted; the
+    catalog and live requests pass (except ``offline``, which cuts everything).
+
+    * ``hold()`` / ``release()``: sync requests block (on a ``threading.Event``) until released.
+    * ``fail(kind, unit=None)``: ``"offline"`` raises ``httpx.ConnectError``; an int answers
+      that status with a problem document; ``"lost"`` lets the server handle the request and
+      then loses the response (``httpx.ReadError``). ``heal()`` removes every fault.
+    * ``units``: the unit of every sync request, in order; ``max_in_flight``: the most sync
+      requests that were in flight (sent, body not yet closed) at the same time.
+    """
+
+    PROBLEMS = {401: "unauthenticated", 403: "forbidden", 422: "invalid-request", 503: "busy"}
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.cond = threading.Condition()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.faults: dict[str | None, Any] = {}
+        self.units: list[str] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def fail(self, kind: str | int, unit: str | None = None) -> None:
+        self.faults[unit] = kind
+
+    def heal(self) -> None:
+        self.faults.clear()
+
+    def wait_for_requests(self, n: int, timeout: float = 10.0) -> bool:
+        """Wait until ``n`` sync requests have been sent (held ones count)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.units) >= n, timeout)
+
+    def _done(self) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            self.cond.notify_all()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if not path.startswith("/v1/sync/"):
+            if self.faults.get(None) == "offline":
+                raise httpx.ConnectError("offline (FaultyNetwork)", request=request)
+            return self.inner.handle_request(request)
+        unit = path.removeprefix("/v1/sync/")
+        with self.cond:
+            self.units.append(unit)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.cond.notify_all()
+        try:
+            assert self.gate.wait(60), "FaultyNetwork: a held request was never released"
+            fault = self.faults.get(unit, self.faults.get(None))
+            if fault == "offline":
+                raise httpx.ConnectError("offline (FaultyNetwork)", request=request)
+            if isinstance(fault, int):
+                code = self.PROBLEMS[fault]
+                body = json.dumps(
+                    {"type": f"urn:syncunit:problem:{code}", "title": code, "status": fault,
+                     "code": code, "detail": "injected by FaultyNetwork"}
+                )  # fmt: skip
+                self._done()
+                return httpx.Response(
+                    fault, headers={"Content-Type": "application/problem+json"}, content=body
+                )
+            response = self.inner.handle_request(request)
+            if fault == "lost":
+                response.read()  # the server has done its work...
+                response.close()
+                raise httpx.ReadError("response lost (FaultyNetwork)", request=request)
+        except BaseException:
+            self._done()
+            raise
+        return httpx.Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            stream=_CountedStream(response.stream, self._done),
+            extensions=response.extensions,
+        )
+
+    def close(self) -> None:
+        self.gate.set()
+        self.inner.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def net(make_client: Callable[..., SyncClient]) -> Iterator[FaultyNetwork]:
+    """Set up after ``make_client``, so it is released before the clients close."""
+    n = FaultyNetwork()
+    yield n
+    n.release()  # never leave a worker blocked at teardown

@@ -1,0 +1,306 @@
+"""Live changes: ``POST /v1/live/{unit}`` long-polls, and ``SyncClient.watch`` reacts.
+
+A watching client hears about a change in its unit's scope (another device's
+booking, or a plain-SQL write on the server) and syncs it; a write outside its
+scope wakes nobody; a server restart is survived by reconnecting with backoff.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from syncunit.client import live as client_live
+from syncunit.protocol import PROBLEM, content_type
+from tests.support import LiveServer, final_cursors, local_keys, raw_sync, sync_body
+from tests.test_scheduler import Events, booking, wait_until
+
+POLL_WAIT = 0.3  # the long-poll's wait in these tests (the default is 20 s)
+
+
+@pytest.fixture
+def short_polls(monkeypatch) -> None:
+    """``client.watch()`` makes watchers whose long-polls last ``POLL_WAIT`` seconds."""
+    defaults = dict(client_live.LiveWatcher.__init__.__kwdefaults__)
+    defaults["wait"] = POLL_WAIT
+    monkeypatch.setattr(client_live.LiveWatcher.__init__, "__kwdefaults__", defaults)
+
+
+def insert_appointment(plain_sql, doctor_id: int, hour: int = 9) -> str:
+    """A booking written with plain SQL on the server database, as a backoffice would."""
+    key = str(uuid.uuid4())
+    start = dt.datetime(2031, 3, 1, hour, 0)
+    plain_sql(
+        "INSERT INTO appointment (id, doctor_id, patient_id, starts_at, ends_at, status, room,"
+        " notes) VALUES (:id, :doctor, 7, :s, :e, 'booked', 'R2', 'from the backoffice')",
+        {
+            "id": key,
+            "doctor": doctor_id,
+            "s": start.isoformat(" "),
+            "e": (start + dt.timedelta(minutes=15)).isoformat(" "),
+        },
+    )
+    return key
+
+
+def watching(make_client, name: str = "b", **options: Any):
+    """A client with Login synced and watched, and the events it fires."""
+    events = Events()
+    c = make_client(name=name, **events.kwargs(), **options)
+    c.sync("Login")
+    events.log.clear()
+    c.watch("Login")
+    wait_until(lambda: c._live.polls >= 1)
+    return c, events
+
+
+# -- the client watching ------------------------------------------------------------------------
+
+
+def test_another_devices_booking_reaches_a_watching_client(make_client, short_polls, in_sync):
+    a = make_client(name="a")
+    a.sync("Login")
+    b, events = watching(make_client)
+
+    key = a.insert("LocalAppointment", booking(15))
+    assert a.trigger("SendAppointments")
+
+    wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+    assert b._live.changes >= 1
+    assert "Login" in events.completed()
+    assert {t for n, _, t in events.log if n == "complete"} == {"syncunit-worker"}
+    wait_until(lambda: not b.status.queued and b.status.unit is None)
+    in_sync(b)
+
+
+def test_a_plain_sql_write_in_scope_reaches_the_watching_client(
+    make_client, short_polls, plain_sql, in_sync
+):
+    b, _ = watching(make_client)
+
+    key = insert_appointment(plain_sql, doctor_id=1)
+
+    wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+    [(notes, doctor_name)] = b.store.query(
+        "SELECT notes, doctor_name FROM LocalAppointment WHERE id = ?", (key,)
+    )
+    assert notes == "from the backoffice"
+    assert doctor_name  # denormalized on the way, like every other row
+    wait_until(lambda: not b.status.queued and b.status.unit is None)
+    in_sync(b)
+
+
+def test_a_write_outside_the_scope_wakes_nobody(make_client, short_polls, plain_sql, store):
+    b, events = watching(make_client)
+    keys_before = local_keys(b, "LocalAppointment")
+
+    insert_appointment(plain_sql, doctor_id=2)  # doctor 2 works at hospital 2
+    polls = b._live.polls
+    wait_until(lambda: b._live.polls >= polls + 3)  # polls that saw the write came and went
+
+    assert b._live.changes == 0
+    assert events.of("start") == []  # no sync that would bring nothing
+    assert b._live.errors == 0
+    assert local_keys(b, "LocalAppointment") == keys_before
+
+    key = insert_appointment(plain_sql, doctor_id=3)  # hospital 1: this one is for b
+    wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+    assert b._live.changes == 1
+
+
+def test_watch_with_a_callback_instead_of_a_sync(make_client, short_polls, plain_sql):
+    heard = threading.Event()
+    units: list[str] = []
+    events = Events()
+    b = make_client(name="b", **events.kwargs())
+    b.sync("Login")
+    events.log.clear()
+
+    b.watch("Login", on_change=lambda unit: (units.append(unit), heard.set()))
+    insert_appointment(plain_sql, doctor_id=1)
+
+    assert heard.wait(15)
+    assert units[0] == "Login"
+    assert events.of("start") == []  # the app decides; nothing was triggered
+
+
+class PortServer(LiveServer):
+    """``LiveServer`` on a given port (to restart a server where clients expect it)."""
+
+    def __init__(self, app: Any, port: int) -> None:
+        self.app = app
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port))
+        self._sock.listen(128)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self._dispatch,
+            interface="asgi3",
+            lifespan="off",
+            ws="none",
+            http="h11",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+        self.thread.start()
+
+
+@pytest.fixture
+def port_servers():
+    started: list[LiveServer] = []
+    yield started
+    for s in started:
+        if s.thread.is_alive():
+            s.stop()
+
+
+@pytest.mark.parametrize("same_app", [True, False], ids=["same-app", "new-process"])
+def test_the_watcher_reconnects_after_a_server_restart(
+    server, make_server, make_client, short_polls, plain_sql, port_servers, same_app
+):
+    first = PortServer(server.app, 0)
+    port_servers.append(first)
+    b, events = watching(make_client, url=first.url)
+
+    first.stop()  # the server goes away (the open long-poll connection is closed)
+    wait_until(lambda: b._live.errors >= 1)
+
+    # It comes back on the same port: the same app object, or a fresh server (a new process).
+    app = server.app if same_app else make_server(install=False).app
+    second = PortServer(app, first.port)
+    port_servers.append(second)
+    key = insert_appointment(plain_sql, doctor_id=1)
+
+    wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+    assert b._live.changes >= 1
+    assert b._live.errors >= 1
+    assert events.completed()[-1] == "Login"
+    # ...and the restarted server's long-polls wait as they should.
+    r = _live(second.url, "Login", _up_to_date_body(second.url), wait=0.2)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"unit": "Login", "changed": False}
+
+
+class RecordingStop(threading.Event):
+    """The watcher's stop event, recording each pause it asks for (and pausing briefly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pauses: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.pauses.append(timeout or 0.0)
+        return super().wait(0.005)
+
+
+def test_the_watcher_backs_off_exponentially_and_recovers(make_client, short_polls, plain_sql):
+    b, _ = watching(make_client)
+    stop = RecordingStop()
+    b._live._stop = stop
+    token = b.http.headers["Authorization"]
+    b.http.headers["Authorization"] = "Bearer not-a-token"  # every poll now answers 401
+
+    wait_until(lambda: len(stop.pauses) >= 9)
+    assert stop.pauses[:9] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert b._live.changes == 0
+    assert b._live._thread.is_alive()
+
+    b.http.headers["Authorization"] = token  # it works again: the watcher recovers
+    key = insert_appointment(plain_sql, doctor_id=1)
+    wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+
+    polls = b._live.polls
+    wait_until(lambda: b._live.polls >= polls + 2)  # done with that change: plain polls again
+
+    n, errors = len(stop.pauses), b._live.errors
+    b.http.headers["Authorization"] = "Bearer not-a-token"
+    wait_until(lambda: b._live.errors >= errors + 2)
+    assert stop.pauses[n : n + 2] == [0.5, 1.0]  # a success reset the backoff
+
+
+# -- the endpoint -------------------------------------------------------------------------------
+
+
+def _live(url: str, unit: str, body: bytes, *, token: str = "token-h1", wait: Any = 0.5):
+    with httpx.Client(base_url=url, timeout=30) as http:
+        return http.post(
+            f"/v1/live/{unit}",
+            params={"wait": str(wait)},
+            content=body,
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": content_type("msgpack"),
+            },
+        )
+
+
+def _up_to_date_body(url: str) -> bytes:
+    return sync_body(cursors=final_cursors(raw_sync(url, "Login", token="token-h1")))
+
+
+def test_endpoint_up_to_date_cursors_wait_then_answer_unchanged(live):
+    body = _up_to_date_body(live.url)
+
+    started = time.monotonic()
+    r = _live(live.url, "Login", body, wait=0.5)
+    waited = time.monotonic() - started
+
+    assert r.status_code == 200, r.text
+    assert r.json() == {"unit": "Login", "changed": False}
+    assert waited >= 0.45  # it held the request for the wait (a lower bound only)
+
+
+def test_endpoint_stale_cursors_answer_changed_at_once(live, plain_sql):
+    body = _up_to_date_body(live.url)
+    insert_appointment(plain_sql, doctor_id=1)
+
+    r = _live(live.url, "Login", body, wait=60)  # it would time out if it waited
+
+    assert r.status_code == 200
+    assert r.json() == {"unit": "Login", "changed": True}
+    assert _live(live.url, "Login", sync_body(), wait=60).json()["changed"] is True
+
+
+def test_endpoint_wakes_a_waiting_client_when_a_change_lands(server, live, plain_sql):
+    body = _up_to_date_body(live.url)
+    answer: list[httpx.Response] = []
+    poll = threading.Thread(target=lambda: answer.append(_live(live.url, "Login", body, wait=60)))
+    poll.start()
+    try:
+        wait_until(lambda: server.monitor.waiters == 1)  # the request is waiting
+        insert_appointment(plain_sql, doctor_id=1)
+    finally:
+        poll.join(30)
+    assert not poll.is_alive()
+    assert answer[0].json() == {"unit": "Login", "changed": True}
+
+
+@pytest.mark.parametrize(
+    ("unit", "token", "wait", "status", "code"),
+    [
+        ("Nope", "token-h1", 0.5, 404, "unknown-unit"),
+        ("Login", "not-a-token", 0.5, 401, "unauthenticated"),
+        ("Login", "token-h1", "soon", 422, "invalid-request"),
+    ],
+)
+def test_endpoint_problems(live, unit, token, wait, status, code):
+    r = _live(live.url, unit, sync_body(), token=token, wait=wait)
+
+    assert r.status_code == status
+    assert r.headers["content-type"] == PROBLEM
+    assert r.json()["code"] == code

@@ -1,0 +1,291 @@
+"""Sync moments of the app: start, login, periodic, offline and reconnect, and restarts.
+
+The method's units at their moments: ``sync_on_start`` (Splash) when the app
+starts, ``login(token)`` runs the Login unit synchronously, ``sync_every`` queues a
+unit periodically, and coming back online runs the Online unit with
+``discard_pending``. The queue lives in the local database: what was pending when
+the app stopped (or died) runs after a restart, nothing lost and nothing doubled.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+import sqlalchemy as sa
+from hospital.models import appointment
+
+from syncunit.errors import AuthError
+from tests.support import appointments_of, doctors_of, local_keys
+from tests.test_scheduler import Events, booking, idle, queue_rows, wait_until
+
+
+def server_ids(store, keys) -> list[str]:
+    """The appointment keys among ``keys`` on the server, repeats kept."""
+    with store.engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.select(appointment.c.id).where(appointment.c.id.in_(list(keys)))
+            ).scalars()
+        )
+
+
+def server_count(store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(appointment)).scalar_one())
+
+
+# -- 5. offline and reconnect -----------------------------------------------------------------
+
+
+def test_offline_the_worker_waits_and_trigger_still_queues(make_client, net, store):
+    events = Events()
+    c = make_client(transport=net, sync_on_reconnect="Online", **events.kwargs())
+    c.sync("Login")
+    net.units.clear()
+
+    c.set_online(False)
+    assert c.trigger("Splash") is True
+    assert c.trigger("Login") is True
+    assert c.trigger("Login") is False
+    key = c.insert("LocalAppointment", booking(5))  # booked while offline
+
+    s = c.status
+    assert (s.state, s.online, s.queued) == ("offline", False, ["Splash", "Login"])
+    assert s.pending_mutations == 1
+    assert c.scheduler.running  # the worker is there...
+    assert c.scheduler.step() is False  # ...and runs nothing while offline
+    assert net.units == []
+
+    c.set_online(True)
+
+    events.wait(lambda: "Online" in events.completed())
+    wait_until(lambda: idle(c))
+    assert net.units == ["Online"]  # Splash and Login were discarded: Online does it all
+    assert events.completed()[-1] == "Online"
+    assert c.status.state == "idle"
+    assert c.status.pending_mutations == 0
+    assert server_ids(store, [key]) == [key]  # the offline booking reached the server
+    assert key in local_keys(c, "LocalAppointment")
+    assert c.store.last_sync_on("Splash") is None
+
+
+def test_reconnect_discards_before_the_worker_can_pick_a_stale_unit(make_client, net, monkeypatch):
+    """The worker may run at any moment after it is woken: model that by stepping inside
+    ``wake()``. Coming back online must not let it start a unit that the reconnect
+    unit's ``discard_pending`` is about to drop."""
+    c = make_client(transport=net, sync_on_reconnect="Online")
+    c.catalog()
+    c.set_online(False)
+    c.scheduler.enqueue("Splash")
+    c.scheduler.enqueue("Login")
+    monkeypatch.setattr(c.scheduler, "start", lambda: None)  # no thread: wake() steps
+    monkeypatch.setattr(c.scheduler, "wake", lambda: c.scheduler.step())
+
+    c.set_online(True)
+
+    assert net.units == ["Online"]
+    assert queue_rows(c) == []
+
+
+def test_back_online_retries_at_once(make_client, net, clock):
+    c = make_client(transport=net, clock=clock)  # no reconnect unit: just retry
+    c.scheduler.rand = lambda: 0.5
+    c.catalog()
+    net.fail("offline")
+    c.scheduler.enqueue("Login")
+    c.scheduler.step()
+    c.scheduler.step()
+    assert queue_rows(c) == [("Login", "pending", 1, clock() + 1)]
+    assert c.status.state == "offline"
+
+    net.heal()
+    c.set_online(True)  # the app hears the network is back (no clock advance)
+
+    assert c.scheduler.step() is True
+    assert queue_rows(c) == []
+    assert c.status.state == "idle"
+    assert net.units == ["Login", "Login"]
+
+
+def test_set_online_false_then_true_retries_at_once(make_client, net, clock):
+    c = make_client(transport=net, clock=clock)
+    c.scheduler.rand = lambda: 0.5
+    c.catalog()
+    net.fail(503)
+    c.scheduler.enqueue("Splash")
+    c.scheduler.step()
+    assert c.status.state == "retrying"
+    c.set_online(False)
+    assert c.status.state == "offline"
+    assert c.scheduler.step() is False
+
+    net.heal()
+    c.set_online(True)
+
+    assert c.scheduler.step() is True
+    assert c.store.last_sync_on("Splash") is not None
+
+
+def test_going_online_when_already_online_triggers_nothing(make_client, net):
+    c = make_client(transport=net, sync_on_reconnect="Online")
+    c.set_online(True)
+    assert c.status.queued == []
+    assert not c.scheduler.running
+    assert net.units == []
+
+
+# -- start, login, periodic ---------------------------------------------------------------------
+
+
+def test_sync_on_start_runs_at_start(make_client, store):
+    events = Events()
+    c = make_client(sync_on_start="Splash", **events.kwargs())
+    assert not c.scheduler.running
+    assert c.status.queued == []  # nothing before start()
+
+    c.start()
+
+    events.wait(lambda: events.completed() == ["Splash"])
+    assert [t for n, _, t in events.log if n == "complete"] == ["syncunit-worker"]
+    rows = c.store.rows("LocalSummary", ["doctor_id"])
+    assert sorted(r[0] for r in rows) == doctors_of(store, 1)
+
+
+def test_login_runs_the_login_unit_synchronously(make_client, in_sync, store):
+    events = Events()
+    c = make_client(None, sync_on_login="Login", **events.kwargs())
+
+    result = c.login("token-h1")
+
+    assert result is not None
+    assert result.unit == "Login"
+    assert result.rows_in == {"LocalDoctor": 10, "LocalAppointment": 200}
+    assert local_keys(c, "LocalAppointment") == set(appointments_of(store, 1))  # already there
+    assert [t for n, _, t in events.log if n == "complete"] == [threading.current_thread().name]
+    assert not c.scheduler.running  # no background work was needed
+    in_sync(c)
+
+
+def test_login_with_a_bad_token_raises(make_client):
+    c = make_client(None, sync_on_login="Login")
+    with pytest.raises(AuthError):
+        c.login("not-a-token")
+    assert c.status.queued == []
+
+
+def test_sync_every_queues_the_unit_periodically(make_client, net, clock):
+    c = make_client(transport=net, clock=clock, sync_every=("Splash", 60.0))
+
+    assert c.scheduler.step() is False  # the first tick starts the period
+    clock.advance(59.9)
+    assert c.scheduler.step() is False
+    clock.advance(0.1)
+    assert c.scheduler.step() is True  # 60 s: queued and run
+    assert net.units == ["Splash"]
+    clock.advance(30)
+    assert c.scheduler.step() is False
+    clock.advance(30)
+    assert c.scheduler.step() is True
+    assert net.units == ["Splash", "Splash"]
+
+    c.set_online(False)  # offline: the period still queues the unit, once
+    for _ in range(3):
+        clock.advance(60)
+        assert c.scheduler.step() is False
+    assert queue_rows(c) == [("Splash", "pending", 0, 0.0)]
+    c.set_online(True)
+    assert c.scheduler.step() is True
+    assert net.units == ["Splash"] * 3
+
+
+def test_sync_every_with_the_worker_thread(make_client):
+    done = threading.Event()
+    c = make_client(sync_every=("Splash", 0.05), on_complete=lambda r: done.set())
+    c.start()
+    assert done.wait(15)
+    assert c.store.last_sync_on("Splash") is not None
+
+
+# -- 6. the queue survives a restart ------------------------------------------------------------
+
+
+def test_pending_units_and_local_rows_survive_a_restart(make_client, net, clock, store):
+    first = make_client(transport=net, clock=clock)  # its clock is far in the past
+    first.sync("Login")
+    keys = [first.insert("LocalAppointment", booking(m)) for m in (0, 20, 40)]
+    net.fail("offline")
+    first.trigger("SendAppointments")
+    first.trigger("Splash")
+    wait_until(lambda: [r[2] for r in queue_rows(first)] == [1, 1])  # both tried and failed
+    first.close()  # the app stops with the work undone
+    assert server_ids(store, keys) == []
+    before = server_count(store)
+
+    events = Events()
+    second = make_client(name="device", **events.kwargs())  # the same local file
+    assert second.status.queued == ["SendAppointments", "Splash"]
+    assert second.status.pending_mutations == 3
+    second.start()
+
+    events.wait(lambda: len(events.completed()) == 2)
+    wait_until(lambda: idle(second))
+    assert events.completed() == ["SendAppointments", "Splash"]  # in their order
+    assert sorted(server_ids(store, keys)) == sorted(keys)  # each exactly once
+    assert server_count(store) == before + 3
+    assert second.status.pending_mutations == 0
+    assert second.outbox.rejected() == []
+    assert queue_rows(second) == []
+
+
+def test_a_response_lost_before_a_restart_is_not_applied_twice(make_client, net, clock, store):
+    first = make_client(transport=net, clock=clock)  # so its retry is long due after restart
+    first.sync("Login")
+    keys = [first.insert("LocalAppointment", booking(m)) for m in (0, 20)]
+    net.fail("lost", unit="SendAppointments")  # the server applies it; the answer is lost
+    first.scheduler.enqueue("SendAppointments")
+    first.scheduler.step()
+    assert server_ids(store, keys) != []  # it did reach the server
+    assert first.status.queued == ["SendAppointments"]
+    assert first.status.pending_mutations == 2  # the client does not know it arrived
+    first.close()
+    before = server_count(store)
+
+    events = Events()
+    second = make_client(name="device", **events.kwargs())
+    second.start()
+    events.wait(lambda: events.completed() == ["SendAppointments"])
+
+    [(result,)] = events.of("complete")
+    assert result.rejected == []
+    assert result.conflicts == []
+    assert sorted(server_ids(store, keys)) == sorted(keys)
+    assert server_count(store) == before  # nothing doubled
+    assert second.status.pending_mutations == 0
+
+
+def test_a_unit_running_when_the_process_died_runs_again(make_client, tmp_path, store):
+    first = make_client()
+    first.sync("Login")
+    first.close()
+    db = sqlite3.connect(tmp_path / "device.sqlite", isolation_level=None)
+    try:  # the process died while Splash ran, with another Splash and a Login waiting
+        db.executemany(
+            "INSERT INTO syncunit_queue (unit, state, attempts, next_at, queued_at)"
+            " VALUES (?, ?, 0, 0, 0)",
+            [("Splash", "running"), ("Splash", "pending"), ("Login", "pending")],
+        )
+    finally:
+        db.close()
+
+    events = Events()
+    second = make_client(name="device", **events.kwargs())
+    second.start()
+
+    events.wait(lambda: len(events.completed()) == 2)
+    wait_until(lambda: idle(second))
+    assert events.completed() == ["Splash", "Login"]  # Splash once, first
+    assert queue_rows(second) == []
+    rows = second.store.rows("LocalSummary", ["doctor_id"])
+    assert sorted(r[0] for r in rows) == doctors_of(store, 1)
