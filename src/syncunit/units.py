@@ -132,7 +132,7 @@ class Stream:
         if isinstance(columns, Mapping):
             self.columns: dict[str, ColumnElement[Any]] = dict(columns)
         else:
-            self.columns = {c.name: c for c in columns}
+            self.columns = {str(c.name): c for c in columns}
         pk = list(base.primary_key.columns)
         if len(pk) != 1:
             raise DeclarationError(

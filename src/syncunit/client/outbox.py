@@ -90,7 +90,11 @@ def _loads(text: str) -> Any:
 
 
 def trigger_ddl(stream: StreamInfo) -> list[str]:
-    """Triggers that record changes of ``stream``'s local table in the outbox."""
+    """Triggers that record changes of ``stream``'s local table in the outbox.
+
+    Only the catalog's columns are recorded: a column the app adds to a local
+    table itself is local-only data (a "read" flag, say), never pushed.
+    """
     t, name, k = _q(stream.local_table), _lit(stream.local_table), _q(stream.key)
     cols = [c.name for c in stream.columns]
     changed = (
@@ -239,6 +243,7 @@ class Outbox:
         """Mutations to send: those in flight first, then up to ``limit`` new ones, numbered."""
         by_table = {s.local_table: s for s in streams}
         conn = self.store.conn
+        mode = int(conn.execute("PRAGMA synchronous").fetchone()[0])
         conn.execute("PRAGMA synchronous=FULL")
         try:
             with self.store.atomic():
@@ -270,7 +275,7 @@ class Outbox:
                     next_seq += 1
                 conn.execute("UPDATE syncunit_state SET next_seq = ? WHERE id = 1", (next_seq,))
         finally:
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={mode}")  # the store's own setting (FULL)
         return in_flight + fresh
 
     def _mutation(

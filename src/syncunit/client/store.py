@@ -76,6 +76,8 @@ class LocalStore:
             # FULL: a committed local change (and its outbox entry) survives power loss.
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA busy_timeout=30000")
+            # INSERT OR REPLACE fires the delete trigger for the row it replaces.
+            self.conn.execute("PRAGMA recursive_triggers=ON")
         except sqlite3.Error as exc:
             raise LocalStoreError(f"cannot open local database {path!r}: {exc}") from exc
         self.lock = threading.RLock()
@@ -218,15 +220,14 @@ class LocalStore:
         row = c.execute(
             "SELECT definition FROM syncunit_cursors WHERE stream = ?", (s.name,)
         ).fetchone()
-        if row is not None and row[0] != s.definition:
-            if created:
-                # The table is new and empty: download everything.
-                c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (s.name,))
-                changes.append(f"reset cursor of {s.name}")
-            # Otherwise keep the cursor: it names the old definition, so the server
-            # answers with a reset, which clears the old rows in the same transaction
-            # as the first chunk. Without a cursor the server would send a plain first
-            # copy, and rows deleted on the server meanwhile would stay here forever.
+        # A changed definition keeps the cursor, unless the table is new (rebuilt) and
+        # empty: the cursor names the old definition, so the server answers with a
+        # reset, which clears the old rows in the same transaction as the first chunk.
+        # Without a cursor the server would send a plain first copy, and rows deleted
+        # on the server meanwhile would stay here forever.
+        if row is not None and row[0] != s.definition and created:
+            c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (s.name,))
+            changes.append(f"reset cursor of {s.name}")
         return changes
 
     # -- cursors and sync properties ---------------------------------------------------------

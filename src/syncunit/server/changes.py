@@ -110,12 +110,19 @@ class StreamReader:
             and cur.epoch == epoch
             and cur.definition == s.definition_hash
             and cur.params == self.phash
-            and (cur.since is None or horizon <= cur.since <= watermark)
-            and cur.high <= watermark
         )
         if s.mode == "full":
             yield from self._full_stream(conn, epoch, cur if valid else None)
             return
+        if valid and cur is not None:
+            # Tombstones above ``since`` (or, for a first copy, above ``high``, where
+            # its catch-up starts) must still exist; a cursor ahead of this database
+            # comes from another copy of it.
+            low = cur.high if cur.since is None else cur.since
+            valid = (
+                cur.phase in ("full", "removals", "upserts", "done")
+                and horizon <= low <= cur.high <= watermark
+            )
         reset = token is not None and not valid
         if not valid or cur is None:
             cur = self._cursor(epoch, "full", since=None, high=watermark)
@@ -125,10 +132,17 @@ class StreamReader:
                 yield self._chunk([], [], cur, complete=True)
                 return
             cur = self._cursor(epoch, "removals", since=cur.since, high=watermark)
+        # A pass resumed from an earlier request began at an older watermark: rows
+        # behind its keyset position may have changed, been deleted or left the
+        # scope since. Finish it, then catch up to this snapshot with a delta pass.
+        catch_up = cur.high < watermark
         if cur.phase == "full":
-            yield from self._full_pass(conn, cur, reset)
+            yield from self._full_pass(conn, cur, reset, final=not catch_up)
         else:
-            yield from self._delta_pass(conn, cur)
+            yield from self._delta_pass(conn, cur, final=not catch_up)
+        if catch_up:
+            since = self._cursor(epoch, "removals", since=cur.high, high=watermark)
+            yield from self._delta_pass(conn, since)
 
     def _cursor(self, epoch: str, phase: Any, **kw: Any) -> Cursor:
         return Cursor(epoch, self.stream.definition_hash, self.phash, phase, **kw)
@@ -244,7 +258,9 @@ class StreamReader:
 
     # -- passes ----------------------------------------------------------------------
 
-    def _full_pass(self, conn: Connection, cur: Cursor, reset: bool) -> Iterator[Any]:
+    def _full_pass(
+        self, conn: Connection, cur: Cursor, reset: bool, *, final: bool = True
+    ) -> Iterator[Any]:
         pk = self.stream.key_column
         q = self._rows_select()
         if cur.after:
@@ -264,9 +280,9 @@ class StreamReader:
             yield self._chunk(rows, [], cur, reset=reset and not sent)
             sent = True
         done = self._cursor(cur.epoch, "done", since=cur.high, high=cur.high)
-        yield self._chunk([], [], done, reset=reset and not sent, complete=True)
+        yield self._chunk([], [], done, reset=reset and not sent, complete=final)
 
-    def _delta_pass(self, conn: Connection, cur: Cursor) -> Iterator[Any]:
+    def _delta_pass(self, conn: Connection, cur: Cursor, *, final: bool = True) -> Iterator[Any]:
         s = self.stream
         since = cur.since or 0
         removals = None
@@ -309,7 +325,7 @@ class StreamReader:
             cur = msgspec.structs.replace(cur, after=[last[-1], last[key_index]])
             yield self._chunk([r[:-1] for r in rows], [], cur)
         done = self._cursor(cur.epoch, "done", since=cur.high, high=cur.high)
-        yield self._chunk([], [], done, complete=True)
+        yield self._chunk([], [], done, complete=final)
 
     def _full_stream(self, conn: Connection, epoch: str, cur: Cursor | None) -> Iterator[Any]:
         s = self.stream

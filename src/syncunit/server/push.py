@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import logging
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +36,7 @@ from syncunit.server.store import ServerStore, clients, mutation_log
 from syncunit.units import VERSION, Stream, SyncSchema, logical_type
 
 LOG_RETENTION = 100_000
+log = logging.getLogger("syncunit.server")
 _result_enc = msgspec.msgpack.Encoder()
 _result_dec = msgspec.msgpack.Decoder(MutationResult)
 
@@ -189,6 +191,8 @@ class PushApplier:
     def _check_sequence(mutations: list[Mutation], last: int) -> None:
         expected = None
         for m in mutations:
+            if m.seq < 1:  # would be "answered from the log" as applied, and never applied
+                raise ProblemException("invalid-request", f"mutation seqs start at 1, got {m.seq}")
             if expected is None:
                 if m.seq > last + 1:
                     raise ProblemException(
@@ -346,6 +350,15 @@ class PushApplier:
                 )
             if name not in source:
                 raise Rejected("invalid-request", f"column {name!r} is changed but has no value")
+            if source[name] is None and m.op == "insert" and values is None:
+                # A local row has NULL where the app left a column out: a NOT NULL column
+                # with a default gets its default (visible to the rules when it is a value).
+                default = column.default
+                if not column.nullable and default is not None and default.is_scalar:
+                    out[column.name] = default.arg  # type: ignore[attr-defined]
+                    continue
+                if not column.nullable and (default is not None or column.server_default):
+                    continue  # the insert leaves it out: the database fills it
             out[column.name] = coerce(source[name], column, name)
         return out
 
@@ -368,12 +381,23 @@ class PushApplier:
             base=base_vals,
             columns=differ,
         )
-        resolution = s.policy.resolve(conflict) if isinstance(s.policy, Resolve) else None
+        try:
+            resolution = s.policy.resolve(conflict) if isinstance(s.policy, Resolve) else None
+        except sa.exc.SQLAlchemyError:
+            raise
+        except Exception:  # the app's code: reject this mutation, do not fail the whole push
+            log.exception("conflict resolver failed on %s %r", m.table, key)
+            raise Rejected(
+                "resolver", "the server's conflict resolver failed on this change"
+            ) from None
         if isinstance(resolution, Reject):
             raise Rejected("resolver", resolution.reason)
         if resolution is None:
             raise ConflictFound(f"changed on the server since you saw it: {', '.join(differ)}")
-        return {k: v for k, v in resolution.items() if k in s.base.c and k != s.key_column.name}
+        # The resolver answers for the conflicting columns; the client's other changes stand
+        # (replacing them would drop them silently while the result says "applied").
+        resolved = {k: v for k, v in resolution.items() if k in s.base.c and k != s.key_column.name}
+        return {**changes, **resolved}
 
     def _check_rules(
         self,
@@ -394,7 +418,16 @@ class PushApplier:
                 principal_id=principal.id,
                 params=principal.params,
             )
-            reason = rule(ctx)
+            try:
+                reason = rule(ctx)
+            except sa.exc.SQLAlchemyError:
+                raise
+            except Exception:  # the app's code: reject this mutation, do not fail the whole push
+                log.exception("rule %r failed on %s %r", rule, m.table, key)
+                name = getattr(rule, "__name__", "a business rule")
+                raise Rejected(
+                    "rule", f"the server could not check this change: rule {name!r} failed"
+                ) from None
             if reason:
                 raise Rejected("rule", reason)
 

@@ -13,9 +13,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.elements import ColumnElement
 
-from syncunit.server.store import ServerStore
+from syncunit.server.store import ServerStore, meta
 from syncunit.units import CREATED_AT, TRACKING_COLUMNS, UPDATED_AT, VERSION, SyncSchema
 
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
@@ -26,6 +27,20 @@ _CLOCK_DDL = [
 ]
 _BUMP = "UPDATE syncunit_clock SET version = version + 1 WHERE id = 1"
 _CURRENT = "(SELECT version FROM syncunit_clock WHERE id = 1)"
+
+
+def _bookkeeping_ddl(engine: Engine) -> list[str]:
+    """syncunit's own tables (tombstones, facts, ...) and an epoch: the triggers need them."""
+    out: list[str] = []
+    for table in meta.sorted_tables:
+        out.append(str(CreateTable(table, if_not_exists=True).compile(engine)).strip())
+        for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
+            out.append(str(CreateIndex(index, if_not_exists=True).compile(engine)).strip())
+    out.append(
+        "INSERT OR IGNORE INTO syncunit_meta (key, value)"
+        " VALUES ('epoch', lower(hex(randomblob(8))))"
+    )
+    return out
 
 
 def configure_engine(engine: Engine) -> Engine:
@@ -78,7 +93,7 @@ class SQLiteStore(ServerStore):
         q = self.engine.dialect.identifier_preparer.quote
         inspector = sa.inspect(self.engine) if existing else None
         scope = schema.scope_columns()
-        out = list(_CLOCK_DDL)
+        out = [*_bookkeeping_ddl(self.engine), *_CLOCK_DDL]
         for table in schema.tracked_tables():
             t = q(table.name)
             have: set[str] = set()
@@ -95,7 +110,7 @@ class SQLiteStore(ServerStore):
                 f"CREATE INDEX IF NOT EXISTS {q('ix_' + table.name + '_' + VERSION)}"
                 f" ON {t} ({VERSION})"
             )
-            for suffix in ("ai", "au", "ad"):
+            for suffix in ("bi", "ai", "au", "ad"):
                 out.append(f"DROP TRIGGER IF EXISTS {q('syncunit_' + table.name + '_' + suffix)}")
             # Rows written before tracking existed get one version, so a first sync sees them.
             out.append(_BUMP)
@@ -115,7 +130,15 @@ class SQLiteStore(ServerStore):
         moved = " OR ".join(f"OLD.{q(c)} IS NOT NEW.{q(c)}" for c in dict.fromkeys(image_cols))
         name = table.name
         stamp = f"UPDATE {t} SET {VERSION} = {_CURRENT}, {UPDATED_AT} = {_NOW}"
+        current = ", ".join(f"'{c}', {t}.{q(c)}" for c in dict.fromkeys(image_cols))
         return [
+            # INSERT OR REPLACE deletes the row it replaces without firing delete
+            # triggers (unless recursive_triggers is on): record its old scope first.
+            f"CREATE TRIGGER {q('syncunit_' + name + '_bi')} BEFORE INSERT ON {t}"
+            f" WHEN EXISTS (SELECT 1 FROM {t} WHERE {pk} = NEW.{pk}) BEGIN {_BUMP};"
+            f" INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)"
+            f" SELECT '{name}', {_CURRENT}, 'move', json_object({current}), {_NOW}"
+            f" FROM {t} WHERE {pk} = NEW.{pk}; END",
             f"CREATE TRIGGER {q('syncunit_' + name + '_ai')} AFTER INSERT ON {t} BEGIN {_BUMP};"
             f" {stamp}, {CREATED_AT} = COALESCE(NEW.{CREATED_AT}, {_NOW})"
             f" WHERE {pk} = NEW.{pk}; END",

@@ -1,0 +1,112 @@
+"""The catalog endpoint: units, streams, columns with types and writable flags.
+
+DESIGN section 7: a generic client creates and migrates its local tables from
+the catalog; the schema hash is stable for the same schema and changes with it.
+"""
+
+from __future__ import annotations
+
+import httpx
+import msgspec
+from hospital import units as hospital_units
+
+from syncunit.protocol import Catalog
+from tests.test_resets import _appointments_stream, _schema, schema_with_phone
+
+
+def _get_catalog(url):
+    r = httpx.get(url + "/v1/catalog", headers={"Authorization": "Bearer token-h1"})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("application/json")
+    return msgspec.json.decode(r.content, type=Catalog)
+
+
+def test_catalog_lists_units_streams_and_columns(live, server):
+    catalog = _get_catalog(live.url)
+
+    assert catalog == server.catalog
+    assert catalog.protocol == 1
+    units = {u.name: u for u in catalog.units}
+    assert set(units) >= {"Splash", "Login"}
+    assert units["Splash"].streams == ["summary"]
+    assert units["Splash"].direction == "pull"
+    assert units["Login"].streams == ["doctors", "appointments"]
+    assert units["Login"].direction == "pull"
+
+    app = catalog.stream("appointments")
+    assert (app.local_table, app.key, app.mode) == ("LocalAppointment", "id", "delta")
+    cols = {c.name: c for c in app.columns}
+    assert list(cols) == list(hospital_units.appointments.columns)
+    assert {n: c.type for n, c in cols.items()} == {
+        "id": "text",
+        "doctor_id": "integer",
+        "patient_id": "integer",
+        "starts_at": "datetime",
+        "ends_at": "datetime",
+        "status": "text",
+        "room": "text",
+        "notes": "text",
+        "patient_name": "text",
+        "doctor_name": "text",
+        "specialty": "text",
+        "hospital": "text",
+    }
+    writable = {n for n, c in cols.items() if c.writable}
+    assert writable == {
+        "doctor_id",
+        "patient_id",
+        "starts_at",
+        "ends_at",
+        "status",
+        "room",
+        "notes",
+    }
+    assert not cols["id"].nullable  # the key
+    assert app.indexes == [["starts_at"], ["doctor_id", "starts_at"]]
+
+    doctors = {c.name: c for c in catalog.stream("doctors").columns}
+    assert {n for n, c in doctors.items() if c.writable} == {"name", "hospital_id"}
+    assert not doctors["specialty"].writable
+    assert not doctors["city"].writable
+
+    summary = catalog.stream("summary")
+    assert (summary.mode, summary.key, summary.local_table) == ("full", "doctor_id", "LocalSummary")
+    assert {c.name: c.type for c in summary.columns} == {
+        "doctor_id": "integer",
+        "doctor_name": "text",
+        "booked": "integer",
+        "first_at": "datetime",
+    }
+    assert not any(c.writable for c in summary.columns)
+
+
+def test_schema_hash_is_stable_across_servers_built_from_the_same_schema(make_server, live, server):
+    again = make_server(install=False)
+    declared_again = make_server(
+        _schema(_appointments_stream(dict(hospital_units.appointments.columns))), install=False
+    )
+
+    assert again.catalog.schema_hash == server.catalog.schema_hash
+    assert _get_catalog(live.url).schema_hash == server.catalog.schema_hash
+    assert declared_again.catalog.stream("appointments").definition == (
+        server.catalog.stream("appointments").definition
+    )
+    # A different stream definition changes both the stream's and the schema's hash.
+    changed = make_server(schema_with_phone(), install=False)
+    assert changed.catalog.schema_hash != server.catalog.schema_hash
+    assert changed.catalog.stream("appointments").definition != (
+        server.catalog.stream("appointments").definition
+    )
+    assert changed.catalog.stream("doctors").definition == (
+        server.catalog.stream("doctors").definition
+    )
+
+
+def test_client_creates_local_tables_from_the_catalog(client):
+    catalog = client.catalog()
+
+    for stream in catalog.streams:
+        info = client.store.conn.execute(f'PRAGMA table_info("{stream.local_table}")').fetchall()
+        assert [r[1] for r in info] == [c.name for c in stream.columns]
+        pk = [r[1] for r in info if r[5]]
+        assert pk == [stream.key]

@@ -1,0 +1,362 @@
+"""Conflict policies: what a pushed change does to a row that changed on the server.
+
+DESIGN section 4 (push, conflict policies) and invariants 2 (no lost write: a
+change is applied or surfaced) and 4 (no resurrection). Each test: a device
+syncs a row, the server changes it with plain SQL (as a backoffice would), the
+device changes it too and syncs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from syncunit.policies import Conflict, Detect, LastWriteWins, Reject, Resolve
+from tests.support import appointments_of, doctors_of
+from tests.test_push_support import local_note, local_notes
+
+
+def _synced(notes_app: Any, policy: Any, **row: Any) -> tuple[Any, Any]:
+    """A live notes server with row ``a`` (title t0, body b0), and a device that has it."""
+    app = notes_app(policy=policy)
+    app.add("a", title="t0", body="b0", **row)
+    device = app.client()
+    device.sync("Sync")
+    assert local_note(device, "a") == app.row("a")
+    return app, device
+
+
+def _assert_settled(app: Any, device: Any) -> None:
+    """The outbox is empty and the device holds exactly what the server holds."""
+    assert device.outbox.pending() == []
+    assert local_notes(device) == app.rows("u1")
+
+
+# -- last write wins -------------------------------------------------------------------------------
+
+
+def test_last_write_wins_overwrites_a_server_change(notes_app):
+    app, device = _synced(notes_app, LastWriteWins())
+    app.backoffice("UPDATE note SET title = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"title": "device"})
+
+    result = device.sync("Sync")
+
+    assert (result.applied, result.conflicts, result.rejected) == (1, [], [])
+    assert app.row("a")["title"] == "device"
+    assert device.outbox.rejected() == []
+    _assert_settled(app, device)
+
+
+def test_last_write_wins_delete_removes_a_row_changed_on_the_server(notes_app):
+    app, device = _synced(notes_app, LastWriteWins())
+    app.backoffice("UPDATE note SET title = 'server' WHERE id = 'a'")
+    device.delete("LocalNote", "a")
+
+    result = device.sync("Sync")
+
+    assert result.applied == 1
+    assert app.row("a") is None
+    _assert_settled(app, device)
+
+
+# -- detect ----------------------------------------------------------------------------------------
+
+
+def test_detect_reports_a_conflict_with_the_server_row_when_the_same_column_changed(notes_app):
+    app, device = _synced(notes_app, Detect())
+    app.backoffice("UPDATE note SET title = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"title": "device"})
+
+    result = device.sync("Sync")
+
+    assert result.applied == 0
+    assert [c["status"] for c in result.conflicts] == ["conflict"]
+    [kept] = device.outbox.rejected()
+    assert (kept.table, kept.key, kept.op, kept.status) == ("LocalNote", "a", "update", "conflict")
+    assert "title" in kept.reason
+    assert kept.attempted == {"title": "device"}
+    assert kept.server_row == app.row("a")
+    assert kept.server_row["title"] == "server"
+    # The server's row stands; the device shows it, and the change waits for a decision.
+    assert app.row("a")["title"] == "server"
+    assert local_note(device, "a")["title"] == "server"
+    _assert_settled(app, device)
+
+
+def test_detect_merges_column_by_column_when_the_changes_do_not_overlap(notes_app):
+    app, device = _synced(notes_app, Detect(merge=True))
+    app.backoffice("UPDATE note SET title = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"body": "device"})
+
+    result = device.sync("Sync")
+
+    assert (result.applied, result.conflicts, result.rejected) == (1, [], [])
+    row = app.row("a")
+    assert (row["title"], row["body"]) == ("server", "device")
+    _assert_settled(app, device)
+
+
+def test_detect_merge_still_conflicts_on_the_overlapping_column_only(notes_app):
+    app, device = _synced(notes_app, Detect(merge=True))
+    app.backoffice("UPDATE note SET title = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"title": "device", "body": "device"})
+
+    result = device.sync("Sync")
+
+    assert len(result.conflicts) == 1
+    [kept] = device.outbox.rejected()
+    assert "title" in kept.reason
+    assert "body" not in kept.reason
+    # A conflicting mutation is not half-applied.
+    assert (app.row("a")["title"], app.row("a")["body"]) == ("server", "b0")
+    _assert_settled(app, device)
+
+
+def test_detect_without_merge_conflicts_on_any_server_change(notes_app):
+    app, device = _synced(notes_app, Detect(merge=False))
+    app.backoffice("UPDATE note SET title = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"body": "device"})
+
+    result = device.sync("Sync")
+
+    assert result.applied == 0
+    assert len(result.conflicts) == 1
+    assert app.row("a")["body"] == "b0"
+    assert device.outbox.rejected()[0].server_row["title"] == "server"
+    _assert_settled(app, device)
+
+
+def test_detect_applies_when_the_server_did_not_change_the_row(notes_app):
+    app, device = _synced(notes_app, Detect(merge=False))
+    device.update("LocalNote", "a", {"body": "device"})
+
+    result = device.sync("Sync")
+
+    assert (result.applied, result.conflicts) == (1, [])
+    assert app.row("a")["body"] == "device"
+
+
+def test_detect_delete_of_a_row_changed_on_the_server_is_a_conflict(notes_app):
+    app, device = _synced(notes_app, Detect())
+    app.backoffice("UPDATE note SET title = 'server' WHERE id = 'a'")
+    device.delete("LocalNote", "a")
+
+    result = device.sync("Sync")
+
+    assert result.applied == 0
+    [kept] = device.outbox.rejected()
+    assert (kept.op, kept.status) == ("delete", "conflict")
+    assert kept.server_row["title"] == "server"
+    assert app.row("a")["title"] == "server"  # not deleted
+    assert local_note(device, "a")["title"] == "server"  # back on the device, as the server has it
+    _assert_settled(app, device)
+
+
+@pytest.mark.parametrize("policy", [LastWriteWins(), Detect()], ids=["lww", "detect"])
+def test_update_of_a_row_deleted_on_the_server_conflicts_and_does_not_resurrect(notes_app, policy):
+    app, device = _synced(notes_app, policy)
+    app.backoffice("DELETE FROM note WHERE id = 'a'")
+    device.update("LocalNote", "a", {"title": "device"})
+
+    result = device.sync("Sync")
+
+    assert result.applied == 0
+    [kept] = device.outbox.rejected()
+    assert (kept.key, kept.status, kept.server_row) == ("a", "conflict", None)
+    assert "deleted" in kept.reason
+    assert app.row("a") is None
+    assert local_note(device, "a") is None
+    device.sync("Sync")
+    assert app.row("a") is None
+    assert local_note(device, "a") is None
+    _assert_settled(app, device)
+
+
+# -- custom resolvers ------------------------------------------------------------------------------
+
+
+def test_resolver_result_is_applied_and_sees_the_conflict(notes_app):
+    seen: list[Conflict] = []
+
+    def concat_bodies(c: Conflict) -> dict[str, Any]:
+        seen.append(c)
+        return {"body": f"{c.server['body']} + {c.client['body']}"}
+
+    app, device = _synced(notes_app, Resolve(concat_bodies))
+    app.backoffice("UPDATE note SET body = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"body": "device"})
+
+    result = device.sync("Sync")
+
+    assert (result.applied, result.conflicts, result.rejected) == (1, [], [])
+    assert app.row("a")["body"] == "server + device"
+    [c] = seen
+    assert (c.table, c.key, c.op, c.columns) == ("LocalNote", "a", "update", ("body",))
+    assert (c.base["body"], c.server["body"], c.client) == ("b0", "server", {"body": "device"})
+    _assert_settled(app, device)
+    assert local_note(device, "a")["body"] == "server + device"
+
+
+def test_resolver_keeps_the_clients_other_changes(notes_app):
+    """A resolver answers for the conflicting columns; the mutation's other columns still land."""
+    app, device = _synced(
+        notes_app, Resolve(lambda c: {"body": f"{c.server['body']} + {c.client['body']}"})
+    )
+    app.backoffice("UPDATE note SET body = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"body": "device", "tag": "urgent"})
+
+    result = device.sync("Sync")
+
+    assert result.applied == 1
+    row = app.row("a")
+    assert (row["body"], row["tag"]) == ("server + device", "urgent")
+    _assert_settled(app, device)
+
+
+def test_resolver_returning_reject_rejects_with_its_reason(notes_app):
+    app, device = _synced(notes_app, Resolve(lambda c: Reject("this note is frozen")))
+    app.backoffice("UPDATE note SET body = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"body": "device"})
+
+    result = device.sync("Sync")
+
+    assert result.applied == 0
+    assert [r["reason"] for r in result.rejected] == ["this note is frozen"]
+    [kept] = device.outbox.rejected()
+    assert (kept.status, kept.code, kept.reason) == ("rejected", "resolver", "this note is frozen")
+    assert app.row("a")["body"] == "server"
+    _assert_settled(app, device)
+
+
+def test_resolver_returning_none_reports_a_conflict(notes_app):
+    app, device = _synced(notes_app, Resolve(lambda c: None))
+    app.backoffice("UPDATE note SET body = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"body": "device"})
+
+    result = device.sync("Sync")
+
+    assert result.applied == 0
+    [kept] = device.outbox.rejected()
+    assert (kept.status, kept.server_row["body"]) == ("conflict", "server")
+    assert app.row("a")["body"] == "server"
+    _assert_settled(app, device)
+
+
+def test_resolver_is_not_called_without_a_conflict(notes_app):
+    calls: list[Conflict] = []
+    app, device = _synced(notes_app, Resolve(lambda c: calls.append(c)))
+    app.backoffice("UPDATE note SET title = 'server' WHERE id = 'a'")  # another column
+    device.update("LocalNote", "a", {"body": "device"})
+
+    result = device.sync("Sync")
+
+    assert (result.applied, calls) == (1, [])
+    assert (app.row("a")["title"], app.row("a")["body"]) == ("server", "device")
+
+
+def test_a_resolver_that_fails_rejects_the_mutation_and_blocks_nothing(notes_app):
+    def broken(c: Conflict) -> dict[str, Any]:
+        raise ValueError("a bug in the app's resolver")
+
+    app, device = _synced(notes_app, Resolve(broken))
+    app.add("b", title="tb")
+    app.backoffice("UPDATE note SET body = 'server' WHERE id = 'a'")
+    device.update("LocalNote", "a", {"body": "device"})
+    device.insert("LocalNote", {"id": "c", "owner": "u1", "title": "new"})
+
+    result = device.sync("Sync")
+
+    assert result.applied == 1
+    [kept] = device.outbox.rejected()
+    assert (kept.key, kept.status, kept.code) == ("a", "rejected", "resolver")
+    assert app.row("a")["body"] == "server"
+    assert app.row("c") is not None
+    _assert_settled(app, device)
+
+
+# -- the example: appointments use Detect(merge=True) ------------------------------------------
+
+
+def _local_appointment(client: Any, key: str) -> dict[str, Any]:
+    cur = client.store.conn.execute('SELECT * FROM "LocalAppointment" WHERE id = ?', (key,))
+    names = [d[0] for d in cur.description]
+    return dict(zip(names, cur.fetchone(), strict=True))
+
+
+def test_rescheduling_an_untouched_appointment_is_not_a_conflict(client, store, in_sync):
+    """Date-time base values (text on the device) compare equal to the server's values."""
+    client.sync("Online")
+    key = appointments_of(store, 1)[0]
+    client.update(
+        "LocalAppointment",
+        key,
+        {"starts_at": "2031-07-01T08:00:00", "ends_at": "2031-07-01T08:30:00", "room": "R7"},
+    )
+
+    result = client.sync("Online")
+
+    assert (result.applied, result.conflicts, result.rejected) == (1, [], [])
+    assert _local_appointment(client, key)["starts_at"] == "2031-07-01T08:00:00"
+    in_sync(client, "Online")
+
+
+def test_backoffice_reschedule_and_device_note_merge(client, store, plain_sql, in_sync):
+    client.sync("Online")
+    key = appointments_of(store, 1)[0]
+    plain_sql(
+        "UPDATE appointment SET starts_at = '2031-07-01 08:00:00.000000',"
+        " ends_at = '2031-07-01 08:15:00.000000' WHERE id = ?",
+        (key,),
+    )
+    client.update("LocalAppointment", key, {"notes": "patient called"})
+
+    assert client.sync("Online").applied == 1
+
+    row = _local_appointment(client, key)
+    assert (row["starts_at"], row["notes"]) == ("2031-07-01T08:00:00", "patient called")
+    in_sync(client, "Online")
+
+
+def test_backoffice_and_device_reschedule_the_same_appointment_conflict(
+    client, store, plain_sql, in_sync
+):
+    client.sync("Online")
+    key = appointments_of(store, 1)[0]
+    plain_sql(
+        "UPDATE appointment SET starts_at = '2031-07-01 08:00:00.000000',"
+        " ends_at = '2031-07-01 08:15:00.000000' WHERE id = ?",
+        (key,),
+    )
+    client.update(
+        "LocalAppointment",
+        key,
+        {"starts_at": "2031-08-01T08:00:00", "ends_at": "2031-08-01T08:15:00"},
+    )
+
+    result = client.sync("Online")
+
+    assert [c["key"] for c in result.conflicts] == [key]
+    [kept] = client.outbox.rejected()
+    assert "starts_at" in kept.reason
+    assert kept.server_row["starts_at"] == "2031-07-01T08:00:00"
+    assert kept.server_row["doctor_name"]  # the row as the device shows it, joined columns too
+    in_sync(client, "Online")
+
+
+def test_a_renamed_doctor_is_not_a_conflict_for_an_edited_appointment(
+    client, store, plain_sql, in_sync
+):
+    client.sync("Online")
+    key = appointments_of(store, 1)[0]
+    doctor_id = _local_appointment(client, key)["doctor_id"]
+    assert doctor_id in doctors_of(store, 1)
+    plain_sql("UPDATE doctor SET name = 'Dr. Renamed' WHERE id = ?", (doctor_id,))
+    client.update("LocalAppointment", key, {"notes": "edited"})
+
+    assert client.sync("Online").applied == 1
+
+    row = _local_appointment(client, key)
+    assert (row["doctor_name"], row["notes"]) == ("Dr. Renamed", "edited")
+    in_sync(client, "Online")

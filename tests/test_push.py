@@ -1,0 +1,537 @@
+"""Pushing: exactly once, in order, validated, authorized, under business rules.
+
+DESIGN section 4 (push) and invariants 2 (no lost write), 3 (exactly once) and
+5 (scope). Exactly-once tests count real applications on the server: the
+notes schema's ``audit`` rule writes one row each time a change is applied.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+import pytest
+import sqlalchemy as sa
+from hospital.models import appointment
+
+from syncunit.errors import AuthError, NetworkError
+from syncunit.policies import LastWriteWins, MutationContext
+from syncunit.protocol import PROBLEM, Mutation, PushResults
+from syncunit.server import Principal, SyncServer, TokenAuth
+from syncunit.units import Stream, SyncSchema, SyncUnit
+from tests.support import appointments_of, doctors_of, local_keys
+from tests.test_push_support import (
+    FaultTransport,
+    local_notes,
+    post_sync,
+    push_results,
+)
+
+SLOT = {
+    "patient_id": 5,
+    "starts_at": "2031-03-03T10:00:00",
+    "ends_at": "2031-03-03T10:15:00",
+    "status": "booked",
+    "room": "R1",
+    "notes": "",
+}
+
+
+def _note(seq: int, key: str, mid: str | None = None, **values: Any) -> Mutation:
+    """A raw insert mutation of the notes schema."""
+    row = {"id": key, "owner": "u1", "title": key, "body": "", "tag": None, "n": seq, **values}
+    return Mutation(
+        seq=seq, id=mid or f"m{seq}", table="LocalNote", key=key, op="insert", values=row
+    )
+
+
+def _appointments(store: Any) -> list[tuple[Any, ...]]:
+    with store.engine.connect() as conn:
+        return sorted(tuple(r) for r in conn.execute(sa.select(appointment)))
+
+
+def _server_appointment(store: Any, key: str) -> dict[str, Any] | None:
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(appointment).where(appointment.c.id == key)).mappings().first()
+    return None if row is None else dict(row)
+
+
+# -- exactly once ----------------------------------------------------------------------------------
+
+
+def test_lost_response_is_retried_by_the_next_sync_and_applied_once(notes_app):
+    app = notes_app(policy=LastWriteWins())
+    app.add("b", title="before")
+    fault = FaultTransport()
+    device = app.client(transport=fault)
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "new"})
+    device.update("LocalNote", "b", {"title": "after"})
+
+    fault.lose_next()
+    with pytest.raises(NetworkError):
+        device.sync("Sync")
+
+    # The server applied both; the device does not know yet: both stay in flight.
+    assert (app.applications("a"), app.applications("b")) == (1, 1)
+    assert app.last_seq(device.client_id) == 2
+    versions = (app.version("a"), app.version("b"))
+    assert [(p.key, p.seq) for p in device.outbox.pending()] == [("a", 1), ("b", 2)]
+
+    result = device.sync("Sync")
+
+    assert result.applied == 2
+    # The same mutations went out again (same seqs, same ids, same payloads) ...
+    assert fault.sent[-1].mutations == fault.sent[-2].mutations
+    # ... and the server answered from its log instead of applying them again.
+    assert (app.applications("a"), app.applications("b")) == (1, 1)
+    assert (app.version("a"), app.version("b")) == versions
+    assert app.logged(device.client_id) == [(m.seq, m.id) for m in fault.sent[-1].mutations]
+    assert device.outbox.pending() == []
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_duplicated_request_is_applied_once(notes_app):
+    app = notes_app()
+    fault = FaultTransport()
+    device = app.client(transport=fault)
+    device.sync("Sync")
+    for key in ("a", "b", "c"):
+        device.insert("LocalNote", {"id": key, "owner": "u1", "title": key})
+
+    fault.duplicate_next()
+    result = device.sync("Sync")
+
+    assert len(fault.sent) == 3  # the empty first sync, then the same request twice
+    assert fault.sent[1] == fault.sent[2]
+    assert result.applied == 3
+    assert app.applications() == 3
+    assert device.outbox.pending() == []
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_same_body_posted_twice_returns_the_same_results_and_applies_once(notes_app):
+    app = notes_app()
+    app.add("x", title="server")
+    mutations = [
+        _note(1, "a"),
+        _note(2, "b"),
+        Mutation(seq=3, id="m3", table="LocalNote", key="x", op="update",
+                 values={"title": "changed"}, changed=["title"], base={"title": "server"}),
+        Mutation(seq=4, id="m4", table="LocalNote", key="a", op="update",
+                 values={"owner": "u2"}, changed=["owner"]),  # would leave the scope: rejected
+    ]  # fmt: skip
+
+    first = push_results(
+        post_sync(app.url, "Push", token="t1", client_id="raw", mutations=mutations)
+    )
+    state = (app.rows("u1"), app.applications(), app.version("x"))
+    second = push_results(
+        post_sync(app.url, "Push", token="t1", client_id="raw", mutations=mutations)
+    )
+
+    assert [r.status for r in first.results] == ["applied", "applied", "applied", "rejected"]
+    assert first.results[3].code == "out-of-scope"
+    assert second == first
+    assert second.last_seq == 4
+    assert (app.rows("u1"), app.applications(), app.version("x")) == state
+    assert app.applications() == 3  # a, b, x once each (the rejected one was rolled back)
+
+
+def test_reordered_request_is_refused_with_sequence_gap_and_nothing_applied(notes_app):
+    app = notes_app()
+    ok = post_sync(app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a")])
+    assert push_results(ok).last_seq == 1
+
+    early = [_note(6, "f"), _note(7, "g")]  # 2..5 are still on their way
+    refused = post_sync(app.url, "Push", token="t1", client_id="raw", mutations=early)
+
+    assert refused.status_code == 409
+    assert refused.headers["content-type"].startswith(PROBLEM)
+    problem = refused.json()
+    assert problem["code"] == "sequence-gap"
+    assert "1" in problem["detail"]
+    assert "6" in problem["detail"]
+    assert [r[0] for r in app.rows("u1")] == ["a"]
+    assert app.applications() == 1
+    assert app.last_seq("raw") == 1
+
+    missing = [_note(seq, key) for seq, key in [(2, "b"), (3, "c"), (4, "d"), (5, "e")]]
+    assert (
+        push_results(
+            post_sync(app.url, "Push", token="t1", client_id="raw", mutations=missing)
+        ).last_seq
+        == 5
+    )
+    after = push_results(post_sync(app.url, "Push", token="t1", client_id="raw", mutations=early))
+    assert [r.status for r in after.results] == ["applied", "applied"]
+    assert [r[0] for r in app.rows("u1")] == ["a", "b", "c", "d", "e", "f", "g"]
+    assert app.applications() == 7
+
+
+def test_a_gap_inside_one_request_is_refused(notes_app):
+    app = notes_app()
+    r = post_sync(
+        app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a"), _note(3, "c")]
+    )
+    assert r.status_code == 422
+    assert r.json()["code"] == "invalid-request"
+    assert app.rows("u1") == []
+    assert app.last_seq("raw") is None
+
+
+def test_a_seq_reused_by_another_mutation_is_rejected_not_applied(notes_app):
+    app = notes_app()
+    post_sync(app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a")])
+
+    reused = _note(1, "z", mid="another-mutation")
+    r = push_results(post_sync(app.url, "Push", token="t1", client_id="raw", mutations=[reused]))
+
+    [res] = r.results
+    assert (res.status, res.code, res.id) == ("rejected", "sequence-reused", "another-mutation")
+    assert "1" in res.reason
+    assert [row[0] for row in app.rows("u1")] == ["a"]
+    assert app.applications() == 1
+
+
+def test_a_client_id_registered_to_another_principal_gets_403(notes_app):
+    app = notes_app()
+    device = app.client("t1")
+    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "mine"})
+    assert device.sync("Sync").applied == 1
+
+    stolen = post_sync(
+        app.url, "Push", token="t2", client_id=device.client_id,
+        mutations=[_note(2, "b", owner="u2")],
+    )  # fmt: skip
+    assert stolen.status_code == 403
+    assert stolen.json()["code"] == "forbidden"
+
+    # The same local database opened with another user's token is refused too.
+    other = app.client("t2")  # the same device file
+    other.insert("LocalNote", {"id": "c", "owner": "u2", "title": "theirs"})
+    with pytest.raises(AuthError) as err:
+        other.sync("Push")
+    assert err.value.status == 403
+    assert app.rows("u2") == []
+    assert app.last_seq(device.client_id) == 1
+
+
+# -- mapping back and validation (the hospital example) --------------------------------------------
+
+
+def test_invalid_mutations_are_rejected_naming_the_column_and_the_rest_still_apply(
+    client, store, server, in_sync
+):
+    client.sync("Online")
+    a, b, c, d = appointments_of(store, 1)[:4]
+    before = {k: _server_appointment(store, k) for k in (a, b, c)}
+    client.update("LocalAppointment", a, {"doctor_name": "Dr. Nobody"})  # read-only (joined)
+    client.update("LocalAppointment", b, {"starts_at": "not a date"})
+    client.update("LocalAppointment", c, {"doctor_id": "abc"})
+    client.update("LocalAppointment", d, {"notes": "still applied"})
+
+    result = client.sync("Online")
+
+    assert result.applied == 1
+    by_key = {r.key: r for r in client.outbox.rejected()}
+    assert set(by_key) == {a, b, c}
+    assert all(r.status == "rejected" for r in by_key.values())
+    assert (by_key[a].code, by_key[b].code, by_key[c].code) == (
+        "read-only-column",
+        "invalid-value",
+        "invalid-value",
+    )
+    assert "doctor_name" in by_key[a].reason
+    assert "starts_at" in by_key[b].reason
+    assert "not a date" in by_key[b].reason
+    assert "doctor_id" in by_key[c].reason
+    assert "abc" in by_key[c].reason
+    assert {k: _server_appointment(store, k) for k in (a, b, c)} == before
+    assert _server_appointment(store, d)["notes"] == "still applied"
+    # The rejected rows show the server's values again; nothing is pending.
+    assert client.outbox.pending() == []
+    in_sync(client, "Online")
+
+
+def test_an_unknown_column_in_a_mutation_is_rejected_naming_it(live, store):
+    a, b = appointments_of(store, 1)[:2]
+    mutations = [
+        Mutation(seq=1, id="m1", table="LocalAppointment", key=a, op="update",
+                 values={"colour": "red"}, changed=["colour"]),
+        Mutation(seq=2, id="m2", table="LocalAppointment", key=b, op="update",
+                 values={"notes": "fine"}, changed=["notes"]),
+    ]  # fmt: skip
+    r = push_results(
+        post_sync(
+            live.url, "SendAppointments", token="token-h1", client_id="raw", mutations=mutations
+        )
+    )
+    first, second = r.results
+    assert (first.status, first.code) == ("rejected", "unknown-column")
+    assert "colour" in first.reason
+    assert second.status == "applied"
+    assert _server_appointment(store, b)["notes"] == "fine"
+
+
+def test_a_column_added_locally_is_local_only(client, store, in_sync):
+    """A column the app adds itself holds local data: not pushed, kept across pulls."""
+    client.sync("Online")
+    a = appointments_of(store, 1)[0]
+    client.store.conn.execute('ALTER TABLE "LocalAppointment" ADD COLUMN colour TEXT')
+    client.update("LocalAppointment", a, {"colour": "red"})
+
+    assert client.outbox.count() == 0
+    result = client.sync("Online")
+
+    assert (result.rows_out, result.rejected) == (0, [])
+    assert client.store.query('SELECT colour FROM "LocalAppointment" WHERE id = ?', (a,)) == [
+        ("red",)
+    ]
+    in_sync(client, "Online")
+
+
+def test_an_insert_may_leave_columns_with_server_defaults_empty(client, store, in_sync):
+    client.sync("Online")
+    key = client.insert(
+        "LocalAppointment",
+        {
+            "doctor_id": 1,
+            "patient_id": 5,
+            "starts_at": SLOT["starts_at"],
+            "ends_at": SLOT["ends_at"],
+        },
+    )
+
+    result = client.sync("Online")
+
+    assert (result.applied, result.rejected) == (1, [])
+    row = _server_appointment(store, key)
+    assert (row["status"], row["room"], row["notes"]) == ("booked", "", "")
+    in_sync(client, "Online")
+
+
+def test_a_stream_declared_with_a_column_list_is_served(tmp_path):
+    meta = sa.MetaData()
+    t = sa.Table(
+        "thing", meta, sa.Column("id", sa.Integer, primary_key=True), sa.Column("x", sa.Text)
+    )
+    schema = SyncSchema([SyncUnit("All", [Stream("things", t, [t.c.id, t.c.x])], "both")])
+    srv = SyncServer(
+        schema,
+        f"sqlite:///{tmp_path / 'list.sqlite'}",
+        authenticate=TokenAuth({"t": Principal("p")}),
+        install=False,
+    )
+    assert [c.name for c in srv.catalog.streams[0].columns] == ["id", "x"]
+
+
+# -- the pull that follows a push ------------------------------------------------------------------
+
+
+def test_pull_brings_the_authoritative_row_after_the_push(client, store, in_sync):
+    client.sync("Login")
+    key = client.insert("LocalAppointment", {"doctor_id": 3, **SLOT})
+    local = dict(zip(["doctor_name", "patient_name", "hospital"], client.store.query(
+        'SELECT doctor_name, patient_name, hospital FROM "LocalAppointment" WHERE id = ?', (key,)
+    )[0], strict=True))  # fmt: skip
+    assert local == {"doctor_name": None, "patient_name": None, "hospital": None}
+
+    result = client.sync("Online")
+
+    assert result.applied == 1
+    row = client.store.query(
+        'SELECT doctor_name, patient_name, specialty, hospital FROM "LocalAppointment"'
+        " WHERE id = ?",
+        (key,),
+    )[0]
+    assert all(v for v in row), row
+    in_sync(client, "Online")
+
+
+def test_a_local_change_survives_a_pull_of_a_newer_server_version(
+    client, store, plain_sql, in_sync
+):
+    client.sync("Login")
+    key = appointments_of(store, 1)[0]
+    old_room = client.store.query('SELECT room FROM "LocalAppointment" WHERE id = ?', (key,))[0][0]
+    client.update("LocalAppointment", key, {"notes": "from the device"})
+    plain_sql("UPDATE appointment SET room = 'R99' WHERE id = ?", (key,))
+
+    result = client.sync("Login")  # pulls only; the change is not pushed yet
+
+    assert result.rows_in["LocalAppointment"] == 1  # the newer server version came ...
+    notes, room = client.store.query(
+        'SELECT notes, room FROM "LocalAppointment" WHERE id = ?', (key,)
+    )[0]
+    assert (notes, room) == ("from the device", old_room)  # ... and left the row alone
+    assert [p.key for p in client.outbox.pending()] == [key]
+
+    assert client.sync("SendAppointments").applied == 1
+    client.sync("Login")
+
+    server_row = _server_appointment(store, key)
+    assert (server_row["notes"], server_row["room"]) == ("from the device", "R99")  # merged
+    notes, room = client.store.query(
+        'SELECT notes, room FROM "LocalAppointment" WHERE id = ?', (key,)
+    )[0]
+    assert (notes, room) == ("from the device", "R99")
+    in_sync(client, "Login")
+
+
+# -- business rules --------------------------------------------------------------------------------
+
+
+def test_two_devices_book_the_same_slot_the_second_is_rejected(make_client, store, in_sync):
+    first = make_client(name="first")
+    second = make_client(name="second")
+    first.sync("Online")
+    second.sync("Online")
+    mine = first.insert("LocalAppointment", {"doctor_id": 3, **SLOT})
+    theirs = second.insert("LocalAppointment", {"doctor_id": 3, **SLOT, "notes": "second"})
+
+    assert first.sync("Online").applied == 1
+    result = second.sync("Online")
+
+    assert result.applied == 0
+    [rejected] = result.rejected
+    assert (rejected["key"], rejected["code"]) == (theirs, "rule")
+    assert "doctor 3" in rejected["reason"]
+    assert "2031-03-03 10:00" in rejected["reason"]
+    assert "10:15" in rejected["reason"]
+    [kept] = second.outbox.rejected()
+    assert kept.attempted["notes"] == "second"
+    assert _server_appointment(store, theirs) is None
+    assert _server_appointment(store, mine) is not None
+    assert theirs not in local_keys(second, "LocalAppointment")
+    assert mine in local_keys(second, "LocalAppointment")
+    first.sync("Online")
+    in_sync(first, "Online")
+    in_sync(second, "Online")
+
+
+def test_a_rule_sees_the_row_after_the_change(client, store):
+    client.sync("Online")
+    a = appointments_of(store, 1)[0]
+    row = _server_appointment(store, a)
+    client.update(
+        "LocalAppointment", a, {"ends_at": (row["starts_at"] - dt.timedelta(minutes=5)).isoformat()}
+    )
+
+    result = client.sync("Online")
+
+    assert [r["reason"] for r in result.rejected] == ["an appointment must end after it starts"]
+    assert _server_appointment(store, a) == row
+
+
+# -- scope -----------------------------------------------------------------------------------------
+
+
+def test_an_insert_for_a_doctor_of_another_hospital_is_out_of_scope(client, store, in_sync):
+    client.sync("Online")
+    before = _appointments(store)
+    other_doctor = doctors_of(store, 2)[0]
+    key = client.insert("LocalAppointment", {"doctor_id": other_doctor, **SLOT})
+    fine = client.insert("LocalAppointment", {"doctor_id": 1, **SLOT})
+
+    result = client.sync("Online")
+
+    assert result.applied == 1
+    [rejected] = result.rejected
+    assert (rejected["key"], rejected["code"]) == (key, "out-of-scope")
+    assert [k for k in (key, fine) if _server_appointment(store, k)] == [fine]
+    assert len(_appointments(store)) == len(before) + 1
+    assert key not in local_keys(client, "LocalAppointment")
+    in_sync(client, "Online")
+
+
+def test_moving_an_appointment_to_another_hospital_is_out_of_scope(client, store, in_sync):
+    client.sync("Online")
+    a = appointments_of(store, 1)[0]
+    row = _server_appointment(store, a)
+    client.update("LocalAppointment", a, {"doctor_id": doctors_of(store, 2)[0]})
+
+    result = client.sync("Online")
+
+    assert [r["code"] for r in result.rejected] == ["out-of-scope"]
+    assert _server_appointment(store, a) == row
+    in_sync(client, "Online")
+
+
+def test_changes_to_another_hospitals_appointment_are_out_of_scope_and_reveal_nothing(live, store):
+    theirs = appointments_of(store, 2)[:3]
+    before = _appointments(store)
+    mutations = [
+        Mutation(seq=1, id="m1", table="LocalAppointment", key=theirs[0], op="update",
+                 values={"notes": "mine now"}, changed=["notes"]),
+        Mutation(seq=2, id="m2", table="LocalAppointment", key=theirs[1], op="delete"),
+        Mutation(seq=3, id="m3", table="LocalAppointment", key=theirs[2], op="insert",
+                 values={"id": theirs[2], "doctor_id": 1, **SLOT}),
+    ]  # fmt: skip
+
+    r = push_results(
+        post_sync(
+            live.url, "SendAppointments", token="token-h1", client_id="raw", mutations=mutations
+        )
+    )
+
+    assert [(x.status, x.code) for x in r.results] == [("rejected", "out-of-scope")] * 3
+    assert [x.server_row for x in r.results] == [None] * 3  # no peek into another hospital
+    assert _appointments(store) == before
+
+
+def test_pushes_need_a_pushing_unit(live, store):
+    a = appointments_of(store, 1)[0]
+    m = Mutation(seq=1, id="m1", table="LocalAppointment", key=a, op="update",
+                 values={"notes": "x"}, changed=["notes"])  # fmt: skip
+    r = post_sync(live.url, "Login", token="token-h1", client_id="raw", mutations=[m])
+    assert r.status_code == 422
+    assert _server_appointment(store, a)["notes"] != "x"
+
+
+def test_push_results_decode_as_the_protocol_says(notes_app):
+    """The first frame of a pushing unit's response is ``PushResults``, one result per mutation."""
+    app = notes_app()
+    r = post_sync(app.url, "Sync", token="t1", client_id="raw", mutations=[_note(1, "a")])
+    pushed = push_results(r)
+    assert isinstance(pushed, PushResults)
+    [res] = pushed.results
+    assert (res.seq, res.id, res.status, res.version) == (1, "m1", "applied", app.version("a"))
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(pushed), type=PushResults) == pushed
+
+
+def test_a_seq_below_one_is_refused_not_answered_as_applied(notes_app):
+    app = notes_app()
+    r = post_sync(app.url, "Push", token="t1", client_id="raw", mutations=[_note(0, "a")])
+    assert r.status_code == 422
+    assert r.json()["code"] == "invalid-request"
+    assert app.rows("u1") == []
+
+
+# -- failing application code on the server ----------------------------------------------------
+
+
+def test_a_rule_that_fails_rejects_its_mutation_and_blocks_nothing(notes_app):
+    def fragile(ctx: MutationContext) -> str | None:
+        if ctx.row["title"] == "boom":
+            raise KeyError("a bug in the app's rule")
+        return None
+
+    app = notes_app(rules=[fragile])
+    device = app.client()
+    device.insert("LocalNote", {"id": "x", "owner": "u1", "title": "boom"})
+    device.insert("LocalNote", {"id": "y", "owner": "u1", "title": "fine"})
+
+    result = device.sync("Sync")
+
+    assert result.applied == 1
+    [kept] = device.outbox.rejected()
+    assert (kept.key, kept.status, kept.code) == ("x", "rejected", "rule")
+    assert "fragile" in kept.reason
+    assert "a bug in the app's rule" not in kept.reason  # no internals to clients
+    assert app.row("x") is None
+    assert app.row("y")["title"] == "fine"
+    device.insert("LocalNote", {"id": "z", "owner": "u1", "title": "later"})
+    assert device.sync("Sync").applied == 1
+    assert local_notes(device) == app.rows("u1")

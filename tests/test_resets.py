@@ -1,0 +1,268 @@
+"""Resets: when a cursor cannot be trusted, the stream is re-downloaded cleanly.
+
+DESIGN section 6: a changed stream definition, tombstones pruned past the
+cursor, another database epoch, or a cursor "from the future" (the database
+was replaced by an older copy) reset the stream instead of giving wrong data.
+The catalog change also migrates the local table without losing rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from hospital import units as hospital_units
+from hospital.models import appointment, patient
+
+from syncunit.errors import NetworkError
+from syncunit.protocol import JSON, PROBLEM, SyncRequest, encode_request
+from syncunit.server.store import tombstones
+from syncunit.units import Stream, SyncSchema, SyncUnit
+from tests.support import appointments_of, assert_in_sync, doctors_of, local_keys, sent_keys
+
+
+def _appointments_stream(columns):
+    base = hospital_units.appointments
+    return Stream(
+        "appointments",
+        appointment,
+        columns,
+        joins=base.joins,
+        where=base.where,
+        local_table="LocalAppointment",
+        indexes=base.indexes,
+    )
+
+
+def _schema(appointments):
+    return SyncSchema(
+        [
+            SyncUnit("Splash", [hospital_units.summary]),
+            SyncUnit("Login", [hospital_units.doctors, appointments]),
+        ]
+    )
+
+
+def schema_with_phone():
+    """The hospital schema, plus the patient's phone on LocalAppointment."""
+    columns = {**hospital_units.appointments.columns, "patient_phone": patient.c.phone}
+    return _schema(_appointments_stream(columns))
+
+
+def schema_without_room():
+    columns = {k: v for k, v in hospital_units.appointments.columns.items() if k != "room"}
+    return _schema(_appointments_stream(columns))
+
+
+def _local_columns(client, table):
+    return {r[1]: r[2] for r in client.store.conn.execute(f'PRAGMA table_info("{table}")')}
+
+
+def _local_indexes(client, table):
+    return {r[1] for r in client.store.conn.execute(f'PRAGMA index_list("{table}")')}
+
+
+# -- a changed stream definition -----------------------------------------------------------
+
+
+def test_new_column_migrates_the_local_table_and_fills_it(make_server, live, tapped, tap, store):
+    tapped.sync("Login")
+    old_hash = tapped.store.catalog().schema_hash
+    indexes = _local_indexes(tapped, "LocalAppointment")
+    assert len(indexes) >= 2
+    # The server changes while the client still runs the old schema...
+    mine = appointments_of(store, 1)
+    with store.write() as conn:
+        conn.execute(appointment.delete().where(appointment.c.id == mine[0]))
+        conn.execute(appointment.update().where(appointment.c.id == mine[1]).values(notes="n"))
+    # ...then restarts with a stream that has one more column.
+    server2 = make_server(schema_with_phone())
+    assert server2.catalog.schema_hash != old_hash
+    live.app = server2.app
+
+    result = tapped.sync("Login")
+
+    assert tap.log[-3:] == [
+        ("POST", "/v1/sync/Login", 409),  # schema-changed
+        ("GET", "/v1/catalog", 200),
+        ("POST", "/v1/sync/Login", 200),
+    ]
+    assert tapped.store.catalog().schema_hash == server2.catalog.schema_hash
+    assert _local_columns(tapped, "LocalAppointment")["patient_phone"] == "TEXT"
+    assert _local_indexes(tapped, "LocalAppointment") == indexes
+    assert result.resets == ["appointments"]  # the doctors stream did not change
+    phones = [r[0] for r in tapped.store.rows("LocalAppointment", ["patient_phone"])]
+    assert len(phones) == 199
+    assert all(p and p.startswith("+351") for p in phones)
+    assert_in_sync(server2, tapped, "token-h1", "Login")
+
+
+def test_catalog_migration_keeps_rows_until_the_pull_refills_them(make_server, live, tapped, store):
+    tapped.sync("Login")
+    server2 = make_server(schema_with_phone())
+    live.app = server2.app
+
+    tapped.catalog(refresh=True)  # the migration alone: ALTER TABLE, no rows lost
+
+    rows = tapped.store.rows("LocalAppointment", ["id", "notes", "patient_phone"])
+    assert {r[0] for r in rows} == set(appointments_of(store, 1))
+    assert {r[2] for r in rows} == {None}
+    tapped.sync("Login")
+    assert_in_sync(server2, tapped, "token-h1", "Login")
+
+
+def test_removed_column_is_dropped_locally_and_rows_stay(make_server, live, tapped, store):
+    tapped.sync("Login")
+    server2 = make_server(schema_without_room())
+    live.app = server2.app
+
+    tapped.sync("Login")
+
+    assert "room" not in _local_columns(tapped, "LocalAppointment")
+    assert local_keys(tapped, "LocalAppointment") == set(appointments_of(store, 1))
+    assert_in_sync(server2, tapped, "token-h1", "Login")
+
+
+def test_old_schema_hash_gets_a_schema_changed_problem(make_server, live, client):
+    client.sync("Login")
+    old_hash = client.store.catalog().schema_hash
+    live.app = make_server(schema_with_phone()).app
+    body = encode_request(SyncRequest(protocol=1, client_id="c", schema_hash=old_hash), "json")
+
+    r = httpx.post(
+        f"{live.url}/v1/sync/Login",
+        content=body,
+        headers={"Authorization": "Bearer token-h1", "Content-Type": JSON},
+    )
+
+    assert r.status_code == 409
+    assert r.headers["content-type"] == PROBLEM
+    assert r.json()["code"] == "schema-changed"
+
+
+# -- tombstone horizon, epoch, a database from the past ---------------------------------------
+
+
+def test_client_older_than_the_tombstone_horizon_is_reset(make_client, store, in_sync):
+    old = make_client(name="old")
+    old.sync("Login")
+    mine = appointments_of(store, 1)
+    with store.write() as conn:
+        conn.execute(appointment.delete().where(appointment.c.id.in_(mine[:5])))
+        conn.execute(
+            appointment.update()
+            .where(appointment.c.id == mine[9])
+            .values(doctor_id=doctors_of(store, 2)[0])
+        )
+    recent = make_client(name="recent")
+    recent.sync("Login")
+
+    horizon = store.prune_tombstones(0)
+
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(tombstones)).scalar_one() == 0
+    assert horizon > 0
+    result = old.sync("Login")
+    assert sorted(result.resets) == ["appointments", "doctors"]
+    assert local_keys(old, "LocalAppointment") == set(mine[5:9] + mine[10:])
+    in_sync(old)
+    # A client at or after the horizon keeps its cursor.
+    assert recent.sync("Login").resets == []
+    in_sync(recent)
+    assert old.sync("Login").resets == []
+
+
+def test_pruning_within_the_retention_window_resets_nobody(client, store, in_sync):
+    client.sync("Login")
+    gone = appointments_of(store, 1)[3]
+    with store.write() as conn:
+        conn.execute(appointment.delete().where(appointment.c.id == gone))
+
+    store.prune_tombstones(keep_versions=1_000_000)
+
+    result = client.sync("Login")
+    assert result.resets == []
+    assert result.rows_removed["LocalAppointment"] == 1
+    in_sync(client)
+
+
+def test_changed_epoch_resets_every_stream(client, store, in_sync):
+    client.sync("Login")
+    client.sync("Splash")
+    # The database is replaced by another one, which lacks a row and has no
+    # tombstone for it: only a clean re-download removes that row from the client.
+    stale = appointments_of(store, 1)[5]
+    with store.write() as conn:
+        conn.execute(appointment.delete().where(appointment.c.id == stale))
+        conn.execute(tombstones.delete())
+        store._set_fact(conn, "epoch", "another-database")
+
+    login = client.sync("Login")
+    splash = client.sync("Splash")
+
+    assert sorted(login.resets) == ["appointments", "doctors"]
+    assert splash.resets == ["summary"]
+    assert stale not in local_keys(client, "LocalAppointment")
+    in_sync(client, "Login")
+    in_sync(client, "Splash")
+    assert client.sync("Login").resets == []
+
+
+def test_cursor_from_the_future_resets(make_server, live, client, store, db_backup, in_sync):
+    client.sync("Login")
+    saved = db_backup.save()
+    mine = appointments_of(store, 1)
+    _insert_appointments(store, [f"new-{i}" for i in range(3)])
+    with store.write() as conn:
+        conn.execute(appointment.update().where(appointment.c.id.in_(mine[:30])).values(room="Z"))
+    client.sync("Login")
+    assert {"new-0", "new-1", "new-2"} <= local_keys(client, "LocalAppointment")
+
+    db_backup.restore(saved, store)  # the database is replaced by the older copy
+    restarted = make_server()
+    live.app = restarted.app
+    result = client.sync("Login")
+
+    assert sorted(result.resets) == ["appointments", "doctors"]
+    assert not {"new-0", "new-1", "new-2"} & local_keys(client, "LocalAppointment")
+    assert {r[0] for r in client.store.rows("LocalAppointment", ["room"])} != {"Z"}
+    assert_in_sync(restarted, client, "token-h1", "Login")
+
+
+def _insert_appointments(store, keys):
+    start = dt.datetime(2026, 2, 1, 9, 0)
+    with store.write() as conn:
+        conn.execute(
+            appointment.insert(),
+            [
+                {
+                    "id": k,
+                    "doctor_id": 1,
+                    "patient_id": 1,
+                    "starts_at": start,
+                    "ends_at": start + dt.timedelta(minutes=15),
+                    "status": "booked",
+                    "room": "R1",
+                    "notes": "",
+                }
+                for k in keys
+            ],
+        )
+
+
+def test_pruning_past_an_interrupted_first_download_restarts_it(tapped, tap, store, in_sync):
+    tap.arm(chunks=("appointments", 3))
+    with pytest.raises(NetworkError):
+        tapped.sync("Login")
+    delivered = sorted(sent_keys(tap.last, "appointments"))
+    with store.write() as conn:  # behind the interrupted download's position
+        conn.execute(appointment.delete().where(appointment.c.id == delivered[0]))
+    store.prune_tombstones(0)
+
+    result = tapped.sync("Login")
+
+    assert sorted(result.resets) == ["appointments", "doctors"]
+    assert delivered[0] not in local_keys(tapped, "LocalAppointment")
+    in_sync(tapped)
