@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from hospital.models import appointment
 
-from syncunit.errors import AuthError, NetworkError
+from syncunit.errors import AuthError, NetworkError, RequestRejected
 from syncunit.policies import LastWriteWins, MutationContext
 from syncunit.protocol import PROBLEM, Mutation, PushResults
 from syncunit.server import Principal, SyncServer, TokenAuth
@@ -535,3 +535,57 @@ def test_a_rule_that_fails_rejects_its_mutation_and_blocks_nothing(notes_app):
     device.insert("LocalNote", {"id": "z", "owner": "u1", "title": "later"})
     assert device.sync("Sync").applied == 1
     assert local_notes(device) == app.rows("u1")
+
+
+def test_a_restored_server_refuses_the_gap_until_renew_epoch(client, store, db_backup, in_sync):
+    """After a restore the server forgot applied seqs: a gap, then renew-epoch recovers."""
+    client.sync("Online")
+    saved = db_backup.save()
+    first = client.insert("LocalAppointment", {**SLOT, "doctor_id": 1})
+    assert client.sync("Online").applied == 1
+    db_backup.restore(saved, store)  # the first booking and seq 1 are gone on the server
+    second = client.insert(
+        "LocalAppointment",
+        {
+            **SLOT,
+            "doctor_id": 1,
+            "starts_at": "2031-03-04T10:00:00",
+            "ends_at": "2031-03-04T10:15:00",
+        },
+    )
+
+    with pytest.raises(RequestRejected) as refused:
+        client.sync("Online")
+    assert refused.value.code == "sequence-gap"
+    assert "renew-epoch" in refused.value.detail
+    assert _server_appointment(store, second) is None
+
+    store.renew_epoch()
+    result = client.sync("Online")
+
+    assert result.applied == 1
+    assert _server_appointment(store, second) is not None
+    assert _server_appointment(store, first) is None  # lost with the restore, and not local either
+    in_sync(client, "Online")
+
+
+def test_rules_see_deletes(notes_app):
+    """A business rule runs for deletes too, with the row being deleted."""
+    seen: list[tuple[str, Any]] = []
+
+    def no_deleting_pinned(ctx: MutationContext) -> str | None:
+        seen.append((ctx.op, ctx.row.get("title")))
+        return "pinned notes stay" if ctx.op == "delete" and ctx.row["title"] == "pinned" else None
+
+    app = notes_app(policy=LastWriteWins(), rules=[no_deleting_pinned])
+    device = app.client()
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "p", "owner": "u1", "title": "pinned", "body": "", "n": 0})
+    device.sync("Sync")
+    device.delete("LocalNote", "p")
+
+    result = device.sync("Sync")
+
+    assert [(r["key"], r["reason"]) for r in result.rejected] == [("p", "pinned notes stay")]
+    assert ("delete", "pinned") in seen
+    assert app.row("p") is not None

@@ -12,7 +12,8 @@ that changed on the server since the client saw it:
   a conflict), or ``Reject(reason)``.
 
 Business rules are functions ``rule(ctx) -> str | None`` run before a change is
-written; a string rejects the mutation with that reason.
+written (inserts and updates see the row after the change, deletes the row
+being deleted); a string rejects the mutation with that reason.
 """
 
 from __future__ import annotations

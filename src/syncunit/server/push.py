@@ -145,18 +145,22 @@ class PushApplier:
             ).first()
             now = dt.datetime.now(dt.UTC).isoformat()
             if row is None:
+                # After renew_epoch (a restored database) a client it does not know may
+                # be an old one: continue from what it sends.
+                last = -1 if "sequence-reset" in self.store.facts(conn) else 0
                 conn.execute(
                     clients.insert().values(
                         client_id=req.client_id, principal=principal.id, last_seq=0, last_seen=now
                     )
                 )
-                last = 0
             elif row.principal != principal.id:
                 raise ProblemException(
                     "forbidden", "this client id is registered to another principal"
                 )
             else:
                 last = int(row.last_seq)
+            if last < 0 and req.mutations:  # after renew_epoch: continue from what comes
+                last = req.mutations[0].seq - 1
             self._check_sequence(req.mutations, last)
             results: list[MutationResult] = []
             for m in req.mutations:
@@ -198,7 +202,8 @@ class PushApplier:
                     raise ProblemException(
                         "sequence-gap",
                         f"the server has applied up to seq {last}; this request starts at"
-                        f" {m.seq}: send the missing mutations first",
+                        f" {m.seq}: send the missing mutations first (if the server database"
+                        " was restored from a backup, run 'syncunit renew-epoch' on it)",
                     )
             elif m.seq != expected:
                 raise ProblemException(
@@ -296,6 +301,7 @@ class PushApplier:
                 differ = tuple(c for c, v in base_vals.items() if current[c] != v)
                 if differ:
                     self._on_conflict(s, m, current, {}, base_vals, differ, key)
+            self._check_rules(conn, s, principal, m, key, current)
             conn.execute(base.delete().where(pk == key))
             return None
         if current is None and m.op == "update":

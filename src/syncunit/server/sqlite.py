@@ -113,7 +113,7 @@ class SQLiteStore(ServerStore):
             for suffix in ("bi", "ai", "au", "ad"):
                 out.append(f"DROP TRIGGER IF EXISTS {q('syncunit_' + table.name + '_' + suffix)}")
             # Rows written before tracking existed get one version, so a first sync sees them.
-            out.append(_BUMP)
+            out.append(f"{_BUMP} AND EXISTS (SELECT 1 FROM {t} WHERE {VERSION} IS NULL)")
             out.append(
                 f"UPDATE {t} SET {VERSION} = {_CURRENT}, {CREATED_AT} = {_NOW},"
                 f" {UPDATED_AT} = {_NOW} WHERE {VERSION} IS NULL"

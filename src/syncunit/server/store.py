@@ -165,10 +165,19 @@ class ServerStore(abc.ABC):
         return horizon
 
     def renew_epoch(self) -> str:
-        """Give the database a new epoch: every client's cursors reset (after a restore)."""
+        """Give the database a new epoch, after restoring a backup.
+
+        Every client's cursors reset (a clean re-download), and the push sequence
+        of every client starts again from whatever it sends next: the restored
+        database has forgotten mutations it had applied, which the clients then
+        re-send if they still hold them.
+        """
         epoch = secrets.token_hex(8)
         with self.write() as conn:
             self._set_fact(conn, "epoch", epoch)
+            self._set_fact(conn, "sequence-reset", epoch)
+            conn.execute(clients.update().values(last_seq=-1))
+            conn.execute(mutation_log.delete())
         return epoch
 
     def _set_fact(self, conn: Connection, key: str, value: str) -> None:
