@@ -40,8 +40,19 @@ COLLECTION = "/buckets/b/collections/c"
 RECORDS_PATH = f"/v1{COLLECTION}/records"
 BATCH_CHUNK = 25  # Kinto's default batch_max_requests; 100 or 500 were not faster
 COLUMNS = (
-    "id", "doctor_id", "patient_id", "hospital_id", "starts_at", "ends_at", "status",
-    "room", "notes", "patient_name", "doctor_name", "specialty_name", "hospital_name",
+    "id",
+    "doctor_id",
+    "patient_id",
+    "hospital_id",
+    "starts_at",
+    "ends_at",
+    "status",
+    "room",
+    "notes",
+    "patient_name",
+    "doctor_name",
+    "specialty_name",
+    "hospital_name",
 )
 
 KINTO_INI = """\
@@ -78,8 +89,9 @@ def pg_root() -> Path:
     return cache_root() / "pg"
 
 
-def _run(cmd: Sequence[str | Path], timeout: float = 300,
-         **kw: Any) -> subprocess.CompletedProcess[Any]:
+def _run(
+    cmd: Sequence[str | Path], timeout: float = 300, **kw: Any
+) -> subprocess.CompletedProcess[Any]:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, timeout=timeout, **kw)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace")[-2000:]
@@ -91,8 +103,11 @@ def ensure_kinto_venv() -> tuple[Path, str]:
     """Create (or reuse) the private Kinto virtualenv; return (bin dir, Kinto version)."""
     venv = cache_root() / "kinto-venv"
     bindir = venv / "bin"
-    probe = ["-c", "import importlib.metadata as m, kinto, psycopg2, sqlalchemy, waitress;"
-             "print(m.version('kinto'))"]
+    probe = [
+        "-c",
+        "import importlib.metadata as m, kinto, psycopg2, sqlalchemy, waitress;"
+        "print(m.version('kinto'))",
+    ]
     wanted = KINTO_REQUIREMENT.split("==")[1]
     if (bindir / "python").exists():
         ok = subprocess.run([str(bindir / "python"), *probe], capture_output=True, text=True)
@@ -127,8 +142,16 @@ def _ensure_pg_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         if subprocess.run(["id", PG_OS_USER], capture_output=True).returncode != 0:
-            _run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                  PG_OS_USER])
+            _run(
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    PG_OS_USER,
+                ]
+            )
         shutil.chown(path, PG_OS_USER, PG_OS_USER)
 
 
@@ -146,22 +169,59 @@ class Postgres:
 
     def init(self) -> None:
         _ensure_pg_dir(self.datadir)
-        _run(_as_pg_user([PG_BIN / "initdb", "-D", self.datadir, "-U", PG_OS_USER,
-                          "--auth=trust", "--encoding=UTF8", "--locale=C"]), cwd=self.datadir)
+        _run(
+            _as_pg_user(
+                [
+                    PG_BIN / "initdb",
+                    "-D",
+                    self.datadir,
+                    "-U",
+                    PG_OS_USER,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                ]
+            ),
+            cwd=self.datadir,
+        )
 
     def start(self) -> None:
-        opts = (f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 "
-                "-c timezone=UTC -c log_timezone=UTC")
-        _run(_as_pg_user([PG_BIN / "pg_ctl", "-D", self.datadir, "-l", self.datadir / "server.log",
-                          "-o", opts, "-w", "-t", "60", "start"]), timeout=90, cwd=self.datadir)
+        opts = (
+            f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 "
+            "-c timezone=UTC -c log_timezone=UTC"
+        )
+        _run(
+            _as_pg_user(
+                [
+                    PG_BIN / "pg_ctl",
+                    "-D",
+                    self.datadir,
+                    "-l",
+                    self.datadir / "server.log",
+                    "-o",
+                    opts,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            ),
+            timeout=90,
+            cwd=self.datadir,
+        )
         self.running = True
 
     def stop(self) -> None:
         if not self.running:
             return
         try:
-            _run(_as_pg_user([PG_BIN / "pg_ctl", "-D", self.datadir, "-m", "fast", "-w", "-t", "60",
-                              "stop"]), timeout=90, cwd=self.datadir)
+            _run(
+                _as_pg_user(
+                    [PG_BIN / "pg_ctl", "-D", self.datadir, "-m", "fast", "-w", "-t", "60", "stop"]
+                ),
+                timeout=90,
+                cwd=self.datadir,
+            )
         except (RuntimeError, subprocess.TimeoutExpired):
             pid_file = self.datadir / "postmaster.pid"
             if pid_file.exists():
@@ -169,9 +229,24 @@ class Postgres:
         self.running = False
 
     def psql(self, sql: str, db: str = "kinto", stdin: bytes | None = None) -> str:
-        cmd: list[str | Path] = [PG_BIN / "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At",
-                                 "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_OS_USER,
-                                 "-d", db, "-c", sql]
+        cmd: list[str | Path] = [
+            PG_BIN / "psql",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            PG_OS_USER,
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]
         return str(_run(cmd, timeout=900, input=stdin).stdout.decode())
 
 
@@ -182,8 +257,9 @@ class KintoServer:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ini = workdir / "kinto.ini"
-        self.ini.write_text(KINTO_INI.format(dsn=dsn, max_fetch=max_fetch, batch_max=BATCH_CHUNK,
-                                             port=self.port))
+        self.ini.write_text(
+            KINTO_INI.format(dsn=dsn, max_fetch=max_fetch, batch_max=BATCH_CHUNK, port=self.port)
+        )
         self.bindir = bindir
         self.log = workdir / "kinto.log"
         self.env = {**os.environ, "KINTO_INI": str(self.ini)}
@@ -196,7 +272,11 @@ class KintoServer:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(self.bindir / "kinto"), "start", "--ini", str(self.ini)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self.env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -239,13 +319,22 @@ def _copy_payload(records: Sequence[dict[str, Any]]) -> bytes:
     base = now - timedelta(milliseconds=len(records) + 1000)
     for i, rec in enumerate(records):
         stamp = (base + timedelta(milliseconds=i)).isoformat(sep=" ", timespec="milliseconds")
-        writer.writerow([rec["id"], COLLECTION, "record", stamp,
-                         json.dumps(_strip(rec), separators=(",", ":")), "f"])
+        writer.writerow(
+            [
+                rec["id"],
+                COLLECTION,
+                "record",
+                stamp,
+                json.dumps(_strip(rec), separators=(",", ":")),
+                "f",
+            ]
+        )
     return buf.getvalue().encode()
 
 
-def _build_cluster(target: Path, records: Sequence[dict[str, Any]], bindir: Path,
-                   workdir: Path) -> None:
+def _build_cluster(
+    target: Path, records: Sequence[dict[str, Any]], bindir: Path, workdir: Path
+) -> None:
     """Create a cluster with Kinto's schema, bucket, collection and the bulk-loaded records."""
     pg = Postgres(target)
     kinto: KintoServer | None = None
@@ -260,9 +349,11 @@ def _build_cluster(target: Path, records: Sequence[dict[str, Any]], bindir: Path
             client.put("/v1/buckets/b").raise_for_status()
             client.put(f"/v1{COLLECTION}").raise_for_status()
         kinto.stop()
-        sql = ("SET session_replication_role = replica; "
-               "COPY objects (id, parent_id, resource_name, last_modified, data, deleted) "
-               "FROM STDIN WITH (FORMAT csv)")
+        sql = (
+            "SET session_replication_role = replica; "
+            "COPY objects (id, parent_id, resource_name, last_modified, data, deleted) "
+            "FROM STDIN WITH (FORMAT csv)"
+        )
         pg.psql(sql, stdin=_copy_payload(records))
         pg.psql("VACUUM ANALYZE")
         pg.psql("CHECKPOINT")
@@ -272,8 +363,9 @@ def _build_cluster(target: Path, records: Sequence[dict[str, Any]], bindir: Path
         pg.stop()
 
 
-def _prepare_cluster(records: Sequence[dict[str, Any]], bindir: Path, workdir: Path,
-                     notes: list[str]) -> tuple[Path, float | None]:
+def _prepare_cluster(
+    records: Sequence[dict[str, Any]], bindir: Path, workdir: Path, notes: list[str]
+) -> tuple[Path, float | None]:
     """Return a private copy of the cached loaded cluster (building it if missing)."""
     root = pg_root()
     _ensure_pg_dir(root)
@@ -312,13 +404,16 @@ def _sqlite_client(path: Path) -> sqlite3.Connection:
         "CREATE TABLE local_appointment (id TEXT PRIMARY KEY, doctor_id INTEGER, "
         "patient_id INTEGER, hospital_id INTEGER, starts_at TEXT, ends_at TEXT, status TEXT, "
         "room TEXT, notes TEXT, patient_name TEXT, doctor_name TEXT, specialty_name TEXT, "
-        "hospital_name TEXT)")
+        "hospital_name TEXT)"
+    )
     return conn
 
 
-UPSERT = (f"INSERT INTO local_appointment ({', '.join(COLUMNS)}) VALUES "
-          f"({', '.join('?' * len(COLUMNS))}) ON CONFLICT(id) DO UPDATE SET "
-          + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:]))
+UPSERT = (
+    f"INSERT INTO local_appointment ({', '.join(COLUMNS)}) VALUES "
+    f"({', '.join('?' * len(COLUMNS))}) ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
+)
 
 
 def _write_page(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> None:
@@ -327,8 +422,12 @@ def _write_page(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> Non
     conn.execute("COMMIT")
 
 
-def _pull(client: httpx.Client, url: str, conn: sqlite3.Connection | None = None,
-          keep_bodies: list[bytes] | None = None) -> dict[str, Any]:
+def _pull(
+    client: httpx.Client,
+    url: str,
+    conn: sqlite3.Connection | None = None,
+    keep_bodies: list[bytes] | None = None,
+) -> dict[str, Any]:
     """Follow ``Next-Page`` from ``url``; optionally upsert each page into SQLite."""
     count = wire = pages = 0
     encodings: set[str] = set()
@@ -349,16 +448,23 @@ def _pull(client: httpx.Client, url: str, conn: sqlite3.Connection | None = None
             keep_bodies.append(resp.content)
         url = resp.headers.get("Next-Page", "")
     seconds = time.perf_counter() - t0
-    return {"records": count, "pages": pages, "seconds": round(seconds, 4),
-            "records_per_s": round(count / seconds, 1) if seconds else None, "bytes": wire,
-            "bytes_per_record": round(wire / count, 1) if count else None,
-            "content_encoding": sorted(encodings), "_ids": ids}
+    return {
+        "records": count,
+        "pages": pages,
+        "seconds": round(seconds, 4),
+        "records_per_s": round(count / seconds, 1) if seconds else None,
+        "bytes": wire,
+        "bytes_per_record": round(wire / count, 1) if count else None,
+        "content_encoding": sorted(encodings),
+        "_ids": ids,
+    }
 
 
 def _batch(client: httpx.Client, requests: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
     for i in range(0, len(requests), BATCH_CHUNK):
-        resp = client.post("/v1/batch", json={"defaults": defaults,
-                                              "requests": requests[i:i + BATCH_CHUNK]})
+        resp = client.post(
+            "/v1/batch", json={"defaults": defaults, "requests": requests[i : i + BATCH_CHUNK]}
+        )
         resp.raise_for_status()
         bad = [r["status"] for r in resp.json()["responses"] if r["status"] >= 300]
         if bad:
@@ -378,9 +484,13 @@ def _verify_load(client: httpx.Client, records: Sequence[dict[str, Any]]) -> Non
             raise RuntimeError(f"record {rec['id']} read back differs from the loaded one")
 
 
-def run_kinto_peer(records: Sequence[dict[str, Any]], changes: Sequence[dict[str, Any]],
-                   workdir: Path, page_sizes: Sequence[int] = (1000, 5000, 10000),
-                   quick: bool = False) -> dict[str, Any]:
+def run_kinto_peer(
+    records: Sequence[dict[str, Any]],
+    changes: Sequence[dict[str, Any]],
+    workdir: Path,
+    page_sizes: Sequence[int] = (1000, 5000, 10000),
+    quick: bool = False,
+) -> dict[str, Any]:
     """Benchmark Kinto 26 + PostgreSQL as a sync peer; return a JSON-serializable dict."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -392,10 +502,12 @@ def run_kinto_peer(records: Sequence[dict[str, Any]], changes: Sequence[dict[str
     pg = Postgres(run_dir)
     kinto = KintoServer(bindir, workdir, pg.dsn, max(10000, *page_sizes))
     result: dict[str, Any] = {
-        "kinto_version": version, "records": len(records),
+        "kinto_version": version,
+        "records": len(records),
         "server": "kinto start (pserve + waitress, 4 threads), PostgreSQL 15",
         "cache_hit": load_seconds is None,
-        "load_seconds": None if load_seconds is None else round(load_seconds, 2)}
+        "load_seconds": None if load_seconds is None else round(load_seconds, 2),
+    }
     try:
         pg.start()
         kinto.start()
@@ -410,8 +522,11 @@ def run_kinto_peer(records: Sequence[dict[str, Any]], changes: Sequence[dict[str
                 bodies: list[bytes] | None = [] if size == max(page_sizes) else None
                 runs = []
                 for rep in range(repeats):
-                    stats = _pull(client, f"{RECORDS_PATH}?_limit={size}",
-                                  keep_bodies=bodies if rep == 0 else None)
+                    stats = _pull(
+                        client,
+                        f"{RECORDS_PATH}?_limit={size}",
+                        keep_bodies=bodies if rep == 0 else None,
+                    )
                     if len(set(stats.pop("_ids"))) != len(records):
                         raise RuntimeError(f"pull at _limit={size} got {stats['records']} records")
                     runs.append(stats)
@@ -424,9 +539,11 @@ def run_kinto_peer(records: Sequence[dict[str, Any]], changes: Sequence[dict[str
             best = max(by_size, key=lambda k: by_size[k]["records_per_s"] or 0)
             result["full_pull"] = {"page_size": int(best), **by_size[best], "by_page_size": by_size}
             if by_size[best]["content_encoding"] == ["identity"]:
-                notes.append("Kinto/waitress sent uncompressed JSON despite Accept-Encoding: gzip "
-                             "(compression would need a reverse proxy); see "
-                             "gzip_equivalent_bytes_per_record")
+                notes.append(
+                    "Kinto/waitress sent uncompressed JSON despite Accept-Encoding: gzip "
+                    "(compression would need a reverse proxy); see "
+                    "gzip_equivalent_bytes_per_record"
+                )
 
             conn = _sqlite_client(workdir / "kinto_client.sqlite")
             try:
@@ -439,39 +556,60 @@ def run_kinto_peer(records: Sequence[dict[str, Any]], changes: Sequence[dict[str
 
                 head = client.get(RECORDS_PATH, params={"_limit": 1})
                 since = int(head.raise_for_status().headers["ETag"].strip('"'))
-                _batch(client, [{"path": f"{RECORDS_PATH}/{c['id']}", "body": {"data": _strip(c)}}
-                                for c in changes], {"method": "PUT"})
+                _batch(
+                    client,
+                    [
+                        {"path": f"{RECORDS_PATH}/{c['id']}", "body": {"data": _strip(c)}}
+                        for c in changes
+                    ],
+                    {"method": "PUT"},
+                )
                 delta = _pull(client, f"{RECORDS_PATH}?_since={since}&_limit={best}", conn=conn)
                 changed_ids = sorted(delta.pop("_ids"))
                 if changed_ids != sorted(c["id"] for c in changes):
-                    raise RuntimeError(f"_since returned {len(changed_ids)} records, "
-                                       f"expected the {len(changes)} changed ones")
+                    raise RuntimeError(
+                        f"_since returned {len(changed_ids)} records, "
+                        f"expected the {len(changes)} changed ones"
+                    )
                 for sample in changes[:1]:
-                    row = conn.execute("SELECT notes, status, room FROM local_appointment "
-                                       "WHERE id = ?", (sample["id"],)).fetchone()
+                    row = conn.execute(
+                        "SELECT notes, status, room FROM local_appointment WHERE id = ?",
+                        (sample["id"],),
+                    ).fetchone()
                     if row != (sample.get("notes"), sample.get("status"), sample.get("room")):
                         raise RuntimeError("delta was not applied to the client SQLite")
-                result["delta"] = {"changes": len(changes), "seconds": delta["seconds"],
-                                   "ms": round(delta["seconds"] * 1000, 2), "bytes": delta["bytes"],
-                                   "pages": delta["pages"]}
+                result["delta"] = {
+                    "changes": len(changes),
+                    "seconds": delta["seconds"],
+                    "ms": round(delta["seconds"] * 1000, 2),
+                    "bytes": delta["bytes"],
+                    "pages": delta["pages"],
+                }
             finally:
                 conn.close()
 
             n_new = 100 if quick else 500
             template = list(records[:n_new]) or [dict.fromkeys(COLUMNS, "")]
-            new = [{**_strip(template[i % len(template)]), "notes": f"batch {i}"}
-                   for i in range(n_new)]
+            new = [
+                {**_strip(template[i % len(template)]), "notes": f"batch {i}"} for i in range(n_new)
+            ]
             reqs = [{"path": f"{RECORDS_PATH}/{uuid.uuid4()}", "body": {"data": d}} for d in new]
             t0 = time.perf_counter()
             _batch(client, reqs, {"method": "PUT"})
             seconds = time.perf_counter() - t0
-            result["batch_write"] = {"records": n_new, "requests_per_batch": BATCH_CHUNK,
-                                     "seconds": round(seconds, 3),
-                                     "records_per_s": round(n_new / seconds, 1)}
-        notes.append(f"full pull: median of {repeats} run(s) per page size; timings include JSON "
-                     "decoding of every page; bytes are response bodies on the wire (no headers)")
-        notes.append(f"batch write: PUT of new records, {BATCH_CHUNK} sub-requests per "
-                     "POST /v1/batch")
+            result["batch_write"] = {
+                "records": n_new,
+                "requests_per_batch": BATCH_CHUNK,
+                "seconds": round(seconds, 3),
+                "records_per_s": round(n_new / seconds, 1),
+            }
+        notes.append(
+            f"full pull: median of {repeats} run(s) per page size; timings include JSON "
+            "decoding of every page; bytes are response bodies on the wire (no headers)"
+        )
+        notes.append(
+            f"batch write: PUT of new records, {BATCH_CHUNK} sub-requests per POST /v1/batch"
+        )
     finally:
         kinto.stop()
         pg.stop()
@@ -491,20 +629,27 @@ def synthetic_records(n: int, seed: int = 42) -> tuple[list[dict[str, Any]], lis
     for _ in range(n):
         begin = start + timedelta(minutes=15 * rng.randrange(0, 50000))
         hospital = rng.randrange(1, 21)
-        records.append({
-            "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-            "doctor_id": rng.randrange(1, 2001), "patient_id": rng.randrange(1, 200001),
-            "hospital_id": hospital, "starts_at": begin.isoformat(),
-            "ends_at": (begin + timedelta(minutes=30)).isoformat(),
-            "status": rng.choice(["booked", "booked", "confirmed", "cancelled"]),
-            "room": f"R{rng.randrange(100, 999)}",
-            "notes": "" if rng.random() < 0.2 else f"follow-up {rng.getrandbits(64):x} results",
-            "patient_name": f"{rng.choice(first)} {rng.choice(last)}",
-            "doctor_name": f"Dr. {rng.choice(first)} {rng.choice(last)}",
-            "specialty_name": rng.choice(specialties), "hospital_name": f"Hospital {hospital}",
-        })
-    changes = [{**rec, "status": "rescheduled", "notes": f"moved {i}", "room": "R001"}
-               for i, rec in enumerate(rng.sample(records, min(100, n)))]
+        records.append(
+            {
+                "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "doctor_id": rng.randrange(1, 2001),
+                "patient_id": rng.randrange(1, 200001),
+                "hospital_id": hospital,
+                "starts_at": begin.isoformat(),
+                "ends_at": (begin + timedelta(minutes=30)).isoformat(),
+                "status": rng.choice(["booked", "booked", "confirmed", "cancelled"]),
+                "room": f"R{rng.randrange(100, 999)}",
+                "notes": "" if rng.random() < 0.2 else f"follow-up {rng.getrandbits(64):x} results",
+                "patient_name": f"{rng.choice(first)} {rng.choice(last)}",
+                "doctor_name": f"Dr. {rng.choice(first)} {rng.choice(last)}",
+                "specialty_name": rng.choice(specialties),
+                "hospital_name": f"Hospital {hospital}",
+            }
+        )
+    changes = [
+        {**rec, "status": "rescheduled", "notes": f"moved {i}", "room": "R001"}
+        for i, rec in enumerate(rng.sample(records, min(100, n)))
+    ]
     return records, changes
 
 
