@@ -142,6 +142,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    return run_bench(args.rest)
+
+
+def run_bench(argv: list[str]) -> int:
+    """``syncunit bench ...``: the benchmarks of a checkout, with their own options."""
     for root in (Path.cwd(), REPO_ROOT):
         if (root / "bench" / "run.py").exists():
             _add_path(root)
@@ -150,7 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench_main = importlib.import_module("bench.run").main
     except ImportError as exc:
         raise SystemExit("error: the benchmarks live in a checkout of syncunit (bench/)") from exc
-    result: int = bench_main(args.rest)
+    result: int = bench_main(argv)
     return result
 
 
@@ -214,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``syncunit`` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options are the bench's own (see syncunit bench --help)
+        return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

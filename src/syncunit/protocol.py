@@ -157,11 +157,16 @@ class PushResults(msgspec.Struct, frozen=True, tag="push"):
 
 
 class StreamStart(msgspec.Struct, frozen=True, tag="stream"):
-    """A stream begins; ``total`` rows are expected (an estimate for progress)."""
+    """A stream begins; ``total`` rows are expected (an estimate for progress).
+
+    ``copy`` says the chunks are a first copy (or a re-download) in key order,
+    not a delta: a client may defer its secondary indexes until it completes.
+    """
 
     stream: str
     total: int
     reset: bool
+    copy: bool = False
 
 
 class Chunk(msgspec.Struct, frozen=True, tag="chunk"):

@@ -21,6 +21,7 @@ import httpx
 
 from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
+from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus
 from syncunit.client.store import LocalStore, quote
 from syncunit.errors import (
@@ -38,7 +39,6 @@ from syncunit.protocol import (
     Encoding,
     End,
     Failure,
-    FrameDecoder,
     Mutation,
     PushResults,
     StreamInfo,
@@ -62,6 +62,8 @@ __all__ = ["ProgressCallback", "SyncClient", "SyncResult"]
 
 ProgressCallback = Callable[[str, int, int], None]
 COMPRESS_ABOVE = 16 * 1024
+#: A first copy of at least this many rows builds the local secondary indexes at its end.
+DEFER_INDEXES_ABOVE = 5000
 log = logging.getLogger("syncunit.client")
 
 
@@ -369,40 +371,68 @@ class SyncClient:
             response.close()
 
     def _read_frames(self, response: httpx.Response, catalog: Catalog, result: SyncResult) -> None:
-        decoder = FrameDecoder(self.encoding)
-        total = done = 0
-        ended = False
+        deferred: dict[str, StreamInfo] = {}  # streams whose indexes wait for the copy's end
         try:
-            for data in response.iter_bytes():
-                for frame in decoder.feed(data):
-                    if isinstance(frame, Chunk):
-                        info = catalog.stream(frame.stream)
-                        if info is None:
-                            raise ProtocolError(f"server sent unknown stream {frame.stream!r}")
-                        upserted, removed = self.store.apply_chunk(info, frame)
-                        t = info.local_table
-                        result.rows_in[t] = result.rows_in.get(t, 0) + upserted
-                        result.rows_removed[t] = result.rows_removed.get(t, 0) + removed
-                        if frame.reset:
-                            result.resets.append(frame.stream)
-                        done += upserted + len(frame.removed)
-                        self._emit(self.on_progress, result.unit, done, max(total, done))
-                    elif isinstance(frame, StreamStart):
-                        total += frame.total
-                        self._emit(self.on_progress, result.unit, done, total)
-                    elif isinstance(frame, PushResults):
-                        self._on_push_results(frame, catalog, result)
-                    elif isinstance(frame, End):
-                        ended = True
-                    elif isinstance(frame, Failure):
-                        raise problem_error(frame.status, frame.code, frame.title, frame.detail)
+            with self.store.bulk():
+                ended = self._apply_frames(response, catalog, result, deferred)
         except httpx.HTTPError as exc:
             raise NetworkError(f"the sync of {result.unit!r} was cut: {exc}") from exc
+        finally:
+            for info in deferred.values():
+                self.store.restore_indexes(info)
         if not ended:
             raise NetworkError(
                 f"the sync of {result.unit!r} ended early; applied chunks are kept and"
                 " the next run resumes from the last one"
             )
+
+    def _apply_frames(
+        self,
+        response: httpx.Response,
+        catalog: Catalog,
+        result: SyncResult,
+        deferred: dict[str, StreamInfo],
+    ) -> bool:
+        """Apply frames as they arrive; return whether the response reached its end.
+
+        A reader thread receives and decodes the next frames while this thread
+        writes the current chunk into SQLite (which runs without the GIL).
+        """
+        total = done = 0
+        with FramePrefetch(response, self.encoding) as frames:
+            for frame in frames:
+                if isinstance(frame, Chunk):
+                    info = catalog.stream(frame.stream)
+                    if info is None:
+                        raise ProtocolError(f"server sent unknown stream {frame.stream!r}")
+                    upserted, removed = self.store.apply_chunk(info, frame)
+                    t = info.local_table
+                    result.rows_in[t] = result.rows_in.get(t, 0) + upserted
+                    result.rows_removed[t] = result.rows_removed.get(t, 0) + removed
+                    if frame.reset:
+                        result.resets.append(frame.stream)
+                    done += upserted + len(frame.removed)
+                    if frame.complete and frame.stream in deferred:
+                        self.store.restore_indexes(deferred.pop(frame.stream))
+                    self._emit(self.on_progress, result.unit, done, max(total, done))
+                elif isinstance(frame, StreamStart):
+                    total += frame.total
+                    info = catalog.stream(frame.stream)
+                    if (
+                        frame.copy
+                        and frame.total >= DEFER_INDEXES_ABOVE
+                        and info is not None
+                        and self.store.suspend_indexes(info)
+                    ):
+                        deferred[frame.stream] = info
+                    self._emit(self.on_progress, result.unit, done, total)
+                elif isinstance(frame, PushResults):
+                    self._on_push_results(frame, catalog, result)
+                elif isinstance(frame, End):
+                    return True
+                elif isinstance(frame, Failure):
+                    raise problem_error(frame.status, frame.code, frame.title, frame.detail)
+        return False
 
     def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:
         applied, kept = self.outbox.complete(frame, catalog.streams)

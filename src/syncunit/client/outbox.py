@@ -41,7 +41,11 @@ DDL = [
     " table_name TEXT NOT NULL, row_key NOT NULL, op TEXT NOT NULL,"
     " changed TEXT NOT NULL DEFAULT '[]', base TEXT NOT NULL DEFAULT '{}',"
     " seq INTEGER UNIQUE, payload BLOB, created_at TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS ix_syncunit_outbox_row ON syncunit_outbox (table_name, row_key)",
+    # (table, key, seq): the triggers look up a row's unsent entry (seq IS NULL) by it;
+    # without seq in it SQLite picks the UNIQUE index on seq and scans every unsent entry.
+    "DROP INDEX IF EXISTS ix_syncunit_outbox_row",
+    "CREATE INDEX IF NOT EXISTS ix_syncunit_outbox_row_seq"
+    " ON syncunit_outbox (table_name, row_key, seq)",
     "CREATE TABLE IF NOT EXISTS syncunit_state ("
     " id INTEGER PRIMARY KEY CHECK (id = 1), applying INTEGER NOT NULL DEFAULT 0,"
     " next_seq INTEGER NOT NULL DEFAULT 1)",

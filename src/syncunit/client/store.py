@@ -47,12 +47,20 @@ _META_DDL = [
 ]
 
 
+#: Chunks of at least this many rows are applied with the outbox triggers dropped.
+BULK_ROWS = 256
+
+
 def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
 def sql_type(logical: str) -> str:
     return SQL_TYPES.get(logical, "TEXT")
+
+
+def _index_name(s: StreamInfo, columns: Sequence[str]) -> str:
+    return quote(f"ix_{s.local_table}_{'_'.join(columns)}")
 
 
 def utcnow() -> str:
@@ -86,6 +94,11 @@ class LocalStore:
             for stmt in _META_DDL + OUTBOX_DDL:
                 self.conn.execute(stmt)
         self._upserts: dict[tuple[str, tuple[str, ...]], str] = {}
+        cached = self.catalog()
+        #: Local tables whose changes are pushed (they carry outbox triggers).
+        self.pushed: set[str] = set()
+        if cached is not None:
+            self.pushed = {t for u in cached.units for t in u.push}
 
     # -- transactions ------------------------------------------------------------------
 
@@ -166,7 +179,7 @@ class LocalStore:
         """Create or migrate every local table the catalog describes; return what changed."""
         changes: list[str] = []
         with self.atomic():
-            pushed = {t for u in catalog.units for t in u.push}
+            pushed = self.pushed = {t for u in catalog.units for t in u.push}
             for stream in catalog.streams:
                 changes += self._migrate(stream)
                 if stream.local_table in pushed:
@@ -214,9 +227,7 @@ class LocalStore:
             )
             c.execute(f"CREATE TABLE {t} ({cols})")
             changes.append(f"created {s.local_table}")
-        for ix in s.indexes:
-            name = quote(f"ix_{s.local_table}_{'_'.join(ix)}")
-            c.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {t} ({', '.join(map(quote, ix))})")
+        self._create_indexes(s)
         row = c.execute(
             "SELECT definition FROM syncunit_cursors WHERE stream = ?", (s.name,)
         ).fetchone()
@@ -229,6 +240,51 @@ class LocalStore:
             c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (s.name,))
             changes.append(f"reset cursor of {s.name}")
         return changes
+
+    def _create_indexes(self, s: StreamInfo) -> None:
+        t = quote(s.local_table)
+        for ix in s.indexes:
+            self.conn.execute(
+                f"CREATE INDEX IF NOT EXISTS {_index_name(s, ix)}"
+                f" ON {t} ({', '.join(map(quote, ix))})"
+            )
+
+    def suspend_indexes(self, s: StreamInfo) -> bool:
+        """Drop a local table's secondary indexes for a large first copy.
+
+        Building an index once over all rows costs far less than keeping it up to
+        date row by row; ``restore_indexes`` builds them again. Returns whether
+        there was anything to drop.
+        """
+        if not s.indexes:
+            return False
+        with self.atomic() as c:
+            for ix in s.indexes:
+                c.execute(f"DROP INDEX IF EXISTS {_index_name(s, ix)}")
+        return True
+
+    def restore_indexes(self, s: StreamInfo) -> None:
+        """Build the secondary indexes ``suspend_indexes`` dropped (idempotent)."""
+        with self.atomic():
+            self._create_indexes(s)
+
+    @contextmanager
+    def bulk(self) -> Iterator[None]:
+        """During a sync: no automatic WAL checkpoints, one at the end.
+
+        Each checkpoint copies pages back into the database file; during a large
+        download the same pages change again and again, so one checkpoint at the
+        end writes each of them once.
+        """
+        with self.lock:
+            self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.conn.execute("PRAGMA wal_autocheckpoint=1000")
+                if self._depth == 0:
+                    self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # -- cursors and sync properties ---------------------------------------------------------
 
@@ -267,10 +323,20 @@ class LocalStore:
         t = quote(stream.local_table)
         key = quote(stream.key)
         upserted = removed = 0
+        # The outbox triggers must not record server changes. For a large chunk they
+        # are dropped and created again inside the transaction (other connections
+        # never see them missing); for a small one a flag in syncunit_state keeps
+        # them quiet, at the cost of a check per row.
+        rows_in = len(chunk.data[0]) if chunk.data else 0
+        bulk = rows_in >= BULK_ROWS and stream.local_table in self.pushed
         try:
             self.conn.execute("PRAGMA synchronous=NORMAL")  # a lost chunk is fetched again
             with self.atomic() as c:
-                c.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+                if bulk:
+                    for stmt in trigger_ddl(stream)[:3]:
+                        c.execute(stmt)
+                else:
+                    c.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
                 pending = {
                     r[0]
                     for r in c.execute(
@@ -296,8 +362,12 @@ class LocalStore:
                         k = chunk.columns.index(stream.key)
                         rows = [r for r in rows if r[k] not in pending]
                     c.executemany(sql, rows)
-                    upserted = len(chunk.data[0])
-                c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+                    upserted = rows_in  # received; rows with pending changes kept theirs
+                if bulk:
+                    for stmt in trigger_ddl(stream)[3:]:
+                        c.execute(stmt)
+                else:
+                    c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
                 c.execute(
                     "INSERT INTO syncunit_cursors (stream, local_table, definition, cursor)"
                     " VALUES (?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET"

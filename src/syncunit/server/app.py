@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import queue
 import threading
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -61,6 +60,7 @@ log = logging.getLogger("syncunit.server")
 __all__ = ["SyncServer", "create_app"]
 
 _DONE = object()
+AHEAD = 4
 
 
 class SyncServer:
@@ -296,7 +296,7 @@ class _Compressor:
     def __init__(self, name: str) -> None:
         self.name = name
         if name == "zstd":
-            self._z: Any = zstandard.ZstdCompressor(level=3).compressobj()
+            self._z: Any = zstandard.ZstdCompressor(level=1).compressobj()
         elif name == "gzip":
             self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
 
@@ -324,17 +324,24 @@ def _compressor(accept_encoding: str) -> _Compressor:
 
 
 async def _pump(frames: Iterator[Frame], encoding: Any, comp: _Compressor) -> AsyncIterator[bytes]:
-    """Run ``frames`` on a worker thread; hand its encoded bytes to the event loop."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=4)
+    """Run ``frames`` on a worker thread; hand its encoded bytes to the event loop.
+
+    At most ``AHEAD`` pieces wait in between, so memory stays bounded while the
+    database read and the network send overlap.
+    """
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    slots = threading.Semaphore(AHEAD)
     stop = threading.Event()
 
     def put(item: Any) -> bool:
         while not stop.is_set():
-            try:
-                q.put(item, timeout=0.2)
+            if slots.acquire(timeout=0.2):
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, item)
+                except RuntimeError:  # the event loop is gone
+                    return False
                 return True
-            except queue.Full:
-                continue
         return False
 
     def produce() -> None:
@@ -367,7 +374,8 @@ async def _pump(frames: Iterator[Frame], encoding: Any, comp: _Compressor) -> As
     worker.start()
     try:
         while True:
-            item = await anyio.to_thread.run_sync(q.get)
+            item = await q.get()
+            slots.release()
             if item is _DONE:
                 break
             yield item

@@ -22,21 +22,24 @@ import decimal
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import BinaryExpression, ColumnElement
 
 from syncunit.protocol import Chunk, StreamStart
 from syncunit.server.cursor import Cursor, decode_cursor, encode_cursor
 from syncunit.server.store import ServerStore, tombstones
-from syncunit.units import VERSION, Stream, logical_type
+from syncunit.units import VERSION, Join, Stream, logical_type
 
 MAX_FULL_STREAM_ROWS = 100_000
+#: A first copy walks the whole base table in key order when at least 1/N of it
+#: is in scope; a smaller scope is found through the filter's index and sorted.
+FULL_SCAN_SHARE = 4
 
 
 def _iso(v: Any) -> Any:
@@ -70,6 +73,21 @@ def to_wire(value: Any) -> Any:
     return value
 
 
+def _equi_link(join: Join) -> tuple[sa.Column[Any], sa.Column[Any]] | None:
+    """For ``ON joined.col = other.col``: (the joined table's column, the other's), or None."""
+    on = join.on
+    if not isinstance(on, BinaryExpression) or on.operator is not operators.eq:
+        return None
+    left, right = on.left, on.right
+    if not (isinstance(left, sa.Column) and isinstance(right, sa.Column)):
+        return None
+    if left.table is join.table and right.table is not join.table:
+        return left, right
+    if right.table is join.table and left.table is not join.table:
+        return right, left
+    return None
+
+
 def params_hash(stream: Stream, params: Mapping[str, Any]) -> str:
     used = {k: to_wire(params.get(k)) for k in stream.parameters}
     return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
@@ -96,6 +114,15 @@ class StreamReader:
             (i, _CONVERTERS[lt])
             for i, expr in enumerate(stream.columns.values())
             if (lt := logical_type(expr.type)) in _CONVERTERS
+        ]
+        # Where the store can read every column raw, rows skip SQLAlchemy's result
+        # processing (and datetimes their parse and format round trip).
+        raw = [store.raw_column(expr) for expr in stream.columns.values()]
+        self.raw = stream.mode == "delta" and all(r is not None for r in raw)
+        self.plain = [expr.label(name) for name, expr in stream.columns.items()]
+        self.selected = [
+            (r if self.raw and r is not None else expr).label(name)
+            for (name, expr), r in zip(stream.columns.items(), raw, strict=True)
         ]
 
     # -- entry point ---------------------------------------------------------------
@@ -149,15 +176,38 @@ class StreamReader:
 
     # -- queries ---------------------------------------------------------------------
 
-    def _rows_select(self) -> sa.Select[Any]:
+    def _rows_select(self, *, drive_by_base: bool = False, raw: bool = False) -> sa.Select[Any]:
+        """The stream's rows. ``drive_by_base`` hides the filter from the planner.
+
+        Wrapped in ``coalesce(filter, false)`` (same rows), the filter can no
+        longer turn the outer joins into inner ones and drive the query through a
+        joined table's index: the base table stays the outer loop, walked by key
+        or reached by key lookups. Deltas (keys from the candidates) and large
+        first copies (the key order with no sort) want that. ``raw`` selects the
+        store's raw forms of the columns (what ``_partitions`` reads from the cursor).
+        """
         s = self.stream
         from_: Any = s.base
         for j in s.joins:
             from_ = from_.outerjoin(j.table, j.on)
-        q = sa.select(*(expr.label(name) for name, expr in s.columns.items())).select_from(from_)
+        q = sa.select(*(self.selected if raw else self.plain)).select_from(from_)
         if s.where is not None:
-            q = q.where(s.where)
+            q = q.where(sa.func.coalesce(s.where, sa.false()) if drive_by_base else s.where)
         return q
+
+    def _count_select(self) -> sa.Select[Any]:
+        """``count(*)`` of the rows in scope, joining only what the filter reads."""
+        s = self.stream
+        need: list[sa.Table] = []
+        for c in visitors.iterate(s.where) if s.where is not None else ():
+            if isinstance(c, sa.Column) and isinstance(c.table, sa.Table) and c.table is not s.base:
+                need += [t for t in self._path(c.table) if t not in need]
+        from_: Any = s.base
+        for j in s.joins:
+            if j.table in need:
+                from_ = from_.outerjoin(j.table, j.on)
+        q = sa.select(sa.func.count()).select_from(from_)
+        return q if s.where is None else q.where(s.where)
 
     def _effective_version(self) -> ColumnElement[Any]:
         return self.store.greatest(*(t.c[VERSION] for t in self.stream.tables))
@@ -178,17 +228,44 @@ class StreamReader:
         return need
 
     def _candidates(self, since: int) -> sa.CompoundSelect[Any]:
-        """Keys of base rows whose own row or a joined row changed after ``since``."""
+        """Keys of base rows whose own row or a joined row changed after ``since``.
+
+        Each part starts from a table's version index. For equi-joins it is a
+        chain of ``IN`` subqueries (changed specialties -> their doctors -> their
+        appointments), which every planner runs inside out, index by index.
+        """
         s = self.stream
         pk = s.key_column
         parts = [sa.select(pk).where(s.base.c[VERSION] > since)]
         by_table = {j.table.name: j for j in s.joins}
         for j in s.joins:
+            chain = self._in_chain(j.table, since)
+            if chain is not None:
+                parts.append(chain)
+                continue
             from_: Any = s.base
             for t in reversed(self._path(j.table)):
                 from_ = from_.join(t, by_table[t.name].on)
             parts.append(sa.select(pk).select_from(from_).where(j.table.c[VERSION] > since))
         return sa.union(*parts)
+
+    def _in_chain(self, table: sa.Table, since: int) -> sa.Select[Any] | None:
+        """``SELECT key WHERE fk IN (SELECT ... WHERE table.version > since)``, or None
+        when a join on the way is not a plain equality."""
+        by_table = {j.table.name: j for j in self.stream.joins}
+        link = _equi_link(by_table[table.name])
+        if link is None:
+            return None
+        own, parent_col = link
+        sub = sa.select(own).where(table.c[VERSION] > since)
+        while parent_col.table is not self.stream.base:
+            link = _equi_link(by_table[parent_col.table.name])
+            if link is None:
+                return None
+            own, next_parent = link
+            sub = sa.select(own).where(parent_col.in_(sub))
+            parent_col = next_parent
+        return sa.select(self.stream.key_column).where(parent_col.in_(sub))
 
     def _removals(self, since: int, after: Any) -> sa.Select[Any]:
         s = self.stream
@@ -236,7 +313,11 @@ class StreamReader:
                         from_ = from_.outerjoin(j.table, sub(j.on))
                 parts.append(sa.select(pk.label("k")).select_from(from_).where(sub(s.where)))
         gone = sa.union(*parts).subquery("gone")
-        in_scope = self._rows_select().with_only_columns(sa.literal(1)).where(pk == gone.c.k)
+        in_scope = (
+            self._rows_select(drive_by_base=True)
+            .with_only_columns(sa.literal(1))
+            .where(pk == gone.c.k)
+        )
         q = sa.select(gone.c.k).where(~in_scope.exists()).order_by(gone.c.k)
         if after is not None:
             q = q.where(gone.c.k > after)
@@ -261,20 +342,23 @@ class StreamReader:
     def _full_pass(
         self, conn: Connection, cur: Cursor, reset: bool, *, final: bool = True
     ) -> Iterator[Any]:
+        """A first copy in key order, resumable after any chunk."""
         pk = self.stream.key_column
-        q = self._rows_select()
+        counted = self._count_select()
+        if cur.after:
+            counted = counted.where(pk > cur.after[0])
+        total = conn.execute(counted, self.params).scalar_one()
+        yield StreamStart(stream=self.stream.name, total=total, reset=reset, copy=True)
+        # Most of the table in scope: walk it in key order (no sort, rows stream at
+        # once). A small scope: let the filter's index find it, then sort it.
+        table_rows = conn.execute(sa.select(sa.func.count()).select_from(self.stream.base))
+        drive = total * FULL_SCAN_SHARE >= table_rows.scalar_one()
+        q = self._rows_select(drive_by_base=drive, raw=True)
         if cur.after:
             q = q.where(pk > cur.after[0])
-        total = conn.execute(
-            sa.select(sa.func.count()).select_from(q.subquery()), self.params
-        ).scalar_one()
-        yield StreamStart(stream=self.stream.name, total=total, reset=reset)
         key_index = self.columns.index(self.stream.key)
-        result = conn.execution_options(yield_per=self.chunk_size).execute(
-            q.order_by(pk), self.params
-        )
         sent = False
-        for rows in result.partitions(self.chunk_size):
+        for rows in self._partitions(conn, q.order_by(pk)):
             after = [rows[-1][key_index]]
             cur = msgspec.structs.replace(cur, after=after)
             yield self._chunk(rows, [], cur, reset=reset and not sent)
@@ -290,7 +374,7 @@ class StreamReader:
             removals = self._removals(since, cur.after[0] if cur.after else None)
         ev = self._effective_version()
         upserts = (
-            self._rows_select()
+            self._rows_select(drive_by_base=True, raw=True)
             .add_columns(ev.label("_ev"))
             .where(s.key_column.in_(self._candidates(since)))
         )
@@ -317,10 +401,7 @@ class StreamReader:
             cur, phase="upserts", after=cur.after if cur.phase == "upserts" else None
         )
         key_index = self.columns.index(s.key)
-        result = conn.execution_options(yield_per=self.chunk_size).execute(
-            upserts.order_by(ev, s.key_column), self.params
-        )
-        for rows in result.partitions(self.chunk_size):
+        for rows in self._partitions(conn, upserts.order_by(ev, s.key_column)):
             last = rows[-1]
             cur = msgspec.structs.replace(cur, after=[last[-1], last[key_index]])
             yield self._chunk([r[:-1] for r in rows], [], cur)
@@ -356,12 +437,27 @@ class StreamReader:
 
     # -- frames ----------------------------------------------------------------------
 
+    def _partitions(self, conn: Connection, query: sa.Select[Any]) -> Iterator[Sequence[Any]]:
+        """The query's rows in batches of ``chunk_size``, never all in memory."""
+        if self.raw:
+            result = conn.execute(query, self.params)
+            cursor = result.cursor  # the DBAPI cursor: plain tuples, converted by _columnar
+            try:
+                while rows := cursor.fetchmany(self.chunk_size):
+                    yield rows
+            finally:
+                result.close()
+            return
+        result = conn.execution_options(yield_per=self.chunk_size).execute(query, self.params)
+        yield from result.partitions(self.chunk_size)
+
     def _columnar(self, rows: Any) -> list[list[Any]]:
         if not rows:
             return []
         data: list[Any] = list(zip(*rows, strict=True))
-        for i, conv in self.converters:
-            data[i] = [conv(v) for v in data[i]]
+        if not self.raw:
+            for i, conv in self.converters:
+                data[i] = [conv(v) for v in data[i]]
         return data
 
     def _chunk(

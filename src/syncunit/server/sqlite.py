@@ -63,6 +63,10 @@ def configure_engine(engine: Engine) -> Engine:
     return engine
 
 
+#: Column types whose stored SQLite values travel as they are.
+_RAW_TYPES = (sa.Integer, sa.Float, sa.String, sa.Date, sa.Boolean)
+
+
 class SQLiteStore(ServerStore):
     """Change tracking with triggers and a global clock table."""
 
@@ -84,6 +88,21 @@ class SQLiteStore(ServerStore):
 
     def old_value(self, old: ColumnElement[Any], column: sa.Column[Any]) -> ColumnElement[Any]:
         return sa.type_coerce(sa.func.json_extract(old, f"$.{column.name}"), column.type)
+
+    def raw_column(self, expr: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        kind = expr.type
+        if isinstance(kind, sa.types.TypeDecorator | sa.Uuid | sa.JSON | sa.Enum):
+            return None  # custom processing
+        if isinstance(kind, sa.DateTime):
+            # SQLAlchemy stores '2027-03-01 09:00:00.000000'; isoformat() writes
+            # '2027-03-01T09:00:00': the same text, made by SQLite in C.
+            text = sa.type_coerce(expr, sa.String)
+            return sa.func.replace(sa.func.replace(text, " ", "T"), ".000000", "")
+        if isinstance(kind, _RAW_TYPES) and (
+            not isinstance(kind, sa.Numeric) or isinstance(kind, sa.Integer | sa.Float)
+        ):
+            return expr
+        return None
 
     def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         parts = [sa.func.coalesce(v, 0) for v in values]

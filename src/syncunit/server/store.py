@@ -125,6 +125,15 @@ class ServerStore(abc.ABC):
     def old_value(self, old: ColumnElement[Any], column: sa.Column[Any]) -> ColumnElement[Any]:
         """Read ``column``'s old value out of a tombstone's JSON."""
 
+    def raw_column(self, expr: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        """An expression whose raw DBAPI values already are the wire values of ``expr``.
+
+        None (the default) means the column needs SQLAlchemy's type processing;
+        when every column of a stream has a raw form, its rows are read straight
+        from the DBAPI cursor.
+        """
+        return None
+
     @abc.abstractmethod
     def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         """The largest of several (nullable) integers."""
