@@ -187,6 +187,7 @@ def test_the_watcher_reconnects_after_a_server_restart(
     key = insert_appointment(plain_sql, doctor_id=1)
 
     wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+    wait_until(lambda: bool(events.completed()))  # the row lands before the sync returns
     assert b._live.changes >= 1
     assert b._live.errors >= 1
     assert events.completed()[-1] == "Login"

@@ -53,7 +53,7 @@ FRAMES = [
     Chunk(stream="doctors", columns=[], data=[], removed=[], cursor="c1.x", complete=True),
     PushResults(
         results=[
-            MutationResult(seq=1, id="m1", status="applied", version=5),
+            MutationResult(seq=1, id="m1", status="applied"),
             MutationResult(
                 seq=2,
                 id="m2",

@@ -40,6 +40,19 @@ doctors = Stream(
 )
 
 
+_overlap = (
+    sa.select(appointment.c.starts_at, appointment.c.ends_at)
+    .where(
+        appointment.c.doctor_id == sa.bindparam("doctor_id"),
+        appointment.c.id != sa.bindparam("key"),
+        appointment.c.status == "booked",
+        appointment.c.starts_at < sa.bindparam("ends_at", type_=sa.DateTime),
+        appointment.c.ends_at > sa.bindparam("starts_at", type_=sa.DateTime),
+    )
+    .limit(1)
+)
+
+
 def no_double_booking(ctx: MutationContext) -> str | None:
     """A doctor cannot have two booked appointments at overlapping times."""
     row = ctx.row
@@ -50,15 +63,13 @@ def no_double_booking(ctx: MutationContext) -> str | None:
     if row["status"] != "booked":
         return None
     clash = ctx.conn.execute(
-        sa.select(appointment.c.starts_at, appointment.c.ends_at)
-        .where(
-            appointment.c.doctor_id == row["doctor_id"],
-            appointment.c.id != ctx.key,
-            appointment.c.status == "booked",
-            appointment.c.starts_at < row["ends_at"],
-            appointment.c.ends_at > row["starts_at"],
-        )
-        .limit(1)
+        _overlap,
+        {
+            "doctor_id": row["doctor_id"],
+            "key": ctx.key,
+            "starts_at": row["starts_at"],
+            "ends_at": row["ends_at"],
+        },
     ).first()
     if clash is None:
         return None

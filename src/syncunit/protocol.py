@@ -146,7 +146,6 @@ class MutationResult(msgspec.Struct, frozen=True):
     reason: str = ""
     code: str = ""
     server_row: dict[str, Any] | None = None
-    version: int | None = None
 
 
 class PushResults(msgspec.Struct, frozen=True, tag="push"):

@@ -102,6 +102,7 @@ class Scheduler:
         self.periodic: tuple[str, float] | None = None
         self._next_periodic: float | None = None
         self._cond = threading.Condition()
+        self._starting = threading.Lock()
         self._stop = False
         self._thread: threading.Thread | None = None
         with client.store.atomic() as c:
@@ -244,12 +245,14 @@ class Scheduler:
     # -- the worker thread -----------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self.recover()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="syncunit-worker", daemon=True)
-        self._thread.start()
+        """Start the one worker (app threads may call this at the same time)."""
+        with self._starting:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self.recover()
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="syncunit-worker", daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:

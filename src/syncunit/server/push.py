@@ -21,6 +21,7 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -33,7 +34,7 @@ from syncunit.server.auth import Principal
 from syncunit.server.changes import StreamReader, to_wire
 from syncunit.server.problems import ProblemException
 from syncunit.server.store import ServerStore, clients, mutation_log
-from syncunit.units import VERSION, Stream, SyncSchema, logical_type
+from syncunit.units import Stream, SyncSchema, logical_type
 
 LOG_RETENTION = 100_000
 log = logging.getLogger("syncunit.server")
@@ -122,6 +123,36 @@ def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
     return value
 
 
+KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
+
+
+@dataclass(frozen=True)
+class _Statements:
+    current: sa.Select[Any]
+    in_scope: sa.Select[Any]
+    insert: sa.Insert
+    insert_new: sa.Insert
+    update: sa.Update
+    delete: sa.Delete
+
+
+class _Savepoint:
+    """SAVEPOINT / RELEASE / ROLLBACK TO on a DBAPI connection in a transaction."""
+
+    def __init__(self, dbapi: Any) -> None:
+        self.cursor = dbapi.cursor()
+        self.cursor.execute("SAVEPOINT syncunit_mutation")
+
+    def commit(self) -> None:
+        self.cursor.execute("RELEASE SAVEPOINT syncunit_mutation")
+        self.cursor.close()
+
+    def rollback(self) -> None:
+        self.cursor.execute("ROLLBACK TO SAVEPOINT syncunit_mutation")
+        self.cursor.execute("RELEASE SAVEPOINT syncunit_mutation")
+        self.cursor.close()
+
+
 class PushApplier:
     """Applies the mutations of sync requests for one schema and store."""
 
@@ -134,6 +165,7 @@ class PushApplier:
             if unit.pushes
             for t in schema.unit_push_tables(unit)
         }
+        self._cache: dict[str, _Statements] = {}
 
     def apply(self, principal: Principal, req: SyncRequest) -> PushResults:
         """Apply ``req.mutations`` in one transaction; return one result per mutation."""
@@ -163,21 +195,24 @@ class PushApplier:
                 last = req.mutations[0].seq - 1
             self._check_sequence(req.mutations, last)
             results: list[MutationResult] = []
+            logged: list[dict[str, Any]] = []
             for m in req.mutations:
                 if m.seq <= last:
                     results.append(self._replay(conn, req.client_id, m))
                     continue
                 result = self._apply_one(conn, principal, m)
-                conn.execute(
-                    mutation_log.insert().values(
-                        client_id=req.client_id,
-                        seq=m.seq,
-                        mutation_id=m.id,
-                        result=_result_enc.encode(result),
-                    )
+                logged.append(
+                    {
+                        "client_id": req.client_id,
+                        "seq": m.seq,
+                        "mutation_id": m.id,
+                        "result": _result_enc.encode(result),
+                    }
                 )
                 results.append(result)
                 last = m.seq
+            if logged:
+                conn.execute(mutation_log.insert(), logged)
             conn.execute(
                 clients.update()
                 .where(clients.c.client_id == req.client_id)
@@ -242,9 +277,13 @@ class PushApplier:
                 code="unknown-table",
                 reason=f"table {m.table!r} does not accept changes",
             )
-        savepoint = conn.begin_nested()
+        # A savepoint per mutation, on the DBAPI connection: it is the hottest statement
+        # pair of a push, and needs none of SQLAlchemy's bookkeeping.
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        savepoint = _Savepoint(dbapi)
         try:
-            version = self._write(conn, stream, principal, m)
+            self._write(conn, stream, principal, m)
         except Rejected as exc:
             savepoint.rollback()
             return MutationResult(
@@ -277,10 +316,13 @@ class PushApplier:
                 server_row=self._server_row(conn, stream, principal, m.key),
             )
         savepoint.commit()
-        return MutationResult(seq=m.seq, id=m.id, status="applied", version=version)
+        return MutationResult(seq=m.seq, id=m.id, status="applied")
 
-    def _write(self, conn: Connection, s: Stream, principal: Principal, m: Mutation) -> int | None:
+    def _write(self, conn: Connection, s: Stream, principal: Principal, m: Mutation) -> None:
         base, pk = s.base, s.key_column
+        st = self._statements(s)
+        if m.op == "insert" and self._insert_new(conn, s, principal, m):
+            return
         key = coerce(m.key, pk, s.key)
         if key is None:
             raise Rejected("invalid-value", "the row key cannot be empty")
@@ -288,22 +330,22 @@ class PushApplier:
             raise Rejected("invalid-request", f"unknown operation {m.op!r}")
         names = list(m.values) if m.op == "insert" else list(m.changed)
         changes = self._map(s, m, names)
-        found = conn.execute(sa.select(base).where(pk == key)).mappings().first()
+        found = conn.execute(st.current, {KEY: key}).mappings().first()
         current: dict[str, Any] | None = None if found is None else dict(found)
         if current is not None and not self._in_scope(conn, s, principal, key):
             raise Rejected("out-of-scope", "the row is outside your scope")
         policy = s.policy
         if m.op == "delete":
             if current is None:
-                return None  # already gone: deleting is idempotent
+                return  # already gone: deleting is idempotent
             if policy.detects:
                 base_vals = self._map(s, m, [n for n in m.base if n != s.key], values=m.base)
                 differ = tuple(c for c, v in base_vals.items() if current[c] != v)
                 if differ:
                     self._on_conflict(s, m, current, {}, base_vals, differ, key)
             self._check_rules(conn, s, principal, m, key, current)
-            conn.execute(base.delete().where(pk == key))
-            return None
+            conn.execute(st.delete, {KEY: key})
+            return
         if current is None and m.op == "update":
             raise ConflictFound("the row was deleted on the server")
         if current is not None:
@@ -319,15 +361,13 @@ class PushApplier:
             row = {**current, **changes}
             self._check_rules(conn, s, principal, m, key, row)
             if changes:
-                conn.execute(base.update().where(pk == key).values(changes))
+                conn.execute(st.update, {**changes, KEY: key})
         else:
             row = {c.name: None for c in base.columns} | changes | {pk.name: key}
             self._check_rules(conn, s, principal, m, key, row)
-            conn.execute(base.insert().values({**changes, pk.name: key}))
+            conn.execute(st.insert, {**changes, pk.name: key})
         if not self._in_scope(conn, s, principal, key):
             raise Rejected("out-of-scope", "the change would move the row outside your scope")
-        version = conn.execute(sa.select(base.c[VERSION]).where(pk == key)).scalar()
-        return None if version is None else int(version)
 
     def _map(
         self, s: Stream, m: Mutation, names: list[str], values: Mapping[str, Any] | None = None
@@ -437,10 +477,50 @@ class PushApplier:
             if reason:
                 raise Rejected("rule", reason)
 
+    def _insert_new(self, conn: Connection, s: Stream, principal: Principal, m: Mutation) -> bool:
+        """Insert a row whose key is new, in one statement; False if the key exists.
+
+        The common case of a push (a booking made on a device) skips reading the
+        current row. The rules run after the row is written, inside the mutation's
+        savepoint, so a rejection (or a scope check failing) undoes it.
+        """
+        pk = s.key_column
+        key = coerce(m.key, pk, s.key)
+        if key is None:
+            raise Rejected("invalid-value", "the row key cannot be empty")
+        changes = self._map(s, m, list(m.values))
+        done = conn.execute(self._statements(s).insert_new, {**changes, pk.name: key})
+        if done.rowcount == 0:
+            return False
+        row = {c.name: None for c in s.base.columns} | changes | {pk.name: key}
+        self._check_rules(conn, s, principal, m, key, row)
+        if not self._in_scope(conn, s, principal, key):
+            raise Rejected("out-of-scope", "the change would move the row outside your scope")
+        return True
+
     def _in_scope(self, conn: Connection, s: Stream, principal: Principal, key: Any) -> bool:
-        reader = StreamReader(self.store, s, principal.params, chunk_size=1)
-        q = reader._rows_select().with_only_columns(sa.literal(1)).where(s.key_column == key)
-        return conn.execute(q, reader.params).first() is not None
+        params = {p: principal.params[p] for p in s.parameters}
+        return conn.execute(self._statements(s).in_scope, {**params, KEY: key}).first() is not None
+
+    def _statements(self, s: Stream) -> _Statements:
+        """The stream's statements, built once: SQLAlchemy then reuses their compiled form."""
+        st = self._cache.get(s.name)
+        if st is None:
+            base, pk = s.base, s.key_column
+            key: sa.BindParameter[Any] = sa.bindparam(KEY)
+            reader = StreamReader(self.store, s, dict.fromkeys(s.parameters), chunk_size=1)
+            st = _Statements(
+                current=sa.select(base).where(pk == key),
+                in_scope=reader._rows_select(drive_by_base=True)
+                .with_only_columns(sa.literal(1))
+                .where(pk == key),
+                insert=base.insert(),
+                insert_new=self.store.insert_new(base),
+                update=base.update().where(pk == key),
+                delete=base.delete().where(pk == key),
+            )
+            self._cache[s.name] = st
+        return st
 
     def _server_row(
         self, conn: Connection, s: Stream, principal: Principal, key: Any

@@ -12,6 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.elements import ColumnElement
@@ -103,6 +104,10 @@ class SQLiteStore(ServerStore):
         ):
             return expr
         return None
+
+    def insert_new(self, table: sa.Table) -> sa.Insert:
+        pk = list(table.primary_key.columns)
+        return sqlite_insert(table).on_conflict_do_nothing(index_elements=pk)
 
     def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         parts = [sa.func.coalesce(v, 0) for v in values]

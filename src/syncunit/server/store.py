@@ -135,6 +135,10 @@ class ServerStore(abc.ABC):
         return None
 
     @abc.abstractmethod
+    def insert_new(self, table: sa.Table) -> sa.Insert:
+        """An INSERT that does nothing (rowcount 0) when the primary key exists."""
+
+    @abc.abstractmethod
     def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         """The largest of several (nullable) integers."""
 
