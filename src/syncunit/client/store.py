@@ -270,11 +270,12 @@ class LocalStore:
 
     @contextmanager
     def bulk(self) -> Iterator[None]:
-        """During a sync: no automatic WAL checkpoints, one at the end.
+        """During a sync: no automatic WAL checkpoints until it ends.
 
         Each checkpoint copies pages back into the database file; during a large
-        download the same pages change again and again, so one checkpoint at the
-        end writes each of them once.
+        download the same pages change again and again, so the first commit after
+        the sync (a checkpoint is due when the WAL passes 1000 pages) writes each
+        of them once. A small delta leaves the WAL small and costs no checkpoint.
         """
         with self.lock:
             self.conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -283,8 +284,6 @@ class LocalStore:
         finally:
             with self.lock:
                 self.conn.execute("PRAGMA wal_autocheckpoint=1000")
-                if self._depth == 0:
-                    self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # -- cursors and sync properties ---------------------------------------------------------
 
@@ -304,6 +303,17 @@ class LocalStore:
         return rows[0][0] if rows else None
 
     def complete_unit(self, unit: str, result_json: str) -> None:
+        """Record LastSyncOn and the run's result (not worth an fsync: a lost one
+        only shows an older time)."""
+        with self.lock:
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._complete_unit(unit, result_json)
+        finally:
+            with self.lock:
+                self.conn.execute("PRAGMA synchronous=FULL")
+
+    def _complete_unit(self, unit: str, result_json: str) -> None:
         with self.atomic():
             self.conn.execute(
                 "INSERT INTO syncunit_sync_properties (unit, last_sync_on, last_result)"

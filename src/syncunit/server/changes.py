@@ -20,8 +20,10 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import hashlib
+import itertools
 import json
 import uuid
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -71,6 +73,19 @@ def to_wire(value: Any) -> Any:
     if isinstance(value, decimal.Decimal | uuid.UUID):
         return str(value)
     return value
+
+
+SINCE, AFTER_EV, AFTER_KEY = "syncunit_since", "syncunit_after_ev", "syncunit_after_key"
+
+
+@dataclass(frozen=True)
+class _DeltaQueries:
+    removals: sa.Select[Any]
+    removals_after: sa.Select[Any]
+    upserts: sa.Select[Any]
+    upserts_after: sa.Select[Any]
+    count: sa.Select[Any]
+    count_after: sa.Select[Any]
 
 
 def _equi_link(join: Join) -> tuple[sa.Column[Any], sa.Column[Any]] | None:
@@ -227,7 +242,7 @@ class StreamReader:
                     todo.append(e.table)
         return need
 
-    def _candidates(self, since: int) -> sa.CompoundSelect[Any]:
+    def _candidates(self, since: Any) -> sa.CompoundSelect[Any]:
         """Keys of base rows whose own row or a joined row changed after ``since``.
 
         Each part starts from a table's version index. For equi-joins it is a
@@ -249,7 +264,7 @@ class StreamReader:
             parts.append(sa.select(pk).select_from(from_).where(j.table.c[VERSION] > since))
         return sa.union(*parts)
 
-    def _in_chain(self, table: sa.Table, since: int) -> sa.Select[Any] | None:
+    def _in_chain(self, table: sa.Table, since: Any) -> sa.Select[Any] | None:
         """``SELECT key WHERE fk IN (SELECT ... WHERE table.version > since)``, or None
         when a join on the way is not a plain equality."""
         by_table = {j.table.name: j for j in self.stream.joins}
@@ -267,7 +282,7 @@ class StreamReader:
             parent_col = next_parent
         return sa.select(self.stream.key_column).where(parent_col.in_(sub))
 
-    def _removals(self, since: int, after: Any) -> sa.Select[Any]:
+    def _removals(self, since: Any, after: Any) -> sa.Select[Any]:
         s = self.stream
         pk = s.key_column
         by_table = {j.table.name: j for j in s.joins}
@@ -323,7 +338,7 @@ class StreamReader:
             q = q.where(gone.c.k > after)
         return q
 
-    def _old_image(self, table: sa.Table, since: int) -> Any:
+    def _old_image(self, table: sa.Table, since: Any) -> Any:
         ts = tombstones.alias(f"ts_{table.name}")
         recorded = self.stream.scope_columns().get(table.name, set())
         cols = [
@@ -366,32 +381,55 @@ class StreamReader:
         done = self._cursor(cur.epoch, "done", since=cur.high, high=cur.high)
         yield self._chunk([], [], done, reset=reset and not sent, complete=final)
 
+    def _delta_queries(self) -> _DeltaQueries:
+        """The stream's delta statements, built once per store with bind parameters
+        (SQLAlchemy then reuses their compiled form; a delta costs its SQL only)."""
+        cache_key = ("delta", self.stream.name, self.stream.definition_hash)
+        queries = self.store.query_cache.get(cache_key)
+        if queries is None:
+            s = self.stream
+            since = sa.bindparam(SINCE, type_=sa.BigInteger)
+            ev = self._effective_version()
+            upserts = (
+                self._rows_select(drive_by_base=True, raw=True)
+                .add_columns(ev.label("_ev"))
+                .where(s.key_column.in_(self._candidates(since)))
+            )
+            after_ev = sa.bindparam(AFTER_EV, type_=sa.BigInteger)
+            after_key = sa.bindparam(AFTER_KEY, type_=s.key_column.type)
+            resumed = upserts.where(
+                sa.or_(ev > after_ev, sa.and_(ev == after_ev, s.key_column > after_key))
+            )
+            queries = _DeltaQueries(
+                removals=self._removals(since, None),
+                removals_after=self._removals(since, after_key),
+                upserts=upserts.order_by(ev, s.key_column),
+                upserts_after=resumed.order_by(ev, s.key_column),
+                count=sa.select(sa.func.count()).select_from(upserts.subquery()),
+                count_after=sa.select(sa.func.count()).select_from(resumed.subquery()),
+            )
+            self.store.query_cache[cache_key] = queries
+        return queries
+
     def _delta_pass(self, conn: Connection, cur: Cursor, *, final: bool = True) -> Iterator[Any]:
         s = self.stream
-        since = cur.since or 0
-        removals = None
-        if cur.phase == "removals":
-            removals = self._removals(since, cur.after[0] if cur.after else None)
-        ev = self._effective_version()
-        upserts = (
-            self._rows_select(drive_by_base=True, raw=True)
-            .add_columns(ev.label("_ev"))
-            .where(s.key_column.in_(self._candidates(since)))
-        )
-        if cur.phase == "upserts" and cur.after:
-            last_ev, last_key = cur.after
-            upserts = upserts.where(
-                sa.or_(ev > last_ev, sa.and_(ev == last_ev, s.key_column > last_key))
-            )
+        q = self._delta_queries()
+        params: dict[str, Any] = {**self.params, SINCE: cur.since or 0}
         removed_keys: list[Any] = []
-        if removals is not None:
-            removed_keys = [r[0] for r in conn.execute(removals, self.params)]
-        total = (
-            len(removed_keys)
-            + conn.execute(
-                sa.select(sa.func.count()).select_from(upserts.subquery()), self.params
-            ).scalar_one()
-        )
+        if cur.phase == "removals":
+            removals = q.removals
+            if cur.after:
+                removals, params[AFTER_KEY] = q.removals_after, cur.after[0]
+            removed_keys = [r[0] for r in conn.execute(removals, params)]
+        upserts, count = q.upserts, q.count
+        if cur.phase == "upserts" and cur.after:
+            upserts, count = q.upserts_after, q.count_after
+            params[AFTER_EV], params[AFTER_KEY] = cur.after
+        rows_iter = self._partitions(conn, upserts, params)
+        first = next(rows_iter, None)
+        total = len(removed_keys) + (len(first) if first is not None else 0)
+        if first is not None and len(first) == self.chunk_size:  # more than one chunk: count
+            total = len(removed_keys) + conn.execute(count, params).scalar_one()
         yield StreamStart(stream=s.name, total=total, reset=False)
         for i in range(0, len(removed_keys), self.chunk_size):
             part = removed_keys[i : i + self.chunk_size]
@@ -401,7 +439,7 @@ class StreamReader:
             cur, phase="upserts", after=cur.after if cur.phase == "upserts" else None
         )
         key_index = self.columns.index(s.key)
-        for rows in self._partitions(conn, upserts.order_by(ev, s.key_column)):
+        for rows in itertools.chain([first] if first is not None else [], rows_iter):
             last = rows[-1]
             cur = msgspec.structs.replace(cur, after=[last[-1], last[key_index]])
             yield self._chunk([r[:-1] for r in rows], [], cur)
@@ -437,10 +475,13 @@ class StreamReader:
 
     # -- frames ----------------------------------------------------------------------
 
-    def _partitions(self, conn: Connection, query: sa.Select[Any]) -> Iterator[Sequence[Any]]:
+    def _partitions(
+        self, conn: Connection, query: sa.Select[Any], params: Mapping[str, Any] | None = None
+    ) -> Iterator[Sequence[Any]]:
         """The query's rows in batches of ``chunk_size``, never all in memory."""
+        params = self.params if params is None else params
         if self.raw:
-            result = conn.execute(query, self.params)
+            result = conn.execute(query, params)
             cursor = result.cursor  # the DBAPI cursor: plain tuples, converted by _columnar
             try:
                 while rows := cursor.fetchmany(self.chunk_size):
@@ -448,7 +489,7 @@ class StreamReader:
             finally:
                 result.close()
             return
-        result = conn.execution_options(yield_per=self.chunk_size).execute(query, self.params)
+        result = conn.execution_options(yield_per=self.chunk_size).execute(query, params)
         yield from result.partitions(self.chunk_size)
 
     def _columnar(self, rows: Any) -> list[list[Any]]:

@@ -82,6 +82,8 @@ class ServerStore(abc.ABC):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        #: Statements built once per stream (see ``changes``), keyed by their purpose.
+        self.query_cache: dict[Any, Any] = {}
 
     # -- installing tracking -----------------------------------------------------
 
