@@ -23,8 +23,8 @@ import hashlib
 import itertools
 import json
 import uuid
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
