@@ -11,9 +11,11 @@ that changed on the server since the client saw it:
   returns the values to write, ``None`` (the server's row stands: reported as
   a conflict), or ``Reject(reason)``.
 
-Business rules are functions ``rule(ctx) -> str | None`` run before a change is
-written (inserts and updates see the row after the change, deletes the row
-being deleted); a string rejects the mutation with that reason.
+Business rules are functions ``rule(ctx) -> str | None``; a string rejects the
+mutation with that reason and its savepoint undoes it. ``ctx.row`` is the row
+after the change (a delete: the row being deleted). A new row is already
+written when its rules run, so rules that query its table should leave out
+``ctx.key``; updates and deletes are checked before they are written.
 """
 
 from __future__ import annotations
