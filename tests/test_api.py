@@ -1,0 +1,114 @@
+"""The public surface: exported names, the CLI's help, and the README's example."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncunit
+import syncunit.server
+from syncunit.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_exported_members_do_not_change_by_accident() -> None:
+    assert sorted(syncunit.__all__) == [
+        "AuthError",
+        "DeclarationError",
+        "Join",
+        "LocalStore",
+        "LocalStoreError",
+        "NetworkError",
+        "ProblemError",
+        "ProtocolError",
+        "RequestRejected",
+        "Stream",
+        "SyncClient",
+        "SyncError",
+        "SyncResult",
+        "SyncSchema",
+        "SyncUnit",
+        "SyncUnitError",
+        "UnknownUnitError",
+        "__version__",
+        "uuid7",
+    ]
+    for name in syncunit.__all__:
+        assert getattr(syncunit, name) is not None
+    assert sorted(syncunit.server.__all__) == [
+        "Authenticator",
+        "Principal",
+        "ServerStore",
+        "SyncServer",
+        "TokenAuth",
+        "create_app",
+        "open_store",
+    ]
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(commands) >= {"serve", "sync", "ddl", "prune", "renew-epoch", "demo", "bench"}
+    for name, sub in commands.items():
+        assert sub.description, f"{name} has no description"
+        if name == "bench":
+            continue  # its options are the bench's own; see the next test
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0
+        assert "usage: syncunit" in capsys.readouterr().out
+
+
+def test_bench_help_is_passed_through(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--help"])
+    assert done.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+
+
+def test_library_errors_become_clean_cli_messages(
+    live: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["sync", live.url, "NoSuchUnit", "--db", str(tmp_path / "d.sqlite"), "--token", "token-h1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: 404 unknown-unit" in err
+    assert "known: Login, Online, SendAppointments, Splash" in err
+    assert "Traceback" not in err
+
+
+def test_the_readme_example_runs(live: Any, server: Any, tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    code = example.replace("http://127.0.0.1:8000", live.url).replace("print(", "_ = (")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    scope: dict[str, Any] = {}
+    try:
+        exec(compile(code, "README.md", "exec"), scope)
+        client = scope["client"]
+        assert scope["rows"], "the example's query found no appointments"
+        # The triggered push runs in the background: the booking reaches the server.
+        for _ in range(500):
+            if client.outbox.count() == 0 and client.status.state == "idle":
+                break
+            threading.Event().wait(0.01)
+        assert client.outbox.count() == 0
+    finally:
+        if "client" in scope:
+            scope["client"].close()
+        os.chdir(cwd)
+    with server.store.engine.connect() as conn:
+        found = conn.exec_driver_sql(
+            "SELECT doctor_id, room FROM appointment WHERE id = ?", (scope["key"],)
+        ).all()
+    assert found == [(1, "R2")]
