@@ -8,7 +8,6 @@ scope wakes nobody; a server restart is survived by reconnecting with backoff.
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import threading
 import time
 import uuid
@@ -16,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from syncunit.client import live as client_live
 from syncunit.protocol import PROBLEM, content_type
@@ -74,8 +72,8 @@ def test_another_devices_booking_reaches_a_watching_client(make_client, short_po
     assert a.trigger("SendAppointments")
 
     wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+    wait_until(lambda: "Login" in events.completed())  # the row lands before the sync returns
     assert b._live.changes >= 1
-    assert "Login" in events.completed()
     assert {t for n, _, t in events.log if n == "complete"} == {"syncunit-worker"}
     wait_until(lambda: not b.status.queued and b.status.unit is None)
     in_sync(b)
@@ -132,34 +130,6 @@ def test_watch_with_a_callback_instead_of_a_sync(make_client, short_polls, plain
     assert events.of("start") == []  # the app decides; nothing was triggered
 
 
-class PortServer(LiveServer):
-    """``LiveServer`` on a given port (to restart a server where clients expect it)."""
-
-    def __init__(self, app: Any, port: int) -> None:
-        self.app = app
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", port))
-        self._sock.listen(128)
-        self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self._dispatch,
-            interface="asgi3",
-            lifespan="off",
-            ws="none",
-            http="h11",
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-        self.thread.start()
-
-
 @pytest.fixture
 def port_servers():
     started: list[LiveServer] = []
@@ -173,7 +143,7 @@ def port_servers():
 def test_the_watcher_reconnects_after_a_server_restart(
     server, make_server, make_client, short_polls, plain_sql, port_servers, same_app
 ):
-    first = PortServer(server.app, 0)
+    first = LiveServer(server.app, 0)
     port_servers.append(first)
     b, events = watching(make_client, url=first.url)
 
@@ -182,7 +152,7 @@ def test_the_watcher_reconnects_after_a_server_restart(
 
     # It comes back on the same port: the same app object, or a fresh server (a new process).
     app = server.app if same_app else make_server(install=False).app
-    second = PortServer(app, first.port)
+    second = LiveServer(app, first.port)
     port_servers.append(second)
     key = insert_appointment(plain_sql, doctor_id=1)
 

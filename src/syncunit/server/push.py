@@ -22,7 +22,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import sqlalchemy as sa
@@ -256,13 +256,8 @@ class PushApplier:
         if row is None:  # older than the log's retention: it was applied long ago
             return MutationResult(seq=m.seq, id=m.id, status="applied")
         if row.mutation_id != m.id:
-            return MutationResult(
-                seq=m.seq,
-                id=m.id,
-                status="rejected",
-                code="sequence-reused",
-                reason=f"seq {m.seq} was already used by another mutation of this client",
-            )
+            reason = f"seq {m.seq} was already used by another mutation of this client"
+            return MutationResult(m.seq, m.id, "rejected", reason, "sequence-reused")
         return _result_dec.decode(row.result)
 
     # -- one mutation -------------------------------------------------------------------
@@ -270,13 +265,8 @@ class PushApplier:
     def _apply_one(self, conn: Connection, principal: Principal, m: Mutation) -> MutationResult:
         stream = self.schema.by_local_table.get(m.table)
         if stream is None or m.table not in self.pushable:
-            return MutationResult(
-                seq=m.seq,
-                id=m.id,
-                status="rejected",
-                code="unknown-table",
-                reason=f"table {m.table!r} does not accept changes",
-            )
+            reason = f"table {m.table!r} does not accept changes"
+            return MutationResult(m.seq, m.id, "rejected", reason, "unknown-table")
         # A savepoint per mutation, on the DBAPI connection: it is the hottest statement
         # pair of a push, and needs none of SQLAlchemy's bookkeeping.
         dbapi = conn.connection.dbapi_connection
@@ -284,37 +274,19 @@ class PushApplier:
         savepoint = _Savepoint(dbapi)
         try:
             self._write(conn, stream, principal, m)
-        except Rejected as exc:
+        except (Rejected, ConflictFound, sa.exc.IntegrityError) as exc:
             savepoint.rollback()
-            return MutationResult(
-                seq=m.seq,
-                id=m.id,
-                status="rejected",
-                code=exc.code,
-                reason=exc.reason,
-                server_row=self._server_row(conn, stream, principal, m.key),
-            )
-        except ConflictFound as exc:
-            savepoint.rollback()
-            return MutationResult(
-                seq=m.seq,
-                id=m.id,
-                status="conflict",
-                code="conflict",
-                reason=exc.reason,
-                server_row=self._server_row(conn, stream, principal, m.key),
-            )
-        except sa.exc.IntegrityError as exc:
-            savepoint.rollback()
-            detail = str(exc.orig).splitlines()[0] if exc.orig is not None else "constraint"
-            return MutationResult(
-                seq=m.seq,
-                id=m.id,
-                status="rejected",
-                code="constraint",
-                reason=f"the database refused the change: {detail}",
-                server_row=self._server_row(conn, stream, principal, m.key),
-            )
+            status: Literal["rejected", "conflict"]
+            if isinstance(exc, Rejected):
+                status, code, reason = "rejected", exc.code, exc.reason
+            elif isinstance(exc, ConflictFound):
+                status, code, reason = "conflict", "conflict", exc.reason
+            else:
+                detail = str(exc.orig).splitlines()[0] if exc.orig is not None else "constraint"
+                status, code = "rejected", "constraint"
+                reason = f"the database refused the change: {detail}"
+            row = self._server_row(conn, stream, principal, m.key)
+            return MutationResult(m.seq, m.id, status, reason, code, row)
         savepoint.commit()
         return MutationResult(seq=m.seq, id=m.id, status="applied")
 
