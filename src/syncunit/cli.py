@@ -33,6 +33,21 @@ def _add_path(path: str | Path) -> None:
         sys.path.insert(0, p)
 
 
+def _from_checkout(folder: str, module: str) -> Any:
+    """Import ``module`` from ``folder`` of this checkout (the demo and the bench live there)."""
+    path = module.replace(".", "/") + ".py"
+    for root in (Path.cwd() / folder, REPO_ROOT / folder):
+        if (root / path).exists():
+            _add_path(root)
+            break
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise SystemExit(
+            f"error: cannot import {module} ({exc}); run from a checkout of syncunit"
+        ) from exc
+
+
 def load_server(
     target: str, database: str, *, app_dir: str, tokens: str | None, **options: Any
 ) -> Any:
@@ -122,16 +137,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    for candidate in (Path.cwd() / "examples", REPO_ROOT / "examples"):
-        if (candidate / "hospital" / "scenario.py").exists():
-            _add_path(candidate)
-            break
-    try:
-        run_demo = importlib.import_module("hospital.scenario").run_demo
-    except ImportError as exc:
-        raise SystemExit(
-            "error: the hospital example is not importable; run from a checkout of syncunit"
-        ) from exc
+    run_demo = _from_checkout("examples", "hospital.scenario").run_demo
     code: int = run_demo(
         appointments=args.appointments,
         report=Path(args.report) if args.report else None,
@@ -147,15 +153,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def run_bench(argv: list[str]) -> int:
     """``syncunit bench ...``: the benchmarks of a checkout, with their own options."""
-    for root in (Path.cwd(), REPO_ROOT):
-        if (root / "bench" / "run.py").exists():
-            _add_path(root)
-            break
-    try:
-        bench_main = importlib.import_module("bench.run").main
-    except ImportError as exc:
-        raise SystemExit("error: the benchmarks live in a checkout of syncunit (bench/)") from exc
-    result: int = bench_main(argv)
+    result: int = _from_checkout(".", "bench.run").main(argv)
     return result
 
 
