@@ -335,7 +335,7 @@ def expected_rows(
         assert s.query is not None
         query = s.query
     else:
-        query = StreamReader(server.store, s, params, chunk_size=1)._rows_select()
+        query = StreamReader(server.store, s, params, chunk_size=1).rows_select()
     with server.store.engine.connect() as conn:
         rows = conn.execute(query, {k: params[k] for k in s.parameters}).all()
     k = list(s.columns).index(s.key)

@@ -31,7 +31,7 @@ def test_a_delta_reads_through_the_version_indexes_not_the_scope(server: Any) ->
     with store.snapshot() as (_, watermark):
         since = watermark - 5
     upserts = (
-        reader._rows_select(drive_by_base=True, raw=True)
+        reader.rows_select(drive_by_base=True, raw=True)
         .add_columns(reader._effective_version().label("_ev"))
         .where(appointments.key_column.in_(reader._candidates(since)))
     )
@@ -47,7 +47,7 @@ def test_a_delta_reads_through_the_version_indexes_not_the_scope(server: Any) ->
 def test_a_first_copy_of_most_of_the_table_streams_in_key_order(server: Any) -> None:
     store = server.store
     reader = StreamReader(store, appointments, {"hospital_id": 1}, chunk_size=100)
-    query = reader._rows_select(drive_by_base=True, raw=True).order_by(appointments.key_column)
+    query = reader.rows_select(drive_by_base=True, raw=True).order_by(appointments.key_column)
     plan = _plan(store, query, {"hospital_id": 1})
     assert not any("TEMP B-TREE" in p for p in plan), plan  # no sort before the first row
 
@@ -68,8 +68,8 @@ def test_raw_reads_give_the_same_values_as_sqlalchemy(server: Any) -> None:
     reader = StreamReader(store, appointments, {"hospital_id": 1}, chunk_size=100)
     assert reader.raw
     with store.snapshot() as (conn, _):
-        raw = conn.execute(reader._rows_select(raw=True), reader.params).all()
-        typed = conn.execute(reader._rows_select(), reader.params).all()
+        raw = conn.execute(reader.rows_select(raw=True), reader.params).all()
+        typed = conn.execute(reader.rows_select(), reader.params).all()
     from syncunit.server.changes import to_wire
 
     assert [tuple(r) for r in raw] == [tuple(to_wire(v) for v in r) for r in typed]

@@ -106,3 +106,30 @@ def generate(
         "patients": patients,
         "appointments": appointments,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hospital.generate --database URL --appointments N``: a sample database."""
+    import argparse
+
+    from hospital.server import build
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--database", required=True, help="e.g. sqlite:///hospital.sqlite")
+    parser.add_argument("--appointments", type=int, default=100_000)
+    parser.add_argument("--hospitals", type=int, default=8)
+    parser.add_argument("--doctors", type=int, default=160)
+    args = parser.parse_args(argv)
+    server = build(args.database)
+    counts = generate(
+        server.store.engine,
+        appointments=args.appointments,
+        hospitals=args.hospitals,
+        doctors=args.doctors,
+    )
+    print(", ".join(f"{v:,} {k}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -191,7 +191,7 @@ class StreamReader:
 
     # -- queries ---------------------------------------------------------------------
 
-    def _rows_select(self, *, drive_by_base: bool = False, raw: bool = False) -> sa.Select[Any]:
+    def rows_select(self, *, drive_by_base: bool = False, raw: bool = False) -> sa.Select[Any]:
         """The stream's rows. ``drive_by_base`` hides the filter from the planner.
 
         Wrapped in ``coalesce(filter, false)`` (same rows), the filter can no
@@ -329,7 +329,7 @@ class StreamReader:
                 parts.append(sa.select(pk.label("k")).select_from(from_).where(sub(s.where)))
         gone = sa.union(*parts).subquery("gone")
         in_scope = (
-            self._rows_select(drive_by_base=True)
+            self.rows_select(drive_by_base=True)
             .with_only_columns(sa.literal(1))
             .where(pk == gone.c.k)
         )
@@ -368,7 +368,7 @@ class StreamReader:
         # once). A small scope: let the filter's index find it, then sort it.
         table_rows = conn.execute(sa.select(sa.func.count()).select_from(self.stream.base))
         drive = total * FULL_SCAN_SHARE >= table_rows.scalar_one()
-        q = self._rows_select(drive_by_base=drive, raw=True)
+        q = self.rows_select(drive_by_base=drive, raw=True)
         if cur.after:
             q = q.where(pk > cur.after[0])
         key_index = self.columns.index(self.stream.key)
@@ -391,7 +391,7 @@ class StreamReader:
             since = sa.bindparam(SINCE, type_=sa.BigInteger)
             ev = self._effective_version()
             upserts = (
-                self._rows_select(drive_by_base=True, raw=True)
+                self.rows_select(drive_by_base=True, raw=True)
                 .add_columns(ev.label("_ev"))
                 .where(s.key_column.in_(self._candidates(since)))
             )

@@ -483,7 +483,7 @@ class PushApplier:
             reader = StreamReader(self.store, s, dict.fromkeys(s.parameters), chunk_size=1)
             st = _Statements(
                 current=sa.select(base).where(pk == key),
-                in_scope=reader._rows_select(drive_by_base=True)
+                in_scope=reader.rows_select(drive_by_base=True)
                 .with_only_columns(sa.literal(1))
                 .where(pk == key),
                 insert=base.insert(),
@@ -503,7 +503,7 @@ class PushApplier:
             k = coerce(key, s.key_column, s.key)
         except Rejected:
             return None
-        row = conn.execute(reader._rows_select().where(s.key_column == k), reader.params).first()
+        row = conn.execute(reader.rows_select().where(s.key_column == k), reader.params).first()
         if row is None:
             return None
         return {name: to_wire(v) for name, v in zip(s.columns, row, strict=True)}

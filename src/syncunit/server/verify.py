@@ -22,7 +22,7 @@ def scope_rows(
 ) -> list[tuple[Any, ...]]:
     """Every row ``stream`` sends to a principal with ``params``, as stored on a client."""
     reader = StreamReader(store, stream, params, chunk_size=1)
-    query = stream.query if stream.mode == "full" else reader._rows_select()
+    query = stream.query if stream.mode == "full" else reader.rows_select()
     assert query is not None
     with store.snapshot() as (conn, _):
         rows = conn.execute(query, reader.params).all()
