@@ -9,6 +9,7 @@ The catalog change also migrates the local table without losing rows.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 from hospital import units as hospital_units
 from hospital.models import appointment, patient
 
+from syncunit import SyncClient
 from syncunit.errors import NetworkError
 from syncunit.protocol import JSON, PROBLEM, SyncRequest, encode_request
 from syncunit.server.store import tombstones
@@ -266,3 +268,58 @@ def test_pruning_past_an_interrupted_first_download_restarts_it(tapped, tap, sto
     assert sorted(result.resets) == ["appointments", "doctors"]
     assert delivered[0] not in local_keys(tapped, "LocalAppointment")
     in_sync(tapped)
+
+
+def test_tombstones_older_than_the_retention_are_pruned(make_server, store, client, in_sync):
+    """Time-based retention: what was deleted before the cutoff goes, the rest stays."""
+    client.sync("Login")
+    mine = appointments_of(store, 1)
+    with store.write() as conn:
+        conn.execute(appointment.delete().where(appointment.c.id == mine[0]))
+    cutoff = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    with store.write() as conn:  # recorded after the cutoff (its time is forced later)
+        conn.execute(appointment.delete().where(appointment.c.id == mine[1]))
+        conn.execute(
+            tombstones.update()
+            .where(
+                tombstones.c.version
+                == sa.select(sa.func.max(tombstones.c.version)).scalar_subquery()
+            )
+            .values(at=(cutoff + dt.timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%S.000Z"))
+        )
+
+    horizon = store.prune_tombstones_before(cutoff)
+
+    with store.engine.connect() as conn:
+        left = conn.execute(sa.select(tombstones.c.version)).scalars().all()
+    assert len(left) == 1
+    assert left[0] > horizon > 0
+    result = client.sync("Login")  # its cursor is older than the horizon: a clean re-download
+    assert "appointments" in result.resets
+    assert not {mine[0], mine[1]} & local_keys(client, "LocalAppointment")
+    in_sync(client)
+
+
+def test_the_server_prunes_by_itself(server, make_server, serve, tmp_path, store):
+    """A sync request starts the retention pass (on a background thread, once per interval)."""
+    pruning = make_server(tombstone_retention=dt.timedelta(0), prune_every=3600.0)
+    with store.write() as conn:
+        conn.execute(appointment.delete().where(appointment.c.id == appointments_of(store, 1)[0]))
+
+    def tombstone_count() -> int:
+        with store.engine.connect() as conn:
+            return int(
+                conn.execute(sa.select(sa.func.count()).select_from(tombstones)).scalar_one()
+            )
+
+    assert tombstone_count() == 1
+    live = serve(pruning.app)
+    with SyncClient(live.url, tmp_path / "p.sqlite", token="token-h1") as c:
+        c.sync("Splash")
+    for _ in range(500):
+        if tombstone_count() == 0:
+            break
+        threading.Event().wait(0.01)
+    assert tombstone_count() == 0
+    with store.engine.connect() as conn:
+        assert int(store.facts(conn).get("horizon", "0")) > 0

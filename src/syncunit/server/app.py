@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import logging
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -78,6 +79,8 @@ class SyncServer:
         max_mutations: int = 10_000,
         max_live_waiters: int = 1000,
         max_live_wait: float = 60.0,
+        tombstone_retention: dt.timedelta | None = dt.timedelta(days=30),
+        prune_every: float = 3600.0,
         install: bool = True,
     ) -> None:
         self.schema = schema
@@ -91,6 +94,10 @@ class SyncServer:
         self._catalog_body = encode_catalog(self.catalog)
         self.pusher = PushApplier(self.store, schema)
         self.monitor = VersionMonitor(self.store)
+        self.tombstone_retention = tombstone_retention
+        self.prune_every = prune_every
+        self._pruned_at = -float("inf")
+        self._pruning = threading.Lock()
         self.max_live_waiters = max_live_waiters
         self.max_live_wait = max_live_wait
         if install:
@@ -141,6 +148,7 @@ class SyncServer:
 
     async def post_sync(self, request: Request) -> Response:
         principal, unit, req = await self._sync_request(request)
+        self._maybe_prune()
         encoding = encoding_of(request.headers.get("content-type")) or "msgpack"
         pushed = None
         if req.mutations:
@@ -244,6 +252,37 @@ class SyncServer:
                     f"stream {stream.name!r} filters on {', '.join(missing)}, which"
                     f" principal {principal.id!r} does not have",
                 )
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def prune_now(self) -> int | None:
+        """Drop tombstones older than ``tombstone_retention``; return the new horizon.
+
+        Clients whose cursor is older re-download the affected streams. Runs by
+        itself on a background thread at most every ``prune_every`` seconds.
+        """
+        if self.tombstone_retention is None:
+            return None
+        cutoff = dt.datetime.now(dt.UTC) - self.tombstone_retention
+        return self.store.prune_tombstones_before(cutoff)
+
+    def _maybe_prune(self) -> None:
+        now = time.monotonic()
+        if self.tombstone_retention is None or now - self._pruned_at < self.prune_every:
+            return
+        if not self._pruning.acquire(blocking=False):
+            return
+        self._pruned_at = now
+
+        def prune() -> None:
+            try:
+                self.prune_now()
+            except Exception:
+                log.exception("pruning tombstones failed; it is tried again later")
+            finally:
+                self._pruning.release()
+
+        threading.Thread(target=prune, name="syncunit-prune", daemon=True).start()
 
     # -- the response ------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ values of those columns.
 from __future__ import annotations
 
 import abc
+import datetime as dt
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -171,12 +172,19 @@ class ServerStore(abc.ABC):
         get a reset (a clean re-download) of the affected streams.
         """
         with self.write() as conn:
-            high = self.watermark(conn)
-            horizon = max(0, high - keep_versions)
-            conn.execute(tombstones.delete().where(tombstones.c.version <= horizon))
-            current = int(self.facts(conn).get("horizon", "0"))
-            horizon = max(horizon, current)
-            self._set_fact(conn, "horizon", str(horizon))
+            return self._prune_to(conn, max(0, self.watermark(conn) - keep_versions))
+
+    def prune_tombstones_before(self, cutoff: dt.datetime) -> int:
+        """Delete tombstones recorded before ``cutoff`` (a time, UTC); return the horizon."""
+        at = cutoff.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
+        with self.write() as conn:
+            old = sa.select(sa.func.max(tombstones.c.version)).where(tombstones.c.at < at)
+            return self._prune_to(conn, int(conn.execute(old).scalar() or 0))
+
+    def _prune_to(self, conn: Connection, horizon: int) -> int:
+        conn.execute(tombstones.delete().where(tombstones.c.version <= horizon))
+        horizon = max(horizon, int(self.facts(conn).get("horizon", "0")))
+        self._set_fact(conn, "horizon", str(horizon))
         return horizon
 
     def renew_epoch(self) -> str:
