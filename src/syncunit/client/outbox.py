@@ -269,21 +269,35 @@ class Outbox:
                     conn.execute("SELECT next_seq FROM syncunit_state WHERE id = 1").fetchone()[0]
                 )
                 fresh: list[Mutation] = []
+                numbered: list[tuple[int, bytes, int]] = []
+                names: dict[str, list[str]] = {}
                 for oid, mid, table, key, op, changed, base in rows:
-                    m = self._mutation(by_table[table], next_seq, mid, key, op, changed, base)
-                    conn.execute(
-                        "UPDATE syncunit_outbox SET seq = ?, payload = ? WHERE id = ?",
-                        (next_seq, _mut_enc.encode(m), oid),
-                    )
+                    s = by_table[table]
+                    if table not in names:
+                        cur = conn.execute(f"SELECT * FROM {_q(table)} LIMIT 0")
+                        names[table] = [d[0] for d in cur.description]
+                    m = self._mutation(s, names[table], next_seq, mid, key, op, changed, base)
+                    numbered.append((next_seq, _mut_enc.encode(m), oid))
                     fresh.append(m)
                     next_seq += 1
+                conn.executemany(
+                    "UPDATE syncunit_outbox SET seq = ?, payload = ? WHERE id = ?", numbered
+                )
                 conn.execute("UPDATE syncunit_state SET next_seq = ? WHERE id = 1", (next_seq,))
         finally:
             conn.execute(f"PRAGMA synchronous={mode}")  # the store's own setting (FULL)
         return in_flight + fresh
 
     def _mutation(
-        self, s: StreamInfo, seq: int, mid: str, key: Any, op: str, changed: str, base: str
+        self,
+        s: StreamInfo,
+        names: list[str],
+        seq: int,
+        mid: str,
+        key: Any,
+        op: str,
+        changed: str,
+        base: str,
     ) -> Mutation:
         writable = {c.name for c in s.columns if c.writable}
         base_all = _loads(base)
@@ -297,9 +311,6 @@ class Outbox:
         ).fetchone()
         if row is None:  # cannot happen with the triggers in place; keep the change visible
             raise LocalStoreError(f"outbox entry for {s.local_table} {key!r} has no local row")
-        names = [d[0] for d in self.store.conn.execute(
-            f"SELECT * FROM {_q(s.local_table)} LIMIT 0"
-        ).description]  # fmt: skip
         current = dict(zip(names, row, strict=True))
         if op == "insert":
             values = {c: current[c] for c in names if c in writable or c == s.key}
@@ -339,7 +350,22 @@ class Outbox:
                     "UPDATE syncunit_state SET next_seq = max(next_seq, ?) WHERE id = 1",
                     (pushed.last_seq + 1,),
                 )
+                done: list[tuple[int, str]] = []  # applied: removed in one statement, in order
+
+                def remove_done() -> int:
+                    if not done:
+                        return 0
+                    cur = conn.executemany(
+                        "DELETE FROM syncunit_outbox WHERE seq = ? AND mutation_id = ?", done
+                    )
+                    done.clear()
+                    return max(cur.rowcount, 0)
+
                 for r in pushed.results:
+                    if r.status == "applied":
+                        done.append((r.seq, r.id))
+                        continue
+                    applied += remove_done()
                     row = conn.execute(
                         "SELECT id, table_name, row_key, op, payload FROM syncunit_outbox"
                         " WHERE seq = ? AND mutation_id = ?",
@@ -348,10 +374,8 @@ class Outbox:
                     if row is None:
                         continue  # already recorded by an earlier answer to the same request
                     conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (row[0],))
-                    if r.status == "applied":
-                        applied += 1
-                        continue
                     kept.append(self._keep(r, row, by_table.get(row[1])))
+                applied += remove_done()
             finally:
                 conn.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
         return applied, kept
