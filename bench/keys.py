@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     server_db, _ = cached_server_db(args.rows)
     columns, ordered = stored_rows(server_encode(server_db, args.chunk))
     k = columns.index("id")
-    shuffled = [r[:k] + (str(uuid.uuid4()),) + r[k + 1 :] for r in ordered]
+    shuffled = [(*r[:k], str(uuid.uuid4()), *r[k + 1 :]) for r in ordered]
     db = args.workdir / "syncunit-bench-keys.sqlite"
-    for label, chunk in (("one transaction", len(ordered)), (f"chunks of {args.chunk}", args.chunk)):
+    ways = (("one transaction", len(ordered)), (f"chunks of {args.chunk}", args.chunk))
+    for label, chunk in ways:
         for keys, rows in (("time-ordered keys", ordered), ("random UUIDv4 keys", shuffled)):
             print(f"{keys:20s} {label:18s} {write(db, columns, rows, chunk):>10,.0f} rows/s")
     return 0
