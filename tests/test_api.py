@@ -112,3 +112,28 @@ def test_the_readme_example_runs(live: Any, server: Any, tmp_path: Path) -> None
             "SELECT doctor_id, room FROM appointment WHERE id = ?", (scope["key"],)
         ).all()
     assert found == [(1, "R2")]
+
+
+def test_the_client_runs_without_the_server_side(live: Any, tmp_path: Path) -> None:
+    """The client needs sqlite3, httpx and msgspec only: no SQLAlchemy, no Starlette."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+class Forbid:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sqlalchemy", "starlette", "uvicorn", "anyio", "rich"):
+            raise ImportError(f"the client imported {{name}}")
+        return None
+sys.meta_path.insert(0, Forbid())
+from syncunit import SyncClient
+with SyncClient({live.url!r}, {str(tmp_path / "c.sqlite")!r}, token="token-h1") as c:
+    result = c.sync("Login")
+print(result.total_in)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) > 0
