@@ -191,9 +191,9 @@ class SyncClient:
     def set_online(self, online: bool) -> None:
         """Tell the engine about connectivity. Coming back online retries at once and
         triggers the ``sync_on_reconnect`` unit with ``discard_pending``."""
-        came_back = self.scheduler.set_online(online)
+        came_back = self.scheduler.set_online(online, reconnect=self.sync_on_reconnect)
         if came_back and self.sync_on_reconnect:
-            self.trigger(self.sync_on_reconnect, discard_pending=True)
+            self.scheduler.start()
 
     @property
     def status(self) -> SyncStatus:

@@ -223,19 +223,26 @@ class Scheduler:
                     (unit, now),
                 )
 
-    def set_online(self, online: bool) -> bool:
-        """Record connectivity; True if this is a change from offline to online."""
+    def set_online(self, online: bool, *, reconnect: str | None = None) -> bool:
+        """Record connectivity; True if this is a change from offline to online.
+
+        Coming back, ``reconnect`` is queued in place of everything waiting (the
+        method's discard-pending), in the same transaction, before the worker may
+        run again: it can never start a unit that is about to be dropped.
+        """
         came_back = online and (not self.online or self.offline_detected)
         if came_back:
             self.offline_detected = False
-            reconnect = self.client.sync_on_reconnect
             with self.client.store.atomic() as c:
                 if reconnect:
-                    # The client queues the reconnect unit with discard_pending next; drop
-                    # the rest now, before going online, so the worker cannot start one.
                     c.execute(
                         "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit != ?",
                         (reconnect,),
+                    )
+                    c.execute(
+                        "INSERT OR IGNORE INTO syncunit_queue (unit, state, next_at, queued_at)"
+                        " VALUES (?, 'pending', 0, ?)",
+                        (reconnect, self.clock()),
                     )
                 c.execute("UPDATE syncunit_queue SET next_at = 0 WHERE state = 'pending'")
         self.online = online
