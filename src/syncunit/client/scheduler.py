@@ -158,17 +158,23 @@ class Scheduler:
         self._tick_periodic(now)
         if not self.online:
             return False
-        with self.client.store.atomic() as c:
-            row = c.execute(
-                "SELECT id, unit, attempts FROM syncunit_queue WHERE state = 'pending'"
-                " AND next_at <= ? ORDER BY id LIMIT 1",
-                (now,),
-            ).fetchone()
-            if row is None:
-                return False
-            rid, unit, attempts = row
-            c.execute("UPDATE syncunit_queue SET state = 'running' WHERE id = ?", (rid,))
-        self.current = unit
+        try:
+            with self.client.store.atomic() as c:
+                row = c.execute(
+                    "SELECT id, unit, attempts FROM syncunit_queue WHERE state = 'pending'"
+                    " AND next_at <= ? ORDER BY id LIMIT 1",
+                    (now,),
+                ).fetchone()
+                if row is None:
+                    return False
+                rid, unit, attempts = row
+                # Set under the store's lock, with the row leaving the queue: status()
+                # (which takes the lock) sees the unit either queued or running.
+                self.current = unit
+                c.execute("UPDATE syncunit_queue SET state = 'running' WHERE id = ?", (rid,))
+        except BaseException:
+            self.current = None
+            raise
         try:
             self.client.sync(unit)
         except Exception as exc:
@@ -302,9 +308,10 @@ class Scheduler:
     # -- status --------------------------------------------------------------------------------
 
     def status(self) -> SyncStatus:
-        due = self.next_due()
+        with self.client.store.lock:  # the running unit and the queue, seen together
+            current, queued, due = self.current, self.queued(), self.next_due()
         state: State
-        if self.current is not None:
+        if current is not None:
             state = "syncing"
         elif not self.online or self.offline_detected:
             state = "offline"
@@ -315,8 +322,8 @@ class Scheduler:
         return SyncStatus(
             state=state,
             online=self.online,
-            unit=self.current,
-            queued=self.queued(),
+            unit=current,
+            queued=queued,
             pending_mutations=self.client.outbox.count(),
             rejected=len(self.client.outbox.rejected()),
             last_error=self.last_error,
