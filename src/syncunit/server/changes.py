@@ -23,7 +23,7 @@ import hashlib
 import itertools
 import json
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +144,7 @@ class StreamReader:
 
     def frames(
         self, conn: Connection, watermark: int, epoch: str, horizon: int, token: str | None
-    ) -> Iterator[StreamStart | Chunk]:
+    ) -> Generator[StreamStart | Chunk, None, None]:
         s = self.stream
         cur = decode_cursor(token)
         valid = (

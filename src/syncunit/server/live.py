@@ -81,7 +81,10 @@ def unit_has_changes(
                 conn, watermark, facts["epoch"], int(facts.get("horizon", "0")),
                 cursors.get(stream.name),
             )  # fmt: skip
-            first = next(iter(frames), None)
+            try:
+                first = next(frames, None)
+            finally:
+                frames.close()  # its open cursor, before the snapshot ends
             if isinstance(first, StreamStart) and (first.total > 0 or first.reset):
                 return True
     return False
