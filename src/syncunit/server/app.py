@@ -294,9 +294,7 @@ class SyncServer:
         if unit.pulls:
             chunk = req.chunk_size or self.chunk_size
             with self.store.snapshot() as (conn, watermark):
-                facts = self.store.facts(conn)
-                epoch = facts["epoch"]
-                horizon = int(facts.get("horizon", "0"))
+                epoch, horizon = self.store.epoch_and_horizon(conn)
                 for stream in unit.streams:
                     reader = StreamReader(self.store, stream, principal.params, chunk_size=chunk)
                     yield from reader.frames(

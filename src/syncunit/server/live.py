@@ -74,11 +74,11 @@ def unit_has_changes(
 ) -> bool:
     """Whether a sync of ``unit`` with these cursors would bring anything."""
     with store.snapshot() as (conn, watermark):
-        facts = store.facts(conn)
+        epoch, horizon = store.epoch_and_horizon(conn)
         for stream in unit.streams:
             reader = StreamReader(store, stream, params, chunk_size=1)
             frames = reader.frames(
-                conn, watermark, facts["epoch"], int(facts.get("horizon", "0")),
+                conn, watermark, epoch, horizon,
                 cursors.get(stream.name),
             )  # fmt: skip
             try:

@@ -159,11 +159,12 @@ class ServerStore(abc.ABC):
         rows = conn.execute(sa.select(meta_table.c.key, meta_table.c.value))
         return {str(k): str(v) for k, v in rows}
 
-    def epoch(self, conn: Connection) -> str:
-        value = self.facts(conn).get("epoch")
-        if value is None:
+    def epoch_and_horizon(self, conn: Connection) -> tuple[str, int]:
+        """The database's epoch and its tombstone horizon, as a cursor is checked against."""
+        facts = self.facts(conn)
+        if "epoch" not in facts:
             raise RuntimeError("tracking is not installed: call install() first")
-        return value
+        return facts["epoch"], int(facts.get("horizon", "0"))
 
     def prune_tombstones(self, keep_versions: int) -> int:
         """Delete tombstones older than the newest ``keep_versions`` versions.
