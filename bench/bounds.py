@@ -76,8 +76,8 @@ def server_encode(db: Path, chunk_size: int) -> Recording:
     from hospital.units import appointments
 
     from syncunit.protocol import encode_frame
+    from syncunit.server.backends import open_store
     from syncunit.server.changes import StreamReader
-    from syncunit.server.store import open_store
 
     store = open_store(f"sqlite:///{db}")
     comp = zstandard.ZstdCompressor(level=3).compressobj()

@@ -2,7 +2,8 @@
 
 from syncunit.server.app import SyncServer, create_app
 from syncunit.server.auth import Authenticator, Principal, TokenAuth
-from syncunit.server.store import ServerStore, open_store
+from syncunit.server.backends import open_store
+from syncunit.server.store import ServerStore
 
 __all__ = [
     "Authenticator",

@@ -42,11 +42,12 @@ from syncunit.protocol import (
     encoding_of,
 )
 from syncunit.server.auth import Authenticator, Principal
+from syncunit.server.backends import open_store
 from syncunit.server.changes import StreamReader
 from syncunit.server.live import VersionMonitor, unit_has_changes
 from syncunit.server.problems import ProblemException, problem, problem_response
 from syncunit.server.push import PushApplier
-from syncunit.server.store import ServerStore, open_store
+from syncunit.server.store import ServerStore
 from syncunit.units import SyncSchema, SyncUnit
 
 try:  # optional: zstd is preferred when both sides have it

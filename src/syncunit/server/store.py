@@ -210,16 +210,3 @@ class ServerStore(abc.ABC):
         )
         if updated.rowcount == 0:
             conn.execute(meta_table.insert().values(key=key, value=value))
-
-
-def open_store(url_or_engine: str | Engine) -> ServerStore:
-    """The ``ServerStore`` for a database URL or engine (SQLite for now)."""
-    engine = url_or_engine if isinstance(url_or_engine, Engine) else None
-    url = str(url_or_engine) if engine is None else engine.url.render_as_string()
-    if url.startswith("sqlite"):
-        from syncunit.server.sqlite import SQLiteStore
-
-        return SQLiteStore(engine) if engine is not None else SQLiteStore.from_url(url)
-    raise ValueError(
-        f"unsupported database URL {url!r}: syncunit's server runs on SQLite (sqlite:///path)"
-    )
