@@ -156,6 +156,7 @@ class StreamReader:
         if s.mode == "full":
             yield from self._full_stream(conn, epoch, cur if valid else None)
             return
+        horizon = max(horizon, self.store.stream_horizon(conn, s))
         if valid and cur is not None:
             # Tombstones above ``since`` (or, for a first copy, above ``high``, where
             # its catch-up starts) must still exist; a cursor ahead of this database

@@ -8,59 +8,65 @@ out the counter's value read in the same snapshot as the rows.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.elements import ColumnElement
 
-from syncunit.server.store import ServerStore, meta
-from syncunit.units import CREATED_AT, TRACKING_COLUMNS, UPDATED_AT, VERSION, SyncSchema
+from syncunit.server.migrations import TableTracking
+from syncunit.server.store import ServerStore
+from syncunit.units import CREATED_AT, TRACKING_COLUMNS, UPDATED_AT, VERSION
 
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-_CLOCK_DDL = [
-    "CREATE TABLE IF NOT EXISTS syncunit_clock"
-    " (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)",
-    "INSERT OR IGNORE INTO syncunit_clock (id, version) VALUES (1, 0)",
-]
 _BUMP = "UPDATE syncunit_clock SET version = version + 1 WHERE id = 1"
 _CURRENT = "(SELECT version FROM syncunit_clock WHERE id = 1)"
+#: Rows an INSERT (or UPDATE) OR REPLACE may replace, staged by a BEFORE trigger and
+#: turned into tombstones by the AFTER trigger only if the write happened.
+_STAGING = "syncunit_replaced"
 
-
-def _bookkeeping_ddl(engine: Engine) -> list[str]:
-    """syncunit's own tables (tombstones, facts, ...) and an epoch: the triggers need them."""
-    out: list[str] = []
-    for table in meta.sorted_tables:
-        out.append(str(CreateTable(table, if_not_exists=True).compile(engine)).strip())
-        for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
-            out.append(str(CreateIndex(index, if_not_exists=True).compile(engine)).strip())
-    out.append(
+_MIGRATIONS = {
+    1: [
+        "CREATE TABLE IF NOT EXISTS syncunit_clock"
+        " (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)",
+        "INSERT OR IGNORE INTO syncunit_clock (id, version) VALUES (1, 0)",
         "INSERT OR IGNORE INTO syncunit_meta (key, value)"
-        " VALUES ('epoch', lower(hex(randomblob(8))))"
-    )
-    return out
+        " VALUES ('epoch', lower(hex(randomblob(8))))",
+    ],
+    2: [
+        f"CREATE TABLE IF NOT EXISTS {_STAGING}"
+        " (table_name TEXT NOT NULL, kind TEXT NOT NULL, old TEXT NOT NULL)",
+    ],
+}
+
+
+def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    # The timeout first: switching a fresh file to WAL takes a lock other starters may hold.
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _on_begin(conn: Connection) -> None:
+    immediate = conn.get_execution_options().get("syncunit_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def configure_engine(engine: Engine) -> Engine:
-    """Make pysqlite transactions real: BEGIN on begin (IMMEDIATE for writes), WAL, timeouts."""
+    """Make pysqlite transactions real: BEGIN on begin (IMMEDIATE for writes), WAL, timeouts.
 
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get("syncunit_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
+    Idempotent: an engine configured before (by another store) is left as it is.
+    """
+    if not event.contains(engine, "connect", _on_connect):
+        event.listen(engine, "connect", _on_connect)
+    if not event.contains(engine, "begin", _on_begin):
+        event.listen(engine, "begin", _on_begin)
     return engine
 
 
@@ -113,69 +119,125 @@ class SQLiteStore(ServerStore):
         parts = [sa.func.coalesce(v, 0) for v in values]
         return parts[0] if len(parts) == 1 else sa.func.max(*parts)
 
-    def tracking_ddl(self, schema: SyncSchema, *, existing: bool = True) -> list[str]:
-        q = self.engine.dialect.identifier_preparer.quote
-        inspector = sa.inspect(self.engine) if existing else None
-        scope = schema.scope_columns()
-        out = [*_bookkeeping_ddl(self.engine), *_CLOCK_DDL]
-        for table in schema.tracked_tables():
-            t = q(table.name)
-            have: set[str] = set()
-            if inspector is not None:
-                if not inspector.has_table(table.name):
-                    raise ValueError(
-                        f"table {table.name!r} does not exist: create it before installing tracking"
-                    )
-                have = {c["name"] for c in inspector.get_columns(table.name)}
-            for col, typ in zip(TRACKING_COLUMNS, ("INTEGER", "TEXT", "TEXT"), strict=True):
-                if col not in have:
-                    out.append(f"ALTER TABLE {t} ADD COLUMN {col} {typ}")
-            out.append(
-                f"CREATE INDEX IF NOT EXISTS {q('ix_' + table.name + '_' + VERSION)}"
-                f" ON {t} ({VERSION})"
-            )
-            for suffix in ("bi", "ai", "au", "ad"):
-                out.append(f"DROP TRIGGER IF EXISTS {q('syncunit_' + table.name + '_' + suffix)}")
-            # Rows written before tracking existed get one version, so a first sync sees them.
-            out.append(f"{_BUMP} AND EXISTS (SELECT 1 FROM {t} WHERE {VERSION} IS NULL)")
-            out.append(
-                f"UPDATE {t} SET {VERSION} = {_CURRENT}, {CREATED_AT} = {_NOW},"
-                f" {UPDATED_AT} = {_NOW} WHERE {VERSION} IS NULL"
-            )
-            out.extend(self._triggers(table, sorted(scope.get(table.name, set()))))
-        return out
+    # -- tracking ----------------------------------------------------------------------
 
-    def _triggers(self, table: sa.Table, scope_cols: list[str]) -> list[str]:
+    tracking_format = "sqlite/2"
+
+    def migration_ddl(self, number: int) -> list[str]:
+        return list(_MIGRATIONS.get(number, []))
+
+    def clock_sql(self) -> str:
+        return _CURRENT
+
+    def table_tracking_ddl(
+        self, table: sa.Table, tracking: TableTracking, have: set[str]
+    ) -> list[str]:
         q = self.engine.dialect.identifier_preparer.quote
         t = q(table.name)
-        pk = q(next(iter(table.primary_key.columns)).name)
-        image_cols = [next(iter(table.primary_key.columns)).name, *scope_cols]
-        image = ", ".join(f"'{c}', OLD.{q(c)}" for c in dict.fromkeys(image_cols))
-        moved = " OR ".join(f"OLD.{q(c)} IS NOT NEW.{q(c)}" for c in dict.fromkeys(image_cols))
-        name = table.name
+        out: list[str] = []
+        for col, typ in zip(TRACKING_COLUMNS, ("INTEGER", "TEXT", "TEXT"), strict=True):
+            if col not in have:
+                out.append(f"ALTER TABLE {t} ADD COLUMN {col} {typ}")
+        out.append(
+            f"CREATE INDEX IF NOT EXISTS {q('ix_' + table.name + '_' + VERSION)} ON {t} ({VERSION})"
+        )
+        for suffix in _SUFFIXES:
+            out.append(f"DROP TRIGGER IF EXISTS {q('syncunit_' + table.name + '_' + suffix)}")
+        # Rows written before tracking existed get one version, so a first sync sees them.
+        out.append(f"{_BUMP} AND EXISTS (SELECT 1 FROM {t} WHERE {VERSION} IS NULL)")
+        out.append(
+            f"UPDATE {t} SET {VERSION} = {_CURRENT}, {CREATED_AT} = {_NOW},"
+            f" {UPDATED_AT} = {_NOW} WHERE {VERSION} IS NULL"
+        )
+        out.extend(self._triggers(tracking))
+        return out
+
+    def tracking_intact(self, conn: Connection, tracking: TableTracking) -> bool:
+        names = {f"syncunit_{tracking.table}_{suffix}" for suffix in _SUFFIXES}
+        rows = conn.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?",
+            (tracking.table,),
+        )
+        found = {str(n): str(sql) for n, sql in rows if n in names}
+        if tracking.format != self.tracking_format:
+            # Triggers of an older format: present is all that can be checked.
+            return set(found) == names or set(found) == {n for n in names if n[-2:] != "bu"}
+        return sorted(found.values()) == sorted(self._triggers(tracking))
+
+    def legacy_image(self, conn: Connection, table: str) -> set[str] | None:
+        row = conn.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?",
+            (f"syncunit_{table}_ad",),
+        ).scalar()
+        if row is None:
+            return None
+        return set(re.findall(r"'([^']+)', OLD\.", str(row)))
+
+    def _triggers(self, tr: TableTracking) -> list[str]:
+        """The five triggers of a tracked table.
+
+        * insert: stamp a version; rows an ``INSERT OR REPLACE`` replaced (on the
+          key or any unique column set) become tombstones, but only if the row
+          was inserted: a no-op ``INSERT OR IGNORE`` or ``DO NOTHING`` leaves no
+          tombstone and bumps nothing;
+        * update: stamp a version whatever the writer put in ``syncunit_version``
+          (an ORM saving a stale object writes an old one); a change of a kept
+          column leaves a ``move`` tombstone; rows an ``UPDATE OR REPLACE``
+          replaced become tombstones;
+        * delete (each row, also of a bulk ``DELETE``): a ``delete`` tombstone.
+
+        Only the trigger's own stamp is not tracked: it writes the current clock,
+        which a writer's stale version never equals (nor does an unchanged one).
+        """
+        q = self.engine.dialect.identifier_preparer.quote
+        name = tr.table
+        t = q(name)
+
+        def image(row: str) -> str:
+            return "json_object(" + ", ".join(f"'{c}', {row}.{q(c)}" for c in tr.image) + ")"
+
+        def same(cols: tuple[str, ...], a: str, b: str) -> str:
+            return " AND ".join(f"{a}.{q(c)} = {b}.{q(c)}" for c in cols)
+
+        conflict = " OR ".join(f"({same(cols, t, 'NEW')})" for cols in (tr.key, *tr.uniques))
+        stage = f"INSERT INTO {_STAGING} (table_name, kind, old)"
+        clear = f"DELETE FROM {_STAGING} WHERE table_name = '{name}'"
+        promote = (
+            f"INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)"
+            f" SELECT '{name}', {_CURRENT}, kind, old, {_NOW} FROM {_STAGING}"
+            f" WHERE table_name = '{name}'"
+        )
         stamp = f"UPDATE {t} SET {VERSION} = {_CURRENT}, {UPDATED_AT} = {_NOW}"
-        current = ", ".join(f"'{c}', {t}.{q(c)}" for c in dict.fromkeys(image_cols))
+        moved = " OR ".join(f"OLD.{q(c)} IS NOT NEW.{q(c)}" for c in tr.image)
+        own_stamp = f"NEW.{VERSION} IS NOT OLD.{VERSION} AND NEW.{VERSION} IS {_CURRENT}"
+        same_key = " AND ".join(f"json_extract(old, '$.{c}') IS NEW.{q(c)}" for c in tr.key)
+
+        def trig(suffix: str) -> str:
+            return "CREATE TRIGGER " + q(f"syncunit_{name}_{suffix}")
+
         return [
-            # INSERT OR REPLACE deletes the row it replaces without firing delete
-            # triggers (unless recursive_triggers is on): record its old scope first.
-            f"CREATE TRIGGER {q('syncunit_' + name + '_bi')} BEFORE INSERT ON {t}"
-            f" WHEN EXISTS (SELECT 1 FROM {t} WHERE {pk} = NEW.{pk}) BEGIN {_BUMP};"
-            f" INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)"
-            f" SELECT '{name}', {_CURRENT}, 'move', json_object({current}), {_NOW}"
-            f" FROM {t} WHERE {pk} = NEW.{pk}; END",
-            f"CREATE TRIGGER {q('syncunit_' + name + '_ai')} AFTER INSERT ON {t} BEGIN {_BUMP};"
+            f"{trig('bi')} BEFORE INSERT ON {t} BEGIN {clear};"
+            f" {stage} SELECT '{name}', 'delete', {image(t)} FROM {t} WHERE {conflict}; END",
+            f"{trig('ai')} AFTER INSERT ON {t} BEGIN {_BUMP};"
+            f" UPDATE {_STAGING} SET kind = 'move' WHERE table_name = '{name}' AND {same_key};"
+            f" {promote}; {clear};"
             f" {stamp}, {CREATED_AT} = COALESCE(NEW.{CREATED_AT}, {_NOW})"
-            f" WHERE {pk} = NEW.{pk}; END",
-            f"CREATE TRIGGER {q('syncunit_' + name + '_au')} AFTER UPDATE ON {t}"
-            f" WHEN NEW.{VERSION} IS OLD.{VERSION} BEGIN {_BUMP};"
+            f" WHERE {same(tr.key, t, 'NEW')}; END",
+            f"{trig('bu')} BEFORE UPDATE ON {t} WHEN NOT ({own_stamp}) BEGIN {clear};"
+            f" {stage} SELECT '{name}', 'delete', {image(t)} FROM {t}"
+            f" WHERE ({conflict}) AND NOT ({same(tr.key, t, 'OLD')}); END",
+            f"{trig('au')} AFTER UPDATE ON {t} WHEN NOT ({own_stamp}) BEGIN {_BUMP};"
+            f" {promote}; {clear};"
             f" INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)"
-            f" SELECT '{name}', {_CURRENT}, 'move', json_object({image}), {_NOW}"
-            f" WHERE {moved};"
-            f" {stamp} WHERE {pk} = NEW.{pk}; END",
-            f"CREATE TRIGGER {q('syncunit_' + name + '_ad')} AFTER DELETE ON {t} BEGIN {_BUMP};"
+            f" SELECT '{name}', {_CURRENT}, 'move', {image('OLD')}, {_NOW} WHERE {moved};"
+            f" {stamp} WHERE {same(tr.key, t, 'NEW')}; END",
+            f"{trig('ad')} AFTER DELETE ON {t} BEGIN {_BUMP};"
             f" INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)"
-            f" VALUES ('{name}', {_CURRENT}, 'delete', json_object({image}), {_NOW}); END",
+            f" VALUES ('{name}', {_CURRENT}, 'delete', {image('OLD')}, {_NOW}); END",
         ]
+
+
+_SUFFIXES = ("bi", "ai", "bu", "au", "ad")
 
 
 class _WriteTxn:

@@ -21,16 +21,22 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import logging
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from syncunit.units import SyncSchema
+from syncunit.units import Stream, SyncSchema
+
+log = logging.getLogger("syncunit.server")
+
+if TYPE_CHECKING:
+    from syncunit.server.migrations import TableTracking
 
 meta = sa.MetaData()
 
@@ -53,6 +59,7 @@ tombstones = sa.Table(
     sa.Column("old", sa.Text, nullable=False),  # JSON: key and scope columns, old values
     sa.Column("at", sa.String, nullable=False),
     sa.Index("ix_syncunit_tombstones_table_version", "table_name", "version"),
+    sa.Index("ix_syncunit_tombstones_at", "at"),
 )
 
 #: Per client: who it belongs to and the last mutation sequence number applied.
@@ -86,26 +93,61 @@ class ServerStore(abc.ABC):
         #: Statements built once per stream (see ``changes``), keyed by their purpose.
         self.query_cache: dict[Any, Any] = {}
 
-    # -- installing tracking -----------------------------------------------------
+    # -- installing tracking (the neutral part is ``migrations``) ----------------------
+
+    #: Names the trigger code: a new format re-installs every table's triggers.
+    tracking_format: str
+
+    def tracking_ddl(self, schema: SyncSchema, *, existing: bool = True) -> list[str]:
+        """The statements that install tracking for ``schema``, in one transaction.
+
+        With ``existing`` the database is inspected so only what is missing or
+        changed is installed (and syncunit's own tables migrated); without it
+        the DDL is for a database that has nothing of syncunit yet (for users
+        who migrate with Alembic).
+        """
+        from syncunit.server.migrations import install_ddl
+
+        if not existing:
+            return install_ddl(self, schema, None)
+        with self.engine.connect() as conn, conn.begin():
+            return install_ddl(self, schema, conn)
+
+    def install(self, schema: SyncSchema) -> bool:
+        """Migrate syncunit's tables and install tracking for ``schema``.
+
+        Idempotent: with the same definition it reads and writes nothing
+        (returns False); otherwise everything happens in one transaction.
+        """
+        from syncunit.server.migrations import install
+
+        return install(self, schema)
+
+    def lock_for_install(self, conn: Connection) -> None:
+        """Serialize installs (``write()`` already does on databases with one writer)."""
+        return None
+
+    def migration_ddl(self, number: int) -> list[str]:
+        """This database's own statements for migration ``number`` (after the neutral ones)."""
+        return []
 
     @abc.abstractmethod
-    def tracking_ddl(self, schema: SyncSchema, *, existing: bool = True) -> list[str]:
-        """The statements that install tracking for ``schema``.
+    def clock_sql(self) -> str:
+        """A SQL expression for the current version, usable inside any statement."""
 
-        With ``existing`` the database is inspected so only what is missing is
-        added; without it the DDL is for tables that have no tracking yet (for
-        users who migrate with Alembic).
-        """
+    @abc.abstractmethod
+    def table_tracking_ddl(
+        self, table: sa.Table, tracking: TableTracking, have: set[str]
+    ) -> list[str]:
+        """(Re)install ``tracking`` on ``table``, whose database columns are ``have``."""
 
-    def install(self, schema: SyncSchema) -> None:
-        """Install (or update) tracking for every table ``schema`` needs. Idempotent."""
-        meta.create_all(self.engine)
-        with self.write() as conn:
-            for stmt in self.tracking_ddl(schema):
-                conn.exec_driver_sql(stmt)
-            row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "epoch"))
-            if row.scalar() is None:
-                conn.execute(meta_table.insert().values(key="epoch", value=secrets.token_hex(8)))
+    @abc.abstractmethod
+    def tracking_intact(self, conn: Connection, tracking: TableTracking) -> bool:
+        """Whether the triggers of ``tracking`` are installed and unaltered."""
+
+    def legacy_image(self, conn: Connection, table: str) -> set[str] | None:
+        """The columns tombstones kept under tracking installed before definitions were recorded."""
+        return None
 
     # -- reading -----------------------------------------------------------------
 
@@ -165,6 +207,26 @@ class ServerStore(abc.ABC):
         if "epoch" not in facts:
             raise RuntimeError("tracking is not installed: call install() first")
         return facts["epoch"], int(facts.get("horizon", "0"))
+
+    def stream_horizon(self, conn: Connection, stream: Stream) -> int:
+        """The oldest cursor version from which tombstones can prove ``stream``'s removals.
+
+        Tracking's part of cursor validity: every column the stream's removals
+        read must have been kept in tombstones since the cursor's version. A
+        stream the installed tracking does not serve at all (another server's
+        definition is installed) can only be copied whole: a horizon above any cursor.
+        """
+        from syncunit.server.migrations import TRACKING_PREFIX, stream_needs, tracking_horizon
+
+        keys = [TRACKING_PREFIX + t for t in stream_needs(stream)]
+        rows = conn.execute(
+            sa.select(meta_table.c.key, meta_table.c.value).where(meta_table.c.key.in_(keys))
+        )
+        horizon = tracking_horizon({str(k): str(v) for k, v in rows}, stream)
+        if horizon is None:
+            log.warning("stream %r: tracking is installed for another definition", stream.name)
+            return 2**62
+        return horizon
 
     def prune_tombstones(self, keep_versions: int) -> int:
         """Delete tombstones older than the newest ``keep_versions`` versions.
