@@ -137,7 +137,16 @@ class Stream:
         if len(pk) != 1:
             raise DeclarationError(
                 f"stream {name!r}: base table {base.name!r} needs a single-column primary key"
+                f" (it has {', '.join(c.name for c in pk) or 'none'}): it becomes the device's"
+                " local key. Give the table one (a UUID column, say) and keep the other key as"
+                " a UNIQUE constraint; joined tables may have composite keys"
             )
+        for j in joins:
+            if not list(j.table.primary_key.columns):
+                raise DeclarationError(
+                    f"stream {name!r}: joined table {j.table.name!r} has no primary key;"
+                    " declare one (tracking identifies its rows by it)"
+                )
         self.key_column: sa.Column[Any] = pk[0]
         key_names = [n for n, c in self.columns.items() if c is self.key_column]
         if not key_names:
