@@ -340,7 +340,9 @@ def install(store: ServerStore, schema: SyncSchema) -> bool:
         return False
     with store.write() as conn:
         store.lock_for_install(conn)
-        clock = store.watermark(conn) if schema_version(conn) else 0
+        # Above every version handed out: a cursor from before this install never
+        # counts as covered by columns kept from now on.
+        clock = store.advance_clock(conn) if schema_version(conn) else 0
         for stmt in install_ddl(store, schema, conn, clock=clock):
             conn.exec_driver_sql(stmt)
     return True

@@ -132,6 +132,10 @@ class ServerStore(abc.ABC):
         return []
 
     @abc.abstractmethod
+    def advance_clock(self, conn: Connection) -> int:
+        """Take a version above every one handed out so far (inside an install)."""
+
+    @abc.abstractmethod
     def clock_sql(self) -> str:
         """A SQL expression for the current version, usable inside any statement."""
 

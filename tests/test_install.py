@@ -1,0 +1,233 @@
+"""Installing syncunit: once, by version; migrations in place; starters that race.
+
+* a start with the same definition reads and writes nothing;
+* a different definition re-installs in one transaction and resets only the
+  streams whose removals the old tombstones cannot prove;
+* several server processes starting together on a fresh database all succeed;
+* a database made by 0.1 (``tests/data/v0.1-*``, made by main at a13b8f0)
+  upgrades in place and its clients' cursors stay valid;
+* building a store twice on one engine configures it once;
+* a writer that disables tracking is caught at the next start: the table's
+  triggers come back and the streams reading it reset.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from syncunit.server import Principal, SyncServer, TokenAuth, open_store
+from syncunit.server.migrations import LATEST, MIGRATIONS
+from syncunit.units import Stream, SyncSchema, SyncUnit
+from tests.support import (
+    expected_rows,
+    final_cursors,
+    local_rows,
+    raw_sync,
+    removed_keys,
+    stream_starts,
+    trigger_names,
+)
+from tests.test_tracking import MINI_TABLES, NORTH, item, items, mini_schema, owner
+
+DATA = Path(__file__).parent / "data"
+AUTH = TokenAuth({"t-north": Principal("n", NORTH)})
+owners = Stream("owners", owner, [owner.c.id, owner.c.name], local_table="LocalOwner")
+
+
+def _server(store, schema=mini_schema):
+    return SyncServer(schema, store, authenticate=AUTH)
+
+
+def _statements(engine):
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    return seen, lambda: sa.event.remove(engine, "before_cursor_execute", record)
+
+
+WRITES = ("INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "REPLACE")
+
+
+def test_a_start_with_the_same_definition_changes_nothing(store, plain_sql):
+    plain_sql.script(MINI_TABLES)
+    _server(store)
+    with store.engine.connect() as conn:
+        facts = store.facts(conn)
+    assert facts["schema-version"] == str(LATEST)
+    assert {k for k in facts if k.startswith("tracking:")} == {"tracking:item", "tracking:owner"}
+    seen, stop = _statements(store.engine)
+
+    assert store.install(mini_schema) is False
+    _server(store)
+
+    stop()
+    assert seen  # it looked...
+    writes = [s for s in seen if s.lstrip().upper().startswith(WRITES)]
+    assert writes == []  # ...and wrote nothing
+    assert "BEGIN IMMEDIATE" not in seen
+
+
+def test_a_changed_definition_resets_only_the_streams_it_affects(
+    store, plain_sql, serve, make_client
+):
+    plain_sql.script(MINI_TABLES)
+    both = SyncSchema([SyncUnit("Items", [items]), SyncUnit("Owners", [owners])])
+    plain_sql(
+        "INSERT INTO owner (id, name, region) VALUES (1, 'Ana', 'north'), (2, 'Rui', 'south')"
+    )
+    plain_sql("INSERT INTO item (id, owner_id, name, qty) VALUES (1, 1, 'a', 1), (2, 1, 'b', 2)")
+    live = serve(_server(store, both).app)
+    device = make_client("t-north", url=live.url, name="d")
+    device.sync("Items")
+    device.sync("Owners")
+    # Another deployment serves owners only: owner.region is no longer kept in tombstones...
+    _server(store, SyncSchema([SyncUnit("Owners", [owners])]))
+    plain_sql("UPDATE owner SET region = 'south' WHERE id = 1")  # a move nobody records
+    # ...and this one comes back: its items stream cannot trust tombstones from that time.
+    live.app = _server(store, both).app
+
+    items_sync = device.sync("Items")
+    owners_sync = device.sync("Owners")
+
+    assert items_sync.resets == ["items"]
+    assert device.store.rows("LocalItem", ["id"]) == []
+    assert owners_sync.resets == []
+    assert owners_sync.rows_in == {"LocalOwner": 1}  # the owner that changed, not a copy
+
+
+def test_a_failing_install_changes_nothing(store, plain_sql, monkeypatch):
+    plain_sql.script(MINI_TABLES)
+    _server(store, SyncSchema([SyncUnit("Owners", [owners])]))
+    triggers = trigger_names(store.engine)
+    with store.engine.connect() as conn:
+        facts = store.facts(conn)
+    real = type(store).table_tracking_ddl
+
+    def failing(self, table, tracking, have):
+        ddl = real(self, table, tracking, have)
+        return ddl + ["SELECT * FROM no_such_table"] if table.name == "item" else ddl
+
+    monkeypatch.setattr(type(store), "table_tracking_ddl", failing)
+    with pytest.raises(sa.exc.OperationalError):
+        store.install(mini_schema)  # owner re-installs, then item fails: all rolled back
+
+    assert trigger_names(store.engine) == triggers
+    with store.engine.connect() as conn:
+        assert store.facts(conn) == facts
+
+
+_STARTER = """
+import sys, time
+sys.path[:0] = {paths!r}
+from syncunit.server import SyncServer, Principal, TokenAuth
+from tests.test_tracking import mini_schema
+time.sleep(max(0.0, {start!r} - time.time()))
+SyncServer(mini_schema, {url!r}, authenticate=TokenAuth({{}}))
+print("ok")
+"""
+
+
+def test_servers_starting_together_on_a_fresh_database_all_succeed(store, plain_sql, server_db_url):
+    store.engine.dispose()
+    plain_sql.script(MINI_TABLES)
+    root = str(Path(__file__).parent.parent)
+    code = _STARTER.format(
+        paths=[root, str(Path(root) / "examples")], start=time.time() + 3.0, url=server_db_url
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert out.strip() == "ok"
+    names = trigger_names(store.engine)
+    assert len(names) == len(set(names)) == 10  # five per table, each once
+    with store.engine.connect() as conn:
+        assert store.facts(conn)["schema-version"] == str(LATEST)
+
+
+def test_a_database_made_by_0_1_upgrades_in_place(backend, store, server_db_url, serve):
+    if backend != "sqlite":
+        pytest.skip("the 0.1 snapshot is a SQLite database")
+    store.engine.dispose()
+    path = server_db_url.removeprefix("sqlite:///")
+    Path(path).unlink(missing_ok=True)
+    with sqlite3.connect(path) as con:
+        con.executescript((DATA / "v0.1-server-sqlite.sql").read_text())
+    con.close()
+    old = json.loads((DATA / "v0.1-cursors.json").read_text())["cursors"]
+    with sqlite3.connect(path) as con:
+        epoch = con.execute("SELECT value FROM syncunit_meta WHERE key = 'epoch'").fetchone()
+        tombs = con.execute("SELECT count(*) FROM syncunit_tombstones").fetchone()
+    con.close()
+    assert "schema-version" not in (DATA / "v0.1-server-sqlite.sql").read_text()
+
+    upgraded = open_store(server_db_url)
+    server = _server(upgraded)
+
+    with upgraded.engine.connect() as conn:
+        facts = upgraded.facts(conn)
+        assert facts["schema-version"] == str(LATEST) == str(MIGRATIONS[-1].number)
+        assert facts["epoch"] == epoch[0]
+        n = conn.exec_driver_sql("SELECT count(*) FROM syncunit_tombstones").scalar()
+        assert n == tombs[0]
+        indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("syncunit_tombstones")}
+        assert "ix_syncunit_tombstones_at" in indexes
+    # The old device's cursor still holds: no reset, and the new triggers record the delete.
+    with upgraded.engine.begin() as conn:
+        conn.execute(item.delete().where(item.c.id == 2))
+    frames = raw_sync(serve(server.app).url, "Items", token="t-north", cursors=old)
+    assert [s.reset for s in stream_starts(frames)] == [False]
+    assert removed_keys(frames, "items") == [2]
+    assert final_cursors(frames)
+    assert upgraded.install(mini_schema) is False
+    upgraded.engine.dispose()
+
+
+def test_building_stores_on_one_engine_configures_it_once(store):
+    again = open_store(store.engine)
+    third = open_store(store.engine)
+    with third.write() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    with again.engine.connect() as conn, conn.begin():
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+
+
+def test_a_writer_that_disables_tracking_is_caught_at_the_next_start(
+    backend, store, plain_sql, serve, make_client
+):
+    disable = {"sqlite": "DROP TRIGGER syncunit_item_ad"}
+    if backend not in disable:
+        pytest.skip(f"no way to disable triggers written for {backend}")
+    plain_sql.script(MINI_TABLES)
+    plain_sql("INSERT INTO owner (id, name, region) VALUES (1, 'Ana', 'north')")
+    plain_sql("INSERT INTO item (id, owner_id, name, qty) VALUES (1, 1, 'a', 1), (2, 1, 'b', 2)")
+    live = serve(_server(store).app)
+    device = make_client("t-north", url=live.url, name="d")
+    device.sync("Items")
+    plain_sql(disable[backend])
+    plain_sql("DELETE FROM item WHERE id = 1")  # no tombstone: tracking is off
+
+    server = _server(store)  # a restart notices, re-installs, and resets the item streams
+    live.app = server.app
+    result = device.sync("Items")
+
+    assert result.resets == ["items"]
+    assert local_rows(device, server, items) == expected_rows(server, items, NORTH)
+    assert len(trigger_names(store.engine)) == 10
