@@ -87,7 +87,8 @@ def test_a_base_table_with_a_composite_key_is_refused_at_declaration():
     with pytest.raises(DeclarationError) as err:
         Stream("shelves", shelf, [shelf.c.site, shelf.c.code, shelf.c.label])
     message = str(err.value)
-    assert "'shelf'" in message and "site, code" in message
+    assert "'shelf'" in message
+    assert "site, code" in message
     assert "UNIQUE" in message  # says what to do
 
 

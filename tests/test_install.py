@@ -116,7 +116,7 @@ def test_a_failing_install_changes_nothing(store, plain_sql, monkeypatch):
 
     def failing(self, table, tracking, have):
         ddl = real(self, table, tracking, have)
-        return ddl + ["SELECT * FROM no_such_table"] if table.name == "item" else ddl
+        return [*ddl, "SELECT * FROM no_such_table"] if table.name == "item" else ddl
 
     monkeypatch.setattr(type(store), "table_tracking_ddl", failing)
     with pytest.raises(sa.exc.OperationalError):
