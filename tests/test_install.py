@@ -119,7 +119,7 @@ def test_a_failing_install_changes_nothing(store, plain_sql, monkeypatch):
         return [*ddl, "SELECT * FROM no_such_table"] if table.name == "item" else ddl
 
     monkeypatch.setattr(type(store), "table_tracking_ddl", failing)
-    with pytest.raises(sa.exc.OperationalError):
+    with pytest.raises(sa.exc.DBAPIError):
         store.install(mini_schema)  # owner re-installs, then item fails: all rolled back
 
     assert trigger_names(store.engine) == triggers
@@ -157,7 +157,11 @@ def test_servers_starting_together_on_a_fresh_database_all_succeed(store, plain_
         assert p.returncode == 0, err
         assert out.strip() == "ok"
     names = trigger_names(store.engine)
-    assert len(names) == len(set(names)) == 10  # five per table, each once
+    assert len(names) == len(set(names))  # each once
+    assert {t for t in ("item", "owner") if len([n for n in names if t in n]) >= 3} == {
+        "item",
+        "owner",
+    }
     with store.engine.connect() as conn:
         assert store.facts(conn)["schema-version"] == str(LATEST)
 
@@ -221,6 +225,7 @@ def test_a_writer_that_disables_tracking_is_caught_at_the_next_start(
     live = serve(_server(store).app)
     device = make_client("t-north", url=live.url, name="d")
     device.sync("Items")
+    triggers = trigger_names(store.engine)
     plain_sql(disable[backend])
     plain_sql("DELETE FROM item WHERE id = 1")  # no tombstone: tracking is off
 
@@ -230,4 +235,4 @@ def test_a_writer_that_disables_tracking_is_caught_at_the_next_start(
 
     assert result.resets == ["items"]
     assert local_rows(device, server, items) == expected_rows(server, items, NORTH)
-    assert len(trigger_names(store.engine)) == 10
+    assert trigger_names(store.engine) == triggers

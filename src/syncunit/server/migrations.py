@@ -304,6 +304,8 @@ def install_ddl(
     current, todo = plan(store, schema, conn)
     out = migration_ddl(store, current)
     facts = _facts(conn) if conn is not None and current else {}
+    if todo and current and clock is None:
+        out += store.advance_clock_sql()  # see ``install``
     for want, why in todo:
         since: dict[str, int | None] = dict.fromkeys(want.image, clock)
         raw = facts.get(TRACKING_PREFIX + want.table)

@@ -126,9 +126,8 @@ class SQLiteStore(ServerStore):
     def migration_ddl(self, number: int) -> list[str]:
         return list(_MIGRATIONS.get(number, []))
 
-    def advance_clock(self, conn: Connection) -> int:
-        conn.exec_driver_sql(_BUMP)
-        return self.watermark(conn)
+    def advance_clock_sql(self) -> list[str]:
+        return [_BUMP]
 
     def clock_sql(self) -> str:
         return _CURRENT

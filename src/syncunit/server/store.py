@@ -83,6 +83,12 @@ mutation_log = sa.Table(
 )
 
 
+_TRACKING_FACTS = (
+    "SELECT key, value FROM syncunit_meta WHERE key >= 'tracking:' AND key < 'tracking;'"
+    " ORDER BY key"
+)
+
+
 class ServerStore(abc.ABC):
     """Database-specific parts of the server. Subclass once per database."""
 
@@ -92,6 +98,7 @@ class ServerStore(abc.ABC):
         self.engine = engine
         #: Statements built once per stream (see ``changes``), keyed by their purpose.
         self.query_cache: dict[Any, Any] = {}
+        self._horizons: dict[Any, int] = {}
 
     # -- installing tracking (the neutral part is ``migrations``) ----------------------
 
@@ -132,8 +139,14 @@ class ServerStore(abc.ABC):
         return []
 
     @abc.abstractmethod
+    def advance_clock_sql(self) -> list[str]:
+        """Statements that take a version above every one handed out so far."""
+
     def advance_clock(self, conn: Connection) -> int:
-        """Take a version above every one handed out so far (inside an install)."""
+        """Take a version above every one handed out so far (inside an install); return it."""
+        for stmt in self.advance_clock_sql():
+            conn.exec_driver_sql(stmt)
+        return self.watermark(conn)
 
     @abc.abstractmethod
     def clock_sql(self) -> str:
@@ -220,16 +233,20 @@ class ServerStore(abc.ABC):
         stream the installed tracking does not serve at all (another server's
         definition is installed) can only be copied whole: a horizon above any cursor.
         """
-        from syncunit.server.migrations import TRACKING_PREFIX, stream_needs, tracking_horizon
+        from syncunit.server.migrations import tracking_horizon
 
-        keys = [TRACKING_PREFIX + t for t in stream_needs(stream)]
-        rows = conn.execute(
-            sa.select(meta_table.c.key, meta_table.c.value).where(meta_table.c.key.in_(keys))
-        )
-        horizon = tracking_horizon({str(k): str(v) for k, v in rows}, stream)
-        if horizon is None:
-            log.warning("stream %r: tracking is installed for another definition", stream.name)
-            return 2**62
+        # A constant statement (no compiling), and the answer cached per fact values.
+        facts = tuple(conn.exec_driver_sql(_TRACKING_FACTS).all())
+        key = (stream.name, facts)
+        horizon = self._horizons.get(key, -1)
+        if horizon == -1:
+            found = tracking_horizon({str(k): str(v) for k, v in facts}, stream)
+            if found is None:
+                log.warning("stream %r: tracking is installed for another definition", stream.name)
+            horizon = 2**62 if found is None else found
+            if len(self._horizons) > 1000:
+                self._horizons.clear()
+            self._horizons[key] = horizon
         return horizon
 
     def prune_tombstones(self, keep_versions: int) -> int:
