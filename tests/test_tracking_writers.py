@@ -141,3 +141,52 @@ def test_a_bulk_delete_is_tracked_row_by_row(tag_server, device, plain_sql):
     assert device.sync("Tags").rows_removed == {"LocalTag": 2}
     assert {r[0] for r in device.store.rows("LocalTag", ["id"])} == {3}
     _check(device, tag_server)
+
+
+def test_update_or_replace_on_a_unique_column_removes_the_replaced_row(
+    backend, tag_server, device, plain_sql
+):
+    if backend != "sqlite":
+        pytest.skip("UPDATE OR REPLACE is SQLite's")
+    plain_sql("UPDATE OR REPLACE tag SET code = 'a', label = 'took a' WHERE id = 2")
+    assert plain_sql("SELECT id FROM tag WHERE code = 'a'") == [(2,)]
+
+    result = device.sync("Tags")
+
+    assert result.rows_removed == {"LocalTag": 1}
+    assert dict(device.store.rows("LocalTag", ["id", "label"])) == {2: "took a", 3: "gamma"}
+    _check(device, tag_server)
+
+
+def test_an_upsert_that_moves_a_row_out_removes_it(tag_server, device, plain_sql):
+    plain_sql(
+        "INSERT INTO tag (id, code, label, region) VALUES (3, 'c', 'gone', 'south')"
+        " ON CONFLICT (id) DO UPDATE SET region = excluded.region, label = excluded.label"
+    )
+    assert device.sync("Tags").rows_removed == {"LocalTag": 1}
+    _check(device, tag_server)
+
+
+def test_a_writer_with_recursive_triggers_is_tracked_once(backend, tag_server, device, store):
+    if backend != "sqlite":
+        pytest.skip("recursive_triggers is SQLite's")
+    import sqlite3
+
+    path = store.engine.url.database
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        con.execute("PRAGMA recursive_triggers = ON")
+        before = store.current_version()
+        con.execute("UPDATE tag SET label = 'r' WHERE id = 1")
+        assert store.current_version() == before + 1  # its own stamp fires nothing more
+        con.execute(
+            "INSERT OR REPLACE INTO tag (id, code, label, region) VALUES (8, 'b', 'x', 'south')"
+        )
+    finally:
+        con.close()
+
+    result = device.sync("Tags")
+
+    assert result.rows_removed == {"LocalTag": 1}
+    assert dict(device.store.rows("LocalTag", ["id", "label"])) == {1: "r", 3: "gamma"}
+    _check(device, tag_server)
