@@ -321,7 +321,7 @@ def install_ddl(
             for c in store.legacy_image(conn, want.table) or ():
                 if c in since:
                     since[c] = 0
-        table = schema_table(schema, want.table)
+        table = _schema_table(schema, want.table)
         have: set[str] = set()
         if conn is not None:
             have = {c["name"] for c in sa.inspect(conn).get_columns(want.table)}
@@ -330,7 +330,7 @@ def install_ddl(
     return out
 
 
-def schema_table(schema: SyncSchema, name: str) -> sa.Table:
+def _schema_table(schema: SyncSchema, name: str) -> sa.Table:
     return next(t for t in schema.tracked_tables() if t.name == name)
 
 
