@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -103,12 +104,15 @@ class SyncClient:
 
     ``transport`` is any ``httpx.BaseTransport`` (real HTTP by default; tests
     pass fault-injecting ones). ``chunk_size`` asks the server for a chunk size.
+    ``local_db`` is a file path, ``":memory:"``, a ``LocalStore``, or an open
+    sqlite3-compatible connection (for example from ``sqlcipher3``, keyed, for an
+    encrypted local store).
     """
 
     def __init__(
         self,
         server_url: str,
-        local_db: str | Path | LocalStore,
+        local_db: str | Path | LocalStore | sqlite3.Connection | Any,
         *,
         token: str | None = None,
         transport: httpx.BaseTransport | None = None,

@@ -20,7 +20,6 @@ row). Nothing is dropped silently.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -460,6 +459,6 @@ class Outbox:
                         f" VALUES ({', '.join('?' * len(names))})",
                         [key, *values.values()],
                     )
-            except sqlite3.Error as exc:
+            except self.store.errors as exc:
                 raise LocalStoreError(f"cannot retry the change to {table}: {exc}") from exc
             conn.execute("DELETE FROM syncunit_rejected WHERE id = ?", (rejected_id,))

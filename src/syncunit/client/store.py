@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import sys
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from syncunit.client.outbox import DDL as OUTBOX_DDL
 from syncunit.client.outbox import trigger_ddl
@@ -67,27 +68,59 @@ def utcnow() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
-class LocalStore:
-    """A local SQLite database managed by syncunit; the app may read and write it too."""
+def driver_errors(conn: Any) -> tuple[type[Exception], ...]:
+    """The exception classes a sqlite3-compatible connection raises.
 
-    def __init__(self, path: str | Path | sqlite3.Connection) -> None:
+    A connection from a fork of the standard module (``sqlcipher3``, ``pysqlite3``)
+    raises its own module's ``Error``, not ``sqlite3.Error``.
+    """
+    module = sys.modules.get(type(conn).__module__)
+    error = getattr(module, "Error", None)
+    if isinstance(error, type) and issubclass(error, Exception) and error is not sqlite3.Error:
+        return (sqlite3.Error, error)
+    return (sqlite3.Error,)
+
+
+class LocalStore:
+    """A local SQLite database managed by syncunit; the app may read and write it too.
+
+    ``path`` is a file path, ``":memory:"``, or an open sqlite3-compatible
+    connection: the standard module's, or one from ``sqlcipher3`` for an
+    encrypted file (open it and set its key before handing it over). A passed
+    connection is used as it is (its journal mode is the caller's choice) and
+    must allow use from the sync worker thread (``check_same_thread=False``).
+    """
+
+    def __init__(self, path: str | Path | sqlite3.Connection | Any) -> None:
+        given = not isinstance(path, str | Path)
+        if given and not callable(getattr(path, "execute", None)):
+            raise TypeError(
+                f"local_db must be a path, ':memory:' or a sqlite3-compatible connection,"
+                f" not {type(path).__name__}"
+            )
+        #: What the connection raises: ``sqlite3.Error`` and, for a fork, its own ``Error``.
+        self.errors = driver_errors(path) if given else (sqlite3.Error,)
         try:
-            if isinstance(path, sqlite3.Connection):
-                self.conn = path
+            if given:
+                self.conn = cast(sqlite3.Connection, path)
             else:
                 self.conn = sqlite3.connect(
                     str(path), isolation_level=None, check_same_thread=False
                 )
             self.conn.isolation_level = None
-            if not isinstance(path, sqlite3.Connection) and str(path) != ":memory:":
+            if not given and str(path) != ":memory:":
                 self.conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed local change (and its outbox entry) survives power loss.
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA busy_timeout=30000")
             # INSERT OR REPLACE fires the delete trigger for the row it replaces.
             self.conn.execute("PRAGMA recursive_triggers=ON")
-        except sqlite3.Error as exc:
-            raise LocalStoreError(f"cannot open local database {path!r}: {exc}") from exc
+            self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except self.errors as exc:
+            hint = ""
+            if "not a database" in str(exc):
+                hint = " (an encrypted file needs its key: open it with sqlcipher3 and PRAGMA key)"
+            raise LocalStoreError(f"cannot open local database {path!r}: {exc}{hint}") from exc
         self.lock = threading.RLock()
         self._depth = 0
         with self.atomic():
@@ -110,7 +143,7 @@ class LocalStore:
             name = f"syncunit_sp{depth}"
             try:
                 self.conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {name}")
-            except sqlite3.Error as exc:
+            except self.errors as exc:
                 raise LocalStoreError(f"cannot begin a local transaction: {exc}") from exc
             self._depth += 1
             try:
@@ -127,7 +160,7 @@ class LocalStore:
                 self._depth -= 1
                 try:
                     self.conn.execute("COMMIT" if depth == 0 else f"RELEASE {name}")
-                except sqlite3.Error as exc:
+                except self.errors as exc:
                     if depth == 0:
                         self.conn.execute("ROLLBACK")
                     raise LocalStoreError(f"cannot commit a local transaction: {exc}") from exc
@@ -137,7 +170,7 @@ class LocalStore:
         with self.lock:
             try:
                 return list(self.conn.execute(sql, params))
-            except sqlite3.Error as exc:
+            except self.errors as exc:
                 raise LocalStoreError(f"local query failed: {exc}") from exc
 
     def close(self) -> None:
@@ -384,7 +417,7 @@ class LocalStore:
                     " cursor = excluded.cursor, definition = excluded.definition",
                     (stream.name, stream.local_table, stream.definition, chunk.cursor),
                 )
-        except sqlite3.Error as exc:
+        except self.errors as exc:
             raise LocalStoreError(f"cannot apply a chunk to {stream.local_table}: {exc}") from exc
         finally:
             self.conn.execute("PRAGMA synchronous=FULL")

@@ -1,0 +1,145 @@
+"""The local store on a connection the app opened: plain sqlite3, or SQLCipher (encrypted).
+
+A device that must encrypt its data at rest opens the file with ``sqlcipher3``,
+sets the key, and hands the connection to ``SyncClient``; everything the engine
+does (chunks, cursors, the outbox triggers, pushes) runs on it, and its errors
+come out as ``LocalStoreError``, never as the driver's own exceptions.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hospital.models import appointment
+
+from syncunit.client import SyncClient
+from syncunit.errors import LocalStoreError
+from syncunit.server import SyncServer
+from tests.support import LiveServer
+
+KEY = "correct horse battery staple"
+
+
+def booking(minute: int) -> dict[str, Any]:
+    return {
+        "doctor_id": 1,
+        "patient_id": 5,
+        "starts_at": f"2031-02-03T09:{minute:02d}:00",
+        "ends_at": f"2031-02-03T09:{minute + 1:02d}:00",
+        "status": "booked",
+        "room": "Encrypted-7",
+        "notes": "",
+    }
+
+
+def _round_trip(
+    client: SyncClient, server: SyncServer, in_sync: Callable[[SyncClient, str], None]
+) -> None:
+    """Pull a unit, write locally, push: the whole engine on the given connection."""
+    client.sync("Login")
+    in_sync(client, "Login")
+    key = client.insert("LocalAppointment", booking(7))
+    result = client.sync("SendAppointments")
+    assert result.applied == 1, result
+    with server.store.engine.connect() as conn:
+        rooms = conn.execute(sa.select(appointment.c.room).where(appointment.c.id == key))
+        assert rooms.scalar() == "Encrypted-7"
+    client.sync("Login")  # the pushed row comes back with its server version
+
+
+def test_a_plain_sqlite3_connection_is_used_as_given(
+    live: LiveServer,
+    server: SyncServer,
+    tmp_path: Path,
+    in_sync: Callable[[SyncClient, str], None],
+) -> None:
+    conn = sqlite3.connect(tmp_path / "app.sqlite", check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=DELETE")  # the app's choice, kept
+    client = SyncClient(live.url, conn, token="token-h1", chunk_size=16)
+    try:
+        assert client.store.conn is conn
+        _round_trip(client, server, in_sync)
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "delete"
+        # The app keeps using its own connection: the synced rows are there.
+        n = conn.execute("SELECT count(*) FROM LocalAppointment").fetchone()[0]
+        assert n > 0
+    finally:
+        client.close()
+
+
+def test_a_value_that_is_no_connection_is_refused_clearly(live: LiveServer) -> None:
+    with pytest.raises(TypeError, match="sqlite3-compatible connection"):
+        SyncClient(live.url, 42, token="token-h1")
+
+
+def _sqlcipher() -> Any:
+    try:
+        import sqlcipher3
+    except ImportError:
+        pytest.skip(
+            "sqlcipher3 is not installed (pip install sqlcipher3-binary, or sqlcipher3 with"
+            " libsqlcipher): the encrypted store is tested where it installs"
+        )
+    return sqlcipher3
+
+
+def _open_encrypted(path: Path, key: str) -> Any:
+    conn = _sqlcipher().connect(str(path), check_same_thread=False)
+    conn.execute(f"PRAGMA key = '{key}'")
+    return conn
+
+
+def test_a_sqlcipher_connection_syncs_into_an_encrypted_file(
+    live: LiveServer,
+    server: SyncServer,
+    tmp_path: Path,
+    in_sync: Callable[[SyncClient, str], None],
+) -> None:
+    path = tmp_path / "secret.sqlite"
+    client = SyncClient(live.url, _open_encrypted(path, KEY), token="token-h1", chunk_size=16)
+    try:
+        _round_trip(client, server, in_sync)
+        names = [r[0] for r in client.store.query("SELECT doctor_name FROM LocalAppointment")]
+        assert names
+    finally:
+        client.close()
+
+    # At rest, nothing readable: not the synced names, not the pushed row, not the schema.
+    raw = path.read_bytes()
+    assert b"SQLite format 3" not in raw
+    assert names[0].encode() not in raw
+    assert b"Encrypted-7" not in raw
+    plain = sqlite3.connect(path)
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        plain.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    plain.close()
+
+    # With the key, the device opens again where it was: nothing pending, cursors kept.
+    again = SyncClient(live.url, _open_encrypted(path, KEY), token="token-h1", chunk_size=16)
+    try:
+        assert again.outbox.count() == 0
+        assert again.sync("Login").total_in == 0
+        in_sync(again, "Login")
+    finally:
+        again.close()
+
+
+def test_driver_errors_of_a_sqlcipher_connection_become_local_store_errors(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "secret.sqlite"
+    from syncunit.client.store import LocalStore
+
+    store = LocalStore(_open_encrypted(path, KEY))
+    with pytest.raises(LocalStoreError, match="no such table"):
+        store.query("SELECT * FROM missing_table")
+    store.close()
+
+    with pytest.raises(LocalStoreError, match="PRAGMA key"):
+        LocalStore(_open_encrypted(path, "the wrong key"))
