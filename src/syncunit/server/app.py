@@ -44,6 +44,7 @@ from syncunit.protocol import (
 from syncunit.server.auth import Authenticator, Principal
 from syncunit.server.backends import open_store
 from syncunit.server.changes import StreamReader
+from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
 from syncunit.server.live import VersionMonitor, unit_has_changes
 from syncunit.server.problems import ProblemException, problem, problem_response
 from syncunit.server.push import PushApplier
@@ -103,11 +104,16 @@ class SyncServer:
         self.max_live_wait = max_live_wait
         if install:
             self.store.install(schema)
+        #: Recent syncs, for the inspector page; ``observers`` see every response's frames.
+        self.sync_log = SyncLog()
+        self.observers: list[FrameObserver] = [self.sync_log.observe]
+        self.inspector = Inspector(self.store, self.sync_log, self._principal)
         self.app = Starlette(
             routes=[
                 Route("/v1/catalog", self.get_catalog, methods=["GET"]),
                 Route("/v1/sync/{unit}", self.post_sync, methods=["POST"]),
                 Route("/v1/live/{unit}", self.post_live, methods=["POST"]),
+                *self.inspector.routes(),
             ],
             exception_handlers={ProblemException: _on_problem, Exception: _on_error},
         )
@@ -160,6 +166,8 @@ class SyncServer:
         if compressor.name:
             headers["Content-Encoding"] = compressor.name
         frames = self._frames(unit, principal, req, pushed)
+        for observe in self.observers:
+            frames = observe(unit, principal, req, frames)
         return StreamingResponse(
             _pump(frames, accept, compressor),
             media_type=content_type(accept),

@@ -18,10 +18,14 @@ __all__ = ["Authenticator", "Principal", "TokenAuth"]
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated user; ``params`` are the values its row filters use."""
+    """An authenticated user; ``params`` are the values its row filters use.
+
+    ``admin`` lets the principal read the inspector page (``/inspector``).
+    """
 
     id: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    admin: bool = False
 
 
 Authenticator = Callable[[Request], Principal | None]

@@ -1,0 +1,367 @@
+"""The inspector: a read-only page for the people who run a sync server.
+
+* ``GET /inspector``               the page (a shell with no data; it asks for a token)
+* ``GET /inspector/api/overview``  what the page shows, as JSON; the same
+  authentication as the sync endpoints, and only for admin principals
+  (``Principal(..., admin=True)``): 401 without a valid token, 403 for others
+
+It shows the devices with their last sync per unit and how far behind the
+server their cursors are (in versions), the conflicts and rejections the server
+answered recently, and a timeline of recent syncs.
+
+``SyncLog`` is where the facts come from: it watches the frames of every sync
+response as they go out (``SyncServer.observers``) and keeps bounded, in-memory
+windows (the last ``capacity`` syncs, the last sync per device and unit for
+``devices`` devices, the last ``problems`` conflicts and rejections). Nothing is
+written to the database, so a pull stays a read (it works on a read replica), at
+the cost that each server process sees its own syncs and forgets them on restart.
+Devices that ever pushed are also read from the database (``syncunit_clients``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+import sqlalchemy as sa
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from syncunit.protocol import Chunk, End, Failure, Frame, PushResults, SyncRequest
+from syncunit.server.auth import Principal
+from syncunit.server.cursor import decode_cursor
+from syncunit.server.problems import ProblemException
+from syncunit.server.store import ServerStore, clients
+from syncunit.units import SyncUnit
+
+__all__ = ["Inspector", "PushProblem", "SyncLog", "SyncRecord"]
+
+#: What a sync observer is: it sees a response's frames as they go out, and passes them on.
+FrameObserver = Callable[[SyncUnit, Principal, SyncRequest, Iterator[Frame]], Iterator[Frame]]
+
+
+@dataclass(frozen=True)
+class SyncRecord:
+    """One sync response, as it ended."""
+
+    at: float  #: Unix time at the end
+    client_id: str
+    principal: str
+    unit: str
+    #: ``ok`` (the last frame went out), ``failed`` (a failure frame or an error),
+    #: or ``cut`` (the client went away before the end)
+    outcome: str
+    seconds: float
+    rows: int  #: rows sent, upserted and removed
+    applied: int
+    conflicts: int
+    rejected: int
+    #: The lowest version the device holds of the unit's delta streams after this
+    #: sync (None: the unit pulls no delta stream, or a first copy is unfinished)
+    since: int | None
+    copying: bool  #: a first copy (or a re-download) of some stream is unfinished
+
+
+@dataclass(frozen=True)
+class PushProblem:
+    """A mutation the server answered with a conflict or a rejection."""
+
+    at: float
+    client_id: str
+    principal: str
+    unit: str
+    seq: int
+    table: str
+    key: Any
+    op: str
+    status: str  #: ``conflict`` or ``rejected``
+    code: str
+    reason: str
+
+
+class SyncLog:
+    """Bounded in-memory windows of recent syncs; thread-safe.
+
+    ``observe`` is a frame observer for ``SyncServer.observers``.
+    """
+
+    def __init__(self, capacity: int = 10_000, devices: int = 10_000, problems: int = 1_000):
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._recent: deque[SyncRecord] = deque(maxlen=capacity)
+        self._latest: OrderedDict[tuple[str, str], SyncRecord] = OrderedDict()
+        self._max_latest = devices
+        self._problems: deque[PushProblem] = deque(maxlen=problems)
+
+    def observe(
+        self, unit: SyncUnit, principal: Principal, req: SyncRequest, frames: Iterator[Frame]
+    ) -> Iterator[Frame]:
+        """Pass ``frames`` on unchanged; record the sync when they end."""
+        t0 = time.monotonic()
+        rows = 0
+        cursors = dict(req.cursors)
+        pushed: PushResults | None = None
+        outcome = "failed"
+        try:
+            for frame in frames:
+                if isinstance(frame, Chunk):
+                    rows += len(frame.data) + len(frame.removed)
+                    cursors[frame.stream] = frame.cursor
+                elif isinstance(frame, PushResults):
+                    pushed = frame
+                elif isinstance(frame, End):
+                    outcome = "ok"
+                elif isinstance(frame, Failure):
+                    outcome = "failed"
+                yield frame
+        except GeneratorExit:
+            outcome = "cut"
+            raise
+        finally:
+            seconds = time.monotonic() - t0
+            self._record(unit, principal, req, pushed, outcome, seconds, rows, cursors)
+
+    def _record(
+        self,
+        unit: SyncUnit,
+        principal: Principal,
+        req: SyncRequest,
+        pushed: PushResults | None,
+        outcome: str,
+        seconds: float,
+        rows: int,
+        cursors: dict[str, str],
+    ) -> None:
+        now = time.time()
+        since, copying = _holds(unit, cursors)
+        results = pushed.results if pushed is not None else []
+        counts = {"applied": 0, "conflict": 0, "rejected": 0}
+        problems: list[PushProblem] = []
+        sent = {m.seq: m for m in req.mutations}
+        for r in results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+            if r.status != "applied":
+                m = sent.get(r.seq)
+                problems.append(
+                    PushProblem(
+                        at=now,
+                        client_id=req.client_id,
+                        principal=principal.id,
+                        unit=unit.name,
+                        seq=r.seq,
+                        table=m.table if m else "",
+                        key=m.key if m else None,
+                        op=m.op if m else "",
+                        status=r.status,
+                        code=r.code,
+                        reason=r.reason,
+                    )
+                )
+        record = SyncRecord(
+            at=now,
+            client_id=req.client_id,
+            principal=principal.id,
+            unit=unit.name,
+            outcome=outcome,
+            seconds=seconds,
+            rows=rows,
+            applied=counts["applied"],
+            conflicts=counts["conflict"],
+            rejected=counts["rejected"],
+            since=since,
+            copying=copying,
+        )
+        with self._lock:
+            self._recent.append(record)
+            key = (req.client_id, unit.name)
+            self._latest[key] = record
+            self._latest.move_to_end(key)
+            while len(self._latest) > self._max_latest:
+                self._latest.popitem(last=False)
+            self._problems.extend(problems)
+
+    def recent(self) -> list[SyncRecord]:
+        """The recorded syncs, oldest first."""
+        with self._lock:
+            return list(self._recent)
+
+    def latest(self) -> list[SyncRecord]:
+        """The last sync of each (device, unit) still remembered, least recent first."""
+        with self._lock:
+            return list(self._latest.values())
+
+    def problems(self) -> list[PushProblem]:
+        """Recent conflicts and rejections, oldest first."""
+        with self._lock:
+            return list(self._problems)
+
+
+def _holds(unit: SyncUnit, cursors: dict[str, str]) -> tuple[int | None, bool]:
+    """The lowest version held of ``unit``'s delta streams, and whether a copy is unfinished."""
+    since: int | None = None
+    copying = False
+    for stream in unit.streams if unit.pulls else ():
+        cur = decode_cursor(cursors.get(stream.name))
+        if cur is not None and cur.phase == "content":
+            continue  # a full stream: replaced whole, it has no version to lag behind
+        if cur is None or cur.since is None:
+            copying = True
+            continue
+        since = cur.since if since is None else min(since, cur.since)
+    return (None if copying else since), copying
+
+
+# -- the page and its data --------------------------------------------------------------
+
+
+class Inspector:
+    """The inspector's routes over a ``SyncLog`` and the server database."""
+
+    def __init__(
+        self,
+        store: ServerStore,
+        log: SyncLog,
+        principal_of: Callable[[Request], Awaitable[Principal]],
+        *,
+        max_devices: int = 500,
+        bucket_seconds: int = 60,
+        buckets: int = 60,
+    ) -> None:
+        self.store = store
+        self.log = log
+        self.principal_of = principal_of
+        self.max_devices = max_devices
+        self.bucket_seconds = bucket_seconds
+        self.buckets = buckets
+        self._page = resources.files(__package__).joinpath("inspector.html").read_bytes()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/inspector", self.page, methods=["GET"]),
+            Route("/inspector/api/overview", self.api_overview, methods=["GET"]),
+        ]
+
+    async def page(self, request: Request) -> Response:
+        """The page itself holds no data: it asks for a token and fetches the overview."""
+        return HTMLResponse(
+            self._page,
+            headers={
+                "Cache-Control": "no-store",
+                "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline';"
+                " style-src 'unsafe-inline'; img-src 'self' data:",
+                "X-Frame-Options": "DENY",
+            },
+        )
+
+    async def api_overview(self, request: Request) -> Response:
+        principal = await self.principal_of(request)
+        if not principal.admin:
+            raise ProblemException(
+                "forbidden",
+                f"principal {principal.id!r} is not an admin; the inspector is for admins only",
+            )
+        data = await anyio.to_thread.run_sync(self.overview)
+        return Response(
+            msgspec.json.encode(data),
+            media_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def overview(self, now: float | None = None) -> dict[str, Any]:
+        """Everything the page shows, as plain data."""
+        now = time.time() if now is None else now
+        with self.store.engine.connect() as conn, conn.begin():
+            watermark = self.store.watermark(conn)
+            known = conn.execute(
+                sa.select(clients.c.client_id, clients.c.principal)
+                .add_columns(clients.c.last_seq, clients.c.last_seen)
+                .order_by(clients.c.last_seen.desc())
+                .limit(self.max_devices)
+            ).all()
+            count = sa.select(sa.func.count()).select_from(clients)
+            total_known = int(conn.execute(count).scalar_one())
+        devices: dict[str, dict[str, Any]] = {}
+        for row in known:
+            devices[row.client_id] = _device(row.client_id, row.principal)
+            devices[row.client_id]["last_seq"] = int(row.last_seq)
+            devices[row.client_id]["last_push"] = row.last_seen
+            devices[row.client_id]["active"] = _timestamp(row.last_seen)
+        for rec in self.log.latest():
+            d = devices.setdefault(rec.client_id, _device(rec.client_id, rec.principal))
+            lag = None if rec.since is None else max(0, watermark - rec.since)
+            d["units"].append({**_plain(rec), "lag": lag})
+            d["active"] = max(d["active"], rec.at)
+            d["last_sync"] = _iso(max(rec.at, _timestamp(d["last_sync"])))
+        listed = sorted(devices.values(), key=lambda d: -float(d.pop("active")))
+        for d in listed:
+            d["units"].sort(key=lambda u: u["unit"])
+        return {
+            "now": _iso(now),
+            "watermark": watermark,
+            "watching_since": _iso(self.log.started),
+            "devices": listed[: self.max_devices],
+            "devices_total": max(total_known, len(devices)),
+            "problems": [_plain(p) for p in reversed(self.log.problems())][:200],
+            "timeline": self._timeline(now),
+        }
+
+    def _timeline(self, now: float) -> dict[str, Any]:
+        width = self.bucket_seconds
+        end = (int(now) // width + 1) * width
+        start = end - width * self.buckets
+        counts = [{"ok": 0, "problems": 0, "failed": 0} for _ in range(self.buckets)]
+        for rec in self.log.recent():
+            i = int((rec.at - start) // width)
+            if not 0 <= i < self.buckets:
+                continue
+            if rec.outcome != "ok":
+                counts[i]["failed"] += 1
+            elif rec.conflicts or rec.rejected:
+                counts[i]["problems"] += 1
+            else:
+                counts[i]["ok"] += 1
+        buckets = [{"start": _iso(start + i * width), **c} for i, c in enumerate(counts)]
+        return {"bucket_seconds": width, "buckets": buckets}
+
+
+def _device(client_id: str, principal: str) -> dict[str, Any]:
+    return {
+        "client_id": client_id,
+        "principal": principal,
+        "last_seq": None,  # the last mutation applied (devices that pushed)
+        "last_push": None,
+        "last_sync": None,  # seen by this process
+        "active": 0.0,
+        "units": [],
+    }
+
+
+def _timestamp(iso: str | None) -> float:
+    if not iso:
+        return 0.0
+    try:
+        t = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return 0.0
+    return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _plain(item: SyncRecord | PushProblem) -> dict[str, Any]:
+    out = asdict(item)
+    out["at"] = _iso(item.at)
+    if isinstance(item, SyncRecord):
+        out["seconds"] = round(item.seconds, 4)
+    return out
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
