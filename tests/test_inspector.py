@@ -6,6 +6,10 @@ the JSON behind it is checked over real HTTP against the hospital server.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -190,3 +194,157 @@ def test_the_log_tells_completed_failed_and_cut_responses_apart() -> None:
     [latest] = log.latest()  # one device remembered
     assert latest.client_id == "other"
     assert latest.copying  # its cursors say nothing yet
+
+
+# -- the page, in a real headless Chromium ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1100",
+]
+#: Set to write the page's screenshot into the docs (``docs/images/inspector.png``).
+SCREENSHOT_ENV = "SYNCUNIT_SCREENSHOTS"
+
+
+@pytest.fixture(scope="module")
+def chrome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Debian's chromium and chromedriver, driven by Selenium; installed when missing."""
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        done = subprocess.run(
+            [str(ROOT / "scripts" / "install-browser")],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        if not (shutil.which("chromium") and shutil.which("chromedriver")):
+            pytest.skip(f"no Chromium could be installed here: {done.stderr.strip()}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(shutil.which("chromium"))
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    service = webdriver.ChromeService(executable_path=str(shutil.which("chromedriver")))
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _open_with(driver: Any, token: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.execute_script("delete document.body.dataset.loaded;")
+    field = driver.find_element(By.ID, "token")
+    field.send_keys(token)
+    field.submit()
+
+
+def _wait(driver: Any, condition: Callable[[Any], Any]) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, 15, poll_frequency=0.05).until(condition)
+
+
+def _hostile_sync(live: LiveServer, client_id: str) -> None:
+    """A device that names itself with markup (a client id is the device's to choose)."""
+    from syncunit.protocol import PROTOCOL_VERSION, content_type, encode_request
+
+    body = encode_request(SyncRequest(protocol=PROTOCOL_VERSION, client_id=client_id), "json")
+    r = httpx.post(
+        f"{live.url}/v1/sync/Splash",
+        content=body,
+        headers={"Authorization": "Bearer token-h1", "Content-Type": content_type("json")},
+        timeout=10,
+    )
+    assert r.status_code == 200
+
+
+@pytest.mark.timeout(900)  # the first use may install Chromium
+def test_the_page_in_a_browser(
+    chrome: Any,
+    ops_server: SyncServer,
+    ops_live: LiveServer,
+    device: Callable[..., SyncClient],
+    plain_sql: PlainSQL,
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    ops_server.inspector.bucket_seconds = 1  # a minute of syncs, per second
+    ward, desk, lab = device("ward-tablet"), device("front-desk"), device("lab", "token-h2")
+    for d in (ward, desk, lab):
+        d.sync("Login")
+        d.sync("Splash")
+        time.sleep(0.7)  # spread the timeline over a few seconds
+    ward.insert("LocalAppointment", booking(0))
+    ward.sync("SendAppointments")
+    desk.insert("LocalAppointment", booking(15))  # the same doctor, overlapping
+    desk.sync("SendAppointments")
+    plain_sql("UPDATE doctor SET name = name || ' Jr' WHERE id = 1")
+    lab.sync("Login")
+    syncs = 9
+
+    chrome.get(f"{ops_live.url}/inspector")
+    error = chrome.find_element(By.ID, "error")
+    _wait(chrome, lambda d: "admin token" in error.text)
+
+    _open_with(chrome, "token-h1")  # a staff token: authenticated, but not an admin
+    _wait(chrome, lambda d: "not an admin" in error.text)
+    assert not chrome.find_elements(By.CSS_SELECTOR, "#devices tbody tr")
+
+    _open_with(chrome, ADMIN)
+    _wait(chrome, lambda d: d.execute_script("return document.body.dataset.loaded") == "yes")
+    assert not error.is_displayed()
+
+    def unit_row(client: SyncClient, unit: str) -> list[str]:
+        sel = f'#devices tr[data-client="{client.client_id}"][data-unit="{unit}"] td'
+        return [td.text for td in chrome.find_elements(By.CSS_SELECTOR, sel)]
+
+    ward_login = unit_row(ward, "Login")
+    assert ward_login[0] == ward.client_id
+    assert ward_login[4] == "ok"
+    assert ward_login[6] == "2"  # behind by its own booking, pushed since, and a rename
+    assert unit_row(lab, "Login")[6] == "0"  # synced after the rename
+    assert unit_row(ward, "Splash")[6] == "\u2014"  # a full stream: no lag
+    problems = chrome.find_elements(By.CSS_SELECTOR, "#problems tbody tr[data-status]")
+    assert len(problems) == 1
+    cells = [td.text for td in problems[0].find_elements(By.TAG_NAME, "td")]
+    assert cells[1] == desk.client_id
+    assert cells[3:7] == ["LocalAppointment", cells[4], "insert", "rejected"]
+    assert "already booked" in cells[8]
+    bars = chrome.find_elements(By.CSS_SELECTOR, "#timeline rect.bar")
+    counts = {"ok": 0, "problems": 0, "failed": 0}
+    for bar in bars:
+        kind = bar.get_attribute("class").split("bar-")[1]
+        counts[kind] += int(bar.get_attribute("data-count"))
+    assert counts == {"ok": syncs - 1, "problems": 1, "failed": 0}
+    assert len(bars) >= 2  # spread over several seconds
+
+    shot = chrome.get_screenshot_as_png()
+    assert shot.startswith(b"\x89PNG")
+    if os.environ.get(SCREENSHOT_ENV):
+        (ROOT / "docs" / "images" / "inspector.png").write_bytes(shot)
+
+    # Device ids are shown as text, never as markup.
+    hostile = "<img src=x onerror=\"document.title='pwned'\">evil"
+    _hostile_sync(ops_live, hostile)
+    chrome.execute_script("delete document.body.dataset.loaded; load();")
+    _wait(chrome, lambda d: d.execute_script("return document.body.dataset.loaded") == "yes")
+    texts = [td.text for td in chrome.find_elements(By.CSS_SELECTOR, "#devices td")]
+    assert hostile in texts
+    assert not chrome.find_elements(By.CSS_SELECTOR, "#devices img")
+    assert chrome.title == "syncunit inspector"
