@@ -1,0 +1,56 @@
+"""Install syncunit's change tracking for the tables the devices sync.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-12-05
+
+The statements are those ``syncunit ddl fastapi_service.sync:build --database URL
+--fresh`` prints: syncunit's own tables, a version and two timestamp columns on
+each tracked table, and the triggers that stamp them and record deletes. They are
+computed from the sync schema when the migration runs; to pin them instead, paste
+that command's output here. After upgrading syncunit, or changing which tables or
+columns the streams use, add a migration that runs ``syncunit ddl`` (without
+``--fresh``) output: it adds only what is missing and recreates the triggers.
+"""
+
+from __future__ import annotations
+
+from alembic import op
+from fastapi_service.sync import schema
+
+from syncunit.server import open_store
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    # A store on its own engine, used only to compile the DDL for this database's
+    # dialect: it never connects. The statements run on the migration's connection.
+    store = open_store(bind.engine.url.render_as_string(hide_password=False))
+    try:
+        statements = store.tracking_ddl(schema, existing=False)
+    finally:
+        store.engine.dispose()
+    for stmt in statements:
+        bind.exec_driver_sql(stmt)
+
+
+def downgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name != "sqlite":
+        raise NotImplementedError("this example's downgrade is written for SQLite")
+    objects = bind.exec_driver_sql(
+        "SELECT type, name FROM sqlite_master WHERE name LIKE 'syncunit%' AND type != 'index'"
+        " ORDER BY type = 'table'"  # triggers first
+    ).all()
+    for kind, name in objects:
+        bind.exec_driver_sql(f'DROP {kind.upper()} IF EXISTS "{name}"')
+    for table in schema.tracked_tables():
+        op.drop_index(f"ix_{table.name}_syncunit_version", table_name=table.name)
+        with op.batch_alter_table(table.name) as batch:
+            for column in ("syncunit_version", "syncunit_created_at", "syncunit_updated_at"):
+                batch.drop_column(column)
