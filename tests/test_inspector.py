@@ -348,3 +348,19 @@ def test_the_page_in_a_browser(
     assert hostile in texts
     assert not chrome.find_elements(By.CSS_SELECTOR, "#devices img")
     assert chrome.title == "syncunit inspector"
+
+
+def test_a_tokens_file_marks_admins(
+    tmp_path: Path, server_db_url: str, store: ServerStore, serve: Callable[[Any], LiveServer]
+) -> None:
+    from syncunit.cli import load_server
+
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(
+        '{"t1": {"id": "staff:1", "params": {"hospital_id": 1}},'
+        ' "ops": {"id": "ops", "admin": true}}'
+    )
+    srv = load_server("hospital.units:schema", server_db_url, app_dir=".", tokens=str(tokens))
+    live = serve(srv.app)
+    assert overview(live, "t1").status_code == 403
+    assert overview(live, "ops").status_code == 200

@@ -71,7 +71,12 @@ def load_server(
         if tokens is None:
             raise SystemExit("error: serving a SyncSchema needs --tokens FILE")
         raw = json.loads(Path(tokens).read_text())
-        auth = TokenAuth({t: Principal(p["id"], p.get("params", {})) for t, p in raw.items()})
+        auth = TokenAuth(
+            {
+                t: Principal(p["id"], p.get("params", {}), admin=bool(p.get("admin", False)))
+                for t, p in raw.items()
+            }
+        )
         return SyncServer(obj, database, authenticate=auth, **options)
     if callable(obj):
         return obj(database, **options)
@@ -169,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run a sync server", description="Run a sync server.")
     server_args(p)
-    p.add_argument("--tokens", help="JSON file {token: {id, params}} when TARGET is a SyncSchema")
+    p.add_argument("--tokens", help="JSON {token: {id, params, admin}} for a SyncSchema TARGET")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--chunk-size", type=int, help="rows per chunk (default 2000)")

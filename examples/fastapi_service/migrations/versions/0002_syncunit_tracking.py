@@ -4,8 +4,8 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-05
 
-The statements are those ``syncunit ddl fastapi_service.sync:build --database URL
---fresh`` prints: syncunit's own tables, a version and two timestamp columns on
+The statements are those ``syncunit ddl fastapi_service.sync:build --app-dir examples
+--database URL --fresh`` prints: syncunit's own tables, a version and two timestamp columns on
 each tracked table, and the triggers that stamp them and record deletes. They are
 computed from the sync schema when the migration runs; to pin them instead, paste
 that command's output here. After upgrading syncunit, or changing which tables or
