@@ -167,6 +167,13 @@ def test_conflicts_and_rejections_are_listed_with_what_was_refused(
     assert _total(data, "ok") == 3
     assert _total(data, "failed") == 0
 
+    # The app retries it at another time: applied, so it is no longer pending.
+    [change] = second.outbox.rejected()
+    moved = {"starts_at": "2032-05-06T09:10:00", "ends_at": "2032-05-06T09:40:00"}
+    second.outbox.retry(change.id, moved)
+    assert second.sync("SendAppointments").applied == 1
+    assert overview(ops_live).json()["problems"] == []
+
 
 # -- the log on its own ---------------------------------------------------------------------
 

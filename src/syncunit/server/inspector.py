@@ -12,7 +12,8 @@ answered recently, and a timeline of recent syncs.
 ``SyncLog`` is where the facts come from: it watches the frames of every sync
 response as they go out (``SyncServer.observers``) and keeps bounded, in-memory
 windows (the last ``capacity`` syncs, the last sync per device and unit for
-``devices`` devices, the last ``problems`` conflicts and rejections). Nothing is
+``devices`` devices, the last ``problems`` conflicts and rejections not settled
+since by a later applied change of the same row). Nothing is
 written to the database, so a pull stays a read (it works on a read replica), at
 the cost that each server process sees its own syncs and forgets them on restart.
 Devices that ever pushed are also read from the database (``syncunit_clients``).
@@ -20,7 +21,9 @@ Devices that ever pushed are also read from the database (``syncunit_clients``).
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import threading
 import time
 from collections import OrderedDict, deque
@@ -100,7 +103,10 @@ class SyncLog:
         self._recent: deque[SyncRecord] = deque(maxlen=capacity)
         self._latest: OrderedDict[tuple[str, str], SyncRecord] = OrderedDict()
         self._max_latest = devices
-        self._problems: deque[PushProblem] = deque(maxlen=problems)
+        #: The last answer per (device, table, key) that was a conflict or a rejection,
+        #: until a later change of that row from that device is applied.
+        self._problems: OrderedDict[tuple[str, str, bytes], PushProblem] = OrderedDict()
+        self._max_problems = problems
 
     def observe(
         self, unit: SyncUnit, principal: Principal, req: SyncRequest, frames: Iterator[Frame]
@@ -145,27 +151,31 @@ class SyncLog:
         since, copying = _holds(unit, cursors)
         results = pushed.results if pushed is not None else []
         counts = {"applied": 0, "conflict": 0, "rejected": 0}
-        problems: list[PushProblem] = []
+        # In order: (device, table, key) and its problem, or None when a change was applied.
+        answers: list[tuple[tuple[str, str, bytes], PushProblem | None]] = []
         sent = {m.seq: m for m in req.mutations}
         for r in results:
             counts[r.status] = counts.get(r.status, 0) + 1
-            if r.status != "applied":
-                m = sent.get(r.seq)
-                problems.append(
-                    PushProblem(
-                        at=now,
-                        client_id=req.client_id,
-                        principal=principal.id,
-                        unit=unit.name,
-                        seq=r.seq,
-                        table=m.table if m else "",
-                        key=m.key if m else None,
-                        op=m.op if m else "",
-                        status=r.status,
-                        code=r.code,
-                        reason=r.reason,
-                    )
-                )
+            m = sent.get(r.seq)
+            seq_only = (req.client_id, "", str(r.seq).encode())
+            row = (req.client_id, m.table, _key_bytes(m.key)) if m else seq_only
+            if r.status == "applied":
+                answers.append((row, None))
+                continue
+            problem = PushProblem(
+                at=now,
+                client_id=req.client_id,
+                principal=principal.id,
+                unit=unit.name,
+                seq=r.seq,
+                table=m.table if m else "",
+                key=m.key if m else None,
+                op=m.op if m else "",
+                status=r.status,
+                code=r.code,
+                reason=r.reason,
+            )
+            answers.append((row, problem))
         record = SyncRecord(
             at=now,
             client_id=req.client_id,
@@ -187,7 +197,14 @@ class SyncLog:
             self._latest.move_to_end(key)
             while len(self._latest) > self._max_latest:
                 self._latest.popitem(last=False)
-            self._problems.extend(problems)
+            for row, answer in answers:
+                if answer is None:  # a later change of that row went through: settled
+                    self._problems.pop(row, None)
+                    continue
+                self._problems[row] = answer
+                self._problems.move_to_end(row)
+                while len(self._problems) > self._max_problems:
+                    self._problems.popitem(last=False)
 
     def recent(self) -> list[SyncRecord]:
         """The recorded syncs, oldest first."""
@@ -200,9 +217,19 @@ class SyncLog:
             return list(self._latest.values())
 
     def problems(self) -> list[PushProblem]:
-        """Recent conflicts and rejections, oldest first."""
+        """Conflicts and rejections not settled since, oldest first.
+
+        One per (device, table, key): the latest. A later change of the same row
+        from the same device that is applied (the app retried it) settles it; a
+        change the app discarded on the device stays listed (the server never
+        hears of it) until the window drops it.
+        """
         with self._lock:
-            return list(self._problems)
+            return list(self._problems.values())
+
+
+def _key_bytes(key: Any) -> bytes:
+    return msgspec.json.encode(key)
 
 
 def _holds(unit: SyncUnit, cursors: dict[str, str]) -> tuple[int | None, bool]:
@@ -243,6 +270,14 @@ class Inspector:
         self.bucket_seconds = bucket_seconds
         self.buckets = buckets
         self._page = resources.files(__package__).joinpath("inspector.html").read_bytes()
+        # The page's one inline script, allowed by its hash: no other script may run.
+        script = self._page.split(b"<script>", 1)[1].split(b"</script>", 1)[0]
+        digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+        self._policy = (
+            f"default-src 'none'; connect-src 'self'; script-src 'sha256-{digest}';"
+            " style-src 'unsafe-inline'; base-uri 'none'; form-action 'none';"
+            " frame-ancestors 'none'"
+        )
 
     def routes(self) -> list[Route]:
         return [
@@ -256,8 +291,7 @@ class Inspector:
             self._page,
             headers={
                 "Cache-Control": "no-store",
-                "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline';"
-                " style-src 'unsafe-inline'; img-src 'self' data:",
+                "Content-Security-Policy": self._policy,
                 "X-Frame-Options": "DENY",
             },
         )
