@@ -87,8 +87,9 @@ class LocalStore:
     ``path`` is a file path, ``":memory:"``, or an open sqlite3-compatible
     connection: the standard module's, or one from ``sqlcipher3`` for an
     encrypted file (open it and set its key before handing it over). A passed
-    connection is used as it is (its journal mode is the caller's choice) and
-    must allow use from the sync worker thread (``check_same_thread=False``).
+    connection keeps its journal mode, is switched to autocommit (the store runs
+    its own transactions), must allow use from the sync worker thread
+    (``check_same_thread=False``), and is closed by ``close()``.
     """
 
     def __init__(self, path: str | Path | sqlite3.Connection | Any) -> None:
