@@ -24,11 +24,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import heapq
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -324,27 +325,33 @@ class Inspector:
             count = sa.select(sa.func.count()).select_from(clients)
             total_known = int(conn.execute(count).scalar_one())
         devices: dict[str, dict[str, Any]] = {}
+        active: dict[str, float] = {}
         for row in known:
-            devices[row.client_id] = _device(row.client_id, row.principal)
-            devices[row.client_id]["last_seq"] = int(row.last_seq)
-            devices[row.client_id]["last_push"] = row.last_seen
-            devices[row.client_id]["active"] = _timestamp(row.last_seen)
+            d = devices[row.client_id] = _device(row.client_id, row.principal)
+            d["last_seq"], d["last_push"] = int(row.last_seq), row.last_seen
+            active[row.client_id] = _timestamp(row.last_seen)
+        seen: dict[str, list[SyncRecord]] = {}
         for rec in self.log.latest():
-            d = devices.setdefault(rec.client_id, _device(rec.client_id, rec.principal))
-            lag = None if rec.since is None else max(0, watermark - rec.since)
-            d["units"].append({**_plain(rec), "lag": lag})
-            d["active"] = max(d["active"], rec.at)
-            d["last_sync"] = _iso(max(rec.at, _timestamp(d["last_sync"])))
-        listed = sorted(devices.values(), key=lambda d: -float(d.pop("active")))
-        for d in listed:
-            d["units"].sort(key=lambda u: u["unit"])
+            seen.setdefault(rec.client_id, []).append(rec)
+            active[rec.client_id] = max(active.get(rec.client_id, 0.0), rec.at)
+        # Only the most recently active devices are shown; only they are built.
+        shown = heapq.nlargest(self.max_devices, active, key=active.__getitem__)
+        listed = []
+        for client_id in shown:
+            records = seen.get(client_id, [])
+            d = devices.get(client_id) or _device(client_id, records[0].principal)
+            d["units"] = [_unit(rec, watermark) for rec in sorted(records, key=_by_unit)]
+            if records:
+                d["last_sync"] = _iso(max(rec.at for rec in records))
+            listed.append(d)
+        problems = self.log.problems()[-200:]
         return {
             "now": _iso(now),
             "watermark": watermark,
             "watching_since": _iso(self.log.started),
-            "devices": listed[: self.max_devices],
-            "devices_total": max(total_known, len(devices)),
-            "problems": [_plain(p) for p in reversed(self.log.problems())][:200],
+            "devices": listed,
+            "devices_total": max(total_known, len(active)),
+            "problems": [_problem(p) for p in reversed(problems)],
             "timeline": self._timeline(now),
         }
 
@@ -374,8 +381,27 @@ def _device(client_id: str, principal: str) -> dict[str, Any]:
         "last_seq": None,  # the last mutation applied (devices that pushed)
         "last_push": None,
         "last_sync": None,  # seen by this process
-        "active": 0.0,
         "units": [],
+    }
+
+
+def _by_unit(rec: SyncRecord) -> str:
+    return rec.unit
+
+
+def _unit(rec: SyncRecord, watermark: int) -> dict[str, Any]:
+    return {
+        "unit": rec.unit,
+        "at": _iso(rec.at),
+        "outcome": rec.outcome,
+        "seconds": round(rec.seconds, 4),
+        "rows": rec.rows,
+        "applied": rec.applied,
+        "conflicts": rec.conflicts,
+        "rejected": rec.rejected,
+        "since": rec.since,
+        "copying": rec.copying,
+        "lag": None if rec.since is None else max(0, watermark - rec.since),
     }
 
 
@@ -389,11 +415,9 @@ def _timestamp(iso: str | None) -> float:
     return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp()
 
 
-def _plain(item: SyncRecord | PushProblem) -> dict[str, Any]:
-    out = asdict(item)
-    out["at"] = _iso(item.at)
-    if isinstance(item, SyncRecord):
-        out["seconds"] = round(item.seconds, 4)
+def _problem(p: PushProblem) -> dict[str, Any]:
+    out = dict(vars(p))
+    out["at"] = _iso(p.at)
     return out
 
 
