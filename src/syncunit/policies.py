@@ -13,9 +13,10 @@ that changed on the server since the client saw it:
 
 Business rules are functions ``rule(ctx) -> str | None``; a string rejects the
 mutation with that reason and its savepoint undoes it. ``ctx.row`` is the row
-after the change (a delete: the row being deleted). A new row is already
-written when its rules run, so rules that query its table should leave out
-``ctx.key``; updates and deletes are checked before they are written.
+after the change (a delete: the row being deleted). Rules run only for rows in
+the principal's write scope, after that scope check. An inserted or updated
+row is already written when its rules run, so rules that query its table
+should leave out ``ctx.key``; deletes are checked before they are written.
 """
 
 from __future__ import annotations

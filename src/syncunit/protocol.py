@@ -32,6 +32,7 @@ Encoding = Literal["msgpack", "json"]
 __all__ = [
     "JSON",
     "MSGPACK",
+    "PROBLEM_CODES",
     "PROTOCOL_VERSION",
     "Catalog",
     "Chunk",
@@ -185,9 +186,15 @@ class Chunk(msgspec.Struct, frozen=True, tag="chunk"):
 
 
 class End(msgspec.Struct, frozen=True, tag="end"):
-    """The last frame: the unit run completed."""
+    """The last frame of a response.
+
+    ``complete`` is False when the server ended the response early (it reads
+    the database for a bounded time per response): the client sends another
+    request with the cursors it now has, in the same sync run.
+    """
 
     server_time: str
+    complete: bool = True
 
 
 class Failure(msgspec.Struct, frozen=True, tag="failure"):
@@ -200,6 +207,31 @@ class Failure(msgspec.Struct, frozen=True, tag="failure"):
 
 
 Frame = PushResults | StreamStart | Chunk | End | Failure
+
+
+#: The stable catalog of wire errors: code -> (HTTP status, title). A code never
+#: changes meaning and is never reused; both sides import it from here.
+PROBLEM_CODES: dict[str, tuple[int, str]] = {
+    "unauthenticated": (401, "Authentication required"),
+    "forbidden": (403, "Not allowed"),
+    "missing-parameter": (403, "The principal lacks a parameter this unit filters on"),
+    "unit-forbidden": (403, "This principal may not run this sync unit"),
+    "unknown-unit": (404, "No such sync unit"),
+    "malformed-request": (400, "The request body could not be read"),
+    "unsupported-protocol": (400, "Unsupported protocol version"),
+    "upload-timeout": (408, "The request body took too long to arrive"),
+    "invalid-request": (422, "The request is well-formed but not valid"),
+    "sequence-gap": (409, "Mutations are missing before these"),
+    "schema-changed": (409, "The server's schema changed; fetch the catalog again"),
+    "body-too-large": (413, "The request body is too large"),
+    "too-many-mutations": (413, "Too many mutations in one request"),
+    "field-too-large": (413, "A field of the request is too large"),
+    "unsupported-media-type": (415, "Unsupported content type or encoding"),
+    "rate-limited": (429, "Too many requests from this principal; retry after a while"),
+    "internal": (500, "The server failed"),
+    "busy": (503, "Too many clients are waiting for live changes; try again later"),
+    "overloaded": (503, "The server is running as many syncs as it can; retry after a while"),
+}
 
 
 class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -249,6 +281,8 @@ def decode_request(body: bytes, encoding: Encoding) -> SyncRequest:
         req = _mp_req.decode(body) if encoding == "msgpack" else _js_req.decode(body)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"malformed sync request: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError("malformed sync request: values are nested too deeply") from None
     return req
 
 

@@ -104,6 +104,12 @@ class Stream:
     ``columns`` maps local column names to columns of the base or joined tables
     (a list of columns keeps their names). The base table's primary key is the
     local key. Columns of joined tables are read-only on the client.
+
+    ``write`` says which rows a principal may push changes to (the row must
+    match it before and after each change). By default it is the row filter
+    ``where``; a stream with no row filter is read-only unless ``write`` is an
+    explicit clause (``sa.true()`` lets every principal write every row).
+    ``write=False`` makes any stream read-only.
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class Stream:
         indexes: Sequence[Sequence[str]] = (),
         policy: ConflictPolicy | None = None,
         rules: Sequence[Rule] = (),
+        write: ColumnElement[bool] | bool | None = None,
     ) -> None:
         self.name = name
         self.mode: Mode = "delta"
@@ -162,6 +169,26 @@ class Stream:
                         " which is neither the base table nor joined; add a Join for it"
                     )
         self.parameters = _bind_names(where, *(j.on for j in self.joins))
+        self.write_where: ColumnElement[bool] | None = None
+        if write is True and where is None:
+            raise DeclarationError(
+                f"stream {name!r} has no row filter, so write=True would let every principal"
+                " change every row: pass write=<clause> naming the rows a principal may change"
+                " (sa.true() if that is really meant)"
+            )
+        if write is None or write is True:
+            self.write_where = where
+        elif write is not False:
+            for c in _columns_of(write):
+                if c.table not in allowed:
+                    raise DeclarationError(
+                        f"stream {name!r}: the write rule reads table {c.table.name!r},"
+                        " which is neither the base table nor joined"
+                    )
+            self.write_where = write
+        #: Whether clients may push changes to this stream's rows at all.
+        self.is_writable = self.write_where is not None
+        self.write_parameters = _bind_names(self.write_where, *(j.on for j in self.joins))
         self._validate_names()
 
     @classmethod
@@ -189,6 +216,9 @@ class Stream:
         self.rules = []
         self.joins = ()
         self.where = None
+        self.write_where = None
+        self.is_writable = False
+        self.write_parameters = []
         self.columns = {str(c.key): c for c in query.selected_columns}
         if key not in self.columns:
             raise DeclarationError(f"stream {name!r}: key {key!r} is not a selected column")
@@ -222,7 +252,7 @@ class Stream:
 
     def writable(self, local: str) -> sa.Column[Any] | None:
         """The base-table column a local column maps back to, or None if read-only."""
-        if self.mode != "delta":
+        if self.mode != "delta" or not self.is_writable:
             return None
         col = self.columns.get(local)
         if isinstance(col, sa.Column) and col.table is self.base:
@@ -334,6 +364,11 @@ class SyncSchema:
             for t in unit.push_tables:
                 if t not in by_table:
                     raise DeclarationError(f"unit {unit.name!r} pushes unknown table {t!r}")
+                if not by_table[t].is_writable:
+                    raise DeclarationError(
+                        f"unit {unit.name!r} pushes {t!r}, whose stream {by_table[t].name!r}"
+                        " is read-only: give it a row filter or an explicit write= rule"
+                    )
         self.by_local_table = by_table
         for table in self.tracked_tables():
             add_tracking_columns(table)
@@ -356,10 +391,10 @@ class SyncSchema:
         return out
 
     def unit_push_tables(self, unit: SyncUnit) -> list[str]:
-        """Local tables whose mutations a pushing unit sends (default: its streams')."""
+        """Local tables whose mutations a pushing unit sends (default: its writable streams')."""
         if unit.push_tables:
             return list(unit.push_tables)
-        return [s.local_table for s in unit.streams if s.mode == "delta"]
+        return [s.local_table for s in unit.streams if s.mode == "delta" and s.is_writable]
 
     def catalog(self) -> Catalog:
         streams = [s.info() for s in self.streams.values()]

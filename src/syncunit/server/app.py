@@ -2,10 +2,14 @@
 
 * ``GET  /v1/catalog``      units, streams and local table schemas, with a schema hash
 * ``POST /v1/sync/{unit}``  one unit run: push (if the unit pushes), then pull, streamed
+* ``POST /v1/live/{unit}``  a long-poll answering when the unit has changes in scope
 
-The response body is a stream of frames produced on a worker thread that
-reads the database and encodes chunk by chunk into a bounded queue, so server
-memory does not grow with the result and reading overlaps with sending.
+Every request is authenticated, admitted (rate per principal, concurrent
+syncs), bounded (``Limits``) and checked before it touches the database; a
+refused request gets a problem response saying why, and one log line. The
+response body is produced by ``streaming.FramePump`` within a time budget.
+Cursors are signed with a key kept in the database, so a forged one is
+treated as no cursor at all.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
+import secrets
 import threading
 import time
-import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import anyio.to_thread
@@ -24,46 +30,42 @@ import msgspec
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from syncunit.errors import ProtocolError
 from syncunit.protocol import (
     PROTOCOL_VERSION,
+    Chunk,
     End,
-    Failure,
     Frame,
     PushResults,
     SyncRequest,
     content_type,
     decode_request,
     encode_catalog,
-    encode_frame,
     encoding_of,
 )
-from syncunit.server.auth import Authenticator, Principal
+from syncunit.server.admission import RateLimiter, Slot, SyncSlots, default_sync_slots
+from syncunit.server.auth import Authenticator, Principal, authorize_unit
 from syncunit.server.backends import open_store
 from syncunit.server.changes import StreamReader
+from syncunit.server.cursor import sign_cursor, verify_cursor
 from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
+from syncunit.server.limits import Limits, check_request, read_body, shorten
 from syncunit.server.live import VersionMonitor, unit_has_changes
-from syncunit.server.problems import ProblemException, problem, problem_response
+from syncunit.server.problems import ProblemException, problem_response
 from syncunit.server.push import PushApplier
-from syncunit.server.store import ServerStore
+from syncunit.server.store import ServerStore, meta_table
+from syncunit.server.streaming import FramePump, FrameResponse, compressor_for
 from syncunit.units import SyncSchema, SyncUnit
-
-try:  # optional: zstd is preferred when both sides have it
-    import zstandard
-
-    HAVE_ZSTD = True
-except ImportError:  # pragma: no cover
-    HAVE_ZSTD = False
 
 log = logging.getLogger("syncunit.server")
 
 __all__ = ["SyncServer", "create_app"]
 
-_DONE = object()
-AHEAD = 4
+#: A cursor that is not the server's own becomes this: the stream starts afresh.
+FORGED = "forged"
 
 
 class SyncServer:
@@ -77,12 +79,14 @@ class SyncServer:
         authenticate: Authenticator,
         chunk_size: int = 2000,
         max_chunk_size: int = 20_000,
-        max_body_bytes: int = 32 * 1024 * 1024,
-        max_mutations: int = 10_000,
+        limits: Limits | None = None,
+        max_body_bytes: int | None = None,
+        max_mutations: int | None = None,
         max_live_waiters: int = 1000,
         max_live_wait: float = 60.0,
         tombstone_retention: dt.timedelta | None = dt.timedelta(days=30),
         prune_every: float = 3600.0,
+        cursor_secret: bytes | None = None,
         install: bool = True,
     ) -> None:
         self.schema = schema
@@ -90,11 +94,20 @@ class SyncServer:
         self.authenticate = authenticate
         self.chunk_size = chunk_size
         self.max_chunk_size = max_chunk_size
-        self.max_body_bytes = max_body_bytes
-        self.max_mutations = max_mutations
+        limits = limits or Limits()
+        if max_body_bytes is not None:
+            limits = replace(limits, max_body_bytes=max_body_bytes)
+        if max_mutations is not None:
+            limits = replace(limits, max_mutations=max_mutations)
+        self.limits = limits
+        self.rate = RateLimiter(limits.requests_per_second, limits.request_burst)
+        self.sync_slots = SyncSlots(
+            limits.max_concurrent_syncs or default_sync_slots(self.store.engine),
+            limits.syncs_per_principal,
+        )
         self.catalog = schema.catalog()
         self._catalog_body = encode_catalog(self.catalog)
-        self.pusher = PushApplier(self.store, schema)
+        self.pusher = PushApplier(self.store, schema, limits)
         self.monitor = VersionMonitor(self.store)
         self.tombstone_retention = tombstone_retention
         self.prune_every = prune_every
@@ -104,6 +117,7 @@ class SyncServer:
         self.max_live_wait = max_live_wait
         if install:
             self.store.install(schema)
+        self._cursor_key = cursor_secret
         #: Recent syncs, for the inspector page; ``observers`` see every response's frames.
         self.sync_log = SyncLog()
         self.observers: list[FrameObserver] = [self.sync_log.observe]
@@ -121,10 +135,20 @@ class SyncServer:
     # -- handlers --------------------------------------------------------------------
 
     async def _principal(self, request: Request) -> Principal:
+        """Authenticate, then count the request against the principal's rate."""
         principal = await anyio.to_thread.run_sync(self.authenticate, request)
         if principal is None:
             raise ProblemException(
                 "unauthenticated", "send a valid 'Authorization: Bearer <token>'"
+            )
+        wait = self.rate.check(principal.id)
+        if wait is not None:
+            retry = max(1, math.ceil(wait))
+            raise ProblemException(
+                "rate-limited",
+                f"more than {self.limits.requests_per_second:g} requests a second;"
+                f" retry in {retry} s",
+                headers={"Retry-After": str(retry)},
             )
         return principal
 
@@ -139,37 +163,80 @@ class SyncServer:
         unit = self.schema.units.get(name)
         if unit is None:
             known = ", ".join(sorted(self.schema.units))
-            raise ProblemException("unknown-unit", f"unit {name!r} does not exist; known: {known}")
+            raise ProblemException(
+                "unknown-unit", f"unit {shorten(name, 60)} does not exist; known: {known}"
+            )
+        authorize_unit(principal, unit)
         encoding = encoding_of(request.headers.get("content-type"))
         if encoding is None:
             raise ProblemException(
                 "unsupported-media-type",
                 f"Content-Type must be {content_type('msgpack')} or {content_type('json')}",
             )
-        body = await self._read_body(request)
+        body = await read_body(request.stream(), request.headers, self.limits)
         req = decode_request(body, encoding) if body else None
         if req is None:
             raise ProblemException("malformed-request", "the request body is empty")
         self._validate(req, unit, principal)
+        if req.cursors:
+            key = await self._key()
+            req = msgspec.structs.replace(
+                req,
+                cursors={n: verify_cursor(t, key) or FORGED for n, t in req.cursors.items()},
+            )
         return principal, unit, req
+
+    async def _key(self) -> bytes:
+        """The key cursors are signed with: given, or kept in the database (made once)."""
+        if self._cursor_key is None:
+            self._cursor_key = await anyio.to_thread.run_sync(self._load_cursor_key)
+        return self._cursor_key
+
+    def _load_cursor_key(self) -> bytes:
+        with self.store.write() as conn:
+            value = self.store.facts(conn).get("cursor-key")
+            if value is None:
+                value = secrets.token_hex(32)
+                conn.execute(meta_table.insert().values(key="cursor-key", value=value))
+        return bytes.fromhex(value)
+
+    def _slot(self, principal: Principal) -> Slot:
+        """A sync slot, or 503 at once (never a wait on the database pool)."""
+        slot = self.sync_slots.try_acquire(principal.id)
+        if isinstance(slot, Slot):
+            return slot
+        who = "this principal" if slot == "principal" else "the server"
+        limit = self.sync_slots.per_principal if slot == "principal" else self.sync_slots.total
+        raise ProblemException(
+            "overloaded", f"{who} already runs {limit} syncs; retry in 1 s",
+            headers={"Retry-After": "1"},
+        )  # fmt: skip
 
     async def post_sync(self, request: Request) -> Response:
         principal, unit, req = await self._sync_request(request)
+        key = await self._key()
         self._maybe_prune()
         encoding = encoding_of(request.headers.get("content-type")) or "msgpack"
-        pushed = None
-        if req.mutations:
-            pushed = await anyio.to_thread.run_sync(self.pusher.apply, principal, req)
-        accept = encoding_of(request.headers.get("accept")) or encoding
-        compressor = _compressor(request.headers.get("accept-encoding", ""))
-        headers = {"Cache-Control": "no-store"}
-        if compressor.name:
-            headers["Content-Encoding"] = compressor.name
-        frames = self._frames(unit, principal, req, pushed)
-        for observe in self.observers:
-            frames = observe(unit, principal, req, frames)
-        return StreamingResponse(
-            _pump(frames, accept, compressor),
+        slot = self._slot(principal)
+        try:
+            pushed = None
+            if req.mutations:
+                pushed = await anyio.to_thread.run_sync(self.pusher.apply, principal, req, unit)
+            accept = encoding_of(request.headers.get("accept")) or encoding
+            compressor = compressor_for(request.headers.get("accept-encoding", ""))
+            headers = {"Cache-Control": "no-store"}
+            if compressor.name:
+                headers["Content-Encoding"] = compressor.name
+            frames = self._frames(unit, principal, req, pushed)
+            for observe in self.observers:
+                frames = observe(unit, principal, req, frames)
+            pump = FramePump(_signed(frames, key), accept, compressor, self.limits, slot).start()
+        except BaseException:
+            slot.release()
+            raise
+        return FrameResponse(
+            pump,
+            send_timeout=self.limits.send_timeout,
             media_type=content_type(accept),
             headers=headers,
         )
@@ -180,7 +247,9 @@ class SyncServer:
         try:
             wait = float(request.query_params.get("wait", "25"))
         except ValueError:
-            raise ProblemException("invalid-request", "wait must be a number of seconds") from None
+            wait = math.nan
+        if not math.isfinite(wait):
+            raise ProblemException("invalid-request", "wait must be a number of seconds")
         wait = min(max(wait, 0.0), self.max_live_wait)
         if self.monitor.waiters >= self.max_live_waiters:
             raise ProblemException("busy", f"{self.monitor.waiters} clients are waiting")
@@ -188,47 +257,21 @@ class SyncServer:
         deadline = loop.time() + wait
         seen = await anyio.to_thread.run_sync(self.store.current_version)
         while True:
-            changed = await anyio.to_thread.run_sync(
-                unit_has_changes, self.store, unit, principal.params, req.cursors
-            )
+            changed = False
+            slot = self.sync_slots.try_acquire(principal.id)
+            if isinstance(slot, Slot):  # no slot free: check again on the next wake
+                try:
+                    changed = await anyio.to_thread.run_sync(
+                        unit_has_changes, self.store, unit, principal.params, req.cursors
+                    )
+                finally:
+                    slot.release()
             remaining = deadline - loop.time()
             if changed or remaining <= 0:
                 body = msgspec.json.encode({"unit": unit.name, "changed": changed})
                 return Response(body, media_type="application/json")
-            seen = max(seen, await self.monitor.wait_beyond(seen, remaining))
-
-    async def _read_body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise ProblemException("body-too-large", f"the limit is {self.max_body_bytes} bytes")
-        chunks = bytearray()
-        async for part in request.stream():
-            chunks += part
-            if len(chunks) > self.max_body_bytes:
-                raise ProblemException(
-                    "body-too-large", f"the limit is {self.max_body_bytes} bytes"
-                )
-        coding = request.headers.get("content-encoding", "identity").strip().lower()
-        try:
-            if coding in ("", "identity"):
-                return bytes(chunks)
-            if coding == "gzip":
-                d = zlib.decompressobj(31)
-                out = d.decompress(chunks, self.max_body_bytes + 1)
-            elif coding == "zstd" and HAVE_ZSTD:
-                dz = zstandard.ZstdDecompressor().decompressobj()
-                out = dz.decompress(bytes(chunks))
-            else:
-                raise ProblemException("unsupported-media-type", f"Content-Encoding {coding!r}")
-        except (zlib.error, ValueError) as exc:
-            raise ProblemException("malformed-request", f"cannot decompress body: {exc}") from exc
-        except Exception as exc:
-            if HAVE_ZSTD and isinstance(exc, zstandard.ZstdError):
-                raise ProblemException("malformed-request", f"bad zstd body: {exc}") from exc
-            raise
-        if len(out) > self.max_body_bytes:
-            raise ProblemException("body-too-large", f"the limit is {self.max_body_bytes} bytes")
-        return bytes(out)
+            wake = remaining if isinstance(slot, Slot) else min(remaining, 1.0)
+            seen = max(seen, await self.monitor.wait_beyond(seen, wake))
 
     def _validate(self, req: SyncRequest, unit: SyncUnit, principal: Principal) -> None:
         if req.protocol != PROTOCOL_VERSION:
@@ -236,8 +279,7 @@ class SyncServer:
                 "unsupported-protocol",
                 f"client speaks protocol {req.protocol}; this server speaks {PROTOCOL_VERSION}",
             )
-        if not req.client_id or len(req.client_id) > 200:
-            raise ProblemException("invalid-request", "client_id must be 1 to 200 characters")
+        check_request(req, self.limits)
         if req.schema_hash and req.schema_hash != self.catalog.schema_hash:
             raise ProblemException(
                 "schema-changed",
@@ -247,8 +289,6 @@ class SyncServer:
             raise ProblemException(
                 "invalid-request", f"chunk_size must be between 1 and {self.max_chunk_size}"
             )
-        if len(req.mutations) > self.max_mutations:
-            raise ProblemException("too-many-mutations", f"the limit is {self.max_mutations}")
         if req.mutations and not unit.pushes:
             raise ProblemException(
                 "invalid-request", f"unit {unit.name!r} does not push; send no mutations"
@@ -296,7 +336,11 @@ class SyncServer:
     # -- the response ------------------------------------------------------------------
 
     def _frames(
-        self, unit: SyncUnit, principal: Principal, req: SyncRequest, pushed: PushResults | None
+        self,
+        unit: SyncUnit,
+        principal: Principal,
+        req: SyncRequest,
+        pushed: PushResults | None,
     ) -> Iterator[Frame]:
         if pushed is not None:
             yield pushed
@@ -306,10 +350,27 @@ class SyncServer:
                 epoch, horizon = self.store.epoch_and_horizon(conn)
                 for stream in unit.streams:
                     reader = StreamReader(self.store, stream, principal.params, chunk_size=chunk)
-                    yield from reader.frames(
+                    frames = reader.frames(
                         conn, watermark, epoch, horizon, req.cursors.get(stream.name)
                     )
+                    try:
+                        yield from frames
+                    finally:
+                        frames.close()  # its open database cursor, before the snapshot ends
         yield End(server_time=dt.datetime.now(dt.UTC).isoformat())
+
+
+def _signed(frames: Iterator[Frame], key: bytes) -> Iterator[Frame]:
+    """``frames`` with every chunk's cursor signed (closing it closes ``frames``)."""
+    try:
+        for frame in frames:
+            if isinstance(frame, Chunk):
+                frame = msgspec.structs.replace(frame, cursor=sign_cursor(frame.cursor, key))
+            yield frame
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
 
 
 def create_app(
@@ -325,106 +386,16 @@ def create_app(
 
 async def _on_problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProblemException)
-    return problem_response(exc.code, exc.detail)
+    path, detail = request.url.path, shorten(exc.detail, 200)
+    log.info("refused %s %s: %s: %s", request.method, path, exc.code, detail)
+    return problem_response(exc.code, exc.detail, exc.headers)
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ProtocolError):
-        return problem_response("malformed-request", str(exc))
+        detail = str(exc)
+        log.info("refused %s %s: malformed-request: %s", request.method, request.url.path,
+                 shorten(detail, 200))  # fmt: skip
+        return problem_response("malformed-request", detail[:1000])
     log.exception("sync request failed", exc_info=exc)
     return problem_response("internal", "see the server log")
-
-
-# -- streaming -----------------------------------------------------------------------
-
-
-class _Compressor:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        if name == "zstd":
-            self._z: Any = zstandard.ZstdCompressor(level=1).compressobj()
-        elif name == "gzip":
-            self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
-
-    def feed(self, data: bytes) -> bytes:
-        return self._z.compress(data) if self.name else data
-
-    def flush(self, final: bool = False) -> bytes:
-        if not self.name:
-            return b""
-        if self.name == "zstd":
-            mode = (
-                zstandard.COMPRESSOBJ_FLUSH_FINISH if final else zstandard.COMPRESSOBJ_FLUSH_BLOCK
-            )
-            return bytes(self._z.flush(mode))
-        return bytes(self._z.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH))
-
-
-def _compressor(accept_encoding: str) -> _Compressor:
-    offered = {p.split(";")[0].strip().lower() for p in accept_encoding.split(",")}
-    if "zstd" in offered and HAVE_ZSTD:
-        return _Compressor("zstd")
-    if "gzip" in offered:
-        return _Compressor("gzip")
-    return _Compressor("")
-
-
-async def _pump(frames: Iterator[Frame], encoding: Any, comp: _Compressor) -> AsyncIterator[bytes]:
-    """Run ``frames`` on a worker thread; hand its encoded bytes to the event loop.
-
-    At most ``AHEAD`` pieces wait in between, so memory stays bounded while the
-    database read and the network send overlap.
-    """
-    loop = asyncio.get_running_loop()
-    q: asyncio.Queue[Any] = asyncio.Queue()
-    slots = threading.Semaphore(AHEAD)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            if slots.acquire(timeout=0.2):
-                try:
-                    loop.call_soon_threadsafe(q.put_nowait, item)
-                except RuntimeError:  # the event loop is gone
-                    return False
-                return True
-        return False
-
-    def produce() -> None:
-        try:
-            for frame in frames:
-                data = comp.feed(encode_frame(frame, encoding)) + comp.flush()
-                if data and not put(data):
-                    return
-        except ProblemException as exc:
-            p = problem(exc.code, exc.detail)
-            fail = Failure(status=p.status, code=p.code, title=p.title, detail=p.detail)
-            put(comp.feed(encode_frame(fail, encoding)) + comp.flush())
-        except Exception as exc:
-            log.exception("sync stream failed", exc_info=exc)
-            fail = Failure(
-                status=500, code="internal", title="The server failed", detail="see the server log"
-            )
-            put(comp.feed(encode_frame(fail, encoding)) + comp.flush())
-        finally:
-            if not stop.is_set():
-                tail = comp.flush(final=True)
-                if tail:
-                    put(tail)
-            put(_DONE)
-            close = getattr(frames, "close", None)
-            if close is not None:
-                close()
-
-    worker = threading.Thread(target=produce, name="syncunit-frames", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = await q.get()
-            slots.release()
-            if item is _DONE:
-                break
-            yield item
-    finally:
-        stop.set()
-        await anyio.to_thread.run_sync(worker.join, 5.0)

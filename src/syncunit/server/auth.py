@@ -1,34 +1,62 @@
-"""Who is syncing: principals and pluggable authentication.
+"""Who is syncing: principals, pluggable authentication, signed tokens.
 
 An authenticator takes the Starlette request and returns a ``Principal`` (or
-None: 401). The principal's ``params`` fill the streams' row filters; the
-client never sends filter values.
+None: 401). The principal's ``params`` fill the streams' row filters and write
+rules, and its ``units`` (None: all) are the sync units it may run; the client
+never sends filter values.
+
+Two authenticators come built in: ``TokenAuth`` (opaque tokens looked up in a
+mapping or a function, e.g. a token table) and ``JWTAuth`` (signed JSON Web
+Tokens with an expiry, verified locally with PyJWT; keys rotate by ``kid``).
+Any function ``request -> Principal | None`` works too; ``first_of`` tries
+several in turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
-__all__ = ["Authenticator", "Principal", "TokenAuth"]
+from syncunit.server.problems import ProblemException
+
+if TYPE_CHECKING:
+    from syncunit.units import SyncUnit
+
+__all__ = ["Authenticator", "JWTAuth", "Principal", "TokenAuth", "first_of"]
 
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated user; ``params`` are the values its row filters use.
+    """An authenticated user.
 
-    ``admin`` lets the principal read the inspector page (``/inspector``).
+    ``params`` are the values its row filters use; ``admin`` lets the principal
+    read the inspector page (``/inspector``); ``units`` names the sync units it
+    may run (None: every unit). A principal that loses a unit, or a parameter
+    value, has what it may no longer hold removed on its next sync.
     """
 
     id: str
     params: Mapping[str, Any] = field(default_factory=dict)
     admin: bool = False
+    units: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.units is not None and not isinstance(self.units, frozenset):
+            object.__setattr__(self, "units", frozenset(self.units))
 
 
 Authenticator = Callable[[Request], Principal | None]
+
+
+def authorize_unit(principal: Principal, unit: SyncUnit) -> None:
+    """Raise a 403 problem unless ``principal`` may run ``unit``."""
+    if principal.units is not None and unit.name not in principal.units:
+        raise ProblemException(
+            "unit-forbidden", f"principal {principal.id!r} may not run unit {unit.name!r}"
+        )
 
 
 def bearer_token(request: Request) -> str | None:
@@ -57,4 +85,109 @@ class TokenAuth:
 
     def __call__(self, request: Request) -> Principal | None:
         token = bearer_token(request)
-        return None if token is None else self._lookup(token)
+        if token is None or len(token) > MAX_TOKEN_LENGTH:
+            return None
+        return self._lookup(token)
+
+
+#: Longer bearer tokens are refused before any lookup or signature check.
+MAX_TOKEN_LENGTH = 8192
+
+
+def claims_principal(claims: Mapping[str, Any]) -> Principal | None:
+    """The default mapping of verified JWT claims to a principal.
+
+    ``sub`` is the id, ``params`` (an object) the filter values, ``units`` (a
+    list, optional) the units it may run. Claims of another shape give None (401).
+    """
+    sub, params, units = claims.get("sub"), claims.get("params", {}), claims.get("units")
+    if not isinstance(sub, str) or not isinstance(params, dict):
+        return None
+    if units is not None and not (
+        isinstance(units, list) and all(isinstance(u, str) for u in units)
+    ):
+        return None
+    return Principal(sub, params, None if units is None else frozenset(units))
+
+
+class JWTAuth:
+    """Signed bearer tokens (JSON Web Tokens), verified without a database.
+
+    ``keys`` maps a key id to its verification key: an HMAC secret for
+    ``HS256``, a public key (PEM) for ``RS256``/``ES256``/``EdDSA``. A token
+    names its key in the ``kid`` header; to rotate, add the new key, sign new
+    tokens with it, and remove the old one when its last token has expired.
+    With a single key, tokens without ``kid`` use it.
+
+    Every token must carry ``exp`` (and ``sub``); ``audience`` and ``issuer``
+    are checked when given; ``leeway`` allows for clock skew. ``principal``
+    turns the verified claims into a ``Principal`` (default: ``claims_principal``).
+    """
+
+    def __init__(
+        self,
+        keys: Mapping[str, Any],
+        *,
+        algorithms: Iterable[str] = ("HS256",),
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 30.0,
+        principal: Callable[[Mapping[str, Any]], Principal | None] = claims_principal,
+    ) -> None:
+        import jwt  # the server extra installs PyJWT
+
+        if not keys:
+            raise ValueError("JWTAuth needs at least one key")
+        self._jwt = jwt
+        self.keys = dict(keys)
+        self.algorithms = list(algorithms)
+        if "none" in (a.lower() for a in self.algorithms):
+            raise ValueError("the 'none' algorithm would accept unsigned tokens")
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = leeway
+        self.principal = principal
+
+    def __call__(self, request: Request) -> Principal | None:
+        token = bearer_token(request)
+        if token is None or len(token) > MAX_TOKEN_LENGTH:
+            return None
+        return self.verify(token)
+
+    def verify(self, token: str) -> Principal | None:
+        """The principal a token stands for, or None if it is not valid now."""
+        jwt = self._jwt
+        try:
+            header = jwt.get_unverified_header(token)
+            kid = header.get("kid")
+            if kid is None and len(self.keys) == 1:
+                key = next(iter(self.keys.values()))
+            elif isinstance(kid, str) and kid in self.keys:
+                key = self.keys[kid]
+            else:
+                return None
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        return self.principal(claims)
+
+
+def first_of(*authenticators: Authenticator) -> Authenticator:
+    """An authenticator that tries each of ``authenticators`` in turn."""
+
+    def authenticate(request: Request) -> Principal | None:
+        for auth in authenticators:
+            principal = auth(request)
+            if principal is not None:
+                return principal
+        return None
+
+    return authenticate

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 from typing import Any, Literal
 
 import msgspec
@@ -54,3 +56,27 @@ def decode_cursor(token: str | None) -> Cursor | None:
         return _dec.decode(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
     except (msgspec.DecodeError, binascii.Error, ValueError):
         return None
+
+
+# -- signatures ---------------------------------------------------------------------
+#
+# A client hands its cursors back; one it made up (an older ``since``, another
+# phase) could make the server send removals it never checked against that
+# client's scope. The server signs every cursor it gives out and treats one
+# whose signature does not match as no cursor (the stream starts afresh).
+
+_SIG_BYTES = 16
+
+
+def sign_cursor(token: str, key: bytes) -> str:
+    """``token`` with an HMAC-SHA256 signature appended (``token.signature``)."""
+    mac = hmac.new(key, token.encode(), hashlib.sha256).digest()[:_SIG_BYTES]
+    return token + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def verify_cursor(signed: str, key: bytes) -> str | None:
+    """The token a signed cursor holds, or None if the signature does not match."""
+    token, dot, _ = signed.rpartition(".")
+    if not dot or not token:
+        return None
+    return token if hmac.compare_digest(sign_cursor(token, key), signed) else None

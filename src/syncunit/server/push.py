@@ -6,11 +6,17 @@ request retried after a lost response replays the logged results instead of
 applying anything twice, and a request that skips sequence numbers (an earlier
 one was lost) is refused as a whole.
 
+Write authorization is checked here, where every entry point of a push passes
+(the HTTP app today, other front ends later): the principal must be allowed the
+unit, the unit must push the mutation's table, and the stream must be writable.
+
 Each mutation runs in a savepoint: it is mapped from local to base-table
 columns (denormalized columns are read-only), its values are validated and
-coerced, the row must be in the principal's scope before and after the change,
-the stream's conflict policy and business rules decide, and the result is
-``applied``, ``conflict`` (with the server's row) or ``rejected`` (with a reason).
+coerced, the row must be in the principal's write scope before and after the
+change (checked before any business rule runs, so a rule's answer never
+describes rows outside the scope), the stream's conflict policy and business
+rules decide, and the result is ``applied``, ``conflict`` (with the server's
+row) or ``rejected`` (with a reason).
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ from sqlalchemy.engine import Connection
 
 from syncunit.policies import Conflict, MutationContext, Reject, Resolve
 from syncunit.protocol import Mutation, MutationResult, PushResults, SyncRequest
-from syncunit.server.auth import Principal
+from syncunit.server.auth import Principal, authorize_unit
 from syncunit.server.changes import StreamReader, to_wire
+from syncunit.server.limits import Limits, check_mutations, shorten
 from syncunit.server.problems import ProblemException
 from syncunit.server.store import ServerStore, clients, mutation_log
-from syncunit.units import Stream, SyncSchema, logical_type
+from syncunit.units import Stream, SyncSchema, SyncUnit, logical_type
 
 LOG_RETENTION = 100_000
 log = logging.getLogger("syncunit.server")
@@ -118,7 +125,7 @@ def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
             "uuid": "a UUID string",
         }.get(kind, f"a {kind} value")
         raise Rejected(
-            "invalid-value", f"column {local!r} expects {expected}, got {value!r}"
+            "invalid-value", f"column {local!r} expects {expected}, got {shorten(value)}"
         ) from None
     return value
 
@@ -129,7 +136,7 @@ KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
 @dataclass(frozen=True)
 class _Statements:
     current: sa.Select[Any]
-    in_scope: sa.Select[Any]
+    in_scope: sa.Select[Any]  # the row is in the stream's write scope
     insert: sa.Insert
     insert_new: sa.Insert
     update: sa.Update
@@ -156,19 +163,46 @@ class _Savepoint:
 class PushApplier:
     """Applies the mutations of sync requests for one schema and store."""
 
-    def __init__(self, store: ServerStore, schema: SyncSchema) -> None:
+    def __init__(
+        self, store: ServerStore, schema: SyncSchema, limits: Limits | None = None
+    ) -> None:
         self.store = store
         self.schema = schema
+        self.limits = limits or Limits()
+        #: Per pushing unit, the local tables it may push.
         self.pushable = {
-            t
+            unit.name: frozenset(schema.unit_push_tables(unit))
             for unit in schema.units.values()
             if unit.pushes
-            for t in schema.unit_push_tables(unit)
         }
         self._cache: dict[str, _Statements] = {}
 
-    def apply(self, principal: Principal, req: SyncRequest) -> PushResults:
-        """Apply ``req.mutations`` in one transaction; return one result per mutation."""
+    def authorize(self, principal: Principal, unit: SyncUnit) -> None:
+        """Refuse (``ProblemException``) a push the principal may not make through ``unit``."""
+        authorize_unit(principal, unit)
+        if not unit.pushes or self.schema.units.get(unit.name) is not unit:
+            raise ProblemException(
+                "invalid-request", f"unit {unit.name!r} does not push; send no mutations"
+            )
+        for table in sorted(self.pushable[unit.name]):
+            stream = self.schema.by_local_table[table]
+            missing = [p for p in stream.write_parameters if p not in principal.params]
+            if missing:
+                raise ProblemException(
+                    "missing-parameter",
+                    f"stream {stream.name!r} checks writes on {', '.join(missing)}, which"
+                    f" principal {principal.id!r} does not have",
+                )
+
+    def apply(self, principal: Principal, req: SyncRequest, unit: SyncUnit) -> PushResults:
+        """Apply ``req.mutations`` pushed through ``unit`` in one transaction.
+
+        Returns one result per mutation. The principal must be allowed ``unit``;
+        a mutation of a table the unit does not push is rejected.
+        """
+        self.authorize(principal, unit)
+        check_mutations(req.mutations, self.limits)
+        writable = self.pushable[unit.name]
         with self.store.write() as conn:
             row = conn.execute(
                 sa.select(clients.c.principal, clients.c.last_seq).where(
@@ -200,7 +234,7 @@ class PushApplier:
                 if m.seq <= last:
                     results.append(self._replay(conn, req.client_id, m))
                     continue
-                result = self._apply_one(conn, principal, m)
+                result = self._apply_one(conn, principal, m, unit.name, writable)
                 logged.append(
                     {
                         "client_id": req.client_id,
@@ -262,11 +296,21 @@ class PushApplier:
 
     # -- one mutation -------------------------------------------------------------------
 
-    def _apply_one(self, conn: Connection, principal: Principal, m: Mutation) -> MutationResult:
+    def _apply_one(
+        self,
+        conn: Connection,
+        principal: Principal,
+        m: Mutation,
+        unit: str,
+        writable: frozenset[str],
+    ) -> MutationResult:
         stream = self.schema.by_local_table.get(m.table)
-        if stream is None or m.table not in self.pushable:
+        if stream is None:
             reason = f"table {m.table!r} does not accept changes"
             return MutationResult(m.seq, m.id, "rejected", reason, "unknown-table")
+        if m.table not in writable:
+            reason = f"unit {unit!r} does not push table {m.table!r}; it is read-only here"
+            return MutationResult(m.seq, m.id, "rejected", reason, "read-only-table")
         # A savepoint per mutation, on the DBAPI connection: it is the hottest statement
         # pair of a push, and needs none of SQLAlchemy's bookkeeping.
         dbapi = conn.connection.dbapi_connection
@@ -331,15 +375,16 @@ class PushApplier:
                 if differ:
                     changes = self._on_conflict(s, m, current, changes, base_vals, differ, key)
             row = {**current, **changes}
-            self._check_rules(conn, s, principal, m, key, row)
             if changes:
                 conn.execute(st.update, {**changes, KEY: key})
         else:
             row = {c.name: None for c in base.columns} | changes | {pk.name: key}
-            self._check_rules(conn, s, principal, m, key, row)
             conn.execute(st.insert, {**changes, pk.name: key})
+        # The scope comes first: a rule's answer may describe other rows (a clash with
+        # another booking), which a principal may only learn about inside its scope.
         if not self._in_scope(conn, s, principal, key):
             raise Rejected("out-of-scope", "the change would move the row outside your scope")
+        self._check_rules(conn, s, principal, m, key, row)
 
     def _map(
         self, s: Stream, m: Mutation, names: list[str], values: Mapping[str, Any] | None = None
@@ -464,14 +509,15 @@ class PushApplier:
         done = conn.execute(self._statements(s).insert_new, {**changes, pk.name: key})
         if done.rowcount == 0:
             return False
-        row = {c.name: None for c in s.base.columns} | changes | {pk.name: key}
-        self._check_rules(conn, s, principal, m, key, row)
         if not self._in_scope(conn, s, principal, key):
             raise Rejected("out-of-scope", "the change would move the row outside your scope")
+        row = {c.name: None for c in s.base.columns} | changes | {pk.name: key}
+        self._check_rules(conn, s, principal, m, key, row)
         return True
 
     def _in_scope(self, conn: Connection, s: Stream, principal: Principal, key: Any) -> bool:
-        params = {p: principal.params[p] for p in s.parameters}
+        """Whether the row ``key`` is in the stream's write scope for ``principal``."""
+        params = {p: principal.params[p] for p in s.write_parameters}
         return conn.execute(self._statements(s).in_scope, {**params, KEY: key}).first() is not None
 
     def _statements(self, s: Stream) -> _Statements:
@@ -480,12 +526,16 @@ class PushApplier:
         if st is None:
             base, pk = s.base, s.key_column
             key: sa.BindParameter[Any] = sa.bindparam(KEY)
-            reader = StreamReader(self.store, s, dict.fromkeys(s.parameters), chunk_size=1)
+            assert s.write_where is not None  # only writable streams get here
+            from_: Any = base
+            for j in s.joins:
+                from_ = from_.outerjoin(j.table, j.on)
             st = _Statements(
                 current=sa.select(base).where(pk == key),
-                in_scope=reader.rows_select(drive_by_base=True)
-                .with_only_columns(sa.literal(1))
-                .where(pk == key),
+                # coalesce: an outer join's missing row makes the rule NULL, which is "no"
+                in_scope=sa.select(sa.literal(1))
+                .select_from(from_)
+                .where(sa.func.coalesce(s.write_where, sa.false()), pk == key),
                 insert=base.insert(),
                 insert_new=self.store.insert_new(base),
                 update=base.update().where(pk == key),

@@ -1,0 +1,244 @@
+"""Bounds on what one request may make the server do, with safe defaults.
+
+A device is not trusted: every size a request controls is bounded before the
+server spends memory, time or storage on it. ``Limits`` holds the bounds (each
+documented in docs/security.md); the functions here check a request against
+them and raise ``ProblemException`` (a 4xx problem response) saying which
+bound was crossed and how to stay within it.
+
+The request body is read with a deadline and decompressed as a stream that
+stops at the limit, so a small compressed body cannot expand into gigabytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from syncunit.protocol import Mutation, SyncRequest
+from syncunit.server.problems import ProblemException
+
+try:
+    import zstandard
+
+    HAVE_ZSTD = True
+except ImportError:  # pragma: no cover
+    HAVE_ZSTD = False
+
+__all__ = ["Limits", "check_mutations", "check_request", "read_body", "shorten"]
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_PIECE = 64 * 1024  # decompressed bytes produced per step
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold. Every field has a safe default; see docs/security.md."""
+
+    #: Request body, compressed and decompressed (bytes).
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: Mutations in one request (the client pushes in batches below this).
+    max_mutations: int = 10_000
+    #: One string or bytes value inside a mutation (key, values, base).
+    max_field_bytes: int = 256 * 1024
+    #: Table, column and stream names, mutation ids, client ids (characters).
+    max_name_length: int = 200
+    #: Entries in one mutation's ``values``, ``base`` or ``changed``.
+    max_columns: int = 500
+    #: Nesting of lists and maps inside one value (JSON columns).
+    max_depth: int = 16
+    #: Cursors sent in one request, and the length of each.
+    max_cursors: int = 1000
+    max_cursor_length: int = 4096
+    #: Seconds the client may take to upload the body.
+    upload_timeout: float = 30.0
+    #: A response reads the database for at most this many chunks or seconds, then
+    #: ends with ``End(complete=False)``; the client continues in another request.
+    response_chunks: int = 500
+    response_seconds: float = 20.0
+    #: A client that takes no data for this long loses its snapshot (its response
+    #: ends early, as above); a write blocked for ``send_timeout`` drops the connection.
+    stall_seconds: float = 5.0
+    send_timeout: float = 30.0
+    #: Requests per second per principal (sustained, and at once); then 429.
+    requests_per_second: float = 20.0
+    request_burst: int = 60
+    #: Syncs holding a database connection at once (None: what the pool allows),
+    #: and per principal; then 503.
+    max_concurrent_syncs: int | None = None
+    syncs_per_principal: int = 4
+
+
+def shorten(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: reasons never echo a whole value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_request(req: SyncRequest, limits: Limits) -> None:
+    """Check the request's envelope (client id, cursors, counts) against ``limits``."""
+    if not req.client_id or len(req.client_id) > limits.max_name_length:
+        raise ProblemException(
+            "invalid-request", f"client_id must be 1 to {limits.max_name_length} characters"
+        )
+    if len(req.cursors) > limits.max_cursors:
+        raise ProblemException(
+            "field-too-large", f"{len(req.cursors)} cursors; the limit is {limits.max_cursors}"
+        )
+    for name, token in req.cursors.items():
+        if len(name) > limits.max_name_length or len(token) > limits.max_cursor_length:
+            raise ProblemException(
+                "field-too-large",
+                f"cursor names hold at most {limits.max_name_length} characters and cursors"
+                f" {limits.max_cursor_length}; send the cursors the server gave",
+            )
+    if req.chunk_size is not None and not INT64_MIN <= req.chunk_size <= INT64_MAX:
+        raise ProblemException("invalid-request", "chunk_size is not a 64-bit integer")
+    if len(req.mutations) > limits.max_mutations:
+        raise ProblemException(
+            "too-many-mutations",
+            f"{len(req.mutations)} mutations; the limit is {limits.max_mutations}:"
+            " send them in several requests",
+        )
+
+
+def check_mutations(mutations: list[Mutation], limits: Limits) -> None:
+    """Check every mutation's shape against ``limits``; raise saying which one is wrong."""
+    if len(mutations) > limits.max_mutations:
+        raise ProblemException(
+            "too-many-mutations",
+            f"{len(mutations)} mutations; the limit is {limits.max_mutations}",
+        )
+    for i, m in enumerate(mutations):
+        where = f"mutation {i} (seq {shorten(m.seq, 24)})"
+        if not INT64_MIN <= m.seq <= INT64_MAX:
+            raise ProblemException("invalid-request", f"{where}: seq is not a 64-bit integer")
+        for label, name in (("id", m.id), ("table", m.table)):
+            if len(name) > limits.max_name_length:
+                raise ProblemException(
+                    "field-too-large",
+                    f"{where}: {label} holds at most {limits.max_name_length} characters",
+                )
+        for label, columns in (("values", m.values), ("base", m.base), ("changed", m.changed)):
+            if len(columns) > limits.max_columns:
+                raise ProblemException(
+                    "field-too-large",
+                    f"{where}: {label} holds at most {limits.max_columns} columns",
+                )
+            for name in columns:
+                if len(name) > limits.max_name_length:
+                    raise ProblemException(
+                        "field-too-large",
+                        f"{where}: column names hold at most {limits.max_name_length} characters",
+                    )
+        _check_value(m.key, limits, f"{where}: key")
+        for label, values in (("values", m.values), ("base", m.base)):
+            for name, value in values.items():
+                _check_value(value, limits, f"{where}: {label}[{shorten(name, 40)}]")
+
+
+def _check_value(value: Any, limits: Limits, where: str) -> None:
+    """Sizes, 64-bit integers and nesting of one wire value, without recursion."""
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, bool) or v is None or isinstance(v, float):
+            continue
+        if isinstance(v, int):
+            if not INT64_MIN <= v <= INT64_MAX:
+                raise ProblemException(
+                    "invalid-request", f"{where}: integers must fit in 64 bits (signed)"
+                )
+        elif isinstance(v, str | bytes | bytearray | memoryview):
+            size = len(v.encode()) if isinstance(v, str) else len(v)
+            if size > limits.max_field_bytes:
+                raise ProblemException(
+                    "field-too-large",
+                    f"{where}: a value holds at most {limits.max_field_bytes} bytes",
+                )
+        elif isinstance(v, list | tuple | dict):
+            if depth >= limits.max_depth:
+                raise ProblemException(
+                    "invalid-request", f"{where}: values nest at most {limits.max_depth} deep"
+                )
+            items: Iterator[Any] = iter(v.items()) if isinstance(v, Mapping) else iter(v)
+            for item in items:
+                if isinstance(item, tuple) and isinstance(v, Mapping):
+                    todo.append((item[0], depth + 1))
+                    todo.append((item[1], depth + 1))
+                else:
+                    todo.append((item, depth + 1))
+
+
+# -- the body -------------------------------------------------------------------------
+
+
+async def read_body(
+    stream: AsyncIterator[bytes], headers: Mapping[str, str], limits: Limits
+) -> bytes:
+    """The request body, decompressed, within ``limits`` (size and upload time)."""
+    limit = limits.max_body_bytes
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProblemException("body-too-large", f"the limit is {limit} bytes")
+    coding = headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("", "identity", "gzip") and not (coding == "zstd" and HAVE_ZSTD):
+        raise ProblemException(
+            "unsupported-media-type", f"Content-Encoding {shorten(coding, 40)}: use gzip or zstd"
+        )
+    received = bytearray()
+    try:
+        async with asyncio.timeout(limits.upload_timeout):
+            async for part in stream:
+                received += part
+                if len(received) > limit:
+                    raise ProblemException("body-too-large", f"the limit is {limit} bytes")
+    except TimeoutError:
+        raise ProblemException(
+            "upload-timeout", f"the body took longer than {limits.upload_timeout:g} s to arrive"
+        ) from None
+    if coding in ("", "identity"):
+        return bytes(received)
+    return inflate(bytes(received), coding, limit)
+
+
+def inflate(data: bytes, coding: str, limit: int) -> bytes:
+    """Decompress ``data`` piece by piece, stopping as soon as the output passes ``limit``."""
+    out = bytearray()
+    try:
+        for piece in _pieces(data, coding):
+            out += piece
+            if len(out) > limit:
+                raise ProblemException(
+                    "body-too-large", f"the body decompresses to more than {limit} bytes"
+                )
+    except (zlib.error, ValueError, EOFError) as exc:
+        raise ProblemException("malformed-request", f"cannot decompress the body: {exc}") from exc
+    except Exception as exc:
+        if HAVE_ZSTD and isinstance(exc, zstandard.ZstdError):
+            raise ProblemException("malformed-request", f"bad zstd body: {exc}") from exc
+        raise
+    return bytes(out)
+
+
+def _pieces(data: bytes, coding: str) -> Iterator[bytes]:
+    if coding == "gzip":
+        d = zlib.decompressobj(31)
+        rest = data
+        while not d.eof:
+            piece = d.decompress(rest, _PIECE)
+            rest = d.unconsumed_tail
+            if not piece and not rest:
+                break
+            yield piece
+        if not d.eof:
+            raise ValueError("the gzip stream is truncated")
+        return
+    # zstd: a bounded window (8 MiB) and output read in pieces, never all at once.
+    dctx = zstandard.ZstdDecompressor(max_window_size=8 * 1024 * 1024)
+    reader = dctx.stream_reader(data, read_across_frames=True)
+    while piece := reader.read(_PIECE):
+        yield piece

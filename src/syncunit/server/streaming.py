@@ -1,0 +1,233 @@
+"""The sync response: frames read on a worker thread, sent to a client that may not read.
+
+A worker thread reads the database and encodes chunk by chunk into a bounded
+queue, so server memory does not grow with the result and reading overlaps
+with sending. The worker holds a database snapshot (and a sync slot) only while
+it reads, and never for long:
+
+* after ``response_chunks`` chunks or ``response_seconds`` seconds it stops and
+  ends the response with ``End(complete=False)``: the client continues from the
+  cursors it has, with another request of the same sync run;
+* when the client takes no data for ``stall_seconds`` (the queue stays full),
+  the worker stops the same way: its snapshot and slot go at once, and the few
+  frames already encoded wait for the client without holding anything;
+* one write to a client that stays blocked for ``send_timeout`` seconds drops
+  the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
+from syncunit.protocol import Chunk, Encoding, End, Failure, Frame, encode_frame
+from syncunit.server.admission import Slot
+from syncunit.server.limits import Limits
+from syncunit.server.problems import ProblemException, problem
+
+try:  # optional: zstd is preferred when both sides have it
+    import zstandard
+
+    HAVE_ZSTD = True
+except ImportError:  # pragma: no cover
+    HAVE_ZSTD = False
+
+log = logging.getLogger("syncunit.server")
+
+__all__ = ["FramePump", "FrameResponse", "compressor_for"]
+
+AHEAD = 4  # encoded pieces waiting between the worker and the event loop
+_DONE = object()
+
+
+class Compressor:
+    """Compresses the response frame by frame (flushing each, so frames arrive whole)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if name == "zstd":
+            self._z: Any = zstandard.ZstdCompressor(level=1).compressobj()
+        elif name == "gzip":
+            self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
+
+    def feed(self, data: bytes) -> bytes:
+        return self._z.compress(data) if self.name else data
+
+    def flush(self, final: bool = False) -> bytes:
+        if not self.name:
+            return b""
+        if self.name == "zstd":
+            mode = (
+                zstandard.COMPRESSOBJ_FLUSH_FINISH if final else zstandard.COMPRESSOBJ_FLUSH_BLOCK
+            )
+            return bytes(self._z.flush(mode))
+        return bytes(self._z.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH))
+
+
+def compressor_for(accept_encoding: str) -> Compressor:
+    offered = {p.split(";")[0].strip().lower() for p in accept_encoding.split(",")}
+    if "zstd" in offered and HAVE_ZSTD:
+        return Compressor("zstd")
+    if "gzip" in offered:
+        return Compressor("gzip")
+    return Compressor("")
+
+
+class FramePump:
+    """Runs ``frames`` on a worker thread within the response budgets of ``limits``.
+
+    Start it before the response begins (``start()``): the worker then always
+    runs to its end and releases ``slot``, even if the response is never sent.
+    """
+
+    def __init__(
+        self,
+        frames: Iterator[Frame],
+        encoding: Encoding,
+        comp: Compressor,
+        limits: Limits,
+        slot: Slot | None = None,
+    ) -> None:
+        self.frames = frames
+        self.encoding = encoding
+        self.comp = comp
+        self.limits = limits
+        self.slot = slot
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[Any, bool]] = asyncio.Queue()
+        self.slots = threading.Semaphore(AHEAD)
+        self.stop = threading.Event()
+        #: Why the worker ended the response early (None: it did not).
+        self.cut: str | None = None
+        self.worker = threading.Thread(target=self._produce, name="syncunit-frames", daemon=True)
+
+    def start(self) -> FramePump:
+        self.worker.start()
+        return self
+
+    # -- the worker thread -------------------------------------------------------------
+
+    def _hand_over(self, item: Any, counted: bool) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (item, counted))
+        except RuntimeError:  # the event loop is gone
+            self.stop.set()
+            return False
+        return True
+
+    def _put(self, item: Any) -> bool:
+        """Queue ``item``; False when the client stopped reading (stalled or gone)."""
+        deadline = time.monotonic() + self.limits.stall_seconds
+        while not self.stop.is_set():
+            if self.slots.acquire(timeout=0.2):
+                return self._hand_over(item, True)
+            if time.monotonic() >= deadline:
+                self.cut = "stalled"
+                self._hand_over(item, False)  # a few frames past the bound, never more
+                return False
+        return False
+
+    def _encode(self, frame: Frame) -> bytes:
+        return self.comp.feed(encode_frame(frame, self.encoding)) + self.comp.flush()
+
+    def _produce(self) -> None:
+        started = time.monotonic()
+        chunks = 0
+        frames = self.frames
+        ended = False
+        try:
+            for frame in frames:
+                ended = isinstance(frame, End)
+                data = self._encode(frame)
+                if data and not self._put(data):
+                    break
+                if isinstance(frame, Chunk):
+                    chunks += 1
+                if not ended and (
+                    chunks >= self.limits.response_chunks
+                    or time.monotonic() - started >= self.limits.response_seconds
+                ):
+                    self.cut = "budget"
+                    break
+        except ProblemException as exc:
+            ended = True
+            p = problem(exc.code, exc.detail)
+            fail = Failure(status=p.status, code=p.code, title=p.title, detail=p.detail)
+            self._put(self._encode(fail))
+        except Exception as exc:
+            ended = True
+            log.exception("sync stream failed", exc_info=exc)
+            fail = Failure(
+                status=500, code="internal", title="The server failed", detail="see the server log"
+            )
+            self._put(self._encode(fail))
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()  # ends the snapshot: the database is free before the client reads on
+            if self.slot is not None:
+                self.slot.release()
+            if not self.stop.is_set():
+                if not ended:
+                    more = End(server_time=dt.datetime.now(dt.UTC).isoformat(), complete=False)
+                    self._hand_over(self._encode(more), False)
+                tail = self.comp.flush(final=True)
+                if tail:
+                    self._hand_over(tail, False)
+            self._hand_over(_DONE, False)
+
+    # -- the event loop ------------------------------------------------------------------
+
+    async def body(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                item, counted = await self.queue.get()
+                if counted:
+                    self.slots.release()
+                if item is _DONE:
+                    break
+                yield item
+        finally:
+            self.stop.set()
+            await anyio.to_thread.run_sync(self.worker.join, 5.0)
+
+
+class FrameResponse(StreamingResponse):
+    """A streaming response whose every write to the client has a deadline."""
+
+    def __init__(self, pump: FramePump, *, send_timeout: float, **kwargs: Any) -> None:
+        super().__init__(pump.body(), **kwargs)
+        self.pump = pump
+        self.send_timeout = send_timeout
+
+    async def stream_response(self, send: Send) -> None:
+        iterator = self.body_iterator
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code,
+                 "headers": self.raw_headers}
+            )  # fmt: skip
+            async for piece in iterator:
+                with anyio.fail_after(self.send_timeout):
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+            with anyio.fail_after(self.send_timeout):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            # The client stopped reading: drop the connection (returning without
+            # completing the response makes the server close it).
+            log.info("dropped a client that read nothing for %gs", self.send_timeout)
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
