@@ -65,6 +65,8 @@ ProgressCallback = Callable[[str, int, int], None]
 COMPRESS_ABOVE = 16 * 1024
 #: A first copy of at least this many rows builds the local secondary indexes at its end.
 DEFER_INDEXES_ABOVE = 5000
+#: Responses in a row that the server ended early without a chunk before a run gives up.
+MAX_IDLE_CONTINUATIONS = 3
 log = logging.getLogger("syncunit.client")
 
 
@@ -308,6 +310,8 @@ class SyncClient:
                 try:
                     self._run_unit(unit, catalog, result)
                 except ProblemError as exc:
+                    if exc.code == "unit-forbidden":
+                        self._forget_unit(unit, catalog)
                     if exc.code != "schema-changed":
                         raise
                     result.requests += 1
@@ -335,9 +339,38 @@ class SyncClient:
             rounds += self.outbox.count(tables) // self.push_batch
         for _ in range(rounds):
             mutations = self.outbox.prepare(push_streams, self.push_batch) if push_streams else []
-            self._request(unit_name, unit, catalog, mutations, result)
+            complete, chunks = self._request(unit_name, unit, catalog, mutations, result)
+            idle = 0
+            while not complete:
+                # The server ends a response after a bounded time: continue from the
+                # cursors just stored. Responses that bring nothing, again and again,
+                # mean something is wrong: give up (the next run resumes).
+                idle = 0 if chunks else idle + 1
+                if idle >= MAX_IDLE_CONTINUATIONS:
+                    raise NetworkError(
+                        f"the server ended {idle} responses of {unit_name!r} early without"
+                        " sending anything; applied chunks are kept"
+                    )
+                complete, chunks = self._request(unit_name, unit, catalog, [], result)
             if not push_streams or not self.outbox.count(tables):
                 break
+
+    def _forget_unit(self, unit_name: str, catalog: Catalog) -> None:
+        """The principal may no longer run ``unit_name``: remove what its streams brought.
+
+        Rows with local changes not yet pushed stay (with their outbox entries);
+        the streams' cursors go, so a unit still allowed later downloads afresh.
+        """
+        unit = catalog.unit(unit_name)
+        for name in unit.streams if unit is not None else []:
+            info = catalog.stream(name)
+            if info is None:
+                continue
+            empty = Chunk(stream=name, columns=[], data=[], removed=[], cursor="", reset=True)
+            self.store.apply_chunk(info, empty)
+            with self.store.atomic() as c:
+                c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (name,))
+        log.info("unit %r is no longer allowed: its local rows were removed", unit_name)
 
     def _request(
         self,
@@ -346,7 +379,8 @@ class SyncClient:
         catalog: Catalog,
         mutations: list[Mutation],
         result: SyncResult,
-    ) -> None:
+    ) -> tuple[bool, int]:
+        """One request; returns whether the server completed the run, and the chunks it sent."""
         stream_names = unit.streams if unit is not None and unit.direction != "push" else []
         request = SyncRequest(
             protocol=PROTOCOL_VERSION,
@@ -369,26 +403,29 @@ class SyncClient:
         result.requests += 1
         response = self._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
         try:
-            self._read_frames(response, catalog, result)
+            return self._read_frames(response, catalog, result)
         finally:
             result.bytes_in += response.num_bytes_downloaded
             response.close()
 
-    def _read_frames(self, response: httpx.Response, catalog: Catalog, result: SyncResult) -> None:
+    def _read_frames(
+        self, response: httpx.Response, catalog: Catalog, result: SyncResult
+    ) -> tuple[bool, int]:
         deferred: dict[str, StreamInfo] = {}  # streams whose indexes wait for the copy's end
         try:
             with self.store.bulk():
-                ended = self._apply_frames(response, catalog, result, deferred)
+                end, chunks = self._apply_frames(response, catalog, result, deferred)
         except httpx.HTTPError as exc:
             raise NetworkError(f"the sync of {result.unit!r} was cut: {exc}") from exc
         finally:
             for info in deferred.values():
                 self.store.restore_indexes(info)
-        if not ended:
+        if end is None:
             raise NetworkError(
                 f"the sync of {result.unit!r} ended early; applied chunks are kept and"
                 " the next run resumes from the last one"
             )
+        return end.complete, chunks
 
     def _apply_frames(
         self,
@@ -396,16 +433,18 @@ class SyncClient:
         catalog: Catalog,
         result: SyncResult,
         deferred: dict[str, StreamInfo],
-    ) -> bool:
-        """Apply frames as they arrive; return whether the response reached its end.
+    ) -> tuple[End | None, int]:
+        """Apply frames as they arrive; return the response's end frame (None: it was
+        cut) and how many chunks it brought.
 
         A reader thread receives and decodes the next frames while this thread
         writes the current chunk into SQLite (which runs without the GIL).
         """
-        total = done = 0
+        total = done = chunks = 0
         with FramePrefetch(response, self.encoding) as frames:
             for frame in frames:
                 if isinstance(frame, Chunk):
+                    chunks += 1
                     info = catalog.stream(frame.stream)
                     if info is None:
                         raise ProtocolError(f"server sent unknown stream {frame.stream!r}")
@@ -433,10 +472,10 @@ class SyncClient:
                 elif isinstance(frame, PushResults):
                     self._on_push_results(frame, catalog, result)
                 elif isinstance(frame, End):
-                    return True
+                    return frame, chunks
                 elif isinstance(frame, Failure):
                     raise problem_error(frame.status, frame.code, frame.title, frame.detail)
-        return False
+        return None, chunks
 
     def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:
         applied, kept = self.outbox.complete(frame, catalog.streams)
@@ -468,5 +507,11 @@ class SyncClient:
                     response.reason_phrase,
                     body[:200].decode("utf-8", "replace"),
                 )
-            raise problem_error(problem.status, problem.code, problem.title, problem.detail)
+            extra: dict[str, Any] = {}
+            retry_after = response.headers.get("retry-after", "")
+            if retry_after.isdigit():
+                extra["retry_after"] = int(retry_after)
+            raise problem_error(
+                problem.status, problem.code, problem.title, problem.detail, **extra
+            )
         return response

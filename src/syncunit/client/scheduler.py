@@ -203,6 +203,9 @@ class Scheduler:
         with self.client.store.atomic() as c:
             if retryable and not give_up:
                 delay = self.retry.delay(attempts, self.rand())
+                # A server that says when to come back (429, 503) is not asked sooner.
+                extra = getattr(exc, "extra", None) or {}
+                delay = max(delay, float(extra.get("retry_after", 0)))
                 c.execute(
                     "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit = ?", (unit,)
                 )
