@@ -52,7 +52,7 @@ from syncunit.server.backends import open_store
 from syncunit.server.changes import StreamReader
 from syncunit.server.cursor import sign_cursor, verify_cursor
 from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
-from syncunit.server.limits import Limits, check_request, read_body, shorten
+from syncunit.server.limits import Limits, check_mutations, check_request, read_body, shorten
 from syncunit.server.live import VersionMonitor, unit_has_changes
 from syncunit.server.problems import ProblemException, problem_response
 from syncunit.server.push import PushApplier
@@ -115,9 +115,11 @@ class SyncServer:
         self._pruning = threading.Lock()
         self.max_live_waiters = max_live_waiters
         self.max_live_wait = max_live_wait
+        self._cursor_key = cursor_secret
         if install:
             self.store.install(schema)
-        self._cursor_key = cursor_secret
+            if self._cursor_key is None:
+                self._cursor_key = self._load_cursor_key()
         #: Recent syncs, for the inspector page; ``observers`` see every response's frames.
         self.sync_log = SyncLog()
         self.observers: list[FrameObserver] = [self.sync_log.observe]
@@ -215,13 +217,13 @@ class SyncServer:
     async def post_sync(self, request: Request) -> Response:
         principal, unit, req = await self._sync_request(request)
         key = await self._key()
-        self._maybe_prune()
         encoding = encoding_of(request.headers.get("content-type")) or "msgpack"
         slot = self._slot(principal)
         try:
             pushed = None
             if req.mutations:
                 pushed = await anyio.to_thread.run_sync(self.pusher.apply, principal, req, unit)
+            self._maybe_prune()
             accept = encoding_of(request.headers.get("accept")) or encoding
             compressor = compressor_for(request.headers.get("accept-encoding", ""))
             headers = {"Cache-Control": "no-store"}
@@ -280,6 +282,7 @@ class SyncServer:
                 f"client speaks protocol {req.protocol}; this server speaks {PROTOCOL_VERSION}",
             )
         check_request(req, self.limits)
+        check_mutations(req.mutations, self.limits)
         if req.schema_hash and req.schema_hash != self.catalog.schema_hash:
             raise ProblemException(
                 "schema-changed",

@@ -1,0 +1,317 @@
+"""A hostile device against the live hospital app: every bad request is a 4xx
+problem saying what was wrong, changes nothing, logs one line, and the server
+keeps serving everybody else.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import socket
+import time
+import tracemalloc
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import zstandard
+
+from syncunit.protocol import JSON, MSGPACK, PROBLEM, End, Mutation, StreamStart
+from syncunit.server.cursor import decode_cursor, encode_cursor
+from syncunit.server.limits import Limits, inflate
+from tests.support import (
+    appointments_of,
+    db_state,
+    final_cursors,
+    raw_sync,
+    removed_keys,
+    sync_body,
+)
+from tests.test_push_support import frames_of, post_sync
+
+AUTH = {"Authorization": "Bearer token-h1"}
+
+
+def _post(url: str, body: bytes, headers: dict[str, str] | None = None, unit: str = "Login"):
+    h = {**AUTH, "Content-Type": MSGPACK, "Accept-Encoding": "identity", **(headers or {})}
+    return httpx.post(f"{url}/v1/sync/{unit}", content=body, headers=h, timeout=30)
+
+
+def _assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == PROBLEM
+    problem = r.json()
+    assert problem["code"] == code
+    assert problem["detail"]
+    assert "Traceback" not in r.text
+    return dict(problem)
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _push(mutation: dict[str, Any]) -> bytes:
+    return msgspec.msgpack.encode(
+        {"protocol": 1, "client_id": "hostile", "mutations": [
+            {"seq": 1, "id": "m1", "table": "LocalAppointment", "op": "insert",
+             "key": "0190aaaa-0000-7000-8000-0000000000aa", **mutation}]}
+    )  # fmt: skip
+
+
+# -- bodies ----------------------------------------------------------------------------
+
+
+def test_a_zstd_bomb_is_stopped_at_the_limit(live, store):
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (512 * 1024 * 1024))
+    assert len(bomb) < 64 * 1024
+    before = db_state(store.engine)
+
+    r = _post(live.url, bomb, {"Content-Encoding": "zstd"})
+
+    _assert_problem(r, 413, "body-too-large")
+    assert db_state(store.engine) == before
+
+
+@pytest.mark.parametrize("coding", ["zstd", "gzip"])
+def test_decompression_stops_at_the_limit_without_growing_memory(coding):
+    raw = b"\0" * (256 * 1024 * 1024)
+    packed = zstandard.ZstdCompressor().compress(raw) if coding == "zstd" else gzip.compress(raw)
+    del raw
+    limit = 1024 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(Exception, match="more than"):
+            inflate(packed, coding, limit)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * limit
+
+
+def test_a_slow_upload_is_cut(make_server, serve, store):
+    from hospital.generate import generate
+
+    server = make_server(limits=Limits(upload_timeout=0.5))
+    generate(store.engine, appointments=10, hospitals=1, doctors=2, patients=5)
+    live = serve(server.app)
+
+    def trickle():
+        yield b"\x82"
+        time.sleep(1.5)
+        yield b"\xa8protocol\x01"
+
+    r = httpx.post(f"{live.url}/v1/sync/Login", content=trickle(), timeout=10,
+                   headers={**AUTH, "Content-Type": MSGPACK})  # fmt: skip
+    _assert_problem(r, 408, "upload-timeout")
+
+
+# -- fields ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutation", "status", "code"),
+    [
+        pytest.param({"values": {"notes": "x" * (300 * 1024)}}, 413, "field-too-large",
+                     id="huge-value"),
+        pytest.param({"values": {"n" * 5000: 1}}, 413, "field-too-large", id="huge-column-name"),
+        pytest.param({"table": "T" * 5000}, 413, "field-too-large", id="huge-table-name"),
+        pytest.param({"key": 2**63}, 422, "invalid-request", id="key-2^63"),
+        pytest.param({"values": {"doctor_id": 2**64 - 1}}, 422, "invalid-request",
+                     id="value-2^64-1"),
+        pytest.param({"values": {"notes": _nested(20)}}, 422,
+                     "invalid-request", id="nested-20"),
+        pytest.param({"seq": 2**63 + 5}, 422, "invalid-request", id="seq-2^63"),
+    ],
+)  # fmt: skip
+def test_out_of_bounds_fields_are_refused(live, store, mutation, status, code):
+    before = db_state(store.engine)
+    r = _post(live.url, _push(mutation), unit="SendAppointments")
+    problem = _assert_problem(r, status, code)
+    assert len(problem["detail"]) < 300  # the value is never echoed whole
+    assert db_state(store.engine) == before
+
+
+def test_nesting_a_thousand_deep_is_a_400(live, store):
+    body = (
+        b'{"protocol":1,"client_id":"x","mutations":[{"seq":1,"id":"a","table":"t",'
+        b'"op":"insert","key":' + b"[" * 1000 + b"]" * 1000 + b"}]}"
+    )
+    _assert_problem(_post(live.url, body, {"Content-Type": JSON}), 400, "malformed-request")
+
+
+def test_a_rejection_reason_never_echoes_the_whole_value(live, store):
+    r = _post(live.url, _push({"values": {"starts_at": "y" * 200_000}}), unit="SendAppointments")
+    (result,) = frames_of(r)[0].results  # type: ignore[union-attr]
+    assert result.status == "rejected"
+    assert len(result.reason) < 300
+
+
+# -- cursors ---------------------------------------------------------------------------
+
+
+def _forge(token: str, **fields: Any) -> str:
+    cur = decode_cursor(token.rpartition(".")[0])
+    assert cur is not None
+    return encode_cursor(msgspec.structs.replace(cur, **fields))
+
+
+def test_a_forged_cursor_resets_instead_of_failing_or_leaking(server, live, store, plain_sql):
+    frames = raw_sync(live.url, "Login", token="token-h1", chunk_size=50)
+    cursors = final_cursors(frames)
+    theirs = appointments_of(store, 2)[0]
+    plain_sql("DELETE FROM appointment WHERE id = :id", {"id": theirs})
+
+    bad_field = {**cursors, "appointments": _forge(cursors["appointments"], after=[{"x": 1}],
+                                                   phase="upserts")}  # fmt: skip
+    frames = raw_sync(live.url, "Login", token="token-h1", cursors=bad_field, chunk_size=50)
+    starts = {s.stream: s for s in frames if isinstance(s, StreamStart)}
+    assert starts["appointments"].reset  # not a 500 failure frame: a clean re-download
+
+    since_zero = {**cursors, "appointments": _forge(cursors["appointments"], since=0,
+                                                    phase="removals", after=None)}  # fmt: skip
+    frames = raw_sync(live.url, "Login", token="token-h1", cursors=since_zero, chunk_size=50)
+    assert theirs not in removed_keys(frames, "appointments")
+    assert isinstance(frames[-1], End)
+
+
+# -- the live endpoint -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wait", ["nan", "inf", "-inf", "1e999", "abc"])
+def test_live_wait_must_be_a_finite_number(server, live, wait):
+    r = httpx.post(f"{live.url}/v1/live/Login?wait={wait}", content=sync_body(),
+                   headers={**AUTH, "Content-Type": MSGPACK}, timeout=10)  # fmt: skip
+    _assert_problem(r, 422, "invalid-request")
+    assert server.monitor.waiters == 0
+
+
+# -- logging ---------------------------------------------------------------------------
+
+
+def test_a_malformed_request_logs_one_line_and_no_traceback(live, caplog):
+    caplog.set_level(logging.INFO, logger="syncunit")
+    caplog.clear()
+    r = _post(live.url, b"\x93\xff\x00garbage")
+    assert r.status_code == 400
+    records = [rec for rec in caplog.records if rec.name.startswith("syncunit")]
+    assert len(records) == 1
+    assert records[0].exc_info is None
+    assert "malformed-request" in records[0].getMessage()
+
+
+# -- admission -------------------------------------------------------------------------
+
+
+def test_a_principal_over_its_rate_gets_429_with_retry_after(make_server, serve, store):
+    from hospital.generate import generate
+
+    server = make_server(limits=Limits(requests_per_second=0.5, request_burst=3))
+    generate(store.engine, appointments=10, hospitals=2, doctors=2, patients=5)
+    live = serve(server.app)
+    statuses = [_post(live.url, sync_body(), unit="Splash").status_code for _ in range(4)]
+    assert statuses[:3] == [200, 200, 200]
+    r = _post(live.url, sync_body(), unit="Splash")
+    _assert_problem(r, 429, "rate-limited")
+    assert int(r.headers["retry-after"]) >= 1
+    # another principal is not slowed down
+    other = _post(live.url, sync_body(), {"Authorization": "Bearer token-h2"}, unit="Splash")
+    assert other.status_code == 200
+
+
+def _stall(url: str, unit: str = "Login", token: str = "token-h1") -> socket.socket:
+    """Send a sync request and never read the answer (a tiny receive window)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    body = sync_body(chunk_size=20, encoding="json")
+    head = (
+        f"POST /v1/sync/{unit} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: {JSON}\r\nAccept-Encoding: identity\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _big(store: Any) -> None:
+    """Appointments with long notes: a response far larger than the socket buffers."""
+    from hospital.generate import generate
+
+    generate(store.engine, appointments=4000, hospitals=2, doctors=10, patients=200)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE appointment SET notes = hex(zeroblob(1500))")
+
+
+def test_readers_that_stall_hold_no_database_connection(make_server, serve, store):
+    limits = Limits(stall_seconds=0.5, max_concurrent_syncs=3, syncs_per_principal=10,
+                    send_timeout=60)  # fmt: skip
+    server = make_server(limits=limits)
+    _big(store)
+    live = serve(server.app)
+    stalled = [_stall(live.url) for _ in range(6)]
+    try:
+        deadline = time.monotonic() + 5
+        while server.sync_slots.used < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.sync_slots.used == 3  # the stalled syncs took every slot
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if server.sync_slots.used == 0 and store.engine.pool.checkedout() == 0:
+                break
+            time.sleep(0.1)
+        assert server.sync_slots.used == 0
+        assert store.engine.pool.checkedout() == 0
+        # the stalled clients are still connected, and everybody else is served
+        frames = raw_sync(live.url, "Login", token="token-h2", chunk_size=500)
+        assert isinstance(frames[-1], End)
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_syncs_beyond_the_limit_get_503_with_retry_after(make_server, serve, store):
+    limits = Limits(stall_seconds=5, max_concurrent_syncs=1, syncs_per_principal=1)
+    server = make_server(limits=limits)
+    _big(store)
+    live = serve(server.app)
+    sock = _stall(live.url)
+    try:
+        deadline = time.monotonic() + 5
+        while server.sync_slots.used == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = _post(live.url, sync_body(), {"Authorization": "Bearer token-h2"})
+        _assert_problem(r, 503, "overloaded")
+        assert r.headers["retry-after"] == "1"
+    finally:
+        sock.close()
+
+
+def test_a_response_ends_early_and_the_client_continues_in_the_same_run(
+    make_server, serve, store, make_client
+):
+    from hospital.generate import generate
+    from tests.support import assert_in_sync
+
+    server = make_server(limits=Limits(response_chunks=3))
+    generate(store.engine, appointments=400, hospitals=2, doctors=10, patients=60)
+    live = serve(server.app)
+
+    frames = raw_sync(live.url, "Login", token="token-h1", chunk_size=16)
+    assert frames[-1] == End(server_time=frames[-1].server_time, complete=False)  # type: ignore[union-attr]
+
+    client = make_client(url=live.url, chunk_size=16)
+    result = client.sync("Login")
+    assert result.requests > 5
+    assert_in_sync(server, client, "token-h1", "Login")
+
+
+def test_push_through_a_unit_that_does_not_push_is_refused(server, live, store):
+    m = Mutation(seq=1, id="m", table="LocalAppointment", key="k", op="delete")
+    r = post_sync(live.url, "Login", token="token-h1", client_id="c", mutations=[m])
+    _assert_problem(r, 422, "invalid-request")
