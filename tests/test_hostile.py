@@ -296,6 +296,7 @@ def test_a_response_ends_early_and_the_client_continues_in_the_same_run(
     make_server, serve, store, make_client
 ):
     from hospital.generate import generate
+
     from tests.support import assert_in_sync
 
     server = make_server(limits=Limits(response_chunks=3))

@@ -147,7 +147,9 @@ def test_an_out_of_scope_booking_does_not_reveal_the_other_hospitals_schedule(se
     )  # fmt: skip
     before = db_state(store.engine)["appointment"]
 
-    r = post_sync(live.url, "SendAppointments", token="token-h1", client_id="d", mutations=[booking])
+    r = post_sync(
+        live.url, "SendAppointments", token="token-h1", client_id="d", mutations=[booking]
+    )
 
     (result,) = push_results(r).results
     assert result.status == "rejected"
@@ -170,7 +172,9 @@ def test_a_pushed_row_must_reference_existing_rows(server, live, store):
     )  # fmt: skip
     before = db_state(store.engine)["appointment"]
 
-    r = post_sync(live.url, "SendAppointments", token="token-h1", client_id="d", mutations=[booking])
+    r = post_sync(
+        live.url, "SendAppointments", token="token-h1", client_id="d", mutations=[booking]
+    )
 
     (result,) = push_results(r).results
     assert result.status == "rejected"
