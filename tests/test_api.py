@@ -43,11 +43,14 @@ def test_exported_members_do_not_change_by_accident() -> None:
         assert getattr(syncunit, name) is not None
     assert sorted(syncunit.server.__all__) == [
         "Authenticator",
+        "JWTAuth",
+        "Limits",
         "Principal",
         "ServerStore",
         "SyncServer",
         "TokenAuth",
         "create_app",
+        "first_of",
         "open_store",
     ]
 

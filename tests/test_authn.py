@@ -1,0 +1,112 @@
+"""Authentication and units per principal, over the real HTTP app.
+
+Signed bearer tokens (JWT, with expiry and key rotation by ``kid``) beside
+the pluggable function; a principal runs only the units it is allowed, and one
+that loses a unit has its rows removed on its next sync.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from hospital.generate import generate
+from hospital.server import staff_auth
+from hospital.units import schema
+
+from syncunit.errors import AuthError
+from syncunit.protocol import MSGPACK
+from syncunit.server import JWTAuth, Principal, SyncServer, first_of
+from tests.support import local_keys, sync_body
+
+KEYS = {"2026-a": "secret-a" * 4, "2026-b": "secret-b" * 4}
+
+
+def _token(kid: str | None = "2026-a", key: str | None = None, **claims: Any) -> str:
+    body = {"sub": "ana", "params": {"hospital_id": 1}, "exp": int(time.time()) + 600, **claims}
+    headers = {"kid": kid} if kid is not None else {}
+    return jwt.encode(body, key or KEYS[kid or "2026-a"], algorithm="HS256", headers=headers)
+
+
+@pytest.fixture
+def jwt_live(store, serve):
+    auth = first_of(JWTAuth(KEYS), staff_auth(store.engine))
+    server = SyncServer(schema, store, authenticate=auth)
+    generate(store.engine, appointments=40, hospitals=2, doctors=4, patients=20)
+    return serve(server.app)
+
+
+def _status(url: str, token: str, unit: str = "Login") -> int:
+    r = httpx.post(
+        f"{url}/v1/sync/{unit}",
+        content=sync_body(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": MSGPACK},
+        timeout=30,
+    )
+    return r.status_code
+
+
+def test_signed_tokens_with_expiry_and_rotation(jwt_live):
+    url = jwt_live.url
+    assert _status(url, _token("2026-a")) == 200
+    assert _status(url, _token("2026-b")) == 200  # the next key, during a rotation
+    assert _status(url, _token("2026-a", key="forged" * 6)) == 401  # bad signature
+    assert _status(url, _token("2026-z", key="whatever" * 4)) == 401  # unknown key id
+    assert _status(url, _token(exp=int(time.time()) - 3600)) == 401  # expired
+    assert _status(url, _token(sub=None)) == 401  # no subject
+    unsigned = jwt.encode({"sub": "ana", "exp": int(time.time()) + 60}, None, algorithm="none")
+    assert _status(url, unsigned) == 401
+    assert _status(url, "token-h1") == 200  # the example's staff tokens keep working
+
+
+def test_a_token_without_expiry_is_refused(jwt_live):
+    token = jwt.encode({"sub": "ana", "params": {"hospital_id": 1}}, KEYS["2026-a"],
+                       algorithm="HS256", headers={"kid": "2026-a"})  # fmt: skip
+    assert _status(jwt_live.url, token) == 401
+
+
+def test_a_token_names_the_units_it_may_run(jwt_live):
+    token = _token(units=["Splash"])
+    assert _status(jwt_live.url, token, "Splash") == 200
+    r = httpx.post(
+        f"{jwt_live.url}/v1/sync/Login",
+        content=sync_body(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": MSGPACK},
+    )
+    assert r.status_code == 403
+    assert r.json()["code"] == "unit-forbidden"
+
+
+def test_a_principal_that_loses_a_unit_loses_its_rows(store, serve, make_client):
+    allowed = {"units": None}
+
+    def lookup(request: Any) -> Principal | None:
+        return Principal("ana", {"hospital_id": 1}, allowed["units"])
+
+    server = SyncServer(schema, store, authenticate=lookup)
+    generate(store.engine, appointments=40, hospitals=2, doctors=4, patients=20)
+    live = serve(server.app)
+    client = make_client(url=live.url)
+    client.sync("Login")
+    assert local_keys(client, "LocalAppointment")
+
+    allowed["units"] = frozenset({"Splash"})  # withdrawn: e.g. the user was disabled
+    with pytest.raises(AuthError) as err:
+        client.sync("Login")
+
+    assert err.value.code == "unit-forbidden"
+    assert err.value.status == 403
+    assert local_keys(client, "LocalAppointment") == set()
+    assert local_keys(client, "LocalDoctor") == set()
+    assert client.store.cursors(["appointments", "doctors"]) == {}
+    allowed["units"] = None  # given back: a clean download
+    client.sync("Login")
+    assert local_keys(client, "LocalAppointment")
+
+
+def test_jwt_auth_refuses_the_none_algorithm():
+    with pytest.raises(ValueError, match="none"):
+        JWTAuth(KEYS, algorithms=["none"])
