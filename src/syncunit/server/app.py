@@ -131,7 +131,13 @@ class SyncServer:
                 Route("/v1/live/{unit}", self.post_live, methods=["POST"]),
                 *self.inspector.routes(),
             ],
-            exception_handlers={ProblemException: _on_problem, Exception: _on_error},
+            # ProtocolError has its own handler: one for Exception also re-raises (a
+            # traceback in the server's log for every malformed request).
+            exception_handlers={
+                ProblemException: _on_problem,
+                ProtocolError: _on_malformed,
+                Exception: _on_error,
+            },
         )
 
     # -- handlers --------------------------------------------------------------------
@@ -394,11 +400,13 @@ async def _on_problem(request: Request, exc: Exception) -> Response:
     return problem_response(exc.code, exc.detail, exc.headers)
 
 
+async def _on_malformed(request: Request, exc: Exception) -> Response:
+    detail = str(exc)
+    path = request.url.path
+    log.info("refused %s %s: malformed-request: %s", request.method, path, shorten(detail, 200))
+    return problem_response("malformed-request", detail[:1000])
+
+
 async def _on_error(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, ProtocolError):
-        detail = str(exc)
-        log.info("refused %s %s: malformed-request: %s", request.method, request.url.path,
-                 shorten(detail, 200))  # fmt: skip
-        return problem_response("malformed-request", detail[:1000])
     log.exception("sync request failed", exc_info=exc)
     return problem_response("internal", "see the server log")
