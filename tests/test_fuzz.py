@@ -28,7 +28,7 @@ from syncunit.protocol import JSON, MSGPACK, PROBLEM, Failure, FrameDecoder, Syn
 from syncunit.server import Limits
 from tests.support import db_state
 
-EXAMPLES = int(os.environ.get("SYNCUNIT_FUZZ_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("SYNCUNIT_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
