@@ -29,6 +29,7 @@ from syncunit.server import Limits
 from tests.support import db_state
 
 EXAMPLES = int(os.environ.get("SYNCUNIT_FUZZ_EXAMPLES", "60"))
+pytestmark = pytest.mark.timeout(max(120, EXAMPLES))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -127,7 +128,11 @@ def _compress(data: bytes, coding: str) -> bytes:
 def fuzzed(make_server, serve, store):
     from hospital.generate import generate
 
-    server = make_server(limits=Limits(requests_per_second=1e9, request_burst=10**9))
+    # No rate limit (the fuzzer is one fast principal), and no background pruning: a
+    # prune started by an accepted sync would write while a refused request is checked.
+    server = make_server(
+        limits=Limits(requests_per_second=1e9, request_burst=10**9), tombstone_retention=None
+    )
     generate(store.engine, appointments=60, hospitals=2, doctors=4, patients=20)
     live = serve(server.app)
     with httpx.Client(base_url=live.url, timeout=30) as http:

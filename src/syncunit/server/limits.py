@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.to_thread
+
 from syncunit.protocol import Mutation, SyncRequest
 from syncunit.server.problems import ProblemException
 
@@ -202,7 +204,8 @@ async def read_body(
         ) from None
     if coding in ("", "identity"):
         return bytes(received)
-    return inflate(bytes(received), coding, limit)
+    # On a worker thread: up to ``limit`` bytes of output must not stall the event loop.
+    return await anyio.to_thread.run_sync(inflate, bytes(received), coding, limit)
 
 
 def inflate(data: bytes, coding: str, limit: int) -> bytes:
