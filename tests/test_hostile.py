@@ -317,3 +317,28 @@ def test_push_through_a_unit_that_does_not_push_is_refused(server, live, store):
     m = Mutation(seq=1, id="m", table="LocalAppointment", key="k", op="delete")
     r = post_sync(live.url, "Login", token="token-h1", client_id="c", mutations=[m])
     _assert_problem(r, 422, "invalid-request")
+
+
+def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(make_server, serve, store):
+    limits = Limits(stall_seconds=0.2, send_timeout=0.5)
+    server = make_server(limits=limits)
+    _big(store)
+    live = serve(server.app)
+    sock = _stall(live.url)
+    try:
+        time.sleep(2.5)  # the worker stops at once; the blocked write gives up after 0.5 s
+        sock.settimeout(5)
+        received, closed = bytearray(), False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                closed = True
+                break
+            received += data
+        assert closed
+        # cut mid-response: the chunked body never got its last (empty) chunk
+        assert not received.endswith(b"0\r\n\r\n"), "the response was sent to the end"
+        assert server.sync_slots.used == 0
+    finally:
+        sock.close()
