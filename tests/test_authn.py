@@ -84,7 +84,7 @@ def test_a_principal_that_loses_a_unit_loses_its_rows(store, serve, make_client)
     allowed = {"units": None}
 
     def lookup(request: Any) -> Principal | None:
-        return Principal("ana", {"hospital_id": 1}, allowed["units"])
+        return Principal("ana", {"hospital_id": 1}, units=allowed["units"])
 
     server = SyncServer(schema, store, authenticate=lookup)
     generate(store.engine, appointments=40, hospitals=2, doctors=4, patients=20)

@@ -107,7 +107,7 @@ def claims_principal(claims: Mapping[str, Any]) -> Principal | None:
         isinstance(units, list) and all(isinstance(u, str) for u in units)
     ):
         return None
-    return Principal(sub, params, None if units is None else frozenset(units))
+    return Principal(sub, params, units=None if units is None else frozenset(units))
 
 
 class JWTAuth:
