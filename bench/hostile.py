@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import sqlalchemy as sa
 import zstandard
 
 from bench.env import ensure_paths
