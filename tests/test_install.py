@@ -183,7 +183,8 @@ def test_a_database_made_by_0_1_upgrades_in_place(backend, store, server_db_url,
     assert "schema-version" not in (DATA / "v0.1-server-sqlite.sql").read_text()
 
     upgraded = open_store(server_db_url)
-    server = _server(upgraded)
+    # 0.1 handed out unsigned cursors: the upgrade window accepts them
+    server = SyncServer(mini_schema, upgraded, authenticate=AUTH, accept_unsigned_cursors=True)
 
     with upgraded.engine.connect() as conn:
         facts = upgraded.facts(conn)

@@ -87,6 +87,7 @@ class SyncServer:
         tombstone_retention: dt.timedelta | None = dt.timedelta(days=30),
         prune_every: float = 3600.0,
         cursor_secret: bytes | None = None,
+        accept_unsigned_cursors: bool = False,
         install: bool = True,
     ) -> None:
         self.schema = schema
@@ -116,6 +117,7 @@ class SyncServer:
         self.max_live_waiters = max_live_waiters
         self.max_live_wait = max_live_wait
         self._cursor_key = cursor_secret
+        self.accept_unsigned_cursors = accept_unsigned_cursors
         if install:
             self.store.install(schema)
             if self._cursor_key is None:
@@ -190,9 +192,22 @@ class SyncServer:
             key = await self._key()
             req = msgspec.structs.replace(
                 req,
-                cursors={n: verify_cursor(t, key) or FORGED for n, t in req.cursors.items()},
+                cursors={n: self._verified(t, key) for n, t in req.cursors.items()},
             )
         return principal, unit, req
+
+    def _verified(self, token: str, key: bytes) -> str:
+        """The cursor inside a signed token, or ``FORGED`` (the stream starts afresh).
+
+        ``accept_unsigned_cursors`` lets cursors of servers before signing (0.1)
+        through while devices upgrade; it also lets forged ones through.
+        """
+        cursor = verify_cursor(token, key)
+        if cursor is not None:
+            return cursor
+        if self.accept_unsigned_cursors and token.count(".") == 1:
+            return token
+        return FORGED
 
     async def _key(self) -> bytes:
         """The key cursors are signed with: given, or kept in the database (made once)."""
@@ -201,11 +216,14 @@ class SyncServer:
         return self._cursor_key
 
     def _load_cursor_key(self) -> bytes:
-        with self.store.write() as conn:
+        with self.store.engine.connect() as conn:  # a plain read: a restart writes nothing
             value = self.store.facts(conn).get("cursor-key")
-            if value is None:
-                value = secrets.token_hex(32)
-                conn.execute(meta_table.insert().values(key="cursor-key", value=value))
+        if value is None:
+            with self.store.write() as conn:
+                value = self.store.facts(conn).get("cursor-key")
+                if value is None:
+                    value = secrets.token_hex(32)
+                    conn.execute(meta_table.insert().values(key="cursor-key", value=value))
         return bytes.fromhex(value)
 
     def _slot(self, principal: Principal) -> Slot:
