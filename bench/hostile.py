@@ -7,7 +7,9 @@ the server drops them), and one sender posts zstd bombs at ``--bomb-rate``
 compressed bytes a second. Meanwhile ``--devices`` honest devices (one per
 hospital 2..N+1) run ``Online`` syncs, each pushing a booking now and then.
 
-Reported: the honest syncs' latency (p50, p99, max) and failures, the
+An honest device that gets 429 or 503 waits what ``Retry-After`` says and
+tries again, as the client's scheduler does; its latency includes the wait.
+Reported: the honest syncs' latency (p50, p99, max), retries and failures, the
 attackers' answers by status, and the server's peak memory before and during
 the attack.
 """
@@ -134,12 +136,18 @@ class Bomber(threading.Thread):
 
 
 def honest(url: str, n: int, folder: Path, stop: threading.Event, every: float,
-           latencies: list[float], failures: list[str]) -> None:  # fmt: skip
-    from syncunit import SyncClient
+           latencies: list[float], failures: list[str],
+           retries: list[str]) -> None:  # fmt: skip
+    from syncunit import ProblemError, SyncClient
 
     client = SyncClient(url, folder / f"device{n}.sqlite", token=f"token-h{n + 2}")
     try:
-        client.sync("Login")
+        for _ in range(10):  # the first download, retried as a scheduler would
+            try:
+                client.sync("Login")
+                break
+            except ProblemError as exc:
+                time.sleep(float(exc.extra.get("retry_after", 1)))
         ready.wait()
         rounds = 0
         while not stop.is_set():
@@ -153,11 +161,20 @@ def honest(url: str, n: int, folder: Path, stop: threading.Event, every: float,
                     "starts_at": start.isoformat(), "room": "1", "notes": "",
                     "ends_at": (start + dt.timedelta(minutes=30)).isoformat()})  # fmt: skip
             t0 = time.perf_counter()
-            try:
-                client.sync("Online")
-                latencies.append(time.perf_counter() - t0)
-            except Exception as exc:
-                failures.append(f"{type(exc).__name__} {getattr(exc, 'code', '')}: {exc}")
+            for attempt in range(3):  # as an app's scheduler would: wait what Retry-After says
+                try:
+                    client.sync("Online")
+                    latencies.append(time.perf_counter() - t0)
+                    break
+                except ProblemError as exc:
+                    if exc.status not in (429, 503) or attempt == 2:
+                        failures.append(f"ProblemError {exc.code}: {exc}")
+                        break
+                    retries.append(exc.code)
+                    time.sleep(float(exc.extra.get("retry_after", 1)))
+                except Exception as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    break
             stop.wait(every)
     finally:
         client.close()
@@ -174,12 +191,14 @@ def run(devices: int, stalled: int, bomb_rate: int, seconds: float, every: float
     counts: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []
     failures: list[str] = []
+    retries: list[str] = []
     stop = threading.Event()
     with ServerProcess(db) as server:
         rss_before = server.peak_rss_mb()
         threads = [
             threading.Thread(target=honest, daemon=True,
-                             args=(server.url, n, folder, stop, every, latencies, failures))
+                             args=(server.url, n, folder, stop, every, latencies, failures,
+                                   retries))
             for n in range(devices)
         ]  # fmt: skip
         for t in threads:
@@ -205,6 +224,7 @@ def run(devices: int, stalled: int, bomb_rate: int, seconds: float, every: float
         "devices": devices, "stalled_readers": stalled, "bomb_bytes_per_s": bomb_rate,
         "seconds": seconds, "honest_syncs": len(lat), "honest_failures": len(failures),
         "failure_kinds": collections.Counter(f.split(":")[0] for f in failures),
+        "honest_retries": collections.Counter(retries),
         "p50_s": p(0.50), "p99_s": p(0.99), "max_s": round(lat[-1], 3) if lat else None,
         "mean_s": round(statistics.fmean(lat), 3) if lat else None,
         "attackers": dict(counts),

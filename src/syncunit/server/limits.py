@@ -205,7 +205,8 @@ async def read_body(
     if coding in ("", "identity"):
         return bytes(received)
     # On a worker thread: up to ``limit`` bytes of output must not stall the event loop.
-    return await anyio.to_thread.run_sync(inflate, bytes(received), coding, limit)
+    packed, received = bytes(received), bytearray()
+    return await anyio.to_thread.run_sync(inflate, packed, coding, limit)
 
 
 def inflate(data: bytes, coding: str, limit: int) -> bytes:
