@@ -110,3 +110,16 @@ def test_a_principal_that_loses_a_unit_loses_its_rows(store, serve, make_client)
 def test_jwt_auth_refuses_the_none_algorithm():
     with pytest.raises(ValueError, match="none"):
         JWTAuth(KEYS, algorithms=["none"])
+
+
+def test_a_principal_whose_scope_changes_loses_the_old_rows(server, client, plain_sql, store):
+    from tests.support import appointments_of, assert_in_sync
+
+    client.sync("Login")
+    assert local_keys(client, "LocalAppointment") == set(appointments_of(store, 1))
+
+    plain_sql("UPDATE staff SET hospital_id = 2 WHERE token = 'token-h1'")  # moved hospital
+    client.sync("Login")
+
+    assert local_keys(client, "LocalAppointment") == set(appointments_of(store, 2))
+    assert_in_sync(server, client, "token-h1", "Login")
