@@ -269,7 +269,7 @@ def test_the_key_of_a_synced_row_cannot_change(notes_app):
     assert local_note(device, "a") is not None
     assert local_note(device, "other") is None
     assert outbox_rows(device) == []
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(LocalStoreError, match="key of a synced row cannot change"):
         device.update("LocalNote", "a", {"id": "other"})
 
 

@@ -13,7 +13,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus
 from syncunit.client.store import LocalStore, quote
 from syncunit.errors import (
+    AuthError,
     LocalStoreError,
     NetworkError,
     ProblemError,
     ProtocolError,
+    SyncError,
     problem_error,
 )
 from syncunit.ids import uuid7
@@ -59,9 +62,11 @@ try:
 except ImportError:  # pragma: no cover
     ACCEPT_ENCODING = "gzip"
 
-__all__ = ["ProgressCallback", "SyncClient", "SyncResult"]
+__all__ = ["ProgressCallback", "SyncClient", "SyncResult", "TokenProvider"]
 
 ProgressCallback = Callable[[str, int, int], None]
+#: Returns a bearer token; asked before the first request and again after a 401.
+TokenProvider = Callable[[], str]
 COMPRESS_ABOVE = 16 * 1024
 #: A first copy of at least this many rows builds the local secondary indexes at its end.
 DEFER_INDEXES_ABOVE = 5000
@@ -104,8 +109,11 @@ class SyncResult:
 class SyncClient:
     """Syncs units of a syncunit server into a local SQLite database.
 
-    ``transport`` is any ``httpx.BaseTransport`` (real HTTP by default; tests
-    pass fault-injecting ones). ``chunk_size`` asks the server for a chunk size.
+    ``token`` is a bearer token, or a function returning one (asked before the
+    first request and again whenever the server answers 401, so an expired
+    token is refreshed without failing the sync). ``transport`` is any
+    ``httpx.BaseTransport`` (real HTTP by default; tests pass fault-injecting
+    ones). ``chunk_size`` asks the server for a chunk size.
     ``local_db`` is a file path, ``":memory:"``, a ``LocalStore``, or an open
     sqlite3-compatible connection (for example from ``sqlcipher3``, keyed, for an
     encrypted local store).
@@ -116,7 +124,7 @@ class SyncClient:
         server_url: str,
         local_db: str | Path | LocalStore | sqlite3.Connection | Any,
         *,
-        token: str | None = None,
+        token: str | TokenProvider | None = None,
         transport: httpx.BaseTransport | None = None,
         encoding: Encoding = "msgpack",
         chunk_size: int | None = None,
@@ -143,6 +151,9 @@ class SyncClient:
         self.sync_on_login = sync_on_login
         self.sync_on_reconnect = sync_on_reconnect
         self._sync_lock = threading.Lock()
+        self._sync_owner: int | None = None  # the thread running a sync
+        self._cancel = threading.Event()
+        self._closed = False
         self.scheduler = Scheduler(self, retry=retry or RetryPolicy(), clock=clock)
         self.scheduler.periodic = sync_every
         self._live: LiveWatcher | None = None
@@ -150,25 +161,45 @@ class SyncClient:
         self.chunk_size = chunk_size
         self.on_progress = on_progress
         headers = {"Accept-Encoding": ACCEPT_ENCODING, "User-Agent": "syncunit-client/0.1"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
+        self._token_provider: TokenProvider | None = None
         self.http = httpx.Client(
             base_url=server_url.rstrip("/"),
             transport=transport,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=10.0),
         )
+        self._set_token(token)
         self.client_id = self.store.client_id()
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Stop the worker and live watcher (a running sync finishes first), then close."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker and the live watcher, then close the database.
+
+        A running sync has ``timeout`` seconds to finish; then it is cancelled (its
+        connection closed: what it applied stays, the rest is fetched next time).
+        The database is closed only once no sync runs. Not from a sync callback.
+        """
+        if self._closed:
+            return
+        if self._sync_owner == threading.get_ident():
+            raise SyncError("close() cannot be called from inside a sync (a callback)")
+        self._closed = True
         if self._live is not None:
             self._live.stop()
-        self.scheduler.stop()
-        self.http.close()
-        self.store.close()
+        if not self.scheduler.stop(timeout):
+            self._cancel.set()
+            self.http.close()
+            self.scheduler.stop(None)
+        if not self._sync_lock.acquire(timeout=timeout):  # a sync on an app thread
+            self._cancel.set()
+            self.http.close()
+            self._sync_lock.acquire()
+        try:
+            self.http.close()
+            self.store.close()
+        finally:
+            self._sync_lock.release()
 
     # -- sync moments -----------------------------------------------------------------------
 
@@ -189,10 +220,109 @@ class SyncClient:
         self.scheduler.start()
         return added
 
-    def login(self, token: str) -> SyncResult | None:
-        """Use ``token`` from now on and run the ``sync_on_login`` unit, blocking."""
-        self.http.headers["Authorization"] = f"Bearer {token}"
+    def login(self, token: str | TokenProvider) -> SyncResult | None:
+        """Use ``token`` from now on and run the ``sync_on_login`` unit, blocking.
+
+        Changes a principal left behind at ``logout`` (parked) are offered to the
+        server first: those of this principal are pushed, the others stay parked.
+        """
+        self._set_token(token)
+        self.push_parked()
         return self.sync(self.sync_on_login) if self.sync_on_login else None
+
+    def logout(self, *, clear: bool = True, push: bool = True) -> int:
+        """End this principal's session on the device; return how many changes were kept.
+
+        With ``push`` the pending changes are pushed first, while the credentials
+        still work. What cannot be pushed now (offline, say) is kept for the
+        principal: parked, out of the next principal's sight, and pushed by a later
+        ``login`` of the same principal (the server tells: it binds a session to
+        its principal). ``clear`` removes every synced row and the sync state, so
+        the next principal sees nothing of this one (``clear=False`` keeps them,
+        for the same person coming back). The device gets a new client id; the
+        worker stops and the token is forgotten.
+        """
+        if self._sync_owner == threading.get_ident():
+            raise SyncError("logout() cannot be called from inside a sync (a callback)")
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        self.scheduler.stop(None)
+        catalog = self.store.catalog()
+        if push and catalog is not None and self.outbox.count():
+            for unit in _push_units(catalog):
+                try:
+                    self.sync(unit.name)
+                except SyncError as exc:
+                    log.info("logout: pending changes kept for later (%s)", exc)
+                    break
+        streams = [] if catalog is None else catalog.streams
+        with self._sync_lock, self.store.atomic():
+            kept = self.outbox.park(streams, self.client_id)
+            self.client_id = self.store.end_session(clear=clear)
+        self._set_token(None)
+        return kept
+
+    def push_parked(self) -> int:
+        """Push the parked changes the current principal owns; return how many applied.
+
+        A session bound to another principal is refused by the server (403) and
+        stays parked; a network failure leaves the rest for the next ``login``.
+        """
+        catalog = self.store.catalog()
+        units = [] if catalog is None else _push_units(catalog)
+        if catalog is None or not units:
+            return 0
+        applied = 0
+        for client_id in self.outbox.parked():
+            mutations = self.outbox.parked_mutations(client_id)
+            if not mutations:
+                continue
+            request = SyncRequest(
+                protocol=PROTOCOL_VERSION,
+                client_id=client_id,
+                schema_hash=catalog.schema_hash,
+                cursors={},
+                mutations=mutations,
+            )
+            headers = {"Content-Type": content_type(self.encoding)}
+            body = encode_request(request, self.encoding)
+            try:
+                with self._sync_lock:
+                    response = self._send(
+                        "POST", f"/v1/sync/{units[0].name}", content=body, headers=headers
+                    )
+                    try:
+                        pushed = self._first_push_results(response)
+                    finally:
+                        response.close()
+                    if pushed is not None:
+                        applied += self.outbox.unpark(client_id, pushed)[0]
+            except AuthError:
+                continue  # another principal's session
+            except SyncError as exc:
+                log.info("parked changes stay parked for now (%s)", exc)
+                break
+        return applied
+
+    def _first_push_results(self, response: httpx.Response) -> PushResults | None:
+        try:
+            with FramePrefetch(response, self.encoding) as frames:
+                for frame in frames:
+                    if isinstance(frame, PushResults):
+                        return frame
+                    if isinstance(frame, Failure):
+                        raise problem_error(frame.status, frame.code, frame.title, frame.detail)
+        except httpx.HTTPError as exc:
+            raise NetworkError(f"the push of parked changes was cut: {exc}") from exc
+        return None
+
+    def _set_token(self, token: str | TokenProvider | None) -> None:
+        self._token_provider = token if callable(token) else None
+        if isinstance(token, str):
+            self.http.headers["Authorization"] = f"Bearer {token}"
+        else:
+            self.http.headers.pop("Authorization", None)
 
     def set_online(self, online: bool) -> None:
         """Tell the engine about connectivity. Coming back online retries at once and
@@ -244,7 +374,8 @@ class SyncClient:
             row[stream.key] = uuid7()
         names = ", ".join(quote(c) for c in row)
         marks = ", ".join("?" * len(row))
-        with self.store.atomic() as c:
+        errors = self.store.errors
+        with _translated(f"cannot insert into {table}", errors), self.store.atomic() as c:
             c.execute(f"INSERT INTO {quote(table)} ({names}) VALUES ({marks})", list(row.values()))
         return row[stream.key]
 
@@ -252,7 +383,10 @@ class SyncClient:
         """Change columns of a local row."""
         stream = self._local_stream(table)
         sets = ", ".join(f"{quote(c)} = ?" for c in values)
-        with self.store.atomic() as c:
+        if not sets:
+            raise LocalStoreError(f"update of {table} {key!r} names no column to change")
+        errors = self.store.errors
+        with _translated(f"cannot update {table}", errors), self.store.atomic() as c:
             cur = c.execute(
                 f"UPDATE {quote(table)} SET {sets} WHERE {quote(stream.key)} = ?",
                 [*values.values(), key],
@@ -263,7 +397,8 @@ class SyncClient:
     def delete(self, table: str, key: Any) -> None:
         """Delete a local row."""
         stream = self._local_stream(table)
-        with self.store.atomic() as c:
+        errors = self.store.errors
+        with _translated(f"cannot delete from {table}", errors), self.store.atomic() as c:
             c.execute(f"DELETE FROM {quote(table)} WHERE {quote(stream.key)} = ?", (key,))
 
     def _local_stream(self, table: str) -> StreamInfo:
@@ -298,11 +433,18 @@ class SyncClient:
         mutations (then one per batch) or the server's schema changed (the
         catalog is fetched again and the run repeated).
         """
+        if self._sync_owner == threading.get_ident():
+            raise SyncError(
+                f"sync({unit!r}) was called from inside a sync (a callback);"
+                " use trigger() to run it after this one"
+            )
+        if self._closed:
+            raise SyncError("the client is closed")
         result = SyncResult(unit=unit)
         started = time.perf_counter()
         self._emit(self.on_start, unit)
         try:
-            with self._sync_lock:
+            with self._sync_lock, self._owned():
                 catalog = self.store.catalog()
                 if catalog is None:
                     result.requests += 1
@@ -327,6 +469,14 @@ class SyncClient:
         self.store.complete_unit(unit, json.dumps(result.to_dict()))
         self._emit(self.on_complete, result)
         return result
+
+    @contextmanager
+    def _owned(self) -> Iterator[None]:
+        self._sync_owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._sync_owner = None
 
     def _run_unit(self, unit_name: str, catalog: Catalog, result: SyncResult) -> None:
         unit = catalog.unit(unit_name)
@@ -443,6 +593,8 @@ class SyncClient:
         total = done = chunks = 0
         with FramePrefetch(response, self.encoding) as frames:
             for frame in frames:
+                if self._cancel.is_set():
+                    raise SyncError("the sync was cancelled by close(); applied chunks are kept")
                 if isinstance(frame, Chunk):
                     chunks += 1
                     info = catalog.stream(frame.stream)
@@ -487,10 +639,31 @@ class SyncClient:
     # -- http -------------------------------------------------------------------------------
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        provider = self._token_provider
+        if provider is not None and "Authorization" not in self.http.headers:
+            self._ask_token(provider)
+        try:
+            return self._send_once(method, path, **kwargs)
+        except AuthError as exc:
+            if exc.status != 401 or provider is None:
+                raise
+        self._ask_token(provider)  # expired: ask again, once
+        return self._send_once(method, path, **kwargs)
+
+    def _ask_token(self, provider: TokenProvider) -> None:
+        try:
+            token = provider()
+        except Exception as exc:
+            raise AuthError(401, "token-provider", "the token provider failed", str(exc)) from exc
+        self.http.headers["Authorization"] = f"Bearer {token}"
+
+    def _send_once(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self._cancel.is_set():
+            raise SyncError("the client is closing")
         try:
             request = self.http.build_request(method, path, **kwargs)
             response = self.http.send(request, stream=True)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: closed by close()
             raise NetworkError(f"cannot reach the server: {exc}") from exc
         if response.status_code >= 400:
             try:
@@ -515,3 +688,18 @@ class SyncClient:
                 problem.status, problem.code, problem.title, problem.detail, **extra
             )
         return response
+
+
+def _push_units(catalog: Catalog) -> list[UnitInfo]:
+    """Units that push, push-only ones first (they pull nothing back)."""
+    units = [u for u in catalog.units if u.push and u.direction != "pull"]
+    return sorted(units, key=lambda u: u.direction != "push")
+
+
+@contextmanager
+def _translated(what: str, errors: tuple[type[Exception], ...]) -> Iterator[None]:
+    """Driver errors of an app write become ``LocalStoreError`` (nothing was written)."""
+    try:
+        yield
+    except errors as exc:
+        raise LocalStoreError(f"{what}: {exc}") from exc

@@ -19,6 +19,7 @@ row). Nothing is dropped silently.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -246,45 +247,43 @@ class Outbox:
         """Mutations to send: those in flight first, then up to ``limit`` new ones, numbered."""
         by_table = {s.local_table: s for s in streams}
         conn = self.store.conn
-        mode = int(conn.execute("PRAGMA synchronous").fetchone()[0])
-        conn.execute("PRAGMA synchronous=FULL")
-        try:
-            with self.store.atomic():
-                in_flight = [
-                    _mut_dec.decode(r[0])
-                    for r in conn.execute(
-                        "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL ORDER BY seq"
-                    )
-                ]
-                room = max(0, limit - len(in_flight))
-                marks = ",".join("?" * len(by_table)) or "NULL"
-                rows = conn.execute(
-                    "SELECT id, mutation_id, table_name, row_key, op, changed, base"
-                    f" FROM syncunit_outbox WHERE seq IS NULL AND table_name IN ({marks})"
-                    " ORDER BY id LIMIT ?",
-                    [*by_table, room],
-                ).fetchall()
-                next_seq = int(
-                    conn.execute("SELECT next_seq FROM syncunit_state WHERE id = 1").fetchone()[0]
+        # The store's transactions commit with synchronous=FULL at least (the engine
+        # lowers it only inside its own ``relaxed`` ones): a number handed out here is
+        # on disk before it goes out.
+        with self.store.atomic():
+            in_flight = [
+                _mut_dec.decode(r[0])
+                for r in conn.execute(
+                    "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL ORDER BY seq"
                 )
-                fresh: list[Mutation] = []
-                numbered: list[tuple[int, bytes, int]] = []
-                names: dict[str, list[str]] = {}
-                for oid, mid, table, key, op, changed, base in rows:
-                    s = by_table[table]
-                    if table not in names:
-                        cur = conn.execute(f"SELECT * FROM {_q(table)} LIMIT 0")
-                        names[table] = [d[0] for d in cur.description]
-                    m = self._mutation(s, names[table], next_seq, mid, key, op, changed, base)
-                    numbered.append((next_seq, _mut_enc.encode(m), oid))
-                    fresh.append(m)
-                    next_seq += 1
-                conn.executemany(
-                    "UPDATE syncunit_outbox SET seq = ?, payload = ? WHERE id = ?", numbered
-                )
-                conn.execute("UPDATE syncunit_state SET next_seq = ? WHERE id = 1", (next_seq,))
-        finally:
-            conn.execute(f"PRAGMA synchronous={mode}")  # the store's own setting (FULL)
+            ]
+            room = max(0, limit - len(in_flight))
+            marks = ",".join("?" * len(by_table)) or "NULL"
+            rows = conn.execute(
+                "SELECT id, mutation_id, table_name, row_key, op, changed, base"
+                f" FROM syncunit_outbox WHERE seq IS NULL AND table_name IN ({marks})"
+                " ORDER BY id LIMIT ?",
+                [*by_table, room],
+            ).fetchall()
+            next_seq = int(
+                conn.execute("SELECT next_seq FROM syncunit_state WHERE id = 1").fetchone()[0]
+            )
+            fresh: list[Mutation] = []
+            numbered: list[tuple[int, bytes, int]] = []
+            names: dict[str, list[str]] = {}
+            for oid, mid, table, key, op, changed, base in rows:
+                s = by_table[table]
+                if table not in names:
+                    cur = conn.execute(f"SELECT * FROM {_q(table)} LIMIT 0")
+                    names[table] = [d[0] for d in cur.description]
+                m = self._mutation(s, names[table], next_seq, mid, key, op, changed, base)
+                numbered.append((next_seq, _mut_enc.encode(m), oid))
+                fresh.append(m)
+                next_seq += 1
+            conn.executemany(
+                "UPDATE syncunit_outbox SET seq = ?, payload = ? WHERE id = ?", numbered
+            )
+            conn.execute("UPDATE syncunit_state SET next_seq = ? WHERE id = 1", (next_seq,))
         return in_flight + fresh
 
     def _mutation(
@@ -462,3 +461,91 @@ class Outbox:
             except self.store.errors as exc:
                 raise LocalStoreError(f"cannot retry the change to {table}: {exc}") from exc
             conn.execute("DELETE FROM syncunit_rejected WHERE id = ?", (rejected_id,))
+
+    # -- sessions: what a principal leaves behind at logout ----------------------------------
+
+    def park(self, streams: Sequence[StreamInfo], client_id: str) -> int:
+        """Keep every change of the session ``client_id`` aside; return how many.
+
+        The pending changes are numbered and frozen first (their local rows may be
+        cleared next), then moved with the unresolved conflicts and rejections to
+        ``syncunit_parked``, out of the next principal's sight. Runs in the
+        caller's transaction.
+        """
+        conn = self.store.conn
+        self.prepare(streams, self.count() + 1)
+        now = _utc()
+        cur = conn.execute(
+            "INSERT INTO syncunit_parked (client_id, kind, seq, body, parked_at)"
+            " SELECT ?, 'mutation', seq, payload, ? FROM syncunit_outbox"
+            " WHERE seq IS NOT NULL ORDER BY seq",
+            (client_id, now),
+        )
+        parked = max(cur.rowcount, 0)
+        conn.execute("DELETE FROM syncunit_outbox WHERE seq IS NOT NULL")
+        kept = conn.execute(
+            "SELECT mutation_id, seq, table_name, row_key, op, status, code, reason, attempted,"
+            " server_row, created_at FROM syncunit_rejected ORDER BY id"
+        ).fetchall()
+        conn.executemany(
+            "INSERT INTO syncunit_parked (client_id, kind, seq, body, parked_at)"
+            " VALUES (?, 'rejected', NULL, ?, ?)",
+            [(client_id, json.dumps(list(r)), now) for r in kept],
+        )
+        conn.execute("DELETE FROM syncunit_rejected")
+        return parked + len(kept)
+
+    def parked(self) -> dict[str, int]:
+        """Ended sessions with changes kept for their principal: client id -> count."""
+        rows = self.store.query(
+            "SELECT client_id, count(*) FROM syncunit_parked GROUP BY client_id ORDER BY min(id)"
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    def parked_mutations(self, client_id: str) -> list[Mutation]:
+        rows = self.store.query(
+            "SELECT body FROM syncunit_parked WHERE client_id = ? AND kind = 'mutation'"
+            " ORDER BY seq",
+            (client_id,),
+        )
+        return [_mut_dec.decode(r[0]) for r in rows]
+
+    def unpark(self, client_id: str, pushed: PushResults) -> tuple[int, list[RejectedChange]]:
+        """The server accepted a parked session's push (it is this principal's): record
+        the verdicts, and bring its conflicts and rejections back into sight."""
+        conn = self.store.conn
+        applied = 0
+        kept: list[RejectedChange] = []
+        with self.store.atomic():
+            bodies = {
+                r[0]: r[1]
+                for r in conn.execute(
+                    "SELECT seq, body FROM syncunit_parked WHERE client_id = ?"
+                    " AND kind = 'mutation'",
+                    (client_id,),
+                )
+            }
+            for r in pushed.results:
+                body = bodies.get(r.seq)
+                if body is None:
+                    continue
+                if r.status == "applied":
+                    applied += 1
+                    continue
+                m = _mut_dec.decode(body)
+                row = (0, m.table, m.key, m.op, body)
+                kept.append(self._keep(r, row, None))
+            conn.execute(
+                "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op,"
+                " status, code, reason, attempted, server_row, created_at)"
+                " SELECT "
+                + ", ".join(f"json_extract(body, '$[{i}]')" for i in range(11))
+                + " FROM syncunit_parked WHERE client_id = ? AND kind = 'rejected' ORDER BY id",
+                (client_id,),
+            )
+            conn.execute("DELETE FROM syncunit_parked WHERE client_id = ?", (client_id,))
+        return applied, kept
+
+
+def _utc() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()

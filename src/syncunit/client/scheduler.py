@@ -32,6 +32,7 @@ __all__ = ["RetryPolicy", "Scheduler", "SyncStatus"]
 
 log = logging.getLogger("syncunit.client")
 
+#: The queue's table (created by the local store's migrations).
 DDL = [
     "CREATE TABLE IF NOT EXISTS syncunit_queue ("
     " id INTEGER PRIMARY KEY AUTOINCREMENT, unit TEXT NOT NULL,"
@@ -105,9 +106,6 @@ class Scheduler:
         self._starting = threading.Lock()
         self._stop = False
         self._thread: threading.Thread | None = None
-        with client.store.atomic() as c:
-            for stmt in DDL:
-                c.execute(stmt)
 
     # -- the queue ------------------------------------------------------------------------
 
@@ -270,13 +268,20 @@ class Scheduler:
             self._thread = threading.Thread(target=self._loop, name="syncunit-worker", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        """Ask the worker to stop and wait up to ``timeout`` (None: for as long as it
+        takes); return whether it ended. The worker may stop itself (from a callback)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+        self._thread = None
+        return True
 
     def wake(self) -> None:
         with self._cond:
