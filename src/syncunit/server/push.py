@@ -25,6 +25,7 @@ import datetime as dt
 import decimal
 import json
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,9 +45,27 @@ from syncunit.server.store import ServerStore, clients, mutation_log
 from syncunit.units import Stream, SyncSchema, SyncUnit, logical_type
 
 LOG_RETENTION = 100_000
+#: A mutation whose write fails for a transient reason (a lock, a deadlock, a
+#: serialization failure) is tried this many times before it is rejected.
+TRANSIENT_ATTEMPTS = 3
+TRANSIENT_PAUSE = 0.05  # seconds, times the attempt number
+_TRANSIENT = ("locked", "busy", "deadlock", "could not serialize", "lock timeout", "timeout")
 log = logging.getLogger("syncunit.server")
 _result_enc = msgspec.msgpack.Encoder()
 _result_dec = msgspec.msgpack.Decoder(MutationResult)
+
+
+def _transient(exc: sa.exc.SQLAlchemyError) -> bool:
+    """A failure that may pass if the same write is tried again."""
+    if not isinstance(exc, sa.exc.OperationalError):
+        return False
+    text = str(exc.orig).lower()
+    return any(t in text for t in _TRANSIENT)
+
+
+def _first_line(exc: sa.exc.SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    return (str(orig) if orig is not None else str(exc)).splitlines()[0]
 
 
 class Rejected(Exception):
@@ -315,23 +334,40 @@ class PushApplier:
         # pair of a push, and needs none of SQLAlchemy's bookkeeping.
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None
-        savepoint = _Savepoint(dbapi)
-        try:
-            self._write(conn, stream, principal, m)
-        except (Rejected, ConflictFound, sa.exc.IntegrityError) as exc:
-            savepoint.rollback()
-            status: Literal["rejected", "conflict"]
-            if isinstance(exc, Rejected):
-                status, code, reason = "rejected", exc.code, exc.reason
-            elif isinstance(exc, ConflictFound):
-                status, code, reason = "conflict", "conflict", exc.reason
-            else:
-                detail = str(exc.orig).splitlines()[0] if exc.orig is not None else "constraint"
-                status, code = "rejected", "constraint"
-                reason = f"the database refused the change: {detail}"
-            row = self._server_row(conn, stream, principal, m.key)
-            return MutationResult(m.seq, m.id, status, reason, code, row)
-        savepoint.commit()
+        for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+            savepoint = _Savepoint(dbapi)
+            try:
+                self._write(conn, stream, principal, m)
+            except (Rejected, ConflictFound, sa.exc.SQLAlchemyError) as exc:
+                if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                    raise  # the transaction is gone: the whole request fails, and is retried
+                savepoint.rollback()
+                status: Literal["rejected", "conflict"]
+                if isinstance(exc, Rejected):
+                    status, code, reason = "rejected", exc.code, exc.reason
+                elif isinstance(exc, ConflictFound):
+                    status, code, reason = "conflict", "conflict", exc.reason
+                elif isinstance(exc, sa.exc.IntegrityError):
+                    status, code = "rejected", "constraint"
+                    reason = f"the database refused the change: {_first_line(exc)}"
+                elif _transient(exc) and attempt < TRANSIENT_ATTEMPTS:
+                    log.warning("transient failure on %s %r, again: %s", m.table, m.key, exc)
+                    time.sleep(TRANSIENT_PAUSE * attempt)
+                    continue
+                else:
+                    # A poison mutation (a rule's query fails, a value the database
+                    # cannot store) or a transient failure past its retries: this one
+                    # is rejected with its reason, the ones behind it go ahead.
+                    log.error("mutation %s %r failed: %s", m.table, m.key, exc)
+                    status = "rejected"
+                    code = "unavailable" if _transient(exc) else "server-error"
+                    reason = f"the server's database failed on this change: {_first_line(exc)}"
+                    if code == "unavailable":
+                        reason += f" (tried {attempt} times; retry later)"
+                row = self._server_row(conn, stream, principal, m.key)
+                return MutationResult(m.seq, m.id, status, reason, code, row)
+            savepoint.commit()
+            break
         return MutationResult(seq=m.seq, id=m.id, status="applied")
 
     def _write(self, conn: Connection, s: Stream, principal: Principal, m: Mutation) -> None:
