@@ -71,9 +71,7 @@ def test_a_transient_failure_is_tried_again_and_applies(notes_app, monkeypatch):
     assert app.applications("a") == 1
 
 
-def test_a_transient_failure_past_its_retries_is_surfaced_and_nothing_waits(
-    notes_app, monkeypatch
-):
+def test_a_transient_failure_past_its_retries_is_surfaced_and_nothing_waits(notes_app, monkeypatch):
     monkeypatch.setattr(push, "TRANSIENT_PAUSE", 0.0)
     calls: list[int] = []
     app = notes_app(rules=[_locked(calls, fail_first=10**6)])

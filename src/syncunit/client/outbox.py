@@ -549,3 +549,51 @@ class Outbox:
 
 def _utc() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
+
+
+def retype_in_flight(conn: sqlite3.Connection, table: str, types: dict[str, str]) -> int:
+    """Give the frozen payloads of ``table``'s in-flight changes the new column types.
+
+    After a local table is rebuilt on a new schema, its rows hold values converted
+    by SQLite's type affinity; a change numbered before the rebuild must carry the
+    same values (same number, same id: the server still answers it exactly once).
+    The conversion is SQLite's own, through a scratch table. Returns how many changed.
+    """
+    rows = conn.execute(
+        "SELECT id, payload FROM syncunit_outbox WHERE table_name = ? AND seq IS NOT NULL",
+        (table,),
+    ).fetchall()
+    if not rows or not types:
+        return 0
+    cols = list(types)
+    conn.execute("DROP TABLE IF EXISTS temp.syncunit_retype")
+    conn.execute(
+        "CREATE TEMP TABLE syncunit_retype (" + ", ".join(f"{_q(c)} {types[c]}" for c in cols) + ")"
+    )
+
+    def convert(values: dict[str, Any]) -> dict[str, Any]:
+        names = [c for c in cols if c in values]
+        if not names:
+            return values
+        conn.execute("DELETE FROM temp.syncunit_retype")
+        conn.execute(
+            f"INSERT INTO temp.syncunit_retype ({', '.join(map(_q, names))})"
+            f" VALUES ({', '.join('?' * len(names))})",
+            [values[c] for c in names],
+        )
+        row = conn.execute(
+            f"SELECT {', '.join(map(_q, names))} FROM temp.syncunit_retype"
+        ).fetchone()
+        return {**values, **dict(zip(names, row, strict=True))}
+
+    changed = 0
+    for oid, payload in rows:
+        m = _mut_dec.decode(payload)
+        new = msgspec.structs.replace(m, values=convert(m.values), base=convert(m.base))
+        if new != m:
+            conn.execute(
+                "UPDATE syncunit_outbox SET payload = ? WHERE id = ?", (_mut_enc.encode(new), oid)
+            )
+            changed += 1
+    conn.execute("DROP TABLE temp.syncunit_retype")
+    return changed

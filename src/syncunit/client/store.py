@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from syncunit.client.migrations import migrate
-from syncunit.client.outbox import trigger_ddl
+from syncunit.client.outbox import retype_in_flight, trigger_ddl
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import Catalog, Chunk, StreamInfo, decode_catalog, encode_catalog
 
@@ -355,6 +355,8 @@ class LocalStore:
                 f" WHERE {quote(s.key)} IS NOT NULL ORDER BY rowid"
             )
         c.execute(f"DROP TABLE {t}")
+        retyped = {n: typ for n, typ in want.items() if n in have and have[n][0] != typ}
+        retype_in_flight(c, s.local_table, retyped)
         # Legacy rename: the app's views naming the table are not re-checked mid-swap.
         c.execute("PRAGMA legacy_alter_table=ON")
         try:

@@ -1,0 +1,320 @@
+"""The device never loses data: schema changes, resets, durability, upgrades, lifecycle.
+
+* a catalog change rebuilds a local table in place (create, copy, swap): the
+  unpushed rows and their outbox entries survive, and are pushed;
+* a reset downloads beside the old copy and swaps when complete: a cut leaves
+  the previous complete rows, and the next run resumes the download;
+* app writes commit with the durability they asked for while the engine runs;
+* a device file made by 0.1.0 is upgraded in place by numbered migrations;
+* only syncunit's own exceptions escape; a callback cannot deadlock the
+  client; ``close()`` never closes the database under a running sync.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from syncunit import SyncClient
+from syncunit.client.migrations import STORE_VERSION
+from syncunit.errors import LocalStoreError, NetworkError, SyncError, SyncUnitError
+from syncunit.protocol import Catalog, Chunk
+from syncunit.server.store import ServerStore
+from tests.support import local_keys
+from tests.test_push_support import local_notes
+
+DUMP = Path(__file__).parent / "data" / "device-0.1.0.sql"
+
+
+def _with_column_type(catalog: Catalog, table: str, column: str, logical: str) -> Catalog:
+    """The catalog as an older server described it: one column had another type."""
+    streams = []
+    for s in catalog.streams:
+        if s.local_table == table:
+            cols = [
+                msgspec.structs.replace(c, type=logical) if c.name == column else c
+                for c in s.columns
+            ]
+            s = msgspec.structs.replace(s, columns=cols, definition=s.definition + "-old")
+        streams.append(s)
+    return msgspec.structs.replace(catalog, streams=streams, schema_hash="older")
+
+
+def _column_type(client: SyncClient, table: str, column: str) -> str:
+    rows = client.store.query(f'PRAGMA table_info("{table}")')
+    return next(r[2] for r in rows if r[1] == column)
+
+
+# -- schema changes ------------------------------------------------------------------------
+
+
+def test_a_column_type_change_keeps_unpushed_rows_and_pushes_them(notes_app):
+    app = notes_app()
+    app.add("s1", title="from the server", n=5)
+    device = app.client()
+    device.sync("Sync")
+    current = device.store.catalog()
+    assert current is not None
+    device.store.apply_catalog(_with_column_type(current, "LocalNote", "n", "text"))
+    for i in range(3):
+        device.insert("LocalNote", {"id": f"k{i}", "owner": "u1", "title": f"t{i}", "n": i})
+    assert _column_type(device, "LocalNote", "n") == "TEXT"
+
+    # The server answers schema-changed; the catalog is fetched again and the table
+    # rebuilt with n INTEGER (a type change), then the push goes out.
+    result = device.sync("Sync")
+
+    assert _column_type(device, "LocalNote", "n") == "INTEGER"
+    assert result.applied == 3
+    assert result.rejected == []
+    assert device.outbox.pending() == []
+    assert [(r[0], r[5]) for r in app.rows("u1")] == [("k0", 0), ("k1", 1), ("k2", 2), ("s1", 5)]
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_a_schema_change_keeps_rows_and_outbox_even_before_the_push(notes_app):
+    app = notes_app()
+    device = app.client()
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "k", "owner": "u1", "title": "mine", "n": 7})
+    before = device.outbox.pending()
+    current = device.store.catalog()
+    assert current is not None
+
+    changes = device.store.apply_catalog(_with_column_type(current, "LocalNote", "n", "real"))
+
+    assert "rebuilt LocalNote (rows kept)" in changes
+    assert device.store.query("SELECT id, title, n FROM LocalNote") == [("k", "mine", 7.0)]
+    assert device.outbox.pending() == before
+    # The triggers are back: a later change is recorded.
+    device.update("LocalNote", "k", {"title": "changed"})
+    assert device.outbox.pending()[0].changed == ["title"]
+
+
+def test_changes_to_a_table_no_longer_synced_are_surfaced_not_dropped(notes_app):
+    app = notes_app()
+    device = app.client()
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "k", "owner": "u1", "title": "mine"})
+    current = device.store.catalog()
+    assert current is not None
+    units = [msgspec.structs.replace(u, push=[]) for u in current.units]
+
+    device.store.apply_catalog(msgspec.structs.replace(current, units=units))
+
+    assert device.outbox.pending() == []
+    [kept] = device.outbox.rejected()
+    assert (kept.key, kept.code) == ("k", "schema-changed")
+    assert "no longer synced" in kept.reason
+
+
+# -- resets beside the old copy --------------------------------------------------------------
+
+
+def _new_epoch(store: ServerStore) -> None:
+    with store.write() as conn:
+        store._set_fact(conn, "epoch", "a-restored-database")
+
+
+def test_a_reset_cut_midway_leaves_the_complete_previous_copy(tapped, tap, store, in_sync):
+    tapped.sync("Login")
+    before = local_keys(tapped, "LocalAppointment")
+    assert len(before) == 200
+    _new_epoch(store)  # every stream resets
+
+    tap.arm(chunks=("appointments", 3))
+    with pytest.raises(NetworkError):
+        tapped.sync("Login")
+
+    assert local_keys(tapped, "LocalAppointment") == before  # not 48 of 200
+    assert tapped.store.resets_in_progress() == {"appointments": "LocalAppointment"}
+
+    result = tapped.sync("Login")
+
+    resumed = [f for f in tap.responses[-1] if isinstance(f, Chunk) and f.stream == "appointments"]
+    assert not any(f.reset for f in resumed)  # it resumed the download, not restarted it
+    assert sum(len(f.data[0]) for f in resumed if f.data) < 200
+    assert result.rows_in["LocalAppointment"] < 200
+    assert tapped.store.resets_in_progress() == {}
+    assert (
+        tapped.store.query(
+            "SELECT 1 FROM sqlite_master WHERE name = 'syncunit_reset_LocalAppointment'"
+        )
+        == []
+    )
+    in_sync(tapped, "Login")
+
+
+def test_a_reset_keeps_rows_with_unpushed_changes(notes_app):
+    app = notes_app()
+    for i in range(40):
+        app.add(f"s{i:02d}", title="server")
+    device = app.client(chunk_size=8)
+    device.sync("Pull")
+    device.update("LocalNote", "s03", {"title": "mine"})
+    with app.server.store.write() as conn:
+        app.server.store._set_fact(conn, "epoch", "another")
+
+    device.sync("Pull")
+
+    assert device.store.query("SELECT title FROM LocalNote WHERE id = 's03'") == [("mine",)]
+    assert len(local_notes(device)) == 40
+    device.sync("Sync")
+    assert app.row("s03")["title"] == "mine"
+    assert local_notes(device) == app.rows("u1")
+
+
+# -- durability of the app's writes -------------------------------------------------------------
+
+
+def test_app_writes_during_a_sync_commit_with_full_durability(make_client, store):
+    device = make_client(chunk_size=4)
+    device.catalog()
+    device.store.conn.execute("CREATE TABLE app_log (n INTEGER)")
+    levels: list[int] = []
+    done = threading.Event()
+
+    def app_writes() -> None:
+        n = 0
+        while not done.is_set():
+            with device.store.atomic() as c:
+                c.execute("INSERT INTO app_log VALUES (?)", (n,))
+                levels.append(int(c.execute("PRAGMA synchronous").fetchone()[0]))
+            n += 1
+
+    writer = threading.Thread(target=app_writes)
+    writer.start()
+    try:
+        device.sync("Login")
+        device.sync("Splash")
+    finally:
+        done.set()
+        writer.join(30)
+    assert len(levels) > 20
+    assert min(levels) >= 2, f"{levels.count(1)} of {len(levels)} app writes without FULL"
+
+
+def test_a_connection_given_by_the_app_keeps_its_own_stronger_setting(live, tmp_path):
+    conn = sqlite3.connect(tmp_path / "app.sqlite", isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA synchronous=EXTRA")
+    from syncunit import LocalStore
+
+    device = SyncClient(live.url, LocalStore(conn), token="token-h1", chunk_size=16)
+    try:
+        device.sync("Login")
+        device.sync("Splash")
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 3
+    finally:
+        device.close()
+
+
+# -- upgrades of the engine's own tables ----------------------------------------------------------
+
+
+def test_a_device_file_of_0_1_0_is_upgraded_in_place(live, tmp_path, store, in_sync):
+    path = tmp_path / "old-device.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(DUMP.read_text())
+    conn.close()
+
+    device = SyncClient(live.url, path, token="token-h1", chunk_size=16)
+    try:
+        assert device.store.migrated == list(range(2, STORE_VERSION + 1))
+        assert device.store.get_fact("store_version") == str(STORE_VERSION)
+        assert device.client_id == "fd28021c-c05a-413a-a152-c03ce75e5261"  # kept
+        assert device.scheduler.queued() == ["Online"]  # queued work survives
+        [pending] = device.outbox.pending()
+        assert pending.key == "0190c0de-0000-7000-8000-000000000001"
+
+        result = device.sync("Online")
+
+        assert result.applied == 1
+        assert device.outbox.pending() == []
+        in_sync(device, "Online")
+    finally:
+        device.close()
+    reopened = SyncClient(live.url, path, token="token-h1")
+    try:
+        assert reopened.store.migrated == []  # nothing left to run
+    finally:
+        reopened.close()
+
+
+def test_a_device_file_of_a_newer_engine_is_refused(tmp_path):
+    path = tmp_path / "newer.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE syncunit_local (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute("INSERT INTO syncunit_local VALUES ('store_version', '999')")
+    conn.commit()
+    conn.close()
+    from syncunit import LocalStore
+
+    with pytest.raises(LocalStoreError, match="newer syncunit"):
+        LocalStore(path)
+
+
+# -- errors, callbacks, close -----------------------------------------------------------------------
+
+
+def test_local_writes_raise_only_syncunit_errors(client):
+    client.catalog()
+    key = client.insert("LocalAppointment", {"doctor_id": 1, "notes": "x"})
+    with pytest.raises(LocalStoreError, match="no column named nope"):
+        client.insert("LocalAppointment", {"nope": 1})
+    with pytest.raises(LocalStoreError, match="UNIQUE"):
+        client.insert("LocalAppointment", {"id": key, "notes": "again"})
+    with pytest.raises(LocalStoreError, match="no such column"):
+        client.update("LocalAppointment", key, {"nope": 1})
+    with pytest.raises(LocalStoreError):
+        client.update("LocalAppointment", key, {})
+    with pytest.raises(LocalStoreError, match="not a synced local table"):
+        client.delete("Nope", key)
+    assert client.outbox.count() == 1
+
+
+def test_sync_from_a_progress_callback_is_refused_not_deadlocked(make_client):
+    seen: list[BaseException] = []
+    holder: list[SyncClient] = []
+
+    def on_progress(unit: str, done: int, total: int) -> None:
+        if not seen:
+            try:
+                holder[0].sync("Splash")
+            except SyncUnitError as exc:
+                seen.append(exc)
+
+    device = make_client(on_progress=on_progress)
+    holder.append(device)
+    runner = threading.Thread(target=device.sync, args=("Login",), daemon=True)
+    runner.start()
+    runner.join(30)
+
+    assert not runner.is_alive(), "sync() from a callback deadlocked the client"
+    assert len(seen) == 1 and isinstance(seen[0], SyncError)
+    assert "trigger()" in str(seen[0])
+    assert device.store.last_sync_on("Login") is not None
+
+
+def test_close_waits_for_the_worker_then_cancels_it_cleanly(make_client, net):
+    errors: list[Exception] = []
+    device = make_client(transport=net, on_error=lambda unit, exc: errors.append(exc))
+    device.catalog()
+    net.hold()
+    device.trigger("Login")
+    assert net.wait_for_requests(1)
+    worker = device.scheduler._thread
+    assert worker is not None
+
+    closer = threading.Thread(target=device.close, kwargs={"timeout": 0.5})
+    closer.start()
+    closer.join(30)
+
+    assert not closer.is_alive()
+    assert not worker.is_alive()  # the database was closed after the worker ended
+    assert all(isinstance(e, SyncUnitError) for e in errors), errors
+    with pytest.raises(sqlite3.ProgrammingError):
+        device.store.conn.execute("SELECT 1")
