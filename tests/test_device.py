@@ -257,7 +257,7 @@ def test_a_device_file_of_a_newer_engine_is_refused(tmp_path):
         LocalStore(path)
 
 
-# -- errors, callbacks, close -----------------------------------------------------------------------
+# -- errors, callbacks, close ------------------------------------------------------------
 
 
 def test_local_writes_raise_only_syncunit_errors(client):
@@ -294,7 +294,8 @@ def test_sync_from_a_progress_callback_is_refused_not_deadlocked(make_client):
     runner.join(30)
 
     assert not runner.is_alive(), "sync() from a callback deadlocked the client"
-    assert len(seen) == 1 and isinstance(seen[0], SyncError)
+    assert len(seen) == 1
+    assert isinstance(seen[0], SyncError)
     assert "trigger()" in str(seen[0])
     assert device.store.last_sync_on("Login") is not None
 
