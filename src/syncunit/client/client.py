@@ -8,6 +8,7 @@ library's sqlite3 and httpx. One unit run is one HTTP request.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import sqlite3
@@ -259,6 +260,12 @@ class SyncClient:
         streams = [] if catalog is None else catalog.streams
         with self._sync_lock, self.store.atomic():
             kept = self.outbox.park(streams, self.client_id)
+            if kept:
+                # A session the server never saw push is bound to no principal: only the
+                # same token may push it later (it would be taken by anyone otherwise).
+                bound = self.store.get_fact("bound") == self.client_id
+                owner = "" if bound else _token_digest(self.http.headers.get("Authorization"))
+                self.store.set_fact(f"parked:{self.client_id}", owner)
             self.client_id = self.store.end_session(clear=clear)
         self._set_token(None)
         return kept
@@ -274,9 +281,11 @@ class SyncClient:
         if catalog is None or not units:
             return 0
         applied = 0
+        mine = _token_digest(self.http.headers.get("Authorization"))
         for client_id in self.outbox.parked():
             mutations = self.outbox.parked_mutations(client_id)
-            if not mutations:
+            owner = self.store.get_fact(f"parked:{client_id}")
+            if not mutations or owner not in ("", mine):
                 continue
             request = SyncRequest(
                 protocol=PROTOCOL_VERSION,
@@ -298,6 +307,10 @@ class SyncClient:
                         response.close()
                     if pushed is not None:
                         applied += self.outbox.unpark(client_id, pushed)[0]
+                        with self.store.atomic():
+                            self.store.conn.execute(
+                                "DELETE FROM syncunit_local WHERE key = ?", (f"parked:{client_id}",)
+                            )
             except AuthError:
                 continue  # another principal's session
             except SyncError as exc:
@@ -630,6 +643,11 @@ class SyncClient:
         return None, chunks
 
     def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:
+        if self.store.get_fact("bound") != self.client_id:
+            # The server has bound this session to its principal: parked later, its
+            # changes can be offered to whoever logs in (the server refuses others).
+            with self.store.atomic():
+                self.store.set_fact("bound", self.client_id)
         applied, kept = self.outbox.complete(frame, catalog.streams)
         result.applied += applied
         for change in kept:
@@ -688,6 +706,10 @@ class SyncClient:
                 problem.status, problem.code, problem.title, problem.detail, **extra
             )
         return response
+
+
+def _token_digest(authorization: str | None) -> str:
+    return hashlib.sha256((authorization or "").encode()).hexdigest()
 
 
 def _push_units(catalog: Catalog) -> list[UnitInfo]:

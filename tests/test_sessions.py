@@ -1,0 +1,123 @@
+"""A shared tablet: users log out and in on one device file; tokens expire.
+
+``logout(clear=...)`` ends a principal's session: its pending changes are
+pushed, or kept (parked) for it when they cannot be; the next principal sees
+none of its rows or rejections and is never refused for the previous one's
+client id. A token provider is asked again when the server answers 401.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from syncunit.errors import AuthError
+from tests.test_push_support import FaultTransport, local_notes
+
+
+def _notes(app):
+    app.add("u1-a", owner="u1", title="alice's")
+    app.add("u2-a", owner="u2", title="bob's")
+
+
+def test_a_second_user_on_the_same_device_syncs_and_sees_only_their_rows(notes_app):
+    app = notes_app()
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "u1-b", "owner": "u1", "title": "pending"})
+    first_id = device.client_id
+
+    kept = device.logout()
+
+    assert kept == 0  # pushed before the session ended
+    assert app.row("u1-b")["title"] == "pending"
+    assert local_notes(device) == []
+    assert device.client_id != first_id
+    device.login("t2")
+    device.sync("Sync")  # not 403: the new session has its own client id
+    assert local_notes(device) == app.rows("u2")
+    device.insert("LocalNote", {"id": "u2-b", "owner": "u2", "title": "bob's new"})
+    assert device.sync("Sync").applied == 1
+
+
+@pytest.mark.parametrize("fault", ["offline", "response-lost"])
+def test_changes_that_cannot_be_pushed_at_logout_are_kept_for_their_principal(
+    notes_app, net, fault
+):
+    app = notes_app()
+    _notes(app)
+    lossy = FaultTransport()
+    device = app.client("t1", transport=net if fault == "offline" else lossy)
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "u1-b", "owner": "u1", "title": "offline write"})
+    device.update("LocalNote", "u1-a", {"title": "edited offline"})
+    if fault == "offline":  # the session never reached the server with a push
+        net.fail("offline")
+    else:  # the push at logout is applied by the server ... its answer is lost
+        lossy.lose_next()
+
+    kept = device.logout()
+    net.heal()
+
+    assert kept == 2
+    assert device.outbox.parked() != {}
+    assert local_notes(device) == []
+    # Bob logs in: Alice's changes are not his (the server refuses her session to him).
+    device.login("t2")
+    device.sync("Sync")
+    assert local_notes(device) == app.rows("u2")
+    assert device.outbox.pending() == []
+    assert device.outbox.rejected() == []
+    assert sum(device.outbox.parked().values()) == 2
+    device.logout()
+    # Alice comes back: her parked changes are pushed (exactly once) and applied.
+    device.login("t1")
+    assert device.outbox.parked() == {}
+    assert device.outbox.rejected() == []
+    device.sync("Sync")
+    assert app.row("u1-b")["title"] == "offline write"
+    assert app.row("u1-a")["title"] == "edited offline"
+    assert app.applications("u1-b") == 1
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_logout_without_clear_keeps_the_rows_for_the_same_person(notes_app):
+    app = notes_app()
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Sync")
+
+    device.logout(clear=False)
+
+    assert local_notes(device) == app.rows("u1")
+    device.login("t1")
+    device.sync("Sync")
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_an_expired_token_is_refreshed_by_the_provider(notes_app):
+    app = notes_app()
+    _notes(app)
+    tokens = iter(["expired", "t1"])
+    asked: list[str] = []
+
+    def provider() -> str:
+        asked.append(token := next(tokens))
+        return token
+
+    device = app.client(token=provider)
+    device.insert("LocalNote", {"id": "u1-b", "owner": "u1", "title": "x"})
+
+    result = device.sync("Sync")
+
+    assert asked == ["expired", "t1"]
+    assert result.applied == 1
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_a_provider_that_keeps_failing_surfaces_an_auth_error(notes_app):
+    app = notes_app()
+    device = app.client(token=lambda: "expired")
+    with pytest.raises(AuthError) as info:
+        device.sync("Sync")
+    assert info.value.status == 401
