@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 import sqlalchemy as sa
 
+from syncunit.errors import NetworkError
 from syncunit.policies import MutationContext
 from syncunit.server import push
-from tests.test_push_support import local_notes
+from tests.test_push_support import FaultTransport, local_notes
 
 
 def _poison(ctx: MutationContext) -> str | None:
@@ -90,3 +92,22 @@ def test_a_transient_failure_past_its_retries_is_surfaced_and_nothing_waits(note
     [kept] = device.outbox.rejected()
     device.outbox.retry(kept.id)  # the app decides to send it again
     assert device.outbox.count() == 1
+
+
+def test_an_update_behind_an_unanswered_insert_is_not_refused_for_its_nulls(notes_app):
+    """The base of such an update holds NULL where the server filled a default."""
+    app = notes_app()
+    fault = FaultTransport()
+    device = app.client(transport=fault)
+    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "first"})  # body NULL
+    fault.lose_next()
+    with pytest.raises(NetworkError):
+        device.sync("Sync")
+    device.update("LocalNote", "a", {"title": "second"})
+
+    result = device.sync("Sync")
+
+    assert result.rejected == []
+    assert result.applied == 2
+    assert app.row("a")["title"] == "second"
+    assert local_notes(device) == app.rows("u1")

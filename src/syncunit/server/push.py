@@ -458,6 +458,11 @@ class PushApplier:
                     continue
                 if not column.nullable and (default is not None or column.server_default):
                     continue  # the insert leaves it out: the database fills it
+            if values is not None and source[name] is None:
+                # A base value: what the device saw. A row it created itself holds NULL
+                # where the server filled a default; that is a fact, not a value to check.
+                out[column.name] = None
+                continue
             out[column.name] = coerce(source[name], column, name)
         return out
 
