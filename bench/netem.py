@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         procs.append(server)
-        assert server.stdout is not None and server.stdout.readline().strip() == "serving"
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "serving"
         seconds = args.minutes * 60
         owners = ["u1", "u2"]
         devices = []
@@ -205,13 +206,15 @@ def main(argv: list[str] | None = None) -> int:
             sh("ip", "link", "set", host_if, "up")
             sh("tc", "qdisc", "del", "dev", host_if, "root", check=False)
         for proc in devices:
-            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout is not None
+            assert proc.stdin is not None
             while proc.stdout.readline().strip() != "ready":
                 pass
             proc.stdin.write("go\n")
             proc.stdin.flush()
         for proc in devices:
-            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout is not None
+            assert proc.stdin is not None
             while proc.stdout.readline().strip() != "drained":
                 pass
         for proc in devices:

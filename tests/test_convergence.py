@@ -23,6 +23,7 @@ seeds are part of the steps).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -34,7 +35,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from syncunit.client import SyncClient
 from syncunit.errors import SyncError
@@ -54,14 +55,13 @@ TOTALS: dict[str, int] = {}
 
 
 def _stale(catalog: Any) -> Any:
+    def text_n(c: Any) -> Any:
+        return msgspec.structs.replace(c, type="text") if c.name == "n" else c
+
     streams = [
-        msgspec.structs.replace(
-            s,
-            columns=[msgspec.structs.replace(c, type="text") if c.name == "n" else c for c in s.columns],
-            definition="stale",
-        )
+        msgspec.structs.replace(s, columns=[text_n(c) for c in s.columns], definition="stale")
         for s in catalog.streams
-    ]  # fmt: skip
+    ]
     return msgspec.structs.replace(catalog, streams=streams, schema_hash="stale")
 
 
@@ -184,10 +184,8 @@ class Devices(RuleBasedStateMachine):
         device = self.devices[d]
         device.logout(clear=True)
         self.owner[d] = "u2" if self.owner[d] == "u1" else "u1"
-        try:
+        with contextlib.suppress(SyncError):
             device.login(TOKENS[self.owner[d]])
-        except SyncError:
-            pass
 
     @rule(d=st.integers(0, 2))
     def stale_catalog(self, d: int) -> None:
