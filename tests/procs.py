@@ -88,6 +88,8 @@ def device(url: str, path: str, point: str) -> None:
             _kill_after(store.LocalStore, "_drop_shadow", before=True)
         client.sync("Pull")
         return
+    if point == "mid-chunk-before-cursor":
+        client.sync("Pull")  # chunks of the later pull apply in place, each with its cursor
     if point == "before-local-write":
         _kill_after(Client, "insert", nth=4, before=True)
     if point == "after-local-write":

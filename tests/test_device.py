@@ -319,3 +319,24 @@ def test_close_waits_for_the_worker_then_cancels_it_cleanly(make_client, net):
     assert all(isinstance(e, SyncUnitError) for e in errors), errors
     with pytest.raises(sqlite3.ProgrammingError):
         device.store.conn.execute("SELECT 1")
+
+
+def test_a_first_copy_removes_pushed_rows_that_left_the_scope_before_it(notes_app):
+    """A device pushes before it ever pulled; the row moves to another owner; the
+    first copy is the whole picture, so the row leaves the device."""
+    app = notes_app()
+    app.add("s0", title="theirs")
+    device = app.client()
+    device.catalog()
+    device.insert("LocalNote", {"id": "mine", "owner": "u1", "title": "mine"})
+    device.insert("LocalNote", {"id": "moved", "owner": "u1", "title": "moved"})
+    assert device.sync("Push").applied == 2
+    app.backoffice("UPDATE note SET owner = 'u2' WHERE id = 'moved'")
+    device.insert("LocalNote", {"id": "pending", "owner": "u1", "title": "not pushed yet"})
+
+    device.sync("Pull")
+
+    keys = [r[0] for r in local_notes(device)]
+    assert keys == ["mine", "pending", "s0"]  # "moved" is gone; the pending row stays
+    device.sync("Sync")
+    assert local_notes(device) == app.rows("u1")

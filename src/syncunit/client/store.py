@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
+
 from syncunit.client.migrations import migrate
 from syncunit.client.outbox import retype_in_flight, trigger_ddl
 from syncunit.errors import LocalStoreError
@@ -497,6 +499,10 @@ class LocalStore:
                 shadow = c.execute(
                     "SELECT shadow FROM syncunit_resets WHERE stream = ?", (stream.name,)
                 ).fetchone()
+                if shadow is None and not chunk.reset and self._first_copy_over_rows(stream):
+                    # A first copy is the whole picture: rows pushed before it that are
+                    # not in it (moved out of scope, deleted meanwhile) must go too.
+                    chunk = msgspec.structs.replace(chunk, reset=True)
                 if chunk.reset and not chunk.complete:
                     return self._apply_shadow(stream, chunk, self._start_shadow(stream))
                 if shadow is not None and not chunk.reset:
@@ -506,6 +512,18 @@ class LocalStore:
                 return self._apply_in_place(stream, chunk)
         except self.errors as exc:
             raise LocalStoreError(f"cannot apply a chunk to {stream.local_table}: {exc}") from exc
+
+    def _first_copy_over_rows(self, stream: StreamInfo) -> bool:
+        """No cursor yet, but rows already (written here, pushed, or kept by a logout)."""
+        c = self.conn
+        has_cursor = c.execute(
+            "SELECT 1 FROM syncunit_cursors WHERE stream = ?", (stream.name,)
+        ).fetchone()
+        if has_cursor is not None:
+            return False
+        return (
+            c.execute(f"SELECT 1 FROM {quote(stream.local_table)} LIMIT 1").fetchone() is not None
+        )
 
     def _apply_in_place(self, stream: StreamInfo, chunk: Chunk) -> tuple[int, int]:
         c = self.conn
