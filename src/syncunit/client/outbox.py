@@ -31,6 +31,8 @@ from syncunit.errors import LocalStoreError
 from syncunit.protocol import Mutation, MutationResult, PushResults, StreamInfo
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from syncunit.client.store import LocalStore
 
 __all__ = ["Outbox", "PendingChange", "RejectedChange"]
