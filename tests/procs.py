@@ -63,7 +63,7 @@ def _kill_after(obj: Any, name: str, *, nth: int = 1, before: bool = False) -> N
 
 
 def device(url: str, path: str, point: str) -> None:
-    from syncunit.client import SyncClient, store
+    from syncunit.client import SyncClient, schema, store
     from syncunit.client.client import SyncClient as Client
 
     client = SyncClient(url, path, token="t1", chunk_size=4)
@@ -77,7 +77,7 @@ def device(url: str, path: str, point: str) -> None:
             streams.append(msgspec.structs.replace(s, columns=cols, definition="older"))
         older = msgspec.structs.replace(catalog, streams=streams, schema_hash="older")
         client.store.apply_catalog(older)
-        _kill_after(store, "retype_in_flight", before=True)
+        _kill_after(schema, "retype_in_flight", before=True)
     if point in ("mid-reset", "mid-reset-swap"):
         client.sync("Pull")  # the test then changes the server's epoch: this run resets
         print("pulled", flush=True)

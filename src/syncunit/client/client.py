@@ -8,7 +8,6 @@ library's sqlite3 and httpx. One unit run is one HTTP request.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import sqlite3
@@ -22,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from syncunit.client import sessions
 from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.prefetch import FramePrefetch
@@ -243,32 +243,7 @@ class SyncClient:
         for the same person coming back). The device gets a new client id; the
         worker stops and the token is forgotten.
         """
-        if self._sync_owner == threading.get_ident():
-            raise SyncError("logout() cannot be called from inside a sync (a callback)")
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-        self.scheduler.stop(None)
-        catalog = self.store.catalog()
-        if push and catalog is not None and self.outbox.count():
-            for unit in _push_units(catalog):
-                try:
-                    self.sync(unit.name)
-                except SyncError as exc:
-                    log.info("logout: pending changes kept for later (%s)", exc)
-                    break
-        streams = [] if catalog is None else catalog.streams
-        with self._sync_lock, self.store.atomic():
-            kept = self.outbox.park(streams, self.client_id)
-            if kept:
-                # A session the server never saw push is bound to no principal: only the
-                # same token may push it later (it would be taken by anyone otherwise).
-                bound = self.store.get_fact("bound") == self.client_id
-                owner = "" if bound else _token_digest(self.http.headers.get("Authorization"))
-                self.store.set_fact(f"parked:{self.client_id}", owner)
-            self.client_id = self.store.end_session(clear=clear)
-        self._set_token(None)
-        return kept
+        return sessions.logout(self, clear=clear, push=push)
 
     def push_parked(self) -> int:
         """Push the parked changes the current principal owns; return how many applied.
@@ -276,59 +251,7 @@ class SyncClient:
         A session bound to another principal is refused by the server (403) and
         stays parked; a network failure leaves the rest for the next ``login``.
         """
-        catalog = self.store.catalog()
-        units = [] if catalog is None else _push_units(catalog)
-        if catalog is None or not units:
-            return 0
-        applied = 0
-        mine = _token_digest(self.http.headers.get("Authorization"))
-        for client_id in self.outbox.parked():
-            mutations = self.outbox.parked_mutations(client_id)
-            owner = self.store.get_fact(f"parked:{client_id}")
-            if not mutations or owner not in ("", mine):
-                continue
-            request = SyncRequest(
-                protocol=PROTOCOL_VERSION,
-                client_id=client_id,
-                schema_hash=catalog.schema_hash,
-                cursors={},
-                mutations=mutations,
-            )
-            headers = {"Content-Type": content_type(self.encoding)}
-            body = encode_request(request, self.encoding)
-            try:
-                with self._sync_lock:
-                    response = self._send(
-                        "POST", f"/v1/sync/{units[0].name}", content=body, headers=headers
-                    )
-                    try:
-                        pushed = self._first_push_results(response)
-                    finally:
-                        response.close()
-                    if pushed is not None:
-                        applied += self.outbox.unpark(client_id, pushed)[0]
-                        with self.store.atomic():
-                            self.store.conn.execute(
-                                "DELETE FROM syncunit_local WHERE key = ?", (f"parked:{client_id}",)
-                            )
-            except AuthError:
-                continue  # another principal's session
-            except SyncError as exc:
-                log.info("parked changes stay parked for now (%s)", exc)
-                break
-        return applied
-
-    def _first_push_results(self, response: httpx.Response) -> PushResults | None:
-        try:
-            with FramePrefetch(response, self.encoding) as frames:
-                for frame in frames:
-                    if isinstance(frame, PushResults):
-                        return frame
-                    if isinstance(frame, Failure):
-                        raise problem_error(frame.status, frame.code, frame.title, frame.detail)
-        except httpx.HTTPError as exc:
-            raise NetworkError(f"the push of parked changes was cut: {exc}") from exc
-        return None
+        return sessions.push_parked(self)
 
     def _set_token(self, token: str | TokenProvider | None) -> None:
         self._token_provider = token if callable(token) else None
@@ -706,16 +629,6 @@ class SyncClient:
                 problem.status, problem.code, problem.title, problem.detail, **extra
             )
         return response
-
-
-def _token_digest(authorization: str | None) -> str:
-    return hashlib.sha256((authorization or "").encode()).hexdigest()
-
-
-def _push_units(catalog: Catalog) -> list[UnitInfo]:
-    """Units that push, push-only ones first (they pull nothing back)."""
-    units = [u for u in catalog.units if u.push and u.direction != "pull"]
-    return sorted(units, key=lambda u: u.direction != "push")
 
 
 @contextmanager

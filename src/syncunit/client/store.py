@@ -34,39 +34,20 @@ from typing import Any, cast
 import msgspec
 
 from syncunit.client.migrations import migrate
-from syncunit.client.outbox import retype_in_flight, trigger_ddl
+from syncunit.client.outbox import trigger_ddl
+from syncunit.client.schema import column_defs, quote, sql_type, surface_orphans, transform
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import Catalog, Chunk, StreamInfo, decode_catalog, encode_catalog
 
-__all__ = ["LocalStore"]
+__all__ = ["LocalStore", "quote", "sql_type"]
 
-SQL_TYPES = {
-    "integer": "INTEGER",
-    "boolean": "INTEGER",
-    "real": "REAL",
-    "blob": "BLOB",
-}
 
 #: Chunks of at least this many rows are applied with the outbox triggers dropped.
 BULK_ROWS = 256
 
 
-def quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def sql_type(logical: str) -> str:
-    return SQL_TYPES.get(logical, "TEXT")
-
-
 def _index_name(s: StreamInfo, columns: Sequence[str]) -> str:
     return quote(f"ix_{s.local_table}_{'_'.join(columns)}")
-
-
-def _column_defs(key: str, columns: dict[str, str]) -> str:
-    return ", ".join(
-        f"{quote(n)} {typ}{' PRIMARY KEY' if n == key else ''}" for n, typ in columns.items()
-    )
 
 
 def utcnow() -> str:
@@ -276,7 +257,7 @@ class LocalStore:
                 if stream.local_table in pushed:
                     for stmt in trigger_ddl(stream):
                         self.conn.execute(stmt)
-            changes += self._surface_orphans(catalog)
+            changes += surface_orphans(self.conn, catalog, self.pushed)
             self.set_fact("catalog", encode_catalog(catalog).decode())
         self._upserts.clear()
         return changes
@@ -300,7 +281,7 @@ class LocalStore:
                 name in have and have[name][0] != typ for name, typ in want.items()
             )
             if rebuild:
-                changes += self._transform(s, have, want)
+                changes += transform(c, s, have, want)
             else:
                 for name, typ in want.items():
                     if name not in have:
@@ -311,7 +292,7 @@ class LocalStore:
                         c.execute(f"ALTER TABLE {t} DROP COLUMN {quote(name)}")
                         changes.append(f"dropped {s.local_table}.{name}")
         else:
-            c.execute(f"CREATE TABLE {t} ({_column_defs(s.key, want)})")
+            c.execute(f"CREATE TABLE {t} ({column_defs(s.key, want)})")
             changes.append(f"created {s.local_table}")
         self._create_indexes(s)
         row = c.execute(
@@ -331,73 +312,6 @@ class LocalStore:
             c.execute(f"DROP TABLE IF EXISTS {quote(shadow[0])}")
             c.execute("DELETE FROM syncunit_resets WHERE stream = ?", (s.name,))
         return changes
-
-    def _transform(
-        self, s: StreamInfo, have: dict[str, tuple[str, int]], want: dict[str, str]
-    ) -> list[str]:
-        """Rebuild a local table on a new schema keeping its rows: create, copy, swap.
-
-        Runs inside ``apply_catalog``'s transaction. Values go through SQLite's type
-        affinity (a value that does not convert keeps its own type; the server
-        judges it if it is pushed). Rows without a value for the (new) key cannot
-        be carried over; their pending changes are surfaced by ``_surface_orphans``.
-        """
-        c = self.conn
-        t = quote(s.local_table)
-        new = quote(f"syncunit_new_{s.local_table}")
-        local_only = {
-            n: typ for n, (typ, _) in have.items() if n.startswith("syncunit_") and n not in want
-        }
-        c.execute(f"DROP TABLE IF EXISTS {new}")
-        c.execute(f"CREATE TABLE {new} ({_column_defs(s.key, {**want, **local_only})})")
-        common = ", ".join(quote(n) for n in [*want, *local_only] if n in have)
-        if s.key in have:
-            c.execute(
-                f"INSERT OR IGNORE INTO {new} ({common}) SELECT {common} FROM {t}"
-                f" WHERE {quote(s.key)} IS NOT NULL ORDER BY rowid"
-            )
-        c.execute(f"DROP TABLE {t}")
-        retyped = {n: typ for n, typ in want.items() if n in have and have[n][0] != typ}
-        retype_in_flight(c, s.local_table, retyped)
-        # Legacy rename: the app's views naming the table are not re-checked mid-swap.
-        c.execute("PRAGMA legacy_alter_table=ON")
-        try:
-            c.execute(f"ALTER TABLE {new} RENAME TO {t}")
-        finally:
-            c.execute("PRAGMA legacy_alter_table=OFF")
-        return [f"rebuilt {s.local_table} (rows kept)"]
-
-    def _surface_orphans(self, catalog: Catalog) -> list[str]:
-        """Unsent changes that can no longer be sent become rejections the app sees."""
-        c = self.conn
-        keys = {s.local_table: s.key for s in catalog.streams}
-        moved = 0
-        for oid, mid, table, key, op in c.execute(
-            "SELECT id, mutation_id, table_name, row_key, op FROM syncunit_outbox"
-            " WHERE seq IS NULL ORDER BY id"
-        ).fetchall():
-            if table not in self.pushed:
-                reason = f"table {table!r} is no longer synced by the server; nothing was sent"
-            elif (
-                op != "delete"
-                and table in keys
-                and c.execute(
-                    f"SELECT 1 FROM {quote(table)} WHERE {quote(keys[table])} = ?", (key,)
-                ).fetchone()
-                is None
-            ):
-                reason = f"the row could not be carried over a change of {table!r}'s schema"
-            else:
-                continue
-            c.execute(
-                "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op,"
-                " status, code, reason, attempted, server_row, created_at)"
-                " VALUES (?, NULL, ?, ?, ?, 'rejected', 'schema-changed', ?, '{}', NULL, ?)",
-                (mid, table, key, op, reason, utcnow()),
-            )
-            c.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
-            moved += 1
-        return [f"surfaced {moved} unsendable changes"] if moved else []
 
     def _create_indexes(self, s: StreamInfo) -> None:
         t = quote(s.local_table)
@@ -597,7 +511,7 @@ class LocalStore:
         shadow = f"syncunit_reset_{stream.local_table}"
         c.execute(f"DROP TABLE IF EXISTS {quote(shadow)}")
         want = {col.name: sql_type(col.type) for col in stream.columns}
-        c.execute(f"CREATE TABLE {quote(shadow)} ({_column_defs(stream.key, want)})")
+        c.execute(f"CREATE TABLE {quote(shadow)} ({column_defs(stream.key, want)})")
         c.execute(
             "INSERT INTO syncunit_resets (stream, local_table, shadow, definition, cursor)"
             " VALUES (?, ?, ?, ?, '') ON CONFLICT(stream) DO UPDATE SET"

@@ -1,0 +1,137 @@
+"""Sessions on a shared device: logging a principal out, and its parked changes.
+
+The server binds a client id to the first principal that pushes from it. A
+logout therefore gives the device a new client id; what the old session could
+not push is parked (``Outbox.park``) under its old id, out of the next
+principal's sight, and offered to the server again at each ``login``: the
+server accepts it only from the principal it is bound to. A session that never
+pushed is bound to nobody yet, so it is offered only with the same token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+import httpx
+
+from syncunit.client.prefetch import FramePrefetch
+from syncunit.errors import AuthError, NetworkError, SyncError, problem_error
+from syncunit.protocol import (
+    PROTOCOL_VERSION,
+    Catalog,
+    Encoding,
+    Failure,
+    PushResults,
+    SyncRequest,
+    UnitInfo,
+    content_type,
+    encode_request,
+)
+
+if TYPE_CHECKING:
+    from syncunit.client.client import SyncClient
+
+__all__ = ["logout", "push_parked", "push_units"]
+
+log = logging.getLogger("syncunit.client")
+
+
+def logout(client: SyncClient, *, clear: bool, push: bool) -> int:
+    """``SyncClient.logout``: end the session; return how many changes were kept."""
+    if client._sync_owner == threading.get_ident():
+        raise SyncError("logout() cannot be called from inside a sync (a callback)")
+    if client._live is not None:
+        client._live.stop()
+        client._live = None
+    client.scheduler.stop(None)
+    catalog = client.store.catalog()
+    if push and catalog is not None and client.outbox.count():
+        for unit in push_units(catalog):
+            try:
+                client.sync(unit.name)
+            except SyncError as exc:
+                log.info("logout: pending changes kept for later (%s)", exc)
+                break
+    streams = [] if catalog is None else catalog.streams
+    with client._sync_lock, client.store.atomic():
+        kept = client.outbox.park(streams, client.client_id)
+        if kept:
+            # A session the server never saw push is bound to no principal: only the
+            # same token may push it later (it would be taken by anyone otherwise).
+            bound = client.store.get_fact("bound") == client.client_id
+            owner = "" if bound else _token_digest(client.http.headers.get("Authorization"))
+            client.store.set_fact(f"parked:{client.client_id}", owner)
+        client.client_id = client.store.end_session(clear=clear)
+    client._set_token(None)
+    return kept
+
+
+def push_parked(client: SyncClient) -> int:
+    """``SyncClient.push_parked``: push the parked changes this principal owns."""
+    catalog = client.store.catalog()
+    units = [] if catalog is None else push_units(catalog)
+    if catalog is None or not units:
+        return 0
+    applied = 0
+    mine = _token_digest(client.http.headers.get("Authorization"))
+    for client_id in client.outbox.parked():
+        mutations = client.outbox.parked_mutations(client_id)
+        owner = client.store.get_fact(f"parked:{client_id}")
+        if not mutations or owner not in ("", mine):
+            continue
+        request = SyncRequest(
+            protocol=PROTOCOL_VERSION,
+            client_id=client_id,
+            schema_hash=catalog.schema_hash,
+            cursors={},
+            mutations=mutations,
+        )
+        headers = {"Content-Type": content_type(client.encoding)}
+        body = encode_request(request, client.encoding)
+        try:
+            with client._sync_lock:
+                response = client._send(
+                    "POST", f"/v1/sync/{units[0].name}", content=body, headers=headers
+                )
+                try:
+                    pushed = _first_push_results(response, client.encoding)
+                finally:
+                    response.close()
+                if pushed is not None:
+                    applied += client.outbox.unpark(client_id, pushed)[0]
+                    with client.store.atomic():
+                        client.store.conn.execute(
+                            "DELETE FROM syncunit_local WHERE key = ?", (f"parked:{client_id}",)
+                        )
+        except AuthError:
+            continue  # another principal's session
+        except SyncError as exc:
+            log.info("parked changes stay parked for now (%s)", exc)
+            break
+    return applied
+
+
+def _first_push_results(response: httpx.Response, encoding: Encoding) -> PushResults | None:
+    try:
+        with FramePrefetch(response, encoding) as frames:
+            for frame in frames:
+                if isinstance(frame, PushResults):
+                    return frame
+                if isinstance(frame, Failure):
+                    raise problem_error(frame.status, frame.code, frame.title, frame.detail)
+    except httpx.HTTPError as exc:
+        raise NetworkError(f"the push of parked changes was cut: {exc}") from exc
+    return None
+
+
+def _token_digest(authorization: str | None) -> str:
+    return hashlib.sha256((authorization or "").encode()).hexdigest()
+
+
+def push_units(catalog: Catalog) -> list[UnitInfo]:
+    """Units that push, push-only ones first (they pull nothing back)."""
+    units = [u for u in catalog.units if u.push and u.direction != "pull"]
+    return sorted(units, key=lambda u: u.direction != "push")
