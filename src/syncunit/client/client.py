@@ -452,7 +452,10 @@ class SyncClient:
             info = catalog.stream(name)
             if info is None:
                 continue
-            empty = Chunk(stream=name, columns=[], data=[], removed=[], cursor="", reset=True)
+            # complete: applied in place at once (an incomplete reset would go to a shadow table)
+            empty = Chunk(
+                stream=name, columns=[], data=[], removed=[], cursor="", reset=True, complete=True
+            )
             self.store.apply_chunk(info, empty)
             with self.store.atomic() as c:
                 c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (name,))
