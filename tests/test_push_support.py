@@ -174,6 +174,7 @@ class NotesApp:
         policy: ConflictPolicy | None = None,
         rules: Sequence[Rule] = (),
         name: str = "notes",
+        **server_options: Any,
     ) -> None:
         self.tmp_path = tmp_path
         self.meta = sa.MetaData()
@@ -219,7 +220,11 @@ class NotesApp:
         )
         self.db_path = tmp_path / f"{name}-server.sqlite"
         self.server = SyncServer(
-            self.schema, f"sqlite:///{self.db_path}", authenticate=TokenAuth(TOKENS), install=False
+            self.schema,
+            f"sqlite:///{self.db_path}",
+            authenticate=TokenAuth(TOKENS),
+            install=False,
+            **server_options,
         )
         self.meta.create_all(self.server.store.engine)
         self.server.store.install(self.schema)
