@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
+from syncunit.server.shape import scope_indexes
 from syncunit.units import Stream, SyncSchema
 
 log = logging.getLogger("syncunit.server")
@@ -165,6 +166,15 @@ class ServerStore(abc.ABC):
     def legacy_image(self, conn: Connection, table: str) -> set[str] | None:
         """The columns tombstones kept under tracking installed before definitions were recorded."""
         return None
+
+    def scope_index_ddl(self, schema: SyncSchema) -> list[str]:
+        """``CREATE INDEX IF NOT EXISTS`` for the (scope column, version) indexes through
+        which deltas find the changes in a client's scope (see ``shape.scope_indexes``)."""
+        q = self.engine.dialect.identifier_preparer.quote
+        return [
+            f"CREATE INDEX IF NOT EXISTS {q(name)} ON {q(table.name)} ({', '.join(map(q, cols))})"
+            for name, table, cols in scope_indexes(list(schema.streams.values()))
+        ]
 
     # -- reading -----------------------------------------------------------------
 

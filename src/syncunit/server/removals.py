@@ -1,0 +1,121 @@
+"""The removal proof: which keys may have left a client's scope since its cursor.
+
+A client whose cursor is at version ``since`` may hold any row that was in its
+scope at some moment after ``since``. Tombstones record, for each delete and
+each update of a column a filter or a join reads, the row's key and the *old*
+values of those columns: each one is a state that table's row had during the
+window. So a row was possibly in scope in the window when some combination of
+states of the tables on its filter's join paths satisfied the filter, each
+table taken either as its current row or as one of its tombstones' old images.
+
+The removals are then, exactly (see docs/architecture.md):
+
+    keys k such that k is not in scope now, and the filter held for k on some
+    combination of states in which at least one table on k's filter paths is
+    an old image recorded after ``since``, each table joined to the next by
+    the join conditions evaluated on those states.
+
+Combinations with no old image are the current state: in scope now, not a
+removal. Two tables on the path changing in one window (a hospital's city and
+the doctor's hospital) are both covered, since the combination of the doctor's
+old image with the hospital's old image is one of those tried. Nothing else is
+named: every key comes from a state in which the filter held, never from a
+looser test (so a device never learns the keys of rows outside its scope).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql import visitors
+
+from syncunit.server.shape import StreamShape
+from syncunit.server.store import ServerStore, tombstones
+
+__all__ = ["removal_keys"]
+
+
+def _needed_columns(shape: StreamShape, table: sa.Table) -> list[sa.Column[Any]]:
+    """The columns of ``table`` the filter and joins read, primary key first."""
+    s = shape.stream
+    read: set[str] = set()
+    for clause in [s.where, *(j.on for j in s.joins)]:
+        for e in visitors.iterate(clause) if clause is not None else ():
+            if isinstance(e, sa.Column) and e.table is table:
+                read.add(e.name)
+    pk = list(table.primary_key.columns)
+    return [*pk, *(c for c in table.columns if c.name in read and c not in pk)]
+
+
+def old_images(store: ServerStore, shape: StreamShape, table: sa.Table, since: Any, n: int) -> Any:
+    """The old states of ``table``'s rows recorded in tombstones after ``since``."""
+    ts = tombstones.alias(f"ts_{table.name}_{n}")
+    cols = [store.old_value(ts.c.old, c).label(c.name) for c in _needed_columns(shape, table)]
+    return (
+        sa.select(*cols)
+        .where(ts.c.table_name == table.name, ts.c.version > since)
+        .subquery(f"old_{table.name}_{n}")
+    )
+
+
+def _combination(
+    store: ServerStore, shape: StreamShape, images: tuple[sa.Table, ...], since: Any, n: int
+) -> sa.Select[Any]:
+    """Base keys whose filter held with ``images`` taken as old images, the rest current."""
+    s = shape.stream
+    olds = {t.name: old_images(store, shape, t, since, n) for t in images}
+
+    def swap(e: Any, **_: Any) -> Any:
+        if isinstance(e, sa.Column) and isinstance(e.table, sa.Table) and e.table.name in olds:
+            return olds[e.table.name].c[e.name]
+        return None
+
+    def sub(clause: Any, swap: Any = swap) -> Any:
+        return visitors.replacement_traverse(clause, {}, swap)
+
+    # Tables that are images, and the tables linking them to the base, must join;
+    # the others join as in the stream's query (outer).
+    linked: set[str] = {t.name for t in images}
+    for t in images:
+        linked.update(p.name for p in shape.path(t))
+    wanted = {t.name for t in shape.filter_tables()}
+    base = olds.get(s.base.name, s.base)
+    from_: Any = base
+    for j in s.joins:
+        if j.table.name not in wanted:
+            continue
+        target = olds.get(j.table.name, j.table)
+        if j.table.name in linked:
+            from_ = from_.join(target, sub(j.on))
+        else:
+            from_ = from_.outerjoin(target, sub(j.on))
+    key = base.c[s.key_column.name]
+    q = sa.select(key.label("k")).select_from(from_)
+    if s.where is not None:
+        q = q.where(sub(s.where))
+    return q
+
+
+def removal_keys(
+    store: ServerStore, shape: StreamShape, in_scope: sa.Select[Any], since: Any, after: Any
+) -> sa.Select[Any]:
+    """The keys to remove, in key order (after ``after`` when given).
+
+    ``in_scope`` is the stream's rows query; a key it finds now is not removed.
+    """
+    s = shape.stream
+    tables = shape.filter_tables()
+    parts: list[sa.Select[Any]] = []
+    n = 0
+    for size in range(1, len(tables) + 1):
+        for images in itertools.combinations(tables, size):
+            n += 1
+            parts.append(_combination(store, shape, images, since, n))
+    gone = sa.union(*parts).subquery("gone") if len(parts) > 1 else parts[0].subquery("gone")
+    now = in_scope.with_only_columns(sa.literal(1)).where(s.key_column == gone.c.k)
+    q = sa.select(gone.c.k).where(~now.exists()).order_by(gone.c.k)
+    if after is not None:
+        q = q.where(gone.c.k > after)
+    return q
