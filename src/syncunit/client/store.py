@@ -48,6 +48,9 @@ _META_DDL = [
 ]
 
 
+#: Fact key prefix marking a stream whose local indexes a first copy dropped.
+_SUSPENDED = "indexes-suspended:"
+
 #: Chunks of at least this many rows are applied with the outbox triggers dropped.
 BULK_ROWS = 256
 
@@ -133,6 +136,7 @@ class LocalStore:
         self.pushed: set[str] = set()
         if cached is not None:
             self.pushed = {t for u in cached.units for t in u.push}
+            self._restore_suspended(cached)
 
     # -- transactions ------------------------------------------------------------------
 
@@ -287,20 +291,35 @@ class LocalStore:
         """Drop a local table's secondary indexes for a large first copy.
 
         Building an index once over all rows costs far less than keeping it up to
-        date row by row; ``restore_indexes`` builds them again. Returns whether
-        there was anything to drop.
+        date row by row; ``restore_indexes`` builds them again. The suspension is
+        recorded in the same transaction, so whatever ends the copy (its last
+        chunk, an error, or a killed process and a reopened store) restores them.
+        Returns whether there was anything to drop.
         """
         if not s.indexes:
             return False
         with self.atomic() as c:
             for ix in s.indexes:
                 c.execute(f"DROP INDEX IF EXISTS {_index_name(s, ix)}")
+            self.set_fact(_SUSPENDED + s.name, s.local_table)
         return True
 
     def restore_indexes(self, s: StreamInfo) -> None:
         """Build the secondary indexes ``suspend_indexes`` dropped (idempotent)."""
         with self.atomic():
             self._create_indexes(s)
+            self.conn.execute("DELETE FROM syncunit_local WHERE key = ?", (_SUSPENDED + s.name,))
+
+    def _restore_suspended(self, catalog: Catalog) -> None:
+        """Restore indexes a copy left suspended (the process ended before it did)."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT key FROM syncunit_local WHERE key LIKE ?", (_SUSPENDED + "%",)
+            ).fetchall()
+        for (key,) in rows:
+            info = catalog.stream(key.removeprefix(_SUSPENDED))
+            if info is not None:
+                self.restore_indexes(info)
 
     @contextmanager
     def bulk(self) -> Iterator[None]:
@@ -373,8 +392,12 @@ class LocalStore:
         # them quiet, at the cost of a check per row.
         rows_in = len(chunk.data[0]) if chunk.data else 0
         bulk = rows_in >= BULK_ROWS and stream.local_table in self.pushed
+        # A lost chunk is fetched again: no fsync for it (not settable inside the one
+        # transaction of a full stream's chunks, which commits with the default).
+        relaxed = self._depth == 0
         try:
-            self.conn.execute("PRAGMA synchronous=NORMAL")  # a lost chunk is fetched again
+            if relaxed:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             with self.atomic() as c:
                 if bulk:
                     for stmt in trigger_ddl(stream)[:3]:
@@ -407,6 +430,11 @@ class LocalStore:
                         rows = [r for r in rows if r[k] not in pending]
                     c.executemany(sql, rows)
                     upserted = rows_in  # received; rows with pending changes kept theirs
+                if chunk.complete and self.get_fact(_SUSPENDED + stream.name) is not None:
+                    self._create_indexes(stream)  # the copy is whole: so is the table
+                    c.execute(
+                        "DELETE FROM syncunit_local WHERE key = ?", (_SUSPENDED + stream.name,)
+                    )
                 if bulk:
                     for stmt in trigger_ddl(stream)[3:]:
                         c.execute(stmt)
@@ -421,7 +449,8 @@ class LocalStore:
         except self.errors as exc:
             raise LocalStoreError(f"cannot apply a chunk to {stream.local_table}: {exc}") from exc
         finally:
-            self.conn.execute("PRAGMA synchronous=FULL")
+            if relaxed:
+                self.conn.execute("PRAGMA synchronous=FULL")
         return upserted, removed
 
     def _upsert_sql(self, stream: StreamInfo, columns: tuple[str, ...]) -> str:
