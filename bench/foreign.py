@@ -9,9 +9,12 @@ then times one 10-row delta of hospital 1 twice, from the same cursor:
   other 99 hospitals: note updates, bookings, cancellations (deletes) and
   appointments moved between doctors of one hospital.
 
-Each is the median of ``--runs`` requests over real HTTP (the request, the
-server's reading and encoding, the response read whole). The target is
-busy/quiet <= 1.5. Prints a JSON report.
+The two states are two copies of one database, each served by its own server
+process; the same request goes to each in turn, ``--runs`` rounds, so both see
+the same machine load. Reported: the median and minimum ms of a request over
+real HTTP (the request, the server's reading and encoding, the response read
+whole) and the server's CPU ms per request. The target is busy/quiet <= 1.5.
+Prints a JSON report.
 """
 
 from __future__ import annotations
@@ -127,16 +130,8 @@ def foreign_writes(db: Path, count: int, rng: random.Random) -> dict[str, int]:
     return kinds
 
 
-def timed_delta(url: str, cursors: dict[str, str], runs: int) -> tuple[float, int, list[float]]:
-    """Median ms of ``runs`` identical sync requests from ``cursors``; rows received."""
-    from syncunit.protocol import (
-        PROTOCOL_VERSION,
-        Chunk,
-        FrameDecoder,
-        SyncRequest,
-        content_type,
-        encode_request,
-    )
+def _request(cursors: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    from syncunit.protocol import PROTOCOL_VERSION, SyncRequest, content_type, encode_request
 
     body = encode_request(
         SyncRequest(protocol=PROTOCOL_VERSION, client_id="bench-foreign", cursors=cursors),
@@ -147,20 +142,61 @@ def timed_delta(url: str, cursors: dict[str, str], runs: int) -> tuple[float, in
         "Content-Type": content_type("msgpack"),
         "Accept": content_type("msgpack"),
     }
-    times: list[float] = []
-    rows = 0
-    with httpx.Client(base_url=url, timeout=60) as http:
-        for _ in range(runs + 1):  # the first one warms the server's caches
-            started = time.perf_counter()
-            r = http.post(f"/v1/sync/{UNIT}", content=body, headers=headers)
-            elapsed = time.perf_counter() - started
-            r.raise_for_status()
-            frames = FrameDecoder("msgpack").feed(r.content)
-            rows = sum(
-                len(f.data[0]) if f.data else 0 for f in frames if isinstance(f, Chunk)
-            ) + sum(len(f.removed) for f in frames if isinstance(f, Chunk))
-            times.append(elapsed * 1000)
-    return statistics.median(times[1:]), rows, [round(t, 1) for t in times[1:]]
+    return body, headers
+
+
+def _rows(content: bytes) -> int:
+    from syncunit.protocol import Chunk, FrameDecoder
+
+    frames = FrameDecoder("msgpack").feed(content)
+    return sum(
+        (len(f.data[0]) if f.data else 0) + len(f.removed) for f in frames if isinstance(f, Chunk)
+    )
+
+
+def timed_deltas(
+    servers: dict[str, ServerProcess], cursors: dict[str, str], runs: int
+) -> dict[str, Any]:
+    """The same sync request sent to each server in turn, ``runs`` rounds (after one to
+    warm up): both see the same machine load. Median and minimum ms, server CPU ms."""
+    body, headers = _request(cursors)
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    cpu: dict[str, float] = dict.fromkeys(servers, 0.0)
+    rows: dict[str, int] = {}
+    clients = {name: httpx.Client(base_url=s.url, timeout=60) for name, s in servers.items()}
+    try:
+        for i in range(runs + 1):
+            for name, http in clients.items():
+                cpu0 = servers[name].cpu()
+                started = time.perf_counter()
+                r = http.post(f"/v1/sync/{UNIT}", content=body, headers=headers)
+                elapsed = (time.perf_counter() - started) * 1000
+                r.raise_for_status()
+                if i:
+                    times[name].append(elapsed)
+                    cpu[name] += servers[name].cpu() - cpu0
+                rows[name] = _rows(r.content)
+    finally:
+        for http in clients.values():
+            http.close()
+    return {
+        name: {
+            "ms": round(statistics.median(t), 2),
+            "min_ms": round(min(t), 2),
+            "server_cpu_ms": round(cpu[name] * 1000 / runs, 2),
+            "rows": rows[name],
+        }
+        for name, t in times.items()
+    }
+
+
+def _copy(src: Path, dst: Path) -> None:
+    a, b = sqlite3.connect(src), sqlite3.connect(dst)
+    try:
+        a.backup(b)
+    finally:
+        a.close()
+        b.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,34 +213,34 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = random.Random(8)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        db = Path(tmp) / "server.sqlite"
+        quiet_db, busy_db = Path(tmp) / "quiet.sqlite", Path(tmp) / "busy.sqlite"
         started = time.perf_counter()
-        build(db, args.appointments, args.doctors)
+        build(quiet_db, args.appointments, args.doctors)
         report: dict[str, Any] = {
             "hospitals": HOSPITALS,
             "appointments": args.appointments,
             "build_s": round(time.perf_counter() - started, 1),
         }
-        with ServerProcess(db) as server:
-            with SyncClient(server.url, Path(tmp) / "device.sqlite", token=TOKEN) as device:
-                device.sync(UNIT)
-                catalog = device.catalog()
-                names = [s for u in catalog.units if u.name == UNIT for s in u.streams]
-                cursors = device.store.cursors(names)
-            change_mine(db, args.changes, rng)
-            quiet, rows_q, runs_q = timed_delta(server.url, cursors, args.runs)
-            started = time.perf_counter()
-            report["foreign_writes"] = foreign_writes(db, args.foreign, rng)
-            report["foreign_write_s"] = round(time.perf_counter() - started, 1)
-            busy, rows_b, runs_b = timed_delta(server.url, cursors, args.runs)
-        report.update(
-            quiet_ms=round(quiet, 2),
-            busy_ms=round(busy, 2),
-            ratio=round(busy / quiet, 2),
-            rows=[rows_q, rows_b],
-            quiet_runs_ms=runs_q,
-            busy_runs_ms=runs_b,
+        with (
+            ServerProcess(quiet_db) as server,
+            SyncClient(server.url, Path(tmp) / "device.sqlite", token=TOKEN) as device,
+        ):
+            device.sync(UNIT)
+            names = [s for u in device.catalog().units if u.name == UNIT for s in u.streams]
+            cursors = device.store.cursors(names)
+        change_mine(quiet_db, args.changes, rng)
+        _copy(quiet_db, busy_db)  # the same database (epoch, versions) from here on
+        started = time.perf_counter()
+        report["foreign_writes"] = foreign_writes(busy_db, args.foreign, rng)
+        report["foreign_write_s"] = round(time.perf_counter() - started, 1)
+        with ServerProcess(quiet_db) as quiet, ServerProcess(busy_db) as busy:
+            result = timed_deltas({"quiet": quiet, "busy": busy}, cursors, args.runs)
+        report.update(result)
+        report["ratio"] = round(result["busy"]["ms"] / result["quiet"]["ms"], 2)
+        report["cpu_ratio"] = round(
+            result["busy"]["server_cpu_ms"] / max(result["quiet"]["server_cpu_ms"], 0.01), 2
         )
+        rows_q, rows_b = result["quiet"]["rows"], result["busy"]["rows"]
     print(json.dumps(report, indent=2))
     if rows_q != args.changes or rows_b != args.changes:
         print(f"error: the deltas brought {rows_q} and {rows_b} rows, not {args.changes}")

@@ -49,15 +49,70 @@ def _needed_columns(shape: StreamShape, table: sa.Table) -> list[sa.Column[Any]]
     return [*pk, *(c for c in table.columns if c.name in read and c not in pk)]
 
 
-def old_images(store: ServerStore, shape: StreamShape, table: sa.Table, since: Any, n: int) -> Any:
-    """The old states of ``table``'s rows recorded in tombstones after ``since``."""
+def old_images(
+    store: ServerStore,
+    shape: StreamShape,
+    table: sa.Table,
+    since: Any,
+    n: int | str,
+    pinned: Pinned | None = None,
+) -> Any:
+    """The old states of ``table``'s rows recorded in tombstones after ``since``; only
+    those whose ``pinned`` column has an allowed value, when the scope pins one."""
     ts = tombstones.alias(f"ts_{table.name}_{n}")
     cols = [store.old_value(ts.c.old, c).label(c.name) for c in _needed_columns(shape, table)]
-    return (
-        sa.select(*cols)
-        .where(ts.c.table_name == table.name, ts.c.version > since)
-        .subquery(f"old_{table.name}_{n}")
+    restriction = (pinned or {}).get(table.name)
+    if restriction is None:
+        q = sa.select(*cols).where(ts.c.table_name == table.name, ts.c.version > since)
+        return q.subquery(f"old_{table.name}_{n}")
+    # Looked up by the pinned old value: the table name goes into an expression no
+    # index can serve, so the planner takes the index on (old value, version).
+    column, allowed = restriction
+    old = store.old_value(ts.c.old, column)
+    q = sa.select(*cols).where(
+        sa.func.coalesce(ts.c.table_name, "") == table.name, ts.c.version > since
     )
+    q = q.where(old.in_(allowed) if isinstance(allowed, sa.Select) else old == allowed)
+    return q.subquery(f"old_{table.name}_{n}")
+
+
+#: Per table on the scope driver's chain: (column, the value or keys it may hold).
+Pinned = dict[str, tuple[sa.Column[Any], Any]]
+
+
+def pinned_scope(store: ServerStore, shape: StreamShape, since: Any, n: int) -> Pinned:
+    """What the filter's pinning equality allows each table on its chain to hold.
+
+    A state that passed the filter had the driver's column equal to its value, and
+    linked to the base along the chain through states that did too: so an old image
+    can only matter if its pinned column holds a value some state (current or
+    old) of the next table out allowed. Tombstones are then read through an index
+    on those old values, not all of them since the cursor.
+    """
+    driver = shape.driver
+    if driver is None:
+        return {}
+    out: Pinned = {}
+    table = driver.column.table
+    assert isinstance(table, sa.Table)
+    out[table.name] = (driver.column, driver.value)
+    allowed: Any = None
+    for i in range(len(driver.chain) - 1, -1, -1):
+        fk, key = driver.chain[i]  # fk on the nearer table names key on the farther one
+        far = key.table
+        assert isinstance(far, sa.Table)
+        col, allow = out[far.name]
+        cond = col.in_(allow) if isinstance(allow, sa.Select) else col == allow
+        old = old_images(store, shape, far, since, f"{n}_pin{i}", out)
+        # coalesce(): a value without the column's type affinity, which SQLite would
+        # otherwise apply to the old value and so not use the index on it.
+        allowed = sa.union(
+            sa.select(sa.func.coalesce(key, None)).where(cond), sa.select(old.c[key.name])
+        ).subquery()
+        near = fk.table
+        assert isinstance(near, sa.Table)
+        out[near.name] = (fk, sa.select(allowed.c[0]))
+    return out
 
 
 def _combination(
@@ -65,7 +120,8 @@ def _combination(
 ) -> sa.Select[Any]:
     """Base keys whose filter held with ``images`` taken as old images, the rest current."""
     s = shape.stream
-    olds = {t.name: old_images(store, shape, t, since, n) for t in images}
+    pinned = pinned_scope(store, shape, since, n)
+    olds = {t.name: old_images(store, shape, t, since, n, pinned) for t in images}
 
     def swap(e: Any, **_: Any) -> Any:
         if isinstance(e, sa.Column) and isinstance(e.table, sa.Table) and e.table.name in olds:

@@ -94,6 +94,11 @@ class ScopeDriver:
     def lead(self) -> sa.Column[Any]:
         return self.chain[0][0] if self.chain else self.column
 
+    def restricted(self) -> list[sa.Column[Any]]:
+        """The column of each table on the chain that the scope pins: the driver's
+        column on its table, the link's foreign key on each table nearer the base."""
+        return [*(fk for fk, _ in self.chain), self.column]
+
     def scope_keys(self) -> ColumnElement[bool]:
         """``base.lead IN (...)`` (or ``base.col = value``): the base rows in the pinned scope."""
         if not self.chain:
@@ -233,6 +238,16 @@ class StreamShape:
             return None
         sub = _climb(chain, table.c[VERSION] > since)
         return sa.select(self.stream.key_column).where(chain[0][0].in_(sub))
+
+
+def tombstone_scope_columns(streams: list[Stream]) -> list[sa.Column[Any]]:
+    """The columns whose old values removals look tombstones up by (see ``removals``)."""
+    out: dict[tuple[str, str], sa.Column[Any]] = {}
+    for s in streams:
+        driver = StreamShape(s).driver if s.mode == "delta" else None
+        for c in driver.restricted() if driver is not None else ():
+            out.setdefault((c.table.name, c.name), c)
+    return list(out.values())
 
 
 def scope_indexes(streams: list[Stream]) -> list[tuple[str, sa.Table, list[str]]]:

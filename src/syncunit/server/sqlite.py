@@ -95,7 +95,17 @@ class SQLiteStore(ServerStore):
         return int(conn.exec_driver_sql(_CURRENT[1:-1]).scalar_one())
 
     def old_value(self, old: ColumnElement[Any], column: sa.Column[Any]) -> ColumnElement[Any]:
-        return sa.type_coerce(sa.func.json_extract(old, f"$.{column.name}"), column.type)
+        # The path is written into the SQL (not bound), so it matches the expression
+        # of the index ``tombstone_index_ddl`` makes.
+        return sa.type_coerce(sa.func.json_extract(old, _json_path(column)), column.type)
+
+    def tombstone_index_ddl(self, column: sa.Column[Any]) -> list[str]:
+        q = self.engine.dialect.identifier_preparer.quote
+        name = q(f"ix_syncunit_tombstones_old_{column.name}"[:63])
+        return [
+            f"CREATE INDEX IF NOT EXISTS {name} ON syncunit_tombstones"
+            f" (json_extract(old, {_json_path(column).text}), version)"
+        ]
 
     def raw_column(self, expr: ColumnElement[Any]) -> ColumnElement[Any] | None:
         kind = expr.type
@@ -242,6 +252,11 @@ class SQLiteStore(ServerStore):
 
 
 _SUFFIXES = ("bi", "ai", "bu", "au", "ad")
+
+
+def _json_path(column: sa.Column[Any]) -> sa.sql.elements.TextClause:
+    """``'$.name'`` as literal SQL text (a JSON path to a column's old value)."""
+    return sa.text("'$." + column.name.replace("'", "''").replace('"', "") + "'")
 
 
 class _WriteTxn:

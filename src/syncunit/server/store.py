@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from syncunit.server.shape import scope_indexes
+from syncunit.server.shape import scope_indexes, tombstone_scope_columns
 from syncunit.units import Stream, SyncSchema
 
 log = logging.getLogger("syncunit.server")
@@ -171,10 +171,20 @@ class ServerStore(abc.ABC):
         """``CREATE INDEX IF NOT EXISTS`` for the (scope column, version) indexes through
         which deltas find the changes in a client's scope (see ``shape.scope_indexes``)."""
         q = self.engine.dialect.identifier_preparer.quote
-        return [
+        streams = list(schema.streams.values())
+        out = [
             f"CREATE INDEX IF NOT EXISTS {q(name)} ON {q(table.name)} ({', '.join(map(q, cols))})"
-            for name, table, cols in scope_indexes(list(schema.streams.values()))
+            for name, table, cols in scope_indexes(streams)
         ]
+        for column in tombstone_scope_columns(streams):
+            out += self.tombstone_index_ddl(column)
+        return out
+
+    def tombstone_index_ddl(self, column: sa.Column[Any]) -> list[str]:
+        """An index on tombstones by the old value of ``column`` (and version), for the
+        removals of streams whose filter pins that column's scope. None by default:
+        removals then read every tombstone of the table since the cursor."""
+        return []
 
     # -- reading -----------------------------------------------------------------
 
