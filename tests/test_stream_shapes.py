@@ -266,3 +266,25 @@ def test_a_full_stream_travels_in_chunks_applied_in_one_transaction(shaped, plai
     ana.sync("Pull")
     _check(server, ana, "lisbon")
     assert sent_keys(tap.last, "city_summary")
+
+
+def test_removals_never_pair_states_that_never_coexisted(shaped, store, plain_sql, tap):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon", transport=tap)
+    ana.sync("Pull")
+    held = local_keys(ana, "LocalCityAppointment")
+    doc = _keys(store, sa.select(doctor.c.id).where(doctor.c.hospital_id == 2))[0]
+    theirs = set(_keys(store, sa.select(appointment.c.id).where(appointment.c.doctor_id == doc)))
+    # Hospital 1 leaves Lisbon; only then does a Porto doctor work there for a while.
+    # The doctor's old image (in H1) and H1's old image (in Lisbon) were never true
+    # at the same moment: the doctor's rows were never in Lisbon's scope.
+    plain_sql("UPDATE hospital SET city = 'Braga' WHERE id = 1")
+    plain_sql("UPDATE doctor SET hospital_id = 1 WHERE id = :d", {"d": doc})
+    plain_sql("UPDATE doctor SET hospital_id = 2 WHERE id = :d", {"d": doc})
+
+    ana.sync("Pull")
+
+    removed = set(removed_keys(tap.last, "city_appointments"))
+    assert removed == held  # everything of hospital 1 left Lisbon...
+    assert not removed & theirs  # ...and nothing else is named
+    _check(server, ana, "lisbon")

@@ -61,6 +61,7 @@ def old_images(
     those whose ``pinned`` column has an allowed value, when the scope pins one."""
     ts = tombstones.alias(f"ts_{table.name}_{n}")
     cols = [store.old_value(ts.c.old, c).label(c.name) for c in _needed_columns(shape, table)]
+    cols.append(ts.c.version.label(RECORDED))
     restriction = (pinned or {}).get(table.name)
     if restriction is None:
         q = sa.select(*cols).where(ts.c.table_name == table.name, ts.c.version > since)
@@ -74,6 +75,33 @@ def old_images(
     )
     q = q.where(old.in_(allowed) if isinstance(allowed, sa.Select) else old == allowed)
     return q.subquery(f"old_{table.name}_{n}")
+
+
+#: The column of an old image holding the version of the tombstone it came from.
+RECORDED = "syncunit_recorded_at_version"
+
+
+def _least(values: list[Any]) -> Any:
+    out = values[0]
+    for v in values[1:]:
+        out = sa.case((v < out, v), else_=out)
+    return out
+
+
+def _changed_since(
+    store: ServerStore, table: sa.Table, keys: list[Any], at: Any, below: Any, n: int
+) -> Any:
+    """Whether ``table``'s row with primary key ``keys`` has a tombstone with a version
+    in [at, below) (or at or after ``at`` when ``below`` is None)."""
+    ts = tombstones.alias(f"later_{table.name}_{n}")
+    cond = [sa.func.coalesce(ts.c.table_name, "") == table.name, ts.c.version >= at]
+    cond += [
+        store.old_value(ts.c.old, col) == key
+        for col, key in zip(table.primary_key.columns, keys, strict=True)
+    ]
+    if below is not None:
+        cond.append(ts.c.version < below)
+    return sa.exists().where(*cond)
 
 
 #: Per table on the scope driver's chain: (column, the value or keys it may hold).
@@ -151,6 +179,19 @@ def _combination(
     q = sa.select(key.label("k")).select_from(from_)
     if s.where is not None:
         q = q.where(sub(s.where))
+    # One moment: just before the earliest of the images' tombstones. Each image must
+    # be its row's state then (its row's first tombstone since that moment), and each
+    # current row must have been current then (no tombstone since that moment).
+    at = _least([olds[t.name].c[RECORDED] for t in images])
+    for t in shape.filter_tables():
+        if t.name in olds:
+            old = olds[t.name]
+            keys = [old.c[c.name] for c in t.primary_key.columns]
+            q = q.where(~_changed_since(store, t, keys, at, old.c[RECORDED], n))
+        else:
+            # coalesce(): no type affinity, so SQLite uses the index on the old value.
+            keys = [sa.func.coalesce(c, None) for c in t.primary_key.columns]
+            q = q.where(~_changed_since(store, t, keys, at, None, n))
     return q
 
 

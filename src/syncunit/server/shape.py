@@ -241,11 +241,17 @@ class StreamShape:
 
 
 def tombstone_scope_columns(streams: list[Stream]) -> list[sa.Column[Any]]:
-    """The columns whose old values removals look tombstones up by (see ``removals``)."""
+    """The columns whose old values removals look tombstones up by (see ``removals``):
+    the primary keys of the tables a filter reads through, and the pinned columns."""
     out: dict[tuple[str, str], sa.Column[Any]] = {}
     for s in streams:
-        driver = StreamShape(s).driver if s.mode == "delta" else None
-        for c in driver.restricted() if driver is not None else ():
+        if s.mode != "delta":
+            continue
+        shape = StreamShape(s)
+        found = [next(iter(t.primary_key.columns)) for t in shape.filter_tables()]
+        if shape.driver is not None:
+            found += shape.driver.restricted()
+        for c in found:
             out.setdefault((c.table.name, c.name), c)
     return list(out.values())
 
