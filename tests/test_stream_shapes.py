@@ -288,3 +288,19 @@ def test_removals_never_pair_states_that_never_coexisted(shaped, store, plain_sq
     assert removed == held  # everything of hospital 1 left Lisbon...
     assert not removed & theirs  # ...and nothing else is named
     _check(server, ana, "lisbon")
+
+
+def test_a_deleted_joined_row_clears_the_columns_copied_from_it(shaped, store, plain_sql):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon")
+    ana.sync("Pull")
+    rows = ana.store.rows("LocalCityAppointment", ["id", "patient_name"])
+    victim = rows[0][1]
+    plain_sql("DELETE FROM patient WHERE name = :n", {"n": victim})
+
+    ana.sync("Pull")  # the rows stay in scope (the filter does not read patients)
+
+    names = {r[1] for r in ana.store.rows("LocalCityAppointment", ["id", "patient_name"])}
+    assert victim not in names
+    assert None in names
+    _check(server, ana, "lisbon")

@@ -34,7 +34,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.protocol import Chunk, StreamStart
 from syncunit.server.cursor import Cursor, decode_cursor, encode_cursor
-from syncunit.server.removals import removal_keys
+from syncunit.server.removals import old_images, removal_keys
 from syncunit.server.shape import StreamShape
 from syncunit.server.store import ServerStore
 from syncunit.units import Stream, logical_type
@@ -188,7 +188,10 @@ class StreamReader:
         return self.shape.effective_version(self.store.greatest)
 
     def _candidates(self, since: Any) -> sa.CompoundSelect[Any]:
-        return self.shape.candidates(since)
+        def images(table: sa.Table) -> Any:
+            return old_images(self.store, self.shape, table, since, "joined")
+
+        return self.shape.candidates(since, images)
 
     def _removals(self, since: Any, after: Any) -> sa.Select[Any]:
         in_scope = self.rows_select(drive_by_base=True)

@@ -17,7 +17,7 @@ they run on every store:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,13 +205,18 @@ class StreamShape:
         """The newest version among the base row and its joined rows."""
         return greatest(*(t.c[VERSION] for t in self.stream.tables))  # type: ignore[no-any-return]
 
-    def candidates(self, since: Any) -> sa.CompoundSelect[Any]:
+    def candidates(
+        self, since: Any, old_images: Callable[[sa.Table], Any] | None = None
+    ) -> sa.CompoundSelect[Any]:
         """Keys of base rows whose own row or a joined row changed after ``since``.
 
         Each part starts from an index: the base rows of the pinned scope by
         (scope column, version) when there is a driver, else the version index;
         for joined tables a chain of ``IN`` subqueries (changed specialties ->
         their doctors -> their appointments), which planners run inside out.
+        A joined row deleted (or moved) since has no version to find it by: its
+        tombstones' ``old_images`` (a subquery per table) find the base rows that
+        joined it, whose copied columns now read NULL (or another row).
         """
         s = self.stream
         pk = s.key_column
@@ -228,6 +233,24 @@ class StreamShape:
             for t in reversed(self.path(j.table)):
                 from_ = from_.join(t, self.by_table[t.name].on)
             parts.append(sa.select(pk).select_from(from_).where(j.table.c[VERSION] > since))
+        for j in s.joins if old_images is not None else ():
+            assert old_images is not None
+            old = old_images(j.table)
+
+            def swap(e: Any, table: sa.Table = j.table, old: Any = old, **_: Any) -> Any:
+                if isinstance(e, sa.Column) and e.table is table:
+                    return old.c[e.name]
+                return None
+
+            from_ = s.base
+            for t in reversed(self.path(j.table)):
+                on = self.by_table[t.name].on
+                if t is j.table:
+                    replace: Any = swap
+                    from_ = from_.join(old, visitors.replacement_traverse(on, {}, replace))
+                else:
+                    from_ = from_.join(t, on)
+            parts.append(sa.select(pk).select_from(from_))
         return sa.union(*parts)
 
     def _in_chain(self, table: sa.Table, since: Any) -> sa.Select[Any] | None:
