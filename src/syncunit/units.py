@@ -105,7 +105,8 @@ def describe(clause: Any) -> Any:
         for e in visitors.iterate(clause)
         if isinstance(e, BindParameter) and not (e.value is None and e.callable is None)
     ]
-    return [str(clause), values]
+    # Without literals, the SQL alone (as before): such a stream keeps its hash.
+    return [str(clause), values] if values else str(clause)
 
 
 def _columns_of(clause: Any) -> list[sa.Column[Any]]:

@@ -99,6 +99,10 @@ class SQLiteStore(ServerStore):
         # of the index ``tombstone_index_ddl`` makes.
         return sa.type_coerce(sa.func.json_extract(old, _json_path(column)), column.type)
 
+    def index_names(self, conn: Connection) -> set[str]:
+        rows = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")
+        return {str(r[0]) for r in rows}
+
     def tombstone_index_ddl(self, column: sa.Column[Any]) -> list[str]:
         q = self.engine.dialect.identifier_preparer.quote
         name = q(f"ix_syncunit_tombstones_old_{column.name}"[:63])

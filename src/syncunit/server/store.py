@@ -23,6 +23,7 @@ import abc
 import datetime as dt
 import logging
 import secrets
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,11 @@ mutation_log = sa.Table(
 )
 
 
+def _index_name(ddl: str) -> str:
+    """The unquoted index name of a ``CREATE INDEX IF NOT EXISTS name ON ...`` statement."""
+    return ddl.split(" IF NOT EXISTS ", 1)[1].split(" ON ", 1)[0].strip('"`')
+
+
 _TRACKING_FACTS = (
     "SELECT key, value FROM syncunit_meta WHERE key >= 'tracking:' AND key < 'tracking;'"
     " ORDER BY key"
@@ -129,7 +135,33 @@ class ServerStore(abc.ABC):
         """
         from syncunit.server.migrations import install
 
-        return install(self, schema)
+        changed = install(self, schema)
+        return self.install_scope_indexes(schema) or changed
+
+    def install_scope_indexes(self, schema: SyncSchema) -> bool:
+        """Create the indexes deltas read the scope through, if any is missing (they
+        depend on the streams' filters, not on tracking); False when none was."""
+        wanted = self.scope_index_ddl(schema)
+        with self.engine.connect() as conn, conn.begin():
+            have = self.index_names(conn)
+        missing = [ddl for ddl in wanted if _index_name(ddl) not in have]
+        if not missing:
+            return False
+        with self.write() as conn:
+            for ddl in missing:
+                conn.exec_driver_sql(ddl)
+        return True
+
+    def index_names(self, conn: Connection) -> set[str]:
+        """The names of every index in the database."""
+        inspector = sa.inspect(conn)
+        with warnings.catch_warnings():  # expression indexes are not reflected: names are
+            warnings.simplefilter("ignore", sa.exc.SAWarning)
+            return {
+                str(ix["name"])
+                for t in inspector.get_table_names()
+                for ix in inspector.get_indexes(t)
+            }
 
     def lock_for_install(self, conn: Connection) -> None:
         """Serialize installs (``write()`` already does on databases with one writer)."""
