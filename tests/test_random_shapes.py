@@ -340,6 +340,7 @@ class RandomShapes(RuleBasedStateMachine):
             self._check(i)
 
 
+@pytest.mark.timeout(3 * 3600 if LONG else 120)
 def test_random_shapes_writers_and_cut_syncs(backend: str) -> None:
     if backend != "sqlite":
         pytest.skip("the machine makes a server database per example (SQLite files)")

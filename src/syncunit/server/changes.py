@@ -3,16 +3,18 @@
 For a delta stream the server works in passes. A first copy (``full``) walks
 the rows in scope in key order. Later passes send, since the cursor's version:
 
-1. **removals**: keys from tombstones of the base or a joined table (deleted
-   rows, and updates of a column a filter or join reads) whose *old* values
-   were in the client's scope, unless the row is in scope now;
+1. **removals**: keys that were in the client's scope at some moment since the
+   cursor and are not now, proven from tombstones' old values along the
+   filter's join paths (``removals``), streamed in key order;
 2. **upserts**: rows in scope whose own version, or the version of any joined
-   row, is newer; in keyset order on (effective version, key), so chunk
-   borders neither skip nor repeat ties.
+   row, is newer (``shape``); in keyset order on (effective version, key), so
+   chunk borders neither skip nor repeat ties.
 
-Every query is driven by a version index, so a delta costs the changes, not
-the table. A full stream (an aggregate) is re-read and sent only when a hash
-of its rows differs from the client's.
+Both phases are streamed in chunks and resumable after any of them; memory is
+bounded by the chunk size. Queries are planned per stream shape in ``shape``
+and go through the scope's indexes, so a delta costs the changes in scope. A
+full stream (an aggregate) is sent, in chunks, only when a hash of its rows
+differs from the client's.
 """
 
 from __future__ import annotations
