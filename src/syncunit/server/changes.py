@@ -136,25 +136,10 @@ class StreamReader:
     ) -> Generator[StreamStart | Chunk, None, None]:
         s = self.stream
         cur = decode_cursor(token)
-        valid = (
-            cur is not None
-            and cur.epoch == epoch
-            and cur.definition == s.definition_hash
-            and cur.params == self.phash
-        )
+        valid = self._valid(conn, cur, watermark, epoch, horizon)
         if s.mode == "full":
             yield from self._full_stream(conn, epoch, cur if valid else None)
             return
-        horizon = max(horizon, self.store.stream_horizon(conn, s))
-        if valid and cur is not None:
-            # Tombstones above ``since`` (or, for a first copy, above ``high``, where
-            # its catch-up starts) must still exist; a cursor ahead of this database
-            # comes from another copy of it.
-            low = cur.high if cur.since is None else cur.since
-            valid = (
-                cur.phase in ("full", "removals", "upserts", "done")
-                and horizon <= low <= cur.high <= watermark
-            )
         reset = token is not None and not valid
         if not valid or cur is None:
             cur = self._cursor(epoch, "full", since=None, high=watermark)
@@ -175,6 +160,29 @@ class StreamReader:
         if catch_up:
             since = self._cursor(epoch, "removals", since=cur.high, high=watermark)
             yield from self._delta_pass(conn, since)
+
+    def _valid(
+        self, conn: Connection, cur: Cursor | None, watermark: int, epoch: str, horizon: int
+    ) -> bool:
+        """Whether ``cur`` can be continued here (else the stream is copied afresh)."""
+        s = self.stream
+        if cur is None or (cur.epoch, cur.definition, cur.params) != (
+            epoch,
+            s.definition_hash,
+            self.phash,
+        ):
+            return False
+        if s.mode == "full":
+            return True
+        # Tombstones above ``since`` (or, for a first copy, above ``high``, where its
+        # catch-up starts) must still exist, and keep every column the removals read;
+        # a cursor ahead of this database comes from another copy of it.
+        horizon = max(horizon, self.store.stream_horizon(conn, s))
+        low = cur.high if cur.since is None else cur.since
+        return (
+            cur.phase in ("full", "removals", "upserts", "done")
+            and horizon <= low <= cur.high <= watermark
+        )
 
     def _cursor(self, epoch: str, phase: Any, **kw: Any) -> Cursor:
         return Cursor(epoch, self.stream.definition_hash, self.phash, phase, **kw)
@@ -315,15 +323,14 @@ class StreamReader:
         cur = decode_cursor(token)
         if s.mode == "full" or cur is None or cur.phase != "done":
             # A full stream is compared whole; a pass under way has more to send.
-            start = next(self.frames(conn, watermark, epoch, horizon, token), None)
+            frames = self.frames(conn, watermark, epoch, horizon, token)
+            try:
+                start = next(frames, None)
+            finally:
+                frames.close()  # its open cursor, before the snapshot ends
             return isinstance(start, StreamStart) and (start.total > 0 or start.reset)
-        if not (
-            cur.epoch == epoch
-            and cur.definition == s.definition_hash
-            and cur.params == self.phash
-            and horizon <= (cur.since or 0) <= watermark
-        ):
-            return True
+        if not self._valid(conn, cur, watermark, epoch, horizon):
+            return True  # a reset
         if cur.since == watermark:
             return False
         q = self._delta_queries()
