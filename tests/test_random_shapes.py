@@ -121,7 +121,7 @@ def build_streams(shape: dict[str, Any], t: list[sa.Table]) -> list[Stream]:
     if shape["full"]:
         agg = (
             sa.select(t[0].c.fk.label("k"), sa.func.count().label("n"))
-            .where(t[0].c.g == p)
+            .where(t[0].c.g == p, t[0].c.fk.is_not(None))  # a key is never NULL
             .group_by(t[0].c.fk)
         )
         streams.append(Stream.full("totals", agg, key="k", local_table="LocalTotals"))
