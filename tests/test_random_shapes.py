@@ -73,6 +73,7 @@ def shapes(draw: st.DrawFn) -> dict[str, Any]:
     level = st.integers(0, depth)
     term = st.one_of(
         st.tuples(st.just("param"), level),
+        st.tuples(st.just("param"), st.just(depth)),  # the farthest table, most often
         st.tuples(st.just("ne"), level, GROUPS),
         st.tuples(st.just("in"), level, st.lists(GROUPS, min_size=1, max_size=2)),
         st.tuples(st.just("status"), st.sampled_from(["a", "b"])),
@@ -80,7 +81,7 @@ def shapes(draw: st.DrawFn) -> dict[str, Any]:
     )
     return {
         "depth": depth,
-        "terms": draw(st.lists(term, max_size=3)),
+        "terms": draw(st.lists(term, max_size=3)),  # none: every row, removed only by deletes
         "columns": draw(
             st.lists(st.tuples(st.integers(0, depth), st.sampled_from(["g", "v"])), max_size=4)
         ),
@@ -154,6 +155,7 @@ class RandomShapes(RuleBasedStateMachine):
         store = open_store(f"sqlite:///{self.db}")
         self.t[0].metadata.create_all(store.engine)
         self.streams = build_streams(shape, self.t)
+        self.depth = shape["depth"]
         principals = {f"tok{i}": Principal(f"p{i}", {"p": g}) for i, g in enumerate(groups)}
         self.server = SyncServer(
             SyncSchema([SyncUnit("Pull", self.streams)]), store, authenticate=TokenAuth(principals)
@@ -231,6 +233,7 @@ class RandomShapes(RuleBasedStateMachine):
 
     def _write(self, op: tuple[Any, ...]) -> None:
         kind, level, a, b = op
+        level %= self.depth + 1  # a table the stream reads
         key = self._pick(level, a)
         if kind == "insert":
             self._insert_base(level % 3, a, b)
@@ -270,8 +273,12 @@ class RandomShapes(RuleBasedStateMachine):
         self._observe()
 
     OPS = st.tuples(
+        # Changes of scope and links come most often: they move rows in and out.
         st.sampled_from(
-            ["insert", "scope", "link", "rename", "status", "delete", "replace", "recreate"]
+            [
+                *("scope", "link") * 2,
+                *("insert", "rename", "status", "delete", "replace", "recreate"),
+            ]
         ),
         st.integers(0, LEVELS - 1),
         SLOT,
@@ -279,9 +286,10 @@ class RandomShapes(RuleBasedStateMachine):
     )
 
     @precondition(lambda self: self.live is not None)
-    @rule(op=OPS)
-    def write(self, op: tuple[Any, ...]) -> None:
-        self._write(op)
+    @rule(ops=st.lists(OPS, min_size=1, max_size=4))
+    def write(self, ops: list[tuple[Any, ...]]) -> None:
+        for op in ops:
+            self._write(op)
 
     # -- devices ---------------------------------------------------------------------
 
@@ -349,8 +357,8 @@ def test_random_shapes_writers_and_cut_syncs(backend: str) -> None:
     run_state_machine_as_test(
         RandomShapes,
         settings=settings(
-            max_examples=300 if LONG else 12,
-            stateful_step_count=50 if LONG else 12,
+            max_examples=300 if LONG else 15,
+            stateful_step_count=50 if LONG else 15,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),

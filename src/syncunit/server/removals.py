@@ -81,13 +81,6 @@ def old_images(
 RECORDED = "syncunit_recorded_at_version"
 
 
-def _least(values: list[Any]) -> Any:
-    out = values[0]
-    for v in values[1:]:
-        out = sa.case((v < out, v), else_=out)
-    return out
-
-
 def _changed_since(
     store: ServerStore, table: sa.Table, keys: list[Any], at: Any, below: Any, n: int
 ) -> Any:
@@ -108,7 +101,7 @@ def _changed_since(
 Pinned = dict[str, tuple[sa.Column[Any], Any]]
 
 
-def pinned_scope(store: ServerStore, shape: StreamShape, since: Any, n: int) -> Pinned:
+def pinned_scope(store: ServerStore, shape: StreamShape, since: Any) -> Pinned:
     """What the filter's pinning equality allows each table on its chain to hold.
 
     A state that passed the filter had the driver's column equal to its value, and
@@ -131,24 +124,34 @@ def pinned_scope(store: ServerStore, shape: StreamShape, since: Any, n: int) -> 
         assert isinstance(far, sa.Table)
         col, allow = out[far.name]
         cond = col.in_(allow) if isinstance(allow, sa.Select) else col == allow
-        old = old_images(store, shape, far, since, f"{n}_pin{i}", out)
+        old = old_images(store, shape, far, since, f"pin{i}", out)
         # coalesce(): a value without the column's type affinity, which SQLite would
         # otherwise apply to the old value and so not use the index on it.
+        # A common table expression: written once at the top of the statement, however
+        # many combinations read it (nested, it would overflow SQLite's parser stack).
         allowed = sa.union(
             sa.select(sa.func.coalesce(key, None)).where(cond), sa.select(old.c[key.name])
-        ).subquery()
+        ).cte(f"pinned_{_near_name(fk)}")
         near = fk.table
         assert isinstance(near, sa.Table)
         out[near.name] = (fk, sa.select(allowed.c[0]))
     return out
 
 
+def _near_name(fk: sa.Column[Any]) -> str:
+    return f"{fk.table.name}_{fk.name}"
+
+
 def _combination(
-    store: ServerStore, shape: StreamShape, images: tuple[sa.Table, ...], since: Any, n: int
+    store: ServerStore,
+    shape: StreamShape,
+    images: tuple[sa.Table, ...],
+    since: Any,
+    n: int,
+    pinned: Pinned,
 ) -> sa.Select[Any]:
     """Base keys whose filter held with ``images`` taken as old images, the rest current."""
     s = shape.stream
-    pinned = pinned_scope(store, shape, since, n)
     olds = {t.name: old_images(store, shape, t, since, n, pinned) for t in images}
 
     def swap(e: Any, **_: Any) -> Any:
@@ -182,7 +185,7 @@ def _combination(
     # One moment: just before the earliest of the images' tombstones. Each image must
     # be its row's state then (its row's first tombstone since that moment), and each
     # current row must have been current then (no tombstone since that moment).
-    at = _least([olds[t.name].c[RECORDED] for t in images])
+    at = store.least(*(olds[t.name].c[RECORDED] for t in images))
     for t in shape.filter_tables():
         if t.name in olds:
             old = olds[t.name]
@@ -204,12 +207,13 @@ def removal_keys(
     """
     s = shape.stream
     tables = shape.filter_tables()
+    pinned = pinned_scope(store, shape, since)
     parts: list[sa.Select[Any]] = []
     n = 0
     for size in range(1, len(tables) + 1):
         for images in itertools.combinations(tables, size):
             n += 1
-            parts.append(_combination(store, shape, images, since, n))
+            parts.append(_combination(store, shape, images, since, n, pinned))
     gone = sa.union(*parts).subquery("gone") if len(parts) > 1 else parts[0].subquery("gone")
     now = in_scope.with_only_columns(sa.literal(1)).where(s.key_column == gone.c.k)
     q = sa.select(gone.c.k).where(~now.exists()).order_by(gone.c.k)

@@ -134,6 +134,9 @@ class SQLiteStore(ServerStore):
         parts = [sa.func.coalesce(v, 0) for v in values]
         return parts[0] if len(parts) == 1 else sa.func.max(*parts)
 
+    def least(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
+        return values[0] if len(values) == 1 else sa.func.min(*values)
+
     # -- tracking ----------------------------------------------------------------------
 
     tracking_format = "sqlite/2"

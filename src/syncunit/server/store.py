@@ -256,6 +256,10 @@ class ServerStore(abc.ABC):
     def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         """The largest of several (nullable) integers."""
 
+    def least(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The smallest of several (non-null) integers, as one flat expression."""
+        return values[0] if len(values) == 1 else sa.func.least(*values)
+
     # -- writing -----------------------------------------------------------------
 
     @contextmanager
