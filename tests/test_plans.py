@@ -25,7 +25,8 @@ def _plan(store: ServerStore, query: Any, params: dict[str, Any]) -> list[str]:
         return [row[3] for row in raw.execute("EXPLAIN QUERY PLAN " + str(compiled), args)]
 
 
-def test_a_delta_reads_through_the_version_indexes_not_the_scope(server: Any) -> None:
+def test_a_delta_reads_through_the_scope_not_everyones_changes(server: Any) -> None:
+    """The filter pins the hospital: changed rows and tombstones are found through it."""
     store = server.store
     reader = StreamReader(store, appointments, {"hospital_id": 1}, chunk_size=100)
     with store.snapshot() as (_, watermark):
@@ -37,11 +38,20 @@ def test_a_delta_reads_through_the_version_indexes_not_the_scope(server: Any) ->
     )
     plans = [_plan(store, q, {"hospital_id": 1}) for q in (upserts, reader._removals(since, None))]
     for plan in plans:
-        big = ("SCAN appointment", "SCAN doctor", "SCAN patient")
+        big = ("SCAN appointment", "SCAN doctor", "SCAN patient", "SCAN ts_")
         assert not [p for p in plan if p.startswith(big)], plan
     # The outer loop of the upserts is the candidate keys, not the rows in scope.
     assert plans[0][0].startswith("SEARCH appointment"), plans[0]
     assert "(id=?)" in plans[0][0], plans[0]
+    # The base table's changed rows: those of the hospital's doctors, by (doctor, version).
+    scoped = "ix_appointment_doctor_id_syncunit_version (doctor_id=? AND syncunit_version>?)"
+    assert any(scoped in p for p in plans[0]), plans[0]
+    # Its tombstones: those whose old doctor was one of them, by (old doctor, version).
+    assert any(
+        "ix_syncunit_tombstones_old_doctor_id (<expr>=? AND version>?)" in p for p in plans[1]
+    ), plans[1]
+    assert not any("ix_syncunit_tombstones_table_version (table_name=? AND version>?)" in p
+                   and "ts_appointment" in p for p in plans[1]), plans[1]  # fmt: skip
 
 
 def test_a_first_copy_of_most_of_the_table_streams_in_key_order(server: Any) -> None:

@@ -98,7 +98,11 @@ def cmd_ddl(args: argparse.Namespace) -> int:
     server = load_server(
         args.target, args.database, app_dir=args.app_dir, tokens=None, install=False
     )
-    for stmt in server.store.tracking_ddl(server.schema, existing=not args.fresh):
+    store, schema = server.store, server.schema
+    for stmt in [
+        *store.tracking_ddl(schema, existing=not args.fresh),
+        *store.scope_index_ddl(schema),
+    ]:
         print(stmt.rstrip(";") + ";")
     return 0
 

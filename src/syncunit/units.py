@@ -92,6 +92,23 @@ def _bind_names(*clauses: Any) -> list[str]:
     return sorted(names)
 
 
+def describe(clause: Any) -> Any:
+    """A clause as it selects: its SQL and the values of its literals, in order.
+
+    ``str()`` alone renders a literal as a placeholder (``status != :status_1``),
+    so two filters with different literals would describe the same.
+    """
+    if clause is None:
+        return None
+    values = [
+        [type(e.type).__name__, repr(e.effective_value)]
+        for e in visitors.iterate(clause)
+        if isinstance(e, BindParameter) and not (e.value is None and e.callable is None)
+    ]
+    # Without literals, the SQL alone (as before): such a stream keeps its hash.
+    return [str(clause), values] if values else str(clause)
+
+
 def _columns_of(clause: Any) -> list[sa.Column[Any]]:
     if clause is None:
         return []
@@ -301,14 +318,16 @@ class Stream:
                 "mode": self.mode,
                 "local": self.local_table,
                 "key": self.key,
-                "columns": [[n, str(c), logical_type(c.type)] for n, c in self.columns.items()],
+                "columns": [
+                    [n, describe(c), logical_type(c.type)] for n, c in self.columns.items()
+                ],
             }
             if self.mode == "full":
-                desc["query"] = str(self.query)
+                desc["query"] = describe(self.query)
             else:
                 desc["base"] = self.base.name
-                desc["joins"] = [[j.table.name, str(j.on)] for j in self.joins]
-                desc["where"] = str(self.where) if self.where is not None else None
+                desc["joins"] = [[j.table.name, describe(j.on)] for j in self.joins]
+                desc["where"] = describe(self.where)
             raw = json.dumps(desc, sort_keys=True).encode()
             cached = hashlib.sha256(raw).hexdigest()[:16]
             self._definition_hash = cached

@@ -7,6 +7,7 @@ library's sqlite3 and httpx. One unit run is one HTTP request.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -530,7 +531,10 @@ class SyncClient:
         writes the current chunk into SQLite (which runs without the GIL).
         """
         total = done = chunks = 0
-        with FramePrefetch(response, self.encoding) as frames:
+        # A full stream is replaced whole: its chunks apply in one local transaction,
+        # opened at its start and committed with its last chunk (or rolled back).
+        whole = contextlib.ExitStack()
+        with whole, FramePrefetch(response, self.encoding) as frames:
             for frame in frames:
                 if self._cancel.is_set():
                     raise SyncError("the sync was cancelled by close(); applied chunks are kept")
@@ -546,12 +550,16 @@ class SyncClient:
                     if frame.reset:
                         result.resets.append(frame.stream)
                     done += upserted + len(frame.removed)
-                    if frame.complete and frame.stream in deferred:
-                        self.store.restore_indexes(deferred.pop(frame.stream))
+                    if frame.complete:
+                        whole.close()
+                        if frame.stream in deferred:
+                            self.store.restore_indexes(deferred.pop(frame.stream))
                     self._emit(self.on_progress, result.unit, done, max(total, done))
                 elif isinstance(frame, StreamStart):
                     total += frame.total
                     info = catalog.stream(frame.stream)
+                    if info is not None and info.mode == "full" and frame.reset:
+                        whole.enter_context(self.store.atomic())
                     if (
                         frame.copy
                         and frame.total >= DEFER_INDEXES_ABOVE

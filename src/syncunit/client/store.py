@@ -42,6 +42,9 @@ from syncunit.protocol import Catalog, Chunk, StreamInfo, decode_catalog, encode
 __all__ = ["LocalStore", "quote", "sql_type"]
 
 
+#: Fact key prefix marking a stream whose local indexes a first copy dropped.
+_SUSPENDED = "indexes-suspended:"
+
 #: Chunks of at least this many rows are applied with the outbox triggers dropped.
 BULK_ROWS = 256
 
@@ -124,6 +127,7 @@ class LocalStore:
         self.pushed: set[str] = set()
         if cached is not None:
             self.pushed = {t for u in cached.units for t in u.push}
+            self._restore_suspended(cached)
 
     # -- transactions ------------------------------------------------------------------
 
@@ -166,6 +170,10 @@ class LocalStore:
         app (which goes through the same lock) ever commits with less than it asked.
         """
         with self.lock:
+            if self._depth:  # inside a transaction of the engine's: it commits as it began
+                with self.atomic() as c:
+                    yield c
+                return
             self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 with self.atomic() as c:
@@ -325,20 +333,41 @@ class LocalStore:
         """Drop a local table's secondary indexes for a large first copy.
 
         Building an index once over all rows costs far less than keeping it up to
-        date row by row; ``restore_indexes`` builds them again. Returns whether
-        there was anything to drop.
+        date row by row; ``restore_indexes`` builds them again. The suspension is
+        recorded in the same transaction, so whatever ends the copy (its last
+        chunk, an error, or a killed process and a reopened store) restores them.
+        Returns whether there was anything to drop.
         """
         if not s.indexes:
             return False
         with self.atomic() as c:
             for ix in s.indexes:
                 c.execute(f"DROP INDEX IF EXISTS {_index_name(s, ix)}")
+            self.set_fact(_SUSPENDED + s.name, s.local_table)
         return True
 
     def restore_indexes(self, s: StreamInfo) -> None:
         """Build the secondary indexes ``suspend_indexes`` dropped (idempotent)."""
         with self.atomic():
             self._create_indexes(s)
+            self.conn.execute("DELETE FROM syncunit_local WHERE key = ?", (_SUSPENDED + s.name,))
+
+    def _end_suspension(self, s: StreamInfo) -> None:
+        """A copy that completes makes its table whole: indexes a first copy dropped
+        come back in the same transaction."""
+        if self.get_fact(_SUSPENDED + s.name) is not None:
+            self.restore_indexes(s)
+
+    def _restore_suspended(self, catalog: Catalog) -> None:
+        """Restore indexes a copy left suspended (the process ended before it did)."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT key FROM syncunit_local WHERE key LIKE ?", (_SUSPENDED + "%",)
+            ).fetchall()
+        for (key,) in rows:
+            info = catalog.stream(key.removeprefix(_SUSPENDED))
+            if info is not None:
+                self.restore_indexes(info)
 
     @contextmanager
     def bulk(self) -> Iterator[None]:
@@ -477,6 +506,8 @@ class LocalStore:
                     rows = [r for r in rows if r[k] not in pending]
                 c.executemany(sql, rows)
                 upserted = rows_in  # received; rows with pending changes kept theirs
+        if chunk.complete:
+            self._end_suspension(stream)
         self._save_cursor(stream, chunk.cursor)
         return upserted, removed
 
@@ -553,6 +584,7 @@ class LocalStore:
                 (stream.local_table,),
             )
         self._drop_shadow(stream.name, shadow)
+        self._end_suspension(stream)
         self._save_cursor(stream, chunk.cursor)
         return upserted, max(removed, 0)
 

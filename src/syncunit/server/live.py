@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio.to_thread
 
-from syncunit.protocol import StreamStart
 from syncunit.server.changes import StreamReader
 from syncunit.server.store import ServerStore
 from syncunit.units import SyncUnit
@@ -77,14 +76,6 @@ def unit_has_changes(
         epoch, horizon = store.epoch_and_horizon(conn)
         for stream in unit.streams:
             reader = StreamReader(store, stream, params, chunk_size=1)
-            frames = reader.frames(
-                conn, watermark, epoch, horizon,
-                cursors.get(stream.name),
-            )  # fmt: skip
-            try:
-                first = next(frames, None)
-            finally:
-                frames.close()  # its open cursor, before the snapshot ends
-            if isinstance(first, StreamStart) and (first.total > 0 or first.reset):
+            if reader.has_changes(conn, watermark, epoch, horizon, cursors.get(stream.name)):
                 return True
     return False

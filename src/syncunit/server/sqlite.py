@@ -95,7 +95,21 @@ class SQLiteStore(ServerStore):
         return int(conn.exec_driver_sql(_CURRENT[1:-1]).scalar_one())
 
     def old_value(self, old: ColumnElement[Any], column: sa.Column[Any]) -> ColumnElement[Any]:
-        return sa.type_coerce(sa.func.json_extract(old, f"$.{column.name}"), column.type)
+        # The path is written into the SQL (not bound), so it matches the expression
+        # of the index ``tombstone_index_ddl`` makes.
+        return sa.type_coerce(sa.func.json_extract(old, _json_path(column)), column.type)
+
+    def index_names(self, conn: Connection) -> set[str]:
+        rows = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")
+        return {str(r[0]) for r in rows}
+
+    def tombstone_index_ddl(self, column: sa.Column[Any]) -> list[str]:
+        q = self.engine.dialect.identifier_preparer.quote
+        name = q(f"ix_syncunit_tombstones_old_{column.name}"[:63])
+        return [
+            f"CREATE INDEX IF NOT EXISTS {name} ON syncunit_tombstones"
+            f" (json_extract(old, {_json_path(column).text}), version)"
+        ]
 
     def raw_column(self, expr: ColumnElement[Any]) -> ColumnElement[Any] | None:
         kind = expr.type
@@ -119,6 +133,9 @@ class SQLiteStore(ServerStore):
     def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         parts = [sa.func.coalesce(v, 0) for v in values]
         return parts[0] if len(parts) == 1 else sa.func.max(*parts)
+
+    def least(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
+        return values[0] if len(values) == 1 else sa.func.min(*values)
 
     # -- tracking ----------------------------------------------------------------------
 
@@ -242,6 +259,11 @@ class SQLiteStore(ServerStore):
 
 
 _SUFFIXES = ("bi", "ai", "bu", "au", "ad")
+
+
+def _json_path(column: sa.Column[Any]) -> sa.sql.elements.TextClause:
+    """``'$.name'`` as literal SQL text (a JSON path to a column's old value)."""
+    return sa.text("'$." + column.name.replace("'", "''").replace('"', "") + "'")
 
 
 class _WriteTxn:

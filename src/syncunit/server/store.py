@@ -23,6 +23,7 @@ import abc
 import datetime as dt
 import logging
 import secrets
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
+from syncunit.server.shape import scope_indexes, tombstone_scope_columns
 from syncunit.units import Stream, SyncSchema
 
 log = logging.getLogger("syncunit.server")
@@ -83,6 +85,11 @@ mutation_log = sa.Table(
 )
 
 
+def _index_name(ddl: str) -> str:
+    """The unquoted index name of a ``CREATE INDEX IF NOT EXISTS name ON ...`` statement."""
+    return ddl.split(" IF NOT EXISTS ", 1)[1].split(" ON ", 1)[0].strip('"`')
+
+
 _TRACKING_FACTS = (
     "SELECT key, value FROM syncunit_meta WHERE key >= 'tracking:' AND key < 'tracking;'"
     " ORDER BY key"
@@ -128,7 +135,33 @@ class ServerStore(abc.ABC):
         """
         from syncunit.server.migrations import install
 
-        return install(self, schema)
+        changed = install(self, schema)
+        return self.install_scope_indexes(schema) or changed
+
+    def install_scope_indexes(self, schema: SyncSchema) -> bool:
+        """Create the indexes deltas read the scope through, if any is missing (they
+        depend on the streams' filters, not on tracking); False when none was."""
+        wanted = self.scope_index_ddl(schema)
+        with self.engine.connect() as conn, conn.begin():
+            have = self.index_names(conn)
+        missing = [ddl for ddl in wanted if _index_name(ddl) not in have]
+        if not missing:
+            return False
+        with self.write() as conn:
+            for ddl in missing:
+                conn.exec_driver_sql(ddl)
+        return True
+
+    def index_names(self, conn: Connection) -> set[str]:
+        """The names of every index in the database."""
+        inspector = sa.inspect(conn)
+        with warnings.catch_warnings():  # expression indexes are not reflected: names are
+            warnings.simplefilter("ignore", sa.exc.SAWarning)
+            return {
+                str(ix["name"])
+                for t in inspector.get_table_names()
+                for ix in inspector.get_indexes(t)
+            }
 
     def lock_for_install(self, conn: Connection) -> None:
         """Serialize installs (``write()`` already does on databases with one writer)."""
@@ -165,6 +198,25 @@ class ServerStore(abc.ABC):
     def legacy_image(self, conn: Connection, table: str) -> set[str] | None:
         """The columns tombstones kept under tracking installed before definitions were recorded."""
         return None
+
+    def scope_index_ddl(self, schema: SyncSchema) -> list[str]:
+        """``CREATE INDEX IF NOT EXISTS`` for the (scope column, version) indexes through
+        which deltas find the changes in a client's scope (see ``shape.scope_indexes``)."""
+        q = self.engine.dialect.identifier_preparer.quote
+        streams = list(schema.streams.values())
+        out = [
+            f"CREATE INDEX IF NOT EXISTS {q(name)} ON {q(table.name)} ({', '.join(map(q, cols))})"
+            for name, table, cols in scope_indexes(streams)
+        ]
+        for column in tombstone_scope_columns(streams):
+            out += self.tombstone_index_ddl(column)
+        return out
+
+    def tombstone_index_ddl(self, column: sa.Column[Any]) -> list[str]:
+        """An index on tombstones by the old value of ``column`` (and version), for the
+        removals of streams whose filter pins that column's scope. None by default:
+        removals then read every tombstone of the table since the cursor."""
+        return []
 
     # -- reading -----------------------------------------------------------------
 
@@ -203,6 +255,10 @@ class ServerStore(abc.ABC):
     @abc.abstractmethod
     def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         """The largest of several (nullable) integers."""
+
+    def least(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The smallest of several (non-null) integers, as one flat expression."""
+        return values[0] if len(values) == 1 else sa.func.least(*values)
 
     # -- writing -----------------------------------------------------------------
 

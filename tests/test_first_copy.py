@@ -1,0 +1,79 @@
+"""A first copy defers its local indexes for speed; whatever ends it, the device is whole.
+
+A large first copy drops the local table's secondary indexes and builds them
+once at its end. A process killed in the middle never reaches that end: the
+suspension is recorded in the local database, so reopening it, or the copy's
+last chunk in a later run, builds them again.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+from syncunit.client.store import LocalStore
+from syncunit.protocol import Chunk
+
+KILLED_LATE_IN_LOGIN = """
+import os, signal, sys
+import syncunit.client.client as client_module
+from syncunit.client import SyncClient
+from syncunit.client.store import LocalStore
+
+url, path = sys.argv[1:3]
+client_module.DEFER_INDEXES_ABOVE = 50  # the test's copy is small: defer anyway
+applied = 0
+apply_chunk = LocalStore.apply_chunk
+
+def apply_then_die(self, stream, chunk):
+    global applied
+    out = apply_chunk(self, stream, chunk)
+    if stream.local_table == "LocalAppointment":
+        applied += 1
+        if applied == 10:  # of 13: late in the copy, its last chunks still to come
+            os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+LocalStore.apply_chunk = apply_then_die
+SyncClient(url, path, token="token-h1", chunk_size=16).sync("Login")
+print("the sync finished: the test meant to kill it first")
+"""
+
+
+def _indexes(store: LocalStore, table: str) -> set[str]:
+    return {r[1] for r in store.query(f'PRAGMA index_list("{table}")')}
+
+
+def test_a_first_copy_killed_late_leaves_the_device_whole(live, make_client, tmp_path, in_sync):
+    path = tmp_path / "killed.sqlite"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_LATE_IN_LOGIN, live.url, str(path)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+    device = make_client(name="killed")  # the same database, reopened
+    catalog = device.store.catalog()
+    info = catalog.stream("appointments")
+    want = {f"ix_LocalAppointment_{'_'.join(ix)}" for ix in info.indexes}
+    assert want <= _indexes(device.store, "LocalAppointment")
+    device.sync("Login")  # resumes the copy: its last chunks
+    assert want <= _indexes(device.store, "LocalAppointment")
+    in_sync(device)
+
+
+def test_the_copys_last_chunk_restores_what_it_suspended(client):
+    client.sync("Login")
+    store: LocalStore = client.store
+    info = store.catalog().stream("appointments")
+    assert store.suspend_indexes(info)
+    assert not {f"ix_LocalAppointment_{'_'.join(ix)}" for ix in info.indexes} & _indexes(
+        store, "LocalAppointment"
+    )
+    cursor = store.cursors(["appointments"])["appointments"]
+    store.apply_chunk(info, Chunk("appointments", [], [], [], cursor, complete=True))
+    want = {f"ix_LocalAppointment_{'_'.join(ix)}" for ix in info.indexes}
+    assert want <= _indexes(store, "LocalAppointment")

@@ -1,0 +1,306 @@
+"""The delta engine on stream shapes beyond the example's: deep joins, literals, scopes.
+
+Each test is one promise of the delta reader (removals along multi-level joins,
+a definition hash that covers literals, no foreign identifiers, removals and
+full streams in chunks), on the hospital tables with streams of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hospital.generate import generate
+from hospital.models import appointment, doctor, hospital, patient
+
+from syncunit import Join, Stream, SyncSchema, SyncUnit
+from syncunit.server import Principal, SyncServer, TokenAuth
+from syncunit.server.store import ServerStore
+from tests.conftest import SIZE
+from tests.support import (
+    chunks,
+    expected_rows,
+    local_keys,
+    local_rows,
+    removed_keys,
+    sent_keys,
+)
+
+#: Principals by token: two cities (the example data has Lisbon = hospital 1, Porto = 2).
+TOKENS = {
+    "lisbon": Principal("ana", {"city": "Lisbon", "hospital_id": 1}),
+    "porto": Principal("rui", {"city": "Porto", "hospital_id": 2}),
+}
+
+
+def city_appointments(**overrides: Any) -> Stream:
+    """Appointments in the principal's city: the filter reads a column two joins away."""
+    options: dict[str, Any] = {
+        "joins": [
+            Join(doctor, appointment.c.doctor_id == doctor.c.id),
+            Join(hospital, doctor.c.hospital_id == hospital.c.id),
+            Join(patient, appointment.c.patient_id == patient.c.id),
+        ],
+        "where": hospital.c.city == sa.bindparam("city"),
+        "local_table": "LocalCityAppointment",
+    }
+    options.update(overrides)
+    columns = {
+        "id": appointment.c.id,
+        "status": appointment.c.status,
+        "notes": appointment.c.notes,
+        "doctor_name": doctor.c.name,
+        "city": hospital.c.city,
+        "patient_name": patient.c.name,
+    }
+    return Stream("city_appointments", appointment, columns, **options)
+
+
+@pytest.fixture
+def shaped(store: ServerStore, serve: Callable[[Any], Any], make_client: Callable[..., Any]) -> Any:
+    """``shaped(*streams)``: a live server of one unit "Pull" with ``streams`` on the
+    example's data; returns (server, live, client factory by token)."""
+    generate(store.engine, **SIZE)
+    state: dict[str, Any] = {}
+
+    def start(*streams: Stream) -> tuple[SyncServer, Any, Callable[..., Any]]:
+        server = SyncServer(
+            SyncSchema([SyncUnit("Pull", list(streams))]), store, authenticate=TokenAuth(TOKENS)
+        )
+        if "live" in state:
+            state["live"].app = server.app  # a restart with another definition
+        else:
+            state["live"] = serve(server.app)
+        live = state["live"]
+
+        def device(token: str, **options: Any) -> Any:
+            return make_client(token, name=f"{token}-device", url=live.url, **options)
+
+        return server, live, device
+
+    return start
+
+
+def _check(server: SyncServer, device: Any, token: str) -> None:
+    """Each local table equals its stream's query on the server for this principal."""
+    params = TOKENS[token].params
+    for s in server.schema.units["Pull"].streams:
+        assert local_rows(device, server, s) == expected_rows(server, s, params), s.name
+
+
+def _keys(store: ServerStore, query: sa.Select[Any]) -> list[Any]:
+    with store.engine.connect() as conn:
+        return list(conn.execute(query).scalars())
+
+
+# -- 1. removals along multi-level joins -------------------------------------------------
+
+
+def test_hospitals_swapping_cities_swap_the_rows(shaped, store, plain_sql):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon")
+    ana.sync("Pull")
+    plain_sql("UPDATE hospital SET city = 'Braga' WHERE id = 1")
+    plain_sql("UPDATE hospital SET city = 'Lisbon' WHERE id = 2")
+
+    ana.sync("Pull")
+
+    assert local_keys(ana, "LocalCityAppointment") == set(
+        _keys(
+            store,
+            sa.select(appointment.c.id)
+            .join(doctor, doctor.c.id == appointment.c.doctor_id)
+            .where(doctor.c.hospital_id == 2),
+        )
+    )
+    _check(server, ana, "lisbon")
+
+
+def test_a_row_whose_hospital_and_doctor_both_changed_is_removed(shaped, store, plain_sql):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon")
+    ana.sync("Pull")
+    doc = _keys(store, sa.select(doctor.c.id).where(doctor.c.hospital_id == 1))[0]
+    # In one window the doctor moves to hospital 2, and hospital 1 to Braga. Alone,
+    # neither old image proves the doctor's rows were here: the doctor's (H1) meets
+    # H1's new city, H1's (Lisbon) meets only the doctors still in H1. Together they do.
+    plain_sql("UPDATE doctor SET hospital_id = 2 WHERE id = :d", {"d": doc})
+    plain_sql("UPDATE hospital SET city = 'Braga' WHERE id = 1")
+
+    ana.sync("Pull")
+
+    assert local_keys(ana, "LocalCityAppointment") == set()  # Lisbon has no hospital now
+    _check(server, ana, "lisbon")
+
+
+# -- 2. the definition hash covers literal values ------------------------------------------
+
+
+def test_a_changed_literal_resets_every_device_to_the_new_scope(shaped, store, plain_sql):
+    mine = _keys(store, sa.select(appointment.c.id).order_by(appointment.c.id))
+    plain_sql("UPDATE appointment SET status = 'cancelled' WHERE id = :k", {"k": mine[0]})
+    plain_sql("UPDATE appointment SET status = 'archived' WHERE id = :k", {"k": mine[1]})
+
+    def stream(status: str) -> Stream:
+        where = sa.and_(hospital.c.city == sa.bindparam("city"), appointment.c.status != status)
+        return city_appointments(where=where)
+
+    old, new = stream("cancelled"), stream("archived")
+    assert old.definition_hash != new.definition_hash
+    server, _, device = shaped(old)
+    devices = {token: device(token) for token in TOKENS}
+    for token, d in devices.items():
+        d.sync("Pull")
+        _check(server, d, token)
+
+    server2, _, _ = shaped(new)  # the server restarts with the changed literal
+    for token, d in devices.items():
+        result = d.sync("Pull")
+        assert result.resets == ["city_appointments"]
+        _check(server2, d, token)
+
+
+def test_the_definition_hash_covers_columns_joins_and_local_table():
+    base = city_appointments()
+    changed = [
+        city_appointments(local_table="Other"),
+        city_appointments(where=hospital.c.city == "Lisbon"),
+        city_appointments(where=hospital.c.city == "Porto"),
+        city_appointments(joins=[*base.joins[:2], Join(patient, patient.c.id == 1)]),
+        Stream("city_appointments", appointment, [appointment.c.id, appointment.c.notes]),
+    ]
+    hashes = {base.definition_hash, *(s.definition_hash for s in changed)}
+    assert len(hashes) == len(changed) + 1
+    assert city_appointments().definition_hash == base.definition_hash  # and it is stable
+
+
+# -- 6. no foreign identifiers --------------------------------------------------------------
+
+
+def test_removals_never_name_rows_of_another_scope(shaped, store, plain_sql, tap):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon", transport=tap)
+    ana.sync("Pull")
+    held = local_keys(ana, "LocalCityAppointment")
+    porto = _keys(
+        store,
+        sa.select(appointment.c.id)
+        .join(doctor, doctor.c.id == appointment.c.doctor_id)
+        .where(doctor.c.hospital_id == 2)
+        .order_by(appointment.c.id),
+    )
+    porto_doctors = _keys(store, sa.select(doctor.c.id).where(doctor.c.hospital_id == 2))
+    # Porto's rows are deleted and moved while their doctors, patients and hospital
+    # change too (what a lenient proof took as "may have been in scope").
+    plain_sql("UPDATE doctor SET name = name || ' (renamed)' WHERE hospital_id = 2")
+    plain_sql("UPDATE patient SET name = name || ' (renamed)'")
+    plain_sql("UPDATE hospital SET name = 'Porto Central' WHERE id = 2")
+    plain_sql("DELETE FROM appointment WHERE id = :k", {"k": porto[0]})
+    plain_sql(
+        "UPDATE appointment SET doctor_id = :d WHERE id = :k",
+        {"d": porto_doctors[1], "k": porto[1]},
+    )
+    plain_sql("DELETE FROM doctor WHERE id = :d", {"d": porto_doctors[0]})
+    mine = sorted(held)[0]
+    plain_sql("DELETE FROM appointment WHERE id = :k", {"k": mine})
+
+    ana.sync("Pull")
+
+    assert removed_keys(tap.last, "city_appointments") == [mine]
+    _check(server, ana, "lisbon")
+
+
+# -- 7. removals and full streams in chunks ---------------------------------------------------
+
+
+def test_removals_travel_in_chunks_and_resume_after_a_cut(shaped, store, plain_sql, tap):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon", transport=tap, chunk_size=16)
+    ana.sync("Pull")
+    gone = sorted(local_keys(ana, "LocalCityAppointment"))[:40]
+    plain_sql.many("DELETE FROM appointment WHERE id = :k", [{"k": k} for k in gone])
+
+    tap.arm(chunks=("city_appointments", 1))
+    with pytest.raises(Exception, match="cut"):
+        ana.sync("Pull")
+    first = chunks(tap.last, "city_appointments")
+    assert [len(c.removed) for c in first] == [16]
+    ana.sync("Pull")
+
+    resumed = chunks(tap.last, "city_appointments")
+    assert [len(c.removed) for c in resumed if c.removed] == [16, 8]  # from where it stopped
+    assert not set(gone) & local_keys(ana, "LocalCityAppointment")
+    _check(server, ana, "lisbon")
+
+
+def _city_summary() -> Stream:
+    return Stream.full(
+        "city_summary",
+        sa.select(appointment.c.id.label("id"), appointment.c.status.label("status"))
+        .join(doctor, doctor.c.id == appointment.c.doctor_id)
+        .where(doctor.c.hospital_id == sa.bindparam("hospital_id")),
+        key="id",
+        local_table="LocalCitySummary",
+    )
+
+
+def test_a_full_stream_travels_in_chunks_applied_in_one_transaction(shaped, plain_sql, tap):
+    server, _, device = shaped(_city_summary())
+    ana = device("lisbon", transport=tap, chunk_size=16)
+    ana.sync("Pull")
+    sent = chunks(tap.last, "city_summary")
+    assert len(sent) == 13  # 200 rows
+    assert all(len(c.data[0]) <= 16 for c in sent)
+    assert [c.reset for c in sent] == [True] + [False] * 12
+    _check(server, ana, "lisbon")
+    before = ana.store.rows("LocalCitySummary")
+
+    plain_sql("UPDATE appointment SET status = 'cancelled'")
+    tap.arm(chunks=("city_summary", 5))
+    with pytest.raises(Exception, match="cut"):
+        ana.sync("Pull")
+    assert ana.store.rows("LocalCitySummary") == before  # all or nothing
+
+    ana.sync("Pull")
+    _check(server, ana, "lisbon")
+    assert sent_keys(tap.last, "city_summary")
+
+
+def test_removals_never_pair_states_that_never_coexisted(shaped, store, plain_sql, tap):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon", transport=tap)
+    ana.sync("Pull")
+    held = local_keys(ana, "LocalCityAppointment")
+    doc = _keys(store, sa.select(doctor.c.id).where(doctor.c.hospital_id == 2))[0]
+    theirs = set(_keys(store, sa.select(appointment.c.id).where(appointment.c.doctor_id == doc)))
+    # Hospital 1 leaves Lisbon; only then does a Porto doctor work there for a while.
+    # The doctor's old image (in H1) and H1's old image (in Lisbon) were never true
+    # at the same moment: the doctor's rows were never in Lisbon's scope.
+    plain_sql("UPDATE hospital SET city = 'Braga' WHERE id = 1")
+    plain_sql("UPDATE doctor SET hospital_id = 1 WHERE id = :d", {"d": doc})
+    plain_sql("UPDATE doctor SET hospital_id = 2 WHERE id = :d", {"d": doc})
+
+    ana.sync("Pull")
+
+    removed = set(removed_keys(tap.last, "city_appointments"))
+    assert removed == held  # everything of hospital 1 left Lisbon...
+    assert not removed & theirs  # ...and nothing else is named
+    _check(server, ana, "lisbon")
+
+
+def test_a_deleted_joined_row_clears_the_columns_copied_from_it(shaped, store, plain_sql):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon")
+    ana.sync("Pull")
+    rows = ana.store.rows("LocalCityAppointment", ["id", "patient_name"])
+    victim = rows[0][1]
+    plain_sql("DELETE FROM patient WHERE name = :n", {"n": victim})
+
+    ana.sync("Pull")  # the rows stay in scope (the filter does not read patients)
+
+    names = {r[1] for r in ana.store.rows("LocalCityAppointment", ["id", "patient_name"])}
+    assert victim not in names
+    assert None in names
+    _check(server, ana, "lisbon")
