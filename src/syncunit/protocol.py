@@ -217,6 +217,7 @@ PROBLEM_CODES: dict[str, tuple[int, str]] = {
     "missing-parameter": (403, "The principal lacks a parameter this unit filters on"),
     "unit-forbidden": (403, "This principal may not run this sync unit"),
     "unknown-unit": (404, "No such sync unit"),
+    "unknown-stream": (404, "No such stream in this sync unit"),
     "malformed-request": (400, "The request body could not be read"),
     "unsupported-protocol": (400, "Unsupported protocol version"),
     "upload-timeout": (408, "The request body took too long to arrive"),

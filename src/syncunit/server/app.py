@@ -3,6 +3,7 @@
 * ``GET  /v1/catalog``      units, streams and local table schemas, with a schema hash
 * ``POST /v1/sync/{unit}``  one unit run: push (if the unit pushes), then pull, streamed
 * ``POST /v1/live/{unit}``  a long-poll answering when the unit has changes in scope
+* ``/v1/rxdb/{unit}/{stream}/...``  RxDB's replication protocol (``server/rxdb.py``)
 
 Every request is authenticated, admitted (rate per principal, concurrent
 syncs), bounded (``Limits``) and checked before it touches the database; a
@@ -56,6 +57,7 @@ from syncunit.server.limits import Limits, check_mutations, check_request, read_
 from syncunit.server.live import VersionMonitor, unit_has_changes
 from syncunit.server.problems import ProblemException, problem_response
 from syncunit.server.push import PushApplier
+from syncunit.server.rxdb import RxDBReplication
 from syncunit.server.store import ServerStore, meta_table
 from syncunit.server.streaming import FramePump, FrameResponse, compressor_for
 from syncunit.units import SyncSchema, SyncUnit
@@ -126,12 +128,14 @@ class SyncServer:
         self.sync_log = SyncLog()
         self.observers: list[FrameObserver] = [self.sync_log.observe]
         self.inspector = Inspector(self.store, self.sync_log, self._principal)
+        self.rxdb = RxDBReplication(self)
         self.app = Starlette(
             routes=[
                 Route("/v1/catalog", self.get_catalog, methods=["GET"]),
                 Route("/v1/sync/{unit}", self.post_sync, methods=["POST"]),
                 Route("/v1/live/{unit}", self.post_live, methods=["POST"]),
                 *self.inspector.routes(),
+                *self.rxdb.routes(),
             ],
             # ProtocolError has its own handler: one for Exception also re-raises (a
             # traceback in the server's log for every malformed request).

@@ -1,0 +1,504 @@
+"""RxDB's HTTP replication protocol, per sync unit and stream, for JavaScript apps.
+
+RxDB (https://rxdb.info) replicates one collection through three handlers the
+app writes; these endpoints are what they call (``docs/javascript.md``):
+
+* ``POST /v1/rxdb/{unit}/{stream}/pull`` ``{"checkpoint": ..., "batchSize": n}``
+  answers ``{"documents": [...], "checkpoint": {"cursor": ...}, "reset": bool}``.
+  The checkpoint holds the stream cursor, opaque to RxDB. A batch is filled to
+  ``batchSize`` across chunk boundaries, since RxDB takes a short batch for
+  "caught up". Removals and rows that left the scope come as ``_deleted``
+  documents; ``reset`` says this batch starts a re-download, and every local
+  document it does not hold must go (a clean re-sync).
+* ``POST /v1/rxdb/{unit}/{stream}/push`` ``[{"assumedMasterState", "newDocumentState"}]``
+  answers ``{"conflicts": [...], "results": [...]}``: the current server state of
+  every document not applied as sent (RxDB's conflict list; ``_deleted`` when the
+  client may not hold it), and one result per row, as native devices get them.
+* ``GET /v1/rxdb/{unit}/{stream}/pull/stream``: Server-Sent Events for RxDB's
+  ``pull.stream$``. Each event's data is ``"RESYNC"`` or ``{"documents",
+  "checkpoint"}``; ``RESYNC`` comes first, on every reset, and when more changed
+  than one batch holds.
+* ``GET /v1/rxdb/{unit}/{stream}/schema``: an RxDB JSON schema for the stream's
+  local table, from the catalog.
+
+Everything goes through the native pieces: the same authentication and
+validation as ``POST /v1/sync/{unit}``, ``StreamReader`` for pulls,
+``PushApplier`` for pushes (scope, conflict policy, rules, exactly-once log)
+and the live monitor for the event stream. A device names itself with the
+``Syncunit-Client-Id`` header; its pushes of one stream are numbered by the
+server in a client id of their own (``rxdb:{device}:{stream}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+import msgspec
+import sqlalchemy as sa
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from syncunit.protocol import (
+    PROTOCOL_VERSION,
+    Chunk,
+    Mutation,
+    MutationResult,
+    StreamInfo,
+    StreamStart,
+    SyncRequest,
+)
+from syncunit.server.auth import Principal
+from syncunit.server.changes import StreamReader, params_hash
+from syncunit.server.cursor import Cursor, encode_cursor
+from syncunit.server.live import unit_has_changes
+from syncunit.server.problems import ProblemException
+from syncunit.server.store import clients
+from syncunit.units import Stream, SyncUnit
+
+if TYPE_CHECKING:
+    from syncunit.server.app import SyncServer
+
+__all__ = ["CLIENT_HEADER", "RxDBReplication", "rxdb_schema"]
+
+CLIENT_HEADER = "Syncunit-Client-Id"
+DEFAULT_BATCH = 100
+#: Seconds between keep-alive comments on an idle event stream.
+HEARTBEAT = 15.0
+#: An event stream ends after this many seconds; the client reconnects (and is
+#: authenticated again, so a changed principal takes effect).
+STREAM_LIFETIME = 300.0
+
+_JSON_TYPES = {
+    "integer": "integer",
+    "real": "number",
+    "boolean": "boolean",
+}
+
+
+def rxdb_schema(info: StreamInfo, *, key_length: int = 100) -> dict[str, Any]:
+    """An RxDB collection schema (version 0) for a stream of the catalog.
+
+    The key is a string (RxDB keys are); columns keep their JSON type, and the
+    nullable ones admit ``null``. Only the key is required, since a deleted
+    document carries nothing else.
+    """
+    properties: dict[str, Any] = {}
+    for col in info.columns:
+        if col.name == info.key:
+            properties[col.name] = {"type": "string", "maxLength": key_length}
+            continue
+        kind = _JSON_TYPES.get(col.type, "string")
+        properties[col.name] = {"type": [kind, "null"] if col.nullable else kind}
+    return {
+        "title": info.local_table,
+        "version": 0,
+        "primaryKey": info.key,
+        "type": "object",
+        "properties": properties,
+        "required": [info.key],
+    }
+
+
+class _Docs:
+    """Converts between stream rows and RxDB documents of one stream."""
+
+    def __init__(self, stream: Stream) -> None:
+        info = stream.info()
+        self.stream = stream
+        self.key = info.key
+        self.columns = [c.name for c in info.columns]
+        self.booleans = {c.name for c in info.columns if c.type == "boolean"}
+        self.writable = {c.name for c in info.columns if c.writable}
+        key_info = next(c for c in info.columns if c.name == info.key)
+        self.integer_key = key_info.type == "integer"
+
+    def doc_id(self, key: Any) -> str:
+        return str(key)
+
+    def server_key(self, doc_id: Any) -> Any:
+        """The key as the server's column holds it (PushApplier rejects a bad one)."""
+        if self.integer_key and isinstance(doc_id, str):
+            try:
+                return int(doc_id)
+            except ValueError:
+                return doc_id
+        return doc_id
+
+    def row(self, names: list[str], values: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        for name, value in zip(names, values, strict=True):
+            if name == self.key:
+                doc[name] = self.doc_id(value)
+            elif name in self.booleans and value is not None:
+                doc[name] = bool(value)
+            else:
+                doc[name] = value
+        doc["_deleted"] = False
+        return doc
+
+    def deleted(self, key: Any) -> dict[str, Any]:
+        return {self.key: self.doc_id(key), "_deleted": True}
+
+    def mutation(self, seq: int, row: Any) -> Mutation:
+        """One RxDB push row as the mutation a native device would send."""
+        if not isinstance(row, dict) or not isinstance(row.get("newDocumentState"), dict):
+            raise ProblemException(
+                "malformed-request",
+                "each push row must be {assumedMasterState, newDocumentState} with a document",
+            )
+        new: dict[str, Any] = row["newDocumentState"]
+        old = row.get("assumedMasterState")
+        if self.key not in new:
+            raise ProblemException("malformed-request", f"a pushed document has no {self.key!r}")
+        key = self.server_key(new[self.key])
+        known = isinstance(old, dict) and not old.get("_deleted", False)
+        base = {c: old[c] for c in self.writable if c in old} if known and old else {}
+        mid = str(uuid.uuid4())
+        table = self.stream.local_table
+        if new.get("_deleted", False):
+            return Mutation(seq=seq, id=mid, table=table, key=key, op="delete", base=base)
+        if not known:
+            # Denormalized copies are not data of this row: the server fills them.
+            values = {c: new.get(c) for c in self.columns if c in self.writable or c == self.key}
+            values[self.key] = key
+            return Mutation(seq=seq, id=mid, table=table, key=key, op="insert", values=values)
+        assert isinstance(old, dict)
+        changed = [
+            c for c in self.columns if c != self.key and c in new and new.get(c) != old.get(c)
+        ]
+        values = {c: new[c] for c in changed}
+        return Mutation(
+            seq=seq, id=mid, table=table, key=key, op="update",
+            values=values, changed=changed, base=base,
+        )  # fmt: skip
+
+
+class _Batch(msgspec.Struct):
+    documents: list[dict[str, Any]]
+    checkpoint: dict[str, str] | None
+    reset: bool = False
+    complete: bool = True
+
+
+class RxDBReplication:
+    """The RxDB endpoints of a ``SyncServer`` (its ``routes()`` are mounted by the app)."""
+
+    def __init__(self, server: SyncServer) -> None:
+        self.server = server
+        self._docs: dict[str, _Docs] = {}
+        self._numbering: dict[str, threading.Lock] = {}
+        self._numbering_guard = threading.Lock()
+        self.stream_lifetime = STREAM_LIFETIME
+        self.heartbeat = HEARTBEAT
+
+    def routes(self) -> list[Route]:
+        base = "/v1/rxdb/{unit}/{stream}"
+        return [
+            Route(f"{base}/schema", self.get_schema, methods=["GET"]),
+            Route(f"{base}/pull", self.post_pull, methods=["POST"]),
+            Route(f"{base}/push", self.post_push, methods=["POST"]),
+            Route(f"{base}/pull/stream", self.get_stream, methods=["GET"]),
+        ]
+
+    # -- request checks ------------------------------------------------------------
+
+    async def _resolve(self, request: Request) -> tuple[Principal, SyncUnit, Stream]:
+        """Authenticate; find the unit and its stream."""
+        principal = await self.server._principal(request)
+        name = request.path_params["unit"]
+        unit = self.server.schema.units.get(name)
+        if unit is None:
+            known = ", ".join(sorted(self.server.schema.units))
+            raise ProblemException("unknown-unit", f"unit {name!r} does not exist; known: {known}")
+        stream = next((s for s in unit.streams if s.name == request.path_params["stream"]), None)
+        if stream is None:
+            known = ", ".join(s.name for s in unit.streams)
+            raise ProblemException(
+                "unknown-stream",
+                f"unit {unit.name!r} has no stream {request.path_params['stream']!r};"
+                f" it has: {known}",
+            )
+        return principal, unit, stream
+
+    def _check(
+        self,
+        principal: Principal,
+        unit: SyncUnit,
+        *,
+        client_id: str = "rxdb",
+        mutations: list[Mutation] | None = None,
+        batch: int | None = None,
+    ) -> None:
+        """Validate as a native sync of the unit would be."""
+        req = SyncRequest(
+            protocol=PROTOCOL_VERSION,
+            client_id=client_id,
+            mutations=mutations or [],
+            chunk_size=batch,
+        )
+        self.server._validate(req, unit, principal)
+        if mutations is not None and not unit.pushes:
+            raise ProblemException(
+                "invalid-request", f"unit {unit.name!r} does not push; use a unit that does"
+            )
+        if mutations is None and not unit.pulls:
+            raise ProblemException(
+                "invalid-request", f"unit {unit.name!r} does not pull; use its push endpoint"
+            )
+
+    @staticmethod
+    def _client_id(request: Request, stream: Stream) -> str:
+        device = request.headers.get(CLIENT_HEADER, "").strip()
+        if not device or len(device) > 120:
+            raise ProblemException(
+                "invalid-request",
+                f"send a '{CLIENT_HEADER}' header naming this device (1 to 120 characters,"
+                " the same on every push)",
+            )
+        return f"rxdb:{device}:{stream.name}"
+
+    def docs(self, stream: Stream) -> _Docs:
+        d = self._docs.get(stream.name)
+        if d is None:
+            d = self._docs[stream.name] = _Docs(stream)
+        return d
+
+    async def _json(self, request: Request) -> Any:
+        body = await self.server._read_body(request)
+        try:
+            return msgspec.json.decode(body) if body else None
+        except msgspec.DecodeError as exc:
+            raise ProblemException("malformed-request", f"the body is not JSON: {exc}") from exc
+
+    # -- handlers ------------------------------------------------------------------
+
+    async def get_schema(self, request: Request) -> Response:
+        _, _, stream = await self._resolve(request)
+        return _json_response(rxdb_schema(stream.info()))
+
+    async def post_pull(self, request: Request) -> Response:
+        principal, unit, stream = await self._resolve(request)
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise ProblemException("malformed-request", 'send {"checkpoint": ..., "batchSize": n}')
+        batch = body.get("batchSize", DEFAULT_BATCH)
+        if isinstance(batch, bool) or not isinstance(batch, int):
+            raise ProblemException("invalid-request", "batchSize must be an integer")
+        self._check(principal, unit, batch=batch)
+        token = _cursor_of(body.get("checkpoint"))
+        self.server._maybe_prune()
+        result = await anyio.to_thread.run_sync(self.pull, stream, principal, token, batch)
+        return _json_response(
+            {"documents": result.documents, "checkpoint": result.checkpoint, "reset": result.reset}
+        )
+
+    async def post_push(self, request: Request) -> Response:
+        principal, unit, stream = await self._resolve(request)
+        client_id = self._client_id(request, stream)
+        rows = await self._json(request)
+        if not isinstance(rows, list):
+            raise ProblemException(
+                "malformed-request", "send the array of push rows RxDB gives the push handler"
+            )
+        docs = self.docs(stream)
+        mutations = [docs.mutation(i + 1, r) for i, r in enumerate(rows)]
+        self._check(principal, unit, client_id=client_id, mutations=mutations)
+        results = await anyio.to_thread.run_sync(
+            self.push, unit, stream, principal, client_id, mutations
+        )
+        return _json_response(results)
+
+    async def get_stream(self, request: Request) -> Response:
+        try:
+            batch = int(request.query_params.get("batchSize", DEFAULT_BATCH))
+        except ValueError:
+            raise ProblemException("invalid-request", "batchSize must be an integer") from None
+        principal, unit, stream = await self._resolve(request)
+        self._check(principal, unit, batch=batch)
+        monitor = self.server.monitor
+        if monitor.waiters >= self.server.max_live_waiters:
+            raise ProblemException("busy", f"{monitor.waiters} clients are waiting")
+        events = self._events(request, stream, principal, batch)
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    # -- the work ------------------------------------------------------------------
+
+    def pull(self, stream: Stream, principal: Principal, token: str | None, batch: int) -> _Batch:
+        """Documents since ``token``: whole chunks until ``batch`` documents or the end.
+
+        A key changed twice in one batch (a first copy and its catch-up) is sent
+        once, as it is last; the count is of distinct documents, so a batch
+        short of ``batch`` really means "caught up".
+        """
+        store = self.server.store
+        docs = self.docs(stream)
+        reader = StreamReader(store, stream, principal.params, chunk_size=batch)
+        out: dict[str, dict[str, Any]] = {}
+        cursor, reset, complete = token, False, False
+        with store.snapshot() as (conn, watermark):
+            epoch, horizon = store.epoch_and_horizon(conn)
+            frames = reader.frames(conn, watermark, epoch, horizon, token)
+            try:
+                for frame in frames:
+                    if isinstance(frame, StreamStart):
+                        reset = reset or frame.reset
+                        continue
+                    if not isinstance(frame, Chunk):  # pragma: no cover - readers yield these
+                        continue
+                    reset = reset or frame.reset
+                    for key in frame.removed:
+                        doc = docs.deleted(key)
+                        out.pop(doc[docs.key], None)
+                        out[doc[docs.key]] = doc
+                    for values in zip(*frame.data, strict=True):
+                        doc = docs.row(frame.columns, values)
+                        out.pop(doc[docs.key], None)
+                        out[doc[docs.key]] = doc
+                    cursor = frame.cursor
+                    if frame.complete:
+                        complete = True
+                        break
+                    if len(out) >= batch:
+                        break
+            finally:
+                frames.close()
+        checkpoint = None if cursor is None else {"cursor": cursor}
+        return _Batch(list(out.values()), checkpoint, reset, complete)
+
+    def push(
+        self,
+        unit: SyncUnit,
+        stream: Stream,
+        principal: Principal,
+        client_id: str,
+        mutations: list[Mutation],
+    ) -> dict[str, Any]:
+        """Apply the rows through ``PushApplier``; RxDB's conflicts plus every result."""
+        if not mutations:
+            return {"conflicts": [], "results": []}
+        with self._lock_for(client_id):
+            # RxDB rows carry no sequence numbers: they follow the device's last applied
+            # one, under a lock, so the applier's exactly-once log numbers them in order.
+            with self.server.store.engine.connect() as conn:
+                last = conn.execute(
+                    sa.select(clients.c.last_seq).where(clients.c.client_id == client_id)
+                ).scalar()
+            first = int(last or 0) + 1
+            numbered = [msgspec.structs.replace(m, seq=first + i) for i, m in enumerate(mutations)]
+            req = SyncRequest(protocol=PROTOCOL_VERSION, client_id=client_id, mutations=numbered)
+            pushed = self.server.pusher.apply(principal, req)
+        docs = self.docs(stream)
+        conflicts: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
+        for m, r in zip(numbered, pushed.results, strict=True):
+            results.append(_result(docs, m, r))
+            if r.status == "applied":
+                continue
+            if r.server_row is None:
+                conflicts.append(docs.deleted(m.key))
+            else:
+                conflicts.append(docs.row(list(r.server_row), list(r.server_row.values())))
+        return {"conflicts": conflicts, "results": results}
+
+    def _lock_for(self, client_id: str) -> threading.Lock:
+        with self._numbering_guard:
+            lock = self._numbering.get(client_id)
+            if lock is None:
+                lock = self._numbering[client_id] = threading.Lock()
+            return lock
+
+    def _cursor_now(self, stream: Stream, principal: Principal) -> str | None:
+        """A cursor holding everything of ``stream`` up to now, without reading its rows."""
+        if stream.mode == "full":  # small by definition: its content hash is the cursor
+            batch = self.pull(stream, principal, None, self.server.max_chunk_size)
+            return None if batch.checkpoint is None else batch.checkpoint["cursor"]
+        store = self.server.store
+        with store.snapshot() as (conn, watermark):
+            epoch, _ = store.epoch_and_horizon(conn)
+        cur = Cursor(
+            epoch, stream.definition_hash, params_hash(stream, principal.params), "done",
+            since=watermark, high=watermark,
+        )  # fmt: skip
+        return encode_cursor(cur)
+
+    async def _events(
+        self, request: Request, stream: Stream, principal: Principal, batch: int
+    ) -> AsyncIterator[bytes]:
+        """The event stream: ``RESYNC`` first, then the changes in scope as they come.
+
+        The stream keeps its own cursor, taken before each ``RESYNC`` is sent: the
+        pull the client makes on it reads at least that far, so a later event (whose
+        checkpoint replaces the client's) leaves no gap behind it.
+        """
+        store = self.server.store
+        monitor = self.server.monitor
+        alone = SyncUnit(f"rxdb:{stream.name}", [stream])
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + self.stream_lifetime
+        seen = await anyio.to_thread.run_sync(store.current_version)
+        cursor = await anyio.to_thread.run_sync(self._cursor_now, stream, principal)
+        yield b"retry: 1000\n\n" + _event("RESYNC")
+        beat = loop.time()
+        while (left := ends - loop.time()) > 0 and not await request.is_disconnected():
+            version = await monitor.wait_beyond(seen, min(1.0, left))
+            if version <= seen:
+                if loop.time() - beat >= self.heartbeat:
+                    beat = loop.time()
+                    yield b": keep-alive\n\n"
+                continue
+            seen = version
+            changed = await anyio.to_thread.run_sync(
+                unit_has_changes, store, alone, principal.params, {stream.name: cursor or ""}
+            )
+            if not changed:
+                continue
+            found = await anyio.to_thread.run_sync(self.pull, stream, principal, cursor, batch)
+            if found.reset or not found.complete or found.checkpoint is None:
+                cursor = await anyio.to_thread.run_sync(self._cursor_now, stream, principal)
+                yield _event("RESYNC")
+                continue
+            cursor = found.checkpoint["cursor"]
+            if found.documents:
+                yield _event({"documents": found.documents, "checkpoint": found.checkpoint})
+            await asyncio.sleep(0)
+
+
+def _cursor_of(checkpoint: Any) -> str | None:
+    if checkpoint is None:
+        return None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("cursor"), str | None):
+        cursor: str | None = checkpoint.get("cursor")
+        return cursor
+    raise ProblemException(
+        "malformed-request", 'the checkpoint is null or {"cursor": "..."} from an earlier pull'
+    )
+
+
+def _result(docs: _Docs, m: Mutation, r: MutationResult) -> dict[str, Any]:
+    out: dict[str, Any] = {docs.key: docs.doc_id(m.key), "op": m.op, "status": r.status}
+    if r.status != "applied":
+        out["code"] = r.code
+        out["reason"] = r.reason
+    return out
+
+
+def _event(data: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def _json_response(data: Any) -> Response:
+    return Response(
+        msgspec.json.encode(data),
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )

@@ -1,0 +1,411 @@
+"""RxDB's replication protocol over HTTP: pull, push and the event stream, from Python.
+
+These drive the endpoints the way RxDB does (``tests/interop`` runs the real
+RxDB): a pull loop that stops at the first batch shorter than ``batchSize``,
+push rows of ``{assumedMasterState, newDocumentState}``, and ``pull.stream$``
+read as Server-Sent Events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from hospital.models import appointment
+
+from syncunit.server import SyncServer
+from syncunit.server.rxdb import CLIENT_HEADER
+from syncunit.server.store import clients
+from tests.conftest import PlainSQL
+from tests.support import LiveServer, appointments_of, expected_rows, principal_params
+
+BASE = "/v1/rxdb/Online/appointments"
+
+
+def auth(token: str = "token-h1", device: str | None = "js-1") -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {token}"}
+    if device is not None:
+        headers[CLIENT_HEADER] = device
+    return headers
+
+
+class RxPeer:
+    """What RxDB keeps of one collection: documents by key, and a checkpoint."""
+
+    def __init__(self, http: httpx.Client, base: str = BASE, token: str = "token-h1") -> None:
+        self.http = http
+        self.base = base
+        self.token = token
+        self.docs: dict[str, dict[str, Any]] = {}
+        self.checkpoint: Any = None
+        self.batches: list[int] = []
+
+    def pull_once(self, batch: int) -> dict[str, Any]:
+        r = self.http.post(
+            f"{self.base}/pull",
+            json={"checkpoint": self.checkpoint, "batchSize": batch},
+            headers=auth(self.token),
+        )
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def apply(self, body: dict[str, Any]) -> None:
+        if body.get("reset"):  # a re-download: what this batch does not hold goes
+            held = {d["id"] for d in body["documents"]}
+            self.docs = {k: v for k, v in self.docs.items() if k in held}
+        for d in body["documents"]:
+            if d["_deleted"]:
+                self.docs.pop(d["id"], None)
+            else:
+                self.docs[d["id"]] = {k: v for k, v in d.items() if k != "_deleted"}
+        if body["documents"]:  # RxDB keeps no checkpoint from an empty batch
+            self.checkpoint = {**(self.checkpoint or {}), **body["checkpoint"]}
+
+    def pull(self, batch: int = 10) -> None:
+        """RxDB's downstream loop: stop at an empty or short batch."""
+        while True:
+            body = self.pull_once(batch)
+            self.batches.append(len(body["documents"]))
+            self.apply(body)
+            if len(body["documents"]) < batch:
+                return
+
+    def push(self, rows: list[dict[str, Any]], device: str = "js-1") -> dict[str, Any]:
+        r = self.http.post(f"{self.base}/push", json=rows, headers=auth(self.token, device))
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+
+def server_docs(server: SyncServer, token: str = "token-h1") -> dict[str, dict[str, Any]]:
+    s = server.schema.streams["appointments"]
+    rows = expected_rows(server, s, principal_params(server.store, token))
+    return {r[0]: dict(zip(s.columns, r, strict=True)) for r in rows}
+
+
+@pytest.fixture
+def http(live: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def peer(http: httpx.Client) -> RxPeer:
+    return RxPeer(http)
+
+
+def test_a_pull_loop_that_stops_at_a_short_batch_gets_the_whole_scope(
+    peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    peer.pull(batch=7)
+    assert peer.docs == server_docs(server)
+    assert all(n == 7 for n in peer.batches[:-1])
+    # Removals and changes together: the removal chunk alone is shorter than a batch,
+    # so the batch must go on into the upserts, or RxDB stops with half the delta.
+    keys = appointments_of(server.store, 1)
+    plain_sql("DELETE FROM appointment WHERE id IN (?, ?)", (keys[0], keys[1]))
+    plain_sql.many(
+        "UPDATE appointment SET notes = 'changed' WHERE id = ?", [(k,) for k in keys[5:25]]
+    )
+    peer.batches.clear()
+    peer.pull(batch=7)
+    assert peer.docs == server_docs(server)
+    assert peer.batches[0] >= 7
+
+
+def test_removals_and_scope_exits_arrive_as_deleted_documents(
+    peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    peer.pull()
+    keys = appointments_of(server.store, 1)
+    other = plain_sql("SELECT id FROM doctor WHERE hospital_id = 2 LIMIT 1")[0][0]
+    plain_sql("DELETE FROM appointment WHERE id = ?", (keys[0],))
+    plain_sql("UPDATE appointment SET doctor_id = ? WHERE id = ?", (other, keys[1]))
+    body = peer.pull_once(100)
+    deleted = {d["id"]: d for d in body["documents"] if d["_deleted"]}
+    assert deleted == {
+        keys[0]: {"id": keys[0], "_deleted": True},
+        keys[1]: {"id": keys[1], "_deleted": True},
+    }
+    peer.apply(body)
+    assert peer.docs == server_docs(server)
+
+
+def test_a_changed_scope_arrives_as_a_clean_resync(
+    peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    peer.pull()
+    plain_sql("UPDATE staff SET hospital_id = 2 WHERE token = 'token-h1'")
+    body = peer.pull_once(10)
+    assert body["reset"] is True
+    peer.apply(body)
+    peer.pull(batch=10)
+    assert peer.docs == server_docs(server)
+    assert set(peer.docs) == set(appointments_of(server.store, 2))
+
+
+def test_a_doctor_rename_reaches_every_denormalized_document(
+    peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    peer.pull()
+    doctor_id = plain_sql("SELECT id FROM doctor WHERE hospital_id = 1 LIMIT 1")[0][0]
+    plain_sql("UPDATE doctor SET name = 'Dr. Renamed' WHERE id = ?", (doctor_id,))
+    peer.pull()
+    mine = [d for d in peer.docs.values() if d["doctor_id"] == doctor_id]
+    assert mine
+    assert all(d["doctor_name"] == "Dr. Renamed" for d in mine)
+    assert peer.docs == server_docs(server)
+
+
+def _slot(day: int, hour: int) -> tuple[str, str]:
+    start = dt.datetime(2031, 1, 1) + dt.timedelta(days=day, hours=hour)
+    return start.isoformat(), (start + dt.timedelta(minutes=30)).isoformat()
+
+
+def _new_booking(peer: RxPeer, doctor_id: int, day: int, hour: int) -> dict[str, Any]:
+    start, end = _slot(day, hour)
+    patient_id = next(iter(peer.docs.values()))["patient_id"]
+    return {
+        "id": str(uuid.uuid4()),
+        "doctor_id": doctor_id,
+        "patient_id": patient_id,
+        "starts_at": start,
+        "ends_at": end,
+        "status": "booked",
+        "room": "12",
+        "notes": "",
+        "_deleted": False,
+    }
+
+
+def test_push_applies_reports_and_returns_the_server_state_of_what_it_did_not_apply(
+    peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    peer.pull()
+    doctor_id = plain_sql("SELECT id FROM doctor WHERE hospital_id = 1 LIMIT 1")[0][0]
+    other_doctor = plain_sql("SELECT id FROM doctor WHERE hospital_id = 2 LIMIT 1")[0][0]
+    booking = _new_booking(peer, doctor_id, 1, 9)
+    clash = {**_new_booking(peer, doctor_id, 1, 9), "notes": "same slot"}
+    a, b = sorted(peer.docs)[:2]
+    doc_a, doc_b = peer.docs[a], peer.docs[b]
+    # The backoffice edits the notes of a; the device edits them too (a conflict under
+    # Detect); the device moves b to a doctor of another hospital (out of its scope).
+    plain_sql("UPDATE appointment SET notes = 'backoffice' WHERE id = ?", (a,))
+    edit_a = {
+        "assumedMasterState": {**doc_a, "_deleted": False},
+        "newDocumentState": {**doc_a, "notes": "device", "_deleted": False},
+    }
+    move_b = {
+        "assumedMasterState": {**doc_b, "_deleted": False},
+        "newDocumentState": {**doc_b, "doctor_id": other_doctor, "_deleted": False},
+    }
+    out = peer.push(
+        [
+            {"newDocumentState": booking},
+            {"newDocumentState": clash},
+            edit_a,
+            move_b,
+        ]
+    )
+    results = out["results"]
+    assert [r["status"] for r in results] == ["applied", "rejected", "conflict", "rejected"]
+    assert results[1]["code"] == "rule"
+    assert "already booked" in results[1]["reason"]
+    assert results[3]["code"] == "out-of-scope"
+    by_id = {d["id"]: d for d in out["conflicts"]}
+    assert set(by_id) == {clash["id"], a, b}
+    assert by_id[clash["id"]] == {"id": clash["id"], "_deleted": True}
+    assert by_id[a]["notes"] == "backoffice"
+    assert by_id[a]["_deleted"] is False
+    assert by_id[b] == {**server_docs(server)[b], "_deleted": False}
+    with server.store.engine.connect() as conn:
+        got = conn.execute(sa.select(appointment).where(appointment.c.id == booking["id"])).one()
+    assert got.room == "12"
+
+
+def test_pushes_of_a_device_follow_one_sequence_applied_once(
+    peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    peer.pull()
+    doctor_id = plain_sql("SELECT id FROM doctor WHERE hospital_id = 1 LIMIT 1")[0][0]
+    first = [{"newDocumentState": _new_booking(peer, doctor_id, 2, h)} for h in (8, 9)]
+    second = [{"newDocumentState": _new_booking(peer, doctor_id, 2, 10)}]
+    assert [r["status"] for r in peer.push(first)["results"]] == ["applied", "applied"]
+    assert [r["status"] for r in peer.push(second)["results"]] == ["applied"]
+    with server.store.engine.connect() as conn:
+        last = conn.execute(
+            sa.select(clients.c.last_seq).where(clients.c.client_id == "rxdb:js-1:appointments")
+        ).scalar_one()
+    assert last == 3
+    # A retried push (its response was lost) leaves the row as it is.
+    again = peer.push(first)
+    assert [r["status"] for r in again["results"]] == ["applied", "applied"]
+    assert again["conflicts"] == []
+    peer.pull()
+    assert peer.docs == server_docs(server)
+
+
+def test_a_deleted_document_is_a_delete_and_a_delete_again_is_harmless(
+    peer: RxPeer, server: SyncServer
+) -> None:
+    peer.pull()
+    key = sorted(peer.docs)[0]
+    doc = {**peer.docs[key], "_deleted": False}
+    row = {"assumedMasterState": doc, "newDocumentState": {**doc, "_deleted": True}}
+    assert peer.push([row])["results"][0]["status"] == "applied"
+    assert key not in appointments_of(server.store, 1)
+    assert peer.push([row])["results"][0]["status"] == "applied"
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "code"),
+    [
+        (f"{BASE}/pull", {"json": {"checkpoint": None}, "headers": auth("nope")}, 401,
+         "unauthenticated"),
+        ("/v1/rxdb/Nope/appointments/pull", {"json": {}}, 404, "unknown-unit"),
+        ("/v1/rxdb/Online/nope/pull", {"json": {}}, 404, "unknown-stream"),
+        (f"{BASE}/pull", {"json": {"checkpoint": "abc"}}, 400, "malformed-request"),
+        (f"{BASE}/pull", {"json": {"batchSize": 0}}, 422, "invalid-request"),
+        (f"{BASE}/pull", {"content": b"{nope"}, 400, "malformed-request"),
+        (f"{BASE}/push", {"json": [{}]}, 400, "malformed-request"),
+        (f"{BASE}/push", {"json": [], "headers": auth(device=None)}, 422, "invalid-request"),
+        ("/v1/rxdb/Login/appointments/push", {"json": []}, 422, "invalid-request"),
+        ("/v1/rxdb/SendAppointments/appointments/pull", {"json": {}}, 422, "invalid-request"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_a_clear_problem_and_change_nothing(
+    http: httpx.Client,
+    server: SyncServer,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
+    code: str,
+) -> None:
+    from tests.support import db_state
+
+    before = db_state(server.store.engine)
+    kwargs.setdefault("headers", auth())
+    r = http.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == code
+    assert r.json()["detail"]
+    assert db_state(server.store.engine) == before
+
+
+def test_the_schema_comes_from_the_catalog(http: httpx.Client) -> None:
+    r = http.get(f"{BASE}/schema", headers=auth())
+    assert r.status_code == 200
+    schema = r.json()
+    assert schema["primaryKey"] == "id"
+    assert schema["required"] == ["id"]
+    props = schema["properties"]
+    assert props["id"] == {"type": "string", "maxLength": 100}
+    assert props["doctor_id"] == {"type": "integer"}
+    assert props["starts_at"] == {"type": "string"}
+    assert set(props) == {
+        "id", "doctor_id", "patient_id", "starts_at", "ends_at", "status", "room", "notes",
+        "patient_name", "doctor_name", "specialty", "hospital",
+    }  # fmt: skip
+
+
+class Events:
+    """An SSE client on a plain socket (so closing it ends it at once, as a browser tab
+    closing would); a thread reads the events, ``next()`` waits for one."""
+
+    def __init__(self, live: LiveServer, path: str, token: str = "token-h1") -> None:
+        self.items: list[Any] = []
+        self.cond = threading.Condition()
+        self.sock = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        )
+        self.sock.sendall(request.encode())
+        self.file = self.sock.makefile("rb")
+        status = self.file.readline()
+        assert b" 200 " in status, status
+        headers = {}
+        while (line := self.file.readline().strip()) != b"":
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        assert headers["content-type"].startswith("text/event-stream")
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            while (line := self.file.readline()) and line != b"0\r\n":  # the body's end
+                text = line.decode().strip()
+                if "data: " in text:  # (a chunk-size line may not precede it)
+                    with self.cond:
+                        self.items.append(json.loads(text.split("data: ", 1)[1]))
+                        self.cond.notify_all()
+        except OSError:
+            pass
+
+    def next(self, timeout: float = 10.0) -> Any:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.items, timeout), "no event came"
+            return self.items.pop(0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_the_event_stream_sends_resync_then_the_changed_documents(
+    live: LiveServer, peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    events = Events(live, f"{BASE}/pull/stream?batchSize=5")
+    try:
+        assert events.next() == "RESYNC"
+        peer.pull()  # what RxDB does on RESYNC
+        keys = appointments_of(server.store, 1)
+        plain_sql("UPDATE appointment SET notes = 'live' WHERE id = ?", (keys[3],))
+        event = events.next()
+        assert [d["id"] for d in event["documents"]] == [keys[3]]
+        assert event["documents"][0]["notes"] == "live"
+        peer.apply(event)
+        # Another hospital's change is out of scope: no event; more than a batch: RESYNC.
+        plain_sql("UPDATE appointment SET notes = 'x' WHERE id = ?", (appointments_of(
+            server.store, 2)[0],))  # fmt: skip
+        plain_sql.many("UPDATE appointment SET notes = 'bulk' WHERE id = ?",
+                       [(k,) for k in keys[10:20]])  # fmt: skip
+        assert events.next() == "RESYNC"
+        peer.pull()
+        assert peer.docs == server_docs(server)
+    finally:
+        events.close()
+
+
+def test_an_event_stream_ends_so_the_client_reconnects_as_who_it_is_now(
+    live: LiveServer, peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    server.rxdb.stream_lifetime = 0.5
+    events = Events(live, f"{BASE}/pull/stream")
+    try:
+        assert events.next() == "RESYNC"
+        events.thread.join(10)
+        assert not events.thread.is_alive(), "the stream did not end"
+    finally:
+        events.close()
+    peer.pull()
+    plain_sql("UPDATE staff SET hospital_id = 2 WHERE id = 1")
+    events = Events(live, f"{BASE}/pull/stream")
+    try:
+        assert events.next() == "RESYNC"
+        body = peer.pull_once(10)
+        assert body["reset"] is True
+    finally:
+        events.close()
