@@ -1,0 +1,241 @@
+"""The real RxDB under Node, and a Python device, syncing one hospital's appointments.
+
+``tests/interop/js`` pins rxdb and rxjs in its package-lock.json; ``npm ci``
+installs them into its (git-ignored) node_modules, once per change of the lock.
+The JavaScript device (``js/device.mjs``) runs the replication of
+``js/syncunit-rxdb.mjs`` (what docs/javascript.md shows) with RxDB's memory
+storage, schema validation and dev-mode checks, and answers commands on stdin.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import queue
+import shutil
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from syncunit.client import SyncClient
+from syncunit.server import SyncServer
+from syncunit.server.store import mutation_log
+from tests.conftest import PlainSQL
+from tests.support import LiveServer, assert_in_sync, expected_rows, principal_params
+
+JS = Path(__file__).parent / "js"
+STAMP = JS / "node_modules" / ".syncunit-lock.sha256"
+JS_CLIENT = "rxdb:tablet:appointments"  # the server's client id of its pushes
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node binary, with the pinned packages installed (``npm ci`` when the lock changed)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("Node.js (node and npm) is not installed: the RxDB interop test needs it")
+    lock = hashlib.sha256((JS / "package-lock.json").read_bytes()).hexdigest()
+    if not STAMP.exists() or STAMP.read_text().strip() != lock:
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=JS,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
+        STAMP.write_text(lock)
+    return node
+
+
+class JsDevice:
+    """One Node process running RxDB; ``call`` sends a command and waits for its answer."""
+
+    def __init__(self, node: str) -> None:
+        self.proc = subprocess.Popen(
+            [node, "device.mjs"],
+            cwd=JS,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.answers: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.answers.put)).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append)).start()
+
+    @staticmethod
+    def _pump(stream: Any, put: Callable[[str], None]) -> None:
+        for line in stream:
+            put(line)
+
+    def call(self, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        try:
+            line = self.answers.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"the JS device did not answer {cmd!r}: {''.join(self.stderr)[-2000:]}"
+            ) from None
+        answer: dict[str, Any] = json.loads(line)
+        assert answer.pop("ok"), f"{cmd} failed in the JS device: {answer.get('error')}"
+        return answer
+
+    def docs(self) -> dict[str, dict[str, Any]]:
+        return {d["id"]: d for d in self.call("docs")["docs"]}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call("stop", timeout=10)
+                self.proc.wait(10)
+            except (AssertionError, subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def js_device(node: str) -> Iterator[Callable[[], JsDevice]]:
+    devices: list[JsDevice] = []
+
+    def make() -> JsDevice:
+        d = JsDevice(node)
+        devices.append(d)
+        return d
+
+    yield make
+    for d in devices:
+        d.close()
+
+
+def server_docs(server: SyncServer, token: str = "token-h1") -> dict[str, dict[str, Any]]:
+    s = server.schema.streams["appointments"]
+    rows = expected_rows(server, s, principal_params(server.store, token))
+    return {r[0]: dict(zip(s.columns, r, strict=True)) for r in rows}
+
+
+def booking(doctor: int, patient: int, day: int, hour: int, **extra: Any) -> dict[str, Any]:
+    start = dt.datetime(2031, 3, 1) + dt.timedelta(days=day, hours=hour)
+    return {
+        "doctor_id": doctor,
+        "patient_id": patient,
+        "starts_at": start.isoformat(),
+        "ends_at": (start + dt.timedelta(minutes=30)).isoformat(),
+        "status": "booked",
+        "room": "",
+        "notes": "",
+        **extra,
+    }
+
+
+@pytest.mark.timeout(300)
+def test_a_python_device_and_the_real_rxdb_share_one_hospital(
+    js_device: Callable[[], JsDevice],
+    make_client: Callable[..., SyncClient],
+    live: LiveServer,
+    server: SyncServer,
+    plain_sql: PlainSQL,
+) -> None:
+    py = make_client("token-h1", name="py")
+    py.sync("Online")
+    js = js_device()
+    started = js.call(
+        "start", timeout=120, name="hospital1", url=live.url, token="token-h1",
+        unit="Online", stream="appointments", clientId="tablet", batchSize=16,
+    )  # fmt: skip
+    assert started["count"] == len(server_docs(server)) == 200
+
+    doctors = [r[0] for r in plain_sql("SELECT id FROM doctor WHERE hospital_id = 1 ORDER BY id")]
+    far = plain_sql("SELECT id FROM doctor WHERE hospital_id = 2 ORDER BY id LIMIT 1")[0][0]
+    patient = plain_sql("SELECT id FROM patient ORDER BY id LIMIT 1")[0][0]
+    doc_a, doc_b = doctors[0], doctors[1]
+
+    # Both book. The JS device's second booking takes the Python device's slot: refused.
+    py_b1 = py.insert("LocalAppointment", booking(doc_a, patient, 1, 9))
+    py_b2 = py.insert("LocalAppointment", booking(doc_a, patient, 1, 10))
+    py.sync("Online")
+    js_b1, js_b2, js_b3 = (str(uuid.uuid4()) for _ in range(3))
+    js.call("insert", doc={"id": js_b1, **booking(doc_a, patient, 1, 11)})
+    js.call("insert", doc={"id": js_b2, **booking(doc_a, patient, 1, 9, notes="clash")})
+    js.call("insert", doc={"id": js_b3, **booking(doc_b, patient, 2, 9)})
+
+    # Each edits the other's booking; each cancels one (JS deletes, Python sets the status).
+    js.call("sync")
+    js.call("patch", id=py_b2, fields={"room": "J-2"})
+    py.sync("Online")
+    py.update("LocalAppointment", js_b1, {"notes": "seen by python"})
+    js.call("remove", id=js_b3)
+    py.update("LocalAppointment", py_b1, {"status": "cancelled"})
+    py.sync("Online")
+
+    # A conflicting edit each way (notes are watched by Detect on the server).
+    x, y = sorted(k for k in server_docs(server) if k not in {py_b1, py_b2, js_b1})[:2]
+    js.call("sync")
+    js.call("pause")
+    py.update("LocalAppointment", x, {"notes": "python first"})
+    py.sync("Online")
+    js.call("patch", id=x, fields={"notes": "js late"})
+    js.call("resume")
+    py.update("LocalAppointment", y, {"notes": "python late"})
+    js.call("patch", id=y, fields={"notes": "js first"})
+    py.sync("Online")
+
+    # The backoffice renames a doctor and moves an appointment out of this hospital.
+    z = sorted(k for k in server_docs(server) if k not in {x, y, py_b1, py_b2, js_b1})[0]
+    plain_sql("UPDATE doctor SET name = 'Dr. Renamed' WHERE id = ?", (doc_a,))
+    plain_sql("UPDATE appointment SET doctor_id = ? WHERE id = ?", (far, z))
+    py.sync("Online")
+    js.call("sync")
+
+    # Both devices hold exactly the server's scope.
+    want = server_docs(server)
+    got = js.docs()
+    assert set(got) == set(want)
+    diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    assert not diff, json.dumps(dict(list(diff.items())[:3]), indent=1)
+    assert_in_sync(server, py, "token-h1", "Online")
+    assert z not in got
+    assert all(d["doctor_name"] == "Dr. Renamed" for d in got.values() if d["doctor_id"] == doc_a)
+
+    # Every change was applied once, or reported to the device that made it.
+    assert want[py_b1]["status"] == "cancelled"
+    assert want[py_b2]["room"] == "J-2"
+    assert want[js_b1]["notes"] == "seen by python"
+    assert js_b2 not in want
+    assert js_b3 not in want
+    assert want[x]["notes"] == "python first"
+    assert want[y]["notes"] == "js first"
+    report = js.call("results")
+    assert report["errors"] == []
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in report["results"]:
+        first.setdefault((r["id"], r["op"]), r)
+    verdicts = {k: (r["status"], r.get("code")) for k, r in first.items()}
+    assert verdicts == {
+        (js_b1, "insert"): ("applied", None),
+        (js_b2, "insert"): ("rejected", "rule"),
+        (js_b3, "insert"): ("applied", None),
+        (js_b3, "delete"): ("applied", None),
+        (py_b2, "update"): ("applied", None),
+        (x, "update"): ("conflict", "conflict"),
+        (y, "update"): ("applied", None),
+    }
+    assert "already booked" in first[(js_b2, "insert")]["reason"]
+    assert [(c.key, c.status) for c in py.outbox.rejected()] == [(y, "conflict")]
+    assert py.outbox.pending() == []
+    with server.store.engine.connect() as conn:
+        logged = conn.execute(
+            sa.select(sa.func.count()).where(mutation_log.c.client_id == JS_CLIENT)
+        ).scalar()
+    assert logged == len(report["results"])
