@@ -121,6 +121,20 @@ def test_a_pull_loop_that_stops_at_a_short_batch_gets_the_whole_scope(
     assert peer.batches[0] >= 7
 
 
+def test_a_row_changed_during_a_first_copy_comes_once_per_batch(
+    peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    peer.apply(peer.pull_once(20))  # a first copy, cut after one batch
+    keys = appointments_of(server.store, 1)
+    later = keys[100:110]  # not sent yet: the copy sends them, and its catch-up again
+    plain_sql.many("UPDATE appointment SET notes = 'during' WHERE id = ?", [(k,) for k in later])
+    body = peer.pull_once(1000)
+    ids = [d["id"] for d in body["documents"]]
+    assert len(ids) == len(set(ids))
+    peer.apply(body)
+    assert peer.docs == server_docs(server)
+
+
 def test_removals_and_scope_exits_arrive_as_deleted_documents(
     peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
 ) -> None:

@@ -16,6 +16,7 @@ import queue
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,13 @@ from syncunit.client import SyncClient
 from syncunit.server import SyncServer
 from syncunit.server.store import mutation_log
 from tests.conftest import PlainSQL
-from tests.support import LiveServer, assert_in_sync, expected_rows, principal_params
+from tests.support import (
+    LiveServer,
+    appointments_of,
+    assert_in_sync,
+    expected_rows,
+    principal_params,
+)
 
 JS = Path(__file__).parent / "js"
 STAMP = JS / "node_modules" / ".syncunit-lock.sha256"
@@ -70,8 +77,12 @@ class JsDevice:
         )
         self.answers: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.answers.put)).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append)).start()
+        self.pumps = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.answers.put)),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append)),
+        ]
+        for t in self.pumps:
+            t.start()
 
     @staticmethod
     def _pump(stream: Any, put: Callable[[str], None]) -> None:
@@ -103,6 +114,11 @@ class JsDevice:
             except (AssertionError, subprocess.TimeoutExpired, OSError):
                 self.proc.kill()
                 self.proc.wait(10)
+        for t in self.pumps:
+            t.join(10)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture
@@ -196,6 +212,13 @@ def test_a_python_device_and_the_real_rxdb_share_one_hospital(
     plain_sql("UPDATE doctor SET name = 'Dr. Renamed' WHERE id = ?", (doc_a,))
     plain_sql("UPDATE appointment SET doctor_id = ? WHERE id = ?", (far, z))
     py.sync("Online")
+    # RxDB hears of it on its event stream, with no sync asked for.
+    deadline = time.monotonic() + 20
+    while z in js.docs() or any(
+        d["doctor_name"] != "Dr. Renamed" for d in js.docs().values() if d["doctor_id"] == doc_a
+    ):
+        assert time.monotonic() < deadline, "the change never reached RxDB on its own"
+        time.sleep(0.1)
     js.call("sync")
 
     # Both devices hold exactly the server's scope.
@@ -239,3 +262,12 @@ def test_a_python_device_and_the_real_rxdb_share_one_hospital(
             sa.select(sa.func.count()).where(mutation_log.c.client_id == JS_CLIENT)
         ).scalar()
     assert logged == len(report["results"])
+
+    # The desk moves to the other hospital: a clean re-sync leaves nothing of the first.
+    plain_sql("UPDATE staff SET hospital_id = 2 WHERE token = 'token-h1'")
+    js.call("sync")
+    py.sync("Online")
+    want = server_docs(server)
+    assert set(want) == set(appointments_of(server.store, 2))
+    assert js.docs() == want
+    assert_in_sync(server, py, "token-h1", "Online")
