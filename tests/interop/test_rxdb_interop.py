@@ -63,6 +63,12 @@ def node() -> str:
     return node
 
 
+def test_the_docs_show_the_replication_code_the_test_runs() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "javascript.md").read_text()
+    helper = (JS / "syncunit-rxdb.mjs").read_text()
+    assert f"```js\n{helper}```" in doc, "docs/javascript.md: copy js/syncunit-rxdb.mjs again"
+
+
 class JsDevice:
     """One Node process running RxDB; ``call`` sends a command and waits for its answer."""
 
