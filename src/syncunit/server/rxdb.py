@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 __all__ = ["CLIENT_HEADER", "RxDBReplication", "rxdb_schema"]
 
 CLIENT_HEADER = "Syncunit-Client-Id"
-DEFAULT_BATCH = 100
+DEFAULT_BATCH = 1000
 #: Seconds between keep-alive comments on an idle event stream.
 HEARTBEAT = 15.0
 #: An event stream ends after this many seconds; the client reconnects (and is

@@ -15,12 +15,13 @@ export async function fetchSchema({ url, unit, stream, token }) {
 /**
  * Start replicating `collection` with stream `stream` of unit `unit`.
  * `clientId` names this device (the same on every start, e.g. `await db.storageToken`).
+ * `batchSize`: documents per pull and push (a first copy of n rows takes n / batchSize pulls).
  * `onResult` gets the server's verdict on every pushed change:
  * {id, op, status: 'applied' | 'conflict' | 'rejected', code?, reason?}.
  */
 export function replicateSyncunit({
   collection, url, unit, stream, token, clientId,
-  batchSize = 100, live = true, onResult = () => {},
+  batchSize = 1000, live = true, onResult = () => {},
 }) {
   const base = `${url}/v1/rxdb/${encodeURIComponent(unit)}/${encodeURIComponent(stream)}`;
   const headers = {
