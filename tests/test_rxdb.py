@@ -415,7 +415,18 @@ def test_an_event_stream_ends_so_the_client_reconnects_as_who_it_is_now(
     finally:
         events.close()
     peer.pull()
-    plain_sql("UPDATE staff SET hospital_id = 2 WHERE id = 1")
+    events = Events(live, f"{BASE}/pull/stream")
+    try:
+        assert events.next() == "RESYNC"
+        # Moved to hospital 2, the desk gets no row of hospital 1 on the open stream.
+        plain_sql("UPDATE staff SET hospital_id = 2 WHERE id = 1")
+        key = appointments_of(server.store, 1)[0]
+        plain_sql("UPDATE appointment SET notes = 'not for you' WHERE id = ?", (key,))
+        events.thread.join(10)
+        assert not events.thread.is_alive(), "the stream did not end"
+        assert events.items == []
+    finally:
+        events.close()
     events = Events(live, f"{BASE}/pull/stream")
     try:
         assert events.next() == "RESYNC"

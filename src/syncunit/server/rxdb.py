@@ -462,6 +462,11 @@ class RxDBReplication:
             )
             if not changed:
                 continue
+            # Rows go out only to whom the request still authenticates as: a revoked
+            # token or changed parameters end the stream (the client reconnects).
+            now = await anyio.to_thread.run_sync(self.server.authenticate, request)
+            if now != principal:
+                return
             found = await anyio.to_thread.run_sync(self.pull, stream, principal, cursor, batch)
             if found.reset or not found.complete or found.checkpoint is None:
                 cursor = await anyio.to_thread.run_sync(self._cursor_now, stream, principal)
