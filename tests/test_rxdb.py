@@ -267,6 +267,31 @@ def test_pushes_of_a_device_follow_one_sequence_applied_once(
     assert peer.docs == server_docs(server)
 
 
+def test_fields_the_stream_does_not_have_or_may_not_change_are_refused_by_name(
+    peer: RxPeer, server: SyncServer
+) -> None:
+    peer.pull()
+    a, b, c = sorted(peer.docs)[:3]
+    doc_a, doc_b, doc_c = ({**peer.docs[k], "_deleted": False} for k in (a, b, c))
+    without_notes = {k: v for k, v in doc_c.items() if k != "notes"}
+    out = peer.push(
+        [
+            {"assumedMasterState": doc_a, "newDocumentState": {**doc_a, "colour": "red"}},
+            {"assumedMasterState": doc_b, "newDocumentState": {**doc_b, "doctor_name": "Me"}},
+            {"assumedMasterState": doc_c, "newDocumentState": without_notes},
+        ]
+    )
+    results = out["results"]
+    assert [(r["status"], r.get("code")) for r in results] == [
+        ("rejected", "unknown-column"),
+        ("rejected", "read-only-column"),
+        ("rejected", "invalid-value"),  # a left-out field is null, and notes cannot be
+    ]
+    assert "colour" in results[0]["reason"]
+    assert [d["id"] for d in out["conflicts"]] == [a, b, c]
+    assert server_docs(server)[b]["doctor_name"] == doc_b["doctor_name"]
+
+
 def test_a_deleted_document_is_a_delete_and_a_delete_again_is_harmless(
     peer: RxPeer, server: SyncServer
 ) -> None:

@@ -163,16 +163,22 @@ class _Docs:
         table = self.stream.local_table
         if new.get("_deleted", False):
             return Mutation(seq=seq, id=mid, table=table, key=key, op="delete", base=base)
+        # Fields the stream does not have are sent on, for the server to refuse by name.
+        extra = [f for f in new if f not in self.columns and not f.startswith("_")]
         if not known:
             # Denormalized copies are not data of this row: the server fills them.
-            values = {c: new.get(c) for c in self.columns if c in self.writable or c == self.key}
+            names = [c for c in self.columns if c in self.writable or c == self.key]
+            values = {c: new.get(c) for c in [*names, *extra]}
             values[self.key] = key
             return Mutation(seq=seq, id=mid, table=table, key=key, op="insert", values=values)
         assert isinstance(old, dict)
+        # A writable field left out means null; a copied one left out is not a change.
         changed = [
-            c for c in self.columns if c != self.key and c in new and new.get(c) != old.get(c)
+            c
+            for c in [*self.columns, *extra]
+            if c != self.key and (c in new or c in self.writable) and new.get(c) != old.get(c)
         ]
-        values = {c: new[c] for c in changed}
+        values = {c: new.get(c) for c in changed}
         return Mutation(
             seq=seq, id=mid, table=table, key=key, op="update",
             values=values, changed=changed, base=base,
