@@ -41,8 +41,11 @@ def auth(token: str = "token-h1", device: str | None = "js-1") -> dict[str, str]
 class RxPeer:
     """What RxDB keeps of one collection: documents by key, and a checkpoint."""
 
-    def __init__(self, http: httpx.Client, base: str = BASE, token: str = "token-h1") -> None:
+    def __init__(
+        self, http: httpx.Client, base: str = BASE, token: str = "token-h1", key: str = "id"
+    ) -> None:
         self.http = http
+        self.key = key
         self.base = base
         self.token = token
         self.docs: dict[str, dict[str, Any]] = {}
@@ -60,13 +63,13 @@ class RxPeer:
 
     def apply(self, body: dict[str, Any]) -> None:
         if body.get("reset"):  # a re-download: what this batch does not hold goes
-            held = {d["id"] for d in body["documents"]}
+            held = {d[self.key] for d in body["documents"]}
             self.docs = {k: v for k, v in self.docs.items() if k in held}
         for d in body["documents"]:
             if d["_deleted"]:
-                self.docs.pop(d["id"], None)
+                self.docs.pop(d[self.key], None)
             else:
-                self.docs[d["id"]] = {k: v for k, v in d.items() if k != "_deleted"}
+                self.docs[d[self.key]] = {k: v for k, v in d.items() if k != "_deleted"}
         if body["documents"]:  # RxDB keeps no checkpoint from an empty batch
             self.checkpoint = {**(self.checkpoint or {}), **body["checkpoint"]}
 
@@ -164,6 +167,28 @@ def test_a_changed_scope_arrives_as_a_clean_resync(
     peer.pull(batch=10)
     assert peer.docs == server_docs(server)
     assert set(peer.docs) == set(appointments_of(server.store, 2))
+
+
+def test_a_full_stream_comes_whole_and_again_when_it_changed(
+    http: httpx.Client, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    peer = RxPeer(http, base="/v1/rxdb/Online/summary", key="doctor_id")
+    peer.pull(batch=3)
+    assert len(peer.docs) == 5  # one per doctor of hospital 1
+    assert all(isinstance(k, str) for k in peer.docs)  # RxDB keys are strings
+    unchanged = peer.pull_once(3)
+    assert unchanged["documents"] == []
+    keys = appointments_of(server.store, 1)
+    plain_sql("DELETE FROM appointment WHERE id = ?", (keys[0],))
+    body = peer.pull_once(3)
+    assert body["reset"] is True
+    assert len(body["documents"]) == 5
+    peer.apply(body)
+    s = server.schema.streams["summary"]
+    rows = expected_rows(server, s, {"hospital_id": 1})
+    assert peer.docs == {
+        str(r[0]): {**dict(zip(s.columns, r, strict=True)), "doctor_id": str(r[0])} for r in rows
+    }
 
 
 def test_a_doctor_rename_reaches_every_denormalized_document(
