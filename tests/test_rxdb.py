@@ -114,9 +114,9 @@ def test_a_pull_loop_that_stops_at_a_short_batch_gets_the_whole_scope(
     # Removals and changes together: the removal chunk alone is shorter than a batch,
     # so the batch must go on into the upserts, or RxDB stops with half the delta.
     keys = appointments_of(server.store, 1)
-    plain_sql("DELETE FROM appointment WHERE id IN (?, ?)", (keys[0], keys[1]))
+    plain_sql("DELETE FROM appointment WHERE id IN (:a, :b)", {"a": keys[0], "b": keys[1]})
     plain_sql.many(
-        "UPDATE appointment SET notes = 'changed' WHERE id = ?", [(k,) for k in keys[5:25]]
+        "UPDATE appointment SET notes = 'changed' WHERE id = :id", [{"id": k} for k in keys[5:25]]
     )
     peer.batches.clear()
     peer.pull(batch=7)
@@ -130,7 +130,9 @@ def test_a_row_changed_during_a_first_copy_comes_once_per_batch(
     peer.apply(peer.pull_once(20))  # a first copy, cut after one batch
     keys = appointments_of(server.store, 1)
     later = keys[100:110]  # not sent yet: the copy sends them, and its catch-up again
-    plain_sql.many("UPDATE appointment SET notes = 'during' WHERE id = ?", [(k,) for k in later])
+    plain_sql.many(
+        "UPDATE appointment SET notes = 'during' WHERE id = :id", [{"id": k} for k in later]
+    )
     body = peer.pull_once(1000)
     ids = [d["id"] for d in body["documents"]]
     assert len(ids) == len(set(ids))
@@ -144,8 +146,8 @@ def test_removals_and_scope_exits_arrive_as_deleted_documents(
     peer.pull()
     keys = appointments_of(server.store, 1)
     other = plain_sql("SELECT id FROM doctor WHERE hospital_id = 2 LIMIT 1")[0][0]
-    plain_sql("DELETE FROM appointment WHERE id = ?", (keys[0],))
-    plain_sql("UPDATE appointment SET doctor_id = ? WHERE id = ?", (other, keys[1]))
+    plain_sql("DELETE FROM appointment WHERE id = :id", {"id": keys[0]})
+    plain_sql("UPDATE appointment SET doctor_id = :d WHERE id = :id", {"d": other, "id": keys[1]})
     body = peer.pull_once(100)
     deleted = {d["id"]: d for d in body["documents"] if d["_deleted"]}
     assert deleted == {
@@ -179,7 +181,7 @@ def test_a_full_stream_comes_whole_and_again_when_it_changed(
     unchanged = peer.pull_once(3)
     assert unchanged["documents"] == []
     keys = appointments_of(server.store, 1)
-    plain_sql("DELETE FROM appointment WHERE id = ?", (keys[0],))
+    plain_sql("DELETE FROM appointment WHERE id = :id", {"id": keys[0]})
     body = peer.pull_once(3)
     assert body["reset"] is True
     assert len(body["documents"]) == 5
@@ -196,7 +198,7 @@ def test_a_doctor_rename_reaches_every_denormalized_document(
 ) -> None:
     peer.pull()
     doctor_id = plain_sql("SELECT id FROM doctor WHERE hospital_id = 1 LIMIT 1")[0][0]
-    plain_sql("UPDATE doctor SET name = 'Dr. Renamed' WHERE id = ?", (doctor_id,))
+    plain_sql("UPDATE doctor SET name = 'Dr. Renamed' WHERE id = :id", {"id": doctor_id})
     peer.pull()
     mine = [d for d in peer.docs.values() if d["doctor_id"] == doctor_id]
     assert mine
@@ -237,7 +239,7 @@ def test_push_applies_reports_and_returns_the_server_state_of_what_it_did_not_ap
     doc_a, doc_b = peer.docs[a], peer.docs[b]
     # The backoffice edits the notes of a; the device edits them too (a conflict under
     # Detect); the device moves b to a doctor of another hospital (out of its scope).
-    plain_sql("UPDATE appointment SET notes = 'backoffice' WHERE id = ?", (a,))
+    plain_sql("UPDATE appointment SET notes = 'backoffice' WHERE id = :id", {"id": a})
     edit_a = {
         "assumedMasterState": {**doc_a, "_deleted": False},
         "newDocumentState": {**doc_a, "notes": "device", "_deleted": False},
@@ -436,16 +438,17 @@ def test_the_event_stream_sends_resync_then_the_changed_documents(
         assert events.next() == "RESYNC"
         peer.pull()  # what RxDB does on RESYNC
         keys = appointments_of(server.store, 1)
-        plain_sql("UPDATE appointment SET notes = 'live' WHERE id = ?", (keys[3],))
+        plain_sql("UPDATE appointment SET notes = 'live' WHERE id = :id", {"id": keys[3]})
         event = events.next()
         assert [d["id"] for d in event["documents"]] == [keys[3]]
         assert event["documents"][0]["notes"] == "live"
         peer.apply(event)
         # Another hospital's change is out of scope: no event; more than a batch: RESYNC.
-        plain_sql("UPDATE appointment SET notes = 'x' WHERE id = ?", (appointments_of(
-            server.store, 2)[0],))  # fmt: skip
-        plain_sql.many("UPDATE appointment SET notes = 'bulk' WHERE id = ?",
-                       [(k,) for k in keys[10:20]])  # fmt: skip
+        elsewhere = appointments_of(server.store, 2)[0]
+        plain_sql("UPDATE appointment SET notes = 'x' WHERE id = :id", {"id": elsewhere})
+        plain_sql.many(
+            "UPDATE appointment SET notes = 'bulk' WHERE id = :id", [{"id": k} for k in keys[10:20]]
+        )
         assert events.next() == "RESYNC"
         peer.pull()
         assert peer.docs == server_docs(server)
@@ -471,7 +474,7 @@ def test_an_event_stream_ends_so_the_client_reconnects_as_who_it_is_now(
         # Moved to hospital 2, the desk gets no row of hospital 1 on the open stream.
         plain_sql("UPDATE staff SET hospital_id = 2 WHERE id = 1")
         key = appointments_of(server.store, 1)[0]
-        plain_sql("UPDATE appointment SET notes = 'not for you' WHERE id = ?", (key,))
+        plain_sql("UPDATE appointment SET notes = 'not for you' WHERE id = :id", {"id": key})
         events.thread.join(10)
         assert not events.thread.is_alive(), "the stream did not end"
         assert events.items == []

@@ -215,8 +215,8 @@ def test_a_python_device_and_the_real_rxdb_share_one_hospital(
 
     # The backoffice renames a doctor and moves an appointment out of this hospital.
     z = sorted(k for k in server_docs(server) if k not in {x, y, py_b1, py_b2, js_b1})[0]
-    plain_sql("UPDATE doctor SET name = 'Dr. Renamed' WHERE id = ?", (doc_a,))
-    plain_sql("UPDATE appointment SET doctor_id = ? WHERE id = ?", (far, z))
+    plain_sql("UPDATE doctor SET name = 'Dr. Renamed' WHERE id = :id", {"id": doc_a})
+    plain_sql("UPDATE appointment SET doctor_id = :d WHERE id = :id", {"d": far, "id": z})
     py.sync("Online")
     # RxDB hears of it on its event stream, with no sync asked for.
     deadline = time.monotonic() + 20
