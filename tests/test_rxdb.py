@@ -14,7 +14,7 @@ import json
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -317,6 +317,55 @@ def test_fields_the_stream_does_not_have_or_may_not_change_are_refused_by_name(
     assert "colour" in results[0]["reason"]
     assert [d["id"] for d in out["conflicts"]] == [a, b, c]
     assert server_docs(server)[b]["doctor_name"] == doc_b["doctor_name"]
+
+
+def test_write_authorization_is_the_push_applier_s(
+    peer: RxPeer, http: httpx.Client, server: SyncServer
+) -> None:
+    from tests.support import db_state
+
+    doctors = RxPeer(http, base="/v1/rxdb/Online/doctors")
+    doctors.pull()
+    key = sorted(doctors.docs)[0]
+    doc = {**doctors.docs[key], "_deleted": False}
+    before = db_state(server.store.engine)
+    out = doctors.push([{"assumedMasterState": doc, "newDocumentState": {**doc, "name": "X"}}])
+    assert [(r["status"], r["code"]) for r in out["results"]] == [("rejected", "read-only-table")]
+    assert out["conflicts"] == [doc]  # the device keeps the doctor as the server has it
+    after = db_state(server.store.engine)
+    assert after["doctor"] == before["doctor"]
+
+
+def test_a_principal_runs_only_its_units_here_too(
+    make_server: Callable[..., SyncServer], serve: Callable[[Any], LiveServer]
+) -> None:
+    from syncunit.server import Principal, TokenAuth
+
+    server = make_server()
+    server.authenticate = TokenAuth(
+        {"desk": Principal("desk", {"hospital_id": 1}, units=frozenset({"Login"}))}
+    )
+    live = serve(server.app)
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        for path in (f"{BASE}/pull", f"{BASE}/push"):
+            r = http.post(path, json={} if path.endswith("pull") else [], headers=auth("desk"))
+            assert r.status_code == 403, r.text
+            assert r.json()["code"] == "unit-forbidden"
+        r = http.post("/v1/rxdb/Login/appointments/pull", json={}, headers=auth("desk"))
+        assert r.status_code == 200, r.text
+
+
+def test_a_checkpoint_the_server_did_not_sign_starts_the_stream_afresh(
+    peer: RxPeer, server: SyncServer
+) -> None:
+    peer.pull()
+    cursor = peer.checkpoint["cursor"]
+    token, _, _ = cursor.rpartition(".")  # the cursor without its signature
+    peer.checkpoint = {"cursor": token + ".forged"}
+    body = peer.pull_once(1000)
+    assert body["reset"] is True
+    assert len(body["documents"]) == len(server_docs(server))
+    assert body["checkpoint"]["cursor"] != peer.checkpoint["cursor"]
 
 
 def test_a_deleted_document_is_a_delete_and_a_delete_again_is_harmless(

@@ -53,9 +53,11 @@ from syncunit.protocol import (
     StreamStart,
     SyncRequest,
 )
-from syncunit.server.auth import Principal
+from syncunit.server.admission import Slot
+from syncunit.server.auth import Principal, authorize_unit
 from syncunit.server.changes import StreamReader, params_hash
-from syncunit.server.cursor import Cursor, encode_cursor
+from syncunit.server.cursor import Cursor, encode_cursor, sign_cursor
+from syncunit.server.limits import read_body
 from syncunit.server.live import unit_has_changes
 from syncunit.server.problems import ProblemException
 from syncunit.server.store import clients
@@ -68,6 +70,9 @@ __all__ = ["CLIENT_HEADER", "RxDBReplication", "rxdb_schema"]
 
 CLIENT_HEADER = "Syncunit-Client-Id"
 DEFAULT_BATCH = 1000
+#: Refusals the push applier answers before reading the row: the device keeps it as
+#: the server has it, so RxDB must be told that state, not a deletion.
+_REFUSED_UNREAD = frozenset({"read-only-table", "unknown-table"})
 #: Seconds between keep-alive comments on an idle event stream.
 HEARTBEAT = 15.0
 #: An event stream ends after this many seconds; the client reconnects (and is
@@ -230,6 +235,7 @@ class RxDBReplication:
                 f"unit {unit.name!r} has no stream {request.path_params['stream']!r};"
                 f" it has: {known}",
             )
+        authorize_unit(principal, unit)
         return principal, unit, stream
 
     def _check(
@@ -276,7 +282,7 @@ class RxDBReplication:
         return d
 
     async def _json(self, request: Request) -> Any:
-        body = await self.server._read_body(request)
+        body = await read_body(request.stream(), request.headers, self.server.limits)
         try:
             return msgspec.json.decode(body) if body else None
         except msgspec.DecodeError as exc:
@@ -297,11 +303,22 @@ class RxDBReplication:
         if isinstance(batch, bool) or not isinstance(batch, int):
             raise ProblemException("invalid-request", "batchSize must be an integer")
         self._check(principal, unit, batch=batch)
+        key = await self.server._key()
         token = _cursor_of(body.get("checkpoint"))
+        if token is not None:
+            token = self.server._verified(token, key)
+        slot = self.server._slot(principal)
+        try:
+            result = await anyio.to_thread.run_sync(self.pull, stream, principal, token, batch)
+        finally:
+            slot.release()
         self.server._maybe_prune()
-        result = await anyio.to_thread.run_sync(self.pull, stream, principal, token, batch)
         return _json_response(
-            {"documents": result.documents, "checkpoint": result.checkpoint, "reset": result.reset}
+            {
+                "documents": result.documents,
+                "checkpoint": _signed(result.checkpoint, key),
+                "reset": result.reset,
+            }
         )
 
     async def post_push(self, request: Request) -> Response:
@@ -315,9 +332,13 @@ class RxDBReplication:
         docs = self.docs(stream)
         mutations = [docs.mutation(i + 1, r) for i, r in enumerate(rows)]
         self._check(principal, unit, client_id=client_id, mutations=mutations)
-        results = await anyio.to_thread.run_sync(
-            self.push, unit, stream, principal, client_id, mutations
-        )
+        slot = self.server._slot(principal)
+        try:
+            results = await anyio.to_thread.run_sync(
+                self.push, unit, stream, principal, client_id, mutations
+            )
+        finally:
+            slot.release()
         return _json_response(results)
 
     async def get_stream(self, request: Request) -> Response:
@@ -402,7 +423,7 @@ class RxDBReplication:
             first = int(last or 0) + 1
             numbered = [msgspec.structs.replace(m, seq=first + i) for i, m in enumerate(mutations)]
             req = SyncRequest(protocol=PROTOCOL_VERSION, client_id=client_id, mutations=numbered)
-            pushed = self.server.pusher.apply(principal, req)
+            pushed = self.server.pusher.apply(principal, req, unit)
         docs = self.docs(stream)
         conflicts: list[dict[str, Any]] = []
         results: list[dict[str, Any]] = []
@@ -410,11 +431,19 @@ class RxDBReplication:
             results.append(_result(docs, m, r))
             if r.status == "applied":
                 continue
-            if r.server_row is None:
+            row = r.server_row
+            if row is None and r.code in _REFUSED_UNREAD:
+                row = self._server_row(stream, principal, m.key)
+            if row is None:
                 conflicts.append(docs.deleted(m.key))
             else:
-                conflicts.append(docs.row(list(r.server_row), list(r.server_row.values())))
+                conflicts.append(docs.row(list(row), list(row.values())))
         return {"conflicts": conflicts, "results": results}
+
+    def _server_row(self, stream: Stream, principal: Principal, key: Any) -> dict[str, Any] | None:
+        """The row as the device should hold it (the applier's own lookup)."""
+        with self.server.store.engine.connect() as conn:
+            return self.server.pusher._server_row(conn, stream, principal, key)
 
     def _lock_for(self, client_id: str) -> threading.Lock:
         with self._numbering_guard:
@@ -448,6 +477,7 @@ class RxDBReplication:
         """
         store = self.server.store
         monitor = self.server.monitor
+        key = await self.server._key()
         alone = SyncUnit(f"rxdb:{stream.name}", [stream])
         loop = asyncio.get_running_loop()
         ends = loop.time() + self.stream_lifetime
@@ -462,26 +492,57 @@ class RxDBReplication:
                     beat = loop.time()
                     yield b": keep-alive\n\n"
                 continue
+            # The reads take a sync slot, as a long-poll's check does; with none free,
+            # this change is looked at on a later wake.
+            slot = self.server.sync_slots.try_acquire(principal.id)
+            if not isinstance(slot, Slot):
+                await asyncio.sleep(min(1.0, left))
+                continue
             seen = version
-            changed = await anyio.to_thread.run_sync(
-                unit_has_changes, store, alone, principal.params, {stream.name: cursor or ""}
-            )
-            if not changed:
-                continue
-            # Rows go out only to whom the request still authenticates as: a revoked
-            # token or changed parameters end the stream (the client reconnects).
-            now = await anyio.to_thread.run_sync(self.server.authenticate, request)
-            if now != principal:
+            try:
+                event = await self._event_for(request, stream, principal, alone, cursor, batch)
+            finally:
+                slot.release()
+            if event is None:
                 return
-            found = await anyio.to_thread.run_sync(self.pull, stream, principal, cursor, batch)
-            if found.reset or not found.complete or found.checkpoint is None:
-                cursor = await anyio.to_thread.run_sync(self._cursor_now, stream, principal)
-                yield _event("RESYNC")
-                continue
-            cursor = found.checkpoint["cursor"]
-            if found.documents:
-                yield _event({"documents": found.documents, "checkpoint": found.checkpoint})
-            await asyncio.sleep(0)
+            cursor, data = event
+            if data is not None:
+                if isinstance(data, dict):
+                    data = {**data, "checkpoint": _signed(data["checkpoint"], key)}
+                yield _event(data)
+
+    async def _event_for(
+        self,
+        request: Request,
+        stream: Stream,
+        principal: Principal,
+        alone: SyncUnit,
+        cursor: str | None,
+        batch: int,
+    ) -> tuple[str | None, Any] | None:
+        """What to send on a change: (the stream's new cursor, the event or None); None
+        ends the stream."""
+        changed = await anyio.to_thread.run_sync(
+            unit_has_changes, self.server.store, alone, principal.params,
+            {stream.name: cursor or ""},
+        )  # fmt: skip
+        if not changed:
+            return cursor, None
+        # Rows go out only to whom the request still authenticates as: a revoked
+        # token or changed parameters end the stream (the client reconnects).
+        now = await anyio.to_thread.run_sync(self.server.authenticate, request)
+        if now != principal:
+            return None
+        found = await anyio.to_thread.run_sync(self.pull, stream, principal, cursor, batch)
+        if found.reset or not found.complete or found.checkpoint is None:
+            fresh = await anyio.to_thread.run_sync(self._cursor_now, stream, principal)
+            return fresh, "RESYNC"
+        if not found.documents:
+            return found.checkpoint["cursor"], None
+        return found.checkpoint["cursor"], {
+            "documents": found.documents,
+            "checkpoint": found.checkpoint,
+        }
 
 
 def _cursor_of(checkpoint: Any) -> str | None:
@@ -493,6 +554,13 @@ def _cursor_of(checkpoint: Any) -> str | None:
     raise ProblemException(
         "malformed-request", 'the checkpoint is null or {"cursor": "..."} from an earlier pull'
     )
+
+
+def _signed(checkpoint: dict[str, str] | None, key: bytes) -> dict[str, str] | None:
+    """The checkpoint a client gets: its cursor signed, as every cursor given out is."""
+    if checkpoint is None:
+        return None
+    return {"cursor": sign_cursor(checkpoint["cursor"], key)}
 
 
 def _result(docs: _Docs, m: Mutation, r: MutationResult) -> dict[str, Any]:
