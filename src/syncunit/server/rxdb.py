@@ -366,6 +366,7 @@ class RxDBReplication:
         A key changed twice in one batch (a first copy and its catch-up) is sent
         once, as it is last; the count is of distinct documents, so a batch
         short of ``batch`` really means "caught up".
+        A full stream (small by definition) is sent whole, whatever ``batch``.
         """
         store = self.server.store
         docs = self.docs(stream)
@@ -395,7 +396,8 @@ class RxDBReplication:
                     if frame.complete:
                         complete = True
                         break
-                    if len(out) >= batch:
+                    # A full stream's chunks all carry its final cursor: it goes whole.
+                    if len(out) >= batch and stream.mode != "full":
                         break
             finally:
                 frames.close()
