@@ -7,7 +7,10 @@
 
 Every request is authenticated, admitted (rate per principal, concurrent
 syncs), bounded (``Limits``) and checked before it touches the database; a
-refused request gets a problem response saying why, and one log line. The
+refused request gets a problem response saying why, and one log line. Each
+request has an id (``X-Request-ID``) that its log lines carry with the client
+id and the unit (``logs``); ``GET /metrics`` serves Prometheus metrics
+(``metrics``). The
 response body is produced by ``streaming.FramePump`` within a time budget.
 Cursors are signed with a key kept in the database, so a forged one is
 treated as no cursor at all.
@@ -30,6 +33,7 @@ import anyio.to_thread
 import msgspec
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -55,6 +59,14 @@ from syncunit.server.cursor import sign_cursor, verify_cursor
 from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
 from syncunit.server.limits import Limits, check_mutations, check_request, read_body, shorten
 from syncunit.server.live import VersionMonitor, unit_has_changes
+from syncunit.server.logs import (
+    SCOPE_KEY,
+    RequestContext,
+    RequestIds,
+    current_request,
+    install_filter,
+)
+from syncunit.server.metrics import ServerMetrics, SyncTally
 from syncunit.server.problems import ProblemException, problem_response
 from syncunit.server.push import PushApplier
 from syncunit.server.rxdb import RxDBReplication
@@ -91,6 +103,8 @@ class SyncServer:
         cursor_secret: bytes | None = None,
         accept_unsigned_cursors: bool = False,
         install: bool = True,
+        metrics_token: str | None = None,
+        log_principals: bool = False,
     ) -> None:
         self.schema = schema
         self.store = database if isinstance(database, ServerStore) else open_store(database)
@@ -129,19 +143,28 @@ class SyncServer:
         self.observers: list[FrameObserver] = [self.sync_log.observe]
         self.inspector = Inspector(self.store, self.sync_log, self._principal)
         self.rxdb = RxDBReplication(self)
+        #: Prometheus metrics on a registry of this server's own (``metrics.registry``).
+        self.metrics = ServerMetrics(
+            self.store, self.monitor, self.sync_slots, self._principal, metrics_token
+        )
+        #: Whether log lines name the principal (personal data: off by default).
+        self.log_principals = log_principals
+        install_filter()
         self.app = Starlette(
+            middleware=[Middleware(RequestIds)],
             routes=[
                 Route("/v1/catalog", self.get_catalog, methods=["GET"]),
                 Route("/v1/sync/{unit}", self.post_sync, methods=["POST"]),
                 Route("/v1/live/{unit}", self.post_live, methods=["POST"]),
                 *self.inspector.routes(),
                 *self.rxdb.routes(),
+                *self.metrics.routes(),
             ],
             # ProtocolError has its own handler: one for Exception also re-raises (a
             # traceback in the server's log for every malformed request).
             exception_handlers={
-                ProblemException: _on_problem,
-                ProtocolError: _on_malformed,
+                ProblemException: self._on_problem,
+                ProtocolError: self._on_malformed,
                 Exception: _on_error,
             },
         )
@@ -155,6 +178,9 @@ class SyncServer:
             raise ProblemException(
                 "unauthenticated", "send a valid 'Authorization: Bearer <token>'"
             )
+        ctx = current_request()
+        if ctx is not None:
+            ctx.principal, ctx.show_principal = principal.id, self.log_principals
         wait = self.rate.check(principal.id)
         if wait is not None:
             retry = max(1, math.ceil(wait))
@@ -180,6 +206,8 @@ class SyncServer:
             raise ProblemException(
                 "unknown-unit", f"unit {shorten(name, 60)} does not exist; known: {known}"
             )
+        ctx = current_request() or RequestContext("-")
+        ctx.unit = unit.name
         authorize_unit(principal, unit)
         encoding = encoding_of(request.headers.get("content-type"))
         if encoding is None:
@@ -188,9 +216,11 @@ class SyncServer:
                 f"Content-Type must be {content_type('msgpack')} or {content_type('json')}",
             )
         body = await read_body(request.stream(), request.headers, self.limits)
+        ctx.bytes_in = len(body)
         req = decode_request(body, encoding) if body else None
         if req is None:
             raise ProblemException("malformed-request", "the request body is empty")
+        ctx.client_id = shorten(req.client_id, 64)
         self._validate(req, unit, principal)
         if req.cursors:
             key = await self._key()
@@ -247,10 +277,13 @@ class SyncServer:
         key = await self._key()
         encoding = encoding_of(request.headers.get("content-type")) or "msgpack"
         slot = self._slot(principal)
+        ctx = current_request() or RequestContext("-")
         try:
             pushed = None
             if req.mutations:
+                t0 = time.monotonic()
                 pushed = await anyio.to_thread.run_sync(self.pusher.apply, principal, req, unit)
+                self.metrics.push_seconds.labels(unit.name).observe(time.monotonic() - t0)
             self._maybe_prune()
             accept = encoding_of(request.headers.get("accept")) or encoding
             compressor = compressor_for(request.headers.get("accept-encoding", ""))
@@ -260,10 +293,19 @@ class SyncServer:
             frames = self._frames(unit, principal, req, pushed)
             for observe in self.observers:
                 frames = observe(unit, principal, req, frames)
-            pump = FramePump(_signed(frames, key), accept, compressor, self.limits, slot).start()
+            tally = SyncTally()
+            frames = tally.watch(frames)
+
+            def ended(pump: FramePump) -> None:
+                self._sync_ended(ctx, unit, req, tally, pump)
+
+            pump = FramePump(
+                _signed(frames, key), accept, compressor, self.limits, slot, on_end=ended
+            ).start()
         except BaseException:
             slot.release()
             raise
+        headers["X-Request-ID"] = ctx.request_id
         return FrameResponse(
             pump,
             send_timeout=self.limits.send_timeout,
@@ -332,6 +374,48 @@ class SyncServer:
                     f"stream {stream.name!r} filters on {', '.join(missing)}, which"
                     f" principal {principal.id!r} does not have",
                 )
+
+    def _sync_ended(
+        self, ctx: RequestContext, unit: SyncUnit, req: SyncRequest, tally: SyncTally,
+        pump: FramePump,
+    ) -> None:  # fmt: skip
+        """Count a sync that ended, and log it in one line."""
+        seconds = time.monotonic() - ctx.started
+        mutations = len(req.mutations)
+        self.metrics.record_sync(
+            unit.name, pump.outcome, tally, ctx.bytes_in, pump.bytes_out, mutations, seconds
+        )
+        results = tally.results
+        log.info(
+            "sync %s: %s in %.3f s; %d rows sent, %d removed; %d mutations received"
+            " (%d applied, %d conflicts, %d rejected); %d bytes in, %d out",
+            unit.name, pump.outcome, seconds, tally.upserted, tally.removed, mutations,
+            results.get("applied", 0), results.get("conflict", 0), results.get("rejected", 0),
+            ctx.bytes_in, pump.bytes_out,
+            extra={
+                "outcome": pump.outcome, "seconds": round(seconds, 4),
+                "rows_sent": tally.upserted, "rows_removed": tally.removed,
+                "mutations": mutations, "push_results": dict(results),
+                "bytes_in": ctx.bytes_in, "bytes_out": pump.bytes_out,
+            },
+        )  # fmt: skip
+
+    # -- refusals and failures ---------------------------------------------------------
+
+    async def _on_problem(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProblemException)
+        ctx = current_request() or RequestContext("-")
+        path, detail = request.url.path, ctx.scrub(shorten(exc.detail, 200))
+        self.metrics.refused.labels(exc.code).inc()
+        log.info("refused %s %s: %s: %s", request.method, path, exc.code, detail)
+        return problem_response(exc.code, exc.detail, exc.headers)
+
+    async def _on_malformed(self, request: Request, exc: Exception) -> Response:
+        detail = str(exc)
+        path = request.url.path
+        self.metrics.refused.labels("malformed-request").inc()
+        log.info("refused %s %s: malformed-request: %s", request.method, path, shorten(detail, 200))
+        return problem_response("malformed-request", detail[:1000])
 
     # -- housekeeping ------------------------------------------------------------------
 
@@ -415,20 +499,9 @@ def create_app(
     return SyncServer(schema, database, authenticate=authenticate, **options).app
 
 
-async def _on_problem(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ProblemException)
-    path, detail = request.url.path, shorten(exc.detail, 200)
-    log.info("refused %s %s: %s: %s", request.method, path, exc.code, detail)
-    return problem_response(exc.code, exc.detail, exc.headers)
-
-
-async def _on_malformed(request: Request, exc: Exception) -> Response:
-    detail = str(exc)
-    path = request.url.path
-    log.info("refused %s %s: malformed-request: %s", request.method, path, shorten(detail, 200))
-    return problem_response("malformed-request", detail[:1000])
-
-
 async def _on_error(request: Request, exc: Exception) -> Response:
-    log.exception("sync request failed", exc_info=exc)
+    # It runs after the request's context is gone: its fields come from the scope.
+    ctx = request.scope.get(SCOPE_KEY)
+    extra = ctx.fields() if isinstance(ctx, RequestContext) else {}
+    log.exception("sync request failed", exc_info=exc, extra=extra)
     return problem_response("internal", "see the server log")

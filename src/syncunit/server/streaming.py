@@ -18,12 +18,13 @@ it reads, and never for long:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import logging
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -88,7 +89,9 @@ class FramePump:
     """Runs ``frames`` on a worker thread within the response budgets of ``limits``.
 
     Start it before the response begins (``start()``): the worker then always
-    runs to its end and releases ``slot``, even if the response is never sent.
+    runs to its end and releases ``slot``, even if the response is never sent,
+    and then calls ``on_end(pump)`` once (on the worker thread, in the request's
+    context), when ``outcome`` and ``bytes_out`` are final.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class FramePump:
         comp: Compressor,
         limits: Limits,
         slot: Slot | None = None,
+        on_end: Callable[[FramePump], None] | None = None,
     ) -> None:
         self.frames = frames
         self.encoding = encoding
@@ -110,7 +114,15 @@ class FramePump:
         self.stop = threading.Event()
         #: Why the worker ended the response early (None: it did not).
         self.cut: str | None = None
-        self.worker = threading.Thread(target=self._produce, name="syncunit-frames", daemon=True)
+        #: How the response ended: ``ok``, ``more`` (the budget ended it), ``failed``,
+        #: ``stalled`` (the client read nothing for a while) or ``cut`` (it went away).
+        self.outcome = "cut"
+        self.bytes_out = 0  #: encoded (and compressed) bytes handed to the response
+        self.on_end = on_end
+        context = contextvars.copy_context()  # log lines of the worker name the request
+        self.worker = threading.Thread(
+            target=context.run, args=(self._produce,), name="syncunit-frames", daemon=True
+        )
 
     def start(self) -> FramePump:
         self.worker.start()
@@ -119,6 +131,8 @@ class FramePump:
     # -- the worker thread -------------------------------------------------------------
 
     def _hand_over(self, item: Any, counted: bool) -> bool:
+        if isinstance(item, bytes):
+            self.bytes_out += len(item)
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (item, counted))
         except RuntimeError:  # the event loop is gone
@@ -146,11 +160,15 @@ class FramePump:
         chunks = 0
         frames = self.frames
         ended = False
+        outcome = ""
         try:
             for frame in frames:
                 ended = isinstance(frame, End)
+                if isinstance(frame, Failure):
+                    outcome = "failed"
                 data = self._encode(frame)
                 if data and not self._put(data):
+                    outcome = "stalled" if self.cut == "stalled" else "cut"
                     break
                 if isinstance(frame, Chunk):
                     chunks += 1
@@ -159,14 +177,18 @@ class FramePump:
                     or time.monotonic() - started >= self.limits.response_seconds
                 ):
                     self.cut = "budget"
+                    outcome = "more"
                     break
+            outcome = outcome or ("ok" if ended else "cut")
         except ProblemException as exc:
             ended = True
+            outcome = "failed"
             p = problem(exc.code, exc.detail)
             fail = Failure(status=p.status, code=p.code, title=p.title, detail=p.detail)
             self._put(self._encode(fail))
         except Exception as exc:
             ended = True
+            outcome = "failed"
             log.exception("sync stream failed", exc_info=exc)
             fail = Failure(
                 status=500, code="internal", title="The server failed", detail="see the server log"
@@ -186,6 +208,12 @@ class FramePump:
                 if tail:
                     self._hand_over(tail, False)
             self._hand_over(_DONE, False)
+            self.outcome = outcome or "cut"
+            if self.on_end is not None:
+                try:
+                    self.on_end(self)
+                except Exception:
+                    log.exception("recording the end of a sync failed")
 
     # -- the event loop ------------------------------------------------------------------
 
