@@ -86,9 +86,13 @@ def load_server(
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from syncunit.server.logs import configure_logging
+
+    configure_logging(args.log_format, args.log_level.upper())
     server = load_server(
         args.target, args.database, app_dir=args.app_dir, tokens=args.tokens,
         chunk_size=args.chunk_size,
+        metrics_token=args.metrics_token or os.environ.get("SYNCUNIT_METRICS_TOKEN"),
     )  # fmt: skip
     uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -183,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--chunk-size", type=int, help="rows per chunk (default 2000)")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default="text",
+        help="log lines as text or one JSON object each (default text)",
+    )  # fmt: skip
+    p.add_argument(
+        "--metrics-token",
+        help="bearer token that may read /metrics (default: $SYNCUNIT_METRICS_TOKEN;"
+        " admin principals may always read it)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sync", help="run one unit into a local file", description="Run one unit.")

@@ -220,7 +220,8 @@ class SyncServer:
         req = decode_request(body, encoding) if body else None
         if req is None:
             raise ProblemException("malformed-request", "the request body is empty")
-        ctx.client_id = shorten(req.client_id, 64)
+        # printable and short: a device's id must not forge or flood log lines
+        ctx.client_id = "".join(c if c.isprintable() else "?" for c in req.client_id[:64])
         self._validate(req, unit, principal)
         if req.cursors:
             key = await self._key()

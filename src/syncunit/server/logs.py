@@ -193,7 +193,7 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(fmt: str = "text", level: int = logging.INFO) -> logging.Handler:
+def configure_logging(fmt: str = "text", level: int | str = logging.INFO) -> logging.Handler:
     """Log to stderr in ``fmt`` (``text`` or ``json``) on the root logger; return the handler."""
     if fmt not in ("text", "json"):
         raise ValueError(f"log format must be 'text' or 'json', not {fmt!r}")
