@@ -8,7 +8,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from hospital.models import appointment, doctor, hospital, patient, specialty, staff
+from .models import appointment, doctor, hospital, patient, specialty, staff
 
 CITIES = ["Lisbon", "Porto", "Braga", "Coimbra", "Faro", "Aveiro", "Evora", "Leiria"]
 SPECIALTIES = [
@@ -109,10 +109,10 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hospital.generate --database URL --appointments N``: a sample database."""
+    """``python -m syncunit.examples.hospital.generate --database URL``: a sample database."""
     import argparse
 
-    from hospital.server import build
+    from .server import build
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--database", required=True, help="e.g. sqlite:///hospital.sqlite")

@@ -29,15 +29,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hospital.backoffice import run_backoffice
-from hospital.generate import generate
-from hospital.server import build
-from hospital.units import schema
+from .backoffice import run_backoffice
+from .generate import generate
+from .server import build
+from .units import schema
 from syncunit import SyncClient, SyncResult
 from syncunit.client.scheduler import RetryPolicy
 from syncunit.server.verify import compare, scope_rows
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent
+#: Where this package's top package is found: ``examples/`` of a checkout (imported as
+#: ``hospital``), or the installed package (``syncunit.examples.hospital``).
+PACKAGE_ROOT = Path(__file__).resolve().parents[len((__package__ or "hospital").split("."))]
 HOSPITAL_ID = 1
 TOKEN = f"token-h{HOSPITAL_ID}"
 
@@ -53,8 +55,8 @@ def server_process(database_url: str, *, chunk_size: int | None = None) -> Itera
     """Run ``syncunit serve`` for the hospital schema in a child process; yield its URL."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "syncunit", "serve", "hospital.server:build",
-        "--app-dir", str(EXAMPLES_DIR), "--database", database_url,
+        sys.executable, "-m", "syncunit", "serve", f"{__package__}.server:build",
+        "--app-dir", str(PACKAGE_ROOT), "--database", database_url,
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
     ]  # fmt: skip
     if chunk_size:

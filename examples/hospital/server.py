@@ -1,14 +1,15 @@
 """The hospital sync server: the units, plus staff tokens as authentication.
 
-Run it with ``syncunit serve hospital.server:build --database sqlite:///hospital.sqlite``.
+Run it with ``syncunit serve syncunit.examples.hospital.server:build --database URL``
+(from a checkout also ``syncunit serve hospital.server:build --app-dir examples ...``).
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
-from hospital.models import metadata, staff
-from hospital.units import schema
+from .models import metadata, staff
+from .units import schema
 from syncunit.server import Principal, SyncServer, TokenAuth, open_store
 
 

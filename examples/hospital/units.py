@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from hospital.models import appointment, doctor, hospital, patient, specialty
+from .models import appointment, doctor, hospital, patient, specialty
 from syncunit import Join, Stream, SyncSchema, SyncUnit
 from syncunit.policies import Detect, MutationContext
 

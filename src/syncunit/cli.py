@@ -5,7 +5,8 @@
     syncunit ddl TARGET --database URL       print the tracking DDL (for Alembic users)
     syncunit prune TARGET --database URL     drop old tombstones
     syncunit renew-epoch TARGET --database URL   make every client re-download (after a restore)
-    syncunit demo                            the hospital example, end to end
+    syncunit demo                            the hospital example, end to end (it ships
+                                             inside the package: syncunit.examples.hospital)
     syncunit bench                           the benchmarks (from a checkout)
 
 TARGET is ``module:attribute`` naming a ``SyncServer``, a function
@@ -35,7 +36,7 @@ def _add_path(path: str | Path) -> None:
 
 
 def _from_checkout(folder: str, module: str) -> Any:
-    """Import ``module`` from ``folder`` of this checkout (the demo and the bench live there)."""
+    """Import ``module`` from ``folder`` of this checkout (the benchmarks live there)."""
     path = module.replace(".", "/") + ".py"
     for root in (Path.cwd() / folder, REPO_ROOT / folder):
         if (root / path).exists():
@@ -151,7 +152,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    run_demo = _from_checkout("examples", "hospital.scenario").run_demo
+    try:
+        run_demo = importlib.import_module("syncunit.examples.hospital.scenario").run_demo
+    except ImportError as exc:
+        raise SystemExit(
+            f"error: the demo needs the cli extra ({exc}): pip install 'syncunit[cli]'"
+        ) from exc
     code: int = run_demo(
         appointments=args.appointments,
         report=Path(args.report) if args.report else None,
