@@ -29,13 +29,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from syncunit import SyncClient, SyncResult
+from syncunit.client.scheduler import RetryPolicy
+from syncunit.server.verify import compare, scope_rows
+
 from .backoffice import run_backoffice
 from .generate import generate
 from .server import build
 from .units import schema
-from syncunit import SyncClient, SyncResult
-from syncunit.client.scheduler import RetryPolicy
-from syncunit.server.verify import compare, scope_rows
 
 #: Where this package's top package is found: ``examples/`` of a checkout (imported as
 #: ``hospital``), or the installed package (``syncunit.examples.hospital``).

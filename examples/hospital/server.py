@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from syncunit.server import Principal, SyncServer, TokenAuth, open_store
+
 from .models import metadata, staff
 from .units import schema
-from syncunit.server import Principal, SyncServer, TokenAuth, open_store
 
 
 def staff_auth(engine: sa.Engine) -> TokenAuth:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from .models import appointment, doctor, hospital, patient, specialty
 from syncunit import Join, Stream, SyncSchema, SyncUnit
 from syncunit.policies import Detect, MutationContext
+
+from .models import appointment, doctor, hospital, patient, specialty
 
 my_hospital = sa.bindparam("hospital_id")  # filled from the signed-in staff member
 
