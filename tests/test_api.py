@@ -19,13 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_exported_members_do_not_change_by_accident() -> None:
     assert sorted(syncunit.__all__) == [
+        "AsyncSyncClient",
         "AuthError",
         "DeclarationError",
         "Join",
+        "LiveQuery",
         "LocalStore",
         "LocalStoreError",
         "NetworkError",
         "ProblemError",
+        "Progress",
         "ProtocolError",
         "RequestRejected",
         "Stream",
@@ -33,6 +36,7 @@ def test_exported_members_do_not_change_by_accident() -> None:
         "SyncError",
         "SyncResult",
         "SyncSchema",
+        "SyncStatus",
         "SyncUnit",
         "SyncUnitError",
         "UnknownUnitError",

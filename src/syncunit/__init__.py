@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from syncunit.client import LocalStore, SyncClient, SyncResult
+from syncunit.client import (
+    AsyncSyncClient,
+    LiveQuery,
+    LocalStore,
+    Progress,
+    SyncClient,
+    SyncResult,
+    SyncStatus,
+)
 from syncunit.errors import (
     AuthError,
     DeclarationError,
@@ -32,13 +40,16 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSyncClient",
     "AuthError",
     "DeclarationError",
     "Join",
+    "LiveQuery",
     "LocalStore",
     "LocalStoreError",
     "NetworkError",
     "ProblemError",
+    "Progress",
     "ProtocolError",
     "RequestRejected",
     "Stream",
@@ -46,6 +57,7 @@ __all__ = [
     "SyncError",
     "SyncResult",
     "SyncSchema",
+    "SyncStatus",
     "SyncUnit",
     "SyncUnitError",
     "UnknownUnitError",

@@ -1,6 +1,17 @@
 """The client: a local SQLite store and the sync engine that fills it."""
 
+from syncunit.client.aio import AsyncSyncClient
 from syncunit.client.client import SyncClient, SyncResult
+from syncunit.client.reactive import LiveQuery
+from syncunit.client.scheduler import Progress, SyncStatus
 from syncunit.client.store import LocalStore
 
-__all__ = ["LocalStore", "SyncClient", "SyncResult"]
+__all__ = [
+    "AsyncSyncClient",
+    "LiveQuery",
+    "LocalStore",
+    "Progress",
+    "SyncClient",
+    "SyncResult",
+    "SyncStatus",
+]

@@ -14,9 +14,9 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from syncunit.client import sessions
 from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.prefetch import FramePrefetch
-from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus
+from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
+from syncunit.client.scheduler import Progress, RetryPolicy, Scheduler, SyncStatus
 from syncunit.client.store import LocalStore, quote
 from syncunit.errors import (
     AuthError,
@@ -135,6 +136,8 @@ class SyncClient:
         on_start: Callable[[str], None] | None = None,
         on_complete: Callable[[SyncResult], None] | None = None,
         on_error: Callable[[str, Exception], None] | None = None,
+        on_status: Callable[[SyncStatus], None] | None = None,
+        dispatch: Dispatch | None = None,
         push_batch: int = 2000,
         retry: RetryPolicy | None = None,
         sync_on_start: str | None = None,
@@ -149,6 +152,15 @@ class SyncClient:
         self.on_start = on_start
         self.on_complete = on_complete
         self.on_error = on_error
+        #: Called with a new ``SyncStatus`` whenever it changes (through ``dispatch``).
+        self.on_status = on_status
+        #: Hands status and ``watch_query`` calls to the app's UI thread (None: call directly).
+        self.dispatch = dispatch
+        self._download: Progress | None = None
+        self._upload: Progress | None = None
+        self._last_status: SyncStatus | None = None
+        self._last_error: tuple[str, str] | None = None
+        self._watcher: QueryWatcher | None = None
         self.sync_on_start = sync_on_start
         self.sync_on_login = sync_on_login
         self.sync_on_reconnect = sync_on_reconnect
@@ -187,6 +199,8 @@ class SyncClient:
         if self._sync_owner == threading.get_ident():
             raise SyncError("close() cannot be called from inside a sync (a callback)")
         self._closed = True
+        if self._watcher is not None:
+            self._watcher.close()
         if self._live is not None:
             self._live.stop()
         if not self.scheduler.stop(timeout):
@@ -220,6 +234,7 @@ class SyncClient:
         """
         added = self.scheduler.enqueue(unit, discard_pending=discard_pending)
         self.scheduler.start()
+        self._status_changed()
         return added
 
     def login(self, token: str | TokenProvider) -> SyncResult | None:
@@ -267,11 +282,61 @@ class SyncClient:
         came_back = self.scheduler.set_online(online, reconnect=self.sync_on_reconnect)
         if came_back and self.sync_on_reconnect:
             self.scheduler.start()
+        self._status_changed()
 
     @property
     def status(self) -> SyncStatus:
-        """What the engine is doing: idle, syncing, offline or retrying, and what waits."""
-        return self.scheduler.status()
+        """What the engine is doing: idle, syncing, offline or retrying, what waits,
+        how far the running unit's download and upload are, and the last error."""
+        status = self.scheduler.status()
+        if status.last_error is None and self._last_error is not None:
+            unit, error = self._last_error
+            status = replace(status, last_error=error, last_error_unit=unit)
+        return replace(status, download=self._download, upload=self._upload)
+
+    def _status_changed(self) -> None:
+        """Tell ``on_status`` about a new status (not twice the same one)."""
+        listener = self.on_status
+        if listener is None:
+            return
+        try:
+            status = self.status
+        except Exception:  # a closed store: nothing to tell
+            return
+        if status == self._last_status:
+            return
+        self._last_status = status
+
+        def call() -> None:
+            try:
+                listener(status)
+            except Exception:
+                log.exception("an on_status callback failed")
+
+        if self.dispatch is None:
+            call()
+        else:
+            self.dispatch(call)
+
+    def watch_query(
+        self,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any] = (),
+        callback: Callable[[Rows], None] | None = None,
+        *,
+        dispatch: Dispatch | None = None,
+    ) -> LiveQuery:
+        """Run ``sql`` on the local database now and each time its result changes.
+
+        ``callback(rows)`` gets the rows at once, then again (coalesced) after a
+        sync or a local write changes a table the query reads and the rows
+        differ. ``dispatch`` (default: the client's) hands each call to the app's
+        UI thread; the ``LiveQuery`` returned is also an iterator of results and
+        stops with ``cancel()`` or ``close()``.
+        """
+        if self._watcher is None:
+            self._watcher = QueryWatcher(self.store)
+        return self._watcher.watch(sql, params, callback, dispatch=dispatch or self.dispatch)
 
     def watch(self, unit: str, *, on_change: Callable[[str], None] | None = None) -> None:
         """Listen for server changes in ``unit``'s scope; each one triggers ``unit``
@@ -380,6 +445,8 @@ class SyncClient:
         result = SyncResult(unit=unit)
         started = time.perf_counter()
         self._emit(self.on_start, unit)
+        self._download = self._upload = None
+        self._status_changed()
         try:
             with self._sync_lock, self._owned():
                 catalog = self.store.catalog()
@@ -401,10 +468,15 @@ class SyncClient:
             # Offline is a status: only the first network failure is an error event.
             if not (isinstance(exc, NetworkError) and self.scheduler.offline_detected):
                 self._emit(self.on_error, unit, exc)
+            self._last_error = (unit, str(exc))
+            self._download = self._upload = None
+            self._status_changed()
             raise
         result.seconds = time.perf_counter() - started
         self.store.complete_unit(unit, json.dumps(result.to_dict()))
+        self._download = self._upload = None
         self._emit(self.on_complete, result)
+        self._status_changed()
         return result
 
     @contextmanager
@@ -424,8 +496,13 @@ class SyncClient:
         rounds = 1
         if push_streams:
             rounds += self.outbox.count(tables) // self.push_batch
+        sending = self.outbox.count(tables) if push_streams else 0
         for _ in range(rounds):
             mutations = self.outbox.prepare(push_streams, self.push_batch) if push_streams else []
+            if mutations:
+                done = self._upload.done if self._upload is not None else 0
+                self._upload = Progress(unit_name, done, max(sending, done + len(mutations)))
+                self._status_changed()
             complete, chunks = self._request(unit_name, unit, catalog, mutations, result)
             idle = 0
             while not complete:
@@ -555,6 +632,8 @@ class SyncClient:
                         if frame.stream in deferred:
                             self.store.restore_indexes(deferred.pop(frame.stream))
                     self._emit(self.on_progress, result.unit, done, max(total, done))
+                    self._download = Progress(result.unit, done, max(total, done))
+                    self._status_changed()
                 elif isinstance(frame, StreamStart):
                     total += frame.total
                     info = catalog.stream(frame.stream)
@@ -583,6 +662,10 @@ class SyncClient:
             with self.store.atomic():
                 self.store.set_fact("bound", self.client_id)
         applied, kept = self.outbox.complete(frame, catalog.streams)
+        if self._upload is not None:
+            u = self._upload
+            self._upload = Progress(u.unit, u.done + len(frame.results), u.total)
+            self._status_changed()
         result.applied += applied
         for change in kept:
             target = result.conflicts if change.status == "conflict" else result.rejected

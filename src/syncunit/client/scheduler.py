@@ -66,6 +66,15 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """How far a transfer of ``unit`` is: ``done`` of ``total`` (an estimate that may grow)."""
+
+    unit: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class SyncStatus:
     """A snapshot an app can poll: what the sync engine is doing and what waits."""
 
@@ -78,6 +87,10 @@ class SyncStatus:
     last_error: str | None = None
     last_error_unit: str | None = None
     next_retry_in: float | None = None
+    #: Rows of the running unit applied so far, of those the server announced.
+    download: Progress | None = None
+    #: Mutations of the running unit answered by the server, of those being sent.
+    upload: Progress | None = None
 
 
 class Scheduler:
@@ -183,6 +196,7 @@ class Scheduler:
                 c.execute("DELETE FROM syncunit_queue WHERE id = ?", (rid,))
         finally:
             self.current = None
+            self.client._status_changed()
         return True
 
     def _failed(self, rid: int, unit: str, attempts: int, exc: Exception) -> None:

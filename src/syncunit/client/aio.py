@@ -1,0 +1,151 @@
+"""``AsyncSyncClient``: the sync engine for asyncio apps (Toga on BeeWare, say).
+
+It is the threaded ``SyncClient`` underneath, not a second engine: the same
+local store, outbox, scheduler, results and errors. What blocks (a sync's
+network and SQLite work, a local write, closing) runs on a worker thread and is
+awaited; what the engine reports from its threads (``on_status``, watched
+queries) is handed to the event loop with ``call_soon_threadsafe``, so app
+callbacks run on the loop's thread, where the UI lives.
+
+    async with AsyncSyncClient(url, "app.sqlite", token=token) as client:
+        client.on_status = show_status
+        await client.sync("Login")
+        async for rows in client.query_updates("SELECT * FROM LocalAppointment"):
+            render(rows)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+from syncunit.client.client import SyncClient, SyncResult
+from syncunit.client.reactive import LiveQuery, Rows
+from syncunit.client.scheduler import SyncStatus
+
+__all__ = ["AsyncSyncClient"]
+
+
+class AsyncSyncClient:
+    """``SyncClient``'s semantics with awaitable calls; create it inside the running loop.
+
+    Takes the same arguments as ``SyncClient`` (or an existing one as ``client=``);
+    ``.client`` is the engine, for anything not wrapped here.
+    """
+
+    def __init__(
+        self,
+        server_url: str | None = None,
+        local_db: Any = None,
+        *,
+        client: SyncClient | None = None,
+        **options: Any,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        if client is None:
+            if server_url is None or local_db is None:
+                raise TypeError("give server_url and local_db, or client=")
+            client = SyncClient(server_url, local_db, **options)
+        self.client = client
+        self._on_status: Callable[[SyncStatus], None] | None = None
+
+    # -- status ----------------------------------------------------------------------------
+
+    @property
+    def status(self) -> SyncStatus:
+        """What the engine is doing (a quick local read)."""
+        return self.client.status
+
+    @property
+    def on_status(self) -> Callable[[SyncStatus], None] | None:
+        """Called on the event loop with each new ``SyncStatus``."""
+        return self._on_status
+
+    @on_status.setter
+    def on_status(self, callback: Callable[[SyncStatus], None] | None) -> None:
+        self._on_status = callback
+        if callback is None:
+            self.client.on_status = None
+            return
+        self.client.dispatch = self.client.dispatch or self._dispatch
+        self.client.on_status = callback
+
+    def _dispatch(self, call: Callable[[], None]) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(call)
+
+    # -- syncing ---------------------------------------------------------------------------
+
+    async def sync(self, unit: str) -> SyncResult:
+        """Run ``unit`` now (on a worker thread) and return what it did."""
+        return await asyncio.to_thread(self.client.sync, unit)
+
+    def trigger(self, unit: str, *, discard_pending: bool = False) -> bool:
+        """Queue ``unit`` for the background worker; returns at once."""
+        return self.client.trigger(unit, discard_pending=discard_pending)
+
+    def start(self) -> None:
+        """Start the background worker (see ``SyncClient.start``)."""
+        self.client.start()
+
+    def set_online(self, online: bool) -> None:
+        self.client.set_online(online)
+
+    async def login(self, token: str) -> SyncResult | None:
+        return await asyncio.to_thread(self.client.login, token)
+
+    # -- local data ------------------------------------------------------------------------
+
+    async def insert(self, table: str, values: Mapping[str, Any]) -> Any:
+        return await asyncio.to_thread(self.client.insert, table, values)
+
+    async def update(self, table: str, key: Any, values: Mapping[str, Any]) -> None:
+        await asyncio.to_thread(self.client.update, table, key, values)
+
+    async def delete(self, table: str, key: Any) -> None:
+        await asyncio.to_thread(self.client.delete, table, key)
+
+    async def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Rows:
+        """Rows of ``sql`` on the local database."""
+
+        def run() -> Rows:
+            with self.client.store.lock:
+                return [tuple(r) for r in self.client.store.conn.execute(sql, params)]
+
+        return await asyncio.to_thread(run)
+
+    def watch_query(
+        self,
+        sql: str,
+        params: Sequence[Any] | dict[str, Any] = (),
+        callback: Callable[[Rows], None] | None = None,
+    ) -> LiveQuery:
+        """``SyncClient.watch_query`` with ``callback`` run on the event loop."""
+        return self.client.watch_query(sql, params, callback, dispatch=self._dispatch)
+
+    async def query_updates(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> AsyncIterator[Rows]:
+        """The rows of ``sql`` now, then each time they change, until the loop stops."""
+        results: asyncio.Queue[Rows] = asyncio.Queue()
+        live = await asyncio.to_thread(
+            self.client.watch_query, sql, params, results.put_nowait, dispatch=self._dispatch
+        )
+        try:
+            while True:
+                yield await results.get()
+        finally:
+            live.cancel()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop the worker and watchers (a running sync finishes first), then close."""
+        await asyncio.to_thread(self.client.close)
+
+    async def __aenter__(self) -> AsyncSyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
