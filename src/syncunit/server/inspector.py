@@ -121,7 +121,8 @@ class SyncLog:
         try:
             for frame in frames:
                 if isinstance(frame, Chunk):
-                    rows += len(frame.data) + len(frame.removed)
+                    # columnar: data holds one list per column
+                    rows += (len(frame.data[0]) if frame.data else 0) + len(frame.removed)
                     cursors[frame.stream] = frame.cursor
                 elif isinstance(frame, PushResults):
                     pushed = frame
