@@ -207,6 +207,18 @@ def test_the_installed_wheel_serves_the_hospital_example(served, tmp_path):
     assert httpx.get(f"{served}/metrics", timeout=5).status_code == 401
     scraped = httpx.get(f"{served}/metrics", headers={"Authorization": "Bearer scrape"}, timeout=5)
     assert 'syncunit_syncs_total{outcome="ok",unit="Login"}' in scraped.text
+    # --log-format json: the sync's line, with its request id, device and unit
+    deadline = time.monotonic() + 5
+    lines: list[dict[str, object]] = []
+    while time.monotonic() < deadline and not lines:
+        for line in (tmp_path / "serve.log").read_text().splitlines():
+            if line.startswith("{") and '"sync Login: ok' in line:
+                lines.append(json.loads(line))
+        time.sleep(0.1)
+    assert lines, (tmp_path / "serve.log").read_text()[-2000:]
+    assert lines[0]["unit"] == "Login"
+    assert lines[0]["client_id"]
+    assert lines[0]["request_id"]
 
 
 def test_the_wheel_and_the_sdist_hold_the_example_and_py_typed(built):
