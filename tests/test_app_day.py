@@ -107,6 +107,7 @@ def test_local_writes_fire_for_the_tables_read_and_only_those(make_client):
     def rolled_back() -> None:
         with client.store.atomic() as c:
             c.execute("UPDATE LocalAppointment SET notes = 'y'")
+            time.sleep(0.3)  # the watcher wakes meanwhile: it must wait for the end
             raise RuntimeError("the app changed its mind")
 
     with pytest.raises(RuntimeError):
