@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
-from syncunit.client.scheduler import Progress, RetryPolicy, Scheduler, SyncStatus
+from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus
+from syncunit.client.status import StatusFeed
 from syncunit.client.store import LocalStore, quote
 from syncunit.errors import (
     AuthError,
@@ -156,10 +157,7 @@ class SyncClient:
         self.on_status = on_status
         #: Hands status and ``watch_query`` calls to the app's UI thread (None: call directly).
         self.dispatch = dispatch
-        self._download: Progress | None = None
-        self._upload: Progress | None = None
-        self._last_status: SyncStatus | None = None
-        self._last_error: tuple[str, str] | None = None
+        self._feed = StatusFeed()
         self._watcher: QueryWatcher | None = None
         self.sync_on_start = sync_on_start
         self.sync_on_login = sync_on_login
@@ -288,35 +286,11 @@ class SyncClient:
     def status(self) -> SyncStatus:
         """What the engine is doing: idle, syncing, offline or retrying, what waits,
         how far the running unit's download and upload are, and the last error."""
-        status = self.scheduler.status()
-        if status.last_error is None and self._last_error is not None:
-            unit, error = self._last_error
-            status = replace(status, last_error=error, last_error_unit=unit)
-        return replace(status, download=self._download, upload=self._upload)
+        return self._feed.complete(self.scheduler.status())
 
     def _status_changed(self) -> None:
         """Tell ``on_status`` about a new status (not twice the same one)."""
-        listener = self.on_status
-        if listener is None:
-            return
-        try:
-            status = self.status
-        except Exception:  # a closed store: nothing to tell
-            return
-        if status == self._last_status:
-            return
-        self._last_status = status
-
-        def call() -> None:
-            try:
-                listener(status)
-            except Exception:
-                log.exception("an on_status callback failed")
-
-        if self.dispatch is None:
-            call()
-        else:
-            self.dispatch(call)
+        self._feed.tell(lambda: self.status, self.on_status, self.dispatch)
 
     def watch_query(
         self,
@@ -445,7 +419,7 @@ class SyncClient:
         result = SyncResult(unit=unit)
         started = time.perf_counter()
         self._emit(self.on_start, unit)
-        self._download = self._upload = None
+        self._feed.idle()
         self._status_changed()
         try:
             with self._sync_lock, self._owned():
@@ -468,13 +442,12 @@ class SyncClient:
             # Offline is a status: only the first network failure is an error event.
             if not (isinstance(exc, NetworkError) and self.scheduler.offline_detected):
                 self._emit(self.on_error, unit, exc)
-            self._last_error = (unit, str(exc))
-            self._download = self._upload = None
+            self._feed.failed(unit, exc)
             self._status_changed()
             raise
         result.seconds = time.perf_counter() - started
         self.store.complete_unit(unit, json.dumps(result.to_dict()))
-        self._download = self._upload = None
+        self._feed.idle()
         self._emit(self.on_complete, result)
         self._status_changed()
         return result
@@ -500,8 +473,7 @@ class SyncClient:
         for _ in range(rounds):
             mutations = self.outbox.prepare(push_streams, self.push_batch) if push_streams else []
             if mutations:
-                done = self._upload.done if self._upload is not None else 0
-                self._upload = Progress(unit_name, done, max(sending, done + len(mutations)))
+                self._feed.sending(unit_name, len(mutations), sending)
                 self._status_changed()
             complete, chunks = self._request(unit_name, unit, catalog, mutations, result)
             idle = 0
@@ -632,7 +604,7 @@ class SyncClient:
                         if frame.stream in deferred:
                             self.store.restore_indexes(deferred.pop(frame.stream))
                     self._emit(self.on_progress, result.unit, done, max(total, done))
-                    self._download = Progress(result.unit, done, max(total, done))
+                    self._feed.downloaded(result.unit, done, total)
                     self._status_changed()
                 elif isinstance(frame, StreamStart):
                     total += frame.total
@@ -662,9 +634,8 @@ class SyncClient:
             with self.store.atomic():
                 self.store.set_fact("bound", self.client_id)
         applied, kept = self.outbox.complete(frame, catalog.streams)
-        if self._upload is not None:
-            u = self._upload
-            self._upload = Progress(u.unit, u.done + len(frame.results), u.total)
+        if self._feed.upload is not None:
+            self._feed.answered(len(frame.results))
             self._status_changed()
         result.applied += applied
         for change in kept:
