@@ -10,7 +10,7 @@ import httpx
 import msgspec
 from hospital import units as hospital_units
 
-from syncunit.protocol import Catalog
+from syncunit.protocol import Catalog, CatalogFrame
 from tests.test_resets import _appointments_stream, _schema, schema_with_phone
 
 
@@ -111,3 +111,26 @@ def test_client_creates_local_tables_from_the_catalog(client):
         assert [r[1] for r in info] == [c.name for c in stream.columns]
         pk = [r[1] for r in info if r[5]]
         assert pk == [stream.key]
+
+
+def test_a_first_sync_is_one_request_with_the_catalog_inside(tapped, tap, server, in_sync):
+    result = tapped.sync("Login")
+
+    assert tap.log == [("POST", "/v1/sync/Login", 200)]
+    assert result.requests == 1
+    assert tap.last[0] == CatalogFrame(catalog=server.catalog)
+    assert tapped.store.catalog() == server.catalog
+    in_sync(tapped, "Login")
+    # Now the device holds the catalog: the server does not send it again.
+    tapped.sync("Login")
+    assert not any(isinstance(f, CatalogFrame) for f in tap.last)
+
+
+def test_a_second_device_of_the_same_user_also_needs_one_request(make_client, tap, in_sync):
+    make_client().sync("Login")
+    second = make_client(transport=tap)
+
+    second.sync("Login")
+
+    assert tap.log == [("POST", "/v1/sync/Login", 200)]
+    in_sync(second, "Login")

@@ -116,18 +116,27 @@ def post_sync(
     client_id: str,
     mutations: Sequence[Mutation] = (),
     cursors: dict[str, str] | None = None,
+    schema_hash: str | None = None,
 ) -> httpx.Response:
-    """One ``POST /v1/sync/{unit}`` with bare httpx (the response fully read)."""
+    """One ``POST /v1/sync/{unit}`` with bare httpx (the response fully read).
+
+    Without ``schema_hash`` it sends the server's (read from ``GET /v1/catalog``),
+    as a client that holds the catalog does.
+    """
+    auth = {"Authorization": f"Bearer {token}"}
+    if schema_hash is None:
+        schema_hash = httpx.get(f"{url}/v1/catalog", headers=auth, timeout=30).json()["schema_hash"]
     body = encode_request(
         SyncRequest(
             protocol=PROTOCOL_VERSION,
             client_id=client_id,
+            schema_hash=schema_hash,
             cursors=cursors or {},
             mutations=list(mutations),
         )
     )
     headers = {
-        "Authorization": f"Bearer {token}",
+        **auth,
         "Content-Type": content_type("msgpack"),
         "Accept": content_type("msgpack"),
         "Accept-Encoding": "identity",

@@ -19,7 +19,16 @@ from hospital.models import appointment, patient
 
 from syncunit import SyncClient
 from syncunit.errors import NetworkError
-from syncunit.protocol import JSON, PROBLEM, SyncRequest, encode_request
+from syncunit.protocol import (
+    JSON,
+    PROBLEM,
+    CatalogFrame,
+    End,
+    FrameDecoder,
+    Mutation,
+    SyncRequest,
+    encode_request,
+)
 from syncunit.server.store import tombstones
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import appointments_of, assert_in_sync, doctors_of, local_keys, sent_keys
@@ -86,11 +95,9 @@ def test_new_column_migrates_the_local_table_and_fills_it(make_server, live, tap
 
     result = tapped.sync("Login")
 
-    assert tap.log[-3:] == [
-        ("POST", "/v1/sync/Login", 409),  # schema-changed
-        ("GET", "/v1/catalog", 200),
-        ("POST", "/v1/sync/Login", 200),
-    ]
+    # One request: the response brings the new catalog before the changes.
+    assert tap.log[-2:] == [("POST", "/v1/sync/Login", 200), ("POST", "/v1/sync/Login", 200)]
+    assert result.requests == 1
     assert tapped.store.catalog().schema_hash == server2.catalog.schema_hash
     assert _local_columns(tapped, "LocalAppointment")["patient_phone"] == "TEXT"
     assert _local_indexes(tapped, "LocalAppointment") == indexes
@@ -127,10 +134,11 @@ def test_removed_column_is_dropped_locally_and_rows_stay(make_server, live, tapp
     assert_in_sync(server2, tapped, "token-h1", "Login")
 
 
-def test_old_schema_hash_gets_a_schema_changed_problem(make_server, live, client):
+def test_old_schema_hash_gets_the_new_catalog_as_the_first_frame(make_server, live, client):
     client.sync("Login")
     old_hash = client.store.catalog().schema_hash
-    live.app = make_server(schema_with_phone()).app
+    server2 = make_server(schema_with_phone())
+    live.app = server2.app
     body = encode_request(SyncRequest(protocol=1, client_id="c", schema_hash=old_hash), "json")
 
     r = httpx.post(
@@ -139,9 +147,62 @@ def test_old_schema_hash_gets_a_schema_changed_problem(make_server, live, client
         headers={"Authorization": "Bearer token-h1", "Content-Type": JSON},
     )
 
+    assert r.status_code == 200
+    frames = list(FrameDecoder("json").feed(r.content))
+    assert frames[0] == CatalogFrame(catalog=server2.catalog)
+    assert isinstance(frames[-1], End)
+    assert not any(isinstance(f, CatalogFrame) for f in frames[1:])
+
+
+def test_old_schema_hash_with_mutations_gets_a_schema_changed_problem(make_server, live, client):
+    client.sync("Login")
+    old_hash = client.store.catalog().schema_hash
+    live.app = make_server(schema_with_phone()).app
+    m = Mutation(seq=1, id="m1", table="LocalAppointment", key="x", op="delete")
+    request = SyncRequest(protocol=1, client_id="c", schema_hash=old_hash, mutations=[m])
+
+    r = httpx.post(
+        f"{live.url}/v1/sync/Login",
+        content=encode_request(request, "json"),
+        headers={"Authorization": "Bearer token-h1", "Content-Type": JSON},
+    )
+
+    # Mutations made under another schema are not applied: the client migrates first.
     assert r.status_code == 409
     assert r.headers["content-type"] == PROBLEM
     assert r.json()["code"] == "schema-changed"
+
+
+def test_pending_mutations_under_an_old_schema_are_pushed_after_the_migration(
+    make_server, live, tapped, tap, store
+):
+    tapped.sync("Login")
+    mine = appointments_of(store, 1)
+    tapped.update("LocalAppointment", mine[0], {"notes": "after the upgrade"})
+    stream = _appointments_stream(
+        {**hospital_units.appointments.columns, "patient_phone": patient.c.phone}
+    )
+    schema = SyncSchema(
+        [
+            SyncUnit("Login", [hospital_units.doctors, stream]),
+            SyncUnit("SendAppointments", [stream], direction="push"),
+        ]
+    )
+    live.app = make_server(schema).app
+
+    result = tapped.sync("SendAppointments")
+
+    assert tap.log[-3:] == [
+        ("POST", "/v1/sync/SendAppointments", 409),  # schema-changed: nothing applied
+        ("GET", "/v1/catalog", 200),
+        ("POST", "/v1/sync/SendAppointments", 200),
+    ]
+    assert result.applied == 1
+    with store.engine.connect() as conn:
+        notes = conn.execute(
+            sa.select(appointment.c.notes).where(appointment.c.id == mine[0])
+        ).scalar_one()
+    assert notes == "after the upgrade"
 
 
 # -- tombstone horizon, epoch, a database from the past ---------------------------------------

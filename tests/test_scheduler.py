@@ -453,7 +453,7 @@ def test_events_from_the_worker_thread_with_their_arguments(make_client, events)
     [(result,)] = events.of("complete")
     assert result.unit == "Login"
     assert result.rows_in == LOGIN_ROWS
-    assert result.requests == 2  # the catalog (a first sync), then the unit
+    assert result.requests == 1  # the catalog travels inside the first response
     assert events.errors() == []
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "PROBLEM_CODES",
     "PROTOCOL_VERSION",
     "Catalog",
+    "CatalogFrame",
     "Chunk",
     "ColumnInfo",
     "End",
@@ -197,6 +198,16 @@ class End(msgspec.Struct, frozen=True, tag="end"):
     complete: bool = True
 
 
+class CatalogFrame(msgspec.Struct, frozen=True, tag="catalog"):
+    """First frame when the request's ``schema_hash`` was missing or stale.
+
+    The client creates or migrates its local tables from ``catalog`` before it
+    applies the frames that follow, so a first sync is one request.
+    """
+
+    catalog: Catalog
+
+
 class Failure(msgspec.Struct, frozen=True, tag="failure"):
     """The server failed after the response started; the client keeps applied chunks."""
 
@@ -206,7 +217,7 @@ class Failure(msgspec.Struct, frozen=True, tag="failure"):
     detail: str = ""
 
 
-Frame = PushResults | StreamStart | Chunk | End | Failure
+Frame = CatalogFrame | PushResults | StreamStart | Chunk | End | Failure
 
 
 #: The stable catalog of wire errors: code -> (HTTP status, title). A code never

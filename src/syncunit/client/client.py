@@ -43,6 +43,7 @@ from syncunit.ids import uuid7
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Catalog,
+    CatalogFrame,
     Chunk,
     Encoding,
     End,
@@ -405,9 +406,10 @@ class SyncClient:
     def sync(self, unit: str) -> SyncResult:
         """Run ``unit`` now and return what it did.
 
-        One request, except when the outbox holds more than ``push_batch``
-        mutations (then one per batch) or the server's schema changed (the
-        catalog is fetched again and the run repeated).
+        One request, the first sync included (the catalog comes inside the
+        response), except when the outbox holds more than ``push_batch``
+        mutations (then one per batch), or holds mutations made under a schema
+        the server no longer has (the catalog is fetched, then they are sent).
         """
         if self._sync_owner == threading.get_ident():
             raise SyncError(
@@ -423,17 +425,16 @@ class SyncClient:
         self._status_changed()
         try:
             with self._sync_lock, self._owned():
+                # Without a catalog (a first sync) the server sends it inside the response.
                 catalog = self.store.catalog()
-                if catalog is None:
-                    result.requests += 1
-                    catalog = self.catalog(refresh=True)
                 try:
                     self._run_unit(unit, catalog, result)
                 except ProblemError as exc:
-                    if exc.code == "unit-forbidden":
+                    if exc.code == "unit-forbidden" and catalog is not None:
                         self._forget_unit(unit, catalog)
                     if exc.code != "schema-changed":
                         raise
+                    # Pending mutations under an old schema: migrate first, then send them.
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
                     self._run_unit(unit, catalog, result)
@@ -460,9 +461,9 @@ class SyncClient:
         finally:
             self._sync_owner = None
 
-    def _run_unit(self, unit_name: str, catalog: Catalog, result: SyncResult) -> None:
-        unit = catalog.unit(unit_name)
-        push_streams = [] if unit is None else [
+    def _run_unit(self, unit_name: str, catalog: Catalog | None, result: SyncResult) -> None:
+        unit = None if catalog is None else catalog.unit(unit_name)
+        push_streams = [] if unit is None or catalog is None else [
             s for s in catalog.streams if s.local_table in unit.push
         ]  # fmt: skip
         tables = [s.local_table for s in push_streams]
@@ -476,6 +477,9 @@ class SyncClient:
                 self._feed.sending(unit_name, len(mutations), sending)
                 self._status_changed()
             complete, chunks = self._request(unit_name, unit, catalog, mutations, result)
+            if catalog is None:  # the first response brought it: continue with its cursors
+                catalog = self.store.catalog()
+                unit = None if catalog is None else catalog.unit(unit_name)
             idle = 0
             while not complete:
                 # The server ends a response after a bounded time: continue from the
@@ -515,7 +519,7 @@ class SyncClient:
         self,
         unit_name: str,
         unit: UnitInfo | None,
-        catalog: Catalog,
+        catalog: Catalog | None,
         mutations: list[Mutation],
         result: SyncResult,
     ) -> tuple[bool, int]:
@@ -524,7 +528,7 @@ class SyncClient:
         request = SyncRequest(
             protocol=PROTOCOL_VERSION,
             client_id=self.client_id,
-            schema_hash=catalog.schema_hash,
+            schema_hash="" if catalog is None else catalog.schema_hash,
             cursors=self.store.cursors(stream_names) if stream_names else {},
             mutations=mutations,
             chunk_size=self.chunk_size,
@@ -548,7 +552,7 @@ class SyncClient:
             response.close()
 
     def _read_frames(
-        self, response: httpx.Response, catalog: Catalog, result: SyncResult
+        self, response: httpx.Response, catalog: Catalog | None, result: SyncResult
     ) -> tuple[bool, int]:
         deferred: dict[str, StreamInfo] = {}  # streams whose indexes wait for the copy's end
         try:
@@ -569,7 +573,7 @@ class SyncClient:
     def _apply_frames(
         self,
         response: httpx.Response,
-        catalog: Catalog,
+        catalog: Catalog | None,
         result: SyncResult,
         deferred: dict[str, StreamInfo],
     ) -> tuple[End | None, int]:
@@ -587,6 +591,17 @@ class SyncClient:
             for frame in frames:
                 if self._cancel.is_set():
                     raise SyncError("the sync was cancelled by close(); applied chunks are kept")
+                if isinstance(frame, CatalogFrame):
+                    # A first sync, or the server's schema changed: migrate, then apply.
+                    catalog = frame.catalog
+                    self.store.apply_catalog(catalog)
+                    continue
+                if isinstance(frame, End):
+                    return frame, chunks
+                if isinstance(frame, Failure):
+                    raise problem_error(frame.status, frame.code, frame.title, frame.detail)
+                if catalog is None:
+                    raise ProtocolError("the server sent changes before its catalog")
                 if isinstance(frame, Chunk):
                     chunks += 1
                     info = catalog.stream(frame.stream)
@@ -621,10 +636,6 @@ class SyncClient:
                     self._emit(self.on_progress, result.unit, done, total)
                 elif isinstance(frame, PushResults):
                     self._on_push_results(frame, catalog, result)
-                elif isinstance(frame, End):
-                    return frame, chunks
-                elif isinstance(frame, Failure):
-                    raise problem_error(frame.status, frame.code, frame.title, frame.detail)
         return None, chunks
 
     def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:

@@ -41,6 +41,7 @@ from starlette.routing import Route
 from syncunit.errors import ProtocolError
 from syncunit.protocol import (
     PROTOCOL_VERSION,
+    CatalogFrame,
     Chunk,
     End,
     Frame,
@@ -354,7 +355,8 @@ class SyncServer:
             )
         check_request(req, self.limits)
         check_mutations(req.mutations, self.limits)
-        if req.schema_hash and req.schema_hash != self.catalog.schema_hash:
+        if req.mutations and req.schema_hash and req.schema_hash != self.catalog.schema_hash:
+            # Mutations were made under another schema: the client migrates first.
             raise ProblemException(
                 "schema-changed",
                 f"the client has schema {req.schema_hash}, the server {self.catalog.schema_hash}",
@@ -458,6 +460,9 @@ class SyncServer:
         req: SyncRequest,
         pushed: PushResults | None,
     ) -> Iterator[Frame]:
+        if req.schema_hash != self.catalog.schema_hash:
+            # A first sync, or a client with an old catalog: it migrates from this one.
+            yield CatalogFrame(catalog=self.catalog)
         if pushed is not None:
             yield pushed
         if unit.pulls:
