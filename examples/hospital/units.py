@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from syncunit import Join, Stream, SyncSchema, SyncUnit
-from syncunit.policies import Detect, MutationContext
+from syncunit.policies import BatchContext, Detect, MutationContext, set_check
 
 from .models import appointment, doctor, hospital, patient, specialty
 
@@ -54,6 +54,35 @@ _overlap = (
 )
 
 
+_mine = appointment.alias("mine")
+_other = appointment.alias("other")
+_batch_overlap = (
+    sa.select(sa.literal(1))
+    .select_from(
+        _mine.join(
+            _other,
+            sa.and_(
+                _other.c.doctor_id == _mine.c.doctor_id,
+                _other.c.id != _mine.c.id,
+                _other.c.status == "booked",
+                _other.c.ends_at > _mine.c.starts_at,
+                _other.c.starts_at < _mine.c.ends_at,
+            ),
+        )
+    )
+    .where(_mine.c.id.in_(sa.bindparam("keys", expanding=True)), _mine.c.status == "booked")
+    .limit(1)
+)
+
+
+def _no_double_booking_at_once(batch: BatchContext) -> bool:
+    """The rule over a batch of new appointments: none overlaps another (one query)."""
+    if any(r["ends_at"] <= r["starts_at"] for r in batch.rows):
+        return False
+    return batch.conn.execute(_batch_overlap, {"keys": list(batch.keys)}).first() is None
+
+
+@set_check(_no_double_booking_at_once)
 def no_double_booking(ctx: MutationContext) -> str | None:
     """A doctor cannot have two booked appointments at overlapping times."""
     row = ctx.row

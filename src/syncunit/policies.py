@@ -17,11 +17,19 @@ after the change (a delete: the row being deleted). Rules run only for rows in
 the principal's write scope, after that scope check. An inserted or updated
 row is already written when its rules run, so rules that query its table
 should leave out ``ctx.key``; deletes are checked before they are written.
+
+A push of many new rows is written as one batch when every rule of the
+stream has a set-based form (``@set_check(fn)`` on the rule): ``fn(batch)``
+sees all the batch's rows written at once (all in the write scope) and returns
+whether each of them passes. If it says no (or any row fails another check),
+the batch is undone and its mutations are applied one by one with the per-row
+rules, so results are those of the one-by-one path; a set-based form only has
+to be a conservative yes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +37,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
 __all__ = [
+    "BatchContext",
     "Conflict",
     "ConflictPolicy",
     "Detect",
@@ -37,6 +46,8 @@ __all__ = [
     "Reject",
     "Resolve",
     "Rule",
+    "SetCheck",
+    "set_check",
 ]
 
 
@@ -119,3 +130,39 @@ class MutationContext:
 
 
 Rule = Callable[[MutationContext], str | None]
+
+
+@dataclass
+class BatchContext:
+    """What a rule's set-based form sees: new rows, all written, of one table."""
+
+    conn: Connection
+    table: str
+    keys: Sequence[Any]  # the rows' keys (base-table values), in push order
+    rows: Sequence[Mapping[str, Any]]  # the rows as written (base-table column names)
+    principal_id: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+SetCheck = Callable[[BatchContext], bool]
+
+
+def set_check(check: SetCheck) -> Callable[[Rule], Rule]:
+    """Give a rule a set-based form for batches of new rows (see the module docs).
+
+    ``check(batch)`` returns True only if the rule, run row by row in push
+    order, would accept every row of the batch; False sends the batch down the
+    one-by-one path, where the rule itself decides.
+    """
+
+    def attach(rule: Rule) -> Rule:
+        rule.set_check = check  # type: ignore[attr-defined]
+        return rule
+
+    return attach
+
+
+def set_check_of(rule: Rule) -> SetCheck | None:
+    """The set-based form attached to ``rule`` by ``set_check``, or None."""
+    check = getattr(rule, "set_check", None)
+    return check if callable(check) else None

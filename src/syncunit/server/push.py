@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection
 from syncunit.policies import Conflict, MutationContext, Reject, Resolve
 from syncunit.protocol import Mutation, MutationResult, PushResults, SyncRequest
 from syncunit.server.auth import Principal, authorize_unit
+from syncunit.server.batch import BATCH_MAX, BATCH_MIN, batchable, write_batch
 from syncunit.server.changes import StreamReader, to_wire
 from syncunit.server.limits import Limits, check_mutations, shorten
 from syncunit.server.problems import ProblemException
@@ -85,13 +86,18 @@ class ConflictFound(Exception):
         self.reason = reason
 
 
+_kinds: dict[Any, str] = {}  # logical type per column type object (held: ids stay unique)
+
+
 def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
     """Validate a wire value for ``column`` and turn it into the column's Python type."""
     if value is None:
         if not column.nullable:
             raise Rejected("invalid-value", f"column {local!r} cannot be empty")
         return None
-    kind = logical_type(column.type)
+    kind = _kinds.get(column.type)
+    if kind is None:
+        kind = _kinds[column.type] = logical_type(column.type)
     try:
         if kind == "integer":
             if isinstance(value, bool) or not isinstance(value, int):
@@ -156,6 +162,8 @@ KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
 class _Statements:
     current: sa.Select[Any]
     in_scope: sa.Select[Any]  # the row is in the stream's write scope
+    scope_keys: sa.Select[Any]  # the rows of ``keys`` in the stream's write scope
+    existing_keys: sa.Select[Any]  # one row if any of ``keys`` exists
     insert: sa.Insert
     insert_new: sa.Insert
     update: sa.Update
@@ -249,11 +257,20 @@ class PushApplier:
             self._check_sequence(req.mutations, last)
             results: list[MutationResult] = []
             logged: list[dict[str, Any]] = []
-            for m in req.mutations:
+            batched = tried = 0  # index below which a batch was written / was tried
+            for i, m in enumerate(req.mutations):
                 if m.seq <= last:
                     results.append(self._replay(conn, req.client_id, m))
                     continue
-                result = self._apply_one(conn, principal, m, unit.name, writable)
+                if i >= tried:
+                    run = self._insert_run(req.mutations, i, writable)
+                    tried = i + max(1, len(run[1]) if run else 1)
+                    if run is not None and write_batch(self, conn, principal, *run):
+                        batched = tried
+                if i < batched:
+                    result = MutationResult(seq=m.seq, id=m.id, status="applied")
+                else:
+                    result = self._apply_one(conn, principal, m, unit.name, writable)
                 logged.append(
                     {
                         "client_id": req.client_id,
@@ -278,6 +295,28 @@ class PushApplier:
                 )
             )
         return PushResults(results=results, last_seq=last)
+
+    def _insert_run(
+        self, mutations: list[Mutation], start: int, writable: frozenset[str]
+    ) -> tuple[Stream, list[Mutation]] | None:
+        """The inserts into one table from ``start`` on, if they are worth a batch."""
+        first = mutations[start]
+        stream = self.schema.by_local_table.get(first.table)
+        if first.op != "insert" or first.table not in writable:
+            return None
+        if stream is None or not batchable(self, stream):
+            return None
+        end = start
+        while (
+            end < len(mutations)
+            and end - start < BATCH_MAX
+            and mutations[end].op == "insert"
+            and mutations[end].table == first.table
+        ):
+            end += 1
+        if end - start < BATCH_MIN:
+            return None
+        return stream, mutations[start:end]
 
     @staticmethod
     def _check_sequence(mutations: list[Mutation], last: int) -> None:
@@ -558,8 +597,12 @@ class PushApplier:
 
     def _in_scope(self, conn: Connection, s: Stream, principal: Principal, key: Any) -> bool:
         """Whether the row ``key`` is in the stream's write scope for ``principal``."""
-        params = {p: principal.params[p] for p in s.write_parameters}
+        params = self._scope_params(s, principal)
         return conn.execute(self._statements(s).in_scope, {**params, KEY: key}).first() is not None
+
+    def _scope_params(self, s: Stream, principal: Principal) -> dict[str, Any]:
+        """The principal's values of the parameters the stream's write scope binds."""
+        return {p: principal.params[p] for p in s.write_parameters}
 
     def _statements(self, s: Stream) -> _Statements:
         """The stream's statements, built once: SQLAlchemy then reuses their compiled form."""
@@ -567,16 +610,22 @@ class PushApplier:
         if st is None:
             base, pk = s.base, s.key_column
             key: sa.BindParameter[Any] = sa.bindparam(KEY)
+            keys: sa.BindParameter[Any] = sa.bindparam("keys", expanding=True)
             assert s.write_where is not None  # only writable streams get here
             from_: Any = base
             for j in s.joins:
                 from_ = from_.outerjoin(j.table, j.on)
+            # coalesce: an outer join's missing row makes the rule NULL, which is "no"
+            scoped = (
+                sa.select(sa.literal(1))
+                .select_from(from_)
+                .where(sa.func.coalesce(s.write_where, sa.false()))
+            )
             st = _Statements(
                 current=sa.select(base).where(pk == key),
-                # coalesce: an outer join's missing row makes the rule NULL, which is "no"
-                in_scope=sa.select(sa.literal(1))
-                .select_from(from_)
-                .where(sa.func.coalesce(s.write_where, sa.false()), pk == key),
+                in_scope=scoped.where(pk == key),
+                scope_keys=scoped.with_only_columns(pk).where(pk.in_(keys)),
+                existing_keys=sa.select(pk).where(pk.in_(keys)).limit(1),
                 insert=base.insert(),
                 insert_new=self.store.insert_new(base),
                 update=base.update().where(pk == key),

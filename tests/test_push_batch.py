@@ -1,0 +1,243 @@
+"""Pushed inserts written as a batch give the results of the one-by-one path.
+
+A run of inserts of new rows is written with one statement and checked set by
+set (scope, the rules' set-based forms); any failure sends the whole run down
+the one-by-one path. These tests push the same mutations through both paths
+and compare every result and the server's rows, and check that the batch was
+really taken.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import syncunit.server.push as push_module
+from syncunit.policies import BatchContext, MutationContext, set_check
+from syncunit.protocol import Mutation, MutationResult, SyncRequest
+from syncunit.server import Principal, SyncServer, TokenAuth
+from syncunit.server.batch import write_batch
+from syncunit.units import Stream, SyncSchema, SyncUnit
+
+U1 = Principal("user-1", {"owner": "u1"})
+meta = sa.MetaData()
+note = sa.Table(
+    "note",
+    meta,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("owner", sa.String(20), nullable=False),
+    sa.Column("title", sa.String(80), nullable=False),
+    sa.Column("n", sa.Integer, nullable=False, default=0),
+)
+_other = note.alias("other")
+_taken = (
+    sa.select(sa.literal(1))
+    .select_from(
+        note.join(_other, sa.and_(_other.c.title == note.c.title, _other.c.id != note.c.id))
+    )
+    .where(note.c.id.in_(sa.bindparam("keys", expanding=True)))
+    .limit(1)
+)
+set_checks: list[int] = []  # how often the set-based form ran
+
+
+def _titles_free(batch: BatchContext) -> bool:
+    set_checks.append(len(batch.keys))
+    if any(r["title"] == "explode" for r in batch.rows):
+        raise RuntimeError("a bug in the set-based form")
+    return batch.conn.execute(_taken, {"keys": list(batch.keys)}).first() is None
+
+
+@set_check(_titles_free)
+def unique_title(ctx: MutationContext) -> str | None:
+    """No two notes share a title."""
+    clash = ctx.conn.execute(
+        sa.select(note.c.id).where(note.c.title == ctx.row["title"], note.c.id != ctx.key)
+    ).first()
+    return None if clash is None else f"title {ctx.row['title']!r} is taken"
+
+
+def _server(path: Path, rules: list[Any]) -> SyncServer:
+    stream = Stream(
+        "notes",
+        note,
+        {name: note.c[name] for name in ("id", "owner", "title", "n")},
+        where=note.c.owner == sa.bindparam("owner"),
+        local_table="LocalNote",
+        rules=rules,
+    )
+    schema = SyncSchema([SyncUnit("Push", [stream], direction="push")])
+    server = SyncServer(
+        schema, f"sqlite:///{path}", authenticate=TokenAuth({"t1": U1}), install=False
+    )
+    meta.create_all(server.store.engine)
+    server.store.install(schema)
+    return server
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[tuple[SyncServer, SyncServer]]:
+    """The same schema twice: ``batched`` and ``single`` (batches switched off)."""
+    batched = _server(tmp_path / "batched.sqlite", [unique_title])
+    single = _server(tmp_path / "single.sqlite", [unique_title])
+    yield batched, single
+    batched.store.engine.dispose()
+    single.store.engine.dispose()
+
+
+def _ins(seq: int, key: str, title: str | None = None, **values: Any) -> Mutation:
+    row = {"id": key, "owner": "u1", "title": title or f"t-{key}", "n": seq, **values}
+    return Mutation(seq=seq, id=f"m{seq}", table="LocalNote", key=key, op="insert", values=row)
+
+
+def _push(
+    server: SyncServer, mutations: list[Mutation], monkeypatch: pytest.MonkeyPatch, batch: bool
+) -> list[MutationResult]:
+    with monkeypatch.context() as m:
+        if not batch:
+            m.setattr(push_module, "BATCH_MIN", 10**9)
+        req = SyncRequest(protocol=1, client_id="device", mutations=mutations)
+        return server.pusher.apply(U1, req).results
+
+
+def _rows(server: SyncServer) -> list[tuple[Any, ...]]:
+    with server.store.engine.connect() as conn:
+        cols = [note.c.id, note.c.owner, note.c.title, note.c.n]
+        return [tuple(r) for r in conn.execute(sa.select(*cols).order_by(note.c.id))]
+
+
+def _versions(server: SyncServer) -> int:
+    with server.store.engine.connect() as conn:
+        q = sa.select(sa.func.count(sa.distinct(note.c.syncunit_version)))
+        return int(conn.execute(q).scalar_one())
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each ``write_batch`` call answered (True: the batch was written)."""
+    answers: list[bool] = []
+
+    def spy(*args: Any) -> bool:
+        ok = write_batch(*args)
+        answers.append(ok)
+        return ok
+
+    monkeypatch.setattr(push_module, "write_batch", spy)
+    return answers
+
+
+def _same_both_ways(servers, monkeypatch, mutations) -> list[MutationResult]:
+    batched, single = servers
+    got = _push(batched, mutations, monkeypatch, batch=True)
+    want = _push(single, mutations, monkeypatch, batch=False)
+    assert got == want
+    assert _rows(batched) == _rows(single)
+    return got
+
+
+def test_new_rows_are_written_as_one_batch_with_per_mutation_results(servers, monkeypatch, batches):
+    mutations = [_ins(i, f"k{i:03}") for i in range(1, 51)]
+
+    results = _same_both_ways(servers, monkeypatch, mutations)
+
+    assert [r.status for r in results] == ["applied"] * 50
+    assert [(r.seq, r.id) for r in results] == [(m.seq, m.id) for m in mutations]
+    assert batches == [True]  # the batched server took the batch (the other never tried)
+    assert set_checks[-1] == 50
+    assert _versions(servers[0]) == 50  # each row tracked with its own version
+
+
+def test_a_rule_failing_inside_the_batch_rejects_only_the_later_row(servers, monkeypatch, batches):
+    mutations = [_ins(i, f"k{i:03}") for i in range(1, 11)]
+    mutations[6] = _ins(7, "k007", title="t-k003")  # clashes with an earlier row of the batch
+
+    results = _same_both_ways(servers, monkeypatch, mutations)
+
+    assert [r.status for r in results].count("rejected") == 1
+    assert results[6].status == "rejected"
+    assert results[6].code == "rule"
+    assert "taken" in results[6].reason
+    assert batches == [False]
+
+
+def test_out_of_scope_invalid_and_existing_rows_fall_back_and_match(servers, monkeypatch, batches):
+    for server in servers:
+        with server.store.engine.begin() as conn:
+            conn.execute(note.insert().values(id="k005", owner="u1", title="old", n=0))
+    cases = {
+        "out of scope": [_ins(i, f"s{i:03}", owner="u2" if i == 3 else "u1") for i in range(1, 9)],
+        "invalid value": [_ins(i, f"j{i:03}", n="x" if i == 12 else i) for i in range(9, 17)],
+        "existing key": [
+            _ins(i, f"k{i - 17 + 1:03}x" if i != 20 else "k005") for i in range(17, 25)
+        ],
+        "key twice": [_ins(i, "dup" if i in (26, 28) else f"d{i}") for i in range(25, 33)],
+    }
+    statuses = {}
+    for name, mutations in cases.items():
+        results = _same_both_ways(servers, monkeypatch, mutations)
+        statuses[name] = [r.code for r in results if r.status != "applied"]
+
+    assert statuses == {
+        "out of scope": ["out-of-scope"],
+        "invalid value": ["invalid-value"],
+        "existing key": [],  # the existing row is updated, as one by one
+        "key twice": [],
+    }
+    assert batches == [False, False, False, False]
+
+
+def test_a_set_check_that_raises_falls_back_and_blocks_nothing(servers, monkeypatch, batches):
+    mutations = [_ins(i, f"k{i:03}", title="explode" if i == 4 else None) for i in range(1, 9)]
+
+    results = _same_both_ways(servers, monkeypatch, mutations)
+
+    assert [r.status for r in results] == ["applied"] * 8
+    assert batches == [False]
+
+
+def test_a_rule_without_a_set_based_form_keeps_the_one_by_one_path(tmp_path, monkeypatch, batches):
+    def plain(ctx: MutationContext) -> str | None:
+        return None
+
+    server = _server(tmp_path / "plain.sqlite", [plain])
+    results = _push(server, [_ins(i, f"k{i}") for i in range(1, 9)], monkeypatch, batch=True)
+    server.store.engine.dispose()
+
+    assert [r.status for r in results] == ["applied"] * 8
+    assert batches == []
+
+
+def test_hospital_bookings_in_one_batch_keep_the_double_booking_rule(server, store):
+    staff = Principal("staff:1", {"hospital_id": 1})
+    start = dt.datetime(2033, 5, 2, 9, 0)
+
+    def booking(seq: int, doctor: int, minutes: int) -> Mutation:
+        at = start + dt.timedelta(minutes=minutes)
+        row = {
+            "id": f"b{seq:03}",
+            "doctor_id": doctor,
+            "patient_id": 1,
+            "starts_at": at.isoformat(),
+            "ends_at": (at + dt.timedelta(minutes=30)).isoformat(),
+            "status": "booked",
+            "room": "R1",
+            "notes": "",
+        }
+        return Mutation(seq, f"m{seq}", "LocalAppointment", row["id"], "insert", row)
+
+    with store.engine.connect() as conn:
+        doctor = conn.execute(sa.text("SELECT id FROM doctor WHERE hospital_id = 1")).scalar()
+    mutations = [booking(i, doctor, 30 * i) for i in range(1, 9)]
+    mutations.append(booking(9, doctor, 30 * 4 + 15))  # overlaps the 4th and the 5th
+
+    req = SyncRequest(protocol=1, client_id="tablet", mutations=mutations)
+    results = server.pusher.apply(staff, req).results
+
+    assert [r.status for r in results] == ["applied"] * 8 + ["rejected"]
+    assert results[8].code == "rule"
+    assert "already booked" in results[8].reason
