@@ -193,7 +193,7 @@ def _push(ax: Any, r: Report) -> bool:
         values.append(bw["records_per_s"])
     bars = ax.bar(names, values, color=["#2b6cb0", "#dd6b20"][: len(values)])
     _label_bars(ax, bars)
-    ax.axhline(5000, color="#718096", ls="--", label="target: 5,000/s")
+    ax.axhline(20000, color="#718096", ls="--", label="target: 20,000/s")
     ax.set_ylabel("mutations per second")
     ax.set_title("Pushing local changes")
     ax.legend()

@@ -231,7 +231,14 @@ def push(server: ServerProcess, device_db: Path, mutations: int) -> dict[str, An
             _insert_local_appointments(client.store, mutations)
             out["local_insert_s"] = round(time.perf_counter() - t0, 4)
             pending = conn.execute(f'SELECT count(*) FROM "{outboxes[0]}"').fetchone()[0]
+            server_cpu, client_cpu = server.cpu(), time.process_time()
             res = client.sync(PUSH_UNIT)
+            # CPU seconds of both sides: a figure other processes on the machine skew less.
+            server_cpu = server.cpu() - server_cpu
+            client_cpu = time.process_time() - client_cpu
+            out["server_cpu_s"] = round(server_cpu, 3)
+            out["client_cpu_s"] = round(client_cpu, 3)
+            out["mutations_per_cpu_s"] = rate(mutations, server_cpu + client_cpu)
             out.update(
                 {
                     "outbox_rows_before": pending,

@@ -300,7 +300,7 @@ class Outbox:
         base: str,
     ) -> Mutation:
         writable = {c.name for c in s.columns if c.writable}
-        base_all = _loads(base)
+        base_all = _loads(base) if base != "{}" else {}  # an insert has no base
         base_vals = {c: v for c, v in base_all.items() if c in writable}
         if op == "delete":
             return Mutation(
