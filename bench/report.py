@@ -50,6 +50,14 @@ def ratios(r: Report) -> dict[str, Any]:
         "rss_1m_vs_100k": _div(
             _get(r, "initial", big, "client_peak_rss_mb"), init.get("client_peak_rss_mb")
         ),
+        "initial_vs_pouchdb": _div(
+            init.get("rows_per_s"), _get(r, "pouchdb", "full_pull", "records_per_s")
+        ),
+        "delta_vs_pouchdb": _div(
+            _get(r, "delta", head, "seconds"), _get(r, "pouchdb", "delta", "seconds")
+        ),
+        # Snapshot bootstrap is not built yet: no figure (see docs/performance.md).
+        "bootstrap_vs_rows_1m": None,
         "push_mutations_per_s": push_rate,
         "push_mutations_per_cpu_s": _get(r, "push", "mutations_per_cpu_s"),
         "push_vs_kinto_batch": _div(push_rate, _get(peer, "batch_write", "records_per_s")),
@@ -208,6 +216,26 @@ def print_report(r: Report, console: Console) -> None:
         )
     else:
         t.add_row("Kinto", "", "", "", "", f"not run: {peer.get('reason', 'skipped')[:80]}")
+    pouch = r.get("pouchdb") or {}
+    if pouch.get("available"):
+        t.add_row(
+            "PouchDB replicate",
+            f"{pouch['records']:,}",
+            _fmt(pouch["full_pull"]["seconds"], " s"),
+            _fmt(pouch["full_pull"]["records_per_s"], " rows/s"),
+            "",
+            f"batch {pouch['batch_size']}",
+        )
+        t.add_row(
+            "PouchDB delta",
+            f"{pouch['records']:,}",
+            _fmt(pouch["delta"]["seconds"], " s"),
+            "",
+            "",
+            f"{pouch['delta']['changes']} changes",
+        )
+    else:
+        t.add_row("PouchDB", "", "", "", "", f"not run: {pouch.get('reason', 'skipped')[:80]}")
     console.print(t)
 
     g = Table(title="ratios and targets", title_style="bold")
@@ -335,6 +363,25 @@ def to_markdown(r: Report) -> str:
             _fmt(bw["records_per_s"], " records/s"),
             "",
             f"{bw['requests_per_batch']} PUTs per POST /v1/batch",
+        )
+    pouch = r.get("pouchdb") or {}
+    if pouch.get("available"):
+        row(
+            "PouchDB replicate (LevelDB)",
+            f"{pouch['records']:,}",
+            _fmt(pouch["full_pull"]["seconds"], " s"),
+            _fmt(pouch["full_pull"]["records_per_s"], " rows/s"),
+            "",
+            f"express-pouchdb {pouch['versions'].get('express-pouchdb')} (memory),"
+            f" PouchDB {pouch['versions'].get('pouchdb')}; batch size {pouch['batch_size']}",
+        )
+        row(
+            "PouchDB delta",
+            f"{pouch['records']:,}",
+            _fmt(pouch["delta"]["seconds"] * 1000, " ms"),
+            "",
+            "",
+            f"{pouch['delta']['changes']} changed records",
         )
     sweep = r.get("chunk_sweep") or {}
     if sweep:

@@ -55,6 +55,7 @@ class Config:
     push_mutations: int
     kinto: bool
     analyze: bool = False
+    pouchdb: bool = True
 
     @property
     def headline_size(self) -> int:
@@ -112,6 +113,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-sizes", type=_ints, help="chunk sizes to sweep")
     p.add_argument("--chunk-size", type=int, help="use this chunk size, skip the sweep")
     p.add_argument("--no-kinto", action="store_true", help="skip the Kinto peer")
+    p.add_argument("--no-pouchdb", action="store_true", help="skip the PouchDB peer")
     p.add_argument(
         "--analyze",
         action="store_true",
@@ -139,6 +141,7 @@ def config_from(args: argparse.Namespace) -> Config:
     if args.chunk_size:
         cfg.chunk_size = args.chunk_size
     cfg.kinto = cfg.kinto and not args.no_kinto
+    cfg.pouchdb = cfg.pouchdb and not args.no_pouchdb
     cfg.analyze = args.analyze
     return cfg
 
@@ -205,6 +208,7 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
         "anti_pattern": None,
         "push": None,
         "kinto": None,
+        "pouchdb": None,
         "timings": {},
     }
     chunk = cfg.chunk_size
@@ -281,6 +285,13 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
         report["timings"]["kinto"] = round(time.perf_counter() - t0, 1)
     else:
         report["kinto"] = {"available": False, "reason": "skipped (--no-kinto)"}
+    if cfg.pouchdb:
+        log(f"PouchDB peer with {len(records):,} records")
+        t0 = time.perf_counter()
+        report["pouchdb"] = scenarios.pouchdb(records, workdir, log)
+        report["timings"]["pouchdb"] = round(time.perf_counter() - t0, 1)
+    else:
+        report["pouchdb"] = {"available": False, "reason": "skipped (--no-pouchdb)"}
     env["loadavg_after"] = os.getloadavg()[0]
     report["ratios"] = ratios(report)
     report["targets"] = targets(report["ratios"])

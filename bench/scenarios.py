@@ -326,13 +326,33 @@ def limits(
 # -- the peer ---------------------------------------------------------------------------
 
 
-def kinto(records: list[dict[str, Any]], workdir: Path, quick: bool, log: Log) -> dict[str, Any]:
-    """Kinto 26 on PostgreSQL with the same rows, or the reason it could not run."""
+def peer_changes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The 100 records both peers see changed for their delta (the same ones)."""
     rng = random.Random(3)
-    changes = [
+    return [
         {**rec, "status": "rescheduled", "notes": f"moved {i}", "room": "R001"}
         for i, rec in enumerate(rng.sample(records, min(100, len(records))))
     ]
+
+
+def pouchdb(records: list[dict[str, Any]], workdir: Path, log: Log) -> dict[str, Any]:
+    """PouchDB replicating from express-pouchdb, or the reason it could not run."""
+    try:
+        from bench.pouchdb_peer import run_pouchdb_peer
+
+        return run_pouchdb_peer(records, peer_changes(records), workdir=workdir / "pouchdb")
+    except Exception as exc:  # the peer is optional: never fail the bench for it
+        log(f"  PouchDB could not run: {exc}")
+        return {
+            "available": False,
+            "records": len(records),
+            "reason": f"{type(exc).__name__}: {str(exc)[-1500:]}",
+        }
+
+
+def kinto(records: list[dict[str, Any]], workdir: Path, quick: bool, log: Log) -> dict[str, Any]:
+    """Kinto 26 on PostgreSQL with the same rows, or the reason it could not run."""
+    changes = peer_changes(records)
     try:
         from bench.kinto_peer import run_kinto_peer
 
