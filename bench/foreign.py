@@ -199,26 +199,27 @@ def _copy(src: Path, dst: Path) -> None:
         b.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--appointments", type=int, default=100_000)
-    parser.add_argument("--doctors", type=int, default=1_000)
-    parser.add_argument("--foreign", type=int, default=50_000)
-    parser.add_argument("--changes", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args(argv)
+def run_foreign(
+    *,
+    appointments: int = 100_000,
+    doctors: int = 1_000,
+    foreign: int = 50_000,
+    changes: int = 10,
+    runs: int = 15,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """The quiet and busy deltas of hospital 1; the report as a dict (``error`` if wrong)."""
     ensure_paths()
     from syncunit.client import SyncClient
 
     rng = random.Random(8)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         quiet_db, busy_db = Path(tmp) / "quiet.sqlite", Path(tmp) / "busy.sqlite"
         started = time.perf_counter()
-        build(quiet_db, args.appointments, args.doctors)
+        build(quiet_db, appointments, doctors)
         report: dict[str, Any] = {
             "hospitals": HOSPITALS,
-            "appointments": args.appointments,
+            "appointments": appointments,
             "build_s": round(time.perf_counter() - started, 1),
         }
         with (
@@ -228,22 +229,44 @@ def main(argv: list[str] | None = None) -> int:
             device.sync(UNIT)
             names = [s for u in device.catalog().units if u.name == UNIT for s in u.streams]
             cursors = device.store.cursors(names)
-        change_mine(quiet_db, args.changes, rng)
+        change_mine(quiet_db, changes, rng)
         _copy(quiet_db, busy_db)  # the same database (epoch, versions) from here on
         started = time.perf_counter()
-        report["foreign_writes"] = foreign_writes(busy_db, args.foreign, rng)
+        report["foreign_writes"] = foreign_writes(busy_db, foreign, rng)
         report["foreign_write_s"] = round(time.perf_counter() - started, 1)
         with ServerProcess(quiet_db) as quiet, ServerProcess(busy_db) as busy:
-            result = timed_deltas({"quiet": quiet, "busy": busy}, cursors, args.runs)
+            result = timed_deltas({"quiet": quiet, "busy": busy}, cursors, runs)
         report.update(result)
         report["ratio"] = round(result["busy"]["ms"] / result["quiet"]["ms"], 2)
         report["cpu_ratio"] = round(
             result["busy"]["server_cpu_ms"] / max(result["quiet"]["server_cpu_ms"], 0.01), 2
         )
         rows_q, rows_b = result["quiet"]["rows"], result["busy"]["rows"]
+    if rows_q != changes or rows_b != changes:
+        report["error"] = f"the deltas brought {rows_q} and {rows_b} rows, not {changes}"
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--appointments", type=int, default=100_000)
+    parser.add_argument("--doctors", type=int, default=1_000)
+    parser.add_argument("--foreign", type=int, default=50_000)
+    parser.add_argument("--changes", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    report = run_foreign(
+        appointments=args.appointments,
+        doctors=args.doctors,
+        foreign=args.foreign,
+        changes=args.changes,
+        runs=args.runs,
+        workdir=args.workdir,
+    )
     print(json.dumps(report, indent=2))
-    if rows_q != args.changes or rows_b != args.changes:
-        print(f"error: the deltas brought {rows_q} and {rows_b} rows, not {args.changes}")
+    if "error" in report:
+        print(f"error: {report['error']}")
         return 1
     return 0
 

@@ -56,6 +56,7 @@ def ratios(r: Report) -> dict[str, Any]:
         "delta_vs_pouchdb": _div(
             _get(r, "delta", head, "seconds"), _get(r, "pouchdb", "delta", "seconds")
         ),
+        "scope_churn_busy_vs_quiet": _get(r, "scope_churn", "ratio"),
         # Snapshot bootstrap is not built yet: no figure (see docs/performance.md).
         "bootstrap_vs_rows_1m": None,
         "push_mutations_per_s": push_rate,
@@ -81,6 +82,7 @@ TARGETS: list[tuple[str, str, str, float]] = [
     ("delta at the largest table <= 1.2x at the smallest", "delta_1m_vs_10k", "<=", 1.2),
     ("client peak RSS at the largest size <= 1.5x", "rss_1m_vs_100k", "<=", 1.5),
     ("push >= 20,000 mutations/s", "push_mutations_per_s", ">=", 20000.0),
+    ("100 hospitals: delta after foreign writes <= 1.5x", "scope_churn_busy_vs_quiet", "<=", 1.5),
 ]
 
 

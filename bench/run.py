@@ -56,6 +56,7 @@ class Config:
     kinto: bool
     analyze: bool = False
     pouchdb: bool = True
+    foreign: bool = True
 
     @property
     def headline_size(self) -> int:
@@ -115,6 +116,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-kinto", action="store_true", help="skip the Kinto peer")
     p.add_argument("--no-pouchdb", action="store_true", help="skip the PouchDB peer")
     p.add_argument(
+        "--no-foreign", action="store_true", help="skip the 100-hospital scope-churn figure"
+    )
+    p.add_argument(
         "--analyze",
         action="store_true",
         help="what-if: give the server databases SQLite planner statistics (ANALYZE)",
@@ -142,6 +146,7 @@ def config_from(args: argparse.Namespace) -> Config:
         cfg.chunk_size = args.chunk_size
     cfg.kinto = cfg.kinto and not args.no_kinto
     cfg.pouchdb = cfg.pouchdb and not args.no_pouchdb
+    cfg.foreign = cfg.foreign and not args.no_foreign
     cfg.analyze = args.analyze
     return cfg
 
@@ -209,6 +214,7 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
         "push": None,
         "kinto": None,
         "pouchdb": None,
+        "scope_churn": None,
         "timings": {},
     }
     chunk = cfg.chunk_size
@@ -285,6 +291,24 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
         report["timings"]["kinto"] = round(time.perf_counter() - t0, 1)
     else:
         report["kinto"] = {"available": False, "reason": "skipped (--no-kinto)"}
+    if cfg.foreign:
+        log("100 hospitals: one hospital's delta, quiet and after foreign writes")
+        t0 = time.perf_counter()
+        try:
+            from bench.foreign import run_foreign
+
+            small = cfg.quick
+            report["scope_churn"] = run_foreign(
+                appointments=20_000 if small else 100_000,
+                doctors=200 if small else 1_000,
+                foreign=5_000 if small else 50_000,
+                runs=5 if small else 15,
+                workdir=workdir,
+            )
+        except Exception as exc:  # a figure of its own: never fail the bench for it
+            log(f"  scope churn could not run: {exc}")
+            report["scope_churn"] = {"error": f"{type(exc).__name__}: {exc}"}
+        report["timings"]["scope_churn"] = round(time.perf_counter() - t0, 1)
     if cfg.pouchdb:
         log(f"PouchDB peer with {len(records):,} records")
         t0 = time.perf_counter()
