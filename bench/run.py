@@ -168,6 +168,19 @@ def busy_cpus(seconds: float = 1.0) -> float | None:
     return round(cpus * (1 - (idle1 - idle0) / max(1, total1 - total0)), 2)
 
 
+def _cpu_ticks() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its
+    waited-for children) so far: their difference is what other processes used."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy = (sum(fields) - fields[3] - fields[4]) / ticks
+    t = os.times()
+    return busy, t.user + t.system + t.children_user + t.children_system
+
+
 def environment() -> dict[str, Any]:
     def git(*a: str) -> str:
         try:
@@ -199,6 +212,7 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
     started = time.perf_counter()
     head = cfg.headline_size
     env = environment()
+    ticks0 = _cpu_ticks()
     if (env["busy_cpus_before"] or 0) > 0.3:
         log(f"[yellow]other processes keep {env['busy_cpus_before']} CPUs busy: timings suffer[/]")
     report: dict[str, Any] = {
@@ -317,6 +331,17 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
     else:
         report["pouchdb"] = {"available": False, "reason": "skipped (--no-pouchdb)"}
     env["loadavg_after"] = os.getloadavg()[0]
+    ticks1 = _cpu_ticks()
+    if ticks0 is not None and ticks1 is not None:
+        # Other processes' CPUs during the run (the servers and clients are ours).
+        wall = time.perf_counter() - started
+        others = max(0.0, (ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1]))
+        env["other_busy_cpus_during"] = round(others / max(wall, 1e-9), 2)
+        if env["other_busy_cpus_during"] > 0.3:
+            log(
+                f"[yellow]other processes kept {env['other_busy_cpus_during']} CPUs busy"
+                " during the run: timings suffer; repeat on a quiet machine[/]"
+            )
     report["ratios"] = ratios(report)
     report["targets"] = targets(report["ratios"])
     report["timings"]["total"] = round(time.perf_counter() - started, 1)
