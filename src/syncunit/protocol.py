@@ -46,6 +46,7 @@ __all__ = [
     "MutationResult",
     "Problem",
     "PushResults",
+    "SnapshotOffer",
     "StreamInfo",
     "StreamStart",
     "SyncRequest",
@@ -134,6 +135,7 @@ class SyncRequest(msgspec.Struct, frozen=True):
     cursors: dict[str, str] = {}
     mutations: list[Mutation] = []
     chunk_size: int | None = None
+    snapshots: bool = False  # the client can apply a ``SnapshotOffer``
 
 
 # -- response frames ---------------------------------------------------------
@@ -198,6 +200,23 @@ class End(msgspec.Struct, frozen=True, tag="end"):
     complete: bool = True
 
 
+class SnapshotOffer(msgspec.Struct, frozen=True, tag="snapshot"):
+    """Instead of a stream's first copy: a prebuilt file of its rows to download.
+
+    ``path`` (on this server, ``GET`` with the same token) serves a zstd-compressed
+    SQLite file of ``size`` bytes and SHA-256 ``sha256``, whose table ``rows``
+    holds the stream's ``rows`` rows; once they are in the local table, ``cursor``
+    is the stream's cursor, and the next request takes a delta from it.
+    """
+
+    stream: str
+    path: str
+    size: int
+    sha256: str
+    rows: int
+    cursor: str
+
+
 class CatalogFrame(msgspec.Struct, frozen=True, tag="catalog"):
     """First frame when the request's ``schema_hash`` was missing or stale.
 
@@ -217,7 +236,7 @@ class Failure(msgspec.Struct, frozen=True, tag="failure"):
     detail: str = ""
 
 
-Frame = CatalogFrame | PushResults | StreamStart | Chunk | End | Failure
+Frame = CatalogFrame | PushResults | StreamStart | Chunk | SnapshotOffer | End | Failure
 
 
 #: The stable catalog of wire errors: code -> (HTTP status, title). A code never
@@ -229,6 +248,7 @@ PROBLEM_CODES: dict[str, tuple[int, str]] = {
     "unit-forbidden": (403, "This principal may not run this sync unit"),
     "unknown-unit": (404, "No such sync unit"),
     "unknown-stream": (404, "No such stream in this sync unit"),
+    "unknown-snapshot": (404, "No such snapshot"),
     "malformed-request": (400, "The request body could not be read"),
     "unsupported-protocol": (400, "Unsupported protocol version"),
     "upload-timeout": (408, "The request body took too long to arrive"),

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from syncunit.client import sessions
+from syncunit.client import bootstrap, sessions
 from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.prefetch import FramePrefetch
@@ -50,6 +50,7 @@ from syncunit.protocol import (
     Failure,
     Mutation,
     PushResults,
+    SnapshotOffer,
     StreamInfo,
     StreamStart,
     SyncRequest,
@@ -93,6 +94,7 @@ class SyncResult:
     seconds: float = 0.0
     requests: int = 0
     resets: list[str] = field(default_factory=list)
+    snapshots: list[str] = field(default_factory=list)  # streams copied from a snapshot file
     applied: int = 0
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
@@ -147,6 +149,7 @@ class SyncClient:
         sync_on_reconnect: str | None = None,
         sync_every: tuple[str, float] | None = None,
         clock: Callable[[], float] = time.time,
+        snapshots: bool = True,
     ) -> None:
         self.store = local_db if isinstance(local_db, LocalStore) else LocalStore(local_db)
         self.outbox = Outbox(self.store)
@@ -172,6 +175,9 @@ class SyncClient:
         self._live: LiveWatcher | None = None
         self.encoding: Encoding = encoding
         self.chunk_size = chunk_size
+        #: Accept a prebuilt file for a large first copy (falls back to rows by itself).
+        self.snapshots = snapshots and bootstrap.can_apply()
+        self._offers: list[SnapshotOffer] = []
         self.on_progress = on_progress
         headers = {"Accept-Encoding": ACCEPT_ENCODING, "User-Agent": "syncunit-client/0.1"}
         self._token_provider: TokenProvider | None = None
@@ -480,6 +486,16 @@ class SyncClient:
             if catalog is None:  # the first response brought it: continue with its cursors
                 catalog = self.store.catalog()
                 unit = None if catalog is None else catalog.unit(unit_name)
+            if self._offers:
+                # Large first copies came as files: apply them, then a delta from there.
+                accepted = self._bootstrap(result)
+                catalog = self.store.catalog()
+                unit = None if catalog is None else catalog.unit(unit_name)
+                complete, chunks = self._request(
+                    unit_name, unit, catalog, [], result, snapshots=accepted
+                )
+                if self._offers:
+                    raise ProtocolError("the server offered a snapshot again after one failed")
             idle = 0
             while not complete:
                 # The server ends a response after a bounded time: continue from the
@@ -491,7 +507,9 @@ class SyncClient:
                         f"the server ended {idle} responses of {unit_name!r} early without"
                         " sending anything; applied chunks are kept"
                     )
-                complete, chunks = self._request(unit_name, unit, catalog, [], result)
+                complete, chunks = self._request(
+                    unit_name, unit, catalog, [], result, snapshots=False
+                )
             if not push_streams or not self.outbox.count(tables):
                 break
 
@@ -522,9 +540,12 @@ class SyncClient:
         catalog: Catalog | None,
         mutations: list[Mutation],
         result: SyncResult,
+        *,
+        snapshots: bool = True,
     ) -> tuple[bool, int]:
         """One request; returns whether the server completed the run, and the chunks it sent."""
         stream_names = unit.streams if unit is not None and unit.direction != "push" else []
+        self._offers = []
         request = SyncRequest(
             protocol=PROTOCOL_VERSION,
             client_id=self.client_id,
@@ -532,6 +553,7 @@ class SyncClient:
             cursors=self.store.cursors(stream_names) if stream_names else {},
             mutations=mutations,
             chunk_size=self.chunk_size,
+            snapshots=self.snapshots and snapshots,
         )
         body = encode_request(request, self.encoding)
         headers = {
@@ -636,7 +658,37 @@ class SyncClient:
                     self._emit(self.on_progress, result.unit, done, total)
                 elif isinstance(frame, PushResults):
                     self._on_push_results(frame, catalog, result)
+                elif isinstance(frame, SnapshotOffer):
+                    self._offers.append(frame)
         return None, chunks
+
+    def _bootstrap(self, result: SyncResult) -> bool:
+        """Apply the snapshot offers of the last response; False if one failed.
+
+        A failed one (cut download, wrong checksum, unreadable file) leaves its
+        stream without a cursor: the next request copies it row by row.
+        """
+        offers, self._offers = self._offers, []
+        catalog = self.store.catalog()
+        ok = True
+        for offer in offers:
+            info = None if catalog is None else catalog.stream(offer.stream)
+            if info is None:
+                raise ProtocolError(f"server offered a snapshot of unknown stream {offer.stream!r}")
+            part = bootstrap.part_path(self.store, offer)
+            try:
+                bootstrap.download(self.http, offer, part)
+                rows = bootstrap.apply(self.store, info, offer, part)
+            except (bootstrap.SnapshotError, LocalStoreError) as exc:
+                log.warning("snapshot of %s not used, copying row by row: %s", offer.stream, exc)
+                ok = False
+                continue
+            result.bytes_in += offer.size
+            t = info.local_table
+            result.rows_in[t] = result.rows_in.get(t, 0) + rows
+            result.snapshots.append(offer.stream)
+            self._emit(self.on_progress, result.unit, rows, rows)
+        return ok
 
     def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:
         if self.store.get_fact("bound") != self.client_id:

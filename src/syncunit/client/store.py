@@ -588,6 +588,62 @@ class LocalStore:
         self._save_cursor(stream, chunk.cursor)
         return upserted, max(removed, 0)
 
+    def apply_snapshot(self, stream: StreamInfo, path: Path, cursor: str) -> int:
+        """Copy the rows of a snapshot file (table ``rows``) into the stream's local table.
+
+        One transaction with the stream's cursor, as a chunk; rows with a local
+        change not yet pushed keep it. Returns the rows in the file.
+        """
+        t, key = quote(stream.local_table), quote(stream.key)
+        names = [c.name for c in stream.columns]
+        cols = ", ".join(map(quote, names))
+        sets = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in names if c != stream.key)
+        upsert = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
+        with self.lock:
+            try:
+                self.conn.execute("ATTACH DATABASE ? AS syncunit_snapshot", (str(path),))
+            except self.errors as exc:
+                raise LocalStoreError(f"cannot open the snapshot file: {exc}") from exc
+            try:
+                have = [
+                    r[1] for r in self.conn.execute("PRAGMA syncunit_snapshot.table_info(rows)")
+                ]
+                if have != names:
+                    raise LocalStoreError(
+                        f"the snapshot has columns {have}, the catalog {names}: refresh the catalog"
+                    )
+                suspended = self.suspend_indexes(stream)
+                try:
+                    with self.atomic() as c:
+                        pushed = stream.local_table in self.pushed
+                        for stmt in trigger_ddl(stream)[:3] if pushed else []:
+                            c.execute(stmt)
+                        c.execute(
+                            f"INSERT INTO {t} ({cols}) SELECT {cols} FROM syncunit_snapshot.rows"
+                            f" WHERE {key} NOT IN (SELECT row_key FROM syncunit_outbox"
+                            f" WHERE table_name = ?) ON CONFLICT({key}) {upsert}",
+                            (stream.local_table,),
+                        )
+                        (rows,) = c.execute(
+                            "SELECT count(*) FROM syncunit_snapshot.rows"
+                        ).fetchone()
+                        for stmt in trigger_ddl(stream)[3:] if pushed else []:
+                            c.execute(stmt)
+                        c.execute(
+                            "INSERT INTO syncunit_cursors (stream, local_table, definition, cursor)"
+                            " VALUES (?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET"
+                            " cursor = excluded.cursor, definition = excluded.definition",
+                            (stream.name, stream.local_table, stream.definition, cursor),
+                        )
+                finally:
+                    if suspended:
+                        self.restore_indexes(stream)
+            except self.errors as exc:
+                raise LocalStoreError(f"cannot apply the snapshot: {exc}") from exc
+            finally:
+                self.conn.execute("DETACH DATABASE syncunit_snapshot")
+        return int(rows)
+
     def _upsert_sql(
         self, stream: StreamInfo, columns: tuple[str, ...], table: str | None = None
     ) -> str:

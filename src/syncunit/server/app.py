@@ -22,6 +22,7 @@ import asyncio
 import datetime as dt
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -35,7 +36,7 @@ from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from syncunit.errors import ProtocolError
@@ -46,6 +47,7 @@ from syncunit.protocol import (
     End,
     Frame,
     PushResults,
+    SnapshotOffer,
     SyncRequest,
     content_type,
     decode_request,
@@ -71,6 +73,7 @@ from syncunit.server.metrics import ServerMetrics, SyncTally
 from syncunit.server.problems import ProblemException, problem_response
 from syncunit.server.push import PushApplier
 from syncunit.server.rxdb import RxDBReplication
+from syncunit.server.snapshots import Snapshots
 from syncunit.server.store import ServerStore, meta_table
 from syncunit.server.streaming import FramePump, FrameResponse, compressor_for
 from syncunit.units import SyncSchema, SyncUnit
@@ -106,6 +109,8 @@ class SyncServer:
         install: bool = True,
         metrics_token: str | None = None,
         log_principals: bool = False,
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        snapshot_min_rows: int = 100_000,
     ) -> None:
         self.schema = schema
         self.store = database if isinstance(database, ServerStore) else open_store(database)
@@ -126,6 +131,12 @@ class SyncServer:
         self.catalog = schema.catalog()
         self._catalog_body = encode_catalog(self.catalog)
         self.pusher = PushApplier(self.store, schema, limits)
+        #: Prebuilt first copies of large scopes, kept in ``snapshot_dir`` (None: row by row).
+        self.snapshots = (
+            None
+            if snapshot_dir is None
+            else Snapshots(self.store, snapshot_dir, min_rows=snapshot_min_rows)
+        )
         self.monitor = VersionMonitor(self.store)
         self.tombstone_retention = tombstone_retention
         self.prune_every = prune_every
@@ -157,6 +168,7 @@ class SyncServer:
                 Route("/v1/catalog", self.get_catalog, methods=["GET"]),
                 Route("/v1/sync/{unit}", self.post_sync, methods=["POST"]),
                 Route("/v1/live/{unit}", self.post_live, methods=["POST"]),
+                Route("/v1/snapshots/{stream}/{name}", self.get_snapshot, methods=["GET", "HEAD"]),
                 *self.inspector.routes(),
                 *self.rxdb.routes(),
                 *self.metrics.routes(),
@@ -196,6 +208,27 @@ class SyncServer:
     async def get_catalog(self, request: Request) -> Response:
         await self._principal(request)
         return Response(self._catalog_body, media_type="application/json")
+
+    async def get_snapshot(self, request: Request) -> Response:
+        """A snapshot file offered to this principal (``Range`` requests resume it)."""
+        principal = await self._principal(request)
+        stream = self.schema.streams.get(request.path_params["stream"])
+        snap = None
+        if stream is not None and self.snapshots is not None:
+            missing = [p for p in stream.parameters if p not in principal.params]
+            allowed = any(
+                u.pulls
+                and stream in u.streams
+                and (principal.units is None or u.name in principal.units)
+                for u in self.schema.units.values()
+            )
+            if allowed and not missing:
+                snap = self.snapshots.find(request.path_params["name"], stream, principal.params)
+        if snap is None or not snap.path.exists():
+            raise ProblemException(
+                "unknown-snapshot", "no such snapshot for you: sync again to get a fresh offer"
+            )
+        return FileResponse(snap.path, media_type="application/zstd")
 
     async def _sync_request(self, request: Request) -> tuple[Principal, SyncUnit, SyncRequest]:
         """Authenticate, find the unit, read and validate the body."""
@@ -471,9 +504,25 @@ class SyncServer:
                 epoch, horizon = self.store.epoch_and_horizon(conn)
                 for stream in unit.streams:
                     reader = StreamReader(self.store, stream, principal.params, chunk_size=chunk)
-                    frames = reader.frames(
-                        conn, watermark, epoch, horizon, req.cursors.get(stream.name)
-                    )
+                    token = req.cursors.get(stream.name)
+                    if (
+                        token is None
+                        and req.snapshots
+                        and self.snapshots
+                        and stream.mode == "delta"
+                    ):
+                        snap = self.snapshots.offer(conn, watermark, epoch, horizon, reader)
+                        if snap is not None:
+                            yield SnapshotOffer(
+                                stream=stream.name,
+                                path=f"/v1/snapshots/{stream.name}/{snap.name}",
+                                size=snap.size,
+                                sha256=snap.sha256,
+                                rows=snap.rows,
+                                cursor=snap.cursor,
+                            )
+                            continue
+                    frames = reader.frames(conn, watermark, epoch, horizon, token)
                     try:
                         yield from frames
                     finally:
@@ -482,10 +531,11 @@ class SyncServer:
 
 
 def _signed(frames: Iterator[Frame], key: bytes) -> Iterator[Frame]:
-    """``frames`` with every chunk's cursor signed (closing it closes ``frames``)."""
+    """``frames`` with every chunk's (and snapshot offer's) cursor signed (closing it
+    closes ``frames``)."""
     try:
         for frame in frames:
-            if isinstance(frame, Chunk):
+            if isinstance(frame, Chunk | SnapshotOffer):
                 frame = msgspec.structs.replace(frame, cursor=sign_cursor(frame.cursor, key))
             yield frame
     finally:

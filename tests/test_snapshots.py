@@ -1,0 +1,156 @@
+"""Snapshot bootstrap: a first copy as one prebuilt file, then deltas from its cursor.
+
+The hospital server keeps snapshot files in a folder; the tests build them
+explicitly (the server builds them in the background on a large first copy).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from hospital.models import appointment, doctor
+from hospital.units import schema as hospital_schema
+
+from syncunit.client import bootstrap
+from syncunit.protocol import SnapshotOffer
+from tests.support import appointments_of, assert_in_sync, principal_params
+
+H1 = "token-h1"
+
+
+@pytest.fixture
+def snap_server(make_server, live, tmp_path):
+    server = make_server(snapshot_dir=tmp_path / "snapshots", snapshot_min_rows=1)
+    live.app = server.app
+    return server
+
+
+def _build(server, token=H1):
+    params = principal_params(server.store, token)
+    return [server.snapshots.build(s, params) for s in hospital_schema.units["Login"].streams]
+
+
+def test_first_sync_applies_the_snapshot_then_a_delta_in_the_same_run(
+    snap_server, make_client, tap
+):
+    built = _build(snap_server)
+    device = make_client(transport=tap)
+
+    result = device.sync("Login")
+
+    paths = [f"/v1/snapshots/{s.stream}/{s.name}" for s in built]
+    assert tap.log == [
+        ("POST", "/v1/sync/Login", 200),
+        *[("GET", p, 200) for p in paths],
+        ("POST", "/v1/sync/Login", 200),  # the delta from the snapshot's cursor
+    ]
+    assert sorted(result.snapshots) == ["appointments", "doctors"]
+    assert result.requests == 2
+    assert any(isinstance(f, SnapshotOffer) for f in tap.responses[0])
+    assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_changes_after_the_snapshot_arrive_by_delta(snap_server, make_client, store):
+    _build(snap_server)
+    mine = appointments_of(store, 1)
+    with store.write() as conn:  # after the snapshot's watermark, before the device's sync
+        conn.execute(appointment.delete().where(appointment.c.id == mine[0]))
+        conn.execute(appointment.update().where(appointment.c.id == mine[1]).values(notes="n"))
+        conn.execute(doctor.update().where(doctor.c.hospital_id == 1).values(name="Dr Renamed"))
+    device = make_client()
+
+    device.sync("Login")
+    assert_in_sync(snap_server, device, H1, "Login")
+
+    with store.write() as conn:
+        conn.execute(appointment.update().where(appointment.c.id == mine[2]).values(notes="m"))
+    result = device.sync("Login")
+
+    assert result.snapshots == []
+    assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_a_snapshot_is_offered_and_served_only_for_the_same_scope(
+    snap_server, make_client, live, tap
+):
+    [_, h1_appointments] = _build(snap_server)
+    other = make_client("token-h2", name="other", transport=tap)
+
+    other.sync("Login")
+
+    # Every doctor is in every scope (one shared file); h1's appointments are not h2's.
+    offered = [f.stream for f in tap.responses[0] if isinstance(f, SnapshotOffer)]
+    assert offered == ["doctors"]
+    assert_in_sync(snap_server, other, "token-h2", "Login")
+    r = httpx.get(
+        f"{live.url}/v1/snapshots/appointments/{h1_appointments.name}",
+        headers={"Authorization": "Bearer token-h2"},
+    )
+    assert r.status_code == 404
+    assert r.json()["code"] == "unknown-snapshot"
+
+
+def test_a_corrupt_download_is_discarded_and_the_stream_copied_row_by_row(
+    snap_server, make_client, tap
+):
+    built = _build(snap_server)
+    for snap in built:
+        data = bytearray(snap.path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        snap.path.write_bytes(bytes(data))
+    device = make_client(transport=tap)
+
+    result = device.sync("Login")
+
+    assert result.snapshots == []
+    assert tap.log[-1] == ("POST", "/v1/sync/Login", 200)
+    assert not any(isinstance(f, SnapshotOffer) for f in tap.responses[-1])
+    assert not list(
+        Path(device.store.conn.execute("PRAGMA database_list").fetchone()[2]).parent.glob(
+            ".syncunit-snapshot-*"
+        )
+    )
+    assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_a_cut_download_resumes_with_a_range_request(snap_server, make_client, tap, tmp_path):
+    built = _build(snap_server)
+    device = make_client(transport=tap)
+    appointments = next(s for s in built if s.stream == "appointments")
+    offer = SnapshotOffer(
+        stream="appointments",
+        path=f"/v1/snapshots/appointments/{appointments.name}",
+        size=appointments.size,
+        sha256=appointments.sha256,
+        rows=appointments.rows,
+        cursor=appointments.cursor,
+    )
+    part = bootstrap.part_path(device.store, offer)
+    part.write_bytes(appointments.path.read_bytes()[: appointments.size // 2])  # an earlier cut
+
+    device.sync("Login")
+
+    assert ("GET", offer.path, 206) in tap.log
+    assert not part.exists()
+    assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_a_large_first_copy_builds_a_snapshot_in_the_background(snap_server, make_client):
+    first = make_client(name="first")
+    first.sync("Login")  # no file yet: row by row, and one is built meanwhile
+    snaps = snap_server.snapshots
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(snaps._ready) < 2:
+        time.sleep(0.05)
+    second = make_client(name="second")
+
+    result = second.sync("Login")
+
+    assert sorted(result.snapshots) == ["appointments", "doctors"]
+    assert_in_sync(snap_server, second, H1, "Login")
+    with snap_server.store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(appointment)).scalar() > 0
