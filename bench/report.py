@@ -57,8 +57,10 @@ def ratios(r: Report) -> dict[str, Any]:
             _get(r, "delta", head, "seconds"), _get(r, "pouchdb", "delta", "seconds")
         ),
         "scope_churn_busy_vs_quiet": _get(r, "scope_churn", "ratio"),
-        # Snapshot bootstrap is not built yet: no figure (see docs/performance.md).
-        "bootstrap_vs_rows_1m": None,
+        # Row-by-row first sync of the largest size against the same through a snapshot.
+        "bootstrap_vs_rows_1m": _div(
+            _get(r, "initial", big, "seconds"), _get(r, "bootstrap", big, "seconds")
+        ),
         "push_mutations_per_s": push_rate,
         "push_mutations_per_cpu_s": _get(r, "push", "mutations_per_cpu_s"),
         "push_vs_kinto_batch": _div(push_rate, _get(peer, "batch_write", "records_per_s")),
@@ -81,6 +83,7 @@ TARGETS: list[tuple[str, str, str, float]] = [
     ("100-change delta no slower than Kinto _since", "delta_vs_kinto_since", "<=", 1.0),
     ("delta at the largest table <= 1.2x at the smallest", "delta_1m_vs_10k", "<=", 1.2),
     ("client peak RSS at the largest size <= 1.5x", "rss_1m_vs_100k", "<=", 1.5),
+    ("snapshot first sync >= 5x row by row (largest size)", "bootstrap_vs_rows_1m", ">=", 5.0),
     ("push >= 20,000 mutations/s", "push_mutations_per_s", ">=", 20000.0),
     ("100 hospitals: delta after foreign writes <= 1.5x", "scope_churn_busy_vs_quiet", "<=", 1.5),
 ]
@@ -218,6 +221,15 @@ def print_report(r: Report, console: Console) -> None:
         )
     else:
         t.add_row("Kinto", "", "", "", "", f"not run: {peer.get('reason', 'skipped')[:80]}")
+    for size, b in (r.get("bootstrap") or {}).items():
+        t.add_row(
+            "snapshot bootstrap",
+            f"{int(size):,}",
+            _fmt(b["seconds"], " s"),
+            _fmt(b["rows_per_s"], " rows/s"),
+            _fmt(b["bytes"]),
+            "file + delta, fresh device",
+        )
     pouch = r.get("pouchdb") or {}
     if pouch.get("available"):
         t.add_row(
@@ -365,6 +377,15 @@ def to_markdown(r: Report) -> str:
             _fmt(bw["records_per_s"], " records/s"),
             "",
             f"{bw['requests_per_batch']} PUTs per POST /v1/batch",
+        )
+    for size, b in (r.get("bootstrap") or {}).items():
+        row(
+            "snapshot bootstrap",
+            f"{int(size):,}",
+            _fmt(b["seconds"], " s"),
+            _fmt(b["rows_per_s"], " rows/s"),
+            f"{b['bytes']:,}",
+            f"prebuilt file, then a delta; fresh device; runs {b['runs_seconds']}",
         )
     pouch = r.get("pouchdb") or {}
     if pouch.get("available"):

@@ -18,7 +18,7 @@ from types import TracebackType
 
 import httpx
 
-from bench.env import ROOT, TOKEN, ensure_paths, subprocess_env
+from bench.env import ROOT, TOKEN, UNIT, ensure_paths, subprocess_env
 
 
 def free_port() -> int:
@@ -37,8 +37,9 @@ def cpu_seconds(pid: int) -> float:
 class ServerProcess:
     """A server subprocess on a free port; a context manager."""
 
-    def __init__(self, db: Path, *, log: Path | None = None) -> None:
+    def __init__(self, db: Path, *, log: Path | None = None, snapshots: Path | None = None) -> None:
         self.db = db
+        self.snapshots = snapshots  # serve prebuilt first copies for the bench's user
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or db.with_suffix(".server.log")
@@ -54,6 +55,7 @@ class ServerProcess:
             str(self.db),
             "--port",
             str(self.port),
+            *(["--snapshots", str(self.snapshots)] if self.snapshots else []),
         ]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -107,12 +109,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the hospital example for the bench.")
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--snapshots", type=Path, help="build and serve snapshot files here")
     args = parser.parse_args(argv)
     ensure_paths()
     import uvicorn
     from hospital.server import build
 
-    server = build(f"sqlite:///{args.db}")
+    if args.snapshots is None:
+        server = build(f"sqlite:///{args.db}")
+    else:
+        # Built before serving, for the bench's user: a server that has been up a
+        # while has them already (the first large copy builds them in the background).
+        server = build(f"sqlite:///{args.db}", snapshot_dir=args.snapshots, snapshot_min_rows=1)
+        assert server.snapshots is not None
+        params = {"hospital_id": 1}  # TOKEN's staff member works at hospital 1
+        for stream in server.schema.units[UNIT].streams:
+            if stream.mode == "delta":
+                server.snapshots.build(stream, params)
     uvicorn.run(server.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
