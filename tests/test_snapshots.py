@@ -154,3 +154,23 @@ def test_a_large_first_copy_builds_a_snapshot_in_the_background(snap_server, mak
     assert_in_sync(snap_server, second, H1, "Login")
     with snap_server.store.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(appointment)).scalar() > 0
+
+
+def test_a_snapshot_leaves_rows_with_local_changes_alone(snap_server, make_client, store):
+    _build(snap_server)
+    device = make_client()
+    device.catalog()
+    mine = appointments_of(store, 1)[0]
+    booking = {"doctor_id": 1, "patient_id": 7, "starts_at": "2031-05-01T09:00:00",
+               "ends_at": "2031-05-01T09:30:00", "status": "booked", "room": "R2", "notes": "mine"}  # fmt: skip
+    # A local row the server does not know, and one the device changed before its first pull.
+    new_key = device.insert("LocalAppointment", booking)
+    device.insert("LocalAppointment", {**booking, "id": mine, "notes": "changed here"})
+
+    result = device.sync("Login")
+
+    assert "appointments" in result.snapshots
+    local = dict(device.store.query('SELECT id, notes FROM "LocalAppointment"'))
+    assert local[new_key] == "mine"
+    assert local[mine] == "changed here"  # pulls never clobber a pending change
+    assert len(local) == len(appointments_of(store, 1)) + 1

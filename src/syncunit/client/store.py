@@ -618,12 +618,24 @@ class LocalStore:
                         pushed = stream.local_table in self.pushed
                         for stmt in trigger_ddl(stream)[:3] if pushed else []:
                             c.execute(stmt)
-                        c.execute(
-                            f"INSERT INTO {t} ({cols}) SELECT {cols} FROM syncunit_snapshot.rows"
-                            f" WHERE {key} NOT IN (SELECT row_key FROM syncunit_outbox"
-                            f" WHERE table_name = ?) ON CONFLICT({key}) {upsert}",
+                        local = [r[1] for r in c.execute(f"PRAGMA table_info({t})")]
+                        empty = c.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() is None
+                        pending = c.execute(
+                            "SELECT 1 FROM syncunit_outbox WHERE table_name = ? LIMIT 1",
                             (stream.local_table,),
-                        )
+                        ).fetchone()
+                        if empty and pending is None and local == names:
+                            # No rows, no local changes, no triggers, the same columns in
+                            # the same order: SQLite copies the file's pages as they are.
+                            c.execute(f"INSERT INTO {t} SELECT * FROM syncunit_snapshot.rows")
+                        else:
+                            c.execute(
+                                f"INSERT INTO {t} ({cols}) SELECT {cols}"
+                                f" FROM syncunit_snapshot.rows WHERE {key} NOT IN"
+                                " (SELECT row_key FROM syncunit_outbox WHERE table_name = ?)"
+                                f" ON CONFLICT({key}) {upsert}",
+                                (stream.local_table,),
+                            )
                         (rows,) = c.execute(
                             "SELECT count(*) FROM syncunit_snapshot.rows"
                         ).fetchone()

@@ -161,8 +161,11 @@ class Snapshots:
             try:
                 out.execute("PRAGMA journal_mode=OFF")
                 out.execute("PRAGMA synchronous=OFF")
+                # The client's own DDL for the local table (key as primary key): an
+                # empty local table takes the rows with SQLite's page-level copy.
                 cols = ", ".join(
                     f'"{name}" {_SQL_TYPES.get(logical_type(expr.type), "TEXT")}'
+                    + (" PRIMARY KEY" if name == stream.key else "")
                     for name, expr in stream.columns.items()
                 )
                 out.execute(f"CREATE TABLE {TABLE} ({cols})")
