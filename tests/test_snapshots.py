@@ -161,8 +161,15 @@ def test_a_snapshot_leaves_rows_with_local_changes_alone(snap_server, make_clien
     device = make_client()
     device.catalog()
     mine = appointments_of(store, 1)[0]
-    booking = {"doctor_id": 1, "patient_id": 7, "starts_at": "2031-05-01T09:00:00",
-               "ends_at": "2031-05-01T09:30:00", "status": "booked", "room": "R2", "notes": "mine"}  # fmt: skip
+    booking = {
+        "doctor_id": 1,
+        "patient_id": 7,
+        "starts_at": "2031-05-01T09:00:00",
+        "ends_at": "2031-05-01T09:30:00",
+        "status": "booked",
+        "room": "R2",
+        "notes": "mine",
+    }
     # A local row the server does not know, and one the device changed before its first pull.
     new_key = device.insert("LocalAppointment", booking)
     device.insert("LocalAppointment", {**booking, "id": mine, "notes": "changed here"})
