@@ -102,7 +102,7 @@ def _push(
         if not batch:
             m.setattr(push_module, "BATCH_MIN", 10**9)
         req = SyncRequest(protocol=1, client_id="device", mutations=mutations)
-        return server.pusher.apply(U1, req).results
+        return server.pusher.apply(U1, req, server.schema.units["Push"]).results
 
 
 def _rows(server: SyncServer) -> list[tuple[Any, ...]]:
@@ -236,7 +236,7 @@ def test_hospital_bookings_in_one_batch_keep_the_double_booking_rule(server, sto
     mutations.append(booking(9, doctor, 30 * 4 + 15))  # overlaps the 4th and the 5th
 
     req = SyncRequest(protocol=1, client_id="tablet", mutations=mutations)
-    results = server.pusher.apply(staff, req).results
+    results = server.pusher.apply(staff, req, server.schema.units["SendAppointments"]).results
 
     assert [r.status for r in results] == ["applied"] * 8 + ["rejected"]
     assert results[8].code == "rule"

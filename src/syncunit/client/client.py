@@ -488,7 +488,8 @@ class SyncClient:
                 unit = None if catalog is None else catalog.unit(unit_name)
             if self._offers:
                 # Large first copies came as files: apply them, then a delta from there.
-                accepted = self._bootstrap(result)
+                offers, self._offers = self._offers, []
+                accepted = bootstrap.apply_offers(self, offers, result)
                 catalog = self.store.catalog()
                 unit = None if catalog is None else catalog.unit(unit_name)
                 complete, chunks = self._request(
@@ -661,34 +662,6 @@ class SyncClient:
                 elif isinstance(frame, SnapshotOffer):
                     self._offers.append(frame)
         return None, chunks
-
-    def _bootstrap(self, result: SyncResult) -> bool:
-        """Apply the snapshot offers of the last response; False if one failed.
-
-        A failed one (cut download, wrong checksum, unreadable file) leaves its
-        stream without a cursor: the next request copies it row by row.
-        """
-        offers, self._offers = self._offers, []
-        catalog = self.store.catalog()
-        ok = True
-        for offer in offers:
-            info = None if catalog is None else catalog.stream(offer.stream)
-            if info is None:
-                raise ProtocolError(f"server offered a snapshot of unknown stream {offer.stream!r}")
-            part = bootstrap.part_path(self.store, offer)
-            try:
-                bootstrap.download(self.http, offer, part)
-                rows = bootstrap.apply(self.store, info, offer, part)
-            except (bootstrap.SnapshotError, LocalStoreError) as exc:
-                log.warning("snapshot of %s not used, copying row by row: %s", offer.stream, exc)
-                ok = False
-                continue
-            result.bytes_in += offer.size
-            t = info.local_table
-            result.rows_in[t] = result.rows_in.get(t, 0) + rows
-            result.snapshots.append(offer.stream)
-            self._emit(self.on_progress, result.unit, rows, rows)
-        return ok
 
     def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:
         if self.store.get_fact("bound") != self.client_id:
