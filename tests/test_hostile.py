@@ -17,7 +17,7 @@ import msgspec
 import pytest
 import zstandard
 
-from syncunit.protocol import JSON, MSGPACK, PROBLEM, End, Mutation, StreamStart
+from syncunit.protocol import JSON, MSGPACK, PROBLEM, End, Mutation, PushResults, StreamStart
 from syncunit.server.cursor import decode_cursor, encode_cursor
 from syncunit.server.limits import Limits, inflate
 from tests.support import (
@@ -146,7 +146,8 @@ def test_nesting_a_thousand_deep_is_a_400(live, store):
 
 def test_a_rejection_reason_never_echoes_the_whole_value(live, store):
     r = _post(live.url, _push({"values": {"starts_at": "y" * 200_000}}), unit="SendAppointments")
-    (result,) = frames_of(r)[0].results  # type: ignore[union-attr]
+    [pushed] = [f for f in frames_of(r) if isinstance(f, PushResults)]
+    (result,) = pushed.results
     assert result.status == "rejected"
     assert len(result.reason) < 300
 

@@ -431,8 +431,12 @@ class SyncClient:
         self._status_changed()
         try:
             with self._sync_lock, self._owned():
-                # Without a catalog (a first sync) the server sends it inside the response.
+                # Without a catalog (a first sync) the server sends it inside the response;
+                # changes waiting without one (an upgraded device file) need it first.
                 catalog = self.store.catalog()
+                if catalog is None and self.store.query("SELECT 1 FROM syncunit_outbox LIMIT 1"):
+                    result.requests += 1
+                    catalog = self.catalog(refresh=True)
                 try:
                     self._run_unit(unit, catalog, result)
                 except ProblemError as exc:
