@@ -35,7 +35,7 @@ from syncunit.errors import (
 from syncunit.ids import uuid7
 
 if TYPE_CHECKING:
-    from syncunit.units import Join, Stream, SyncSchema, SyncUnit
+    from syncunit.units import Join, Param, Stream, SyncSchema, SyncUnit
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ __all__ = [
     "LocalStore",
     "LocalStoreError",
     "NetworkError",
+    "Param",
     "ProblemError",
     "Progress",
     "ProtocolError",
@@ -65,7 +66,7 @@ __all__ = [
     "uuid7",
 ]
 
-_LAZY = {"Join", "Stream", "SyncSchema", "SyncUnit"}
+_LAZY = {"Join", "Param", "Stream", "SyncSchema", "SyncUnit"}
 
 
 def __getattr__(name: str) -> Any:

@@ -44,11 +44,13 @@ __all__ = [
     "FrameDecoder",
     "Mutation",
     "MutationResult",
+    "ParamInfo",
     "Problem",
     "PushResults",
     "SnapshotOffer",
     "StreamInfo",
     "StreamStart",
+    "Subscription",
     "SyncRequest",
     "UnitInfo",
     "decode_request",
@@ -69,8 +71,18 @@ class ColumnInfo(msgspec.Struct, frozen=True):
     writable: bool = False
 
 
+class ParamInfo(msgspec.Struct, frozen=True):
+    """A filter parameter the app supplies: ``integer`` (within ``min``/``max``) or ``text``."""
+
+    name: str
+    type: Literal["integer", "text"]
+    min: int | None = None
+    max: int | None = None
+    max_length: int = 200
+
+
 class StreamInfo(msgspec.Struct, frozen=True):
-    """A stream: the local table it fills and how."""
+    """A stream: the local table it fills and how; ``params`` the app must supply."""
 
     name: str
     local_table: str
@@ -79,6 +91,7 @@ class StreamInfo(msgspec.Struct, frozen=True):
     columns: list[ColumnInfo]
     indexes: list[list[str]] = []
     definition: str = ""
+    params: list[ParamInfo] = []
 
 
 class UnitInfo(msgspec.Struct, frozen=True):
@@ -126,8 +139,20 @@ class Mutation(msgspec.Struct, frozen=True):
     base: dict[str, Any] = {}
 
 
+class Subscription(msgspec.Struct, frozen=True):
+    """Another unit with its parameter values, refreshed in the same request.
+
+    ``id`` is the client's name for it: the frames of its streams carry it.
+    """
+
+    id: str
+    unit: str
+    params: dict[str, Any] = {}
+    cursors: dict[str, str] = {}
+
+
 class SyncRequest(msgspec.Struct, frozen=True):
-    """The body of ``POST /v1/sync/{unit}``."""
+    """The body of ``POST /v1/sync/{unit}``; ``params`` are the unit's client parameters."""
 
     protocol: int
     client_id: str
@@ -136,6 +161,8 @@ class SyncRequest(msgspec.Struct, frozen=True):
     mutations: list[Mutation] = []
     chunk_size: int | None = None
     snapshots: bool = False  # the client can apply a ``SnapshotOffer``
+    params: dict[str, Any] = {}
+    subscriptions: list[Subscription] = []
 
 
 # -- response frames ---------------------------------------------------------
@@ -170,6 +197,7 @@ class StreamStart(msgspec.Struct, frozen=True, tag="stream"):
     total: int
     reset: bool
     copy: bool = False
+    subscription: str = ""
 
 
 class Chunk(msgspec.Struct, frozen=True, tag="chunk"):
@@ -186,6 +214,7 @@ class Chunk(msgspec.Struct, frozen=True, tag="chunk"):
     cursor: str
     reset: bool = False
     complete: bool = False
+    subscription: str = ""
 
 
 class End(msgspec.Struct, frozen=True, tag="end"):
@@ -251,6 +280,7 @@ PROBLEM_CODES: dict[str, tuple[int, str]] = {
     "unknown-snapshot": (404, "No such snapshot"),
     "malformed-request": (400, "The request body could not be read"),
     "unsupported-protocol": (400, "Unsupported protocol version"),
+    "invalid-parameter": (400, "A client parameter is missing, unknown or malformed"),
     "upload-timeout": (408, "The request body took too long to arrive"),
     "invalid-request": (422, "The request is well-formed but not valid"),
     "sequence-gap": (409, "Mutations are missing before these"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,9 +23,16 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from syncunit.errors import DeclarationError
 from syncunit.policies import ConflictPolicy, LastWriteWins, Rule
-from syncunit.protocol import PROTOCOL_VERSION, Catalog, ColumnInfo, StreamInfo, UnitInfo
+from syncunit.protocol import (
+    PROTOCOL_VERSION,
+    Catalog,
+    ColumnInfo,
+    ParamInfo,
+    StreamInfo,
+    UnitInfo,
+)
 
-__all__ = ["Direction", "Join", "Stream", "SyncSchema", "SyncUnit", "logical_type"]
+__all__ = ["Direction", "Join", "Param", "Stream", "SyncSchema", "SyncUnit", "logical_type"]
 
 VERSION = "syncunit_version"
 CREATED_AT = "syncunit_created_at"
@@ -51,6 +58,52 @@ class Join:
 
     table: sa.Table
     on: ColumnElement[bool]
+
+
+ParamType = Literal["integer", "text"]
+
+#: ``authorize(principal, params)``: False refuses the request with a 403 problem.
+Authorize = Callable[[Any, Mapping[str, Any]], bool]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A filter parameter the app supplies: ``client.sync(unit, params={...})``.
+
+    ``type`` is ``"integer"`` (bounded by ``min`` and ``max``) or ``"text"``
+    (at most ``max_length`` characters). The server checks every value before
+    it reads a row, and answers a missing or malformed one with a 400 problem.
+    """
+
+    type: ParamType = "integer"
+    min: int | None = None
+    max: int | None = None
+    max_length: int = 200
+
+    def __post_init__(self) -> None:
+        if self.type not in ("integer", "text"):
+            raise DeclarationError(f"parameter type must be 'integer' or 'text', not {self.type!r}")
+
+    def check(self, name: str, value: Any) -> str | None:
+        """Why ``value`` is not acceptable for this parameter, or None if it is."""
+        if self.type == "integer":
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"parameter {name!r} must be an integer, not {value!r}"
+            if self.min is not None and value < self.min:
+                return f"parameter {name!r} must be at least {self.min}, not {value}"
+            if self.max is not None and value > self.max:
+                return f"parameter {name!r} must be at most {self.max}, not {value}"
+            return None
+        if not isinstance(value, str):
+            return f"parameter {name!r} must be text, not {value!r}"
+        if len(value) > self.max_length:
+            return f"parameter {name!r} must be at most {self.max_length} characters"
+        return None
+
+    def info(self, name: str) -> ParamInfo:
+        return ParamInfo(
+            name=name, type=self.type, min=self.min, max=self.max, max_length=self.max_length
+        )
 
 
 def logical_type(type_: sa.types.TypeEngine[Any]) -> str:
@@ -142,6 +195,8 @@ class Stream:
         policy: ConflictPolicy | None = None,
         rules: Sequence[Rule] = (),
         write: ColumnElement[bool] | bool | None = None,
+        client_params: Mapping[str, Param] | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         self.name = name
         self.mode: Mode = "delta"
@@ -206,7 +261,10 @@ class Stream:
         #: Whether clients may push changes to this stream's rows at all.
         self.is_writable = self.write_where is not None
         self.write_parameters = _bind_names(self.write_where, *(j.on for j in self.joins))
+        self.client_params: dict[str, Param] = dict(client_params or {})
+        self.authorize = authorize
         self._validate_names()
+        self._validate_client_params()
 
     @classmethod
     def full(
@@ -217,11 +275,14 @@ class Stream:
         key: str,
         local_table: str | None = None,
         indexes: Sequence[Sequence[str]] = (),
+        client_params: Mapping[str, Param] | None = None,
+        authorize: Authorize | None = None,
     ) -> Stream:
         """A small stream (an aggregate, a summary) replaced whole at each sync.
 
         ``query`` is any SELECT (it may use principal parameters as bind
-        parameters); ``key`` names the selected column that identifies a row.
+        parameters, and ``client_params``); ``key`` names the selected column
+        that identifies a row.
         """
         self = cls.__new__(cls)
         self.name = name
@@ -245,7 +306,10 @@ class Stream:
         self.base = base if base is not None else sa.table(name)  # type: ignore[assignment]
         self.key_column = self.columns[key]  # type: ignore[assignment]
         self.parameters = _bind_names(query)
+        self.client_params = dict(client_params or {})
+        self.authorize = authorize
         self._validate_names()
+        self._validate_client_params()
         return self
 
     def _validate_names(self) -> None:
@@ -259,6 +323,26 @@ class Stream:
             for c in ix:
                 if c not in self.columns:
                     raise DeclarationError(f"stream {self.name!r}: index column {c!r} unknown")
+
+    def _validate_client_params(self) -> None:
+        for pname, param in self.client_params.items():
+            if not isinstance(param, Param):
+                raise DeclarationError(f"stream {self.name!r}: parameter {pname!r} needs a Param")
+            if pname not in self.parameters:
+                raise DeclarationError(
+                    f"stream {self.name!r}: client parameter {pname!r} is not used by the"
+                    f" filter; use sa.bindparam({pname!r}) in where= or a join"
+                )
+        if self.client_params and not self.principal_parameters:
+            raise DeclarationError(
+                f"stream {self.name!r}: a stream with client parameters must also filter on"
+                " a principal parameter (a client parameter only narrows the principal's scope)"
+            )
+
+    @property
+    def principal_parameters(self) -> list[str]:
+        """The filter parameters the principal supplies (the others the app does)."""
+        return [p for p in self.parameters if p not in self.client_params]
 
     # -- derived facts -------------------------------------------------------
 
@@ -307,6 +391,7 @@ class Stream:
             columns=cols,
             indexes=self.indexes,
             definition=self.definition_hash,
+            params=[p.info(n) for n, p in self.client_params.items()],
         )
 
     @property
@@ -328,6 +413,8 @@ class Stream:
                 desc["base"] = self.base.name
                 desc["joins"] = [[j.table.name, describe(j.on)] for j in self.joins]
                 desc["where"] = describe(self.where)
+            if self.client_params:
+                desc["params"] = {n: repr(p) for n, p in sorted(self.client_params.items())}
             raw = json.dumps(desc, sort_keys=True).encode()
             cached = hashlib.sha256(raw).hexdigest()[:16]
             self._definition_hash = cached
@@ -354,6 +441,36 @@ class SyncUnit:
     def pushes(self) -> bool:
         return self.direction in ("push", "both")
 
+    @property
+    def client_params(self) -> dict[str, Param]:
+        """The parameters the app supplies to run this unit (its streams' together)."""
+        out: dict[str, Param] = {}
+        for s in self.streams:
+            out.update(s.client_params)
+        return out
+
+
+def _check_shared(a: Stream, b: Stream) -> None:
+    """Two streams may fill one local table if they send the same rows' same columns
+    and at most one has no client parameters (the device records which holds a row)."""
+    same = (
+        a.mode == b.mode == "delta"
+        and a.base is b.base
+        and a.key == b.key
+        and [(n, describe(c)) for n, c in a.columns.items()]
+        == [(n, describe(c)) for n, c in b.columns.items()]
+    )
+    if not same:
+        raise DeclarationError(
+            f"streams {a.name!r} and {b.name!r} both fill {a.local_table!r} but differ;"
+            " streams sharing a local table need the same base table, key and columns"
+        )
+    if not a.client_params and not b.client_params:
+        raise DeclarationError(
+            f"streams {a.name!r} and {b.name!r} both fill {a.local_table!r}; only one"
+            " stream without client parameters may fill a local table"
+        )
+
 
 class SyncSchema:
     """All units a server offers; computes the catalog and what to track."""
@@ -374,11 +491,20 @@ class SyncSchema:
                     raise DeclarationError(f"two different streams are named {s.name!r}")
                 other = by_table.get(s.local_table)
                 if other is not None and other is not s:
-                    raise DeclarationError(
-                        f"streams {other.name!r} and {s.name!r} both fill {s.local_table!r}"
-                    )
+                    _check_shared(other, s)
                 self.streams[s.name] = s
-                by_table[s.local_table] = s
+                if other is None or (other.client_params and not s.client_params):
+                    by_table[s.local_table] = s  # the plain stream speaks for a shared table
+            if unit.client_params and unit.pushes:
+                raise DeclarationError(
+                    f"unit {unit.name!r} has client parameters, so it can only pull"
+                )
+            for pname, param in unit.client_params.items():
+                for s in unit.streams:
+                    if s.client_params.get(pname, param) != param:
+                        raise DeclarationError(
+                            f"unit {unit.name!r}: streams declare parameter {pname!r} differently"
+                        )
         for unit in self.units.values():
             for t in unit.push_tables:
                 if t not in by_table:
@@ -387,6 +513,12 @@ class SyncSchema:
                     raise DeclarationError(
                         f"unit {unit.name!r} pushes {t!r}, whose stream {by_table[t].name!r}"
                         " is read-only: give it a row filter or an explicit write= rule"
+                    )
+            for t in self.unit_push_tables(unit) if unit.pushes else []:
+                if by_table[t].client_params:
+                    raise DeclarationError(
+                        f"unit {unit.name!r} pushes {t!r}, which only streams with client"
+                        " parameters fill; a pushed table needs a stream without them"
                     )
         self.by_local_table = by_table
         for table in self.tracked_tables():

@@ -26,7 +26,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -48,6 +48,7 @@ from syncunit.protocol import (
     Frame,
     PushResults,
     SnapshotOffer,
+    StreamStart,
     SyncRequest,
     content_type,
     decode_request,
@@ -146,6 +147,8 @@ class SyncServer:
         self.max_live_wait = max_live_wait
         self._cursor_key = cursor_secret
         self.accept_unsigned_cursors = accept_unsigned_cursors
+        #: Subscriptions one request may refresh besides its unit.
+        self.max_subscriptions = 200
         if install:
             self.store.install(schema)
             if self._cursor_key is None:
@@ -257,11 +260,17 @@ class SyncServer:
         # printable and short: a device's id must not forge or flood log lines
         ctx.client_id = "".join(c if c.isprintable() else "?" for c in req.client_id[:64])
         self._validate(req, unit, principal)
-        if req.cursors:
+        if req.cursors or req.subscriptions:
             key = await self._key()
             req = msgspec.structs.replace(
                 req,
                 cursors={n: self._verified(t, key) for n, t in req.cursors.items()},
+                subscriptions=[
+                    msgspec.structs.replace(
+                        sub, cursors={n: self._verified(t, key) for n, t in sub.cursors.items()}
+                    )
+                    for sub in req.subscriptions
+                ],
             )
         return principal, unit, req
 
@@ -369,7 +378,7 @@ class SyncServer:
             if isinstance(slot, Slot):  # no slot free: check again on the next wake
                 try:
                     changed = await anyio.to_thread.run_sync(
-                        unit_has_changes, self.store, unit, principal.params, req.cursors
+                        self._has_changes, unit, principal, req
                     )
                 finally:
                     slot.release()
@@ -379,6 +388,14 @@ class SyncServer:
                 return Response(body, media_type="application/json")
             wake = remaining if isinstance(slot, Slot) else min(remaining, 1.0)
             seen = max(seen, await self.monitor.wait_beyond(seen, wake))
+
+    def _has_changes(self, unit: SyncUnit, principal: Principal, req: SyncRequest) -> bool:
+        """Whether the unit, or one of the request's subscriptions, has changes in scope."""
+        runs = [(unit, req.params, req.cursors)]
+        runs += [(self.schema.units[s.unit], s.params, s.cursors) for s in req.subscriptions]
+        return any(
+            unit_has_changes(self.store, u, {**principal.params, **p}, c) for u, p, c in runs
+        )
 
     def _validate(self, req: SyncRequest, unit: SyncUnit, principal: Principal) -> None:
         if req.protocol != PROTOCOL_VERSION:
@@ -402,13 +419,58 @@ class SyncServer:
             raise ProblemException(
                 "invalid-request", f"unit {unit.name!r} does not push; send no mutations"
             )
+        self._check_unit(unit, principal, req.params)
+        if len(req.subscriptions) > self.max_subscriptions:
+            raise ProblemException(
+                "invalid-request", f"at most {self.max_subscriptions} subscriptions per request"
+            )
+        ids = set()
+        for sub in req.subscriptions:
+            if not sub.id or sub.id in ids:
+                raise ProblemException(
+                    "invalid-request", f"subscription id {sub.id!r} is empty or repeated"
+                )
+            ids.add(sub.id)
+            other = self.schema.units.get(sub.unit)
+            if other is None or not other.pulls:
+                raise ProblemException(
+                    "invalid-request", f"subscription {sub.id!r}: no pulling unit {sub.unit!r}"
+                )
+            self._check_unit(other, principal, sub.params)
+
+    def _check_unit(self, unit: SyncUnit, principal: Principal, params: Mapping[str, Any]) -> None:
+        """The unit's client parameters are all given and valid; the principal has its own."""
+        declared = unit.client_params
+        unknown = sorted(set(params) - set(declared))
+        if unknown:
+            known = ", ".join(sorted(declared)) or "none"
+            raise ProblemException(
+                "invalid-parameter",
+                f"unit {unit.name!r} has no parameter {', '.join(unknown)} (it takes: {known})",
+            )
+        for name, param in declared.items():
+            if name not in params:
+                raise ProblemException(
+                    "invalid-parameter",
+                    f"unit {unit.name!r} needs parameter {name!r} ({param.type});"
+                    f" pass params={{{name!r}: ...}}",
+                )
+            reason = param.check(name, params[name])
+            if reason is not None:
+                raise ProblemException("invalid-parameter", f"unit {unit.name!r}: {reason}")
         for stream in unit.streams if unit.pulls else ():
-            missing = [p for p in stream.parameters if p not in principal.params]
+            missing = [p for p in stream.principal_parameters if p not in principal.params]
             if missing:
                 raise ProblemException(
                     "missing-parameter",
                     f"stream {stream.name!r} filters on {', '.join(missing)}, which"
                     f" principal {principal.id!r} does not have",
+                )
+            if stream.authorize is not None and not stream.authorize(principal, dict(params)):
+                raise ProblemException(
+                    "forbidden",
+                    f"principal {principal.id!r} may not read stream {stream.name!r}"
+                    f" with {dict(params)!r}",
                 )
 
     def _sync_ended(
@@ -500,33 +562,46 @@ class SyncServer:
             yield pushed
         if unit.pulls:
             chunk = req.chunk_size or self.chunk_size
+            runs = [("", unit, req.params, req.cursors)]
+            runs += [
+                (sub.id, self.schema.units[sub.unit], sub.params, sub.cursors)
+                for sub in req.subscriptions
+            ]
             with self.store.snapshot() as (conn, watermark):
                 epoch, horizon = self.store.epoch_and_horizon(conn)
-                for stream in unit.streams:
-                    reader = StreamReader(self.store, stream, principal.params, chunk_size=chunk)
-                    token = req.cursors.get(stream.name)
-                    if (
-                        token is None
-                        and req.snapshots
-                        and self.snapshots
-                        and stream.mode == "delta"
-                    ):
-                        snap = self.snapshots.offer(conn, watermark, epoch, horizon, reader)
-                        if snap is not None:
-                            yield SnapshotOffer(
-                                stream=stream.name,
-                                path=f"/v1/snapshots/{stream.name}/{snap.name}",
-                                size=snap.size,
-                                sha256=snap.sha256,
-                                rows=snap.rows,
-                                cursor=snap.cursor,
-                            )
-                            continue
-                    frames = reader.frames(conn, watermark, epoch, horizon, token)
-                    try:
-                        yield from frames
-                    finally:
-                        frames.close()  # its open database cursor, before the snapshot ends
+                for sub_id, run, client_params, cursors in runs:
+                    # The principal's values fill the scope; the app's only narrow it.
+                    params = {**principal.params, **client_params}
+                    for stream in run.streams:
+                        reader = StreamReader(self.store, stream, params, chunk_size=chunk)
+                        token = cursors.get(stream.name)
+                        if (
+                            token is None
+                            and not sub_id
+                            and not stream.client_params
+                            and req.snapshots
+                            and self.snapshots
+                            and stream.mode == "delta"
+                        ):
+                            snap = self.snapshots.offer(conn, watermark, epoch, horizon, reader)
+                            if snap is not None:
+                                yield SnapshotOffer(
+                                    stream=stream.name,
+                                    path=f"/v1/snapshots/{stream.name}/{snap.name}",
+                                    size=snap.size,
+                                    sha256=snap.sha256,
+                                    rows=snap.rows,
+                                    cursor=snap.cursor,
+                                )
+                                continue
+                        frames = reader.frames(conn, watermark, epoch, horizon, token)
+                        try:
+                            for frame in frames:
+                                if sub_id and isinstance(frame, StreamStart | Chunk):
+                                    frame = msgspec.structs.replace(frame, subscription=sub_id)
+                                yield frame
+                        finally:
+                            frames.close()  # its open database cursor, before the snapshot ends
         yield End(server_time=dt.datetime.now(dt.UTC).isoformat())
 
 
