@@ -139,7 +139,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     with SyncClient(args.url, args.db, token=args.token, chunk_size=args.chunk_size) as client, bar:
         task = bar.add_task(args.unit, total=None)
         client.on_progress = lambda _u, done, total: bar.update(task, completed=done, total=total)
-        result = client.sync(args.unit)
+        result = client.sync(args.unit, params=_params(args.param))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -149,6 +149,20 @@ def cmd_sync(args: argparse.Namespace) -> int:
             f" {result.requests} request(s)"
         )
     return 0
+
+
+def _params(pairs: list[str] | None) -> dict[str, Any] | None:
+    """``name=value`` pairs; a value that reads as JSON (``42``) is taken as such."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise SyncUnitError(f"--param wants name=value, not {pair!r}")
+        try:
+            out[name] = json.loads(raw)
+        except ValueError:
+            out[name] = raw
+    return out or None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -211,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="bearer token")
     p.add_argument("--chunk-size", type=int, help="rows per chunk to ask for")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a client parameter of the unit (repeatable), e.g. --param patient_id=42",
+    )
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("ddl", help="print the tracking DDL", description="Print tracking DDL.")

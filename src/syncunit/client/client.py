@@ -27,7 +27,7 @@ from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
-from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus
+from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus, subscription_id
 from syncunit.client.status import StatusFeed
 from syncunit.client.store import LocalStore, quote
 from syncunit.errors import (
@@ -53,6 +53,7 @@ from syncunit.protocol import (
     SnapshotOffer,
     StreamInfo,
     StreamStart,
+    Subscription,
     SyncRequest,
     UnitInfo,
     content_type,
@@ -150,6 +151,7 @@ class SyncClient:
         sync_every: tuple[str, float] | None = None,
         clock: Callable[[], float] = time.time,
         snapshots: bool = True,
+        refresh_subscriptions_with: Sequence[str] | None = None,
     ) -> None:
         self.store = local_db if isinstance(local_db, LocalStore) else LocalStore(local_db)
         self.outbox = Outbox(self.store)
@@ -166,6 +168,13 @@ class SyncClient:
         self.sync_on_start = sync_on_start
         self.sync_on_login = sync_on_login
         self.sync_on_reconnect = sync_on_reconnect
+        #: Units whose runs refresh every held subscription in the same request.
+        self.refresh_subscriptions_with = set(
+            refresh_subscriptions_with
+            if refresh_subscriptions_with is not None
+            else [u for u in (sync_on_reconnect,) if u]
+        )
+        self.clock = clock
         self._sync_lock = threading.Lock()
         self._sync_owner: int | None = None  # the thread running a sync
         self._cancel = threading.Event()
@@ -231,13 +240,22 @@ class SyncClient:
         if self.sync_on_start:
             self.scheduler.enqueue(self.sync_on_start)
 
-    def trigger(self, unit: str, *, discard_pending: bool = False) -> bool:
-        """Queue ``unit`` to run in the background and return at once.
+    def trigger(
+        self,
+        unit: str,
+        *,
+        discard_pending: bool = False,
+        params: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Queue ``unit`` (with its ``params``) to run in the background and return at once.
 
-        A unit already waiting is not queued twice (returns False).
-        ``discard_pending`` drops every other waiting unit (not the running one).
+        A unit with the same parameter values already waiting is not queued twice
+        (returns False). ``discard_pending`` drops every other waiting run (not
+        the running one).
         """
-        added = self.scheduler.enqueue(unit, discard_pending=discard_pending)
+        added = self.scheduler.enqueue(
+            subscription_id(unit, params), discard_pending=discard_pending
+        )
         self.scheduler.start()
         self._status_changed()
         return added
@@ -320,8 +338,10 @@ class SyncClient:
         return self._watcher.watch(sql, params, callback, dispatch=dispatch or self.dispatch)
 
     def watch(self, unit: str, *, on_change: Callable[[str], None] | None = None) -> None:
-        """Listen for server changes in ``unit``'s scope; each one triggers ``unit``
-        (or calls ``on_change``). Reconnects by itself; stopped by ``close()``."""
+        """Listen for server changes in ``unit``'s scope, or in a held subscription's;
+        each one triggers ``unit`` (or calls ``on_change``), whose runs then refresh
+        every held subscription too. Reconnects by itself; stopped by ``close()``."""
+        self.refresh_subscriptions_with.add(unit)
         if self._live is not None:
             self._live.stop()
         self._live = LiveWatcher(self, unit, on_change or self._trigger_quietly)
@@ -409,13 +429,24 @@ class SyncClient:
 
     # -- sync ----------------------------------------------------------------------------
 
-    def sync(self, unit: str) -> SyncResult:
+    def sync(
+        self,
+        unit: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        keep_for: float | None = None,
+    ) -> SyncResult:
         """Run ``unit`` now and return what it did.
 
         One request, the first sync included (the catalog comes inside the
         response), except when the outbox holds more than ``push_batch``
         mutations (then one per batch), or holds mutations made under a schema
         the server no longer has (the catalog is fetched, then they are sent).
+
+        ``params`` are the values of the unit's client parameters: the run
+        opens (or refreshes) a subscription, whose cursors and rows are its
+        own, so opening it again is a delta. It stays until ``unsubscribe``,
+        or until it has not been synced for ``keep_for`` seconds.
         """
         if self._sync_owner == threading.get_ident():
             raise SyncError(
@@ -424,13 +455,21 @@ class SyncClient:
             )
         if self._closed:
             raise SyncError("the client is closed")
-        result = SyncResult(unit=unit)
+        sub_id = subscription_id(unit, params)
+        opened = False
+        result = SyncResult(unit=sub_id)
         started = time.perf_counter()
-        self._emit(self.on_start, unit)
+        self._emit(self.on_start, sub_id)
         self._feed.idle()
         self._status_changed()
         try:
             with self._sync_lock, self._owned():
+                self._expire()
+                opened = bool(params) and sub_id not in {s[0] for s in self.store.subscriptions()}
+                if params:
+                    self.store.open_subscription(
+                        sub_id, unit, sub_id.partition("?")[2], self.clock(), keep_for
+                    )
                 # Without a catalog (a first sync) the server sends it inside the response;
                 # changes waiting without one (an upgraded device file) need it first.
                 catalog = self.store.catalog()
@@ -438,7 +477,7 @@ class SyncClient:
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
                 try:
-                    self._run_unit(unit, catalog, result)
+                    self._run_unit(unit, catalog, result, params)
                 except ProblemError as exc:
                     if exc.code == "unit-forbidden" and catalog is not None:
                         self._forget_unit(unit, catalog)
@@ -447,8 +486,13 @@ class SyncClient:
                     # Pending mutations under an old schema: migrate first, then send them.
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
-                    self._run_unit(unit, catalog, result)
+                    self._run_unit(unit, catalog, result, params)
         except Exception as exc:
+            if opened and isinstance(exc, ProblemError) and not exc.retryable:
+                # Refused (a malformed value, a 403): nothing to hold, and an Online
+                # run must not carry it. A network failure keeps it, to be retried.
+                with self._sync_lock:
+                    self._unsubscribe(unit, params or {})
             result.seconds = time.perf_counter() - started
             # Offline is a status: only the first network failure is an error event.
             if not (isinstance(exc, NetworkError) and self.scheduler.offline_detected):
@@ -457,11 +501,58 @@ class SyncClient:
             self._status_changed()
             raise
         result.seconds = time.perf_counter() - started
-        self.store.complete_unit(unit, json.dumps(result.to_dict()))
+        self.store.complete_unit(sub_id, json.dumps(result.to_dict()))
         self._feed.idle()
         self._emit(self.on_complete, result)
         self._status_changed()
         return result
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def subscriptions(self) -> list[tuple[str, dict[str, Any]]]:
+        """The units the app holds open with parameter values: (unit, params)."""
+        return [(unit, json.loads(raw)) for _, unit, raw, _, _ in self.store.subscriptions()]
+
+    def unsubscribe(self, unit: str, params: Mapping[str, Any]) -> int:
+        """Close a subscription: its rows that no other subscription or stream holds
+        are removed, with its cursors. Returns the number of rows removed."""
+        with self._sync_lock:
+            return self._unsubscribe(unit, params)
+
+    def _unsubscribe(self, unit: str, params: Mapping[str, Any]) -> int:
+        catalog = self.store.catalog()
+        info = None if catalog is None else catalog.unit(unit)
+        streams = [] if info is None or catalog is None else [
+            s for s in catalog.streams if s.name in info.streams
+        ]  # fmt: skip
+        return self.store.close_subscription(subscription_id(unit, params), streams)
+
+    def expire_subscriptions(self) -> list[str]:
+        """Close the subscriptions not synced for their ``keep_for``; return their ids."""
+        with self._sync_lock:
+            return self._expire()
+
+    def _expire(self) -> list[str]:
+        now = self.clock()
+        gone = []
+        for sub_id, unit, raw, used_at, keep_for in self.store.subscriptions():
+            if keep_for is not None and now - used_at > keep_for:
+                self._unsubscribe(unit, json.loads(raw))
+                gone.append(sub_id)
+        return gone
+
+    def _held(self, unit_name: str, catalog: Catalog | None) -> list[Subscription]:
+        """Every held subscription, with its cursors, to refresh beside ``unit_name``."""
+        if catalog is None or unit_name not in self.refresh_subscriptions_with:
+            return []
+        subs = []
+        for sub_id, unit, raw, _, _ in self.store.subscriptions():
+            info = catalog.unit(unit)
+            if info is None:
+                continue
+            cursors = self.store.subscription_cursors(sub_id, info.streams)
+            subs.append(Subscription(id=sub_id, unit=unit, params=json.loads(raw), cursors=cursors))
+        return subs
 
     @contextmanager
     def _owned(self) -> Iterator[None]:
@@ -471,7 +562,13 @@ class SyncClient:
         finally:
             self._sync_owner = None
 
-    def _run_unit(self, unit_name: str, catalog: Catalog | None, result: SyncResult) -> None:
+    def _run_unit(
+        self,
+        unit_name: str,
+        catalog: Catalog | None,
+        result: SyncResult,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
         unit = None if catalog is None else catalog.unit(unit_name)
         push_streams = [] if unit is None or catalog is None else [
             s for s in catalog.streams if s.local_table in unit.push
@@ -486,7 +583,7 @@ class SyncClient:
             if mutations:
                 self._feed.sending(unit_name, len(mutations), sending)
                 self._status_changed()
-            complete, chunks = self._request(unit_name, unit, catalog, mutations, result)
+            complete, chunks = self._request(unit_name, unit, catalog, mutations, result, params)
             if catalog is None:  # the first response brought it: continue with its cursors
                 catalog = self.store.catalog()
                 unit = None if catalog is None else catalog.unit(unit_name)
@@ -497,7 +594,7 @@ class SyncClient:
                 catalog = self.store.catalog()
                 unit = None if catalog is None else catalog.unit(unit_name)
                 complete, chunks = self._request(
-                    unit_name, unit, catalog, [], result, snapshots=accepted
+                    unit_name, unit, catalog, [], result, params, snapshots=accepted
                 )
                 if self._offers:
                     raise ProtocolError("the server offered a snapshot again after one failed")
@@ -513,7 +610,7 @@ class SyncClient:
                         " sending anything; applied chunks are kept"
                     )
                 complete, chunks = self._request(
-                    unit_name, unit, catalog, [], result, snapshots=False
+                    unit_name, unit, catalog, [], result, params, snapshots=False
                 )
             if not push_streams or not self.outbox.count(tables):
                 break
@@ -545,20 +642,30 @@ class SyncClient:
         catalog: Catalog | None,
         mutations: list[Mutation],
         result: SyncResult,
+        params: Mapping[str, Any] | None = None,
         *,
         snapshots: bool = True,
     ) -> tuple[bool, int]:
         """One request; returns whether the server completed the run, and the chunks it sent."""
         stream_names = unit.streams if unit is not None and unit.direction != "push" else []
         self._offers = []
+        holder = subscription_id(unit_name, params) if params else None
+        if not stream_names:
+            cursors = {}
+        elif holder:
+            cursors = self.store.subscription_cursors(holder, stream_names)
+        else:
+            cursors = self.store.cursors(stream_names)
         request = SyncRequest(
             protocol=PROTOCOL_VERSION,
             client_id=self.client_id,
             schema_hash="" if catalog is None else catalog.schema_hash,
-            cursors=self.store.cursors(stream_names) if stream_names else {},
+            cursors=cursors,
             mutations=mutations,
             chunk_size=self.chunk_size,
-            snapshots=self.snapshots and snapshots,
+            snapshots=self.snapshots and snapshots and not holder,
+            params=dict(params or {}),
+            subscriptions=self._held(unit_name, catalog) if stream_names else [],
         )
         body = encode_request(request, self.encoding)
         headers = {
@@ -573,18 +680,22 @@ class SyncClient:
         result.requests += 1
         response = self._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
         try:
-            return self._read_frames(response, catalog, result)
+            return self._read_frames(response, catalog, result, holder)
         finally:
             result.bytes_in += response.num_bytes_downloaded
             response.close()
 
     def _read_frames(
-        self, response: httpx.Response, catalog: Catalog | None, result: SyncResult
+        self,
+        response: httpx.Response,
+        catalog: Catalog | None,
+        result: SyncResult,
+        holder: str | None = None,
     ) -> tuple[bool, int]:
         deferred: dict[str, StreamInfo] = {}  # streams whose indexes wait for the copy's end
         try:
             with self.store.bulk():
-                end, chunks = self._apply_frames(response, catalog, result, deferred)
+                end, chunks = self._apply_frames(response, catalog, result, deferred, holder)
         except httpx.HTTPError as exc:
             raise NetworkError(f"the sync of {result.unit!r} was cut: {exc}") from exc
         finally:
@@ -603,6 +714,7 @@ class SyncClient:
         catalog: Catalog | None,
         result: SyncResult,
         deferred: dict[str, StreamInfo],
+        holder: str | None = None,
     ) -> tuple[End | None, int]:
         """Apply frames as they arrive; return the response's end frame (None: it was
         cut) and how many chunks it brought.
@@ -634,7 +746,12 @@ class SyncClient:
                     info = catalog.stream(frame.stream)
                     if info is None:
                         raise ProtocolError(f"server sent unknown stream {frame.stream!r}")
-                    upserted, removed = self.store.apply_chunk(info, frame)
+                    sub = frame.subscription or holder
+                    upserted, removed = (
+                        self.store.apply_chunk(info, frame, sub)
+                        if sub
+                        else self.store.apply_chunk(info, frame)
+                    )
                     t = info.local_table
                     result.rows_in[t] = result.rows_in.get(t, 0) + upserted
                     result.rows_removed[t] = result.rows_removed.get(t, 0) + removed

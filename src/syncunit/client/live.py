@@ -94,6 +94,7 @@ class LiveWatcher:
                 client_id=self.client.client_id,
                 schema_hash="" if catalog is None else catalog.schema_hash,
                 cursors=self.client.store.cursors(streams) if streams else {},
+                subscriptions=[] if catalog is None else self.client._held(self.unit, catalog),
             )
         )
         self.polls += 1

@@ -9,7 +9,9 @@ is a new step at the end. ``PRAGMA user_version`` is left to the app.
 * 1: the layout of 0.1.0: facts, SyncProperties, cursors, outbox, queue;
 * 2: ``syncunit_resets`` (a re-download in progress, beside the old copy) and
   ``syncunit_parked`` (changes of a principal who logged out before they
-  could be pushed).
+  could be pushed);
+* 3: ``syncunit_subscriptions`` and ``syncunit_holds`` (units opened with
+  parameter values, and which of them holds which row).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from syncunit.client.holds import DDL as HOLDS_DDL
 from syncunit.client.outbox import DDL as OUTBOX_DDL
 from syncunit.client.scheduler import DDL as QUEUE_DDL
 from syncunit.errors import LocalStoreError
@@ -51,7 +54,7 @@ _V2 = [
 Step = list[str] | Callable[[sqlite3.Connection], None]
 
 #: The steps, in order; step n brings the database to version n.
-STEPS: list[Step] = [_V1, _V2]
+STEPS: list[Step] = [_V1, _V2, HOLDS_DDL]
 STORE_VERSION = len(STEPS)
 
 

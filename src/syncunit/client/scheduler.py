@@ -15,20 +15,35 @@ reconnect unit with ``discard_pending``, as the method's Online unit does.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from syncunit.errors import NetworkError, SyncUnitError
 
 if TYPE_CHECKING:
     from syncunit.client.client import SyncClient
 
-__all__ = ["RetryPolicy", "Scheduler", "SyncStatus"]
+__all__ = ["RetryPolicy", "Scheduler", "SyncStatus", "split_subscription", "subscription_id"]
+
+
+def subscription_id(unit: str, params: Mapping[str, Any] | None) -> str:
+    """The key of a unit run with parameter values: ``Unit?{"name":value}`` (or the unit)."""
+    if not params:
+        return unit
+    return unit + "?" + json.dumps(dict(params), sort_keys=True, separators=(",", ":"))
+
+
+def split_subscription(entry: str) -> tuple[str, dict[str, Any] | None]:
+    """The unit and parameter values of a ``subscription_id``."""
+    unit, sep, raw = entry.partition("?")
+    return (unit, json.loads(raw)) if sep else (unit, None)
+
 
 log = logging.getLogger("syncunit.client")
 
@@ -187,7 +202,7 @@ class Scheduler:
             self.current = None
             raise
         try:
-            self.client.sync(unit)
+            self.client.sync(*split_subscription(unit))
         except Exception as exc:
             self._failed(rid, unit, attempts + 1, exc)
         else:

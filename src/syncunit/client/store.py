@@ -8,6 +8,8 @@ savepoints for nesting). The engine's own tables are prefixed ``syncunit_``:
 * ``syncunit_cursors``: per stream, the server's cursor (for the engine);
 * ``syncunit_resets``: streams being downloaded again, into a shadow table beside
   the local one, swapped in one transaction when complete;
+* ``syncunit_subscriptions`` and ``syncunit_holds``: units the app opened with
+  parameter values, and which of them holds which row (``holds.py``);
 
 The engine's tables are versioned (``migrations.py``): an older device file is
 upgraded in place when it is opened.
@@ -33,6 +35,7 @@ from typing import Any, cast
 
 import msgspec
 
+from syncunit.client import holds
 from syncunit.client.migrations import migrate
 from syncunit.client.outbox import trigger_ddl
 from syncunit.client.schema import column_defs, quote, sql_type, surface_orphans, transform
@@ -125,9 +128,18 @@ class LocalStore:
         cached = self.catalog()
         #: Local tables whose changes are pushed (they carry outbox triggers).
         self.pushed: set[str] = set()
+        #: Local tables a stream with client parameters fills (their rows carry holds),
+        #: and those a stream without parameters fills.
+        self.held: set[str] = set()
+        self.plain: set[str] = set()
         if cached is not None:
             self.pushed = {t for u in cached.units for t in u.push}
+            self._learn_holds(cached)
             self._restore_suspended(cached)
+
+    def _learn_holds(self, catalog: Catalog) -> None:
+        self.held = {s.local_table for s in catalog.streams if s.params}
+        self.plain = {s.local_table for s in catalog.streams if not s.params}
 
     # -- transactions ------------------------------------------------------------------
 
@@ -241,6 +253,8 @@ class LocalStore:
                 self._drop_shadow(stream_name, shadow)
             c.execute("DELETE FROM syncunit_cursors")
             c.execute("DELETE FROM syncunit_sync_properties")
+            c.execute("DELETE FROM syncunit_holds")
+            c.execute("DELETE FROM syncunit_subscriptions")
         return new
 
     # -- catalog and local tables ----------------------------------------------------------
@@ -260,6 +274,7 @@ class LocalStore:
         changes: list[str] = []
         with self.atomic():
             pushed = self.pushed = {t for u in catalog.units for t in u.push}
+            self._learn_holds(catalog)
             for stream in catalog.streams:
                 changes += self._migrate(stream)
                 if stream.local_table in pushed:
@@ -302,6 +317,12 @@ class LocalStore:
         else:
             c.execute(f"CREATE TABLE {t} ({column_defs(s.key, want)})")
             changes.append(f"created {s.local_table}")
+            # A new table holds nothing: its subscriptions copy again.
+            c.execute("DELETE FROM syncunit_holds WHERE local_table = ?", (s.local_table,))
+            c.execute(
+                "DELETE FROM syncunit_cursors WHERE stream LIKE ? ESCAPE '\\'",
+                (s.name.replace("_", "\\_") + "@%",),
+            )
         self._create_indexes(s)
         row = c.execute(
             "SELECT definition FROM syncunit_cursors WHERE stream = ?", (s.name,)
@@ -425,8 +446,14 @@ class LocalStore:
 
     # -- applying chunks -----------------------------------------------------------------------
 
-    def apply_chunk(self, stream: StreamInfo, chunk: Chunk) -> tuple[int, int]:
+    def apply_chunk(
+        self, stream: StreamInfo, chunk: Chunk, holder: str | None = None
+    ) -> tuple[int, int]:
         """Apply one chunk and store its cursor in one transaction; return (upserted, removed).
+
+        ``holder`` names the subscription the chunk belongs to (None: the unit's
+        stream without parameters); a subscription's chunks apply in place and
+        release only its own rows (``holds.py``).
 
         Pulls don't clobber: rows with a local change the server has not accepted
         yet are left as they are; the push resolves them.
@@ -439,6 +466,11 @@ class LocalStore:
         """
         try:
             with self.relaxed() as c:  # a lost chunk is fetched again: no fsync
+                if holder and stream.local_table in self.held:
+                    with self._quiet(stream, bulk=False):
+                        done = holds.apply_held(self, stream, chunk, holder)
+                    self._save_cursor(stream, chunk.cursor, holder)
+                    return done
                 shadow = c.execute(
                     "SELECT shadow FROM syncunit_resets WHERE stream = ?", (stream.name,)
                 ).fetchone()
@@ -479,25 +511,28 @@ class LocalStore:
         # them quiet, at the cost of a check per row.
         rows_in = len(chunk.data[0]) if chunk.data else 0
         bulk = rows_in >= BULK_ROWS and stream.local_table in self.pushed
+        # Rows subscriptions hold too (a table without any costs one lookup).
+        held = stream.local_table in self.held and holds.has_holds(c, stream.local_table)
         with self._quiet(stream, bulk):
-            pending = {
-                r[0]
-                for r in c.execute(
-                    "SELECT row_key FROM syncunit_outbox WHERE table_name = ?",
-                    (stream.local_table,),
-                )
-            }
-            if chunk.reset:
+            pending = holds.pending_keys(c, stream.local_table)
+            if chunk.reset and held:
+                removed += holds.reset_plain(c, stream, pending)
+            elif chunk.reset:
                 if pending:
                     marks = ",".join("?" * len(pending))
                     cur = c.execute(f"DELETE FROM {t} WHERE {key} NOT IN ({marks})", [*pending])
                 else:
                     cur = c.execute(f"DELETE FROM {t}")
                 removed += cur.rowcount
-            gone = [(k,) for k in chunk.removed if k not in pending]
-            if gone:
-                cur = c.executemany(f"DELETE FROM {t} WHERE {key} = ?", gone)
-                removed += max(cur.rowcount, 0)
+            if held:
+                removed += holds.release(c, stream, list(chunk.removed), "", pending)
+            else:
+                gone = [(k,) for k in chunk.removed if k not in pending]
+                if gone:
+                    cur = c.executemany(f"DELETE FROM {t} WHERE {key} = ?", gone)
+                    removed += max(cur.rowcount, 0)
+            if chunk.data and held:
+                holds.mark_plain(c, stream.local_table, chunk.data[chunk.columns.index(stream.key)])
             if chunk.data:
                 sql = self._upsert_sql(stream, tuple(chunk.columns))
                 rows: Any = zip(*chunk.data, strict=True)
@@ -527,13 +562,50 @@ class LocalStore:
         else:
             c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
 
-    def _save_cursor(self, stream: StreamInfo, cursor: str) -> None:
+    def _save_cursor(self, stream: StreamInfo, cursor: str, holder: str | None = None) -> None:
         self.conn.execute(
             "INSERT INTO syncunit_cursors (stream, local_table, definition, cursor)"
             " VALUES (?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET"
             " cursor = excluded.cursor, definition = excluded.definition",
-            (stream.name, stream.local_table, stream.definition, cursor),
+            (holds.cursor_name(stream.name, holder), stream.local_table, stream.definition, cursor),
         )
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    def subscription_cursors(self, holder: str, streams: Sequence[str]) -> dict[str, str]:
+        """The cursors of a subscription's streams, by stream name."""
+        names = {holds.cursor_name(s, holder): s for s in streams}
+        marks = ",".join("?" * len(names))
+        rows = self.query(
+            f"SELECT stream, cursor FROM syncunit_cursors WHERE stream IN ({marks})", list(names)
+        )
+        return {names[n]: cur for n, cur in rows}
+
+    def open_subscription(
+        self, sub_id: str, unit: str, params_json: str, now: float, keep_for: float | None
+    ) -> None:
+        """Record (or touch) a subscription: the app opened ``unit`` with these values."""
+        with self.atomic() as c:
+            c.execute(
+                "INSERT INTO syncunit_subscriptions (id, unit, params, opened_at, used_at,"
+                " keep_for) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+                " used_at = excluded.used_at, keep_for = excluded.keep_for",
+                (sub_id, unit, params_json, utcnow(), now, keep_for),
+            )
+
+    def subscriptions(self) -> list[tuple[str, str, str, float, float | None]]:
+        """Every held subscription: (id, unit, params JSON, used_at, keep_for)."""
+        sql = "SELECT id, unit, params, used_at, keep_for FROM syncunit_subscriptions"
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in self.query(sql + " ORDER BY opened_at, id")]
+
+    def close_subscription(self, sub_id: str, streams: Sequence[StreamInfo]) -> int:
+        """Forget a subscription in one transaction: release its holds (rows no one
+        else holds go) and its cursors. Returns the number of rows removed."""
+        with self.atomic() as c:
+            c.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+            removed = holds.close_subscription(self, sub_id, streams)
+            c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+        return removed
 
     # -- re-downloads beside the old copy ---------------------------------------------------
 
@@ -575,12 +647,22 @@ class LocalStore:
         pending = "SELECT row_key FROM syncunit_outbox WHERE table_name = ?"
         names = ", ".join(quote(col.name) for col in stream.columns)
         bulk = stream.local_table in self.pushed
+        held = stream.local_table in self.held and holds.has_holds(c, stream.local_table)
         with self._quiet(stream, bulk):
-            removed = c.execute(
-                f"DELETE FROM {t} WHERE {key} NOT IN ({pending})", (stream.local_table,)
-            ).rowcount
+            if held:  # rows subscriptions hold stay; the new copy overwrites them
+                removed = holds.reset_plain(c, stream, holds.pending_keys(c, stream.local_table))
+                holds.mark_plain(
+                    c,
+                    stream.local_table,
+                    [r[0] for r in c.execute(f"SELECT {key} FROM {s}")],
+                )
+            else:
+                removed = c.execute(
+                    f"DELETE FROM {t} WHERE {key} NOT IN ({pending})", (stream.local_table,)
+                ).rowcount
             c.execute(
-                f"INSERT INTO {t} ({names}) SELECT {names} FROM {s} WHERE {key} NOT IN ({pending})",
+                f"INSERT OR REPLACE INTO {t} ({names}) SELECT {names} FROM {s}"
+                f" WHERE {key} NOT IN ({pending})",
                 (stream.local_table,),
             )
         self._drop_shadow(stream.name, shadow)
