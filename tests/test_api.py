@@ -27,6 +27,7 @@ def test_exported_members_do_not_change_by_accident() -> None:
         "LocalStore",
         "LocalStoreError",
         "NetworkError",
+        "Param",
         "ProblemError",
         "Progress",
         "ProtocolError",
@@ -89,7 +90,7 @@ def test_library_errors_become_clean_cli_messages(
     err = capsys.readouterr().err
     assert code == 1
     assert "error: 404 unknown-unit" in err
-    assert "known: Login, Online, SendAppointments, Splash" in err
+    assert "known: Login, Online, PatientDetails, SendAppointments, Splash" in err
     assert "Traceback" not in err
 
 

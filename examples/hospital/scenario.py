@@ -3,8 +3,9 @@
 ``syncunit demo`` runs this: a fresh SQLite server database with generated data,
 the sync server in a child process on 127.0.0.1, a device that syncs Splash
 then Login (with a progress bar), backoffice edits made with plain SQL, a delta
-sync, and a check that every local table equals the server-side query for the
-device's user.
+sync, two patients opened on the device (PatientDetails with parameters), and a
+check that every local table equals the server-side query for the device's user
+and the subscriptions it holds.
 """
 
 from __future__ import annotations
@@ -117,22 +118,37 @@ class Connectivity(httpx.BaseTransport):
 
 
 def verify(server_db: Path, client: SyncClient, units: list[str]) -> list[str]:
-    """Compare every local table of ``units`` with the server; return the differences."""
+    """Compare every local table of ``units``, and of the subscriptions the device
+    holds, with the server; return the differences.
+
+    A local table filled by several streams (Login's appointments and each open
+    patient's history) must equal the union of what each of them selects.
+    """
     server = build(f"sqlite:///{server_db}")
     problems: list[str] = []
     params = {"hospital_id": HOSPITAL_ID}
-    seen: set[str] = set()
+    runs = [(stream, params) for unit in units for stream in schema.units[unit].streams]
+    for unit, values in client.subscriptions():
+        runs += [(stream, {**params, **values}) for stream in schema.units[unit].streams]
+    by_table: dict[str, dict[Any, tuple[Any, ...]]] = {}
+    first: dict[str, Any] = {}
+    done: set[tuple[str, str]] = set()
+    for stream, values in runs:
+        if (stream.name, json.dumps(values, sort_keys=True)) in done:
+            continue
+        done.add((stream.name, json.dumps(values, sort_keys=True)))
+        first.setdefault(stream.local_table, stream)
+        k = list(stream.columns).index(stream.key)
+        rows = by_table.setdefault(stream.local_table, {})
+        rows.update({r[k]: r for r in scope_rows(server.store, stream, values)})
     pending = {(p.table, p.key) for p in client.outbox.pending()}
-    for unit in units:
-        for stream in schema.units[unit].streams:
-            if stream.name in seen:
-                continue
-            seen.add(stream.name)
-            local = client.store.rows(stream.local_table, list(stream.columns))
-            ignore = {k for t, k in pending if t == stream.local_table}
-            diff = compare(stream, scope_rows(server.store, stream, params), local, ignore=ignore)
-            if not diff.equal:
-                problems.append(str(diff))
+    for table, rows in by_table.items():
+        stream = first[table]
+        local = client.store.rows(table, list(stream.columns))
+        ignore = {k for t, k in pending if t == table}
+        diff = compare(stream, list(rows.values()), local, ignore=ignore)
+        if not diff.equal:
+            problems.append(f"{table}: {diff}")
     server.store.engine.dispose()
     return problems
 
@@ -245,6 +261,60 @@ class Demo:
         )[0][0]
         if left:
             self.problems.append(f"{left} cancelled or moved appointments are still local")
+
+    def open_patients(self) -> None:
+        """The user opens two patients: each is a subscription, synced on its own."""
+        dev = self.device
+        first, second = [
+            r[0]
+            for r in dev.store.query(
+                "SELECT patient_id FROM LocalAppointment GROUP BY patient_id"
+                " ORDER BY count(*) DESC, patient_id LIMIT 2"
+            )
+        ]
+        self.patient = first
+        for patient_id in (first, second):
+            self.console.print(f"device: opens patient {patient_id} (PatientDetails)")
+            dev.sync("PatientDetails", params={"patient_id": patient_id})
+        [(edited,)] = dev.store.query(
+            "SELECT id FROM LocalAppointment WHERE patient_id = ? ORDER BY id LIMIT 1", (first,)
+        )
+        conn = sqlite3.connect(self.server_db)
+        with conn:
+            conn.execute("UPDATE patient SET phone = '+351 910 000 000' WHERE id = ?", (first,))
+            conn.execute(
+                "UPDATE appointment SET notes = 'allergic to penicillin' WHERE id = ?", (edited,)
+            )
+        conn.close()
+        self.console.print(f"backoffice: edits patient {first}'s phone and a note")
+        again = dev.sync("PatientDetails", params={"patient_id": first})
+        # A delta: the patient's appointments carry its name, so its row's change
+        # sends them again, and nothing else; the one-row card is replaced whole.
+        mine = dev.store.query(
+            "SELECT count(*) FROM LocalAppointment WHERE patient_id = ?", (first,)
+        )[0][0]
+        if "patient_history" in again.resets or again.rows_in["LocalAppointment"] > mine:
+            self.problems.append(f"reopening patient {first} was not a delta: {again}")
+        got = dev.store.query("SELECT notes FROM LocalAppointment WHERE id = ?", (edited,))
+        phone = dev.store.query("SELECT phone FROM LocalPatient WHERE id = ?", (first,))
+        if got != [("allergic to penicillin",)] or phone != [("+351 910 000 000",)]:
+            self.problems.append("the backoffice's edits did not reach the open patient")
+        held = dev.store.query(
+            "SELECT count(*) FROM LocalAppointment WHERE patient_id = ?", (second,)
+        )[0][0]
+        removed = dev.unsubscribe("PatientDetails", {"patient_id": second})
+        self.console.print(
+            f"device: closes patient {second}: {removed} row removed, its {held}"
+            " appointments stay (Login holds them)"
+        )
+        if dev.store.query("SELECT 1 FROM LocalPatient WHERE id = ?", (second,)):
+            self.problems.append(f"patient {second}'s card is still local after closing")
+        kept = dev.store.query(
+            "SELECT count(*) FROM LocalAppointment WHERE patient_id = ?", (second,)
+        )[0][0]
+        if kept != held:
+            self.problems.append(f"closing patient {second} dropped rows Login holds")
+        self.problems += verify(self.server_db, dev, ["Splash", "Login"])
 
     def write_path(self) -> None:
         dev, other = self.device, self.other
@@ -361,6 +431,7 @@ def run_demo(
             demo = Demo(work, url, console)
             try:
                 demo.pull_path()
+                demo.open_patients()
                 demo.write_path()
             finally:
                 demo.close()
@@ -369,8 +440,9 @@ def run_demo(
         for p in demo.problems:
             console.print(f"[red]MISMATCH[/] {p}")
         console.print(
-            "[green]verified[/]: every local table equals the server-side query for this user,"
-            " and every booking is on the server or listed as rejected with its reason"
+            "[green]verified[/]: every local table equals the server-side query for this user"
+            " and the patients open on the device, and every booking is on the server or"
+            " listed as rejected with its reason"
             if verified
             else "[red]verification failed[/]"
         )

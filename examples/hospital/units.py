@@ -5,6 +5,11 @@
   denormalized so the agenda needs no joins.
 * **SendAppointments**: push the appointments booked or changed on the device.
 * **Online**: on reconnect, push everything pending and pull everything changed.
+* **PatientDetails**: what the app opens: one patient's full history in this
+  hospital (every appointment, across doctors, with notes) and the patient's
+  contact fields, synced with ``params={"patient_id": ...}``. Login does not
+  pull it; the history fills ``LocalAppointment`` beside Login's rows, and a
+  row stays while either holds it.
 
 Appointments use ``Detect``: a change to a column the backoffice changed too is
 a conflict; changes to different columns merge. A business rule refuses a
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from syncunit import Join, Stream, SyncSchema, SyncUnit
+from syncunit import Join, Param, Stream, SyncSchema, SyncUnit
 from syncunit.policies import BatchContext, Detect, MutationContext, set_check
 
 from .models import appointment, doctor, hospital, patient, specialty
@@ -109,29 +114,32 @@ def no_double_booking(ctx: MutationContext) -> str | None:
     )
 
 
+appointment_columns = {
+    "id": appointment.c.id,
+    "doctor_id": appointment.c.doctor_id,
+    "patient_id": appointment.c.patient_id,
+    "starts_at": appointment.c.starts_at,
+    "ends_at": appointment.c.ends_at,
+    "status": appointment.c.status,
+    "room": appointment.c.room,
+    "notes": appointment.c.notes,
+    "patient_name": patient.c.name,
+    "doctor_name": doctor.c.name,
+    "specialty": specialty.c.name,
+    "hospital": hospital.c.name,
+}
+appointment_joins = [
+    Join(doctor, appointment.c.doctor_id == doctor.c.id),
+    Join(patient, appointment.c.patient_id == patient.c.id),
+    Join(specialty, doctor.c.specialty_id == specialty.c.id),
+    Join(hospital, doctor.c.hospital_id == hospital.c.id),
+]
+
 appointments = Stream(
     "appointments",
     appointment,
-    {
-        "id": appointment.c.id,
-        "doctor_id": appointment.c.doctor_id,
-        "patient_id": appointment.c.patient_id,
-        "starts_at": appointment.c.starts_at,
-        "ends_at": appointment.c.ends_at,
-        "status": appointment.c.status,
-        "room": appointment.c.room,
-        "notes": appointment.c.notes,
-        "patient_name": patient.c.name,
-        "doctor_name": doctor.c.name,
-        "specialty": specialty.c.name,
-        "hospital": hospital.c.name,
-    },
-    joins=[
-        Join(doctor, appointment.c.doctor_id == doctor.c.id),
-        Join(patient, appointment.c.patient_id == patient.c.id),
-        Join(specialty, doctor.c.specialty_id == specialty.c.id),
-        Join(hospital, doctor.c.hospital_id == hospital.c.id),
-    ],
+    appointment_columns,
+    joins=appointment_joins,
     where=doctor.c.hospital_id == my_hospital,
     local_table="LocalAppointment",
     indexes=[["starts_at"], ["doctor_id", "starts_at"]],
@@ -159,9 +167,42 @@ summary = Stream.full(
     local_table="LocalSummary",
 )
 
+# -- what the app opens: one patient, chosen on the device ---------------------------
+
+the_patient = sa.bindparam("patient_id")  # supplied by the app: client.sync(..., params=)
+patient_param = {"patient_id": Param("integer", min=1)}
+
+patient_history = Stream(
+    "patient_history",
+    appointment,
+    appointment_columns,
+    joins=appointment_joins,
+    # The principal's hospital always bounds it: a patient id only narrows.
+    where=sa.and_(doctor.c.hospital_id == my_hospital, appointment.c.patient_id == the_patient),
+    local_table="LocalAppointment",
+    client_params=patient_param,
+)
+
+patient_card = Stream.full(
+    "patient_card",
+    sa.select(patient.c.id, patient.c.name, patient.c.phone).where(
+        patient.c.id == the_patient,
+        # Only a patient of this hospital: another hospital's patient gives no row.
+        sa.exists()
+        .where(appointment.c.patient_id == patient.c.id)
+        .where(appointment.c.doctor_id == doctor.c.id)
+        .where(doctor.c.hospital_id == my_hospital),
+    ),
+    key="id",
+    local_table="LocalPatient",
+    client_params=patient_param,
+)
+
 splash = SyncUnit("Splash", [summary])
 login = SyncUnit("Login", [doctors, appointments])
 send_appointments = SyncUnit("SendAppointments", [appointments], direction="push")
 online = SyncUnit("Online", [summary, doctors, appointments], direction="both")
 
-schema = SyncSchema([splash, login, send_appointments, online])
+patient_details = SyncUnit("PatientDetails", [patient_history, patient_card])
+
+schema = SyncSchema([splash, login, send_appointments, online, patient_details])

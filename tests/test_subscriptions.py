@@ -1,0 +1,528 @@
+"""Units with client parameters: what the app opens (a patient) syncs on its own.
+
+A stream may take parameters from the app (``client.sync(unit, params=...)``)
+beside the principal's: the server checks each value, and the principal's scope
+always bounds the result. The device keeps cursors per unit and parameter
+values, and records which subscription holds which row, so a row stays while
+any subscription, or a stream without parameters, still holds it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from hospital.models import appointment, doctor, patient
+from hospital.units import appointment_columns, appointment_joins, my_hospital, patient_param
+from hospital.units import schema as hospital_schema
+
+from syncunit import Param, Stream, SyncSchema, SyncUnit
+from syncunit.client.scheduler import subscription_id
+from syncunit.errors import DeclarationError, ProblemError
+from syncunit.protocol import (
+    Chunk,
+    FrameDecoder,
+    StreamStart,
+    SyncRequest,
+    content_type,
+    encode_request,
+)
+from tests.support import (
+    db_state,
+    expected_rows,
+    local_keys,
+    local_rows,
+    principal_params,
+    sent_keys,
+)
+
+H1 = {"hospital_id": 1}
+
+
+def patients_of(store: Any, hospital_id: int) -> list[int]:
+    """Patients with an appointment in ``hospital_id``, most appointments first."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(appointment.c.patient_id, sa.func.count())
+            .join(doctor, appointment.c.doctor_id == doctor.c.id)
+            .where(doctor.c.hospital_id == hospital_id)
+            .group_by(appointment.c.patient_id)
+            .order_by(sa.func.count().desc(), appointment.c.patient_id)
+        ).all()
+    return [r[0] for r in rows]
+
+
+def history(store: Any, patient_id: int, hospital_id: int = 1) -> list[str]:
+    """Keys of the patient's appointments in the hospital (what the history must hold)."""
+    with store.engine.connect() as conn:
+        return sorted(
+            conn.execute(
+                sa.select(appointment.c.id)
+                .join(doctor, appointment.c.doctor_id == doctor.c.id)
+                .where(doctor.c.hospital_id == hospital_id, appointment.c.patient_id == patient_id)
+            ).scalars()
+        )
+
+
+def assert_subscription(server: Any, client: Any, patient_id: int) -> None:
+    """The device holds exactly what PatientDetails selects for this patient."""
+    params = {**principal_params(server.store, "token-h1"), "patient_id": patient_id}
+    want = expected_rows(server, "patient_history", params)
+    have = set(local_rows(client, server, "patient_history"))
+    assert want
+    assert set(want) <= have
+    card = expected_rows(server, "patient_card", params)
+    assert card
+    assert set(card) <= set(client.store.rows("LocalPatient"))
+
+
+def test_a_subscription_pulls_one_patient_and_reopening_it_is_a_delta(server, tapped, tap, store):
+    p = patients_of(store, 1)[0]
+    first = tapped.sync("PatientDetails", params={"patient_id": p})
+
+    assert sorted(sent_keys(tap.last, "patient_history")) == history(store, p)
+    assert local_keys(tapped, "LocalAppointment") == set(history(store, p))
+    assert local_keys(tapped, "LocalPatient") == {p}
+    assert first.rows_in["LocalPatient"] == 1
+    assert_subscription(server, tapped, p)
+
+    again = tapped.sync("PatientDetails", params={"patient_id": p})
+    assert again.total_in == 0
+    assert again.resets == []
+
+    edited = history(store, p)[0]
+    with store.write() as conn:
+        conn.execute(appointment.update().where(appointment.c.id == edited).values(notes="x-ray"))
+    delta = tapped.sync("PatientDetails", params={"patient_id": p})
+    assert sent_keys(tap.last, "patient_history") == [edited]  # only the change travels
+    assert delta.rows_in == {"LocalAppointment": 1, "LocalPatient": 0}
+    assert tapped.store.query("SELECT notes FROM LocalAppointment WHERE id = ?", (edited,)) == [
+        ("x-ray",)
+    ]
+    assert_subscription(server, tapped, p)
+
+
+def test_two_patients_at_once_keep_their_own_cursors(server, tapped, tap, store):
+    a, b = patients_of(store, 1)[:2]
+    tapped.sync("PatientDetails", params={"patient_id": a})
+    tapped.sync("PatientDetails", params={"patient_id": b})
+    assert local_keys(tapped, "LocalPatient") == {a, b}
+    assert local_keys(tapped, "LocalAppointment") == set(history(store, a) + history(store, b))
+
+    moved = history(store, b)[0]
+    with store.write() as conn:  # a backoffice moves one of b's appointments to a
+        conn.execute(appointment.update().where(appointment.c.id == moved).values(patient_id=a))
+    tapped.sync("PatientDetails", params={"patient_id": a})
+    assert sent_keys(tap.last, "patient_history") == [moved]
+    tapped.sync("PatientDetails", params={"patient_id": b})
+    assert moved in {c for f in tap.last if isinstance(f, Chunk) for c in f.removed}
+    # b's removal does not take the row: a holds it now.
+    assert moved in local_keys(tapped, "LocalAppointment")
+    assert_subscription(server, tapped, a)
+    assert_subscription(server, tapped, b)
+    assert {s[1]["patient_id"] for s in tapped.subscriptions()} == {a, b}
+
+
+def test_closing_a_patient_keeps_what_login_holds(server, client, store, in_sync):
+    client.sync("Login")
+    login_rows = local_keys(client, "LocalAppointment")
+    a, b = patients_of(store, 1)[:2]
+    client.sync("PatientDetails", params={"patient_id": a})
+    client.sync("PatientDetails", params={"patient_id": b})
+    assert local_keys(client, "LocalAppointment") == login_rows  # Login holds them all
+
+    removed = client.unsubscribe("PatientDetails", {"patient_id": a})
+
+    assert removed == 1  # a's card; a's appointments stay, Login holds them
+    assert local_keys(client, "LocalPatient") == {b}
+    assert local_keys(client, "LocalAppointment") == login_rows
+    in_sync(client)
+    # Login drops a row b still holds only when b lets go too.
+    kept = history(store, b)[0]
+    with store.write() as conn:
+        conn.execute(appointment.update().where(appointment.c.id == kept).values(notes="moved"))
+    client.sync("Login")
+    client.unsubscribe("PatientDetails", {"patient_id": b})
+    assert kept in local_keys(client, "LocalAppointment")
+    assert client.store.query("SELECT count(*) FROM syncunit_holds") == [(0,)]
+    in_sync(client)
+
+
+# A second parameterized unit filling LocalAppointment: one doctor's agenda.
+doctor_agenda = Stream(
+    "doctor_agenda",
+    appointment,
+    appointment_columns,
+    joins=appointment_joins,
+    where=sa.and_(
+        doctor.c.hospital_id == my_hospital, appointment.c.doctor_id == sa.bindparam("doctor_id")
+    ),
+    local_table="LocalAppointment",
+    client_params={"doctor_id": Param("integer", min=1)},
+)
+agenda_schema = SyncSchema(
+    [*hospital_schema.units.values(), SyncUnit("DoctorAgenda", [doctor_agenda])]
+)
+
+
+def test_overlapping_subscriptions_release_only_their_own_rows(
+    server, make_server, serve, make_client, store
+):
+    srv = make_server(agenda_schema)
+    url = serve(srv.app).url
+    dev = make_client(url=url)
+    p = patients_of(store, 1)[0]
+    both = history(store, p)[0]
+    with store.engine.connect() as conn:
+        d = conn.execute(
+            sa.select(appointment.c.doctor_id).where(appointment.c.id == both)
+        ).scalar_one()
+        agenda = sorted(
+            conn.execute(sa.select(appointment.c.id).where(appointment.c.doctor_id == d)).scalars()
+        )
+    dev.sync("PatientDetails", params={"patient_id": p})
+    dev.sync("DoctorAgenda", params={"doctor_id": d})
+    assert local_keys(dev, "LocalAppointment") == set(history(store, p)) | set(agenda)
+
+    # The patient's appointment with this doctor goes to another patient: the patient
+    # subscription lets go of it, the agenda still holds it (and sees the change).
+    other = next(x for x in patients_of(store, 1) if x != p)
+    with store.write() as conn:
+        conn.execute(appointment.update().where(appointment.c.id == both).values(patient_id=other))
+    dev.sync("PatientDetails", params={"patient_id": p})
+    assert both in local_keys(dev, "LocalAppointment")
+    dev.sync("DoctorAgenda", params={"doctor_id": d})
+    assert dev.store.query("SELECT patient_id FROM LocalAppointment WHERE id = ?", (both,)) == [
+        (other,)
+    ]
+
+    dev.unsubscribe("PatientDetails", {"patient_id": p})
+    assert local_keys(dev, "LocalAppointment") == set(agenda)
+    dev.unsubscribe("DoctorAgenda", {"doctor_id": d})
+    assert local_keys(dev, "LocalAppointment") == set()
+    assert dev.store.query("SELECT count(*) FROM syncunit_holds") == [(0,)]
+
+
+def test_another_hospitals_patient_gives_nothing_of_it(client, store):
+    with store.write() as conn:
+        conn.execute(patient.insert().values(id=9001, name="Elsewhere", phone="+351 900"))
+        d2 = conn.execute(sa.select(doctor.c.id).where(doctor.c.hospital_id == 2)).scalars().first()
+        conn.execute(
+            appointment.insert().values(
+                id="0190-elsewhere", doctor_id=d2, patient_id=9001,
+                starts_at=dt.datetime(2030, 1, 1, 9), ends_at=dt.datetime(2030, 1, 1, 9, 15),
+            )
+        )  # fmt: skip
+    result = client.sync("PatientDetails", params={"patient_id": 9001})
+    assert result.total_in == 0
+    assert local_keys(client, "LocalPatient") == set()
+    assert local_keys(client, "LocalAppointment") == set()
+    # A patient seen in both hospitals: only this hospital's appointments come.
+    shared = next(p for p in patients_of(store, 1) if history(store, p, 2))
+    client.sync("PatientDetails", params={"patient_id": shared})
+    assert local_keys(client, "LocalAppointment") == set(history(store, shared, 1))
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        (None, "needs parameter 'patient_id'"),
+        ({"patient_id": "42"}, "must be an integer"),
+        ({"patient_id": 0}, "at least 1"),
+        ({"patient_id": True}, "must be an integer"),
+        ({"patient_id": 4, "doctor_id": 1}, "no parameter doctor_id"),
+    ],
+)
+def test_a_missing_or_malformed_parameter_is_a_400_problem(client, store, params, says):
+    client.sync("Login")
+    before_server = db_state(store.engine)
+    before_local = local_keys(client, "LocalAppointment")
+    with pytest.raises(ProblemError) as err:
+        client.sync("PatientDetails", params=params)
+    assert err.value.status == 400
+    assert err.value.code == "invalid-parameter"
+    assert says in str(err.value.detail)
+    assert db_state(store.engine) == before_server
+    assert local_keys(client, "LocalAppointment") == before_local
+    assert local_keys(client, "LocalPatient") == set()
+    assert client.subscriptions() == []  # a refused value is not held (nor sent by Online)
+
+
+def test_a_unit_without_parameters_refuses_them(client):
+    with pytest.raises(ProblemError) as err:
+        client.sync("Login", params={"patient_id": 3})
+    assert err.value.code == "invalid-parameter"
+
+
+def test_cursors_of_different_values_never_mix(server, live, tapped, tap, store):
+    a, b = patients_of(store, 1)[:2]
+    tapped.sync("PatientDetails", params={"patient_id": a})
+    cursor_a = tapped.store.subscription_cursors(
+        subscription_id("PatientDetails", {"patient_id": a}), ["patient_history"]
+    )["patient_history"]
+    # Patient a's cursor sent with patient b: the server resets, and sends all of b.
+    body = encode_request(
+        SyncRequest(
+            protocol=1,
+            client_id="raw",
+            cursors={"patient_history": cursor_a},
+            params={"patient_id": b},
+        )
+    )
+    r = httpx.post(
+        f"{live.url}/v1/sync/PatientDetails",
+        content=body,
+        headers={"Authorization": "Bearer token-h1", "Content-Type": content_type("msgpack")},
+    )
+    assert r.status_code == 200
+    frames = list(FrameDecoder("msgpack").feed(r.content))
+    starts = [f for f in frames if isinstance(f, StreamStart) and f.stream == "patient_history"]
+    assert starts[0].reset
+    keys = sorted(
+        k
+        for f in frames
+        if isinstance(f, Chunk) and f.stream == "patient_history" and f.data
+        for k in f.data[f.columns.index("id")]
+    )
+    assert keys == history(store, b)
+
+
+def test_a_subscription_survives_a_restart_and_online_refreshes_it(server, make_client, store):
+    p = patients_of(store, 1)[0]
+    dev = make_client(sync_on_reconnect="Online")
+    dev.sync("Login")
+    dev.sync("PatientDetails", params={"patient_id": p})
+    dev.close()
+
+    with store.write() as conn:
+        conn.execute(patient.update().where(patient.c.id == p).values(phone="+351 111"))
+    dev = make_client(sync_on_reconnect="Online")  # the same file, reopened
+    assert dev.subscriptions() == [("PatientDetails", {"patient_id": p})]
+    result = dev.sync("Online")
+    assert result.requests == 1
+    assert dev.store.query("SELECT phone FROM LocalPatient WHERE id = ?", (p,)) == [("+351 111",)]
+    assert_subscription(server, dev, p)
+    # Online moved the subscription's own cursors: opening the patient brings nothing.
+    assert dev.sync("PatientDetails", params={"patient_id": p}).total_in == 0
+    assert dev.store.cursors(["patient_card", "patient_history"]) == {}
+
+
+def test_a_reset_refills_a_subscription_and_keeps_others(server, client, store):
+    a, b = patients_of(store, 1)[:2]
+    client.sync("PatientDetails", params={"patient_id": a})
+    client.sync("PatientDetails", params={"patient_id": b})
+    stale = history(store, a)[0]
+    with store.write() as conn:  # the database is replaced: a's row is gone without a tombstone
+        conn.execute(appointment.delete().where(appointment.c.id == stale))
+        conn.execute(sa.text("DELETE FROM syncunit_tombstones"))
+        store._set_fact(conn, "epoch", "another-database")
+
+    result = client.sync("PatientDetails", params={"patient_id": a})
+    assert "patient_history" in result.resets
+    assert stale not in local_keys(client, "LocalAppointment")
+    assert set(history(store, b)) <= local_keys(client, "LocalAppointment")
+    assert local_keys(client, "LocalPatient") == {a, b}
+    assert_subscription(server, client, a)
+    client.sync("PatientDetails", params={"patient_id": b})
+    assert_subscription(server, client, b)
+
+
+def test_the_queue_keys_on_unit_and_parameters(client, store):
+    a, b = patients_of(store, 1)[:2]
+    client.scheduler.set_online(False)
+    assert client.trigger("PatientDetails", params={"patient_id": a})
+    assert not client.trigger("PatientDetails", params={"patient_id": a})
+    assert client.trigger("PatientDetails", params={"patient_id": b})
+    assert len(client.status.queued) == 2
+    client.scheduler.set_online(True)
+    deadline = time.monotonic() + 20
+    while (client.status.queued or client.status.state != "idle") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert local_keys(client, "LocalPatient") == {a, b}
+
+
+def test_time_to_live_drops_a_subscription_not_synced_for_long(make_client, store, clock):
+    dev = make_client(clock=clock)
+    a, b = patients_of(store, 1)[:2]
+    dev.sync("PatientDetails", params={"patient_id": a}, keep_for=60)
+    dev.sync("PatientDetails", params={"patient_id": b})
+    clock.advance(61)
+    dev.sync("PatientDetails", params={"patient_id": b})  # a sync closes what expired
+    assert dev.subscriptions() == [("PatientDetails", {"patient_id": b})]
+    assert local_keys(dev, "LocalPatient") == {b}
+    dev.sync("PatientDetails", params={"patient_id": a}, keep_for=60)
+    clock.advance(30)
+    assert dev.expire_subscriptions() == []  # synced 30 s ago: kept
+    clock.advance(31)
+    assert dev.expire_subscriptions() == [subscription_id("PatientDetails", {"patient_id": a})]
+    assert local_keys(dev, "LocalPatient") == {b}
+
+
+def test_authorize_hook_refuses_with_403(server, make_server, serve, make_client, store):
+    guarded = Stream(
+        "guarded",
+        appointment,
+        appointment_columns,
+        joins=appointment_joins,
+        where=sa.and_(
+            doctor.c.hospital_id == my_hospital,
+            appointment.c.patient_id == sa.bindparam("patient_id"),
+        ),
+        local_table="LocalAppointment",
+        client_params=patient_param,
+        authorize=lambda principal, params: params["patient_id"] != 13,
+    )
+    schema = SyncSchema([*hospital_schema.units.values(), SyncUnit("Guarded", [guarded])])
+    dev = make_client(url=serve(make_server(schema).app).url)
+    with pytest.raises(ProblemError) as err:
+        dev.sync("Guarded", params={"patient_id": 13})
+    assert err.value.status == 403
+    dev.sync("Guarded", params={"patient_id": 12})
+
+
+def test_declarations_keep_client_parameters_inside_the_principals_scope():
+    with pytest.raises(DeclarationError, match="principal parameter"):
+        Stream(
+            "open",
+            patient,
+            [patient.c.id, patient.c.name],
+            where=patient.c.id == sa.bindparam("patient_id"),
+            client_params=patient_param,
+        )
+    with pytest.raises(DeclarationError, match="not used by the filter"):
+        Stream(
+            "unused",
+            appointment,
+            appointment_columns,
+            joins=appointment_joins,
+            where=doctor.c.hospital_id == my_hospital,
+            client_params=patient_param,
+        )
+    with pytest.raises(DeclarationError, match="differ"):
+        SyncSchema(
+            [
+                *hospital_schema.units.values(),
+                SyncUnit(
+                    "Odd",
+                    [
+                        Stream(
+                            "odd",
+                            appointment,
+                            [appointment.c.id, appointment.c.notes],
+                            joins=appointment_joins,
+                            where=sa.and_(
+                                doctor.c.hospital_id == my_hospital,
+                                appointment.c.patient_id == sa.bindparam("patient_id"),
+                            ),
+                            local_table="LocalAppointment",
+                            client_params=patient_param,
+                        )
+                    ],
+                ),
+            ]
+        )
+
+
+def test_the_catalog_lists_the_parameters(client):
+    catalog = client.catalog(refresh=True)
+    card = catalog.stream("patient_card")
+    assert card is not None
+    assert [(p.name, p.type, p.min) for p in card.params] == [("patient_id", "integer", 1)]
+    login = catalog.stream("appointments")
+    assert login is not None
+    assert login.params == []
+
+
+def test_a_live_change_to_an_open_patient_refreshes_it(server, make_client, store, monkeypatch):
+    from syncunit.client import live as client_live
+    from tests.test_scheduler import wait_until
+
+    defaults = dict(client_live.LiveWatcher.__init__.__kwdefaults__)
+    defaults["wait"] = 0.3
+    monkeypatch.setattr(client_live.LiveWatcher.__init__, "__kwdefaults__", defaults)
+    p = patients_of(store, 1)[0]
+    dev = make_client()
+    dev.sync("Splash")
+    dev.sync("PatientDetails", params={"patient_id": p})
+    dev.watch("Splash")  # Splash alone would not see a phone number change
+    wait_until(lambda: dev._live is not None and dev._live.polls >= 1)
+
+    with store.write() as conn:
+        conn.execute(patient.update().where(patient.c.id == p).values(phone="+351 222"))
+
+    wait_until(
+        lambda: (
+            dev.store.query("SELECT phone FROM LocalPatient WHERE id = ?", (p,)) == [("+351 222",)]
+        )
+    )
+
+
+def test_a_login_reset_keeps_the_rows_an_open_patient_holds(server, client, store, in_sync):
+    client.sync("Login")
+    a = patients_of(store, 1)[0]
+    client.sync("PatientDetails", params={"patient_id": a})
+    stale = history(store, a)[0]
+    with store.write() as conn:  # the database is replaced: a's row is gone without a tombstone
+        conn.execute(appointment.delete().where(appointment.c.id == stale))
+        conn.execute(sa.text("DELETE FROM syncunit_tombstones"))
+        store._set_fact(conn, "epoch", "another-database")
+
+    login = client.sync("Login")
+    assert "appointments" in login.resets
+    # Login let go of every row; the patient still holds its own, the stale one too.
+    assert set(history(store, a)) | {stale} <= local_keys(client, "LocalAppointment")
+    patient_run = client.sync("PatientDetails", params={"patient_id": a})
+    assert "patient_history" in patient_run.resets
+    assert stale not in local_keys(client, "LocalAppointment")
+    in_sync(client)
+    assert_subscription(server, client, a)
+    # The patient closed: its rows stay, Login holds them again.
+    client.unsubscribe("PatientDetails", {"patient_id": a})
+    in_sync(client)
+
+
+def test_the_cli_syncs_a_unit_with_parameters(server, live, store, tmp_path, capsys):
+    from syncunit.cli import main
+
+    p = patients_of(store, 1)[0]
+    argv = ["sync", live.url, "PatientDetails", "--db", str(tmp_path / "cli.sqlite")]
+    argv += ["--token", "token-h1", "--json", "--param", f"patient_id={p}"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["unit"] == subscription_id("PatientDetails", {"patient_id": p})
+    assert out["rows_in"]["LocalPatient"] == 1
+    assert main([*argv[:-1], "patient_id=abc"]) == 1
+    assert "must be an integer" in capsys.readouterr().err
+
+
+def test_a_rebuilt_local_table_forgets_its_holds_and_subscription_cursors(server, client, store):
+    import msgspec
+
+    client.sync("Login")
+    p = patients_of(store, 1)[0]
+    client.sync("PatientDetails", params={"patient_id": p})
+    sub = subscription_id("PatientDetails", {"patient_id": p})
+    assert client.store.subscription_cursors(sub, ["patient_history"])
+    catalog = client.catalog()
+
+    def retyped(s):  # a changed column type rebuilds the table
+        if s.local_table != "LocalAppointment":
+            return s
+        cols = [
+            msgspec.structs.replace(c, type="integer") if c.name == "room" else c for c in s.columns
+        ]
+        return msgspec.structs.replace(s, columns=cols, definition=s.definition + "x")
+
+    changes = client.store.apply_catalog(
+        msgspec.structs.replace(catalog, streams=[retyped(s) for s in catalog.streams])
+    )
+    assert "rebuilt LocalAppointment" in changes, changes
+    assert client.store.subscription_cursors(sub, ["patient_history"]) == {}
+    assert client.store.cursors(["appointments"]) == {}
+    held = "SELECT local_table, count(*) FROM syncunit_holds GROUP BY local_table"
+    assert client.store.query(held) == [("LocalPatient", 1)]  # untouched
