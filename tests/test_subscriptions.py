@@ -462,7 +462,11 @@ def test_a_live_change_to_an_open_patient_refreshes_it(server, make_client, stor
     )
 
 
-def test_a_login_reset_keeps_the_rows_an_open_patient_holds(server, client, store, in_sync):
+@pytest.mark.parametrize("chunk", [16, 1000], ids=["beside-the-old-copy", "in-one-chunk"])
+def test_a_login_reset_keeps_the_rows_an_open_patient_holds(
+    server, make_client, store, in_sync, chunk
+):
+    client = make_client(chunk_size=chunk)
     client.sync("Login")
     a = patients_of(store, 1)[0]
     client.sync("PatientDetails", params={"patient_id": a})
@@ -531,3 +535,12 @@ def test_a_rebuilt_local_table_keeps_its_rows_and_holds(server, client, store, i
     client.unsubscribe("PatientDetails", {"patient_id": p})
     assert local_keys(client, "LocalAppointment") == rows  # Login holds them all
     in_sync(client)
+
+
+def test_logout_forgets_the_subscriptions(server, client, store):
+    p = patients_of(store, 1)[0]
+    client.sync("PatientDetails", params={"patient_id": p})
+    client.logout(clear=True)
+    assert client.subscriptions() == []
+    assert client.store.query("SELECT count(*) FROM syncunit_holds") == [(0,)]
+    assert local_keys(client, "LocalPatient") == set()
