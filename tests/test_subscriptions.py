@@ -544,3 +544,50 @@ def test_logout_forgets_the_subscriptions(server, client, store):
     assert client.subscriptions() == []
     assert client.store.query("SELECT count(*) FROM syncunit_holds") == [(0,)]
     assert local_keys(client, "LocalPatient") == set()
+
+
+# A plain stream narrower than a subscription's: booked appointments only.
+agenda = Stream(
+    "agenda",
+    appointment,
+    appointment_columns,
+    joins=appointment_joins,
+    where=sa.and_(doctor.c.hospital_id == my_hospital, appointment.c.status == "booked"),
+    local_table="LocalAppointment",
+)
+full_history = Stream(
+    "full_history",
+    appointment,
+    appointment_columns,
+    joins=appointment_joins,
+    where=sa.and_(
+        doctor.c.hospital_id == my_hospital, appointment.c.patient_id == sa.bindparam("patient_id")
+    ),
+    local_table="LocalAppointment",
+    client_params=patient_param,
+)
+narrow_schema = SyncSchema([SyncUnit("Agenda", [agenda]), SyncUnit("History", [full_history])])
+
+
+@pytest.mark.parametrize("chunk", [4, 1000], ids=["beside-the-old-copy", "in-one-chunk"])
+def test_a_plain_stream_keeps_off_the_rows_only_a_subscription_holds(
+    server, make_server, serve, make_client, store, chunk
+):
+    dev = make_client(url=serve(make_server(narrow_schema).app).url, chunk_size=chunk)
+    p = patients_of(store, 1)[0]
+    cancelled, both = history(store, p)[:2]
+    with store.write() as conn:
+        conn.execute(
+            appointment.update().where(appointment.c.id == cancelled).values(status="cancelled")
+        )
+    dev.sync("History", params={"patient_id": p})  # first: the agenda's copy must mark its hold
+    dev.sync("Agenda")
+    assert {cancelled, both} <= local_keys(dev, "LocalAppointment")
+    with store.write() as conn:  # another database: the agenda starts over
+        store._set_fact(conn, "epoch", "another-database")
+    assert "agenda" in dev.sync("Agenda").resets
+    assert cancelled in local_keys(dev, "LocalAppointment")  # only the patient holds it
+    dev.unsubscribe("History", {"patient_id": p})
+    keys = local_keys(dev, "LocalAppointment")
+    assert cancelled not in keys
+    assert both in keys  # the agenda holds it
