@@ -305,6 +305,8 @@ def test_a_subscription_survives_a_restart_and_online_refreshes_it(server, make_
     assert dev.subscriptions() == [("PatientDetails", {"patient_id": p})]
     result = dev.sync("Online")
     assert result.requests == 1
+    assert "patient_history" not in result.resets  # its signed cursor was honoured
+    assert result.rows_in["LocalPatient"] == 1
     assert dev.store.query("SELECT phone FROM LocalPatient WHERE id = ?", (p,)) == [("+351 111",)]
     assert_subscription(server, dev, p)
     # Online moved the subscription's own cursors: opening the patient brings nothing.
