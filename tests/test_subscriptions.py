@@ -89,6 +89,7 @@ def test_a_subscription_pulls_one_patient_and_reopening_it_is_a_delta(server, ta
     assert local_keys(tapped, "LocalAppointment") == set(history(store, p))
     assert local_keys(tapped, "LocalPatient") == {p}
     assert first.rows_in["LocalPatient"] == 1
+    assert first.requests == 1  # the catalog came inside the response
     assert_subscription(server, tapped, p)
 
     again = tapped.sync("PatientDetails", params={"patient_id": p})
