@@ -131,7 +131,7 @@ def test_one_statement_updating_more_than_two_chunks_of_rows(tapped, tap, store,
         pytest.param({"chunks": ("appointments", 4)}, id="between-chunks"),
         pytest.param({"chunks": ("appointments", 4), "extra_bytes": 9}, id="mid-frame"),
         pytest.param({"chunks": ("appointments", 4), "error": False}, id="body-ends-early"),
-        pytest.param({"bytes": 6000}, id="after-6000-bytes"),
+        pytest.param({"bytes": 9000}, id="after-9000-bytes"),  # past the catalog frame
     ],
 )
 def test_cut_first_download_keeps_applied_chunks_and_resumes(tapped, tap, store, in_sync, cut):
