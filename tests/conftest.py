@@ -1,20 +1,27 @@
 """Fixtures: a server database per backend, a live sync server, clients, plain SQL.
 
 Every test that touches the server database goes through ``server_db_url`` /
-``store``, parametrized over ``BACKENDS``: adding PostgreSQL means adding a
-backend here (a URL, a ``PlainSQL`` and a ``DbBackup`` for it), not editing tests.
+``store`` (or ``new_database``), parametrized over ``BACKENDS``: SQLite files
+in the test's directory, and databases of a throwaway PostgreSQL cluster the
+session starts itself (``tests/pgserver.py``), one new database per test.
+``--backends sqlite`` (or ``SYNCUNIT_TEST_BACKENDS``) narrows the run.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+import sqlalchemy as sa
 from hospital.generate import generate
 from hospital.models import metadata
 from hospital.server import staff_auth
@@ -24,9 +31,10 @@ from syncunit.client import SyncClient
 from syncunit.server import SyncServer, open_store
 from syncunit.server.store import ServerStore
 from syncunit.units import SyncSchema
+from tests.pgserver import PostgresServer, PostgresUnavailable
 from tests.support import LiveServer, TapTransport, assert_in_sync
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgres"]
 
 #: Small but real: 2 hospitals, 5 doctors each, 400 appointments (200 per hospital).
 SIZE = {"appointments": 400, "hospitals": 2, "doctors": 10, "patients": 60}
@@ -34,16 +42,63 @@ SIZE = {"appointments": 400, "hospitals": 2, "doctors": 10, "patients": 60}
 CHUNK = 16
 
 
-@pytest.fixture(params=BACKENDS)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backends",
+        default=os.environ.get("SYNCUNIT_TEST_BACKENDS", ",".join(BACKENDS)),
+        help="server databases to test against, comma separated (default: %(default)s)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(*names): run only on these server databases (e.g. 'postgres')"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        chosen = metafunc.config.getoption("--backends").split(",")
+        marker = metafunc.definition.get_closest_marker("backends")
+        only = set(marker.args) if marker else set(BACKENDS)
+        names = [b for b in BACKENDS if b in chosen and b in only]
+        metafunc.parametrize("backend", names, indirect=True)
+
+
+@pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster for the whole session, started on first use."""
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def server_db_url(backend: str, tmp_path: Path) -> str:
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path / 'server.sqlite'}"
-    raise NotImplementedError(backend)
+def new_database(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path
+) -> Callable[[str], str]:
+    """``new_database(name)``: the URL of a new, empty server database on the backend."""
+
+    def make(name: str = "server") -> str:
+        if backend == "sqlite":
+            return f"sqlite:///{tmp_path / (name + '.sqlite')}"
+        pg: PostgresServer = request.getfixturevalue("pg")
+        return pg.url(pg.create_database(name))
+
+    return make
+
+
+@pytest.fixture
+def server_db_url(new_database: Callable[[str], str]) -> str:
+    return new_database("server")
 
 
 @pytest.fixture
@@ -58,18 +113,32 @@ def store(server_db_url: str) -> Iterator[ServerStore]:
 # -- plain SQL, without syncunit ------------------------------------------------------------
 
 
+Run = Callable[..., list[tuple[Any, ...]]]
+
+
 class PlainSQL:
     """Runs SQL on the server database with the bare DB-API driver, as a backoffice would.
 
-    Parameters are named, ``:name`` style (a PostgreSQL version translates them).
+    Parameters are ``?`` (positional) or ``:name`` (named), as sqlite3 takes them;
+    on PostgreSQL they are translated for psycopg.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.backend = "sqlite" if url.startswith("sqlite") else "postgres"
 
     @contextmanager
-    def transaction(self) -> Iterator[Callable[..., list[tuple[Any, ...]]]]:
-        conn = sqlite3.connect(self.path, isolation_level=None)
+    def transaction(self) -> Iterator[Run]:
+        if self.backend == "sqlite":
+            with self._sqlite() as run:
+                yield run
+        else:
+            with self._postgres() as run:
+                yield run
+
+    @contextmanager
+    def _sqlite(self) -> Iterator[Run]:
+        conn = sqlite3.connect(self.url.removeprefix("sqlite:///"), isolation_level=None)
         try:
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("BEGIN IMMEDIATE")
@@ -86,6 +155,17 @@ class PlainSQL:
         finally:
             conn.close()
 
+    @contextmanager
+    def _postgres(self) -> Iterator[Run]:
+        with psycopg.connect(pg_dsn(self.url)) as conn:
+
+            def run(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+                cur = conn.execute(to_psycopg(sql), params or None)  # type: ignore[call-overload]
+                return list(cur.fetchall()) if cur.description else []
+
+            with conn.transaction():
+                yield run
+
     def __call__(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
         with self.transaction() as run:
             return run(sql, params)
@@ -101,25 +181,41 @@ class PlainSQL:
                 run(stmt)
 
 
+def to_psycopg(sql: str) -> str:
+    """sqlite3's ``?`` and ``:name`` parameters as psycopg's ``%s`` and ``%(name)s``."""
+    sql = sql.replace("%", "%%").replace("?", "%s")
+    return re.sub(r"(?<![:\w]):([A-Za-z_]\w*)", r"%(\1)s", sql)
+
+
+def pg_dsn(url: str) -> str:
+    """A libpq connection string for a SQLAlchemy PostgreSQL URL."""
+    u = sa.make_url(url)
+    return f"host={u.host} port={u.port} user={u.username} dbname={u.database}"
+
+
 @pytest.fixture
-def plain_sql(backend: str, server_db_url: str) -> PlainSQL:
-    if backend == "sqlite":
-        return PlainSQL(server_db_url.removeprefix("sqlite:///"))
-    raise NotImplementedError(backend)
+def plain_sql(server_db_url: str) -> PlainSQL:
+    return PlainSQL(server_db_url)
 
 
 class DbBackup:
     """Copies the server database aside and puts a copy back (a restore from backup)."""
 
-    def __init__(self, path: str, tmp: Path) -> None:
-        self.path = path
+    def __init__(self, url: str, tmp: Path, pg: PostgresServer | None = None) -> None:
+        self.url = url
         self.tmp = tmp
+        self.pg = pg
         self.n = 0
 
     def save(self) -> str:
         self.n += 1
+        if self.pg is not None:  # pg_dump, as an operator would
+            dest = str(self.tmp / f"backup{self.n}.dump")
+            _pg_tool(self.pg, "pg_dump", "-Fc", "-f", dest, pg_dsn(self.url))
+            return dest
+        path = self.url.removeprefix("sqlite:///")
         dest = str(self.tmp / f"backup{self.n}.sqlite")
-        src, dst = sqlite3.connect(self.path), sqlite3.connect(dest)
+        src, dst = sqlite3.connect(path), sqlite3.connect(dest)
         try:
             src.backup(dst)
         finally:
@@ -129,9 +225,15 @@ class DbBackup:
 
     def restore(self, saved: str, store: ServerStore) -> None:
         store.engine.dispose()
+        if self.pg is not None:  # a new database of the same name, then pg_restore
+            name = str(sa.make_url(self.url).database)
+            self.pg.drop_database(name)
+            self.pg.admin(f'CREATE DATABASE "{name}" TEMPLATE template0')
+            _pg_tool(self.pg, "pg_restore", "-d", pg_dsn(self.url), saved)
+            return
         copy = str(self.tmp / "restoring.sqlite")
         shutil.copyfile(saved, copy)
-        src, dst = sqlite3.connect(copy), sqlite3.connect(self.path)
+        src, dst = sqlite3.connect(copy), sqlite3.connect(self.url.removeprefix("sqlite:///"))
         try:
             src.backup(dst)
         finally:
@@ -139,11 +241,16 @@ class DbBackup:
             dst.close()
 
 
+def _pg_tool(pg: PostgresServer, tool: str, *args: str) -> None:
+    subprocess.run([str(pg.bindir / tool), *args], check=True, capture_output=True, timeout=120)
+
+
 @pytest.fixture
-def db_backup(backend: str, server_db_url: str, tmp_path: Path) -> DbBackup:
-    if backend == "sqlite":
-        return DbBackup(server_db_url.removeprefix("sqlite:///"), tmp_path)
-    raise NotImplementedError(backend)
+def db_backup(
+    request: pytest.FixtureRequest, backend: str, server_db_url: str, tmp_path: Path
+) -> DbBackup:
+    pg = request.getfixturevalue("pg") if backend == "postgres" else None
+    return DbBackup(server_db_url, tmp_path, pg)
 
 
 # -- the sync server --------------------------------------------------------------------------
@@ -279,15 +386,18 @@ def in_sync(server: SyncServer) -> Callable[[SyncClient, str], None]:
 
 
 @pytest.fixture
-def notes_app(tmp_path: Path, serve: Callable[[Any], LiveServer]) -> Iterator[Callable[..., Any]]:
+def notes_app(
+    tmp_path: Path, serve: Callable[[Any], LiveServer], new_database: Callable[[str], str]
+) -> Iterator[Callable[..., Any]]:
     """``notes_app(policy=..., rules=...)``: a live server of the small notes schema of
-    ``tests/test_push_support.py``; its clients are closed at teardown."""
+    ``tests/test_push_support.py`` on a new database; its clients are closed at teardown."""
     from tests.test_push_support import NotesApp
 
     apps: list[NotesApp] = []
 
     def make(**options: Any) -> NotesApp:
-        app = NotesApp(tmp_path, serve, name=f"notes{len(apps)}", **options)
+        url = new_database(f"notes{len(apps)}")
+        app = NotesApp(tmp_path, serve, database=url, **options)
         apps.append(app)
         return app
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 import syncunit
 import syncunit.server
@@ -48,6 +49,7 @@ def test_exported_members_do_not_change_by_accident() -> None:
         assert getattr(syncunit, name) is not None
     assert sorted(syncunit.server.__all__) == [
         "Authenticator",
+        "DatabaseRestored",
         "JWTAuth",
         "Limits",
         "Principal",
@@ -116,8 +118,8 @@ def test_the_readme_example_runs(live: Any, server: Any, tmp_path: Path) -> None
             scope["client"].close()
         os.chdir(cwd)
     with server.store.engine.connect() as conn:
-        found = conn.exec_driver_sql(
-            "SELECT doctor_id, room FROM appointment WHERE id = ?", (scope["key"],)
+        found = conn.execute(
+            sa.text("SELECT doctor_id, room FROM appointment WHERE id = :id"), {"id": scope["key"]}
         ).all()
     assert found == [(1, "R2")]
 

@@ -4,7 +4,7 @@
   after the server handled it, or send a request twice; it records every sync
   request that went out, decoded;
 * ``NotesApp``: a small test-only schema (one ``note`` table, scoped by owner)
-  served by a real ``SyncServer`` on its own SQLite file, with the conflict
+  served by a real ``SyncServer`` on its own database, with the conflict
   policy and rules a test asks for; an ``audit`` table counts how many times
   the server really applied a change (a rule writes one row per application);
 * raw requests: ``post_sync`` sends a ``SyncRequest`` with bare httpx.
@@ -183,6 +183,7 @@ class NotesApp:
         policy: ConflictPolicy | None = None,
         rules: Sequence[Rule] = (),
         name: str = "notes",
+        database: str | None = None,
         **server_options: Any,
     ) -> None:
         self.tmp_path = tmp_path
@@ -227,10 +228,10 @@ class NotesApp:
                 SyncUnit("Push", [self.stream], direction="push"),
             ]
         )
-        self.db_path = tmp_path / f"{name}-server.sqlite"
+        self.database = database or f"sqlite:///{tmp_path / (name + '-server.sqlite')}"
         self.server = SyncServer(
             self.schema,
-            f"sqlite:///{self.db_path}",
+            self.database,
             authenticate=TokenAuth(TOKENS),
             install=False,
             **server_options,
@@ -265,14 +266,9 @@ class NotesApp:
 
     def backoffice(self, sql: str, params: Any = ()) -> None:
         """Plain SQL on the server database, without syncunit (as another app would)."""
-        import sqlite3
+        from tests.conftest import PlainSQL
 
-        conn = sqlite3.connect(self.db_path, isolation_level=None)
-        try:
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute(sql, params)
-        finally:
-            conn.close()
+        PlainSQL(self.database)(sql, params)
 
     def row(self, key: str) -> dict[str, Any] | None:
         with self.server.store.engine.connect() as conn:

@@ -120,7 +120,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_renew_epoch(args: argparse.Namespace) -> int:
-    server = load_server(args.target, args.database, app_dir=args.app_dir, tokens=None)
+    # Without installing: a restored database refuses to be served until this has run.
+    server = load_server(
+        args.target, args.database, app_dir=args.app_dir, tokens=None, install=False
+    )
     print(f"new epoch {server.store.renew_epoch()}: every client re-downloads on its next sync")
     return 0
 

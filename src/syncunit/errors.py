@@ -4,6 +4,7 @@
     ├── DeclarationError     a table, stream or unit is declared wrongly
     ├── ProtocolError        a wire message could not be read (malformed, wrong version)
     ├── LocalStoreError      the client's local database cannot do what was asked
+    ├── DatabaseRestored     the server's database is a restored copy: renew its epoch first
     └── SyncError            a sync run failed
         ├── NetworkError         the server could not be reached or the stream was cut: retryable
         └── ProblemError         the server answered with an application/problem+json error
@@ -21,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "AuthError",
+    "DatabaseRestored",
     "DeclarationError",
     "LocalStoreError",
     "NetworkError",
@@ -35,6 +37,15 @@ __all__ = [
 
 class SyncUnitError(Exception):
     """Base class of every error syncunit raises."""
+
+
+class DatabaseRestored(SyncUnitError):
+    """The server's database is a restored or copied one (a backup, another cluster).
+
+    Serving it as it is would let clients skip or resurrect rows; renewing its
+    epoch (``syncunit renew-epoch``, ``ServerStore.renew_epoch()``) makes every
+    client re-download instead.
+    """
 
 
 class DeclarationError(SyncUnitError):

@@ -391,8 +391,12 @@ class StreamReader:
             finally:
                 result.close()
             return
+        # Per statement: Connection.execution_options() would stick to the connection.
         result = conn.execute(query, params, execution_options={"yield_per": self.chunk_size})
-        yield from result.partitions(self.chunk_size)
+        try:  # a server-side cursor on PostgreSQL: closed even when the reader stops early
+            yield from result.partitions(self.chunk_size)
+        finally:
+            result.close()
 
     def _columnar(self, rows: Any) -> list[list[Any]]:
         if not rows:

@@ -25,6 +25,7 @@ import datetime as dt
 import decimal
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import Mapping
@@ -155,6 +156,9 @@ def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
     return value
 
 
+#: Attempts of a push whose transaction lost a serialization race (PostgreSQL).
+ATTEMPTS = 12
+
 KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
 
 
@@ -225,16 +229,32 @@ class PushApplier:
         """Apply ``req.mutations`` pushed through ``unit`` in one transaction.
 
         Returns one result per mutation. The principal must be allowed ``unit``;
-        a mutation of a table the unit does not push is rejected.
+        a mutation of a table the unit does not push is rejected. A transaction
+        that lost a race the database cannot serialize (another server process
+        pushed for the same client, or wrote what a rule read) is run again from
+        the start, up to ``ATTEMPTS`` times.
         """
         self.authorize(principal, unit)
         check_mutations(req.mutations, self.limits)
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return self._apply(principal, req, unit)
+            except sa.exc.DBAPIError as exc:
+                if attempt == ATTEMPTS or not self.store.retryable(exc):
+                    raise
+                log.info("push of %s lost a race (attempt %d); retrying", req.client_id, attempt)
+                time.sleep(random.uniform(0, 0.005 * attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _apply(self, principal: Principal, req: SyncRequest, unit: SyncUnit) -> PushResults:
         writable = self.pushable[unit.name]
         with self.store.write() as conn:
+            # Read with a row lock: a retry of this request on another server process
+            # waits here, then sees this one's last_seq and replays from the log.
             row = conn.execute(
-                sa.select(clients.c.principal, clients.c.last_seq).where(
-                    clients.c.client_id == req.client_id
-                )
+                sa.select(clients.c.principal, clients.c.last_seq)
+                .where(clients.c.client_id == req.client_id)
+                .with_for_update()
             ).first()
             now = dt.datetime.now(dt.UTC).isoformat()
             if row is None:

@@ -268,6 +268,11 @@ class ServerStore(abc.ABC):
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
+    def retryable(self, exc: BaseException) -> bool:
+        """Whether a write transaction that raised ``exc`` may simply be run again
+        (it lost a serialization race or a deadlock; nothing of it was kept)."""
+        return False
+
     # -- facts -------------------------------------------------------------------
 
     def facts(self, conn: Connection) -> dict[str, str]:

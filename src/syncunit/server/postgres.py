@@ -1,0 +1,356 @@
+"""``ServerStore`` for PostgreSQL (psycopg 3), the production server.
+
+PostgreSQL runs writers concurrently: a transaction that took a number first
+may commit last, so a sequence or a timestamp handed out as a cursor skips
+rows for ever. Instead a trigger stamps every written row with its
+transaction's id (``pg_current_xact_id()``), and the cursor handed out is the
+*watermark* ``pg_snapshot_xmin(pg_current_snapshot()) - 1``, read as the first
+statement of the pull's REPEATABLE READ READ ONLY transaction: every
+transaction at or below it has ended, so each of its rows is visible in that
+snapshot or never will be. Rows above it that are already visible are sent
+too, and again next time: duplicates, never gaps. It works unchanged on a hot
+standby.
+
+The one cost: a transaction that stays open anywhere in the cluster (or a
+forgotten prepared transaction) holds the watermark back, so deltas wait for
+it. ``watermark_lag()`` measures it.
+
+Writes run SERIALIZABLE, so business rules that read before they write (no
+double booking) hold across server processes as they do on SQLite, where
+writers are serialized; a push that loses a serialization race is retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.schema import CreateIndex, CreateTable
+from sqlalchemy.sql.elements import ColumnElement
+
+from syncunit.errors import DatabaseRestored
+from syncunit.server.store import ServerStore, meta, tombstones
+from syncunit.units import CREATED_AT, TRACKING_COLUMNS, UPDATED_AT, VERSION, SyncSchema
+
+__all__ = ["PostgresStore", "WatermarkLag", "postgres_engine"]
+
+_XID = "pg_current_xact_id()::text::bigint"
+_NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+WATERMARK_SQL = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1"
+#: Who this database is: the cluster's system identifier and the database's oid.
+#: A restore with pg_restore (a new database) or into another cluster changes it.
+_IDENTITY_SQL = (
+    "SELECT (SELECT system_identifier FROM pg_control_system())::text"
+    " || ':' || (SELECT oid FROM pg_database WHERE datname = current_database())::text"
+)
+#: The advisory lock that serializes installs (any constant; "sync" in ASCII).
+INSTALL_LOCK = 0x73796E63
+#: Tombstones deleted per transaction when pruning (short transactions, small locks).
+PRUNE_BATCH = 5000
+
+_FUNCTIONS = [
+    # Every insert and update, whoever writes: the writing transaction's id.
+    f"""CREATE OR REPLACE FUNCTION syncunit_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  NEW.{VERSION} := {_XID};
+  NEW.{UPDATED_AT} := {_NOW};
+  IF TG_OP = 'INSERT' THEN
+    NEW.{CREATED_AT} := COALESCE(NEW.{CREATED_AT}, NEW.{UPDATED_AT});
+  END IF;
+  RETURN NEW;
+END $$""",
+    # Deletes, and updates of a key or scope column: the old values of those columns.
+    # TG_ARGV: the logical table name, then the columns to keep.
+    f"""CREATE OR REPLACE FUNCTION syncunit_tombstone() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  old_row jsonb := to_jsonb(OLD);
+  image jsonb := '{{}}'::jsonb;
+BEGIN
+  FOR i IN 1 .. TG_NARGS - 1 LOOP
+    image := image || jsonb_build_object(TG_ARGV[i], old_row -> TG_ARGV[i]);
+  END LOOP;
+  INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)
+  VALUES (TG_ARGV[0], {_XID}, CASE TG_OP WHEN 'DELETE' THEN 'delete' ELSE 'move' END,
+          image::text, {_NOW});
+  RETURN NULL;
+END $$""",
+    # TRUNCATE removes rows without row triggers: every cursor older than this
+    # transaction must re-download (the horizon moves to it).
+    f"""CREATE OR REPLACE FUNCTION syncunit_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO syncunit_meta (key, value) VALUES ('horizon', {_XID}::text)
+  ON CONFLICT (key) DO UPDATE SET value = GREATEST(syncunit_meta.value::bigint,
+                                                  EXCLUDED.value::bigint)::text;
+  RETURN NULL;
+END $$""",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class WatermarkLag:
+    """How far deltas are held back by open transactions.
+
+    ``transactions``: transaction ids between the watermark and the next one to
+    be assigned; ``seconds``: age of the oldest open writing (or prepared)
+    transaction that holds the watermark, 0 when none does; ``holder``: what it is.
+    """
+
+    watermark: int
+    transactions: int
+    seconds: float
+    holder: str | None
+
+
+def postgres_engine(url: str | sa.URL, **kw: Any) -> Engine:
+    """An engine on psycopg 3 for ``url`` (``postgresql://`` or ``postgres://`` accepted).
+
+    ``?prepare_threshold=none`` in the URL turns off server-side prepared
+    statements (for PgBouncer in transaction pooling before version 1.21).
+    """
+    u = sa.make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    connect_args: dict[str, Any] = dict(kw.pop("connect_args", {}))
+    if "prepare_threshold" in u.query:
+        raw = str(u.query["prepare_threshold"]).lower()
+        connect_args["prepare_threshold"] = None if raw in ("none", "off", "") else int(raw)
+        u = u.difference_update_query(["prepare_threshold"])
+    kw.setdefault("pool_pre_ping", True)
+    return sa.create_engine(u, connect_args=connect_args, **kw)
+
+
+class PostgresStore(ServerStore):
+    """Change tracking with transaction-id stamps and a snapshot watermark."""
+
+    dialect = "postgresql"
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        return cls(postgres_engine(url))
+
+    # -- transactions ----------------------------------------------------------------
+
+    @contextmanager
+    def snapshot(self) -> Iterator[tuple[Connection, int]]:
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+            with conn.begin():
+                # The first statement: it takes the snapshot the watermark belongs to.
+                yield conn, self.watermark(conn)
+
+    def current_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.exec_driver_sql(WATERMARK_SQL).scalar_one())
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="SERIALIZABLE")
+            with conn.begin():
+                yield conn
+
+    def retryable(self, exc: BaseException) -> bool:
+        orig = getattr(exc, "orig", None)
+        return getattr(orig, "sqlstate", None) in ("40001", "40P01")
+
+    def watermark(self, conn: Connection) -> int:
+        return int(conn.exec_driver_sql(WATERMARK_SQL).scalar_one())
+
+    # -- queries ---------------------------------------------------------------------
+
+    def old_value(self, old: ColumnElement[Any], column: sa.Column[Any]) -> ColumnElement[Any]:
+        return sa.cast(sa.cast(old, JSONB)[column.name].astext, column.type)
+
+    def insert_new(self, table: sa.Table) -> sa.Insert:
+        pk = list(table.primary_key.columns)
+        stmt = pg_insert(table).on_conflict_do_nothing(index_elements=pk)
+        return stmt.execution_options(preserve_rowcount=True)  # else an INSERT's rowcount is -1
+
+    def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
+        parts = [sa.func.coalesce(v, 0) for v in values]
+        return parts[0] if len(parts) == 1 else sa.func.greatest(*parts)
+
+    # -- installing tracking ------------------------------------------------------------
+
+    def tracking_ddl(self, schema: SyncSchema, *, existing: bool = True) -> list[str]:
+        q = self.engine.dialect.identifier_preparer.quote
+        inspector = sa.inspect(self.engine) if existing else None
+        scope = schema.scope_columns()
+        out = [*self._bookkeeping_ddl(), *_FUNCTIONS]
+        for table in schema.tracked_tables():
+            t = q(table.name)
+            have: set[str] = set()
+            if inspector is not None:
+                if not inspector.has_table(table.name):
+                    raise ValueError(
+                        f"table {table.name!r} does not exist: create it before installing tracking"
+                    )
+                have = {c["name"] for c in inspector.get_columns(table.name)}
+            for col, typ in zip(TRACKING_COLUMNS, ("BIGINT", "TEXT", "TEXT"), strict=True):
+                if col not in have:
+                    out.append(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {col} {typ}")
+            out.append(
+                f"CREATE INDEX IF NOT EXISTS {q('ix_' + table.name + '_' + VERSION)}"
+                f" ON {t} ({VERSION})"
+            )
+            out.extend(self._triggers(table, sorted(scope.get(table.name, set()))))
+            # Rows written before tracking existed get one version, so a first sync sees them.
+            out.append(f"UPDATE {t} SET {VERSION} = {_XID} WHERE {VERSION} IS NULL")
+        return out
+
+    def _bookkeeping_ddl(self) -> list[str]:
+        out: list[str] = []
+        for table in meta.sorted_tables:
+            out.append(str(CreateTable(table, if_not_exists=True).compile(self.engine)).strip())
+            for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
+                out.append(str(CreateIndex(index, if_not_exists=True).compile(self.engine)).strip())
+        out.append(
+            "INSERT INTO syncunit_meta (key, value) VALUES"
+            " ('epoch', substr(md5(random()::text || clock_timestamp()::text), 1, 16))"
+            " ON CONFLICT (key) DO NOTHING"
+        )
+        return out
+
+    def _triggers(self, table: sa.Table, scope_cols: list[str]) -> list[str]:
+        q = self.engine.dialect.identifier_preparer.quote
+        t = q(table.name)
+        name = table.name
+        image_cols = list(
+            dict.fromkeys([*(c.name for c in table.primary_key.columns), *scope_cols])
+        )
+        args = ", ".join(_literal(c) for c in [name, *image_cols])
+        moved = " OR ".join(f"OLD.{q(c)} IS DISTINCT FROM NEW.{q(c)}" for c in image_cols)
+
+        def trig(suffix: str) -> str:
+            return q(f"syncunit_{name}_{suffix}")
+
+        return [
+            *(f"DROP TRIGGER IF EXISTS {trig(s)} ON {t}" for s in ("stamp", "ad", "au", "tr")),
+            f"CREATE TRIGGER {trig('stamp')} BEFORE INSERT OR UPDATE ON {t}"
+            " FOR EACH ROW EXECUTE FUNCTION syncunit_stamp()",
+            f"CREATE TRIGGER {trig('ad')} AFTER DELETE ON {t}"
+            f" FOR EACH ROW EXECUTE FUNCTION syncunit_tombstone({args})",
+            f"CREATE TRIGGER {trig('au')} AFTER UPDATE ON {t} FOR EACH ROW"
+            f" WHEN ({moved}) EXECUTE FUNCTION syncunit_tombstone({args})",
+            f"CREATE TRIGGER {trig('tr')} AFTER TRUNCATE ON {t}"
+            " FOR EACH STATEMENT EXECUTE FUNCTION syncunit_truncated()",
+        ]
+
+    def install(self, schema: SyncSchema) -> None:
+        """Install tracking in one transaction (several server processes may start at
+        once: a lock takes them in turn), then refuse to serve a restored database."""
+        ddl = self.tracking_ddl(schema)
+        with self.write() as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({INSTALL_LOCK})")
+            for stmt in ddl:
+                conn.exec_driver_sql(stmt)
+        self.check_not_restored()
+
+    # -- a restored database -----------------------------------------------------------
+
+    def check_not_restored(self) -> None:
+        """Raise ``DatabaseRestored`` if this database is not the one cursors were made on.
+
+        A restore (pg_restore into a new database, another cluster) changes the
+        database's identity; a file-level one can leave the watermark below the
+        one recorded at the last start. Either way, ``renew_epoch()`` (the
+        ``syncunit renew-epoch`` command) makes every client re-download.
+        """
+        with self.write() as conn:
+            facts = self.facts(conn)
+            identity = str(conn.exec_driver_sql(_IDENTITY_SQL).scalar_one())
+            watermark = self.watermark(conn)
+            known, seen = facts.get("identity"), int(facts.get("watermark", "0"))
+            if known is not None and (known != identity or watermark < seen):
+                why = (
+                    "it is another database than the one clients synced with"
+                    if known != identity
+                    else f"its watermark {watermark} is below the {seen} seen before"
+                )
+                raise DatabaseRestored(
+                    f"this database looks restored from a backup or copied: {why}. Serving it"
+                    " would let clients skip or resurrect rows. Run 'syncunit renew-epoch"
+                    " TARGET --database URL' (ServerStore.renew_epoch()) once: every client"
+                    " then re-downloads on its next sync."
+                )
+            self._set_fact(conn, "identity", identity)
+            self._set_fact(conn, "watermark", str(watermark))
+
+    def renew_epoch(self) -> str:
+        epoch = super().renew_epoch()
+        with self.write() as conn:
+            self._set_fact(conn, "identity", str(conn.exec_driver_sql(_IDENTITY_SQL).scalar_one()))
+            self._set_fact(conn, "watermark", str(self.watermark(conn)))
+        return epoch
+
+    # -- pruning ---------------------------------------------------------------------
+
+    def prune_tombstones(self, keep_versions: int) -> int:
+        return self._prune(max(0, self.current_version() - keep_versions))
+
+    def prune_tombstones_before(self, cutoff: dt.datetime) -> int:
+        at = cutoff.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
+        with self.engine.connect() as conn:
+            old = sa.select(sa.func.max(tombstones.c.version)).where(tombstones.c.at < at)
+            return self._prune(int(conn.execute(old).scalar() or 0))
+
+    def _prune(self, horizon: int) -> int:
+        """Raise the horizon first (older cursors reset), then delete in small transactions.
+
+        Small batches keep each deleting transaction short, so pruning never
+        holds the watermark (or locks) for long.
+        """
+        with self.engine.connect() as conn:
+            stored = int(self.facts(conn).get("horizon", "0"))
+        if horizon > stored:  # no write (and no transaction id) when nothing moves
+            with self.write() as conn:
+                horizon = max(horizon, int(self.facts(conn).get("horizon", "0")))
+                self._set_fact(conn, "horizon", str(horizon))
+        horizon = max(horizon, stored)
+        batch = (
+            sa.select(tombstones.c.id)
+            .where(tombstones.c.version <= horizon)
+            .limit(PRUNE_BATCH)
+            .scalar_subquery()
+        )
+        while True:
+            with self.engine.begin() as conn:
+                deleted = conn.execute(tombstones.delete().where(tombstones.c.id.in_(batch)))
+            if deleted.rowcount < PRUNE_BATCH:
+                return horizon
+
+    # -- lag -------------------------------------------------------------------------
+
+    def watermark_lag(self) -> WatermarkLag:
+        """How far the watermark trails: open writing transactions hold it back."""
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT pg_snapshot_xmin(s)::text::bigint - 1,"
+                " pg_snapshot_xmax(s)::text::bigint - pg_snapshot_xmin(s)::text::bigint"
+                " FROM pg_current_snapshot() AS s"
+            ).one()
+            holder = conn.exec_driver_sql(
+                "SELECT extract(epoch FROM now() - xact_start)::float8,"
+                " 'pid ' || pid || ' (' || coalesce(state, '?') || '): ' || left(query, 80)"
+                " FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
+                " AND pid <> pg_backend_pid()"
+                " UNION ALL"
+                " SELECT extract(epoch FROM now() - prepared)::float8,"
+                " 'prepared transaction ' || quote_literal(gid) FROM pg_prepared_xacts"
+                " ORDER BY 1 DESC LIMIT 1"
+            ).first()
+        seconds, what = (float(holder[0]), str(holder[1])) if holder else (0.0, None)
+        return WatermarkLag(int(row[0]), int(row[1]), seconds, what)
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
