@@ -14,6 +14,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +80,28 @@ def pg() -> Iterator[PostgresServer]:
         pytest.skip(str(exc))
     yield server
     server.stop()
+
+
+#: Every engine that connected during the session (weakly held), to be disposed.
+_ENGINES: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+
+
+@sa.event.listens_for(sa.Engine, "engine_connect")
+def _track_engine(conn: sa.Connection) -> None:
+    _ENGINES.add(conn.engine)
+
+
+def dispose_engines() -> None:
+    """Close the pooled connections of every engine (a psycopg connection garbage
+    collected open warns, and warnings are errors)."""
+    for engine in list(_ENGINES):
+        engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines_after_the_test() -> Iterator[None]:
+    yield
+    dispose_engines()
 
 
 @pytest.fixture
@@ -298,6 +321,7 @@ def _stopping() -> Iterator[list[LiveServer]]:
     yield stopping
     for live in stopping:
         live.stop()
+    dispose_engines()
 
 
 @pytest.fixture

@@ -153,8 +153,44 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         if not (self.datadir / "PG_VERSION").exists():
             self.init()
-        self.run(["pg_ctl", "-D", str(self.datadir), "-l", str(self.root / "log"), "-w", "start"])
+        # On the command line: a copied data directory (a standby) keeps its own port.
+        opts = f"-c port={self.port} -c unix_socket_directories={self.root}"
+        self.run(
+            ["pg_ctl", "-D", str(self.datadir), "-l", str(self.root / "log"), "-o", opts,
+             "-w", "start"]
+        )  # fmt: skip
         return self
+
+    def standby(self) -> PostgresServer:
+        """A streaming hot standby of this server (pg_basebackup over loopback), started."""
+        replica = PostgresServer(bindir=self.bindir)
+        replica.datadir = replica.root / "data"
+        self.run(
+            ["pg_basebackup", "-D", str(replica.datadir), "-h", "127.0.0.1", "-p",
+             str(self.port), "-U", "postgres", "-X", "stream", "-R", "--no-sync"]
+        )  # fmt: skip
+        return replica.start()
+
+    def lsn(self) -> str:
+        """The primary's WAL insert position (asynchronous commits: ahead of what is written)."""
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert row is not None
+        return str(row[0])
+
+    def wait_for_replay(self, lsn: str, timeout: float = 30.0) -> None:
+        """Wait until this standby has replayed the primary's WAL up to ``lsn``."""
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)
+                ).fetchone()
+                if row is not None and row[0]:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the standby did not replay up to {lsn}")
+                time.sleep(0.02)
 
     def stop(self, *, remove: bool = True) -> None:
         if (self.datadir / "postmaster.pid").exists():

@@ -376,7 +376,8 @@ def test_pruning_deletes_in_small_batches_after_raising_the_horizon(
     assert len(deletes) == n // 7 + 1
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(tombstones)).scalar_one() == 0
-    assert store.epoch_and_horizon(store.engine.connect())[1] == horizon
+    with store.engine.connect() as conn:
+        assert store.epoch_and_horizon(conn)[1] == horizon
 
 
 def test_a_database_copied_into_another_refuses_to_start_until_renew_epoch(

@@ -5,6 +5,7 @@
     syncunit ddl TARGET --database URL       print the tracking DDL (for Alembic users)
     syncunit prune TARGET --database URL     drop old tombstones
     syncunit renew-epoch TARGET --database URL   make every client re-download (after a restore)
+    syncunit lag TARGET --database URL       how far open transactions hold deltas back
     syncunit demo                            the hospital example, end to end (it ships
                                              inside the package: syncunit.examples.hospital)
     syncunit bench                           the benchmarks (from a checkout)
@@ -84,18 +85,71 @@ def load_server(
     raise SystemExit(f"error: {target!r} is not a SyncServer, SyncSchema or factory")
 
 
+#: Environment variable through which ``serve --workers`` tells each worker what to load.
+_WORKER_ENV = "SYNCUNIT_SERVE"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from syncunit.server.logs import configure_logging
 
     configure_logging(args.log_format, args.log_level.upper())
-    server = load_server(
-        args.target, args.database, app_dir=args.app_dir, tokens=args.tokens,
-        chunk_size=args.chunk_size,
-        metrics_token=args.metrics_token or os.environ.get("SYNCUNIT_METRICS_TOKEN"),
-    )  # fmt: skip
+    config = {
+        "target": args.target, "database": args.database, "app_dir": args.app_dir,
+        "tokens": args.tokens, "chunk_size": args.chunk_size,
+        "metrics_token": args.metrics_token or os.environ.get("SYNCUNIT_METRICS_TOKEN"),
+        "log_format": args.log_format, "log_level": args.log_level,
+    }  # fmt: skip
+    if args.workers > 1:
+        # Each worker process imports the app itself (uvicorn needs an import string).
+        os.environ[_WORKER_ENV] = json.dumps(config)
+        uvicorn.run(
+            "syncunit.cli:worker_app", factory=True, workers=args.workers,
+            host=args.host, port=args.port, log_level=args.log_level,
+        )  # fmt: skip
+        return 0
+    server = _server_from(config)
     uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _server_from(config: dict[str, Any]) -> Any:
+    return load_server(
+        config["target"], config["database"], app_dir=config["app_dir"],
+        tokens=config["tokens"], chunk_size=config["chunk_size"],
+        metrics_token=config.get("metrics_token"),
+    )  # fmt: skip
+
+
+def worker_app() -> Any:
+    """The ASGI app of one ``serve --workers N`` process (a uvicorn factory).
+
+    Every worker builds its own server (its own connection pool) from what
+    ``syncunit serve`` put in the environment; any worker serves any request.
+    """
+    raw = os.environ.get(_WORKER_ENV)
+    if raw is None:
+        raise SystemExit(f"error: {_WORKER_ENV} is not set: start workers with 'syncunit serve'")
+    from syncunit.server.logs import configure_logging
+
+    config = json.loads(raw)
+    configure_logging(config["log_format"], config["log_level"].upper())
+    return _server_from(config).app
+
+
+def cmd_lag(args: argparse.Namespace) -> int:
+    server = load_server(
+        args.target, args.database, app_dir=args.app_dir, tokens=None, install=False
+    )
+    lag = server.store.watermark_lag()
+    if lag is None:
+        print("no lag: this database serializes its writers")
+        return 0
+    print(
+        f"watermark {lag.watermark}: {lag.transactions} transaction id(s) behind,"
+        f" held {lag.seconds:.1f} s by {lag.holder or 'nothing'}"
+    )
     return 0
 
 
@@ -219,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token that may read /metrics (default: $SYNCUNIT_METRICS_TOKEN;"
         " admin principals may always read it)",
     )
+    p.add_argument(
+        "--workers", type=int, default=1,
+        help="server processes sharing the port (use PostgreSQL for more than one)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sync", help="run one unit into a local file", description="Run one unit.")
@@ -245,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     server_args(p)
     p.add_argument("--keep", type=int, required=True, help="keep the newest N versions")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "lag",
+        help="how far open transactions hold deltas back",
+        description="Show the watermark lag: open writing transactions hold deltas back.",
+    )
+    server_args(p)
+    p.set_defaults(func=cmd_lag)
 
     p = sub.add_parser(
         "renew-epoch",

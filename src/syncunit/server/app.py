@@ -59,7 +59,7 @@ from syncunit.server.admission import RateLimiter, Slot, SyncSlots, default_sync
 from syncunit.server.auth import Authenticator, Principal, authorize_unit
 from syncunit.server.backends import open_store
 from syncunit.server.changes import StreamReader
-from syncunit.server.cursor import sign_cursor, verify_cursor
+from syncunit.server.cursor import newest_cursor, sign_cursor, verify_cursor
 from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
 from syncunit.server.limits import Limits, check_mutations, check_request, read_body, shorten
 from syncunit.server.live import VersionMonitor, unit_has_changes
@@ -567,7 +567,11 @@ class SyncServer:
                 (sub.id, self.schema.units[sub.unit], sub.params, sub.cursors)
                 for sub in req.subscriptions
             ]
-            with self.store.snapshot() as (conn, watermark):
+            # A read replica may serve a pull, unless this request pushed (the device
+            # reads its own writes on the primary) or the replica is behind its cursors.
+            newest = max(newest_cursor(c.values()) for _, _, _, c in runs)
+            snapshot = self.store.snapshot(replica=pushed is None, at_least=newest)
+            with snapshot as (conn, watermark):
                 epoch, horizon = self.store.epoch_and_horizon(conn)
                 for sub_id, run, client_params, cursors in runs:
                     # The principal's values fill the scope; the app's only narrow it.

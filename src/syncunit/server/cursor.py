@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import msgspec
@@ -80,3 +81,8 @@ def verify_cursor(signed: str, key: bytes) -> str | None:
     if not dot or not token:
         return None
     return token if hmac.compare_digest(sign_cursor(token, key), signed) else None
+
+
+def newest_cursor(tokens: Iterable[str]) -> int:
+    """The highest watermark any of these cursors was made at (0 for none)."""
+    return max((c.high for t in tokens if (c := decode_cursor(t)) is not None), default=0)

@@ -18,6 +18,7 @@ from typing import Any
 import anyio.to_thread
 
 from syncunit.server.changes import StreamReader
+from syncunit.server.cursor import newest_cursor
 from syncunit.server.store import ServerStore
 from syncunit.units import SyncUnit
 
@@ -72,7 +73,10 @@ def unit_has_changes(
     store: ServerStore, unit: SyncUnit, params: Mapping[str, Any], cursors: Mapping[str, str]
 ) -> bool:
     """Whether a sync of ``unit`` with these cursors would bring anything."""
-    with store.snapshot() as (conn, watermark):
+    with store.snapshot(replica=True, at_least=newest_cursor(cursors.values())) as (
+        conn,
+        watermark,
+    ):
         epoch, horizon = store.epoch_and_horizon(conn)
         for stream in unit.streams:
             reader = StreamReader(store, stream, params, chunk_size=1)

@@ -22,9 +22,9 @@ writers are serialized; a push that loses a serialization race is retried.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,10 +36,10 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.errors import DatabaseRestored
-from syncunit.server.store import ServerStore, meta, tombstones
+from syncunit.server.store import ServerStore, WatermarkLag, meta, tombstones
 from syncunit.units import CREATED_AT, TRACKING_COLUMNS, UPDATED_AT, VERSION, SyncSchema
 
-__all__ = ["PostgresStore", "WatermarkLag", "postgres_engine"]
+__all__ = ["PostgresStore", "postgres_engine"]
 
 _XID = "pg_current_xact_id()::text::bigint"
 _NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
@@ -93,21 +93,6 @@ END $$""",
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class WatermarkLag:
-    """How far deltas are held back by open transactions.
-
-    ``transactions``: transaction ids between the watermark and the next one to
-    be assigned; ``seconds``: age of the oldest open writing (or prepared)
-    transaction that holds the watermark, 0 when none does; ``holder``: what it is.
-    """
-
-    watermark: int
-    transactions: int
-    seconds: float
-    holder: str | None
-
-
 def postgres_engine(url: str | sa.URL, **kw: Any) -> Engine:
     """An engine on psycopg 3 for ``url`` (``postgresql://`` or ``postgres://`` accepted).
 
@@ -131,21 +116,50 @@ class PostgresStore(ServerStore):
 
     dialect = "postgresql"
 
+    def __init__(self, engine: Engine, *, replicas: Sequence[Engine] = ()) -> None:
+        super().__init__(engine)
+        #: Streaming standbys that may serve pulls (the watermark works there unchanged).
+        self.replicas = list(replicas)
+        self._next_replica = itertools.count()
+
     @classmethod
-    def from_url(cls, url: str) -> PostgresStore:
-        return cls(postgres_engine(url))
+    def from_url(cls, url: str, *, replicas: Sequence[str] = ()) -> PostgresStore:
+        """``?replica=host:port`` in the URL (repeatable) adds read replicas of the same
+        database, user and password."""
+        u = sa.make_url(url)
+        raw = u.query.get("replica")
+        hosts = [] if raw is None else [raw] if isinstance(raw, str) else list(raw)
+        u = u.difference_update_query(["replica"])
+        urls: list[str | sa.URL] = list(replicas)
+        for h in hosts:
+            host, _, port = h.partition(":")
+            urls.append(u.set(host=host, port=int(port) if port else u.port))
+        return cls(postgres_engine(u), replicas=[postgres_engine(r) for r in urls])
 
     # -- transactions ----------------------------------------------------------------
 
     @contextmanager
-    def snapshot(self) -> Iterator[tuple[Connection, int]]:
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(
-                isolation_level="REPEATABLE READ", postgresql_readonly=True
-            )
-            with conn.begin():
-                # The first statement: it takes the snapshot the watermark belongs to.
-                yield conn, self.watermark(conn)
+    def snapshot(
+        self, *, replica: bool = False, at_least: int = 0
+    ) -> Iterator[tuple[Connection, int]]:
+        engines = [self.engine]
+        if replica and self.replicas:
+            n = next(self._next_replica)
+            k = len(self.replicas)
+            engines = [self.replicas[(n + i) % k] for i in range(k)] + engines
+        for engine in engines:
+            with engine.connect() as conn:
+                conn = conn.execution_options(
+                    isolation_level="REPEATABLE READ", postgresql_readonly=True
+                )
+                with conn.begin():
+                    # The first statement: it takes the snapshot the watermark belongs to.
+                    watermark = self.watermark(conn)
+                    if watermark >= at_least or engine is self.engine:
+                        yield conn, watermark
+                        return
+            # This replica has not replayed the client's newest cursor yet: the next one.
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def current_version(self) -> int:
         with self.engine.connect() as conn:

@@ -20,6 +20,7 @@ values of those columns.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -94,6 +95,22 @@ _TRACKING_FACTS = (
     "SELECT key, value FROM syncunit_meta WHERE key >= 'tracking:' AND key < 'tracking;'"
     " ORDER BY key"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class WatermarkLag:
+    """How far open transactions hold deltas back (databases with concurrent writers).
+
+    ``watermark``: the cursor handed out now; ``transactions``: transaction ids
+    between it and the next to be assigned; ``seconds``: the age of the oldest
+    open writing (or prepared) transaction, which holds it, 0 when none does;
+    ``holder``: what that transaction is.
+    """
+
+    watermark: int
+    transactions: int
+    seconds: float
+    holder: str | None
 
 
 class ServerStore(abc.ABC):
@@ -221,8 +238,15 @@ class ServerStore(abc.ABC):
     # -- reading -----------------------------------------------------------------
 
     @contextmanager
-    def snapshot(self) -> Iterator[tuple[Connection, int]]:
-        """A read transaction and the highest version safe to hand out within it."""
+    def snapshot(
+        self, *, replica: bool = False, at_least: int = 0
+    ) -> Iterator[tuple[Connection, int]]:
+        """A read transaction and the highest version safe to hand out within it.
+
+        ``replica``: a read replica may serve it (a store with replicas uses one
+        whose watermark has reached ``at_least``, the newest cursor of the
+        request, and the primary otherwise).
+        """
         with self.engine.connect() as conn, conn.begin():
             yield conn, self.watermark(conn)
 
@@ -267,6 +291,11 @@ class ServerStore(abc.ABC):
         """A write transaction that takes the write lock at once."""
         with self.engine.connect() as conn, conn.begin():
             yield conn
+
+    def watermark_lag(self) -> WatermarkLag | None:
+        """How far open transactions hold the watermark back; None where writers are
+        serialized (SQLite), so nothing can."""
+        return None
 
     def retryable(self, exc: BaseException) -> bool:
         """Whether a write transaction that raised ``exc`` may simply be run again
