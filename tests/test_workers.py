@@ -8,6 +8,7 @@ whose answer was lost retries through the second, and the push applies once.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,7 +53,7 @@ def serve_process(tmp_path: Path) -> Iterator[Callable[..., tuple[str, subproces
             [sys.executable, "-m", "syncunit", "serve", "hospital.server:build",
              "--database", database, "--app-dir", str(ROOT / "examples"),
              "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(ROOT / "examples")},
         )  # fmt: skip
         log.close()  # the child holds its own copy
@@ -71,13 +72,13 @@ def serve_process(tmp_path: Path) -> Iterator[Callable[..., tuple[str, subproces
             time.sleep(0.1)
 
     yield start
-    for proc in procs:
-        proc.terminate()
+    for proc in procs:  # each in its own process group: the server and its workers
+        os.killpg(proc.pid, signal.SIGTERM)
     for proc in procs:
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            proc.kill()
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
 
 
