@@ -90,6 +90,22 @@ def _device_run(args: tuple[str, str, int, int, int, int]) -> list[dict[str, Any
     return out
 
 
+def _tree_cpu(root: int) -> float:
+    """CPU seconds of ``root`` and every process below it (Linux /proc)."""
+    from bench.serverproc import cpu_seconds
+
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            total += cpu_seconds(pid)
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        todo += [int(c) for c in children]
+    return total
+
+
 def _percentile(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(p * len(values)))] if values else 0.0
@@ -143,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
+        db_root = (
+            int((pg.datadir / "postmaster.pid").read_text().split()[0]) if pg is not None else None
+        )
+        cpu0 = (_tree_cpu(server.pid), _tree_cpu(db_root) if db_root else 0.0)
         per = -(-args.devices // args.clients)
         jobs = [
             (base, str(work), k * per, min(per, args.devices - k * per), args.rounds, HOSPITALS)
@@ -153,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         with mp.get_context("spawn").Pool(len(jobs)) as pool:
             devices = [d for part in pool.map(_device_run, jobs) for d in part]
         wall = time.perf_counter() - t0
+        server_cpu = _tree_cpu(server.pid) - cpu0[0]
+        db_cpu = (_tree_cpu(db_root) - cpu0[1]) if db_root else 0.0
     finally:
         server.terminate()
         server.wait(30)
@@ -191,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     latencies = [x for d in devices for x in d["latency"]]
     firsts = [d["first"] for d in devices if "first" in d]
+    n_syncs = max(1, len(latencies) + len(firsts))
     figures = {
         "backend": args.backend, "devices": args.devices, "server_processes": args.workers,
         "rounds": args.rounds, "server_rows": args.appointments, "wall_s": round(wall, 2),
@@ -201,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         "first_sync_p50_ms": round(statistics.median(firsts) * 1000, 1) if firsts else None,
         "first_sync_p99_ms": round(_percentile(firsts, 0.99) * 1000, 1),
         "bookings": sum(len(d["keys"]) for d in devices),
+        "server_cpu_s": round(server_cpu, 2), "database_cpu_s": round(db_cpu, 2),
+        "server_cpu_ms_per_sync": round(1000 * server_cpu / n_syncs, 2),
+        "database_cpu_ms_per_sync": round(1000 * db_cpu / n_syncs, 2),
         "problems": len(problems),
     }  # fmt: skip
     print(json.dumps(figures, indent=2))

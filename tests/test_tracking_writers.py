@@ -59,7 +59,10 @@ def _check(client, server):
 def _tracking_state(store, plain_sql):
     versions = plain_sql(f"SELECT id, {VERSION} FROM tag ORDER BY id")
     tombs = plain_sql("SELECT count(*) FROM syncunit_tombstones")
-    return store.current_version(), versions, tombs
+    # PostgreSQL's clock is the cluster's transaction ids: any statement that takes one
+    # (an INSERT that ends up doing nothing does) moves it, without changing any row.
+    clock = store.current_version() if store.dialect == "sqlite" else None
+    return clock, versions, tombs
 
 
 def test_update_writing_a_stale_version_is_delivered(tag_server, device, plain_sql):

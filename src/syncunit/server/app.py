@@ -570,7 +570,9 @@ class SyncServer:
             # A read replica may serve a pull, unless this request pushed (the device
             # reads its own writes on the primary) or the replica is behind its cursors.
             newest = max(newest_cursor(c.values()) for _, _, _, c in runs)
-            snapshot = self.store.snapshot(replica=pushed is None, at_least=newest)
+            snapshot = self.store.snapshot(
+                replica=pushed is None, at_least=newest, scope=principal.params
+            )
             with snapshot as (conn, watermark):
                 epoch, horizon = self.store.epoch_and_horizon(conn)
                 for sub_id, run, client_params, cursors in runs:

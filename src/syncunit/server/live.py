@@ -73,7 +73,8 @@ def unit_has_changes(
     store: ServerStore, unit: SyncUnit, params: Mapping[str, Any], cursors: Mapping[str, str]
 ) -> bool:
     """Whether a sync of ``unit`` with these cursors would bring anything."""
-    with store.snapshot(replica=True, at_least=newest_cursor(cursors.values())) as (
+    at_least = newest_cursor(cursors.values())
+    with store.snapshot(replica=True, at_least=at_least, scope=params) as (
         conn,
         watermark,
     ):

@@ -15,7 +15,7 @@ The one cost: a transaction that stays open anywhere in the cluster (or a
 forgotten prepared transaction) holds the watermark back, so deltas wait for
 it. ``watermark_lag()`` measures it.
 
-Writes run SERIALIZABLE, so business rules that read before they write (no
+Pushes run SERIALIZABLE, so business rules that read before they write (no
 double booking) hold across server processes as they do on SQLite, where
 writers are serialized; a push that loses a serialization race is retried.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,11 +32,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.errors import DatabaseRestored
-from syncunit.server.store import ServerStore, WatermarkLag, meta, tombstones
+from syncunit.server.migrations import TableTracking
+from syncunit.server.store import ServerStore, WatermarkLag, tombstones
 from syncunit.units import CREATED_AT, TRACKING_COLUMNS, UPDATED_AT, VERSION, SyncSchema
 
 __all__ = ["PostgresStore", "postgres_engine"]
@@ -140,7 +140,11 @@ class PostgresStore(ServerStore):
 
     @contextmanager
     def snapshot(
-        self, *, replica: bool = False, at_least: int = 0
+        self,
+        *,
+        replica: bool = False,
+        at_least: int = 0,
+        scope: Mapping[str, Any] | None = None,
     ) -> Iterator[tuple[Connection, int]]:
         engines = [self.engine]
         if replica and self.replicas:
@@ -166,9 +170,12 @@ class PostgresStore(ServerStore):
             return int(conn.exec_driver_sql(WATERMARK_SQL).scalar_one())
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
+    def write(self, *, serializable: bool = False) -> Iterator[Connection]:
+        # READ COMMITTED otherwise: an install waits for a lock, then must see what the
+        # process before it installed (a serializable snapshot would predate the lock).
+        level = "SERIALIZABLE" if serializable else "READ COMMITTED"
         with self.engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="SERIALIZABLE")
+            conn = conn.execution_options(isolation_level=level)
             with conn.begin():
                 yield conn
 
@@ -193,117 +200,152 @@ class PostgresStore(ServerStore):
         parts = [sa.func.coalesce(v, 0) for v in values]
         return parts[0] if len(parts) == 1 else sa.func.greatest(*parts)
 
-    # -- installing tracking ------------------------------------------------------------
+    # -- installing tracking (the neutral part is ``migrations``) ----------------------
 
-    def tracking_ddl(self, schema: SyncSchema, *, existing: bool = True) -> list[str]:
-        q = self.engine.dialect.identifier_preparer.quote
-        inspector = sa.inspect(self.engine) if existing else None
-        scope = schema.scope_columns()
-        out = [*self._bookkeeping_ddl(), *_FUNCTIONS]
-        for table in schema.tracked_tables():
-            t = q(table.name)
-            have: set[str] = set()
-            if inspector is not None:
-                if not inspector.has_table(table.name):
-                    raise ValueError(
-                        f"table {table.name!r} does not exist: create it before installing tracking"
-                    )
-                have = {c["name"] for c in inspector.get_columns(table.name)}
-            for col, typ in zip(TRACKING_COLUMNS, ("BIGINT", "TEXT", "TEXT"), strict=True):
-                if col not in have:
-                    out.append(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {col} {typ}")
-            out.append(
-                f"CREATE INDEX IF NOT EXISTS {q('ix_' + table.name + '_' + VERSION)}"
-                f" ON {t} ({VERSION})"
-            )
-            out.extend(self._triggers(table, sorted(scope.get(table.name, set()))))
-            # Rows written before tracking existed get one version, so a first sync sees them.
-            out.append(f"UPDATE {t} SET {VERSION} = {_XID} WHERE {VERSION} IS NULL")
-        return out
+    tracking_format = "postgresql/1"
 
-    def _bookkeeping_ddl(self) -> list[str]:
-        out: list[str] = []
-        for table in meta.sorted_tables:
-            out.append(str(CreateTable(table, if_not_exists=True).compile(self.engine)).strip())
-            for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
-                out.append(str(CreateIndex(index, if_not_exists=True).compile(self.engine)).strip())
-        out.append(
-            "INSERT INTO syncunit_meta (key, value) VALUES"
-            " ('epoch', substr(md5(random()::text || clock_timestamp()::text), 1, 16))"
-            " ON CONFLICT (key) DO NOTHING"
-        )
-        return out
+    def migration_ddl(self, number: int) -> list[str]:
+        if number == 1:
+            return [
+                "INSERT INTO syncunit_meta (key, value) VALUES"
+                " ('epoch', substr(md5(random()::text || clock_timestamp()::text), 1, 16))"
+                " ON CONFLICT (key) DO NOTHING"
+            ]
+        return []
 
-    def _triggers(self, table: sa.Table, scope_cols: list[str]) -> list[str]:
+    def lock_for_install(self, conn: Connection) -> None:
+        # Several server processes starting at once take their turn here.
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({INSTALL_LOCK})")
+
+    def advance_clock_sql(self) -> list[str]:
+        return [f"SELECT {_XID}"]
+
+    def advance_clock(self, conn: Connection) -> int:
+        """This transaction's own id: above every watermark handed out before it commits
+        (one handed out while it runs is below it, since it is still open)."""
+        return int(conn.exec_driver_sql(f"SELECT {_XID}").scalar_one())
+
+    def clock_sql(self) -> str:
+        return f"({_XID})"
+
+    def table_tracking_ddl(
+        self, table: sa.Table, tracking: TableTracking, have: set[str]
+    ) -> list[str]:
         q = self.engine.dialect.identifier_preparer.quote
         t = q(table.name)
-        name = table.name
-        image_cols = list(
-            dict.fromkeys([*(c.name for c in table.primary_key.columns), *scope_cols])
+        out = list(_FUNCTIONS)
+        for col, typ in zip(TRACKING_COLUMNS, ("BIGINT", "TEXT", "TEXT"), strict=True):
+            if col not in have:
+                out.append(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {col} {typ}")
+        out.append(
+            f"CREATE INDEX IF NOT EXISTS {q('ix_' + table.name + '_' + VERSION)} ON {t} ({VERSION})"
         )
-        args = ", ".join(_literal(c) for c in [name, *image_cols])
-        moved = " OR ".join(f"OLD.{q(c)} IS DISTINCT FROM NEW.{q(c)}" for c in image_cols)
+        out += [f"DROP TRIGGER IF EXISTS {q(n)} ON {t}" for n in _trigger_names(tracking.table)]
+        out += self._triggers(tracking)
+        # Rows written before tracking existed get one version, so a first sync sees them.
+        out.append(f"UPDATE {t} SET {VERSION} = {_XID} WHERE {VERSION} IS NULL")
+        return out
 
-        def trig(suffix: str) -> str:
-            return q(f"syncunit_{name}_{suffix}")
+    def _triggers(self, tr: TableTracking) -> list[str]:
+        """The four triggers of a tracked table.
 
+        * before each insert and update: stamp the writing transaction's id (also
+          over a stale version an ORM writes back) and the timestamps;
+        * after each delete, and each update that changes a kept column (key or
+          scope): a tombstone with the old values of the kept columns; the
+          function takes the logical table name and those columns as arguments;
+        * after a TRUNCATE: the horizon moves to this transaction, so every
+          cursor from before re-downloads (no row triggers fire).
+
+        ``INSERT ... ON CONFLICT DO UPDATE`` fires the update triggers; ``DO
+        NOTHING`` writes nothing, so it leaves nothing.
+        """
+        q = self.engine.dialect.identifier_preparer.quote
+        t = q(tr.table)
+        args = ", ".join(_literal(c) for c in (tr.table, *tr.image))
+        moved = " OR ".join(f"OLD.{q(c)} IS DISTINCT FROM NEW.{q(c)}" for c in tr.image)
+        stamp, ad, au, tt = (q(n) for n in _trigger_names(tr.table))
         return [
-            *(f"DROP TRIGGER IF EXISTS {trig(s)} ON {t}" for s in ("stamp", "ad", "au", "tr")),
-            f"CREATE TRIGGER {trig('stamp')} BEFORE INSERT OR UPDATE ON {t}"
+            f"CREATE TRIGGER {stamp} BEFORE INSERT OR UPDATE ON {t}"
             " FOR EACH ROW EXECUTE FUNCTION syncunit_stamp()",
-            f"CREATE TRIGGER {trig('ad')} AFTER DELETE ON {t}"
+            f"CREATE TRIGGER {ad} AFTER DELETE ON {t}"
             f" FOR EACH ROW EXECUTE FUNCTION syncunit_tombstone({args})",
-            f"CREATE TRIGGER {trig('au')} AFTER UPDATE ON {t} FOR EACH ROW"
+            f"CREATE TRIGGER {au} AFTER UPDATE ON {t} FOR EACH ROW"
             f" WHEN ({moved}) EXECUTE FUNCTION syncunit_tombstone({args})",
-            f"CREATE TRIGGER {trig('tr')} AFTER TRUNCATE ON {t}"
+            f"CREATE TRIGGER {tt} AFTER TRUNCATE ON {t}"
             " FOR EACH STATEMENT EXECUTE FUNCTION syncunit_truncated()",
         ]
 
-    def install(self, schema: SyncSchema) -> None:
-        """Install tracking in one transaction (several server processes may start at
-        once: a lock takes them in turn), then refuse to serve a restored database."""
-        ddl = self.tracking_ddl(schema)
-        with self.write() as conn:
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({INSTALL_LOCK})")
-            for stmt in ddl:
-                conn.exec_driver_sql(stmt)
-        self.check_not_restored()
+    def tracking_intact(self, conn: Connection, tracking: TableTracking) -> bool:
+        """Every trigger present and enabled, the tombstone ones keeping the same columns."""
+        rows = conn.exec_driver_sql(
+            "SELECT tgname, tgenabled, encode(tgargs, 'escape'), tgfoid::regproc::text"
+            " FROM pg_trigger WHERE NOT tgisinternal AND tgrelid = to_regclass(%(t)s)",
+            {"t": self.engine.dialect.identifier_preparer.quote(tracking.table)},
+        ).all()
+        found = {str(r[0]): r for r in rows}
+        stamp, ad, au, tt = _trigger_names(tracking.table)
+        args = "\\000".join((tracking.table, *tracking.image)) + "\\000"
+        want = {
+            stamp: ("syncunit_stamp", ""),
+            ad: ("syncunit_tombstone", args),
+            au: ("syncunit_tombstone", args),
+            tt: ("syncunit_truncated", ""),
+        }
+        return all(
+            name in found
+            and found[name][1] == "O"  # enabled (not 'D', nor only on replicas)
+            and (str(found[name][3]), str(found[name][2])) == expected
+            for name, expected in want.items()
+        )
+
+    def install(self, schema: SyncSchema) -> bool:
+        """Install (or update) tracking, then refuse to serve a restored or copied database."""
+        changed = super().install(schema)
+        self.check_not_restored(record=changed)
+        return changed
 
     # -- a restored database -----------------------------------------------------------
 
-    def check_not_restored(self) -> None:
+    def check_not_restored(self, *, record: bool = False) -> None:
         """Raise ``DatabaseRestored`` if this database is not the one cursors were made on.
 
         A restore (pg_restore into a new database, another cluster) changes the
-        database's identity; a file-level one can leave the watermark below the
-        one recorded at the last start. Either way, ``renew_epoch()`` (the
-        ``syncunit renew-epoch`` command) makes every client re-download.
+        database's identity; one into a new cluster also leaves the watermark
+        below the one recorded at the last install. Either way ``renew_epoch()``
+        (the ``syncunit renew-epoch`` command) makes every client re-download.
+        A start that finds its own database reads and writes nothing; ``record``
+        (after an install changed something) notes the identity and watermark.
         """
-        with self.write() as conn:
+        with self.engine.connect() as conn:
             facts = self.facts(conn)
             identity = str(conn.exec_driver_sql(_IDENTITY_SQL).scalar_one())
             watermark = self.watermark(conn)
-            known, seen = facts.get("identity"), int(facts.get("watermark", "0"))
-            if known is not None and (known != identity or watermark < seen):
-                why = (
-                    "it is another database than the one clients synced with"
-                    if known != identity
-                    else f"its watermark {watermark} is below the {seen} seen before"
-                )
-                raise DatabaseRestored(
-                    f"this database looks restored from a backup or copied: {why}. Serving it"
-                    " would let clients skip or resurrect rows. Run 'syncunit renew-epoch"
-                    " TARGET --database URL' (ServerStore.renew_epoch()) once: every client"
-                    " then re-downloads on its next sync."
-                )
-            self._set_fact(conn, "identity", identity)
-            self._set_fact(conn, "watermark", str(watermark))
+            conn.rollback()
+        known, seen = facts.get("identity"), int(facts.get("watermark", "0"))
+        if known is not None and (known != identity or watermark < seen):
+            why = (
+                "it is another database than the one clients synced with"
+                if known != identity
+                else f"its watermark {watermark} is below the {seen} recorded before"
+            )
+            raise DatabaseRestored(
+                f"this database looks restored from a backup or copied: {why}. Serving it"
+                " would let clients skip or resurrect rows. Run 'syncunit renew-epoch"
+                " TARGET --database URL' (ServerStore.renew_epoch()) once: every client"
+                " then re-downloads on its next sync."
+            )
+        if record or known is None:
+            self._record_identity()
 
-    def renew_epoch(self) -> str:
-        epoch = super().renew_epoch()
+    def _record_identity(self) -> None:
         with self.write() as conn:
             self._set_fact(conn, "identity", str(conn.exec_driver_sql(_IDENTITY_SQL).scalar_one()))
             self._set_fact(conn, "watermark", str(self.watermark(conn)))
+
+    def renew_epoch(self) -> str:
+        epoch = super().renew_epoch()
+        self._record_identity()
         return epoch
 
     # -- pruning ---------------------------------------------------------------------
@@ -364,6 +406,11 @@ class PostgresStore(ServerStore):
             ).first()
         seconds, what = (float(holder[0]), str(holder[1])) if holder else (0.0, None)
         return WatermarkLag(int(row[0]), int(row[1]), seconds, what)
+
+
+def _trigger_names(table: str) -> tuple[str, str, str, str]:
+    """Stamp, after-delete, after-update and truncate triggers of ``table``."""
+    return tuple(f"syncunit_{table}_{s}" for s in ("stamp", "ad", "au", "tr"))  # type: ignore[return-value]
 
 
 def _literal(value: str) -> str:

@@ -248,7 +248,7 @@ class PushApplier:
 
     def _apply(self, principal: Principal, req: SyncRequest, unit: SyncUnit) -> PushResults:
         writable = self.pushable[unit.name]
-        with self.store.write() as conn:
+        with self.store.write(serializable=True) as conn:
             # Read with a row lock: a retry of this request on another server process
             # waits here, then sees this one's last_seq and replays from the log.
             row = conn.execute(

@@ -88,8 +88,8 @@ class SQLiteStore(ServerStore):
     def __init__(self, engine: Engine) -> None:
         super().__init__(configure_engine(engine))
 
-    def write(self) -> Any:
-        return _WriteTxn(self.engine)
+    def write(self, *, serializable: bool = False) -> Any:
+        return _WriteTxn(self.engine)  # writers are serialized: every one is serializable
 
     def watermark(self, conn: Connection) -> int:
         return int(conn.exec_driver_sql(_CURRENT[1:-1]).scalar_one())

@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -239,13 +239,18 @@ class ServerStore(abc.ABC):
 
     @contextmanager
     def snapshot(
-        self, *, replica: bool = False, at_least: int = 0
+        self,
+        *,
+        replica: bool = False,
+        at_least: int = 0,
+        scope: Mapping[str, Any] | None = None,
     ) -> Iterator[tuple[Connection, int]]:
         """A read transaction and the highest version safe to hand out within it.
 
         ``replica``: a read replica may serve it (a store with replicas uses one
         whose watermark has reached ``at_least``, the newest cursor of the
-        request, and the primary otherwise).
+        request, and the primary otherwise). ``scope``: the principal's
+        parameters (a sharded store reads the watermark of the tenant's node).
         """
         with self.engine.connect() as conn, conn.begin():
             yield conn, self.watermark(conn)
@@ -287,8 +292,14 @@ class ServerStore(abc.ABC):
     # -- writing -----------------------------------------------------------------
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction that takes the write lock at once."""
+    def write(self, *, serializable: bool = False) -> Iterator[Connection]:
+        """A write transaction that takes the write lock at once.
+
+        ``serializable``: it reads what it decides on (a push: sequence numbers,
+        business rules), so it must behave as if writers ran one at a time. Where
+        they do (SQLite) every write transaction is; elsewhere it may fail with
+        an error for which ``retryable`` is true, and is then run again.
+        """
         with self.engine.connect() as conn, conn.begin():
             yield conn
 

@@ -24,7 +24,7 @@ def scope_rows(
     reader = StreamReader(store, stream, params, chunk_size=1)
     query = stream.query if stream.mode == "full" else reader.rows_select()
     assert query is not None
-    with store.snapshot() as (conn, _):
+    with store.snapshot(scope=params) as (conn, _):
         rows = conn.execute(query, reader.params).all()
     return [tuple(to_wire(v) for v in row) for row in rows]
 
