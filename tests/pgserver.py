@@ -170,7 +170,8 @@ class PostgresServer:
         replica.datadir = replica.root / "data"
         self.run(
             ["pg_basebackup", "-D", str(replica.datadir), "-h", "127.0.0.1", "-p",
-             str(self.port), "-U", "postgres", "-X", "stream", "-R", "--no-sync"]
+             str(self.port), "-U", "postgres", "-X", "stream", "-R", "--no-sync",
+             "--checkpoint=fast"]
         )  # fmt: skip
         return replica.start()
 
