@@ -76,9 +76,6 @@ def _device_run(args: tuple[str, str, int, int, int, int]) -> list[dict[str, Any
                 c.sync("Login")
                 rec["latency"].append(time.perf_counter() - t)
                 rec["client_id"] = c.client_id
-                rec["local"] = sorted(
-                    r[0] for r in c.store.query('SELECT id FROM "LocalAppointment"')
-                )
         except Exception as exc:  # reported, never dropped
             rec["errors"].append(repr(exc))
 
@@ -88,6 +85,19 @@ def _device_run(args: tuple[str, str, int, int, int, int]) -> list[dict[str, Any
     for t in threads:
         t.join()
     return out
+
+
+def _final_sync(args: tuple[str, str, list[tuple[int, int]]]) -> dict[int, list[str]]:
+    """Once every device has finished: each syncs again and reports what it holds."""
+    url, workdir, devices = args
+    from syncunit.client import SyncClient
+
+    held: dict[int, list[str]] = {}
+    for n, h in devices:
+        with SyncClient(url, Path(workdir) / f"dev{n}.sqlite", token=f"token-h{h}") as c:
+            c.sync("Login")
+            held[n] = sorted(r[0] for r in c.store.query('SELECT id FROM "LocalAppointment"'))
+    return held
 
 
 def _tree_cpu(root: int) -> float:
@@ -175,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         server_cpu = _tree_cpu(server.pid) - cpu0[0]
         db_cpu = (_tree_cpu(db_root) - cpu0[1]) if db_root else 0.0
+        # The load is over: every device syncs once more, then must equal the server.
+        parts = [
+            [(d["n"], d["hospital"]) for d in devices[k :: len(jobs)]] for k in range(len(jobs))
+        ]
+        with mp.get_context("spawn").Pool(len(jobs)) as pool:
+            for held in pool.map(_final_sync, [(base, str(work), p) for p in parts]):
+                for d in devices:
+                    if d["n"] in held:
+                        d["local"] = held[d["n"]]
     finally:
         server.terminate()
         server.wait(30)

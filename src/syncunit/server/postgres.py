@@ -52,6 +52,8 @@ _IDENTITY_SQL = (
 )
 #: The advisory lock that serializes installs (any constant; "sync" in ASCII).
 INSTALL_LOCK = 0x73796E63
+#: The advisory lock a push retried several times takes: such pushes run one at a time.
+PUSH_LOCK = 0x73796E64
 #: Tombstones deleted per transaction when pruning (short transactions, small locks).
 PRUNE_BATCH = 5000
 
@@ -178,6 +180,9 @@ class PostgresStore(ServerStore):
             conn = conn.execution_options(isolation_level=level)
             with conn.begin():
                 yield conn
+
+    def take_turns(self, conn: Connection) -> None:
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PUSH_LOCK})")
 
     def retryable(self, exc: BaseException) -> bool:
         orig = getattr(exc, "orig", None)

@@ -156,8 +156,10 @@ def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
     return value
 
 
-#: Attempts of a push whose transaction lost a serialization race (PostgreSQL).
-ATTEMPTS = 12
+#: Attempts of a push whose transaction lost a serialization race (PostgreSQL), and the
+#: attempt from which it waits for its turn among the pushes retried as often.
+ATTEMPTS = 30
+TAKE_TURNS = 4
 
 KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
 
@@ -229,26 +231,35 @@ class PushApplier:
         """Apply ``req.mutations`` pushed through ``unit`` in one transaction.
 
         Returns one result per mutation. The principal must be allowed ``unit``;
-        a mutation of a table the unit does not push is rejected. A transaction
-        that lost a race the database cannot serialize (another server process
-        pushed for the same client, or wrote what a rule read) is run again from
-        the start, up to ``ATTEMPTS`` times.
+        a mutation of a table the unit does not push is rejected.
+
+        A transaction that lost a race the database cannot serialize (another
+        server process pushed for the same client, or wrote what a rule read) is
+        run again from the start, after a growing random pause; from the
+        ``TAKE_TURNS``-th attempt on it first waits for its turn among the pushes
+        that were retried as often (``ServerStore.take_turns``), so a busy moment
+        cannot starve one push. After ``ATTEMPTS`` the error goes to the client,
+        which retries the request later.
         """
         self.authorize(principal, unit)
         check_mutations(req.mutations, self.limits)
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                return self._apply(principal, req, unit)
+                return self._apply(principal, req, unit, take_turns=attempt >= TAKE_TURNS)
             except sa.exc.DBAPIError as exc:
                 if attempt == ATTEMPTS or not self.store.retryable(exc):
                     raise
                 log.info("push of %s lost a race (attempt %d); retrying", req.client_id, attempt)
-                time.sleep(random.uniform(0, 0.005 * attempt))
+                time.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _apply(self, principal: Principal, req: SyncRequest, unit: SyncUnit) -> PushResults:
+    def _apply(
+        self, principal: Principal, req: SyncRequest, unit: SyncUnit, *, take_turns: bool
+    ) -> PushResults:
         writable = self.pushable[unit.name]
         with self.store.write(serializable=True) as conn:
+            if take_turns:
+                self.store.take_turns(conn)
             # Read with a row lock: a retry of this request on another server process
             # waits here, then sees this one's last_seq and replays from the log.
             row = conn.execute(

@@ -308,6 +308,12 @@ class ServerStore(abc.ABC):
         serialized (SQLite), so nothing can."""
         return None
 
+    def take_turns(self, conn: Connection) -> None:
+        """Wait until no other transaction that called this is running (a push that
+        lost several races runs alone among such pushes); no-op where writers
+        already take turns."""
+        return None
+
     def retryable(self, exc: BaseException) -> bool:
         """Whether a write transaction that raised ``exc`` may simply be run again
         (it lost a serialization race or a deadlock; nothing of it was kept)."""
