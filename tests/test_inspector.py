@@ -324,7 +324,12 @@ def test_the_page_in_a_browser(
     ward_login = unit_row(ward, "Login")
     assert ward_login[0] == ward.client_id
     assert ward_login[4] == "ok"
-    assert ward_login[6] == "2"  # behind by its own booking, pushed since, and a rename
+    # Behind by its own booking, pushed since, and a rename. (PostgreSQL's versions are
+    # transaction ids: every transaction in the cluster counts, the refused booking too.)
+    if plain_sql.backend == "sqlite":
+        assert ward_login[6] == "2"
+    else:
+        assert int(ward_login[6]) >= 2
     assert unit_row(lab, "Login")[6] == "0"  # synced after the rename
     assert unit_row(ward, "Splash")[6] == "\u2014"  # a full stream: no lag
     problems = chrome.find_elements(By.CSS_SELECTOR, "#problems tbody tr[data-status]")

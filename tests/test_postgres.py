@@ -429,3 +429,25 @@ def test_many_devices_pushing_to_one_doctor_at_once_all_apply(server, store, ser
     with store.engine.connect() as conn:
         q = "SELECT count(*) FROM appointment WHERE starts_at >= '2033-01-01' AND doctor_id = 1"
         assert conn.execute(sa.text(q)).scalar_one() == 24
+
+
+def test_a_first_copy_streams_through_a_server_side_cursor(server, store):
+    """The rows of a first copy are fetched chunk by chunk from a cursor on the server,
+    never loaded whole into the server process."""
+    from hospital.units import appointments
+
+    from syncunit.server.changes import StreamReader
+
+    reader = StreamReader(store, appointments, {"hospital_id": 1}, chunk_size=16)
+    with store.snapshot() as (conn, watermark):
+        epoch, horizon = store.epoch_and_horizon(conn)
+        frames = reader.frames(conn, watermark, epoch, horizon, None)
+        try:
+            start, first = next(frames), next(frames)
+            assert start.total == 200
+            assert len(first.data[0]) == 16
+            open_cursors = conn.exec_driver_sql("SELECT count(*) FROM pg_cursors").scalar_one()
+            assert open_cursors == 1
+        finally:
+            frames.close()
+        assert conn.exec_driver_sql("SELECT count(*) FROM pg_cursors").scalar_one() == 0
