@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+import sqlalchemy as sa
 import zstandard
 
 from syncunit.protocol import JSON, MSGPACK, PROBLEM, End, Mutation, PushResults, StreamStart
@@ -247,7 +248,7 @@ def _big(store: Any) -> None:
 
     generate(store.engine, appointments=4000, hospitals=2, doctors=10, patients=200)
     with store.engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE appointment SET notes = hex(zeroblob(1500))")
+        conn.execute(sa.text("UPDATE appointment SET notes = :n"), {"n": "0" * 3000})
 
 
 def test_readers_that_stall_hold_no_database_connection(make_server, serve, store):

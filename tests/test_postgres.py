@@ -340,20 +340,24 @@ def test_truncate_resets_the_tables_streams(live, store, client, plain_sql, in_s
 
 
 def test_an_open_transaction_holds_the_watermark_and_shows_as_lag(server, store, server_db_url):
+    """(The cluster is shared: other transactions may come and go; ours is held open.)"""
     assert isinstance(store, PostgresStore)
-    before = store.watermark_lag()
-    assert before.holder is None
-    with open_writer(server_db_url, _row("held")):
+    with open_writer(server_db_url, _row("held")) as a:
+        row = a.execute("SELECT pg_current_xact_id()::text").fetchone()
+        assert row is not None
+        xid = int(row[0])
         time.sleep(0.05)
         _write(server_db_url, _row("after", minute=3))
         lag = store.watermark_lag()
+        assert lag.watermark < xid  # held below the open writer
         assert lag.holder is not None
-        assert "INSERT INTO appointment" in lag.holder
         assert lag.seconds >= 0.05
         assert lag.transactions >= 2
-        assert store.current_version() == lag.watermark < before.watermark + 3
-    assert store.watermark_lag().holder is None
-    assert store.current_version() > lag.watermark
+        assert store.current_version() < xid
+    deadline = time.monotonic() + 30
+    while store.current_version() < xid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.current_version() >= xid  # released when it ended
 
 
 def test_pruning_deletes_in_small_batches_after_raising_the_horizon(
