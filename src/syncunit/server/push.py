@@ -409,8 +409,12 @@ class PushApplier:
             try:
                 self._write(conn, stream, principal, m)
             except (Rejected, ConflictFound, sa.exc.SQLAlchemyError) as exc:
-                if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-                    raise  # the transaction is gone: the whole request fails, and is retried
+                if isinstance(exc, sa.exc.DBAPIError) and (
+                    exc.connection_invalidated or self.store.retryable(exc)
+                ):
+                    # The transaction is gone (or, a serialization failure on PostgreSQL,
+                    # doomed): the whole request fails here, and ``apply`` runs it again.
+                    raise
                 savepoint.rollback()
                 status: Literal["rejected", "conflict"]
                 if isinstance(exc, Rejected):
