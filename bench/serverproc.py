@@ -37,8 +37,16 @@ def cpu_seconds(pid: int) -> float:
 class ServerProcess:
     """A server subprocess on a free port; a context manager."""
 
-    def __init__(self, db: Path, *, log: Path | None = None, snapshots: Path | None = None) -> None:
+    def __init__(
+        self,
+        db: Path,
+        *,
+        log: Path | None = None,
+        snapshots: Path | None = None,
+        url: str | None = None,
+    ) -> None:
         self.db = db
+        self.database_url = url  # another database than the SQLite file ``db`` (PostgreSQL)
         self.snapshots = snapshots  # serve prebuilt first copies for the bench's user
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -56,6 +64,7 @@ class ServerProcess:
             "--port",
             str(self.port),
             *(["--snapshots", str(self.snapshots)] if self.snapshots else []),
+            *(["--url", self.database_url] if self.database_url else []),
         ]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -110,12 +119,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--snapshots", type=Path, help="build and serve snapshot files here")
+    parser.add_argument("--url", help="serve this database instead of --db (PostgreSQL)")
     args = parser.parse_args(argv)
     ensure_paths()
     import uvicorn
     from hospital.server import build
 
-    if args.snapshots is None:
+    if args.url is not None:
+        server = build(args.url)
+    elif args.snapshots is None:
         server = build(f"sqlite:///{args.db}")
     else:
         # Built before serving, for the bench's user: a server that has been up a
