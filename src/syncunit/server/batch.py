@@ -104,7 +104,7 @@ def _write_and_check(
     rows: list[dict[str, Any]],
 ) -> bool:
     st = applier._statements(s)
-    conn.execute(st.insert, rows)
+    applier.store.insert_new_rows(conn, s.base, rows)
     params = applier._scope_params(s, principal)
     scoped = conn.execute(st.scope_keys, {**params, "keys": keys}).all()
     if len(scoped) != len(keys):

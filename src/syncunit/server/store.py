@@ -281,6 +281,18 @@ class ServerStore(abc.ABC):
     def insert_new(self, table: sa.Table) -> sa.Insert:
         """An INSERT that does nothing (rowcount 0) when the primary key exists."""
 
+    def insert_new_rows(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` (new keys, checked absent) as one statement, tracked as the
+        triggers would track them; raises the database's error (IntegrityError) if one
+        cannot be inserted, and then leaves nothing of them behind in the caller's
+        savepoint.
+
+        By default the triggers track each row. A store may instead stamp the rows
+        itself, set-based, inside the engine's own write transaction (see the SQLite
+        and PostgreSQL stores): the result must be what the triggers would have written.
+        """
+        conn.execute(table.insert(), rows)
+
     @abc.abstractmethod
     def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         """The largest of several (nullable) integers."""
