@@ -153,9 +153,7 @@ class SQLiteStore(ServerStore):
             f" RETURNING version, {_NOW}"
         ).one()
         first = int(top) - n + 1
-        stamped = [
-            {**r, VERSION: first + i, CREATED_AT: now, UPDATED_AT: now} for i, r in enumerate(rows)
-        ]
+        insert, params = _stamped_rows(self.engine.dialect, table, rows, first, str(now))
         names = [f"syncunit_{table.name}_{suffix}" for suffix in _INSERT_SUFFIXES]
         triggers = conn.exec_driver_sql(
             "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?"
@@ -165,7 +163,10 @@ class SQLiteStore(ServerStore):
         q = self.engine.dialect.identifier_preparer.quote
         for name, _ in triggers:
             conn.exec_driver_sql(f"DROP TRIGGER {q(name)}")
-        conn.execute(_stamped_insert(table), stamped)
+        if params is None:
+            conn.execute(insert, _with_stamps(rows, first, str(now)))
+        else:
+            conn.exec_driver_sql(insert, params)  # type: ignore[arg-type]
         for _, sql in triggers:
             conn.exec_driver_sql(sql)
 
@@ -311,6 +312,34 @@ def _stamped_insert(table: sa.Table) -> sa.Insert:
                 tracked.append_column(sa.Column(name, kind))
         stmt = _inserts[table] = tracked.insert()
     return stmt
+
+
+def _with_stamps(rows: list[dict[str, Any]], first: int, now: str) -> list[dict[str, Any]]:
+    return [{**r, VERSION: first + i, CREATED_AT: now, UPDATED_AT: now} for i, r in enumerate(rows)]
+
+
+def _stamped_rows(
+    dialect: sa.Dialect, table: sa.Table, rows: list[dict[str, Any]], first: int, now: str
+) -> tuple[Any, list[tuple[Any, ...]] | None]:
+    """The stamped insert as driver SQL and parameter tuples, each value processed by
+    its column type as SQLAlchemy would; SQLAlchemy's own statement (and None) when a
+    column the rows leave out has a default SQLAlchemy fills in."""
+    names = list(rows[0])
+    given = set(names)
+    if any(c.default is not None for c in table.columns if c.name not in given):
+        return _stamped_insert(table), None
+    procs = [table.c[n].type._cached_bind_processor(dialect) for n in names]
+    q = dialect.identifier_preparer.quote
+    columns = [*names, *TRACKING_COLUMNS]
+    sql = (
+        f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in columns)})"
+        f" VALUES ({', '.join('?' * len(columns))})"
+    )
+    params: list[tuple[Any, ...]] = []
+    for i, r in enumerate(rows):
+        values = [r[n] if p is None else p(r[n]) for n, p in zip(names, procs, strict=True)]
+        params.append((*values, first + i, now, now))
+    return sql, params
 
 
 def _json_path(column: sa.Column[Any]) -> sa.sql.elements.TextClause:
