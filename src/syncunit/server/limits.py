@@ -114,32 +114,64 @@ def check_mutations(mutations: list[Mutation], limits: Limits) -> None:
             "too-many-mutations",
             f"{len(mutations)} mutations; the limit is {limits.max_mutations}",
         )
+    max_name, max_columns = limits.max_name_length, limits.max_columns
+    # A string of at most this many characters fits whatever it holds (4 bytes a character).
+    short = limits.max_field_bytes // 4
     for i, m in enumerate(mutations):
-        where = f"mutation {i} (seq {shorten(m.seq, 24)})"
-        if not INT64_MIN <= m.seq <= INT64_MAX:
-            raise ProblemException("invalid-request", f"{where}: seq is not a 64-bit integer")
-        for label, name in (("id", m.id), ("table", m.table)):
+        # The common case first, in one pass with no message built: names short enough,
+        # values that are short strings, 64-bit integers, floats, booleans or None.
+        if (
+            INT64_MIN <= m.seq <= INT64_MAX
+            and len(m.id) <= max_name
+            and len(m.table) <= max_name
+            and len(m.values) <= max_columns
+            and len(m.base) <= max_columns
+            and len(m.changed) <= max_columns
+            and all(len(n) <= max_name for n in m.changed)
+            and _plain(m.key, short)
+            and all(len(n) <= max_name and _plain(v, short) for n, v in m.values.items())
+            and all(len(n) <= max_name and _plain(v, short) for n, v in m.base.items())
+        ):
+            continue
+        _check_mutation(i, m, limits)
+
+
+def _plain(v: Any, short: int) -> bool:
+    """A value that passes every limit for sure (False: look closer)."""
+    t = type(v)
+    if t is str:
+        return len(v) <= short
+    if t is int:
+        return INT64_MIN <= v <= INT64_MAX
+    return v is None or t is float or t is bool
+
+
+def _check_mutation(i: int, m: Mutation, limits: Limits) -> None:
+    where = f"mutation {i} (seq {shorten(m.seq, 24)})"
+    if not INT64_MIN <= m.seq <= INT64_MAX:
+        raise ProblemException("invalid-request", f"{where}: seq is not a 64-bit integer")
+    for label, name in (("id", m.id), ("table", m.table)):
+        if len(name) > limits.max_name_length:
+            raise ProblemException(
+                "field-too-large",
+                f"{where}: {label} holds at most {limits.max_name_length} characters",
+            )
+    for label, columns in (("values", m.values), ("base", m.base), ("changed", m.changed)):
+        if len(columns) > limits.max_columns:
+            raise ProblemException(
+                "field-too-large",
+                f"{where}: {label} holds at most {limits.max_columns} columns",
+            )
+        for name in columns:
             if len(name) > limits.max_name_length:
                 raise ProblemException(
                     "field-too-large",
-                    f"{where}: {label} holds at most {limits.max_name_length} characters",
+                    f"{where}: column names hold at most {limits.max_name_length} characters",
                 )
-        for label, columns in (("values", m.values), ("base", m.base), ("changed", m.changed)):
-            if len(columns) > limits.max_columns:
-                raise ProblemException(
-                    "field-too-large",
-                    f"{where}: {label} holds at most {limits.max_columns} columns",
-                )
-            for name in columns:
-                if len(name) > limits.max_name_length:
-                    raise ProblemException(
-                        "field-too-large",
-                        f"{where}: column names hold at most {limits.max_name_length} characters",
-                    )
-        _check_value(m.key, limits, f"{where}: key")
-        for label, values in (("values", m.values), ("base", m.base)):
-            for name, value in values.items():
-                _check_value(value, limits, f"{where}: {label}[{shorten(name, 40)}]")
+    _check_value(m.key, limits, f"{where}: key")
+    for label, values in (("values", m.values), ("base", m.base)):
+        for name, value in values.items():
+            _check_value(value, limits, f"{where}: {label}[{shorten(name, 40)}]")
 
 
 def _check_value(value: Any, limits: Limits, where: str) -> None:
