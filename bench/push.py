@@ -88,9 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = os.getloadavg()[0]
     backend = "postgresql" if args.postgres else "sqlite"
     if rates:
+        cpu = [r["server_cpu_s"] for r in runs], [r["client_cpu_s"] for r in runs]
         print(
             f"{backend}: median {statistics.median(rates):,.0f} mutations/s over {len(rates)}"
-            f" runs ({', '.join(f'{r:,.0f}' for r in rates)}); load average {load:.2f}"
+            f" runs ({', '.join(f'{r:,.0f}' for r in rates)}); CPU seconds median: server"
+            f" {statistics.median(cpu[0])}, client {statistics.median(cpu[1])};"
+            f" load average {load:.2f}"
         )
     return 0 if len(rates) == args.runs else 1
 

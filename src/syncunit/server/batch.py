@@ -109,7 +109,8 @@ def _write_and_check(
     scoped = conn.execute(st.scope_keys, {**params, "keys": keys}).all()
     if len(scoped) != len(keys):
         return False
-    full = [{c.name: None for c in s.base.columns} | r for r in rows]
+    blank = dict.fromkeys(c.name for c in s.base.columns)
+    full = [{**blank, **r} for r in rows]
     batch = BatchContext(
         conn=conn,
         table=s.local_table,

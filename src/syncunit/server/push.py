@@ -288,20 +288,35 @@ class PushApplier:
             self._check_sequence(req.mutations, last)
             results: list[MutationResult] = []
             logged: list[dict[str, Any]] = []
-            batched = tried = 0  # index below which a batch was written / was tried
-            for i, m in enumerate(req.mutations):
+            mutations = req.mutations
+            tried = 0  # index below which a batch was tried (and failed: one by one)
+            i = 0
+            while i < len(mutations):
+                m = mutations[i]
                 if m.seq <= last:
                     results.append(self._replay(conn, req.client_id, m))
+                    i += 1
                     continue
                 if i >= tried:
-                    run = self._insert_run(req.mutations, i, writable)
+                    run = self._insert_run(mutations, i, writable)
                     tried = i + max(1, len(run[1]) if run else 1)
                     if run is not None and write_batch(self, conn, principal, *run):
-                        batched = tried
-                if i < batched:
-                    result = MutationResult(seq=m.seq, id=m.id, status="applied")
-                else:
-                    result = self._apply_one(conn, principal, m, unit.name, writable)
+                        # The whole run applied: its results and log rows in one go.
+                        done = [MutationResult(seq=x.seq, id=x.id, status="applied") for x in run[1]]
+                        results += done
+                        logged += [
+                            {
+                                "client_id": req.client_id,
+                                "seq": r.seq,
+                                "mutation_id": r.id,
+                                "result": _result_enc.encode(r),
+                            }
+                            for r in done
+                        ]
+                        last = done[-1].seq
+                        i = tried
+                        continue
+                result = self._apply_one(conn, principal, m, unit.name, writable)
                 logged.append(
                     {
                         "client_id": req.client_id,
@@ -312,6 +327,7 @@ class PushApplier:
                 )
                 results.append(result)
                 last = m.seq
+                i += 1
             if logged:
                 conn.execute(mutation_log.insert(), logged)
             conn.execute(
