@@ -51,7 +51,13 @@ def _pg_database(url: str, rows: int) -> str:
             server.store.engine.dispose()
         conn.execute(f"DROP DATABASE IF EXISTS {_RUN} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {_RUN} TEMPLATE {_SOURCE}")
-    return base.set(database=_RUN).render_as_string(hide_password=False)
+    run = base.set(database=_RUN).render_as_string(hide_password=False)
+    from syncunit.server.postgres import PostgresStore
+
+    store = PostgresStore.from_url(run)
+    store.renew_epoch()  # a copy: the server refuses it until told it is a new one
+    store.engine.dispose()
+    return run
 
 
 def run_once(rows: int, mutations: int, postgres: str | None) -> dict[str, Any]:
