@@ -1,0 +1,213 @@
+"""Rows a batched push inserts are tracked exactly as the triggers would track them.
+
+The batch writes its new rows with one statement and stamps them itself
+(``ServerStore.insert_new_rows``): on SQLite the clock is bumped once for the
+batch and the insert triggers are set aside for that statement, inside the
+push's write transaction. These tests check that nothing leaks from that: the
+stamps are the triggers' stamps, every other writer is still tracked after a
+push (and after a push whose batch failed midway), and other devices get the
+pushed rows, also with a cursor taken while the push was running.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import syncunit.server.push as push_module
+from syncunit.client import SyncClient
+from syncunit.protocol import Mutation, MutationResult, SyncRequest
+from syncunit.server import Principal, SyncServer
+from syncunit.server.batch import write_batch
+from syncunit.server.migrations import table_tracking
+from syncunit.server.store import ServerStore
+
+STAFF = Principal("staff:1", {"hospital_id": 1})
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+appointment = sa.table(
+    "appointment",
+    sa.column("id"),
+    sa.column("doctor_id"),
+    sa.column("patient_id"),
+    sa.column("syncunit_version"),
+    sa.column("syncunit_created_at"),
+    sa.column("syncunit_updated_at"),
+)
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each ``write_batch`` call answered (True: the batch was written)."""
+    answers: list[bool] = []
+
+    def spy(*args: Any) -> bool:
+        ok = write_batch(*args)
+        answers.append(ok)
+        return ok
+
+    monkeypatch.setattr(push_module, "write_batch", spy)
+    return answers
+
+
+def _doctor(store: ServerStore) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT min(id) FROM doctor WHERE hospital_id = 1")).one()[0])
+
+
+def _bookings(store: ServerStore, first: int, count: int, **override: Any) -> list[Mutation]:
+    doctor, start = _doctor(store), dt.datetime(2034, 3, 1, 8, 0)
+    out = []
+    for seq in range(first, first + count):
+        at = start + dt.timedelta(minutes=30 * seq)
+        row = {
+            "id": f"bulk-{seq:04}",
+            "doctor_id": doctor,
+            "patient_id": 1,
+            "starts_at": at.isoformat(),
+            "ends_at": (at + dt.timedelta(minutes=30)).isoformat(),
+            "status": "booked",
+            "room": "R1",
+            "notes": "",
+        }
+        row.update(override.get(str(seq), {}))
+        out.append(Mutation(seq, f"m{seq}", "LocalAppointment", row["id"], "insert", row))
+    return out
+
+
+def _push(server: SyncServer, mutations: list[Mutation]) -> list[MutationResult]:
+    req = SyncRequest(protocol=1, client_id="tablet", mutations=mutations)
+    return server.pusher.apply(STAFF, req, server.schema.units["SendAppointments"]).results
+
+
+def _stamps(store: ServerStore, prefix: str = "bulk-") -> list[tuple[str, int, str, str]]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                appointment.c.id,
+                appointment.c.syncunit_version,
+                appointment.c.syncunit_created_at,
+                appointment.c.syncunit_updated_at,
+            )
+            .where(appointment.c.id.like(prefix + "%"))
+            .order_by(appointment.c.id)
+        )
+        return [(str(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+
+def _intact(server: SyncServer) -> bool:
+    store = server.store
+    with store.engine.connect() as conn:
+        table = next(t for t in server.schema.tracked_tables() if t.name == "appointment")
+        return store.tracking_intact(conn, table_tracking(store, server.schema, table, conn))
+
+
+def _foreign_insert(store: ServerStore, key: str, version: int | None = None) -> None:
+    """Another writer (an admin tool, a second app) inserts a row with plain SQL."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO appointment (id, doctor_id, patient_id, starts_at, ends_at, status,"
+                " room, notes, syncunit_version) VALUES (:id, :doctor, 1, :at, :at, 'booked',"
+                " 'R9', '', :version)"
+            ),
+            {"id": key, "doctor": _doctor(store), "at": dt.datetime(2035, 1, 1), "version": version},
+        )
+
+
+def test_a_batch_stamps_its_rows_as_the_triggers_would(server, store, batches):
+    before = store.current_version()
+
+    results = _push(server, _bookings(store, 1, 40))
+
+    assert [r.status for r in results] == ["applied"] * 40
+    assert batches == [True]
+    stamps = _stamps(store)
+    versions = [v for _, v, _, _ in stamps]
+    after = store.current_version()
+    assert all(before < v for v in versions)
+    if store.dialect == "sqlite":
+        # One clock tick per row, in push order, the last one the clock: as the triggers do.
+        assert versions == list(range(before + 1, before + 41))
+        assert after == versions[-1]
+    assert all(STAMP.match(c) and c == u for _, _, c, u in stamps)
+    assert _intact(server)
+
+
+def test_other_writers_are_tracked_after_a_batched_push(server, store, batches):
+    _push(server, _bookings(store, 1, 20))
+    pushed = max(v for _, v, _, _ in _stamps(store))
+
+    _foreign_insert(store, "foreign-new")
+    _foreign_insert(store, "foreign-stale", version=1)  # an ORM writing an old version
+
+    assert batches == [True]
+    foreign = _stamps(store, "foreign-")
+    assert len(foreign) == 2
+    assert all(v > pushed and STAMP.match(c) for _, v, c, _ in foreign)
+    assert _intact(server)
+
+
+def test_a_batch_that_fails_midway_leaves_tracking_whole(server, store, batches):
+    # The 7th row names a patient that does not exist: the batch's insert fails on it
+    # after six rows went in, and the push goes one by one.
+    mutations = _bookings(store, 1, 12, **{"7": {"patient_id": 10**6}})
+    before = store.current_version()
+
+    results = _push(server, mutations)
+
+    assert batches == [False]
+    assert [r.status for r in results] == ["applied"] * 6 + ["rejected"] + ["applied"] * 5
+    assert results[6].code == "constraint"
+    stamps = _stamps(store)
+    assert [k for k, _, _, _ in stamps] == [m.key for m in mutations if m.seq != 7]
+    assert all(v > before for _, v, _, _ in stamps)
+    if store.dialect == "sqlite":
+        assert len({v for _, v, _, _ in stamps}) == 11  # stamped one by one by the triggers
+    assert _intact(server)
+    _foreign_insert(store, "foreign-after")
+    assert [v > before for _, v, _, _ in _stamps(store, "foreign-")] == [True]
+
+
+def test_bulk_rows_reach_a_device_that_took_its_cursor_during_the_push(
+    server: SyncServer,
+    store: ServerStore,
+    make_client: Callable[..., SyncClient],
+    batches: list[bool],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reader = make_client(name="reader")
+    reader.sync("Login")
+    during: list[int] = []
+    real = store.insert_new_rows
+
+    def insert_then_sync(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        real(conn, table, rows)
+        # The rows are written, not committed: another device syncs now, from another
+        # thread and connection, and takes its cursor then.
+        worker = threading.Thread(target=lambda: during.append(reader.sync("Login").total_in))
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive()
+
+    monkeypatch.setattr(store, "insert_new_rows", insert_then_sync)
+    mutations = _bookings(store, 1, 30)
+    _push(server, mutations)
+    monkeypatch.undo()
+
+    assert batches == [True]
+    assert during == [0]  # nothing uncommitted was seen
+    reader.sync("Login")
+    with reader.store.atomic() as c:
+        got = {
+            r[0]: r[1]
+            for r in c.execute(
+                "SELECT id, patient_id FROM \"LocalAppointment\" WHERE id LIKE 'bulk-%'"
+            )
+        }
+    assert got == {m.key: 1 for m in mutations}
