@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,7 @@ DDL = [
 
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _ID = "lower(hex(randomblob(16)))"
+_KEYS_PER_QUERY = 500  # keys bound in one IN (...) (SQLite allows 32,766 parameters)
 _ACTIVE = "(SELECT applying FROM syncunit_state WHERE id = 1) = 0"
 _mut_enc = msgspec.msgpack.Encoder()
 _mut_dec = msgspec.msgpack.Decoder(Mutation)
@@ -273,12 +274,20 @@ class Outbox:
             fresh: list[Mutation] = []
             numbered: list[tuple[int, bytes, int]] = []
             names: dict[str, list[str]] = {}
+            writable: dict[str, set[str]] = {}
+            current = self._current_rows(rows, by_table, names)
             for oid, mid, table, key, op, changed, base in rows:
                 s = by_table[table]
-                if table not in names:
-                    cur = conn.execute(f"SELECT * FROM {_q(table)} LIMIT 0")
-                    names[table] = [d[0] for d in cur.description]
-                m = self._mutation(s, names[table], next_seq, mid, key, op, changed, base)
+                if table not in writable:
+                    writable[table] = {c.name for c in s.columns if c.writable}
+                row = current[table].get(key)
+                if row is None and op != "delete":  # a key stored in another type: one look
+                    row = conn.execute(
+                        f"SELECT * FROM {_q(table)} WHERE {_q(s.key)} = ?", (key,)
+                    ).fetchone()
+                m = self._mutation(
+                    s, names[table], writable[table], row, next_seq, mid, key, op, changed, base
+                )
                 numbered.append((next_seq, _mut_enc.encode(m), oid))
                 fresh.append(m)
                 next_seq += 1
@@ -288,10 +297,43 @@ class Outbox:
             conn.execute("UPDATE syncunit_state SET next_seq = ? WHERE id = 1", (next_seq,))
         return in_flight + fresh
 
+    def _current_rows(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        by_table: Mapping[str, StreamInfo],
+        names: dict[str, list[str]],
+    ) -> dict[str, dict[Any, tuple[Any, ...]]]:
+        """Per table, the local rows of the outbox entries ``rows``, by key, read in a
+        few queries (fills ``names`` with each table's column names)."""
+        conn = self.store.conn
+        keys: dict[str, list[Any]] = {}
+        for _, _, table, key, op, _, _ in rows:
+            keys.setdefault(table, [])
+            if op != "delete":
+                keys[table].append(key)
+        out: dict[str, dict[Any, tuple[Any, ...]]] = {}
+        for table, wanted in keys.items():
+            s = by_table[table]
+            cur = conn.execute(f"SELECT * FROM {_q(table)} LIMIT 0")
+            names[table] = [d[0] for d in cur.description]
+            at = names[table].index(s.key)
+            found: dict[Any, tuple[Any, ...]] = {}
+            for i in range(0, len(wanted), _KEYS_PER_QUERY):
+                part = wanted[i : i + _KEYS_PER_QUERY]
+                marks = ",".join("?" * len(part))
+                for row in conn.execute(
+                    f"SELECT * FROM {_q(table)} WHERE {_q(s.key)} IN ({marks})", part
+                ):
+                    found[row[at]] = row
+            out[table] = found
+        return out
+
     def _mutation(
         self,
         s: StreamInfo,
         names: list[str],
+        writable: set[str],
+        row: tuple[Any, ...] | None,
         seq: int,
         mid: str,
         key: Any,
@@ -299,16 +341,12 @@ class Outbox:
         changed: str,
         base: str,
     ) -> Mutation:
-        writable = {c.name for c in s.columns if c.writable}
         base_all = _loads(base) if base != "{}" else {}  # an insert has no base
         base_vals = {c: v for c, v in base_all.items() if c in writable}
         if op == "delete":
             return Mutation(
                 seq=seq, id=mid, table=s.local_table, key=key, op="delete", base=base_vals
             )
-        row = self.store.conn.execute(
-            f"SELECT * FROM {_q(s.local_table)} WHERE {_q(s.key)} = ?", (key,)
-        ).fetchone()
         if row is None:  # cannot happen with the triggers in place; keep the change visible
             raise LocalStoreError(f"outbox entry for {s.local_table} {key!r} has no local row")
         current = dict(zip(names, row, strict=True))
