@@ -62,12 +62,24 @@ def write_batch(
     pk = s.key_column
     keys: list[Any] = []
     rows: list[dict[str, Any]] = []
+    # Per set of column names (one, as a rule): the writable columns they name, resolved
+    # once. A name ``_map`` would refuse, and any NULL (a default may apply), goes
+    # through ``_map`` itself.
+    plans: dict[tuple[str, ...], list[tuple[str, sa.Column[Any]]] | None] = {}
     try:
         for m in mutations:
             key = coerce(m.key, pk, s.key)
             if key is None:
                 return False
-            changes = applier._map(s, m, list(m.values))
+            values = m.values
+            names = tuple(values)
+            plan = plans.get(names, ())
+            if plan == ():
+                plan = plans[names] = _plan(s, names)
+            if plan is None or None in values.values() or values.get(s.key, m.key) != m.key:
+                changes = applier._map(s, m, list(names))
+            else:
+                changes = {c.name: coerce(values[n], c, n) for n, c in plan}
             keys.append(key)
             rows.append({**changes, pk.name: key})
     except Rejected:
@@ -93,6 +105,20 @@ def write_batch(
     else:
         savepoint.rollback()
     return ok
+
+
+def _plan(s: Stream, names: tuple[str, ...]) -> list[tuple[str, sa.Column[Any]]] | None:
+    """The base column of each local column in ``names`` but the key; None if one is
+    unknown or read-only (``_map`` then says why)."""
+    plan = []
+    for name in names:
+        if name == s.key:
+            continue
+        column = s.writable(name) if name in s.columns else None
+        if column is None:
+            return None
+        plan.append((name, column))
+    return plan
 
 
 def _write_and_check(
