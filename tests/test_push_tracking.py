@@ -57,7 +57,9 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 def _doctor(store: ServerStore) -> int:
     with store.engine.connect() as conn:
-        return int(conn.execute(sa.text("SELECT min(id) FROM doctor WHERE hospital_id = 1")).one()[0])
+        return int(
+            conn.execute(sa.text("SELECT min(id) FROM doctor WHERE hospital_id = 1")).one()[0]
+        )
 
 
 def _bookings(store: ServerStore, first: int, count: int, **override: Any) -> list[Mutation]:
@@ -116,7 +118,12 @@ def _foreign_insert(store: ServerStore, key: str, version: int | None = None) ->
                 " room, notes, syncunit_version) VALUES (:id, :doctor, 1, :at, :at, 'booked',"
                 " 'R9', '', :version)"
             ),
-            {"id": key, "doctor": _doctor(store), "at": dt.datetime(2035, 1, 1), "version": version},
+            {
+                "id": key,
+                "doctor": _doctor(store),
+                "at": dt.datetime(2035, 1, 1),
+                "version": version,
+            },
         )
 
 

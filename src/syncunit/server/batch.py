@@ -18,6 +18,7 @@ faster way to reach the same "applied" for all.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ from sqlalchemy.engine import Connection
 from syncunit.policies import BatchContext, set_check_of
 from syncunit.protocol import Mutation
 from syncunit.server.auth import Principal
-from syncunit.units import Stream
+from syncunit.units import Stream, logical_type
 
 if TYPE_CHECKING:
     from syncunit.server.push import PushApplier
@@ -57,33 +58,17 @@ def write_batch(
 
     On False nothing of the batch remains written.
     """
-    from syncunit.server.push import Rejected, _Savepoint, coerce
+    from syncunit.server.push import Rejected, _Savepoint
 
-    pk = s.key_column
-    keys: list[Any] = []
-    rows: list[dict[str, Any]] = []
-    # Per set of column names (one, as a rule): the writable columns they name, resolved
-    # once. A name ``_map`` would refuse, and any NULL (a default may apply), goes
-    # through ``_map`` itself.
-    plans: dict[tuple[str, ...], list[tuple[str, sa.Column[Any]]] | None] = {}
     try:
-        for m in mutations:
-            key = coerce(m.key, pk, s.key)
-            if key is None:
-                return False
-            values = m.values
-            names = tuple(values)
-            plan = plans.get(names, ())
-            if plan == ():
-                plan = plans[names] = _plan(s, names)
-            if plan is None or None in values.values() or values.get(s.key, m.key) != m.key:
-                changes = applier._map(s, m, list(names))
-            else:
-                changes = {c.name: coerce(values[n], c, n) for n, c in plan}
-            keys.append(key)
-            rows.append({**changes, pk.name: key})
+        prepared = _columnar(s, mutations)
+        if prepared is None:
+            prepared = _one_by_one(applier, s, mutations)
     except Rejected:
         return False
+    if prepared is None:
+        return False
+    keys, rows = prepared
     columns = rows[0].keys()
     if len(set(keys)) != len(keys) or any(r.keys() != columns for r in rows):
         return False
@@ -105,6 +90,75 @@ def write_batch(
     else:
         savepoint.rollback()
     return ok
+
+
+def _columnar(
+    s: Stream, mutations: Sequence[Mutation]
+) -> tuple[list[Any], list[dict[str, Any]]] | None:
+    """Keys and rows of the batch, each column coerced in one pass over the batch.
+
+    For the common batch: every mutation names the same columns, all of them known
+    and writable, with no NULL (a default may apply) and no second key. Returns
+    None otherwise (``_one_by_one`` then maps each mutation as ``_map`` does).
+    Raises ``Rejected`` on a value ``coerce`` refuses.
+    """
+    names = tuple(mutations[0].values)
+    plan = _plan(s, names)
+    if plan is None:
+        return None
+    for m in mutations:
+        values = m.values
+        if tuple(values) != names or None in values.values():
+            return None
+        if s.key in values and values[s.key] != m.key:
+            return None
+    pk = s.key_column
+    keys = _coerce_column([m.key for m in mutations], pk, s.key)
+    if any(k is None for k in keys):
+        return None
+    columns = [_coerce_column([m.values[n] for m in mutations], c, n) for n, c in plan]
+    out = [c.name for _, c in plan] + [pk.name]
+    rows = [dict(zip(out, row, strict=True)) for row in zip(*columns, keys, strict=True)]
+    return keys, rows
+
+
+def _coerce_column(values: list[Any], column: sa.Column[Any], local: str) -> list[Any]:
+    """``coerce`` of each value, in one pass for the plain cases (same checks, same
+    results); anything else value by value."""
+    from syncunit.server.push import coerce
+
+    kind = logical_type(column.type)
+    if kind == "integer" and all(type(v) is int for v in values):
+        return values
+    if kind == "text" and all(type(v) is str for v in values):
+        length = getattr(column.type, "length", None)
+        if length is None or max(map(len, values), default=0) <= length:
+            return values
+    if kind == "datetime" and all(type(v) is str for v in values):
+        try:
+            return [dt.datetime.fromisoformat(v) for v in values]
+        except ValueError:
+            pass  # coerce says which value and why
+    return [coerce(v, column, local) for v in values]
+
+
+def _one_by_one(
+    applier: PushApplier, s: Stream, mutations: Sequence[Mutation]
+) -> tuple[list[Any], list[dict[str, Any]]] | None:
+    """Keys and rows of the batch, each mutation mapped by ``_map``."""
+    from syncunit.server.push import coerce
+
+    pk = s.key_column
+    keys: list[Any] = []
+    rows: list[dict[str, Any]] = []
+    for m in mutations:
+        key = coerce(m.key, pk, s.key)
+        if key is None:
+            return None
+        changes = applier._map(s, m, list(m.values))
+        keys.append(key)
+        rows.append({**changes, pk.name: key})
+    return keys, rows
 
 
 def _plan(s: Stream, names: tuple[str, ...]) -> list[tuple[str, sa.Column[Any]]] | None:

@@ -142,7 +142,7 @@ def _plain(v: Any, short: int) -> bool:
     if t is str:
         return len(v) <= short
     if t is int:
-        return INT64_MIN <= v <= INT64_MAX
+        return bool(INT64_MIN <= v <= INT64_MAX)
     return v is None or t is float or t is bool
 
 

@@ -86,7 +86,7 @@ def _log_results(conn: Connection, rows: list[tuple[str, int, str, bytes]]) -> N
         found = _log_sql[conn.dialect.name] = (compiled.string, positional)
     sql, positional = found
     params = rows if positional else [dict(zip(_LOG_COLUMNS, r, strict=True)) for r in rows]
-    conn.exec_driver_sql(sql, params)  # type: ignore[arg-type]
+    conn.exec_driver_sql(sql, params)
 
 
 class Rejected(Exception):
@@ -321,7 +321,9 @@ class PushApplier:
                     tried = i + max(1, len(run[1]) if run else 1)
                     if run is not None and write_batch(self, conn, principal, *run):
                         # The whole run applied: its results and log rows in one go.
-                        done = [MutationResult(seq=x.seq, id=x.id, status="applied") for x in run[1]]
+                        done = [
+                            MutationResult(seq=x.seq, id=x.id, status="applied") for x in run[1]
+                        ]
                         results += done
                         cid = req.client_id
                         logged += [(cid, r.seq, r.id, _result_enc.encode(r)) for r in done]

@@ -134,7 +134,9 @@ class SQLiteStore(ServerStore):
         parts = [sa.func.coalesce(v, 0) for v in values]
         return parts[0] if len(parts) == 1 else sa.func.max(*parts)
 
-    def insert_new_rows(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    def insert_new_rows(
+        self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
+    ) -> None:
         """Stamp the rows as the insert triggers would, and insert them with those set aside.
 
         The insert triggers bump the clock once per row and stamp the row with it
@@ -166,7 +168,7 @@ class SQLiteStore(ServerStore):
         if params is None:
             conn.execute(insert, _with_stamps(rows, first, str(now)))
         else:
-            conn.exec_driver_sql(insert, params)  # type: ignore[arg-type]
+            conn.exec_driver_sql(insert, params)
         for _, sql in triggers:
             conn.exec_driver_sql(sql)
 

@@ -281,7 +281,9 @@ class ServerStore(abc.ABC):
     def insert_new(self, table: sa.Table) -> sa.Insert:
         """An INSERT that does nothing (rowcount 0) when the primary key exists."""
 
-    def insert_new_rows(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    def insert_new_rows(
+        self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
+    ) -> None:
         """Insert ``rows`` (new keys, checked absent) as one statement, tracked as the
         triggers would track them; raises the database's error (IntegrityError) if one
         cannot be inserted, and then leaves nothing of them behind in the caller's
