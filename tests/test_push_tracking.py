@@ -218,3 +218,29 @@ def test_bulk_rows_reach_a_device_that_took_its_cursor_during_the_push(
             )
         }
     assert got == {m.key: 1 for m in mutations}
+
+
+def test_a_batch_fills_every_tracking_column_the_triggers_fill(server, store, batches):
+    # A batch (stamped by the engine) and a lone insert (stamped by the triggers): every
+    # ``syncunit_`` column the triggers fill, the batch fills too, whatever they become.
+    gone = Mutation(11, "m11", "LocalAppointment", "never-there", "delete")  # ends the run
+    _push(server, [*_bookings(store, 1, 10), gone, *_bookings(store, 12, 1)])
+
+    assert batches == [True]
+    with store.engine.connect() as conn:
+        names = [
+            c["name"]
+            for c in sa.inspect(conn).get_columns("appointment")
+            if c["name"].startswith("syncunit_")
+        ]
+        filled = {
+            key: {n for n, v in zip(names, row, strict=True) if v is not None}
+            for key, *row in conn.execute(
+                sa.text(
+                    f"SELECT id, {', '.join(names)} FROM appointment"
+                    " WHERE id IN ('bulk-0001', 'bulk-0012')"
+                )
+            )
+        }
+    assert filled["bulk-0012"]  # the triggers' stamp
+    assert filled["bulk-0001"] == filled["bulk-0012"]
