@@ -244,3 +244,23 @@ def test_a_batch_fills_every_tracking_column_the_triggers_fill(server, store, ba
         }
     assert filled["bulk-0012"]  # the triggers' stamp
     assert filled["bulk-0001"] == filled["bulk-0012"]
+
+
+@pytest.mark.backends("sqlite")
+def test_a_write_takes_a_larger_page_cache_and_gives_it_back(store):
+    from syncunit.server.sqlite import WRITE_CACHE_KIB
+
+    def cache(conn: sa.Connection) -> int:
+        return int(conn.exec_driver_sql("PRAGMA cache_size").scalar_one())
+
+    with store.write() as conn:
+        during = cache(conn)
+        dbapi = conn.connection.dbapi_connection
+    assert during == -WRITE_CACHE_KIB
+    assert dbapi is not None
+    assert int(dbapi.execute("PRAGMA cache_size").fetchone()[0]) == -2000  # SQLite's default
+
+    dbapi.execute("PRAGMA cache_size = -100000")  # an app's own, larger: left alone
+    with store.write() as conn:
+        assert conn.connection.dbapi_connection is dbapi
+        assert cache(conn) == -100000
