@@ -264,3 +264,59 @@ def test_a_write_takes_a_larger_page_cache_and_gives_it_back(store):
     with store.write() as conn:
         assert conn.connection.dbapi_connection is dbapi
         assert cache(conn) == -100000
+
+
+class _Upper(sa.types.TypeDecorator[str]):
+    """A type whose values SQL wraps on the way in (``bind_expression``)."""
+
+    impl = sa.String(40)
+    cache_ok = True
+
+    def bind_expression(self, bindvalue: Any) -> Any:
+        return sa.func.upper(bindvalue)
+
+
+def test_a_type_that_wraps_its_values_in_sql_keeps_them_wrapped(tmp_path, batches):
+    from syncunit.server import TokenAuth
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    meta = sa.MetaData()
+    tag = sa.Table(
+        "tag",
+        meta,
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("label", _Upper(), nullable=False),
+    )
+    stream = Stream(
+        "tags",
+        tag,
+        {name: tag.c[name] for name in ("id", "owner", "label")},
+        where=tag.c.owner == sa.bindparam("owner"),
+        local_table="LocalTag",
+    )
+    schema = SyncSchema([SyncUnit("Push", [stream], direction="push")])
+    user = Principal("user-1", {"owner": "u1"})
+    server = SyncServer(
+        schema,
+        f"sqlite:///{tmp_path / 'tags.sqlite'}",
+        authenticate=TokenAuth({"t1": user}),
+        install=False,
+    )
+    meta.create_all(server.store.engine)
+    server.store.install(schema)
+    mutations = [
+        Mutation(
+            i, f"m{i}", "LocalTag", f"t{i}", "insert", {"id": f"t{i}", "owner": "u1", "label": "x"}
+        )
+        for i in range(1, 9)
+    ]
+
+    req = SyncRequest(protocol=1, client_id="device", mutations=mutations)
+    results = server.pusher.apply(user, req, schema.units["Push"]).results
+
+    assert batches == [True]
+    assert [r.status for r in results] == ["applied"] * 8
+    with server.store.engine.connect() as conn:
+        labels = {r[0] for r in conn.execute(sa.text("SELECT label FROM tag"))}
+    assert labels == {"X"}

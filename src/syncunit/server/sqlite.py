@@ -8,6 +8,7 @@ out the counter's value read in the same snapshot as the rows.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -325,10 +326,13 @@ def _stamped_rows(
 ) -> tuple[Any, list[tuple[Any, ...]] | None]:
     """The stamped insert as driver SQL and parameter tuples, each value processed by
     its column type as SQLAlchemy would; SQLAlchemy's own statement (and None) when a
-    column the rows leave out has a default SQLAlchemy fills in."""
+    column the rows leave out has a default SQLAlchemy fills in, or a column's type
+    wraps its values in SQL (``bind_expression``)."""
     names = list(rows[0])
     given = set(names)
-    if any(c.default is not None for c in table.columns if c.name not in given):
+    if any(c.default is not None for c in table.columns if c.name not in given) or any(
+        table.c[n].type._has_bind_expression for n in names
+    ):
         return _stamped_insert(table), None
     procs = [table.c[n].type._cached_bind_processor(dialect) for n in names]
     q = dialect.identifier_preparer.quote
@@ -382,8 +386,7 @@ class _WriteTxn:
             else:
                 self._txn.rollback()
         finally:
-            try:
+            # A broken connection is discarded, not pooled: nothing to give back then.
+            with contextlib.suppress(self._conn.dialect.loaded_dbapi.Error):
                 self._dbapi.execute(f"PRAGMA cache_size = {self._cache}")
-            except self._conn.dialect.loaded_dbapi.Error:
-                pass  # a broken connection: it is discarded, not pooled
             self._conn.close()
