@@ -56,6 +56,7 @@ __all__ = [
     "decode_request",
     "encode_frame",
     "encode_request",
+    "local_table_ddl",
 ]
 
 
@@ -92,6 +93,37 @@ class StreamInfo(msgspec.Struct, frozen=True):
     indexes: list[list[str]] = []
     definition: str = ""
     params: list[ParamInfo] = []
+
+
+#: SQLite column type of a local table's column, by logical type (any other: TEXT).
+LOCAL_SQL_TYPES = {"integer": "INTEGER", "boolean": "INTEGER", "real": "REAL", "blob": "BLOB"}
+
+
+def quote_name(name: str) -> str:
+    """``name`` as an SQLite identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def local_table_ddl(info: StreamInfo, table: str | None = None) -> list[str]:
+    """The statements creating ``info``'s local table (named ``table``), then its indexes.
+
+    The device creates its local tables with them, and the server the table
+    ``rows`` of its snapshot files: an empty local table and a file's table then
+    have the same columns and indexes, so SQLite copies the file's records and
+    index entries as they are stored, without decoding or sorting them.
+    """
+    name = table or info.local_table
+    cols = ", ".join(
+        f"{quote_name(c.name)} {LOCAL_SQL_TYPES.get(c.type, 'TEXT')}"
+        + (" PRIMARY KEY" if c.name == info.key else "")
+        for c in info.columns
+    )
+    ddl = [f"CREATE TABLE {quote_name(name)} ({cols})"]
+    for ix in info.indexes:
+        index = quote_name(f"ix_{name}_{'_'.join(ix)}")
+        on = ", ".join(map(quote_name, ix))
+        ddl.append(f"CREATE INDEX IF NOT EXISTS {index} ON {quote_name(name)} ({on})")
+    return ddl
 
 
 class UnitInfo(msgspec.Struct, frozen=True):

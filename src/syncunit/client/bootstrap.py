@@ -1,27 +1,37 @@
 """Applying a snapshot offer: download the file, check it, copy its rows in.
 
 The server may answer a stream's first copy with a ``SnapshotOffer`` instead of
-chunks. The file is downloaded beside the local database into a ``.part`` file
-that a later attempt continues with an HTTP ``Range`` request; its size and
-SHA-256 must match the offer. It is then decompressed into a temporary SQLite
-file, attached, and its rows are copied into the local table with one
-``INSERT ... SELECT`` in the same transaction as the stream's cursor (rows with
-a local change not yet pushed are left alone, as a chunk would). Any failure
-raises ``SnapshotError``; the caller then asks for the copy row by row.
+chunks. ``fetch`` downloads the file beside the local database into a ``.part``
+file that a later attempt continues with an HTTP ``Range`` request, and in the
+same pass over the bytes hashes it (its size and SHA-256 must match the offer)
+and decompresses it into a plain SQLite file. ``copy_rows`` attaches that file
+and copies its rows into the local table in one transaction with the stream's
+cursor. Any failure raises ``SnapshotError`` or ``LocalStoreError``; the caller
+then asks for the copy row by row.
+
+The file's table has exactly the local table's columns and indexes
+(``local_table_ddl``), so an empty local table without triggers takes it with
+SQLite's transfer optimization: ``INSERT INTO t SELECT * FROM file.rows`` copies
+each record and index entry as stored, with no decoding and no index sort. The
+engine's own triggers (the outbox's, the reactive queries') are dropped and
+created again inside the transaction, and rows the table already holds (local
+changes not yet pushed, rows a subscription holds) are set aside and put back
+over the copy, so pulls still never clobber. A table the app gave triggers,
+columns or indexes of its own takes the rows with a plain upsert instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import sqlite3
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import httpx
 
-from syncunit.client.outbox import trigger_ddl
+from syncunit.client import holds
 from syncunit.client.store import quote
 from syncunit.errors import LocalStoreError, ProtocolError, SyncUnitError
 from syncunit.protocol import SnapshotOffer, StreamInfo
@@ -36,6 +46,11 @@ try:
     import zstandard
 except ImportError:  # pragma: no cover
     zstandard = None  # type: ignore[assignment]
+
+#: The schema name the snapshot file is attached under.
+SNAP = "syncunit_snapshot"
+#: Where rows the local table already holds wait while the file's rows go in.
+KEPT = "temp.syncunit_snapshot_kept"
 
 
 class SnapshotError(SyncUnitError):
@@ -55,53 +70,77 @@ def part_path(store: LocalStore, offer: SnapshotOffer) -> Path:
     return folder / f".syncunit-snapshot-{offer.sha256[:24]}.part"
 
 
-def download(http: httpx.Client, offer: SnapshotOffer, part: Path) -> None:
-    """Fetch ``offer``'s file into ``part``, continuing what an earlier attempt left."""
+class _Intake:
+    """Hashes the compressed bytes and decompresses them into ``out``, as they come."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.restart()
+
+    def restart(self) -> None:
+        self.out.seek(0)
+        self.out.truncate()
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.inflate = zstandard.ZstdDecompressor().decompressobj()
+
+    def take(self, block: bytes) -> None:
+        self.digest.update(block)
+        self.size += len(block)
+        self.out.write(self.inflate.decompress(block))
+
+
+def fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) -> None:
+    """Download ``offer``'s file into ``part`` and decompress it into ``plain``, checked.
+
+    What an earlier attempt left in ``part`` is read again (hashed and
+    decompressed) and the rest asked for with ``Range``. A cut keeps ``part``
+    for the next attempt; a file that does not match its offer is discarded.
+    """
+    if zstandard is None:
+        raise SnapshotError("zstandard is not installed")
     have = part.stat().st_size if part.exists() else 0
     if have > offer.size:
         part.unlink()
         have = 0
-    if have < offer.size:
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            with http.stream("GET", offer.path, headers=headers) as r:
-                if r.status_code not in (200, 206):
-                    raise SnapshotError(f"the snapshot download answered {r.status_code}")
-                mode = "ab" if r.status_code == 206 else "wb"  # 200: the whole file again
-                with part.open(mode) as f:
-                    for block in r.iter_bytes():
-                        f.write(block)
-        except httpx.HTTPError as exc:
-            raise SnapshotError(f"the snapshot download was cut: {exc}") from exc
-    size = part.stat().st_size
-    digest = hashlib.sha256()
-    with part.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    if size != offer.size or digest.hexdigest() != offer.sha256:
-        part.unlink()
+    try:
+        with plain.open("w+b") as out:
+            intake = _Intake(out)
+            if have:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        intake.take(block)
+            if have < offer.size:
+                _download(http, offer, part, have, intake)
+    except zstandard.ZstdError as exc:
+        part.unlink(missing_ok=True)
+        raise SnapshotError(f"the snapshot file cannot be decompressed: {exc}") from exc
+    if intake.size != offer.size or intake.digest.hexdigest() != offer.sha256:
+        part.unlink(missing_ok=True)
         raise SnapshotError(
-            f"the snapshot file does not match its offer ({size} of {offer.size} bytes,"
+            f"the snapshot file does not match its offer ({intake.size} of {offer.size} bytes,"
             " checksum differs): it was discarded"
         )
 
 
-def apply(store: LocalStore, info: StreamInfo, offer: SnapshotOffer, part: Path) -> int:
-    """Copy the rows of the downloaded file into ``info``'s local table; return how many."""
-    if zstandard is None:
-        raise SnapshotError("zstandard is not installed")
-    fd, name = tempfile.mkstemp(dir=part.parent, suffix=".sqlite")
-    os.close(fd)
-    plain = Path(name)
+def _download(
+    http: httpx.Client, offer: SnapshotOffer, part: Path, have: int, intake: _Intake
+) -> None:
+    headers = {"Range": f"bytes={have}-"} if have else {}
     try:
-        with part.open("rb") as src, plain.open("wb") as dst:
-            zstandard.ZstdDecompressor().copy_stream(src, dst)
-        return copy_rows(store, info, plain, offer.cursor)
-    except zstandard.ZstdError as exc:
-        raise SnapshotError(f"the snapshot file cannot be decompressed: {exc}") from exc
-    finally:
-        plain.unlink(missing_ok=True)
-        part.unlink(missing_ok=True)
+        with http.stream("GET", offer.path, headers=headers) as r:
+            if r.status_code not in (200, 206):
+                raise SnapshotError(f"the snapshot download answered {r.status_code}")
+            if r.status_code == 200 and have:  # the whole file again: start over
+                intake.restart()
+            with part.open("ab" if r.status_code == 206 else "wb") as f:
+                for block in r.iter_bytes():
+                    f.write(block)
+                    intake.take(block)
+                    if intake.size > offer.size:
+                        break  # more than offered: the checksum check refuses it
+    except httpx.HTTPError as exc:
+        raise SnapshotError(f"the snapshot download was cut: {exc}") from exc
 
 
 def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncResult) -> bool:
@@ -117,13 +156,20 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
         if info is None:
             raise ProtocolError(f"server offered a snapshot of unknown stream {offer.stream!r}")
         part = part_path(client.store, offer)
+        plain = part.with_suffix(".sqlite")
         try:
-            download(client.http, offer, part)
-            rows = apply(client.store, info, offer, part)
+            fetch(client.http, offer, part, plain)
+            part.unlink()  # checked: whatever the copy does, never used again
+            with client.store.bulk():  # the WAL is checkpointed once, after the sync
+                rows = copy_rows(client.store, info, plain, offer)
         except (SnapshotError, LocalStoreError) as exc:
             log.warning("snapshot of %s not used, copying row by row: %s", offer.stream, exc)
             ok = False
             continue
+        finally:
+            plain.unlink(missing_ok=True)
+        if client._watcher is not None:  # the triggers that tell it were off meanwhile
+            client._watcher.notify([info.local_table])
         result.bytes_in += offer.size
         t = info.local_table
         result.rows_in[t] = result.rows_in.get(t, 0) + rows
@@ -133,66 +179,139 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
     return ok
 
 
-def copy_rows(store: LocalStore, stream: StreamInfo, path: Path, cursor: str) -> int:
+def copy_rows(store: LocalStore, stream: StreamInfo, path: Path, offer: SnapshotOffer) -> int:
     """Copy the rows of a snapshot file (table ``rows``) into the stream's local table.
 
-    One transaction with the stream's cursor, as a chunk; rows with a local
-    change not yet pushed keep it. Returns the rows in the file.
+    One transaction with the stream's cursor, as a first copy row by row: rows
+    no longer in scope go, rows with a local change not yet pushed keep it (or
+    stay deleted), rows a subscription holds stay. Returns the rows in the file.
     """
-    t, key = quote(stream.local_table), quote(stream.key)
     names = [c.name for c in stream.columns]
-    cols = ", ".join(map(quote, names))
-    sets = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in names if c != stream.key)
-    upsert = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
     with store.lock:
         try:
-            store.conn.execute("ATTACH DATABASE ? AS syncunit_snapshot", (str(path),))
+            store.conn.execute(f"ATTACH DATABASE ? AS {SNAP}", (str(path),))
         except store.errors as exc:
             raise LocalStoreError(f"cannot open the snapshot file: {exc}") from exc
         try:
-            have = [r[1] for r in store.conn.execute("PRAGMA syncunit_snapshot.table_info(rows)")]
+            have = [r[1] for r in store.conn.execute(f"PRAGMA {SNAP}.table_info(rows)")]
             if have != names:
                 raise LocalStoreError(
                     f"the snapshot has columns {have}, the catalog {names}: refresh the catalog"
                 )
+            if transferable(store.conn, stream.local_table):
+                return _copy(store, stream, offer, transfer=True)
             suspended = store.suspend_indexes(stream)
             try:
-                with store.atomic() as c:
-                    pushed = stream.local_table in store.pushed
-                    for stmt in trigger_ddl(stream)[:3] if pushed else []:
-                        c.execute(stmt)
-                    local = [r[1] for r in c.execute(f"PRAGMA table_info({t})")]
-                    empty = c.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() is None
-                    pending = c.execute(
-                        "SELECT 1 FROM syncunit_outbox WHERE table_name = ? LIMIT 1",
-                        (stream.local_table,),
-                    ).fetchone()
-                    if empty and pending is None and local == names:
-                        # No rows, no local changes, no triggers, the same columns in
-                        # the same order: SQLite copies the file's pages as they are.
-                        c.execute(f"INSERT INTO {t} SELECT * FROM syncunit_snapshot.rows")
-                    else:
-                        c.execute(
-                            f"INSERT INTO {t} ({cols}) SELECT {cols}"
-                            f" FROM syncunit_snapshot.rows WHERE {key} NOT IN"
-                            " (SELECT row_key FROM syncunit_outbox WHERE table_name = ?)"
-                            f" ON CONFLICT({key}) {upsert}",
-                            (stream.local_table,),
-                        )
-                    (rows,) = c.execute("SELECT count(*) FROM syncunit_snapshot.rows").fetchone()
-                    for stmt in trigger_ddl(stream)[3:] if pushed else []:
-                        c.execute(stmt)
-                    c.execute(
-                        "INSERT INTO syncunit_cursors (stream, local_table, definition, cursor)"
-                        " VALUES (?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET"
-                        " cursor = excluded.cursor, definition = excluded.definition",
-                        (stream.name, stream.local_table, stream.definition, cursor),
-                    )
+                return _copy(store, stream, offer, transfer=False)
             finally:
                 if suspended:
                     store.restore_indexes(stream)
         except store.errors as exc:
             raise LocalStoreError(f"cannot apply the snapshot: {exc}") from exc
         finally:
-            store.conn.execute("DETACH DATABASE syncunit_snapshot")
+            store.conn.execute(f"DETACH DATABASE {SNAP}")
+
+
+def transferable(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether SQLite can copy the attached file's ``rows`` into an empty ``table``
+    as stored: the same columns, a twin in the file of every local index, no
+    foreign keys, and no triggers but the engine's (which the copy drops)."""
+
+    def columns(schema: str, name: str) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in conn.execute(f"PRAGMA {schema}.table_xinfo({quote(name)})")]
+
+    def indexes(schema: str, name: str) -> set[tuple[Any, ...]] | None:
+        found: set[tuple[Any, ...]] = set()
+        for _, index, unique, _origin, partial in conn.execute(
+            f"PRAGMA {schema}.index_list({quote(name)})"
+        ).fetchall():
+            if partial:
+                return None
+            parts = conn.execute(f"PRAGMA {schema}.index_xinfo({quote(index)})").fetchall()
+            found.add((unique, tuple((r[2], r[3], r[4]) for r in parts if r[5])))
+        return found
+
+    if columns("main", table) != columns(SNAP, "rows"):
+        return False
+    mine, theirs = indexes("main", table), indexes(SNAP, "rows")
+    if mine is None or theirs is None or not mine <= theirs:
+        return False
+    if conn.execute(f"PRAGMA main.foreign_key_list({quote(table)})").fetchone() is not None:
+        return False
+    return all(name.startswith("syncunit_") for _, name, _ in _triggers(conn, table))
+
+
+def _triggers(conn: sqlite3.Connection, table: str) -> list[tuple[str, str, str]]:
+    """(schema, name, sql) of the triggers on ``table``, the temporary ones too."""
+    return [
+        (schema, name, sql)
+        for schema in ("main", "temp")
+        for name, sql in conn.execute(
+            f"SELECT name, sql FROM {schema}.sqlite_master WHERE type = 'trigger'"
+            " AND tbl_name = ? ORDER BY name",
+            (table,),
+        ).fetchall()
+    ]
+
+
+def _copy(store: LocalStore, stream: StreamInfo, offer: SnapshotOffer, *, transfer: bool) -> int:
+    table = stream.local_table
+    t, key = quote(table), quote(stream.key)
+    pending = "SELECT row_key FROM syncunit_outbox WHERE table_name = ?"
+    with store.relaxed() as c:  # a lost copy is fetched again: no fsync
+        # The engine's triggers must not see the copy (and would stop the transfer).
+        engine = [x for x in _triggers(c, table) if x[1].startswith("syncunit_")]
+        for schema, name, _ in engine:
+            c.execute(f"DROP TRIGGER {schema}.{quote(name)}")
+        held = table in store.held and holds.has_holds(c, table)
+        # A first copy is the whole picture: rows not in it go, unless a local change
+        # waits to be pushed or a subscription holds them.
+        if held:
+            holds.reset_plain(c, stream, holds.pending_keys(c, table))
+        else:
+            c.execute(f"DELETE FROM {t} WHERE {key} NOT IN ({pending})", (table,))
+        if transfer:
+            kept = c.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() is not None
+            if kept:  # set aside: the transfer needs an empty table
+                c.execute(f"CREATE TABLE {KEPT} AS SELECT * FROM {t}")
+                c.execute(f"DELETE FROM {t}")
+            rows = c.execute(f"INSERT INTO {t} SELECT * FROM {SNAP}.rows").rowcount
+            # Pulls don't clobber: a row with a change not yet pushed is the device's.
+            c.execute(f"DELETE FROM {t} WHERE {key} IN ({pending})", (table,))
+            if kept:
+                c.execute(
+                    f"INSERT INTO {t} SELECT * FROM {KEPT} WHERE {key} IN ({pending})", (table,)
+                )
+                c.execute(  # held rows the file has take its version, as a copy would
+                    f"INSERT INTO {t} SELECT * FROM {KEPT} WHERE {key} NOT IN ({pending})"
+                    " ON CONFLICT DO NOTHING",
+                    (table,),
+                )
+                c.execute(f"DROP TABLE {KEPT}")
+        else:
+            cols = ", ".join(quote(col.name) for col in stream.columns)
+            sets = ", ".join(
+                f"{quote(col.name)} = excluded.{quote(col.name)}"
+                for col in stream.columns
+                if col.name != stream.key
+            )
+            rows = c.execute(
+                f"INSERT INTO {t} ({cols}) SELECT {cols} FROM {SNAP}.rows"
+                f" WHERE {key} NOT IN ({pending})"
+                f" ON CONFLICT({key}) {f'DO UPDATE SET {sets}' if sets else 'DO NOTHING'}",
+                (table,),
+            ).rowcount
+            (rows,) = c.execute(f"SELECT count(*) FROM {SNAP}.rows").fetchone()
+        if held:  # the plain stream holds the rows subscriptions hold too
+            c.execute(
+                f"INSERT OR IGNORE INTO syncunit_holds SELECT ?1, {key}, '' FROM {SNAP}.rows"
+                f" WHERE {key} IN (SELECT row_key FROM syncunit_holds WHERE local_table = ?1)",
+                (table,),
+            )
+        for schema, _, sql in engine:  # SQLite keeps a temporary one's SQL without TEMP
+            c.execute(sql if schema == "main" else "CREATE TEMP " + sql.removeprefix("CREATE "))
+        if rows != offer.rows:
+            raise SnapshotError(f"the snapshot file holds {rows} rows, its offer {offer.rows}")
+        store._end_suspension(stream)
+        store._save_cursor(stream, offer.cursor)
     return int(rows)

@@ -13,24 +13,14 @@ import datetime as dt
 import sqlite3
 
 from syncunit.client.outbox import retype_in_flight
-from syncunit.protocol import Catalog, StreamInfo
+from syncunit.protocol import LOCAL_SQL_TYPES, Catalog, StreamInfo
+from syncunit.protocol import quote_name as quote
 
 __all__ = ["column_defs", "quote", "sql_type", "surface_orphans", "transform"]
 
-SQL_TYPES = {
-    "integer": "INTEGER",
-    "boolean": "INTEGER",
-    "real": "REAL",
-    "blob": "BLOB",
-}
-
-
-def quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
 
 def sql_type(logical: str) -> str:
-    return SQL_TYPES.get(logical, "TEXT")
+    return LOCAL_SQL_TYPES.get(logical, "TEXT")
 
 
 def column_defs(key: str, columns: dict[str, str]) -> str:

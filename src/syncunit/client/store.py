@@ -40,7 +40,14 @@ from syncunit.client.migrations import migrate
 from syncunit.client.outbox import trigger_ddl
 from syncunit.client.schema import column_defs, quote, sql_type, surface_orphans, transform
 from syncunit.errors import LocalStoreError
-from syncunit.protocol import Catalog, Chunk, StreamInfo, decode_catalog, encode_catalog
+from syncunit.protocol import (
+    Catalog,
+    Chunk,
+    StreamInfo,
+    decode_catalog,
+    encode_catalog,
+    local_table_ddl,
+)
 
 __all__ = ["LocalStore", "quote", "sql_type"]
 
@@ -343,12 +350,8 @@ class LocalStore:
         return changes
 
     def _create_indexes(self, s: StreamInfo) -> None:
-        t = quote(s.local_table)
-        for ix in s.indexes:
-            self.conn.execute(
-                f"CREATE INDEX IF NOT EXISTS {_index_name(s, ix)}"
-                f" ON {t} ({', '.join(map(quote, ix))})"
-            )
+        for stmt in local_table_ddl(s)[1:]:  # as in snapshot files: see copy_rows()
+            self.conn.execute(stmt)
 
     def suspend_indexes(self, s: StreamInfo) -> bool:
         """Drop a local table's secondary indexes for a large first copy.

@@ -36,14 +36,14 @@ from typing import Any
 import zstandard
 from sqlalchemy.engine import Connection
 
+from syncunit.protocol import local_table_ddl
 from syncunit.server.changes import StreamReader, params_hash
 from syncunit.server.cursor import decode_cursor, encode_cursor
 from syncunit.server.store import ServerStore
-from syncunit.units import Stream, logical_type
+from syncunit.units import Stream
 
 log = logging.getLogger("syncunit.server")
 
-_SQL_TYPES = {"integer": "INTEGER", "boolean": "INTEGER", "real": "REAL", "blob": "BLOB"}
 TABLE = "rows"  # the one table of a snapshot file
 
 
@@ -161,14 +161,10 @@ class Snapshots:
             try:
                 out.execute("PRAGMA journal_mode=OFF")
                 out.execute("PRAGMA synchronous=OFF")
-                # The client's own DDL for the local table (key as primary key): an
-                # empty local table takes the rows with SQLite's page-level copy.
-                cols = ", ".join(
-                    f'"{name}" {_SQL_TYPES.get(logical_type(expr.type), "TEXT")}'
-                    + (" PRIMARY KEY" if name == stream.key else "")
-                    for name, expr in stream.columns.items()
-                )
-                out.execute(f"CREATE TABLE {TABLE} ({cols})")
+                # Exactly the device's local table and indexes (see local_table_ddl):
+                # an empty local table takes the records and index entries as they are.
+                create_table, *create_indexes = local_table_ddl(stream.info(), TABLE)
+                out.execute(create_table)
                 insert = f"INSERT INTO {TABLE} VALUES ({', '.join('?' * len(stream.columns))})"
                 out.execute("BEGIN")
                 with self.store.snapshot() as (conn, watermark):
@@ -179,6 +175,8 @@ class Snapshots:
                         out.executemany(insert, zip(*data, strict=True))
                         rows += len(part)
                     done = reader._cursor(epoch, "done", since=watermark, high=watermark)
+                for stmt in create_indexes:  # built once over all rows: sorted, packed
+                    out.execute(stmt)
                 out.execute("COMMIT")
             finally:
                 out.close()
