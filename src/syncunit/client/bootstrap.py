@@ -143,14 +143,16 @@ def _download(
         raise SnapshotError(f"the snapshot download was cut: {exc}") from exc
 
 
-def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncResult) -> bool:
-    """Apply the snapshot offers of a response; False if one failed.
+def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncResult) -> list[Path]:
+    """Apply the snapshot offers of a response; return the downloads of those that failed.
 
     A failed one (cut download, wrong checksum, unreadable file) leaves its
-    stream without a cursor: the next request copies it row by row.
+    stream without a cursor: the next request copies it row by row. A cut
+    download stays on disk (returned) until that copy completes, so a run that
+    fails altogether resumes it next time.
     """
     catalog = client.store.catalog()
-    ok = True
+    failed: list[Path] = []
     for offer in offers:
         info = None if catalog is None else catalog.stream(offer.stream)
         if info is None:
@@ -164,7 +166,7 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
                 rows = copy_rows(client.store, info, plain, offer)
         except (SnapshotError, LocalStoreError) as exc:
             log.warning("snapshot of %s not used, copying row by row: %s", offer.stream, exc)
-            ok = False
+            failed.append(part)
             continue
         finally:
             plain.unlink(missing_ok=True)
@@ -176,7 +178,7 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
         result.snapshots.append(offer.stream)
         if client.on_progress is not None:
             client._emit(client.on_progress, result.unit, rows, rows)
-    return ok
+    return failed
 
 
 def copy_rows(store: LocalStore, stream: StreamInfo, path: Path, offer: SnapshotOffer) -> int:

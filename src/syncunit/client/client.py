@@ -578,6 +578,7 @@ class SyncClient:
         if push_streams:
             rounds += self.outbox.count(tables) // self.push_batch
         sending = self.outbox.count(tables) if push_streams else 0
+        left: list[Path] = []
         for _ in range(rounds):
             mutations = self.outbox.prepare(push_streams, self.push_batch) if push_streams else []
             if mutations:
@@ -590,11 +591,11 @@ class SyncClient:
             if self._offers:
                 # Large first copies came as files: apply them, then a delta from there.
                 offers, self._offers = self._offers, []
-                accepted = bootstrap.apply_offers(self, offers, result)
+                left = bootstrap.apply_offers(self, offers, result)
                 catalog = self.store.catalog()
                 unit = None if catalog is None else catalog.unit(unit_name)
                 complete, chunks = self._request(
-                    unit_name, unit, catalog, [], result, params, snapshots=accepted
+                    unit_name, unit, catalog, [], result, params, snapshots=not left
                 )
                 if self._offers:
                     raise ProtocolError("the server offered a snapshot again after one failed")
@@ -612,6 +613,8 @@ class SyncClient:
                 complete, chunks = self._request(
                     unit_name, unit, catalog, [], result, params, snapshots=False
                 )
+            for part in left:  # copied row by row instead: a cut download is not resumed
+                part.unlink(missing_ok=True)
             if not push_streams or not self.outbox.count(tables):
                 break
 
