@@ -36,7 +36,7 @@ from bench.env import ROOT, STREAM_TABLE, TOKEN, UNIT, subprocess_env
 from bench.serverproc import ServerProcess
 
 #: Device-side steps timed inside the client process: (module attribute, name).
-STEPS = [("fetch", "fetch"), ("install", "copy_rows")]
+STEPS = [("offers", "apply_offers"), ("fetch", "fetch"), ("install", "copy_rows")]
 
 
 def _load() -> float:

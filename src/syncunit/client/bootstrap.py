@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import sqlite3
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -71,23 +73,44 @@ def part_path(store: LocalStore, offer: SnapshotOffer) -> Path:
 
 
 class _Intake:
-    """Hashes the compressed bytes and decompresses them into ``out``, as they come."""
+    """Hashes the compressed bytes as they come, and decompresses them into ``out`` on
+    a thread of its own: both release the GIL, so two cores share one download."""
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
-        self.restart()
-
-    def restart(self) -> None:
-        self.out.seek(0)
-        self.out.truncate()
         self.digest = hashlib.sha256()
         self.size = 0
-        self.inflate = zstandard.ZstdDecompressor().decompressobj()
+        self.error: Exception | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._thread = threading.Thread(target=self._inflate, name="syncunit-inflate", daemon=True)
+        self._thread.start()
+
+    def _inflate(self) -> None:
+        inflate = zstandard.ZstdDecompressor().decompressobj()
+        while (block := self._queue.get()) is not None:
+            if self.error is None:  # after an error: only drain, so take() never blocks
+                try:
+                    self.out.write(inflate.decompress(block))
+                except (zstandard.ZstdError, OSError) as exc:
+                    self.error = exc
 
     def take(self, block: bytes) -> None:
         self.digest.update(block)
         self.size += len(block)
-        self.out.write(self.inflate.decompress(block))
+        self._queue.put(block)
+
+    def close(self) -> None:
+        """Wait for the decompression to catch up (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def restart(self) -> _Intake:
+        """The same output file, empty, taking a new file from its first byte."""
+        self.close()
+        self.out.seek(0)
+        self.out.truncate()
+        return _Intake(self.out)
 
 
 def fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) -> None:
@@ -103,18 +126,22 @@ def fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) -> 
     if have > offer.size:
         part.unlink()
         have = 0
-    try:
-        with plain.open("w+b") as out:
-            intake = _Intake(out)
+    with plain.open("w+b") as out:
+        intake = _Intake(out)
+        try:
             if have:
                 with part.open("rb") as f:
                     while block := f.read(1 << 20):
                         intake.take(block)
             if have < offer.size:
-                _download(http, offer, part, have, intake)
-    except zstandard.ZstdError as exc:
+                intake = _download(http, offer, part, have, intake)
+        finally:
+            intake.close()
+    if isinstance(intake.error, zstandard.ZstdError):
         part.unlink(missing_ok=True)
-        raise SnapshotError(f"the snapshot file cannot be decompressed: {exc}") from exc
+        raise SnapshotError(f"the snapshot file cannot be decompressed: {intake.error}")
+    if intake.error is not None:
+        raise SnapshotError(f"the snapshot file cannot be written: {intake.error}")
     if intake.size != offer.size or intake.digest.hexdigest() != offer.sha256:
         part.unlink(missing_ok=True)
         raise SnapshotError(
@@ -125,14 +152,14 @@ def fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) -> 
 
 def _download(
     http: httpx.Client, offer: SnapshotOffer, part: Path, have: int, intake: _Intake
-) -> None:
+) -> _Intake:
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
         with http.stream("GET", offer.path, headers=headers) as r:
             if r.status_code not in (200, 206):
                 raise SnapshotError(f"the snapshot download answered {r.status_code}")
             if r.status_code == 200 and have:  # the whole file again: start over
-                intake.restart()
+                intake = intake.restart()
             with part.open("ab" if r.status_code == 206 else "wb") as f:
                 for block in r.iter_bytes():
                     f.write(block)
@@ -141,6 +168,9 @@ def _download(
                         break  # more than offered: the checksum check refuses it
     except httpx.HTTPError as exc:
         raise SnapshotError(f"the snapshot download was cut: {exc}") from exc
+    finally:
+        intake.close()
+    return intake
 
 
 def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncResult) -> list[Path]:
@@ -161,7 +191,7 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
         plain = part.with_suffix(".sqlite")
         try:
             fetch(client.http, offer, part, plain)
-            part.unlink()  # checked: whatever the copy does, never used again
+            discard(part)  # checked: whatever the copy does, never used again
             with client.store.bulk():  # the WAL is checkpointed once, after the sync
                 rows = copy_rows(client.store, info, plain, offer)
         except (SnapshotError, LocalStoreError) as exc:
@@ -169,7 +199,7 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
             failed.append(part)
             continue
         finally:
-            plain.unlink(missing_ok=True)
+            discard(plain)
         if client._watcher is not None:  # the triggers that tell it were off meanwhile
             client._watcher.notify([info.local_table])
         result.bytes_in += offer.size
@@ -179,6 +209,18 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
         if client.on_progress is not None:
             client._emit(client.on_progress, result.unit, rows, rows)
     return failed
+
+
+def discard(path: Path) -> None:
+    """Remove a file; a large one on a thread of its own (freeing its blocks takes a while)."""
+    try:
+        big = path.stat().st_size > 16 << 20
+    except OSError:
+        return
+    if big:
+        threading.Thread(target=path.unlink, args=(True,), name="syncunit-discard").start()
+    else:
+        path.unlink(missing_ok=True)
 
 
 def copy_rows(store: LocalStore, stream: StreamInfo, path: Path, offer: SnapshotOffer) -> int:

@@ -24,6 +24,7 @@ together with its cursor, so an interrupted sync resumes where it stopped.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import sqlite3
 import sys
 import threading
@@ -51,12 +52,19 @@ from syncunit.protocol import (
 
 __all__ = ["LocalStore", "quote", "sql_type"]
 
+log = logging.getLogger("syncunit.client")
+
 
 #: Fact key prefix marking a stream whose local indexes a first copy dropped.
 _SUSPENDED = "indexes-suspended:"
 
 #: Chunks of at least this many rows are applied with the outbox triggers dropped.
 BULK_ROWS = 256
+
+#: SQLite's automatic checkpoint (WAL pages), and the WAL size (bytes) past which the
+#: checkpoint after a sync runs in the background.
+AUTO_CHECKPOINT = 1000
+BIG_WAL = 16 << 20
 
 
 def _index_name(s: StreamInfo, columns: Sequence[str]) -> str:
@@ -128,6 +136,10 @@ class LocalStore:
             raise LocalStoreError(f"cannot open local database {path!r}: {exc}{hint}") from exc
         self.lock = threading.RLock()
         self._depth = 0
+        #: The database file, when the store opened it (a background checkpoint opens it too).
+        self.path = None if given or str(path) == ":memory:" else Path(str(path))
+        self._bulk = 0  # syncs under way (``bulk``)
+        self._closed = False
         with self.atomic():
             #: The migration steps this open ran (an upgrade of an older device file).
             self.migrated = migrate(self.conn)
@@ -210,6 +222,7 @@ class LocalStore:
 
     def close(self) -> None:
         with self.lock:
+            self._closed = True
             self.conn.close()
 
     # -- facts ---------------------------------------------------------------------------
@@ -398,17 +411,42 @@ class LocalStore:
         """During a sync: no automatic WAL checkpoints until it ends.
 
         Each checkpoint copies pages back into the database file; during a large
-        download the same pages change again and again, so the first commit after
-        the sync (a checkpoint is due when the WAL passes 1000 pages) writes each
-        of them once. A small delta leaves the WAL small and costs no checkpoint.
+        download the same pages change again and again, so one checkpoint after
+        the sync writes each of them once. After a large download that checkpoint
+        runs in the background, on a connection of its own (a passive one: the
+        app reads and writes meanwhile), so neither the end of the sync nor the
+        app's next write waits for it. A small delta leaves the WAL small.
         """
         with self.lock:
+            self._bulk += 1
             self.conn.execute("PRAGMA wal_autocheckpoint=0")
         try:
             yield
         finally:
             with self.lock:
-                self.conn.execute("PRAGMA wal_autocheckpoint=1000")
+                self._bulk -= 1
+                if not self._bulk and not self._closed:
+                    wal = None if self.path is None else Path(f"{self.path}-wal")
+                    if wal is not None and wal.exists() and wal.stat().st_size > BIG_WAL:
+                        threading.Thread(
+                            target=self._checkpoint, name="syncunit-checkpoint", daemon=True
+                        ).start()
+                    else:
+                        self.conn.execute(f"PRAGMA wal_autocheckpoint={AUTO_CHECKPOINT}")
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database file, then let commits checkpoint again."""
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=30)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:  # the next commits checkpoint instead
+            log.warning("background WAL checkpoint failed: %s", exc)
+        with self.lock:
+            if not self._bulk and not self._closed:
+                self.conn.execute(f"PRAGMA wal_autocheckpoint={AUTO_CHECKPOINT}")
 
     # -- cursors and sync properties ---------------------------------------------------------
 
