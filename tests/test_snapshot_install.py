@@ -361,3 +361,35 @@ def test_a_cut_download_is_copied_row_by_row_in_the_same_run_leaving_nothing(
     assert "appointments" not in result.snapshots
     assert _parts(device) == []  # the copy row by row made the half download useless
     assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_after_a_large_sync_the_wal_is_checkpointed_in_the_background(
+    snap_server, make_client, monkeypatch
+):
+    """sync() returns before the WAL is copied into the database file; a passive
+    checkpoint on another connection does it, then commits checkpoint again."""
+    from syncunit.client import store as store_module
+
+    monkeypatch.setattr(store_module, "BIG_WAL", 0)  # the test data makes a small WAL
+    _build(snap_server)
+    device = make_client()
+    started = threading.Event()
+    inner = store_module.LocalStore._checkpoint
+
+    def checkpoint(self: Any) -> None:
+        started.set()
+        inner(self)
+
+    monkeypatch.setattr(store_module.LocalStore, "_checkpoint", checkpoint)
+
+    device.sync("Login")
+
+    assert started.wait(10)
+    for _ in range(200):
+        if device.store.query("PRAGMA wal_autocheckpoint") == [(1000,)]:
+            break
+        threading.Event().wait(0.05)
+    assert device.store.query("PRAGMA wal_autocheckpoint") == [(1000,)]
+    busy, log, done = device.store.query("PRAGMA wal_checkpoint(PASSIVE)")[0]
+    assert (busy, log) == (0, done)
+    assert_in_sync(snap_server, device, H1, "Login")
