@@ -40,13 +40,15 @@ def snap_server(make_server, live, tmp_path):
 
 @pytest.fixture
 def copies(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """(local table, whether it took the transfer path) of every snapshot copy."""
+    """(local table, whether it took the transfer path) of every snapshot copy that
+    succeeded (a failed one falls back to row by row, which would hide a wrong copy)."""
     seen: list[tuple[str, bool]] = []
     inner = bootstrap._copy
 
     def spy(store: Any, stream: Any, offer: Any, *, transfer: bool) -> int:
+        rows = inner(store, stream, offer, transfer=transfer)
         seen.append((stream.local_table, transfer))
-        return inner(store, stream, offer, transfer=transfer)
+        return rows
 
     monkeypatch.setattr(bootstrap, "_copy", spy)
     return seen
