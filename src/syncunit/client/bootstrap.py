@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import sqlite3
 import tempfile
@@ -188,7 +189,9 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
         if info is None:
             raise ProtocolError(f"server offered a snapshot of unknown stream {offer.stream!r}")
         part = part_path(client.store, offer)
-        plain = part.with_suffix(".sqlite")
+        fd, name = tempfile.mkstemp(dir=part.parent, prefix=".syncunit-snapshot-", suffix=".sqlite")
+        os.close(fd)
+        plain = Path(name)  # its own name: an earlier one may still be being removed
         try:
             fetch(client.http, offer, part, plain)
             discard(part)  # checked: whatever the copy does, never used again
