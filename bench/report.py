@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.pgbench import pg_rows
+
 Report = dict[str, Any]
 
 
@@ -25,7 +27,7 @@ def _get(d: Any, *path: str) -> Any:
 def ratios(r: Report) -> dict[str, Any]:
     """The headline ratios; None wherever a side could not be measured."""
     head = str(r["config"]["headline_size"])
-    big = str(max(map(int, r["initial"])))
+    big = str(max(map(int, r["initial"]), default=head))
     deltas = sorted(r["delta"], key=int)
     init, lim = r["initial"].get(head, {}), r["limits"].get(head, {})
     peer = r.get("kinto") or {}
@@ -250,6 +252,8 @@ def print_report(r: Report, console: Console) -> None:
         )
     else:
         t.add_row("PouchDB", "", "", "", "", f"not run: {pouch.get('reason', 'skipped')[:80]}")
+    for cells in pg_rows(r):
+        t.add_row(*cells)
     console.print(t)
 
     g = Table(title="ratios and targets", title_style="bold")
@@ -406,6 +410,8 @@ def to_markdown(r: Report) -> str:
             "",
             f"{pouch['delta']['changes']} changed records",
         )
+    for cells in pg_rows(r):
+        row(*cells)
     sweep = r.get("chunk_sweep") or {}
     if sweep:
         lines += [

@@ -35,6 +35,7 @@ from rich.console import Console  # noqa: E402
 from bench import charts, scenarios  # noqa: E402
 from bench.datasets import server_db_copy  # noqa: E402
 from bench.env import RESULTS, ROOT  # noqa: E402
+from bench.pgbench import pg_ratios  # noqa: E402
 from bench.report import print_report, ratios, targets  # noqa: E402
 from bench.serverproc import ServerProcess  # noqa: E402
 
@@ -57,6 +58,7 @@ class Config:
     analyze: bool = False
     pouchdb: bool = True
     foreign: bool = True
+    server_dbs: tuple[str, ...] = ("sqlite", "postgres")  # the server's database, each run
 
     @property
     def headline_size(self) -> int:
@@ -99,6 +101,17 @@ def _ints(text: str) -> list[int]:
     return [int(x.replace("_", "")) for x in text.replace(",", " ").split()]
 
 
+def _backends(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = set(names) - {"sqlite", "postgres"}
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown server database {', '.join(sorted(unknown)) or text!r}:"
+            " give sqlite, postgres or sqlite,postgres"
+        )
+    return names
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="syncunit bench",
@@ -117,6 +130,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-pouchdb", action="store_true", help="skip the PouchDB peer")
     p.add_argument(
         "--no-foreign", action="store_true", help="skip the 100-hospital scope-churn figure"
+    )
+    p.add_argument(
+        "--server-db",
+        type=_backends,
+        metavar="DBS",
+        help="server databases to run the scenarios on: sqlite, postgres or"
+        " sqlite,postgres (default); the PostgreSQL rows use a throwaway cluster",
     )
     p.add_argument(
         "--analyze",
@@ -148,6 +168,8 @@ def config_from(args: argparse.Namespace) -> Config:
     cfg.pouchdb = cfg.pouchdb and not args.no_pouchdb
     cfg.foreign = cfg.foreign and not args.no_foreign
     cfg.analyze = args.analyze
+    if args.server_db:
+        cfg.server_dbs = args.server_db
     return cfg
 
 
@@ -236,7 +258,8 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
     report["config"]["chunk_size_source"] = "forced" if chunk else "sweep"
     sizes = sorted(set(cfg.initial_sizes) | set(cfg.delta_sizes) | {head})
     records: list[dict[str, Any]] = []
-    for n in [head, *(s for s in sizes if s != head)]:
+    order = [head, *(s for s in sizes if s != head)] if "sqlite" in cfg.server_dbs else []
+    for n in order:
         t_size = time.perf_counter()
         db, built = server_db_copy(n, workdir, analyze=cfg.analyze)
         report["datasets"][str(n)] = {"generated_s": None if built is None else round(built, 1)}
@@ -312,14 +335,36 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
         for path in workdir.glob(f"*-{n}.sqlite*"):
             path.unlink()
         report["timings"][str(n)] = round(time.perf_counter() - t_size, 1)
-    if cfg.kinto:
+    if "postgres" in cfg.server_dbs:
+        t0 = time.perf_counter()
+        from bench.pgbench import run_postgres
+
+        report["postgres"] = run_postgres(
+            workdir=workdir,
+            headline=head,
+            initial_sizes=[n for n in cfg.initial_sizes if n <= head],
+            delta_sizes=cfg.delta_sizes,
+            chunk_size=chunk,
+            repeats=cfg.repeats,
+            delta_runs=cfg.delta_runs,
+            changes=cfg.changes,
+            push_mutations=cfg.push_mutations,
+            log=log,
+        )
+        report["timings"]["postgres"] = round(time.perf_counter() - t0, 1)
+    else:
+        report["postgres"] = {"available": False, "reason": "skipped (--server-db sqlite)"}
+    if cfg.kinto and records:
         log(f"Kinto peer with {len(records):,} records")
         t0 = time.perf_counter()
         report["kinto"] = scenarios.kinto(records, workdir, cfg.quick, log)
         report["timings"]["kinto"] = round(time.perf_counter() - t0, 1)
     else:
-        report["kinto"] = {"available": False, "reason": "skipped (--no-kinto)"}
-    if cfg.foreign:
+        report["kinto"] = {
+            "available": False,
+            "reason": "skipped (--no-kinto, or no SQLite rows to load)",
+        }
+    if cfg.foreign and "sqlite" in cfg.server_dbs:
         log("100 hospitals: one hospital's delta, quiet and after foreign writes")
         t0 = time.perf_counter()
         try:
@@ -337,13 +382,16 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
             log(f"  scope churn could not run: {exc}")
             report["scope_churn"] = {"error": f"{type(exc).__name__}: {exc}"}
         report["timings"]["scope_churn"] = round(time.perf_counter() - t0, 1)
-    if cfg.pouchdb:
+    if cfg.pouchdb and records:
         log(f"PouchDB peer with {len(records):,} records")
         t0 = time.perf_counter()
         report["pouchdb"] = scenarios.pouchdb(records, workdir, log)
         report["timings"]["pouchdb"] = round(time.perf_counter() - t0, 1)
     else:
-        report["pouchdb"] = {"available": False, "reason": "skipped (--no-pouchdb)"}
+        report["pouchdb"] = {
+            "available": False,
+            "reason": "skipped (--no-pouchdb, or no SQLite rows to load)",
+        }
     env["loadavg_after"] = os.getloadavg()[0]
     ticks1 = _cpu_ticks()
     if ticks0 is not None and ticks1 is not None:
@@ -356,7 +404,7 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
                 f"[yellow]other processes kept {env['other_busy_cpus_during']} CPUs busy"
                 " during the run: timings suffer; repeat on a quiet machine[/]"
             )
-    report["ratios"] = ratios(report)
+    report["ratios"] = {**ratios(report), **pg_ratios(report)}
     report["targets"] = targets(report["ratios"])
     report["timings"]["total"] = round(time.perf_counter() - started, 1)
     return report

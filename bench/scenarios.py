@@ -105,8 +105,15 @@ def chunk_sweep(
 # -- delta ------------------------------------------------------------------------------
 
 
-def change_appointments(server_db: Path, count: int, rng: random.Random, tag: str) -> list[str]:
-    """Update ``count`` in-scope appointments with plain SQL, as a backoffice would."""
+def change_appointments(
+    server_db: Path | str, count: int, rng: random.Random, tag: str
+) -> list[str]:
+    """Update ``count`` in-scope appointments with plain SQL, as a backoffice would.
+
+    ``server_db`` is a SQLite file or a PostgreSQL URL (``bench.pgserver``).
+    """
+    if isinstance(server_db, str):
+        return _change_appointments_pg(server_db, count, rng, tag)
     conn = sqlite3.connect(server_db, isolation_level=None, timeout=30)
     try:
         high = conn.execute("SELECT max(rowid) FROM appointment").fetchone()[0]
@@ -127,9 +134,30 @@ def change_appointments(server_db: Path, count: int, rng: random.Random, tag: st
     return ids
 
 
+def _change_appointments_pg(url: str, count: int, rng: random.Random, tag: str) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=False) as conn:
+        conn.execute("SELECT setseed(%s)", (rng.random() * 2 - 1,))
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM appointment ORDER BY random() LIMIT %s", (count,)
+            ).fetchall()
+        ]
+        conn.commit()
+        with conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE appointment SET notes = %s, room = %s WHERE id = %s",
+                [(f"changed {tag} {i}", f"R{rng.randint(1, 40)}", a) for i, a in enumerate(ids)],
+            )
+        conn.commit()
+    return ids
+
+
 def delta_runs(
     server: ServerProcess,
-    server_db: Path,
+    server_db: Path | str,
     device_db: Path,
     changes: int,
     runs: int,

@@ -1,7 +1,9 @@
 """The hospital sync server in its own process (uvicorn on 127.0.0.1).
 
-Run as ``python -m bench.serverproc --db PATH --port N``; ``ServerProcess``
-starts it, waits until it answers, measures its CPU time and stops it.
+Run as ``python -m bench.serverproc --db PATH --port N`` (a SQLite file) or
+``--db postgresql+psycopg://...`` (any database URL the store takes);
+``ServerProcess`` starts it, waits until it answers, measures its CPU time and
+stops it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,12 +37,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def database_url(db: Path | str) -> str:
+    """The store URL of a bench server database: a SQLite file's path, or a URL."""
+    return db if isinstance(db, str) else f"sqlite:///{db}"
+
+
 class ServerProcess:
-    """A server subprocess on a free port; a context manager."""
+    """A server subprocess on a free port; a context manager.
+
+    ``db`` is a SQLite file or a database URL (``postgresql+psycopg://...``);
+    ``url`` serves that database instead of the SQLite file ``db``.
+    """
 
     def __init__(
         self,
-        db: Path,
+        db: Path | str,
         *,
         log: Path | None = None,
         snapshots: Path | None = None,
@@ -50,7 +62,13 @@ class ServerProcess:
         self.snapshots = snapshots  # serve prebuilt first copies for the bench's user
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log or db.with_suffix(".server.log")
+        if log is None:
+            log = (
+                db.with_suffix(".server.log")
+                if isinstance(db, Path)
+                else Path(tempfile.gettempdir()) / f"syncunit-bench-server-{self.port}.log"
+            )
+        self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
 
@@ -60,7 +78,7 @@ class ServerProcess:
             "-m",
             "bench.serverproc",
             "--db",
-            str(self.db),
+            database_url(self.db),
             "--port",
             str(self.port),
             *(["--snapshots", str(self.snapshots)] if self.snapshots else []),
@@ -116,7 +134,7 @@ class ServerProcess:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the hospital example for the bench.")
-    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--db", required=True, help="a SQLite file or a database URL")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--snapshots", type=Path, help="build and serve snapshot files here")
     parser.add_argument("--url", help="serve this database instead of --db (PostgreSQL)")
@@ -125,14 +143,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
     from hospital.server import build
 
-    if args.url is not None:
-        server = build(args.url)
-    elif args.snapshots is None:
-        server = build(f"sqlite:///{args.db}")
+    url = args.url or (args.db if "://" in args.db else database_url(Path(args.db)))
+    if args.snapshots is None:
+        server = build(url)
     else:
         # Built before serving, for the bench's user: a server that has been up a
         # while has them already (the first large copy builds them in the background).
-        server = build(f"sqlite:///{args.db}", snapshot_dir=args.snapshots, snapshot_min_rows=1)
+        server = build(url, snapshot_dir=args.snapshots, snapshot_min_rows=1)
         assert server.snapshots is not None
         params = {"hospital_id": 1}  # TOKEN's staff member works at hospital 1
         for stream in server.schema.units[UNIT].streams:
