@@ -59,6 +59,9 @@ class Config:
     pouchdb: bool = True
     foreign: bool = True
     server_dbs: tuple[str, ...] = ("sqlite", "postgres")  # the server's database, each run
+    #: Delta sizes on PostgreSQL (None: those up to the headline size; a 1M-row data set
+    #: takes minutes to generate there).
+    pg_delta_sizes: list[int] | None = None
 
     @property
     def headline_size(self) -> int:
@@ -139,6 +142,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " sqlite,postgres (default); the PostgreSQL rows use a throwaway cluster",
     )
     p.add_argument(
+        "--pg-delta-sizes",
+        type=_ints,
+        help="server table sizes for the delta on PostgreSQL (default: up to the headline size)",
+    )
+    p.add_argument(
         "--analyze",
         action="store_true",
         help="what-if: give the server databases SQLite planner statistics (ANALYZE)",
@@ -170,6 +178,8 @@ def config_from(args: argparse.Namespace) -> Config:
     cfg.analyze = args.analyze
     if args.server_db:
         cfg.server_dbs = args.server_db
+    if args.pg_delta_sizes:
+        cfg.pg_delta_sizes = args.pg_delta_sizes
     return cfg
 
 
@@ -343,7 +353,7 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
             workdir=workdir,
             headline=head,
             initial_sizes=[n for n in cfg.initial_sizes if n <= head],
-            delta_sizes=cfg.delta_sizes,
+            delta_sizes=cfg.pg_delta_sizes or [n for n in cfg.delta_sizes if n <= head],
             chunk_size=chunk,
             repeats=cfg.repeats,
             delta_runs=cfg.delta_runs,
