@@ -8,6 +8,8 @@ exactly the rows that changed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from hospital.models import appointment, doctor, hospital, patient, staff
 
@@ -339,3 +341,46 @@ def test_chunks_carry_only_the_streams_columns_and_rows_in_scope(tapped, tap, se
             if c.data:
                 assert c.columns == list(server.schema.streams[c.stream].columns)
         assert set(sent_keys(frames, "appointments")) <= set(appointments_of(store, 1))
+
+
+def test_a_delta_is_the_same_read_by_version_or_through_the_scope(server, monkeypatch):
+    """Few changes are found by version, many through the pinned scope: the same frames."""
+    from hospital.units import appointments
+
+    from syncunit.protocol import encode_frame
+    from syncunit.server import changes
+    from syncunit.server.changes import StreamReader
+    from syncunit.server.cursor import encode_cursor
+
+    store = server.store
+    reader = StreamReader(store, appointments, {"hospital_id": 1}, chunk_size=3)
+    with store.snapshot() as (conn, since):
+        facts = store.facts(conn)
+    token = encode_cursor(reader._cursor(facts["epoch"], "done", since=since, high=since))
+    mine, theirs = appointments_of(store, 1), appointments_of(store, 2)
+    d1, d2 = doctors_of(store, 1), doctors_of(store, 2)
+    a = appointment
+    with store.write() as conn:  # edits in and out of scope, moves both ways, a delete
+        conn.execute(a.update().where(a.c.id.in_(mine[:5])).values(room="R7"))
+        conn.execute(a.update().where(a.c.id.in_(theirs[:5])).values(room="R8"))
+        conn.execute(a.update().where(a.c.id == mine[6]).values(doctor_id=d2[0]))
+        conn.execute(a.update().where(a.c.id == theirs[6]).values(doctor_id=d1[0]))
+        conn.execute(a.delete().where(a.c.id == mine[7]))
+        conn.execute(doctor.update().where(doctor.c.id == d1[1]).values(name="Dr. Renamed"))
+
+    def delta(few: int) -> list[Any]:
+        monkeypatch.setattr(changes, "FEW_CHANGES", few)
+        with store.snapshot() as (conn, watermark):
+            assert reader._few_changes(conn, since) == (few > 0)
+            horizon = int(facts.get("horizon", "0"))
+            return list(reader.frames(conn, watermark, facts["epoch"], horizon, token))
+
+    by_version, pinned = delta(1_000), delta(0)
+    assert [encode_frame(f) for f in by_version] == [encode_frame(f) for f in pinned]
+    parts = [f for f in by_version if isinstance(f, Chunk)]
+    assert len(parts) > 4  # several chunks: their order and resume points agree too
+    upserted = {k for f in parts if f.data for k in f.data[f.columns.index("id")]}
+    removed = {k for f in parts for k in f.removed}
+    assert {*mine[:5], theirs[6]} <= upserted
+    assert not upserted & {*theirs[:5], mine[6], mine[7]}
+    assert {mine[6], mine[7]} <= removed

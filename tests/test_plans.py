@@ -97,3 +97,44 @@ def test_raw_reads_give_the_same_values_as_sqlalchemy(server: Any) -> None:
 
     assert [tuple(r) for r in raw] == [tuple(to_wire(v) for v in r) for r in typed]
     assert sa.DateTime in {type(c.type) for c in appointments.columns.values()}
+
+
+def _write_appointments(store: ServerStore, hospital_id: int, count: int) -> list[str]:
+    from hospital.models import appointment
+
+    from tests.support import appointments_of
+
+    keys = appointments_of(store, hospital_id)[:count]
+    with store.write() as conn:
+        conn.execute(appointment.update().where(appointment.c.id.in_(keys)).values(notes="moved"))
+    return keys
+
+
+def test_a_delta_after_few_writes_finds_them_by_version(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few changed rows (all scopes together) come from the end of the version index;
+    past ``FEW_CHANGES``, through the pinned scope, as other scopes' writes would cost."""
+    from syncunit.server import changes
+
+    store = server.store
+    _sqlite_only(store)
+    reader = StreamReader(store, appointments, {"hospital_id": 1}, chunk_size=100)
+    with store.snapshot() as (_, since):
+        pass
+    _write_appointments(store, 2, 3)  # another hospital's: they count all the same
+    with store.snapshot() as (conn, _):
+        monkeypatch.setattr(changes, "FEW_CHANGES", 3)
+        assert reader._few_changes(conn, since)
+        monkeypatch.setattr(changes, "FEW_CHANGES", 2)
+        assert not reader._few_changes(conn, since)
+    by_version = reader._delta_queries(pinned=False).upserts
+    params = {"hospital_id": 1, changes.SINCE: since}
+    plan = _plan(store, by_version, params)
+    big = ("SCAN appointment", "SCAN doctor", "SCAN patient", "SCAN ts_")
+    assert not [p for p in plan if p.startswith(big)], plan
+    assert any("ix_appointment_syncunit_version (syncunit_version>?)" in p for p in plan), plan
+    scoped = "ix_appointment_doctor_id_syncunit_version (doctor_id=? AND syncunit_version>?)"
+    assert not any(scoped in p for p in plan), plan
+    pinned = _plan(store, reader._delta_queries().upserts, params)
+    assert any(scoped in p for p in pinned), pinned

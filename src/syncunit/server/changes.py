@@ -39,12 +39,18 @@ from syncunit.server.cursor import Cursor, decode_cursor, encode_cursor
 from syncunit.server.removals import old_images, removal_keys
 from syncunit.server.shape import StreamShape
 from syncunit.server.store import ServerStore
-from syncunit.units import Stream, logical_type
+from syncunit.units import VERSION, Stream, logical_type
 
 MAX_FULL_STREAM_ROWS = 100_000
 #: A first copy walks the whole base table in key order when at least 1/N of it
 #: is in scope; a smaller scope is found through the filter's index and sorted.
 FULL_SCAN_SHARE = 4
+#: A delta whose base table changed in at most this many rows since the cursor (all
+#: scopes together) finds the changed rows through the version index alone, rather
+#: than through the pinned scope's (scope column, version) index: a few entries at
+#: the index's end cost less than one seek per pinned key (a hospital's doctors),
+#: whose B-trees deepen with the table. Past it, other scopes' writes would cost.
+FEW_CHANGES = 500
 
 
 def _iso(v: Any) -> Any:
@@ -197,11 +203,30 @@ class StreamReader:
     def _effective_version(self) -> ColumnElement[Any]:
         return self.shape.effective_version(self.store.greatest)
 
-    def _candidates(self, since: Any) -> sa.CompoundSelect[Any]:
+    def _candidates(self, since: Any, *, pinned: bool = True) -> sa.CompoundSelect[Any]:
         def images(table: sa.Table) -> Any:
             return old_images(self.store, self.shape, table, since, "joined")
 
-        return self.shape.candidates(since, images)
+        return self.shape.candidates(since, images, pinned=pinned)
+
+    def _few_changes(self, conn: Connection, since: int) -> bool:
+        """Whether the base table changed in at most ``FEW_CHANGES`` rows since ``since``
+        (read from the version index, at most that many entries); always False for a
+        stream without a pinned scope, whose candidates come by version anyway."""
+        if self.shape.driver is None:
+            return False
+        key = ("few", self.stream.base.name)
+        probe = self.store.query_cache.get(key)
+        if probe is None:
+            version = self.stream.base.c[VERSION]
+            recent = (
+                sa.select(sa.literal(1))
+                .where(version > sa.bindparam(SINCE, type_=sa.BigInteger))
+                .limit(FEW_CHANGES + 1)
+            )
+            probe = sa.select(sa.func.count()).select_from(recent.subquery())
+            self.store.query_cache[key] = probe
+        return bool(conn.execute(probe, {SINCE: since}).scalar_one() <= FEW_CHANGES)
 
     def _removals(self, since: Any, after: Any) -> sa.Select[Any]:
         in_scope = self.rows_select(drive_by_base=True)
@@ -236,10 +261,15 @@ class StreamReader:
         done = self._cursor(cur.epoch, "done", since=cur.high, high=cur.high)
         yield self._chunk([], [], done, reset=reset and not sent, complete=final)
 
-    def _delta_queries(self) -> _DeltaQueries:
+    def _delta_queries(self, *, pinned: bool = True) -> _DeltaQueries:
         """The stream's delta statements, built once per store with bind parameters
-        (SQLAlchemy then reuses their compiled form; a delta costs its SQL only)."""
-        cache_key = ("delta", self.stream.name, self.stream.definition_hash)
+        (SQLAlchemy then reuses their compiled form; a delta costs its SQL only).
+
+        ``pinned=False``: the base table's own changed rows come from its version
+        index rather than through the pinned scope (``FEW_CHANGES``); the scope
+        filter still selects the rows, so both give the same rows in the same order.
+        """
+        cache_key = ("delta", self.stream.name, self.stream.definition_hash, pinned)
         queries = self.store.query_cache.get(cache_key)
         if queries is None:
             s = self.stream
@@ -248,7 +278,7 @@ class StreamReader:
             upserts = (
                 self.rows_select(drive_by_base=True, raw=True)
                 .add_columns(ev.label("_ev"))
-                .where(s.key_column.in_(self._candidates(since)))
+                .where(s.key_column.in_(self._candidates(since, pinned=pinned)))
             )
             after_ev = sa.bindparam(AFTER_EV, type_=sa.BigInteger)
             after_key = sa.bindparam(AFTER_KEY, type_=s.key_column.type)
@@ -269,7 +299,7 @@ class StreamReader:
     def _delta_pass(self, conn: Connection, cur: Cursor, *, final: bool = True) -> Iterator[Any]:
         """Removals, then upserts, each streamed in chunks and resumable after any."""
         s = self.stream
-        q = self._delta_queries()
+        q = self._delta_queries(pinned=not self._few_changes(conn, cur.since or 0))
         params: dict[str, Any] = {**self.params, SINCE: cur.since or 0}
         gone_iter: Iterator[Sequence[Any]] = iter(())
         if cur.phase == "removals":

@@ -206,7 +206,11 @@ class StreamShape:
         return greatest(*(t.c[VERSION] for t in self.stream.tables))  # type: ignore[no-any-return]
 
     def candidates(
-        self, since: Any, old_images: Callable[[sa.Table], Any] | None = None
+        self,
+        since: Any,
+        old_images: Callable[[sa.Table], Any] | None = None,
+        *,
+        pinned: bool = True,
     ) -> sa.CompoundSelect[Any]:
         """Keys of base rows whose own row or a joined row changed after ``since``.
 
@@ -217,11 +221,13 @@ class StreamShape:
         A joined row deleted (or moved) since has no version to find it by: its
         tombstones' ``old_images`` (a subquery per table) find the base rows that
         joined it, whose copied columns now read NULL (or another row).
+        ``pinned=False`` drops the pinned scope from the base rows' part (a superset:
+        the caller's scope filter still applies), so the version index drives it.
         """
         s = self.stream
         pk = s.key_column
         own = sa.select(pk).where(s.base.c[VERSION] > since)
-        if self.driver is not None:
+        if self.driver is not None and pinned:
             own = own.where(self.driver.scope_keys())
         parts = [own]
         for j in s.joins:
