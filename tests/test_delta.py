@@ -344,7 +344,8 @@ def test_chunks_carry_only_the_streams_columns_and_rows_in_scope(tapped, tap, se
 
 
 def test_a_delta_is_the_same_read_by_version_or_through_the_scope(server, monkeypatch):
-    """Few changes are found by version, many through the pinned scope: the same frames."""
+    """Few changes are found by version, many through the pinned scope; on PostgreSQL a
+    few candidates are read first, then their rows by key: always the same frames."""
     from hospital.units import appointments
 
     from syncunit.protocol import encode_frame
@@ -368,8 +369,9 @@ def test_a_delta_is_the_same_read_by_version_or_through_the_scope(server, monkey
         conn.execute(a.delete().where(a.c.id == mine[7]))
         conn.execute(doctor.update().where(doctor.c.id == d1[1]).values(name="Dr. Renamed"))
 
-    def delta(few: int) -> list[Any]:
+    def delta(few: int, keyed: int = 1_000) -> list[Any]:
         monkeypatch.setattr(changes, "FEW_CHANGES", few)
+        monkeypatch.setattr(changes, "KEYED_CANDIDATES", keyed)  # PostgreSQL: keys first
         with store.snapshot() as (conn, watermark):
             assert reader._few_changes(conn, since) == (few > 0)
             horizon = int(facts.get("horizon", "0"))
@@ -377,6 +379,10 @@ def test_a_delta_is_the_same_read_by_version_or_through_the_scope(server, monkey
 
     by_version, pinned = delta(1_000), delta(0)
     assert [encode_frame(f) for f in by_version] == [encode_frame(f) for f in pinned]
+    for few in (1_000, 0):  # one statement, the candidate keys read first by none
+        assert [encode_frame(f) for f in delta(few, keyed=-1)] == [
+            encode_frame(f) for f in by_version
+        ]
     parts = [f for f in by_version if isinstance(f, Chunk)]
     assert len(parts) > 4  # several chunks: their order and resume points agree too
     upserted = {k for f in parts if f.data for k in f.data[f.columns.index("id")]}
