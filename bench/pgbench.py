@@ -154,7 +154,7 @@ def pg_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     for n, d in sorted(pg.get("delta", {}).items(), key=lambda kv: int(kv[0])):
         out.append((
             f"delta ({d['changes']} changes), PostgreSQL", f"{int(n):,}", f"{d['ms']} ms", "",
-            f"{d['bytes']:,}", f"server CPU {d['server_cpu_ms']} ms; no-change sync"
+            f"{d['bytes']:,}", f"server CPU {d.get('server_cpu_ms_mean')} ms (mean); no-change sync"
             f" {d['no_change_ms']} ms; runs {d['runs_ms']}",
         ))  # fmt: skip
     push = pg.get("push") or {}

@@ -170,7 +170,8 @@ def print_report(r: Report, console: Console) -> None:
             _fmt(d["ms"], " ms"),
             "",
             _fmt(d["bytes"]),
-            f"server CPU {d.get('server_cpu_ms')} ms; no-change sync {d['no_change_ms']} ms",
+            f"server CPU {d.get('server_cpu_ms_mean', d.get('server_cpu_ms'))} ms (mean);"
+            f" no-change sync {d['no_change_ms']} ms",
         )
     ap = r.get("anti_pattern") or {}
     if ap:
@@ -329,7 +330,7 @@ def to_markdown(r: Report) -> str:
             _fmt(d["ms"], " ms"),
             "",
             f"{d['bytes']:,}",
-            f"server CPU {d.get('server_cpu_ms')} ms;"
+            f"server CPU {d.get('server_cpu_ms_mean', d.get('server_cpu_ms'))} ms (mean);"
             f" no-change sync {d['no_change_ms']} ms; runs {d['runs_ms']}",
         )
     ap = r.get("anti_pattern") or {}
