@@ -11,10 +11,13 @@ then times one 10-row delta of hospital 1 twice, from the same cursor:
 
 The two states are two copies of one database, each served by its own server
 process; the same request goes to each in turn, ``--runs`` rounds, so both see
-the same machine load. Reported: the median and minimum ms of a request over
-real HTTP (the request, the server's reading and encoding, the response read
-whole) and the server's CPU ms per request. The target is busy/quiet <= 1.5.
-Prints a JSON report.
+the same machine load. On PostgreSQL (``run_foreign_pg``, part of the bench's
+PostgreSQL rows) a copy is another database with its own epoch, where the
+device's cursors would reset: the quiet rounds run first, then the foreign
+writes go into the same database, then the busy rounds. Reported: the median
+and minimum ms of a request over real HTTP (the request, the server's reading
+and encoding, the response read whole) and the server's CPU ms per request.
+The target is busy/quiet <= 1.5. Prints a JSON report.
 """
 
 from __future__ import annotations
@@ -38,28 +41,58 @@ from bench.serverproc import ServerProcess
 HOSPITALS = 100
 
 
-def build(db: Path, appointments: int, doctors: int) -> None:
+class _Postgres:
+    """A psycopg connection that takes this module's SQLite-style statements."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(url.replace("+psycopg", ""), autocommit=True)
+
+    @staticmethod
+    def _sql(sql: str) -> Any:
+        return "BEGIN" if sql == "BEGIN IMMEDIATE" else sql.replace("?", "%s")
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        return self.conn.execute(self._sql(sql), params or None)
+
+    def executemany(self, sql: str, seq: Any) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(self._sql(sql), seq)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _connect(db: Path | str) -> Any:
+    """A SQLite file, or a PostgreSQL URL (``bench.pgserver``)."""
+    if isinstance(db, str):
+        return _Postgres(db)
+    return sqlite3.connect(db, isolation_level=None, timeout=30)
+
+
+def build(db: Path | str, appointments: int, doctors: int) -> None:
     ensure_paths()
     from hospital.generate import generate
     from hospital.server import build as build_server
 
-    server = build_server(f"sqlite:///{db}")
+    server = build_server(db if isinstance(db, str) else f"sqlite:///{db}")
     generate(server.store.engine, appointments=appointments, hospitals=HOSPITALS, doctors=doctors)
     server.store.engine.dispose()
 
 
-def _ids(conn: sqlite3.Connection, sql: str, *params: Any) -> list[Any]:
+def _ids(conn: Any, sql: str, *params: Any) -> list[Any]:
     return [r[0] for r in conn.execute(sql, params)]
 
 
-def change_mine(db: Path, count: int, rng: random.Random) -> list[str]:
+def change_mine(db: Path | str, count: int, rng: random.Random) -> list[str]:
     """Update ``count`` appointments of hospital 1 (the measured device's scope)."""
-    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    conn = _connect(db)
     try:
         mine = _ids(
             conn,
             "SELECT a.id FROM appointment a JOIN doctor d ON d.id = a.doctor_id"
-            " WHERE d.hospital_id = 1",
+            " WHERE d.hospital_id = 1 ORDER BY a.id",
         )
         picked = rng.sample(mine, count)
         conn.execute("BEGIN IMMEDIATE")
@@ -73,9 +106,9 @@ def change_mine(db: Path, count: int, rng: random.Random) -> list[str]:
     return picked
 
 
-def foreign_writes(db: Path, count: int, rng: random.Random) -> dict[str, int]:
+def foreign_writes(db: Path | str, count: int, rng: random.Random) -> dict[str, int]:
     """``count`` writes in hospitals 2..100, each its own row version, in batches."""
-    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    conn = _connect(db)
     kinds = {"update": 0, "insert": 0, "delete": 0, "move": 0}
     try:
         doctors: dict[int, list[int]] = {}
@@ -242,6 +275,57 @@ def run_foreign(
             result["busy"]["server_cpu_ms"] / max(result["quiet"]["server_cpu_ms"], 0.01), 2
         )
         rows_q, rows_b = result["quiet"]["rows"], result["busy"]["rows"]
+    if rows_q != changes or rows_b != changes:
+        report["error"] = f"the deltas brought {rows_q} and {rows_b} rows, not {changes}"
+    return report
+
+
+def run_foreign_pg(
+    pg: Any,
+    *,
+    appointments: int = 100_000,
+    doctors: int = 1_000,
+    foreign: int = 50_000,
+    changes: int = 10,
+    runs: int = 15,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """The same figure with the server on PostgreSQL (``pg``: a ``PostgresDatasets``):
+    quiet rounds, then the foreign writes into the same database, then busy rounds."""
+    ensure_paths()
+    from syncunit.client import SyncClient
+
+    rng = random.Random(8)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        pg.sql('CREATE DATABASE "scope_churn"')
+        url = pg.url("scope_churn")
+        started = time.perf_counter()
+        build(url, appointments, doctors)
+        pg.sql("VACUUM ANALYZE", "scope_churn")
+        report: dict[str, Any] = {
+            "hospitals": HOSPITALS,
+            "appointments": appointments,
+            "build_s": round(time.perf_counter() - started, 1),
+            "order": "quiet rounds, then the foreign writes, then busy rounds (one database)",
+        }
+        with ServerProcess(url, log=Path(tmp) / "server.log") as server:
+            with SyncClient(server.url, Path(tmp) / "device.sqlite", token=TOKEN) as device:
+                device.sync(UNIT)
+                names = [s for u in device.catalog().units if u.name == UNIT for s in u.streams]
+                cursors = device.store.cursors(names)
+            change_mine(url, changes, rng)
+            result = timed_deltas({"quiet": server}, cursors, runs)
+            started = time.perf_counter()
+            report["foreign_writes"] = foreign_writes(url, foreign, rng)
+            report["foreign_write_s"] = round(time.perf_counter() - started, 1)
+            result.update(timed_deltas({"busy": server}, cursors, runs))
+        pg.drop(url)
+    report.update(result)
+    report["ratio"] = round(result["busy"]["ms"] / result["quiet"]["ms"], 2)
+    report["cpu_ratio"] = round(
+        result["busy"]["server_cpu_ms"] / max(result["quiet"]["server_cpu_ms"], 0.01), 2
+    )
+    rows_q, rows_b = result["quiet"]["rows"], result["busy"]["rows"]
     if rows_q != changes or rows_b != changes:
         report["error"] = f"the deltas brought {rows_q} and {rows_b} rows, not {changes}"
     return report

@@ -3,11 +3,11 @@
 The same hospital data sets, client and scenarios as the SQLite rows
 (``bench.scenarios``); only the server's database changes: a throwaway
 PostgreSQL cluster (``bench.pgserver``), one fresh copy of the data set per
-size. The 100-hospital scope churn stays on SQLite: it copies the server
-file to compare a quiet and a busy server, which on PostgreSQL would be a
-second database in the same cluster sharing its buffers, not the same
-comparison. Returns ``{"available": False, "reason": ...}`` when PostgreSQL
-cannot run here, as the peers do.
+size, and the 100-hospital scope churn (``bench.foreign.run_foreign_pg``:
+quiet rounds, then the foreign writes, then busy rounds, in one database,
+since a copy would have its own epoch and reset the device). Returns
+``{"available": False, "reason": ...}`` when PostgreSQL cannot run here, as
+the peers do.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def run_postgres(
     changes: int,
     push_mutations: int,
     log: Log,
+    scope_churn: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Initial syncs, deltas and the push with the server on PostgreSQL."""
     reason = unavailable_reason()
@@ -49,10 +50,7 @@ def run_postgres(
         "push": None,
         "datasets": {},
         "server_peak_rss_mb": {},
-        "scope_churn": {
-            "available": False,
-            "reason": "runs on SQLite only: it compares two copies of one server file",
-        },
+        "scope_churn": None,
     }
     sizes = sorted(set(initial_sizes) | set(delta_sizes) | {headline})
     try:
@@ -84,6 +82,12 @@ def run_postgres(
                 pg.drop(url)
                 for path in workdir.glob(f"*-{n}.sqlite*"):
                     path.unlink()
+            if scope_churn is not None:
+                log("PostgreSQL: one hospital's delta of 100, quiet and after foreign writes")
+                from bench.foreign import run_foreign_pg
+
+                out["scope_churn"] = run_foreign_pg(pg, workdir=workdir, **scope_churn)
+                log(f"  PostgreSQL scope churn: {out['scope_churn'].get('ratio')}")
     except Exception as exc:  # figures of their own: never fail the bench for them
         log(f"  PostgreSQL rows could not run: {exc}")
         out["error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
@@ -129,6 +133,7 @@ def pg_ratios(r: dict[str, Any]) -> dict[str, Any]:
         )
         if len(deltas) > 1
         else None,
+        "pg_scope_churn_busy_vs_quiet": get(pg, "scope_churn", "ratio"),
         "pg_push_mutations_per_s": get(pg, "push", "mutations_per_s"),
         "pg_push_vs_sqlite": div(
             get(pg, "push", "mutations_per_s"), get(r, "push", "mutations_per_s")
@@ -156,6 +161,15 @@ def pg_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
             f"delta ({d['changes']} changes), PostgreSQL", f"{int(n):,}", f"{d['ms']} ms", "",
             f"{d['bytes']:,}", f"server CPU {d.get('server_cpu_ms_mean')} ms (mean); no-change sync"
             f" {d['no_change_ms']} ms; runs {d['runs_ms']}",
+        ))  # fmt: skip
+    churn = pg.get("scope_churn") or {}
+    if churn.get("ratio") is not None:
+        out.append((
+            "scope churn, PostgreSQL", f"{churn['appointments']:,}",
+            f"{churn['quiet']['ms']} / {churn['busy']['ms']} ms", f"{churn['ratio']}x", "",
+            f"10-row delta, quiet / after {sum(churn['foreign_writes'].values()):,} foreign"
+            f" writes; server CPU {churn['quiet']['server_cpu_ms']} /"
+            f" {churn['busy']['server_cpu_ms']} ms",
         ))  # fmt: skip
     push = pg.get("push") or {}
     if push:

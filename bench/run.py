@@ -360,6 +360,13 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
             changes=cfg.changes,
             push_mutations=cfg.push_mutations,
             log=log,
+            scope_churn=(
+                None
+                if not cfg.foreign
+                else {"appointments": 20_000, "doctors": 200, "foreign": 5_000, "runs": 5}
+                if cfg.quick
+                else {"appointments": 100_000, "doctors": 1_000, "foreign": 50_000, "runs": 15}
+            ),
         )
         report["timings"]["postgres"] = round(time.perf_counter() - t0, 1)
     else:
