@@ -83,7 +83,7 @@ def run_postgres(
                 for path in workdir.glob(f"*-{n}.sqlite*"):
                     path.unlink()
             if scope_churn is not None:
-                log("PostgreSQL: one hospital's delta of 100, quiet and after foreign writes")
+                log("PostgreSQL: one hospital's 10-row delta, quiet and after foreign writes")
                 from bench.foreign import run_foreign_pg
 
                 out["scope_churn"] = run_foreign_pg(pg, workdir=workdir, **scope_churn)
@@ -134,6 +134,7 @@ def pg_ratios(r: dict[str, Any]) -> dict[str, Any]:
         if len(deltas) > 1
         else None,
         "pg_scope_churn_busy_vs_quiet": get(pg, "scope_churn", "ratio"),
+        "pg_scope_churn_analyzed_vs_quiet": get(pg, "scope_churn", "ratio_analyzed"),
         "pg_push_mutations_per_s": get(pg, "push", "mutations_per_s"),
         "pg_push_vs_sqlite": div(
             get(pg, "push", "mutations_per_s"), get(r, "push", "mutations_per_s")
@@ -166,10 +167,10 @@ def pg_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     if churn.get("ratio") is not None:
         out.append((
             "scope churn, PostgreSQL", f"{churn['appointments']:,}",
-            f"{churn['quiet']['ms']} / {churn['busy']['ms']} ms", f"{churn['ratio']}x", "",
-            f"10-row delta, quiet / after {sum(churn['foreign_writes'].values()):,} foreign"
-            f" writes; server CPU {churn['quiet']['server_cpu_ms']} /"
-            f" {churn['busy']['server_cpu_ms']} ms",
+            f"{churn['quiet']['ms']} / {churn['busy']['ms']} /"
+            f" {churn['busy_analyzed']['ms']} ms", f"{churn['ratio']}x", "",
+            f"10-row delta: quiet / after {sum(churn['foreign_writes'].values()):,} foreign"
+            f" writes / the same after ANALYZE ({churn['ratio_analyzed']}x)",
         ))  # fmt: skip
     push = pg.get("push") or {}
     if push:
