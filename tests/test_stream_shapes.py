@@ -314,3 +314,30 @@ def test_a_deleted_joined_row_clears_the_columns_copied_from_it(shaped, store, p
     assert victim not in names
     assert None in names
     _check(server, ana, "lisbon")
+
+
+def test_removals_never_name_a_row_created_after_its_joined_row_left(
+    shaped, store, plain_sql, tap
+):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon", transport=tap)
+    ana.sync("Pull")
+    doc = _keys(store, sa.select(doctor.c.id).where(doctor.c.hospital_id == 1))[0]
+    left = set(_keys(store, sa.select(appointment.c.id).where(appointment.c.doctor_id == doc)))
+    assert left <= local_keys(ana, "LocalCityAppointment")
+    # A Lisbon doctor moves to Porto; only then is an appointment booked with them. Its
+    # row never existed while the doctor was in Lisbon: Ana must not learn its key.
+    plain_sql("UPDATE doctor SET hospital_id = 2 WHERE id = :d", {"d": doc})
+    plain_sql(
+        "INSERT INTO appointment (id, doctor_id, patient_id, starts_at, ends_at, status,"
+        " room, notes) SELECT 'created-later', :d, patient_id, starts_at, ends_at, status,"
+        " room, notes FROM appointment WHERE doctor_id = :d AND id = :k",
+        {"d": doc, "k": sorted(left)[0]},
+    )
+
+    ana.sync("Pull")
+
+    removed = set(removed_keys(tap.last, "city_appointments"))
+    assert "created-later" not in removed
+    assert removed == left
+    _check(server, ana, "lisbon")

@@ -37,7 +37,10 @@ __all__ = ["Direction", "Join", "Param", "Stream", "SyncSchema", "SyncUnit", "lo
 VERSION = "syncunit_version"
 CREATED_AT = "syncunit_created_at"
 UPDATED_AT = "syncunit_updated_at"
-TRACKING_COLUMNS = (VERSION, CREATED_AT, UPDATED_AT)
+#: The watermark when the row was created (or its key last changed): every tombstone
+#: at or below it was written before the row existed (NULL: before tracking kept it).
+CREATED_VERSION = "syncunit_created_version"
+TRACKING_COLUMNS = (VERSION, CREATED_AT, UPDATED_AT, CREATED_VERSION)
 
 
 def add_tracking_columns(table: sa.Table) -> None:
@@ -46,6 +49,8 @@ def add_tracking_columns(table: sa.Table) -> None:
         table.append_column(sa.Column(VERSION, sa.BigInteger, nullable=True))
         table.append_column(sa.Column(CREATED_AT, sa.String(32), nullable=True))
         table.append_column(sa.Column(UPDATED_AT, sa.String(32), nullable=True))
+    if CREATED_VERSION not in table.c:
+        table.append_column(sa.Column(CREATED_VERSION, sa.BigInteger, nullable=True))
 
 
 Direction = Literal["pull", "push", "both"]

@@ -11,11 +11,13 @@ has ``syncunit_meta`` but no such fact: it is at version 1.
 **Tracking definition.** Per tracked table, what the triggers do: the key
 columns, the columns a tombstone keeps (key and scope columns, the *image*),
 and the unique column sets an ``INSERT OR REPLACE`` can conflict on. It is
-stored as the fact ``tracking:<table>``: its hash, and for each image column
-the version since which tombstones keep it. A stream's cursor is valid only if
-every column it needs has been kept since the cursor's version (see
+stored as the fact ``tracking:<table>``: its hash, for each image column
+the version since which tombstones keep it, and (``created``) the version since
+which the triggers stamp each new row's creation. A stream's cursor is valid
+only if everything it needs has been kept since the cursor's version (see
 ``tracking_horizon``): a definition that changed resets exactly the streams
-whose removals the old tombstones cannot prove.
+whose removals the old tombstones cannot prove. Only streams whose filter reads
+a joined table need creation stamps, so adding them resets only those.
 
 **Install.** A start with the same definition reads and changes nothing. Any
 other start takes the store's write lock, re-reads, migrates and re-installs
@@ -35,6 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from syncunit.server.shape import tables_read
 from syncunit.units import Stream, SyncSchema
 
 if TYPE_CHECKING:
@@ -157,13 +160,14 @@ class TableTracking:
         raw = json.dumps([self.format, self.key, self.image, self.uniques])
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
-    def record(self, since: Mapping[str, int | str]) -> dict[str, Any]:
+    def record(self, since: Mapping[str, int | str], created: int | str) -> dict[str, Any]:
         return {
             "hash": self.hash,
             "key": list(self.key),
             "uniques": [list(u) for u in self.uniques],
             "format": self.format,
             "columns": {c: since[c] for c in self.image},
+            "created": created,
         }
 
     @classmethod
@@ -222,6 +226,12 @@ def stream_needs(stream: Stream) -> dict[str, set[str]]:
     return {t.name: set(_key_of(t)) | scope.get(t.name, set()) for t in stream.tables}
 
 
+def needs_creation(stream: Stream) -> bool:
+    """Whether ``stream``'s removals read creation stamps: when its filter reads a joined
+    table, a current row is paired with old states only if it existed then."""
+    return any(t is not stream.base for t in tables_read(stream.where))
+
+
 def tracking_horizon(facts: Mapping[str, str], stream: Stream) -> int | None:
     """The lowest cursor version whose removals tombstones can prove for ``stream``.
 
@@ -229,15 +239,21 @@ def tracking_horizon(facts: Mapping[str, str], stream: Stream) -> int | None:
     installed was made for another definition of the streams).
     """
     horizon = 0
+    creation = needs_creation(stream)
     for table, cols in stream_needs(stream).items():
         raw = facts.get(TRACKING_PREFIX + table)
         if raw is None:
             return None
-        kept = json.loads(raw)["columns"]
+        rec = json.loads(raw)
+        kept = rec["columns"]
         for c in cols:
             if c not in kept:
                 return None
             horizon = max(horizon, int(kept[c]))
+        if creation:
+            if rec.get("created") is None:
+                return None
+            horizon = max(horizon, int(rec["created"]))
     return horizon
 
 
@@ -250,10 +266,15 @@ def _fact_sql(key: str, value_sql: str, *, literal: bool = True) -> list[str]:
     ]
 
 
-def _record_sql(store: ServerStore, t: TableTracking, since: Mapping[str, int | None]) -> list[str]:
+def _record_sql(
+    store: ServerStore, t: TableTracking, since: Mapping[str, int | None], created: int | None
+) -> list[str]:
     """Statements writing ``t``'s fact; a None ``since`` becomes the clock when they run."""
     mark = "@@since@@"
-    rec = t.record({c: (mark if v is None else v) for c, v in since.items()})
+    rec = t.record(
+        {c: (mark if v is None else v) for c, v in since.items()},
+        mark if created is None else created,
+    )
     text = json.dumps(rec, sort_keys=True).replace("'", "''")
     value = "'" + text.replace(f'"{mark}"', f"' || {store.clock_sql()} || '") + "'"
     return _fact_sql(TRACKING_PREFIX + t.table, value, literal=False)
@@ -308,6 +329,7 @@ def install_ddl(
         out += store.advance_clock_sql()  # see ``install``
     for want, why in todo:
         since: dict[str, int | None] = dict.fromkeys(want.image, clock)
+        created = clock  # creation stamps: kept from a previous format that made them
         raw = facts.get(TRACKING_PREFIX + want.table)
         if raw is not None and why == "changed":
             rec = json.loads(raw)
@@ -316,6 +338,8 @@ def install_ddl(
                 for c, v in rec["columns"].items():
                     if c in since:
                         since[c] = int(v)
+                if rec.get("created") is not None:
+                    created = int(rec["created"])
         elif raw is None and conn is not None:
             # Tracked by a version that kept no facts (0.1): its triggers say what they kept.
             for c in store.legacy_image(conn, want.table) or ():
@@ -326,7 +350,7 @@ def install_ddl(
         if conn is not None:
             have = {c["name"] for c in sa.inspect(conn).get_columns(want.table)}
         out += store.table_tracking_ddl(table, want, have)
-        out += _record_sql(store, want, since)
+        out += _record_sql(store, want, since, created)
     return out
 
 

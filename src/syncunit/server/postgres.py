@@ -37,13 +37,21 @@ from sqlalchemy.sql.elements import ColumnElement
 from syncunit.errors import DatabaseRestored
 from syncunit.server.migrations import TableTracking
 from syncunit.server.store import ServerStore, WatermarkLag, tombstones
-from syncunit.units import CREATED_AT, TRACKING_COLUMNS, UPDATED_AT, VERSION, SyncSchema
+from syncunit.units import (
+    CREATED_AT,
+    CREATED_VERSION,
+    TRACKING_COLUMNS,
+    UPDATED_AT,
+    VERSION,
+    SyncSchema,
+)
 
 __all__ = ["PostgresStore", "postgres_engine"]
 
 _XID = "pg_current_xact_id()::text::bigint"
 _NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
-WATERMARK_SQL = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1"
+_WATERMARK = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1"
+WATERMARK_SQL = f"SELECT {_WATERMARK}"
 #: Who this database is: the cluster's system identifier and the database's oid.
 #: A restore with pg_restore (a new database) or into another cluster changes it.
 _IDENTITY_SQL = (
@@ -82,6 +90,22 @@ BEGIN
   VALUES (TG_ARGV[0], {_XID}, CASE TG_OP WHEN 'DELETE' THEN 'delete' ELSE 'move' END,
           image::text, {_NOW});
   RETURN NULL;
+END $$""",
+    # A row's creation: on insert, and on an update of its key (TG_ARGV: the key
+    # columns), the watermark; on any other update the value it had.
+    f"""CREATE OR REPLACE FUNCTION syncunit_created() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  created boolean := TG_OP = 'INSERT';
+BEGIN
+  FOR i IN 0 .. TG_NARGS - 1 LOOP
+    created := created OR (to_jsonb(OLD) -> TG_ARGV[i]) IS DISTINCT FROM (to_jsonb(NEW) -> TG_ARGV[i]);
+  END LOOP;
+  IF created THEN
+    NEW.{CREATED_VERSION} := {_WATERMARK};
+  ELSE
+    NEW.{CREATED_VERSION} := OLD.{CREATED_VERSION};
+  END IF;
+  RETURN NEW;
 END $$""",
     # TRUNCATE removes rows without row triggers: every cursor older than this
     # transaction must re-download (the horizon moves to it).
@@ -207,7 +231,7 @@ class PostgresStore(ServerStore):
 
     # -- installing tracking (the neutral part is ``migrations``) ----------------------
 
-    tracking_format = "postgresql/1"
+    tracking_format = "postgresql/2"
 
     def migration_ddl(self, number: int) -> list[str]:
         if number == 1:
@@ -239,13 +263,14 @@ class PostgresStore(ServerStore):
         q = self.engine.dialect.identifier_preparer.quote
         t = q(table.name)
         out = list(_FUNCTIONS)
-        for col, typ in zip(TRACKING_COLUMNS, ("BIGINT", "TEXT", "TEXT"), strict=True):
+        for col, typ in zip(TRACKING_COLUMNS, ("BIGINT", "TEXT", "TEXT", "BIGINT"), strict=True):
             if col not in have:
                 out.append(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {col} {typ}")
         out.append(
             f"CREATE INDEX IF NOT EXISTS {q('ix_' + table.name + '_' + VERSION)} ON {t} ({VERSION})"
         )
         out += [f"DROP TRIGGER IF EXISTS {q(n)} ON {t}" for n in _trigger_names(tracking.table)]
+        out += [f"DROP TRIGGER IF EXISTS {q(n)} ON {t}" for n in _created_triggers(tracking.table)]
         out += self._triggers(tracking)
         # Rows written before tracking existed get one version, so a first sync sees them.
         out.append(f"UPDATE {t} SET {VERSION} = {_XID} WHERE {VERSION} IS NULL")
@@ -260,7 +285,10 @@ class PostgresStore(ServerStore):
           scope): a tombstone with the old values of the kept columns; the
           function takes the logical table name and those columns as arguments;
         * after a TRUNCATE: the horizon moves to this transaction, so every
-          cursor from before re-downloads (no row triggers fire).
+          cursor from before re-downloads (no row triggers fire);
+        * creation (two more): an insert, or an update of the key, writes the
+          watermark in ``syncunit_created_version``; any other update keeps it,
+          whatever the writer wrote. Removals use it to tell a row created later.
 
         ``INSERT ... ON CONFLICT DO UPDATE`` fires the update triggers; ``DO
         NOTHING`` writes nothing, so it leaves nothing.
@@ -279,6 +307,23 @@ class PostgresStore(ServerStore):
             f" WHEN ({moved}) EXECUTE FUNCTION syncunit_tombstone({args})",
             f"CREATE TRIGGER {tt} AFTER TRUNCATE ON {t}"
             " FOR EACH STATEMENT EXECUTE FUNCTION syncunit_truncated()",
+            *self._created_triggers(tr),
+        ]
+
+    def _created_triggers(self, tr: TableTracking) -> list[str]:
+        q = self.engine.dialect.identifier_preparer.quote
+        t = q(tr.table)
+        keys = ", ".join(_literal(c) for c in tr.key)
+        c = CREATED_VERSION
+        changed = " OR ".join(
+            f"OLD.{x} IS DISTINCT FROM NEW.{x}" for x in (*(q(k) for k in tr.key), c)
+        )
+        on_insert, on_update = (q(n) for n in _created_triggers(tr.table))
+        return [
+            f"CREATE TRIGGER {on_insert} BEFORE INSERT ON {t}"
+            " FOR EACH ROW EXECUTE FUNCTION syncunit_created()",
+            f"CREATE TRIGGER {on_update} BEFORE UPDATE ON {t} FOR EACH ROW"
+            f" WHEN ({changed}) EXECUTE FUNCTION syncunit_created({keys})",
         ]
 
     def tracking_intact(self, conn: Connection, tracking: TableTracking) -> bool:
@@ -297,6 +342,10 @@ class PostgresStore(ServerStore):
             au: ("syncunit_tombstone", args),
             tt: ("syncunit_truncated", ""),
         }
+        if tracking.format != "postgresql/1":  # the first format stamped no creation
+            on_insert, on_update = _created_triggers(tracking.table)
+            want[on_insert] = ("syncunit_created", "")
+            want[on_update] = ("syncunit_created", "\\000".join(tracking.key) + "\\000")
         return all(
             name in found
             and found[name][1] == "O"  # enabled (not 'D', nor only on replicas)
@@ -416,6 +465,11 @@ class PostgresStore(ServerStore):
 def _trigger_names(table: str) -> tuple[str, str, str, str]:
     """Stamp, after-delete, after-update and truncate triggers of ``table``."""
     return tuple(f"syncunit_{table}_{s}" for s in ("stamp", "ad", "au", "tr"))  # type: ignore[return-value]
+
+
+def _created_triggers(table: str) -> tuple[str, str]:
+    """The triggers stamping a row's creation: on insert, and on an update of its key."""
+    return f"syncunit_{table}_created", f"syncunit_{table}_recreated"
 
 
 def _literal(value: str) -> str:

@@ -15,6 +15,11 @@ The removals are then, exactly (see docs/architecture.md):
     an old image recorded after ``since``, each table joined to the next by
     the join conditions evaluated on those states.
 
+A current row takes part only if it existed at that moment: its creation stamp
+(``syncunit_created_version``, the watermark when it was inserted or its key
+changed) lies below the moment, so a row created after a joined row left the
+scope is never paired with that joined row's old state.
+
 Combinations with no old image are the current state: in scope now, not a
 removal. Two tables on the path changing in one window (a hospital's city and
 the doctor's hospital) are both covered, since the combination of the doctor's
@@ -33,6 +38,7 @@ from sqlalchemy.sql import visitors
 
 from syncunit.server.shape import StreamShape
 from syncunit.server.store import ServerStore, tombstones
+from syncunit.units import CREATED_VERSION
 
 __all__ = ["removal_keys"]
 
@@ -184,7 +190,9 @@ def _combination(
         q = q.where(sub(s.where))
     # One moment: just before the earliest of the images' tombstones. Each image must
     # be its row's state then (its row's first tombstone since that moment), and each
-    # current row must have been current then (no tombstone since that moment).
+    # current row must have been current then: created before it (every tombstone at
+    # or below its creation stamp was written before it existed; none: older than
+    # the stamps) and no tombstone since.
     at = store.least(*(olds[t.name].c[RECORDED] for t in images))
     for t in shape.filter_tables():
         if t.name in olds:
@@ -195,6 +203,8 @@ def _combination(
             # coalesce(): no type affinity, so SQLite uses the index on the old value.
             keys = [sa.func.coalesce(c, None) for c in t.primary_key.columns]
             q = q.where(~_changed_since(store, t, keys, at, None, n))
+            created = t.c[CREATED_VERSION]
+            q = q.where(sa.or_(created.is_(None), created < at))
     return q
 
 

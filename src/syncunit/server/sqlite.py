@@ -20,7 +20,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.server.migrations import TableTracking
 from syncunit.server.store import ServerStore
-from syncunit.units import CREATED_AT, TRACKING_COLUMNS, UPDATED_AT, VERSION
+from syncunit.units import CREATED_AT, CREATED_VERSION, TRACKING_COLUMNS, UPDATED_AT, VERSION
 
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _BUMP = "UPDATE syncunit_clock SET version = version + 1 WHERE id = 1"
@@ -178,7 +178,7 @@ class SQLiteStore(ServerStore):
 
     # -- tracking ----------------------------------------------------------------------
 
-    tracking_format = "sqlite/2"
+    tracking_format = "sqlite/3"
 
     def migration_ddl(self, number: int) -> list[str]:
         return list(_MIGRATIONS.get(number, []))
@@ -195,7 +195,7 @@ class SQLiteStore(ServerStore):
         q = self.engine.dialect.identifier_preparer.quote
         t = q(table.name)
         out: list[str] = []
-        for col, typ in zip(TRACKING_COLUMNS, ("INTEGER", "TEXT", "TEXT"), strict=True):
+        for col, typ in zip(TRACKING_COLUMNS, ("INTEGER", "TEXT", "TEXT", "INTEGER"), strict=True):
             if col not in have:
                 out.append(f"ALTER TABLE {t} ADD COLUMN {col} {typ}")
         out.append(
@@ -244,7 +244,10 @@ class SQLiteStore(ServerStore):
           (an ORM saving a stale object writes an old one); a change of a kept
           column leaves a ``move`` tombstone; rows an ``UPDATE OR REPLACE``
           replaced become tombstones;
-        * delete (each row, also of a bulk ``DELETE``): a ``delete`` tombstone.
+        * delete (each row, also of a bulk ``DELETE``): a ``delete`` tombstone;
+        * creation: an insert, or an update that changes the key, stamps the
+          clock in ``syncunit_created_version`` (any other update keeps it, whatever
+          the writer wrote), so removals can tell a row created later.
 
         Only the trigger's own stamp is not tracked: it writes the current clock,
         which a writer's stale version never equals (nor does an unchanged one).
@@ -271,6 +274,8 @@ class SQLiteStore(ServerStore):
         moved = " OR ".join(f"OLD.{q(c)} IS NOT NEW.{q(c)}" for c in tr.image)
         own_stamp = f"NEW.{VERSION} IS NOT OLD.{VERSION} AND NEW.{VERSION} IS {_CURRENT}"
         same_key = " AND ".join(f"json_extract(old, '$.{c}') IS NEW.{q(c)}" for c in tr.key)
+        rekeyed = " OR ".join(f"OLD.{q(c)} IS NOT NEW.{q(c)}" for c in tr.key)
+        created = CREATED_VERSION
 
         def trig(suffix: str) -> str:
             return "CREATE TRIGGER " + q(f"syncunit_{name}_{suffix}")
@@ -281,8 +286,8 @@ class SQLiteStore(ServerStore):
             f"{trig('ai')} AFTER INSERT ON {t} BEGIN {_BUMP};"
             f" UPDATE {_STAGING} SET kind = 'move' WHERE table_name = '{name}' AND {same_key};"
             f" {promote}; {clear};"
-            f" {stamp}, {CREATED_AT} = COALESCE(NEW.{CREATED_AT}, {_NOW})"
-            f" WHERE {same(tr.key, t, 'NEW')}; END",
+            f" {stamp}, {CREATED_AT} = COALESCE(NEW.{CREATED_AT}, {_NOW}),"
+            f" {created} = {_CURRENT} WHERE {same(tr.key, t, 'NEW')}; END",
             f"{trig('bu')} BEFORE UPDATE ON {t} WHEN NOT ({own_stamp}) BEGIN {clear};"
             f" {stage} SELECT '{name}', 'delete', {image(t)} FROM {t}"
             f" WHERE ({conflict}) AND NOT ({same(tr.key, t, 'OLD')}); END",
@@ -290,7 +295,8 @@ class SQLiteStore(ServerStore):
             f" {promote}; {clear};"
             f" INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)"
             f" SELECT '{name}', {_CURRENT}, 'move', {image('OLD')}, {_NOW} WHERE {moved};"
-            f" {stamp} WHERE {same(tr.key, t, 'NEW')}; END",
+            f" {stamp}, {created} = CASE WHEN {rekeyed} THEN {_CURRENT}"
+            f" ELSE OLD.{created} END WHERE {same(tr.key, t, 'NEW')}; END",
             f"{trig('ad')} AFTER DELETE ON {t} BEGIN {_BUMP};"
             f" INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)"
             f" VALUES ('{name}', {_CURRENT}, 'delete', {image('OLD')}, {_NOW}); END",
