@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from syncunit.server import Principal, SyncServer, TokenAuth, open_store
-from syncunit.server.migrations import LATEST, MIGRATIONS
+from syncunit.server.migrations import LATEST, MIGRATIONS, TableTracking
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import (
     expected_rows,
@@ -242,3 +242,97 @@ def test_a_writer_that_disables_tracking_is_caught_at_the_next_start(
     assert result.resets == ["items"]
     assert local_rows(device, server, items) == expected_rows(server, items, NORTH)
     assert trigger_names(store.engine) == triggers
+
+
+def _creation_stamps_arrive(server, serve, plain_sql, early, late):
+    """After an upgrade that adds creation stamps: a cursor whose window holds a joined
+    row's move from before them resets (its removals could name a row created later,
+    unstamped); a later one stays valid, and removals never name a foreign key."""
+    url = serve(server.app).url
+    before = raw_sync(url, "Items", token="t-north", cursors=early)
+    assert [s.reset for s in stream_starts(before)] == [True]
+    assert 5 not in removed_keys(before, "items")
+
+    frames = raw_sync(url, "Items", token="t-north", cursors=late)
+    assert [s.reset for s in stream_starts(frames)] == [False]
+    # After the upgrade: Ana moves south too, then an item is made for her.
+    plain_sql("UPDATE owner SET region = 'south' WHERE id = 1")
+    plain_sql("INSERT INTO item (id, owner_id, name, qty) VALUES (6, 1, 'pads', 1)")
+    frames = raw_sync(url, "Items", token="t-north", cursors=final_cursors(frames))
+    assert [s.reset for s in stream_starts(frames)] == [False]
+    assert sorted(removed_keys(frames, "items")) == [1, 2]  # never 6, never 5
+
+
+def _old_layout_data(plain_sql):
+    plain_sql.script(MINI_TABLES)
+    plain_sql(
+        "INSERT INTO owner (id, name, region) VALUES (1, 'Ana', 'north'), (2, 'Rui', 'north'),"
+        " (3, 'Eva', 'south')"
+    )
+    plain_sql(
+        "INSERT INTO item (id, owner_id, name, qty) VALUES (1, 1, 'gauze', 5), (2, 1, 'tape', 3),"
+        " (3, 2, 'gloves', 1), (4, 3, 'masks', 2)"
+    )
+
+
+def _old_layout_writes(plain_sql):
+    # Before the upgrade: Rui moves south, then an item is made for him (never north).
+    plain_sql("UPDATE owner SET region = 'south' WHERE id = 2")
+    plain_sql("INSERT INTO item (id, owner_id, name, qty) VALUES (5, 2, 'swabs', 7)")
+
+
+@pytest.mark.filterwarnings("ignore:Skipped unsupported reflection of expression-based index")
+def test_a_database_without_creation_stamps_upgrades_in_place(
+    backend, store, server_db_url, serve, plain_sql
+):
+    if backend != "sqlite":
+        pytest.skip("the snapshot is a SQLite database (PostgreSQL: the test below)")
+    store.engine.dispose()
+    path = server_db_url.removeprefix("sqlite:///")
+    Path(path).unlink(missing_ok=True)
+    with sqlite3.connect(path) as con:  # made by main at a6ace62 (see tests/data)
+        con.executescript((DATA / "v0.2-server-sqlite.sql").read_text())
+        columns = [r[1] for r in con.execute("PRAGMA table_info(item)")]
+        assert "syncunit_created_version" not in columns
+    con.close()
+    cursors = json.loads((DATA / "v0.2-cursors.json").read_text())
+
+    upgraded = open_store(server_db_url)
+    server = _server(upgraded)
+
+    _creation_stamps_arrive(server, serve, plain_sql, cursors["early"], cursors["late"])
+    assert upgraded.install(mini_schema) is False
+    upgraded.engine.dispose()
+
+
+@pytest.mark.backends("postgres")
+def test_a_postgres_database_without_creation_stamps_upgrades_in_place(store, serve, plain_sql):
+    _old_layout_data(plain_sql)
+    _server(store)
+    # Back to the layout before creation stamps (format postgresql/1): no triggers
+    # stamping them, facts without "created". The column stays (all NULL), so this
+    # code can serve the old layout for a while (install=False); adding the column
+    # in place is what the SQLite snapshot's upgrade shows.
+    for t in ("item", "owner"):
+        plain_sql(f"DROP TRIGGER syncunit_{t}_created ON {t}")
+        plain_sql(f"DROP TRIGGER syncunit_{t}_recreated ON {t}")
+        plain_sql(f"UPDATE {t} SET syncunit_created_version = NULL")
+        with store.engine.connect() as conn:
+            rec = json.loads(store.facts(conn)[f"tracking:{t}"])
+        rec["format"] = "postgresql/1"
+        del rec["created"]
+        rec["hash"] = TableTracking.from_record(t, rec).hash
+        plain_sql(
+            "UPDATE syncunit_meta SET value = :v WHERE key = :k",
+            {"v": json.dumps(rec), "k": f"tracking:{t}"},
+        )
+    old = SyncServer(mini_schema, store, authenticate=AUTH, install=False)
+    url = serve(old.app).url
+    early = final_cursors(raw_sync(url, "Items", token="t-north"))
+    _old_layout_writes(plain_sql)
+    late = final_cursors(raw_sync(url, "Items", token="t-north"))
+
+    upgraded = _server(store)
+
+    _creation_stamps_arrive(upgraded, serve, plain_sql, early, late)
+    assert store.install(mini_schema) is False

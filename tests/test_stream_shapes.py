@@ -316,9 +316,7 @@ def test_a_deleted_joined_row_clears_the_columns_copied_from_it(shaped, store, p
     _check(server, ana, "lisbon")
 
 
-def test_removals_never_name_a_row_created_after_its_joined_row_left(
-    shaped, store, plain_sql, tap
-):
+def test_removals_never_name_a_row_created_after_its_joined_row_left(shaped, store, plain_sql, tap):
     server, _, device = shaped(city_appointments())
     ana = device("lisbon", transport=tap)
     ana.sync("Pull")
@@ -340,4 +338,22 @@ def test_removals_never_name_a_row_created_after_its_joined_row_left(
     removed = set(removed_keys(tap.last, "city_appointments"))
     assert "created-later" not in removed
     assert removed == left
+    _check(server, ana, "lisbon")
+
+
+def test_removals_never_name_a_key_given_after_its_joined_row_left(shaped, store, plain_sql, tap):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon", transport=tap)
+    ana.sync("Pull")
+    doc = _keys(store, sa.select(doctor.c.id).where(doctor.c.hospital_id == 1))[0]
+    left = set(_keys(store, sa.select(appointment.c.id).where(appointment.c.doctor_id == doc)))
+    renamed = sorted(left)[0]
+    # The doctor moves to Porto, then one of their rows gets a new key: under that key
+    # the row was never in Lisbon (a key change counts as a creation).
+    plain_sql("UPDATE doctor SET hospital_id = 2 WHERE id = :d", {"d": doc})
+    plain_sql("UPDATE appointment SET id = 'given-later' WHERE id = :k", {"k": renamed})
+
+    ana.sync("Pull")
+
+    assert set(removed_keys(tap.last, "city_appointments")) == left
     _check(server, ana, "lisbon")

@@ -191,11 +191,19 @@ class StreamReader:
         # Tombstones above ``since`` (or, for a first copy, above ``high``, where its
         # catch-up starts) must still exist, and keep every column the removals read;
         # a cursor ahead of this database comes from another copy of it.
-        horizon = max(horizon, self.store.stream_horizon(conn, s))
+        # Rows created before creation stamps were kept must not be paired with
+        # tombstones from before then (an upgrade's transition).
+        tracked, stamped = self.store.stream_horizon(conn, s)
+        horizon = max(horizon, tracked)
         low = cur.high if cur.since is None else cur.since
         return (
             cur.phase in ("full", "removals", "upserts", "done")
             and horizon <= low <= cur.high <= watermark
+            and (
+                stamped is None
+                or low >= stamped
+                or self.store.creation_proven(conn, s, low, stamped)
+            )
         )
 
     def _cursor(self, epoch: str, phase: Any, **kw: Any) -> Cursor:

@@ -17,7 +17,8 @@ which the triggers stamp each new row's creation. A stream's cursor is valid
 only if everything it needs has been kept since the cursor's version (see
 ``tracking_horizon``): a definition that changed resets exactly the streams
 whose removals the old tombstones cannot prove. Only streams whose filter reads
-a joined table need creation stamps, so adding them resets only those.
+a joined table need creation stamps, and a cursor from before they were kept
+resets only if its window holds tombstones of the stream's tables.
 
 **Install.** A start with the same definition reads and changes nothing. Any
 other start takes the store's write lock, re-reads, migrates and re-installs
@@ -239,21 +240,37 @@ def tracking_horizon(facts: Mapping[str, str], stream: Stream) -> int | None:
     installed was made for another definition of the streams).
     """
     horizon = 0
-    creation = needs_creation(stream)
     for table, cols in stream_needs(stream).items():
         raw = facts.get(TRACKING_PREFIX + table)
         if raw is None:
             return None
-        rec = json.loads(raw)
-        kept = rec["columns"]
+        kept = json.loads(raw)["columns"]
         for c in cols:
             if c not in kept:
                 return None
             horizon = max(horizon, int(kept[c]))
-        if creation:
-            if rec.get("created") is None:
-                return None
-            horizon = max(horizon, int(rec["created"]))
+    return horizon
+
+
+#: A version above any: creation stamps that were never made.
+NEVER = 2**62
+
+
+def creation_horizon(facts: Mapping[str, str], stream: Stream) -> int | None:
+    """The version since which every table of ``stream`` stamps creations (``NEVER``
+    if one does not); None when the stream's removals read no stamps.
+
+    Rows created before it have none and count as older than any tombstone: a
+    cursor below it stays valid unless tombstones of its tables lie in between
+    (``ServerStore.creation_proven``), where that could name a row created later.
+    """
+    if not needs_creation(stream):
+        return None
+    horizon = 0
+    for table in stream.tables:
+        raw = facts.get(TRACKING_PREFIX + table.name)
+        created = None if raw is None else json.loads(raw).get("created")
+        horizon = max(horizon, NEVER if created is None else int(created))
     return horizon
 
 

@@ -98,7 +98,8 @@ DECLARE
   created boolean := TG_OP = 'INSERT';
 BEGIN
   FOR i IN 0 .. TG_NARGS - 1 LOOP
-    created := created OR (to_jsonb(OLD) -> TG_ARGV[i]) IS DISTINCT FROM (to_jsonb(NEW) -> TG_ARGV[i]);
+    created := created
+      OR (to_jsonb(OLD) -> TG_ARGV[i]) IS DISTINCT FROM (to_jsonb(NEW) -> TG_ARGV[i]);
   END LOOP;
   IF created THEN
     NEW.{CREATED_VERSION} := {_WATERMARK};

@@ -122,7 +122,7 @@ class ServerStore(abc.ABC):
         self.engine = engine
         #: Statements built once per stream (see ``changes``), keyed by their purpose.
         self.query_cache: dict[Any, Any] = {}
-        self._horizons: dict[Any, int] = {}
+        self._horizons: dict[Any, tuple[int, int | None]] = {}
 
     # -- installing tracking (the neutral part is ``migrations``) ----------------------
 
@@ -346,29 +346,48 @@ class ServerStore(abc.ABC):
             raise RuntimeError("tracking is not installed: call install() first")
         return facts["epoch"], int(facts.get("horizon", "0"))
 
-    def stream_horizon(self, conn: Connection, stream: Stream) -> int:
-        """The oldest cursor version from which tombstones can prove ``stream``'s removals.
+    def stream_horizon(self, conn: Connection, stream: Stream) -> tuple[int, int | None]:
+        """The oldest cursor version from which tombstones can prove ``stream``'s removals,
+        and the version since which its tables stamp creations (None: not needed).
 
         Tracking's part of cursor validity: every column the stream's removals
         read must have been kept in tombstones since the cursor's version. A
         stream the installed tracking does not serve at all (another server's
-        definition is installed) can only be copied whole: a horizon above any cursor.
+        definition is installed) can only be copied whole: a horizon above any
+        cursor. A cursor below the second version is checked by ``creation_proven``.
         """
-        from syncunit.server.migrations import tracking_horizon
+        from syncunit.server.migrations import creation_horizon, tracking_horizon
 
         # A constant statement (no compiling), and the answer cached per fact values.
         facts = tuple(conn.exec_driver_sql(_TRACKING_FACTS).all())
         key = (stream.name, facts)
-        horizon = self._horizons.get(key, -1)
-        if horizon == -1:
-            found = tracking_horizon({str(k): str(v) for k, v in facts}, stream)
+        limits = self._horizons.get(key)
+        if limits is None:
+            named = {str(k): str(v) for k, v in facts}
+            found = tracking_horizon(named, stream)
             if found is None:
                 log.warning("stream %r: tracking is installed for another definition", stream.name)
-            horizon = 2**62 if found is None else found
+            limits = (2**62 if found is None else found, creation_horizon(named, stream))
             if len(self._horizons) > 1000:
                 self._horizons.clear()
-            self._horizons[key] = horizon
-        return horizon
+            self._horizons[key] = limits
+        return limits
+
+    def creation_proven(self, conn: Connection, stream: Stream, low: int, since: int) -> bool:
+        """Whether a cursor at version ``low``, below ``since`` (when the stream's tables
+        began to stamp creations, see ``stream_horizon``), keeps its removals exact.
+
+        Rows created before the stamps were kept (an upgrade) have none: they are
+        taken as older than any tombstone, which is exact unless a tombstone of
+        the stream's tables lies between ``low`` and ``since``.
+        """
+        names = [t.name for t in stream.tables]
+        between = sa.select(tombstones.c.id).where(
+            tombstones.c.table_name.in_(names),
+            tombstones.c.version > low,
+            tombstones.c.version <= since,
+        )
+        return conn.execute(between.limit(1)).first() is None
 
     def prune_tombstones(self, keep_versions: int) -> int:
         """Delete tombstones older than the newest ``keep_versions`` versions.
