@@ -48,7 +48,7 @@ $$"""
 class CitusStore(PostgresStore):
     """Change tracking on Citus: per-tenant watermarks read on the tenant's node."""
 
-    tracking_format = "citus/1"
+    tracking_format = "citus/2"
 
     def __init__(
         self,

@@ -343,7 +343,7 @@ class PostgresStore(ServerStore):
             au: ("syncunit_tombstone", args),
             tt: ("syncunit_truncated", ""),
         }
-        if tracking.format != "postgresql/1":  # the first format stamped no creation
+        if tracking.format not in _UNSTAMPED_FORMATS:
             on_insert, on_update = _created_triggers(tracking.table)
             want[on_insert] = ("syncunit_created", "")
             want[on_update] = ("syncunit_created", "\\000".join(tracking.key) + "\\000")
@@ -466,6 +466,10 @@ class PostgresStore(ServerStore):
 def _trigger_names(table: str) -> tuple[str, str, str, str]:
     """Stamp, after-delete, after-update and truncate triggers of ``table``."""
     return tuple(f"syncunit_{table}_{s}" for s in ("stamp", "ad", "au", "tr"))  # type: ignore[return-value]
+
+
+#: Trigger formats from before creation stamps (PostgreSQL's and Citus's first).
+_UNSTAMPED_FORMATS = ("postgresql/1", "citus/1")
 
 
 def _created_triggers(table: str) -> tuple[str, str]:

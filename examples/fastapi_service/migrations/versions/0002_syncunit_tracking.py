@@ -5,11 +5,11 @@ Revises: 0001
 Create Date: 2026-12-05
 
 The statements are those ``syncunit ddl fastapi_service.sync:build --app-dir examples
---database URL --fresh`` prints: syncunit's own tables, a version and two timestamp columns on
-each tracked table, and the triggers that stamp them and record deletes. They are
-computed from the sync schema when the migration runs; to pin them instead, paste
-that command's output here. After upgrading syncunit, or changing which tables or
-columns the streams use, add a migration that runs ``syncunit ddl`` (without
+--database URL --fresh`` prints: syncunit's own tables, a version, a creation version
+and two timestamp columns on each tracked table, and the triggers that stamp them and
+record deletes. They are computed from the sync schema when the migration runs; to pin
+them instead, paste that command's output here. After upgrading syncunit, or changing
+which tables or columns the streams use, add a migration that runs ``syncunit ddl`` (without
 ``--fresh``) output: it adds only what is missing and recreates the triggers.
 """
 
@@ -52,5 +52,10 @@ def downgrade() -> None:
     for table in schema.tracked_tables():
         op.drop_index(f"ix_{table.name}_syncunit_version", table_name=table.name)
         with op.batch_alter_table(table.name) as batch:
-            for column in ("syncunit_version", "syncunit_created_at", "syncunit_updated_at"):
+            for column in (
+                "syncunit_version",
+                "syncunit_created_at",
+                "syncunit_updated_at",
+                "syncunit_created_version",
+            ):
                 batch.drop_column(column)
