@@ -150,6 +150,7 @@ class RandomShapes(RuleBasedStateMachine):
         self.writes = 0
         self.created: dict[int, int] = {}  # base key -> the write that created it
         self.deleted: set[int] = set()  # base keys deleted and not created again
+        self.touched = 1  # the t1 row a write changed last (a booking links to it)
 
     # -- setup ------------------------------------------------------------------------
 
@@ -241,6 +242,22 @@ class RandomShapes(RuleBasedStateMachine):
         finally:
             conn.close()
 
+    def _ids_linked(self, level: int, top: int, key: int) -> list[int]:
+        """The ids of ``t{level}`` whose chain of links reaches ``t{top}``'s row ``key``."""
+        ids = [key]
+        for lv in range(top - 1, level - 1, -1):
+            marks = ", ".join("?" * len(ids)) or "NULL"
+            sql = f"SELECT id FROM t{lv} WHERE fk IN ({marks}) ORDER BY id"
+            if self.pg is not None:
+                ids = [r[0] for r in self.pg.execute(sql.replace("?", "%s"), ids).fetchall()]
+            else:
+                conn = sqlite3.connect(self.db, timeout=30)
+                try:
+                    ids = [r[0] for r in conn.execute(sql, ids)]
+                finally:
+                    conn.close()
+        return ids
+
     def _pick(self, level: int, slot: int) -> int | None:
         ids = self._ids(level)
         return ids[slot % len(ids)] if ids else None
@@ -265,6 +282,18 @@ class RandomShapes(RuleBasedStateMachine):
         key = self._pick(level, a)
         if kind == "insert":
             self._insert_base(level % 3, a, b)
+        elif kind == "book":  # a base row made for the joined row that just changed
+            self._insert_base(b % 3, self.touched - 1, a)
+        elif kind == "move-book" and level > 0:  # a joined row's scope changes, then a
+            # base row is made for it (or for the row under it): never in the old scope
+            self._sql(f"UPDATE t{level} SET g = ? WHERE id = ?", (b % 3, key))
+            self._observe()
+            if level > 1:
+                under = self._ids_linked(1, level, key) or [self.touched]
+                self.touched = under[a % len(under)]
+            else:
+                self.touched = key
+            self._insert_base(a % 3, self.touched - 1, b)
         elif key is None:
             return
         elif kind == "scope":
@@ -300,7 +329,9 @@ class RandomShapes(RuleBasedStateMachine):
             self.created[gone] = self.writes
         if kind == "delete" and level == 0:
             self.deleted.add(key)
-        if kind in ("recreate", "insert", "replace"):
+        if level == 1 and key is not None and kind in ("scope", "link", "replace", "rename"):
+            self.touched = key
+        if kind in ("recreate", "insert", "book", "move-book", "replace"):
             self.deleted -= set(self._ids(0))
         self._observe()
 
@@ -309,7 +340,8 @@ class RandomShapes(RuleBasedStateMachine):
         st.sampled_from(
             [
                 *("scope", "link") * 2,
-                *("insert", "rename", "status", "delete", "replace", "recreate"),
+                *("insert", "book", "move-book", "rename", "status", "delete"),
+                *("replace", "recreate"),
             ]
         ),
         st.integers(0, LEVELS - 1),
@@ -398,7 +430,7 @@ def _empty_schema(url: str) -> psycopg.Connection[Any]:
 BOUNDS = {"sqlite": (15, 15), "postgres": (15, 15)}
 
 
-@pytest.mark.timeout(3 * 3600 if LONG else 120)
+@pytest.mark.timeout(3 * 3600 if LONG or "SYNCUNIT_SHAPES_EXAMPLES" in os.environ else 120)
 def test_random_shapes_writers_and_cut_syncs(
     backend: str, new_database: Callable[[str], str]
 ) -> None:
