@@ -16,6 +16,7 @@ from hospital.generate import generate
 from hospital.models import appointment, doctor, hospital, patient
 
 from syncunit import Join, Stream, SyncSchema, SyncUnit
+from syncunit.errors import ProblemError
 from syncunit.server import Principal, SyncServer, TokenAuth
 from syncunit.server.store import ServerStore
 from tests.conftest import SIZE
@@ -356,4 +357,41 @@ def test_removals_never_name_a_key_given_after_its_joined_row_left(shaped, store
     ana.sync("Pull")
 
     assert set(removed_keys(tap.last, "city_appointments")) == left
+    _check(server, ana, "lisbon")
+
+
+# -- full streams whose key can be NULL ------------------------------------------------------
+
+
+def test_a_full_stream_row_with_a_null_key_fails_the_stream_and_says_why(
+    shaped, store, plain_sql, caplog
+):
+    # Keyed on a column an outer join can leave NULL: a doctor's hospital, by name.
+    rooms = Stream.full(
+        "rooms",
+        sa.select(hospital.c.name.label("hospital"), sa.func.count().label("doctors"))
+        .select_from(doctor.outerjoin(hospital, doctor.c.hospital_id == hospital.c.id))
+        .group_by(hospital.c.name),
+        key="hospital",
+        local_table="LocalRooms",
+    )
+    server, _, device = shaped(rooms)
+    ana = device("lisbon")
+    ana.sync("Pull")
+    before = ana.store.rows("LocalRooms")
+    assert before and all(r[0] is not None for r in before)
+    _allow_orphans(store, plain_sql)
+    if store.dialect != "sqlite":
+        plain_sql("ALTER TABLE doctor DROP CONSTRAINT IF EXISTS doctor_hospital_id_fkey")
+    plain_sql("UPDATE doctor SET hospital_id = 99 WHERE id = 1")  # now outside any hospital
+
+    with pytest.raises(ProblemError) as info:
+        ana.sync("Pull")
+
+    assert info.value.status == 500
+    assert ana.store.rows("LocalRooms") == before  # nothing of it applied
+    assert "'rooms': a row has a NULL key 'hospital'" in caplog.text
+    assert "IS NOT NULL" in caplog.text
+    plain_sql("UPDATE doctor SET hospital_id = 1 WHERE id = 1")
+    ana.sync("Pull")
     _check(server, ana, "lisbon")

@@ -417,6 +417,7 @@ class StreamReader:
         assert s.query is not None
         digest = hashlib.sha256()
         rows_seen = 0
+        key = list(s.columns).index(s.key)
         for rows in self._partitions(conn, s.query):
             rows_seen += len(rows)
             if rows_seen > MAX_FULL_STREAM_ROWS:
@@ -424,7 +425,16 @@ class StreamReader:
                     f"full stream {s.name!r} has more than {MAX_FULL_STREAM_ROWS} rows;"
                     " declare it as a delta stream"
                 )
-            for row in zip(*self._columnar(rows), strict=True):  # chunk size does not matter
+            columns = self._columnar(rows)
+            if None in columns[key]:
+                # Checked before a row is sent: a device would keep NULL-keyed rows apart
+                # from every update, so the stream fails instead, and says what to change.
+                raise ValueError(
+                    f"full stream {s.name!r}: a row has a NULL key {s.key!r}; filter such"
+                    f" rows out (WHERE ... IS NOT NULL) or key the stream on a column"
+                    " that is never NULL"
+                )
+            for row in zip(*columns, strict=True):  # chunk size does not matter
                 digest.update(msgspec.msgpack.encode(row))
         content = digest.hexdigest()[:24]
         if cur is not None and cur.phase == "content" and cur.content == content:
