@@ -16,7 +16,7 @@ from hospital.generate import generate
 from hospital.models import appointment, doctor, hospital, patient
 
 from syncunit import Join, Stream, SyncSchema, SyncUnit
-from syncunit.errors import ProblemError
+from syncunit.errors import DeclarationError, ProblemError
 from syncunit.server import Principal, SyncServer, TokenAuth
 from syncunit.server.store import ServerStore
 from tests.conftest import SIZE
@@ -379,7 +379,8 @@ def test_a_full_stream_row_with_a_null_key_fails_the_stream_and_says_why(
     ana = device("lisbon")
     ana.sync("Pull")
     before = ana.store.rows("LocalRooms")
-    assert before and all(r[0] is not None for r in before)
+    assert before
+    assert all(r[0] is not None for r in before)
     _allow_orphans(store, plain_sql)
     if store.dialect != "sqlite":
         plain_sql("ALTER TABLE doctor DROP CONSTRAINT IF EXISTS doctor_hospital_id_fkey")
@@ -395,3 +396,31 @@ def test_a_full_stream_row_with_a_null_key_fails_the_stream_and_says_why(
     plain_sql("UPDATE doctor SET hospital_id = 1 WHERE id = 1")
     ana.sync("Pull")
     _check(server, ana, "lisbon")
+
+
+# -- filters that a joined row's absence satisfies ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        doctor.c.name.is_(None),
+        sa.or_(hospital.c.city == sa.bindparam("city"), hospital.c.city.is_(None)),
+        sa.func.coalesce(hospital.c.city, "Lisbon") == sa.bindparam("city"),
+        hospital.c.city.is_distinct_from("Porto"),
+        sa.case((hospital.c.city.is_(None), True), else_=False),
+    ],
+    ids=["is-null", "or-is-null", "coalesce", "distinct-from", "case"],
+)
+def test_a_filter_a_missing_joined_row_satisfies_is_refused_at_declaration(where):
+    # A missing joined row (the outer join's NULLs) satisfies such a filter: inserting
+    # that row later moves the base row out of scope and leaves no tombstone to show it.
+    with pytest.raises(DeclarationError, match="row is missing") as info:
+        city_appointments(where=where)
+    assert "IS NOT NULL" in str(info.value)  # says what to write instead
+
+
+def test_a_filter_that_requires_the_joined_row_is_accepted():
+    city_appointments(where=sa.and_(doctor.c.id.is_not(None), doctor.c.name.is_(None)))
+    city_appointments(where=appointment.c.doctor_id.is_(None))  # the base table's own column
+    city_appointments(where=hospital.c.city.is_not(None))

@@ -18,8 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    BooleanClauseList,
+    Case,
+    ColumnElement,
+    Null,
+)
+from sqlalchemy.sql.functions import FunctionElement
 
 from syncunit.errors import DeclarationError
 from syncunit.policies import ConflictPolicy, LastWriteWins, Rule
@@ -173,6 +181,39 @@ def _columns_of(clause: Any) -> list[sa.Column[Any]]:
     return [e for e in visitors.iterate(clause) if isinstance(e, sa.Column)]
 
 
+_NULL_HOLDING = (operators.is_, operators.is_distinct_from, operators.is_not_distinct_from)
+
+
+def _absence_tables(where: Any, joined: set[sa.Table]) -> list[str]:
+    """Joined tables whose row's *absence* can satisfy ``where`` (``IS NULL``, ``IS
+    [NOT] DISTINCT FROM``, ``coalesce``, ``CASE`` on their columns), unless a
+    top-level ``AND`` term requires the row (``t.col IS NOT NULL``)."""
+    if where is None:
+        return []
+    ands = where.clauses if isinstance(where, BooleanClauseList) else [where]
+    if isinstance(where, BooleanClauseList) and where.operator is not operators.and_:
+        ands = [where]
+    guarded = {
+        t.left.table
+        for t in ands
+        if isinstance(t, BinaryExpression) and t.operator is operators.is_not
+        if isinstance(t.right, Null) and isinstance(t.left, sa.Column)
+    }
+    out: list[str] = []
+    for e in visitors.iterate(where):
+        holds = isinstance(e, Case) or (
+            isinstance(e, FunctionElement) and e.name.lower() in ("coalesce", "ifnull", "nvl")
+        )
+        if isinstance(e, BinaryExpression):
+            holds = e.operator in _NULL_HOLDING or (
+                e.operator is operators.is_not and not isinstance(e.right, Null)
+            )
+        for c in _columns_of(e) if holds else ():
+            if c.table in joined - guarded and c.table.name not in out:
+                out.append(c.table.name)
+    return out
+
+
 class Stream:
     """One query of a sync unit, filling one local table.
 
@@ -245,6 +286,14 @@ class Stream:
                         f"stream {name!r}: column {local!r} reads table {c.table.name!r},"
                         " which is neither the base table nor joined; add a Join for it"
                     )
+        for t in _absence_tables(where, {j.table for j in self.joins}):
+            raise DeclarationError(
+                f"stream {name!r}: its filter can hold when the joined {t!r} row is missing"
+                f" (IS NULL, coalesce, CASE on {t!r}), so inserting that row would move a row"
+                " out of scope unseen. Require the row too (AND"
+                f" {t}.<key> IS NOT NULL), or test the base table's own column"
+                " (its foreign key IS NULL)"
+            )
         self.parameters = _bind_names(where, *(j.on for j in self.joins))
         self.write_where: ColumnElement[bool] | None = None
         if write is True and where is None:
