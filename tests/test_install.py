@@ -314,7 +314,11 @@ def test_a_postgres_database_without_creation_stamps_upgrades_in_place(store, se
     # code can serve the old layout for a while (install=False); adding the column
     # in place is what the SQLite snapshot's upgrade shows.
     for t in ("item", "owner"):
-        plain_sql(f"DROP TRIGGER syncunit_{t}_created ON {t}")
+        plain_sql(f"DROP TRIGGER syncunit_{t}_stamp ON {t}")
+        plain_sql(
+            f"CREATE TRIGGER syncunit_{t}_stamp BEFORE INSERT OR UPDATE ON {t}"
+            " FOR EACH ROW EXECUTE FUNCTION syncunit_stamp()"
+        )
         plain_sql(f"DROP TRIGGER syncunit_{t}_recreated ON {t}")
         plain_sql(f"UPDATE {t} SET syncunit_created_version = NULL")
         with store.engine.connect() as conn:

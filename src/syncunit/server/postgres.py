@@ -73,6 +73,9 @@ BEGIN
   NEW.{UPDATED_AT} := {_NOW};
   IF TG_OP = 'INSERT' THEN
     NEW.{CREATED_AT} := COALESCE(NEW.{CREATED_AT}, NEW.{UPDATED_AT});
+    IF TG_NARGS > 0 THEN  -- 'created': the table has creation stamps (see syncunit_created)
+      NEW.{CREATED_VERSION} := {_WATERMARK};
+    END IF;
   END IF;
   RETURN NEW;
 END $$""",
@@ -91,11 +94,11 @@ BEGIN
           image::text, {_NOW});
   RETURN NULL;
 END $$""",
-    # A row's creation: on insert, and on an update of its key (TG_ARGV: the key
-    # columns), the watermark; on any other update the value it had.
+    # A row's creation stamp on an update (the insert's is the stamp's): the watermark
+    # when the key changed (TG_ARGV: the key columns), else the value it had.
     f"""CREATE OR REPLACE FUNCTION syncunit_created() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-  created boolean := TG_OP = 'INSERT';
+  created boolean := false;
 BEGIN
   FOR i IN 0 .. TG_NARGS - 1 LOOP
     created := created
@@ -271,7 +274,7 @@ class PostgresStore(ServerStore):
             f"CREATE INDEX IF NOT EXISTS {q('ix_' + table.name + '_' + VERSION)} ON {t} ({VERSION})"
         )
         out += [f"DROP TRIGGER IF EXISTS {q(n)} ON {t}" for n in _trigger_names(tracking.table)]
-        out += [f"DROP TRIGGER IF EXISTS {q(n)} ON {t}" for n in _created_triggers(tracking.table)]
+        out.append(f"DROP TRIGGER IF EXISTS {q(_created_trigger(tracking.table))} ON {t}")
         out += self._triggers(tracking)
         # Rows written before tracking existed get one version, so a first sync sees them.
         out.append(f"UPDATE {t} SET {VERSION} = {_XID} WHERE {VERSION} IS NULL")
@@ -287,9 +290,11 @@ class PostgresStore(ServerStore):
           function takes the logical table name and those columns as arguments;
         * after a TRUNCATE: the horizon moves to this transaction, so every
           cursor from before re-downloads (no row triggers fire);
-        * creation (two more): an insert, or an update of the key, writes the
-          watermark in ``syncunit_created_version``; any other update keeps it,
-          whatever the writer wrote. Removals use it to tell a row created later.
+        * creation: the stamp writes the watermark in ``syncunit_created_version``
+          on insert (its argument says the table has the column); one more
+          trigger, only when an update changes the key or that column, writes
+          it again for a new key and otherwise keeps it, whatever the writer
+          wrote. Removals use it to tell a row created later.
 
         ``INSERT ... ON CONFLICT DO UPDATE`` fires the update triggers; ``DO
         NOTHING`` writes nothing, so it leaves nothing.
@@ -301,7 +306,7 @@ class PostgresStore(ServerStore):
         stamp, ad, au, tt = (q(n) for n in _trigger_names(tr.table))
         return [
             f"CREATE TRIGGER {stamp} BEFORE INSERT OR UPDATE ON {t}"
-            " FOR EACH ROW EXECUTE FUNCTION syncunit_stamp()",
+            " FOR EACH ROW EXECUTE FUNCTION syncunit_stamp('created')",
             f"CREATE TRIGGER {ad} AFTER DELETE ON {t}"
             f" FOR EACH ROW EXECUTE FUNCTION syncunit_tombstone({args})",
             f"CREATE TRIGGER {au} AFTER UPDATE ON {t} FOR EACH ROW"
@@ -319,10 +324,8 @@ class PostgresStore(ServerStore):
         changed = " OR ".join(
             f"OLD.{x} IS DISTINCT FROM NEW.{x}" for x in (*(q(k) for k in tr.key), c)
         )
-        on_insert, on_update = (q(n) for n in _created_triggers(tr.table))
+        on_update = q(_created_trigger(tr.table))
         return [
-            f"CREATE TRIGGER {on_insert} BEFORE INSERT ON {t}"
-            " FOR EACH ROW EXECUTE FUNCTION syncunit_created()",
             f"CREATE TRIGGER {on_update} BEFORE UPDATE ON {t} FOR EACH ROW"
             f" WHEN ({changed}) EXECUTE FUNCTION syncunit_created({keys})",
         ]
@@ -344,9 +347,9 @@ class PostgresStore(ServerStore):
             tt: ("syncunit_truncated", ""),
         }
         if tracking.format not in _UNSTAMPED_FORMATS:
-            on_insert, on_update = _created_triggers(tracking.table)
-            want[on_insert] = ("syncunit_created", "")
-            want[on_update] = ("syncunit_created", "\\000".join(tracking.key) + "\\000")
+            want[stamp] = ("syncunit_stamp", "created\\000")
+            keys = "\\000".join(tracking.key) + "\\000"
+            want[_created_trigger(tracking.table)] = ("syncunit_created", keys)
         return all(
             name in found
             and found[name][1] == "O"  # enabled (not 'D', nor only on replicas)
@@ -472,9 +475,9 @@ def _trigger_names(table: str) -> tuple[str, str, str, str]:
 _UNSTAMPED_FORMATS = ("postgresql/1", "citus/1")
 
 
-def _created_triggers(table: str) -> tuple[str, str]:
-    """The triggers stamping a row's creation: on insert, and on an update of its key."""
-    return f"syncunit_{table}_created", f"syncunit_{table}_recreated"
+def _created_trigger(table: str) -> str:
+    """The trigger stamping a row's creation again when an update changes its key."""
+    return f"syncunit_{table}_recreated"
 
 
 def _literal(value: str) -> str:
