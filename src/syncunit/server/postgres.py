@@ -281,7 +281,7 @@ class PostgresStore(ServerStore):
         return out
 
     def _triggers(self, tr: TableTracking) -> list[str]:
-        """The four triggers of a tracked table.
+        """The five triggers of a tracked table.
 
         * before each insert and update: stamp the writing transaction's id (also
           over a stale version an ORM writes back) and the timestamps;
