@@ -293,7 +293,7 @@ def test_a_database_without_creation_stamps_upgrades_in_place(
     with sqlite3.connect(path) as con:  # made by main at a6ace62 (see tests/data)
         con.executescript((DATA / "v0.2-server-sqlite.sql").read_text())
         columns = [r[1] for r in con.execute("PRAGMA table_info(item)")]
-        assert "syncunit_created_version" not in columns
+        assert "syncunit_created_stamp" not in columns
     con.close()
     cursors = json.loads((DATA / "v0.2-cursors.json").read_text())
 
@@ -320,7 +320,7 @@ def test_a_postgres_database_without_creation_stamps_upgrades_in_place(store, se
             " FOR EACH ROW EXECUTE FUNCTION syncunit_stamp()"
         )
         plain_sql(f"DROP TRIGGER syncunit_{t}_recreated ON {t}")
-        plain_sql(f"UPDATE {t} SET syncunit_created_version = NULL")
+        plain_sql(f"UPDATE {t} SET syncunit_created_stamp = NULL")
         with store.engine.connect() as conn:
             rec = json.loads(store.facts(conn)[f"tracking:{t}"])
         rec["format"] = "postgresql/1"

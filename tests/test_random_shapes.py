@@ -284,7 +284,9 @@ class RandomShapes(RuleBasedStateMachine):
             self._insert_base(level % 3, a, b)
         elif kind == "book":  # a base row made for the joined row that just changed
             self._insert_base(b % 3, self.touched - 1, a)
-        elif kind == "move-book" and level > 0 and key is not None:  # a joined row's scope changes, then a
+        elif (
+            kind == "move-book" and level > 0 and key is not None
+        ):  # a joined row's scope changes, then a
             # base row is made for it (or for the row under it): never in the old scope
             self._sql(f"UPDATE t{level} SET g = ? WHERE id = ?", (b % 3, key))
             self._observe()

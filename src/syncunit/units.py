@@ -45,10 +45,11 @@ __all__ = ["Direction", "Join", "Param", "Stream", "SyncSchema", "SyncUnit", "lo
 VERSION = "syncunit_version"
 CREATED_AT = "syncunit_created_at"
 UPDATED_AT = "syncunit_updated_at"
-#: The watermark when the row was created (or its key last changed): every tombstone
-#: at or below it was written before the row existed (NULL: before tracking kept it).
-CREATED_VERSION = "syncunit_created_version"
-TRACKING_COLUMNS = (VERSION, CREATED_AT, UPDATED_AT, CREATED_VERSION)
+#: When the row was created (or its key last changed), as the store can tell which
+#: tombstones were written before: SQLite's clock then, PostgreSQL's snapshot then
+#: (NULL: before tracking kept it).
+CREATED_STAMP = "syncunit_created_stamp"
+TRACKING_COLUMNS = (VERSION, CREATED_AT, UPDATED_AT, CREATED_STAMP)
 
 
 def add_tracking_columns(table: sa.Table) -> None:
@@ -57,8 +58,9 @@ def add_tracking_columns(table: sa.Table) -> None:
         table.append_column(sa.Column(VERSION, sa.BigInteger, nullable=True))
         table.append_column(sa.Column(CREATED_AT, sa.String(32), nullable=True))
         table.append_column(sa.Column(UPDATED_AT, sa.String(32), nullable=True))
-    if CREATED_VERSION not in table.c:
-        table.append_column(sa.Column(CREATED_VERSION, sa.BigInteger, nullable=True))
+    if CREATED_STAMP not in table.c:
+        stamp = sa.BigInteger().with_variant(sa.Text(), "postgresql")
+        table.append_column(sa.Column(CREATED_STAMP, stamp, nullable=True))
 
 
 Direction = Literal["pull", "push", "both"]

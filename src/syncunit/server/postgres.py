@@ -39,7 +39,7 @@ from syncunit.server.migrations import TableTracking
 from syncunit.server.store import ServerStore, WatermarkLag, tombstones
 from syncunit.units import (
     CREATED_AT,
-    CREATED_VERSION,
+    CREATED_STAMP,
     TRACKING_COLUMNS,
     UPDATED_AT,
     VERSION,
@@ -52,6 +52,10 @@ _XID = "pg_current_xact_id()::text::bigint"
 _NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
 _WATERMARK = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1"
 WATERMARK_SQL = f"SELECT {_WATERMARK}"
+#: A row's creation stamp: the snapshot it was written in. A transaction visible in it
+#: had committed before the row existed (``created_before``); a single number (the
+#: watermark) would hold back behind any transaction open anywhere at the time.
+_SNAPSHOT = "pg_current_snapshot()::text"
 #: Who this database is: the cluster's system identifier and the database's oid.
 #: A restore with pg_restore (a new database) or into another cluster changes it.
 _IDENTITY_SQL = (
@@ -74,7 +78,7 @@ BEGIN
   IF TG_OP = 'INSERT' THEN
     NEW.{CREATED_AT} := COALESCE(NEW.{CREATED_AT}, NEW.{UPDATED_AT});
     IF TG_NARGS > 0 THEN  -- 'created': the table has creation stamps (see syncunit_created)
-      NEW.{CREATED_VERSION} := {_WATERMARK};
+      NEW.{CREATED_STAMP} := {_SNAPSHOT};
     END IF;
   END IF;
   RETURN NEW;
@@ -94,7 +98,7 @@ BEGIN
           image::text, {_NOW});
   RETURN NULL;
 END $$""",
-    # A row's creation stamp on an update (the insert's is the stamp's): the watermark
+    # A row's creation stamp on an update (the insert's is the stamp's): the snapshot
     # when the key changed (TG_ARGV: the key columns), else the value it had.
     f"""CREATE OR REPLACE FUNCTION syncunit_created() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -105,9 +109,9 @@ BEGIN
       OR (to_jsonb(OLD) -> TG_ARGV[i]) IS DISTINCT FROM (to_jsonb(NEW) -> TG_ARGV[i]);
   END LOOP;
   IF created THEN
-    NEW.{CREATED_VERSION} := {_WATERMARK};
+    NEW.{CREATED_STAMP} := {_SNAPSHOT};
   ELSE
-    NEW.{CREATED_VERSION} := OLD.{CREATED_VERSION};
+    NEW.{CREATED_STAMP} := OLD.{CREATED_STAMP};
   END IF;
   RETURN NEW;
 END $$""",
@@ -233,6 +237,13 @@ class PostgresStore(ServerStore):
         parts = [sa.func.coalesce(v, 0) for v in values]
         return parts[0] if len(parts) == 1 else sa.func.greatest(*parts)
 
+    def created_before(self, stamp: ColumnElement[Any], at: ColumnElement[Any]) -> Any:
+        # Committed before the row's snapshot: the row came after. Anything else (also
+        # a transaction concurrent with the row's) cannot be ordered: the row counts.
+        xid = sa.cast(sa.cast(at, sa.Text), _PgType("xid8"))
+        visible = sa.func.pg_visible_in_snapshot(xid, sa.cast(stamp, _PgType("pg_snapshot")))
+        return sa.or_(stamp.is_(None), ~visible)
+
     # -- installing tracking (the neutral part is ``migrations``) ----------------------
 
     tracking_format = "postgresql/2"
@@ -267,7 +278,7 @@ class PostgresStore(ServerStore):
         q = self.engine.dialect.identifier_preparer.quote
         t = q(table.name)
         out = list(_FUNCTIONS)
-        for col, typ in zip(TRACKING_COLUMNS, ("BIGINT", "TEXT", "TEXT", "BIGINT"), strict=True):
+        for col, typ in zip(TRACKING_COLUMNS, ("BIGINT", "TEXT", "TEXT", "TEXT"), strict=True):
             if col not in have:
                 out.append(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {col} {typ}")
         out.append(
@@ -290,7 +301,7 @@ class PostgresStore(ServerStore):
           function takes the logical table name and those columns as arguments;
         * after a TRUNCATE: the horizon moves to this transaction, so every
           cursor from before re-downloads (no row triggers fire);
-        * creation: the stamp writes the watermark in ``syncunit_created_version``
+        * creation: the stamp writes the snapshot in ``syncunit_created_stamp``
           on insert (its argument says the table has the column); one more
           trigger, only when an update changes the key or that column, writes
           it again for a new key and otherwise keeps it, whatever the writer
@@ -320,7 +331,7 @@ class PostgresStore(ServerStore):
         q = self.engine.dialect.identifier_preparer.quote
         t = q(tr.table)
         keys = ", ".join(_literal(c) for c in tr.key)
-        c = CREATED_VERSION
+        c = CREATED_STAMP
         changed = " OR ".join(
             f"OLD.{x} IS DISTINCT FROM NEW.{x}" for x in (*(q(k) for k in tr.key), c)
         )
@@ -464,6 +475,18 @@ class PostgresStore(ServerStore):
             ).first()
         seconds, what = (float(holder[0]), str(holder[1])) if holder else (0.0, None)
         return WatermarkLag(int(row[0]), int(row[1]), seconds, what)
+
+
+class _PgType(sa.types.UserDefinedType[Any]):
+    """A PostgreSQL type by name, for casts (``xid8``, ``pg_snapshot``)."""
+
+    cache_ok = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return self.name
 
 
 def _trigger_names(table: str) -> tuple[str, str, str, str]:

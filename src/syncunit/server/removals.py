@@ -16,9 +16,10 @@ The removals are then, exactly (see docs/architecture.md):
     the join conditions evaluated on those states.
 
 A current row takes part only if it existed at that moment: its creation stamp
-(``syncunit_created_version``, the watermark when it was inserted or its key
-changed) lies below the moment, so a row created after a joined row left the
-scope is never paired with that joined row's old state.
+(``syncunit_created_stamp``, written when it was inserted or its key changed)
+does not show the moment's write as already made (``ServerStore.created_before``),
+so a row created after a joined row left the scope is never paired with that
+joined row's old state.
 
 Combinations with no old image are the current state: in scope now, not a
 removal. Two tables on the path changing in one window (a hospital's city and
@@ -38,7 +39,7 @@ from sqlalchemy.sql import visitors
 
 from syncunit.server.shape import StreamShape
 from syncunit.server.store import ServerStore, tombstones
-from syncunit.units import CREATED_VERSION
+from syncunit.units import CREATED_STAMP
 
 __all__ = ["removal_keys"]
 
@@ -203,8 +204,7 @@ def _combination(
             # coalesce(): no type affinity, so SQLite uses the index on the old value.
             keys = [sa.func.coalesce(c, None) for c in t.primary_key.columns]
             q = q.where(~_changed_since(store, t, keys, at, None, n))
-            created = t.c[CREATED_VERSION]
-            q = q.where(sa.or_(created.is_(None), created < at))
+            q = q.where(store.created_before(t.c[CREATED_STAMP], at))
     return q
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.server.migrations import TableTracking
 from syncunit.server.store import ServerStore
-from syncunit.units import CREATED_AT, CREATED_VERSION, TRACKING_COLUMNS, UPDATED_AT, VERSION
+from syncunit.units import CREATED_AT, CREATED_STAMP, TRACKING_COLUMNS, UPDATED_AT, VERSION
 
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _BUMP = "UPDATE syncunit_clock SET version = version + 1 WHERE id = 1"
@@ -246,7 +246,7 @@ class SQLiteStore(ServerStore):
           replaced become tombstones;
         * delete (each row, also of a bulk ``DELETE``): a ``delete`` tombstone;
         * creation: an insert, or an update that changes the key, stamps the
-          clock in ``syncunit_created_version`` (any other update keeps it, whatever
+          clock in ``syncunit_created_stamp`` (any other update keeps it, whatever
           the writer wrote), so removals can tell a row created later.
 
         Only the trigger's own stamp is not tracked: it writes the current clock,
@@ -275,7 +275,7 @@ class SQLiteStore(ServerStore):
         own_stamp = f"NEW.{VERSION} IS NOT OLD.{VERSION} AND NEW.{VERSION} IS {_CURRENT}"
         same_key = " AND ".join(f"json_extract(old, '$.{c}') IS NEW.{q(c)}" for c in tr.key)
         rekeyed = " OR ".join(f"OLD.{q(c)} IS NOT NEW.{q(c)}" for c in tr.key)
-        created = CREATED_VERSION
+        created = CREATED_STAMP
 
         def trig(suffix: str) -> str:
             return "CREATE TRIGGER " + q(f"syncunit_{name}_{suffix}")

@@ -299,6 +299,11 @@ class ServerStore(abc.ABC):
     def greatest(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         """The largest of several (nullable) integers."""
 
+    def created_before(self, stamp: ColumnElement[Any], at: ColumnElement[Any]) -> Any:
+        """Whether a row whose creation stamp is ``stamp`` existed just before the
+        write that made tombstones at version ``at`` (a row without one did)."""
+        return sa.or_(stamp.is_(None), stamp < at)
+
     def least(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         """The smallest of several (non-null) integers, as one flat expression."""
         return values[0] if len(values) == 1 else sa.func.least(*values)

@@ -56,6 +56,6 @@ def downgrade() -> None:
                 "syncunit_version",
                 "syncunit_created_at",
                 "syncunit_updated_at",
-                "syncunit_created_version",
+                "syncunit_created_stamp",
             ):
                 batch.drop_column(column)
