@@ -310,9 +310,9 @@ def test_a_postgres_database_without_creation_stamps_upgrades_in_place(store, se
     _old_layout_data(plain_sql)
     _server(store)
     # Back to the layout before creation stamps (format postgresql/1): no triggers
-    # stamping them, facts without "created". The column stays (all NULL), so this
-    # code can serve the old layout for a while (install=False); adding the column
-    # in place is what the SQLite snapshot's upgrade shows.
+    # stamping them, tombstones without them, facts without "created". The column
+    # stays (all NULL), so this code can serve the old layout for a while
+    # (install=False); adding the column in place is what the SQLite snapshot shows.
     for t in ("item", "owner"):
         plain_sql(f"DROP TRIGGER syncunit_{t}_stamp ON {t}")
         plain_sql(
@@ -320,6 +320,19 @@ def test_a_postgres_database_without_creation_stamps_upgrades_in_place(store, se
             " FOR EACH ROW EXECUTE FUNCTION syncunit_stamp()"
         )
         plain_sql(f"DROP TRIGGER syncunit_{t}_recreated ON {t}")
+        kept = {"item": ("id", "owner_id"), "owner": ("id", "region")}[t]
+        args = ", ".join(f"'{c}'" for c in (t, *kept))
+        moved = " OR ".join(f"OLD.{c} IS DISTINCT FROM NEW.{c}" for c in kept)
+        for trig in ("ad", "au"):
+            plain_sql(f"DROP TRIGGER syncunit_{t}_{trig} ON {t}")
+        plain_sql(
+            f"CREATE TRIGGER syncunit_{t}_ad AFTER DELETE ON {t}"
+            f" FOR EACH ROW EXECUTE FUNCTION syncunit_tombstone({args})"
+        )
+        plain_sql(
+            f"CREATE TRIGGER syncunit_{t}_au AFTER UPDATE ON {t} FOR EACH ROW"
+            f" WHEN ({moved}) EXECUTE FUNCTION syncunit_tombstone({args})"
+        )
         plain_sql(f"UPDATE {t} SET syncunit_created_stamp = NULL")
         with store.engine.connect() as conn:
             rec = json.loads(store.facts(conn)[f"tracking:{t}"])

@@ -342,6 +342,31 @@ def test_removals_never_name_a_row_created_after_its_joined_row_left(shaped, sto
     _check(server, ana, "lisbon")
 
 
+def test_removals_never_name_a_row_created_after_its_joined_row_left_and_gone_since(
+    shaped, store, plain_sql, tap
+):
+    server, _, device = shaped(city_appointments())
+    ana = device("lisbon", transport=tap)
+    ana.sync("Pull")
+    doc = _keys(store, sa.select(doctor.c.id).where(doctor.c.hospital_id == 1))[0]
+    left = set(_keys(store, sa.select(appointment.c.id).where(appointment.c.doctor_id == doc)))
+    # As above, and the late booking is cancelled for good: its tombstone's old state
+    # (this doctor) must not be paired with the doctor's state from before it existed.
+    plain_sql("UPDATE doctor SET hospital_id = 2 WHERE id = :d", {"d": doc})
+    plain_sql(
+        "INSERT INTO appointment (id, doctor_id, patient_id, starts_at, ends_at, status,"
+        " room, notes) SELECT 'created-later', :d, patient_id, starts_at, ends_at, status,"
+        " room, notes FROM appointment WHERE id = :k",
+        {"d": doc, "k": sorted(left)[0]},
+    )
+    plain_sql("DELETE FROM appointment WHERE id = 'created-later'")
+
+    ana.sync("Pull")
+
+    assert set(removed_keys(tap.last, "city_appointments")) == left
+    _check(server, ana, "lisbon")
+
+
 @pytest.mark.backends("postgres")
 def test_a_transaction_open_elsewhere_does_not_blur_the_creation_order(
     shaped, store, plain_sql, tap

@@ -312,7 +312,8 @@ class PostgresStore(ServerStore):
         """
         q = self.engine.dialect.identifier_preparer.quote
         t = q(tr.table)
-        args = ", ".join(_literal(c) for c in (tr.table, *tr.image))
+        # Tombstones keep the creation stamp too (removals pair only states that coexisted).
+        args = ", ".join(_literal(c) for c in (tr.table, *tr.image, CREATED_STAMP))
         moved = " OR ".join(f"OLD.{q(c)} IS DISTINCT FROM NEW.{q(c)}" for c in tr.image)
         stamp, ad, au, tt = (q(n) for n in _trigger_names(tr.table))
         return [
@@ -350,7 +351,10 @@ class PostgresStore(ServerStore):
         ).all()
         found = {str(r[0]): r for r in rows}
         stamp, ad, au, tt = _trigger_names(tracking.table)
-        args = "\\000".join((tracking.table, *tracking.image)) + "\\000"
+        kept = (*tracking.image, CREATED_STAMP)
+        if tracking.format in _UNSTAMPED_FORMATS:
+            kept = tracking.image
+        args = "\\000".join((tracking.table, *kept)) + "\\000"
         want = {
             stamp: ("syncunit_stamp", ""),
             ad: ("syncunit_tombstone", args),

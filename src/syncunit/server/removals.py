@@ -68,6 +68,7 @@ def old_images(
     those whose ``pinned`` column has an allowed value, when the scope pins one."""
     ts = tombstones.alias(f"ts_{table.name}_{n}")
     cols = [store.old_value(ts.c.old, c).label(c.name) for c in _needed_columns(shape, table)]
+    cols.append(store.old_value(ts.c.old, table.c[CREATED_STAMP]).label(CREATED_STAMP))
     cols.append(ts.c.version.label(RECORDED))
     restriction = (pinned or {}).get(table.name)
     if restriction is None:
@@ -200,6 +201,9 @@ def _combination(
             old = olds[t.name]
             keys = [old.c[c.name] for c in t.primary_key.columns]
             q = q.where(~_changed_since(store, t, keys, at, old.c[RECORDED], n))
+            # An image of a row created after the moment (and gone or changed since)
+            # is no state of it then: its tombstone keeps its creation stamp.
+            q = q.where(store.created_before(old.c[CREATED_STAMP], at))
         else:
             # coalesce(): no type affinity, so SQLite uses the index on the old value.
             keys = [sa.func.coalesce(c, None) for c in t.primary_key.columns]

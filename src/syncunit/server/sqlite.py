@@ -247,7 +247,8 @@ class SQLiteStore(ServerStore):
         * delete (each row, also of a bulk ``DELETE``): a ``delete`` tombstone;
         * creation: an insert, or an update that changes the key, stamps the
           clock in ``syncunit_created_stamp`` (any other update keeps it, whatever
-          the writer wrote), so removals can tell a row created later.
+          the writer wrote), and tombstones keep it, so removals can tell a row
+          created later, whether it is still there or not.
 
         Only the trigger's own stamp is not tracked: it writes the current clock,
         which a writer's stale version never equals (nor does an unchanged one).
@@ -256,8 +257,9 @@ class SQLiteStore(ServerStore):
         name = tr.table
         t = q(name)
 
-        def image(row: str) -> str:
-            return "json_object(" + ", ".join(f"'{c}', {row}.{q(c)}" for c in tr.image) + ")"
+        def image(row: str) -> str:  # the kept columns, and when the row was created
+            kept = (*tr.image, CREATED_STAMP)
+            return "json_object(" + ", ".join(f"'{c}', {row}.{q(c)}" for c in kept) + ")"
 
         def same(cols: tuple[str, ...], a: str, b: str) -> str:
             return " AND ".join(f"{a}.{q(c)} = {b}.{q(c)}" for c in cols)
