@@ -141,7 +141,8 @@ class SQLiteStore(ServerStore):
         """Stamp the rows as the insert triggers would, and insert them with those set aside.
 
         The insert triggers bump the clock once per row and stamp the row with it
-        and the time (and stage no replaced row: the keys are new). Here the clock
+        (as its version and its creation stamp) and the time (and stage no replaced
+        row: the keys are new). Here the clock
         is bumped by ``len(rows)`` in one statement and row ``i`` gets the ``i``-th
         version: the same versions, commit-ordered, since this transaction is the
         only writer. For that one statement the two insert triggers are dropped and
@@ -318,7 +319,8 @@ def _stamped_insert(table: sa.Table) -> sa.Insert:
     stmt = _inserts.get(table)
     if stmt is None:
         tracked = table.to_metadata(sa.MetaData())
-        for name, kind in zip(TRACKING_COLUMNS, (sa.BigInteger, sa.String, sa.String), strict=True):
+        kinds = (sa.BigInteger, sa.String, sa.String, sa.BigInteger)
+        for name, kind in zip(TRACKING_COLUMNS, kinds, strict=True):
             if name not in tracked.c:  # a model may declare them
                 tracked.append_column(sa.Column(name, kind))
         stmt = _inserts[table] = tracked.insert()
@@ -326,7 +328,10 @@ def _stamped_insert(table: sa.Table) -> sa.Insert:
 
 
 def _with_stamps(rows: list[dict[str, Any]], first: int, now: str) -> list[dict[str, Any]]:
-    return [{**r, VERSION: first + i, CREATED_AT: now, UPDATED_AT: now} for i, r in enumerate(rows)]
+    return [
+        {**r, VERSION: first + i, CREATED_AT: now, UPDATED_AT: now, CREATED_STAMP: first + i}
+        for i, r in enumerate(rows)
+    ]
 
 
 def _stamped_rows(
@@ -352,7 +357,7 @@ def _stamped_rows(
     params: list[tuple[Any, ...]] = []
     for i, r in enumerate(rows):
         values = [r[n] if p is None else p(r[n]) for n, p in zip(names, procs, strict=True)]
-        params.append((*values, first + i, now, now))
+        params.append((*values, first + i, now, now, first + i))
     return sql, params
 
 
