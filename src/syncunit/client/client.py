@@ -24,7 +24,7 @@ import httpx
 
 from syncunit.client import bootstrap, sessions
 from syncunit.client.live import LiveWatcher
-from syncunit.client.outbox import Outbox
+from syncunit.client.outbox import NumberAhead, Outbox
 from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
 from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus, subscription_id
@@ -156,6 +156,9 @@ class SyncClient:
         self.store = local_db if isinstance(local_db, LocalStore) else LocalStore(local_db)
         self.outbox = Outbox(self.store)
         self.push_batch = push_batch
+        #: With more than one batch to push, number the next batch while the server
+        #: applies the current one (False: one after the other).
+        self.pipeline = True
         self.on_start = on_start
         self.on_complete = on_complete
         self.on_error = on_error
@@ -579,12 +582,21 @@ class SyncClient:
             rounds += self.outbox.count(tables) // self.push_batch
         sending = self.outbox.count(tables) if push_streams else 0
         left: list[Path] = []
-        for _ in range(rounds):
-            mutations = self.outbox.prepare(push_streams, self.push_batch) if push_streams else []
+        ahead: NumberAhead | None = None
+        for round_ in range(rounds):
+            # The batch numbered while the server applied the last one, or a fresh one.
+            mutations = ahead.next_batch() if ahead is not None else []
+            if not mutations and push_streams:
+                mutations = self.outbox.prepare(push_streams, self.push_batch)
+            ahead = None
             if mutations:
                 self._feed.sending(unit_name, len(mutations), sending)
                 self._status_changed()
-            complete, chunks = self._request(unit_name, unit, catalog, mutations, result, params)
+                if self.pipeline and round_ + 1 < rounds:
+                    ahead = NumberAhead(self.outbox, push_streams, self.push_batch)
+            complete, chunks = self._request(
+                unit_name, unit, catalog, mutations, result, params, ahead=ahead
+            )
             if catalog is None:  # the first response brought it: continue with its cursors
                 catalog = self.store.catalog()
                 unit = None if catalog is None else catalog.unit(unit_name)
@@ -648,8 +660,13 @@ class SyncClient:
         params: Mapping[str, Any] | None = None,
         *,
         snapshots: bool = True,
+        ahead: NumberAhead | None = None,
     ) -> tuple[bool, int]:
-        """One request; returns whether the server completed the run, and the chunks it sent."""
+        """One request; returns whether the server completed the run, and the chunks it sent.
+
+        ``ahead`` numbers the next batch in a thread while this request is on its
+        way and the server applies it; it is done before the response is read.
+        """
         stream_names = unit.streams if unit is not None and unit.direction != "push" else []
         self._offers = []
         holder = subscription_id(unit_name, params) if params else None
@@ -671,6 +688,17 @@ class SyncClient:
             subscriptions=self._held(unit_name, catalog) if stream_names else [],
         )
         body = encode_request(request, self.encoding)
+        with ahead if ahead is not None else contextlib.nullcontext():
+            response = self._post(unit_name, body, len(mutations), result)
+        try:
+            return self._read_frames(response, catalog, result, holder)
+        finally:
+            result.bytes_in += response.num_bytes_downloaded
+            response.close()
+
+    def _post(
+        self, unit_name: str, body: bytes, mutations: int, result: SyncResult
+    ) -> httpx.Response:
         headers = {
             "Content-Type": content_type(self.encoding),
             "Accept": content_type(self.encoding),
@@ -679,14 +707,9 @@ class SyncClient:
             body = gzip.compress(body, compresslevel=5, mtime=0)
             headers["Content-Encoding"] = "gzip"
         result.bytes_out += len(body)
-        result.rows_out += len(mutations)
+        result.rows_out += mutations
         result.requests += 1
-        response = self._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
-        try:
-            return self._read_frames(response, catalog, result, holder)
-        finally:
-            result.bytes_in += response.num_bytes_downloaded
-            response.close()
+        return self._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
 
     def _read_frames(
         self,

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -35,7 +38,9 @@ if TYPE_CHECKING:
 
     from syncunit.client.store import LocalStore
 
-__all__ = ["Outbox", "PendingChange", "RejectedChange"]
+__all__ = ["NumberAhead", "Outbox", "PendingChange", "RejectedChange"]
+
+log = logging.getLogger("syncunit.outbox")
 
 DDL = [
     "CREATE TABLE IF NOT EXISTS syncunit_outbox ("
@@ -247,27 +252,47 @@ class Outbox:
     # -- pushing ---------------------------------------------------------------------------
 
     def prepare(self, streams: Sequence[StreamInfo], limit: int) -> list[Mutation]:
-        """Mutations to send: those in flight first, then up to ``limit`` new ones, numbered."""
+        """Mutations to send: those in flight first, then new ones, numbered; ``limit`` in all.
+
+        In flight are changes numbered and sent (or numbered ahead, see ``number``)
+        whose answer has not been recorded; they go again first, in order, the
+        oldest ``limit`` of them if there are more.
+        """
+        with self.store.atomic() as conn:
+            in_flight = [
+                _mut_dec.decode(r[0])
+                for r in conn.execute(
+                    "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL"
+                    " ORDER BY seq LIMIT ?",
+                    (limit,),
+                )
+            ]
+            return in_flight + self.number(streams, limit - len(in_flight))
+
+    def number(self, streams: Sequence[StreamInfo], limit: int) -> list[Mutation]:
+        """Number and freeze up to ``limit`` unsent changes of ``streams``; return them.
+
+        They are in flight from then on: a push sends them after those numbered
+        before, and a run that stops first sends them with the next one. A client
+        numbers the next batch while the server applies the current one.
+        """
         by_table = {s.local_table: s for s in streams}
+        if limit <= 0 or not by_table:
+            return []
         conn = self.store.conn
         # The store's transactions commit with synchronous=FULL at least (the engine
         # lowers it only inside its own ``relaxed`` ones): a number handed out here is
         # on disk before it goes out.
         with self.store.atomic():
-            in_flight = [
-                _mut_dec.decode(r[0])
-                for r in conn.execute(
-                    "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL ORDER BY seq"
-                )
-            ]
-            room = max(0, limit - len(in_flight))
-            marks = ",".join("?" * len(by_table)) or "NULL"
+            marks = ",".join("?" * len(by_table))
             rows = conn.execute(
                 "SELECT id, mutation_id, table_name, row_key, op, changed, base"
                 f" FROM syncunit_outbox WHERE seq IS NULL AND table_name IN ({marks})"
                 " ORDER BY id LIMIT ?",
-                [*by_table, room],
+                [*by_table, limit],
             ).fetchall()
+            if not rows:
+                return []
             next_seq = int(
                 conn.execute("SELECT next_seq FROM syncunit_state WHERE id = 1").fetchone()[0]
             )
@@ -295,7 +320,7 @@ class Outbox:
                 "UPDATE syncunit_outbox SET seq = ?, payload = ? WHERE id = ?", numbered
             )
             conn.execute("UPDATE syncunit_state SET next_seq = ? WHERE id = 1", (next_seq,))
-        return in_flight + fresh
+        return fresh
 
     def _current_rows(
         self,
@@ -585,6 +610,54 @@ class Outbox:
             )
             conn.execute("DELETE FROM syncunit_parked WHERE client_id = ?", (client_id,))
         return applied, kept
+
+
+class NumberAhead:
+    """The next batch numbered and frozen in a thread while a request is on its way.
+
+    Used as ``with ahead: response = send(...)``: the thread starts on entry and is
+    waited for on exit, before the response is read (the store is then the caller's
+    alone again). The numbering is an ordinary ``Outbox.number`` transaction: once it
+    commits the batch is in flight, sent after the one before it, by the next round
+    or, if this request fails, by the next run. If it fails it rolls back and
+    ``mutations`` stays empty: the next round numbers the batch itself.
+    """
+
+    def __init__(self, outbox: Outbox, streams: Sequence[StreamInfo], limit: int) -> None:
+        self.outbox = outbox
+        self.mutations: list[Mutation] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(list(streams), limit), name="syncunit-number-ahead"
+        )
+
+    def _run(self, streams: list[StreamInfo], limit: int) -> None:
+        try:
+            self.mutations = self.outbox.number(streams, limit)
+        except BaseException as exc:  # kept, logged; the next round numbers in the open
+            self.error = exc
+
+    def __enter__(self) -> NumberAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._thread.join()
+        if self.error is not None:
+            log.warning("numbering the next batch ahead failed: %s", self.error)
+
+    def next_batch(self) -> list[Mutation]:
+        """The batch to send next: the one numbered ahead, if nothing numbered before it
+        is still waiting for its answer (else [] : the caller prepares afresh)."""
+        if not self.mutations:
+            return []
+        row = self.outbox.store.query("SELECT min(seq) FROM syncunit_outbox WHERE seq IS NOT NULL")
+        return self.mutations if row and row[0][0] == self.mutations[0].seq else []
 
 
 def _utc() -> str:
