@@ -9,7 +9,13 @@ out the counter's value read in the same snapshot as the rows.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
+import sqlite3
+import threading
+import time
+import urllib.parse
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,6 +27,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from syncunit.server.migrations import TableTracking
 from syncunit.server.store import ServerStore
 from syncunit.units import CREATED_AT, CREATED_STAMP, TRACKING_COLUMNS, UPDATED_AT, VERSION
+
+log = logging.getLogger("syncunit.server")
 
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _BUMP = "UPDATE syncunit_clock SET version = version + 1 WHERE id = 1"
@@ -88,9 +96,13 @@ class SQLiteStore(ServerStore):
 
     def __init__(self, engine: Engine) -> None:
         super().__init__(configure_engine(engine))
+        path = engine.url.database
+        file = bool(path) and path != ":memory:" and not str(path).startswith("file:")
+        self._checkpointer = Checkpointer(str(path)) if file else None
 
     def write(self, *, serializable: bool = False) -> Any:
-        return _WriteTxn(self.engine)  # writers are serialized: every one is serializable
+        # writers are serialized: every one is serializable
+        return _WriteTxn(self.engine, self._checkpointer)
 
     def watermark(self, conn: Connection) -> int:
         return int(conn.exec_driver_sql(_CURRENT[1:-1]).scalar_one())
@@ -374,12 +386,77 @@ def _json_path(column: sa.Column[Any]) -> sa.sql.elements.TextClause:
 WRITE_CACHE_KIB = 32_000
 
 
+#: WAL file size from which checkpoints are due: SQLite's own threshold (1000 pages of 4 KiB).
+CHECKPOINT_BYTES = 4_096_000
+#: Least time between two checkpoints of the thread (the WAL grows at most this long).
+CHECKPOINT_EVERY_S = 0.25
+
+
+class Checkpointer:
+    """Copies the WAL back into the database file in a thread, not in a writer's commit.
+
+    SQLite's automatic checkpoint runs inside the commit that fills the WAL past
+    1000 pages: that request waits for the copy and its fsyncs. The store's writers
+    turn it off for their transaction and poke this instead; it runs the same
+    PASSIVE checkpoint (never blocks readers or writers, syncs the WAL before
+    copying: durability is unchanged) on its own connection, at most every
+    ``CHECKPOINT_EVERY_S`` while writes come. The thread ends after a second
+    without work and starts again when needed.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.wal = path + "-wal"
+        self.path = path
+        self.runs = 0  # checkpoints run by the thread
+        self._lock = threading.Lock()
+        self._due = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poke(self) -> None:
+        """A writer committed: checkpoint soon if the WAL is large."""
+        try:
+            size = os.path.getsize(self.wal)
+        except OSError:
+            return
+        if size < CHECKPOINT_BYTES:
+            return
+        with self._lock:
+            self._due.set()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="syncunit-checkpoint", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            if not self._due.wait(1.0):
+                with self._lock:
+                    if not self._due.is_set():
+                        self._thread = None
+                        return
+            self._due.clear()
+            try:
+                # mode=rw: a database removed meanwhile is not made again, empty
+                uri = "file:" + urllib.parse.quote(self.path) + "?mode=rw"
+                conn = sqlite3.connect(uri, uri=True, timeout=30)
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                finally:
+                    conn.close()
+                self.runs += 1
+            except Exception as exc:  # the next poke retries
+                log.warning("background WAL checkpoint of %s failed: %s", self.path, exc)
+            time.sleep(CHECKPOINT_EVERY_S)
+
+
 class _WriteTxn:
     """Context manager: a connection in a ``BEGIN IMMEDIATE`` transaction, with a
     larger page cache for the transaction's length."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, checkpointer: Checkpointer | None = None) -> None:
         self.engine = engine
+        self.checkpointer = checkpointer
 
     def __enter__(self) -> Connection:
         self._conn = self.engine.connect().execution_options(syncunit_write=True)
@@ -389,6 +466,11 @@ class _WriteTxn:
         self._cache = int(dbapi.execute("PRAGMA cache_size").fetchone()[0])
         if -WRITE_CACHE_KIB < self._cache < 0:  # a size in KiB below ours (not in pages)
             dbapi.execute(f"PRAGMA cache_size = {-WRITE_CACHE_KIB}")
+        self._auto = 0
+        if self.checkpointer is not None:
+            self._auto = int(dbapi.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+            if self._auto > 0:
+                dbapi.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
         self._txn = self._conn.begin()
         return self._conn
 
@@ -396,10 +478,14 @@ class _WriteTxn:
         try:
             if exc_type is None:
                 self._txn.commit()
+                if self.checkpointer is not None and self._auto > 0:
+                    self.checkpointer.poke()
             else:
                 self._txn.rollback()
         finally:
             # A broken connection is discarded, not pooled: nothing to give back then.
             with contextlib.suppress(self._conn.dialect.loaded_dbapi.Error):
                 self._dbapi.execute(f"PRAGMA cache_size = {self._cache}")
+                if self._auto > 0:
+                    self._dbapi.execute(f"PRAGMA wal_autocheckpoint = {self._auto}")
             self._conn.close()
