@@ -1,0 +1,147 @@
+"""A push of several batches numbers the next batch while the server applies one.
+
+DESIGN section 5 (exactly once, in order): a batch numbered ahead is in flight
+like a batch sent and unanswered; it goes after the one before it, never
+before, and a run that fails first leaves both to the next run, which sends
+them in order and in bounded requests, each applied once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from syncunit.errors import NetworkError
+from tests.test_push_support import (
+    FaultTransport,
+    ResponseLost,
+    decode_sync_request,
+    iter_keys,
+    local_notes,
+)
+
+
+class WatchingTransport(FaultTransport):
+    """Before each push reaches the server, waits (bounded) for the device to number
+    the next batch, and records how many changes are in flight then; ``lose_from``:
+    the answer to the request starting at that seq is lost (the server applied it)."""
+
+    def __init__(self, device_file: Path, lose_from: int | None = None) -> None:
+        super().__init__()
+        self.device_file = device_file
+        self.lose_from = lose_from
+        self.in_flight: list[int] = []
+
+    def _counts(self) -> tuple[int, int]:
+        with sqlite3.connect(self.device_file) as conn:
+            row = conn.execute(
+                "SELECT count(seq), count(*) - count(seq) FROM syncunit_outbox"
+            ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if not request.url.path.startswith("/v1/sync/"):
+            return self.inner.handle_request(request)
+        request.read()
+        sending = len(self._decode(request).mutations)
+        if sending:
+            deadline = time.monotonic() + 2.0
+            in_flight, unsent = self._counts()
+            while unsent and in_flight <= sending and time.monotonic() < deadline:
+                time.sleep(0.01)
+                in_flight, unsent = self._counts()
+            self.in_flight.append(in_flight)
+        response = self._forward(request)
+        first = self.sent[-1].mutations[0].seq if self.sent[-1].mutations else None
+        if first is not None and first == self.lose_from:
+            self.lose_from = None
+            try:
+                response.read()
+            finally:
+                response.close()
+            raise ResponseLost("the response was lost on the way back (test)", request=request)
+        return response
+
+    @staticmethod
+    def _decode(request: httpx.Request) -> Any:
+        return decode_sync_request(request)
+
+
+def _device(notes_app: Any, rows: int, **transport: Any) -> tuple[Any, Any, WatchingTransport]:
+    app = notes_app()
+    path = app.tmp_path / "device.sqlite"
+    watch = WatchingTransport(path, **transport)
+    device = app.client(transport=watch, push_batch=50)
+    device.sync("Sync")
+    with device.store.atomic() as conn:
+        conn.executemany(
+            "INSERT INTO \"LocalNote\" (id, owner, title, body, n) VALUES (?, 'u1', ?, '', 0)",
+            [(k, k) for k in iter_keys("n", rows)],
+        )
+    return app, device, watch
+
+
+def test_the_next_batch_is_numbered_while_the_server_applies_this_one(notes_app):
+    app, device, watch = _device(notes_app, 120)
+
+    result = device.sync("Sync")
+
+    # In flight when each push left: its own batch and the next one, numbered meanwhile.
+    assert watch.in_flight == [100, 70, 20]
+    assert watch.mutations_per_request[1:] == [50, 50, 20]
+    assert [m.seq for r in watch.sent for m in r.mutations] == list(range(1, 121))
+    assert (result.requests, result.applied) == (3, 120)
+    assert app.applications() == 120
+    assert device.outbox.count() == 0
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_without_the_pipeline_batches_are_numbered_one_after_the_other(notes_app):
+    app, device, watch = _device(notes_app, 120)
+    device.pipeline = False
+
+    assert device.sync("Sync").applied == 120
+
+    assert watch.in_flight == [50, 50, 20]
+    assert app.applications() == 120
+
+
+def test_a_failed_push_leaves_the_batch_numbered_ahead_to_the_next_run_in_order(notes_app):
+    app, device, watch = _device(notes_app, 120, lose_from=51)
+
+    with pytest.raises(NetworkError):
+        device.sync("Sync")
+    # 51-100 were applied but not answered; 101-120 were numbered ahead and never sent.
+    assert [m.seq for r in watch.sent for m in r.mutations] == list(range(1, 101))
+    in_flight = device.store.query("SELECT min(seq), max(seq) FROM syncunit_outbox")
+    assert in_flight == [(51, 120)]
+
+    result = device.sync("Sync")
+
+    # In order, at most push_batch per request: 51-100 answered from the log, then the rest.
+    assert watch.mutations_per_request[1:] == [50, 50, 50, 20]
+    sent = [m.seq for r in watch.sent[3:] for m in r.mutations]
+    assert sent == list(range(51, 121))
+    assert result.applied == 70
+    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 121))
+    assert app.applications() == 120  # each applied once
+    assert device.outbox.count() == 0
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_prepare_sends_the_oldest_in_flight_first_and_at_most_the_limit(notes_app):
+    app, device, _ = _device(notes_app, 5)
+    catalog = device.store.catalog()
+    streams = [s for s in catalog.streams if s.local_table == "LocalNote"]
+
+    ahead = device.outbox.number(streams, 2)
+    assert [m.seq for m in ahead] == [1, 2]
+    assert [m.seq for m in device.outbox.prepare(streams, 1)] == [1]
+    assert [m.seq for m in device.outbox.prepare(streams, 3)] == [1, 2, 3]
+    assert [m.seq for m in device.outbox.prepare(streams, 10)] == [1, 2, 3, 4, 5]
+    assert device.outbox.number(streams, 10) == []
