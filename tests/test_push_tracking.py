@@ -266,6 +266,44 @@ def test_a_write_takes_a_larger_page_cache_and_gives_it_back(store):
         assert cache(conn) == -100000
 
 
+@pytest.mark.backends("sqlite")
+def test_the_wal_is_copied_back_by_a_thread_not_in_the_commit_that_fills_it(store, monkeypatch):
+    import os
+    import time
+
+    from syncunit.server import sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY_S", 0.0)
+    checkpointer = store._checkpointer
+    path = str(store.engine.url.database)
+    at_commit: list[int] = []
+    poke = sqlite_module.Checkpointer.poke
+
+    def watched(self: Any) -> None:
+        at_commit.append(os.path.getsize(path))  # the database file right after the commit
+        poke(self)
+
+    monkeypatch.setattr(sqlite_module.Checkpointer, "poke", watched)
+    with store.write() as conn:
+        conn.exec_driver_sql("CREATE TABLE scratch (b BLOB)")
+        for _ in range(60):  # 6 MB: past SQLite's automatic checkpoint (1000 pages)
+            conn.exec_driver_sql("INSERT INTO scratch VALUES (randomblob(100000))")
+        during = conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one()
+        dbapi = conn.connection.dbapi_connection
+    assert during == 0
+    assert dbapi is not None
+    assert dbapi.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # given back
+
+    assert at_commit and at_commit[0] < 1_000_000  # the commit copied nothing back
+    deadline = time.monotonic() + 10
+    while checkpointer.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checkpointer.runs >= 1
+    assert os.path.getsize(path) > 6_000_000  # the thread did
+    with store.engine.connect() as c:
+        assert c.exec_driver_sql("SELECT count(*) FROM scratch").scalar_one() == 60
+
+
 class _Upper(sa.types.TypeDecorator[str]):
     """A type whose values SQL wraps on the way in (``bind_expression``)."""
 
