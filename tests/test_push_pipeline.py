@@ -135,7 +135,7 @@ def test_a_failed_push_leaves_the_batch_numbered_ahead_to_the_next_run_in_order(
 
 
 def test_prepare_sends_the_oldest_in_flight_first_and_at_most_the_limit(notes_app):
-    app, device, _ = _device(notes_app, 5)
+    _, device, _ = _device(notes_app, 5)
     catalog = device.store.catalog()
     streams = [s for s in catalog.streams if s.local_table == "LocalNote"]
 
