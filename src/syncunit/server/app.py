@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -326,7 +327,10 @@ class SyncServer:
             pushed = None
             if req.mutations:
                 t0 = time.monotonic()
-                pushed = await anyio.to_thread.run_sync(self.pusher.apply, principal, req, unit)
+                # _validate ran check_mutations with the same limits: not twice.
+                pushed = await anyio.to_thread.run_sync(
+                    partial(self.pusher.apply, checked=True), principal, req, unit
+                )
                 self.metrics.push_seconds.labels(unit.name).observe(time.monotonic() - t0)
             self._maybe_prune()
             accept = encoding_of(request.headers.get("accept")) or encoding

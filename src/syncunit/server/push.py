@@ -246,7 +246,9 @@ class PushApplier:
                     f" principal {principal.id!r} does not have",
                 )
 
-    def apply(self, principal: Principal, req: SyncRequest, unit: SyncUnit) -> PushResults:
+    def apply(
+        self, principal: Principal, req: SyncRequest, unit: SyncUnit, *, checked: bool = False
+    ) -> PushResults:
         """Apply ``req.mutations`` pushed through ``unit`` in one transaction.
 
         Returns one result per mutation. The principal must be allowed ``unit``;
@@ -259,9 +261,14 @@ class PushApplier:
         that were retried as often (``ServerStore.take_turns``), so a busy moment
         cannot starve one push. After ``ATTEMPTS`` the error goes to the client,
         which retries the request later.
+
+        ``checked``: the caller has already run ``check_mutations`` on
+        ``req.mutations`` with this applier's limits (the sync endpoint does, before
+        it answers anything), so the walk over every value is not done twice.
         """
         self.authorize(principal, unit)
-        check_mutations(req.mutations, self.limits)
+        if not checked:
+            check_mutations(req.mutations, self.limits)
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 return self._apply(principal, req, unit, take_turns=attempt >= TAKE_TURNS)
