@@ -62,13 +62,13 @@ def _timed(owner: Any, attr: str, into: dict[str, float], name: str) -> None:
 def client_main(url: str, db: Path) -> dict[str, Any]:
     """One first sync in this process; the step times, then the checks after it."""
     from syncunit.client import SyncClient, bootstrap
-    from syncunit.client.client import SyncClient as _Client
+    from syncunit.client.run import UnitRun
 
     steps: dict[str, float] = {}
     for name, attr in STEPS:
         _timed(bootstrap, attr, steps, name)
     requests: list[float] = []
-    inner = _Client._request
+    inner = UnitRun._request
 
     def request(self: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
@@ -77,7 +77,7 @@ def client_main(url: str, db: Path) -> dict[str, Any]:
         finally:
             requests.append(time.perf_counter() - t0)
 
-    _Client._request = request  # type: ignore[method-assign]
+    UnitRun._request = request  # type: ignore[method-assign]
     t0 = time.perf_counter()
     with SyncClient(url, db, token=TOKEN, timeout=600) as client:
         result = client.sync(UNIT)

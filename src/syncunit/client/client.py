@@ -7,8 +7,6 @@ library's sqlite3 and httpx. One unit run is one HTTP request.
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import json
 import logging
 import sqlite3
@@ -24,9 +22,9 @@ import httpx
 
 from syncunit.client import bootstrap, sessions
 from syncunit.client.live import LiveWatcher
-from syncunit.client.outbox import NumberAhead, Outbox
-from syncunit.client.prefetch import FramePrefetch
+from syncunit.client.outbox import Outbox
 from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
+from syncunit.client.run import UnitRun, forget_unit
 from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus, subscription_id
 from syncunit.client.status import StatusFeed
 from syncunit.client.store import LocalStore, quote
@@ -35,31 +33,16 @@ from syncunit.errors import (
     LocalStoreError,
     NetworkError,
     ProblemError,
-    ProtocolError,
     SyncError,
     problem_error,
 )
 from syncunit.ids import uuid7
 from syncunit.protocol import (
-    PROTOCOL_VERSION,
     Catalog,
-    CatalogFrame,
-    Chunk,
     Encoding,
-    End,
-    Failure,
-    Mutation,
-    PushResults,
-    SnapshotOffer,
     StreamInfo,
-    StreamStart,
-    Subscription,
-    SyncRequest,
-    UnitInfo,
-    content_type,
     decode_catalog,
     decode_problem,
-    encode_request,
 )
 
 try:
@@ -74,11 +57,8 @@ __all__ = ["ProgressCallback", "SyncClient", "SyncResult", "TokenProvider"]
 ProgressCallback = Callable[[str, int, int], None]
 #: Returns a bearer token; asked before the first request and again after a 401.
 TokenProvider = Callable[[], str]
-COMPRESS_ABOVE = 16 * 1024
 #: A first copy of at least this many rows builds the local secondary indexes at its end.
 DEFER_INDEXES_ABOVE = 5000
-#: Responses in a row that the server ended early without a chunk before a run gives up.
-MAX_IDLE_CONTINUATIONS = 3
 log = logging.getLogger("syncunit.client")
 
 
@@ -189,7 +169,8 @@ class SyncClient:
         self.chunk_size = chunk_size
         #: Accept a prebuilt file for a large first copy (falls back to rows by itself).
         self.snapshots = snapshots and bootstrap.can_apply()
-        self._offers: list[SnapshotOffer] = []
+        # read here, so a process may lower the module's value before making a client
+        self._defer_indexes_above = DEFER_INDEXES_ABOVE
         self.on_progress = on_progress
         headers = {"Accept-Encoding": ACCEPT_ENCODING, "User-Agent": "syncunit-client/0.1"}
         self._token_provider: TokenProvider | None = None
@@ -480,16 +461,16 @@ class SyncClient:
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
                 try:
-                    self._run_unit(unit, catalog, result, params)
+                    UnitRun(self).run(unit, catalog, result, params)
                 except ProblemError as exc:
                     if exc.code == "unit-forbidden" and catalog is not None:
-                        self._forget_unit(unit, catalog)
+                        forget_unit(self, unit, catalog)
                     if exc.code != "schema-changed":
                         raise
                     # Pending mutations under an old schema: migrate first, then send them.
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
-                    self._run_unit(unit, catalog, result, params)
+                    UnitRun(self).run(unit, catalog, result, params)
         except Exception as exc:
             if opened and isinstance(exc, ProblemError) and not exc.retryable:
                 # Refused (a malformed value, a 403): nothing to hold, and an Online
@@ -544,19 +525,6 @@ class SyncClient:
                 gone.append(sub_id)
         return gone
 
-    def _held(self, unit_name: str, catalog: Catalog | None) -> list[Subscription]:
-        """Every held subscription, with its cursors, to refresh beside ``unit_name``."""
-        if catalog is None or unit_name not in self.refresh_subscriptions_with:
-            return []
-        subs = []
-        for sub_id, unit, raw, _, _ in self.store.subscriptions():
-            info = catalog.unit(unit)
-            if info is None:
-                continue
-            cursors = self.store.subscription_cursors(sub_id, info.streams)
-            subs.append(Subscription(id=sub_id, unit=unit, params=json.loads(raw), cursors=cursors))
-        return subs
-
     @contextmanager
     def _owned(self) -> Iterator[None]:
         self._sync_owner = threading.get_ident()
@@ -564,266 +532,6 @@ class SyncClient:
             yield
         finally:
             self._sync_owner = None
-
-    def _run_unit(
-        self,
-        unit_name: str,
-        catalog: Catalog | None,
-        result: SyncResult,
-        params: Mapping[str, Any] | None = None,
-    ) -> None:
-        unit = None if catalog is None else catalog.unit(unit_name)
-        push_streams = [] if unit is None or catalog is None else [
-            s for s in catalog.streams if s.local_table in unit.push
-        ]  # fmt: skip
-        tables = [s.local_table for s in push_streams]
-        rounds = 1
-        if push_streams:
-            rounds += self.outbox.count(tables) // self.push_batch
-        sending = self.outbox.count(tables) if push_streams else 0
-        left: list[Path] = []
-        ahead: NumberAhead | None = None
-        for round_ in range(rounds):
-            # The batch numbered while the server applied the last one, or a fresh one.
-            mutations = ahead.next_batch() if ahead is not None else []
-            if not mutations and push_streams:
-                mutations = self.outbox.prepare(push_streams, self.push_batch)
-            ahead = None
-            if mutations:
-                self._feed.sending(unit_name, len(mutations), sending)
-                self._status_changed()
-                if self.pipeline and round_ + 1 < rounds:
-                    ahead = NumberAhead(self.outbox, push_streams, self.push_batch)
-            complete, chunks = self._request(
-                unit_name, unit, catalog, mutations, result, params, ahead=ahead
-            )
-            if catalog is None:  # the first response brought it: continue with its cursors
-                catalog = self.store.catalog()
-                unit = None if catalog is None else catalog.unit(unit_name)
-            if self._offers:
-                # Large first copies came as files: apply them, then a delta from there.
-                offers, self._offers = self._offers, []
-                left = bootstrap.apply_offers(self, offers, result)
-                catalog = self.store.catalog()
-                unit = None if catalog is None else catalog.unit(unit_name)
-                complete, chunks = self._request(
-                    unit_name, unit, catalog, [], result, params, snapshots=not left
-                )
-                if self._offers:
-                    raise ProtocolError("the server offered a snapshot again after one failed")
-            idle = 0
-            while not complete:
-                # The server ends a response after a bounded time: continue from the
-                # cursors just stored. Responses that bring nothing, again and again,
-                # mean something is wrong: give up (the next run resumes).
-                idle = 0 if chunks else idle + 1
-                if idle >= MAX_IDLE_CONTINUATIONS:
-                    raise NetworkError(
-                        f"the server ended {idle} responses of {unit_name!r} early without"
-                        " sending anything; applied chunks are kept"
-                    )
-                complete, chunks = self._request(
-                    unit_name, unit, catalog, [], result, params, snapshots=False
-                )
-            for part in left:  # copied row by row instead: a cut download is not resumed
-                part.unlink(missing_ok=True)
-            if not push_streams or not self.outbox.count(tables):
-                break
-
-    def _forget_unit(self, unit_name: str, catalog: Catalog) -> None:
-        """The principal may no longer run ``unit_name``: remove what its streams brought.
-
-        Rows with local changes not yet pushed stay (with their outbox entries);
-        the streams' cursors go, so a unit still allowed later downloads afresh.
-        """
-        unit = catalog.unit(unit_name)
-        for name in unit.streams if unit is not None else []:
-            info = catalog.stream(name)
-            if info is None:
-                continue
-            # complete: applied in place at once (an incomplete reset would go to a shadow table)
-            empty = Chunk(
-                stream=name, columns=[], data=[], removed=[], cursor="", reset=True, complete=True
-            )
-            self.store.apply_chunk(info, empty)
-            with self.store.atomic() as c:
-                c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (name,))
-        log.info("unit %r is no longer allowed: its local rows were removed", unit_name)
-
-    def _request(
-        self,
-        unit_name: str,
-        unit: UnitInfo | None,
-        catalog: Catalog | None,
-        mutations: list[Mutation],
-        result: SyncResult,
-        params: Mapping[str, Any] | None = None,
-        *,
-        snapshots: bool = True,
-        ahead: NumberAhead | None = None,
-    ) -> tuple[bool, int]:
-        """One request; returns whether the server completed the run, and the chunks it sent.
-
-        ``ahead`` numbers the next batch in a thread while this request is on its
-        way and the server applies it; it is done before the response is read.
-        """
-        stream_names = unit.streams if unit is not None and unit.direction != "push" else []
-        self._offers = []
-        holder = subscription_id(unit_name, params) if params else None
-        if not stream_names:
-            cursors = {}
-        elif holder:
-            cursors = self.store.subscription_cursors(holder, stream_names)
-        else:
-            cursors = self.store.cursors(stream_names)
-        request = SyncRequest(
-            protocol=PROTOCOL_VERSION,
-            client_id=self.client_id,
-            schema_hash="" if catalog is None else catalog.schema_hash,
-            cursors=cursors,
-            mutations=mutations,
-            chunk_size=self.chunk_size,
-            snapshots=self.snapshots and snapshots and not holder,
-            params=dict(params or {}),
-            subscriptions=self._held(unit_name, catalog) if stream_names else [],
-        )
-        body = encode_request(request, self.encoding)
-        with ahead if ahead is not None else contextlib.nullcontext():
-            response = self._post(unit_name, body, len(mutations), result)
-        try:
-            return self._read_frames(response, catalog, result, holder)
-        finally:
-            result.bytes_in += response.num_bytes_downloaded
-            response.close()
-
-    def _post(
-        self, unit_name: str, body: bytes, mutations: int, result: SyncResult
-    ) -> httpx.Response:
-        headers = {
-            "Content-Type": content_type(self.encoding),
-            "Accept": content_type(self.encoding),
-        }
-        if len(body) > COMPRESS_ABOVE:
-            body = gzip.compress(body, compresslevel=5, mtime=0)
-            headers["Content-Encoding"] = "gzip"
-        result.bytes_out += len(body)
-        result.rows_out += mutations
-        result.requests += 1
-        return self._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
-
-    def _read_frames(
-        self,
-        response: httpx.Response,
-        catalog: Catalog | None,
-        result: SyncResult,
-        holder: str | None = None,
-    ) -> tuple[bool, int]:
-        deferred: dict[str, StreamInfo] = {}  # streams whose indexes wait for the copy's end
-        try:
-            with self.store.bulk():
-                end, chunks = self._apply_frames(response, catalog, result, deferred, holder)
-        except httpx.HTTPError as exc:
-            raise NetworkError(f"the sync of {result.unit!r} was cut: {exc}") from exc
-        finally:
-            for info in deferred.values():
-                self.store.restore_indexes(info)
-        if end is None:
-            raise NetworkError(
-                f"the sync of {result.unit!r} ended early; applied chunks are kept and"
-                " the next run resumes from the last one"
-            )
-        return end.complete, chunks
-
-    def _apply_frames(
-        self,
-        response: httpx.Response,
-        catalog: Catalog | None,
-        result: SyncResult,
-        deferred: dict[str, StreamInfo],
-        holder: str | None = None,
-    ) -> tuple[End | None, int]:
-        """Apply frames as they arrive; return the response's end frame (None: it was
-        cut) and how many chunks it brought.
-
-        A reader thread receives and decodes the next frames while this thread
-        writes the current chunk into SQLite (which runs without the GIL).
-        """
-        total = done = chunks = 0
-        # A full stream is replaced whole: its chunks apply in one local transaction,
-        # opened at its start and committed with its last chunk (or rolled back).
-        whole = contextlib.ExitStack()
-        with whole, FramePrefetch(response, self.encoding) as frames:
-            for frame in frames:
-                if self._cancel.is_set():
-                    raise SyncError("the sync was cancelled by close(); applied chunks are kept")
-                if isinstance(frame, CatalogFrame):
-                    # A first sync, or the server's schema changed: migrate, then apply.
-                    catalog = frame.catalog
-                    self.store.apply_catalog(catalog)
-                    continue
-                if isinstance(frame, End):
-                    return frame, chunks
-                if isinstance(frame, Failure):
-                    raise problem_error(frame.status, frame.code, frame.title, frame.detail)
-                if catalog is None:
-                    raise ProtocolError("the server sent changes before its catalog")
-                if isinstance(frame, Chunk):
-                    chunks += 1
-                    info = catalog.stream(frame.stream)
-                    if info is None:
-                        raise ProtocolError(f"server sent unknown stream {frame.stream!r}")
-                    sub = frame.subscription or holder
-                    upserted, removed = (
-                        self.store.apply_chunk(info, frame, sub)
-                        if sub
-                        else self.store.apply_chunk(info, frame)
-                    )
-                    t = info.local_table
-                    result.rows_in[t] = result.rows_in.get(t, 0) + upserted
-                    result.rows_removed[t] = result.rows_removed.get(t, 0) + removed
-                    if frame.reset:
-                        result.resets.append(frame.stream)
-                    done += upserted + len(frame.removed)
-                    if frame.complete:
-                        whole.close()
-                        if frame.stream in deferred:
-                            self.store.restore_indexes(deferred.pop(frame.stream))
-                    self._emit(self.on_progress, result.unit, done, max(total, done))
-                    self._feed.downloaded(result.unit, done, total)
-                    self._status_changed()
-                elif isinstance(frame, StreamStart):
-                    total += frame.total
-                    info = catalog.stream(frame.stream)
-                    if info is not None and info.mode == "full" and frame.reset:
-                        whole.enter_context(self.store.atomic())
-                    if (
-                        frame.copy
-                        and frame.total >= DEFER_INDEXES_ABOVE
-                        and info is not None
-                        and self.store.suspend_indexes(info)
-                    ):
-                        deferred[frame.stream] = info
-                    self._emit(self.on_progress, result.unit, done, total)
-                elif isinstance(frame, PushResults):
-                    self._on_push_results(frame, catalog, result)
-                elif isinstance(frame, SnapshotOffer):
-                    self._offers.append(frame)
-        return None, chunks
-
-    def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:
-        if self.store.get_fact("bound") != self.client_id:
-            # The server has bound this session to its principal: parked later, its
-            # changes can be offered to whoever logs in (the server refuses others).
-            with self.store.atomic():
-                self.store.set_fact("bound", self.client_id)
-        applied, kept = self.outbox.complete(frame, catalog.streams)
-        if self._feed.upload is not None:
-            self._feed.answered(len(frame.results))
-            self._status_changed()
-        result.applied += applied
-        for change in kept:
-            target = result.conflicts if change.status == "conflict" else result.rejected
-            target.append(change.to_dict())
 
     # -- http -------------------------------------------------------------------------------
 

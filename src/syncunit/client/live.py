@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import httpx
 import msgspec
 
+from syncunit.client.run import held
 from syncunit.protocol import PROTOCOL_VERSION, SyncRequest, content_type, encode_request
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class LiveWatcher:
                 client_id=self.client.client_id,
                 schema_hash="" if catalog is None else catalog.schema_hash,
                 cursors=self.client.store.cursors(streams) if streams else {},
-                subscriptions=[] if catalog is None else self.client._held(self.unit, catalog),
+                subscriptions=[] if catalog is None else held(self.client, self.unit, catalog),
             )
         )
         self.polls += 1

@@ -1,0 +1,337 @@
+"""One unit run: its requests, and their response frames applied as they arrive.
+
+A run sends the unit's request (with a batch of pushed changes, if any), reads
+the response's frames on the way in (catalog, chunks, push results, snapshot
+offers), applies them to the local store, and continues while the server ends
+a response early. ``SyncClient.sync`` records what it did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from syncunit.client import bootstrap
+from syncunit.client.outbox import NumberAhead
+from syncunit.client.prefetch import FramePrefetch
+from syncunit.client.scheduler import subscription_id
+from syncunit.errors import NetworkError, ProtocolError, SyncError, problem_error
+from syncunit.protocol import (
+    PROTOCOL_VERSION,
+    Catalog,
+    CatalogFrame,
+    Chunk,
+    End,
+    Failure,
+    Mutation,
+    PushResults,
+    SnapshotOffer,
+    StreamInfo,
+    StreamStart,
+    Subscription,
+    SyncRequest,
+    UnitInfo,
+    content_type,
+    encode_request,
+)
+
+if TYPE_CHECKING:
+    from syncunit.client.client import SyncClient, SyncResult
+
+__all__ = ["UnitRun", "forget_unit", "held"]
+
+COMPRESS_ABOVE = 16 * 1024
+#: Responses in a row that the server ended early without a chunk before a run gives up.
+MAX_IDLE_CONTINUATIONS = 3
+log = logging.getLogger("syncunit.client")
+
+
+class UnitRun:
+    """One run of a unit for ``client``: one request, or more (push batches, continuations,
+    the delta after snapshot offers)."""
+
+    def __init__(self, client: SyncClient) -> None:
+        self.client = client
+        self._offers: list[SnapshotOffer] = []
+
+    def run(
+        self,
+        unit_name: str,
+        catalog: Catalog | None,
+        result: SyncResult,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        unit = None if catalog is None else catalog.unit(unit_name)
+        push_streams = [] if unit is None or catalog is None else [
+            s for s in catalog.streams if s.local_table in unit.push
+        ]  # fmt: skip
+        tables = [s.local_table for s in push_streams]
+        rounds = 1
+        if push_streams:
+            rounds += self.client.outbox.count(tables) // self.client.push_batch
+        sending = self.client.outbox.count(tables) if push_streams else 0
+        left: list[Path] = []
+        ahead: NumberAhead | None = None
+        for round_ in range(rounds):
+            # The batch numbered while the server applied the last one, or a fresh one.
+            mutations = ahead.next_batch() if ahead is not None else []
+            if not mutations and push_streams:
+                mutations = self.client.outbox.prepare(push_streams, self.client.push_batch)
+            ahead = None
+            if mutations:
+                self.client._feed.sending(unit_name, len(mutations), sending)
+                self.client._status_changed()
+                if self.client.pipeline and round_ + 1 < rounds:
+                    ahead = NumberAhead(self.client.outbox, push_streams, self.client.push_batch)
+            complete, chunks = self._request(
+                unit_name, unit, catalog, mutations, result, params, ahead=ahead
+            )
+            if catalog is None:  # the first response brought it: continue with its cursors
+                catalog = self.client.store.catalog()
+                unit = None if catalog is None else catalog.unit(unit_name)
+            if self._offers:
+                # Large first copies came as files: apply them, then a delta from there.
+                offers, self._offers = self._offers, []
+                left = bootstrap.apply_offers(self.client, offers, result)
+                catalog = self.client.store.catalog()
+                unit = None if catalog is None else catalog.unit(unit_name)
+                complete, chunks = self._request(
+                    unit_name, unit, catalog, [], result, params, snapshots=not left
+                )
+                if self._offers:
+                    raise ProtocolError("the server offered a snapshot again after one failed")
+            idle = 0
+            while not complete:
+                # The server ends a response after a bounded time: continue from the
+                # cursors just stored. Responses that bring nothing, again and again,
+                # mean something is wrong: give up (the next run resumes).
+                idle = 0 if chunks else idle + 1
+                if idle >= MAX_IDLE_CONTINUATIONS:
+                    raise NetworkError(
+                        f"the server ended {idle} responses of {unit_name!r} early without"
+                        " sending anything; applied chunks are kept"
+                    )
+                complete, chunks = self._request(
+                    unit_name, unit, catalog, [], result, params, snapshots=False
+                )
+            for part in left:  # copied row by row instead: a cut download is not resumed
+                part.unlink(missing_ok=True)
+            if not push_streams or not self.client.outbox.count(tables):
+                break
+
+    def _request(
+        self,
+        unit_name: str,
+        unit: UnitInfo | None,
+        catalog: Catalog | None,
+        mutations: list[Mutation],
+        result: SyncResult,
+        params: Mapping[str, Any] | None = None,
+        *,
+        snapshots: bool = True,
+        ahead: NumberAhead | None = None,
+    ) -> tuple[bool, int]:
+        """One request; returns whether the server completed the run, and the chunks it sent.
+
+        ``ahead`` numbers the next batch in a thread while this request is on its
+        way and the server applies it; it is done before the response is read.
+        """
+        stream_names = unit.streams if unit is not None and unit.direction != "push" else []
+        self._offers = []
+        holder = subscription_id(unit_name, params) if params else None
+        if not stream_names:
+            cursors = {}
+        elif holder:
+            cursors = self.client.store.subscription_cursors(holder, stream_names)
+        else:
+            cursors = self.client.store.cursors(stream_names)
+        request = SyncRequest(
+            protocol=PROTOCOL_VERSION,
+            client_id=self.client.client_id,
+            schema_hash="" if catalog is None else catalog.schema_hash,
+            cursors=cursors,
+            mutations=mutations,
+            chunk_size=self.client.chunk_size,
+            snapshots=self.client.snapshots and snapshots and not holder,
+            params=dict(params or {}),
+            subscriptions=held(self.client, unit_name, catalog) if stream_names else [],
+        )
+        body = encode_request(request, self.client.encoding)
+        with ahead if ahead is not None else contextlib.nullcontext():
+            response = self._post(unit_name, body, len(mutations), result)
+        try:
+            return self._read_frames(response, catalog, result, holder)
+        finally:
+            result.bytes_in += response.num_bytes_downloaded
+            response.close()
+
+    def _post(
+        self, unit_name: str, body: bytes, mutations: int, result: SyncResult
+    ) -> httpx.Response:
+        headers = {
+            "Content-Type": content_type(self.client.encoding),
+            "Accept": content_type(self.client.encoding),
+        }
+        if len(body) > COMPRESS_ABOVE:
+            body = gzip.compress(body, compresslevel=5, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        result.bytes_out += len(body)
+        result.rows_out += mutations
+        result.requests += 1
+        return self.client._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
+
+    def _read_frames(
+        self,
+        response: httpx.Response,
+        catalog: Catalog | None,
+        result: SyncResult,
+        holder: str | None = None,
+    ) -> tuple[bool, int]:
+        deferred: dict[str, StreamInfo] = {}  # streams whose indexes wait for the copy's end
+        try:
+            with self.client.store.bulk():
+                end, chunks = self._apply_frames(response, catalog, result, deferred, holder)
+        except httpx.HTTPError as exc:
+            raise NetworkError(f"the sync of {result.unit!r} was cut: {exc}") from exc
+        finally:
+            for info in deferred.values():
+                self.client.store.restore_indexes(info)
+        if end is None:
+            raise NetworkError(
+                f"the sync of {result.unit!r} ended early; applied chunks are kept and"
+                " the next run resumes from the last one"
+            )
+        return end.complete, chunks
+
+    def _apply_frames(
+        self,
+        response: httpx.Response,
+        catalog: Catalog | None,
+        result: SyncResult,
+        deferred: dict[str, StreamInfo],
+        holder: str | None = None,
+    ) -> tuple[End | None, int]:
+        """Apply frames as they arrive; return the response's end frame (None: it was
+        cut) and how many chunks it brought.
+
+        A reader thread receives and decodes the next frames while this thread
+        writes the current chunk into SQLite (which runs without the GIL).
+        """
+        total = done = chunks = 0
+        # A full stream is replaced whole: its chunks apply in one local transaction,
+        # opened at its start and committed with its last chunk (or rolled back).
+        whole = contextlib.ExitStack()
+        with whole, FramePrefetch(response, self.client.encoding) as frames:
+            for frame in frames:
+                if self.client._cancel.is_set():
+                    raise SyncError("the sync was cancelled by close(); applied chunks are kept")
+                if isinstance(frame, CatalogFrame):
+                    # A first sync, or the server's schema changed: migrate, then apply.
+                    catalog = frame.catalog
+                    self.client.store.apply_catalog(catalog)
+                    continue
+                if isinstance(frame, End):
+                    return frame, chunks
+                if isinstance(frame, Failure):
+                    raise problem_error(frame.status, frame.code, frame.title, frame.detail)
+                if catalog is None:
+                    raise ProtocolError("the server sent changes before its catalog")
+                if isinstance(frame, Chunk):
+                    chunks += 1
+                    info = catalog.stream(frame.stream)
+                    if info is None:
+                        raise ProtocolError(f"server sent unknown stream {frame.stream!r}")
+                    sub = frame.subscription or holder
+                    upserted, removed = (
+                        self.client.store.apply_chunk(info, frame, sub)
+                        if sub
+                        else self.client.store.apply_chunk(info, frame)
+                    )
+                    t = info.local_table
+                    result.rows_in[t] = result.rows_in.get(t, 0) + upserted
+                    result.rows_removed[t] = result.rows_removed.get(t, 0) + removed
+                    if frame.reset:
+                        result.resets.append(frame.stream)
+                    done += upserted + len(frame.removed)
+                    if frame.complete:
+                        whole.close()
+                        if frame.stream in deferred:
+                            self.client.store.restore_indexes(deferred.pop(frame.stream))
+                    self.client._emit(self.client.on_progress, result.unit, done, max(total, done))
+                    self.client._feed.downloaded(result.unit, done, total)
+                    self.client._status_changed()
+                elif isinstance(frame, StreamStart):
+                    total += frame.total
+                    info = catalog.stream(frame.stream)
+                    if info is not None and info.mode == "full" and frame.reset:
+                        whole.enter_context(self.client.store.atomic())
+                    if (
+                        frame.copy
+                        and frame.total >= self.client._defer_indexes_above
+                        and info is not None
+                        and self.client.store.suspend_indexes(info)
+                    ):
+                        deferred[frame.stream] = info
+                    self.client._emit(self.client.on_progress, result.unit, done, total)
+                elif isinstance(frame, PushResults):
+                    self._on_push_results(frame, catalog, result)
+                elif isinstance(frame, SnapshotOffer):
+                    self._offers.append(frame)
+        return None, chunks
+
+    def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:
+        if self.client.store.get_fact("bound") != self.client.client_id:
+            # The server has bound this session to its principal: parked later, its
+            # changes can be offered to whoever logs in (the server refuses others).
+            with self.client.store.atomic():
+                self.client.store.set_fact("bound", self.client.client_id)
+        applied, kept = self.client.outbox.complete(frame, catalog.streams)
+        if self.client._feed.upload is not None:
+            self.client._feed.answered(len(frame.results))
+            self.client._status_changed()
+        result.applied += applied
+        for change in kept:
+            target = result.conflicts if change.status == "conflict" else result.rejected
+            target.append(change.to_dict())
+
+
+def forget_unit(client: SyncClient, unit_name: str, catalog: Catalog) -> None:
+    """The principal may no longer run ``unit_name``: remove what its streams brought.
+
+    Rows with local changes not yet pushed stay (with their outbox entries);
+    the streams' cursors go, so a unit still allowed later downloads afresh.
+    """
+    unit = catalog.unit(unit_name)
+    for name in unit.streams if unit is not None else []:
+        info = catalog.stream(name)
+        if info is None:
+            continue
+        # complete: applied in place at once (an incomplete reset would go to a shadow table)
+        empty = Chunk(
+            stream=name, columns=[], data=[], removed=[], cursor="", reset=True, complete=True
+        )
+        client.store.apply_chunk(info, empty)
+        with client.store.atomic() as c:
+            c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (name,))
+    log.info("unit %r is no longer allowed: its local rows were removed", unit_name)
+
+
+def held(client: SyncClient, unit_name: str, catalog: Catalog | None) -> list[Subscription]:
+    """Every held subscription, with its cursors, to refresh beside ``unit_name``."""
+    if catalog is None or unit_name not in client.refresh_subscriptions_with:
+        return []
+    subs = []
+    for sub_id, unit, raw, _, _ in client.store.subscriptions():
+        info = catalog.unit(unit)
+        if info is None:
+            continue
+        cursors = client.store.subscription_cursors(sub_id, info.streams)
+        subs.append(Subscription(id=sub_id, unit=unit, params=json.loads(raw), cursors=cursors))
+    return subs
