@@ -38,6 +38,7 @@ from syncunit.errors import (
 )
 from syncunit.ids import uuid7
 from syncunit.protocol import (
+    PROTOCOL_VERSION,
     Catalog,
     Encoding,
     StreamInfo,
@@ -169,8 +170,6 @@ class SyncClient:
         self.chunk_size = chunk_size
         #: Accept a prebuilt file for a large first copy (falls back to rows by itself).
         self.snapshots = snapshots and bootstrap.can_apply()
-        # read here, so a process may lower the module's value before making a client
-        self._defer_indexes_above = DEFER_INDEXES_ABOVE
         self.on_progress = on_progress
         headers = {"Accept-Encoding": ACCEPT_ENCODING, "User-Agent": "syncunit-client/0.1"}
         self._token_provider: TokenProvider | None = None
@@ -461,7 +460,9 @@ class SyncClient:
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
                 try:
-                    UnitRun(self).run(unit, catalog, result, params)
+                    UnitRun(self, PROTOCOL_VERSION, DEFER_INDEXES_ABOVE).run(
+                        unit, catalog, result, params
+                    )
                 except ProblemError as exc:
                     if exc.code == "unit-forbidden" and catalog is not None:
                         forget_unit(self, unit, catalog)
@@ -470,7 +471,9 @@ class SyncClient:
                     # Pending mutations under an old schema: migrate first, then send them.
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
-                    UnitRun(self).run(unit, catalog, result, params)
+                    UnitRun(self, PROTOCOL_VERSION, DEFER_INDEXES_ABOVE).run(
+                        unit, catalog, result, params
+                    )
         except Exception as exc:
             if opened and isinstance(exc, ProblemError) and not exc.retryable:
                 # Refused (a malformed value, a 403): nothing to hold, and an Online

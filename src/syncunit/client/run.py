@@ -24,7 +24,6 @@ from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.scheduler import subscription_id
 from syncunit.errors import NetworkError, ProtocolError, SyncError, problem_error
 from syncunit.protocol import (
-    PROTOCOL_VERSION,
     Catalog,
     CatalogFrame,
     Chunk,
@@ -57,8 +56,11 @@ class UnitRun:
     """One run of a unit for ``client``: one request, or more (push batches, continuations,
     the delta after snapshot offers)."""
 
-    def __init__(self, client: SyncClient) -> None:
+    def __init__(self, client: SyncClient, protocol: int, defer_indexes_above: int) -> None:
         self.client = client
+        self.protocol = protocol  # the version spoken (the client module's, read per run)
+        #: A first copy of at least this many rows builds its local indexes at its end.
+        self.defer_indexes_above = defer_indexes_above
         self._offers: list[SnapshotOffer] = []
 
     def run(
@@ -153,7 +155,7 @@ class UnitRun:
         else:
             cursors = self.client.store.cursors(stream_names)
         request = SyncRequest(
-            protocol=PROTOCOL_VERSION,
+            protocol=self.protocol,
             client_id=self.client.client_id,
             schema_hash="" if catalog is None else catalog.schema_hash,
             cursors=cursors,
@@ -274,7 +276,7 @@ class UnitRun:
                         whole.enter_context(self.client.store.atomic())
                     if (
                         frame.copy
-                        and frame.total >= self.client._defer_indexes_above
+                        and frame.total >= self.defer_indexes_above
                         and info is not None
                         and self.client.store.suspend_indexes(info)
                     ):
