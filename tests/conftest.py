@@ -28,8 +28,10 @@ from hospital.models import metadata
 from hospital.server import staff_auth
 from hospital.units import schema as hospital_schema
 
+import syncunit.server.push as push_module
 from syncunit.client import SyncClient
 from syncunit.server import SyncServer, open_store
+from syncunit.server.batch import write_batch
 from syncunit.server.store import ServerStore
 from syncunit.units import SyncSchema
 from tests.pgserver import PostgresServer, PostgresUnavailable
@@ -578,3 +580,17 @@ def net(make_client: Callable[..., SyncClient]) -> Iterator[FaultyNetwork]:
     n = FaultyNetwork()
     yield n
     n.release()  # never leave a worker blocked at teardown
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """A spy on the batched push: each ``write_batch`` answer (True: written)."""
+    answers: list[bool] = []
+
+    def spy(*args: Any) -> bool:
+        ok = write_batch(*args)
+        answers.append(ok)
+        return ok
+
+    monkeypatch.setattr(push_module, "write_batch", spy)
+    return answers

@@ -21,7 +21,6 @@ import syncunit.server.push as push_module
 from syncunit.policies import BatchContext, MutationContext, set_check
 from syncunit.protocol import Mutation, MutationResult, SyncRequest
 from syncunit.server import Principal, SyncServer, TokenAuth
-from syncunit.server.batch import write_batch
 from syncunit.units import Stream, SyncSchema, SyncUnit
 
 U1 = Principal("user-1", {"owner": "u1"})
@@ -115,20 +114,6 @@ def _versions(server: SyncServer) -> int:
     with server.store.engine.connect() as conn:
         q = sa.select(sa.func.count(sa.distinct(note.c.syncunit_version)))
         return int(conn.execute(q).scalar_one())
-
-
-@pytest.fixture
-def batches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What each ``write_batch`` call answered (True: the batch was written)."""
-    answers: list[bool] = []
-
-    def spy(*args: Any) -> bool:
-        ok = write_batch(*args)
-        answers.append(ok)
-        return ok
-
-    monkeypatch.setattr(push_module, "write_batch", spy)
-    return answers
 
 
 def _same_both_ways(servers, monkeypatch, mutations) -> list[MutationResult]:

@@ -20,11 +20,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-import syncunit.server.push as push_module
 from syncunit.client import SyncClient
 from syncunit.protocol import Mutation, MutationResult, SyncRequest
 from syncunit.server import Principal, SyncServer
-from syncunit.server.batch import write_batch
 from syncunit.server.migrations import table_tracking
 from syncunit.server.store import ServerStore
 
@@ -39,20 +37,6 @@ appointment = sa.table(
     sa.column("syncunit_created_at"),
     sa.column("syncunit_updated_at"),
 )
-
-
-@pytest.fixture
-def batches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What each ``write_batch`` call answered (True: the batch was written)."""
-    answers: list[bool] = []
-
-    def spy(*args: Any) -> bool:
-        ok = write_batch(*args)
-        answers.append(ok)
-        return ok
-
-    monkeypatch.setattr(push_module, "write_batch", spy)
-    return answers
 
 
 def _doctor(store: ServerStore) -> int:
