@@ -114,6 +114,39 @@ def test_a_write_outside_the_scope_wakes_nobody(make_client, short_polls, plain_
     assert b._live.changes == 1
 
 
+def test_the_watcher_waits_for_a_sync_that_leaves_the_queue_while_it_looks(make_client):
+    """The worker moving the unit from queued to running between the watcher's two
+    looks must not read as "done": the next poll would send the old cursors and hear
+    of the same change again."""
+    c = make_client(name="settle")
+    scheduler = c.scheduler
+    scheduler.enqueue("Login")
+    queued = scheduler.queued
+
+    def worker_picks_it_up_meanwhile() -> list[str]:
+        def step() -> None:  # what Scheduler.step does, under the store's lock
+            with c.store.atomic() as conn:
+                scheduler.current = "Login"
+                conn.execute("UPDATE syncunit_queue SET state = 'running' WHERE unit = 'Login'")
+
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join(0.3)  # blocks for as long as the watcher holds the lock
+        return queued()
+
+    scheduler.queued = worker_picks_it_up_meanwhile  # type: ignore[method-assign]
+    watcher = client_live.LiveWatcher(c, "Login", lambda unit: None)
+    settling = threading.Thread(target=watcher._settle)
+    settling.start()
+    settling.join(1.0)
+    try:
+        assert settling.is_alive()  # still waiting: the unit is running
+    finally:
+        watcher._stop.set()
+        settling.join(5)
+        scheduler.current = None
+
+
 def test_watch_with_a_callback_instead_of_a_sync(make_client, short_polls, plain_sql):
     heard = threading.Event()
     units: list[str] = []

@@ -119,6 +119,6 @@ class LiveWatcher:
         deadline = time.monotonic() + 120.0
         scheduler = self.client.scheduler
         while not self._stop.is_set() and time.monotonic() < deadline:
-            if scheduler.current != self.unit and self.unit not in scheduler.queued():
+            if not scheduler.busy_with(self.unit):
                 return
             self._stop.wait(0.1)

@@ -159,6 +159,11 @@ class Scheduler:
         )
         return [r[0] for r in rows]
 
+    def busy_with(self, unit: str) -> bool:
+        """Whether ``unit`` is queued or running, seen in one consistent moment."""
+        with self.client.store.lock:  # step() moves a unit from queued to running under it
+            return self.current == unit or unit in self.queued()
+
     def next_due(self) -> float | None:
         rows = self.client.store.query(
             "SELECT min(next_at) FROM syncunit_queue WHERE state = 'pending'"
