@@ -17,14 +17,17 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from syncunit.server import Principal, SyncServer, TokenAuth, open_store
 from syncunit.server.migrations import LATEST, MIGRATIONS, TableTracking
+from syncunit.server.store import _index_name
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import (
     expected_rows,
@@ -353,3 +356,41 @@ def test_a_postgres_database_without_creation_stamps_upgrades_in_place(store, se
 
     _creation_stamps_arrive(upgraded, serve, plain_sql, early, late)
     assert store.install(mini_schema) is False
+
+
+def test_servers_creating_the_scope_indexes_together_all_succeed(store, server_db_url):
+    """Each server process creates the scope indexes it finds missing; several finding
+    them missing at once take turns (PostgreSQL's CREATE INDEX IF NOT EXISTS alone
+    fails with a duplicate key when another one runs at the same moment)."""
+    from hospital.units import schema as hospital_schema
+
+    store.install(hospital_schema)
+    wanted = store.scope_index_ddl(hospital_schema)
+    assert wanted
+    names = list(dict.fromkeys(_index_name(ddl) for ddl in wanted))
+    with store.write() as conn:
+        for name in names:
+            conn.exec_driver_sql(f'DROP INDEX "{name}"')
+    servers = [open_store(server_db_url) for _ in range(6)]
+    start = threading.Barrier(len(servers))
+    errors: list[BaseException] = []
+
+    def create(s: Any) -> None:
+        try:
+            start.wait()
+            s.install_scope_indexes(hospital_schema)
+        except BaseException as exc:  # reported below, with what it was
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=create, args=(s,)) for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for s in servers:
+            s.engine.dispose()
+    assert errors == []
+    with store.engine.connect() as conn:
+        assert set(names) <= store.index_names(conn)

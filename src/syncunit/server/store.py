@@ -165,8 +165,14 @@ class ServerStore(abc.ABC):
         if not missing:
             return False
         with self.write() as conn:
-            for ddl in missing:
-                conn.exec_driver_sql(ddl)
+            # Servers starting together: PostgreSQL's CREATE INDEX IF NOT EXISTS can
+            # still collide with one running elsewhere, so take turns and look again.
+            self.lock_for_install(conn)
+            have = self.index_names(conn)
+            for ddl in wanted:
+                if _index_name(ddl) not in have:
+                    conn.exec_driver_sql(ddl)
+                    have.add(_index_name(ddl))
         return True
 
     def index_names(self, conn: Connection) -> set[str]:
