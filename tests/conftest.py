@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -98,6 +99,29 @@ def dispose_engines() -> None:
     collected open warns, and warnings are errors)."""
     for engine in list(_ENGINES):
         engine.dispose()
+
+
+#: httpx's own default (5 s) is shorter than a first request can take on a loaded
+#: CI machine (the server's first connection to PostgreSQL, a cold page cache).
+#: Tests that are about timeouts pass their own.
+PATIENT_TIMEOUT = 60.0
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _patient_http() -> Iterator[None]:
+    """``httpx.get``/``post``/... in tests wait ``PATIENT_TIMEOUT`` unless told otherwise."""
+
+    def patient(call: Callable[..., Any]) -> Callable[..., Any]:
+        def with_timeout(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", PATIENT_TIMEOUT)
+            return call(*args, **kwargs)
+
+        return with_timeout
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("request", "stream", "get", "post", "put", "patch", "delete", "head"):
+            mp.setattr(httpx, name, patient(getattr(httpx, name)))
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -436,8 +460,6 @@ def notes_app(
 
 import json  # noqa: E402
 import threading  # noqa: E402
-
-import httpx  # noqa: E402
 
 
 class FakeClock:

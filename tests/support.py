@@ -288,7 +288,7 @@ def raw_sync(
     decoder = FrameDecoder(encoding)
     frames: list[Frame] = []
     with (
-        httpx.Client(base_url=url) as http,
+        httpx.Client(base_url=url, timeout=60.0) as http,
         http.stream("POST", f"/v1/sync/{unit}", content=body, headers=headers) as r,
     ):
         assert r.status_code == 200, r.read()

@@ -183,7 +183,7 @@ def test_compressed_response_decodes_to_the_same_frames(live, coding, encoding):
     body = sync_body(chunk_size=30, encoding=encoding)
     raw = bytearray()
     with (
-        httpx.Client(base_url=live.url) as http,
+        httpx.Client(base_url=live.url, timeout=60.0) as http,
         http.stream("POST", "/v1/sync/Login", content=body, headers=headers) as r,
     ):
         assert r.status_code == 200
