@@ -18,17 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import (
-    BinaryExpression,
-    BindParameter,
-    BooleanClauseList,
-    Case,
     ColumnElement,
-    Null,
 )
-from sqlalchemy.sql.functions import FunctionElement
 
+from syncunit.clauses import absence_tables, bind_names, columns_of, describe
 from syncunit.errors import DeclarationError
 from syncunit.policies import ConflictPolicy, LastWriteWins, Rule
 from syncunit.protocol import (
@@ -144,78 +138,6 @@ def logical_type(type_: sa.types.TypeEngine[Any]) -> str:
     return "text"
 
 
-def _bind_names(*clauses: Any) -> list[str]:
-    names: set[str] = set()
-    for clause in clauses:
-        if clause is None:
-            continue
-        for elem in visitors.iterate(clause):
-            if (
-                isinstance(elem, BindParameter)
-                and elem.value is None
-                and elem.callable is None
-                and not elem.key.startswith("%")
-            ):
-                names.add(elem.key)
-    return sorted(names)
-
-
-def describe(clause: Any) -> Any:
-    """A clause as it selects: its SQL and the values of its literals, in order.
-
-    ``str()`` alone renders a literal as a placeholder (``status != :status_1``),
-    so two filters with different literals would describe the same.
-    """
-    if clause is None:
-        return None
-    values = [
-        [type(e.type).__name__, repr(e.effective_value)]
-        for e in visitors.iterate(clause)
-        if isinstance(e, BindParameter) and not (e.value is None and e.callable is None)
-    ]
-    # Without literals, the SQL alone (as before): such a stream keeps its hash.
-    return [str(clause), values] if values else str(clause)
-
-
-def _columns_of(clause: Any) -> list[sa.Column[Any]]:
-    if clause is None:
-        return []
-    return [e for e in visitors.iterate(clause) if isinstance(e, sa.Column)]
-
-
-_NULL_HOLDING = (operators.is_, operators.is_distinct_from, operators.is_not_distinct_from)
-
-
-def _absence_tables(where: Any, joined: set[sa.Table]) -> list[str]:
-    """Joined tables whose row's *absence* can satisfy ``where`` (``IS NULL``, ``IS
-    [NOT] DISTINCT FROM``, ``coalesce``, ``CASE`` on their columns), unless a
-    top-level ``AND`` term requires the row (``t.col IS NOT NULL``)."""
-    if where is None:
-        return []
-    ands = where.clauses if isinstance(where, BooleanClauseList) else [where]
-    if isinstance(where, BooleanClauseList) and where.operator is not operators.and_:
-        ands = [where]
-    guarded = {
-        t.left.table
-        for t in ands
-        if isinstance(t, BinaryExpression) and t.operator is operators.is_not
-        if isinstance(t.right, Null) and isinstance(t.left, sa.Column)
-    }
-    out: list[str] = []
-    for e in visitors.iterate(where):
-        holds = isinstance(e, Case) or (
-            isinstance(e, FunctionElement) and e.name.lower() in ("coalesce", "ifnull", "nvl")
-        )
-        if isinstance(e, BinaryExpression):
-            holds = e.operator in _NULL_HOLDING or (
-                e.operator is operators.is_not and not isinstance(e.right, Null)
-            )
-        for c in _columns_of(e) if holds else ():
-            if c.table in joined - guarded and c.table.name not in out:
-                out.append(c.table.name)
-    return out
-
-
 class Stream:
     """One query of a sync unit, filling one local table.
 
@@ -282,13 +204,13 @@ class Stream:
         self.key = key_names[0]
         allowed = {base, *(j.table for j in self.joins)}
         for local, col in self.columns.items():
-            for c in _columns_of(col):
+            for c in columns_of(col):
                 if c.table not in allowed:
                     raise DeclarationError(
                         f"stream {name!r}: column {local!r} reads table {c.table.name!r},"
                         " which is neither the base table nor joined; add a Join for it"
                     )
-        for t in _absence_tables(where, {j.table for j in self.joins}):
+        for t in absence_tables(where, {j.table for j in self.joins}):
             raise DeclarationError(
                 f"stream {name!r}: its filter can hold when the joined {t!r} row is missing"
                 f" (IS NULL, coalesce, CASE on {t!r}), so inserting that row would move a row"
@@ -296,7 +218,7 @@ class Stream:
                 f" {t}.<key> IS NOT NULL), or test the base table's own column"
                 " (its foreign key IS NULL)"
             )
-        self.parameters = _bind_names(where, *(j.on for j in self.joins))
+        self.parameters = bind_names(where, *(j.on for j in self.joins))
         self.write_where: ColumnElement[bool] | None = None
         if write is True and where is None:
             raise DeclarationError(
@@ -307,7 +229,7 @@ class Stream:
         if write is None or write is True:
             self.write_where = where
         elif write is not False:
-            for c in _columns_of(write):
+            for c in columns_of(write):
                 if c.table not in allowed:
                     raise DeclarationError(
                         f"stream {name!r}: the write rule reads table {c.table.name!r},"
@@ -316,7 +238,7 @@ class Stream:
             self.write_where = write
         #: Whether clients may push changes to this stream's rows at all.
         self.is_writable = self.write_where is not None
-        self.write_parameters = _bind_names(self.write_where, *(j.on for j in self.joins))
+        self.write_parameters = bind_names(self.write_where, *(j.on for j in self.joins))
         self.client_params: dict[str, Param] = dict(client_params or {})
         self.authorize = authorize
         self._validate_names()
@@ -361,7 +283,7 @@ class Stream:
         base = next((f for f in froms if isinstance(f, sa.Table)), None)
         self.base = base if base is not None else sa.table(name)  # type: ignore[assignment]
         self.key_column = self.columns[key]  # type: ignore[assignment]
-        self.parameters = _bind_names(query)
+        self.parameters = bind_names(query)
         self.client_params = dict(client_params or {})
         self.authorize = authorize
         self._validate_names()
@@ -420,7 +342,7 @@ class Stream:
         """Per table, the columns whose change can move a row into or out of scope."""
         out: dict[str, set[str]] = {}
         for clause in [self.where, *(j.on for j in self.joins)]:
-            for c in _columns_of(clause):
+            for c in columns_of(clause):
                 if isinstance(c.table, sa.Table):
                     out.setdefault(c.table.name, set()).add(c.name)
         return out
