@@ -52,7 +52,6 @@ from syncunit.protocol import (
     StreamStart,
     SyncRequest,
     content_type,
-    decode_request,
     encode_catalog,
     encoding_of,
 )
@@ -62,7 +61,14 @@ from syncunit.server.backends import open_store
 from syncunit.server.changes import StreamReader
 from syncunit.server.cursor import newest_cursor, sign_cursor, verify_cursor
 from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
-from syncunit.server.limits import Limits, check_mutations, check_request, read_body, shorten
+from syncunit.server.limits import (
+    Limits,
+    check_mutations,
+    check_request,
+    decode_checked,
+    read_body,
+    shorten,
+)
 from syncunit.server.live import VersionMonitor, unit_has_changes
 from syncunit.server.logs import (
     SCOPE_KEY,
@@ -255,12 +261,12 @@ class SyncServer:
             )
         body = await read_body(request.stream(), request.headers, self.limits)
         ctx.bytes_in = len(body)
-        req = decode_request(body, encoding) if body else None
-        if req is None:
+        if not body:
             raise ProblemException("malformed-request", "the request body is empty")
+        req, checked = decode_checked(body, encoding, self.limits)
         # printable and short: a device's id must not forge or flood log lines
         ctx.client_id = "".join(c if c.isprintable() else "?" for c in req.client_id[:64])
-        self._validate(req, unit, principal)
+        self._validate(req, unit, principal, checked)
         if req.cursors or req.subscriptions:
             key = await self._key()
             req = msgspec.structs.replace(
@@ -401,14 +407,19 @@ class SyncServer:
             unit_has_changes(self.store, u, {**principal.params, **p}, c) for u, p, c in runs
         )
 
-    def _validate(self, req: SyncRequest, unit: SyncUnit, principal: Principal) -> None:
+    def _validate(
+        self, req: SyncRequest, unit: SyncUnit, principal: Principal, checked: bool = False
+    ) -> None:
+        """Check ``req`` against the server; ``checked``: its mutations passed
+        ``check_mutations`` while decoding."""
         if req.protocol != PROTOCOL_VERSION:
             raise ProblemException(
                 "unsupported-protocol",
                 f"client speaks protocol {req.protocol}; this server speaks {PROTOCOL_VERSION}",
             )
         check_request(req, self.limits)
-        check_mutations(req.mutations, self.limits)
+        if not checked:
+            check_mutations(req.mutations, self.limits)
         if req.mutations and req.schema_hash and req.schema_hash != self.catalog.schema_hash:
             # Mutations were made under another schema: the client migrates first.
             raise ProblemException(

@@ -13,13 +13,16 @@ stops at the limit, so a small compressed body cannot expand into gigabytes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import zlib
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from syncunit.protocol import Mutation, SyncRequest
+import msgspec
+
+from syncunit.protocol import Encoding, Mutation, SyncRequest, decode_request
 from syncunit.server.problems import ProblemException
 
 try:
@@ -29,7 +32,14 @@ try:
 except ImportError:  # pragma: no cover
     HAVE_ZSTD = False
 
-__all__ = ["Limits", "check_mutations", "check_request", "read_body", "shorten"]
+__all__ = [
+    "Limits",
+    "check_mutations",
+    "check_request",
+    "decode_checked",
+    "read_body",
+    "shorten",
+]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _PIECE = 64 * 1024  # decompressed bytes produced per step
@@ -136,6 +146,74 @@ def check_mutations(mutations: list[Mutation], limits: Limits) -> None:
         ):
             continue
         _check_mutation(i, m, limits)
+
+
+def decode_checked(body: bytes, encoding: Encoding, limits: Limits) -> tuple[SyncRequest, bool]:
+    """The request in ``body``, and whether its mutations already pass ``check_mutations``.
+
+    The common body (names short enough; keys and values short strings, 64-bit
+    integers, floats, booleans, None, or a key of a list of those) is decoded into
+    structs whose fields carry those bounds, so msgspec checks them while it
+    decodes, in C. Any other body is decoded as ``decode_request`` does (False:
+    the caller runs ``check_mutations``, which says what is wrong). Either way the
+    request holds the same values; its structs are subclasses of ``SyncRequest`` and
+    ``Mutation``.
+    """
+    decoder = _checked_decoder(
+        encoding,
+        limits.max_name_length,
+        limits.max_columns,
+        limits.max_field_bytes // 4,
+        limits.max_depth >= 1,
+    )
+    try:
+        req: SyncRequest = decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return decode_request(body, encoding), False
+    return req, True
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_decoder(
+    encoding: Encoding, max_name: int, max_columns: int, short: int, list_keys: bool
+) -> msgspec.msgpack.Decoder[Any] | msgspec.json.Decoder[Any]:
+    """A decoder of requests whose mutations fit these bounds (see ``decode_checked``)."""
+    name = Annotated[str, msgspec.Meta(max_length=max_name)]
+    plain = (
+        None
+        | bool
+        | Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+        | float
+        | Annotated[str, msgspec.Meta(max_length=short)]
+    )
+    key = plain | list[plain] if list_keys else plain
+    columns = Annotated[dict[name, plain], msgspec.Meta(max_length=max_columns)]
+    mutation = msgspec.defstruct(
+        "CheckedMutation",
+        [
+            ("seq", Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]),
+            ("id", name),
+            ("table", name),
+            ("key", key),
+            ("op", Literal["insert", "update", "delete"]),
+            ("values", columns, {}),
+            ("changed", Annotated[list[name], msgspec.Meta(max_length=max_columns)], []),
+            ("base", columns, {}),
+        ],
+        bases=(Mutation,),
+        frozen=True,
+        module=__name__,
+    )
+    request = msgspec.defstruct(
+        "CheckedRequest",
+        [("mutations", list[mutation], [])],  # type: ignore[valid-type]
+        bases=(SyncRequest,),
+        frozen=True,
+        module=__name__,
+    )
+    if encoding == "msgpack":
+        return msgspec.msgpack.Decoder(request)
+    return msgspec.json.Decoder(request)
 
 
 def _short_names(names: Iterable[str], max_name: int) -> bool:
