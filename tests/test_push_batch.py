@@ -226,3 +226,63 @@ def test_hospital_bookings_in_one_batch_keep_the_double_booking_rule(server, sto
     assert [r.status for r in results] == ["applied"] * 8 + ["rejected"]
     assert results[8].code == "rule"
     assert "already booked" in results[8].reason
+
+
+visit_meta = sa.MetaData()
+visit = sa.Table(
+    "visit",
+    visit_meta,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("owner", sa.String(20), nullable=False),
+    sa.Column("at", sa.DateTime, nullable=False),
+)
+
+
+def test_batched_timestamps_are_stored_as_text_identical_to_one_by_one(
+    tmp_path, monkeypatch, batches
+):
+    def build(name: str) -> SyncServer:
+        stream = Stream(
+            "visits",
+            visit,
+            {c: visit.c[c] for c in ("id", "owner", "at")},
+            where=visit.c.owner == sa.bindparam("owner"),
+            local_table="LocalVisit",
+        )
+        schema = SyncSchema([SyncUnit("Push", [stream], direction="push")])
+        server = SyncServer(
+            schema, f"sqlite:///{tmp_path / name}", authenticate=TokenAuth({"t1": U1}),
+            install=False,
+        )  # fmt: skip
+        visit_meta.create_all(server.store.engine)
+        server.store.install(schema)
+        return server
+
+    stamps = [
+        "2031-01-06T08:00:00",
+        "2031-01-06T08:00:00.123456",
+        "2031-01-06T08:00:00.5",
+        "0999-12-31T23:59:59",
+        "2031-01-06T08:00:00+02:00",  # the offset is not kept: as SQLAlchemy stores it
+        "2031-01-06 08:15",
+        "2031-01-06T08:30:00Z",
+        "2031-01-06T08:45:00.000001",
+    ]
+    mutations = [
+        Mutation(
+            i, f"m{i}", "LocalVisit", f"v{i}", "insert", {"id": f"v{i}", "owner": "u1", "at": s}
+        )
+        for i, s in enumerate(stamps, 1)
+    ]
+    texts = []
+    for name, batch in (("batched.sqlite", True), ("single.sqlite", False)):
+        server = build(name)
+        results = _push(server, mutations, monkeypatch, batch=batch)
+        assert [r.status for r in results] == ["applied"] * len(stamps)
+        with server.store.engine.connect() as conn:
+            texts.append(conn.exec_driver_sql("SELECT id, at FROM visit ORDER BY id").all())
+        server.store.engine.dispose()
+
+    assert batches == [True]
+    assert texts[0] == texts[1]
+    assert texts[0][0] == ("v1", "2031-01-06 08:00:00.000000")

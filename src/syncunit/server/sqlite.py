@@ -9,6 +9,7 @@ out the counter's value read in the same snapshot as the rows.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.sqlite import DATETIME as SQLITE_DATETIME
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
@@ -359,18 +361,39 @@ def _stamped_rows(
         table.c[n].type._has_bind_expression for n in names
     ):
         return _stamped_insert(table), None
-    procs = [table.c[n].type._cached_bind_processor(dialect) for n in names]
     q = dialect.identifier_preparer.quote
     columns = [*names, *TRACKING_COLUMNS]
     sql = (
         f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in columns)})"
         f" VALUES ({', '.join('?' * len(columns))})"
     )
-    params: list[tuple[Any, ...]] = []
-    for i, r in enumerate(rows):
-        values = [r[n] if p is None else p(r[n]) for n, p in zip(names, procs, strict=True)]
-        params.append((*values, first + i, now, now, first + i))
-    return sql, params
+    # Column by column: one pass per column over the batch, no Python loop per value
+    # where the column's type has no processing.
+    values = [_bound([r[n] for r in rows], table.c[n].type, dialect) for n in names]
+    versions = range(first, first + len(rows))
+    stamp = [now] * len(rows)
+    return sql, list(zip(*values, versions, stamp, stamp, versions, strict=True))
+
+
+def _bound(values: list[Any], kind: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> list[Any]:
+    """``values`` as the column type's bind processor gives them to the driver."""
+    proc = kind._cached_bind_processor(dialect)
+    if proc is None:
+        return values
+    impl = kind.dialect_impl(dialect)
+    if (
+        isinstance(impl, SQLITE_DATETIME)
+        and impl._storage_format == SQLITE_DATETIME._storage_format
+    ):
+        # SQLAlchemy's format, '2027-03-01 09:00:00.000000', is what isoformat() writes
+        # in C for a naive datetime; anything else goes through the processor.
+        return [
+            v.isoformat(" ", "microseconds")
+            if type(v) is dt.datetime and v.tzinfo is None
+            else proc(v)
+            for v in values
+        ]
+    return list(map(proc, values))
 
 
 def _json_path(column: sa.Column[Any]) -> sa.sql.elements.TextClause:
