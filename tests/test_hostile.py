@@ -18,9 +18,20 @@ import pytest
 import sqlalchemy as sa
 import zstandard
 
-from syncunit.protocol import JSON, MSGPACK, PROBLEM, End, Mutation, PushResults, StreamStart
+from syncunit.errors import ProtocolError
+from syncunit.protocol import (
+    JSON,
+    MSGPACK,
+    PROBLEM,
+    End,
+    Mutation,
+    PushResults,
+    StreamStart,
+    decode_request,
+)
 from syncunit.server.cursor import decode_cursor, encode_cursor
-from syncunit.server.limits import Limits, inflate
+from syncunit.server.limits import Limits, check_mutations, decode_checked, inflate
+from syncunit.server.problems import ProblemException
 from tests.support import (
     appointments_of,
     db_state,
@@ -135,6 +146,77 @@ def test_out_of_bounds_fields_are_refused(live, store, mutation, status, code):
     problem = _assert_problem(r, status, code)
     assert len(problem["detail"]) < 300  # the value is never echoed whole
     assert db_state(store.engine) == before
+
+
+_SMALL = Limits(max_name_length=8, max_columns=3, max_field_bytes=40)  # 10 characters
+
+
+def _body(encoding: str, **mutation: Any) -> bytes:
+    m = {"seq": 1, "id": "m1", "table": "T", "op": "insert", "key": "k1", **mutation}
+    req = {"protocol": 1, "client_id": "d", "mutations": [m]}
+    return msgspec.msgpack.encode(req) if encoding == "msgpack" else msgspec.json.encode(req)
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+@pytest.mark.parametrize(
+    ("mutation", "within", "refused"),
+    [
+        ({"values": {"a": "x" * 10, "b": 2**63 - 1, "c": -(2**63)}}, True, False),
+        ({"values": {"a": 1.5, "b": True, "c": None}, "changed": ["a", "b", "c"]}, True, False),
+        ({"key": ["k", 2], "base": {"abcdefgh": "y"}}, True, False),
+        ({"values": {"a": "x" * 11}}, False, False),  # may be over 40 bytes: counted exactly
+        ({"values": {"a": 2**63}}, False, True),
+        ({"values": {"a": 2**64 - 1}}, False, True),
+        ({"seq": 2**63}, False, True),
+        ({"values": {"abcdefghi": 1}}, False, True),
+        ({"base": {"abcdefghi": 1}}, False, True),
+        ({"changed": ["abcdefghi"]}, False, True),
+        ({"id": "m" * 9}, False, True),
+        ({"table": "T" * 9}, False, True),
+        ({"key": "k" * 11}, False, False),
+        ({"key": "k" * 41}, False, True),
+        ({"values": {"a": "\u00e9" * 21}}, False, True),
+        ({"values": {"a": 1, "b": 2, "c": 3, "d": 4}}, False, True),
+        ({"changed": ["a", "b", "c", "d"]}, False, True),
+        ({"values": {"a": [1]}}, False, False),
+        ({"values": {"a": {"b": 1}}}, False, False),
+        ({"key": [["k"]]}, False, False),
+    ],
+)
+def test_a_push_body_is_checked_while_decoded_exactly_within_the_limits(
+    encoding, mutation, within, refused
+):
+    body = _body(encoding, **mutation)
+    want = decode_request(body, encoding)
+
+    req, checked = decode_checked(body, encoding, _SMALL)
+
+    assert checked is within
+    got = [msgspec.structs.asdict(m) for m in req.mutations]
+    assert got == [msgspec.structs.asdict(m) for m in want.mutations]
+    assert all(isinstance(m, Mutation) for m in req.mutations)
+    if refused:  # the caller's check says what is wrong
+        with pytest.raises(ProblemException):
+            check_mutations(req.mutations, _SMALL)
+    else:  # passed by the decoder, or found within the limits by the full check
+        check_mutations(req.mutations, _SMALL)
+
+
+def test_a_bytes_value_or_a_list_key_without_nesting_goes_to_the_full_check():
+    body = msgspec.msgpack.encode(
+        {"protocol": 1, "client_id": "d", "mutations": [
+            {"seq": 1, "id": "m", "table": "T", "op": "insert", "key": "k",
+             "values": {"a": b"\x00"}}]}
+    )  # fmt: skip
+    assert decode_checked(body, "msgpack", _SMALL)[1] is False
+    flat = Limits(max_depth=0)
+    assert decode_checked(_body("msgpack", key=["k", 1]), "msgpack", flat)[1] is False
+    assert decode_checked(_body("msgpack", key="k"), "msgpack", flat)[1] is True
+
+
+def test_a_malformed_body_still_says_so():
+    with pytest.raises(ProtocolError, match="malformed sync request"):
+        decode_checked(b"\x93\x01", "msgpack", Limits())
 
 
 def test_nesting_a_thousand_deep_is_a_400(live, store):
