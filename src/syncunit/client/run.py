@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 __all__ = ["UnitRun", "forget_unit", "held"]
 
 COMPRESS_ABOVE = 16 * 1024
+#: gzip level of request bodies. A push of 2,000 inserts (640 KB of msgpack) takes
+#: 2.4 ms at level 1 against 4.7 ms at level 5, for 7% more bytes (100 KB against 93 KB).
+COMPRESS_LEVEL = 1
 #: Responses in a row that the server ended early without a chunk before a run gives up.
 MAX_IDLE_CONTINUATIONS = 3
 log = logging.getLogger("syncunit.client")
@@ -182,7 +185,7 @@ class UnitRun:
             "Accept": content_type(self.client.encoding),
         }
         if len(body) > COMPRESS_ABOVE:
-            body = gzip.compress(body, compresslevel=5, mtime=0)
+            body = gzip.compress(body, compresslevel=COMPRESS_LEVEL, mtime=0)
             headers["Content-Encoding"] = "gzip"
         result.bytes_out += len(body)
         result.rows_out += mutations
