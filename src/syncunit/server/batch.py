@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -104,19 +105,27 @@ def _columnar(
     """
     names = tuple(mutations[0].values)
     plan = _plan(s, names)
-    if plan is None:
+    if plan is None or not names:
         return None
-    for m in mutations:
-        values = m.values
-        if tuple(values) != names or None in values.values():
-            return None
-        if s.key in values and values[s.key] != m.key:
-            return None
+    given = [m.values for m in mutations]
+    # Each mutation's values in ``names`` order, taken in C (one tuple per mutation).
+    if any(tuple(v) != names for v in given):
+        return None
+    table = list(map(operator.itemgetter(*names), given))  # one name: its values
+    if len(names) == 1:
+        by_name = {names[0]: tuple(table)}
+    else:
+        by_name = dict(zip(names, zip(*table, strict=True), strict=True))
+    if any(None in column for column in by_name.values()):
+        return None
+    raw_keys = [m.key for m in mutations]
+    if s.key in by_name and list(by_name[s.key]) != raw_keys:
+        return None
     pk = s.key_column
-    keys = _coerce_column([m.key for m in mutations], pk, s.key)
+    keys = _coerce_column(raw_keys, pk, s.key)
     if any(k is None for k in keys):
         return None
-    columns = [_coerce_column([m.values[n] for m in mutations], c, n) for n, c in plan]
+    columns = [_coerce_column(list(by_name[n]), c, n) for n, c in plan]
     out = [c.name for _, c in plan] + [pk.name]
     rows = [dict(zip(out, row, strict=True)) for row in zip(*columns, keys, strict=True)]
     return keys, rows

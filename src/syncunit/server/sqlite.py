@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import operator
 import os
 import re
 import sqlite3
@@ -369,7 +370,12 @@ def _stamped_rows(
     )
     # Column by column: one pass per column over the batch, no Python loop per value
     # where the column's type has no processing.
-    values = [_bound([r[n] for r in rows], table.c[n].type, dialect) for n in names]
+    got = list(map(operator.itemgetter(*names), rows))  # one name: its values
+    by_column = zip(*got, strict=True) if len(names) > 1 else [got]
+    values = [
+        _bound(list(column), table.c[n].type, dialect)
+        for n, column in zip(names, by_column, strict=True)
+    ]
     versions = range(first, first + len(rows))
     stamp = [now] * len(rows)
     return sql, list(zip(*values, versions, stamp, stamp, versions, strict=True))
