@@ -187,7 +187,7 @@ KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
 class _Statements:
     current: sa.Select[Any]
     in_scope: sa.Select[Any]  # the row is in the stream's write scope
-    scope_keys: sa.Select[Any]  # the rows of ``keys`` in the stream's write scope
+    scope_count: sa.Select[Any]  # how many rows of ``keys`` are in the stream's write scope
     existing_keys: sa.Select[Any]  # one row if any of ``keys`` exists
     insert: sa.Insert
     insert_new: sa.Insert
@@ -689,7 +689,7 @@ class PushApplier:
             st = _Statements(
                 current=sa.select(base).where(pk == key),
                 in_scope=scoped.where(pk == key),
-                scope_keys=scoped.with_only_columns(pk).where(pk.in_(keys)),
+                scope_count=scoped.with_only_columns(sa.func.count()).where(pk.in_(keys)),
                 existing_keys=sa.select(pk).where(pk.in_(keys)).limit(1),
                 insert=base.insert(),
                 insert_new=self.store.insert_new(base),
