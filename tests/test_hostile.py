@@ -5,6 +5,7 @@ keeps serving everybody else.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import logging
 import socket
@@ -25,6 +26,7 @@ from syncunit.protocol import (
     PROBLEM,
     End,
     Mutation,
+    MutationResult,
     PushResults,
     StreamStart,
     decode_request,
@@ -212,6 +214,17 @@ def test_a_bytes_value_or_a_list_key_without_nesting_goes_to_the_full_check():
     flat = Limits(max_depth=0)
     assert decode_checked(_body("msgpack", key=["k", 1]), "msgpack", flat)[1] is False
     assert decode_checked(_body("msgpack", key="k"), "msgpack", flat)[1] is True
+
+
+def test_decoded_mutations_and_their_results_stay_out_of_the_cycle_collector():
+    # Thousands a request: tracked, they would trigger collections of the whole heap.
+    req, checked = decode_checked(_body("msgpack", values={"a": 1, "b": "x"}), "msgpack", _SMALL)
+    assert checked
+    m = req.mutations[0]
+    assert not gc.is_tracked(m)
+    assert not gc.is_tracked(m.values)
+    assert not gc.is_tracked(decode_request(_body("json"), "json").mutations[0])
+    assert not gc.is_tracked(MutationResult(seq=1, id="m1", status="applied"))
 
 
 def test_a_malformed_body_still_says_so():

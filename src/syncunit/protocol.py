@@ -153,7 +153,7 @@ class Catalog(msgspec.Struct, frozen=True):
 # -- request -----------------------------------------------------------------
 
 
-class Mutation(msgspec.Struct, frozen=True):
+class Mutation(msgspec.Struct, frozen=True, gc=False):
     """One local change to push. ``seq`` grows by one per client and is never reused.
 
     ``values`` holds the new values (an insert: the whole row; an update: the
@@ -200,7 +200,7 @@ class SyncRequest(msgspec.Struct, frozen=True):
 # -- response frames ---------------------------------------------------------
 
 
-class MutationResult(msgspec.Struct, frozen=True):
+class MutationResult(msgspec.Struct, frozen=True, gc=False):
     """The server's verdict on one mutation."""
 
     seq: int

@@ -202,6 +202,7 @@ def _checked_decoder(
         ],
         bases=(Mutation,),
         frozen=True,
+        gc=False,
         module=__name__,
     )
     request = msgspec.defstruct(
