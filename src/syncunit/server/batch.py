@@ -6,7 +6,8 @@ rules' queries. Here a run is written with one ``executemany`` inside one
 savepoint, and checked with one statement per check over the whole run:
 
 1. every mutation maps and validates (the same ``_map`` as one by one);
-2. no key repeats in the run and none exists on the server yet;
+2. no key repeats in the run, and none exists on the server yet (the insert
+   fails on the primary key otherwise);
 3. after the insert, every row is in the principal's write scope (one query);
 4. every business rule's set-based form (``policies.set_check``) says yes.
 
@@ -73,9 +74,9 @@ def write_batch(
     columns = rows[0].keys()
     if len(set(keys)) != len(keys) or any(r.keys() != columns for r in rows):
         return False
-    st = applier._statements(s)
-    if conn.execute(st.existing_keys, {"keys": keys}).first() is not None:
-        return False  # an upsert: the one-by-one path checks it against the policy
+    # A key that exists already (an upsert) is not looked for first: the plain INSERT
+    # fails on the primary key, the savepoint is rolled back and the one-by-one path
+    # checks it against the policy. Batches are almost always new rows.
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None
     savepoint = _Savepoint(dbapi)

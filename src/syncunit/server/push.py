@@ -188,7 +188,6 @@ class _Statements:
     current: sa.Select[Any]
     in_scope: sa.Select[Any]  # the row is in the stream's write scope
     scope_count: sa.Select[Any]  # how many rows of ``keys`` are in the stream's write scope
-    existing_keys: sa.Select[Any]  # one row if any of ``keys`` exists
     insert: sa.Insert
     insert_new: sa.Insert
     update: sa.Update
@@ -690,7 +689,6 @@ class PushApplier:
                 current=sa.select(base).where(pk == key),
                 in_scope=scoped.where(pk == key),
                 scope_count=scoped.with_only_columns(sa.func.count()).where(pk.in_(keys)),
-                existing_keys=sa.select(pk).where(pk.in_(keys)).limit(1),
                 insert=base.insert(),
                 insert_new=self.store.insert_new(base),
                 update=base.update().where(pk == key),

@@ -290,10 +290,10 @@ class ServerStore(abc.ABC):
     def insert_new_rows(
         self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
     ) -> None:
-        """Insert ``rows`` (new keys, checked absent) as one statement, tracked as the
+        """Insert ``rows`` (meant as new keys) as one plain ``INSERT``, tracked as the
         triggers would track them; raises the database's error (IntegrityError) if one
-        cannot be inserted, and then leaves nothing of them behind in the caller's
-        savepoint.
+        cannot be inserted, a key that exists already included (never skip or replace
+        it), and then leaves nothing of them behind in the caller's savepoint.
 
         By default the triggers track each row. A store may instead stamp the rows
         itself, set-based, inside the engine's own write transaction (see the SQLite
