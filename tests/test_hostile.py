@@ -224,7 +224,8 @@ def test_decoded_mutations_and_their_results_stay_out_of_the_cycle_collector():
     assert not gc.is_tracked(m)
     assert not gc.is_tracked(m.values)
     assert not gc.is_tracked(decode_request(_body("json"), "json").mutations[0])
-    assert not gc.is_tracked(MutationResult(seq=1, id="m1", status="applied"))
+    conflict = MutationResult(seq=1, id="m1", status="conflict", server_row={"tags": ["a"]})
+    assert not gc.is_tracked(conflict)
 
 
 def test_a_malformed_body_still_says_so():
