@@ -10,6 +10,14 @@ after the other under the same load:
 - ``apply``: the client's write path for a first copy (``apply_chunk`` per
   chunk, indexes suspended and built at the end, as ``SyncClient`` does) against
   the SQLite write limit, on the same recorded rows.
+- ``delta-apply``: the client's part of a 100-row delta (``apply_chunk`` of the
+  changed rows into a device holding the whole scope), the index entries
+  rewritten only where an indexed value changed against every row's entries
+  rewritten (the plain upsert of earlier versions).
+
+Besides times, each prints the OS reads (``syscr`` of ``/proc/self/io``: pages
+SQLite had to read, its cache having missed) and, for the client, the WAL
+frames a delta wrote: counts that the machine's load does not move.
 
 Uses the bench's cached server databases (``bench.datasets``).
 """
@@ -45,8 +53,17 @@ def _ms(values: list[float]) -> dict[str, float]:
     }
 
 
+def _os_reads() -> int:
+    """Read calls this process made so far (each page SQLite's cache missed is one)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("syscr:"):
+            return int(line.split()[1])
+    return 0
+
+
 def delta_parts(sizes: Sequence[int], rounds: int, workdir: Path) -> dict[str, Any]:
     """Server CPU of one 100-row delta per size: pinned scope against version index."""
+    from hospital.server import build
     from hospital.units import appointments
 
     from syncunit.protocol import encode_frame
@@ -57,6 +74,7 @@ def delta_parts(sizes: Sequence[int], rounds: int, workdir: Path) -> dict[str, A
     out: dict[str, Any] = {}
     for n in sizes:
         db, _ = server_db_copy(n, workdir)
+        build(f"sqlite:///{db}").store.engine.dispose()  # brings the file to this version
         store = open_store(f"sqlite:///{db}")
         reader = changes.StreamReader(store, appointments, {"hospital_id": 1}, chunk_size=2000)
         with store.snapshot() as (conn, since):
@@ -67,22 +85,102 @@ def delta_parts(sizes: Sequence[int], rounds: int, workdir: Path) -> dict[str, A
         other = sqlite3.connect(db, isolation_level=None)
         other.execute("CREATE TABLE IF NOT EXISTS bench_parts (x)")
         cpu: dict[str, list[float]] = {"pinned": [], "by_version": []}
+        reads: dict[str, list[int]] = {"pinned": [], "by_version": []}
         saved = changes.FEW_CHANGES
         try:
             for _ in range(rounds):
                 for name, few in (("pinned", -1), ("by_version", saved)):
                     changes.FEW_CHANGES = few
                     other.execute("INSERT INTO bench_parts VALUES (1)")  # caches emptied
-                    c0 = time.process_time()
+                    r0, c0 = _os_reads(), time.process_time()
                     with store.snapshot() as (conn, watermark):
                         for frame in reader.frames(conn, watermark, epoch, horizon, token):
                             encode_frame(frame)
                     cpu[name].append(time.process_time() - c0)
+                    reads[name].append(_os_reads() - r0)
         finally:
             changes.FEW_CHANGES = saved
             other.close()
             store.engine.dispose()
-        out[str(n)] = {k: _ms(v) for k, v in cpu.items()}
+        out[str(n)] = {
+            k: {**_ms(v), "os_reads": statistics.median(reads[k])} for k, v in cpu.items()
+        }
+        print(n, out[str(n)], f"load {os.getloadavg()[0]:.2f}", flush=True)
+    return out
+
+
+def delta_apply_parts(sizes: Sequence[int], rounds: int, workdir: Path) -> dict[str, Any]:
+    """The client's apply of a 100-row delta chunk into a device holding the whole scope:
+    index entries rewritten where an indexed value changed, against every row's."""
+    from bench.env import TOKEN
+    from bench.serverproc import ServerProcess
+    from syncunit.client.store import LocalStore
+    from syncunit.protocol import Chunk
+
+    def plain(self: LocalStore, stream: Any, columns: Any, rows: Any) -> None:
+        self.conn.executemany(self._upsert_sql(stream, columns), rows)
+
+    split = LocalStore._write_rows
+    out: dict[str, Any] = {}
+    for n in sizes:
+        db, _ = server_db_copy(n, workdir)
+        device = workdir / f"device-{n}.sqlite"
+        with ServerProcess(db) as server:
+            scenarios.initial_sync(server, device, 2000)
+            from syncunit.client import SyncClient
+
+            with SyncClient(server.url, device, token=TOKEN) as client:
+                client.sync("Login")  # the copy's checkpoint done, as before a delta
+        store = LocalStore(device)
+        catalog = store.catalog()
+        assert catalog is not None
+        info = next(s for s in catalog.streams if s.local_table == "LocalAppointment")
+        names = [c.name for c in info.columns]
+        cols = ", ".join(f'"{c}"' for c in names)
+        keys = [r[0] for r in store.conn.execute('SELECT id FROM "LocalAppointment"')]
+        cursor = store.cursors([info.name])[info.name]
+        rng = random.Random(1)
+        wal = Path(f"{device}-wal")
+        took: dict[str, list[float]] = {"split": [], "plain": []}
+        reads: dict[str, list[int]] = {"split": [], "plain": []}
+        frames: dict[str, list[int]] = {"split": [], "plain": []}
+        try:
+            for i in range(rounds):
+                for name in ("split", "plain") if i % 2 else ("plain", "split"):
+                    picked = rng.sample(keys, 100)
+                    marks = ",".join("?" * len(picked))
+                    rows = [
+                        list(r)
+                        for r in store.conn.execute(
+                            f'SELECT {cols} FROM "LocalAppointment" WHERE id IN ({marks})', picked
+                        )
+                    ]
+                    for r in rows:  # as the bench's backoffice: notes and room
+                        r[names.index("notes")] = f"changed {i} {name}"
+                        r[names.index("room")] = f"R{rng.randint(1, 40)}"
+                    store.conn.execute("PRAGMA cache_size=0")  # the rows' pages cold again
+                    store.conn.execute("PRAGMA cache_size=-2000")
+                    data = [list(c) for c in zip(*rows, strict=True)]
+                    chunk = Chunk(info.name, names, data, [], cursor)
+                    LocalStore._write_rows = split if name == "split" else plain  # type: ignore[method-assign]
+                    w0 = wal.stat().st_size if wal.exists() else 0
+                    r0, t0 = _os_reads(), time.perf_counter()
+                    with store.bulk():
+                        store.apply_chunk(info, chunk)
+                    took[name].append(time.perf_counter() - t0)
+                    reads[name].append(_os_reads() - r0)
+                    frames[name].append(max(0, wal.stat().st_size - w0) // (4096 + 24))
+        finally:
+            LocalStore._write_rows = split  # type: ignore[method-assign]
+            store.close()
+        out[str(n)] = {
+            k: {
+                **_ms(v),
+                "os_reads": statistics.median(reads[k]),
+                "wal_frames": statistics.median(frames[k]),
+            }
+            for k, v in took.items()
+        }
         print(n, out[str(n)], f"load {os.getloadavg()[0]:.2f}", flush=True)
     return out
 
@@ -127,15 +225,17 @@ def apply_parts(rows: int, rounds: int, workdir: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("part", choices=["delta", "apply"])
+    p.add_argument("part", choices=["delta", "delta-apply", "apply"])
     p.add_argument("--sizes", default="10000,1000000", help="delta: server table sizes")
     p.add_argument("--rows", type=int, default=100_000, help="apply: rows of the first copy")
     p.add_argument("--rounds", type=int, default=40)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="syncunit-parts-") as tmp:
+        sizes = [int(x) for x in args.sizes.replace(",", " ").split()]
         if args.part == "delta":
-            sizes = [int(x) for x in args.sizes.replace(",", " ").split()]
             delta_parts(sizes, args.rounds, Path(tmp))
+        elif args.part == "delta-apply":
+            delta_apply_parts(sizes, args.rounds, Path(tmp))
         else:
             apply_parts(args.rows, min(args.rounds, 10), Path(tmp))
     return 0
