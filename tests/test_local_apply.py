@@ -109,3 +109,17 @@ def test_indexed_columns_that_change_are_written_beside_rows_that_do_not(
     assert {r[0] for r in later} == set(rescheduled)
     assert client.store.query("PRAGMA integrity_check") == [("ok",)]
     in_sync(client)
+
+
+def test_a_first_copy_inserts_with_one_statement_per_row(client, in_sync):
+    statements: list[str] = []
+    client.store.conn.set_trace_callback(statements.append)
+    try:
+        client.sync("Login")  # a small copy: its indexes are not suspended
+    finally:
+        client.store.conn.set_trace_callback(None)
+
+    writes = [s for s in statements if '"LocalAppointment"' in s and "syncunit" not in s]
+    assert any(s.startswith('INSERT INTO "LocalAppointment"') for s in writes)
+    assert not [s for s in writes if s.startswith('UPDATE "LocalAppointment"')]
+    in_sync(client)

@@ -206,6 +206,7 @@ class UnitRun:
         except httpx.HTTPError as exc:
             raise NetworkError(f"the sync of {result.unit!r} was cut: {exc}") from exc
         finally:
+            self.client.store.copying.clear()
             for info in deferred.values():
                 self.client.store.restore_indexes(info)
         if end is None:
@@ -266,6 +267,7 @@ class UnitRun:
                         result.resets.append(frame.stream)
                     done += upserted + len(frame.removed)
                     if frame.complete:
+                        self.client.store.copying.discard(frame.stream)
                         whole.close()
                         if frame.stream in deferred:
                             self.client.store.restore_indexes(deferred.pop(frame.stream))
@@ -274,6 +276,8 @@ class UnitRun:
                     self.client._status_changed()
                 elif isinstance(frame, StreamStart):
                     total += frame.total
+                    if frame.copy:  # every row new: no index entries to spare
+                        self.client.store.copying.add(frame.stream)
                     info = catalog.stream(frame.stream)
                     if info is not None and info.mode == "full" and frame.reset:
                         whole.enter_context(self.client.store.atomic())

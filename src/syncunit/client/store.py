@@ -146,6 +146,8 @@ class LocalStore:
         self._upserts: dict[tuple[str, tuple[str, ...]], str] = {}  # (table, columns)
         #: ``_index_fix`` by (table, columns): None where no index reads a column.
         self._fixes: dict[tuple[str, tuple[str, ...]], tuple[str, str, list[int]] | None] = {}
+        #: Streams whose chunks in the sync under way are a first copy (set by the run).
+        self.copying: set[str] = set()
         cached = self.catalog()
         #: Local tables whose changes are pushed (they carry outbox triggers).
         self.pushed: set[str] = set()
@@ -724,12 +726,16 @@ class LocalStore:
         of their own, so a delta dirtied (and wrote to the WAL) about three pages per
         row instead of one. Here the upsert sets the columns no index reads, and a
         second statement sets the indexed ones only on rows where one of them
-        differs. Same rows in the end; a first copy whose indexes are suspended
-        takes the single statement.
+        differs. Same rows in the end. A first copy (its rows all new: the second
+        statement would only cost a lookup per row) takes the single statement.
         """
         c = self.conn
         split = self._index_fix(stream, columns)
-        if split is None or self.get_fact(_SUSPENDED + stream.name) is not None:
+        if (
+            split is None
+            or stream.name in self.copying
+            or self.get_fact(_SUSPENDED + stream.name) is not None
+        ):
             c.executemany(self._upsert_sql(stream, columns), rows)
             return
         upsert, fix, picks = split
