@@ -211,8 +211,10 @@ class StreamShape:
         old_images: Callable[[sa.Table], Any] | None = None,
         *,
         pinned: bool = True,
+        key: ColumnElement[Any] | None = None,
     ) -> sa.CompoundSelect[Any]:
-        """Keys of base rows whose own row or a joined row changed after ``since``.
+        """Keys of base rows whose own row or a joined row changed after ``since``
+        (``key``: another column of the base table that identifies its rows).
 
         Each part starts from an index: the base rows of the pinned scope by
         (scope column, version) when there is a driver, else the version index;
@@ -225,13 +227,13 @@ class StreamShape:
         the caller's scope filter still applies), so the version index drives it.
         """
         s = self.stream
-        pk = s.key_column
+        pk = s.key_column if key is None else key
         own = sa.select(pk).where(s.base.c[VERSION] > since)
         if self.driver is not None and pinned:
             own = own.where(self.driver.scope_keys())
         parts = [own]
         for j in s.joins:
-            chain = self._in_chain(j.table, since)
+            chain = self._in_chain(j.table, since, pk)
             if chain is not None:
                 parts.append(chain)
                 continue
@@ -259,14 +261,16 @@ class StreamShape:
             parts.append(sa.select(pk).select_from(from_))
         return sa.union(*parts)
 
-    def _in_chain(self, table: sa.Table, since: Any) -> sa.Select[Any] | None:
+    def _in_chain(
+        self, table: sa.Table, since: Any, key: ColumnElement[Any]
+    ) -> sa.Select[Any] | None:
         """``SELECT key WHERE fk IN (SELECT ... WHERE table.version > since)``, or None
         when a join on the way is not a plain equality."""
         chain = self._chain_to(table)
         if chain is None:
             return None
         sub = _climb(chain, table.c[VERSION] > since)
-        return sa.select(self.stream.key_column).where(chain[0][0].in_(sub))
+        return sa.select(key).where(chain[0][0].in_(sub))
 
 
 def tombstone_scope_columns(streams: list[Stream]) -> list[sa.Column[Any]]:
