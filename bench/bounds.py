@@ -139,6 +139,8 @@ def client_apply(rec: Recording, db: Path) -> dict[str, Any]:
     _fresh(db)
     store = LocalStore(db)
     store.apply_catalog(cat)
+    # A first copy, as the sync run marks it: every row is new, one upsert each.
+    store.copying.update(s.name for s in cat.streams)
     decompress_s = decode_s = apply_s = 0.0
     rows = 0
     gc.collect()
