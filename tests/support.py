@@ -11,6 +11,7 @@ import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,10 +33,10 @@ from syncunit.protocol import (
     encode_request,
     encoding_of,
 )
-from syncunit.server import SyncServer
+from syncunit.server import Principal, SyncServer, TokenAuth
 from syncunit.server.changes import StreamReader, to_wire
 from syncunit.server.store import ServerStore
-from syncunit.units import Stream
+from syncunit.units import TRACKING_COLUMNS, Stream, SyncSchema, SyncUnit
 
 # -- a real HTTP server ------------------------------------------------------------------
 
@@ -415,3 +416,26 @@ def trigger_names(engine: sa.Engine) -> list[str]:
     }[engine.dialect.name]
     with engine.connect() as conn:
         return sorted(conn.exec_driver_sql(sql).scalars())
+
+
+def owner_push_server(
+    path: Path, table: sa.Table, local_table: str, user: Principal, rules: Sequence[Any] = ()
+) -> SyncServer:
+    """A push-only unit ``Push`` over ``table`` (its own columns), each row scoped by its
+    ``owner`` column to the ``owner`` parameter of ``user`` (token ``t1``), on a fresh
+    SQLite file at ``path`` with the table created and tracked."""
+    stream = Stream(
+        f"{table.name}s",
+        table,
+        {str(c.name): c for c in table.columns if c.name not in TRACKING_COLUMNS},
+        where=table.c.owner == sa.bindparam("owner"),
+        local_table=local_table,
+        rules=list(rules),
+    )
+    schema = SyncSchema([SyncUnit("Push", [stream], direction="push")])
+    server = SyncServer(
+        schema, f"sqlite:///{path}", authenticate=TokenAuth({"t1": user}), install=False
+    )
+    table.metadata.create_all(server.store.engine)
+    server.store.install(schema)
+    return server

@@ -20,8 +20,8 @@ import sqlalchemy as sa
 import syncunit.server.push as push_module
 from syncunit.policies import BatchContext, MutationContext, set_check
 from syncunit.protocol import Mutation, MutationResult, SyncRequest
-from syncunit.server import Principal, SyncServer, TokenAuth
-from syncunit.units import Stream, SyncSchema, SyncUnit
+from syncunit.server import Principal, SyncServer
+from tests.support import owner_push_server
 
 U1 = Principal("user-1", {"owner": "u1"})
 meta = sa.MetaData()
@@ -62,21 +62,7 @@ def unique_title(ctx: MutationContext) -> str | None:
 
 
 def _server(path: Path, rules: list[Any]) -> SyncServer:
-    stream = Stream(
-        "notes",
-        note,
-        {name: note.c[name] for name in ("id", "owner", "title", "n")},
-        where=note.c.owner == sa.bindparam("owner"),
-        local_table="LocalNote",
-        rules=rules,
-    )
-    schema = SyncSchema([SyncUnit("Push", [stream], direction="push")])
-    server = SyncServer(
-        schema, f"sqlite:///{path}", authenticate=TokenAuth({"t1": U1}), install=False
-    )
-    meta.create_all(server.store.engine)
-    server.store.install(schema)
-    return server
+    return owner_push_server(path, note, "LocalNote", U1, rules)
 
 
 @pytest.fixture
@@ -241,23 +227,6 @@ visit = sa.Table(
 def test_batched_timestamps_are_stored_as_text_identical_to_one_by_one(
     tmp_path, monkeypatch, batches
 ):
-    def build(name: str) -> SyncServer:
-        stream = Stream(
-            "visits",
-            visit,
-            {c: visit.c[c] for c in ("id", "owner", "at")},
-            where=visit.c.owner == sa.bindparam("owner"),
-            local_table="LocalVisit",
-        )
-        schema = SyncSchema([SyncUnit("Push", [stream], direction="push")])
-        server = SyncServer(
-            schema, f"sqlite:///{tmp_path / name}", authenticate=TokenAuth({"t1": U1}),
-            install=False,
-        )  # fmt: skip
-        visit_meta.create_all(server.store.engine)
-        server.store.install(schema)
-        return server
-
     stamps = [
         "2031-01-06T08:00:00",
         "2031-01-06T08:00:00.123456",
@@ -276,7 +245,7 @@ def test_batched_timestamps_are_stored_as_text_identical_to_one_by_one(
     ]
     texts = []
     for name, batch in (("batched.sqlite", True), ("single.sqlite", False)):
-        server = build(name)
+        server = owner_push_server(tmp_path / name, visit, "LocalVisit", U1)
         results = _push(server, mutations, monkeypatch, batch=batch)
         assert [r.status for r in results] == ["applied"] * len(stamps)
         with server.store.engine.connect() as conn:

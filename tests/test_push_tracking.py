@@ -25,6 +25,7 @@ from syncunit.protocol import Mutation, MutationResult, SyncRequest
 from syncunit.server import Principal, SyncServer
 from syncunit.server.migrations import table_tracking
 from syncunit.server.store import ServerStore
+from tests.support import owner_push_server
 
 STAFF = Principal("staff:1", {"hospital_id": 1})
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -300,9 +301,6 @@ class _Upper(sa.types.TypeDecorator[str]):
 
 
 def test_a_type_that_wraps_its_values_in_sql_keeps_them_wrapped(tmp_path, batches):
-    from syncunit.server import TokenAuth
-    from syncunit.units import Stream, SyncSchema, SyncUnit
-
     meta = sa.MetaData()
     tag = sa.Table(
         "tag",
@@ -311,23 +309,8 @@ def test_a_type_that_wraps_its_values_in_sql_keeps_them_wrapped(tmp_path, batche
         sa.Column("owner", sa.String(20), nullable=False),
         sa.Column("label", _Upper(), nullable=False),
     )
-    stream = Stream(
-        "tags",
-        tag,
-        {name: tag.c[name] for name in ("id", "owner", "label")},
-        where=tag.c.owner == sa.bindparam("owner"),
-        local_table="LocalTag",
-    )
-    schema = SyncSchema([SyncUnit("Push", [stream], direction="push")])
     user = Principal("user-1", {"owner": "u1"})
-    server = SyncServer(
-        schema,
-        f"sqlite:///{tmp_path / 'tags.sqlite'}",
-        authenticate=TokenAuth({"t1": user}),
-        install=False,
-    )
-    meta.create_all(server.store.engine)
-    server.store.install(schema)
+    server = owner_push_server(tmp_path / "tags.sqlite", tag, "LocalTag", user)
     mutations = [
         Mutation(
             i, f"m{i}", "LocalTag", f"t{i}", "insert", {"id": f"t{i}", "owner": "u1", "label": "x"}
@@ -336,7 +319,7 @@ def test_a_type_that_wraps_its_values_in_sql_keeps_them_wrapped(tmp_path, batche
     ]
 
     req = SyncRequest(protocol=1, client_id="device", mutations=mutations)
-    results = server.pusher.apply(user, req, schema.units["Push"]).results
+    results = server.pusher.apply(user, req, server.schema.units["Push"]).results
 
     assert batches == [True]
     assert [r.status for r in results] == ["applied"] * 8
