@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.clientproc import run_json
 from bench.datasets import server_db_copy
-from bench.env import ROOT, STREAM_TABLE, TOKEN, UNIT, subprocess_env
+from bench.env import STREAM_TABLE, TOKEN, UNIT
 from bench.serverproc import ServerProcess
 
 #: Device-side steps timed inside the client process: (module attribute, name).
@@ -113,13 +113,7 @@ def _client(url: str, db: Path, *, timeout: float = 600) -> dict[str, Any]:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "bench.bootstrap", "--client", url, "--db", str(db)]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"client failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+    return run_json(cmd, timeout=timeout)
 
 
 def measure(n: int, workdir: Path, runs: int) -> dict[str, Any]:

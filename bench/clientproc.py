@@ -66,11 +66,16 @@ def run_client(
     cmd = [sys.executable, "-m", "bench.clientproc", "--url", url, "--db", str(db), "--unit", unit]
     if chunk_size:
         cmd += ["--chunk-size", str(chunk_size)]
+    return run_json(cmd, timeout=timeout)
+
+
+def run_json(cmd: Sequence[str], *, timeout: float) -> dict[str, Any]:
+    """Run a bench client command from the checkout; its last output line, as JSON."""
     proc = subprocess.run(
         cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"client sync failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"client failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
