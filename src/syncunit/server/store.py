@@ -296,8 +296,9 @@ class ServerStore(abc.ABC):
         it), and then leaves nothing of them behind in the caller's savepoint.
 
         By default the triggers track each row. A store may instead stamp the rows
-        itself, set-based, inside the engine's own write transaction (see the SQLite
-        and PostgreSQL stores): the result must be what the triggers would have written.
+        itself, set-based, inside the engine's own write transaction (as the SQLite
+        store does; PostgreSQL keeps this default): the result must be what the
+        triggers would have written.
         """
         conn.execute(table.insert(), rows)
 
