@@ -189,7 +189,8 @@ class SyncClient:
 
         A running sync has ``timeout`` seconds to finish; then it is cancelled (its
         connection closed: what it applied stays, the rest is fetched next time).
-        The database is closed only once no sync runs. Not from a sync callback.
+        The database is closed only once no sync runs, and after a background WAL
+        checkpoint under way has ended. Not from a sync callback.
         """
         if self._closed:
             return

@@ -140,6 +140,12 @@ class LocalStore:
         self.path = None if given or str(path) == ":memory:" else Path(str(path))
         self._bulk = 0  # syncs under way (``bulk``)
         self._closed = False
+        #: The background checkpoint under way, if any (``close`` waits for it).
+        self._checkpointer: threading.Thread | None = None
+        with self.lock:
+            # A WAL left large by a process that ended during its checkpoint: copy it
+            # back now, off the app's next commit (which would otherwise do it).
+            self._checkpoint_in_background()
         with self.atomic():
             #: The migration steps this open ran (an upgrade of an older device file).
             self.migrated = migrate(self.conn)
@@ -225,6 +231,15 @@ class LocalStore:
                 raise LocalStoreError(f"local query failed: {exc}") from exc
 
     def close(self) -> None:
+        """Close the connection, after a background checkpoint under way has ended.
+
+        Waiting lets the checkpoint finish the copy and this connection, the last
+        one, remove the WAL: a process that exits right after a large sync leaves
+        no WAL of hundreds of megabytes for its next start to copy back.
+        """
+        checkpointer = self._checkpointer
+        if checkpointer is not None and checkpointer is not threading.current_thread():
+            checkpointer.join()
         with self.lock:
             self._closed = True
             self.conn.close()
@@ -431,13 +446,26 @@ class LocalStore:
             with self.lock:
                 self._bulk -= 1
                 if not self._bulk and not self._closed:
-                    wal = None if self.path is None else Path(f"{self.path}-wal")
-                    if wal is not None and wal.exists() and wal.stat().st_size > BIG_WAL:
-                        threading.Thread(
-                            target=self._checkpoint, name="syncunit-checkpoint", daemon=True
-                        ).start()
-                    else:
+                    if not self._checkpoint_in_background():
                         self.conn.execute(f"PRAGMA wal_autocheckpoint={AUTO_CHECKPOINT}")
+
+    def _checkpoint_in_background(self) -> bool:
+        """Start a background checkpoint if the WAL is past ``BIG_WAL``; hold the lock.
+
+        Automatic checkpoints stay off until it ends (``_checkpoint`` gives them
+        back). True when one was started, or one is already under way.
+        """
+        if self._checkpointer is not None and self._checkpointer.is_alive():
+            return True
+        wal = None if self.path is None else Path(f"{self.path}-wal")
+        if wal is None or not wal.exists() or wal.stat().st_size <= BIG_WAL:
+            return False
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint, name="syncunit-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+        return True
 
     def _checkpoint(self) -> None:
         """Copy the WAL into the database file, then let commits checkpoint again."""
