@@ -52,6 +52,9 @@ COMPRESS_ABOVE = 16 * 1024
 COMPRESS_LEVEL = 1
 #: Responses in a row that the server ended early without a chunk before a run gives up.
 MAX_IDLE_CONTINUATIONS = 3
+#: With more than one batch to push, the first is at most this long: the server starts
+#: on it sooner, and the next, full batch is numbered while it works.
+FIRST_PUSH_BATCH = 500
 log = logging.getLogger("syncunit.client")
 
 
@@ -79,22 +82,29 @@ class UnitRun:
         ]  # fmt: skip
         tables = [s.local_table for s in push_streams]
         rounds = 1
-        if push_streams:
-            rounds += self.client.outbox.count(tables) // self.client.push_batch
         sending = self.client.outbox.count(tables) if push_streams else 0
+        batch = self.client.push_batch
+        first = batch
+        if push_streams:
+            rounds += sending // batch
+            if self.client.pipeline and sending > batch > FIRST_PUSH_BATCH:
+                first = FIRST_PUSH_BATCH
+                rounds += 1
         left: list[Path] = []
         ahead: NumberAhead | None = None
         for round_ in range(rounds):
             # The batch numbered while the server applied the last one, or a fresh one.
             mutations = ahead.next_batch() if ahead is not None else []
             if not mutations and push_streams:
-                mutations = self.client.outbox.prepare(push_streams, self.client.push_batch)
+                mutations = self.client.outbox.prepare(
+                    push_streams, first if round_ == 0 else batch
+                )
             ahead = None
             if mutations:
                 self.client._feed.sending(unit_name, len(mutations), sending)
                 self.client._status_changed()
                 if self.client.pipeline and round_ + 1 < rounds:
-                    ahead = NumberAhead(self.client.outbox, push_streams, self.client.push_batch)
+                    ahead = NumberAhead(self.client.outbox, push_streams, batch)
             complete, chunks = self._request(
                 unit_name, unit, catalog, mutations, result, params, ahead=ahead
             )

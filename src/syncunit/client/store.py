@@ -206,7 +206,8 @@ class LocalStore:
     def relaxed(self) -> Iterator[sqlite3.Connection]:
         """An engine transaction committed with ``synchronous=NORMAL`` (no fsync).
 
-        For what the engine can fetch again (a chunk, LastSyncOn). The lock is held
+        For what the engine can fetch again (a chunk, LastSyncOn) or be answered again
+        (a push's verdicts: the server's log repeats them). The lock is held
         from the lowering of the setting to its restoring, so no transaction of the
         app (which goes through the same lock) ever commits with less than it asked.
         """
