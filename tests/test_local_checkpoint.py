@@ -57,7 +57,8 @@ def test_close_waits_for_the_background_checkpoint_and_leaves_no_wal(
         conn.executemany("INSERT INTO t VALUES (?)", [(b"y" * 500,)] * 200)
     assert len(checkpoints) == 1
     thread = store._checkpointer
-    assert thread is not None and thread.is_alive()  # sync() would have returned here
+    assert thread is not None
+    assert thread.is_alive()  # sync() would have returned here
 
     store.close()
 
@@ -89,9 +90,7 @@ def test_a_large_wal_left_by_an_ended_process_is_checkpointed_when_the_store_ope
     assert not _wal(path).exists()
 
 
-def test_a_small_wal_starts_no_checkpoint_at_open(
-    tmp_path: Path, checkpoints: list[float]
-) -> None:
+def test_a_small_wal_starts_no_checkpoint_at_open(tmp_path: Path, checkpoints: list[float]) -> None:
     path = tmp_path / "device.sqlite"
     keep = LocalStore(path)
     with keep.atomic() as conn:

@@ -446,9 +446,8 @@ class LocalStore:
         finally:
             with self.lock:
                 self._bulk -= 1
-                if not self._bulk and not self._closed:
-                    if not self._checkpoint_in_background():
-                        self.conn.execute(f"PRAGMA wal_autocheckpoint={AUTO_CHECKPOINT}")
+                if not (self._bulk or self._closed or self._checkpoint_in_background()):
+                    self.conn.execute(f"PRAGMA wal_autocheckpoint={AUTO_CHECKPOINT}")
 
     def _checkpoint_in_background(self) -> bool:
         """Start a background checkpoint if the WAL is past ``BIG_WAL``; hold the lock.
