@@ -326,3 +326,59 @@ def test_a_type_that_wraps_its_values_in_sql_keeps_them_wrapped(tmp_path, batche
     with server.store.engine.connect() as conn:
         labels = {r[0] for r in conn.execute(sa.text("SELECT label FROM tag"))}
     assert labels == {"X"}
+
+
+def _commits(store: Any, seconds: float, until: Any = None) -> int:
+    """Commit 100 KB every 50 ms for ``seconds`` (or until ``until()``); the count."""
+    import time
+
+    with store.write() as conn:
+        conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS burst (b BLOB)")
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end and not (until and until()):
+        with store.write() as conn:
+            conn.exec_driver_sql("INSERT INTO burst VALUES (randomblob(100000))")
+        n += 1
+        time.sleep(0.05)
+    return n
+
+
+def _quiet_bounds(monkeypatch: Any, *, quiet: float, wait: float, hard: int) -> Any:
+    from syncunit.server import sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_BYTES", 50_000)
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY_S", 0.0)
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_QUIET_S", quiet)
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_WAIT_S", wait)
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_HARD_BYTES", hard)
+    return sqlite_module
+
+
+@pytest.mark.backends("sqlite")
+def test_a_burst_of_commits_is_not_checkpointed_until_it_ends(store, monkeypatch):
+    import time
+
+    _quiet_bounds(monkeypatch, quiet=2.0, wait=60.0, hard=1 << 40)
+    checkpointer = store._checkpointer
+
+    assert _commits(store, 1.0) >= 5
+    assert checkpointer.runs == 0  # every gap was shorter than the quiet time
+    deadline = time.monotonic() + 20
+    while checkpointer.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpointer.runs >= 1  # once it ended
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize(("wait", "hard"), [(0.3, 1 << 40), (60.0, 400_000)])
+def test_a_long_burst_is_checkpointed_after_the_wait_or_past_the_hard_bound(
+    store, monkeypatch, wait, hard
+):
+    """Under steady writes the WAL stays bounded: by time, or by size."""
+    _quiet_bounds(monkeypatch, quiet=60.0, wait=wait, hard=hard)
+    checkpointer = store._checkpointer
+
+    _commits(store, 20.0, until=lambda: checkpointer.runs > 0)
+
+    assert checkpointer.runs >= 1

@@ -417,8 +417,13 @@ WRITE_CACHE_KIB = 32_000
 
 #: WAL file size from which checkpoints are due: SQLite's own threshold (1000 pages of 4 KiB).
 CHECKPOINT_BYTES = 4_096_000
-#: Least time between two checkpoints of the thread (the WAL grows at most this long).
+#: Least time between two checkpoints of the thread.
 CHECKPOINT_EVERY_S = 0.25
+#: A due checkpoint waits for this long without a commit (a burst of pushes ends)...
+CHECKPOINT_QUIET_S = 0.3
+#: ...but no longer than this, nor once the WAL is this large (the WAL stays bounded).
+CHECKPOINT_WAIT_S = 2.0
+CHECKPOINT_HARD_BYTES = 64 << 20
 
 
 class Checkpointer:
@@ -431,6 +436,12 @@ class Checkpointer:
     copying: durability is unchanged) on its own connection, at most every
     ``CHECKPOINT_EVERY_S`` while writes come. The thread ends after a second
     without work and starts again when needed.
+
+    A due checkpoint waits for a quiet moment (``CHECKPOINT_QUIET_S`` without a
+    commit): during a burst of pushes the copy's reads, writes and fsyncs would
+    compete with the burst's own commits for the disk and the cores. It waits at
+    most ``CHECKPOINT_WAIT_S``, and not at all once the WAL has reached
+    ``CHECKPOINT_HARD_BYTES``, so under steady writes the WAL stays bounded.
     """
 
     def __init__(self, path: str) -> None:
@@ -440,9 +451,11 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._due = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_commit = 0.0  # time.monotonic() of the last poke
 
     def poke(self) -> None:
         """A writer committed: checkpoint soon if the WAL is large."""
+        self._last_commit = time.monotonic()
         try:
             size = os.path.getsize(self.wal)
         except OSError:
@@ -465,6 +478,7 @@ class Checkpointer:
                         self._thread = None
                         return
             self._due.clear()
+            self._wait_for_quiet()
             try:
                 # mode=rw: a database removed meanwhile is not made again, empty
                 uri = "file:" + urllib.parse.quote(self.path) + "?mode=rw"
@@ -477,6 +491,22 @@ class Checkpointer:
             except Exception as exc:  # the next poke retries
                 log.warning("background WAL checkpoint of %s failed: %s", self.path, exc)
             time.sleep(CHECKPOINT_EVERY_S)
+
+    def _wait_for_quiet(self) -> None:
+        """Return once no commit came for ``CHECKPOINT_QUIET_S``, after at most
+        ``CHECKPOINT_WAIT_S``, or at once when the WAL reached ``CHECKPOINT_HARD_BYTES``."""
+        deadline = time.monotonic() + CHECKPOINT_WAIT_S
+        while True:
+            now = time.monotonic()
+            quiet_at = self._last_commit + CHECKPOINT_QUIET_S
+            if now >= quiet_at or now >= deadline:
+                return
+            try:
+                if os.path.getsize(self.wal) >= CHECKPOINT_HARD_BYTES:
+                    return
+            except OSError:
+                return
+            time.sleep(min(quiet_at, deadline, now + 0.05) - now)  # the WAL grows meanwhile
 
 
 class _WriteTxn:
