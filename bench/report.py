@@ -33,6 +33,13 @@ def ratios(r: Report) -> dict[str, Any]:
     peer = r.get("kinto") or {}
     kpull = peer.get("full_pull_with_client") or peer.get("full_pull") or {}
     ap = r.get("anti_pattern") or {}
+    apart = (
+        _div(_get(r, "delta", deltas[-1], "seconds"), _get(r, "delta", deltas[0], "seconds"))
+        if deltas
+        else None
+    )
+    pairs = r.get("delta_pairs") or {}
+    paired = _get(pairs, str(pairs["sizes"][-1]), "pair_ratio_median") if pairs else None
     push_rate = _get(r, "push", "mutations_per_s")
     return {
         "initial_vs_limit": _div(init.get("rows_per_s"), _get(lim, "sqlite_insert", "rows_per_s")),
@@ -44,11 +51,9 @@ def ratios(r: Report) -> dict[str, Any]:
         "delta_vs_kinto_since": _div(
             _get(r, "delta", head, "seconds"), _get(peer, "delta", "seconds")
         ),
-        "delta_1m_vs_10k": _div(
-            _get(r, "delta", deltas[-1], "seconds"), _get(r, "delta", deltas[0], "seconds")
-        )
-        if deltas
-        else None,
+        # Alternated round by round (``delta_pairs``) where the run has them.
+        "delta_1m_vs_10k": paired if paired is not None else apart,
+        "delta_1m_vs_10k_apart": apart,
         "rss_1m_vs_100k": _div(
             _get(r, "initial", big, "client_peak_rss_mb"), init.get("client_peak_rss_mb")
         ),

@@ -11,6 +11,7 @@ on PostgreSQL as the peer. Prints tables; ``--report`` writes JSON,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -345,6 +346,10 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
         for path in workdir.glob(f"*-{n}.sqlite*"):
             path.unlink()
         report["timings"][str(n)] = round(time.perf_counter() - t_size, 1)
+    if "sqlite" in cfg.server_dbs and len(set(cfg.delta_sizes)) >= 2:
+        t0 = time.perf_counter()
+        report["delta_pairs"] = _delta_pairs(cfg, workdir, chunk, log)
+        report["timings"]["delta_pairs"] = round(time.perf_counter() - t0, 1)
     if "postgres" in cfg.server_dbs:
         t0 = time.perf_counter()
         from bench.pgbench import run_postgres
@@ -425,6 +430,35 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
     report["targets"] = targets(report["ratios"])
     report["timings"]["total"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def _delta_pairs(
+    cfg: Config, workdir: Path, chunk: int | None, log: scenarios.Log
+) -> dict[str, Any]:
+    """The delta at the smallest and at the largest table, alternated round by round.
+
+    The per-size deltas above run minutes apart, and this machine's speed drifts
+    over minutes by more than the difference measured: here each round takes
+    both, back to back, and ``delta_1m_vs_10k`` is the median of the rounds' ratios.
+    """
+    small, large = min(cfg.delta_sizes), max(cfg.delta_sizes)
+    with contextlib.ExitStack() as stack:
+        targets = []
+        for n in (small, large):
+            db, _ = server_db_copy(n, workdir, analyze=cfg.analyze)
+            device = workdir / f"pair-device-{n}.sqlite"
+            server = stack.enter_context(ServerProcess(db))
+            scenarios.initial_sync(server, device, chunk)
+            targets.append((server, db, device))
+        lo, hi = scenarios.delta_rounds(targets, cfg.changes, cfg.delta_runs, chunk)
+    for n in (small, large):
+        for path in workdir.glob(f"*-{n}.sqlite*"):
+            path.unlink()
+    log(
+        f"  deltas alternated, {small:,} / {large:,}: {lo['ms']} / {hi['ms']} ms,"
+        f" median ratio {hi['pair_ratio_median']}"
+    )
+    return {"sizes": [small, large], str(small): lo, str(large): hi}
 
 
 def main(argv: list[str] | None = None) -> int:

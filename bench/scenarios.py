@@ -165,35 +165,72 @@ def delta_runs(
     seed: int = 1,
 ) -> dict[str, Any]:
     """``runs`` deltas of ``changes`` rows each, after an initial sync into ``device_db``."""
+    return delta_rounds([(server, server_db, device_db)], changes, runs, chunk_size, seed)[0]
+
+
+def delta_rounds(
+    targets: Sequence[tuple[ServerProcess, Path | str, Path]],
+    changes: int,
+    runs: int,
+    chunk_size: int | None,
+    seed: int = 1,
+) -> list[dict[str, Any]]:
+    """``runs`` rounds of one delta per (server, its database, device), in turn.
+
+    With several targets (tables of different sizes) each round measures them back
+    to back, so a drift of the machine's speed over minutes touches every size
+    alike: ``pair_ratios`` are the second target's delta over the first's, round
+    by round.
+    """
     from syncunit.client import SyncClient
 
     rng = random.Random(seed)
-    with SyncClient(server.url, device_db, token=TOKEN, chunk_size=chunk_size) as client:
-        idle = client.sync(UNIT)  # nothing changed: the cost of asking
-        times, sizes, cpu = [], [], []
+    clients = [
+        SyncClient(server.url, device, token=TOKEN, chunk_size=chunk_size)
+        for server, _, device in targets
+    ]
+    try:
+        idle = [c.sync(UNIT) for c in clients]  # nothing changed: the cost of asking
+        times: list[list[float]] = [[] for _ in targets]
+        sizes: list[list[int]] = [[] for _ in targets]
+        cpu: list[list[float]] = [[] for _ in targets]
         for i in range(runs):
-            change_appointments(server_db, changes, rng, f"{seed}.{i}")
-            cpu0 = server.cpu()
-            res = client.sync(UNIT)
-            cpu.append(server.cpu() - cpu0)
-            got = res.rows_in.get(STREAM_TABLE, 0)
-            if got != changes:
-                raise RuntimeError(f"delta brought {got} appointments, expected {changes}")
-            times.append(res.seconds)
-            sizes.append(res.bytes_in)
-    seconds = median(times)
-    return {
-        "changes": changes,
-        "seconds": round(seconds, 5),
-        "ms": round(seconds * 1000, 2),
-        "bytes": int(median(sizes)),
-        "runs_ms": [round(t * 1000, 2) for t in times],
-        "server_cpu_ms": round(median(cpu) * 1000, 1),
-        # The clock ticks of /proc are 10 ms: the mean over the runs resolves finer.
-        "server_cpu_ms_mean": round(sum(cpu) / len(cpu) * 1000, 2),
-        "no_change_ms": round(idle.seconds * 1000, 2),
-        "no_change_bytes": idle.bytes_in,
-    }
+            for k, (server, server_db, _) in enumerate(targets):
+                client = clients[k]
+                change_appointments(server_db, changes, rng, f"{seed}.{i}")
+                cpu0 = server.cpu()
+                res = client.sync(UNIT)
+                cpu[k].append(server.cpu() - cpu0)
+                got = res.rows_in.get(STREAM_TABLE, 0)
+                if got != changes:
+                    raise RuntimeError(f"delta brought {got} appointments, expected {changes}")
+                times[k].append(res.seconds)
+                sizes[k].append(res.bytes_in)
+    finally:
+        for c in clients:
+            c.close()
+    out = []
+    for k in range(len(targets)):
+        seconds = median(times[k])
+        out.append(
+            {
+                "changes": changes,
+                "seconds": round(seconds, 5),
+                "ms": round(seconds * 1000, 2),
+                "bytes": int(median(sizes[k])),
+                "runs_ms": [round(t * 1000, 2) for t in times[k]],
+                "server_cpu_ms": round(median(cpu[k]) * 1000, 1),
+                # The clock ticks of /proc are 10 ms: the mean over the runs resolves finer.
+                "server_cpu_ms_mean": round(sum(cpu[k]) / len(cpu[k]) * 1000, 2),
+                "no_change_ms": round(idle[k].seconds * 1000, 2),
+                "no_change_bytes": idle[k].bytes_in,
+            }
+        )
+    if len(targets) == 2:
+        ratios = [b / a for a, b in zip(times[0], times[1], strict=True)]
+        out[1]["pair_ratios"] = [round(r, 3) for r in ratios]
+        out[1]["pair_ratio_median"] = round(median(ratios), 3)
+    return out
 
 
 # -- the anti-pattern -------------------------------------------------------------------
