@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from syncunit.client import bootstrap
+from syncunit.client import bootstrap, pushing
 from syncunit.client.outbox import NumberAhead
 from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.scheduler import subscription_id
@@ -90,6 +90,20 @@ class UnitRun:
             if self.client.pipeline and sending > batch > FIRST_PUSH_BATCH:
                 first = FIRST_PUSH_BATCH
                 rounds += 1
+        if (
+            catalog is not None
+            and unit is not None
+            and pushing.overlaps(self, unit, sending, batch)
+        ):
+            done = pushing.push_overlapped(
+                self, unit_name, unit, catalog, result, params, push_streams, (first, batch, rounds)
+            )
+            sending = self.client.outbox.count(tables)
+            if done and not sending:
+                return
+            # What is left (a batch the numbering thread could not number, or changes
+            # the app made meanwhile): one batch after the other, in flight first.
+            rounds, first = 1 + sending // batch, batch
         left: list[Path] = []
         ahead: NumberAhead | None = None
         for round_ in range(rounds):
@@ -158,8 +172,23 @@ class UnitRun:
         ``ahead`` numbers the next batch in a thread while this request is on its
         way and the server applies it; it is done before the response is read.
         """
-        stream_names = unit.streams if unit is not None and unit.direction != "push" else []
         self._offers = []
+        request, holder = self._build(unit_name, unit, catalog, mutations, params, snapshots)
+        with ahead if ahead is not None else contextlib.nullcontext():
+            response = self._post(unit_name, request, result)
+        return self._finish(response, catalog, result, holder)
+
+    def _build(
+        self,
+        unit_name: str,
+        unit: UnitInfo | None,
+        catalog: Catalog | None,
+        mutations: list[Mutation],
+        params: Mapping[str, Any] | None,
+        snapshots: bool,
+    ) -> tuple[SyncRequest, str | None]:
+        """The request of one round, and the subscription whose cursors it carries."""
+        stream_names = unit.streams if unit is not None and unit.direction != "push" else []
         holder = subscription_id(unit_name, params) if params else None
         if not stream_names:
             cursors = {}
@@ -178,18 +207,27 @@ class UnitRun:
             params=dict(params or {}),
             subscriptions=held(self.client, unit_name, catalog) if stream_names else [],
         )
-        body = encode_request(request, self.client.encoding)
-        with ahead if ahead is not None else contextlib.nullcontext():
-            response = self._post(unit_name, body, len(mutations), result)
+        return request, holder
+
+    def _finish(
+        self,
+        response: httpx.Response,
+        catalog: Catalog | None,
+        result: SyncResult,
+        holder: str | None = None,
+    ) -> tuple[bool, int]:
+        """Read and apply ``response``'s frames, then close it; see ``_request``."""
         try:
             return self._read_frames(response, catalog, result, holder)
         finally:
             result.bytes_in += response.num_bytes_downloaded
             response.close()
 
-    def _post(
-        self, unit_name: str, body: bytes, mutations: int, result: SyncResult
-    ) -> httpx.Response:
+    def _post(self, unit_name: str, request: SyncRequest, result: SyncResult) -> httpx.Response:
+        """Send ``request``; return the response once its headers arrived (its frames
+        unread). For a push, the server has then committed the batch."""
+        body = encode_request(request, self.client.encoding)
+        mutations = len(request.mutations)
         headers = {
             "Content-Type": content_type(self.client.encoding),
             "Accept": content_type(self.client.encoding),

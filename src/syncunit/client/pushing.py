@@ -1,0 +1,116 @@
+"""A push-only unit's batches, the next one on its way while this answer is recorded.
+
+The server applies and commits a push before it starts its response, so once
+the headers of batch *k*'s response have arrived the server holds *k*, and
+batch *k+1* (numbered meanwhile, see ``NumberAhead``) can go at once, on a
+second connection: its numbers follow those the server now has. The client
+then reads and records the answer to *k* while the server applies *k+1*, so
+neither side waits for the other between batches.
+
+Only for units that push and pull nothing: a pull would send cursors that the
+answer being read has not moved yet. Exactly once holds as for any batch in
+flight: if anything fails, the run stops, and the next run sends every batch
+in flight in order, the server answering those it applied from its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from syncunit.client.outbox import NumberAhead
+from syncunit.protocol import Catalog, Mutation, StreamInfo, UnitInfo
+
+if TYPE_CHECKING:
+    from syncunit.client.client import SyncResult
+    from syncunit.client.run import UnitRun
+
+__all__ = ["overlaps", "push_overlapped"]
+
+
+def overlaps(run: UnitRun, unit: UnitInfo | None, sending: int, batch: int) -> bool:
+    """Whether a run of ``unit`` pushing ``sending`` changes sends its batches overlapped."""
+    return unit is not None and unit.direction == "push" and run.client.pipeline and sending > batch
+
+
+class _Posting:
+    """A request sent on a thread of its own; ``response`` waits for its headers."""
+
+    def __init__(self, post: Callable[[], httpx.Response]) -> None:
+        self._post = post
+        self._response: httpx.Response | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="syncunit-push", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._response = self._post()
+        except BaseException as exc:  # raised again by ``response``, in the run's thread
+            self._error = exc
+
+    def response(self) -> httpx.Response:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._response is not None
+        return self._response
+
+    def discard(self) -> None:
+        """Wait for the request, and drop its answer unread (the next run asks again)."""
+        self._thread.join()
+        if self._response is not None:
+            self._response.close()
+
+
+def push_overlapped(
+    run: UnitRun,
+    unit_name: str,
+    unit: UnitInfo,
+    catalog: Catalog,
+    result: SyncResult,
+    params: Mapping[str, Any] | None,
+    streams: Sequence[StreamInfo],
+    sizes: tuple[int, int, int],
+) -> bool:
+    """Send up to ``rounds`` batches (the first of ``first`` changes, then of ``batch``),
+    each request on its way while the answer before it is recorded.
+
+    ``sizes`` is ``(first, batch, rounds)``. Returns whether the server completed
+    the last response (False: the caller continues the run).
+    """
+    first, batch, rounds = sizes
+    client = run.client
+    outbox = client.outbox
+    total = outbox.count([s.local_table for s in streams])
+
+    def send(mutations: list[Mutation]) -> _Posting:
+        client._feed.sending(unit_name, len(mutations), total)
+        client._status_changed()
+        request, _ = run._build(unit_name, unit, catalog, mutations, params, False)
+        return _Posting(lambda: run._post(unit_name, request, result))
+
+    mutations = outbox.prepare(streams, first)
+    if not mutations:
+        return True
+    posting = send(mutations)
+    complete = True
+    for round_ in range(rounds):
+        ahead = NumberAhead(outbox, streams, batch) if round_ + 1 < rounds else None
+        with ahead if ahead is not None else contextlib.nullcontext():
+            response = posting.response()  # the server has committed this batch
+        following = send(ahead.mutations) if ahead is not None and ahead.mutations else None
+        try:
+            complete, _ = run._finish(response, catalog, result)
+        except BaseException:
+            if following is not None:
+                following.discard()
+            raise
+        if following is None:
+            break
+        posting = following
+    return complete

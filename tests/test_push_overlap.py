@@ -1,0 +1,181 @@
+"""A push-only unit sends the next batch while the answer to this one is read.
+
+DESIGN section 5 (exactly once, in order): the next batch goes only once the
+server has committed this one (its answer's headers came), so it is applied
+after it; a failure anywhere leaves every batch in flight to the next run,
+which sends them in order, each applied once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from syncunit.client import run
+from syncunit.errors import NetworkError
+from tests.test_push_support import (
+    FaultTransport,
+    ResponseLost,
+    decode_sync_request,
+    iter_keys,
+    local_notes,
+)
+
+
+class _SlowBody(httpx.SyncByteStream):
+    """A response body that starts 0.3 s late (``cut``: then fails) and says when it
+    was read whole (``note("read")``) and when it was closed (``note("closed")``)."""
+
+    def __init__(self, inner: Any, note: Callable[[str], None], cut: bool) -> None:
+        self.inner = inner
+        self.note = note
+        self.cut = cut
+
+    def __iter__(self) -> Iterator[bytes]:
+        time.sleep(0.3)
+        if self.cut:
+            raise httpx.ReadError("the connection broke (test)")
+        yield from self.inner
+        self.note("read")
+
+    def close(self) -> None:
+        self.note("closed")
+        self.inner.close()
+
+
+class SlowAnswers(FaultTransport):
+    """Answers to pushes arrive slowly; ``events`` has ("sent", first seq) when a push
+    leaves, ("committed", first seq) when its answer's headers came (the server had
+    committed it), ("read", first seq) when its answer was read whole and ("closed",
+    first seq) when it was closed. ``lose``: the answer to the push starting at that
+    seq is lost (it was applied); ``cut``: that answer's body breaks."""
+
+    def __init__(self, lose: int | None = None, cut: int | None = None) -> None:
+        super().__init__()
+        self.events: list[tuple[str, int]] = []
+        self.lose = lose
+        self.cut = cut
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if not request.url.path.startswith("/v1/sync/"):
+            return self.inner.handle_request(request)
+        request.read()
+        pushed = decode_sync_request(request).mutations
+        if pushed:
+            self.events.append(("sent", pushed[0].seq))
+        response = self._forward(request)
+        if not pushed:
+            return response
+        first = pushed[0].seq
+        self.events.append(("committed", first))  # the headers came: the server holds it
+        if first == self.lose:
+            self.lose = None
+            try:
+                response.read()
+            finally:
+                response.close()
+            raise ResponseLost("the response was lost on the way back (test)", request=request)
+        cut, self.cut = first == self.cut, None if first == self.cut else self.cut
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_SlowBody(response.stream, lambda e: self.events.append((e, first)), cut),
+        )
+
+
+def _device(notes_app: Any, rows: int, **transport: Any) -> tuple[Any, Any, SlowAnswers]:
+    app = notes_app()
+    slow = SlowAnswers(**transport)
+    device = app.client(transport=slow, push_batch=50)
+    device.sync("Sync")
+    with device.store.atomic() as conn:
+        conn.executemany(
+            "INSERT INTO \"LocalNote\" (id, owner, title, body, n) VALUES (?, 'u1', ?, '', 0)",
+            [(k, k) for k in iter_keys("n", rows)],
+        )
+    return app, device, slow
+
+
+@pytest.fixture
+def short_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run, "FIRST_PUSH_BATCH", 20)
+
+
+@pytest.mark.usefixtures("short_first")
+def test_each_batch_goes_before_the_answer_to_the_one_before_is_read(notes_app):
+    app, device, slow = _device(notes_app, 170)
+
+    result = device.sync("Push")
+
+    assert slow.mutations_per_request[1:] == [20, 50, 50, 50]
+    firsts = [1, 21, 71, 121]
+    for before, after in itertools.pairwise(firsts):
+        sent = slow.events.index(("sent", after))
+        assert slow.events.index(("committed", before)) < sent  # after the server has it
+        assert sent < slow.events.index(("read", before))  # before its answer is read
+    assert [m.seq for r in slow.sent for m in r.mutations] == list(range(1, 171))
+    assert (result.requests, result.applied) == (4, 170)
+    assert app.applications() == 170
+    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 171))
+    assert device.outbox.count() == 0
+    assert local_notes(device) == app.rows("u1")
+
+
+@pytest.mark.usefixtures("short_first")
+def test_without_the_pipeline_each_answer_is_read_before_the_next_batch_goes(notes_app):
+    app, device, slow = _device(notes_app, 170)
+    device.pipeline = False
+
+    assert device.sync("Push").applied == 170
+
+    firsts = [r.mutations[0].seq for r in slow.sent if r.mutations]
+    assert firsts == [1, 51, 101, 151]  # no short first batch either
+    steps = ("sent", "committed", "read", "closed")
+    assert slow.events == [(step, f) for f in firsts for step in steps]
+    assert app.applications() == 170
+
+
+@pytest.mark.usefixtures("short_first")
+def test_a_lost_answer_leaves_its_batch_and_the_next_to_the_next_run_each_applied_once(
+    notes_app,
+):
+    app, device, _ = _device(notes_app, 170, lose=71)
+
+    with pytest.raises(NetworkError):
+        device.sync("Push")
+    # 71-120 were applied but not answered; 121-170 were numbered, and maybe sent.
+    assert device.store.query("SELECT min(seq) FROM syncunit_outbox") == [(71,)]
+
+    result = device.sync("Push")
+
+    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 171))
+    assert app.applications() == 170  # each applied once
+    assert result.applied == 100
+    assert device.outbox.count() == 0
+    assert local_notes(device) == app.rows("u1")
+
+
+@pytest.mark.usefixtures("short_first")
+def test_an_answer_cut_while_the_next_batch_is_out_ends_the_run_with_that_request_done(
+    notes_app,
+):
+    app, device, slow = _device(notes_app, 170, cut=71)
+
+    with pytest.raises(NetworkError):
+        device.sync("Push")
+    # The batch sent meanwhile was waited for and its answer closed, unread.
+    assert ("committed", 121) in slow.events
+    assert ("closed", 121) in slow.events
+    assert ("read", 121) not in slow.events
+
+    device.sync("Push")
+
+    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 171))
+    assert app.applications() == 170
+    assert device.outbox.count() == 0
+    assert local_notes(device) == app.rows("u1")
