@@ -21,9 +21,9 @@ from syncunit.errors import NetworkError
 from tests.test_push_support import (
     FaultTransport,
     ResponseLost,
+    assert_each_applied_once,
     decode_sync_request,
-    iter_keys,
-    local_notes,
+    write_notes_offline,
 )
 
 
@@ -93,11 +93,7 @@ def _device(notes_app: Any, rows: int, **transport: Any) -> tuple[Any, Any, Slow
     slow = SlowAnswers(**transport)
     device = app.client(transport=slow, push_batch=50)
     device.sync("Sync")
-    with device.store.atomic() as conn:
-        conn.executemany(
-            "INSERT INTO \"LocalNote\" (id, owner, title, body, n) VALUES (?, 'u1', ?, '', 0)",
-            [(k, k) for k in iter_keys("n", rows)],
-        )
+    write_notes_offline(device, rows)
     return app, device, slow
 
 
@@ -120,10 +116,7 @@ def test_each_batch_goes_before_the_answer_to_the_one_before_is_read(notes_app):
         assert sent < slow.events.index(("read", before))  # before its answer is read
     assert [m.seq for r in slow.sent for m in r.mutations] == list(range(1, 171))
     assert (result.requests, result.applied) == (4, 170)
-    assert app.applications() == 170
-    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 171))
-    assert device.outbox.count() == 0
-    assert local_notes(device) == app.rows("u1")
+    assert_each_applied_once(app, device, 170)
 
 
 @pytest.mark.usefixtures("short_first")
@@ -153,11 +146,8 @@ def test_a_lost_answer_leaves_its_batch_and_the_next_to_the_next_run_each_applie
 
     result = device.sync("Push")
 
-    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 171))
-    assert app.applications() == 170  # each applied once
     assert result.applied == 100
-    assert device.outbox.count() == 0
-    assert local_notes(device) == app.rows("u1")
+    assert_each_applied_once(app, device, 170)
 
 
 @pytest.mark.usefixtures("short_first")
@@ -175,7 +165,4 @@ def test_an_answer_cut_while_the_next_batch_is_out_ends_the_run_with_that_reques
 
     device.sync("Push")
 
-    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 171))
-    assert app.applications() == 170
-    assert device.outbox.count() == 0
-    assert local_notes(device) == app.rows("u1")
+    assert_each_applied_once(app, device, 170)

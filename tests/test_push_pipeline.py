@@ -21,8 +21,8 @@ from tests.test_push_support import (
     FaultTransport,
     ResponseLost,
     decode_sync_request,
-    iter_keys,
     local_notes,
+    write_notes_offline,
 )
 
 
@@ -78,11 +78,7 @@ def _device(notes_app: Any, rows: int, **transport: Any) -> tuple[Any, Any, Watc
     watch = WatchingTransport(path, **transport)
     device = app.client(transport=watch, push_batch=50)
     device.sync("Sync")
-    with device.store.atomic() as conn:
-        conn.executemany(
-            "INSERT INTO \"LocalNote\" (id, owner, title, body, n) VALUES (?, 'u1', ?, '', 0)",
-            [(k, k) for k in iter_keys("n", rows)],
-        )
+    write_notes_offline(device, rows)
     return app, device, watch
 
 

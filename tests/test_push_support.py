@@ -337,3 +337,21 @@ def outbox_rows(client: SyncClient) -> list[tuple[Any, ...]]:
 def iter_keys(prefix: str, n: int) -> Iterator[str]:
     for i in range(n):
         yield f"{prefix}-{i:04d}"
+
+
+def write_notes_offline(device: SyncClient, n: int) -> None:
+    """``n`` new notes of u1 written on the device in one transaction (keys n-0000...)."""
+    with device.store.atomic() as conn:
+        conn.executemany(
+            "INSERT INTO \"LocalNote\" (id, owner, title, body, n) VALUES (?, 'u1', ?, '', 0)",
+            [(k, k) for k in iter_keys("n", n)],
+        )
+
+
+def assert_each_applied_once(app: Any, device: SyncClient, n: int) -> None:
+    """Every one of ``n`` pushed changes logged in order, applied once, and the device
+    left with an empty outbox and the server's rows."""
+    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, n + 1))
+    assert app.applications() == n
+    assert device.outbox.count() == 0
+    assert local_notes(device) == app.rows("u1")
