@@ -22,10 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -38,7 +36,7 @@ if TYPE_CHECKING:
 
     from syncunit.client.store import LocalStore
 
-__all__ = ["NumberAhead", "Outbox", "PendingChange", "RejectedChange"]
+__all__ = ["Outbox", "PendingChange", "RejectedChange"]
 
 log = logging.getLogger("syncunit.outbox")
 
@@ -617,54 +615,6 @@ class Outbox:
             )
             conn.execute("DELETE FROM syncunit_parked WHERE client_id = ?", (client_id,))
         return applied, kept
-
-
-class NumberAhead:
-    """The next batch numbered and frozen in a thread while a request is on its way.
-
-    Used as ``with ahead: response = send(...)``: the thread starts on entry and is
-    waited for on exit, before the response is read (the store is then the caller's
-    alone again). The numbering is an ordinary ``Outbox.number`` transaction: once it
-    commits the batch is in flight, sent after the one before it, by the next round
-    or, if this request fails, by the next run. If it fails it rolls back and
-    ``mutations`` stays empty: the next round numbers the batch itself.
-    """
-
-    def __init__(self, outbox: Outbox, streams: Sequence[StreamInfo], limit: int) -> None:
-        self.outbox = outbox
-        self.mutations: list[Mutation] = []
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(list(streams), limit), name="syncunit-number-ahead"
-        )
-
-    def _run(self, streams: list[StreamInfo], limit: int) -> None:
-        try:
-            self.mutations = self.outbox.number(streams, limit)
-        except BaseException as exc:  # kept, logged; the next round numbers in the open
-            self.error = exc
-
-    def __enter__(self) -> NumberAhead:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._thread.join()
-        if self.error is not None:
-            log.warning("numbering the next batch ahead failed: %s", self.error)
-
-    def next_batch(self) -> list[Mutation]:
-        """The batch to send next: the one numbered ahead, if nothing numbered before it
-        is still waiting for its answer (else [] : the caller prepares afresh)."""
-        if not self.mutations:
-            return []
-        row = self.outbox.store.query("SELECT min(seq) FROM syncunit_outbox WHERE seq IS NOT NULL")
-        return self.mutations if row and row[0][0] == self.mutations[0].seq else []
 
 
 def _utc() -> str:

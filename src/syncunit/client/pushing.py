@@ -1,11 +1,16 @@
-"""A push-only unit's batches, the next one on its way while this answer is recorded.
+"""A push's batches: the next one numbered, and for a push-only unit sent, while the
+server applies this one.
 
-The server applies and commits a push before it starts its response, so once
-the headers of batch *k*'s response have arrived the server holds *k*, and
-batch *k+1* (numbered meanwhile, see ``NumberAhead``) can go at once, on a
-second connection: its numbers follow those the server now has. The client
-then reads and records the answer to *k* while the server applies *k+1*, so
-neither side waits for the other between batches.
+``NumberAhead`` numbers the next batch in a thread while a request is on its way
+(every pushing unit, unless ``SyncClient.pipeline`` is False).
+
+``push_overlapped`` goes further for a unit that only pushes. The server
+applies and commits a push before it starts its response, so once the headers
+of batch *k*'s response have arrived the server holds *k*, and batch *k+1*
+(numbered meanwhile) can go at once, on a second connection: its numbers follow
+those the server now has. The client then reads and records the answer to *k*
+while the server applies *k+1*, so neither side waits for the other between
+batches.
 
 Only for units that push and pull nothing: a pull would send cursors that the
 answer being read has not moved yet. Exactly once holds as for any batch in
@@ -16,20 +21,72 @@ in flight in order, the server answering those it applied from its log.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from syncunit.client.outbox import NumberAhead
 from syncunit.protocol import Catalog, Mutation, StreamInfo, UnitInfo
 
 if TYPE_CHECKING:
     from syncunit.client.client import SyncResult
+    from syncunit.client.outbox import Outbox
     from syncunit.client.run import UnitRun
 
-__all__ = ["overlaps", "push_overlapped"]
+__all__ = ["NumberAhead", "overlaps", "push_overlapped"]
+
+log = logging.getLogger("syncunit.outbox")
+
+
+class NumberAhead:
+    """The next batch numbered and frozen in a thread while a request is on its way.
+
+    Used as ``with ahead: response = send(...)``: the thread starts on entry and is
+    waited for on exit, before the response is read (the store is then the caller's
+    alone again). The numbering is an ordinary ``Outbox.number`` transaction: once it
+    commits the batch is in flight, sent after the one before it, by the next round
+    or, if this request fails, by the next run. If it fails it rolls back and
+    ``mutations`` stays empty: the next round numbers the batch itself.
+    """
+
+    def __init__(self, outbox: Outbox, streams: Sequence[StreamInfo], limit: int) -> None:
+        self.outbox = outbox
+        self.mutations: list[Mutation] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(list(streams), limit), name="syncunit-number-ahead"
+        )
+
+    def _run(self, streams: list[StreamInfo], limit: int) -> None:
+        try:
+            self.mutations = self.outbox.number(streams, limit)
+        except BaseException as exc:  # kept, logged; the next round numbers in the open
+            self.error = exc
+
+    def __enter__(self) -> NumberAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._thread.join()
+        if self.error is not None:
+            log.warning("numbering the next batch ahead failed: %s", self.error)
+
+    def next_batch(self) -> list[Mutation]:
+        """The batch to send next: the one numbered ahead, if nothing numbered before it
+        is still waiting for its answer (else [] : the caller prepares afresh)."""
+        if not self.mutations:
+            return []
+        row = self.outbox.store.query("SELECT min(seq) FROM syncunit_outbox WHERE seq IS NOT NULL")
+        return self.mutations if row and row[0][0] == self.mutations[0].seq else []
 
 
 def overlaps(run: UnitRun, unit: UnitInfo | None, sending: int, batch: int) -> bool:

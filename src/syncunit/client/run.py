@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from syncunit.client import bootstrap, pushing
-from syncunit.client.outbox import NumberAhead
 from syncunit.client.prefetch import FramePrefetch
+from syncunit.client.pushing import NumberAhead
 from syncunit.client.scheduler import subscription_id
 from syncunit.errors import NetworkError, ProtocolError, SyncError, problem_error
 from syncunit.protocol import (
