@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 
 from syncunit.server import Principal, SyncServer, TokenAuth, open_store
 from syncunit.server.migrations import LATEST, MIGRATIONS, TableTracking
-from syncunit.server.store import _index_name
+from syncunit.server.store import _index_name, meta_table
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import (
     expected_rows,
@@ -371,26 +372,54 @@ def test_servers_creating_the_scope_indexes_together_all_succeed(store, server_d
     with store.write() as conn:
         for name in names:
             conn.exec_driver_sql(f'DROP INDEX "{name}"')
-    servers = [open_store(server_db_url) for _ in range(6)]
-    start = threading.Barrier(len(servers))
+    errors = _together(server_db_url, lambda s: s.install_scope_indexes(hospital_schema))
+
+    assert errors == []
+    with store.engine.connect() as conn:
+        assert set(names) <= store.index_names(conn)
+
+
+def _together(url: str, act: Callable[[Any], object], servers: int = 6) -> list[BaseException]:
+    """``act(store)`` for ``servers`` stores on ``url`` at the same moment (threads behind
+    a barrier); the exceptions they raised."""
+    stores = [open_store(url) for _ in range(servers)]
+    start = threading.Barrier(len(stores))
     errors: list[BaseException] = []
 
-    def create(s: Any) -> None:
+    def run(s: Any) -> None:
         try:
             start.wait()
-            s.install_scope_indexes(hospital_schema)
-        except BaseException as exc:  # reported below, with what it was
+            act(s)
+        except BaseException as exc:  # reported by the caller, with what it was
             errors.append(exc)
 
     try:
-        threads = [threading.Thread(target=create, args=(s,)) for s in servers]
+        threads = [threading.Thread(target=run, args=(s,)) for s in stores]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
     finally:
-        for s in servers:
+        for s in stores:
             s.engine.dispose()
-    assert errors == []
-    with store.engine.connect() as conn:
-        assert set(names) <= store.index_names(conn)
+    return errors
+
+
+@pytest.mark.backends("postgres")
+def test_servers_recording_the_database_identity_together_all_succeed(store, server_db_url):
+    """On a fresh database every starting server finds no identity recorded and records
+    it; at the same moment they take turns (each inserting it raised a duplicate key)."""
+    from hospital.units import schema as hospital_schema
+
+    store.install(hospital_schema)
+    for _ in range(5):
+        with store.write() as conn:
+            conn.execute(meta_table.delete().where(meta_table.c.key.in_(["identity", "watermark"])))
+
+        errors = _together(server_db_url, lambda s: s.check_not_restored(record=True))
+
+        assert errors == []
+        with store.engine.connect() as conn:
+            facts = store.facts(conn)
+        assert facts["identity"]
+        store.check_not_restored()  # what was recorded is this database

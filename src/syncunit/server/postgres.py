@@ -413,6 +413,9 @@ class PostgresStore(ServerStore):
 
     def _record_identity(self) -> None:
         with self.write() as conn:
+            # Servers starting together on a fresh database would each find no identity
+            # and insert it: one at a time, the later ones update what the first wrote.
+            self.lock_for_install(conn)
             self._set_fact(conn, "identity", str(conn.exec_driver_sql(_IDENTITY_SQL).scalar_one()))
             self._set_fact(conn, "watermark", str(self.watermark(conn)))
 
