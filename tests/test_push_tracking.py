@@ -382,3 +382,14 @@ def test_a_long_burst_is_checkpointed_after_the_wait_or_past_the_hard_bound(
     _commits(store, 20.0, until=lambda: checkpointer.runs > 0)
 
     assert checkpointer.runs >= 1
+
+
+@pytest.mark.backends("sqlite")
+def test_the_servers_commits_reach_the_disk_before_it_answers(store):
+    """``synchronous=FULL``: each commit syncs the WAL, so a push answered "applied"
+    (the device then drops it) survives a power cut of the server's machine."""
+    with store.write() as conn:
+        level = conn.exec_driver_sql("PRAGMA synchronous").scalar_one()
+    assert level == 2  # FULL
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar_one() == 2
