@@ -47,6 +47,10 @@ from tests.support import LiveServer
 from tests.test_push_support import NotesApp, local_notes
 
 STEPS = int(os.environ.get("SYNCUNIT_FUZZ_STEPS", "0"))
+#: Changes per push request. ``SYNCUNIT_FUZZ_PUSH_BATCH=1`` makes most pushes several
+#: batches, numbered ahead and (``Push``) overlapped; the fault transport's draws then
+#: come from two threads, so a failure replays from its seed less exactly.
+PUSH_BATCH = int(os.environ.get("SYNCUNIT_FUZZ_PUSH_BATCH", "2000"))
 STEPS_PER_RUN = 50 if STEPS else 25
 # Hypothesis ends some runs early (about 42 steps of 50 on average): a margin.
 RUNS = max(1, -(-STEPS * 3 // (STEPS_PER_RUN * 2))) if STEPS else 6
@@ -125,6 +129,7 @@ class Devices(RuleBasedStateMachine):
                 transport=faults,
                 chunk_size=3,
                 timeout=10,
+                push_batch=PUSH_BATCH,
             )
             device.catalog()  # a device learns its tables before the app writes them
             self.devices.append(device)
