@@ -166,3 +166,21 @@ def test_an_answer_cut_while_the_next_batch_is_out_ends_the_run_with_that_reques
     device.sync("Push")
 
     assert_each_applied_once(app, device, 170)
+
+
+@pytest.mark.usefixtures("short_first")
+def test_changes_left_in_flight_by_an_earlier_run_go_before_those_numbered_now(notes_app):
+    """A run that stopped left 120 changes numbered (in flight) and 60 more came since:
+    the batch numbered during the first request follows the in-flight ones, so it
+    must not go before them (the server would refuse the gap)."""
+    app, device, slow = _device(notes_app, 120)
+    streams = [s for s in device.store.catalog().streams if s.local_table == "LocalNote"]
+    assert len(device.outbox.number(streams, 120)) == 120  # numbered, never sent
+    write_notes_offline(device, 60, prefix="m")
+
+    result = device.sync("Push")
+
+    sent = [m.seq for r in slow.sent for m in r.mutations]
+    assert sent == list(range(1, 181))
+    assert result.applied == 180
+    assert_each_applied_once(app, device, 180)

@@ -339,12 +339,12 @@ def iter_keys(prefix: str, n: int) -> Iterator[str]:
         yield f"{prefix}-{i:04d}"
 
 
-def write_notes_offline(device: SyncClient, n: int) -> None:
+def write_notes_offline(device: SyncClient, n: int, prefix: str = "n") -> None:
     """``n`` new notes of u1 written on the device in one transaction (keys n-0000...)."""
     with device.store.atomic() as conn:
         conn.executemany(
             "INSERT INTO \"LocalNote\" (id, owner, title, body, n) VALUES (?, 'u1', ?, '', 0)",
-            [(k, k) for k in iter_keys("n", n)],
+            [(k, k) for k in iter_keys(prefix, n)],
         )
 
 

@@ -132,22 +132,21 @@ def push_overlapped(
     result: SyncResult,
     params: Mapping[str, Any] | None,
     streams: Sequence[StreamInfo],
-    sizes: tuple[int, int, int],
+    sizes: tuple[int, int, int, int],
 ) -> bool:
     """Send up to ``rounds`` batches (the first of ``first`` changes, then of ``batch``),
     each request on its way while the answer before it is recorded.
 
-    ``sizes`` is ``(first, batch, rounds)``. Returns whether the server completed
-    the last response (False: the caller continues the run).
+    ``sizes`` is ``(first, batch, rounds, sending)``, ``sending`` the changes waiting
+    (for progress). Returns whether the server completed the last response (False:
+    the caller continues the run).
     """
-    first, batch, rounds = sizes
-    client = run.client
-    outbox = client.outbox
-    total = outbox.count([s.local_table for s in streams])
+    first, batch, rounds, sending = sizes
+    outbox = run.client.outbox
 
     def send(mutations: list[Mutation]) -> _Posting:
-        client._feed.sending(unit_name, len(mutations), total)
-        client._status_changed()
+        run.client._feed.sending(unit_name, len(mutations), sending)
+        run.client._status_changed()
         request, _ = run._build(unit_name, unit, catalog, mutations, params, False)
         return _Posting(lambda: run._post(unit_name, request, result))
 
@@ -157,10 +156,14 @@ def push_overlapped(
     posting = send(mutations)
     complete = True
     for round_ in range(rounds):
-        ahead = NumberAhead(outbox, streams, batch) if round_ + 1 < rounds else None
+        last = round_ + 1 == rounds
+        ahead = None if last else NumberAhead(outbox, streams, batch)
         with ahead if ahead is not None else contextlib.nullcontext():
             response = posting.response()  # the server has committed this batch
-        following = send(ahead.mutations) if ahead is not None and ahead.mutations else None
+        nxt = [] if ahead is None else ahead.mutations
+        if nxt and nxt[0].seq != mutations[-1].seq + 1:
+            nxt = []  # changes an earlier run left in flight go first: after this answer
+        following = send(nxt) if nxt else None
         try:
             complete, _ = run._finish(response, catalog, result)
         except BaseException:
@@ -168,6 +171,10 @@ def push_overlapped(
                 following.discard()
             raise
         if following is None:
-            break
-        posting = following
+            # Nothing numbered to follow at once: what is in flight, in order, then new.
+            nxt = [] if last else outbox.prepare(streams, batch)
+            if not nxt:
+                break
+            following = send(nxt)
+        mutations, posting = nxt, following
     return complete

@@ -96,7 +96,14 @@ class UnitRun:
             and pushing.overlaps(self, unit, sending, batch)
         ):
             done = pushing.push_overlapped(
-                self, unit_name, unit, catalog, result, params, push_streams, (first, batch, rounds)
+                self,
+                unit_name,
+                unit,
+                catalog,
+                result,
+                params,
+                push_streams,
+                (first, batch, rounds, sending),
             )
             sending = self.client.outbox.count(tables)
             if done and not sending:
