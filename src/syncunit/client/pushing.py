@@ -7,8 +7,9 @@ server applies this one.
 ``push_overlapped`` goes further for a unit that only pushes. The server
 applies and commits a push before it starts its response, so once the headers
 of batch *k*'s response have arrived the server holds *k*, and batch *k+1*
-(numbered meanwhile) can go at once, on a second connection: its numbers follow
-those the server now has. The client then reads and records the answer to *k*
+(numbered meanwhile) can go at once, on a second connection, when its numbers
+follow those the server now has (changes an earlier run left in flight go
+first, after the answer). The client then reads and records the answer to *k*
 while the server applies *k+1*, so neither side waits for the other between
 batches.
 
