@@ -8,6 +8,8 @@ notes schema's ``audit`` rule writes one row each time a change is applied.
 from __future__ import annotations
 
 import datetime as dt
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -19,6 +21,7 @@ from syncunit.errors import AuthError, NetworkError, RequestRejected
 from syncunit.policies import LastWriteWins, MutationContext
 from syncunit.protocol import PROBLEM, Mutation, PushResults
 from syncunit.server import Principal, SyncServer, TokenAuth
+from syncunit.server import push as push_module
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import appointments_of, doctors_of, local_keys
 from tests.test_push_support import (
@@ -139,7 +142,8 @@ def test_same_body_posted_twice_returns_the_same_results_and_applies_once(notes_
     assert app.applications() == 3  # a, b, x once each (the rejected one was rolled back)
 
 
-def test_reordered_request_is_refused_with_sequence_gap_and_nothing_applied(notes_app):
+def test_reordered_request_is_refused_with_sequence_gap_and_nothing_applied(notes_app, monkeypatch):
+    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 0.2)  # what it waits for never comes
     app = notes_app()
     ok = post_sync(app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a")])
     assert push_results(ok).last_seq == 1
@@ -168,6 +172,37 @@ def test_reordered_request_is_refused_with_sequence_gap_and_nothing_applied(note
     assert [r.status for r in after.results] == ["applied", "applied"]
     assert [r[0] for r in app.rows("u1")] == ["a", "b", "c", "d", "e", "f", "g"]
     assert app.applications() == 7
+
+
+def test_a_push_that_arrives_before_the_one_it_follows_waits_for_it(notes_app):
+    """A client may send its next batch before the answer to this one (two requests in
+    flight): the server holds the later one until the one before it is applied, then
+    applies it, in order, instead of refusing the gap."""
+    app = notes_app()
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(
+            post_sync,
+            app.url,
+            "Push",
+            token="t1",
+            client_id="raw",
+            mutations=[_note(3, "c"), _note(4, "d")],
+        )
+        time.sleep(0.3)
+        assert not later.done()  # held: seqs 1 and 2 have not come yet
+        earlier = post_sync(
+            app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a"), _note(2, "b")]
+        )
+        answered = later.result()
+
+    assert push_results(earlier).last_seq == 2
+    assert push_results(answered).last_seq == 4
+    assert [r.status for r in push_results(answered).results] == ["applied", "applied"]
+    # Applied after the request before it (one transaction each; PostgreSQL stamps the
+    # rows of a transaction alike).
+    assert app.version("a") <= app.version("b") < app.version("c") <= app.version("d")
+    assert app.applications() == 4
+    assert app.last_seq("raw") == 4
 
 
 def test_a_gap_inside_one_request_is_refused(notes_app):
@@ -537,8 +572,11 @@ def test_a_rule_that_fails_rejects_its_mutation_and_blocks_nothing(notes_app):
     assert local_notes(device) == app.rows("u1")
 
 
-def test_a_restored_server_refuses_the_gap_until_renew_epoch(client, store, db_backup, in_sync):
+def test_a_restored_server_refuses_the_gap_until_renew_epoch(
+    client, store, db_backup, in_sync, monkeypatch
+):
     """After a restore the server forgot applied seqs: a gap, then renew-epoch recovers."""
+    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 0.2)  # seq 1 never comes again
     client.sync("Online")
     saved = db_backup.save()
     first = client.insert("LocalAppointment", {**SLOT, "doctor_id": 1})

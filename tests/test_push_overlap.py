@@ -1,9 +1,12 @@
 """A push-only unit sends the next batch while the answer to this one is read.
 
-DESIGN section 5 (exactly once, in order): the next batch goes only once the
-server has committed this one (its answer's headers came), so it is applied
-after it; a failure anywhere leaves every batch in flight to the next run,
-which sends them in order, each applied once.
+DESIGN section 5 (exactly once, in order). A server that queues pushes (its
+answers say ``Syncunit-Queues-Pushes: 1``) holds a batch that arrives before the
+one it follows until that one is applied, so the client sends each batch as soon
+as it is numbered; to any other server, the next batch goes only once the
+server has committed this one (its answer's headers came). Either way it is
+applied after it, and a failure anywhere leaves every batch in flight to the
+next run, which sends them in order, each applied once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 
 from syncunit.client import run
 from syncunit.errors import NetworkError
+from syncunit.protocol import QUEUES_PUSHES
 from tests.test_push_support import (
     FaultTransport,
     ResponseLost,
@@ -53,13 +57,23 @@ class SlowAnswers(FaultTransport):
     leaves, ("committed", first seq) when its answer's headers came (the server had
     committed it), ("read", first seq) when its answer was read whole and ("closed",
     first seq) when it was closed. ``lose``: the answer to the push starting at that
-    seq is lost (it was applied); ``cut``: that answer's body breaks."""
+    seq is lost (it was applied); ``cut``: that answer's body breaks; ``late``: the
+    push starting at that seq reaches the server 0.8 s after it left; ``plain``: the
+    answers do not say that the server queues pushes (as from a server that does not)."""
 
-    def __init__(self, lose: int | None = None, cut: int | None = None) -> None:
+    def __init__(
+        self,
+        lose: int | None = None,
+        cut: int | None = None,
+        late: int | None = None,
+        plain: bool = False,
+    ) -> None:
         super().__init__()
         self.events: list[tuple[str, int]] = []
         self.lose = lose
         self.cut = cut
+        self.late = late
+        self.plain = plain
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if not request.url.path.startswith("/v1/sync/"):
@@ -68,7 +82,11 @@ class SlowAnswers(FaultTransport):
         pushed = decode_sync_request(request).mutations
         if pushed:
             self.events.append(("sent", pushed[0].seq))
+            if pushed[0].seq == self.late:
+                time.sleep(0.8)  # longer than the answer before it takes
         response = self._forward(request)
+        if self.plain:
+            del response.headers[QUEUES_PUSHES]
         if not pushed:
             return response
         first = pushed[0].seq
@@ -102,6 +120,13 @@ def short_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run, "FIRST_PUSH_BATCH", 20)
 
 
+def _applied_in_order(app: Any, n: int) -> bool:
+    """Whether the server applied notes n-0000.. in key order (one request after the
+    other: PostgreSQL stamps the rows of a transaction alike)."""
+    versions = [app.version(f"n-{i:04d}") for i in range(n)]
+    return versions == sorted(versions)
+
+
 @pytest.mark.usefixtures("short_first")
 def test_each_batch_goes_before_the_answer_to_the_one_before_is_read(notes_app):
     app, device, slow = _device(notes_app, 170)
@@ -111,10 +136,41 @@ def test_each_batch_goes_before_the_answer_to_the_one_before_is_read(notes_app):
     assert slow.mutations_per_request[1:] == [20, 50, 50, 50]
     firsts = [1, 21, 71, 121]
     for before, after in itertools.pairwise(firsts):
+        assert slow.events.index(("sent", after)) < slow.events.index(("read", before))
+    assert [m.seq for r in slow.sent for m in r.mutations] == list(range(1, 171))
+    assert (result.requests, result.applied) == (4, 170)
+    assert_each_applied_once(app, device, 170)
+    assert _applied_in_order(app, 170)
+
+
+@pytest.mark.usefixtures("short_first")
+def test_a_batch_goes_before_the_server_has_the_one_before_and_is_applied_after_it(notes_app):
+    """The batch from seq 21 reaches the server late: the one from 71, sent once the
+    answer to the first is read, gets there first, is held until 21..70 are applied,
+    then applied."""
+    app, device, slow = _device(notes_app, 170, late=21)
+
+    result = device.sync("Push")
+
+    assert slow.events.index(("sent", 71)) < slow.events.index(("committed", 21))
+    assert (result.requests, result.applied) == (4, 170)
+    assert_each_applied_once(app, device, 170)
+    assert _applied_in_order(app, 170)
+
+
+@pytest.mark.usefixtures("short_first")
+def test_to_a_server_that_does_not_queue_pushes_each_batch_goes_once_it_has_the_one_before(
+    notes_app,
+):
+    app, device, slow = _device(notes_app, 170, plain=True)
+
+    result = device.sync("Push")
+
+    firsts = [1, 21, 71, 121]
+    for before, after in itertools.pairwise(firsts):
         sent = slow.events.index(("sent", after))
         assert slow.events.index(("committed", before)) < sent  # after the server has it
         assert sent < slow.events.index(("read", before))  # before its answer is read
-    assert [m.seq for r in slow.sent for m in r.mutations] == list(range(1, 171))
     assert (result.requests, result.applied) == (4, 170)
     assert_each_applied_once(app, device, 170)
 

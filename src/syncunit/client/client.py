@@ -140,6 +140,9 @@ class SyncClient:
         #: With more than one batch to push, number the next batch while the server
         #: applies the current one (False: one after the other).
         self.pipeline = True
+        #: The server said (in its last sync answer) that it queues a push behind the
+        #: one before it: a push-only unit then sends each batch without waiting.
+        self._queues_pushes = False
         self.on_start = on_start
         self.on_complete = on_complete
         self.on_error = on_error

@@ -4,14 +4,15 @@ server applies this one.
 ``NumberAhead`` numbers the next batch in a thread while a request is on its way
 (every pushing unit, unless ``SyncClient.pipeline`` is False).
 
-``push_overlapped`` goes further for a unit that only pushes. The server
-applies and commits a push before it starts its response, so once the headers
-of batch *k*'s response have arrived the server holds *k*, and batch *k+1*
-(numbered meanwhile) can go at once, on a second connection, when its numbers
-follow those the server now has (changes an earlier run left in flight go
-first, after the answer). The client then reads and records the answer to *k*
-while the server applies *k+1*, so neither side waits for the other between
-batches.
+``push_overlapped`` goes further for a unit that only pushes: batch *k+1* goes
+on a second connection while the answer to *k* is read and recorded, so
+neither side waits for the other between batches. To a server that queues
+pushes (its answers say ``protocol.QUEUES_PUSHES``), *k+1* goes as soon as it
+is numbered: the server holds it until *k* is applied. To any other server it
+goes once the headers of *k*'s answer have come (the server applies and
+commits a push before its response starts, so it then holds *k*). Either way
+only if its numbers follow *k*'s: changes an earlier run left in flight go
+first, after the answer.
 
 Only for units that push and pull nothing: a pull would send cursors that the
 answer being read has not moved yet. Exactly once holds as for any batch in
@@ -157,15 +158,22 @@ def push_overlapped(
     posting = send(mutations)
     complete = True
     for round_ in range(rounds):
-        last = round_ + 1 == rounds
-        ahead = None if last else NumberAhead(outbox, streams, batch)
-        with ahead if ahead is not None else contextlib.nullcontext():
-            response = posting.response()  # the server has committed this batch
-        nxt = [] if ahead is None else ahead.mutations
-        if nxt and nxt[0].seq != mutations[-1].seq + 1:
-            nxt = []  # changes an earlier run left in flight go first: after this answer
-        following = send(nxt) if nxt else None
+        ahead = None if round_ + 1 == rounds else NumberAhead(outbox, streams, batch)
+        following = None
         try:
+            if ahead is not None and run.client._queues_pushes:
+                # The server holds a batch that comes before its predecessor is applied:
+                # the next one goes now, numbered while the server applies this one.
+                with ahead:
+                    pass
+                nxt = _following(ahead, mutations)
+                following = send(nxt) if nxt else None
+                response = posting.response()
+            else:
+                with ahead if ahead is not None else contextlib.nullcontext():
+                    response = posting.response()  # the server has committed this batch
+                nxt = _following(ahead, mutations)
+                following = send(nxt) if nxt else None
             complete, _ = run._finish(response, catalog, result)
         except BaseException:
             if following is not None:
@@ -173,9 +181,16 @@ def push_overlapped(
             raise
         if following is None:
             # Nothing numbered to follow at once: what is in flight, in order, then new.
-            nxt = [] if last else outbox.prepare(streams, batch)
+            nxt = [] if ahead is None else outbox.prepare(streams, batch)
             if not nxt:
                 break
             following = send(nxt)
         mutations, posting = nxt, following
     return complete
+
+
+def _following(ahead: NumberAhead | None, sent: list[Mutation]) -> list[Mutation]:
+    """The batch numbered ahead if its numbers follow ``sent`` (else []: changes an
+    earlier run left in flight go first, after the answer)."""
+    nxt = [] if ahead is None else ahead.mutations
+    return nxt if nxt and nxt[0].seq == sent[-1].seq + 1 else []

@@ -24,6 +24,7 @@ from syncunit.client.pushing import NumberAhead
 from syncunit.client.scheduler import subscription_id
 from syncunit.errors import NetworkError, ProtocolError, SyncError, problem_error
 from syncunit.protocol import (
+    QUEUES_PUSHES,
     Catalog,
     CatalogFrame,
     Chunk,
@@ -245,7 +246,9 @@ class UnitRun:
         result.bytes_out += len(body)
         result.rows_out += mutations
         result.requests += 1
-        return self.client._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
+        response = self.client._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
+        self.client._queues_pushes = response.headers.get(QUEUES_PUSHES) == "1"
+        return response
 
     def _read_frames(
         self,

@@ -43,6 +43,7 @@ from starlette.routing import Route
 from syncunit.errors import ProtocolError
 from syncunit.protocol import (
     PROTOCOL_VERSION,
+    QUEUES_PUSHES,
     CatalogFrame,
     Chunk,
     End,
@@ -341,7 +342,7 @@ class SyncServer:
             self._maybe_prune()
             accept = encoding_of(request.headers.get("accept")) or encoding
             compressor = compressor_for(request.headers.get("accept-encoding", ""))
-            headers = {"Cache-Control": "no-store"}
+            headers = {"Cache-Control": "no-store", QUEUES_PUSHES: "1"}
             if compressor.name:
                 headers["Content-Encoding"] = compressor.name
             frames = self._frames(unit, principal, req, pushed)

@@ -26,6 +26,7 @@ import decimal
 import json
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -179,6 +180,9 @@ def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
 #: attempt from which it waits for its turn among the pushes retried as often.
 ATTEMPTS = 30
 TAKE_TURNS = 4
+#: How long a push that starts past the client's last applied seq waits for the
+#: requests before it (sent at once, on other connections) before ``sequence-gap``.
+PREDECESSOR_WAIT_S = 2.0
 
 KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
 
@@ -227,6 +231,8 @@ class PushApplier:
             if unit.pushes
         }
         self._cache: dict[str, _Statements] = {}
+        self._pushed = threading.Condition()  # notified when a push of this process commits
+        self._pushes = 0  # pushes of this process committed so far
 
     def authorize(self, principal: Principal, unit: SyncUnit) -> None:
         """Refuse (``ProblemException``) a push the principal may not make through ``unit``."""
@@ -268,6 +274,32 @@ class PushApplier:
         self.authorize(principal, unit)
         if not checked:
             check_mutations(req.mutations, self.limits)
+        deadline = time.monotonic() + PREDECESSOR_WAIT_S
+        while True:
+            seen = self._pushes
+            try:
+                pushed = self._attempts(principal, req, unit)
+            except ProblemException as exc:
+                # Its predecessor may be on its way on another connection: wait for it.
+                if exc.code != "sequence-gap" or not self._wait_for_push(seen, deadline):
+                    raise
+                continue
+            with self._pushed:
+                self._pushes += 1
+                self._pushed.notify_all()
+            return pushed
+
+    def _wait_for_push(self, seen: int, deadline: float) -> bool:
+        """Wait until a push of this process commits after the ``seen``-th (or, for one
+        of another process, a short while); False once ``deadline`` has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        with self._pushed:
+            self._pushed.wait_for(lambda: self._pushes != seen, min(left, 0.02))
+        return True
+
+    def _attempts(self, principal: Principal, req: SyncRequest, unit: SyncUnit) -> PushResults:
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 return self._apply(principal, req, unit, take_turns=attempt >= TAKE_TURNS)

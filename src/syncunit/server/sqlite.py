@@ -104,10 +104,11 @@ class SQLiteStore(ServerStore):
         path = engine.url.database
         file = bool(path) and path != ":memory:" and not str(path).startswith("file:")
         self._checkpointer = Checkpointer(str(path)) if file else None
+        self._writer = threading.Lock()
 
     def write(self, *, serializable: bool = False) -> Any:
         # writers are serialized: every one is serializable
-        return _WriteTxn(self.engine, self._checkpointer)
+        return _WriteTxn(self.engine, self._checkpointer, self._writer)
 
     def watermark(self, conn: Connection) -> int:
         return int(conn.exec_driver_sql(_CURRENT[1:-1]).scalar_one())
@@ -511,15 +512,44 @@ class Checkpointer:
             time.sleep(min(quiet_at, deadline, now + 0.05) - now)  # the WAL grows meanwhile
 
 
+#: How long a writer waits for the writers queued before it in this process: SQLite's
+#: busy timeout (``configure_engine``), after which SQLite's own wait decides.
+WRITER_WAIT_S = 30.0
+
+
 class _WriteTxn:
     """Context manager: a connection in a ``BEGIN IMMEDIATE`` transaction, with a
     larger page cache for the transaction's length."""
 
-    def __init__(self, engine: Engine, checkpointer: Checkpointer | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        checkpointer: Checkpointer | None = None,
+        writer: threading.Lock | None = None,
+    ) -> None:
         self.engine = engine
         self.checkpointer = checkpointer
+        self.writer = writer
+        self._queued = False
 
     def __enter__(self) -> Connection:
+        # Writers of this process queue here and start the moment the one before
+        # commits; SQLite's own wait (the busy handler) sleeps in growing steps.
+        # After as long as SQLite would wait, go on and let SQLite decide.
+        self._queued = self.writer is not None and self.writer.acquire(timeout=WRITER_WAIT_S)
+        try:
+            return self._begin()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._queued:
+            assert self.writer is not None
+            self.writer.release()
+            self._queued = False
+
+    def _begin(self) -> Connection:
         self._conn = self.engine.connect().execution_options(syncunit_write=True)
         dbapi = self._conn.connection.dbapi_connection
         assert dbapi is not None
@@ -550,3 +580,4 @@ class _WriteTxn:
                 if self._auto > 0:
                     self._dbapi.execute(f"PRAGMA wal_autocheckpoint = {self._auto}")
             self._conn.close()
+            self._release()
