@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 
-from syncunit.client.store import LocalStore
+from syncunit.client.store import INDEX_BUILD_CACHE_KIB, LocalStore
 from syncunit.protocol import Chunk
 
 KILLED_LATE_IN_LOGIN = """
@@ -77,3 +77,25 @@ def test_the_copys_last_chunk_restores_what_it_suspended(client):
     store.apply_chunk(info, Chunk("appointments", [], [], [], cursor, complete=True))
     want = {f"ix_LocalAppointment_{'_'.join(ix)}" for ix in info.indexes}
     assert want <= _indexes(store, "LocalAppointment")
+
+
+def test_suspended_indexes_are_built_in_a_larger_page_cache_given_back_after(client):
+    client.sync("Login")
+    store: LocalStore = client.store
+    info = store.catalog().stream("appointments")
+    assert store.suspend_indexes(info)
+    before = store.query("PRAGMA cache_size")[0][0]
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    try:
+        store.restore_indexes(info)
+    finally:
+        store.conn.set_trace_callback(None)
+
+    builds = [i for i, sql in enumerate(statements) if sql.startswith("CREATE INDEX")]
+    grow = statements.index(f"PRAGMA cache_size = {-INDEX_BUILD_CACHE_KIB}")
+    back = statements.index(f"PRAGMA cache_size = {before}")
+    assert len(builds) == len(info.indexes)
+    assert grow < min(builds)  # every index built in the larger cache
+    assert max(builds) < back
+    assert store.query("PRAGMA cache_size")[0][0] == before
