@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from syncunit.policies import BatchContext, set_check_of
 from syncunit.protocol import Mutation
 from syncunit.server.auth import Principal
+from syncunit.server.values import Rejected, coerce
 from syncunit.units import Stream, logical_type
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def write_batch(
 
     On False nothing of the batch remains written.
     """
-    from syncunit.server.push import Rejected, _Savepoint
+    from syncunit.server.push import _Savepoint
 
     try:
         prepared = _columnar(s, mutations)
@@ -135,8 +136,6 @@ def _columnar(
 def _coerce_column(values: list[Any], column: sa.Column[Any], local: str) -> list[Any]:
     """``coerce`` of each value, in one pass for the plain cases (same checks, same
     results); anything else value by value."""
-    from syncunit.server.push import coerce
-
     kind = logical_type(column.type)
     if kind == "integer" and all(type(v) is int for v in values):
         return values
@@ -156,8 +155,6 @@ def _one_by_one(
     applier: PushApplier, s: Stream, mutations: Sequence[Mutation]
 ) -> tuple[list[Any], list[dict[str, Any]]] | None:
     """Keys and rows of the batch, each mutation mapped by ``_map``."""
-    from syncunit.server.push import coerce
-
     pk = s.key_column
     keys: list[Any] = []
     rows: list[dict[str, Any]] = []

@@ -3,8 +3,10 @@
 All mutations of a request are applied in one write transaction together with
 the client's last applied sequence number and a log of each result, so a
 request retried after a lost response replays the logged results instead of
-applying anything twice, and a request that skips sequence numbers (an earlier
-one was lost) is refused as a whole.
+applying anything twice. A request that skips sequence numbers waits a moment
+for the requests before it (a client may send its next batch, on another
+connection, before the answer to the one before has come) and is refused as a
+whole if they do not come (an earlier one was lost).
 
 Write authorization is checked here, where every entry point of a push passes
 (the HTTP app today, other front ends later): the principal must be allowed the
@@ -22,13 +24,10 @@ row) or ``rejected`` (with a reason).
 from __future__ import annotations
 
 import datetime as dt
-import decimal
-import json
 import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -42,10 +41,11 @@ from syncunit.protocol import Mutation, MutationResult, PushResults, SyncRequest
 from syncunit.server.auth import Principal, authorize_unit
 from syncunit.server.batch import BATCH_MAX, BATCH_MIN, batchable, write_batch
 from syncunit.server.changes import StreamReader, to_wire
-from syncunit.server.limits import Limits, check_mutations, shorten
+from syncunit.server.limits import Limits, check_mutations
 from syncunit.server.problems import ProblemException
 from syncunit.server.store import ServerStore, clients, mutation_log
-from syncunit.units import Stream, SyncSchema, SyncUnit, logical_type
+from syncunit.server.values import Rejected, coerce
+from syncunit.units import Stream, SyncSchema, SyncUnit
 
 LOG_RETENTION = 100_000
 #: A mutation whose write fails for a transient reason (a lock, a deadlock, a
@@ -90,90 +90,12 @@ def _log_results(conn: Connection, rows: list[tuple[str, int, str, bytes]]) -> N
     conn.exec_driver_sql(sql, params)
 
 
-class Rejected(Exception):
-    """A mutation is refused; becomes a ``rejected`` result."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 class ConflictFound(Exception):
     """A mutation conflicts; becomes a ``conflict`` result."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-_kinds: dict[Any, str] = {}  # logical type per column type object (held: ids stay unique)
-
-
-def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
-    """Validate a wire value for ``column`` and turn it into the column's Python type."""
-    if value is None:
-        if not column.nullable:
-            raise Rejected("invalid-value", f"column {local!r} cannot be empty")
-        return None
-    kind = _kinds.get(column.type)
-    if kind is None:
-        kind = _kinds[column.type] = logical_type(column.type)
-    try:
-        if kind == "integer":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError
-            return value
-        if kind == "real":
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError
-            return float(value)
-        if kind == "boolean":
-            if value in (0, 1):
-                return bool(value)
-            raise TypeError
-        if kind in ("text", "uuid", "json", "decimal", "datetime", "date", "time"):
-            if kind == "json" and not isinstance(value, str):
-                return value
-            if kind == "decimal" and isinstance(value, int):
-                return decimal.Decimal(value)
-            if not isinstance(value, str):
-                raise TypeError
-            if kind == "datetime":
-                return dt.datetime.fromisoformat(value)
-            if kind == "date":
-                return dt.date.fromisoformat(value)
-            if kind == "time":
-                return dt.time.fromisoformat(value)
-            if kind == "decimal":
-                return decimal.Decimal(value)
-            if kind == "uuid":
-                parsed = uuid.UUID(value)
-                return parsed if isinstance(column.type, sa.Uuid) else value
-            if kind == "json":
-                return json.loads(value)
-            length = getattr(column.type, "length", None)
-            if length is not None and len(value) > length:
-                raise Rejected(
-                    "invalid-value", f"column {local!r} holds at most {length} characters"
-                )
-            return value
-        if kind == "blob":
-            if not isinstance(value, bytes):
-                raise TypeError
-            return value
-    except (TypeError, ValueError, decimal.InvalidOperation):
-        expected = {
-            "datetime": "an ISO 8601 date-time string",
-            "date": "an ISO 8601 date string",
-            "time": "an ISO 8601 time string",
-            "decimal": "a decimal number as a string",
-            "uuid": "a UUID string",
-        }.get(kind, f"a {kind} value")
-        raise Rejected(
-            "invalid-value", f"column {local!r} expects {expected}, got {shorten(value)}"
-        ) from None
-    return value
 
 
 #: Attempts of a push whose transaction lost a serialization race (PostgreSQL), and the

@@ -1,0 +1,100 @@
+"""A pushed value checked against its base column and turned into the column's type.
+
+``coerce`` takes a value as the wire carries it (JSON or MessagePack scalars,
+ISO 8601 text for dates and times, decimals as text) and returns what the
+column's SQLAlchemy type takes, or raises ``Rejected`` with a reason a person
+can read: the mutation is then answered ``rejected``, never applied.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from syncunit.server.limits import shorten
+from syncunit.units import logical_type
+
+__all__ = ["Rejected", "coerce"]
+
+
+class Rejected(Exception):
+    """A mutation is refused; becomes a ``rejected`` result."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+_kinds: dict[Any, str] = {}  # logical type per column type object (held: ids stay unique)
+
+
+def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
+    """Validate a wire value for ``column`` and turn it into the column's Python type."""
+    if value is None:
+        if not column.nullable:
+            raise Rejected("invalid-value", f"column {local!r} cannot be empty")
+        return None
+    kind = _kinds.get(column.type)
+    if kind is None:
+        kind = _kinds[column.type] = logical_type(column.type)
+    try:
+        if kind == "integer":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError
+            return value
+        if kind == "real":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError
+            return float(value)
+        if kind == "boolean":
+            if value in (0, 1):
+                return bool(value)
+            raise TypeError
+        if kind in ("text", "uuid", "json", "decimal", "datetime", "date", "time"):
+            if kind == "json" and not isinstance(value, str):
+                return value
+            if kind == "decimal" and isinstance(value, int):
+                return decimal.Decimal(value)
+            if not isinstance(value, str):
+                raise TypeError
+            if kind == "datetime":
+                return dt.datetime.fromisoformat(value)
+            if kind == "date":
+                return dt.date.fromisoformat(value)
+            if kind == "time":
+                return dt.time.fromisoformat(value)
+            if kind == "decimal":
+                return decimal.Decimal(value)
+            if kind == "uuid":
+                parsed = uuid.UUID(value)
+                return parsed if isinstance(column.type, sa.Uuid) else value
+            if kind == "json":
+                return json.loads(value)
+            length = getattr(column.type, "length", None)
+            if length is not None and len(value) > length:
+                raise Rejected(
+                    "invalid-value", f"column {local!r} holds at most {length} characters"
+                )
+            return value
+        if kind == "blob":
+            if not isinstance(value, bytes):
+                raise TypeError
+            return value
+    except (TypeError, ValueError, decimal.InvalidOperation):
+        expected = {
+            "datetime": "an ISO 8601 date-time string",
+            "date": "an ISO 8601 date string",
+            "time": "an ISO 8601 time string",
+            "decimal": "a decimal number as a string",
+            "uuid": "a UUID string",
+        }.get(kind, f"a {kind} value")
+        raise Rejected(
+            "invalid-value", f"column {local!r} expects {expected}, got {shorten(value)}"
+        ) from None
+    return value
