@@ -19,13 +19,14 @@ from hospital.models import appointment
 
 from syncunit.errors import AuthError, NetworkError, RequestRejected
 from syncunit.policies import LastWriteWins, MutationContext
-from syncunit.protocol import PROBLEM, Mutation, PushResults
+from syncunit.protocol import PROBLEM, Answered, Chunk, Mutation, PushResults
 from syncunit.server import Principal, SyncServer, TokenAuth
 from syncunit.server import push as push_module
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import appointments_of, doctors_of, local_keys
 from tests.test_push_support import (
     FaultTransport,
+    frames_of,
     local_notes,
     post_sync,
     push_results,
@@ -140,6 +141,54 @@ def test_same_body_posted_twice_returns_the_same_results_and_applies_once(notes_
     assert second.last_seq == 4
     assert (app.rows("u1"), app.applications(), app.version("x")) == state
     assert app.applications() == 3  # a, b, x once each (the rejected one was rolled back)
+
+
+def test_a_pull_while_applied_changes_wait_for_their_answer_still_brings_their_rows(
+    notes_app,
+):
+    """The server applied a push whose answer was lost; a pull then brings the rows it
+    wrote (server defaults filled in) while the device still holds those changes in
+    flight. The pull's answer starts with the server's verdicts on them, from its log,
+    so the device records them and keeps the rows: the pulls after it would not bring
+    them again (their versions are behind the cursor)."""
+    app = notes_app()
+    fault = FaultTransport()
+    device = app.client(transport=fault)
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "new"})  # no body, no n
+    fault.lose_next()
+    with pytest.raises(NetworkError):
+        device.sync("Push")
+    assert app.applications("a") == 1
+    assert [p.key for p in device.outbox.pending()] == ["a"]  # in flight, unanswered
+
+    device.sync("Pull")
+
+    assert fault.sent[-1].unanswered_from == 1
+    assert device.outbox.pending() == []  # answered by the pull's verdicts
+    assert local_notes(device) == app.rows("u1")  # with the server's body and n
+    device.sync("Sync")
+    assert local_notes(device) == app.rows("u1")
+    assert app.applications("a") == 1
+
+
+def test_a_pull_answers_only_the_principals_own_client_with_verdicts(notes_app):
+    app = notes_app()
+    pushed = post_sync(
+        app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a"), _note(2, "b")]
+    )
+    assert push_results(pushed).last_seq == 2
+
+    mine = frames_of(post_sync(app.url, "Pull", token="t1", client_id="raw", unanswered_from=2))
+    theirs = frames_of(post_sync(app.url, "Pull", token="t2", client_id="raw", unanswered_from=1))
+    none = frames_of(post_sync(app.url, "Pull", token="t1", client_id="raw"))
+
+    answered = [f for f in mine if isinstance(f, Answered)]
+    assert [(r.seq, r.id, r.status) for a in answered for r in a.results] == [(2, "m2", "applied")]
+    assert answered[0].last_seq == 2
+    assert mine.index(answered[0]) < min(i for i, f in enumerate(mine) if isinstance(f, Chunk))
+    assert not any(isinstance(f, Answered) for f in theirs)  # another principal's client
+    assert not any(isinstance(f, Answered) for f in none)  # nothing in flight
 
 
 def test_reordered_request_is_refused_with_sequence_gap_and_nothing_applied(notes_app, monkeypatch):

@@ -117,6 +117,7 @@ def post_sync(
     mutations: Sequence[Mutation] = (),
     cursors: dict[str, str] | None = None,
     schema_hash: str | None = None,
+    unanswered_from: int = 0,
 ) -> httpx.Response:
     """One ``POST /v1/sync/{unit}`` with bare httpx (the response fully read).
 
@@ -133,6 +134,7 @@ def post_sync(
             schema_hash=schema_hash,
             cursors=cursors or {},
             mutations=list(mutations),
+            unanswered_from=unanswered_from,
         )
     )
     headers = {

@@ -40,6 +40,7 @@ __all__ = [
     "PROBLEM_CODES",
     "PROTOCOL_VERSION",
     "QUEUES_PUSHES",
+    "Answered",
     "Catalog",
     "CatalogFrame",
     "Chunk",
@@ -201,6 +202,9 @@ class SyncRequest(msgspec.Struct, frozen=True):
     snapshots: bool = False  # the client can apply a ``SnapshotOffer``
     params: dict[str, Any] = {}
     subscriptions: list[Subscription] = []
+    #: The lowest seq the client has sent (or numbered to send) and not had answered;
+    #: 0: none. A pull then starts with the server's ``Answered`` verdicts on them.
+    unanswered_from: int = 0
 
 
 # -- response frames ---------------------------------------------------------
@@ -219,6 +223,21 @@ class MutationResult(msgspec.Struct, frozen=True, gc=False):
 
 class PushResults(msgspec.Struct, frozen=True, tag="push"):
     """First frame of a pushing unit: one result per mutation sent, in order."""
+
+    results: list[MutationResult]
+    last_seq: int
+
+
+class Answered(msgspec.Struct, frozen=True, tag="answered"):
+    """Verdicts, from the server's log, on this client's mutations from
+    ``SyncRequest.unanswered_from`` on that the server applied before this pull and
+    that this request did not carry (their answer was lost, or is on its way).
+
+    Sent before any rows: a pulled row they wrote is then no longer a local change
+    waiting for its answer, and the device keeps it (a later pull would not bring
+    it again: its version is behind the cursor). ``last_seq``: the last seq the
+    server has applied for this client.
+    """
 
     results: list[MutationResult]
     last_seq: int
@@ -303,7 +322,7 @@ class Failure(msgspec.Struct, frozen=True, tag="failure"):
     detail: str = ""
 
 
-Frame = CatalogFrame | PushResults | StreamStart | Chunk | SnapshotOffer | End | Failure
+Frame = CatalogFrame | PushResults | Answered | StreamStart | Chunk | SnapshotOffer | End | Failure
 
 
 #: The stable catalog of wire errors: code -> (HTTP status, title). A code never

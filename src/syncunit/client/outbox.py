@@ -249,6 +249,11 @@ class Outbox:
 
     # -- pushing ---------------------------------------------------------------------------
 
+    def in_flight_from(self) -> int:
+        """The lowest seq numbered (sent, or to be sent) and not answered yet; 0: none."""
+        row = self.store.query("SELECT min(seq) FROM syncunit_outbox WHERE seq IS NOT NULL")
+        return int(row[0][0]) if row and row[0][0] is not None else 0
+
     def prepare(self, streams: Sequence[StreamInfo], limit: int) -> list[Mutation]:
         """Mutations to send: those in flight first, then new ones, numbered; ``limit`` in all.
 

@@ -87,8 +87,7 @@ class NumberAhead:
         is still waiting for its answer (else [] : the caller prepares afresh)."""
         if not self.mutations:
             return []
-        row = self.outbox.store.query("SELECT min(seq) FROM syncunit_outbox WHERE seq IS NOT NULL")
-        return self.mutations if row and row[0][0] == self.mutations[0].seq else []
+        return self.mutations if self.outbox.in_flight_from() == self.mutations[0].seq else []
 
 
 def overlaps(run: UnitRun, unit: UnitInfo | None, sending: int, batch: int) -> bool:

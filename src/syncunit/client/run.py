@@ -25,6 +25,7 @@ from syncunit.client.scheduler import subscription_id
 from syncunit.errors import NetworkError, ProtocolError, SyncError, problem_error
 from syncunit.protocol import (
     QUEUES_PUSHES,
+    Answered,
     Catalog,
     CatalogFrame,
     Chunk,
@@ -214,6 +215,9 @@ class UnitRun:
             snapshots=self.client.snapshots and snapshots and not holder,
             params=dict(params or {}),
             subscriptions=held(self.client, unit_name, catalog) if stream_names else [],
+            # A pull may bring rows that changes still in flight wrote: their verdicts
+            # come first (``Answered``), or the device would keep its own version.
+            unanswered_from=self.client.outbox.in_flight_from() if stream_names else 0,
         )
         return request, holder
 
@@ -349,6 +353,9 @@ class UnitRun:
                     self.client._emit(self.client.on_progress, result.unit, done, total)
                 elif isinstance(frame, PushResults):
                     self._on_push_results(frame, catalog, result)
+                elif isinstance(frame, Answered):
+                    pushed = PushResults(results=frame.results, last_seq=frame.last_seq)
+                    self._on_push_results(pushed, catalog, result)
                 elif isinstance(frame, SnapshotOffer):
                     self._offers.append(frame)
         return None, chunks

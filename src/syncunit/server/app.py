@@ -590,6 +590,11 @@ class SyncServer:
                 replica=pushed is None, at_least=newest, scope=principal.params
             )
             with snapshot as (conn, watermark):
+                # Verdicts on changes the device still has in flight, before any row
+                # they wrote: read in the pull's snapshot, so each such row has one.
+                answered = self.pusher.answered(conn, principal, req)
+                if answered is not None:
+                    yield answered
                 epoch, horizon = self.store.epoch_and_horizon(conn)
                 for sub_id, run, client_params, cursors in runs:
                     # The principal's values fill the scope; the app's only narrow it.

@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from syncunit.policies import Conflict, MutationContext, Reject, Resolve
-from syncunit.protocol import Mutation, MutationResult, PushResults, SyncRequest
+from syncunit.protocol import Answered, Mutation, MutationResult, PushResults, SyncRequest
 from syncunit.server.auth import Principal, authorize_unit
 from syncunit.server.batch import BATCH_MAX, BATCH_MIN, batchable, write_batch
 from syncunit.server.changes import StreamReader, to_wire
@@ -365,6 +365,32 @@ class PushApplier:
             reason = f"seq {m.seq} was already used by another mutation of this client"
             return MutationResult(m.seq, m.id, "rejected", reason, "sequence-reused")
         return _result_dec.decode(row.result)
+
+    def answered(self, conn: Connection, principal: Principal, req: SyncRequest) -> Answered | None:
+        """The logged verdicts on ``req.client_id``'s mutations from
+        ``req.unanswered_from`` on, past those ``req`` carries (see ``Answered``);
+        None when there are none (or the client id is another principal's)."""
+        if req.unanswered_from < 1:
+            return None
+        start = max(req.unanswered_from, req.mutations[-1].seq + 1 if req.mutations else 0)
+        last = conn.execute(
+            sa.select(clients.c.last_seq).where(
+                clients.c.client_id == req.client_id, clients.c.principal == principal.id
+            )
+        ).scalar_one_or_none()
+        if last is None or int(last) < start:
+            return None
+        rows = conn.execute(
+            sa.select(mutation_log.c.result)
+            .where(
+                mutation_log.c.client_id == req.client_id,
+                mutation_log.c.seq >= start,
+                mutation_log.c.seq <= last,
+            )
+            .order_by(mutation_log.c.seq)
+        )
+        results = [_result_dec.decode(r.result) for r in rows]
+        return Answered(results=results, last_seq=int(last)) if results else None
 
     # -- one mutation -------------------------------------------------------------------
 
