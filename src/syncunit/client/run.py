@@ -353,21 +353,23 @@ class UnitRun:
                     self.client._emit(self.client.on_progress, result.unit, done, total)
                 elif isinstance(frame, PushResults):
                     self._on_push_results(frame, catalog, result)
-                elif isinstance(frame, Answered):
+                elif isinstance(frame, Answered):  # verdicts on earlier requests' changes
                     pushed = PushResults(results=frame.results, last_seq=frame.last_seq)
-                    self._on_push_results(pushed, catalog, result)
+                    self._on_push_results(pushed, catalog, result, sent_now=False)
                 elif isinstance(frame, SnapshotOffer):
                     self._offers.append(frame)
         return None, chunks
 
-    def _on_push_results(self, frame: PushResults, catalog: Catalog, result: SyncResult) -> None:
+    def _on_push_results(
+        self, frame: PushResults, catalog: Catalog, result: SyncResult, *, sent_now: bool = True
+    ) -> None:
         if self.client.store.get_fact("bound") != self.client.client_id:
             # The server has bound this session to its principal: parked later, its
             # changes can be offered to whoever logs in (the server refuses others).
             with self.client.store.atomic():
                 self.client.store.set_fact("bound", self.client.client_id)
         applied, kept = self.client.outbox.complete(frame, catalog.streams)
-        if self.client._feed.upload is not None:
+        if sent_now and self.client._feed.upload is not None:  # the progress of this upload
             self.client._feed.answered(len(frame.results))
             self.client._status_changed()
         result.applied += applied
