@@ -159,6 +159,24 @@ def test_a_batch_goes_before_the_server_has_the_one_before_and_is_applied_after_
 
 
 @pytest.mark.usefixtures("short_first")
+def test_a_device_that_only_fetched_the_catalog_sends_its_second_batch_at_once(notes_app):
+    """The catalog says the server queues pushes: the first run's second batch goes
+    while the first is still on its way (it reaches the server 0.8 s late)."""
+    app = notes_app()
+    slow = SlowAnswers(late=1)
+    device = app.client(transport=slow, push_batch=50)
+    device.catalog(refresh=True)
+    write_notes_offline(device, 70)
+
+    result = device.sync("Push")
+
+    assert slow.events.index(("sent", 21)) < slow.events.index(("committed", 1))
+    assert (result.requests, result.applied) == (2, 70)
+    assert_each_applied_once(app, device, 70)
+    assert _applied_in_order(app, 70)
+
+
+@pytest.mark.usefixtures("short_first")
 def test_to_a_server_that_does_not_queue_pushes_each_batch_goes_once_it_has_the_one_before(
     notes_app,
 ):

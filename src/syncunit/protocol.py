@@ -26,10 +26,10 @@ PROTOCOL_VERSION = 1
 MSGPACK = "application/vnd.syncunit.v1+msgpack"
 JSON = "application/vnd.syncunit.v1+json"
 PROBLEM = "application/problem+json"
-#: A sync response header (value ``1``): this server holds a push that arrives before
-#: the one it follows (sent at once, on another connection) until that one is applied,
-#: instead of answering ``sequence-gap``; a client may then send its next batch
-#: without waiting for the answer to the one before.
+#: A header of sync and catalog answers (value ``1``): this server holds a push that
+#: arrives before the one it follows (sent at once, on another connection) until that
+#: one is applied, instead of answering ``sequence-gap``; a client may then send its
+#: next batch without waiting for the answer to the one before.
 QUEUES_PUSHES = "Syncunit-Queues-Pushes"
 
 Encoding = Literal["msgpack", "json"]

@@ -39,6 +39,7 @@ from syncunit.errors import (
 from syncunit.ids import uuid7
 from syncunit.protocol import (
     PROTOCOL_VERSION,
+    QUEUES_PUSHES,
     Catalog,
     Encoding,
     StreamInfo,
@@ -410,6 +411,7 @@ class SyncClient:
             body = response.read()
         finally:
             response.close()
+        self._queues_pushes = response.headers.get(QUEUES_PUSHES) == "1"
         catalog = decode_catalog(body)
         self.store.apply_catalog(catalog)
         return catalog

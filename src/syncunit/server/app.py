@@ -218,7 +218,9 @@ class SyncServer:
 
     async def get_catalog(self, request: Request) -> Response:
         await self._principal(request)
-        return Response(self._catalog_body, media_type="application/json")
+        return Response(
+            self._catalog_body, media_type="application/json", headers={QUEUES_PUSHES: "1"}
+        )
 
     async def get_snapshot(self, request: Request) -> Response:
         """A snapshot file offered to this principal (``Range`` requests resume it)."""
