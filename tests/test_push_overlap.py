@@ -127,6 +127,18 @@ def _applied_in_order(app: Any, n: int) -> bool:
     return versions == sorted(versions)
 
 
+def _assert_overtook(
+    app: Any, device: Any, slow: SlowAnswers, result: Any, batches: tuple[int, int], **sizes: int
+) -> None:
+    """The batch from ``batches[0]`` left before the server had the one from
+    ``batches[1]``; every one of ``n`` changes applied once, in order, in ``requests``."""
+    overtaking, late = batches
+    assert slow.events.index(("sent", overtaking)) < slow.events.index(("committed", late))
+    assert (result.requests, result.applied) == (sizes["requests"], sizes["n"])
+    assert_each_applied_once(app, device, sizes["n"])
+    assert _applied_in_order(app, sizes["n"])
+
+
 @pytest.mark.usefixtures("short_first")
 def test_each_batch_goes_before_the_answer_to_the_one_before_is_read(notes_app):
     app, device, slow = _device(notes_app, 170)
@@ -152,10 +164,7 @@ def test_a_batch_goes_before_the_server_has_the_one_before_and_is_applied_after_
 
     result = device.sync("Push")
 
-    assert slow.events.index(("sent", 71)) < slow.events.index(("committed", 21))
-    assert (result.requests, result.applied) == (4, 170)
-    assert_each_applied_once(app, device, 170)
-    assert _applied_in_order(app, 170)
+    _assert_overtook(app, device, slow, result, (71, 21), n=170, requests=4)
 
 
 @pytest.mark.usefixtures("short_first")
@@ -170,10 +179,7 @@ def test_a_device_that_only_fetched_the_catalog_sends_its_second_batch_at_once(n
 
     result = device.sync("Push")
 
-    assert slow.events.index(("sent", 21)) < slow.events.index(("committed", 1))
-    assert (result.requests, result.applied) == (2, 70)
-    assert_each_applied_once(app, device, 70)
-    assert _applied_in_order(app, 70)
+    _assert_overtook(app, device, slow, result, (21, 1), n=70, requests=2)
 
 
 @pytest.mark.usefixtures("short_first")
