@@ -158,21 +158,18 @@ def push_overlapped(
     complete = True
     for round_ in range(rounds):
         ahead = None if round_ + 1 == rounds else NumberAhead(outbox, streams, batch)
+        # A server that queues pushes holds a batch that comes before its predecessor
+        # is applied: the next one goes as soon as it is numbered. Any other: once this
+        # answer's headers came (the server has committed this batch).
+        early = ahead is not None and run.client._queues_pushes
         following = None
         try:
-            if ahead is not None and run.client._queues_pushes:
-                # The server holds a batch that comes before its predecessor is applied:
-                # the next one goes now, numbered while the server applies this one.
-                with ahead:
-                    pass
-                nxt = _following(ahead, mutations)
-                following = send(nxt) if nxt else None
+            with ahead if ahead is not None else contextlib.nullcontext():
+                response = None if early else posting.response()
+            nxt = _following(ahead, mutations)
+            following = send(nxt) if nxt else None
+            if response is None:
                 response = posting.response()
-            else:
-                with ahead if ahead is not None else contextlib.nullcontext():
-                    response = posting.response()  # the server has committed this batch
-                nxt = _following(ahead, mutations)
-                following = send(nxt) if nxt else None
             complete, _ = run._finish(response, catalog, result)
         except BaseException:
             if following is not None:
