@@ -19,12 +19,22 @@ from hospital.models import appointment
 
 from syncunit.errors import AuthError, NetworkError, RequestRejected
 from syncunit.policies import LastWriteWins, MutationContext
-from syncunit.protocol import PROBLEM, Answered, Chunk, Mutation, PushResults
+from syncunit.protocol import (
+    PROBLEM,
+    PROTOCOL_VERSION,
+    Answered,
+    Chunk,
+    Mutation,
+    PushResults,
+    SyncRequest,
+)
 from syncunit.server import Principal, SyncServer, TokenAuth
 from syncunit.server import push as push_module
+from syncunit.server.push import PushApplier
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import appointments_of, doctors_of, local_keys
 from tests.test_push_support import (
+    TOKENS,
     FaultTransport,
     frames_of,
     local_notes,
@@ -189,6 +199,31 @@ def test_a_pull_answers_only_the_principals_own_client_with_verdicts(notes_app):
     assert mine.index(answered[0]) < min(i for i, f in enumerate(mine) if isinstance(f, Chunk))
     assert not any(isinstance(f, Answered) for f in theirs)  # another principal's client
     assert not any(isinstance(f, Answered) for f in none)  # nothing in flight
+
+
+def test_a_push_held_for_its_predecessor_sees_it_applied_by_another_server_process(notes_app):
+    """The predecessor goes through another applier (as on another server process),
+    which cannot wake this one: the held push finds it by looking again."""
+    app = notes_app()
+    here = app.server.pusher
+    elsewhere = PushApplier(here.store, app.schema, here.limits)
+    unit = app.schema.units["Push"]
+    principal = TOKENS["t1"]
+
+    def request(*notes: Mutation) -> SyncRequest:
+        return SyncRequest(protocol=PROTOCOL_VERSION, client_id="raw", mutations=list(notes))
+
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(here.apply, principal, request(_note(3, "c"), _note(4, "d")), unit)
+        time.sleep(0.3)
+        assert not later.done()
+        earlier = elsewhere.apply(principal, request(_note(1, "a"), _note(2, "b")), unit)
+        # Found by looking again, well before its wait (2 s) would end.
+        answered = later.result(timeout=1.0)
+
+    assert (earlier.last_seq, answered.last_seq) == (2, 4)
+    assert app.version("b") < app.version("c")
+    assert app.applications() == 4
 
 
 def test_reordered_request_is_refused_with_sequence_gap_and_nothing_applied(notes_app, monkeypatch):
