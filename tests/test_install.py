@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -403,6 +404,29 @@ def _together(url: str, act: Callable[[Any], object], servers: int = 6) -> list[
         for s in stores:
             s.engine.dispose()
     return errors
+
+
+def test_servers_making_the_cursor_key_together_all_get_the_same_one(store, server_db_url):
+    """The key cursors are signed with is made by the first server that needs it; at
+    the same moment on a fresh database the others take turns and read it (each
+    inserting its own raised a duplicate key on PostgreSQL)."""
+    from hospital.units import schema as hospital_schema
+
+    store.install(hospital_schema)
+    for round_ in range(5):
+        key = f"test-key-{round_}"
+        made: list[str] = []
+
+        def make(s: Any, key: str = key, made: list[str] = made) -> None:
+            made.append(s.fact_made_once(key, os.urandom(8).hex))
+
+        errors = _together(server_db_url, make)
+
+        assert errors == []
+        assert len(made) == 6
+        assert len(set(made)) == 1  # one key for every server
+        with store.engine.connect() as conn:
+            assert store.facts(conn)[key] == made[0]
 
 
 @pytest.mark.backends("postgres")

@@ -83,7 +83,7 @@ from syncunit.server.problems import ProblemException, problem_response
 from syncunit.server.push import PushApplier
 from syncunit.server.rxdb import RxDBReplication
 from syncunit.server.snapshots import Snapshots
-from syncunit.server.store import ServerStore, meta_table
+from syncunit.server.store import ServerStore
 from syncunit.server.streaming import FramePump, FrameResponse, compressor_for
 from syncunit.units import SyncSchema, SyncUnit
 
@@ -304,15 +304,7 @@ class SyncServer:
         return self._cursor_key
 
     def _load_cursor_key(self) -> bytes:
-        with self.store.engine.connect() as conn:  # a plain read: a restart writes nothing
-            value = self.store.facts(conn).get("cursor-key")
-        if value is None:
-            with self.store.write() as conn:
-                value = self.store.facts(conn).get("cursor-key")
-                if value is None:
-                    value = secrets.token_hex(32)
-                    conn.execute(meta_table.insert().values(key="cursor-key", value=value))
-        return bytes.fromhex(value)
+        return bytes.fromhex(self.store.fact_made_once("cursor-key", lambda: secrets.token_hex(32)))
 
     def _slot(self, principal: Principal) -> Slot:
         """A sync slot, or 503 at once (never a wait on the database pool)."""

@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 import secrets
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -438,6 +438,24 @@ class ServerStore(abc.ABC):
             conn.execute(clients.update().values(last_seq=-1))
             conn.execute(mutation_log.delete())
         return epoch
+
+    def fact_made_once(self, key: str, make: Callable[[], str]) -> str:
+        """The fact ``key``, recorded as ``make()`` by the first server that needs it.
+
+        Servers starting together on a fresh database take turns (the install
+        lock), so the later ones read what the first wrote instead of inserting it
+        too. A server that finds it reads it without writing.
+        """
+        with self.engine.connect() as conn:
+            value = self.facts(conn).get(key)
+        if value is None:
+            with self.write() as conn:
+                self.lock_for_install(conn)
+                value = self.facts(conn).get(key)
+                if value is None:
+                    value = make()
+                    conn.execute(meta_table.insert().values(key=key, value=value))
+        return value
 
     def _set_fact(self, conn: Connection, key: str, value: str) -> None:
         updated = conn.execute(
