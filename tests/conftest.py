@@ -74,15 +74,20 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(scope="session")
-def pg() -> Iterator[PostgresServer]:
-    """A throwaway PostgreSQL cluster for the whole session, started on first use."""
+def throwaway_cluster() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of its own for a fixture: started, yielded, removed."""
     try:
         server = PostgresServer().start()
     except PostgresUnavailable as exc:
         pytest.skip(str(exc))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster for the whole session, started on first use."""
+    yield from throwaway_cluster()
 
 
 #: Every engine that connected during the session (weakly held), to be disposed.

@@ -1,7 +1,7 @@
 """Read replicas and PgBouncer: a real streaming standby, a real pooler, on loopback.
 
-The standby is made with ``pg_basebackup`` from the session's PostgreSQL and
-replays its WAL; pulls may be served there, pushes (and the pull of a request
+The standby is made with ``pg_basebackup`` from a PostgreSQL of this module's own
+and replays its WAL; pulls may be served there, pushes (and the pull of a request
 that pushed) go to the primary, and a replica behind a device's cursor is
 passed over. PgBouncer is Debian's, in transaction pooling.
 """
@@ -25,11 +25,19 @@ from hospital.units import schema as hospital_schema
 from syncunit.server import SyncServer
 from syncunit.server.postgres import PostgresStore, postgres_engine
 from syncunit.server.store import ServerStore
+from tests.conftest import throwaway_cluster
 from tests.pgserver import PostgresServer, free_port
 from tests.support import assert_in_sync, local_keys
 from tests.test_postgres import _row, _write, open_writer
 
 pytestmark = pytest.mark.backends("postgres")
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    """This module's own cluster: a standby copies the whole of its primary, and the
+    session's holds every database the tests before made (a copy of gigabytes)."""
+    yield from throwaway_cluster()
 
 
 @pytest.fixture(scope="module")
