@@ -4,6 +4,10 @@ A large first copy drops the local table's secondary indexes and builds them
 once at its end. A process killed in the middle never reaches that end: the
 suspension is recorded in the local database, so reopening it, or the copy's
 last chunk in a later run, builds them again.
+
+On the server, a SQLite store reads a first copy through a memory map (fewer
+read calls for a long walk), and only a first copy: a delta's few cold pages
+read faster without.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from typing import Any
+
+import pytest
 
 from syncunit.client.store import INDEX_BUILD_CACHE_KIB, LocalStore
 from syncunit.protocol import Chunk
@@ -99,3 +106,39 @@ def test_suspended_indexes_are_built_in_a_larger_page_cache_given_back_after(cli
     assert grow < min(builds)  # every index built in the larger cache
     assert max(builds) < back
     assert store.query("PRAGMA cache_size")[0][0] == before
+
+
+def test_the_server_maps_its_file_for_a_first_copy_and_only_then(
+    backend, server, live, make_client, plain_sql, monkeypatch
+):
+    if backend != "sqlite":
+        pytest.skip("the memory map is SQLite's")
+    from syncunit.server import changes
+    from syncunit.server.sqlite import MMAP_BYTES
+
+    walks: list[tuple[str, int, Any]] = []  # stream, mmap_size while it reads, DB-API conn
+    partitions = changes.StreamReader._partitions
+
+    def spy(self: changes.StreamReader, conn: Any, *args: Any, **kw: Any) -> Any:
+        size = conn.exec_driver_sql("PRAGMA mmap_size").scalar()
+        walks.append((self.stream.name, size, conn.connection.dbapi_connection))
+        return partitions(self, conn, *args, **kw)
+
+    monkeypatch.setattr(changes.StreamReader, "_partitions", spy)
+    device = make_client()
+    device.sync("Login")
+    copy = [size for name, size, _ in walks if name == "appointments"]
+    assert copy == [MMAP_BYTES] * len(copy) != []
+    # Back in the pool, the connection reads without the map again.
+    assert {raw.execute("PRAGMA mmap_size").fetchone()[0] for *_, raw in walks} == {0}
+
+    walks.clear()
+    server.store.engine.dispose()  # the delta on a connection no first copy has used
+    with plain_sql.transaction() as run:
+        run(
+            "UPDATE appointment SET notes = 'x' WHERE id IN (SELECT a.id FROM appointment a"
+            " JOIN doctor d ON d.id = a.doctor_id WHERE d.hospital_id = 1 LIMIT 3)"
+        )
+    assert device.sync("Login").rows_in.get("LocalAppointment") == 3
+    delta = [size for name, size, _ in walks if name == "appointments"]
+    assert delta == [0] * len(delta) != []

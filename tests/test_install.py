@@ -7,7 +7,7 @@
 * a database made by 0.1 (``tests/data/v0.1-*``, made by main at a13b8f0)
   upgrades in place and its clients' cursors stay valid;
 * building a store twice on one engine configures it once; every SQLite
-  connection commits durably and reads through a memory map;
+  connection commits durably;
 * a writer that disables tracking is caught at the next start: the table's
   triggers come back and the streams reading it reset.
 """
@@ -222,18 +222,16 @@ def test_building_stores_on_one_engine_configures_it_once(store):
         assert conn.exec_driver_sql("SELECT 1").scalar() == 1
 
 
-def test_sqlite_connections_commit_durably_and_read_through_a_memory_map(backend, store):
+def test_sqlite_connections_commit_durably(backend, store):
     if backend != "sqlite":
         pytest.skip("the pragmas are SQLite's")
-    from syncunit.server.sqlite import MMAP_BYTES
-
-    pragmas = ("journal_mode", "synchronous", "foreign_keys", "mmap_size")
+    pragmas = ("journal_mode", "synchronous", "foreign_keys")
     with store.write() as writer, store.engine.connect() as reader:
         seen = [
             [c.exec_driver_sql(f"PRAGMA {p}").scalar() for p in pragmas] for c in (writer, reader)
         ]
     # WAL, FULL (a commit a device was told of survives a power cut), keys checked.
-    assert seen == [["wal", 2, 1, MMAP_BYTES]] * 2
+    assert seen == [["wal", 2, 1]] * 2
 
 
 def test_a_writer_that_disables_tracking_is_caught_at_the_next_start(

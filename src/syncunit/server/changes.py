@@ -276,6 +276,7 @@ class StreamReader:
     ) -> Iterator[Any]:
         """A first copy in key order, resumable after any chunk."""
         pk = self.stream.key_column
+        self.store.before_long_read(conn)  # the count and the walk read the whole scope
         counted = self.shape.count()
         if cur.after:
             counted = counted.where(pk > cur.after[0])

@@ -261,6 +261,12 @@ class ServerStore(abc.ABC):
         with self.engine.connect() as conn, conn.begin():
             yield conn, self.watermark(conn)
 
+    def before_long_read(self, conn: Connection) -> None:
+        """A read of many pages in a row (a first copy) starts in ``conn``'s transaction:
+        a store may read them another way (SQLite maps the file until the connection
+        goes back to its pool). Nothing by default."""
+        return None
+
     def current_version(self) -> int:
         """The highest version safe to hand out now (one cheap query)."""
         with self.engine.connect() as conn, conn.begin():
