@@ -139,8 +139,11 @@ class StreamReader:
         self.raw = stream.mode == "delta" and all(r is not None for r in raw)
         self.plain = [expr.label(name) for name, expr in stream.columns.items()]
         self.selected = [
-            (r if self.raw and r is not None else expr).label(name)
+            (r.expr if self.raw and r is not None else expr).label(name)
             for (name, expr), r in zip(stream.columns.items(), raw, strict=True)
+        ]
+        self.raw_fixes = [
+            (i, r.fix) for i, r in enumerate(raw) if self.raw and r is not None and r.fix
         ]
 
     # -- entry point ---------------------------------------------------------------
@@ -519,7 +522,10 @@ class StreamReader:
         if not rows:
             return []
         data: list[Any] = list(zip(*rows, strict=True))
-        if not self.raw:
+        if self.raw:
+            for i, fix in self.raw_fixes:
+                data[i] = fix(data[i])
+        else:
             for i, conv in self.converters:
                 data[i] = [conv(v) for v in data[i]]
         return data
