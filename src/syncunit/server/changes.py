@@ -139,11 +139,8 @@ class StreamReader:
         self.raw = stream.mode == "delta" and all(r is not None for r in raw)
         self.plain = [expr.label(name) for name, expr in stream.columns.items()]
         self.selected = [
-            (r.expr if self.raw and r is not None else expr).label(name)
+            (r if self.raw and r is not None else expr).label(name)
             for (name, expr), r in zip(stream.columns.items(), raw, strict=True)
-        ]
-        self.raw_fixes = [
-            (i, r.fix) for i, r in enumerate(raw) if self.raw and r is not None and r.fix
         ]
 
     # -- entry point ---------------------------------------------------------------
@@ -522,10 +519,7 @@ class StreamReader:
         if not rows:
             return []
         data: list[Any] = list(zip(*rows, strict=True))
-        if self.raw:
-            for i, fix in self.raw_fixes:
-                data[i] = fix(data[i])
-        else:
+        if not self.raw:
             for i, conv in self.converters:
                 data[i] = [conv(v) for v in data[i]]
         return data

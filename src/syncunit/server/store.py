@@ -25,9 +25,9 @@ import datetime as dt
 import logging
 import secrets
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -111,15 +111,6 @@ class WatermarkLag:
     transactions: int
     seconds: float
     holder: str | None
-
-
-class RawColumn(NamedTuple):
-    """A column read raw (``ServerStore.raw_column``)."""
-
-    #: What to select: its DBAPI values are the wire values, or ``fix``'s input.
-    expr: ColumnElement[Any]
-    #: A chunk's values of the column (a sequence) to their wire values; None: as read.
-    fix: Callable[[Sequence[Any]], list[Any]] | None = None
 
 
 class ServerStore(abc.ABC):
@@ -289,12 +280,12 @@ class ServerStore(abc.ABC):
     def old_value(self, old: ColumnElement[Any], column: sa.Column[Any]) -> ColumnElement[Any]:
         """Read ``column``'s old value out of a tombstone's JSON."""
 
-    def raw_column(self, expr: ColumnElement[Any]) -> RawColumn | None:
-        """How to read ``expr`` straight from the DBAPI cursor: an expression, and
-        what makes the wire values of a column of its values (if they are not).
+    def raw_column(self, expr: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        """An expression whose raw DBAPI values already are the wire values of ``expr``.
 
         None (the default) means the column needs SQLAlchemy's type processing;
-        when every column of a stream has a raw form, its rows are read raw.
+        when every column of a stream has a raw form, its rows are read straight
+        from the DBAPI cursor.
         """
         return None
 
