@@ -16,7 +16,10 @@ from syncunit.client.outbox import retype_in_flight
 from syncunit.protocol import LOCAL_SQL_TYPES, Catalog, StreamInfo
 from syncunit.protocol import quote_name as quote
 
-__all__ = ["column_defs", "quote", "sql_type", "surface_orphans", "transform"]
+__all__ = ["INDEXES_SUSPENDED", "column_defs", "quote", "sql_type", "surface_orphans", "transform"]
+
+#: Fact key prefix marking a stream whose local indexes a first copy dropped.
+INDEXES_SUSPENDED = "indexes-suspended:"
 
 
 def sql_type(logical: str) -> str:

@@ -18,7 +18,8 @@ Local tables are created, and migrated when the catalog changes, from the
 catalog's stream descriptions, in place (create the new table, copy, swap, in one
 transaction, as sqlite-utils' ``transform`` does), so unpushed rows survive
 every catalog change. Every chunk is applied in one transaction
-together with its cursor, so an interrupted sync resumes where it stopped.
+together with its cursor, so an interrupted sync resumes where it stopped
+(``applying.py``, whose methods ``LocalStore`` takes in as a mixin).
 """
 
 from __future__ import annotations
@@ -29,21 +30,26 @@ import sqlite3
 import sys
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-import msgspec
-
 from syncunit.client import holds
+from syncunit.client.applying import ChunkApply
 from syncunit.client.migrations import migrate
 from syncunit.client.outbox import trigger_ddl
-from syncunit.client.schema import column_defs, quote, sql_type, surface_orphans, transform
+from syncunit.client.schema import (
+    INDEXES_SUSPENDED,
+    column_defs,
+    quote,
+    sql_type,
+    surface_orphans,
+    transform,
+)
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import (
     Catalog,
-    Chunk,
     StreamInfo,
     decode_catalog,
     encode_catalog,
@@ -54,12 +60,6 @@ __all__ = ["LocalStore", "quote", "sql_type"]
 
 log = logging.getLogger("syncunit.client")
 
-
-#: Fact key prefix marking a stream whose local indexes a first copy dropped.
-_SUSPENDED = "indexes-suspended:"
-
-#: Chunks of at least this many rows are applied with the outbox triggers dropped.
-BULK_ROWS = 256
 
 #: SQLite's automatic checkpoint (WAL pages), and the WAL size (bytes) past which the
 #: checkpoint after a sync runs in the background.
@@ -93,7 +93,7 @@ def driver_errors(conn: Any) -> tuple[type[Exception], ...]:
     return (sqlite3.Error,)
 
 
-class LocalStore:
+class LocalStore(ChunkApply):
     """A local SQLite database managed by syncunit; the app may read and write it too.
 
     ``path`` is a file path, ``":memory:"``, or an open sqlite3-compatible
@@ -414,29 +414,31 @@ class LocalStore:
         with self.atomic() as c:
             for ix in s.indexes:
                 c.execute(f"DROP INDEX IF EXISTS {_index_name(s, ix)}")
-            self.set_fact(_SUSPENDED + s.name, s.local_table)
+            self.set_fact(INDEXES_SUSPENDED + s.name, s.local_table)
         return True
 
     def restore_indexes(self, s: StreamInfo) -> None:
         """Build the secondary indexes ``suspend_indexes`` dropped (idempotent)."""
         with self.atomic():
             self._create_indexes(s)
-            self.conn.execute("DELETE FROM syncunit_local WHERE key = ?", (_SUSPENDED + s.name,))
+            self.conn.execute(
+                "DELETE FROM syncunit_local WHERE key = ?", (INDEXES_SUSPENDED + s.name,)
+            )
 
     def _end_suspension(self, s: StreamInfo) -> None:
         """A copy that completes makes its table whole: indexes a first copy dropped
         come back in the same transaction."""
-        if self.get_fact(_SUSPENDED + s.name) is not None:
+        if self.get_fact(INDEXES_SUSPENDED + s.name) is not None:
             self.restore_indexes(s)
 
     def _restore_suspended(self, catalog: Catalog) -> None:
         """Restore indexes a copy left suspended (the process ended before it did)."""
         with self.lock:
             rows = self.conn.execute(
-                "SELECT key FROM syncunit_local WHERE key LIKE ?", (_SUSPENDED + "%",)
+                "SELECT key FROM syncunit_local WHERE key LIKE ?", (INDEXES_SUSPENDED + "%",)
             ).fetchall()
         for (key,) in rows:
-            info = catalog.stream(key.removeprefix(_SUSPENDED))
+            info = catalog.stream(key.removeprefix(INDEXES_SUSPENDED))
             if info is not None:
                 self.restore_indexes(info)
 
@@ -531,131 +533,6 @@ class LocalStore:
                 (unit, utcnow(), result_json),
             )
 
-    # -- applying chunks -----------------------------------------------------------------------
-
-    def apply_chunk(
-        self, stream: StreamInfo, chunk: Chunk, holder: str | None = None
-    ) -> tuple[int, int]:
-        """Apply one chunk and store its cursor in one transaction; return (upserted, removed).
-
-        ``holder`` names the subscription the chunk belongs to (None: the unit's
-        stream without parameters); a subscription's chunks apply in place and
-        release only its own rows (``holds.py``).
-
-        Pulls don't clobber: rows with a local change the server has not accepted
-        yet are left as they are; the push resolves them.
-
-        A reset (a full re-download) that takes more than one chunk goes into a
-        shadow table beside the local one, and its cursor beside the stream's: the
-        app keeps reading its complete previous rows, an interrupted download
-        resumes, and the chunk that completes it swaps the new rows in, in one
-        transaction.
-        """
-        try:
-            with self.relaxed() as c:  # a lost chunk is fetched again: no fsync
-                if holder and stream.local_table in self.held:
-                    with self._quiet(stream, bulk=False):
-                        done = holds.apply_held(self, stream, chunk, holder)
-                    self._save_cursor(stream, chunk.cursor, holder)
-                    return done
-                shadow = c.execute(
-                    "SELECT shadow FROM syncunit_resets WHERE stream = ?", (stream.name,)
-                ).fetchone()
-                if shadow is None and not chunk.reset and self._first_copy_over_rows(stream):
-                    # A first copy is the whole picture: rows pushed before it that are
-                    # not in it (moved out of scope, deleted meanwhile) must go too.
-                    chunk = msgspec.structs.replace(chunk, reset=True)
-                if chunk.reset and not chunk.complete:
-                    return self._apply_shadow(stream, chunk, self._start_shadow(stream))
-                if shadow is not None and not chunk.reset:
-                    return self._apply_shadow(stream, chunk, shadow[0])
-                if shadow is not None:  # a reset in one chunk replaces the one under way
-                    self._drop_shadow(stream.name, shadow[0])
-                return self._apply_in_place(stream, chunk)
-        except self.errors as exc:
-            raise LocalStoreError(f"cannot apply a chunk to {stream.local_table}: {exc}") from exc
-
-    def _first_copy_over_rows(self, stream: StreamInfo) -> bool:
-        """No cursor yet, but rows already (written here, pushed, or kept by a logout)."""
-        c = self.conn
-        has_cursor = c.execute(
-            "SELECT 1 FROM syncunit_cursors WHERE stream = ?", (stream.name,)
-        ).fetchone()
-        if has_cursor is not None:
-            return False
-        return (
-            c.execute(f"SELECT 1 FROM {quote(stream.local_table)} LIMIT 1").fetchone() is not None
-        )
-
-    def _apply_in_place(self, stream: StreamInfo, chunk: Chunk) -> tuple[int, int]:
-        c = self.conn
-        t = quote(stream.local_table)
-        key = quote(stream.key)
-        upserted = removed = 0
-        # The outbox triggers must not record server changes. For a large chunk they
-        # are dropped and created again inside the transaction (other connections
-        # never see them missing); for a small one a flag in syncunit_state keeps
-        # them quiet, at the cost of a check per row.
-        rows_in = len(chunk.data[0]) if chunk.data else 0
-        bulk = rows_in >= BULK_ROWS and stream.local_table in self.pushed
-        # Rows subscriptions hold too (a table without any costs one lookup).
-        held = stream.local_table in self.held and holds.has_holds(c, stream.local_table)
-        with self._quiet(stream, bulk):
-            pending = holds.pending_keys(c, stream.local_table)
-            if chunk.reset and held:
-                removed += holds.reset_plain(c, stream, pending)
-            elif chunk.reset:
-                if pending:
-                    marks = ",".join("?" * len(pending))
-                    cur = c.execute(f"DELETE FROM {t} WHERE {key} NOT IN ({marks})", [*pending])
-                else:
-                    cur = c.execute(f"DELETE FROM {t}")
-                removed += cur.rowcount
-            if held:
-                removed += holds.release(c, stream, list(chunk.removed), "", pending)
-            else:
-                gone = [(k,) for k in chunk.removed if k not in pending]
-                if gone:
-                    cur = c.executemany(f"DELETE FROM {t} WHERE {key} = ?", gone)
-                    removed += max(cur.rowcount, 0)
-            if chunk.data and held:
-                holds.mark_plain(c, stream.local_table, chunk.data[chunk.columns.index(stream.key)])
-            if chunk.data:
-                rows: Any = zip(*chunk.data, strict=True)
-                if pending:
-                    k = chunk.columns.index(stream.key)
-                    rows = [r for r in rows if r[k] not in pending]
-                self._write_rows(stream, tuple(chunk.columns), rows)
-                upserted = rows_in  # received; rows with pending changes kept theirs
-        if chunk.complete:
-            self._end_suspension(stream)
-        self._save_cursor(stream, chunk.cursor)
-        return upserted, removed
-
-    @contextmanager
-    def _quiet(self, stream: StreamInfo, bulk: bool) -> Iterator[None]:
-        """The outbox triggers do not record what runs inside (in a transaction)."""
-        c = self.conn
-        if bulk:
-            for stmt in trigger_ddl(stream)[:3]:
-                c.execute(stmt)
-        else:
-            c.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
-        yield
-        if bulk:
-            for stmt in trigger_ddl(stream)[3:]:
-                c.execute(stmt)
-        else:
-            c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
-
-    def _save_cursor(self, stream: StreamInfo, cursor: str, holder: str | None = None) -> None:
-        self.conn.execute(
-            "INSERT INTO syncunit_cursors (stream, local_table, definition, cursor)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET"
-            " cursor = excluded.cursor, definition = excluded.definition",
-            (holds.cursor_name(stream.name, holder), stream.local_table, stream.definition, cursor),
-        )
-
     # -- subscriptions ------------------------------------------------------------------------
 
     def subscription_cursors(self, holder: str, streams: Sequence[str]) -> dict[str, str]:
@@ -692,165 +569,6 @@ class LocalStore:
             removed = holds.close_subscription(self, sub_id, streams)
             c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
         return removed
-
-    # -- re-downloads beside the old copy ---------------------------------------------------
-
-    def _start_shadow(self, stream: StreamInfo) -> str:
-        c = self.conn
-        shadow = f"syncunit_reset_{stream.local_table}"
-        c.execute(f"DROP TABLE IF EXISTS {quote(shadow)}")
-        want = {col.name: sql_type(col.type) for col in stream.columns}
-        c.execute(f"CREATE TABLE {quote(shadow)} ({column_defs(stream.key, want)})")
-        c.execute(
-            "INSERT INTO syncunit_resets (stream, local_table, shadow, definition, cursor)"
-            " VALUES (?, ?, ?, ?, '') ON CONFLICT(stream) DO UPDATE SET"
-            " shadow = excluded.shadow, definition = excluded.definition, cursor = ''",
-            (stream.name, stream.local_table, shadow, stream.definition),
-        )
-        return shadow
-
-    def _drop_shadow(self, stream_name: str, shadow: str) -> None:
-        self.conn.execute(f"DROP TABLE IF EXISTS {quote(shadow)}")
-        self.conn.execute("DELETE FROM syncunit_resets WHERE stream = ?", (stream_name,))
-
-    def _apply_shadow(self, stream: StreamInfo, chunk: Chunk, shadow: str) -> tuple[int, int]:
-        c = self.conn
-        s, key = quote(shadow), quote(stream.key)
-        if chunk.removed:
-            c.executemany(f"DELETE FROM {s} WHERE {key} = ?", [(k,) for k in chunk.removed])
-        if chunk.data:
-            sql = self._upsert_sql(stream, tuple(chunk.columns), shadow)
-            c.executemany(sql, zip(*chunk.data, strict=True))
-        upserted = len(chunk.data[0]) if chunk.data else 0
-        if not chunk.complete:
-            c.execute(
-                "UPDATE syncunit_resets SET cursor = ? WHERE stream = ?",
-                (chunk.cursor, stream.name),
-            )
-            return upserted, 0
-        # Complete: the new copy replaces the old one; rows with unpushed changes stay.
-        t = quote(stream.local_table)
-        pending = "SELECT row_key FROM syncunit_outbox WHERE table_name = ?"
-        names = ", ".join(quote(col.name) for col in stream.columns)
-        bulk = stream.local_table in self.pushed
-        held = stream.local_table in self.held and holds.has_holds(c, stream.local_table)
-        with self._quiet(stream, bulk):
-            if held:  # rows subscriptions hold stay; the new copy overwrites them
-                removed = holds.reset_plain(c, stream, holds.pending_keys(c, stream.local_table))
-                holds.mark_plain(
-                    c,
-                    stream.local_table,
-                    [r[0] for r in c.execute(f"SELECT {key} FROM {s}")],
-                )
-            else:
-                removed = c.execute(
-                    f"DELETE FROM {t} WHERE {key} NOT IN ({pending})", (stream.local_table,)
-                ).rowcount
-            c.execute(
-                f"INSERT OR REPLACE INTO {t} ({names}) SELECT {names} FROM {s}"
-                f" WHERE {key} NOT IN ({pending})",
-                (stream.local_table,),
-            )
-        self._drop_shadow(stream.name, shadow)
-        self._end_suspension(stream)
-        self._save_cursor(stream, chunk.cursor)
-        return upserted, max(removed, 0)
-
-    def _write_rows(
-        self, stream: StreamInfo, columns: tuple[str, ...], rows: Iterable[Sequence[Any]]
-    ) -> None:
-        """Upsert ``rows`` into the stream's local table, rewriting index entries only
-        where an indexed value changed.
-
-        An upsert that sets every column rewrites each secondary index entry of each
-        row it updates, changed or not: in a large table those entries sit on pages
-        of their own, so a delta dirtied (and wrote to the WAL) about three pages per
-        row instead of one. Here the upsert sets the columns no index reads, and a
-        second statement sets the indexed ones only on rows where one of them
-        differs. Same rows in the end. A first copy (its rows all new: the second
-        statement would only cost a lookup per row) takes the single statement.
-        """
-        c = self.conn
-        split = self._index_fix(stream, columns)
-        if (
-            split is None
-            or stream.name in self.copying
-            or self.get_fact(_SUSPENDED + stream.name) is not None
-        ):
-            c.executemany(self._upsert_sql(stream, columns), rows)
-            return
-        upsert, fix, picks = split
-        rows = list(rows)
-        c.executemany(upsert, rows)
-        c.executemany(fix, [[r[i] for i in picks] for r in rows])
-
-    def _index_fix(
-        self, stream: StreamInfo, columns: tuple[str, ...]
-    ) -> tuple[str, str, list[int]] | None:
-        """For ``_write_rows``: the upsert of the columns no index reads, the update of
-        the indexed ones where they differ, and the positions of its parameters."""
-        cache_key = (stream.local_table, columns)
-        if cache_key in self._fixes:
-            return self._fixes[cache_key]
-        indexed = {col for ix in stream.indexes for col in ix} - {stream.key}
-        fixed = [col for col in columns if col in indexed]
-        split = None
-        if fixed:
-            plain = [col for col in columns if col not in indexed]
-            sets = ", ".join(f"{quote(col)} = ?" for col in fixed)
-            # Binary collation and the type too: a value that merely compares equal
-            # (another case, 1 against 1.0) is written, as the plain upsert would.
-            differs = " OR ".join(
-                f"{quote(col)} IS NOT ? COLLATE BINARY OR typeof({quote(col)}) IS NOT typeof(?)"
-                for col in fixed
-            )
-            fix = (
-                f"UPDATE {quote(stream.local_table)} SET {sets}"
-                f" WHERE {quote(stream.key)} = ? AND ({differs})"
-            )
-            at = [columns.index(col) for col in fixed]
-            picks = [*at, columns.index(stream.key), *(i for i in at for _ in range(2))]
-            split = (self._upsert_sql(stream, columns, only=plain), fix, picks)
-        self._fixes[cache_key] = split
-        return split
-
-    def _upsert_sql(
-        self,
-        stream: StreamInfo,
-        columns: tuple[str, ...],
-        table: str | None = None,
-        *,
-        only: Sequence[str] | None = None,
-    ) -> str:
-        """The upsert of ``columns`` into ``table``; ``only``: the columns a conflict sets
-        (default: all but the key)."""
-        table = table or stream.local_table
-        cache_key = (table, columns)
-        sql = None if only is not None else self._upserts.get(cache_key)
-        if sql is None:
-            known = {c.name for c in stream.columns}
-            unknown = [c for c in columns if c not in known]
-            if unknown or stream.key not in columns:
-                raise LocalStoreError(
-                    f"chunk for {stream.local_table} has columns {list(columns)},"
-                    " which do not match the catalog; refresh the catalog"
-                )
-            names = ", ".join(map(quote, columns))
-            marks = ", ".join("?" * len(columns))
-            sets = ", ".join(
-                f"{quote(c)} = excluded.{quote(c)}"
-                for c in (columns if only is None else only)
-                if c != stream.key
-            )
-            sql = f"INSERT INTO {quote(table)} ({names}) VALUES ({marks})"
-            sql += (
-                f" ON CONFLICT({quote(stream.key)}) DO UPDATE SET {sets}"
-                if sets
-                else " ON CONFLICT DO NOTHING"
-            )
-            if only is None:
-                self._upserts[cache_key] = sql
-        return sql
 
     def rows(self, table: str, columns: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
         """Every row of a local table (for checks and small tables)."""
