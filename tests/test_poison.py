@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from syncunit.errors import NetworkError
 from syncunit.policies import MutationContext
-from syncunit.server import push
+from syncunit.server import mutation
 from tests.test_push_support import FaultTransport, local_notes
 
 
@@ -60,7 +60,7 @@ def _locked(times: list[int], fail_first: int):
 
 
 def test_a_transient_failure_is_tried_again_and_applies(notes_app, monkeypatch):
-    monkeypatch.setattr(push, "TRANSIENT_PAUSE", 0.0)
+    monkeypatch.setattr(mutation, "TRANSIENT_PAUSE", 0.0)
     calls: list[int] = []
     app = notes_app(rules=[_locked(calls, fail_first=2)])
     device = app.client()
@@ -75,7 +75,7 @@ def test_a_transient_failure_is_tried_again_and_applies(notes_app, monkeypatch):
 
 
 def test_a_transient_failure_past_its_retries_is_surfaced_and_nothing_waits(notes_app, monkeypatch):
-    monkeypatch.setattr(push, "TRANSIENT_PAUSE", 0.0)
+    monkeypatch.setattr(mutation, "TRANSIENT_PAUSE", 0.0)
     calls: list[int] = []
     app = notes_app(rules=[_locked(calls, fail_first=10**6)])
     device = app.client()
@@ -85,7 +85,7 @@ def test_a_transient_failure_past_its_retries_is_surfaced_and_nothing_waits(note
     result = device.sync("Sync")
 
     assert [(r["key"], r["code"]) for r in result.rejected] == [("a", "unavailable")]
-    assert f"tried {push.TRANSIENT_ATTEMPTS} times" in result.rejected[0]["reason"]
+    assert f"tried {mutation.TRANSIENT_ATTEMPTS} times" in result.rejected[0]["reason"]
     assert result.applied == 1
     assert app.row("b") is not None
     assert app.row("a") is None

@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from syncunit.policies import BatchContext, set_check_of
 from syncunit.protocol import Mutation
 from syncunit.server.auth import Principal
+from syncunit.server.mutation import _Savepoint
 from syncunit.server.values import Rejected, coerce
 from syncunit.units import Stream, logical_type
 
@@ -61,8 +62,6 @@ def write_batch(
 
     On False nothing of the batch remains written.
     """
-    from syncunit.server.push import _Savepoint
-
     try:
         prepared = _columnar(s, mutations)
         if prepared is None:
