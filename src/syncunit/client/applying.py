@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from syncunit.client import holds
-from syncunit.client.outbox import trigger_ddl
 from syncunit.client.schema import INDEXES_SUSPENDED, column_defs, quote, sql_type
+from syncunit.client.triggers import trigger_ddl
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import Chunk, StreamInfo
 

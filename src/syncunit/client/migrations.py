@@ -20,8 +20,8 @@ import sqlite3
 from collections.abc import Callable
 
 from syncunit.client.holds import DDL as HOLDS_DDL
-from syncunit.client.outbox import DDL as OUTBOX_DDL
 from syncunit.client.scheduler import DDL as QUEUE_DDL
+from syncunit.client.triggers import DDL as OUTBOX_DDL
 from syncunit.errors import LocalStoreError
 
 __all__ = ["STORE_VERSION", "migrate"]

@@ -38,7 +38,6 @@ from typing import Any, cast
 from syncunit.client import holds
 from syncunit.client.applying import ChunkApply
 from syncunit.client.migrations import migrate
-from syncunit.client.outbox import trigger_ddl
 from syncunit.client.schema import (
     INDEXES_SUSPENDED,
     column_defs,
@@ -47,6 +46,7 @@ from syncunit.client.schema import (
     surface_orphans,
     transform,
 )
+from syncunit.client.triggers import trigger_ddl
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import (
     Catalog,

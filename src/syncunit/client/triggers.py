@@ -1,0 +1,111 @@
+"""How the app's writes reach the outbox: its tables, and a trigger per write.
+
+Each pushed local table gets three triggers (after insert, update, delete) that
+record the change in ``syncunit_outbox`` in the app's own transaction,
+coalescing changes to one row while they are unsent: the changed columns are
+merged, an insert then a delete cancels out, a row deleted and written again
+is sent whole against the base the device saw. They stay quiet while the
+engine applies the server's changes (``syncunit_state.applying``, or dropped
+inside a large chunk's transaction: ``applying.py``). ``outbox.py`` reads and
+numbers what they record.
+"""
+
+from __future__ import annotations
+
+from syncunit.protocol import StreamInfo
+from syncunit.protocol import quote_name as _q
+
+__all__ = ["DDL", "NOW", "trigger_ddl"]
+
+DDL = [
+    "CREATE TABLE IF NOT EXISTS syncunit_outbox ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, mutation_id TEXT NOT NULL,"
+    " table_name TEXT NOT NULL, row_key NOT NULL, op TEXT NOT NULL,"
+    " changed TEXT NOT NULL DEFAULT '[]', base TEXT NOT NULL DEFAULT '{}',"
+    " seq INTEGER UNIQUE, payload BLOB, created_at TEXT NOT NULL)",
+    # (table, key, seq): the triggers look up a row's unsent entry (seq IS NULL) by it;
+    # without seq in it SQLite picks the UNIQUE index on seq and scans every unsent entry.
+    "DROP INDEX IF EXISTS ix_syncunit_outbox_row",
+    "CREATE INDEX IF NOT EXISTS ix_syncunit_outbox_row_seq"
+    " ON syncunit_outbox (table_name, row_key, seq)",
+    "CREATE TABLE IF NOT EXISTS syncunit_state ("
+    " id INTEGER PRIMARY KEY CHECK (id = 1), applying INTEGER NOT NULL DEFAULT 0,"
+    " next_seq INTEGER NOT NULL DEFAULT 1)",
+    "INSERT OR IGNORE INTO syncunit_state (id, applying, next_seq) VALUES (1, 0, 1)",
+    "CREATE TABLE IF NOT EXISTS syncunit_rejected ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, mutation_id TEXT NOT NULL, seq INTEGER,"
+    " table_name TEXT NOT NULL, row_key NOT NULL, op TEXT NOT NULL, status TEXT NOT NULL,"
+    " code TEXT NOT NULL, reason TEXT NOT NULL, attempted TEXT NOT NULL,"
+    " server_row TEXT, created_at TEXT NOT NULL)",
+]
+
+#: The time, as SQL: what the outbox's ``created_at`` columns hold.
+NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+_ID = "lower(hex(randomblob(16)))"
+_ACTIVE = "(SELECT applying FROM syncunit_state WHERE id = 1) = 0"
+
+
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def trigger_ddl(stream: StreamInfo) -> list[str]:
+    """Triggers that record changes of ``stream``'s local table in the outbox.
+
+    Only the catalog's columns are recorded: a column the app adds to a local
+    table itself is local-only data (a "read" flag, say), never pushed.
+    """
+    t, name, k = _q(stream.local_table), _lit(stream.local_table), _q(stream.key)
+    cols = [c.name for c in stream.columns]
+    changed = (
+        " UNION ALL ".join(
+            f"SELECT {_lit(c)} AS c WHERE OLD.{_q(c)} IS NOT NEW.{_q(c)}"
+            for c in cols
+            if c != stream.key
+        )
+        or "SELECT NULL AS c WHERE 0"
+    )
+    # json_object() refuses BLOBs: binary values go in as {"$bytes": hex} (see _loads).
+    old = {
+        c.name: f"CASE WHEN OLD.{_q(c.name)} IS NULL THEN NULL"
+        f" ELSE json_object('$bytes', hex(OLD.{_q(c.name)})) END"
+        if c.type == "blob"
+        else f"OLD.{_q(c.name)}"
+        for c in stream.columns
+    }
+    old_row = "json_object(" + ", ".join(f"{_lit(c)}, {old[c]}" for c in cols) + ")"
+    unsent = f"table_name = {name} AND row_key = {{r}}.{k} AND seq IS NULL"
+    insert_cols = "(mutation_id, table_name, row_key, op, changed, base, created_at)"
+    prefix = f"syncunit_{stream.local_table}"
+    return [
+        *(f"DROP TRIGGER IF EXISTS {_q(prefix + s)}" for s in ("_ai", "_au", "_ad")),
+        f"CREATE TRIGGER {_q(prefix + '_ai')} AFTER INSERT ON {t} WHEN {_ACTIVE} BEGIN"
+        # A row deleted (or changed) and written again is sent whole, against the base
+        # the device saw before: the server detects conflicts as for an update.
+        f" UPDATE syncunit_outbox SET op = 'insert' WHERE {unsent.format(r='NEW')};"
+        f" INSERT INTO syncunit_outbox {insert_cols}"
+        f" SELECT {_ID}, {name}, NEW.{k}, 'insert', '[]', '{{}}', {NOW}"
+        f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='NEW')});"
+        " END",
+        f"CREATE TRIGGER {_q(prefix + '_au')} AFTER UPDATE ON {t} WHEN {_ACTIVE} BEGIN"
+        f" SELECT RAISE(ABORT, 'the key of a synced row cannot change')"
+        f" WHERE OLD.{k} IS NOT NEW.{k};"
+        f" UPDATE syncunit_outbox SET changed = (SELECT json_group_array(c) FROM"
+        f" (SELECT value AS c FROM json_each(syncunit_outbox.changed)"
+        f" UNION SELECT c FROM ({changed})))"
+        f" WHERE {unsent.format(r='NEW')};"
+        f" INSERT INTO syncunit_outbox {insert_cols}"
+        f" SELECT {_ID}, {name}, NEW.{k}, 'update', (SELECT json_group_array(c) FROM ({changed})),"
+        f" {old_row}, {NOW}"
+        f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='NEW')})"
+        f" AND EXISTS ({changed}); END",
+        f"CREATE TRIGGER {_q(prefix + '_ad')} AFTER DELETE ON {t} WHEN {_ACTIVE} BEGIN"
+        f" INSERT INTO syncunit_outbox {insert_cols}"
+        f" SELECT {_ID}, {name}, OLD.{k}, 'delete', '[]', {old_row}, {NOW}"
+        f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='OLD')});"
+        # An insert with a base wrote a row the server has (deleted and written again):
+        # deleting it is a delete; only a row new on this device cancels out.
+        f" UPDATE syncunit_outbox SET op = 'delete' WHERE {unsent.format(r='OLD')}"
+        f" AND (op = 'update' OR (op = 'insert' AND base <> '{{}}'));"
+        f" DELETE FROM syncunit_outbox WHERE {unsent.format(r='OLD')} AND op = 'insert'; END",
+    ]
