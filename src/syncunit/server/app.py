@@ -26,7 +26,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -44,23 +44,16 @@ from syncunit.errors import ProtocolError
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     QUEUES_PUSHES,
-    CatalogFrame,
-    Chunk,
-    End,
-    Frame,
-    PushResults,
-    SnapshotOffer,
-    StreamStart,
     SyncRequest,
     content_type,
     encode_catalog,
     encoding_of,
 )
 from syncunit.server.admission import RateLimiter, Slot, SyncSlots, default_sync_slots
+from syncunit.server.answer import SyncAnswer, sign_frames
 from syncunit.server.auth import Authenticator, Principal, authorize_unit
 from syncunit.server.backends import open_store
-from syncunit.server.changes import StreamReader
-from syncunit.server.cursor import newest_cursor, sign_cursor, verify_cursor
+from syncunit.server.cursor import verify_cursor
 from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
 from syncunit.server.limits import (
     Limits,
@@ -95,7 +88,7 @@ __all__ = ["SyncServer", "create_app"]
 FORGED = "forged"
 
 
-class SyncServer:
+class SyncServer(SyncAnswer):
     """The server's state and request handling; ``.app`` is the ASGI app."""
 
     def __init__(
@@ -349,7 +342,7 @@ class SyncServer:
                 self._sync_ended(ctx, unit, req, tally, pump)
 
             pump = FramePump(
-                _signed(frames, key), accept, compressor, self.limits, slot, on_end=ended
+                sign_frames(frames, key), accept, compressor, self.limits, slot, on_end=ended
             ).start()
         except BaseException:
             slot.release()
@@ -555,89 +548,6 @@ class SyncServer:
                 self._pruning.release()
 
         threading.Thread(target=prune, name="syncunit-prune", daemon=True).start()
-
-    # -- the response ------------------------------------------------------------------
-
-    def _frames(
-        self,
-        unit: SyncUnit,
-        principal: Principal,
-        req: SyncRequest,
-        pushed: PushResults | None,
-    ) -> Iterator[Frame]:
-        if req.schema_hash != self.catalog.schema_hash:
-            # A first sync, or a client with an old catalog: it migrates from this one.
-            yield CatalogFrame(catalog=self.catalog)
-        if pushed is not None:
-            yield pushed
-        if unit.pulls:
-            chunk = req.chunk_size or self.chunk_size
-            runs = [("", unit, req.params, req.cursors)]
-            runs += [
-                (sub.id, self.schema.units[sub.unit], sub.params, sub.cursors)
-                for sub in req.subscriptions
-            ]
-            # A read replica may serve a pull, unless this request pushed (the device
-            # reads its own writes on the primary) or the replica is behind its cursors.
-            newest = max(newest_cursor(c.values()) for _, _, _, c in runs)
-            snapshot = self.store.snapshot(
-                replica=pushed is None, at_least=newest, scope=principal.params
-            )
-            with snapshot as (conn, watermark):
-                # Verdicts on changes the device still has in flight, before any row
-                # they wrote: read in the pull's snapshot, so each such row has one.
-                answered = self.pusher.answered(conn, principal, req)
-                if answered is not None:
-                    yield answered
-                epoch, horizon = self.store.epoch_and_horizon(conn)
-                for sub_id, run, client_params, cursors in runs:
-                    # The principal's values fill the scope; the app's only narrow it.
-                    params = {**principal.params, **client_params}
-                    for stream in run.streams:
-                        reader = StreamReader(self.store, stream, params, chunk_size=chunk)
-                        token = cursors.get(stream.name)
-                        if (
-                            token is None
-                            and not sub_id
-                            and not stream.client_params
-                            and req.snapshots
-                            and self.snapshots
-                            and stream.mode == "delta"
-                        ):
-                            snap = self.snapshots.offer(conn, watermark, epoch, horizon, reader)
-                            if snap is not None:
-                                yield SnapshotOffer(
-                                    stream=stream.name,
-                                    path=f"/v1/snapshots/{stream.name}/{snap.name}",
-                                    size=snap.size,
-                                    sha256=snap.sha256,
-                                    rows=snap.rows,
-                                    cursor=snap.cursor,
-                                )
-                                continue
-                        frames = reader.frames(conn, watermark, epoch, horizon, token)
-                        try:
-                            for frame in frames:
-                                if sub_id and isinstance(frame, StreamStart | Chunk):
-                                    frame = msgspec.structs.replace(frame, subscription=sub_id)
-                                yield frame
-                        finally:
-                            frames.close()  # its open database cursor, before the snapshot ends
-        yield End(server_time=dt.datetime.now(dt.UTC).isoformat())
-
-
-def _signed(frames: Iterator[Frame], key: bytes) -> Iterator[Frame]:
-    """``frames`` with every chunk's (and snapshot offer's) cursor signed (closing it
-    closes ``frames``)."""
-    try:
-        for frame in frames:
-            if isinstance(frame, Chunk | SnapshotOffer):
-                frame = msgspec.structs.replace(frame, cursor=sign_cursor(frame.cursor, key))
-            yield frame
-    finally:
-        close = getattr(frames, "close", None)
-        if close is not None:
-            close()
 
 
 def create_app(
