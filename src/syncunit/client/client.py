@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from syncunit.client import bootstrap, sessions
 from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
+from syncunit.client.result import SyncResult
 from syncunit.client.run import UnitRun, forget_unit
 from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus, subscription_id
 from syncunit.client.status import StatusFeed
@@ -62,38 +62,6 @@ TokenProvider = Callable[[], str]
 #: A first copy of at least this many rows builds the local secondary indexes at its end.
 DEFER_INDEXES_ABOVE = 5000
 log = logging.getLogger("syncunit.client")
-
-
-@dataclass
-class SyncResult:
-    """What one unit run did."""
-
-    unit: str
-    rows_in: dict[str, int] = field(default_factory=dict)
-    rows_removed: dict[str, int] = field(default_factory=dict)
-    rows_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    seconds: float = 0.0
-    requests: int = 0
-    resets: list[str] = field(default_factory=list)
-    snapshots: list[str] = field(default_factory=list)  # streams copied from a snapshot file
-    applied: int = 0
-    conflicts: list[dict[str, Any]] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def total_in(self) -> int:
-        return sum(self.rows_in.values())
-
-    @property
-    def total_removed(self) -> int:
-        return sum(self.rows_removed.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["seconds"] = round(self.seconds, 4)
-        return out
 
 
 class SyncClient:
