@@ -243,8 +243,8 @@ def sent_keys(frames: Sequence[Frame], stream: str, key: str = "id") -> list[Any
     """The keys of the rows the frames upsert for ``stream``, in order, repeats kept."""
     out: list[Any] = []
     for c in chunks(frames, stream):
-        if c.data:
-            out += c.data[c.columns.index(key)]
+        k = c.columns.index(key) if c.columns else -1
+        out += [r[k] for r in c.row_list()]
     return out
 
 

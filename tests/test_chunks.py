@@ -40,7 +40,7 @@ def _distinct_versions(store, table) -> int:
 def _assert_bounded(frames, stream, size=CHUNK):
     for c in chunks(frames, stream):
         assert len(c.removed) <= size
-        assert not c.data or len(c.data[0]) <= size
+        assert c.row_count() <= size
 
 
 # -- ties at chunk borders --------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_one_statement_updating_more_than_two_chunks_of_rows(tapped, tap, store,
 
     keys = sent_keys(tap.last, "appointments")
     assert len(keys) == len(set(keys)) == 200
-    assert len([c for c in chunks(tap.last, "appointments") if c.data]) > 2
+    assert len([c for c in chunks(tap.last, "appointments") if c.row_count()]) > 2
     assert isinstance(tap.last[-1], End)
     assert result.rows_in["LocalAppointment"] == 200
     in_sync(tapped)
@@ -247,7 +247,7 @@ def test_chunk_count_and_size_follow_the_requested_chunk_size(live, size):
     assert len(app) == math.ceil(200 / size) + 1
     _assert_bounded(frames, "appointments", size)
     _assert_bounded(frames, "doctors", size)
-    assert not app[-1].data
+    assert not app[-1].row_count()
     assert app[-1].complete
     assert [c.complete for c in app] == [False] * (len(app) - 1) + [True]
     assert app[0].reset is False

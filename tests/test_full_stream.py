@@ -48,7 +48,7 @@ def test_unchanged_summary_transfers_no_rows_and_keeps_its_cursor(tapped, tap, s
     assert result.rows_in == {"LocalSummary": 0}
     assert result.rows_removed == {"LocalSummary": 0}
     assert result.resets == []
-    assert all(not c.data and not c.reset for c in chunks(tap.last, "summary"))
+    assert all(not c.row_count() and not c.reset for c in chunks(tap.last, "summary"))
     assert _cursor(tapped) == cursor
     in_sync(tapped, "Splash")
 

@@ -262,7 +262,7 @@ def test_a_full_stream_travels_in_chunks_applied_in_one_transaction(shaped, plai
     ana.sync("Pull")
     sent = chunks(tap.last, "city_summary")
     assert len(sent) == 13  # 200 rows
-    assert all(len(c.data[0]) <= 16 for c in sent)
+    assert all(c.row_count() <= 16 for c in sent)
     assert [c.reset for c in sent] == [True] + [False] * 12
     _check(server, ana, "lisbon")
     before = ana.store.rows("LocalCitySummary")

@@ -287,8 +287,8 @@ def test_cursors_of_different_values_never_mix(server, live, tapped, tap, store)
     keys = sorted(
         k
         for f in frames
-        if isinstance(f, Chunk) and f.stream == "patient_history" and f.data
-        for k in f.data[f.columns.index("id")]
+        if isinstance(f, Chunk) and f.stream == "patient_history" and f.row_count()
+        for k in [r[f.columns.index("id")] for r in f.row_list()]
     )
     assert keys == history(store, b)
 

@@ -9,13 +9,16 @@ sides can work chunk by chunk with bounded memory:
 * JSON (``application/vnd.syncunit.v1+json``, for debugging): one frame per line.
 
 Rows travel columnar: a chunk has ``columns`` (names) and ``data`` (one list of
-values per column). ``docs/protocol.md`` is the normative description.
+values per column), or, for a client that asks, one JSON text of the rows
+(``Chunk.json_rows``). ``docs/protocol.md`` is the normative description.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Iterator
+import types
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -205,6 +208,8 @@ class SyncRequest(msgspec.Struct, frozen=True):
     #: The lowest seq the client has sent (or numbered to send) and not had answered;
     #: 0: none. A pull then starts with the server's ``Answered`` verdicts on them.
     unanswered_from: int = 0
+    #: The client can apply a chunk whose rows come as JSON text (``Chunk.json_rows``).
+    json_rows: bool = False
 
 
 # -- response frames ---------------------------------------------------------
@@ -261,7 +266,11 @@ class Chunk(msgspec.Struct, frozen=True, tag="chunk"):
     """A bounded batch of changes, applied in one local transaction with its cursor.
 
     ``reset`` asks the client to clear the local table first (a full re-download);
-    ``complete`` marks the stream's last chunk in this response.
+    ``complete`` marks the stream's last chunk in this response. The rows are
+    ``data`` (one list per column), or, to a client that asked for it, ``json_rows``:
+    one JSON array of ``json_count`` rows, each an array in ``columns`` order (a
+    SQLite server writes it in the database, for a first copy, without a Python
+    object per value). ``row_list()`` and ``row_count()`` read either.
     """
 
     stream: str
@@ -272,6 +281,32 @@ class Chunk(msgspec.Struct, frozen=True, tag="chunk"):
     reset: bool = False
     complete: bool = False
     subscription: str = ""
+    json_rows: str = ""
+    json_count: int = 0
+
+    def row_count(self) -> int:
+        """How many rows the chunk carries."""
+        if self.json_rows:
+            return self.json_count
+        return len(self.data[0]) if self.data else 0
+
+    def row_list(self) -> Sequence[Sequence[Any]]:
+        """The rows, one sequence of values each, in ``columns`` order.
+
+        Raises ``ProtocolError`` when ``json_rows`` is not a JSON array of
+        ``json_count`` arrays of ``len(columns)`` values.
+        """
+        if not self.json_rows:
+            return list(zip(*self.data, strict=True))
+        try:
+            rows = _rows_decoder(len(self.columns)).decode(self.json_rows)
+        except msgspec.DecodeError as exc:  # a row of another width included
+            raise ProtocolError(f"malformed rows of a {self.stream!r} chunk: {exc}") from exc
+        if len(rows) != self.json_count:
+            raise ProtocolError(
+                f"a {self.stream!r} chunk said {self.json_count} rows and holds {len(rows)}"
+            )
+        return rows
 
 
 class End(msgspec.Struct, frozen=True, tag="end"):
@@ -372,6 +407,13 @@ _mp_frame = msgspec.msgpack.Decoder(Frame)
 _js_frame = msgspec.json.Decoder(Frame)
 _mp_req = msgspec.msgpack.Decoder(SyncRequest)
 _js_req = msgspec.json.Decoder(SyncRequest)
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_decoder(width: int) -> msgspec.json.Decoder[list[tuple[Any, ...]]]:
+    """Decodes JSON rows of exactly ``width`` values each into tuples (checked, in C)."""
+    row = types.GenericAlias(tuple, (Any,) * width)
+    return msgspec.json.Decoder(list[row])  # type: ignore[valid-type]
 
 
 def content_type(encoding: Encoding) -> str:

@@ -113,7 +113,7 @@ class ChunkApply:
         # are dropped and created again inside the transaction (other connections
         # never see them missing); for a small one a flag in syncunit_state keeps
         # them quiet, at the cost of a check per row.
-        rows_in = len(chunk.data[0]) if chunk.data else 0
+        rows_in = chunk.row_count()
         bulk = rows_in >= BULK_ROWS and stream.local_table in self.pushed
         # Rows subscriptions hold too (a table without any costs one lookup).
         held = stream.local_table in self.held and holds.has_holds(c, stream.local_table)
@@ -135,12 +135,12 @@ class ChunkApply:
                 if gone:
                     cur = c.executemany(f"DELETE FROM {t} WHERE {key} = ?", gone)
                     removed += max(cur.rowcount, 0)
-            if chunk.data and held:
-                holds.mark_plain(c, stream.local_table, chunk.data[chunk.columns.index(stream.key)])
-            if chunk.data:
-                rows: Any = zip(*chunk.data, strict=True)
+            if rows_in:
+                k = chunk.columns.index(stream.key)
+                rows: Any = chunk.row_list()
+                if held:
+                    holds.mark_plain(c, stream.local_table, [r[k] for r in rows])
                 if pending:
-                    k = chunk.columns.index(stream.key)
                     rows = [r for r in rows if r[k] not in pending]
                 self._write_rows(stream, tuple(chunk.columns), rows)
                 upserted = rows_in  # received; rows with pending changes kept theirs
@@ -198,10 +198,10 @@ class ChunkApply:
         s, key = quote(shadow), quote(stream.key)
         if chunk.removed:
             c.executemany(f"DELETE FROM {s} WHERE {key} = ?", [(k,) for k in chunk.removed])
-        if chunk.data:
+        upserted = chunk.row_count()
+        if upserted:
             sql = self._upsert_sql(stream, tuple(chunk.columns), shadow)
-            c.executemany(sql, zip(*chunk.data, strict=True))
-        upserted = len(chunk.data[0]) if chunk.data else 0
+            c.executemany(sql, chunk.row_list())
         if not chunk.complete:
             c.execute(
                 "UPDATE syncunit_resets SET cursor = ? WHERE stream = ?",

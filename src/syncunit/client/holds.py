@@ -134,9 +134,10 @@ def apply_held(store: LocalStore, stream: StreamInfo, chunk: Chunk, holder: str)
     if chunk.reset:
         removed += release(c, stream, held_by(c, table, holder), holder, pending)
     removed += release(c, stream, list(chunk.removed), holder, pending)
-    if chunk.data:
+    if chunk.row_count():
         k = chunk.columns.index(stream.key)
-        keys = list(chunk.data[k])
+        rows: Any = chunk.row_list()
+        keys = [r[k] for r in rows]
         if table in store.plain:  # a row here without holds is the plain stream's
             c.executemany(
                 f"INSERT OR IGNORE INTO syncunit_holds SELECT ?2, {key}, '' FROM {t}"
@@ -148,7 +149,6 @@ def apply_held(store: LocalStore, stream: StreamInfo, chunk: Chunk, holder: str)
             "INSERT OR IGNORE INTO syncunit_holds VALUES (?, ?, ?)",
             [(table, v, holder) for v in keys],
         )
-        rows: Any = zip(*chunk.data, strict=True)
         if pending:
             rows = [r for r in rows if r[k] not in pending]
         c.executemany(store._upsert_sql(stream, tuple(chunk.columns)), rows)

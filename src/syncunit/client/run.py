@@ -218,6 +218,7 @@ class UnitRun:
             # A pull may bring rows that changes still in flight wrote: their verdicts
             # come first (``Answered``), or the device would keep its own version.
             unanswered_from=self.client.outbox.in_flight_from() if stream_names else 0,
+            json_rows=True,
         )
         return request, holder
 

@@ -89,7 +89,9 @@ class SyncAnswer:
                     # The principal's values fill the scope; the app's only narrow it.
                     params = {**principal.params, **client_params}
                     for stream in run.streams:
-                        reader = StreamReader(self.store, stream, params, chunk_size=chunk)
+                        reader = StreamReader(
+                            self.store, stream, params, chunk_size=chunk, json_rows=req.json_rows
+                        )
                         token = cursors.get(stream.name)
                         if (
                             token is None

@@ -24,6 +24,7 @@ import decimal
 import hashlib
 import itertools
 import json
+import logging
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from syncunit.server.shape import StreamShape
 from syncunit.server.store import ServerStore
 from syncunit.units import VERSION, Stream, logical_type
 
+log = logging.getLogger("syncunit.server")
+
 MAX_FULL_STREAM_ROWS = 100_000
 #: A first copy walks the whole base table in key order when at least 1/N of it
 #: is in scope; a smaller scope is found through the filter's index and sorted.
@@ -51,6 +54,9 @@ FULL_SCAN_SHARE = 4
 #: the index's end cost less than one seek per pinned key (a hospital's doctors),
 #: whose B-trees deepen with the table. Past it, other scopes' writes would cost.
 FEW_CHANGES = 500
+
+
+_decode_row = msgspec.json.Decoder(list[Any]).decode
 
 
 def _iso(v: Any) -> Any:
@@ -120,6 +126,7 @@ class StreamReader:
         params: Mapping[str, Any],
         *,
         chunk_size: int,
+        json_rows: bool = False,
     ) -> None:
         self.store = store
         self.stream = stream
@@ -142,6 +149,12 @@ class StreamReader:
             (r if self.raw and r is not None else expr).label(name)
             for (name, expr), r in zip(stream.columns.items(), raw, strict=True)
         ]
+        #: A first copy's rows as one JSON text per chunk, written by the database (for
+        #: a client that asked, ``json_rows``, on a store that can): no Python object
+        #: per value on the server. None: rows are read as tuples.
+        self.json_row = (
+            store.json_row([r for r in raw if r is not None]) if json_rows and self.raw else None
+        )
 
     # -- entry point ---------------------------------------------------------------
 
@@ -289,15 +302,38 @@ class StreamReader:
         q = self.rows_select(drive_by_base=drive, raw=True)
         if cur.after:
             q = q.where(pk > cur.after[0])
-        key_index = self.columns.index(self.stream.key)
         sent = False
-        for rows in self._partitions(conn, q.order_by(pk)):
-            after = [rows[-1][key_index]]
-            cur = msgspec.structs.replace(cur, after=after)
-            yield self._chunk(rows, [], cur, reset=reset and not sent)
+        for rows, text, count, last in self._copy_rows(conn, q, pk):
+            cur = msgspec.structs.replace(cur, after=[last])
+            yield self._chunk(rows, [], cur, reset=reset and not sent, json=(text, count))
             sent = True
         done = self._cursor(cur.epoch, "done", since=cur.high, high=cur.high)
         yield self._chunk([], [], done, reset=reset and not sent, complete=final)
+
+    def _copy_rows(
+        self, conn: Connection, q: sa.Select[Any], pk: ColumnElement[Any]
+    ) -> Iterator[tuple[Sequence[Any], str, int, Any]]:
+        """A first copy's rows in key order, chunk by chunk, each as ``(rows, json text,
+        rows in the text, last key)``: tuples and no text, or the store's JSON and no
+        tuples. A value the JSON cannot carry exactly ends the JSON read; the rest of
+        the copy then comes as tuples, from the last key sent."""
+        key_index = self.columns.index(self.stream.key)
+        if self.json_row is not None:
+            as_json = q.with_only_columns(self.json_row, maintain_column_froms=True)
+            last: Any = None
+            try:
+                for rows in self._partitions(conn, as_json.order_by(pk), raw=True):
+                    last = _decode_row(rows[-1][0])[key_index]
+                    yield (), "[" + ",".join([r[0] for r in rows]) + "]", len(rows), last
+                return
+            except Exception as exc:
+                if not self.store.json_row_refused(exc):
+                    raise
+                log.info("%s: a value JSON cannot carry exactly, rows as tuples", self.stream.name)
+            if last is not None:
+                q = q.where(pk > last)
+        for rows in self._partitions(conn, q.order_by(pk)):
+            yield rows, "", 0, rows[-1][key_index]
 
     def _delta_queries(
         self, *, pinned: bool = True, rowid: ColumnElement[Any] | None = None
@@ -532,13 +568,16 @@ class StreamReader:
         *,
         reset: bool = False,
         complete: bool = False,
+        json: tuple[str, int] = ("", 0),
     ) -> Chunk:
         return Chunk(
             stream=self.stream.name,
-            columns=self.columns if rows else [],
+            columns=self.columns if rows or json[1] else [],
             data=self._columnar(rows),
             removed=[to_wire(k) for k in removed],
             cursor=encode_cursor(cur),
             reset=reset,
             complete=complete,
+            json_rows=json[0],
+            json_count=json[1],
         )

@@ -121,8 +121,7 @@ class SyncLog:
         try:
             for frame in frames:
                 if isinstance(frame, Chunk):
-                    # columnar: data holds one list per column
-                    rows += (len(frame.data[0]) if frame.data else 0) + len(frame.removed)
+                    rows += frame.row_count() + len(frame.removed)
                     cursors[frame.stream] = frame.cursor
                 elif isinstance(frame, PushResults):
                     pushed = frame

@@ -76,7 +76,7 @@ class SyncTally:
         try:
             for frame in frames:
                 if isinstance(frame, Chunk):
-                    self.upserted += len(frame.data[0]) if frame.data else 0  # columnar
+                    self.upserted += frame.row_count()
                     self.removed += len(frame.removed)
                 elif isinstance(frame, PushResults):
                     for r in frame.results:

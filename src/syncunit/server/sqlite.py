@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -100,6 +101,8 @@ def configure_engine(engine: Engine) -> Engine:
 
 #: Column types whose stored SQLite values travel as they are.
 _RAW_TYPES = (sa.Integer, sa.Float, sa.String, sa.Date, sa.Boolean)
+#: SQLite's error when json_array() is given a blob.
+_NO_BLOB = "JSON cannot hold BLOB values"
 
 
 class SQLiteStore(ServerStore):
@@ -155,12 +158,36 @@ class SQLiteStore(ServerStore):
             # SQLAlchemy stores '2027-03-01 09:00:00.000000'; isoformat() writes
             # '2027-03-01T09:00:00': the same text, made by SQLite in C.
             text = sa.type_coerce(expr, sa.String)
-            return sa.func.replace(sa.func.replace(text, " ", "T"), ".000000", "")
+            return sa.func.replace(sa.func.replace(text, " ", "T"), ".000000", "", type_=sa.String)
         if isinstance(kind, _RAW_TYPES) and (
             not isinstance(kind, sa.Numeric) or isinstance(kind, sa.Integer | sa.Float)
         ):
             return expr
         return None
+
+    def json_row(self, columns: Sequence[ColumnElement[Any]]) -> ColumnElement[Any] | None:
+        # SQLite writes a real with 15 significant digits, not always the same double:
+        # a stream with a floating-point column reads tuples. A column of another type
+        # may still hold a real (type affinity keeps 1.5 in an INTEGER column; a TEXT
+        # column, which a String maps to, turns it into text) or a blob: such a value
+        # becomes a blob, which json_array refuses, and the read goes on as tuples.
+        parts: list[ColumnElement[Any]] = []
+        for expr in columns:
+            kind = expr.type
+            if isinstance(kind, sa.Float) or (
+                isinstance(kind, sa.Numeric) and not isinstance(kind, sa.Integer)
+            ):
+                return None
+            if isinstance(kind, sa.String):
+                parts.append(expr)
+            else:
+                is_real = sa.func.typeof(expr) == sa.literal_column("'real'")
+                parts.append(sa.case((is_real, sa.literal_column("x''")), else_=expr))
+        return sa.func.json_array(*parts, type_=sa.String)
+
+    def json_row_refused(self, exc: BaseException) -> bool:
+        orig = getattr(exc, "orig", exc)  # SQLAlchemy's wrapper, or the driver's own
+        return isinstance(orig, sqlite3.OperationalError) and _NO_BLOB in str(orig)
 
     def insert_new(self, table: sa.Table) -> sa.Insert:
         pk = list(table.primary_key.columns)

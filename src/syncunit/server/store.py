@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 import secrets
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -288,6 +288,20 @@ class ServerStore(abc.ABC):
         from the DBAPI cursor.
         """
         return None
+
+    def json_row(self, columns: Sequence[ColumnElement[Any]]) -> ColumnElement[Any] | None:
+        """One row of raw columns (``raw_column``) as a JSON array the database writes.
+
+        Its values must be exactly those the raw columns read: a value the JSON
+        cannot carry exactly makes the query fail with an error ``json_row_refused``
+        recognizes (the reader then reads the rest of the copy as tuples). None (the
+        default): the store cannot, and rows are read as tuples.
+        """
+        return None
+
+    def json_row_refused(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is ``json_row``'s refusal of a value it cannot carry exactly."""
+        return False
 
     @abc.abstractmethod
     def insert_new(self, table: sa.Table) -> sa.Insert:
