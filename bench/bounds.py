@@ -1,8 +1,8 @@
 """What bounds an initial sync: each side alone, and the SQLite write limit.
 
 * ``server_encode``: the server's read-and-encode path without a network or a
-  client: ``StreamReader`` frames, ``protocol.encode_frame`` and zstd, as the
-  server streams them;
+  client: ``StreamReader`` frames (rows as JSON where the store writes it, as for
+  the client), ``protocol.encode_frame`` and the server's zstd compressor;
 * ``client_apply``: the client's path without a network or a server: the
   recorded compressed bytes decompressed, decoded by ``FrameDecoder`` and
   applied by ``LocalStore.apply_chunk``;
@@ -72,21 +72,23 @@ def catalog() -> Any:
 def server_encode(db: Path, chunk_size: int) -> Recording:
     """Read the appointments stream for hospital 1 and encode it as the server does."""
     ensure_paths()
-    import zstandard
     from hospital.units import appointments
 
-    from syncunit.protocol import encode_frame
+    from syncunit.protocol import Chunk, encode_frame
     from syncunit.server.backends import open_store
     from syncunit.server.changes import StreamReader
+    from syncunit.server.streaming import Compressor
 
     store = open_store(f"sqlite:///{db}")
-    comp = zstandard.ZstdCompressor(level=3).compressobj()
+    comp = Compressor("zstd")
     rec = Recording()
     gc.collect()
     try:
         with store.snapshot() as (conn, watermark):
             facts = store.facts(conn)
-            reader = StreamReader(store, appointments, HOSPITAL, chunk_size=chunk_size)
+            reader = StreamReader(
+                store, appointments, HOSPITAL, chunk_size=chunk_size, json_rows=True
+            )
             frames = reader.frames(
                 conn, watermark, facts["epoch"], int(facts.get("horizon", "0")), None
             )
@@ -98,7 +100,7 @@ def server_encode(db: Path, chunk_size: int) -> Recording:
                     break
                 raw = encode_frame(frame)
                 t2 = time.perf_counter()
-                piece = comp.compress(raw) + comp.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+                piece = comp.feed(raw) + comp.flush()
                 t3 = time.perf_counter()
                 rec.read_s += t1 - t0
                 rec.encode_s += t2 - t1
@@ -106,9 +108,9 @@ def server_encode(db: Path, chunk_size: int) -> Recording:
                 rec.frames += 1
                 rec.raw_bytes += len(raw)
                 rec.pieces.append(piece)
-                data = getattr(frame, "data", None)
-                rec.rows += len(data[0]) if data else 0
-            rec.pieces.append(comp.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+                if isinstance(frame, Chunk):
+                    rec.rows += frame.row_count()
+            rec.pieces.append(comp.flush(final=True))
     finally:
         store.engine.dispose()
     return rec
@@ -185,9 +187,9 @@ def stored_rows(rec: Recording) -> tuple[list[str], list[tuple[Any, ...]]]:
     rows: list[tuple[Any, ...]] = []
     for _, _, frames in _frames(rec):
         for frame in frames:
-            if isinstance(frame, Chunk) and frame.data:
+            if isinstance(frame, Chunk) and frame.row_count():
                 columns = list(frame.columns)
-                rows.extend(zip(*frame.data, strict=True))
+                rows.extend(tuple(r) for r in frame.row_list())
     return columns, rows
 
 

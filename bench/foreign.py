@@ -182,9 +182,7 @@ def _rows(content: bytes) -> int:
     from syncunit.protocol import Chunk, FrameDecoder
 
     frames = FrameDecoder("msgpack").feed(content)
-    return sum(
-        (len(f.data[0]) if f.data else 0) + len(f.removed) for f in frames if isinstance(f, Chunk)
-    )
+    return sum(f.row_count() + len(f.removed) for f in frames if isinstance(f, Chunk))
 
 
 def timed_deltas(
