@@ -48,6 +48,14 @@ print("the sync finished: the test meant to kill it first")
 """
 
 
+def _recording(store: LocalStore) -> bool:
+    """The outbox triggers are all there and not quieted: the app's writes are recorded."""
+    triggers = store.query(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'LocalAppointment'"
+    )
+    return len(triggers) == 3 and store.query("SELECT applying FROM syncunit_state") == [(0,)]
+
+
 def _indexes(store: LocalStore, table: str) -> set[str]:
     return {r[1] for r in store.query(f'PRAGMA index_list("{table}")')}
 
@@ -142,3 +150,62 @@ def test_the_server_maps_its_file_for_a_first_copy_and_only_then(
     assert device.sync("Login").rows_in.get("LocalAppointment") == 3
     delta = [size for name, size, _ in walks if name == "appointments"]
     assert delta == [0] * len(delta) != []
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["triggers-swapped", "flag"])
+def test_a_copy_inserts_its_new_rows_and_merges_over_a_row_already_there(
+    client, tmp_path, monkeypatch, bulk
+):
+    from syncunit.client import applying
+
+    if bulk:  # the test's chunks are small: swap the triggers for them anyway
+        monkeypatch.setattr(applying, "BULK_ROWS", 1)
+    client.sync("Login")
+    catalog = client.store.catalog()
+    info = catalog.stream("appointments")
+    columns = [c.name for c in info.columns]
+    names = ", ".join(f'"{c}"' for c in columns)
+    rows = client.store.query(f'SELECT {names} FROM "LocalAppointment" ORDER BY id LIMIT 5')
+    store = LocalStore(tmp_path / "fresh.sqlite")
+    store.apply_catalog(catalog)
+    store.copying.add(info.name)
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+
+    def chunk(part: list[tuple[Any, ...]]) -> Chunk:
+        return Chunk(info.name, columns, [list(c) for c in zip(*part, strict=True)], [], "c")
+
+    # All new: plain INSERTs.
+    assert store.apply_chunk(info, chunk(rows[:3])) == (3, 0)
+    inserts = [s for s in statements if s.startswith('INSERT INTO "LocalAppointment"')]
+    assert inserts
+    assert not any("ON CONFLICT" in s for s in inserts)
+    assert _recording(store)
+
+    # One key there already (written since the copy began): the chunk merges instead.
+    statements.clear()
+    notes = columns.index("notes")
+    again = [*rows[2][:notes], "changed on the server", *rows[2][notes + 1 :]]
+    assert store.apply_chunk(info, chunk([tuple(again), *rows[3:]])) == (3, 0)
+    assert any("ON CONFLICT" in s for s in statements)
+    store.conn.set_trace_callback(None)
+    got = store.query(f'SELECT {names} FROM "LocalAppointment" ORDER BY id')
+    assert got == [*rows[:2], tuple(again), *rows[3:]]
+
+    # Nothing the engine wrote is a local change, and the app's writes still are.
+    assert store.query("SELECT count(*) FROM syncunit_outbox") == [(0,)]
+    assert _recording(store)
+    with store.atomic() as c:
+        c.execute(
+            'UPDATE "LocalAppointment" SET notes = ? WHERE id = ?', ("by the app", rows[0][0])
+        )
+        c.execute('DELETE FROM "LocalAppointment" WHERE id = ?', (rows[1][0],))
+        c.execute(
+            f'INSERT INTO "LocalAppointment" ({names}) VALUES ({", ".join("?" * len(columns))})',
+            ("new-by-the-app", *rows[0][1:]),
+        )
+    ops = store.query("SELECT row_key, op FROM syncunit_outbox ORDER BY row_key")
+    assert sorted(ops) == sorted(
+        [(rows[0][0], "update"), (rows[1][0], "delete"), ("new-by-the-app", "insert")]
+    )
+    store.close()

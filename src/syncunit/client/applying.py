@@ -4,8 +4,10 @@ Methods of ``LocalStore`` (``store.py``), kept here as a mixin: each chunk is
 applied with its cursor in one transaction; a pull leaves rows with a local
 change the server has not answered alone; the outbox triggers stay quiet
 (dropped and made again inside a large chunk's transaction, a flag for a small
-one); an upsert rewrites index entries only where an indexed value changed; a
-reset of more than one chunk goes into a shadow table, swapped in when complete.
+one); a first copy's rows go in as plain INSERTs (only the insert trigger set
+aside), merged instead where a key is already there; an upsert rewrites index
+entries only where an indexed value changed; a reset of more than one chunk
+goes into a shadow table, swapped in when complete.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class ChunkApply:
         pushed: set[str]
         held: set[str]
         copying: set[str]
-        _upserts: dict[tuple[str, tuple[str, ...]], str]
+        _upserts: dict[tuple[str, tuple[str, ...], bool], str]
         _fixes: dict[tuple[str, tuple[str, ...]], tuple[str, str, list[int]] | None]
 
         def relaxed(self) -> AbstractContextManager[sqlite3.Connection]: ...
@@ -105,10 +107,6 @@ class ChunkApply:
         )
 
     def _apply_in_place(self, stream: StreamInfo, chunk: Chunk) -> tuple[int, int]:
-        c = self.conn
-        t = quote(stream.local_table)
-        key = quote(stream.key)
-        upserted = removed = 0
         # The outbox triggers must not record server changes. For a large chunk they
         # are dropped and created again inside the transaction (other connections
         # never see them missing); for a small one a flag in syncunit_state keeps
@@ -116,7 +114,56 @@ class ChunkApply:
         rows_in = chunk.row_count()
         bulk = rows_in >= BULK_ROWS and stream.local_table in self.pushed
         # Rows subscriptions hold too (a table without any costs one lookup).
-        held = stream.local_table in self.held and holds.has_holds(c, stream.local_table)
+        held = stream.local_table in self.held and holds.has_holds(self.conn, stream.local_table)
+        if (
+            stream.name in self.copying
+            and rows_in
+            and not (chunk.reset or chunk.removed or held)
+            and self._insert_new(stream, chunk, bulk)
+        ):
+            upserted, removed = rows_in, 0
+        else:
+            upserted, removed = self._merge(stream, chunk, rows_in, bulk, held)
+        if chunk.complete:
+            self._end_suspension(stream)
+        self._save_cursor(stream, chunk.cursor)
+        return upserted, removed
+
+    def _insert_new(self, stream: StreamInfo, chunk: Chunk, bulk: bool) -> bool:
+        """A first copy's chunk as plain INSERTs, its keys being new; False, with nothing
+        left of the attempt, when one is not (the app or a push wrote the row since the
+        copy began) or a local change is pending: the caller merges the rows instead.
+
+        A plain INSERT fires the insert trigger only, so only that one is set aside
+        (creating the update trigger again is most of the cost of swapping all three;
+        an upsert would compile it in).
+        """
+        c = self.conn
+        if holds.pending_keys(c, stream.local_table):
+            return False
+        sql = self._upsert_sql(stream, tuple(chunk.columns), new=True)
+        ddl = trigger_ddl(stream)
+        drop, create = ddl[0], ddl[3]  # the insert trigger's (see trigger_ddl)
+        c.execute("SAVEPOINT syncunit_insert_new")  # any other error: the caller rolls back
+        try:
+            c.execute(drop if bulk else "UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+            c.executemany(sql, chunk.row_list())
+            c.execute(create if bulk else "UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+        except sqlite3.IntegrityError:
+            c.execute("ROLLBACK TO syncunit_insert_new")
+            c.execute("RELEASE syncunit_insert_new")
+            return False
+        c.execute("RELEASE syncunit_insert_new")
+        return True
+
+    def _merge(
+        self, stream: StreamInfo, chunk: Chunk, rows_in: int, bulk: bool, held: bool
+    ) -> tuple[int, int]:
+        """Apply a chunk's reset, removals and rows over what the table holds."""
+        c = self.conn
+        t = quote(stream.local_table)
+        key = quote(stream.key)
+        upserted = removed = 0
         with self._quiet(stream, bulk):
             pending = holds.pending_keys(c, stream.local_table)
             if chunk.reset and held:
@@ -144,9 +191,6 @@ class ChunkApply:
                     rows = [r for r in rows if r[k] not in pending]
                 self._write_rows(stream, tuple(chunk.columns), rows)
                 upserted = rows_in  # received; rows with pending changes kept theirs
-        if chunk.complete:
-            self._end_suspension(stream)
-        self._save_cursor(stream, chunk.cursor)
         return upserted, removed
 
     @contextmanager
@@ -304,11 +348,12 @@ class ChunkApply:
         table: str | None = None,
         *,
         only: Sequence[str] | None = None,
+        new: bool = False,
     ) -> str:
         """The upsert of ``columns`` into ``table``; ``only``: the columns a conflict sets
-        (default: all but the key)."""
+        (default: all but the key); ``new``: a plain INSERT, failing on a key that exists."""
         table = table or stream.local_table
-        cache_key = (table, columns)
+        cache_key = (table, columns, new)
         sql = None if only is not None else self._upserts.get(cache_key)
         if sql is None:
             known = {c.name for c in stream.columns}
@@ -326,11 +371,12 @@ class ChunkApply:
                 if c != stream.key
             )
             sql = f"INSERT INTO {quote(table)} ({names}) VALUES ({marks})"
-            sql += (
-                f" ON CONFLICT({quote(stream.key)}) DO UPDATE SET {sets}"
-                if sets
-                else " ON CONFLICT DO NOTHING"
-            )
+            if not new:
+                sql += (
+                    f" ON CONFLICT({quote(stream.key)}) DO UPDATE SET {sets}"
+                    if sets
+                    else " ON CONFLICT DO NOTHING"
+                )
             if only is None:
                 self._upserts[cache_key] = sql
         return sql

@@ -154,7 +154,7 @@ class LocalStore(ChunkApply):
         with self.atomic():
             #: The migration steps this open ran (an upgrade of an older device file).
             self.migrated = migrate(self.conn)
-        self._upserts: dict[tuple[str, tuple[str, ...]], str] = {}  # (table, columns)
+        self._upserts: dict[tuple[str, tuple[str, ...], bool], str] = {}  # (table, columns, new)
         #: ``_index_fix`` by (table, columns): None where no index reads a column.
         self._fixes: dict[tuple[str, tuple[str, ...]], tuple[str, str, list[int]] | None] = {}
         #: Streams whose chunks in the sync under way are a first copy (set by the run).
