@@ -45,8 +45,9 @@ from syncunit.units import VERSION, Stream, logical_type
 log = logging.getLogger("syncunit.server")
 
 MAX_FULL_STREAM_ROWS = 100_000
-#: A first copy walks the whole base table in key order when at least 1/N of it
-#: is in scope; a smaller scope is found through the filter's index and sorted.
+#: A first copy walks the base table in key order (from its resume key) when the
+#: scope is at least 1/N of the rows that walk reads; a smaller scope is found
+#: through the filter's index and sorted.
 FULL_SCAN_SHARE = 4
 #: A delta whose base table changed in at most this many rows since the cursor (all
 #: scopes together) finds the changed rows through the version index alone, rather
@@ -289,16 +290,22 @@ class StreamReader:
     ) -> Iterator[Any]:
         """A first copy in key order, resumable after any chunk."""
         pk = self.stream.key_column
-        self.store.before_long_read(conn)  # the count and the walk read the whole scope
-        counted = self.shape.count()
+        self.store.before_long_read(conn)  # the walk reads the whole scope
+        # The scope's size comes from its index alone. Rows of the table past the key
+        # are what a walk in key order reads: all of them for a new copy, the rest of
+        # the key range for a resumed one.
+        scope = conn.execute(self.shape.count(), self.params).scalar_one()
+        ahead = sa.select(sa.func.count()).select_from(self.stream.base)
         if cur.after:
-            counted = counted.where(pk > cur.after[0])
-        total = conn.execute(counted, self.params).scalar_one()
+            ahead = ahead.where(pk > cur.after[0])
+        table_rows = conn.execute(ahead).scalar_one()
+        # A resumed copy announces at most what is left of both: counting its rows
+        # exactly would read the whole scope (the key is not in the scope's index).
+        total = min(scope, table_rows) if cur.after else scope
         yield StreamStart(stream=self.stream.name, total=total, reset=reset, copy=True)
-        # Most of the table in scope: walk it in key order (no sort, rows stream at
+        # Most of what a key-order walk reads is in scope: walk (no sort, rows stream at
         # once). A small scope: let the filter's index find it, then sort it.
-        table_rows = conn.execute(sa.select(sa.func.count()).select_from(self.stream.base))
-        drive = total * FULL_SCAN_SHARE >= table_rows.scalar_one()
+        drive = scope * FULL_SCAN_SHARE >= table_rows
         q = self.rows_select(drive_by_base=drive, raw=True)
         if cur.after:
             q = q.where(pk > cur.after[0])
