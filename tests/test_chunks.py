@@ -339,5 +339,6 @@ def test_a_copy_resumed_near_its_end_reads_only_what_is_left(
     steps[0] = 0
     make_client(name="fresh").sync("Login")  # a whole first copy, for scale
     whole = steps[0]
-    # 1/10 here; reading the whole scope again made it about 1/5.
-    assert resumed * 8 < whole, (resumed, whole)
+    # About 1/8 here (the rest counted, then read, along the key); reading the whole
+    # scope to count and then to sort what was left made it about 1/5.
+    assert resumed * 6 < whole, (resumed, whole)

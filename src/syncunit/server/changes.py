@@ -298,17 +298,18 @@ class StreamReader:
         ahead = sa.select(sa.func.count()).select_from(self.stream.base)
         if cur.after:
             ahead = ahead.where(pk > cur.after[0])
-        table_rows = conn.execute(ahead).scalar_one()
-        # A resumed copy announces at most what is left of both: counting its rows
-        # exactly would read the whole scope (the key is not in the scope's index).
-        total = min(scope, table_rows) if cur.after else scope
-        yield StreamStart(stream=self.stream.name, total=total, reset=reset, copy=True)
         # Most of what a key-order walk reads is in scope: walk (no sort, rows stream at
         # once). A small scope: let the filter's index find it, then sort it.
-        drive = scope * FULL_SCAN_SHARE >= table_rows
+        drive = scope * FULL_SCAN_SHARE >= conn.execute(ahead).scalar_one()
         q = self.rows_select(drive_by_base=drive, raw=True)
+        total = scope
         if cur.after:
             q = q.where(pk > cur.after[0])
+            # The rows left, counted along the path that reads them: with the key in the
+            # filter, the scope's index alone would not do (a read of the whole scope).
+            left = sa.select(sa.func.count()).select_from(q.subquery())
+            total = conn.execute(left, self.params).scalar_one()
+        yield StreamStart(stream=self.stream.name, total=total, reset=reset, copy=True)
         sent = False
         for rows, text, count, last in self._copy_rows(conn, q, pk):
             cur = msgspec.structs.replace(cur, after=[last])
