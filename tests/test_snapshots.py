@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -181,3 +182,21 @@ def test_a_snapshot_leaves_rows_with_local_changes_alone(snap_server, make_clien
     assert local[new_key] == "mine"
     assert local[mine] == "changed here"  # pulls never clobber a pending change
     assert len(local) == len(appointments_of(store, 1)) + 1
+
+
+def test_a_snapshot_build_reads_the_file_mapped_on_sqlite(backend, snap_server, monkeypatch):
+    if backend != "sqlite":
+        pytest.skip("the memory map is SQLite's")
+    from syncunit.server import changes
+    from syncunit.server.sqlite import MMAP_BYTES
+
+    sizes: list[int] = []
+    partitions = changes.StreamReader._partitions
+
+    def spy(self: changes.StreamReader, conn: Any, *args: Any, **kw: Any) -> Any:
+        sizes.append(conn.exec_driver_sql("PRAGMA mmap_size").scalar())
+        return partitions(self, conn, *args, **kw)
+
+    monkeypatch.setattr(changes.StreamReader, "_partitions", spy)
+    assert all(snap.rows for snap in _build(snap_server))
+    assert sizes == [MMAP_BYTES] * len(sizes) != []

@@ -168,6 +168,7 @@ class Snapshots:
                 insert = f"INSERT INTO {TABLE} VALUES ({', '.join('?' * len(stream.columns))})"
                 out.execute("BEGIN")
                 with self.store.snapshot() as (conn, watermark):
+                    self.store.before_long_read(conn)  # the walk reads the whole scope
                     epoch, _ = self.store.epoch_and_horizon(conn)
                     query = reader.rows_select(raw=True).order_by(pk)
                     for part in reader._partitions(conn, query):
