@@ -4,12 +4,15 @@ An empty local table takes the file's records and index entries as stored
 (the file has exactly the local table's DDL and indexes); the engine's
 triggers are off for the copy only; rows with unpushed changes and rows a
 subscription holds come through; anything unusual falls back to a plain copy
-or to row by row, never to a wrong table.
+or to row by row, never to a wrong table. A fresh device takes the file as its
+database (its pages), keeping all it held, and stands back from that when
+another connection writes meanwhile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ import sqlalchemy as sa
 import zstandard
 from hospital.models import appointment
 
-from syncunit.client import bootstrap
+from syncunit.client import adopt, bootstrap
 from syncunit.protocol import SnapshotOffer
 from tests.support import appointments_of, assert_in_sync, local_keys
 from tests.test_snapshots import H1, _build
@@ -39,19 +42,38 @@ def snap_server(make_server, live, tmp_path):
 
 
 @pytest.fixture
-def copies(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """(local table, whether it took the transfer path) of every snapshot copy that
-    succeeded (a failed one falls back to row by row, which would hide a wrong copy)."""
-    seen: list[tuple[str, bool]] = []
-    inner = bootstrap._copy
+def copies(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(local table, how) of every snapshot install that succeeded: "pages" (the file
+    became the database), "transfer" (records copied as stored) or "upsert" (rows
+    through the table's triggers). A failed one falls back to row by row, which
+    would hide a wrong copy."""
+    seen: list[tuple[str, str]] = []
+    pages, rows = adopt.adopt, bootstrap._copy
 
-    def spy(store: Any, stream: Any, offer: Any, *, transfer: bool) -> int:
-        rows = inner(store, stream, offer, transfer=transfer)
-        seen.append((stream.local_table, transfer))
-        return rows
+    def adopt_spy(store: Any, stream: Any, path: Any, offer: Any) -> int | None:
+        taken = pages(store, stream, path, offer)
+        if taken is not None:
+            seen.append((stream.local_table, "pages"))
+        return taken
 
-    monkeypatch.setattr(bootstrap, "_copy", spy)
+    def copy_spy(store: Any, stream: Any, offer: Any, *, transfer: bool) -> int:
+        taken = rows(store, stream, offer, transfer=transfer)
+        seen.append((stream.local_table, "transfer" if transfer else "upsert"))
+        return taken
+
+    monkeypatch.setattr(adopt, "adopt", adopt_spy)
+    monkeypatch.setattr(bootstrap, "_copy", copy_spy)
     return seen
+
+
+@pytest.fixture(params=["pages", "transfer"])
+def fresh_install(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How a fresh device's empty table takes a file: both ways (the second is what a
+    device that holds more than the file's quarter does)."""
+    if request.param == "transfer":
+        monkeypatch.setattr(adopt, "SMALL_DEVICE_PAGES", 0)
+        monkeypatch.setattr(adopt, "MAX_DEVICE_SHARE", 0.0)
+    return str(request.param)
 
 
 def schema_of(device: Any, table: str = TABLE) -> list[tuple[Any, ...]]:
@@ -77,7 +99,7 @@ def put_quietly(device: Any, key: str, notes: str) -> None:
 
 
 def test_an_empty_table_takes_the_file_as_stored_with_its_indexes_and_triggers(
-    snap_server, make_client, copies
+    snap_server, make_client, copies, fresh_install
 ):
     _build(snap_server)
     device = make_client()
@@ -89,7 +111,7 @@ def test_an_empty_table_takes_the_file_as_stored_with_its_indexes_and_triggers(
     result = device.sync("Login")
 
     assert "appointments" in result.snapshots
-    assert (TABLE, True) in copies
+    assert (TABLE, fresh_install) in copies
     assert schema_of(device) == before  # indexes and outbox triggers as they were
     assert device.store.query("PRAGMA integrity_check") == [("ok",)]  # indexes hold every row
     assert outbox(device) == []  # the copy recorded nothing to push
@@ -164,7 +186,7 @@ def test_rows_with_unpushed_changes_come_through_the_transfer(
 
     device.sync("Login")
 
-    assert (TABLE, True) in copies
+    assert (TABLE, "transfer") in copies
     notes = dict(device.store.query(f'SELECT id, notes FROM "{TABLE}"'))
     assert notes[edited] == "changed here"  # pulls never clobber a pending change
     assert deleted not in notes  # nor bring back a row deleted here
@@ -183,7 +205,7 @@ def test_a_first_copy_from_a_file_drops_rows_no_longer_in_scope(snap_server, mak
 
     device.sync("Login")
 
-    assert (TABLE, True) in copies
+    assert (TABLE, "transfer") in copies
     assert "0190a000-0000-7000-8000-00000000dead" not in local_keys(device, TABLE)
     assert_in_sync(snap_server, device, H1, "Login")
 
@@ -198,7 +220,7 @@ def test_rows_a_subscription_holds_stay_held_by_both(snap_server, make_client, s
 
     device.sync("Login")
 
-    assert (TABLE, True) in copies
+    assert (TABLE, "transfer") in copies
     assert_in_sync(snap_server, device, H1, "Login")
     device.unsubscribe("PatientDetails", {"patient_id": patient})
     assert history <= local_keys(device, TABLE)  # Login holds them too
@@ -217,7 +239,9 @@ def _a_patient_of_hospital_1(store: Any) -> int:
         )
 
 
-def test_a_watched_query_sees_the_copy_and_keeps_its_triggers(snap_server, make_client, copies):
+def test_a_watched_query_sees_the_copy_and_keeps_its_triggers(
+    snap_server, make_client, copies, fresh_install
+):
     _build(snap_server)
     device = make_client()
     device.catalog()
@@ -239,7 +263,7 @@ def test_a_watched_query_sees_the_copy_and_keeps_its_triggers(snap_server, make_
 
     device.sync("Login")
 
-    assert (TABLE, True) in copies
+    assert (TABLE, fresh_install) in copies
     assert seen.wait(10), counts
     assert counts[-1] == len(appointments_of(snap_server.store, 1))
     assert schema_of(device) == before  # the watcher's triggers are back, and temporary
@@ -261,7 +285,7 @@ def test_a_table_with_a_trigger_of_the_app_gets_the_rows_through_it(
     result = device.sync("Login")
 
     assert "appointments" in result.snapshots
-    assert (TABLE, False) in copies  # SQLite cannot transfer past a trigger: rows one by one
+    assert (TABLE, "upsert") in copies  # SQLite cannot transfer past a trigger: rows one by one
     assert {r[0] for r in device.store.query("SELECT id FROM app_log")} == local_keys(device, TABLE)
     assert schema_of(device) == before
     assert device.store.query("PRAGMA integrity_check") == [("ok",)]
@@ -393,4 +417,160 @@ def test_after_a_large_sync_the_wal_is_checkpointed_in_the_background(
         threading.Event().wait(0.05)
     assert device.store.query("PRAGMA wal_autocheckpoint") == [(1000,)]
     assert device.store.query("PRAGMA wal_checkpoint(PASSIVE)")[0][0] == 0  # not busy
+    assert_in_sync(snap_server, device, H1, "Login")
+
+
+# -- a fresh device takes the file by its pages ---------------------------------------
+
+APP_SCHEMA = [
+    "CREATE TABLE notes (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)",
+    "CREATE INDEX notes_body ON notes (body)",
+    "CREATE TABLE note_log (note_id INTEGER, at TEXT)",
+    "CREATE TRIGGER notes_logged AFTER INSERT ON notes"
+    " BEGIN INSERT INTO note_log VALUES (new.id, 'now'); END",
+    "CREATE VIEW long_notes AS SELECT id FROM notes WHERE length(body) > 5",
+    "CREATE TABLE tags (note_id INTEGER, tag TEXT, upper_tag TEXT AS (upper(tag)) STORED,"
+    " PRIMARY KEY (note_id, tag)) WITHOUT ROWID",
+]
+
+
+def device_file(device: Any) -> Path:
+    ((_, _, file),) = [r for r in device.store.query("PRAGMA database_list") if r[1] == "main"]
+    return Path(file)
+
+
+def whole_schema(device: Any) -> list[tuple[Any, ...]]:
+    """Every object of the device's database but where its pages lie."""
+    return device.store.query(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+    )
+
+
+def app_state(device: Any) -> dict[str, Any]:
+    q = device.store.query
+    return {
+        "notes": q("SELECT * FROM notes ORDER BY id"),
+        "log": q("SELECT * FROM note_log ORDER BY rowid"),
+        "view": q("SELECT * FROM long_notes ORDER BY id"),
+        "tags": q("SELECT * FROM tags ORDER BY note_id"),
+        "sequence": q("SELECT * FROM sqlite_sequence WHERE name = 'notes'"),
+        "user_version": q("PRAGMA user_version"),
+        "application_id": q("PRAGMA application_id"),
+    }
+
+
+def test_a_fresh_device_takes_the_file_and_keeps_all_it_held(
+    snap_server, make_client, copies, monkeypatch: pytest.MonkeyPatch
+):
+    levels: list[Any] = []  # the app's transactions are synced again after the install
+    take = adopt.adopt
+
+    def seeing_level(store: Any, *args: Any) -> int | None:
+        taken = take(store, *args)
+        levels.append(store.conn.execute("PRAGMA synchronous").fetchone()[0])
+        return taken
+
+    monkeypatch.setattr(adopt, "adopt", seeing_level)
+    _build(snap_server)
+    device = make_client()
+    device.catalog()
+    with device.store.atomic() as c:
+        for stmt in APP_SCHEMA:
+            c.execute(stmt)
+        bodies = [("short",), ("a longer one",), ("the third",)]
+        c.executemany("INSERT INTO notes (body) VALUES (?)", bodies)
+        c.execute("DELETE FROM notes WHERE id = 3")  # the sequence is ahead of the rows
+        c.execute("INSERT INTO tags (note_id, tag) VALUES (1, 'ward 3'), (2, 'urgent')")
+    device.store.conn.execute("PRAGMA user_version = 7")
+    device.store.conn.execute("PRAGMA application_id = 1234")
+    before, held = app_state(device), whole_schema(device)
+
+    result = device.sync("Login")
+
+    assert (TABLE, "pages") in copies
+    assert "appointments" in result.snapshots
+    assert app_state(device) == before
+    assert whole_schema(device) == held
+    assert device.store.query("PRAGMA integrity_check") == [("ok",)]
+    assert device.store.query("PRAGMA journal_mode") == [("wal",)]
+    assert levels == [2, 2]  # FULL, for each of the unit's two streams
+    assert_in_sync(snap_server, device, H1, "Login")
+    with device.store.atomic() as c:  # the app's trigger and sequence go on
+        c.execute("INSERT INTO notes (body) VALUES ('after')")
+    assert device.store.query("SELECT max(id) FROM notes") == [(4,)]
+    assert device.store.query("SELECT count(*) FROM note_log") == [(4,)]
+
+
+def test_the_device_is_the_same_as_after_a_row_copy(
+    snap_server, make_client, copies, monkeypatch: pytest.MonkeyPatch
+):
+    """Same objects, same SQL, same rows, same cursors, and the outbox records again."""
+    _build(snap_server)
+    by_pages = make_client(name="pages")
+    by_pages.sync("Login")
+    monkeypatch.setattr(adopt, "SMALL_DEVICE_PAGES", 0)
+    monkeypatch.setattr(adopt, "MAX_DEVICE_SHARE", 0.0)
+    by_rows = make_client(name="rows")
+    by_rows.sync("Login")
+
+    assert [how for _, how in copies] == ["pages", "pages", "transfer", "transfer"]
+    assert whole_schema(by_pages) == whole_schema(by_rows)
+    for sql in (
+        f'SELECT * FROM "{TABLE}" ORDER BY id',
+        "SELECT * FROM syncunit_cursors ORDER BY stream",
+        "SELECT key, value FROM syncunit_local WHERE key != 'client_id' ORDER BY key",
+    ):
+        assert by_pages.store.query(sql) == by_rows.store.query(sql)
+    key = by_pages.store.query(f'SELECT id FROM "{TABLE}" LIMIT 1')[0][0]
+    by_pages.update(TABLE, key, {"notes": "after the install"})
+    assert [(t, k, op) for t, k, op, _ in outbox(by_pages)] == [(TABLE, key, "update")]
+    assert by_pages.sync("SendAppointments").applied == 1
+    assert outbox(by_pages) == []
+
+
+def test_a_write_by_another_connection_meanwhile_is_kept(
+    snap_server, make_client, copies, monkeypatch: pytest.MonkeyPatch
+):
+    """The app writes through a connection of its own between the file's read of
+    the device and the backup: the backup stands back, the rows are copied."""
+    _build(snap_server)
+    device = make_client()
+    device.catalog()
+    with device.store.atomic() as c:
+        c.execute(APP_SCHEMA[0])
+    ready = adopt._ready
+
+    def app_writes_meanwhile(file: Any, stream: Any, offer: Any) -> int | None:
+        seen = ready(file, stream, offer)
+        if stream.local_table == TABLE:
+            other = sqlite3.connect(device_file(device), isolation_level=None)
+            other.execute("INSERT INTO notes (body) VALUES ('written meanwhile')")
+            other.close()
+        return seen
+
+    monkeypatch.setattr(adopt, "_ready", app_writes_meanwhile)
+
+    device.sync("Login")
+
+    assert (TABLE, "transfer") in copies
+    assert (TABLE, "pages") not in copies
+    assert device.store.query("SELECT body FROM notes") == [("written meanwhile",)]
+    assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_a_table_with_an_index_of_the_app_keeps_it(snap_server, make_client, copies):
+    """The file's indexes are the stream's; the app's own would be lost with the
+    device's table, so the rows are copied into it instead."""
+    _build(snap_server)
+    device = make_client()
+    device.catalog()
+    with device.store.atomic() as c:
+        c.execute(f'CREATE INDEX app_by_notes ON "{TABLE}" (notes)')
+
+    device.sync("Login")
+
+    assert (TABLE, "pages") not in copies
+    assert device.store.query("SELECT name FROM sqlite_master WHERE name = 'app_by_notes'") == [
+        ("app_by_notes",)
+    ]
     assert_in_sync(snap_server, device, H1, "Login")

@@ -120,7 +120,9 @@ def local_table_ddl(info: StreamInfo, table: str | None = None) -> list[str]:
     The device creates its local tables with them, and the server the table
     ``rows`` of its snapshot files: an empty local table and a file's table then
     have the same columns and indexes, so SQLite copies the file's records and
-    index entries as they are stored, without decoding or sorting them.
+    index entries as they are stored, without decoding or sorting them. The
+    indexes keep the local table's names whatever the table is called, so a
+    device can also take the file's pages as they are (``client.adopt``).
     """
     name = table or info.local_table
     cols = ", ".join(
@@ -130,7 +132,7 @@ def local_table_ddl(info: StreamInfo, table: str | None = None) -> list[str]:
     )
     ddl = [f"CREATE TABLE {quote_name(name)} ({cols})"]
     for ix in info.indexes:
-        index = quote_name(f"ix_{name}_{'_'.join(ix)}")
+        index = quote_name(f"ix_{info.local_table}_{'_'.join(ix)}")
         on = ", ".join(map(quote_name, ix))
         ddl.append(f"CREATE INDEX IF NOT EXISTS {index} ON {quote_name(name)} ({on})")
     return ddl

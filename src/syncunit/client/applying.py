@@ -28,10 +28,22 @@ from syncunit.protocol import Chunk, StreamInfo
 if TYPE_CHECKING:
     from syncunit.client.store import LocalStore
 
-__all__ = ["BULK_ROWS", "ChunkApply"]
+__all__ = ["BULK_ROWS", "ChunkApply", "save_cursor"]
 
 #: Chunks of at least this many rows are applied with the outbox triggers dropped.
 BULK_ROWS = 256
+
+
+def save_cursor(
+    conn: sqlite3.Connection, stream: StreamInfo, cursor: str, holder: str | None = None
+) -> None:
+    """Record where ``stream`` (as ``holder`` holds it) continues from."""
+    conn.execute(
+        "INSERT INTO syncunit_cursors (stream, local_table, definition, cursor)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET"
+        " cursor = excluded.cursor, definition = excluded.definition",
+        (holds.cursor_name(stream.name, holder), stream.local_table, stream.definition, cursor),
+    )
 
 
 class ChunkApply:
@@ -210,12 +222,7 @@ class ChunkApply:
             c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
 
     def _save_cursor(self, stream: StreamInfo, cursor: str, holder: str | None = None) -> None:
-        self.conn.execute(
-            "INSERT INTO syncunit_cursors (stream, local_table, definition, cursor)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT(stream) DO UPDATE SET"
-            " cursor = excluded.cursor, definition = excluded.definition",
-            (holds.cursor_name(stream.name, holder), stream.local_table, stream.definition, cursor),
-        )
+        save_cursor(self.conn, stream, cursor, holder)
 
     # -- re-downloads beside the old copy ---------------------------------------------------
 

@@ -4,10 +4,11 @@ The server may answer a stream's first copy with a ``SnapshotOffer`` instead of
 chunks. ``fetch`` downloads the file beside the local database into a ``.part``
 file that a later attempt continues with an HTTP ``Range`` request, and in the
 same pass over the bytes hashes it (its size and SHA-256 must match the offer)
-and decompresses it into a plain SQLite file. ``copy_rows`` attaches that file
-and copies its rows into the local table in one transaction with the stream's
-cursor. Any failure raises ``SnapshotError`` or ``LocalStoreError``; the caller
-then asks for the copy row by row.
+and decompresses it into a plain SQLite file. A device that holds little else
+takes that file as its database, page by page (``adopt``); otherwise
+``copy_rows`` attaches the file and copies its rows into the local table in one
+transaction with the stream's cursor. Any failure raises ``SnapshotError`` or
+``LocalStoreError``; the caller then asks for the copy row by row.
 
 The file's table has exactly the local table's columns and indexes
 (``local_table_ddl``), so an empty local table without triggers takes it with
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import httpx
 
-from syncunit.client import holds
+from syncunit.client import adopt, holds
 from syncunit.client.store import quote
 from syncunit.errors import LocalStoreError, ProtocolError, SyncUnitError
 from syncunit.protocol import SnapshotOffer, StreamInfo
@@ -196,7 +197,8 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
             fetch(client.http, offer, part, plain)
             discard(part)  # checked: whatever the copy does, never used again
             with client.store.bulk():  # the WAL is checkpointed once, after the sync
-                rows = copy_rows(client.store, info, plain, offer)
+                taken = adopt.adopt(client.store, info, plain, offer)
+                rows = copy_rows(client.store, info, plain, offer) if taken is None else taken
         except (SnapshotError, LocalStoreError) as exc:
             log.warning("snapshot of %s not used, copying row by row: %s", offer.stream, exc)
             failed.append(part)

@@ -1,0 +1,293 @@
+"""Installing a snapshot file by its pages, on a device that holds little else.
+
+``bootstrap.copy_rows`` copies a snapshot's records into the local table, which
+at a million rows is SQLite writing four B-trees entry by entry. A device whose
+database is small beside the file (a first sync) can do better: the file
+becomes the database. ``adopt`` renames the file's table to the local table,
+copies everything the device's database holds into the file (its tables and
+rows, indexes, triggers, views, ``sqlite_sequence``, ``user_version``), writes
+the stream's cursor there, and then copies the file's pages over the device's
+database with SQLite's backup API, in one write transaction.
+
+Nothing the device wrote may be lost: the copy into the file reads the device's
+database in one read transaction, and the backup takes the database's write
+lock with its first step and checks, before any page is committed, that no
+other connection committed since that read (``PRAGMA data_version``). If one
+did, the backup is rolled back and the caller copies the rows as before.
+
+``adopt`` returns None, changing nothing on the device, whenever the file
+cannot simply be taken: a table that is not empty or has changes or holds, other
+columns or indexes than the file's, the app's own triggers or foreign keys on
+it, a device database that is not a plain file the standard ``sqlite3`` module
+can open beside this connection, virtual tables or statistics tables, another
+page size or text encoding, or a device database larger than a quarter of the
+file and than 4 MB (copying it into the file would cost what the pages save).
+The log says why (``syncunit.client``, level INFO).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from syncunit.client.applying import save_cursor
+from syncunit.client.schema import INDEXES_SUSPENDED, quote
+from syncunit.protocol import SnapshotOffer, StreamInfo
+
+if TYPE_CHECKING:
+    from syncunit.client.store import LocalStore
+
+log = logging.getLogger("syncunit.client")
+
+#: The schema name the device's database is attached under, in the file's connection.
+DEVICE = "syncunit_device"
+#: A device database up to this share of the file's pages is copied into the file,
+MAX_DEVICE_SHARE = 0.25
+#: or up to this many pages (a device's engine tables and a few hundred rows).
+SMALL_DEVICE_PAGES = 1024
+#: Pages the backup copies per step: the first step takes the write lock, and the
+#: check that nothing else was written runs before the second (see ``_install``).
+STEP_PAGES = 8192
+
+
+class Changed(Exception):
+    """Another connection wrote to the device's database while the file was readied."""
+
+
+def adopt(store: LocalStore, stream: StreamInfo, path: Path, offer: SnapshotOffer) -> int | None:
+    """Make the snapshot file at ``path`` the device's database, if the device allows.
+
+    Returns the rows installed, or None if the file cannot be taken this way (the
+    device's database is then as it was, and the caller copies the rows).
+    """
+    with store.lock:
+        taken = _adopt(store.conn, stream, path, offer, store.sync_level)
+    if isinstance(taken, str):
+        log.info("snapshot of %s not installed by pages (%s): copying it", stream.name, taken)
+        return None
+    log.info("snapshot of %s installed by pages (%d rows)", stream.name, taken)
+    return taken
+
+
+def _adopt(
+    conn: Any, stream: StreamInfo, path: Path, offer: SnapshotOffer, level: int
+) -> int | str:
+    """The rows installed, or why the file could not be (``level``: the device's
+    ``synchronous`` setting, restored after the install)."""
+    if type(conn) is not sqlite3.Connection or conn.in_transaction:
+        return "the device's connection is not the sqlite3 module's, or is in a transaction"
+    device = _device_file(conn)
+    if device is None:
+        return "the device's database is not a file"
+    if (why := _device_refuses(conn, stream)) is not None:
+        return why
+    try:
+        file = sqlite3.connect(path.resolve().as_uri(), isolation_level=None, uri=True)
+    except sqlite3.Error as exc:
+        return str(exc)
+    try:
+        file.execute("PRAGMA journal_mode=MEMORY")  # a scratch file, but one that rolls back
+        file.execute("PRAGMA synchronous=OFF")
+        file.execute(f"ATTACH DATABASE ? AS {DEVICE}", (device.as_uri() + "?mode=ro",))
+        if (why := _file_refuses(file, conn, stream.local_table)) is not None:
+            return why
+        seen = _ready(file, stream, offer)
+        if seen is None:
+            return "the file holds other rows than offered"
+        try:
+            _install(file, conn, seen, level)
+        except (Changed, sqlite3.Error):
+            # The rows are copied from the file instead, from its table ``rows``.
+            file.execute(f"ALTER TABLE main.{quote(stream.local_table)} RENAME TO rows")
+            raise
+    except Changed:
+        return "another connection wrote to the device's database meanwhile"
+    except sqlite3.Error as exc:
+        return str(exc)
+    finally:
+        file.close()
+    return offer.rows
+
+
+def _device_file(conn: sqlite3.Connection) -> Path | None:
+    """The device's database file, if it is one (not in memory, not temporary)."""
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main":
+            return Path(file).resolve() if file else None
+    return None  # pragma: no cover - every connection has main
+
+
+def _device_refuses(conn: sqlite3.Connection, stream: StreamInfo) -> str | None:
+    """Why the device cannot take the file's pages, if it cannot: the local table
+    must be empty, with nothing waiting, held or suspended, the engine's triggers
+    only and no foreign keys; the database without virtual or statistics tables."""
+    table = stream.local_table
+    checks: list[tuple[str, str, tuple[Any, ...]]] = [
+        ("the table holds rows", f"SELECT 1 FROM {quote(table)} LIMIT 1", ()),
+        (
+            "changes wait to be pushed",
+            "SELECT 1 FROM syncunit_outbox WHERE table_name = ? LIMIT 1",
+            (table,),
+        ),
+        (
+            "subscriptions hold rows",
+            "SELECT 1 FROM syncunit_holds WHERE local_table = ? LIMIT 1",
+            (table,),
+        ),
+        (
+            "its indexes are suspended",
+            "SELECT 1 FROM syncunit_local WHERE key = ?",
+            (INDEXES_SUSPENDED + stream.name,),
+        ),
+        (
+            "the table has foreign keys",
+            f"SELECT 1 FROM pragma_foreign_key_list({_literal(table)})",
+            (),
+        ),
+        (
+            "the table has triggers of the app",
+            "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?1"
+            " AND substr(name, 1, 9) != 'syncunit_' UNION ALL SELECT 1 FROM"
+            " sqlite_temp_master WHERE type = 'trigger' AND tbl_name = ?1"
+            " AND substr(name, 1, 9) != 'syncunit_'",
+            (table,),
+        ),
+        (
+            "the database has virtual or statistics tables",
+            "SELECT 1 FROM sqlite_master WHERE type = 'table'"
+            " AND (sql LIKE 'CREATE VIRTUAL%' OR substr(name, 1, 11) = 'sqlite_stat')",
+            (),
+        ),
+    ]
+    for why, sql, args in checks:
+        if conn.execute(sql, args).fetchone() is not None:
+            return why
+    return None
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _file_refuses(file: sqlite3.Connection, conn: sqlite3.Connection, table: str) -> str | None:
+    """Why the file cannot become the device's database, if it cannot: its ``rows``
+    must be the local table exactly (columns, indexes by name), the two databases
+    of one page size and encoding, the device's the smaller by far."""
+
+    def one(sql: str) -> Any:
+        return file.execute(sql).fetchone()[0]
+
+    if one("PRAGMA main.page_size") != one(f"PRAGMA {DEVICE}.page_size"):
+        return "another page size"  # a database in WAL mode takes a backup of its own only
+    if one("PRAGMA main.encoding") != conn.execute("PRAGMA encoding").fetchone()[0]:
+        return "another text encoding"
+    used = one(f"PRAGMA {DEVICE}.page_count") - one(f"PRAGMA {DEVICE}.freelist_count")
+    if used > max(SMALL_DEVICE_PAGES, MAX_DEVICE_SHARE * one("PRAGMA main.page_count")):
+        return f"the device's database has {used} pages in use, the file {one('PRAGMA page_count')}"
+    if _columns(file, "main", "rows") != _columns(file, DEVICE, table):
+        return "other columns"
+    if _indexes(file, "main", "rows") != _indexes(file, DEVICE, table):
+        return "other indexes"
+    return None
+
+
+def _columns(file: sqlite3.Connection, schema: str, table: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in file.execute(f"PRAGMA {schema}.table_xinfo({quote(table)})")]
+
+
+def _indexes(file: sqlite3.Connection, schema: str, table: str) -> set[tuple[Any, ...]] | None:
+    found: set[tuple[Any, ...]] = set()
+    for _, index, unique, origin, partial in file.execute(
+        f"PRAGMA {schema}.index_list({quote(table)})"
+    ).fetchall():
+        if partial:
+            return None
+        parts = file.execute(f"PRAGMA {schema}.index_xinfo({quote(index)})").fetchall()
+        named = index if origin == "c" else origin  # the key's own index has SQLite's name
+        found.add((named, unique, tuple((r[2], r[3], r[4]) for r in parts if r[5])))
+    return found
+
+
+def _ready(file: sqlite3.Connection, stream: StreamInfo, offer: SnapshotOffer) -> int | None:
+    """Turn the file into the device's database with the snapshot in it (one
+    transaction, reading the device's in one read snapshot). Returns the device's
+    ``data_version`` as of that read, or None if the file holds other rows than offered."""
+    table = stream.local_table
+    file.execute("BEGIN")
+    try:
+        (rows,) = file.execute("SELECT count(*) FROM main.rows").fetchone()
+        if rows != offer.rows:
+            file.execute("ROLLBACK")
+            return None
+        file.execute(f"ALTER TABLE main.rows RENAME TO {quote(table)}")
+        objects = file.execute(
+            f"SELECT type, name, tbl_name, sql FROM {DEVICE}.sqlite_master"
+            " WHERE sql IS NOT NULL AND substr(name, 1, 7) != 'sqlite_'"
+            " ORDER BY type != 'table', type != 'index', rowid"
+        ).fetchall()
+        for kind, name, on, sql in objects:
+            if on == table and kind in ("table", "index"):
+                continue  # the file's own, checked to be the same
+            file.execute(sql)
+            if kind == "table":
+                cols = ", ".join(  # not the generated columns: SQLite computes them
+                    quote(r[1])
+                    for r in file.execute(f"PRAGMA {DEVICE}.table_xinfo({quote(name)})")
+                    if r[6] == 0
+                )
+                file.execute(
+                    f"INSERT INTO main.{quote(name)} ({cols})"
+                    f" SELECT {cols} FROM {DEVICE}.{quote(name)}"
+                )
+        if file.execute(
+            f"SELECT 1 FROM {DEVICE}.sqlite_master WHERE name = 'sqlite_sequence'"
+        ).fetchone():
+            file.execute("DELETE FROM main.sqlite_sequence")
+            file.execute(f"INSERT INTO main.sqlite_sequence SELECT * FROM {DEVICE}.sqlite_sequence")
+        for pragma in ("user_version", "application_id"):
+            (value,) = file.execute(f"PRAGMA {DEVICE}.{pragma}").fetchone()
+            file.execute(f"PRAGMA main.{pragma} = {int(value)}")
+        save_cursor(file, stream, offer.cursor)
+        (seen,) = file.execute(f"PRAGMA {DEVICE}.data_version").fetchone()
+        file.execute("COMMIT")
+    except BaseException:
+        if file.in_transaction:
+            file.execute("ROLLBACK")
+        raise
+    return int(seen)
+
+
+def _install(file: sqlite3.Connection, conn: sqlite3.Connection, seen: int, level: int) -> None:
+    """Copy the file's pages over the device's database, in one write transaction.
+
+    The first step takes the device's write lock and copies fewer pages than the
+    file has, so nothing is committed yet; the progress call after it checks that
+    no other connection wrote since the file read the device, and raising there
+    rolls the backup back.
+
+    The commit is not synced (``synchronous=NORMAL``, as the engine commits a
+    chunk): lost in a power cut, the database is as it was before, the stream
+    has no cursor and is fetched again; the next synced commit (any of the
+    app's) makes it durable with the rest of the WAL. Syncing it cost 0.25 s of
+    0.65 at a million rows.
+    """
+    (pages,) = file.execute("PRAGMA main.page_count").fetchone()
+    step = max(1, min(STEP_PAGES, pages - 1))
+    checked = False
+
+    def progress(status: int, remaining: int, total: int) -> None:
+        nonlocal checked
+        if status != sqlite3.SQLITE_OK or checked:
+            return  # busy (no lock yet: the step is retried), or already checked
+        checked = True
+        (now,) = file.execute(f"PRAGMA {DEVICE}.data_version").fetchone()
+        if now != seen:
+            raise Changed
+
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        file.backup(conn, pages=step, progress=progress)  # a file has two pages at least
+    finally:
+        conn.execute(f"PRAGMA synchronous={level}")
