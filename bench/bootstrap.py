@@ -7,7 +7,10 @@ client process; the snapshot runs time each step on the device:
 
 * ``first_request``: the sync request that answers with the offer (and the catalog);
 * ``fetch``: download, SHA-256 and decompression (one pass over the bytes);
-* ``install``: the rows, local indexes, outbox triggers and cursor in one transaction;
+* ``pages``: the file made the device's database (what the device held copied into
+  it, then its pages over the database's, with the cursor), when the device takes it;
+* ``install``: otherwise, the rows, local indexes, outbox triggers and cursor in one
+  transaction;
 * ``delta``: the request that continues from the file's cursor;
 * ``ready``: ``client.sync()`` from call to return; the device then holds every
   row, its indexes and its cursor, committed, and works offline;
@@ -61,12 +64,15 @@ def _timed(owner: Any, attr: str, into: dict[str, float], name: str) -> None:
 
 def client_main(url: str, db: Path) -> dict[str, Any]:
     """One first sync in this process; the step times, then the checks after it."""
-    from syncunit.client import SyncClient, bootstrap
+    from syncunit.client import SyncClient, adopt, bootstrap
     from syncunit.client.run import UnitRun
 
     steps: dict[str, float] = {}
     for name, attr in STEPS:
         _timed(bootstrap, attr, steps, name)
+    _timed(adopt, "adopt", steps, "pages")
+    _timed(adopt, "_ready", steps, "pages_ready")  # the device's tables into the file
+    _timed(adopt, "_install", steps, "pages_backup")  # the file's pages over the database
     requests: list[float] = []
     inner = UnitRun._request
 
@@ -139,7 +145,8 @@ def measure(n: int, workdir: Path, runs: int) -> dict[str, Any]:
             out["snapshot"].append({**r, "load": load})
             print(
                 f"  {n:,} snapshot: ready {r['ready_s']:.2f}s (fetch {r.get('fetch_s')},"
-                f" install {r.get('install_s')}, delta {r['delta_s']}; load {load})",
+                f" pages {r.get('pages_s')}, install {r.get('install_s')},"
+                f" delta {r['delta_s']}; load {load})",
                 flush=True,
             )
     best = min(out["snapshot"], key=lambda r: r["ready_s"])
