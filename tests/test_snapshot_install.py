@@ -12,7 +12,11 @@ another connection writes meanwhile.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -574,3 +578,87 @@ def test_a_table_with_an_index_of_the_app_keeps_it(snap_server, make_client, cop
         ("app_by_notes",)
     ]
     assert_in_sync(snap_server, device, H1, "Login")
+
+
+#: A device process that dies in the middle of the page install, its pages
+#: partly copied and (with a two-page cache) partly spilled into the WAL.
+DIES_MID_INSTALL = """
+import os, signal, sys
+from syncunit.client import SyncClient, adopt
+
+class Dying:
+    def __init__(self, file):
+        self.file = file
+    def execute(self, *args):
+        return self.file.execute(*args)
+    def backup(self, target, *, pages, progress):
+        calls = [0]
+        def dying(*args):
+            progress(*args)
+            calls[0] += 1
+            if calls[0] == 3:
+                print("killed with pages left:", args[1], flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        target.execute("PRAGMA cache_size = 2")
+        return self.file.backup(target, pages=pages, progress=dying)
+
+install = adopt._install
+adopt._install = lambda file, *rest: install(Dying(file), *rest)
+adopt.STEP_PAGES = 2
+device = SyncClient(sys.argv[1], sys.argv[2], token="token-h1")
+device.catalog()
+with device.store.atomic() as c:
+    c.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    c.execute("INSERT INTO notes VALUES (1, 'kept')")
+device.sync("Login")
+print("the sync finished: the test meant to kill it first")
+"""
+
+
+def test_a_device_killed_mid_install_is_as_it_was_and_syncs(snap_server, make_client, live):
+    """SIGKILL while the backup has copied some pages: the database is the one
+    before the install (the backup commits once), and the next sync completes."""
+    _build(snap_server)
+    path = Path(make_client(name="probe").store.conn.execute("PRAGMA database_list").fetchone()[2])
+    device_path = path.with_name("killed.sqlite")
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "examples")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", DIES_MID_INSTALL, live.url, str(device_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert int(proc.stdout.split("pages left:")[1]) > 0  # mid-copy, not after it
+
+    left = list(device_path.parent.glob(".syncunit-snapshot-*.sqlite"))
+    assert left  # the killed install's decompressed file
+    device = make_client(name="killed")
+    assert device.store.query("PRAGMA integrity_check") == [("ok",)]
+    assert device.store.query("SELECT * FROM notes") == [(1, "kept")]
+    assert device.store.query(f'SELECT count(*) FROM "{TABLE}"') == [(0,)]
+    assert ("appointments",) not in device.store.query("SELECT stream FROM syncunit_cursors")
+    assert "appointments" in device.sync("Login").snapshots
+    assert_in_sync(snap_server, device, H1, "Login")
+    assert device.store.query("SELECT * FROM notes") == [(1, "kept")]
+    assert not any(p.exists() for p in left)  # swept by the next install
+
+
+def test_a_sweep_removes_what_no_install_holds(tmp_path):
+    """Two clients may share a folder: a file another install holds stays."""
+    fd, held = bootstrap.scratch(tmp_path)
+    left = tmp_path / f"{bootstrap.SCRATCH}left-by-a-killed-run.sqlite"
+    left.write_bytes(b"pages")
+    part = tmp_path / f"{bootstrap.SCRATCH}0123.part"  # a download to resume: not swept
+    part.write_bytes(b"compressed")
+    try:
+        bootstrap.sweep(tmp_path)
+        assert held.exists()
+        assert not left.exists()
+        assert part.exists()
+    finally:
+        os.close(fd)
+    bootstrap.sweep(tmp_path)
+    assert not held.exists()  # its holder let go

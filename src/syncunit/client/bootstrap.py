@@ -8,7 +8,9 @@ and decompresses it into a plain SQLite file. A device that holds little else
 takes that file as its database, page by page (``adopt``); otherwise
 ``copy_rows`` attaches the file and copies its rows into the local table in one
 transaction with the stream's cursor. Any failure raises ``SnapshotError`` or
-``LocalStoreError``; the caller then asks for the copy row by row.
+``LocalStoreError``; the caller then asks for the copy row by row. The
+decompressed file is locked while in use; the next install removes those a
+killed process left (``sweep``).
 
 The file's table has exactly the local table's columns and indexes
 (``local_table_ddl``), so an empty local table without triggers takes it with
@@ -50,9 +52,15 @@ try:
     import zstandard
 except ImportError:  # pragma: no cover
     zstandard = None  # type: ignore[assignment]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 #: The schema name the snapshot file is attached under.
 SNAP = "syncunit_snapshot"
+#: How the decompressed files beside the database begin.
+SCRATCH = ".syncunit-snapshot-"
 #: Where rows the local table already holds wait while the file's rows go in.
 KEPT = "temp.syncunit_snapshot_kept"
 
@@ -185,14 +193,14 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
     """
     catalog = client.store.catalog()
     failed: list[Path] = []
-    for offer in offers:
+    for n, offer in enumerate(offers):
         info = None if catalog is None else catalog.stream(offer.stream)
         if info is None:
             raise ProtocolError(f"server offered a snapshot of unknown stream {offer.stream!r}")
         part = part_path(client.store, offer)
-        fd, name = tempfile.mkstemp(dir=part.parent, prefix=".syncunit-snapshot-", suffix=".sqlite")
-        os.close(fd)
-        plain = Path(name)  # its own name: an earlier one may still be being removed
+        if n == 0:
+            sweep(part.parent)
+        fd, plain = scratch(part.parent)  # its own name: an earlier one may still be going
         try:
             fetch(client.http, offer, part, plain)
             discard(part)  # checked: whatever the copy does, never used again
@@ -205,6 +213,7 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
             continue
         finally:
             discard(plain)
+            os.close(fd)
         if client._watcher is not None:  # the triggers that tell it were off meanwhile
             client._watcher.notify([info.local_table])
         result.bytes_in += offer.size
@@ -214,6 +223,41 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
         if client.on_progress is not None:
             client._emit(client.on_progress, result.unit, rows, rows)
     return failed
+
+
+def scratch(folder: Path) -> tuple[int, Path]:
+    """A new file in ``folder`` for a decompressed snapshot, and a descriptor that
+    holds its lock for as long as this process uses it (see ``sweep``)."""
+    while True:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=SCRATCH, suffix=".sqlite")
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.stat(name)):
+                return fd, Path(name)
+        except OSError:
+            pass  # swept between its making and its lock: make another
+        os.close(fd)
+
+
+def sweep(folder: Path) -> None:
+    """Remove the decompressed snapshots of installs whose process died: files no
+    process holds the lock of (a killed install would leave hundreds of MB)."""
+    if fcntl is None:  # pragma: no cover - not on POSIX: they stay
+        return
+    for path in folder.glob(f"{SCRATCH}*.sqlite"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            log.info("removing %s, left by an install that did not finish", path.name)
+            discard(path)
+        except OSError:
+            continue  # in use
+        finally:
+            os.close(fd)
 
 
 def discard(path: Path) -> None:
