@@ -662,3 +662,46 @@ def test_a_sweep_removes_what_no_install_holds(tmp_path):
         os.close(fd)
     bootstrap.sweep(tmp_path)
     assert not held.exists()  # its holder let go
+
+
+class Writer(threading.Thread):
+    """The app committing a row every few milliseconds through a connection of its own."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.committed: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        while not self.done.wait(0.002):
+            body = f"meanwhile {len(self.committed)}"  # not its id: a lost row's is used again
+            conn.execute("INSERT INTO notes (body) VALUES (?)", (body,))
+            self.committed.append(body)
+        conn.close()
+
+
+def test_an_app_writing_all_along_on_its_own_connection_loses_nothing(
+    snap_server, make_client, copies
+):
+    """No injected moment: the app commits all along through a connection of its
+    own while fresh devices take the files; every commit is there after."""
+    _build(snap_server)
+    for n in range(4):
+        device = make_client(name=f"busy{n}")
+        device.catalog()
+        with device.store.atomic() as c:
+            c.execute(APP_SCHEMA[0])
+        writer = Writer(device_file(device))
+        writer.start()
+        try:
+            device.sync("Login")
+        finally:
+            writer.done.set()
+            writer.join()
+        assert writer.committed
+        assert device.store.query("SELECT body FROM notes ORDER BY id") == [
+            (body,) for body in writer.committed
+        ]
+        assert_in_sync(snap_server, device, H1, "Login")
