@@ -318,3 +318,29 @@ def test_an_app_writing_all_along_on_its_own_connection_loses_nothing(
             (body,) for body in writer.committed
         ]
         assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_a_file_with_other_index_names_is_copied_not_taken(
+    snap_server, make_client, copies, monkeypatch: pytest.MonkeyPatch
+):
+    """An older server named a file's indexes after its table ``rows``: taken as
+    the database, the device would hold indexes it cannot find by name."""
+    from syncunit.server import snapshots
+
+    ddl = snapshots.local_table_ddl
+
+    def older(info: Any, table: str | None = None) -> list[str]:
+        return [s.replace(f"ix_{info.local_table}_", "ix_rows_") for s in ddl(info, table)]
+
+    monkeypatch.setattr(snapshots, "local_table_ddl", older)
+    _build(snap_server)
+    device = make_client()
+    device.catalog()
+    before = whole_schema(device)
+
+    device.sync("Login")
+
+    assert (TABLE, "transfer") in copies
+    assert (TABLE, "pages") not in copies
+    assert whole_schema(device) == before
+    assert_in_sync(snap_server, device, H1, "Login")

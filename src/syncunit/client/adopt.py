@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from syncunit.client.applying import save_cursor
-from syncunit.client.schema import INDEXES_SUSPENDED, quote
+from syncunit.client.schema import INDEXES_SUSPENDED, columns_of, indexes_of, quote
 from syncunit.protocol import SnapshotOffer, StreamInfo
 
 if TYPE_CHECKING:
@@ -186,28 +186,11 @@ def _file_refuses(file: sqlite3.Connection, conn: sqlite3.Connection, table: str
     used = one(f"PRAGMA {DEVICE}.page_count") - one(f"PRAGMA {DEVICE}.freelist_count")
     if used > max(SMALL_DEVICE_PAGES, MAX_DEVICE_SHARE * one("PRAGMA main.page_count")):
         return f"the device's database has {used} pages in use, the file {one('PRAGMA page_count')}"
-    if _columns(file, "main", "rows") != _columns(file, DEVICE, table):
+    if columns_of(file, "main", "rows") != columns_of(file, DEVICE, table):
         return "other columns"
-    if _indexes(file, "main", "rows") != _indexes(file, DEVICE, table):
+    if indexes_of(file, "main", "rows", named=True) != indexes_of(file, DEVICE, table, named=True):
         return "other indexes"
     return None
-
-
-def _columns(file: sqlite3.Connection, schema: str, table: str) -> list[tuple[Any, ...]]:
-    return [tuple(r) for r in file.execute(f"PRAGMA {schema}.table_xinfo({quote(table)})")]
-
-
-def _indexes(file: sqlite3.Connection, schema: str, table: str) -> set[tuple[Any, ...]] | None:
-    found: set[tuple[Any, ...]] = set()
-    for _, index, unique, origin, partial in file.execute(
-        f"PRAGMA {schema}.index_list({quote(table)})"
-    ).fetchall():
-        if partial:
-            return None
-        parts = file.execute(f"PRAGMA {schema}.index_xinfo({quote(index)})").fetchall()
-        named = index if origin == "c" else origin  # the key's own index has SQLite's name
-        found.add((named, unique, tuple((r[2], r[3], r[4]) for r in parts if r[5])))
-    return found
 
 
 def _ready(file: sqlite3.Connection, stream: StreamInfo, offer: SnapshotOffer) -> int | None:

@@ -33,11 +33,12 @@ import sqlite3
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import httpx
 
 from syncunit.client import adopt, holds
+from syncunit.client.schema import columns_of, indexes_of
 from syncunit.client.store import quote
 from syncunit.errors import LocalStoreError, ProtocolError, SyncUnitError
 from syncunit.protocol import SnapshotOffer, StreamInfo
@@ -309,24 +310,9 @@ def transferable(conn: sqlite3.Connection, table: str) -> bool:
     """Whether SQLite can copy the attached file's ``rows`` into an empty ``table``
     as stored: the same columns, a twin in the file of every local index, no
     foreign keys, and no triggers but the engine's (which the copy drops)."""
-
-    def columns(schema: str, name: str) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in conn.execute(f"PRAGMA {schema}.table_xinfo({quote(name)})")]
-
-    def indexes(schema: str, name: str) -> set[tuple[Any, ...]] | None:
-        found: set[tuple[Any, ...]] = set()
-        for _, index, unique, _origin, partial in conn.execute(
-            f"PRAGMA {schema}.index_list({quote(name)})"
-        ).fetchall():
-            if partial:
-                return None
-            parts = conn.execute(f"PRAGMA {schema}.index_xinfo({quote(index)})").fetchall()
-            found.add((unique, tuple((r[2], r[3], r[4]) for r in parts if r[5])))
-        return found
-
-    if columns("main", table) != columns(SNAP, "rows"):
+    if columns_of(conn, "main", table) != columns_of(conn, SNAP, "rows"):
         return False
-    mine, theirs = indexes("main", table), indexes(SNAP, "rows")
+    mine, theirs = indexes_of(conn, "main", table), indexes_of(conn, SNAP, "rows")
     if mine is None or theirs is None or not mine <= theirs:
         return False
     if conn.execute(f"PRAGMA main.foreign_key_list({quote(table)})").fetchone() is not None:

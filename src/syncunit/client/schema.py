@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from typing import Any
 
 from syncunit.client.outbox import retype_in_flight
 from syncunit.protocol import LOCAL_SQL_TYPES, Catalog, StreamInfo
 from syncunit.protocol import quote_name as quote
 
-__all__ = ["INDEXES_SUSPENDED", "column_defs", "quote", "sql_type", "surface_orphans", "transform"]
+__all__ = [
+    "INDEXES_SUSPENDED",
+    "column_defs",
+    "columns_of",
+    "indexes_of",
+    "quote",
+    "sql_type",
+    "surface_orphans",
+    "transform",
+]
 
 #: Fact key prefix marking a stream whose local indexes a first copy dropped.
 INDEXES_SUSPENDED = "indexes-suspended:"
@@ -101,3 +111,26 @@ def surface_orphans(c: sqlite3.Connection, catalog: Catalog, pushed: set[str]) -
         c.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
         moved += 1
     return [f"surfaced {moved} unsendable changes"] if moved else []
+
+
+def columns_of(conn: sqlite3.Connection, schema: str, table: str) -> list[tuple[Any, ...]]:
+    """``table``'s columns as SQLite describes them (``table_xinfo``)."""
+    return [tuple(r) for r in conn.execute(f"PRAGMA {schema}.table_xinfo({quote(table)})")]
+
+
+def indexes_of(
+    conn: sqlite3.Connection, schema: str, table: str, *, named: bool = False
+) -> set[tuple[Any, ...]] | None:
+    """``table``'s indexes as (unique, key columns), with their names first if
+    ``named`` (the key's own index by its origin, ``pk`` or ``u``: SQLite names it
+    after the table); None if one is partial."""
+    found: set[tuple[Any, ...]] = set()
+    for _, index, unique, origin, partial in conn.execute(
+        f"PRAGMA {schema}.index_list({quote(table)})"
+    ).fetchall():
+        if partial:
+            return None
+        parts = conn.execute(f"PRAGMA {schema}.index_xinfo({quote(index)})").fetchall()
+        shape = (unique, tuple((r[2], r[3], r[4]) for r in parts if r[5]))
+        found.add(((index if origin == "c" else origin), *shape) if named else shape)
+    return found
