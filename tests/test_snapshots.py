@@ -43,7 +43,8 @@ def test_first_sync_applies_the_snapshot_then_a_delta_in_the_same_run(
 
     result = device.sync("Login")
 
-    paths = [f"/v1/snapshots/{s.stream}/{s.name}" for s in built]
+    largest_first = sorted(built, key=lambda s: s.size, reverse=True)
+    paths = [f"/v1/snapshots/{s.stream}/{s.name}" for s in largest_first]
     assert tap.log == [
         ("POST", "/v1/sync/Login", 200),
         *[("GET", p, 200) for p in paths],

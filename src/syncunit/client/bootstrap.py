@@ -194,7 +194,8 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
     """
     catalog = client.store.catalog()
     failed: list[Path] = []
-    for n, offer in enumerate(offers):
+    # The largest first: a device takes a file's pages only while it holds little else.
+    for n, offer in enumerate(sorted(offers, key=lambda o: o.size, reverse=True)):
         info = None if catalog is None else catalog.stream(offer.stream)
         if info is None:
             raise ProtocolError(f"server offered a snapshot of unknown stream {offer.stream!r}")
