@@ -162,8 +162,8 @@ def test_a_write_by_another_connection_meanwhile_is_kept(
         c.execute(APP_SCHEMA[0])
     ready = adopt._ready
 
-    def app_writes_meanwhile(file: Any, stream: Any, offer: Any) -> int | None:
-        seen = ready(file, stream, offer)
+    def app_writes_meanwhile(file: Any, conn: Any, stream: Any, offer: Any) -> int | str:
+        seen = ready(file, conn, stream, offer)
         if stream.local_table == TABLE:
             other = sqlite3.connect(device_file(device), isolation_level=None)
             other.execute("INSERT INTO notes (body) VALUES ('written meanwhile')")
@@ -349,3 +349,35 @@ def test_a_file_with_other_index_names_is_copied_not_taken(
     assert (TABLE, "pages") not in copies
     assert whole_schema(device) == before
     assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_a_row_the_app_writes_just_before_the_file_reads_the_device_is_kept(
+    snap_server, make_client, copies, monkeypatch: pytest.MonkeyPatch
+):
+    """The checks that the table is empty are made in the read snapshot the file
+    copies from: a row written before it is seen (the file's table would replace
+    it), one written after it is caught by the backup's check."""
+    _build(snap_server)
+    device = make_client()
+    device.catalog()
+    ready = adopt._ready
+
+    def app_writes_first(file: Any, *rest: Any) -> int | str:
+        if any(getattr(arg, "local_table", None) == TABLE for arg in rest):
+            other = sqlite3.connect(device_file(device), isolation_level=None)
+            other.execute(
+                f'INSERT INTO "{TABLE}" (id, doctor_id, notes) VALUES (?, 1, ?)',
+                ("written-first", "by the app"),
+            )
+            other.close()
+        return ready(file, *rest)
+
+    monkeypatch.setattr(adopt, "_ready", app_writes_first)
+
+    device.sync("Login")
+
+    assert (TABLE, "pages") not in copies
+    assert device.store.query(f'SELECT notes FROM "{TABLE}" WHERE id = ?', ("written-first",)) == [
+        ("by the app",)
+    ]
+    assert [(t, k, op) for t, k, op, _ in outbox(device)] == [(TABLE, "written-first", "insert")]

@@ -81,8 +81,8 @@ def _adopt(
     device = _device_file(conn)
     if device is None:
         return "the device's database is not a file"
-    if (why := _device_refuses(conn, stream)) is not None:
-        return why
+    if _temp_triggers_of_the_app(conn, stream.local_table):
+        return "the table has triggers of the app"
     try:
         file = sqlite3.connect(path.resolve().as_uri(), isolation_level=None, uri=True)
     except sqlite3.Error as exc:
@@ -91,11 +91,9 @@ def _adopt(
         file.execute("PRAGMA journal_mode=MEMORY")  # a scratch file, but one that rolls back
         file.execute("PRAGMA synchronous=OFF")
         file.execute(f"ATTACH DATABASE ? AS {DEVICE}", (device.as_uri() + "?mode=ro",))
-        if (why := _file_refuses(file, conn, stream.local_table)) is not None:
-            return why
-        seen = _ready(file, stream, offer)
-        if seen is None:
-            return "the file holds other rows than offered"
+        seen = _ready(file, conn, stream, offer)
+        if isinstance(seen, str):
+            return seen
         try:
             _install(file, conn, seen, level)
         except (Changed, sqlite3.Error):
@@ -119,56 +117,59 @@ def _device_file(conn: sqlite3.Connection) -> Path | None:
     return None  # pragma: no cover - every connection has main
 
 
-def _device_refuses(conn: sqlite3.Connection, stream: StreamInfo) -> str | None:
+def _temp_triggers_of_the_app(conn: sqlite3.Connection, table: str) -> bool:
+    """Temporary triggers are the connection's own: the file cannot see them."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM sqlite_temp_master WHERE type = 'trigger' AND tbl_name = ?"
+            " AND substr(name, 1, 9) != 'syncunit_'",
+            (table,),
+        ).fetchone()
+        is not None
+    )
+
+
+def _device_refuses(file: sqlite3.Connection, stream: StreamInfo) -> str | None:
     """Why the device cannot take the file's pages, if it cannot: the local table
     must be empty, with nothing waiting, held or suspended, the engine's triggers
-    only and no foreign keys; the database without virtual or statistics tables."""
-    table = stream.local_table
+    only and no foreign keys; the database without virtual or statistics tables.
+    Read through the file's connection, in the read snapshot it copies from."""
+    table, d = stream.local_table, DEVICE
     checks: list[tuple[str, str, tuple[Any, ...]]] = [
-        ("the table holds rows", f"SELECT 1 FROM {quote(table)} LIMIT 1", ()),
+        ("the table holds rows", f"SELECT 1 FROM {d}.{quote(table)} LIMIT 1", ()),
         (
             "changes wait to be pushed",
-            "SELECT 1 FROM syncunit_outbox WHERE table_name = ? LIMIT 1",
+            f"SELECT 1 FROM {d}.syncunit_outbox WHERE table_name = ? LIMIT 1",
             (table,),
         ),
         (
             "subscriptions hold rows",
-            "SELECT 1 FROM syncunit_holds WHERE local_table = ? LIMIT 1",
+            f"SELECT 1 FROM {d}.syncunit_holds WHERE local_table = ? LIMIT 1",
             (table,),
         ),
         (
             "its indexes are suspended",
-            "SELECT 1 FROM syncunit_local WHERE key = ?",
+            f"SELECT 1 FROM {d}.syncunit_local WHERE key = ?",
             (INDEXES_SUSPENDED + stream.name,),
         ),
-        (
-            "the table has foreign keys",
-            f"SELECT 1 FROM pragma_foreign_key_list({_literal(table)})",
-            (),
-        ),
+        ("the table has foreign keys", f"PRAGMA {d}.foreign_key_list({quote(table)})", ()),
         (
             "the table has triggers of the app",
-            "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?1"
-            " AND substr(name, 1, 9) != 'syncunit_' UNION ALL SELECT 1 FROM"
-            " sqlite_temp_master WHERE type = 'trigger' AND tbl_name = ?1"
+            f"SELECT 1 FROM {d}.sqlite_master WHERE type = 'trigger' AND tbl_name = ?"
             " AND substr(name, 1, 9) != 'syncunit_'",
             (table,),
         ),
         (
             "the database has virtual or statistics tables",
-            "SELECT 1 FROM sqlite_master WHERE type = 'table'"
+            f"SELECT 1 FROM {d}.sqlite_master WHERE type = 'table'"
             " AND (sql LIKE 'CREATE VIRTUAL%' OR substr(name, 1, 11) = 'sqlite_stat')",
             (),
         ),
     ]
     for why, sql, args in checks:
-        if conn.execute(sql, args).fetchone() is not None:
+        if file.execute(sql, args).fetchone() is not None:
             return why
     return None
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _file_refuses(file: sqlite3.Connection, conn: sqlite3.Connection, table: str) -> str | None:
@@ -193,17 +194,23 @@ def _file_refuses(file: sqlite3.Connection, conn: sqlite3.Connection, table: str
     return None
 
 
-def _ready(file: sqlite3.Connection, stream: StreamInfo, offer: SnapshotOffer) -> int | None:
-    """Turn the file into the device's database with the snapshot in it (one
-    transaction, reading the device's in one read snapshot). Returns the device's
-    ``data_version`` as of that read, or None if the file holds other rows than offered."""
+def _ready(
+    file: sqlite3.Connection, conn: sqlite3.Connection, stream: StreamInfo, offer: SnapshotOffer
+) -> int | str:
+    """Turn the file into the device's database with the snapshot in it, in one
+    transaction that reads the device's in one read snapshot, checks included (a
+    write just before it is seen). Returns the device's ``data_version`` as of
+    that read, or why the file cannot be taken."""
     table = stream.local_table
     file.execute("BEGIN")
     try:
+        why = _device_refuses(file, stream) or _file_refuses(file, conn, table)
         (rows,) = file.execute("SELECT count(*) FROM main.rows").fetchone()
-        if rows != offer.rows:
+        if why is None and rows != offer.rows:
+            why = "the file holds other rows than offered"
+        if why is not None:
             file.execute("ROLLBACK")
-            return None
+            return why
         file.execute(f"ALTER TABLE main.rows RENAME TO {quote(table)}")
         objects = file.execute(
             f"SELECT type, name, tbl_name, sql FROM {DEVICE}.sqlite_master"
