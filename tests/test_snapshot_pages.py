@@ -16,13 +16,17 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from syncunit.client import adopt, bootstrap
-from tests.support import assert_in_sync
+from syncunit.server import Limits
+from tests.support import appointments_of, assert_in_sync
 from tests.test_snapshot_install import TABLE, outbox, spy_installs
 from tests.test_snapshots import H1, _build
 
@@ -381,3 +385,100 @@ def test_a_row_the_app_writes_just_before_the_file_reads_the_device_is_kept(
         ("by the app",)
     ]
     assert [(t, k, op) for t, k, op, _ in outbox(device)] == [(TABLE, "written-first", "insert")]
+
+
+# -- pages and rows make the same device, whatever it held ------------------------------------
+
+#: What a device may have done before its first sync: the app's own tables, rows,
+#: views, indexes, settings, and rows of the local table written offline (a key the
+#: server also has among them).
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("table"), st.integers(0, 2)),
+        st.tuples(st.just("row"), st.integers(0, 2), st.text(max_size=8)),
+        st.tuples(st.just("forget"), st.integers(0, 2)),
+        st.tuples(st.just("view"), st.integers(0, 2)),
+        st.tuples(st.just("index"), st.integers(0, 2)),
+        st.tuples(st.just("user_version"), st.integers(0, 2**31 - 1)),
+        st.tuples(st.just("offline"), st.sampled_from(["new-1", "new-2", "server"])),
+    ),
+    max_size=12,
+)
+
+
+def _do(device: Any, steps: list[tuple[Any, ...]], server_key: str) -> None:
+    tables: set[int] = set()
+    written: set[str] = set()
+    for step in steps:
+        kind, arg = step[0], step[1]
+        with device.store.atomic() as c:
+            if kind == "table" and arg not in tables:
+                c.execute(f"CREATE TABLE app{arg} (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT)")
+                tables.add(arg)
+            elif kind == "row" and arg in tables:
+                c.execute(f"INSERT INTO app{arg} (v) VALUES (?)", (step[2],))
+            elif kind == "forget" and arg in tables:
+                c.execute(f"DELETE FROM app{arg} WHERE id = (SELECT max(id) FROM app{arg})")
+            elif kind in ("view", "index") and arg in tables:
+                made = "VIEW" if kind == "view" else "INDEX"
+                on = f"AS SELECT v FROM app{arg}" if kind == "view" else f"ON app{arg} (v)"
+                c.execute(f"CREATE {made} IF NOT EXISTS app{arg}_{kind} {on}")
+            elif kind == "user_version":
+                c.execute(f"PRAGMA user_version = {arg}")
+        key = server_key if arg == "server" else arg
+        if kind == "offline" and key not in written:
+            device.insert(TABLE, {"id": key, "doctor_id": 1, "notes": "written offline"})
+            written.add(key)
+
+
+def _device_state(device: Any) -> dict[str, Any]:
+    q = device.store.query
+    apps = [r[0] for r in q("SELECT name FROM sqlite_master WHERE name LIKE 'app_' ESCAPE '\\'")]
+    return {
+        "schema": whole_schema(device),
+        "apps": {name: q(f"SELECT * FROM {name} ORDER BY id") for name in apps},
+        "sequence": q("SELECT * FROM sqlite_sequence ORDER BY name"),
+        "user_version": q("PRAGMA user_version"),
+        "rows": q(f'SELECT * FROM "{TABLE}" ORDER BY id'),
+        "doctors": q('SELECT * FROM "LocalDoctor" ORDER BY id'),
+        "outbox": [(t, k, op) for t, k, op, _ in outbox(device)],
+        "cursors": q("SELECT * FROM syncunit_cursors ORDER BY stream"),
+    }
+
+
+@pytest.fixture
+def many_devices_server(make_server, live, tmp_path):
+    """A snapshot server for many devices in a row: built once, not rate-limited."""
+    unlimited = Limits(requests_per_second=1e9, request_burst=10**9)
+    server = make_server(snapshot_dir=tmp_path / "snapshots", snapshot_min_rows=1, limits=unlimited)
+    live.app = server.app
+    _build(server)
+    return server
+
+
+@settings(
+    max_examples=int(os.environ.get("SYNCUNIT_PAGES_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(steps=ops)
+def test_pages_and_rows_make_the_same_device_whatever_it_held(
+    many_devices_server, make_client, steps
+):
+    """The page install is only a faster way: for any device, what it ends with is
+    what copying the rows gives (the same decision to keep offline rows included)."""
+    server_key = appointments_of(many_devices_server.store, 1)[0]
+    example = uuid.uuid4().hex[:8]
+    states = []
+    for how in ("pages", "rows"):
+        with pytest.MonkeyPatch.context() as mp:
+            if how == "rows":
+                mp.setattr(adopt, "SMALL_DEVICE_PAGES", 0)
+                mp.setattr(adopt, "MAX_DEVICE_SHARE", 0.0)
+            device = make_client(name=f"{how}-{example}")
+            device.catalog()
+            _do(device, steps, server_key)
+            device.sync("Login")
+            states.append(_device_state(device))
+            device.close()
+    assert states[0] == states[1]
