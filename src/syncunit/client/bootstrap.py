@@ -214,8 +214,8 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
             failed.append(part)
             continue
         finally:
+            os.close(fd)  # first: the last close of a removed file frees its blocks
             discard(plain)
-            os.close(fd)
         if client._watcher is not None:  # the triggers that tell it were off meanwhile
             client._watcher.notify([info.local_table])
         result.bytes_in += offer.size
@@ -254,12 +254,12 @@ def sweep(folder: Path) -> None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            log.info("removing %s, left by an install that did not finish", path.name)
-            discard(path)
         except OSError:
             continue  # in use
         finally:
-            os.close(fd)
+            os.close(fd)  # before the removal, which then frees the blocks on its thread
+        log.info("removing %s, left by an install that did not finish", path.name)
+        discard(path)
 
 
 def discard(path: Path) -> None:
