@@ -194,36 +194,42 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
     """
     catalog = client.store.catalog()
     failed: list[Path] = []
-    # The largest first: a device takes a file's pages only while it holds little else.
-    for n, offer in enumerate(sorted(offers, key=lambda o: o.size, reverse=True)):
-        info = None if catalog is None else catalog.stream(offer.stream)
-        if info is None:
-            raise ProtocolError(f"server offered a snapshot of unknown stream {offer.stream!r}")
-        part = part_path(client.store, offer)
-        if n == 0:
-            sweep(part.parent)
-        fd, plain = scratch(part.parent)  # its own name: an earlier one may still be going
-        try:
-            fetch(client.http, offer, part, plain)
-            discard(part)  # checked: whatever the copy does, never used again
-            with client.store.bulk():  # the WAL is checkpointed once, after the sync
-                taken = adopt.adopt(client.store, info, plain, offer)
-                rows = copy_rows(client.store, info, plain, offer) if taken is None else taken
-        except (SnapshotError, LocalStoreError) as exc:
-            log.warning("snapshot of %s not used, copying row by row: %s", offer.stream, exc)
-            failed.append(part)
-            continue
-        finally:
-            os.close(fd)  # first: the last close of a removed file frees its blocks
-            discard(plain)
-        if client._watcher is not None:  # the triggers that tell it were off meanwhile
-            client._watcher.notify([info.local_table])
-        result.bytes_in += offer.size
-        t = info.local_table
-        result.rows_in[t] = result.rows_in.get(t, 0) + rows
-        result.snapshots.append(offer.stream)
-        if client.on_progress is not None:
-            client._emit(client.on_progress, result.unit, rows, rows)
+    # Files done with go after the last install: freeing their blocks (hundreds of MB)
+    # holds the file system up, and the next install would wait on it.
+    done: list[Path] = []
+    try:
+        # The largest first: a device takes a file's pages only while it holds little else.
+        for n, offer in enumerate(sorted(offers, key=lambda o: o.size, reverse=True)):
+            info = None if catalog is None else catalog.stream(offer.stream)
+            if info is None:
+                raise ProtocolError(f"server offered a snapshot of unknown stream {offer.stream!r}")
+            part = part_path(client.store, offer)
+            if n == 0:
+                sweep(part.parent)
+            fd, plain = scratch(part.parent)  # its own name: an earlier one may still be going
+            try:
+                fetch(client.http, offer, part, plain)
+                done.append(part)  # checked: whatever the copy does, never used again
+                with client.store.bulk():  # the WAL is checkpointed once, after the sync
+                    taken = adopt.adopt(client.store, info, plain, offer)
+                    rows = copy_rows(client.store, info, plain, offer) if taken is None else taken
+            except (SnapshotError, LocalStoreError) as exc:
+                log.warning("snapshot of %s not used, copying row by row: %s", offer.stream, exc)
+                failed.append(part)
+                continue
+            finally:
+                os.close(fd)  # before the removal: the last close of a removed file frees it
+                done.append(plain)
+            if client._watcher is not None:  # the triggers that tell it were off meanwhile
+                client._watcher.notify([info.local_table])
+            result.bytes_in += offer.size
+            t = info.local_table
+            result.rows_in[t] = result.rows_in.get(t, 0) + rows
+            result.snapshots.append(offer.stream)
+            if client.on_progress is not None:
+                client._emit(client.on_progress, result.unit, rows, rows)
+    finally:
+        discard(*done)
     return failed
 
 
@@ -262,15 +268,24 @@ def sweep(folder: Path) -> None:
         discard(path)
 
 
-def discard(path: Path) -> None:
-    """Remove a file; a large one on a thread of its own (freeing its blocks takes a while)."""
-    try:
-        big = path.stat().st_size > 16 << 20
-    except OSError:
-        return
-    if big:
-        threading.Thread(target=path.unlink, args=(True,), name="syncunit-discard").start()
+def discard(*paths: Path) -> None:
+    """Remove files; on a thread of its own if one is large: freeing its blocks takes a
+    while, and the file system holds other removals (and creations) up meanwhile."""
+    if max(map(_size, paths), default=0) > 16 << 20:
+        threading.Thread(target=_unlink, args=paths, name="syncunit-discard").start()
     else:
+        _unlink(*paths)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone already
+        return 0
+
+
+def _unlink(*paths: Path) -> None:
+    for path in paths:
         path.unlink(missing_ok=True)
 
 
