@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,11 @@ DEVICE = "syncunit_device"
 MAX_DEVICE_SHARE = 0.25
 #: or up to this many pages (a device's engine tables and a few hundred rows).
 SMALL_DEVICE_PAGES = 1024
+#: How much of the file the backup reads through a memory map (on 64-bit systems):
+#: 0.43 to 0.46 s instead of 0.50 to 0.53 s for 1M rows. A read error of a mapped
+#: file is a signal, not an error; this one was written a moment ago and no other
+#: process touches it (it is locked: ``bootstrap.scratch``).
+MAP_BYTES = 1 << 30
 #: Pages the backup copies per step: the first step takes the write lock, and the
 #: check that nothing else was written runs before the second (see ``_install``).
 STEP_PAGES = 8192
@@ -90,6 +96,8 @@ def _adopt(
     try:
         file.execute("PRAGMA journal_mode=MEMORY")  # a scratch file, but one that rolls back
         file.execute("PRAGMA synchronous=OFF")
+        if sys.maxsize > 2**32:  # read mapped: see MAP_BYTES
+            file.execute(f"PRAGMA mmap_size = {MAP_BYTES}")
         file.execute(f"ATTACH DATABASE ? AS {DEVICE}", (device.as_uri() + "?mode=ro",))
         seen = _ready(file, conn, stream, offer)
         if isinstance(seen, str):
