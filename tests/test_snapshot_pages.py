@@ -166,8 +166,8 @@ def test_a_write_by_another_connection_meanwhile_is_kept(
         c.execute(APP_SCHEMA[0])
     ready = adopt._ready
 
-    def app_writes_meanwhile(file: Any, conn: Any, stream: Any, offer: Any) -> int | str:
-        seen = ready(file, conn, stream, offer)
+    def app_writes_meanwhile(file: Any, stream: Any, offer: Any) -> int | str:
+        seen = ready(file, stream, offer)
         if stream.local_table == TABLE:
             other = sqlite3.connect(device_file(device), isolation_level=None)
             other.execute("INSERT INTO notes (body) VALUES ('written meanwhile')")

@@ -99,7 +99,7 @@ def _adopt(
         if sys.maxsize > 2**32:  # read mapped: see MAP_BYTES
             file.execute(f"PRAGMA mmap_size = {MAP_BYTES}")
         file.execute(f"ATTACH DATABASE ? AS {DEVICE}", (device.as_uri() + "?mode=ro",))
-        seen = _ready(file, conn, stream, offer)
+        seen = _ready(file, stream, offer)
         if isinstance(seen, str):
             return seen
         try:
@@ -180,18 +180,17 @@ def _device_refuses(file: sqlite3.Connection, stream: StreamInfo) -> str | None:
     return None
 
 
-def _file_refuses(file: sqlite3.Connection, conn: sqlite3.Connection, table: str) -> str | None:
+def _file_refuses(file: sqlite3.Connection, table: str) -> str | None:
     """Why the file cannot become the device's database, if it cannot: its ``rows``
     must be the local table exactly (columns, indexes by name), the two databases
-    of one page size and encoding, the device's the smaller by far."""
+    of one page size (of one text encoding too, or the device would not attach),
+    the device's the smaller by far."""
 
     def one(sql: str) -> Any:
         return file.execute(sql).fetchone()[0]
 
     if one("PRAGMA main.page_size") != one(f"PRAGMA {DEVICE}.page_size"):
         return "another page size"  # a database in WAL mode takes a backup of its own only
-    if one("PRAGMA main.encoding") != conn.execute("PRAGMA encoding").fetchone()[0]:
-        return "another text encoding"
     used = one(f"PRAGMA {DEVICE}.page_count") - one(f"PRAGMA {DEVICE}.freelist_count")
     if used > max(SMALL_DEVICE_PAGES, MAX_DEVICE_SHARE * one("PRAGMA main.page_count")):
         return f"the device's database has {used} pages in use, the file {one('PRAGMA page_count')}"
@@ -202,9 +201,7 @@ def _file_refuses(file: sqlite3.Connection, conn: sqlite3.Connection, table: str
     return None
 
 
-def _ready(
-    file: sqlite3.Connection, conn: sqlite3.Connection, stream: StreamInfo, offer: SnapshotOffer
-) -> int | str:
+def _ready(file: sqlite3.Connection, stream: StreamInfo, offer: SnapshotOffer) -> int | str:
     """Turn the file into the device's database with the snapshot in it, in one
     transaction that reads the device's in one read snapshot, checks included (a
     write just before it is seen). Returns the device's ``data_version`` as of
@@ -212,7 +209,7 @@ def _ready(
     table = stream.local_table
     file.execute("BEGIN")
     try:
-        why = _device_refuses(file, stream) or _file_refuses(file, conn, table)
+        why = _device_refuses(file, stream) or _file_refuses(file, table)
         (rows,) = file.execute("SELECT count(*) FROM main.rows").fetchone()
         if why is None and rows != offer.rows:
             why = "the file holds other rows than offered"
