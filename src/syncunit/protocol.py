@@ -66,6 +66,7 @@ __all__ = [
     "decode_request",
     "encode_frame",
     "encode_request",
+    "local_index_name",
     "local_table_ddl",
 ]
 
@@ -114,6 +115,12 @@ def quote_name(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def local_index_name(info: StreamInfo, columns: Sequence[str]) -> str:
+    """The name of ``info``'s local index on ``columns`` (unquoted), on the device and
+    in its snapshot files alike."""
+    return f"ix_{info.local_table}_{'_'.join(columns)}"
+
+
 def local_table_ddl(info: StreamInfo, table: str | None = None) -> list[str]:
     """The statements creating ``info``'s local table (named ``table``), then its indexes.
 
@@ -132,7 +139,7 @@ def local_table_ddl(info: StreamInfo, table: str | None = None) -> list[str]:
     )
     ddl = [f"CREATE TABLE {quote_name(name)} ({cols})"]
     for ix in info.indexes:
-        index = quote_name(f"ix_{info.local_table}_{'_'.join(ix)}")
+        index = quote_name(local_index_name(info, ix))
         on = ", ".join(map(quote_name, ix))
         ddl.append(f"CREATE INDEX IF NOT EXISTS {index} ON {quote_name(name)} ({on})")
     return ddl

@@ -53,6 +53,7 @@ from syncunit.protocol import (
     StreamInfo,
     decode_catalog,
     encode_catalog,
+    local_index_name,
     local_table_ddl,
 )
 
@@ -72,10 +73,6 @@ BIG_WAL = 16 << 20
 #: one builds no faster (32,000 KiB: slower at 100k and at 1M rows) and is held
 #: whole at the peak of a large copy (the client's peak RSS at 1M rows: 113 MB).
 INDEX_BUILD_CACHE_KIB = 8_000
-
-
-def _index_name(s: StreamInfo, columns: Sequence[str]) -> str:
-    return quote(f"ix_{s.local_table}_{'_'.join(columns)}")
 
 
 def utcnow() -> str:
@@ -415,7 +412,7 @@ class LocalStore(ChunkApply):
             return False
         with self.atomic() as c:
             for ix in s.indexes:
-                c.execute(f"DROP INDEX IF EXISTS {_index_name(s, ix)}")
+                c.execute(f"DROP INDEX IF EXISTS {quote(local_index_name(s, ix))}")
             self.set_fact(INDEXES_SUSPENDED + s.name, s.local_table)
         return True
 
