@@ -24,7 +24,8 @@ from sqlalchemy.engine import Connection
 from syncunit.policies import Conflict, MutationContext, Reject, Resolve
 from syncunit.protocol import Mutation, MutationResult
 from syncunit.server.auth import Principal
-from syncunit.server.changes import StreamReader, to_wire
+from syncunit.server.changes import to_wire
+from syncunit.server.shape import StreamShape
 from syncunit.server.values import Rejected, coerce
 from syncunit.units import Stream
 
@@ -102,6 +103,7 @@ class MutationWrites:
         store: ServerStore
         schema: SyncSchema
         _cache: dict[str, _Statements]
+        _rows: dict[str, sa.Select[Any]]
 
     def _apply_one(
         self,
@@ -390,12 +392,18 @@ class MutationWrites:
         self, conn: Connection, s: Stream, principal: Principal, key: Any
     ) -> dict[str, Any] | None:
         """The row as the client should hold it now, or None if it should not hold it."""
-        reader = StreamReader(self.store, s, principal.params, chunk_size=1)
         try:
             k = coerce(key, s.key_column, s.key)
         except Rejected:
             return None
-        row = conn.execute(reader.rows_select().where(s.key_column == k), reader.params).first()
+        select = self._rows.get(s.name)
+        if select is None:  # built once: SQLAlchemy then reuses its compiled form
+            columns = [expr.label(name) for name, expr in s.columns.items()]
+            select = self._rows[s.name] = (
+                StreamShape(s).rows(columns).where(s.key_column == sa.bindparam(KEY))
+            )
+        params = {p: principal.params[p] for p in s.parameters}
+        row = conn.execute(select, {**params, KEY: k}).first()
         if row is None:
             return None
         return {name: to_wire(v) for name, v in zip(s.columns, row, strict=True)}
