@@ -136,6 +136,49 @@ def test_a_rule_failing_inside_the_batch_rejects_only_the_later_row(servers, mon
     assert batches == [False]
 
 
+def test_a_refused_batch_goes_on_one_by_one_after_what_came_before_is_committed(
+    servers, monkeypatch, batches
+):
+    """On SQLite a batch sets the insert triggers aside (a schema change), and after one
+    in a transaction every savepoint rollback makes SQLite read the whole schema again:
+    a refused batch's mutations go one by one in a transaction of their own, after
+    what the request applied before them is committed with its log. A request cut
+    off there is answered from that log when it is sent again, and goes on."""
+    batched, single = servers
+    first = [_ins(i, f"a{i:03}") for i in range(1, 6)]  # a batch that passes
+    gone = Mutation(seq=6, id="m6", table="LocalNote", key="a001", op="delete")
+    clashing = [_ins(i, f"b{i:03}", title="t-a002" if i == 9 else None) for i in range(7, 13)]
+    mutations = [*first, gone, *clashing]
+    real = batched.pusher._apply_one
+    calls: list[int] = []
+
+    def cut_off(*args: Any, **kwargs: Any) -> MutationResult:
+        calls.append(1)
+        if len(calls) == 3:  # the delete, then the first of the refused batch's run
+            raise RuntimeError("the server process ends here")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(batched.pusher, "_apply_one", cut_off)
+        with pytest.raises(RuntimeError):
+            _push(batched, mutations, monkeypatch, batch=True)
+    assert batches == [True, False]
+    with batched.store.engine.connect() as conn:
+        last = conn.execute(sa.text("SELECT last_seq FROM syncunit_clients")).scalar_one()
+        logged = conn.execute(sa.text("SELECT seq FROM syncunit_mutations ORDER BY seq")).all()
+    assert last == 6  # the batch and the delete, committed before the run went on
+    assert [r.seq for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r[0] for r in _rows(batched)] == ["a002", "a003", "a004", "a005"]
+
+    again = _push(batched, mutations, monkeypatch, batch=True)
+    want = _push(single, mutations, monkeypatch, batch=False)
+
+    assert again == want
+    assert [r.status for r in again].count("applied") == 11
+    assert again[8].code == "rule"
+    assert _rows(batched) == _rows(single)
+
+
 def test_out_of_scope_invalid_and_existing_rows_fall_back_and_match(servers, monkeypatch, batches):
     for server in servers:
         with server.store.engine.begin() as conn:

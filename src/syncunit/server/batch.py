@@ -51,29 +51,46 @@ def batchable(applier: PushApplier, s: Stream | None) -> bool:
     return s is not None and all(set_check_of(rule) is not None for rule in s.rules)
 
 
+#: A batch's keys and its rows as base-table columns, mapped and coerced.
+Prepared = tuple[list[Any], list[dict[str, Any]]]
+
+
+def prepare_batch(
+    applier: PushApplier, s: Stream, mutations: Sequence[Mutation]
+) -> Prepared | None:
+    """Keys and rows of ``mutations`` (inserts into ``s``); None if they must go one by
+    one (a value refused, a key repeated, rows of different columns)."""
+    try:
+        prepared = _columnar(s, mutations)
+        if prepared is None:
+            prepared = _one_by_one(applier, s, mutations)
+    except Rejected:
+        return None
+    if prepared is None:
+        return None
+    keys, rows = prepared
+    columns = rows[0].keys()
+    if len(set(keys)) != len(keys) or any(r.keys() != columns for r in rows):
+        return None
+    return prepared
+
+
 def write_batch(
     applier: PushApplier,
     conn: Connection,
     principal: Principal,
     s: Stream,
     mutations: Sequence[Mutation],
+    prepared: Prepared | None,
 ) -> bool:
-    """Write ``mutations`` (inserts into ``s``) at once; False if they must go one by one.
+    """Write ``mutations`` (inserts into ``s``, ``prepared`` by ``prepare_batch``) at
+    once; False if they must go one by one.
 
     On False nothing of the batch remains written.
     """
-    try:
-        prepared = _columnar(s, mutations)
-        if prepared is None:
-            prepared = _one_by_one(applier, s, mutations)
-    except Rejected:
-        return False
     if prepared is None:
         return False
     keys, rows = prepared
-    columns = rows[0].keys()
-    if len(set(keys)) != len(keys) or any(r.keys() != columns for r in rows):
-        return False
     # A key that exists already (an upsert) is not looked for first: the plain INSERT
     # fails on the primary key, the savepoint is rolled back and the one-by-one path
     # checks it against the policy. Batches are almost always new rows.

@@ -197,6 +197,12 @@ class SQLiteStore(ServerStore):
         parts = [sa.func.coalesce(v, 0) for v in values]
         return parts[0] if len(parts) == 1 else sa.func.max(*parts)
 
+    batch_changes_schema = True
+
+    def continue_anew(self, conn: Connection) -> None:
+        conn.commit()
+        conn.begin()  # BEGIN IMMEDIATE again (``_on_begin``): the lock is this writer's
+
     def insert_new_rows(
         self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
     ) -> None:
@@ -606,17 +612,18 @@ class _WriteTxn:
             self._auto = int(dbapi.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
             if self._auto > 0:
                 dbapi.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
-        self._txn = self._conn.begin()
+        self._conn.begin()
         return self._conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
+            # The transaction in progress: ``continue_anew`` may have begun another.
             if exc_type is None:
-                self._txn.commit()
+                self._conn.commit()
                 if self.checkpointer is not None and self._auto > 0:
                     self.checkpointer.poke()
             else:
-                self._txn.rollback()
+                self._conn.rollback()
         finally:
             # A broken connection is discarded, not pooled: nothing to give back then.
             with contextlib.suppress(self._conn.dialect.loaded_dbapi.Error):

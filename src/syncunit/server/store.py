@@ -307,6 +307,18 @@ class ServerStore(abc.ABC):
     def insert_new(self, table: sa.Table) -> sa.Insert:
         """An INSERT that does nothing (rowcount 0) when the primary key exists."""
 
+    #: Whether ``insert_new_rows`` changes the schema inside the transaction (the SQLite
+    #: store sets insert triggers aside). SQLite then reads the whole schema again
+    #: after every later savepoint rollback of that transaction, even when the change
+    #: itself was rolled back: see ``continue_anew``.
+    batch_changes_schema = False
+
+    def continue_anew(self, conn: Connection) -> None:
+        """Commit the write transaction of ``conn`` (from ``write``) and begin the next
+        one on it, the connection still this process's writer. Only stores whose
+        ``batch_changes_schema`` is true need it."""
+        raise NotImplementedError(f"{type(self).__name__} writes in one transaction")
+
     def insert_new_rows(
         self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
     ) -> None:
