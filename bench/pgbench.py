@@ -76,7 +76,7 @@ def run_postgres(
                         out["delta"][str(n)] = d
                         log(f"  PostgreSQL delta of {changes} at {n:,}: {d['ms']} ms")
                     if n == headline:
-                        out["push"] = scenarios.push(server, device, push_mutations)
+                        out["push"] = scenarios.push_runs(server, device, push_mutations, repeats)
                         log(f"  PostgreSQL push: {out['push'].get('mutations_per_s')} mutations/s")
                     out["server_peak_rss_mb"][str(n)] = server.peak_rss_mb()
                 pg.drop(url)

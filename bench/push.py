@@ -7,7 +7,10 @@ all in the measured user's scope), makes a device with a first sync, writes
 median; ``--postgres URL`` runs the server on PostgreSQL instead: the database
 named in the URL must exist and may be written; the runner creates the
 databases ``syncunit_push_src`` (generated once) and ``syncunit_push_run``
-(copied from it for every run) beside it. Never part of the test suite.
+(copied from it for every run) beside it. ``--refused`` measures a second push
+of as many rows into the slots the first one booked: the double-booking rule
+refuses every one (the batch fails, each mutation goes one by one and is
+answered with its reason). Never part of the test suite.
 """
 
 from __future__ import annotations
@@ -60,8 +63,12 @@ def _pg_database(url: str, rows: int) -> str:
     return run
 
 
-def run_once(rows: int, mutations: int, postgres: str | None) -> dict[str, Any]:
-    """One push of ``mutations`` new rows against a fresh ``rows``-row server."""
+def run_once(
+    rows: int, mutations: int, postgres: str | None, refused: bool = False
+) -> dict[str, Any]:
+    """One push of ``mutations`` new rows against a fresh ``rows``-row server; with
+    ``refused``, a second push of as many rows into the slots the first one booked,
+    measured (the rule refuses every one)."""
     from bench import scenarios
     from bench.datasets import server_db_copy
     from bench.serverproc import ServerProcess
@@ -72,7 +79,10 @@ def run_once(rows: int, mutations: int, postgres: str | None) -> dict[str, Any]:
         db = work / "unused.sqlite" if url else server_db_copy(rows, work)[0]
         with ServerProcess(db, url=url, log=work / "server.log") as server:
             scenarios.initial_sync(server, work / "device.sqlite", None)
-            return scenarios.push(server, work / "device.sqlite", mutations)
+            first = scenarios.push(server, work / "device.sqlite", mutations)
+            if not refused:
+                return first
+            return scenarios.push(server, work / "device.sqlite", mutations, taken=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -83,11 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mutations", type=int, default=10_000, help="new rows pushed")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--postgres", help="a PostgreSQL URL: run the server there")
+    p.add_argument(
+        "--refused",
+        action="store_true",
+        help="measure a push the double-booking rule refuses as a whole",
+    )
     args = p.parse_args(argv)
     ensure_paths()
     runs = []
     for _ in range(args.runs):
-        out = run_once(args.rows, args.mutations, args.postgres)
+        out = run_once(args.rows, args.mutations, args.postgres, args.refused)
         runs.append(out)
         print(json.dumps(out), flush=True)
     rates = [r["mutations_per_s"] for r in runs if r.get("mutations_per_s")]

@@ -41,8 +41,11 @@ def ratios(r: Report) -> dict[str, Any]:
     pairs = r.get("delta_pairs") or {}
     paired = _get(pairs, str(pairs["sizes"][-1]), "pair_ratio_median") if pairs else None
     push_rate = _get(r, "push", "mutations_per_s")
+    limit_apart = _div(init.get("rows_per_s"), _get(lim, "sqlite_insert", "rows_per_s"))
     return {
-        "initial_vs_limit": _div(init.get("rows_per_s"), _get(lim, "sqlite_insert", "rows_per_s")),
+        # Each sync with a limit run right after it (``limit_pairs``) where the run has them.
+        "initial_vs_limit": init.get("limit_pair_ratio_median", limit_apart),
+        "initial_vs_limit_apart": limit_apart,
         "initial_vs_kinto": _div(init.get("rows_per_s"), kpull.get("records_per_s")),
         "bytes_vs_kinto": _div(init.get("bytes_per_row"), kpull.get("bytes_per_record")),
         "bytes_vs_kinto_gzip": _div(

@@ -288,8 +288,11 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
                 log(f"  fastest chunk size: {chunk}")
             if n in cfg.initial_sizes:
                 repeats = cfg.repeats if n == head else 1
+                # At the headline size, the limit right after each sync: the machine's
+                # speed drifts over minutes by more than the margin to the target.
+                limit = scenarios.limit_probe(db, workdir, chunk or 2000) if n == head else None
                 report["initial"][str(n)] = scenarios.initial_runs(
-                    server, workdir, n, chunk, repeats, log
+                    server, workdir, n, chunk, repeats, log, limit
                 )
             else:
                 scenarios.initial_sync(server, device, chunk)
@@ -311,9 +314,12 @@ def run(cfg: Config, workdir: Path, console: Console) -> dict[str, Any]:
                 )
                 report["anti_pattern"] = ap
                 log(f"  delete-all/create-all: {ap['seconds']:.2f}s, {ap['bytes']:,} bytes")
-                report["push"] = scenarios.push(server, device, cfg.push_mutations)
+                report["push"] = scenarios.push_runs(
+                    server, device, cfg.push_mutations, cfg.repeats
+                )
                 log(
-                    f"  push: {report['push'].get('mutations_per_s')} mutations/s "
+                    f"  push: {report['push'].get('mutations_per_s')} mutations/s (median of"
+                    f" {report['push'].get('runs_mutations_per_s')}) "
                     f"{report['push'].get('note', '')}"
                 )
             report["server_peak_rss_mb"][str(n)] = server.peak_rss_mb()
