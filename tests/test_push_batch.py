@@ -179,6 +179,53 @@ def test_a_refused_batch_goes_on_one_by_one_after_what_came_before_is_committed(
     assert _rows(batched) == _rows(single)
 
 
+def test_a_refused_mutation_after_a_batch_commits_what_came_before(servers, monkeypatch, batches):
+    """The same after a batch that passed: the first refused mutation behind it rolls
+    back a savepoint of a transaction that changed its schema; the request so far
+    (that mutation's verdict included) is committed, and the rest goes on in a
+    transaction of its own."""
+    batched, single = servers
+    first = [_ins(i, f"a{i:03}") for i in range(1, 6)]
+    taken = [  # each renames a row to the title of the next one: refused by the rule
+        Mutation(
+            seq=5 + j,
+            id=f"m{5 + j}",
+            table="LocalNote",
+            key=f"a{j:03}",
+            op="update",
+            values={"title": f"t-a{j + 1:03}"},
+            changed=["title"],
+            base={"title": f"t-a{j:03}"},
+        )
+        for j in range(1, 4)
+    ]
+    mutations = [*first, *taken]
+    real = batched.pusher._apply_one
+    calls: list[int] = []
+
+    def cut_off(*args: Any, **kwargs: Any) -> MutationResult:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the server process ends here")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(batched.pusher, "_apply_one", cut_off)
+        with pytest.raises(RuntimeError):
+            _push(batched, mutations, monkeypatch, batch=True)
+    assert batches == [True]
+    with batched.store.engine.connect() as conn:
+        last = conn.execute(sa.text("SELECT last_seq FROM syncunit_clients")).scalar_one()
+    assert last == 6  # the batch and the first refusal; the second was rolled back with the cut
+
+    again = _push(batched, mutations, monkeypatch, batch=True)
+    want = _push(single, mutations, monkeypatch, batch=False)
+
+    assert again == want
+    assert [r.code for r in again[5:]] == ["rule"] * 3
+    assert _rows(batched) == _rows(single)
+
+
 def test_out_of_scope_invalid_and_existing_rows_fall_back_and_match(servers, monkeypatch, batches):
     for server in servers:
         with server.store.engine.begin() as conn:

@@ -4,8 +4,9 @@ All mutations of a request are applied in one write transaction together with
 the client's last applied sequence number and a log of each result, so a
 request retried after a lost response replays the logged results instead of
 applying anything twice. (On a store whose batches change the schema, SQLite,
-a refused batch's mutations go one by one in a second transaction, after the
-first has committed what came before them with its log: see ``_apply``.) A
+the first refusal after a batch, the batch's own or a mutation's, commits what
+came before it with its log, and the request goes on in a second transaction:
+see ``_apply``.) A
 request that skips sequence numbers waits a moment for the requests before it
 (a client may send its next batch, on another connection, before the answer to
 the one before has come) and is refused as a whole if they do not come (an
@@ -217,6 +218,13 @@ class PushApplier(MutationWrites):
             logged: list[tuple[str, int, str, bytes]] = []
             mutations = req.mutations
             tried = 0  # index below which a batch was tried (and failed: one by one)
+            # A batch changed the schema in this transaction (``batch_changes_schema``),
+            # and SQLite then reads the whole schema again after every savepoint
+            # rollback in it, even once the change is rolled back (0.6 ms each with
+            # the example's triggers). After the first such rollback (the refused batch's
+            # own, or a refused mutation's), what is applied so far is committed with
+            # its log and seq, and the request goes on in a transaction of its own.
+            changed_schema = False
             i = 0
             while i < len(mutations):
                 m = mutations[i]
@@ -228,6 +236,7 @@ class PushApplier(MutationWrites):
                     run = self._insert_run(mutations, i, writable)
                     tried = i + max(1, len(run[1]) if run else 1)
                     prepared = None if run is None else prepare_batch(self, *run)
+                    changed_schema |= prepared is not None and self.store.batch_changes_schema
                     if run is not None and write_batch(self, conn, principal, *run, prepared):
                         # The whole run applied: its results and log rows in one go.
                         done = [
@@ -239,20 +248,17 @@ class PushApplier(MutationWrites):
                         last = done[-1].seq
                         i = tried
                         continue
-                    if prepared is not None and self.store.batch_changes_schema:
-                        # The refused batch changed the schema in this transaction, and
-                        # SQLite would read the whole schema again after each rollback
-                        # of a refused mutation below (0.6 ms each with the example's
-                        # triggers): what is applied so far is committed, and the run
-                        # goes on in a transaction of its own.
-                        self._record(conn, req.client_id, logged, last, now)
-                        logged = []
-                        self.store.continue_anew(conn)
+                    if prepared is not None and changed_schema:  # its savepoint rolled back
+                        self._commit_so_far(conn, req.client_id, logged, last, now)
+                        changed_schema = False
                 result = self._apply_one(conn, principal, m, unit.name, writable)
                 logged.append((req.client_id, m.seq, m.id, _result_enc.encode(result)))
                 results.append(result)
                 last = m.seq
                 i += 1
+                if changed_schema and result.status != "applied":  # rolled back, mostly
+                    self._commit_so_far(conn, req.client_id, logged, last, now)
+                    changed_schema = False
             self._record(conn, req.client_id, logged, last, now)
             conn.execute(
                 mutation_log.delete().where(
@@ -261,6 +267,20 @@ class PushApplier(MutationWrites):
                 )
             )
         return PushResults(results=results, last_seq=last)
+
+    def _commit_so_far(
+        self,
+        conn: Connection,
+        client_id: str,
+        logged: list[tuple[str, int, str, bytes]],
+        last: int,
+        now: str,
+    ) -> None:
+        """Commit the request so far (``_record``, then emptied ``logged``) and go on in
+        a new transaction."""
+        self._record(conn, client_id, logged, last, now)
+        logged.clear()
+        self.store.continue_anew(conn)
 
     @staticmethod
     def _record(
