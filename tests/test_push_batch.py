@@ -102,6 +102,26 @@ def _versions(server: SyncServer) -> int:
         return int(conn.execute(q).scalar_one())
 
 
+def _cut_off(
+    server: SyncServer, mutations: list[Mutation], monkeypatch: pytest.MonkeyPatch, at: int
+) -> None:
+    """Push ``mutations`` (batches on) as a server process that ends at the ``at``-th
+    mutation applied one by one."""
+    real = server.pusher._apply_one
+    calls: list[int] = []
+
+    def cut_off(*args: Any, **kwargs: Any) -> MutationResult:
+        calls.append(1)
+        if len(calls) == at:
+            raise RuntimeError("the server process ends here")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(server.pusher, "_apply_one", cut_off)
+        with pytest.raises(RuntimeError):
+            _push(server, mutations, monkeypatch, batch=True)
+
+
 def _same_both_ways(servers, monkeypatch, mutations) -> list[MutationResult]:
     batched, single = servers
     got = _push(batched, mutations, monkeypatch, batch=True)
@@ -149,19 +169,7 @@ def test_a_refused_batch_goes_on_one_by_one_after_what_came_before_is_committed(
     gone = Mutation(seq=6, id="m6", table="LocalNote", key="a001", op="delete")
     clashing = [_ins(i, f"b{i:03}", title="t-a002" if i == 9 else None) for i in range(7, 13)]
     mutations = [*first, gone, *clashing]
-    real = batched.pusher._apply_one
-    calls: list[int] = []
-
-    def cut_off(*args: Any, **kwargs: Any) -> MutationResult:
-        calls.append(1)
-        if len(calls) == 3:  # the delete, then the first of the refused batch's run
-            raise RuntimeError("the server process ends here")
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(batched.pusher, "_apply_one", cut_off)
-        with pytest.raises(RuntimeError):
-            _push(batched, mutations, monkeypatch, batch=True)
+    _cut_off(batched, mutations, monkeypatch, 3)  # the delete, then the run's first
     assert batches == [True, False]
     with batched.store.engine.connect() as conn:
         last = conn.execute(sa.text("SELECT last_seq FROM syncunit_clients")).scalar_one()
@@ -200,19 +208,7 @@ def test_a_refused_mutation_after_a_batch_commits_what_came_before(servers, monk
         for j in range(1, 4)
     ]
     mutations = [*first, *taken]
-    real = batched.pusher._apply_one
-    calls: list[int] = []
-
-    def cut_off(*args: Any, **kwargs: Any) -> MutationResult:
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("the server process ends here")
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(batched.pusher, "_apply_one", cut_off)
-        with pytest.raises(RuntimeError):
-            _push(batched, mutations, monkeypatch, batch=True)
+    _cut_off(batched, mutations, monkeypatch, 3)
     assert batches == [True]
     with batched.store.engine.connect() as conn:
         last = conn.execute(sa.text("SELECT last_seq FROM syncunit_clients")).scalar_one()

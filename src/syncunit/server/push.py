@@ -225,6 +225,12 @@ class PushApplier(MutationWrites):
             # own, or a refused mutation's), what is applied so far is committed with
             # its log and seq, and the request goes on in a transaction of its own.
             changed_schema = False
+
+            def commit_so_far() -> None:
+                self._record(conn, req.client_id, logged, last, now)
+                logged.clear()
+                self.store.continue_anew(conn)
+
             i = 0
             while i < len(mutations):
                 m = mutations[i]
@@ -249,7 +255,7 @@ class PushApplier(MutationWrites):
                         i = tried
                         continue
                     if prepared is not None and changed_schema:  # its savepoint rolled back
-                        self._commit_so_far(conn, req.client_id, logged, last, now)
+                        commit_so_far()
                         changed_schema = False
                 result = self._apply_one(conn, principal, m, unit.name, writable)
                 logged.append((req.client_id, m.seq, m.id, _result_enc.encode(result)))
@@ -257,7 +263,7 @@ class PushApplier(MutationWrites):
                 last = m.seq
                 i += 1
                 if changed_schema and result.status != "applied":  # rolled back, mostly
-                    self._commit_so_far(conn, req.client_id, logged, last, now)
+                    commit_so_far()
                     changed_schema = False
             self._record(conn, req.client_id, logged, last, now)
             conn.execute(
@@ -267,20 +273,6 @@ class PushApplier(MutationWrites):
                 )
             )
         return PushResults(results=results, last_seq=last)
-
-    def _commit_so_far(
-        self,
-        conn: Connection,
-        client_id: str,
-        logged: list[tuple[str, int, str, bytes]],
-        last: int,
-        now: str,
-    ) -> None:
-        """Commit the request so far (``_record``, then emptied ``logged``) and go on in
-        a new transaction."""
-        self._record(conn, client_id, logged, last, now)
-        logged.clear()
-        self.store.continue_anew(conn)
 
     @staticmethod
     def _record(
