@@ -6,11 +6,10 @@ request retried after a lost response replays the logged results instead of
 applying anything twice. (On a store whose batches change the schema, SQLite,
 the first refusal after a batch, the batch's own or a mutation's, commits what
 came before it with its log, and the request goes on in a second transaction:
-see ``_apply``.) A
-request that skips sequence numbers waits a moment for the requests before it
-(a client may send its next batch, on another connection, before the answer to
-the one before has come) and is refused as a whole if they do not come (an
-earlier one was lost).
+see ``_apply``.) A request that skips sequence numbers waits a moment for the
+requests before it (a client may send its next batch, on another connection,
+before the answer to the one before has come) and is refused as a whole if they
+do not come (an earlier one was lost).
 
 Write authorization is checked here, where every entry point of a push passes
 (the HTTP app today, other front ends later): the principal must be allowed the
