@@ -331,6 +331,8 @@ def test_concurrent_pushes_of_one_client_to_two_processes_apply_once(server, sto
 def test_truncate_resets_the_tables_streams(live, store, client, plain_sql, in_sync):
     client.sync("Login")
     assert local_keys(client, "LocalAppointment")
+    with store.engine.connect() as conn:
+        horizon = store.facts(conn).get("horizon")
     plain_sql("TRUNCATE appointment")
 
     result = client.sync("Login")
@@ -338,6 +340,44 @@ def test_truncate_resets_the_tables_streams(live, store, client, plain_sql, in_s
     assert "appointments" in result.resets
     assert local_keys(client, "LocalAppointment") == set()
     in_sync(client, "Login")
+    # Only the streams that read the table: the doctors stream goes on with a delta.
+    assert "doctors" not in result.resets
+    assert result.rows_in.get("LocalDoctor", 0) == 0
+    with store.engine.connect() as conn:
+        assert store.facts(conn).get("horizon") == horizon
+
+
+_GLOBAL_TRUNCATE = """CREATE OR REPLACE FUNCTION syncunit_truncated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO syncunit_meta (key, value) VALUES ('horizon', pg_current_xact_id()::text::bigint)
+  ON CONFLICT (key) DO UPDATE SET value = GREATEST(syncunit_meta.value::bigint,
+                                                  EXCLUDED.value::bigint)::text;
+  RETURN NULL;
+END $$"""
+
+
+def test_a_database_from_before_migration_3_truncates_per_table_once_started(
+    store, plain_sql, server_db_url
+):
+    """Its TRUNCATE trigger moved the global horizon (every stream reset); the next
+    start's migration gives it the one that moves only its table's."""
+    assert store.install(hospital_schema)
+    plain_sql(_GLOBAL_TRUNCATE)
+    plain_sql("UPDATE syncunit_meta SET value = '2' WHERE key = 'schema-version'")
+    plain_sql("TRUNCATE patient CASCADE")  # the old trigger: the global horizon moves
+    with store.engine.connect() as conn:
+        before = store.facts(conn)
+    assert int(before["horizon"]) > 0
+
+    assert store.install(hospital_schema)  # the migration (tracking itself is intact)
+    plain_sql("TRUNCATE appointment")
+
+    with store.engine.connect() as conn:
+        facts = store.facts(conn)
+    assert facts["schema-version"] == "3"
+    assert facts["horizon"] == before["horizon"]
+    assert int(facts["tracking:truncated:appointment"]) > int(before["horizon"])
 
 
 def test_an_open_transaction_holds_the_watermark_and_shows_as_lag(server, store, server_db_url):

@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION_FACT = "schema-version"
 TRACKING_PREFIX = "tracking:"
+#: Per table, the version of its last TRUNCATE (PostgreSQL): the streams reading it
+#: re-download from below it. Inside the tracking facts' key range, so a change of it
+#: is seen where they are read.
+TRUNCATED_PREFIX = TRACKING_PREFIX + "truncated:"
 
 # -- numbered migrations of syncunit's own tables -------------------------------------------
 
@@ -115,6 +119,8 @@ class Migration:
 MIGRATIONS = [
     Migration(1, "syncunit's tables as of 0.1", lambda d: _create(_v1, d)),
     Migration(2, "index tombstones by age", _v2_tombstone_age_index),
+    # The store's part only: PostgreSQL's TRUNCATE trigger writes its table's horizon.
+    Migration(3, "a TRUNCATE resets the streams of its table only", lambda d: []),
 ]
 LATEST = MIGRATIONS[-1].number
 
@@ -237,9 +243,10 @@ def tracking_horizon(facts: Mapping[str, str], stream: Stream) -> int | None:
     """The lowest cursor version whose removals tombstones can prove for ``stream``.
 
     None when a column the stream needs is not kept at all (the tracking
-    installed was made for another definition of the streams).
+    installed was made for another definition of the streams). A TRUNCATE of
+    one of its tables (no tombstones) raises it to that TRUNCATE's version.
     """
-    horizon = 0
+    horizon = max((int(facts.get(TRUNCATED_PREFIX + t.name, 0)) for t in stream.tables), default=0)
     for table, cols in stream_needs(stream).items():
         raw = facts.get(TRACKING_PREFIX + table)
         if raw is None:

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.errors import DatabaseRestored
-from syncunit.server.migrations import TableTracking
+from syncunit.server.migrations import TRUNCATED_PREFIX, TableTracking
 from syncunit.server.store import ServerStore, WatermarkLag, tombstones
 from syncunit.units import (
     CREATED_AT,
@@ -68,6 +68,20 @@ INSTALL_LOCK = 0x73796E63
 PUSH_LOCK = 0x73796E64
 #: Tombstones deleted per transaction when pruning (short transactions, small locks).
 PRUNE_BATCH = 5000
+
+#: TRUNCATE removes rows without row triggers: every cursor older than this transaction
+#: of a stream that reads the table must re-download. The version goes into the fact
+#: ``TRUNCATED_PREFIX + table`` (``ServerStore.stream_horizon`` reads it); before
+#: migration 3 it went into the global horizon, which reset every stream.
+_TRUNCATED = f"""CREATE OR REPLACE FUNCTION syncunit_truncated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO syncunit_meta (key, value)
+  VALUES ('{TRUNCATED_PREFIX}' || TG_TABLE_NAME, {_XID}::text)
+  ON CONFLICT (key) DO UPDATE SET value = GREATEST(syncunit_meta.value::bigint,
+                                                  EXCLUDED.value::bigint)::text;
+  RETURN NULL;
+END $$"""
 
 _FUNCTIONS = [
     # Every insert and update, whoever writes: the writing transaction's id.
@@ -115,15 +129,7 @@ BEGIN
   END IF;
   RETURN NEW;
 END $$""",
-    # TRUNCATE removes rows without row triggers: every cursor older than this
-    # transaction must re-download (the horizon moves to it).
-    f"""CREATE OR REPLACE FUNCTION syncunit_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  INSERT INTO syncunit_meta (key, value) VALUES ('horizon', {_XID}::text)
-  ON CONFLICT (key) DO UPDATE SET value = GREATEST(syncunit_meta.value::bigint,
-                                                  EXCLUDED.value::bigint)::text;
-  RETURN NULL;
-END $$""",
+    _TRUNCATED,
 ]
 
 
@@ -255,6 +261,8 @@ class PostgresStore(ServerStore):
                 " ('epoch', substr(md5(random()::text || clock_timestamp()::text), 1, 16))"
                 " ON CONFLICT (key) DO NOTHING"
             ]
+        if number == 3:
+            return [_TRUNCATED]
         return []
 
     def lock_for_install(self, conn: Connection) -> None:
@@ -299,8 +307,9 @@ class PostgresStore(ServerStore):
         * after each delete, and each update that changes a kept column (key or
           scope): a tombstone with the old values of the kept columns; the
           function takes the logical table name and those columns as arguments;
-        * after a TRUNCATE: the horizon moves to this transaction, so every
-          cursor from before re-downloads (no row triggers fire);
+        * after a TRUNCATE: the table's horizon moves to this transaction, so
+          every cursor from before of a stream reading it re-downloads (no row
+          triggers fire);
         * creation: the stamp writes the snapshot in ``syncunit_created_stamp``
           on insert (its argument says the table has the column); one more
           trigger, only when an update changes the key or that column, writes
