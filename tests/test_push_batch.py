@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import syncunit.server.push as push_module
 from syncunit.policies import BatchContext, MutationContext, set_check
 from syncunit.protocol import Mutation, MutationResult, SyncRequest
-from syncunit.server import Principal, SyncServer
+from syncunit.server import Principal, SyncServer, TokenAuth
 from tests.support import owner_push_server
 
 U1 = Principal("user-1", {"owner": "u1"})
@@ -220,6 +220,43 @@ def test_a_refused_mutation_after_a_batch_commits_what_came_before(servers, monk
     assert again == want
     assert [r.code for r in again[5:]] == ["rule"] * 3
     assert _rows(batched) == _rows(single)
+
+
+def test_a_request_applied_by_another_process_between_the_two_is_answered_from_the_log(
+    servers, tmp_path, monkeypatch, batches
+):
+    """Between the commit and the next transaction, another server process on the same
+    database may take the write lock: with this very request, sent again after a lost
+    answer. It applies the rest; this one then answers those from the log, not twice."""
+    batched, single = servers
+    mutations = [
+        *(_ins(i, f"a{i:03}") for i in range(1, 6)),  # a batch that passes
+        Mutation(seq=6, id="m6", table="LocalNote", key="a001", op="delete"),
+        *(_ins(i, f"b{i:03}", title="t-a002" if i == 9 else None) for i in range(7, 13)),
+    ]
+    req = SyncRequest(protocol=1, client_id="device", mutations=mutations)
+    url = batched.store.engine.url.render_as_string()
+    # A second process: its own engine and writer lock.
+    other = SyncServer(batched.schema, url, authenticate=TokenAuth({"t1": U1}), install=False)
+    theirs: list[MutationResult] = []
+
+    def raced(conn: Any) -> None:  # SQLiteStore.continue_anew, the other one in between
+        conn.commit()
+        theirs.extend(other.pusher.apply(U1, req, other.schema.units["Push"]).results)
+        conn.begin()
+
+    monkeypatch.setattr(batched.store, "continue_anew", raced)
+    ours = _push(batched, mutations, monkeypatch, batch=True)
+    other.store.engine.dispose()
+    want = _push(single, mutations, monkeypatch, batch=False)
+
+    assert theirs == want
+    assert ours == want  # the rest answered from the log: the same verdicts, nothing twice
+    assert _rows(batched) == _rows(single)
+    with batched.store.engine.connect() as conn:
+        logged = conn.execute(sa.text("SELECT seq FROM syncunit_mutations ORDER BY seq")).all()
+    assert [r.seq for r in logged] == list(range(1, 13))
+    assert batches == [True, False, False]  # ours, ours refused, theirs refused
 
 
 def test_out_of_scope_invalid_and_existing_rows_fall_back_and_match(servers, monkeypatch, batches):

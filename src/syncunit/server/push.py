@@ -225,10 +225,15 @@ class PushApplier(MutationWrites):
             # its log and seq, and the request goes on in a transaction of its own.
             changed_schema = False
 
-            def commit_so_far() -> None:
+            def commit_so_far() -> int:
+                """Commit, begin again; the client's last applied seq now: another server
+                process may have applied this request meanwhile (sent again after a lost
+                answer), and the loop then answers its mutations from the log."""
                 self._record(conn, req.client_id, logged, last, now)
                 logged.clear()
                 self.store.continue_anew(conn)
+                seq = sa.select(clients.c.last_seq).where(clients.c.client_id == req.client_id)
+                return int(conn.execute(seq).scalar_one())
 
             i = 0
             while i < len(mutations):
@@ -254,15 +259,16 @@ class PushApplier(MutationWrites):
                         i = tried
                         continue
                     if prepared is not None and changed_schema:  # its savepoint rolled back
-                        commit_so_far()
+                        last = commit_so_far()
                         changed_schema = False
+                        continue  # the run one by one (or from the log: see commit_so_far)
                 result = self._apply_one(conn, principal, m, unit.name, writable)
                 logged.append((req.client_id, m.seq, m.id, _result_enc.encode(result)))
                 results.append(result)
                 last = m.seq
                 i += 1
                 if changed_schema and result.status != "applied":  # rolled back, mostly
-                    commit_so_far()
+                    last = commit_so_far()
                     changed_schema = False
             self._record(conn, req.client_id, logged, last, now)
             conn.execute(
