@@ -115,13 +115,11 @@ def limit_probe(server_db: Path, workdir: Path, chunk_size: int) -> Callable[[],
     columns, rows = bounds.stored_rows(bounds.server_encode(server_db, chunk_size))
 
     def run() -> float:
+        db = workdir / "pair-limit.sqlite"
         try:
-            seconds: float = bounds.sqlite_limit(columns, rows, workdir / "pair-limit.sqlite")[
-                "seconds"
-            ]
+            seconds: float = bounds.sqlite_limit(columns, rows, db)["seconds"]
         finally:
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                Path(f"{workdir / 'pair-limit.sqlite'}{suffix}").unlink(missing_ok=True)
+            bounds._fresh(db)
         return seconds
 
     return run
