@@ -16,11 +16,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from hospital.models import appointment
+from hospital.units import schema as hospital_schema
 
 from syncunit.client import SyncClient
 from syncunit.errors import LocalStoreError
+from syncunit.protocol import SnapshotOffer
 from syncunit.server import SyncServer
-from tests.support import LiveServer
+from tests.support import LiveServer, TapTransport, assert_in_sync, principal_params
 
 KEY = "correct horse battery staple"
 
@@ -143,3 +145,65 @@ def test_driver_errors_of_a_sqlcipher_connection_become_local_store_errors(
 
     with pytest.raises(LocalStoreError, match="PRAGMA key"):
         LocalStore(_open_encrypted(path, "the wrong key"))
+
+
+# -- snapshots: plain SQLite files, so never beside an encrypted store -----------------------
+
+
+@pytest.fixture
+def snap_live(
+    make_server: Callable[..., SyncServer], live: LiveServer, tmp_path: Path
+) -> SyncServer:
+    """The hospital server with a snapshot of each Login stream built for token-h1."""
+    server = make_server(snapshot_dir=tmp_path / "snapshots", snapshot_min_rows=1)
+    live.app = server.app
+    assert server.snapshots is not None
+    params = principal_params(server.store, "token-h1")
+    for stream in hospital_schema.units["Login"].streams:
+        server.snapshots.build(stream, params)
+    return server
+
+
+def _beside(path: Path) -> list[str]:
+    """The files in the device's folder other than its database (and its WAL, SHM)."""
+    return sorted(p.name for p in path.parent.iterdir() if not p.name.startswith(path.name))
+
+
+@pytest.mark.parametrize("offered_anyway", [False, True])
+def test_an_encrypted_store_takes_no_snapshot_and_copies_row_by_row(
+    snap_live: SyncServer, live: LiveServer, tmp_path: Path, offered_anyway: bool
+) -> None:
+    """A snapshot is a plain SQLite file: downloaded beside an encrypted store it would
+    hold the scope's rows in the clear. The client does not ask for one; a server that
+    offers one anyway (``offered_anyway``: the client asks as if it could) gets the
+    request again without them, and nothing is downloaded."""
+    device = tmp_path / "device" / "secret.sqlite"
+    device.parent.mkdir()
+    tap = TapTransport()
+    client = SyncClient(live.url, _open_encrypted(device, KEY), token="token-h1", transport=tap)
+    try:
+        assert client.store.encrypted
+        assert not client.snapshots
+        client.snapshots = offered_anyway
+        result = client.sync("Login")
+        offers = [f for frames in tap.responses for f in frames if isinstance(f, SnapshotOffer)]
+        assert len(offers) == (2 if offered_anyway else 0)
+        assert [m for m, _, _ in tap.log] == ["POST"] * (2 if offered_anyway else 1)
+        assert result.snapshots == []
+        assert_in_sync(snap_live, client, "token-h1", "Login")
+        assert _beside(device) == []  # no download, no decompressed file
+    finally:
+        client.close()
+
+
+def test_only_a_keyed_sqlcipher_connection_counts_as_encrypted(tmp_path: Path) -> None:
+    from syncunit.client.store import LocalStore
+
+    keyed = LocalStore(_open_encrypted(tmp_path / "keyed.sqlite", KEY))
+    unkeyed = LocalStore(_sqlcipher().connect(str(tmp_path / "plain.sqlite")))
+    standard = LocalStore(tmp_path / "standard.sqlite")
+    try:
+        assert [keyed.encrypted, unkeyed.encrypted, standard.encrypted] == [True, False, False]
+    finally:
+        for store in (keyed, unkeyed, standard):
+            store.close()

@@ -74,7 +74,8 @@ class SyncClient:
     ones). ``chunk_size`` asks the server for a chunk size.
     ``local_db`` is a file path, ``":memory:"``, a ``LocalStore``, or an open
     sqlite3-compatible connection (for example from ``sqlcipher3``, keyed, for an
-    encrypted local store).
+    encrypted local store). ``snapshots`` accepts prebuilt files for large first
+    copies (never on an encrypted store: the file would hold its rows in the clear).
     """
 
     def __init__(
@@ -141,7 +142,8 @@ class SyncClient:
         self.encoding: Encoding = encoding
         self.chunk_size = chunk_size
         #: Accept a prebuilt file for a large first copy (falls back to rows by itself).
-        self.snapshots = snapshots and bootstrap.can_apply()
+        #: Never for an encrypted store: the file would hold its rows in the clear on disk.
+        self.snapshots = snapshots and bootstrap.can_apply() and not self.store.encrypted
         self.on_progress = on_progress
         headers = {"Accept-Encoding": ACCEPT_ENCODING, "User-Agent": "syncunit-client/0.1"}
         self._token_provider: TokenProvider | None = None

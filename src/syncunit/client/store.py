@@ -92,6 +92,13 @@ def driver_errors(conn: Any) -> tuple[type[Exception], ...]:
     return (sqlite3.Error,)
 
 
+def _keyed(conn: Any) -> bool:
+    """Whether ``conn`` is a SQLCipher connection with a key set (``cipher_status`` 1;
+    the standard module, and SQLCipher without a key, answer nothing or 0)."""
+    row = conn.execute("PRAGMA cipher_status").fetchone()
+    return row is not None and str(row[0]) == "1"
+
+
 class LocalStore(ChunkApply):
     """A local SQLite database managed by syncunit; the app may read and write it too.
 
@@ -133,6 +140,9 @@ class LocalStore(ChunkApply):
             # INSERT OR REPLACE fires the delete trigger for the row it replaces.
             self.conn.execute("PRAGMA recursive_triggers=ON")
             self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            #: The file is encrypted (SQLCipher with a key): nothing the engine writes
+            #: beside it (a snapshot file) may hold its rows in the clear.
+            self.encrypted = _keyed(self.conn)
         except self.errors as exc:
             hint = ""
             if "not a database" in str(exc):
