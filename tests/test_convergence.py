@@ -12,7 +12,10 @@ When the faults heal and the queues drain:
 
 * every device holds exactly the server's rows for its principal;
 * every local insert was applied exactly once, or is listed as rejected or
-  conflicting, or is parked for its principal (a user switch offline);
+  conflicting, or is parked for its principal (a user switch offline); the
+  server's rule refuses new notes whose title holds ``cc``, and none of those is
+  applied. Runs of new notes are written as batches (the rule has a set-based
+  form), and a batch with a refused note goes one by one;
 * no row deleted on the server came back.
 
 Bounded in CI. ``SYNCUNIT_FUZZ_STEPS=10000`` runs at least that many steps
@@ -40,7 +43,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from syncunit.client import SyncClient
 from syncunit.errors import ProblemError, SyncError
-from syncunit.policies import Detect
+from syncunit.policies import BatchContext, Detect, MutationContext, set_check
 from syncunit.server.limits import Limits
 from tests.faults import KINDS, SeededFaults
 from tests.support import LiveServer
@@ -55,6 +58,8 @@ STEPS_PER_RUN = 50 if STEPS else 25
 # Hypothesis ends some runs early (about 42 steps of 50 on average): a margin.
 RUNS = max(1, -(-STEPS * 3 // (STEPS_PER_RUN * 2))) if STEPS else 6
 TOKENS = {"u1": "t1", "u2": "t2"}
+#: New notes whose title holds this are refused by the server's rule (``no_cc``).
+REFUSED = "cc"
 OWNERS = ["u1", "u1", "u2"]
 #: What the last run did, for docs/reliability.md (summed over all runs of a session).
 TOTALS: dict[str, int] = {}
@@ -74,6 +79,25 @@ def _stale(catalog: Any) -> Any:
 _SHARED: dict[str, Any] = {}
 
 
+def _refused_batch(batch: BatchContext) -> bool:
+    TOTALS["refused-batches"] = TOTALS.get("refused-batches", 0) + 1
+    return False
+
+
+def _no_cc_at_once(batch: BatchContext) -> bool:
+    return not any(REFUSED in r["title"] for r in batch.rows) or _refused_batch(batch)
+
+
+@set_check(_no_cc_at_once)
+def no_cc(ctx: MutationContext) -> str | None:
+    """New notes whose title holds ``cc`` are refused: a rule that says no, in batches
+    of new rows too (the batch then goes one by one; on SQLite the request is split in
+    two transactions at that point)."""
+    if ctx.op == "insert" and REFUSED in ctx.row["title"]:
+        return f"a new note's title may not hold {REFUSED!r}"
+    return None
+
+
 def _server() -> NotesApp:
     """One live notes server for every run of the model (a run starts by emptying it)."""
     if "app" not in _SHARED:
@@ -82,7 +106,9 @@ def _server() -> NotesApp:
         # The model's devices sync far faster than people: no rate limit (admission has
         # its own tests); a 429 is still waited out at the end (``_sync_through``).
         limits = Limits(requests_per_second=1e6, request_burst=10**6)
-        _SHARED["app"] = NotesApp(tmp, LiveServer, policy=Detect(), limits=limits)
+        _SHARED["app"] = NotesApp(
+            tmp, LiveServer, policy=Detect(), rules=[no_cc], batches=True, limits=limits
+        )
     app: NotesApp = _SHARED["app"]
     app.backoffice("DELETE FROM note")
     app.backoffice("DELETE FROM audit")
@@ -112,6 +138,9 @@ class Devices(RuleBasedStateMachine):
         self.faults: list[SeededFaults] = []
         self.owner: list[str] = []
         self.inserted: dict[str, int] = {}  # key -> device that inserted it
+        self.titles: dict[str, str] = {}  # key -> the title it was inserted with
+        self.retitled: set[str] = set()
+        self.batches_before = self.app.batches
         self.deleted_on_server: set[str] = set()
         self.n = 0
         self.steps = 0
@@ -151,12 +180,25 @@ class Devices(RuleBasedStateMachine):
         key = self._key()
         self.devices[d].insert("LocalNote", {"id": key, "owner": self.owner[d], "title": title})
         self.inserted[key] = d
+        self.titles[key] = title
+
+    @rule(
+        d=st.integers(0, 2),
+        titles=st.lists(st.text("abc", max_size=3), min_size=4, max_size=9),
+        spoil=st.booleans(),
+    )
+    def local_inserts(self, d: int, titles: list[str], spoil: bool) -> None:
+        """Several new notes in a row: the server writes such runs as one batch (``spoil``:
+        one of them is refused, and the batch goes one by one)."""
+        for i, title in enumerate(titles):
+            self.local_insert(d, title + REFUSED if spoil and i == len(titles) // 2 else title)
 
     @rule(d=st.integers(0, 2), pick=st.integers(0, 100), title=st.text("xyz", max_size=3))
     def local_update(self, d: int, pick: int, title: str) -> None:
         key = self._pick(d, pick)
         if key is not None:
             self.devices[d].update("LocalNote", key, {"title": title, "n": pick})
+            self.retitled.add(key)  # its insert, if not pushed yet, goes with this title
 
     @rule(d=st.integers(0, 2), pick=st.integers(0, 100))
     def local_delete(self, d: int, pick: int) -> None:
@@ -236,6 +278,7 @@ class Devices(RuleBasedStateMachine):
                 for k, v in f.injected.items():
                     TOTALS[k] = TOTALS.get(k, 0) + v
             TOTALS["steps"] = TOTALS.get("steps", 0) + self.steps
+            TOTALS["batches"] = TOTALS.get("batches", 0) + self.app.batches - self.batches_before
             TOTALS["runs"] = TOTALS.get("runs", 0) + 1
             TOTALS["requests"] = TOTALS.get("requests", 0) + sum(f.requests for f in self.faults)
             for device in self.devices:
@@ -283,6 +326,8 @@ class Devices(RuleBasedStateMachine):
         for key, d in self.inserted.items():
             applied = inserts.get(key, 0)
             assert applied <= 1, f"{key} inserted {applied} times"
+            if key not in self.retitled:
+                assert not (applied and REFUSED in self.titles[key]), f"{key}: refused, applied"
             if applied == 0:
                 # Never applied: cancelled by a local delete before it went out, or
                 # surfaced (rejected, conflict) or parked for its principal.
@@ -308,6 +353,8 @@ def test_the_model_ran_and_injected_faults() -> None:
     if not TOTALS:
         pytest.skip("the model did not run in this session")
     print("model totals:", dict(sorted(TOTALS.items())))
+    assert TOTALS.get("batches", 0) > 0, "no push was written as a batch"
+    assert TOTALS.get("refused-batches", 0) > 0, "no batch was refused"
     assert TOTALS["steps"] >= max(STEPS, TOTALS["runs"])
     assert TOTALS["requests"] > 0
     assert sum(TOTALS.get(k, 0) for k in KINDS) > 0

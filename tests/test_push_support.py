@@ -6,7 +6,9 @@
 * ``NotesApp``: a small test-only schema (one ``note`` table, scoped by owner)
   served by a real ``SyncServer`` on its own database, with the conflict
   policy and rules a test asks for; an ``audit`` table counts how many times
-  the server really applied a change (a rule writes one row per application);
+  the server really applied a change (a rule writes one row per application;
+  with ``batches=True`` it has a set-based form too, so runs of new rows are
+  written as batches when every other rule has one);
 * raw requests: ``post_sync`` sends a ``SyncRequest`` with bare httpx.
 """
 
@@ -21,7 +23,7 @@ import httpx
 import sqlalchemy as sa
 
 from syncunit.client import SyncClient
-from syncunit.policies import ConflictPolicy, MutationContext, Rule
+from syncunit.policies import BatchContext, ConflictPolicy, MutationContext, Rule, set_check
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Frame,
@@ -186,6 +188,7 @@ class NotesApp:
         rules: Sequence[Rule] = (),
         name: str = "notes",
         database: str | None = None,
+        batches: bool = False,
         **server_options: Any,
     ) -> None:
         self.tmp_path = tmp_path
@@ -213,6 +216,18 @@ class NotesApp:
         def count_applications(ctx: MutationContext) -> str | None:
             ctx.conn.execute(audit.insert().values(note_id=ctx.key, op=ctx.op))
             return None
+
+        #: Batches of new rows the server wrote with the counting rule's set form.
+        self.batches = 0
+
+        def count_batch(batch: BatchContext) -> bool:
+            self.batches += 1
+            rows = [{"note_id": key, "op": "insert"} for key in batch.keys]
+            batch.conn.execute(audit.insert(), rows)
+            return True
+
+        if batches:  # runs of new rows go as batches (the rules' set forms decide)
+            count_applications = set_check(count_batch)(count_applications)
 
         self.stream = Stream(
             "notes",
