@@ -38,10 +38,10 @@ def alembic_config(url: str) -> Config:
 
 
 @pytest.fixture
-def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def database(new_database: Callable[[str], str], monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh database, migrated to head; the service's seed rows written with the ORM."""
     monkeypatch.delenv("FIELD_DATABASE_URL", raising=False)
-    url = f"sqlite:///{tmp_path / 'field.sqlite'}"
+    url = new_database("field")
     command.upgrade(alembic_config(url), "head")
     engine = sa.create_engine(url)
     with Session(engine) as s:
@@ -102,15 +102,55 @@ def _local_orders(device: SyncClient) -> dict[str, tuple[Any, ...]]:
     return {r[0]: tuple(r[1:]) for r in rows}
 
 
+def _triggers(conn: sa.Connection) -> set[tuple[str, str]]:
+    """(table, trigger) of every trigger in the database."""
+    if conn.dialect.name == "sqlite":
+        sql = "SELECT tbl_name, name FROM sqlite_master WHERE type = 'trigger'"
+    else:
+        sql = "SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE NOT tgisinternal"
+    return {(r[0], r[1]) for r in conn.exec_driver_sql(sql)}
+
+
+def _syncunit_objects(conn: sa.Connection) -> list[str]:
+    """Whatever in the database has syncunit in its name: tables, indexes, triggers,
+    functions, columns."""
+    if conn.dialect.name == "sqlite":
+        sql = "SELECT name FROM sqlite_master WHERE name LIKE '%syncunit%'"
+        columns = [
+            f"{t}.{c[1]}"
+            for (t,) in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'")
+            for c in conn.exec_driver_sql(f'PRAGMA table_info("{t}")')
+            if "syncunit" in c[1]
+        ]
+    else:
+        sql = (
+            "SELECT relname FROM pg_class WHERE relname LIKE '%syncunit%'"
+            " AND relnamespace = 'public'::regnamespace"
+            " UNION ALL SELECT tgname FROM pg_trigger WHERE tgname LIKE '%syncunit%'"
+            " UNION ALL SELECT proname FROM pg_proc WHERE proname LIKE '%syncunit%'"
+        )
+        columns = [
+            f"{r[0]}.{r[1]}"
+            for r in conn.execute(
+                sa.text(
+                    "SELECT table_name, column_name FROM information_schema.columns"
+                    " WHERE table_schema = 'public' AND column_name LIKE '%syncunit%'"
+                )
+            )
+        ]
+    return sorted([r[0] for r in conn.execute(sa.text(sql))] + columns)
+
+
 def test_the_migration_installs_tracking(database: str) -> None:
     engine = sa.create_engine(database)
     with engine.connect() as conn:
-        triggers = {
-            r[0]
-            for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'")
-        }
-        assert {"syncunit_work_order_au", "syncunit_site_ad"} <= triggers
-        assert "technician" not in " ".join(triggers)  # only what the streams read is tracked
+        triggers = _triggers(conn)
+        tracked = {table for table, _ in triggers}
+        assert {"work_order", "site"} <= tracked
+        assert "technician" not in tracked  # only what the streams read is tracked
+        if conn.dialect.name == "sqlite":
+            names = {name for _, name in triggers}
+            assert {"syncunit_work_order_au", "syncunit_site_ad"} <= names
         epoch = conn.exec_driver_sql("SELECT value FROM syncunit_meta WHERE key = 'epoch'")
         assert epoch.scalar()
         # Rows written through the ORM after the migration carry versions.
@@ -169,8 +209,7 @@ def test_the_tracking_migration_downgrades_cleanly(database: str) -> None:
     command.downgrade(cfg, "0001")
     engine = sa.create_engine(database)
     with engine.connect() as conn:
-        left = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE name LIKE '%syncunit%'")
-        assert left.all() == []
+        assert _syncunit_objects(conn) == []
     engine.dispose()
     command.upgrade(cfg, "head")  # and upgrades again: every existing row gets a version
     engine = sa.create_engine(database)

@@ -15,6 +15,7 @@ which tables or columns the streams use, add a migration that runs ``syncunit dd
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 from fastapi_service.sync import schema
 
@@ -40,15 +41,43 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    """Remove everything the upgrade made, by syncunit's prefix: its triggers (and, on
+    PostgreSQL, their functions), its tables, and the tracking columns with their index."""
     bind = op.get_bind()
-    if bind.dialect.name != "sqlite":
-        raise NotImplementedError("this example's downgrade is written for SQLite")
-    objects = bind.exec_driver_sql(
-        "SELECT type, name FROM sqlite_master WHERE name LIKE 'syncunit%' AND type != 'index'"
-        " ORDER BY type = 'table'"  # triggers first
-    ).all()
-    for kind, name in objects:
-        bind.exec_driver_sql(f'DROP {kind.upper()} IF EXISTS "{name}"')
+    if bind.dialect.name == "sqlite":
+        objects = bind.exec_driver_sql(
+            "SELECT type, name FROM sqlite_master WHERE name LIKE 'syncunit%' AND type != 'index'"
+            " ORDER BY type = 'table'"  # triggers first
+        ).all()
+        for kind, name in objects:
+            bind.exec_driver_sql(f'DROP {kind.upper()} IF EXISTS "{name}"')
+    elif bind.dialect.name == "postgresql":
+        triggers = bind.execute(
+            sa.text(
+                "SELECT tgname, tgrelid::regclass::text FROM pg_trigger"
+                " WHERE tgname LIKE 'syncunit%' AND NOT tgisinternal"
+            )
+        ).all()
+        for name, table in triggers:
+            bind.exec_driver_sql(f'DROP TRIGGER IF EXISTS "{name}" ON {table}')
+        functions = bind.execute(
+            sa.text(
+                "SELECT oid::regprocedure::text FROM pg_proc WHERE proname LIKE 'syncunit%'"
+                " AND pronamespace = current_schema()::regnamespace"
+            )
+        ).scalars()
+        for function in list(functions):
+            bind.exec_driver_sql(f"DROP FUNCTION IF EXISTS {function}")
+        tables = bind.execute(
+            sa.text(
+                "SELECT tablename FROM pg_tables WHERE tablename LIKE 'syncunit%'"
+                " AND schemaname = current_schema()"
+            )
+        ).scalars()
+        for table in list(tables):
+            bind.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}" CASCADE')
+    else:
+        raise NotImplementedError(f"this example's downgrade has no {bind.dialect.name} form")
     for table in schema.tracked_tables():
         op.drop_index(f"ix_{table.name}_syncunit_version", table_name=table.name)
         with op.batch_alter_table(table.name) as batch:
