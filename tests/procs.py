@@ -113,7 +113,7 @@ def device(url: str, path: str, point: str) -> None:
     print("the sync finished: the test meant to kill it first", flush=True)
 
 
-def server(directory: str, port: int) -> None:
+def server(directory: str, port: int, database: str) -> None:
     from syncunit.policies import MutationContext
     from tests.support import LiveServer
     from tests.test_push_support import NotesApp
@@ -137,7 +137,7 @@ def server(directory: str, port: int) -> None:
 
         return LiveServer(paced, port=port)
 
-    NotesApp(Path(directory), serve, rules=[slow], name="killable")
+    NotesApp(Path(directory), serve, rules=[slow], name="killable", database=database)
     print("serving", flush=True)
     while True:
         time.sleep(3600)
@@ -147,4 +147,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "device":
         device(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
-        server(sys.argv[2], int(sys.argv[3]))
+        server(sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -421,11 +421,16 @@ def trigger_names(engine: sa.Engine) -> list[str]:
 
 
 def owner_push_server(
-    path: Path, table: sa.Table, local_table: str, user: Principal, rules: Sequence[Any] = ()
+    database: str | Path,
+    table: sa.Table,
+    local_table: str,
+    user: Principal,
+    rules: Sequence[Any] = (),
 ) -> SyncServer:
     """A push-only unit ``Push`` over ``table`` (its own columns), each row scoped by its
-    ``owner`` column to the ``owner`` parameter of ``user`` (token ``t1``), on a fresh
-    SQLite file at ``path`` with the table created and tracked."""
+    ``owner`` column to the ``owner`` parameter of ``user`` (token ``t1``), on a new
+    database (a URL, or the path of a SQLite file) with the table created and tracked."""
+    url = f"sqlite:///{database}" if isinstance(database, Path) else database
     stream = Stream(
         f"{table.name}s",
         table,
@@ -435,9 +440,7 @@ def owner_push_server(
         rules=list(rules),
     )
     schema = SyncSchema([SyncUnit("Push", [stream], direction="push")])
-    server = SyncServer(
-        schema, f"sqlite:///{path}", authenticate=TokenAuth({"t1": user}), install=False
-    )
+    server = SyncServer(schema, url, authenticate=TokenAuth({"t1": user}), install=False)
     table.metadata.create_all(server.store.engine)
     server.store.install(schema)
     return server

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 
 from syncunit.client import SyncClient
 from syncunit.errors import NetworkError
+from tests.conftest import PlainSQL
 from tests.procs import POINTS, WRITES
 from tests.test_push_support import local_notes
 
@@ -109,14 +111,15 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, database: str) -> None:
         self.directory = directory
+        self.database = database
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        self.proc = _spawn("server", str(self.directory), str(self.port))
+        self.proc = _spawn("server", str(self.directory), str(self.port), self.database)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.strip() == "serving", self.proc.stderr.read() if self.proc.stderr else ""
@@ -133,36 +136,23 @@ class ServerProcess:
 
 
 @pytest.fixture
-def server_proc(tmp_path):
-    s = ServerProcess(tmp_path)
+def server_proc(tmp_path: Path, new_database: Callable[[str], str]) -> Iterator[ServerProcess]:
+    """The notes server in a process of its own, on a new database of the backend."""
+    s = ServerProcess(tmp_path, new_database("killable"))
     s.start()
     yield s
     s.stop()
 
 
-def _server_rows(directory: Path) -> list[tuple[Any, ...]]:
-    import sqlite3
-
-    conn = sqlite3.connect(directory / "killable-server.sqlite")
-    try:
-        return list(
-            conn.execute(
-                "SELECT id, owner, title, body, tag, n, data FROM note WHERE owner = 'u1'"
-                " ORDER BY id"
-            )
-        )
-    finally:
-        conn.close()
+def _server_rows(server: ServerProcess) -> list[tuple[Any, ...]]:
+    return PlainSQL(server.database)(
+        "SELECT id, owner, title, body, tag, n, data FROM note WHERE owner = 'u1' ORDER BY id"
+    )
 
 
-def _applications(directory: Path) -> dict[str, int]:
-    import sqlite3
-
-    conn = sqlite3.connect(directory / "killable-server.sqlite")
-    try:
-        return dict(conn.execute("SELECT note_id, count(*) FROM audit GROUP BY note_id"))
-    finally:
-        conn.close()
+def _applications(server: ServerProcess) -> dict[str, int]:
+    rows = PlainSQL(server.database)("SELECT note_id, count(*) FROM audit GROUP BY note_id")
+    return {key: int(n) for key, n in rows}
 
 
 def test_the_server_killed_mid_push_loses_nothing(server_proc, tmp_path):
@@ -199,24 +189,24 @@ def test_the_server_killed_mid_push_loses_nothing(server_proc, tmp_path):
         server_proc.start()
         _settle(device)
 
-        assert [r[2] for r in _server_rows(tmp_path)] == ["first", "not slow any more", "third"]
-        assert _applications(tmp_path) == dict.fromkeys(keys, 1) | {"p1": 2}  # insert, update
+        assert [r[2] for r in _server_rows(server_proc)] == [
+            "first",
+            "not slow any more",
+            "third",
+        ]
+        assert _applications(server_proc) == dict.fromkeys(keys, 1) | {"p1": 2}  # insert, update
         assert device.outbox.pending() == []
         assert device.outbox.rejected() == []
-        assert local_notes(device) == _server_rows(tmp_path)
+        assert local_notes(device) == _server_rows(server_proc)
     finally:
         device.close()
 
 
 def test_the_server_killed_mid_pull_resumes_from_the_last_chunk(server_proc, tmp_path):
-    import sqlite3
-
-    conn = sqlite3.connect(tmp_path / "killable-server.sqlite", isolation_level=None)
-    conn.executemany(
+    PlainSQL(server_proc.database).many(
         "INSERT INTO note (id, owner, title, body, n) VALUES (?, 'u1', ?, '', ?)",
         [(f"r{i:03d}", f"row {i}", i) for i in range(300)],
     )
-    conn.close()
     seen: list[int] = []
     device = SyncClient(
         server_proc.url,
@@ -251,6 +241,6 @@ def test_the_server_killed_mid_pull_resumes_from_the_last_chunk(server_proc, tmp
         result = device.sync("Pull")
 
         assert result.total_in <= 300 - have + 5  # resumed: the applied chunks were kept
-        assert local_notes(device) == _server_rows(tmp_path)
+        assert local_notes(device) == _server_rows(server_proc)
     finally:
         device.close()

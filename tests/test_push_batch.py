@@ -10,8 +10,7 @@ really taken.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -61,15 +60,15 @@ def unique_title(ctx: MutationContext) -> str | None:
     return None if clash is None else f"title {ctx.row['title']!r} is taken"
 
 
-def _server(path: Path, rules: list[Any]) -> SyncServer:
-    return owner_push_server(path, note, "LocalNote", U1, rules)
+def _server(database: str, rules: list[Any]) -> SyncServer:
+    return owner_push_server(database, note, "LocalNote", U1, rules)
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[tuple[SyncServer, SyncServer]]:
+def servers(new_database: Callable[[str], str]) -> Iterator[tuple[SyncServer, SyncServer]]:
     """The same schema twice: ``batched`` and ``single`` (batches switched off)."""
-    batched = _server(tmp_path / "batched.sqlite", [unique_title])
-    single = _server(tmp_path / "single.sqlite", [unique_title])
+    batched = _server(new_database("batched"), [unique_title])
+    single = _server(new_database("single"), [unique_title])
     yield batched, single
     batched.store.engine.dispose()
     single.store.engine.dispose()
@@ -122,6 +121,14 @@ def _cut_off(
             _push(server, mutations, monkeypatch, batch=True)
 
 
+def _log_of(server: SyncServer) -> tuple[int, list[int]]:
+    """The device's last applied seq (0: none yet), and the seqs its log holds."""
+    with server.store.engine.connect() as conn:
+        last = conn.execute(sa.text("SELECT last_seq FROM syncunit_clients")).scalar()
+        logged = conn.execute(sa.text("SELECT seq FROM syncunit_mutations ORDER BY seq")).all()
+    return int(last or 0), [r.seq for r in logged]
+
+
 def _same_both_ways(servers, monkeypatch, mutations) -> list[MutationResult]:
     batched, single = servers
     got = _push(batched, mutations, monkeypatch, batch=True)
@@ -131,7 +138,9 @@ def _same_both_ways(servers, monkeypatch, mutations) -> list[MutationResult]:
     return got
 
 
-def test_new_rows_are_written_as_one_batch_with_per_mutation_results(servers, monkeypatch, batches):
+def test_new_rows_are_written_as_one_batch_with_per_mutation_results(
+    servers, backend, monkeypatch, batches
+):
     mutations = [_ins(i, f"k{i:03}") for i in range(1, 51)]
 
     results = _same_both_ways(servers, monkeypatch, mutations)
@@ -140,7 +149,8 @@ def test_new_rows_are_written_as_one_batch_with_per_mutation_results(servers, mo
     assert [(r.seq, r.id) for r in results] == [(m.seq, m.id) for m in mutations]
     assert batches == [True]  # the batched server took the batch (the other never tried)
     assert set_checks[-1] == 50
-    assert _versions(servers[0]) == 50  # each row tracked with its own version
+    # Each row tracked with its own version, as one by one (PostgreSQL: the transaction's).
+    assert _versions(servers[0]) == _versions(servers[1]) == (50 if backend == "sqlite" else 1)
 
 
 def test_a_rule_failing_inside_the_batch_rejects_only_the_later_row(servers, monkeypatch, batches):
@@ -163,7 +173,8 @@ def test_a_refused_batch_goes_on_one_by_one_after_what_came_before_is_committed(
     in a transaction every savepoint rollback makes SQLite read the whole schema again:
     a refused batch's mutations go one by one in a transaction of their own, after
     what the request applied before them is committed with its log. A request cut
-    off there is answered from that log when it is sent again, and goes on."""
+    off there is answered from that log when it is sent again, and goes on. (On
+    PostgreSQL the request is one transaction: the cut leaves nothing.)"""
     batched, single = servers
     first = [_ins(i, f"a{i:03}") for i in range(1, 6)]  # a batch that passes
     gone = Mutation(seq=6, id="m6", table="LocalNote", key="a001", op="delete")
@@ -171,12 +182,11 @@ def test_a_refused_batch_goes_on_one_by_one_after_what_came_before_is_committed(
     mutations = [*first, gone, *clashing]
     _cut_off(batched, mutations, monkeypatch, 3)  # the delete, then the run's first
     assert batches == [True, False]
-    with batched.store.engine.connect() as conn:
-        last = conn.execute(sa.text("SELECT last_seq FROM syncunit_clients")).scalar_one()
-        logged = conn.execute(sa.text("SELECT seq FROM syncunit_mutations ORDER BY seq")).all()
-    assert last == 6  # the batch and the delete, committed before the run went on
-    assert [r.seq for r in logged] == [1, 2, 3, 4, 5, 6]
-    assert [r[0] for r in _rows(batched)] == ["a002", "a003", "a004", "a005"]
+    split = batched.store.batch_changes_schema
+    last, logged = _log_of(batched)
+    assert last == (6 if split else 0)  # the batch and the delete, committed before
+    assert logged == ([1, 2, 3, 4, 5, 6] if split else [])
+    assert [r[0] for r in _rows(batched)] == (["a002", "a003", "a004", "a005"] if split else [])
 
     again = _push(batched, mutations, monkeypatch, batch=True)
     want = _push(single, mutations, monkeypatch, batch=False)
@@ -210,9 +220,9 @@ def test_a_refused_mutation_after_a_batch_commits_what_came_before(servers, monk
     mutations = [*first, *taken]
     _cut_off(batched, mutations, monkeypatch, 3)
     assert batches == [True]
-    with batched.store.engine.connect() as conn:
-        last = conn.execute(sa.text("SELECT last_seq FROM syncunit_clients")).scalar_one()
-    assert last == 6  # the batch and the first refusal; the second was rolled back with the cut
+    last, _ = _log_of(batched)
+    # The batch and the first refusal; the second was rolled back with the cut.
+    assert last == (6 if batched.store.batch_changes_schema else 0)
 
     again = _push(batched, mutations, monkeypatch, batch=True)
     want = _push(single, mutations, monkeypatch, batch=False)
@@ -222,12 +232,14 @@ def test_a_refused_mutation_after_a_batch_commits_what_came_before(servers, monk
     assert _rows(batched) == _rows(single)
 
 
+@pytest.mark.backends("sqlite")
 def test_a_request_applied_by_another_process_between_the_two_is_answered_from_the_log(
     servers, tmp_path, monkeypatch, batches
 ):
     """Between the commit and the next transaction, another server process on the same
     database may take the write lock: with this very request, sent again after a lost
-    answer. It applies the rest; this one then answers those from the log, not twice."""
+    answer. It applies the rest; this one then answers those from the log, not twice.
+    (Only SQLite's push is split in two transactions.)"""
     batched, single = servers
     mutations = [
         *(_ins(i, f"a{i:03}") for i in range(1, 6)),  # a batch that passes
@@ -253,9 +265,7 @@ def test_a_request_applied_by_another_process_between_the_two_is_answered_from_t
     assert theirs == want
     assert ours == want  # the rest answered from the log: the same verdicts, nothing twice
     assert _rows(batched) == _rows(single)
-    with batched.store.engine.connect() as conn:
-        logged = conn.execute(sa.text("SELECT seq FROM syncunit_mutations ORDER BY seq")).all()
-    assert [r.seq for r in logged] == list(range(1, 13))
+    assert _log_of(batched)[1] == list(range(1, 13))
     assert batches == [True, False, False]  # ours, ours refused, theirs refused
 
 
@@ -294,11 +304,13 @@ def test_a_set_check_that_raises_falls_back_and_blocks_nothing(servers, monkeypa
     assert batches == [False]
 
 
-def test_a_rule_without_a_set_based_form_keeps_the_one_by_one_path(tmp_path, monkeypatch, batches):
+def test_a_rule_without_a_set_based_form_keeps_the_one_by_one_path(
+    new_database, monkeypatch, batches
+):
     def plain(ctx: MutationContext) -> str | None:
         return None
 
-    server = _server(tmp_path / "plain.sqlite", [plain])
+    server = _server(new_database("plain"), [plain])
     results = _push(server, [_ins(i, f"k{i}") for i in range(1, 9)], monkeypatch, batch=True)
     server.store.engine.dispose()
 
@@ -348,7 +360,7 @@ visit = sa.Table(
 
 
 def test_batched_timestamps_are_stored_as_text_identical_to_one_by_one(
-    tmp_path, monkeypatch, batches
+    new_database, backend, monkeypatch, batches
 ):
     stamps = [
         "2031-01-06T08:00:00",
@@ -367,8 +379,8 @@ def test_batched_timestamps_are_stored_as_text_identical_to_one_by_one(
         for i, s in enumerate(stamps, 1)
     ]
     texts = []
-    for name, batch in (("batched.sqlite", True), ("single.sqlite", False)):
-        server = owner_push_server(tmp_path / name, visit, "LocalVisit", U1)
+    for name, batch in (("batched", True), ("single", False)):
+        server = owner_push_server(new_database(name), visit, "LocalVisit", U1)
         results = _push(server, mutations, monkeypatch, batch=batch)
         assert [r.status for r in results] == ["applied"] * len(stamps)
         with server.store.engine.connect() as conn:
@@ -377,4 +389,5 @@ def test_batched_timestamps_are_stored_as_text_identical_to_one_by_one(
 
     assert batches == [True]
     assert texts[0] == texts[1]
-    assert texts[0][0] == ("v1", "2031-01-06 08:00:00.000000")
+    if backend == "sqlite":  # the text SQLAlchemy writes (PostgreSQL: a timestamp)
+        assert texts[0][0] == ("v1", "2031-01-06 08:00:00.000000")
