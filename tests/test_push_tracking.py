@@ -300,7 +300,7 @@ class _Upper(sa.types.TypeDecorator[str]):
         return sa.func.upper(bindvalue)
 
 
-def test_a_type_that_wraps_its_values_in_sql_keeps_them_wrapped(tmp_path, batches):
+def test_a_type_that_wraps_its_values_in_sql_keeps_them_wrapped(new_database, batches):
     meta = sa.MetaData()
     tag = sa.Table(
         "tag",
@@ -310,7 +310,7 @@ def test_a_type_that_wraps_its_values_in_sql_keeps_them_wrapped(tmp_path, batche
         sa.Column("label", _Upper(), nullable=False),
     )
     user = Principal("user-1", {"owner": "u1"})
-    server = owner_push_server(tmp_path / "tags.sqlite", tag, "LocalTag", user)
+    server = owner_push_server(new_database("tags"), tag, "LocalTag", user)
     mutations = [
         Mutation(
             i, f"m{i}", "LocalTag", f"t{i}", "insert", {"id": f"t{i}", "owner": "u1", "label": "x"}
