@@ -30,6 +30,7 @@ from syncunit.protocol import (
 )
 from syncunit.server import Principal, SyncServer, TokenAuth
 from syncunit.server import push as push_module
+from syncunit.server.problems import ProblemException
 from syncunit.server.push import PushApplier
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import appointments_of, doctors_of, local_keys
@@ -224,6 +225,52 @@ def test_a_push_held_for_its_predecessor_sees_it_applied_by_another_server_proce
     assert (earlier.last_seq, answered.last_seq) == (2, 4)
     assert app.version("b") < app.version("c")
     assert app.applications() == 4
+
+
+def test_a_push_held_for_its_predecessor_looks_for_it_without_taking_the_write_lock(
+    notes_app, monkeypatch
+):
+    """A held push reads the client's last seq while it waits, and tries again (a write
+    transaction: on SQLite, the lock every push waits for) only once its predecessor
+    is in. Other devices' pushes wake it meanwhile; so does a timer, every 20 ms."""
+    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 0.6)
+    app = notes_app()
+    pusher = app.server.pusher
+    unit = app.schema.units["Push"]
+    tries: list[tuple[str, int]] = []
+    real = pusher._attempts
+
+    def counted(principal: Principal, req: SyncRequest, unit: Any) -> Any:
+        tries.append((req.client_id, req.mutations[0].seq))
+        return real(principal, req, unit)
+
+    monkeypatch.setattr(pusher, "_attempts", counted)
+
+    def push(client_id: str, *notes: Mutation) -> Any:
+        req = SyncRequest(protocol=PROTOCOL_VERSION, client_id=client_id, mutations=list(notes))
+        return pusher.apply(TOKENS["t1"], req, unit)
+
+    def busy() -> None:  # another device pushes all along
+        for seq in range(1, 11):
+            push("busy", _note(seq, f"busy-{seq}"))
+            time.sleep(0.04)
+
+    with ThreadPoolExecutor(2) as pool:
+        others = pool.submit(busy)
+        with pytest.raises(ProblemException) as gap:
+            push("raw", _note(2, "b"))  # seq 1 never comes
+        others.result()
+    assert gap.value.code == "sequence-gap"
+    assert tries.count(("raw", 2)) == 1  # tried once, then only looked
+    assert tries.count(("busy", 10)) == 1  # the other device pushed meanwhile
+
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(push, "raw", _note(2, "b"))
+        time.sleep(0.2)
+        push("raw", _note(1, "a"))
+        assert held.result(timeout=1.0).last_seq == 2
+    assert tries.count(("raw", 2)) == 1 + 2  # its first try, and one once seq 1 was in
+    assert [r[0] for r in app.rows("u1") if r[0] in ("a", "b")] == ["a", "b"]
 
 
 def test_reordered_request_is_refused_with_sequence_gap_and_nothing_applied(notes_app, monkeypatch):

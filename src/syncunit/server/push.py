@@ -151,13 +151,30 @@ class PushApplier(MutationWrites):
                 pushed = self._attempts(principal, req, unit)
             except ProblemException as exc:
                 # Its predecessor may be on its way on another connection: wait for it.
-                if exc.code != "sequence-gap" or not self._wait_for_push(seen, deadline):
+                if exc.code != "sequence-gap" or not self._wait_for_predecessor(
+                    req, seen, deadline
+                ):
                     raise
                 continue
             with self._pushed:
                 self._pushes += 1
                 self._pushed.notify_all()
             return pushed
+
+    def _wait_for_predecessor(self, req: SyncRequest, seen: int, deadline: float) -> bool:
+        """Wait until the client's last applied seq reaches the one before ``req``'s
+        first: True, and the request is tried again; False once ``deadline`` has passed.
+        Looking is a plain read: a try is a write transaction, and on SQLite the write
+        lock every other push waits for (a wait is woken by every push of the process,
+        and looks every 20 ms for those of other processes)."""
+        before = req.mutations[0].seq - 1
+        query = sa.select(clients.c.last_seq).where(clients.c.client_id == req.client_id)
+        while self._wait_for_push(seen, deadline):
+            seen = self._pushes
+            with self.store.engine.connect() as conn:
+                if (conn.execute(query).scalar() or 0) >= before:
+                    return True
+        return False
 
     def _wait_for_push(self, seen: int, deadline: float) -> bool:
         """Wait until a push of this process commits after the ``seen``-th (or, for one
