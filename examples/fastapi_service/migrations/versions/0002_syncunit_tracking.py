@@ -52,30 +52,27 @@ def downgrade() -> None:
         for kind, name in objects:
             bind.exec_driver_sql(f'DROP {kind.upper()} IF EXISTS "{name}"')
     elif bind.dialect.name == "postgresql":
-        triggers = bind.execute(
-            sa.text(
-                "SELECT tgname, tgrelid::regclass::text FROM pg_trigger"
-                " WHERE tgname LIKE 'syncunit%' AND NOT tgisinternal"
-            )
-        ).all()
-        for name, table in triggers:
-            bind.exec_driver_sql(f'DROP TRIGGER IF EXISTS "{name}" ON {table}')
-        functions = bind.execute(
-            sa.text(
+        # Triggers first, then their functions, then the tables: each query names what
+        # its DROP takes, in the current schema.
+        for query, drop in (
+            (
+                "SELECT format('%I ON %s', tgname, tgrelid::regclass) FROM pg_trigger"
+                " WHERE tgname LIKE 'syncunit%' AND NOT tgisinternal",
+                "DROP TRIGGER IF EXISTS {}",
+            ),
+            (
                 "SELECT oid::regprocedure::text FROM pg_proc WHERE proname LIKE 'syncunit%'"
-                " AND pronamespace = current_schema()::regnamespace"
-            )
-        ).scalars()
-        for function in list(functions):
-            bind.exec_driver_sql(f"DROP FUNCTION IF EXISTS {function}")
-        tables = bind.execute(
-            sa.text(
-                "SELECT tablename FROM pg_tables WHERE tablename LIKE 'syncunit%'"
-                " AND schemaname = current_schema()"
-            )
-        ).scalars()
-        for table in list(tables):
-            bind.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}" CASCADE')
+                " AND pronamespace = current_schema()::regnamespace",
+                "DROP FUNCTION IF EXISTS {}",
+            ),
+            (
+                "SELECT format('%I', tablename) FROM pg_tables"
+                " WHERE tablename LIKE 'syncunit%' AND schemaname = current_schema()",
+                "DROP TABLE IF EXISTS {} CASCADE",
+            ),
+        ):
+            for name in bind.execute(sa.text(query)).scalars().all():
+                bind.exec_driver_sql(drop.format(name))
     else:
         raise NotImplementedError(f"this example's downgrade has no {bind.dialect.name} form")
     for table in schema.tracked_tables():
