@@ -115,6 +115,35 @@ def test_client_unknown_unit_raises_unknown_unit_error(client, store):
     assert db_state(store.engine) == before
 
 
+def test_an_unknown_path_or_method_gets_a_problem(live):
+    """The router's refusals are problems like every other: a code, and what to do."""
+    nowhere = httpx.post(f"{live.url}/v1/sync/", content=b"", timeout=10)
+    wrong_method = httpx.get(f"{live.url}/v1/sync/Login", timeout=10)
+
+    for r, status, code in ((nowhere, 404, "not-found"), (wrong_method, 405, "method-not-allowed")):
+        assert r.status_code == status
+        assert r.headers["content-type"] == PROBLEM
+        assert r.json()["code"] == code
+    assert "mounted" in nowhere.json()["detail"]
+    assert wrong_method.headers["allow"] == "POST"
+    assert "use POST" in wrong_method.json()["detail"]
+
+
+def test_a_client_with_a_wrong_base_url_is_told_so_not_that_the_unit_is_unknown(
+    make_client, live, store
+):
+    before = db_state(store.engine)
+    client = make_client(url=f"{live.url}/sync")  # the server is not mounted there
+
+    with pytest.raises(SyncError) as info:
+        client.sync("Login")
+
+    assert not isinstance(info.value, UnknownUnitError)
+    assert (info.value.status, info.value.code) == (404, "not-found")
+    assert "/sync/v1/sync/Login" in info.value.detail
+    assert db_state(store.engine) == before
+
+
 @pytest.mark.parametrize("token", [None, "wrong-token"])
 def test_client_without_valid_token_raises_auth_error(make_client, store, token):
     client = make_client(token)

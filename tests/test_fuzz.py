@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from syncunit.protocol import JSON, MSGPACK, PROBLEM, Failure, FrameDecoder, SyncRequest
 from syncunit.server import Limits
+from syncunit.server import push as push_module
 from tests.support import db_state
 
 EXAMPLES = int(os.environ.get("SYNCUNIT_FUZZ_EXAMPLES", "60"))
@@ -125,8 +126,12 @@ def _compress(data: bytes, coding: str) -> bytes:
 
 
 @pytest.fixture
-def fuzzed(make_server, serve, store):
+def fuzzed(make_server, serve, store, monkeypatch):
     from hospital.generate import generate
+
+    # A push past the client's last seq waits for its predecessor before its 409: 2 s
+    # for each such body the fuzzer makes. The wait has tests of its own.
+    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 0.05)
 
     # No rate limit (the fuzzer is one fast principal), and no background pruning: a
     # prune started by an accepted sync would write while a refused request is checked.

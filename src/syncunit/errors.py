@@ -107,7 +107,7 @@ def problem_error(
     cls: type[ProblemError]
     if status in (401, 403):
         cls = AuthError
-    elif status == 404:
+    elif status == 404 and code.startswith("unknown-"):
         cls = UnknownUnitError
     elif status in (400, 409, 413, 415, 422) and code != "schema-changed":
         cls = RequestRejected

@@ -379,6 +379,8 @@ PROBLEM_CODES: dict[str, tuple[int, str]] = {
     "unknown-unit": (404, "No such sync unit"),
     "unknown-stream": (404, "No such stream in this sync unit"),
     "unknown-snapshot": (404, "No such snapshot"),
+    "not-found": (404, "No such endpoint"),
+    "method-not-allowed": (405, "This endpoint does not take this method"),
     "malformed-request": (400, "The request body could not be read"),
     "unsupported-protocol": (400, "Unsupported protocol version"),
     "invalid-parameter": (400, "A client parameter is missing, unknown or malformed"),

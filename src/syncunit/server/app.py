@@ -35,6 +35,7 @@ import anyio.to_thread
 import msgspec
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -182,6 +183,7 @@ class SyncServer(SyncAnswer):
             exception_handlers={
                 ProblemException: self._on_problem,
                 ProtocolError: self._on_malformed,
+                HTTPException: self._on_no_route,
                 Exception: _on_error,
             },
         )
@@ -510,6 +512,24 @@ class SyncServer(SyncAnswer):
         self.metrics.refused.labels(exc.code).inc()
         log.info("refused %s %s: %s: %s", request.method, path, exc.code, detail)
         return problem_response(exc.code, exc.detail, exc.headers)
+
+    async def _on_no_route(self, request: Request, exc: Exception) -> Response:
+        """The router's own refusals (no such path, or not with this method) as problems,
+        like every other refusal: a client with a wrong base URL is told so."""
+        assert isinstance(exc, HTTPException)
+        path = request.url.path
+        if exc.status_code == 404:
+            code = "not-found"
+            detail = (
+                f"no endpoint at {path}; the sync endpoint is /v1/sync/{{unit}} under the"
+                " server's URL (check the prefix it is mounted at)"
+            )
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            code, detail = "method-not-allowed", f"{request.method} {path}: use {allowed}"
+        else:  # not raised by the router: as Starlette answers it
+            return Response(exc.detail, status_code=exc.status_code, headers=exc.headers)
+        return await self._on_problem(request, ProblemException(code, detail, headers=exc.headers))
 
     async def _on_malformed(self, request: Request, exc: Exception) -> Response:
         detail = str(exc)
