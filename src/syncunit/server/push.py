@@ -59,6 +59,12 @@ _LOG_COLUMNS = ("client_id", "seq", "mutation_id", "result")
 _log_sql: dict[str, tuple[str, bool]] = {}  # per dialect: the log's INSERT, positional?
 
 
+def _last_seq(conn: Connection, client_id: str) -> int:
+    """The last seq applied of ``client_id``'s mutations (0: none yet)."""
+    query = sa.select(clients.c.last_seq).where(clients.c.client_id == client_id)
+    return int(conn.execute(query).scalar() or 0)
+
+
 def _log_results(conn: Connection, rows: list[tuple[str, int, str, bytes]]) -> None:
     """Insert mutation log rows ``(client_id, seq, mutation_id, result)`` through the
     driver: thousands a push, with nothing for SQLAlchemy to process."""
@@ -168,11 +174,10 @@ class PushApplier(MutationWrites):
         lock every other push waits for (a wait is woken by every push of the process,
         and looks every 20 ms for those of other processes)."""
         before = req.mutations[0].seq - 1
-        query = sa.select(clients.c.last_seq).where(clients.c.client_id == req.client_id)
         while self._wait_for_push(seen, deadline):
             seen = self._pushes
             with self.store.engine.connect() as conn:
-                if (conn.execute(query).scalar() or 0) >= before:
+                if _last_seq(conn, req.client_id) >= before:
                     return True
         return False
 
@@ -249,8 +254,7 @@ class PushApplier(MutationWrites):
                 self._record(conn, req.client_id, logged, last, now)
                 logged.clear()
                 self.store.continue_anew(conn)
-                seq = sa.select(clients.c.last_seq).where(clients.c.client_id == req.client_id)
-                return int(conn.execute(seq).scalar_one())
+                return _last_seq(conn, req.client_id)
 
             i = 0
             while i < len(mutations):
