@@ -107,6 +107,51 @@ def test_lost_response_is_retried_by_the_next_sync_and_applied_once(notes_app):
     assert local_notes(device) == app.rows("u1")
 
 
+@pytest.mark.parametrize("handled", [False, True], ids=["before", "after"])
+def test_a_request_the_server_hung_up_on_is_sent_again_at_once_and_applied_once(notes_app, handled):
+    """A server closing a kept-alive connection as the request goes out: the client
+    sends it again on a new connection within the same sync, and it applies once."""
+    app = notes_app()
+    fault = FaultTransport()
+    device = app.client(transport=fault)
+    device.sync("Sync")
+    for key in ("a", "b"):
+        device.insert("LocalNote", {"id": key, "owner": "u1", "title": key})
+
+    fault.hang_up_next(handled=handled)
+    result = device.sync("Sync")
+
+    assert result.applied == 2
+    # The first sync, then this one's request: once if it never arrived, twice (the
+    # same mutations, same seqs) if the server had handled it.
+    assert len(fault.sent) == (3 if handled else 2)
+    assert [m.key for m in fault.sent[-1].mutations] == ["a", "b"]
+    if handled:
+        assert fault.sent[-1] == fault.sent[-2]
+    assert (app.applications("a"), app.applications("b")) == (1, 1)
+    assert device.outbox.pending() == []
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_a_second_hang_up_is_a_network_error_and_the_changes_wait_for_the_next_sync(notes_app):
+    app = notes_app()
+    fault = FaultTransport()
+    device = app.client(transport=fault)
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "a"})
+
+    fault.hang_up_next(handled=True)
+    fault.hang_up_next(handled=False)
+    with pytest.raises(NetworkError, match="Server disconnected"):
+        device.sync("Sync")
+
+    assert len(fault.sent) == 2  # sent again once, not in a loop
+    assert [p.key for p in device.outbox.pending()] == ["a"]
+    assert device.sync("Sync").applied == 1
+    assert app.applications("a") == 1
+    assert local_notes(device) == app.rows("u1")
+
+
 def test_duplicated_request_is_applied_once(notes_app):
     app = notes_app()
     fault = FaultTransport()

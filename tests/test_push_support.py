@@ -62,7 +62,9 @@ class FaultTransport(httpx.BaseTransport):
     ``lose_next()``: the next sync request reaches the server, which handles it
     completely (the whole response is read), then the client gets a read error.
     ``duplicate_next()``: the next sync request is sent twice; the client gets the
-    second answer. ``sent`` holds every sync request that reached the server.
+    second answer. ``hang_up_next(handled=...)``: the connection closes without a
+    response, before the request reaches the server or after it handled it. ``sent``
+    holds every sync request that reached the server.
     """
 
     def __init__(self) -> None:
@@ -75,6 +77,11 @@ class FaultTransport(httpx.BaseTransport):
 
     def duplicate_next(self) -> None:
         self._faults.append("duplicate")
+
+    def hang_up_next(self, *, handled: bool) -> None:
+        """The server closes the connection without a response, as a kept-alive
+        connection it times out does; ``handled``: after handling the request."""
+        self._faults.append("hang up after" if handled else "hang up before")
 
     def _forward(self, request: httpx.Request) -> httpx.Response:
         copy = httpx.Request(
@@ -90,6 +97,8 @@ class FaultTransport(httpx.BaseTransport):
         fault = self._faults.pop(0) if self._faults else None
         if fault is None:
             return self._forward(request)
+        if fault == "hang up before":
+            raise httpx.RemoteProtocolError("Server disconnected (test)", request=request)
         first = self._forward(request)
         try:
             first.read()
@@ -97,6 +106,8 @@ class FaultTransport(httpx.BaseTransport):
             first.close()
         if fault == "duplicate":
             return self._forward(request)
+        if fault == "hang up after":
+            raise httpx.RemoteProtocolError("Server disconnected (test)", request=request)
         raise ResponseLost("the response was lost on the way back (test)", request=request)
 
     @property

@@ -538,7 +538,7 @@ class SyncClient:
             raise SyncError("the client is closing")
         try:
             request = self.http.build_request(method, path, **kwargs)
-            response = self.http.send(request, stream=True)
+            response = self._transmit(request)
         except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: closed by close()
             raise NetworkError(f"cannot reach the server: {exc}") from exc
         if response.status_code >= 400:
@@ -564,6 +564,21 @@ class SyncClient:
                 problem.status, problem.code, problem.title, problem.detail, **extra
             )
         return response
+
+    def _transmit(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request``; once more if the server closed without answering.
+
+        A kept-alive connection the server times out just as a request goes out
+        ends that way. Sending again is safe: every request of the protocol is
+        idempotent (a push's changes are applied once, by their seq).
+        """
+        try:
+            return self.http.send(request, stream=True)
+        except httpx.RemoteProtocolError as exc:
+            if self._cancel.is_set():
+                raise
+            log.info("%s %s: %s; sending it again", request.method, request.url.path, exc)
+        return self.http.send(request, stream=True)
 
 
 @contextmanager
