@@ -107,16 +107,23 @@ def test_lost_response_is_retried_by_the_next_sync_and_applied_once(notes_app):
     assert local_notes(device) == app.rows("u1")
 
 
-@pytest.mark.parametrize("handled", [False, True], ids=["before", "after"])
-def test_a_request_the_server_hung_up_on_is_sent_again_at_once_and_applied_once(notes_app, handled):
-    """A server closing a kept-alive connection as the request goes out: the client
-    sends it again on a new connection within the same sync, and it applies once."""
+def _device_with_new_notes(notes_app: Any, *keys: str) -> tuple[Any, FaultTransport, Any]:
+    """The notes app, a device on a ``FaultTransport`` after its first sync, and a new
+    note for each of ``keys`` in its outbox."""
     app = notes_app()
     fault = FaultTransport()
     device = app.client(transport=fault)
     device.sync("Sync")
-    for key in ("a", "b"):
+    for key in keys:
         device.insert("LocalNote", {"id": key, "owner": "u1", "title": key})
+    return app, fault, device
+
+
+@pytest.mark.parametrize("handled", [False, True], ids=["before", "after"])
+def test_a_request_the_server_hung_up_on_is_sent_again_at_once_and_applied_once(notes_app, handled):
+    """A server closing a kept-alive connection as the request goes out: the client
+    sends it again within the same sync, and it applies once."""
+    app, fault, device = _device_with_new_notes(notes_app, "a", "b")
 
     fault.hang_up_next(handled=handled)
     result = device.sync("Sync")
@@ -134,11 +141,7 @@ def test_a_request_the_server_hung_up_on_is_sent_again_at_once_and_applied_once(
 
 
 def test_a_second_hang_up_is_a_network_error_and_the_changes_wait_for_the_next_sync(notes_app):
-    app = notes_app()
-    fault = FaultTransport()
-    device = app.client(transport=fault)
-    device.sync("Sync")
-    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "a"})
+    app, fault, device = _device_with_new_notes(notes_app, "a")
 
     fault.hang_up_next(handled=True)
     fault.hang_up_next(handled=False)
@@ -153,12 +156,7 @@ def test_a_second_hang_up_is_a_network_error_and_the_changes_wait_for_the_next_s
 
 
 def test_duplicated_request_is_applied_once(notes_app):
-    app = notes_app()
-    fault = FaultTransport()
-    device = app.client(transport=fault)
-    device.sync("Sync")
-    for key in ("a", "b", "c"):
-        device.insert("LocalNote", {"id": key, "owner": "u1", "title": key})
+    app, fault, device = _device_with_new_notes(notes_app, "a", "b", "c")
 
     fault.duplicate_next()
     result = device.sync("Sync")
