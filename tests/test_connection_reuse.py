@@ -1,0 +1,130 @@
+"""A kept-alive connection the server closes as a request goes out costs no sync.
+
+A server times out idle kept-alive connections (uvicorn after 5 s); a request
+sent on one just as it closes gets no answer at all. The client sends such a
+request once more (``SyncClient._transmit``). Here the close is real: a TCP
+proxy on 127.0.0.1 reads the request and closes the connection (FIN), without
+forwarding it, so httpx raises what it raises in the field.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from syncunit.errors import NetworkError
+from syncunit.server import SyncServer
+
+
+class HangUpProxy:
+    """Forwards 127.0.0.1 connections to ``port``; ``hang_up(n)``: each of the next
+    ``n`` requests is read, then its connection closed."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.hung_up = 0
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hang_up(self, n: int = 1) -> None:
+        with self.lock:
+            self.pending = n
+
+    def _take(self) -> bool:
+        with self.lock:
+            if not self.pending:
+                return False
+            self.pending -= 1
+            return True
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        while data := self._recv(client):
+            if self._take():  # (a request's first bytes: the tests arm between requests)
+                client.settimeout(0.2)  # the rest of the request, so the close is a FIN
+                while self._recv(client):
+                    pass
+                self.hung_up += 1
+                client.shutdown(socket.SHUT_RDWR)
+                break
+            upstream.sendall(data)
+        client.close()
+        upstream.close()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        while data := self._recv(src):
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+
+    @staticmethod
+    def _recv(sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:  # closed, reset, or the drain's timeout
+            return b""
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self._sockets:
+            s.close()
+
+
+@pytest.fixture
+def proxy(server: SyncServer, serve: Any) -> Iterator[HangUpProxy]:
+    p = HangUpProxy(serve(server.app).port)
+    yield p
+    p.close()
+
+
+def test_a_request_on_a_connection_closed_without_an_answer_is_sent_again(
+    proxy, make_client, in_sync
+):
+    client = make_client(url=proxy.url)
+    client.sync("Login")
+    assert proxy.connections == 1
+
+    proxy.hang_up()
+    result = client.sync("Login")
+
+    assert proxy.hung_up == 1
+    # The kept-alive connection was closed; the request went again on a new one.
+    assert proxy.connections == 2
+    assert result.requests == 1
+    in_sync(client)
+
+
+def test_two_closes_in_a_row_are_a_network_error_and_the_next_sync_works(
+    proxy, make_client, in_sync
+):
+    client = make_client(url=proxy.url)
+    client.sync("Login")
+
+    proxy.hang_up(2)
+    with pytest.raises(NetworkError, match="without sending a response"):
+        client.sync("Login")
+
+    assert proxy.hung_up == 2  # sent again once, not in a loop
+    client.sync("Login")
+    in_sync(client)
