@@ -14,6 +14,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -340,23 +341,27 @@ def server(
 
 
 @pytest.fixture(scope="session")
-def _stopping() -> Iterator[list[LiveServer]]:
-    """Servers told to stop; joined at the end of the session.
+def _stopping() -> Iterator[list[threading.Thread]]:
+    """Servers told to stop, each joined on a thread of its own; the session waits for
+    those threads at its end.
 
     Joining uvicorn costs a tick of its main loop (0.1 s), most of a small test's
-    time, so tests only ask their servers to stop: the port closes within a tick,
-    and a thread a test left behind meets a refused connection, never another
-    test's server.
+    time, so tests do not wait for it: the port closes within a tick, and a thread
+    a test left behind meets a refused connection, never another test's server.
+    A joined server is let go, with its app and its database engine: kept to the
+    end of the session, hundreds of them (three million objects) made each full
+    garbage collection stop every thread for more than a second.
     """
-    stopping: list[LiveServer] = []
-    yield stopping
-    for live in stopping:
-        live.stop()
+    reapers: list[threading.Thread] = []
+    yield reapers
+    for reaper in reapers:
+        reaper.join(timeout=35)
+    assert not any(r.is_alive() for r in reapers), "a uvicorn server did not stop"
     dispose_engines()
 
 
 @pytest.fixture
-def serve(_stopping: list[LiveServer]) -> Iterator[Callable[[Any], LiveServer]]:
+def serve(_stopping: list[threading.Thread]) -> Iterator[Callable[[Any], LiveServer]]:
     """Serve an ASGI app over real HTTP on 127.0.0.1; ``live.app`` may be swapped later."""
     started: list[LiveServer] = []
 
@@ -366,9 +371,12 @@ def serve(_stopping: list[LiveServer]) -> Iterator[Callable[[Any], LiveServer]]:
         return live
 
     yield start
+    _stopping[:] = [r for r in _stopping if r.is_alive()]
     for live in started:
         live.server.should_exit = True
-        _stopping.append(live)
+        reaper = threading.Thread(target=live.stop, name="stop-uvicorn", daemon=True)
+        reaper.start()
+        _stopping.append(reaper)
 
 
 @pytest.fixture
@@ -464,7 +472,6 @@ def notes_app(
 # -- sync moments: a fake clock and a faulty network (test_scheduler, test_moments, test_live) --
 
 import json  # noqa: E402
-import threading  # noqa: E402
 
 
 class FakeClock:

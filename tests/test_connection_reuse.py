@@ -86,6 +86,7 @@ class HangUpProxy:
             return b""
 
     def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self.listener.close()
         for s in self._sockets:
             s.close()
