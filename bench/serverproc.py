@@ -143,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
     from hospital.server import build
 
+    from syncunit.server.heap import FreezeOnStartup
+
     url = args.url or (args.db if "://" in args.db else database_url(Path(args.db)))
     if args.snapshots is None:
         server = build(url)
@@ -155,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for stream in server.schema.units[UNIT].streams:
             if stream.mode == "delta":
                 server.snapshots.build(stream, params)
-    uvicorn.run(server.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    # As ``syncunit serve`` runs it: the started server's heap frozen.
+    app = FreezeOnStartup(server.app)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ _WORKER_ENV = "SYNCUNIT_SERVE"
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from syncunit.server.heap import FreezeOnStartup
     from syncunit.server.logs import configure_logging
 
     configure_logging(args.log_format, args.log_level.upper())
@@ -110,7 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )  # fmt: skip
         return 0
     server = _server_from(config)
-    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        FreezeOnStartup(server.app), host=args.host, port=args.port, log_level=args.log_level
+    )
     return 0
 
 
@@ -131,11 +134,12 @@ def worker_app() -> Any:
     raw = os.environ.get(_WORKER_ENV)
     if raw is None:
         raise SystemExit(f"error: {_WORKER_ENV} is not set: start workers with 'syncunit serve'")
+    from syncunit.server.heap import FreezeOnStartup
     from syncunit.server.logs import configure_logging
 
     config = json.loads(raw)
     configure_logging(config["log_format"], config["log_level"].upper())
-    return _server_from(config).app
+    return FreezeOnStartup(_server_from(config).app)
 
 
 def cmd_lag(args: argparse.Namespace) -> int:
