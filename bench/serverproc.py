@@ -143,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
     from hospital.server import build
 
+    from syncunit.cli import KEEP_ALIVE_S
     from syncunit.server.heap import FreezeOnStartup
 
     url = args.url or (args.db if "://" in args.db else database_url(Path(args.db)))
@@ -157,9 +158,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         for stream in server.schema.units[UNIT].streams:
             if stream.mode == "delta":
                 server.snapshots.build(stream, params)
-    # As ``syncunit serve`` runs it: the started server's heap frozen.
+    # As ``syncunit serve`` runs it: the started server's heap frozen, its idle
+    # connections kept longer than the client's.
     app = FreezeOnStartup(server.app)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
+import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +39,7 @@ from syncunit.server import SyncServer, open_store
 from syncunit.server.batch import write_batch
 from syncunit.server.store import ServerStore
 from syncunit.units import SyncSchema
-from tests.pgserver import PostgresServer, PostgresUnavailable
+from tests.pgserver import PostgresServer, PostgresUnavailable, free_port
 from tests.support import LiveServer, TapTransport, assert_in_sync
 
 BACKENDS = ["sqlite", "postgres"]
@@ -382,6 +385,54 @@ def serve(_stopping: list[threading.Thread]) -> Iterator[Callable[[Any], LiveSer
 @pytest.fixture
 def live(server: SyncServer, serve: Callable[[Any], LiveServer]) -> LiveServer:
     return serve(server.app)
+
+
+#: The example apps (``hospital``, ``notes``), importable by a ``syncunit serve`` process.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[Callable[..., tuple[str, subprocess.Popen[bytes]]]]:
+    """``serve_process(database_url, workers=1, *options)``: ``syncunit serve`` in its own
+    process; its URL and process."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        database: str, workers: int = 1, *options: str
+    ) -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        log = (tmp_path / f"serve-{port}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "syncunit", "serve", "hospital.server:build",
+             "--database", database, "--app-dir", str(EXAMPLES),
+             "--port", str(port), "--workers", str(workers), "--log-level", "warning", *options],
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(EXAMPLES)},
+        )  # fmt: skip
+        log.close()  # the child holds its own copy
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/catalog", timeout=2).status_code == 401:
+                    return url, proc
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                text = (tmp_path / f"serve-{port}.log").read_text()
+                raise AssertionError(f"syncunit serve did not start:\n{text}")
+            time.sleep(0.1)
+
+    yield start
+    for proc in procs:  # each in its own process group: the server and its workers
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 @pytest.fixture

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from syncunit.client.client import IDLE_CONNECTION_S
 from syncunit.errors import NetworkError
 from syncunit.server import SyncServer
 
@@ -129,3 +132,52 @@ def test_two_closes_in_a_row_are_a_network_error_and_the_next_sync_works(
     assert proxy.hung_up == 2  # sent again once, not in a loop
     client.sync("Login")
     in_sync(client)
+
+
+def _answer(conn: socket.socket, request: bytes) -> bytes:
+    """Send ``request`` on ``conn``; the status line and headers of its answer (b"" if
+    the server had closed the connection)."""
+    try:
+        conn.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = conn.recv(65536)
+            if not more:
+                return b""
+            data += more
+    except ConnectionError:
+        return b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:  # the rest of the body, so the next answer starts clean
+        body += conn.recv(65536)
+    return head
+
+
+def _idle_then_asked(url: str, idle_s: float) -> bytes:
+    """A request, ``idle_s`` seconds of nothing on the same connection, and a second
+    request: the second's answer."""
+    request = b"GET /v1/catalog HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        assert _answer(conn, request).startswith(b"HTTP/1.1 401")
+        time.sleep(idle_s)
+        return _answer(conn, request)
+
+
+def test_syncunit_serve_keeps_an_idle_connection_longer_than_the_client(
+    serve_process: Any, tmp_path: Path
+) -> None:
+    """The client lets an idle connection go first, so it never sends a request on one
+    the server is closing (uvicorn's default, 5 s, is the client's own)."""
+    url, _ = serve_process(f"sqlite:///{tmp_path / 'server.sqlite'}")
+    # Past the client's expiry the server still answers on the connection.
+    assert _idle_then_asked(url, IDLE_CONNECTION_S + 1).startswith(b"HTTP/1.1 401")
+
+    # --keep-alive sets it; past it the server has closed the connection.
+    short, _ = serve_process(f"sqlite:///{tmp_path / 'short.sqlite'}", 1, "--keep-alive", "1")
+    assert _idle_then_asked(short, 2) == b""

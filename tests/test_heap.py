@@ -8,7 +8,6 @@ import json
 import os
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,8 +16,7 @@ from starlette.types import ASGIApp, Message
 
 from syncunit.server import SyncServer
 from syncunit.server.heap import FreezeOnStartup
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from tests.conftest import EXAMPLES
 
 
 class _Cycle:
@@ -101,10 +99,10 @@ def _captured_app(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return seen
 
 
-def test_syncunit_serve_runs_the_app_frozen_on_startup(
+def test_syncunit_serve_runs_the_app_frozen_on_startup_and_keeps_connections(
     server_db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from syncunit.cli import _WORKER_ENV, main, worker_app
+    from syncunit.cli import _WORKER_ENV, KEEP_ALIVE_S, main, worker_app
 
     seen = _captured_app(monkeypatch)
     monkeypatch.setenv(_WORKER_ENV, "")  # restored after the test: serve --workers sets it
@@ -112,10 +110,12 @@ def test_syncunit_serve_runs_the_app_frozen_on_startup(
     assert main([*argv, "--app-dir", str(EXAMPLES), "--port", "1"]) == 0
     assert isinstance(seen["app"], FreezeOnStartup)
     assert seen["app"].frozen == 0  # uvicorn (not run here) would start it
+    assert seen["timeout_keep_alive"] == KEEP_ALIVE_S  # see test_connection_reuse.py
 
     # With --workers, each worker process builds its app from the environment.
     assert main([*argv, "--app-dir", str(EXAMPLES), "--workers", "2"]) == 0
     assert seen["app"] == "syncunit.cli:worker_app"
     assert seen["factory"] is True
+    assert seen["timeout_keep_alive"] == KEEP_ALIVE_S
     assert json.loads(os.environ[_WORKER_ENV])["database"] == server_db_url
     assert isinstance(worker_app(), FreezeOnStartup)

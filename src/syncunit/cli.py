@@ -88,6 +88,13 @@ def load_server(
 #: Environment variable through which ``serve --workers`` tells each worker what to load.
 _WORKER_ENV = "SYNCUNIT_SERVE"
 
+#: Seconds ``serve`` keeps an idle connection open (uvicorn's default is 5). The side
+#: that closes an idle connection should be the client: a request sent on a connection
+#: the server is closing gets no answer. ``SyncClient`` lets its own go after
+#: ``IDLE_CONNECTION_S`` (5 s); a proxy or load balancer in front keeps them longer
+#: (60 s for AWS's, 75 s for nginx's by default), and asks the same of its backends.
+KEEP_ALIVE_S = 75
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -108,12 +115,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run(
             "syncunit.cli:worker_app", factory=True, workers=args.workers,
             host=args.host, port=args.port, log_level=args.log_level,
+            timeout_keep_alive=args.keep_alive,
         )  # fmt: skip
         return 0
     server = _server_from(config)
     uvicorn.run(
-        FreezeOnStartup(server.app), host=args.host, port=args.port, log_level=args.log_level
-    )
+        FreezeOnStartup(server.app), host=args.host, port=args.port, log_level=args.log_level,
+        timeout_keep_alive=args.keep_alive,
+    )  # fmt: skip
     return 0
 
 
@@ -280,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", type=int, default=1,
         help="server processes sharing the port (use PostgreSQL for more than one)",
+    )  # fmt: skip
+    p.add_argument(
+        "--keep-alive", type=int, default=KEEP_ALIVE_S, metavar="SECONDS",
+        help="how long an idle connection stays open; longer than the clients' and any"
+        f" proxy's in front keep theirs (default {KEEP_ALIVE_S})",
     )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 

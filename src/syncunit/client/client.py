@@ -65,6 +65,11 @@ TokenProvider = Callable[[], str]
 DEFER_INDEXES_ABOVE = 5000
 log = logging.getLogger("syncunit.client")
 
+#: Seconds an idle connection is kept for the next request (httpx's default). A server
+#: should keep its side open longer (``syncunit serve`` does, 75 s): a request that goes
+#: out as the server closes the connection gets no answer, and is sent once more.
+IDLE_CONNECTION_S = 5.0
+
 
 @functools.cache
 def tls_context() -> ssl.SSLContext:
@@ -164,6 +169,11 @@ class SyncClient:
             transport=transport,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(  # httpx's defaults, said here
+                max_connections=100,
+                max_keepalive_connections=20,
+                keepalive_expiry=IDLE_CONNECTION_S,
+            ),
             verify=tls_context(),
         )
         self._set_token(token)
