@@ -19,6 +19,7 @@ import sqlalchemy as sa
 import uvicorn
 from hospital.models import staff
 
+from syncunit.cli import KEEP_ALIVE_S
 from syncunit.client import SyncClient
 from syncunit.protocol import (
     PROTOCOL_VERSION,
@@ -69,6 +70,7 @@ class LiveServer:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=KEEP_ALIVE_S,  # as syncunit serve: the client closes first
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
