@@ -140,11 +140,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--url", help="serve this database instead of --db (PostgreSQL)")
     args = parser.parse_args(argv)
     ensure_paths()
-    import uvicorn
     from hospital.server import build
 
-    from syncunit.cli import KEEP_ALIVE_S
-    from syncunit.server.heap import FreezeOnStartup
+    from syncunit.cli import run_app
 
     url = args.url or (args.db if "://" in args.db else database_url(Path(args.db)))
     if args.snapshots is None:
@@ -158,13 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for stream in server.schema.units[UNIT].streams:
             if stream.mode == "delta":
                 server.snapshots.build(stream, params)
-    # As ``syncunit serve`` runs it: the started server's heap frozen, its idle
-    # connections kept longer than the client's.
-    app = FreezeOnStartup(server.app)
-    uvicorn.run(
-        app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
-        timeout_keep_alive=KEEP_ALIVE_S,
-    )  # fmt: skip
+    # As ``syncunit serve`` runs it.
+    run_app(server.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,6 @@ KEEP_ALIVE_S = 75
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from syncunit.server.heap import FreezeOnStartup
     from syncunit.server.logs import configure_logging
 
     configure_logging(args.log_format, args.log_level.upper())
@@ -119,11 +118,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )  # fmt: skip
         return 0
     server = _server_from(config)
-    uvicorn.run(
-        FreezeOnStartup(server.app), host=args.host, port=args.port, log_level=args.log_level,
-        timeout_keep_alive=args.keep_alive,
+    run_app(
+        server.app, keep_alive=args.keep_alive,
+        host=args.host, port=args.port, log_level=args.log_level,
     )  # fmt: skip
     return 0
+
+
+def run_app(app: Any, *, keep_alive: int = KEEP_ALIVE_S, **options: Any) -> None:
+    """Run a server's ASGI ``app`` with uvicorn as ``syncunit serve`` does: its heap
+    frozen once it has started (``FreezeOnStartup``), idle connections kept
+    ``keep_alive`` seconds; ``options`` go to ``uvicorn.run``."""
+    import uvicorn
+
+    from syncunit.server.heap import FreezeOnStartup
+
+    uvicorn.run(FreezeOnStartup(app), timeout_keep_alive=keep_alive, **options)
 
 
 def _server_from(config: dict[str, Any]) -> Any:
