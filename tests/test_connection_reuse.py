@@ -154,7 +154,9 @@ def _answer(conn: socket.socket, request: bytes) -> bytes:
         if line.lower().startswith(b"content-length:")
     )
     while len(body) < length:  # the rest of the body, so the next answer starts clean
-        body += conn.recv(65536)
+        more = conn.recv(65536)
+        assert more, "the server closed the connection in the middle of an answer"
+        body += more
     return head
 
 
