@@ -142,16 +142,27 @@ def _dispose_engines_after_the_test() -> Iterator[None]:
 @pytest.fixture
 def new_database(
     request: pytest.FixtureRequest, backend: str, tmp_path: Path
-) -> Callable[[str], str]:
-    """``new_database(name)``: the URL of a new, empty server database on the backend."""
+) -> Iterator[Callable[[str], str]]:
+    """``new_database(name)``: the URL of a new, empty server database on the backend.
+
+    A PostgreSQL database is dropped after the test: the session's cluster keeps
+    only the databases of the test that runs.
+    """
+    made: list[str] = []
 
     def make(name: str = "server") -> str:
         if backend == "sqlite":
             return f"sqlite:///{tmp_path / (name + '.sqlite')}"
         pg: PostgresServer = request.getfixturevalue("pg")
-        return pg.url(pg.create_database(name))
+        made.append(pg.create_database(name))
+        return pg.url(made[-1])
 
-    return make
+    yield make
+    if made:
+        dispose_engines()
+        pg = request.getfixturevalue("pg")
+        for name in made:
+            pg.drop_database(name)
 
 
 @pytest.fixture

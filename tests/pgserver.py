@@ -2,6 +2,9 @@
 
 One cluster per test session, on 127.0.0.1 and a free port, with durability
 switched off (it is thrown away). Every test gets a fresh database of its own.
+Its files go to a tmpfs (``/dev/shm``) when the machine has one with room:
+making a database writes some 300 files, which on a busy disk took 0.2 s
+against 0.015 s in memory (``SYNCUNIT_TEST_PG_DIR`` names another directory).
 PostgreSQL refuses to run as root: under root the server runs as the
 ``postgres`` system user. When the server binaries are missing they are
 installed with ``apt-get install postgresql`` (Debian, Ubuntu); where that is
@@ -28,6 +31,24 @@ import psycopg
 
 #: Where Debian and Ubuntu put the server binaries (newest first).
 _DEBIAN_BINS = "/usr/lib/postgresql/*/bin"
+
+
+#: A tmpfs, where a throwaway cluster's files go when it has ``_SHM_MIN_FREE`` free.
+_SHM = "/dev/shm"
+_SHM_MIN_FREE = 4 * 2**30
+
+
+def scratch_dir() -> str | None:
+    """Where throwaway clusters put their files: ``SYNCUNIT_TEST_PG_DIR``, else a
+    tmpfs with room, else None (the system's temporary directory)."""
+    chosen = os.environ.get("SYNCUNIT_TEST_PG_DIR")
+    if chosen:
+        return chosen
+    try:
+        st = os.statvfs(_SHM)
+    except OSError:
+        return None
+    return _SHM if st.f_bavail * st.f_frsize >= _SHM_MIN_FREE else None
 
 
 class PostgresUnavailable(RuntimeError):
@@ -100,7 +121,7 @@ class PostgresServer:
         self.bindir = bindir or find_bindir()
         self.port = port or free_port()
         self.user = _run_as()
-        self.root = Path(tempfile.mkdtemp(prefix="syncunit-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="syncunit-pg-", dir=scratch_dir()))
         self.datadir = datadir or self.root / "data"
         self.settings = {
             "listen_addresses": "127.0.0.1",
