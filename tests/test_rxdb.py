@@ -29,6 +29,7 @@ from tests.conftest import PlainSQL
 from tests.support import LiveServer, appointments_of, expected_rows, principal_params
 
 BASE = "/v1/rxdb/Online/appointments"
+DETAILS = "/v1/rxdb/PatientDetails/patient_history"  # a unit opened on one patient
 
 
 def auth(token: str = "token-h1", device: str | None = "js-1") -> dict[str, str]:
@@ -42,12 +43,18 @@ class RxPeer:
     """What RxDB keeps of one collection: documents by key, and a checkpoint."""
 
     def __init__(
-        self, http: httpx.Client, base: str = BASE, token: str = "token-h1", key: str = "id"
+        self,
+        http: httpx.Client,
+        base: str = BASE,
+        token: str = "token-h1",
+        key: str = "id",
+        params: dict[str, Any] | None = None,
     ) -> None:
         self.http = http
         self.key = key
         self.base = base
         self.token = token
+        self.params = params  # a unit opened on a selection: its client parameters
         self.docs: dict[str, dict[str, Any]] = {}
         self.checkpoint: Any = None
         self.batches: list[int] = []
@@ -56,6 +63,7 @@ class RxPeer:
         r = self.http.post(
             f"{self.base}/pull",
             json={"checkpoint": self.checkpoint, "batchSize": batch},
+            params=None if self.params is None else {"params": json.dumps(self.params)},
             headers=auth(self.token),
         )
         assert r.status_code == 200, r.text
@@ -394,6 +402,20 @@ def test_a_deleted_document_is_a_delete_and_a_delete_again_is_harmless(
         (f"{BASE}/push", {"json": [], "headers": auth(device=None)}, 422, "invalid-request"),
         ("/v1/rxdb/Login/appointments/push", {"json": []}, 422, "invalid-request"),
         ("/v1/rxdb/SendAppointments/appointments/pull", {"json": {}}, 422, "invalid-request"),
+        (f"{DETAILS}/pull", {"json": {}}, 400, "invalid-parameter"),
+        (f"{DETAILS}/pull", {"json": {}, "params": {"params": "{nope"}}, 400,
+         "malformed-request"),
+        (f"{DETAILS}/pull", {"json": {}, "params": {"params": "[7]"}}, 400,
+         "malformed-request"),
+        (f"{DETAILS}/pull", {"json": {}, "params": {"params": '{"patient_id": "7"}'}}, 400,
+         "invalid-parameter"),
+        (f"{DETAILS}/pull", {"json": {}, "params": {"params": '{"patient_id": 0}'}}, 400,
+         "invalid-parameter"),
+        (f"{BASE}/pull", {"json": {}, "params": {"params": '{"patient_id": 7}'}}, 400,
+         "invalid-parameter"),
+        (f"{BASE}/push", {"json": [], "params": {"params": '{"patient_id": 7}'}}, 400,
+         "invalid-parameter"),
+        (f"{DETAILS}/push", {"json": []}, 422, "invalid-request"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_a_clear_problem_and_change_nothing(
@@ -534,5 +556,78 @@ def test_an_event_stream_ends_so_the_client_reconnects_as_who_it_is_now(
         assert events.next() == "RESYNC"
         body = peer.pull_once(10)
         assert body["reset"] is True
+    finally:
+        events.close()
+
+
+# -- a unit opened on a selection ------------------------------------------------------
+
+
+def _patients(plain_sql: PlainSQL, hospital: int) -> list[int]:
+    """Patients with appointments at ``hospital``, most appointments first."""
+    rows = plain_sql(
+        "SELECT a.patient_id FROM appointment a JOIN doctor d ON d.id = a.doctor_id"
+        " WHERE d.hospital_id = :h GROUP BY a.patient_id ORDER BY count(*) DESC, a.patient_id",
+        {"h": hospital},
+    )
+    return [r[0] for r in rows]
+
+
+def selection_docs(server: SyncServer, stream: str, patient_id: int) -> dict[str, dict[str, Any]]:
+    """What RxDB should hold of hospital 1's ``stream`` opened on ``patient_id``."""
+    s = server.schema.streams[stream]
+    key = s.key
+    params = {"hospital_id": 1, "patient_id": patient_id}
+    rows = [dict(zip(s.columns, r, strict=True)) for r in expected_rows(server, s, params)]
+    return {str(r[key]): {**r, key: str(r[key])} for r in rows}  # RxDB keys are strings
+
+
+def test_a_unit_opened_on_a_selection_pulls_that_selection_and_resets_on_another(
+    http: httpx.Client, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    first, second = _patients(plain_sql, 1)[:2]
+    peer = RxPeer(http, base=DETAILS, params={"patient_id": first})
+    peer.pull(batch=2)
+    assert peer.docs == selection_docs(server, "patient_history", first)
+    assert len(peer.docs) >= 2
+    assert {d["patient_id"] for d in peer.docs.values()} == {first}
+    # The same checkpoint with another patient: that stream starts afresh.
+    peer.params = {"patient_id": second}
+    body = peer.pull_once(1000)
+    assert body["reset"] is True
+    peer.apply(body)
+    assert peer.docs == selection_docs(server, "patient_history", second)
+    # The selection narrows the principal's scope, never widens it.
+    elsewhere = next(p for p in _patients(plain_sql, 2) if p not in _patients(plain_sql, 1))
+    other = RxPeer(http, base=DETAILS, params={"patient_id": elsewhere})
+    other.pull()
+    assert other.docs == {}
+    card = RxPeer(http, base="/v1/rxdb/PatientDetails/patient_card", params={"patient_id": first})
+    card.pull()
+    assert card.docs == selection_docs(server, "patient_card", first)
+    assert list(card.docs) == [str(first)]
+
+
+def test_the_event_stream_of_a_selection_sends_only_its_changes(
+    live: LiveServer, http: httpx.Client, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    mine, theirs = _patients(plain_sql, 1)[:2]
+    peer = RxPeer(http, base=DETAILS, params={"patient_id": mine})
+    query = "params=" + json.dumps({"patient_id": mine}).replace(" ", "%20")
+    events = Events(live, f"{DETAILS}/pull/stream?{query}")
+    try:
+        assert events.next() == "RESYNC"
+        peer.pull()
+        key_of = {
+            p: plain_sql("SELECT id FROM appointment WHERE patient_id = :p LIMIT 1", {"p": p})[0][0]
+            for p in (mine, theirs)
+        }
+        # Another patient's change first: were it sent, it would be the next event.
+        plain_sql("UPDATE appointment SET notes = 'theirs' WHERE id = :id", {"id": key_of[theirs]})
+        plain_sql("UPDATE appointment SET notes = 'mine' WHERE id = :id", {"id": key_of[mine]})
+        event = events.next()
+        assert [d["id"] for d in event["documents"]] == [key_of[mine]]
+        peer.apply(event)
+        assert peer.docs == selection_docs(server, "patient_history", mine)
     finally:
         events.close()

@@ -277,3 +277,48 @@ def test_a_python_device_and_the_real_rxdb_share_one_hospital(
     assert set(want) == set(appointments_of(server.store, 2))
     assert js.docs() == want
     assert_in_sync(server, py, "token-h1", "Online")
+
+
+@pytest.mark.timeout(300)
+def test_the_real_rxdb_replicates_a_unit_opened_on_one_patient(
+    js_device: Callable[[], JsDevice], live: LiveServer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    mine, theirs = (
+        r[0]
+        for r in plain_sql(
+            "SELECT a.patient_id FROM appointment a JOIN doctor d ON d.id = a.doctor_id"
+            " WHERE d.hospital_id = 1 GROUP BY a.patient_id"
+            " ORDER BY count(*) DESC, a.patient_id LIMIT 2"
+        )
+    )
+    s = server.schema.streams["patient_history"]
+
+    def selection() -> dict[str, dict[str, Any]]:
+        rows = expected_rows(server, s, {"hospital_id": 1, "patient_id": mine})
+        return {r[0]: dict(zip(s.columns, r, strict=True)) for r in rows}
+
+    js = js_device()
+    started = js.call(
+        "start", timeout=120, name="patient", url=live.url, token="token-h1",
+        unit="PatientDetails", stream="patient_history", clientId="tablet", batchSize=4,
+        params={"patient_id": mine},
+    )  # fmt: skip
+    assert started["count"] == len(selection()) >= 2
+    assert js.docs() == selection()
+
+    # The backoffice edits one appointment of each patient: only this one's reaches
+    # RxDB, on its event stream, with no sync asked for.
+    key_of = {
+        p: plain_sql("SELECT id FROM appointment WHERE patient_id = :p LIMIT 1", {"p": p})[0][0]
+        for p in (mine, theirs)
+    }
+    plain_sql("UPDATE appointment SET notes = 'theirs' WHERE id = :id", {"id": key_of[theirs]})
+    plain_sql("UPDATE appointment SET notes = 'mine' WHERE id = :id", {"id": key_of[mine]})
+    deadline = time.monotonic() + 20
+    while js.docs()[key_of[mine]]["notes"] != "mine":
+        assert time.monotonic() < deadline, "the change never reached RxDB on its own"
+        time.sleep(0.1)
+    js.call("sync")
+    assert js.docs() == selection()
+    assert key_of[theirs] not in js.docs()
+    assert js.call("results")["errors"] == []

@@ -21,6 +21,12 @@ app writes; these endpoints are what they call (``docs/javascript.md``):
 * ``GET /v1/rxdb/{unit}/{stream}/schema``: an RxDB JSON schema for the stream's
   local table, from the catalog.
 
+A unit opened on a selection (client parameters, e.g. one patient's history)
+takes its values as the query parameter ``params``, a JSON object, on the pull
+and the event stream: ``.../pull?params={"patient_id":7}``, as a native device
+passes ``params=`` to ``sync``. A checkpoint holds the values it was read
+with: one of other values starts that stream afresh (``reset``).
+
 Everything goes through the native pieces: the same authentication and
 validation as ``POST /v1/sync/{unit}``, ``StreamReader`` for pulls,
 ``PushApplier`` for pushes (scope, conflict policy, rules, exactly-once log)
@@ -34,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -246,15 +252,9 @@ class RxDBReplication:
         client_id: str = "rxdb",
         mutations: list[Mutation] | None = None,
         batch: int | None = None,
+        params: dict[str, Any] | None = None,
     ) -> None:
         """Validate as a native sync of the unit would be."""
-        req = SyncRequest(
-            protocol=PROTOCOL_VERSION,
-            client_id=client_id,
-            mutations=mutations or [],
-            chunk_size=batch,
-        )
-        self.server._validate(req, unit, principal)
         if mutations is not None and not unit.pushes:
             raise ProblemException(
                 "invalid-request", f"unit {unit.name!r} does not push; use a unit that does"
@@ -263,6 +263,23 @@ class RxDBReplication:
             raise ProblemException(
                 "invalid-request", f"unit {unit.name!r} does not pull; use its push endpoint"
             )
+        params = params or {}
+        missing = [name for name in unit.client_params if name not in params]
+        if missing:
+            example = msgspec.json.encode(dict.fromkeys(missing, "...")).decode()
+            raise ProblemException(
+                "invalid-parameter",
+                f"unit {unit.name!r} is opened on a selection: add its parameters"
+                f" {', '.join(missing)} to the URL as ?params={example} (a JSON object)",
+            )
+        req = SyncRequest(
+            protocol=PROTOCOL_VERSION,
+            client_id=client_id,
+            mutations=mutations or [],
+            params=params,
+            chunk_size=batch,
+        )
+        self.server._validate(req, unit, principal)
 
     @staticmethod
     def _client_id(request: Request, stream: Stream) -> str:
@@ -274,6 +291,24 @@ class RxDBReplication:
                 " the same on every push)",
             )
         return f"rxdb:{device}:{stream.name}"
+
+    @staticmethod
+    def _params(request: Request) -> dict[str, Any]:
+        """The unit's client parameters: the ``params`` query parameter, a JSON object."""
+        text = request.query_params.get("params")
+        if text is None:
+            return {}
+        try:
+            params = msgspec.json.decode(text)
+        except msgspec.DecodeError as exc:
+            raise ProblemException(
+                "malformed-request", f"params is not JSON: {exc}; send ?params={{...}}"
+            ) from exc
+        if not isinstance(params, dict):
+            raise ProblemException(
+                "malformed-request", 'params must be a JSON object, e.g. ?params={"patient_id":7}'
+            )
+        return params
 
     def docs(self, stream: Stream) -> _Docs:
         d = self._docs.get(stream.name)
@@ -302,14 +337,17 @@ class RxDBReplication:
         batch = body.get("batchSize", DEFAULT_BATCH)
         if isinstance(batch, bool) or not isinstance(batch, int):
             raise ProblemException("invalid-request", "batchSize must be an integer")
-        self._check(principal, unit, batch=batch)
+        params = self._params(request)
+        self._check(principal, unit, batch=batch, params=params)
         key = await self.server._key()
         token = _cursor_of(body.get("checkpoint"))
         if token is not None:
             token = self.server._verified(token, key)
         slot = self.server._slot(principal)
         try:
-            result = await anyio.to_thread.run_sync(self.pull, stream, principal, token, batch)
+            result = await anyio.to_thread.run_sync(
+                self.pull, stream, principal, token, batch, params
+            )
         finally:
             slot.release()
         self.server._maybe_prune()
@@ -331,7 +369,8 @@ class RxDBReplication:
             )
         docs = self.docs(stream)
         mutations = [docs.mutation(i + 1, r) for i, r in enumerate(rows)]
-        self._check(principal, unit, client_id=client_id, mutations=mutations)
+        params = self._params(request)  # a unit with client parameters does not push
+        self._check(principal, unit, client_id=client_id, mutations=mutations, params=params)
         slot = self.server._slot(principal)
         try:
             results = await anyio.to_thread.run_sync(
@@ -347,11 +386,12 @@ class RxDBReplication:
         except ValueError:
             raise ProblemException("invalid-request", "batchSize must be an integer") from None
         principal, unit, stream = await self._resolve(request)
-        self._check(principal, unit, batch=batch)
+        params = self._params(request)
+        self._check(principal, unit, batch=batch, params=params)
         monitor = self.server.monitor
         if monitor.waiters >= self.server.max_live_waiters:
             raise ProblemException("busy", f"{monitor.waiters} clients are waiting")
-        events = self._events(request, stream, principal, batch)
+        events = self._events(request, stream, principal, batch, params)
         return StreamingResponse(
             events,
             media_type="text/event-stream",
@@ -360,8 +400,16 @@ class RxDBReplication:
 
     # -- the work ------------------------------------------------------------------
 
-    def pull(self, stream: Stream, principal: Principal, token: str | None, batch: int) -> _Batch:
-        """Documents since ``token``: whole chunks until ``batch`` documents or the end.
+    def pull(
+        self,
+        stream: Stream,
+        principal: Principal,
+        token: str | None,
+        batch: int,
+        params: dict[str, Any] | None = None,
+    ) -> _Batch:
+        """Documents since ``token``: whole chunks until ``batch`` documents or the end
+        (of the selection ``params`` names, for a unit opened on one).
 
         A key changed twice in one batch (a first copy and its catch-up) is sent
         once, as it is last; the count is of distinct documents, so a batch
@@ -370,7 +418,7 @@ class RxDBReplication:
         """
         store = self.server.store
         docs = self.docs(stream)
-        reader = StreamReader(store, stream, principal.params, chunk_size=batch)
+        reader = StreamReader(store, stream, _scope(principal, params), chunk_size=batch)
         out: dict[str, dict[str, Any]] = {}
         cursor, reset, complete = token, False, False
         with store.snapshot() as (conn, watermark):
@@ -454,22 +502,29 @@ class RxDBReplication:
                 lock = self._numbering[client_id] = threading.Lock()
             return lock
 
-    def _cursor_now(self, stream: Stream, principal: Principal) -> str | None:
+    def _cursor_now(
+        self, stream: Stream, principal: Principal, params: dict[str, Any]
+    ) -> str | None:
         """A cursor holding everything of ``stream`` up to now, without reading its rows."""
         if stream.mode == "full":  # small by definition: its content hash is the cursor
-            batch = self.pull(stream, principal, None, self.server.max_chunk_size)
+            batch = self.pull(stream, principal, None, self.server.max_chunk_size, params)
             return None if batch.checkpoint is None else batch.checkpoint["cursor"]
         store = self.server.store
         with store.snapshot() as (conn, watermark):
             epoch, _ = store.epoch_and_horizon(conn)
         cur = Cursor(
-            epoch, stream.definition_hash, params_hash(stream, principal.params), "done",
+            epoch, stream.definition_hash, params_hash(stream, _scope(principal, params)), "done",
             since=watermark, high=watermark,
         )  # fmt: skip
         return encode_cursor(cur)
 
     async def _events(
-        self, request: Request, stream: Stream, principal: Principal, batch: int
+        self,
+        request: Request,
+        stream: Stream,
+        principal: Principal,
+        batch: int,
+        params: dict[str, Any],
     ) -> AsyncIterator[bytes]:
         """The event stream: ``RESYNC`` first, then the changes in scope as they come.
 
@@ -484,7 +539,7 @@ class RxDBReplication:
         loop = asyncio.get_running_loop()
         ends = loop.time() + self.stream_lifetime
         seen = await anyio.to_thread.run_sync(store.current_version)
-        cursor = await anyio.to_thread.run_sync(self._cursor_now, stream, principal)
+        cursor = await anyio.to_thread.run_sync(self._cursor_now, stream, principal, params)
         yield b"retry: 1000\n\n" + _event("RESYNC")
         beat = loop.time()
         while (left := ends - loop.time()) > 0 and not await request.is_disconnected():
@@ -502,7 +557,9 @@ class RxDBReplication:
                 continue
             seen = version
             try:
-                event = await self._event_for(request, stream, principal, alone, cursor, batch)
+                event = await self._event_for(
+                    request, stream, principal, alone, cursor, batch, params
+                )
             finally:
                 slot.release()
             if event is None:
@@ -521,11 +578,12 @@ class RxDBReplication:
         alone: SyncUnit,
         cursor: str | None,
         batch: int,
+        params: dict[str, Any],
     ) -> tuple[str | None, Any] | None:
         """What to send on a change: (the stream's new cursor, the event or None); None
         ends the stream."""
         changed = await anyio.to_thread.run_sync(
-            unit_has_changes, self.server.store, alone, principal.params,
+            unit_has_changes, self.server.store, alone, _scope(principal, params),
             {stream.name: cursor or ""},
         )  # fmt: skip
         if not changed:
@@ -535,9 +593,9 @@ class RxDBReplication:
         now = await anyio.to_thread.run_sync(self.server.authenticate, request)
         if now != principal:
             return None
-        found = await anyio.to_thread.run_sync(self.pull, stream, principal, cursor, batch)
+        found = await anyio.to_thread.run_sync(self.pull, stream, principal, cursor, batch, params)
         if found.reset or not found.complete or found.checkpoint is None:
-            fresh = await anyio.to_thread.run_sync(self._cursor_now, stream, principal)
+            fresh = await anyio.to_thread.run_sync(self._cursor_now, stream, principal, params)
             return fresh, "RESYNC"
         if not found.documents:
             return found.checkpoint["cursor"], None
@@ -545,6 +603,12 @@ class RxDBReplication:
             "documents": found.documents,
             "checkpoint": found.checkpoint,
         }
+
+
+def _scope(principal: Principal, params: dict[str, Any] | None) -> Mapping[str, Any]:
+    """The values a stream is read with: the principal's, and the selection's (as a
+    native sync merges them)."""
+    return {**principal.params, **params} if params else principal.params
 
 
 def _cursor_of(checkpoint: Any) -> str | None:

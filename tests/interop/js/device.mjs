@@ -32,7 +32,7 @@ const commands = {
   async start(cmd) {
     options = {
       url: cmd.url, unit: cmd.unit, stream: cmd.stream, token: cmd.token,
-      clientId: cmd.clientId, batchSize: cmd.batchSize,
+      clientId: cmd.clientId, batchSize: cmd.batchSize, params: cmd.params,
     };
     db = await createRxDatabase({
       name: cmd.name,

@@ -18,12 +18,15 @@ export async function fetchSchema({ url, unit, stream, token }) {
  * `batchSize`: documents per pull and push (a first copy of n rows takes n / batchSize pulls).
  * `onResult` gets the server's verdict on every pushed change:
  * {id, op, status: 'applied' | 'conflict' | 'rejected', code?, reason?}.
+ * `params`: the selection of a unit opened on one (its client parameters,
+ * e.g. `{ patient_id: 7 }`); one collection per selection.
  */
 export function replicateSyncunit({
   collection, url, unit, stream, token, clientId,
-  batchSize = 1000, live = true, onResult = () => {},
+  batchSize = 1000, live = true, onResult = () => {}, params = null,
 }) {
   const base = `${url}/v1/rxdb/${encodeURIComponent(unit)}/${encodeURIComponent(stream)}`;
+  const selection = params ? `params=${encodeURIComponent(JSON.stringify(params))}` : '';
   const headers = {
     Authorization: `Bearer ${token}`,
     'Content-Type': 'application/json',
@@ -31,14 +34,15 @@ export function replicateSyncunit({
   };
   const key = collection.schema.primaryPath;
   const post = async (path, body) => {
-    const res = await fetch(`${base}/${path}`, { method: 'POST', headers, body: JSON.stringify(body) });
+    const target = `${base}/${path}${selection && '?'}${selection}`;
+    const res = await fetch(target, { method: 'POST', headers, body: JSON.stringify(body) });
     if (!res.ok) throw new Error(`${path}: ${res.status} ${await res.text()}`);
     return res.json();
   };
   const events = new Subject();
   const state = replicateRxCollection({
     collection,
-    replicationIdentifier: `syncunit ${url} ${unit} ${stream}`,
+    replicationIdentifier: `syncunit ${url} ${unit} ${stream} ${selection}`,
     live,
     pull: {
       batchSize,
@@ -69,7 +73,8 @@ export function replicateSyncunit({
   if (live) {
     const stop = new AbortController();
     state.onCancel.push(() => stop.abort());
-    listen(`${base}/pull/stream?batchSize=${batchSize}`, headers, events, stop.signal);
+    const query = `batchSize=${batchSize}${selection && '&'}${selection}`;
+    listen(`${base}/pull/stream?${query}`, headers, events, stop.signal);
   }
   return state;
 }
