@@ -631,3 +631,75 @@ def test_the_event_stream_of_a_selection_sends_only_its_changes(
         assert peer.docs == selection_docs(server, "patient_history", mine)
     finally:
         events.close()
+
+
+# -- binary columns ----------------------------------------------------------------------
+
+_scans_meta = sa.MetaData()
+scan = sa.Table(
+    "scan",
+    _scans_meta,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("ward", sa.String(10), nullable=False),
+    sa.Column("image", sa.LargeBinary, nullable=True),
+)
+
+
+def test_binary_columns_travel_as_base64_both_ways(
+    store: Any, serve: Callable[[Any], LiveServer], plain_sql: PlainSQL
+) -> None:
+    import base64
+
+    from syncunit.server import Principal, TokenAuth
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    _scans_meta.create_all(store.engine)
+    scans = Stream(
+        "scans",
+        scan,
+        [scan.c.id, scan.c.ward, scan.c.image],
+        where=scan.c.ward == sa.bindparam("ward"),
+    )
+    server = SyncServer(
+        SyncSchema([SyncUnit("Scans", [scans], direction="both")]),
+        store,
+        authenticate=TokenAuth({"token-h1": Principal("nurse", {"ward": "w1"})}),
+    )
+    first = bytes(range(256))  # every byte value, NUL and 0xFF included
+    plain_sql("INSERT INTO scan (id, ward, image) VALUES ('a', 'w1', :b)", {"b": first})
+
+    def stored() -> dict[str, bytes | None]:
+        rows = plain_sql("SELECT id, image FROM scan ORDER BY id")
+        return {k: None if v is None else bytes(v) for k, v in rows}
+
+    with httpx.Client(base_url=serve(server.app).url, timeout=30) as http:
+        r = http.get("/v1/rxdb/Scans/scans/schema", headers=auth())
+        assert r.json()["properties"]["image"] == {"type": ["string", "null"]}
+        peer = RxPeer(http, base="/v1/rxdb/Scans/scans")
+        peer.pull()
+        assert peer.docs == {
+            "a": {"id": "a", "ward": "w1", "image": base64.b64encode(first).decode()}
+        }
+
+        new = {"id": "b", "ward": "w1", "image": base64.b64encode(b"\x00scan\xff").decode()}
+        changed = {**peer.docs["a"], "image": base64.b64encode(b"second").decode()}
+        bad = {"id": "c", "ward": "w1", "image": "not base64!"}
+        out = peer.push(
+            [
+                {"assumedMasterState": None, "newDocumentState": {**new, "_deleted": False}},
+                {
+                    "assumedMasterState": {**peer.docs["a"], "_deleted": False},
+                    "newDocumentState": {**changed, "_deleted": False},
+                },
+                {"assumedMasterState": None, "newDocumentState": {**bad, "_deleted": False}},
+            ]
+        )
+        assert [x["status"] for x in out["results"]] == ["applied", "applied", "rejected"]
+        assert out["results"][2]["code"] == "invalid-value"
+        assert "image" in out["results"][2]["reason"]
+        assert stored() == {"a": b"second", "b": b"\x00scan\xff"}
+        peer.pull()
+        assert peer.docs == {
+            "a": changed,
+            "b": new,
+        }

@@ -38,6 +38,9 @@ server in a client id of their own (``rxdb:{device}:{stream}``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
 import threading
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -125,6 +128,8 @@ class _Docs:
         self.key = info.key
         self.columns = [c.name for c in info.columns]
         self.booleans = {c.name for c in info.columns if c.type == "boolean"}
+        # Binary values travel as base64 text (how msgspec writes bytes in JSON).
+        self.blobs = {c.name for c in info.columns if c.type == "blob" and c.name != info.key}
         self.writable = {c.name for c in info.columns if c.writable}
         key_info = next(c for c in info.columns if c.name == info.key)
         self.integer_key = key_info.type == "integer"
@@ -172,6 +177,7 @@ class _Docs:
         base = {c: old[c] for c in self.writable if c in old} if known and old else {}
         mid = str(uuid.uuid4())
         table = self.stream.local_table
+        self._binary(base)
         if new.get("_deleted", False):
             return Mutation(seq=seq, id=mid, table=table, key=key, op="delete", base=base)
         # Fields the stream does not have are sent on, for the server to refuse by name.
@@ -181,6 +187,7 @@ class _Docs:
             names = [c for c in self.columns if c in self.writable or c == self.key]
             values = {c: new.get(c) for c in [*names, *extra]}
             values[self.key] = key
+            self._binary(values)
             return Mutation(seq=seq, id=mid, table=table, key=key, op="insert", values=values)
         assert isinstance(old, dict)
         # A writable field left out means null; a copied one left out is not a change.
@@ -190,10 +197,20 @@ class _Docs:
             if c != self.key and (c in new or c in self.writable) and new.get(c) != old.get(c)
         ]
         values = {c: new.get(c) for c in changed}
+        self._binary(values)
         return Mutation(
             seq=seq, id=mid, table=table, key=key, op="update",
             values=values, changed=changed, base=base,
         )  # fmt: skip
+
+    def _binary(self, values: dict[str, Any]) -> None:
+        """Binary columns' base64 text as bytes, in place. Text that is not base64 stays
+        text, which the applier refuses by name (``invalid-value``)."""
+        for name in self.blobs & values.keys():
+            value = values[name]
+            if isinstance(value, str):
+                with contextlib.suppress(binascii.Error, ValueError):
+                    values[name] = base64.b64decode(value, validate=True)
 
 
 class _Batch(msgspec.Struct):
