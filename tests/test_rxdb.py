@@ -413,6 +413,11 @@ def test_a_deleted_document_is_a_delete_and_a_delete_again_is_harmless(
          "invalid-parameter"),
         (f"{BASE}/pull", {"json": {}, "params": {"params": '{"patient_id": 7}'}}, 400,
          "invalid-parameter"),
+        # A principal's own parameter cannot be given: it would widen the scope.
+        (f"{DETAILS}/pull", {"json": {}, "params": {"params":
+         '{"patient_id": 7, "hospital_id": 2}'}}, 400, "invalid-parameter"),
+        (f"{DETAILS}/pull/stream", {"params": {"params":
+         '{"patient_id": 7, "hospital_id": 2}'}}, 400, "invalid-parameter"),
         (f"{BASE}/push", {"json": [], "params": {"params": '{"patient_id": 7}'}}, 400,
          "invalid-parameter"),
         (f"{DETAILS}/push", {"json": []}, 422, "invalid-request"),
@@ -430,7 +435,7 @@ def test_bad_requests_get_a_clear_problem_and_change_nothing(
 
     before = db_state(server.store.engine)
     kwargs.setdefault("headers", auth())
-    r = http.post(path, **kwargs)
+    r = http.request("GET" if path.endswith("/stream") else "POST", path, **kwargs)
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["code"] == code
