@@ -386,6 +386,21 @@ def db_state(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
 # -- reading the hospital example on the server ------------------------------------------------
 
 
+def patients_of(store: ServerStore, hospital_id: int) -> list[int]:
+    """Patients with appointments at ``hospital_id``, most appointments first."""
+    from hospital.models import appointment, doctor
+
+    q = (
+        sa.select(appointment.c.patient_id)
+        .join(doctor, doctor.c.id == appointment.c.doctor_id)
+        .where(doctor.c.hospital_id == hospital_id)
+        .group_by(appointment.c.patient_id)
+        .order_by(sa.func.count().desc(), appointment.c.patient_id)
+    )
+    with store.engine.connect() as conn:
+        return list(conn.execute(q).scalars())
+
+
 def appointments_of(
     store: ServerStore, hospital_id: int, doctor_id: int | None = None
 ) -> list[str]:

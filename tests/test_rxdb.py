@@ -26,7 +26,13 @@ from syncunit.server import SyncServer
 from syncunit.server.rxdb import CLIENT_HEADER
 from syncunit.server.store import clients
 from tests.conftest import PlainSQL
-from tests.support import LiveServer, appointments_of, expected_rows, principal_params
+from tests.support import (
+    LiveServer,
+    appointments_of,
+    expected_rows,
+    patients_of,
+    principal_params,
+)
 
 BASE = "/v1/rxdb/Online/appointments"
 DETAILS = "/v1/rxdb/PatientDetails/patient_history"  # a unit opened on one patient
@@ -568,16 +574,6 @@ def test_an_event_stream_ends_so_the_client_reconnects_as_who_it_is_now(
 # -- a unit opened on a selection ------------------------------------------------------
 
 
-def _patients(plain_sql: PlainSQL, hospital: int) -> list[int]:
-    """Patients with appointments at ``hospital``, most appointments first."""
-    rows = plain_sql(
-        "SELECT a.patient_id FROM appointment a JOIN doctor d ON d.id = a.doctor_id"
-        " WHERE d.hospital_id = :h GROUP BY a.patient_id ORDER BY count(*) DESC, a.patient_id",
-        {"h": hospital},
-    )
-    return [r[0] for r in rows]
-
-
 def selection_docs(server: SyncServer, stream: str, patient_id: int) -> dict[str, dict[str, Any]]:
     """What RxDB should hold of hospital 1's ``stream`` opened on ``patient_id``."""
     s = server.schema.streams[stream]
@@ -590,7 +586,7 @@ def selection_docs(server: SyncServer, stream: str, patient_id: int) -> dict[str
 def test_a_unit_opened_on_a_selection_pulls_that_selection_and_resets_on_another(
     http: httpx.Client, server: SyncServer, plain_sql: PlainSQL
 ) -> None:
-    first, second = _patients(plain_sql, 1)[:2]
+    first, second = patients_of(server.store, 1)[:2]
     peer = RxPeer(http, base=DETAILS, params={"patient_id": first})
     peer.pull(batch=2)
     assert peer.docs == selection_docs(server, "patient_history", first)
@@ -603,7 +599,8 @@ def test_a_unit_opened_on_a_selection_pulls_that_selection_and_resets_on_another
     peer.apply(body)
     assert peer.docs == selection_docs(server, "patient_history", second)
     # The selection narrows the principal's scope, never widens it.
-    elsewhere = next(p for p in _patients(plain_sql, 2) if p not in _patients(plain_sql, 1))
+    here = patients_of(server.store, 1)
+    elsewhere = next(p for p in patients_of(server.store, 2) if p not in here)
     other = RxPeer(http, base=DETAILS, params={"patient_id": elsewhere})
     other.pull()
     assert other.docs == {}
@@ -616,7 +613,7 @@ def test_a_unit_opened_on_a_selection_pulls_that_selection_and_resets_on_another
 def test_the_event_stream_of_a_selection_sends_only_its_changes(
     live: LiveServer, http: httpx.Client, server: SyncServer, plain_sql: PlainSQL
 ) -> None:
-    mine, theirs = _patients(plain_sql, 1)[:2]
+    mine, theirs = patients_of(server.store, 1)[:2]
     peer = RxPeer(http, base=DETAILS, params={"patient_id": mine})
     query = "params=" + json.dumps({"patient_id": mine}).replace(" ", "%20")
     events = Events(live, f"{DETAILS}/pull/stream?{query}")

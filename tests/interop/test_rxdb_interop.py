@@ -34,6 +34,7 @@ from tests.support import (
     appointments_of,
     assert_in_sync,
     expected_rows,
+    patients_of,
     principal_params,
 )
 
@@ -283,14 +284,7 @@ def test_a_python_device_and_the_real_rxdb_share_one_hospital(
 def test_the_real_rxdb_replicates_a_unit_opened_on_one_patient(
     js_device: Callable[[], JsDevice], live: LiveServer, server: SyncServer, plain_sql: PlainSQL
 ) -> None:
-    mine, theirs = (
-        r[0]
-        for r in plain_sql(
-            "SELECT a.patient_id FROM appointment a JOIN doctor d ON d.id = a.doctor_id"
-            " WHERE d.hospital_id = 1 GROUP BY a.patient_id"
-            " ORDER BY count(*) DESC, a.patient_id LIMIT 2"
-        )
-    )
+    mine, theirs = patients_of(server.store, 1)[:2]
     s = server.schema.streams["patient_history"]
 
     def selection() -> dict[str, dict[str, Any]]:
