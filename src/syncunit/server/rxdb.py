@@ -280,20 +280,13 @@ class RxDBReplication:
             raise ProblemException(
                 "invalid-request", f"unit {unit.name!r} does not pull; use its push endpoint"
             )
-        params = params or {}
-        missing = [name for name in unit.client_params if name not in params]
-        if missing:
-            example = msgspec.json.encode(dict.fromkeys(missing, "...")).decode()
-            raise ProblemException(
-                "invalid-parameter",
-                f"unit {unit.name!r} is opened on a selection: add its parameters"
-                f" {', '.join(missing)} to the URL as ?params={example} (a JSON object)",
-            )
+        # The unit's check (``_check_unit``) says which parameter is missing, unknown
+        # or malformed: here they come as ``?params=``.
         req = SyncRequest(
             protocol=PROTOCOL_VERSION,
             client_id=client_id,
             mutations=mutations or [],
-            params=params,
+            params=params or {},
             chunk_size=batch,
         )
         self.server._validate(req, unit, principal)
