@@ -13,6 +13,7 @@ import time
 import tracemalloc
 from typing import Any
 
+import anyio
 import httpx
 import msgspec
 import pytest
@@ -440,3 +441,73 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(make_serv
         assert server.sync_slots.used == 0
     finally:
         sock.close()
+
+
+def test_a_response_whose_frames_fail_to_close_still_frees_its_slot(make_server, serve, store,
+                                                                     caplog):  # fmt: skip
+    """An observer (or a dead database connection) raising while a response ends
+    early: the error is logged, and the slot goes back all the same."""
+    from hospital.generate import generate
+
+    server = make_server(limits=Limits(response_chunks=1, max_concurrent_syncs=1,
+                                       syncs_per_principal=1))  # fmt: skip
+
+    def observe(unit: Any, principal: Any, req: Any, frames: Any) -> Any:
+        try:
+            yield from frames
+        finally:
+            raise RuntimeError("the observer broke")
+
+    server.observers.append(observe)
+    generate(store.engine, appointments=100, hospitals=2, doctors=10, patients=20)
+    live = serve(server.app)
+    for _ in range(2):  # the second is not refused: the first gave its slot back
+        frames = raw_sync(live.url, "Login", token="token-h1", chunk_size=16)
+        assert frames[-1] == End(server_time=frames[-1].server_time, complete=False)  # type: ignore[union-attr]
+        deadline = time.monotonic() + 5
+        while server.sync_slots.used and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.sync_slots.used == 0
+    assert "ending a sync's frames failed" in caplog.text
+    assert "the observer broke" in caplog.text
+
+
+def test_a_cancelled_response_ends_after_its_worker(make_server, store):
+    """Under an ASGI server that cancels a response when its client goes away (ASGI
+    spec before 2.4), the response ends only once its worker has given back the
+    database snapshot and the slot: the app's call returning means nothing is held."""
+    server = make_server(limits=Limits(stall_seconds=30, send_timeout=60))
+    _big(store)
+    body = sync_body(chunk_size=20, encoding="json")
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.0"},
+        "http_version": "1.1", "method": "POST", "scheme": "http", "root_path": "",
+        "path": "/v1/sync/Login", "raw_path": b"/v1/sync/Login", "query_string": b"",
+        "headers": [(b"authorization", b"Bearer token-h1"), (b"content-type", JSON.encode()),
+                    (b"accept-encoding", b"identity"), (b"content-length", b"%d" % len(body))],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    pieces: list[bytes] = []
+
+    async def call() -> None:
+        reading = anyio.Event()
+        asked = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await reading.wait()  # the client goes away once the response has begun
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                pieces.append(message["body"])
+                reading.set()
+
+        await server.app(scope, receive, send)
+
+    anyio.run(call)
+    assert pieces  # the response had begun
+    assert server.sync_slots.used == 0

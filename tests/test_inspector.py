@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +178,7 @@ def test_conflicts_and_rejections_are_listed_with_what_was_refused(
 # -- the log on its own ---------------------------------------------------------------------
 
 
-def _frames(fail: bool = False) -> Iterator[Frame]:
+def _frames(fail: bool = False) -> Generator[Frame, None, None]:
     yield Chunk(stream="doctors", columns=["id"], data=[[1, 2]], removed=[], cursor="")
     if fail:
         raise RuntimeError("the database went away")
@@ -193,9 +193,11 @@ def test_the_log_tells_completed_failed_and_cut_responses_apart() -> None:
     assert [type(f) for f in log.observe(unit, who, req, _frames())] == [Chunk, End]
     with pytest.raises(RuntimeError):
         list(log.observe(unit, who, req, _frames(fail=True)))
-    cut = log.observe(unit, who, SyncRequest(protocol=1, client_id="other"), _frames())
+    inner = _frames()
+    cut = log.observe(unit, who, SyncRequest(protocol=1, client_id="other"), inner)
     next(cut)
     cut.close()  # the client went away after the first frame
+    assert inner.gi_frame is None  # closed at once (it may hold a database snapshot)
     assert [r.outcome for r in log.recent()] == ["failed", "cut"]  # bounded to 2
     assert [r.rows for r in log.recent()] == [2, 2]
     [latest] = log.latest()  # one device remembered

@@ -112,7 +112,8 @@ class SyncLog:
     def observe(
         self, unit: SyncUnit, principal: Principal, req: SyncRequest, frames: Iterator[Frame]
     ) -> Iterator[Frame]:
-        """Pass ``frames`` on unchanged; record the sync when they end."""
+        """Pass ``frames`` on unchanged; record the sync when they end (closing it closes
+        ``frames``)."""
         t0 = time.monotonic()
         rows = 0
         cursors = dict(req.cursors)
@@ -134,8 +135,13 @@ class SyncLog:
             outcome = "cut"
             raise
         finally:
-            seconds = time.monotonic() - t0
-            self._record(unit, principal, req, pushed, outcome, seconds, rows, cursors)
+            try:
+                close = getattr(frames, "close", None)
+                if close is not None:
+                    close()  # now, not when collected: ``frames`` may hold a database snapshot
+            finally:
+                seconds = time.monotonic() - t0
+                self._record(unit, principal, req, pushed, outcome, seconds, rows, cursors)
 
     def _record(
         self,

@@ -197,7 +197,11 @@ class FramePump:
         finally:
             close = getattr(frames, "close", None)
             if close is not None:
-                close()  # ends the snapshot: the database is free before the client reads on
+                try:
+                    close()  # ends the snapshot: the database is free before the client reads on
+                except Exception:  # e.g. an observer failed: the slot goes back all the same
+                    outcome = outcome or "failed"
+                    log.exception("ending a sync's frames failed")
             if self.slot is not None:
                 self.slot.release()
             if not self.stop.is_set():
@@ -228,7 +232,10 @@ class FramePump:
                 yield item
         finally:
             self.stop.set()
-            await anyio.to_thread.run_sync(self.worker.join, 5.0)
+            # Even when the response is cancelled (the client went away, the server
+            # shuts down): the worker gives back its snapshot before the response ends.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.worker.join, 5.0)
 
 
 class FrameResponse(StreamingResponse):
