@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
+import psycopg
 import pytest
 import sqlalchemy as sa
 import zstandard
@@ -441,6 +442,63 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(make_serv
         assert server.sync_slots.used == 0
     finally:
         sock.close()
+
+
+@pytest.mark.backends("postgres")
+def test_a_database_connection_killed_mid_response_frees_the_sync_slot(
+    make_server, serve, store, pg
+):
+    """A failover (or an administrator) ends the server's database connection while
+    a sync streams: the response ends, its slot and connection are given back, and
+    the next sync is served from a fresh connection."""
+    limits = Limits(stall_seconds=30, max_concurrent_syncs=1, syncs_per_principal=1,
+                    send_timeout=60)  # fmt: skip
+    server = make_server(limits=limits)
+    _big(store)
+    live = serve(server.app)
+    sock = _stall(live.url)
+    try:
+        deadline = time.monotonic() + 5
+        while server.sync_slots.used == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.sync_slots.used == 1
+        database = store.engine.url.database
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            ).fetchone()
+        assert killed is not None
+        assert killed[0] >= 1  # the sync's own connection among them
+    finally:
+        sock.close()  # the worker goes on, meets the dead connection and ends
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # (the live-changes monitor checks one out briefly)
+        if server.sync_slots.used == 0 and store.engine.pool.checkedout() == 0:
+            break
+        time.sleep(0.05)
+    assert server.sync_slots.used == 0
+    assert store.engine.pool.checkedout() == 0
+    frames = raw_sync(live.url, "Login", token="token-h1", chunk_size=500)
+    assert isinstance(frames[-1], End)
+    gc.collect()  # a cursor of the dead connection left open would warn here
+
+
+@pytest.mark.backends("postgres")
+def test_a_statement_on_a_dead_connection_leaves_no_cursor_open(store, pg):
+    """SQLAlchemy drops a dead connection without closing the statement's cursor;
+    the store closes it (psycopg would warn when collecting it)."""
+    cursors: list[Any] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda _c, cur, *_: cursors.append(cur))
+    with store.engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        pg.admin(f"SELECT pg_terminate_backend({pid})")
+        with pytest.raises(sa.exc.OperationalError) as info:  # a server-side cursor
+            conn.execute(sa.text("SELECT 1"), execution_options={"yield_per": 10})
+        assert info.value.connection_invalidated
+    assert cursors[-1].name  # it was the server-side one
+    assert cursors[-1].closed
 
 
 def test_a_response_whose_frames_fail_to_close_still_frees_its_slot(make_server, serve, store,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import sqlalchemy as sa
@@ -148,7 +148,20 @@ def postgres_engine(url: str | sa.URL, **kw: Any) -> Engine:
         connect_args["prepare_threshold"] = None if raw in ("none", "off", "") else int(raw)
         u = u.difference_update_query(["prepare_threshold"])
     kw.setdefault("pool_pre_ping", True)
-    return sa.create_engine(u, connect_args=connect_args, **kw)
+    engine = sa.create_engine(u, connect_args=connect_args, **kw)
+    sa.event.listen(engine, "handle_error", _close_cursor_of_dead_connection)
+    return engine
+
+
+def _close_cursor_of_dead_connection(ctx: sa.engine.ExceptionContext) -> None:
+    """Close the cursor of a statement whose connection died (a failover, a server
+    restart): SQLAlchemy only invalidates the connection then, and psycopg would
+    warn about the cursor when it is collected. The statement's error goes on."""
+    # (ExceptionContext.cursor is documented but not set: the execution context has it.)
+    cursor = getattr(ctx.execution_context, "cursor", None)
+    if ctx.is_disconnect and cursor is not None:
+        with suppress(Exception):  # the connection is gone either way
+            cursor.close()
 
 
 class PostgresStore(ServerStore):
