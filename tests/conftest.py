@@ -139,14 +139,27 @@ def _dispose_engines_after_the_test() -> Iterator[None]:
     dispose_engines()
 
 
+@pytest.fixture(scope="session")
+def _dropping() -> list[tuple[list[threading.Thread] | None, str]]:
+    """PostgreSQL databases of finished tests, each with the server-stopping threads
+    (``_stopping``) it waits for before it is dropped (None: not yet noted)."""
+    return []
+
+
 @pytest.fixture
 def new_database(
-    request: pytest.FixtureRequest, backend: str, tmp_path: Path
+    request: pytest.FixtureRequest,
+    backend: str,
+    tmp_path: Path,
+    _stopping: list[threading.Thread],
+    _dropping: list[tuple[list[threading.Thread] | None, str]],
 ) -> Iterator[Callable[[str], str]]:
     """``new_database(name)``: the URL of a new, empty server database on the backend.
 
-    A PostgreSQL database is dropped after the test: the session's cluster keeps
-    only the databases of the test that runs.
+    A PostgreSQL database is dropped soon after its test, once the servers that
+    test started have stopped (they stop on threads of their own, ``_stopping``:
+    dropped under a server still ending a response, the database would fail it):
+    the session's cluster keeps only a few tests' databases.
     """
     made: list[str] = []
 
@@ -158,10 +171,18 @@ def new_database(
         return pg.url(made[-1])
 
     yield make
-    if made:
-        dispose_engines()
-        pg = request.getfixturevalue("pg")
-        for name in made:
+    if not made:
+        return
+    dispose_engines()
+    pg = request.getfixturevalue("pg")
+    # Every server of an earlier test has been told to stop by now: note the threads.
+    alive = [r for r in _stopping if r.is_alive()]
+    waiting = [(alive if reapers is None else reapers, name) for reapers, name in _dropping]
+    _dropping[:] = [(None, name) for name in made]
+    for reapers, name in waiting:
+        if any(r.is_alive() for r in reapers):
+            _dropping.append((reapers, name))
+        else:
             pg.drop_database(name)
 
 
