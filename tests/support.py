@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,20 @@ from syncunit.server import Principal, SyncServer, TokenAuth
 from syncunit.server.changes import StreamReader, to_wire
 from syncunit.server.store import ServerStore
 from syncunit.units import TRACKING_COLUMNS, Stream, SyncSchema, SyncUnit
+
+# -- waiting ---------------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll ``predicate`` until it is truthy; fail after ``timeout`` (a bound, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
 
 # -- a real HTTP server ------------------------------------------------------------------
 

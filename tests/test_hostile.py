@@ -43,6 +43,7 @@ from tests.support import (
     raw_sync,
     removed_keys,
     sync_body,
+    wait_until,
 )
 from tests.test_push_support import frames_of, post_sync
 
@@ -340,6 +341,23 @@ def _stall(url: str, unit: str = "Login", token: str = "token-h1") -> socket.soc
     return sock
 
 
+def _holding_a_slot(server: Any, url: str) -> socket.socket:
+    """``_stall``, once the stalled sync holds one of the server's sync slots."""
+    sock = _stall(url)
+    try:
+        wait_until(lambda: server.sync_slots.used >= 1, timeout=5)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _until_released(server: Any, store: Any) -> None:
+    """Wait until no sync holds a slot and no connection is checked out (the
+    live-changes monitor checks one out for a moment now and then)."""
+    wait_until(lambda: server.sync_slots.used == 0 and store.engine.pool.checkedout() == 0, 10)
+
+
 def _big(store: Any) -> None:
     """Appointments with long notes: a response far larger than the socket buffers."""
     from hospital.generate import generate
@@ -357,17 +375,8 @@ def test_readers_that_stall_hold_no_database_connection(make_server, serve, stor
     live = serve(server.app)
     stalled = [_stall(live.url) for _ in range(6)]
     try:
-        deadline = time.monotonic() + 5
-        while server.sync_slots.used < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.sync_slots.used == 3  # the stalled syncs took every slot
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if server.sync_slots.used == 0 and store.engine.pool.checkedout() == 0:
-                break
-            time.sleep(0.1)
-        assert server.sync_slots.used == 0
-        assert store.engine.pool.checkedout() == 0
+        wait_until(lambda: server.sync_slots.used == 3, timeout=5)  # they took every slot
+        _until_released(server, store)
         # the stalled clients are still connected, and everybody else is served
         frames = raw_sync(live.url, "Login", token="token-h2", chunk_size=500)
         assert isinstance(frames[-1], End)
@@ -381,11 +390,8 @@ def test_syncs_beyond_the_limit_get_503_with_retry_after(make_server, serve, sto
     server = make_server(limits=limits)
     _big(store)
     live = serve(server.app)
-    sock = _stall(live.url)
+    sock = _holding_a_slot(server, live.url)
     try:
-        deadline = time.monotonic() + 5
-        while server.sync_slots.used == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
         r = _post(live.url, sync_body(), {"Authorization": "Bearer token-h2"})
         _assert_problem(r, 503, "overloaded")
         assert r.headers["retry-after"] == "1"
@@ -456,12 +462,8 @@ def test_a_database_connection_killed_mid_response_frees_the_sync_slot(
     server = make_server(limits=limits)
     _big(store)
     live = serve(server.app)
-    sock = _stall(live.url)
+    sock = _holding_a_slot(server, live.url)
     try:
-        deadline = time.monotonic() + 5
-        while server.sync_slots.used == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.sync_slots.used == 1
         database = store.engine.url.database
         with psycopg.connect(pg.dsn(), autocommit=True) as admin:
             killed = admin.execute(
@@ -473,13 +475,7 @@ def test_a_database_connection_killed_mid_response_frees_the_sync_slot(
         assert killed[0] >= 1  # the sync's own connection among them
     finally:
         sock.close()  # the worker goes on, meets the dead connection and ends
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # (the live-changes monitor checks one out briefly)
-        if server.sync_slots.used == 0 and store.engine.pool.checkedout() == 0:
-            break
-        time.sleep(0.05)
-    assert server.sync_slots.used == 0
-    assert store.engine.pool.checkedout() == 0
+    _until_released(server, store)
     frames = raw_sync(live.url, "Login", token="token-h1", chunk_size=500)
     assert isinstance(frames[-1], End)
     gc.collect()  # a cursor of the dead connection left open would warn here
@@ -522,10 +518,7 @@ def test_a_response_whose_frames_fail_to_close_still_frees_its_slot(make_server,
     for _ in range(2):  # the second is not refused: the first gave its slot back
         frames = raw_sync(live.url, "Login", token="token-h1", chunk_size=16)
         assert frames[-1] == End(server_time=frames[-1].server_time, complete=False)  # type: ignore[union-attr]
-        deadline = time.monotonic() + 5
-        while server.sync_slots.used and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.sync_slots.used == 0
+        wait_until(lambda: server.sync_slots.used == 0, timeout=5)
     assert "ending a sync's frames failed" in caplog.text
     assert "the observer broke" in caplog.text
 

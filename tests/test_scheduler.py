@@ -10,7 +10,6 @@ retried with exponential backoff (and jitter) while the units behind it go ahead
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,20 +18,9 @@ import pytest
 from syncunit.client import SyncClient
 from syncunit.client.scheduler import RetryPolicy
 from syncunit.errors import AuthError, NetworkError, ProblemError, RequestRejected
-from tests.support import appointments_of, local_keys
+from tests.support import appointments_of, local_keys, wait_until
 
 LOGIN_ROWS = {"LocalDoctor": 10, "LocalAppointment": 200}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` (a bound, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 class Events:
