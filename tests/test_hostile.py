@@ -21,11 +21,12 @@ import pytest
 import sqlalchemy as sa
 import zstandard
 
-from syncunit.errors import ProtocolError
+from syncunit.errors import ProblemError, ProtocolError
 from syncunit.protocol import (
     JSON,
     MSGPACK,
     PROBLEM,
+    Chunk,
     End,
     Mutation,
     MutationResult,
@@ -37,9 +38,12 @@ from syncunit.server.cursor import decode_cursor, encode_cursor
 from syncunit.server.limits import Limits, check_mutations, decode_checked, inflate
 from syncunit.server.problems import ProblemException
 from tests.support import (
+    TapTransport,
     appointments_of,
+    assert_in_sync,
     db_state,
     final_cursors,
+    local_keys,
     raw_sync,
     removed_keys,
     sync_body,
@@ -479,6 +483,43 @@ def test_a_database_connection_killed_mid_response_frees_the_sync_slot(
     frames = raw_sync(live.url, "Login", token="token-h1", chunk_size=500)
     assert isinstance(frames[-1], End)
     gc.collect()  # a cursor of the dead connection left open would warn here
+
+
+@pytest.mark.backends("postgres")
+def test_a_device_whose_copy_loses_the_database_keeps_its_chunks_and_resumes(
+    make_server, serve, store, pg, make_client
+):
+    """The database ends the server's connections while a device's first copy
+    streams: the device gets the server's failure (not a hang, not a silent end),
+    keeps the chunks it applied, and its next sync completes the copy."""
+    server = make_server()
+    _big(store)
+    live = serve(server.app)
+    tap = TapTransport()
+    device = make_client(url=live.url, transport=tap, chunk_size=20)
+    killed: list[int] = []
+
+    def end_the_connections(frame: Any) -> None:
+        if not killed and isinstance(frame, Chunk) and frame.stream == "appointments":
+            with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+                row = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (store.engine.url.database,),
+                ).fetchone()
+            killed.append(row[0] if row else 0)
+
+    tap.on_frame = end_the_connections
+    with pytest.raises(ProblemError) as info:
+        device.sync("Login")
+    assert info.value.status == 500
+    assert killed[0] >= 1
+    kept = local_keys(device, "LocalAppointment")
+    assert kept  # the chunks applied before the failure stay
+    tap.on_frame = None
+    result = device.sync("Login")
+    assert result.rows_in["LocalAppointment"] == 2000 - len(kept)  # the rest, nothing twice
+    assert_in_sync(server, device, "token-h1", "Login")
 
 
 @pytest.mark.backends("postgres")
