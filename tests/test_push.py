@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from hospital.models import appointment
 
-from syncunit.errors import AuthError, NetworkError, RequestRejected
+from syncunit.errors import AuthError, NetworkError, ProblemError, RequestRejected
 from syncunit.policies import LastWriteWins, MutationContext
 from syncunit.protocol import (
     PROBLEM,
@@ -743,6 +743,38 @@ def test_a_rule_that_fails_rejects_its_mutation_and_blocks_nothing(notes_app):
     assert app.row("y")["title"] == "fine"
     device.insert("LocalNote", {"id": "z", "owner": "u1", "title": "later"})
     assert device.sync("Sync").applied == 1
+    assert local_notes(device) == app.rows("u1")
+
+
+@pytest.mark.backends("postgres")
+def test_a_push_that_loses_its_database_connection_is_sent_again_and_applied_once(notes_app):
+    """The database ends the connection a push is applying on (a failover, a
+    restart): nothing of it is applied, the device gets the failure and keeps its
+    changes pending, and its next sync applies each of them once."""
+    ended: list[str] = []
+
+    def connection_ends(ctx: MutationContext) -> str | None:
+        if ctx.row["title"] == "second" and not ended:
+            ended.append(ctx.key)
+            ctx.conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        return None
+
+    app = notes_app(rules=[connection_ends])
+    device = app.client()
+    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "first"})
+    device.insert("LocalNote", {"id": "b", "owner": "u1", "title": "second"})
+
+    with pytest.raises(ProblemError) as failed:
+        device.sync("Sync")
+
+    assert failed.value.status == 500
+    assert ended == ["b"]
+    assert app.rows("u1") == []  # the push's transaction went with its connection
+    assert device.outbox.count() == 2
+    result = device.sync("Sync")
+    assert result.applied == 2
+    assert (app.applications("a"), app.applications("b")) == (1, 1)
+    assert device.outbox.count() == 0
     assert local_notes(device) == app.rows("u1")
 
 
