@@ -490,8 +490,8 @@ def test_a_device_whose_copy_loses_the_database_keeps_its_chunks_and_resumes(
     make_server, serve, store, pg, make_client
 ):
     """The database ends the server's connections while a device's first copy
-    streams: the device gets the server's failure (not a hang, not a silent end),
-    keeps the chunks it applied, and its next sync completes the copy."""
+    streams: the device is told (503 ``database-unavailable``, not a hang, not a
+    silent end), keeps the chunks it applied, and its next sync completes the copy."""
     server = make_server()
     _big(store)
     live = serve(server.app)
@@ -512,7 +512,8 @@ def test_a_device_whose_copy_loses_the_database_keeps_its_chunks_and_resumes(
     tap.on_frame = end_the_connections
     with pytest.raises(ProblemError) as info:
         device.sync("Login")
-    assert info.value.status == 500
+    assert (info.value.status, info.value.code) == (503, "database-unavailable")
+    assert info.value.retryable
     assert killed[0] >= 1
     kept = local_keys(device, "LocalAppointment")
     assert kept  # the chunks applied before the failure stay

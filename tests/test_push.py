@@ -749,8 +749,9 @@ def test_a_rule_that_fails_rejects_its_mutation_and_blocks_nothing(notes_app):
 @pytest.mark.backends("postgres")
 def test_a_push_that_loses_its_database_connection_is_sent_again_and_applied_once(notes_app):
     """The database ends the connection a push is applying on (a failover, a
-    restart): nothing of it is applied, the device gets the failure and keeps its
-    changes pending, and its next sync applies each of them once."""
+    restart): nothing of it is applied, the device is told (503
+    ``database-unavailable``, ``Retry-After``) and keeps its changes pending, and its
+    next sync applies each of them once."""
     ended: list[str] = []
 
     def connection_ends(ctx: MutationContext) -> str | None:
@@ -767,7 +768,8 @@ def test_a_push_that_loses_its_database_connection_is_sent_again_and_applied_onc
     with pytest.raises(ProblemError) as failed:
         device.sync("Sync")
 
-    assert failed.value.status == 500
+    assert (failed.value.status, failed.value.code) == (503, "database-unavailable")
+    assert failed.value.extra.get("retry_after") == 1
     assert ended == ["b"]
     assert app.rows("u1") == []  # the push's transaction went with its connection
     assert device.outbox.count() == 2

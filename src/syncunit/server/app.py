@@ -33,6 +33,7 @@ from typing import Any
 
 import anyio.to_thread
 import msgspec
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -73,7 +74,13 @@ from syncunit.server.logs import (
     install_filter,
 )
 from syncunit.server.metrics import ServerMetrics, SyncTally
-from syncunit.server.problems import ProblemException, problem_response
+from syncunit.server.problems import (
+    DATABASE_LOST,
+    ProblemException,
+    database_lost,
+    first_line,
+    problem_response,
+)
 from syncunit.server.push import PushApplier
 from syncunit.server.rxdb import RxDBReplication
 from syncunit.server.snapshots import Snapshots
@@ -184,6 +191,7 @@ class SyncServer(SyncAnswer):
                 ProblemException: self._on_problem,
                 ProtocolError: self._on_malformed,
                 HTTPException: self._on_no_route,
+                sa.exc.DBAPIError: self._on_database_error,
                 Exception: _on_error,
             },
         )
@@ -530,6 +538,17 @@ class SyncServer(SyncAnswer):
         else:  # not raised by the router: as Starlette answers it
             return Response(exc.detail, status_code=exc.status_code, headers=exc.headers)
         return await self._on_problem(request, ProblemException(code, detail, headers=exc.headers))
+
+    async def _on_database_error(self, request: Request, exc: Exception) -> Response:
+        """A connection the database ended (a restart, a failover) is not a bug: one
+        line in the log and a 503 the device retries; any other database error is."""
+        if not database_lost(exc):
+            return await _on_error(request, exc)
+        path = request.url.path
+        self.metrics.refused.labels("database-unavailable").inc()
+        log.error("%s %s failed: its database connection ended: %s", request.method, path,
+                  first_line(exc))  # fmt: skip
+        return problem_response("database-unavailable", DATABASE_LOST, {"Retry-After": "1"})
 
     async def _on_malformed(self, request: Request, exc: Exception) -> Response:
         detail = str(exc)

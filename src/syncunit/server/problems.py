@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import msgspec
+import sqlalchemy as sa
 from starlette.responses import Response
 
 from syncunit.protocol import PROBLEM, PROBLEM_CODES, Problem
@@ -55,3 +56,19 @@ class ProblemException(Exception):
         self.code = code
         self.detail = detail
         self.headers = dict(headers or {})
+
+
+#: What a device is told when the database ended the connection its request used.
+DATABASE_LOST = "the server's database connection ended (a restart or a failover); retry shortly"
+
+
+def database_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database ending a connection (SQLAlchemy invalidated it):
+    a ``database-unavailable`` problem, not a failure of the server's code."""
+    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (a database error's own, without its SQL)."""
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__

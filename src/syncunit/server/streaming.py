@@ -35,7 +35,13 @@ from starlette.types import Send
 from syncunit.protocol import Chunk, Encoding, End, Failure, Frame, encode_frame
 from syncunit.server.admission import Slot
 from syncunit.server.limits import Limits
-from syncunit.server.problems import ProblemException, problem
+from syncunit.server.problems import (
+    DATABASE_LOST,
+    ProblemException,
+    database_lost,
+    first_line,
+    problem,
+)
 
 try:  # optional: zstd is preferred when both sides have it
     import zstandard
@@ -189,10 +195,13 @@ class FramePump:
         except Exception as exc:
             ended = True
             outcome = "failed"
-            log.exception("sync stream failed", exc_info=exc)
-            fail = Failure(
-                status=500, code="internal", title="The server failed", detail="see the server log"
-            )
+            if database_lost(exc):  # a restart or a failover: one line, and a 503
+                log.error("sync stream failed: its database connection ended: %s", first_line(exc))
+                p = problem("database-unavailable", DATABASE_LOST)
+            else:
+                log.exception("sync stream failed", exc_info=exc)
+                p = problem("internal", "see the server log")
+            fail = Failure(status=p.status, code=p.code, title=p.title, detail=p.detail)
             self._put(self._encode(fail))
         finally:
             close = getattr(frames, "close", None)
