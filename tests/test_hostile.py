@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import gzip
+import itertools
 import logging
 import socket
 import time
@@ -34,6 +35,7 @@ from syncunit.protocol import (
     StreamStart,
     decode_request,
 )
+from syncunit.server.changes import StreamReader
 from syncunit.server.cursor import decode_cursor, encode_cursor
 from syncunit.server.limits import Limits, check_mutations, decode_checked, inflate
 from syncunit.server.problems import ProblemException
@@ -537,6 +539,34 @@ def test_a_statement_on_a_dead_connection_leaves_no_cursor_open(store, pg):
         assert info.value.connection_invalidated
     assert cursors[-1].name  # it was the server-side one
     assert cursors[-1].closed
+
+
+@pytest.mark.backends("postgres")
+def test_a_read_whose_connection_dies_leaves_no_cursor_open(server, store, pg):
+    """A stream's read holding a server-side cursor when its connection dies: the
+    reader's close leaves the cursor closed (closing it the first time fails on the
+    dead connection, and SQLAlchemy only logs that)."""
+    from hospital.units import schema
+
+    cursors: list[Any] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda _c, cur, *_: cursors.append(cur))
+    stream = next(s for s in schema.units["Login"].streams if s.name == "appointments")
+    reader = StreamReader(store, stream, {"hospital_id": 1}, chunk_size=10)
+
+    def read_a_chunk_then_lose_the_connection() -> None:
+        with store.snapshot() as (conn, watermark):
+            epoch, horizon = store.epoch_and_horizon(conn)
+            frames = reader.frames(conn, watermark, epoch, horizon, None)
+            assert any(isinstance(f, Chunk) for f in itertools.islice(frames, 3))
+            pid = conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+            pg.admin(f"SELECT pg_terminate_backend({pid})")
+            frames.close()
+
+    with pytest.raises(sa.exc.OperationalError):  # the snapshot's end, on the dead connection
+        read_a_chunk_then_lose_the_connection()
+    reading = [c for c in cursors if getattr(c, "name", None)]
+    assert reading  # the read was the server-side cursor's
+    assert all(c.closed for c in reading)
 
 
 def test_a_response_whose_frames_fail_to_close_still_frees_its_slot(make_server, serve, store,

@@ -27,6 +27,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -554,10 +555,17 @@ class StreamReader:
             return
         # Per statement: Connection.execution_options() would stick to the connection.
         result = conn.execute(query, params, execution_options={"yield_per": self.chunk_size})
+        cursor = result.cursor
         try:  # a server-side cursor on PostgreSQL: closed even when the reader stops early
             yield from result.partitions(self.chunk_size)
         finally:
             result.close()
+            if getattr(cursor, "closed", True) is False:
+                # Its connection died: closing it failed (SQLAlchemy logs that and goes
+                # on) and left it open, to warn when collected. Again, it sees the
+                # connection gone and is only marked closed.
+                with suppress(Exception):
+                    cursor.close()
 
     def _columnar(self, rows: Any) -> list[list[Any]]:
         if not rows:
