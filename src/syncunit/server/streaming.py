@@ -186,16 +186,12 @@ class FramePump:
                     outcome = "more"
                     break
             outcome = outcome or ("ok" if ended else "cut")
-        except ProblemException as exc:
-            ended = True
-            outcome = "failed"
-            p = problem(exc.code, exc.detail)
-            fail = Failure(status=p.status, code=p.code, title=p.title, detail=p.detail)
-            self._put(self._encode(fail))
         except Exception as exc:
             ended = True
             outcome = "failed"
-            if database_lost(exc):  # a restart or a failover: one line, and a 503
+            if isinstance(exc, ProblemException):
+                p = problem(exc.code, exc.detail)
+            elif database_lost(exc):  # a restart or a failover: one line, and a 503
                 log.error("sync stream failed: its database connection ended: %s", first_line(exc))
                 p = problem("database-unavailable", DATABASE_LOST)
             else:
