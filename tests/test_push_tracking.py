@@ -231,24 +231,105 @@ def test_a_batch_fills_every_tracking_column_the_triggers_fill(server, store, ba
     assert filled["bulk-0001"] == filled["bulk-0012"]
 
 
+def _cache(conn: Any) -> int:
+    """A connection's ``cache_size`` (SQLAlchemy's or the driver's)."""
+    raw = getattr(conn, "connection", None)
+    dbapi = conn if raw is None else raw.dbapi_connection
+    return int(dbapi.execute("PRAGMA cache_size").fetchone()[0])
+
+
 @pytest.mark.backends("sqlite")
-def test_a_write_takes_a_larger_page_cache_and_gives_it_back(store):
+def test_writers_take_turns_on_one_connection_that_keeps_its_larger_cache(store):
     from syncunit.server.sqlite import WRITE_CACHE_KIB
 
-    def cache(conn: sa.Connection) -> int:
-        return int(conn.exec_driver_sql("PRAGMA cache_size").scalar_one())
-
     with store.write() as conn:
-        during = cache(conn)
+        assert _cache(conn) == -WRITE_CACHE_KIB
         dbapi = conn.connection.dbapi_connection
-    assert during == -WRITE_CACHE_KIB
-    assert dbapi is not None
-    assert int(dbapi.execute("PRAGMA cache_size").fetchone()[0]) == -2000  # SQLite's default
-
-    dbapi.execute("PRAGMA cache_size = -100000")  # an app's own, larger: left alone
+        conn.exec_driver_sql("CREATE TABLE scratch (n INTEGER)")
+    assert store.kept_connections() == 1
+    assert _cache(dbapi) == -WRITE_CACHE_KIB  # kept between writes: its pages stay cached
+    with store.engine.connect() as reader:  # the pool's other connections: SQLite's default
+        assert reader.connection.dbapi_connection is not dbapi
+        assert _cache(reader) == -2000
     with store.write() as conn:
         assert conn.connection.dbapi_connection is dbapi
-        assert cache(conn) == -100000
+        conn.exec_driver_sql("INSERT INTO scratch VALUES (1)")
+    dbapi.execute("PRAGMA cache_size = -100000")  # an app's own, larger: left alone
+    with store.write() as conn:
+        assert _cache(conn) == -100000
+    with store.engine.connect() as reader:
+        assert reader.exec_driver_sql("SELECT n FROM scratch").scalars().all() == [1]
+
+
+@pytest.mark.backends("sqlite")
+def test_a_writer_whose_turn_does_not_come_takes_a_larger_cache_and_gives_it_back(
+    store, monkeypatch
+):
+    from syncunit.server import sqlite as sqlite_module
+
+    with store.write() as conn:
+        kept = conn.connection.dbapi_connection
+    monkeypatch.setattr(sqlite_module, "WRITER_WAIT_S", 0.05)
+    holding, done = threading.Event(), threading.Event()
+
+    def hold_the_turn() -> None:  # holds the writers' turn, not SQLite's lock
+        with store._writer.lock:
+            holding.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=hold_the_turn)
+    thread.start()
+    try:
+        assert holding.wait(5)
+        with store.write() as conn:  # goes on after WRITER_WAIT_S, on another connection
+            other = conn.connection.dbapi_connection
+            assert other is not kept
+            assert _cache(conn) == -sqlite_module.WRITE_CACHE_KIB
+            conn.exec_driver_sql("CREATE TABLE scratch (n INTEGER)")
+        assert _cache(other) == -2000  # given back with the pool's connection
+    finally:
+        done.set()
+        thread.join()
+
+
+@pytest.mark.backends("sqlite")
+def test_the_kept_writer_connection_is_closed_with_the_engine_and_after_a_failure(store):
+    import sqlite3
+
+    from syncunit.server.sqlite import WRITE_CACHE_KIB
+
+    with store.write() as conn:
+        first = conn.connection.dbapi_connection
+    store.engine.dispose()
+    assert store.kept_connections() == 0
+    with pytest.raises(sqlite3.ProgrammingError):  # closed now, not when collected
+        first.execute("SELECT 1")
+    with store.write() as conn:
+        second = conn.connection.dbapi_connection
+        assert second is not first
+        conn.exec_driver_sql("CREATE TABLE scratch (n INTEGER)")
+
+    def write_on_a_lost_connection() -> None:
+        with store.write() as conn:
+            conn.exec_driver_sql("INSERT INTO scratch VALUES (1)")
+            conn.invalidate()  # as a lost connection is
+            conn.exec_driver_sql("INSERT INTO scratch VALUES (2)")
+
+    with pytest.raises(sa.exc.PendingRollbackError):
+        write_on_a_lost_connection()
+    with store.write() as conn:  # a fresh one, set up as a writer's, not the broken one
+        assert conn.connection.dbapi_connection is not second
+        assert _cache(conn) == -WRITE_CACHE_KIB
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 0
+        assert conn.exec_driver_sql("SELECT count(*) FROM scratch").scalar_one() == 0
+        third = conn.connection.dbapi_connection
+        store.engine.dispose()  # while a writer has it: closed once that writer is done
+        conn.exec_driver_sql("INSERT INTO scratch VALUES (3)")
+    with pytest.raises(sqlite3.ProgrammingError):
+        third.execute("SELECT 1")
+    with store.write() as conn:
+        assert conn.exec_driver_sql("SELECT n FROM scratch").scalars().all() == [3]
+    assert store.kept_connections() == 1
 
 
 @pytest.mark.backends("sqlite")
@@ -277,7 +358,10 @@ def test_the_wal_is_copied_back_by_a_thread_not_in_the_commit_that_fills_it(stor
         dbapi = conn.connection.dbapi_connection
     assert during == 0
     assert dbapi is not None
-    assert dbapi.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # given back
+    # Off for good on the writers' kept connection; the pool's others keep SQLite's own.
+    assert dbapi.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    with store.engine.connect() as reader:
+        assert reader.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 1000
 
     assert len(at_commit) == 1
     assert at_commit[0] < 1_000_000  # the commit copied nothing back

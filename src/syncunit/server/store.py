@@ -319,6 +319,11 @@ class ServerStore(abc.ABC):
         ``batch_changes_schema`` is true need it."""
         raise NotImplementedError(f"{type(self).__name__} writes in one transaction")
 
+    def kept_connections(self) -> int:
+        """Connections the store keeps checked out of its engine's pool between uses
+        (the SQLite store's writer): 0 by default."""
+        return 0
+
     def insert_new_rows(
         self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
     ) -> None:
