@@ -86,8 +86,7 @@ class SyncAnswer:
                     yield answered
                 epoch, horizon = self.store.epoch_and_horizon(conn)
                 for sub_id, run, client_params, cursors in runs:
-                    # The principal's values fill the scope; the app's only narrow it.
-                    params = {**principal.params, **client_params}
+                    params = principal.scope(client_params)
                     for stream in run.streams:
                         reader = StreamReader(
                             self.store, stream, params, chunk_size=chunk, json_rows=req.json_rows

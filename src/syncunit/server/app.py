@@ -401,9 +401,7 @@ class SyncServer(SyncAnswer):
         """Whether the unit, or one of the request's subscriptions, has changes in scope."""
         runs = [(unit, req.params, req.cursors)]
         runs += [(self.schema.units[s.unit], s.params, s.cursors) for s in req.subscriptions]
-        return any(
-            unit_has_changes(self.store, u, {**principal.params, **p}, c) for u, p, c in runs
-        )
+        return any(unit_has_changes(self.store, u, principal.scope(p), c) for u, p, c in runs)
 
     def _validate(
         self, req: SyncRequest, unit: SyncUnit, principal: Principal, checked: bool = False

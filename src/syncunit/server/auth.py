@@ -47,6 +47,11 @@ class Principal:
         if self.units is not None and not isinstance(self.units, frozenset):
             object.__setattr__(self, "units", frozenset(self.units))
 
+    def scope(self, selection: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+        """The values a stream is read with: this principal's, and a selection's (a
+        unit opened on client parameters, already checked: they only narrow the scope)."""
+        return {**self.params, **selection} if selection else self.params
+
 
 Authenticator = Callable[[Request], Principal | None]
 

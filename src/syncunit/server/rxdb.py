@@ -43,7 +43,7 @@ import binascii
 import contextlib
 import threading
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -428,7 +428,7 @@ class RxDBReplication:
         """
         store = self.server.store
         docs = self.docs(stream)
-        reader = StreamReader(store, stream, _scope(principal, params), chunk_size=batch)
+        reader = StreamReader(store, stream, principal.scope(params), chunk_size=batch)
         out: dict[str, dict[str, Any]] = {}
         cursor, reset, complete = token, False, False
         with store.snapshot() as (conn, watermark):
@@ -523,7 +523,7 @@ class RxDBReplication:
         with store.snapshot() as (conn, watermark):
             epoch, _ = store.epoch_and_horizon(conn)
         cur = Cursor(
-            epoch, stream.definition_hash, params_hash(stream, _scope(principal, params)), "done",
+            epoch, stream.definition_hash, params_hash(stream, principal.scope(params)), "done",
             since=watermark, high=watermark,
         )  # fmt: skip
         return encode_cursor(cur)
@@ -593,7 +593,7 @@ class RxDBReplication:
         """What to send on a change: (the stream's new cursor, the event or None); None
         ends the stream."""
         changed = await anyio.to_thread.run_sync(
-            unit_has_changes, self.server.store, alone, _scope(principal, params),
+            unit_has_changes, self.server.store, alone, principal.scope(params),
             {stream.name: cursor or ""},
         )  # fmt: skip
         if not changed:
@@ -613,12 +613,6 @@ class RxDBReplication:
             "documents": found.documents,
             "checkpoint": found.checkpoint,
         }
-
-
-def _scope(principal: Principal, params: dict[str, Any] | None) -> Mapping[str, Any]:
-    """The values a stream is read with: the principal's, and the selection's (as a
-    native sync merges them)."""
-    return {**principal.params, **params} if params else principal.params
 
 
 def _cursor_of(checkpoint: Any) -> str | None:
