@@ -261,6 +261,18 @@ def test_writers_take_turns_on_one_connection_that_keeps_its_larger_cache(store)
         assert reader.exec_driver_sql("SELECT n FROM scratch").scalars().all() == [1]
 
 
+def test_a_database_in_memory_keeps_no_writer_connection():
+    from syncunit.server.sqlite import SQLiteStore
+
+    store = SQLiteStore.from_url("sqlite://")  # one database per thread's connection
+    try:
+        with store.write() as conn:
+            conn.exec_driver_sql("CREATE TABLE scratch (n INTEGER)")
+        assert store.kept_connections() == 0
+    finally:
+        store.engine.dispose()
+
+
 @pytest.mark.backends("sqlite")
 def test_a_writer_whose_turn_does_not_come_takes_a_larger_cache_and_gives_it_back(
     store, monkeypatch

@@ -120,7 +120,7 @@ class SQLiteStore(ServerStore):
         path = engine.url.database
         file = bool(path) and path != ":memory:" and not str(path).startswith("file:")
         self._checkpointer = Checkpointer(str(path)) if file else None
-        self._writer = _KeptWriter(self.engine, self._checkpointer)
+        self._writer = _KeptWriter(self.engine, self._checkpointer, keep=file)
 
     def write(self, *, serializable: bool = False) -> Any:
         # writers are serialized: every one is serializable
@@ -581,9 +581,11 @@ class _KeptWriter:
     another connection or process wrote meanwhile.
     """
 
-    def __init__(self, engine: Engine, checkpointer: Checkpointer | None) -> None:
+    def __init__(self, engine: Engine, checkpointer: Checkpointer | None, *, keep: bool) -> None:
         self.engine = engine
         self.checkpointer = checkpointer
+        #: A database in memory (one per thread's connection) or named by a URI keeps none.
+        self.keeps = keep
         self.lock = threading.Lock()
         self.conn: Connection | None = None
         self.poke = False  # whether commits wake the checkpointer (see ``_WriteTxn``)
@@ -676,8 +678,7 @@ class _WriteTxn:
             self._queued = False
 
     def _begin(self) -> Connection:
-        if self._queued:
-            assert self.kept is not None
+        if self._queued and self.kept is not None and self.kept.keeps:
             self._conn = self.kept.take()
             self._poke, self._restore = self.kept.poke, None
         else:
