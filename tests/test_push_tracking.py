@@ -261,6 +261,55 @@ def test_writers_take_turns_on_one_connection_that_keeps_its_larger_cache(store)
         assert reader.exec_driver_sql("SELECT n FROM scratch").scalars().all() == [1]
 
 
+@pytest.mark.backends("sqlite")
+def test_a_write_that_cannot_begin_lets_its_connection_go(store, monkeypatch):
+    import sqlite3
+
+    from syncunit.server import sqlite as sqlite_module
+
+    @sa.event.listens_for(store.engine, "connect")
+    def short_wait(dbapi: Any, _record: Any) -> None:  # after the store's own settings
+        dbapi.execute("PRAGMA busy_timeout = 50")
+
+    store.engine.dispose()  # the connections made from now on wait 50 ms for SQLite's lock
+    with store.write() as conn:
+        conn.exec_driver_sql("CREATE TABLE scratch (n INTEGER)")
+
+    def write_one() -> None:
+        with store.write() as conn:
+            conn.exec_driver_sql("INSERT INTO scratch VALUES (1)")
+
+    monkeypatch.setattr(sqlite_module, "WRITER_WAIT_S", 0.05)
+    holding, done = threading.Event(), threading.Event()
+
+    def hold_the_turn() -> None:
+        with store._writer.lock:
+            holding.set()
+            done.wait(10)
+
+    other = sqlite3.connect(str(store.engine.url.database), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # SQLite's write lock, held by another connection
+    try:
+        with pytest.raises(sa.exc.OperationalError, match="locked"):
+            write_one()  # on the kept connection
+        thread = threading.Thread(target=hold_the_turn)
+        thread.start()
+        try:
+            assert holding.wait(5)
+            with pytest.raises(sa.exc.OperationalError, match="locked"):
+                write_one()  # on a pooled one: its turn did not come
+        finally:
+            done.set()
+            thread.join()
+        assert store.engine.pool.checkedout() == store.kept_connections() == 1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    write_one()
+    with store.engine.connect() as reader:
+        assert reader.exec_driver_sql("SELECT n FROM scratch").scalars().all() == [1]
+
+
 def test_a_database_in_memory_keeps_no_writer_connection():
     from syncunit.server.sqlite import SQLiteStore
 

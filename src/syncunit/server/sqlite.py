@@ -691,11 +691,30 @@ class _WriteTxn:
             dbapi = self._conn.connection.dbapi_connection
             assert dbapi is not None
             self._poke, self._restore = auto > 0, (dbapi, cache, auto)
-        self._conn.begin()
+        try:
+            self._conn.begin()  # BEGIN IMMEDIATE: SQLite's write lock, or its busy timeout
+        except BaseException:
+            self._let_go(ended=True)
+            raise
         return self._conn
 
     def _checkpointer(self) -> Checkpointer | None:
         return None if self.kept is None else self.kept.checkpointer
+
+    def _let_go(self, ended: bool) -> None:
+        """The connection back: the kept one stays (unless broken), a pooled one gets its
+        own settings back and goes to the pool."""
+        if self._restore is None:
+            assert self.kept is not None
+            self.kept.give_back(ended)
+            return
+        dbapi, cache, auto = self._restore
+        # A broken connection is discarded, not pooled: nothing to give back then.
+        with contextlib.suppress(self._conn.dialect.loaded_dbapi.Error):
+            dbapi.execute(f"PRAGMA cache_size = {cache}")
+            if auto > 0:
+                dbapi.execute(f"PRAGMA wal_autocheckpoint = {auto}")
+        self._conn.close()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         ended = False
@@ -710,15 +729,5 @@ class _WriteTxn:
                 self._conn.rollback()
             ended = True
         finally:
-            if self._restore is None:
-                assert self.kept is not None
-                self.kept.give_back(ended)
-            else:
-                dbapi, cache, auto = self._restore
-                # A broken connection is discarded, not pooled: nothing to give back then.
-                with contextlib.suppress(self._conn.dialect.loaded_dbapi.Error):
-                    dbapi.execute(f"PRAGMA cache_size = {cache}")
-                    if auto > 0:
-                        dbapi.execute(f"PRAGMA wal_autocheckpoint = {auto}")
-                self._conn.close()
+            self._let_go(ended)
             self._release()
