@@ -11,10 +11,11 @@ pushed rows, also with a cursor taken while the push was running.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -238,6 +239,26 @@ def _cache(conn: Any) -> int:
     return int(dbapi.execute("PRAGMA cache_size").fetchone()[0])
 
 
+@contextlib.contextmanager
+def _writers_turn_held(store: Any) -> Iterator[None]:
+    """Another thread holds the writers' turn of this process (not SQLite's lock)."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store._writer.lock:
+            holding.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(5)
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 @pytest.mark.backends("sqlite")
 def test_writers_take_turns_on_one_connection_that_keeps_its_larger_cache(store):
     from syncunit.server.sqlite import WRITE_CACHE_KIB
@@ -280,27 +301,13 @@ def test_a_write_that_cannot_begin_lets_its_connection_go(store, monkeypatch):
             conn.exec_driver_sql("INSERT INTO scratch VALUES (1)")
 
     monkeypatch.setattr(sqlite_module, "WRITER_WAIT_S", 0.05)
-    holding, done = threading.Event(), threading.Event()
-
-    def hold_the_turn() -> None:
-        with store._writer.lock:
-            holding.set()
-            done.wait(10)
-
     other = sqlite3.connect(str(store.engine.url.database), isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # SQLite's write lock, held by another connection
     try:
         with pytest.raises(sa.exc.OperationalError, match="locked"):
             write_one()  # on the kept connection
-        thread = threading.Thread(target=hold_the_turn)
-        thread.start()
-        try:
-            assert holding.wait(5)
-            with pytest.raises(sa.exc.OperationalError, match="locked"):
-                write_one()  # on a pooled one: its turn did not come
-        finally:
-            done.set()
-            thread.join()
+        with _writers_turn_held(store), pytest.raises(sa.exc.OperationalError, match="locked"):
+            write_one()  # on a pooled one: its turn did not come
         assert store.engine.pool.checkedout() == store.kept_connections() == 1
     finally:
         other.execute("ROLLBACK")
@@ -331,26 +338,13 @@ def test_a_writer_whose_turn_does_not_come_takes_a_larger_cache_and_gives_it_bac
     with store.write() as conn:
         kept = conn.connection.dbapi_connection
     monkeypatch.setattr(sqlite_module, "WRITER_WAIT_S", 0.05)
-    holding, done = threading.Event(), threading.Event()
-
-    def hold_the_turn() -> None:  # holds the writers' turn, not SQLite's lock
-        with store._writer.lock:
-            holding.set()
-            done.wait(10)
-
-    thread = threading.Thread(target=hold_the_turn)
-    thread.start()
-    try:
-        assert holding.wait(5)
+    with _writers_turn_held(store):
         with store.write() as conn:  # goes on after WRITER_WAIT_S, on another connection
             other = conn.connection.dbapi_connection
             assert other is not kept
             assert _cache(conn) == -sqlite_module.WRITE_CACHE_KIB
             conn.exec_driver_sql("CREATE TABLE scratch (n INTEGER)")
         assert _cache(other) == -2000  # given back with the pool's connection
-    finally:
-        done.set()
-        thread.join()
 
 
 @pytest.mark.backends("sqlite")
