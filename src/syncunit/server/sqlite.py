@@ -124,7 +124,7 @@ class SQLiteStore(ServerStore):
 
     def write(self, *, serializable: bool = False) -> Any:
         # writers are serialized: every one is serializable
-        return _WriteTxn(self.engine, self._writer)
+        return _WriteTxn(self._writer)
 
     def kept_connections(self) -> int:
         return 0 if self._writer.conn is None else 1
@@ -593,9 +593,8 @@ class _KeptWriter:
         event.listen(engine, "engine_disposed", self._disposed)
 
     def take(self) -> Connection:
-        """The kept connection (opened on first use); the caller holds ``lock``."""
-        if self.conn is not None and (self._stale or self.conn.closed or self.conn.invalidated):
-            self.drop()
+        """The kept connection (opened on first use; ``give_back`` closed a broken one);
+        the caller holds ``lock``."""
         if self.conn is None:
             conn = self.engine.connect().execution_options(syncunit_write=True)
             try:
@@ -655,8 +654,7 @@ class _WriteTxn:
     larger page cache: the kept writer's (``_KeptWriter``) when this writer's turn
     came, else a pooled connection's for the transaction's length."""
 
-    def __init__(self, engine: Engine, kept: _KeptWriter | None = None) -> None:
-        self.engine = engine
+    def __init__(self, kept: _KeptWriter) -> None:
         self.kept = kept
         self._queued = False
 
@@ -664,7 +662,7 @@ class _WriteTxn:
         # Writers of this process queue here and start the moment the one before
         # commits; SQLite's own wait (the busy handler) sleeps in growing steps.
         # After as long as SQLite would wait, go on and let SQLite decide.
-        self._queued = self.kept is not None and self.kept.lock.acquire(timeout=WRITER_WAIT_S)
+        self._queued = self.kept.lock.acquire(timeout=WRITER_WAIT_S)
         try:
             return self._begin()
         except BaseException:
@@ -673,18 +671,17 @@ class _WriteTxn:
 
     def _release(self) -> None:
         if self._queued:
-            assert self.kept is not None
             self.kept.lock.release()
             self._queued = False
 
     def _begin(self) -> Connection:
-        if self._queued and self.kept is not None and self.kept.keeps:
+        if self._queued and self.kept.keeps:
             self._conn = self.kept.take()
             self._poke, self._restore = self.kept.poke, None
         else:
-            self._conn = self.engine.connect().execution_options(syncunit_write=True)
+            self._conn = self.kept.engine.connect().execution_options(syncunit_write=True)
             try:
-                cache, auto = _writer_pragmas(self._conn, self._checkpointer())
+                cache, auto = _writer_pragmas(self._conn, self.kept.checkpointer)
             except BaseException:
                 self._conn.close()
                 raise
@@ -698,14 +695,10 @@ class _WriteTxn:
             raise
         return self._conn
 
-    def _checkpointer(self) -> Checkpointer | None:
-        return None if self.kept is None else self.kept.checkpointer
-
     def _let_go(self, ended: bool) -> None:
         """The connection back: the kept one stays (unless broken), a pooled one gets its
         own settings back and goes to the pool."""
         if self._restore is None:
-            assert self.kept is not None
             self.kept.give_back(ended)
             return
         dbapi, cache, auto = self._restore
@@ -722,9 +715,8 @@ class _WriteTxn:
             # The transaction in progress: ``continue_anew`` may have begun another.
             if exc_type is None:
                 self._conn.commit()
-                checkpointer = self._checkpointer()
-                if checkpointer is not None and self._poke:
-                    checkpointer.poke()
+                if self.kept.checkpointer is not None and self._poke:
+                    self.kept.checkpointer.poke()
             else:
                 self._conn.rollback()
             ended = True
