@@ -233,7 +233,9 @@ def test_the_watcher_backs_off_exponentially_and_recovers(make_client, short_pol
 
     n, errors = len(stop.pauses), b._live.errors
     b.http.headers["Authorization"] = "Bearer not-a-token"
-    wait_until(lambda: b._live.errors >= errors + 2)
+    # The watcher counts an error before it pauses: wait for the pauses themselves.
+    wait_until(lambda: len(stop.pauses) >= n + 2)
+    assert b._live.errors >= errors + 2
     assert stop.pauses[n : n + 2] == [0.5, 1.0]  # a success reset the backoff
 
 
