@@ -8,6 +8,7 @@ notes schema's ``audit`` rule writes one row each time a change is applied.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -245,7 +246,9 @@ def test_a_pull_answers_only_the_principals_own_client_with_verdicts(notes_app):
     assert not any(isinstance(f, Answered) for f in none)  # nothing in flight
 
 
-def test_a_push_held_for_its_predecessor_sees_it_applied_by_another_server_process(notes_app):
+def test_a_push_held_for_its_predecessor_sees_it_applied_by_another_server_process(
+    notes_app, monkeypatch
+):
     """The predecessor goes through another applier (as on another server process),
     which cannot wake this one: the held push finds it by looking again."""
     app = notes_app()
@@ -257,9 +260,17 @@ def test_a_push_held_for_its_predecessor_sees_it_applied_by_another_server_proce
     def request(*notes: Mutation) -> SyncRequest:
         return SyncRequest(protocol=PROTOCOL_VERSION, client_id="raw", mutations=list(notes))
 
+    looking = threading.Event()  # the later push was refused for a gap and now looks
+    wait_for_predecessor = here._wait_for_predecessor
+
+    def spied(*args: Any) -> bool:
+        looking.set()
+        return wait_for_predecessor(*args)
+
+    monkeypatch.setattr(here, "_wait_for_predecessor", spied)
     with ThreadPoolExecutor(1) as pool:
         later = pool.submit(here.apply, principal, request(_note(3, "c"), _note(4, "d")), unit)
-        time.sleep(0.3)
+        assert looking.wait(30)  # held: its predecessor must come after it
         assert not later.done()
         earlier = elsewhere.apply(principal, request(_note(1, "a"), _note(2, "b")), unit)
         # Found by looking again, well before its wait (2 s) would end.
@@ -288,6 +299,14 @@ def test_a_push_held_for_its_predecessor_looks_for_it_without_taking_the_write_l
         return real(principal, req, unit)
 
     monkeypatch.setattr(pusher, "_attempts", counted)
+    looking = threading.Event()  # a push was refused for a gap and now waits (looks)
+    wait_for_predecessor = pusher._wait_for_predecessor
+
+    def spied(*args: Any) -> bool:
+        looking.set()
+        return wait_for_predecessor(*args)
+
+    monkeypatch.setattr(pusher, "_wait_for_predecessor", spied)
 
     def push(client_id: str, *notes: Mutation) -> Any:
         req = SyncRequest(protocol=PROTOCOL_VERSION, client_id=client_id, mutations=list(notes))
@@ -307,11 +326,13 @@ def test_a_push_held_for_its_predecessor_looks_for_it_without_taking_the_write_l
     assert tries.count(("raw", 2)) == 1  # tried once, then only looked
     assert tries.count(("busy", 10)) == 1  # the other device pushed meanwhile
 
+    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 30.0)  # it must not give up
+    looking.clear()
     with ThreadPoolExecutor(1) as pool:
         held = pool.submit(push, "raw", _note(2, "b"))
-        time.sleep(0.2)
+        assert looking.wait(30)  # its first try was refused: seq 1 must come after it
         push("raw", _note(1, "a"))
-        assert held.result(timeout=1.0).last_seq == 2
+        assert held.result(timeout=30).last_seq == 2
     assert tries.count(("raw", 2)) == 1 + 2  # its first try, and one once seq 1 was in
     assert [r[0] for r in app.rows("u1") if r[0] in ("a", "b")] == ["a", "b"]
 
