@@ -2,8 +2,9 @@
 
 Run as ``python -m bench.clientproc --url URL --db PATH``: prints one JSON line
 with the ``SyncResult``, when the first rows were applied, the process's RSS
-before the sync and its peak RSS, and its CPU time. ``run_client`` does that
-from the bench and parses the answer.
+before the sync and its peak RSS, its CPU time (and that of ``sync()`` alone),
+and how long the first copy's index build took. ``run_client`` does that from
+the bench and parses the answer.
 """
 
 from __future__ import annotations
@@ -89,8 +90,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--token", default=TOKEN)
     args = parser.parse_args(argv)
     from syncunit.client import SyncClient
+    from syncunit.client.store import LocalStore
 
     events: list[tuple[float, int, int]] = []
+    index_build = [0.0]  # the suspended indexes built once the copy ends
+    restore = LocalStore.restore_indexes
+
+    def timed_restore(store: LocalStore, info: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            restore(store, info)
+        finally:
+            index_build[0] += time.perf_counter() - t0
+
+    LocalStore.restore_indexes = timed_restore  # type: ignore[method-assign]
 
     def progress(_unit: str, done: int, total: int) -> None:
         events.append((time.perf_counter(), done, total))
@@ -106,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout=600,
         on_progress=progress,
     ) as client:
+        sync_cpu0 = _cpu()
         result = client.sync(args.unit)
+        sync_cpu = _cpu() - sync_cpu0
     wall = time.perf_counter() - started
     print(
         json.dumps(
@@ -115,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "wall_seconds": round(wall, 4),
                 **_last_stream_timing(events, started),
                 "cpu_seconds": round(_cpu() - cpu0, 3),
+                "sync_cpu_seconds": round(sync_cpu, 3),
+                "index_build_s": round(index_build[0], 4),
                 "base_rss_mb": round(base_rss, 1),
                 "peak_rss_mb": round(_status_mb("VmHWM"), 1),
             }

@@ -14,6 +14,11 @@ after the other under the same load:
   changed rows into a device holding the whole scope), the index entries
   rewritten only where an indexed value changed against every row's entries
   rewritten (the plain upsert of earlier versions).
+- ``first-cpu``: whole first syncs (a server process, a fresh client process
+  each), each followed by the write limit on the same rows, with both sides' CPU
+  over the sync and the client's index build once the copy ends: the bound two
+  cores put on ``initial_vs_limit`` (``tail + (client + server - tail) / 2``,
+  every second but the tail spread over both cores) beside the ratio measured.
 
 Besides times, each prints the OS reads (``syscr`` of ``/proc/self/io``: pages
 SQLite had to read, its cache having missed) and, for the client, the WAL
@@ -223,11 +228,57 @@ def apply_parts(rows: int, rounds: int, workdir: Path) -> dict[str, Any]:
     return out
 
 
+def first_cpu_parts(rows: int, rounds: int, workdir: Path) -> dict[str, Any]:
+    """First syncs against the limit, with the CPU each side spent and the bound it sets."""
+    from bench.clientproc import run_client
+    from bench.serverproc import ServerProcess
+
+    db, _ = server_db_copy(rows, workdir)
+    limit = scenarios.limit_probe(db, workdir, 2000)
+    device = workdir / "first-cpu.sqlite"
+    runs: list[dict[str, float]] = []
+    with ServerProcess(db) as server:
+        for i in range(rounds + 1):
+            bounds._fresh(device)
+            cpu0 = server.cpu()
+            out = run_client(server.url, device)
+            server_cpu = server.cpu() - cpu0
+            if i == 0:
+                continue  # the server's first request warms its caches
+            sync = out["result"]["seconds"]
+            client_cpu, tail = out["sync_cpu_seconds"], out["index_build_s"]
+            limit_s = limit()
+            floor = tail + (client_cpu + server_cpu - tail) / 2
+            run = {
+                "sync_s": sync,
+                "limit_s": limit_s,
+                "ratio": limit_s / sync,
+                "client_cpu_s": client_cpu,
+                "server_cpu_s": server_cpu,
+                "index_build_s": tail,
+                "bound": limit_s / floor,
+            }
+            runs.append(run)
+            print({k: round(v, 3) for k, v in run.items()}, flush=True)
+    out_ = {
+        k: {
+            "min": round(min(r[k] for r in runs), 4),
+            "median": round(statistics.median(r[k] for r in runs), 4),
+            "max": round(max(r[k] for r in runs), 4),
+        }
+        for k in runs[0]
+    }
+    print(rows, out_, f"load {os.getloadavg()[0]:.2f}", flush=True)
+    return out_
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("part", choices=["delta", "delta-apply", "apply"])
+    p.add_argument("part", choices=["delta", "delta-apply", "apply", "first-cpu"])
     p.add_argument("--sizes", default="10000,1000000", help="delta: server table sizes")
-    p.add_argument("--rows", type=int, default=100_000, help="apply: rows of the first copy")
+    p.add_argument(
+        "--rows", type=int, default=100_000, help="apply, first-cpu: rows of the first copy"
+    )
     p.add_argument("--rounds", type=int, default=40)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="syncunit-parts-") as tmp:
@@ -236,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             delta_parts(sizes, args.rounds, Path(tmp))
         elif args.part == "delta-apply":
             delta_apply_parts(sizes, args.rounds, Path(tmp))
+        elif args.part == "first-cpu":
+            first_cpu_parts(args.rows, min(args.rounds, 12), Path(tmp))
         else:
             apply_parts(args.rows, min(args.rounds, 10), Path(tmp))
     return 0
