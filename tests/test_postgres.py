@@ -496,3 +496,60 @@ def test_a_first_copy_streams_through_a_server_side_cursor(server, store):
         finally:
             frames.close()
         assert conn.exec_driver_sql("SELECT count(*) FROM pg_cursors").scalar_one() == 0
+
+
+def test_tombstones_of_a_column_named_alike_in_two_tables_are_indexed_apart(
+    store, serve, make_client
+):
+    """Each pinned column's index on tombstones casts old values of its own table only:
+    another table's column of the same name holding text (here a name where the
+    first holds a number) neither fails its deletes nor comes back from a lookup."""
+    from syncunit import Stream, SyncSchema, SyncUnit
+    from syncunit.server import Principal, TokenAuth
+
+    meta = sa.MetaData()
+    board = sa.Table(
+        "board", meta, sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("owner_id", sa.Integer, nullable=False), sa.Column("title", sa.String),
+    )  # fmt: skip
+    tag = sa.Table(
+        "tag", meta, sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("owner_id", sa.String, nullable=False), sa.Column("label", sa.String),
+    )  # fmt: skip
+    meta.create_all(store.engine)
+    boards = Stream(
+        "boards", board, {"id": board.c.id, "title": board.c.title},
+        where=board.c.owner_id == sa.bindparam("user_id"), local_table="LocalBoard",
+    )  # fmt: skip
+    tags = Stream(
+        "tags", tag, {"id": tag.c.id, "label": tag.c.label},
+        where=tag.c.owner_id == sa.bindparam("user_name"), local_table="LocalTag",
+    )  # fmt: skip
+    ana = Principal("ana", {"user_id": 1, "user_name": "ana"})
+    server = SyncServer(
+        SyncSchema([SyncUnit("Pull", [boards, tags])]), store,
+        authenticate=TokenAuth({"t-ana": ana}),
+    )  # fmt: skip
+    with store.engine.connect() as conn:
+        names = {r[0] for r in conn.exec_driver_sql(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'syncunit_tombstones'"
+        )}  # fmt: skip
+    assert {"ix_syncunit_tombstones_board_owner_id", "ix_syncunit_tombstones_tag_owner_id"} <= names
+
+    with store.engine.begin() as conn:
+        conn.execute(board.insert(), [{"id": i, "owner_id": i % 2, "title": f"b{i}"}
+                                      for i in range(1, 9)])  # fmt: skip
+        conn.execute(tag.insert(), [{"id": i, "owner_id": "ana" if i % 2 else "rui",
+                                     "label": f"t{i}"} for i in range(1, 9)])  # fmt: skip
+    device = make_client("t-ana", url=serve(server.app).url)
+    device.sync("Pull")
+    assert local_keys(device, "LocalBoard") == {1, 3, 5, 7}
+    assert local_keys(device, "LocalTag") == {1, 3, 5, 7}
+
+    with store.engine.begin() as conn:  # text old values beside the numbers: no cast fails
+        conn.execute(tag.delete().where(tag.c.id.in_([1, 2])))
+        conn.execute(board.delete().where(board.c.id.in_([2, 3])))
+        conn.execute(board.update().where(board.c.id == 5).values(owner_id=3))  # moves out
+    device.sync("Pull")
+    assert local_keys(device, "LocalBoard") == {1, 7}
+    assert local_keys(device, "LocalTag") == {3, 5, 7}

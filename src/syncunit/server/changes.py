@@ -240,7 +240,9 @@ class StreamReader:
         def images(table: sa.Table) -> Any:
             return old_images(self.store, self.shape, table, since, "joined")
 
-        return self.shape.candidates(since, images, pinned=pinned, key=key)
+        return self.shape.candidates(
+            since, images, pinned=pinned, key=key, each_key=self.store.pins_each_key
+        )
 
     def _rowid(self, conn: Connection) -> ColumnElement[Any] | None:
         """On SQLite, the base table's ``rowid`` (None for a ``WITHOUT ROWID`` table,

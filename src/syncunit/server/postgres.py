@@ -23,6 +23,7 @@ writers are serialized; a push that loses a serialization race is retried.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -244,8 +245,39 @@ class PostgresStore(ServerStore):
 
     # -- queries ---------------------------------------------------------------------
 
+    pins_each_key = True
+
     def old_value(self, old: ColumnElement[Any], column: sa.Column[Any]) -> ColumnElement[Any]:
-        return sa.cast(sa.cast(old, JSONB)[column.name].astext, column.type)
+        # The key is written into the SQL (not bound), so that the expression is the one
+        # of the index ``tombstone_index_ddl`` makes, in a generic plan as in a custom one.
+        key = sa.literal_column(_quoted(column.name), sa.Text)
+        return sa.cast(sa.cast(old, JSONB).op("->>", return_type=sa.Text)(key), column.type)
+
+    def old_value_lookup(
+        self, ts: Any, column: sa.Column[Any]
+    ) -> tuple[ColumnElement[Any], list[ColumnElement[bool]]]:
+        # A primary key is looked up after a row's own tombstones (a few, each in turn):
+        # the index on (table name, version) serves it. Another column (the scope's
+        # pinned columns) is looked up by value among every tombstone since the
+        # cursor: through ``_old_in_table``, that only its index serves.
+        if column.primary_key:
+            table = column.table
+            assert isinstance(table, sa.Table)
+            return self.old_value(ts.c.old, column), [ts.c.table_name == table.name]
+        return _old_in_table(self, ts.c.table_name, ts.c.old, column), []
+
+    def tombstone_index_ddl(self, column: sa.Column[Any]) -> list[str]:
+        if column.primary_key:
+            return []
+        table = column.table
+        assert isinstance(table, sa.Table)
+        name = f"ix_syncunit_tombstones_{table.name}_{column.name}"
+        if len(name) > 63:
+            name = name[:54] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        expr = _old_in_table(self, sa.column("table_name", sa.String), sa.column("old"), column)
+        sql = expr.compile(dialect=self.engine.dialect)
+        q = self.engine.dialect.identifier_preparer.quote
+        return [f"CREATE INDEX IF NOT EXISTS {q(name)} ON syncunit_tombstones (({sql}), version)"]
 
     def insert_new(self, table: sa.Table) -> sa.Insert:
         pk = list(table.primary_key.columns)
@@ -504,6 +536,24 @@ class PostgresStore(ServerStore):
             ).first()
         seconds, what = (float(holder[0]), str(holder[1])) if holder else (0.0, None)
         return WatermarkLag(int(row[0]), int(row[1]), seconds, what)
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _old_in_table(
+    store: PostgresStore, table_name: Any, old: Any, column: sa.Column[Any]
+) -> ColumnElement[Any]:
+    """The old value of ``column`` in a tombstone of its table, NULL in any other's:
+    the expression of that column's index on tombstones (and of its lookups). Cast
+    only for the table's own tombstones, so that another table's value of a column
+    with the same name (text where this one is a number, say) never fails it."""
+    table = column.table
+    assert isinstance(table, sa.Table)
+    own = table_name == sa.literal_column(_quoted(table.name), sa.String)
+    return sa.case((own, store.old_value(old, column)))
 
 
 class _PgType(sa.types.UserDefinedType[Any]):

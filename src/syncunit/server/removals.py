@@ -74,13 +74,10 @@ def old_images(
     if restriction is None:
         q = sa.select(*cols).where(ts.c.table_name == table.name, ts.c.version > since)
         return q.subquery(f"old_{table.name}_{n}")
-    # Looked up by the pinned old value: the table name goes into an expression no
-    # index can serve, so the planner takes the index on (old value, version).
+    # Looked up by the pinned old value, through the index on (old value, version).
     column, allowed = restriction
-    old = store.old_value(ts.c.old, column)
-    q = sa.select(*cols).where(
-        sa.func.coalesce(ts.c.table_name, "") == table.name, ts.c.version > since
-    )
+    old, of_table = store.old_value_lookup(ts, column)
+    q = sa.select(*cols).where(*of_table, ts.c.version > since)
     q = q.where(old.in_(allowed) if isinstance(allowed, sa.Select) else old == allowed)
     return q.subquery(f"old_{table.name}_{n}")
 
@@ -95,11 +92,10 @@ def _changed_since(
     """Whether ``table``'s row with primary key ``keys`` has a tombstone with a version
     in [at, below) (or at or after ``at`` when ``below`` is None)."""
     ts = tombstones.alias(f"later_{table.name}_{n}")
-    cond = [sa.func.coalesce(ts.c.table_name, "") == table.name, ts.c.version >= at]
-    cond += [
-        store.old_value(ts.c.old, col) == key
-        for col, key in zip(table.primary_key.columns, keys, strict=True)
-    ]
+    cond = [ts.c.version >= at]
+    for col, key in zip(table.primary_key.columns, keys, strict=True):
+        old, of_table = store.old_value_lookup(ts, col)
+        cond += [*of_table, old == key]
     if below is not None:
         cond.append(ts.c.version < below)
     return sa.exists().where(*cond)

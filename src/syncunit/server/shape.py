@@ -105,6 +105,33 @@ class ScopeDriver:
             return self.column == self.value
         return self.chain[0][0].in_(_climb(self.chain, self.column == self.value))
 
+    def each_key(self, key: ColumnElement[Any], version: sa.Column[Any], since: Any) -> Any:
+        """Keys ``key`` of the base rows in the pinned scope whose ``version`` is above
+        ``since``, sought in the (lead, version) index one pinned key at a time.
+
+        The range is written ``(lead, version) > (pinned key, since)`` beside
+        ``lead = pinned key``: the same rows, but only that index can serve it, where
+        ``version > since`` alone lets a planner walk the version index instead
+        (PostgreSQL does when its statistics, taken before a burst of writes
+        elsewhere, put a handful of rows above the cursor: tens of thousands, each
+        checked against the scope). Through a chain, the pinned keys drive a
+        lateral join fenced with ``OFFSET 0``, so that it stays one seek per key.
+        """
+        types = [self.lead.type, version.type]  # ``since`` bound as a version (a BIGINT)
+        if not self.chain:
+            return sa.select(key).where(
+                self.column == self.value,
+                sa.tuple_(self.column, version) > sa.tuple_(self.value, since, types=types),
+            )
+        keys = _climb(self.chain, self.column == self.value).subquery("pinned_keys")
+        pinned = keys.c[0]
+        rows = sa.select(key).where(
+            self.lead == pinned,
+            sa.tuple_(self.lead, version) > sa.tuple_(pinned, since, types=types),
+        )
+        each = rows.offset(sa.literal_column("0")).lateral("pinned_rows")
+        return sa.select(*each.c).select_from(keys.join(each, sa.true()))
+
 
 class StreamShape:
     """The joins, paths and planned statements of one delta stream."""
@@ -212,6 +239,7 @@ class StreamShape:
         *,
         pinned: bool = True,
         key: ColumnElement[Any] | None = None,
+        each_key: bool = False,
     ) -> sa.CompoundSelect[Any]:
         """Keys of base rows whose own row or a joined row changed after ``since``
         (``key``: another column of the base table that identifies its rows).
@@ -225,12 +253,18 @@ class StreamShape:
         joined it, whose copied columns now read NULL (or another row).
         ``pinned=False`` drops the pinned scope from the base rows' part (a superset:
         the caller's scope filter still applies), so the version index drives it.
+        ``each_key`` reads that part one pinned key at a time (``ScopeDriver.each_key``),
+        for a planner that would otherwise trust its statistics over the index.
         """
         s = self.stream
         pk = s.key_column if key is None else key
-        own = sa.select(pk).where(s.base.c[VERSION] > since)
+        own: Any = sa.select(pk).where(s.base.c[VERSION] > since)
         if self.driver is not None and pinned:
-            own = own.where(self.driver.scope_keys())
+            own = (
+                self.driver.each_key(pk, s.base.c[VERSION], since)
+                if each_key
+                else own.where(self.driver.scope_keys())
+            )
         parts = [own]
         for j in s.joins:
             chain = self._in_chain(j.table, since, pk)

@@ -235,6 +235,20 @@ class ServerStore(abc.ABC):
             out += self.tombstone_index_ddl(column)
         return out
 
+    def old_value_lookup(
+        self, ts: Any, column: sa.Column[Any]
+    ) -> tuple[ColumnElement[Any], list[ColumnElement[bool]]]:
+        """How to find ``ts``'s tombstones of ``column``'s table by an old value of
+        ``column``: the expression to compare, and the conditions beside it that keep
+        the tombstones of that table, written so that the index ``tombstone_index_ddl``
+        makes serves the lookup (here: the table's name inside ``coalesce()``, which
+        no index serves, so that the planner takes the one on (old value, version)
+        rather than the one on (table name, version))."""
+        table = column.table
+        assert isinstance(table, sa.Table)
+        of_table = sa.func.coalesce(ts.c.table_name, "") == table.name
+        return self.old_value(ts.c.old, column), [of_table]
+
     def tombstone_index_ddl(self, column: sa.Column[Any]) -> list[str]:
         """An index on tombstones by the old value of ``column`` (and version), for the
         removals of streams whose filter pins that column's scope. None by default:
@@ -242,6 +256,12 @@ class ServerStore(abc.ABC):
         return []
 
     # -- reading -----------------------------------------------------------------
+
+    #: Whether a delta reads the pinned scope's changed rows one pinned key at a time
+    #: (``StreamShape.candidates``'s ``each_key``): PostgreSQL's planner, its statistics
+    #: taken before a burst of writes elsewhere, walks every row changed since the
+    #: cursor instead of seeking the scope's (lead, version) index.
+    pins_each_key = False
 
     @contextmanager
     def snapshot(
