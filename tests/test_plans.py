@@ -176,3 +176,24 @@ def test_a_delta_on_postgresql_seeks_the_scope_whatever_its_statistics_say(
         )
     assert "ix_appointment_doctor_id_syncunit_version on appointment" in plan, plan
     assert "ix_appointment_syncunit_version on appointment" not in plan, plan
+
+    # Deletes elsewhere too: the removals read the tombstones of the hospital's
+    # doctors through the index on their old doctor, one doctor at a time, not every
+    # tombstone since the cursor.
+    with store.write() as conn:
+        conn.execute(appointment.delete().where(appointment.c.doctor_id.in_(others.limit(40))))
+    compiled = reader._removals(since, None).compile(store.engine)
+    with store.engine.connect() as conn:
+        plan = "\n".join(
+            row[0]
+            for row in conn.exec_driver_sql(
+                "EXPLAIN " + str(compiled), compiled.construct_params({"hospital_id": 1})
+            )
+        )
+    lines = plan.splitlines()
+    own = [i for i, line in enumerate(lines) if "on syncunit_tombstones ts_appointment_1" in line]
+    assert own, plan  # the appointments' own tombstones, read by their old doctor
+    for i in own:
+        # An index scan names its index; a bitmap heap scan, the bitmap index scan below.
+        scan = next(line for line in lines[i:] if "Index Scan" in line)
+        assert "ix_syncunit_tombstones_appointment_doctor_id" in scan, plan

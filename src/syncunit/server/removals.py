@@ -36,6 +36,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.server.shape import StreamShape
 from syncunit.server.store import ServerStore, tombstones
@@ -77,9 +78,38 @@ def old_images(
     # Looked up by the pinned old value, through the index on (old value, version).
     column, allowed = restriction
     old, of_table = store.old_value_lookup(ts, column)
+    if store.pins_each_key:
+        return _each_allowed(ts, cols, of_table, old, allowed, since, f"{table.name}_{n}")
     q = sa.select(*cols).where(*of_table, ts.c.version > since)
     q = q.where(old.in_(allowed) if isinstance(allowed, sa.Select) else old == allowed)
     return q.subquery(f"old_{table.name}_{n}")
+
+
+def _each_allowed(
+    ts: Any,
+    cols: list[Any],
+    of_table: list[ColumnElement[bool]],
+    old: ColumnElement[Any],
+    allowed: Any,
+    since: Any,
+    name: str,
+) -> Any:
+    """``old_images``'s restricted read, one allowed value at a time, for a planner that
+    trusts its statistics over the index (as ``ScopeDriver.each_key`` does for rows):
+    ``(old value, version) > (value, since)`` beside ``old value = value``, which only
+    the index on (old value, version) serves, in a lateral join fenced with
+    ``OFFSET 0`` over the allowed values."""
+    types = [old.type, ts.c.version.type]
+
+    def rows(value: Any) -> sa.Select[Any]:
+        after = sa.tuple_(old, ts.c.version) > sa.tuple_(value, since, types=types)
+        return sa.select(*cols).where(*of_table, old == value, after)
+
+    if not isinstance(allowed, sa.Select):
+        return rows(allowed).subquery(f"old_{name}")
+    values = allowed.distinct().subquery(f"allowed_{name}")  # each value once
+    each = rows(values.c[0]).offset(sa.literal_column("0")).lateral(f"each_{name}")
+    return sa.select(*each.c).select_from(values.join(each, sa.true())).subquery(f"old_{name}")
 
 
 #: The column of an old image holding the version of the tombstone it came from.
