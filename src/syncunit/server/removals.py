@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ColumnElement
 
-from syncunit.server.shape import StreamShape
+from syncunit.server.shape import StreamShape, one_at_a_time, seek_after
 from syncunit.server.store import ServerStore, tombstones
 from syncunit.units import CREATED_STAMP
 
@@ -94,22 +94,17 @@ def _each_allowed(
     since: Any,
     name: str,
 ) -> Any:
-    """``old_images``'s restricted read, one allowed value at a time, for a planner that
-    trusts its statistics over the index (as ``ScopeDriver.each_key`` does for rows):
-    ``(old value, version) > (value, since)`` beside ``old value = value``, which only
-    the index on (old value, version) serves, in a lateral join fenced with
-    ``OFFSET 0`` over the allowed values."""
-    types = [old.type, ts.c.version.type]
+    """``old_images``'s restricted read, one allowed value at a time through the index
+    on (old value, version), for a planner that trusts its statistics over the index
+    (as ``ScopeDriver.each_key`` reads the rows)."""
 
     def rows(value: Any) -> sa.Select[Any]:
-        after = sa.tuple_(old, ts.c.version) > sa.tuple_(value, since, types=types)
-        return sa.select(*cols).where(*of_table, old == value, after)
+        return sa.select(*cols).where(*of_table, seek_after(old, ts.c.version, value, since))
 
     if not isinstance(allowed, sa.Select):
         return rows(allowed).subquery(f"old_{name}")
     values = allowed.distinct().subquery(f"allowed_{name}")  # each value once
-    each = rows(values.c[0]).offset(sa.literal_column("0")).lateral(f"each_{name}")
-    return sa.select(*each.c).select_from(values.join(each, sa.true())).subquery(f"old_{name}")
+    return one_at_a_time(values, rows, f"each_{name}").subquery(f"old_{name}")
 
 
 #: The column of an old image holding the version of the tombstone it came from.

@@ -107,30 +107,41 @@ class ScopeDriver:
 
     def each_key(self, key: ColumnElement[Any], version: sa.Column[Any], since: Any) -> Any:
         """Keys ``key`` of the base rows in the pinned scope whose ``version`` is above
-        ``since``, sought in the (lead, version) index one pinned key at a time.
-
-        The range is written ``(lead, version) > (pinned key, since)`` beside
-        ``lead = pinned key``: the same rows, but only that index can serve it, where
-        ``version > since`` alone lets a planner walk the version index instead
-        (PostgreSQL does when its statistics, taken before a burst of writes
-        elsewhere, put a handful of rows above the cursor: tens of thousands, each
-        checked against the scope). Through a chain, the pinned keys drive a
-        lateral join fenced with ``OFFSET 0``, so that it stays one seek per key.
-        """
-        types = [self.lead.type, version.type]  # ``since`` bound as a version (a BIGINT)
+        ``since``, sought in the (lead, version) index one pinned key at a time
+        (``seek_after``, ``one_at_a_time``): a planner whose statistics were taken
+        before a burst of writes elsewhere would otherwise take ``version > since``
+        for a handful of rows and walk the version index through tens of thousands,
+        each checked against the scope (PostgreSQL does)."""
         if not self.chain:
-            return sa.select(key).where(
-                self.column == self.value,
-                sa.tuple_(self.column, version) > sa.tuple_(self.value, since, types=types),
-            )
+            return sa.select(key).where(seek_after(self.column, version, self.value, since))
         keys = _climb(self.chain, self.column == self.value).subquery("pinned_keys")
-        pinned = keys.c[0]
-        rows = sa.select(key).where(
-            self.lead == pinned,
-            sa.tuple_(self.lead, version) > sa.tuple_(pinned, since, types=types),
-        )
-        each = rows.offset(sa.literal_column("0")).lateral("pinned_rows")
-        return sa.select(*each.c).select_from(keys.join(each, sa.true()))
+
+        def rows(pinned: ColumnElement[Any]) -> sa.Select[Any]:
+            return sa.select(key).where(seek_after(self.lead, version, pinned, since))
+
+        return one_at_a_time(keys, rows, "pinned_rows")
+
+
+def seek_after(
+    column: ColumnElement[Any], version: ColumnElement[Any], value: Any, since: Any
+) -> ColumnElement[bool]:
+    """``column = value`` and its rows' ``version`` above ``since``, the range written
+    ``(column, version) > (value, since)``: the same rows, but only an index on
+    (column, version) can serve it, where ``version > since`` lets a planner take an
+    index on the version alone."""
+    types = [column.type, version.type]  # ``since`` bound as a version (a BIGINT)
+    after = sa.tuple_(column, version) > sa.tuple_(value, since, types=types)
+    return sa.and_(column == value, after)
+
+
+def one_at_a_time(
+    values: sa.Subquery, rows: Callable[[ColumnElement[Any]], sa.Select[Any]], name: str
+) -> sa.Select[Any]:
+    """``rows(value)`` for each value of ``values``'s first column, read one value at a
+    time: a lateral join fenced with ``OFFSET 0``, which a planner cannot flatten
+    into a join it would plan from its statistics."""
+    each = rows(values.c[0]).offset(sa.literal_column("0")).lateral(name)
+    return sa.select(*each.c).select_from(values.join(each, sa.true()))
 
 
 class StreamShape:
