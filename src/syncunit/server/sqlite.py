@@ -596,13 +596,8 @@ class _KeptWriter:
         """The kept connection (opened on first use; ``give_back`` closed a broken one);
         the caller holds ``lock``."""
         if self.conn is None:
-            conn = self.engine.connect().execution_options(syncunit_write=True)
-            try:
-                self.poke = _writer_pragmas(conn, self.checkpointer)[1] > 0
-            except BaseException:
-                conn.close()
-                raise
-            self.conn = conn
+            self.conn, _, auto = _open_writer(self.engine, self.checkpointer)
+            self.poke = auto > 0
         return self.conn
 
     def give_back(self, ended: bool) -> None:
@@ -631,22 +626,27 @@ class _KeptWriter:
             self._stale = True
 
 
-def _writer_pragmas(conn: Connection, checkpointer: Checkpointer | None) -> tuple[int, int]:
-    """A writer's page cache and checkpoints on ``conn``: the cache grown to
-    ``WRITE_CACHE_KIB`` if smaller, automatic checkpoints off when ``checkpointer``
-    makes them. Returns the cache size and the automatic checkpoint threshold it had
-    (above 0: commits wake the checkpointer instead)."""
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
-    cache = int(dbapi.execute("PRAGMA cache_size").fetchone()[0])
-    if -WRITE_CACHE_KIB < cache < 0:  # a size in KiB below ours (not in pages)
-        dbapi.execute(f"PRAGMA cache_size = {-WRITE_CACHE_KIB}")
-    auto = 0
-    if checkpointer is not None:
-        auto = int(dbapi.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
-        if auto > 0:
-            dbapi.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
-    return cache, auto
+def _open_writer(engine: Engine, checkpointer: Checkpointer | None) -> tuple[Connection, int, int]:
+    """A connection set up for a writer: its page cache grown to ``WRITE_CACHE_KIB`` if
+    smaller, automatic checkpoints off when ``checkpointer`` makes them. Returns it with
+    the cache size and the automatic checkpoint threshold it had (above 0: commits
+    wake the checkpointer instead)."""
+    conn = engine.connect().execution_options(syncunit_write=True)
+    try:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        cache = int(dbapi.execute("PRAGMA cache_size").fetchone()[0])
+        if -WRITE_CACHE_KIB < cache < 0:  # a size in KiB below ours (not in pages)
+            dbapi.execute(f"PRAGMA cache_size = {-WRITE_CACHE_KIB}")
+        auto = 0
+        if checkpointer is not None:
+            auto = int(dbapi.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+            if auto > 0:
+                dbapi.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
+    except BaseException:
+        conn.close()
+        raise
+    return conn, cache, auto
 
 
 class _WriteTxn:
@@ -679,12 +679,7 @@ class _WriteTxn:
             self._conn = self.kept.take()
             self._poke, self._restore = self.kept.poke, None
         else:
-            self._conn = self.kept.engine.connect().execution_options(syncunit_write=True)
-            try:
-                cache, auto = _writer_pragmas(self._conn, self.kept.checkpointer)
-            except BaseException:
-                self._conn.close()
-                raise
+            self._conn, cache, auto = _open_writer(self.kept.engine, self.kept.checkpointer)
             dbapi = self._conn.connection.dbapi_connection
             assert dbapi is not None
             self._poke, self._restore = auto > 0, (dbapi, cache, auto)
