@@ -34,6 +34,14 @@ def _plan(store: ServerStore, query: Any, params: dict[str, Any]) -> list[str]:
         return [row[3] for row in raw.execute("EXPLAIN QUERY PLAN " + str(compiled), args)]
 
 
+def _pg_plan(store: ServerStore, query: Any, params: dict[str, Any]) -> str:
+    """PostgreSQL's plan for ``query``, as ``EXPLAIN`` prints it."""
+    compiled = query.compile(store.engine)
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.construct_params(params))
+        return "\n".join(row[0] for row in rows)
+
+
 def test_a_delta_reads_through_the_scope_not_everyones_changes(server: Any) -> None:
     """The filter pins the hospital: changed rows and tombstones are found through it."""
     store = server.store
@@ -166,14 +174,7 @@ def test_a_delta_on_postgresql_seeks_the_scope_whatever_its_statistics_say(
     assert burst > 15_000
 
     reader = StreamReader(store, appointments, {"hospital_id": 1}, chunk_size=100)
-    compiled = reader._candidates(since).compile(store.engine)
-    with store.engine.connect() as conn:
-        plan = "\n".join(
-            row[0]
-            for row in conn.exec_driver_sql(
-                "EXPLAIN " + str(compiled), compiled.construct_params({"hospital_id": 1})
-            )
-        )
+    plan = _pg_plan(store, reader._candidates(since), {"hospital_id": 1})
     assert "ix_appointment_doctor_id_syncunit_version on appointment" in plan, plan
     assert "ix_appointment_syncunit_version on appointment" not in plan, plan
 
@@ -182,14 +183,7 @@ def test_a_delta_on_postgresql_seeks_the_scope_whatever_its_statistics_say(
     # tombstone since the cursor.
     with store.write() as conn:
         conn.execute(appointment.delete().where(appointment.c.doctor_id.in_(others.limit(40))))
-    compiled = reader._removals(since, None).compile(store.engine)
-    with store.engine.connect() as conn:
-        plan = "\n".join(
-            row[0]
-            for row in conn.exec_driver_sql(
-                "EXPLAIN " + str(compiled), compiled.construct_params({"hospital_id": 1})
-            )
-        )
+    plan = _pg_plan(store, reader._removals(since, None), {"hospital_id": 1})
     lines = plan.splitlines()
     own = [i for i, line in enumerate(lines) if "on syncunit_tombstones ts_appointment_1" in line]
     assert own, plan  # the appointments' own tombstones, read by their old doctor
