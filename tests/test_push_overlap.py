@@ -12,6 +12,7 @@ next run, which sends them in order, each applied once.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,18 +31,27 @@ from tests.test_push_support import (
     write_notes_offline,
 )
 
+# How long a held answer or push waits for the next batch to leave: a client that
+# overlaps them sends it within milliseconds; one that does not never does, and the
+# test then fails on the order of the events.
+NEXT_BATCH_WAIT = 10.0
+
 
 class _SlowBody(httpx.SyncByteStream):
-    """A response body that starts 0.3 s late (``cut``: then fails) and says when it
-    was read whole (``note("read")``) and when it was closed (``note("closed")``)."""
+    """A response body that starts once ``hold()`` returns (``cut``: then fails) and
+    says when it was read whole (``note("read")``) and when it was closed
+    (``note("closed")``)."""
 
-    def __init__(self, inner: Any, note: Callable[[str], None], cut: bool) -> None:
+    def __init__(
+        self, inner: Any, note: Callable[[str], None], cut: bool, hold: Callable[[], None]
+    ) -> None:
         self.inner = inner
         self.note = note
         self.cut = cut
+        self.hold = hold
 
     def __iter__(self) -> Iterator[bytes]:
-        time.sleep(0.3)
+        self.hold()
         if self.cut:
             raise httpx.ReadError("the connection broke (test)")
         yield from self.inner
@@ -58,8 +68,14 @@ class SlowAnswers(FaultTransport):
     committed it), ("read", first seq) when its answer was read whole and ("closed",
     first seq) when it was closed. ``lose``: the answer to the push starting at that
     seq is lost (it was applied); ``cut``: that answer's body breaks; ``late``: the
-    push starting at that seq reaches the server 0.8 s after it left; ``plain``: the
-    answers do not say that the server queues pushes (as from a server that does not)."""
+    push starting at that seq reaches the server only once a later push has left;
+    ``plain``: the answers do not say that the server queues pushes (as from a server
+    that does not).
+
+    With ``total`` (the last seq the run pushes), the answer to each push but the last
+    starts only once the next push has left (at most ``NEXT_BATCH_WAIT``), so an
+    overlap the client makes is seen whatever the machine's load; without it, each
+    answer starts 0.3 s late."""
 
     def __init__(
         self,
@@ -67,6 +83,7 @@ class SlowAnswers(FaultTransport):
         cut: int | None = None,
         late: int | None = None,
         plain: bool = False,
+        total: int | None = None,
     ) -> None:
         super().__init__()
         self.events: list[tuple[str, int]] = []
@@ -74,6 +91,26 @@ class SlowAnswers(FaultTransport):
         self.cut = cut
         self.late = late
         self.plain = plain
+        self.total = total
+        self._changed = threading.Condition()
+
+    def _note(self, event: str, first: int) -> None:
+        with self._changed:
+            self.events.append((event, first))
+            self._changed.notify_all()
+
+    def _wait_for_push_after(self, first: int) -> None:
+        """Until a push starting after ``first`` has left (or ``NEXT_BATCH_WAIT``)."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: any(e == "sent" and s > first for e, s in self.events),
+                timeout=NEXT_BATCH_WAIT,
+            )
+
+    def _hold_answer(self, first: int, last: int) -> Callable[[], None]:
+        if self.total is None or last >= self.total:
+            return lambda: time.sleep(0.3)
+        return lambda: self._wait_for_push_after(first)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if not request.url.path.startswith("/v1/sync/"):
@@ -81,16 +118,16 @@ class SlowAnswers(FaultTransport):
         request.read()
         pushed = decode_sync_request(request).mutations
         if pushed:
-            self.events.append(("sent", pushed[0].seq))
+            self._note("sent", pushed[0].seq)
             if pushed[0].seq == self.late:
-                time.sleep(0.8)  # longer than the answer before it takes
+                self._wait_for_push_after(pushed[0].seq)
         response = self._forward(request)
         if self.plain:
             del response.headers[QUEUES_PUSHES]
         if not pushed:
             return response
         first = pushed[0].seq
-        self.events.append(("committed", first))  # the headers came: the server holds it
+        self._note("committed", first)  # the headers came: the server holds it
         if first == self.lose:
             self.lose = None
             try:
@@ -102,7 +139,12 @@ class SlowAnswers(FaultTransport):
         return httpx.Response(
             response.status_code,
             headers=response.headers,
-            stream=_SlowBody(response.stream, lambda e: self.events.append((e, first)), cut),
+            stream=_SlowBody(
+                response.stream,
+                lambda e: self._note(e, first),
+                cut,
+                self._hold_answer(first, pushed[-1].seq),
+            ),
         )
 
 
@@ -141,7 +183,7 @@ def _assert_overtook(
 
 @pytest.mark.usefixtures("short_first")
 def test_each_batch_goes_before_the_answer_to_the_one_before_is_read(notes_app):
-    app, device, slow = _device(notes_app, 170)
+    app, device, slow = _device(notes_app, 170, total=170)
 
     result = device.sync("Push")
 
@@ -186,7 +228,7 @@ def test_a_device_that_only_fetched_the_catalog_sends_its_second_batch_at_once(n
 def test_to_a_server_that_does_not_queue_pushes_each_batch_goes_once_it_has_the_one_before(
     notes_app,
 ):
-    app, device, slow = _device(notes_app, 170, plain=True)
+    app, device, slow = _device(notes_app, 170, plain=True, total=170)
 
     result = device.sync("Push")
 
@@ -234,7 +276,7 @@ def test_a_lost_answer_leaves_its_batch_and_the_next_to_the_next_run_each_applie
 def test_an_answer_cut_while_the_next_batch_is_out_ends_the_run_with_that_request_done(
     notes_app,
 ):
-    app, device, slow = _device(notes_app, 170, cut=71)
+    app, device, slow = _device(notes_app, 170, cut=71, total=170)
 
     with pytest.raises(NetworkError):
         device.sync("Push")
