@@ -19,6 +19,7 @@ import glob
 import itertools
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -88,10 +89,41 @@ def _apt_install(packages: Sequence[str]) -> None:
         subprocess.run(cmd, env=env, check=False, capture_output=True, timeout=600)
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on, for a server started next.
+
+    Picked below the kernel's ephemeral range where it can be: a port from that
+    range, closed here and bound by the server a moment later, could meanwhile be
+    given to one of the test's outgoing connections. Never the same one twice in a
+    session.
+    """
+    low = _ephemeral_low()
+    candidates = random.sample(range(20000, low), min(200, low - 20000)) if low > 20200 else []
+    for port in candidates:
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _HANDED_OUT.add(port)
+    return port
 
 
 def _run_as() -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from syncunit.client import SyncClient
 from syncunit.errors import NetworkError
 from tests.conftest import PlainSQL
+from tests.pgserver import free_port
 from tests.procs import POINTS, WRITES
 from tests.test_push_support import local_notes
 
@@ -104,17 +104,11 @@ def test_a_device_killed_at_a_named_point_loses_nothing_and_doubles_nothing(
 # -- the server killed ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ServerProcess:
     def __init__(self, directory: Path, database: str) -> None:
         self.directory = directory
         self.database = database
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[str] | None = None
 

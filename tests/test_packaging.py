@@ -29,6 +29,7 @@ import pytest
 
 from syncunit.client import SyncClient
 from tests.conftest import SIZE
+from tests.pgserver import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELHOUSE = ROOT / ".venv" / "test-wheelhouse"
@@ -162,7 +163,7 @@ def served(cli_venv: Path, tmp_path: Path) -> Iterator[str]:
          "--hospitals", str(SIZE["hospitals"]), "--doctors", str(SIZE["doctors"])],
         cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120,
     )  # fmt: skip
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
         [str(cli_venv / "bin" / "syncunit"), "serve", "syncunit.examples.hospital.server:build",
@@ -178,14 +179,6 @@ def served(cli_venv: Path, tmp_path: Path) -> Iterator[str]:
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
