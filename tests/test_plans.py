@@ -6,6 +6,7 @@ timings possible, so a change that brings back a full scan fails here.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -34,11 +35,14 @@ def _plan(store: ServerStore, query: Any, params: dict[str, Any]) -> list[str]:
         return [row[3] for row in raw.execute("EXPLAIN QUERY PLAN " + str(compiled), args)]
 
 
-def _pg_plan(store: ServerStore, query: Any, params: dict[str, Any]) -> str:
-    """PostgreSQL's plan for ``query``, as ``EXPLAIN`` prints it."""
+def _pg_plan(
+    store: ServerStore, query: Any, params: dict[str, Any], conn: sa.Connection | None = None
+) -> str:
+    """PostgreSQL's plan for ``query``, as ``EXPLAIN`` prints it (on ``conn``, in its
+    transaction, if given)."""
     compiled = query.compile(store.engine)
-    with store.engine.connect() as conn:
-        rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.construct_params(params))
+    with contextlib.nullcontext(conn) if conn is not None else store.engine.connect() as c:
+        rows = c.exec_driver_sql("EXPLAIN " + str(compiled), compiled.construct_params(params))
         return "\n".join(row[0] for row in rows)
 
 
@@ -191,3 +195,39 @@ def test_a_delta_on_postgresql_seeks_the_scope_whatever_its_statistics_say(
         # An index scan names its index; a bitmap heap scan, the bitmap index scan below.
         scan = next(line for line in lines[i:] if "Index Scan" in line)
         assert "ix_syncunit_tombstones_appointment_doctor_id" in scan, plan
+
+
+_PARALLEL_FREE = (
+    "parallel_setup_cost",
+    "parallel_tuple_cost",
+    "min_parallel_table_scan_size",
+    "min_parallel_index_scan_size",
+)
+
+
+def test_a_delta_on_postgresql_starts_no_parallel_workers(
+    make_server: Any, store: ServerStore
+) -> None:
+    """A delta's candidate keys are a few index entries per part, read whole (not
+    through a cursor): its read transaction turns parallel plans off, even where the
+    planner would take them (here made free)."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite has no parallel plans")
+    from hospital.generate import generate
+
+    make_server()
+    generate(store.engine, appointments=2_000, hospitals=4, doctors=20, patients=200)
+    reader = StreamReader(store, appointments, {"hospital_id": 1}, chunk_size=100)
+
+    def plan(conn: sa.Connection, since: int) -> str:
+        for setting in _PARALLEL_FREE:
+            conn.exec_driver_sql(f"SET LOCAL {setting} = 0")
+        return _pg_plan(store, reader._candidates(since), {"hospital_id": 1}, conn)
+
+    with store.snapshot() as (conn, watermark):
+        in_a_read = plan(conn, watermark - 5)
+    with store.engine.connect() as conn, conn.begin():
+        elsewhere = plan(conn, watermark - 5)
+    # The same statement in a plain transaction: the planner does take parallel plans.
+    assert "Gather" in elsewhere, elsewhere
+    assert "Gather" not in in_a_read, in_a_read

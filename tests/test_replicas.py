@@ -48,14 +48,15 @@ def standby(pg: PostgresServer) -> Iterator[PostgresServer]:
 
 
 class Counting:
-    """Counts the statements an engine runs."""
+    """Counts the queries an engine runs (a transaction's ``SET LOCAL`` is no query)."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.n = 0
         sa.event.listen(engine, "before_cursor_execute", self._seen)
 
-    def _seen(self, *_: Any) -> None:
-        self.n += 1
+    def _seen(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not statement.startswith("SET LOCAL "):
+            self.n += 1
 
 
 @pytest.fixture
