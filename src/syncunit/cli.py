@@ -97,8 +97,6 @@ KEEP_ALIVE_S = 75
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from syncunit.server.logs import configure_logging
 
     configure_logging(args.log_format, args.log_level.upper())
@@ -111,10 +109,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         # Each worker process imports the app itself (uvicorn needs an import string).
         os.environ[_WORKER_ENV] = json.dumps(config)
-        uvicorn.run(
-            "syncunit.cli:worker_app", factory=True, workers=args.workers,
-            host=args.host, port=args.port, log_level=args.log_level,
-            timeout_keep_alive=args.keep_alive,
+        run_app(
+            "syncunit.cli:worker_app", keep_alive=args.keep_alive, factory=True,
+            workers=args.workers, host=args.host, port=args.port, log_level=args.log_level,
         )  # fmt: skip
         return 0
     server = _server_from(config)
@@ -128,12 +125,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def run_app(app: Any, *, keep_alive: int = KEEP_ALIVE_S, **options: Any) -> None:
     """Run a server's ASGI ``app`` with uvicorn as ``syncunit serve`` does: its heap
     frozen once it has started (``FreezeOnStartup``), idle connections kept
-    ``keep_alive`` seconds; ``options`` go to ``uvicorn.run``."""
+    ``keep_alive`` seconds; ``options`` go to ``uvicorn.run``.
+
+    ``app`` may be an import string (with ``factory=True``, the name of a function
+    returning the app, as ``--workers`` needs): what it names freezes its own heap
+    (``worker_app`` does).
+    """
     import uvicorn
 
     from syncunit.server.heap import FreezeOnStartup
 
-    uvicorn.run(FreezeOnStartup(app), timeout_keep_alive=keep_alive, **options)
+    target = app if isinstance(app, str) else FreezeOnStartup(app)
+    uvicorn.run(target, timeout_keep_alive=keep_alive, **options)
 
 
 def _server_from(config: dict[str, Any]) -> Any:
