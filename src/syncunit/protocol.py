@@ -459,6 +459,14 @@ def decode_request(body: bytes, encoding: Encoding) -> SyncRequest:
     return req
 
 
+def close_frames(frames: Iterator[Frame]) -> None:
+    """Close ``frames`` now, if it can be closed (a generator: its ``finally`` runs and
+    lets go of what it holds, a database snapshot say), not whenever it is collected."""
+    close = getattr(frames, "close", None)
+    if close is not None:
+        close()
+
+
 def encode_frame(frame: Frame, encoding: Encoding = "msgpack") -> bytes:
     if encoding == "msgpack":
         payload = _mp_enc.encode(frame)

@@ -27,6 +27,7 @@ from syncunit.protocol import (
     SnapshotOffer,
     StreamStart,
     SyncRequest,
+    close_frames,
 )
 from syncunit.server.auth import Principal
 from syncunit.server.changes import StreamReader
@@ -131,6 +132,4 @@ def sign_frames(frames: Iterator[Frame], key: bytes) -> Iterator[Frame]:
                 frame = msgspec.structs.replace(frame, cursor=sign_cursor(frame.cursor, key))
             yield frame
     finally:
-        close = getattr(frames, "close", None)
-        if close is not None:
-            close()
+        close_frames(frames)

@@ -40,7 +40,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from syncunit.protocol import Chunk, End, Failure, Frame, PushResults, SyncRequest
+from syncunit.protocol import (
+    Chunk,
+    End,
+    Failure,
+    Frame,
+    PushResults,
+    SyncRequest,
+    close_frames,
+)
 from syncunit.server.auth import Principal
 from syncunit.server.cursor import decode_cursor
 from syncunit.server.problems import ProblemException
@@ -136,9 +144,7 @@ class SyncLog:
             raise
         finally:
             try:
-                close = getattr(frames, "close", None)
-                if close is not None:
-                    close()  # now, not when collected: ``frames`` may hold a database snapshot
+                close_frames(frames)  # ``frames`` may hold a database snapshot
             finally:
                 seconds = time.monotonic() - t0
                 self._record(unit, principal, req, pushed, outcome, seconds, rows, cursors)

@@ -47,7 +47,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from syncunit.protocol import Chunk, Failure, Frame, PushResults
+from syncunit.protocol import Chunk, Failure, Frame, PushResults, close_frames
 from syncunit.server.admission import SyncSlots
 from syncunit.server.auth import Principal
 from syncunit.server.live import VersionMonitor
@@ -85,9 +85,7 @@ class SyncTally:
                     self.failed = True
                 yield frame
         finally:
-            close = getattr(frames, "close", None)
-            if close is not None:
-                close()
+            close_frames(frames)
 
 
 class ServerMetrics:

@@ -32,7 +32,7 @@ import anyio.to_thread
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
-from syncunit.protocol import Chunk, Encoding, End, Failure, Frame, encode_frame
+from syncunit.protocol import Chunk, Encoding, End, Failure, Frame, close_frames, encode_frame
 from syncunit.server.admission import Slot
 from syncunit.server.limits import Limits
 from syncunit.server.problems import (
@@ -200,13 +200,11 @@ class FramePump:
             fail = Failure(status=p.status, code=p.code, title=p.title, detail=p.detail)
             self._put(self._encode(fail))
         finally:
-            close = getattr(frames, "close", None)
-            if close is not None:
-                try:
-                    close()  # ends the snapshot: the database is free before the client reads on
-                except Exception:  # e.g. an observer failed: the slot goes back all the same
-                    outcome = outcome or "failed"
-                    log.exception("ending a sync's frames failed")
+            try:  # ends the snapshot: the database is free before the client reads on
+                close_frames(frames)
+            except Exception:  # e.g. an observer failed: the slot goes back all the same
+                outcome = outcome or "failed"
+                log.exception("ending a sync's frames failed")
             if self.slot is not None:
                 self.slot.release()
             if not self.stop.is_set():
