@@ -345,7 +345,8 @@ def test_chunks_carry_only_the_streams_columns_and_rows_in_scope(tapped, tap, se
 
 def test_a_delta_is_the_same_read_by_version_or_through_the_scope(server, monkeypatch):
     """Few changes are found by version, many through the pinned scope; on PostgreSQL a
-    few candidates are read first, then their rows by key: always the same frames."""
+    few candidates are read first, then their rows by key, and few tombstones are read
+    by version: always the same frames."""
     from hospital.units import appointments
 
     from syncunit.protocol import encode_frame
@@ -374,6 +375,8 @@ def test_a_delta_is_the_same_read_by_version_or_through_the_scope(server, monkey
         monkeypatch.setattr(changes, "KEYED_CANDIDATES", keyed)  # PostgreSQL: keys first
         with store.snapshot() as (conn, watermark):
             assert reader._few_changes(conn, since) == (few > 0)
+            # PostgreSQL: few tombstones too are read by version, not key by key.
+            assert reader._few_tombstones(conn, since) == (few > 0 and store.pins_each_key)
             horizon = int(facts.get("horizon", "0"))
             return list(reader.frames(conn, watermark, facts["epoch"], horizon, token))
 

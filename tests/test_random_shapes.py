@@ -7,7 +7,9 @@ stream beside it), starts a real server for it, and gives two or three devices
 different principals. Then server writes (inserts, updates of scope, join and
 payload columns, deletes, renames, INSERT OR REPLACE, a deleted key created
 again) interleave with syncs cut after any frame, some with a write made while
-the response is being read.
+the response is being read. Each example reads its deltas one way: changed
+rows and tombstones by version where few (the default threshold), or always
+through the pinned scope (``FEW_CHANGES`` 0).
 
 Oracle, after every sync that ends cleanly: each device's local tables equal
 the streams' queries on the server for its principal (so no row outside its
@@ -33,6 +35,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import psycopg
@@ -45,7 +48,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from syncunit import Join, Stream, SyncSchema, SyncUnit
 from syncunit.client import SyncClient
 from syncunit.errors import NetworkError
-from syncunit.server import Principal, SyncServer, TokenAuth, open_store
+from syncunit.server import Principal, SyncServer, TokenAuth, changes, open_store
 from tests.conftest import pg_dsn
 from tests.support import LiveServer, TapTransport, expected_rows, local_rows, removed_keys
 
@@ -146,6 +149,7 @@ class RandomShapes(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="syncunit-shapes-"))
         self.live: LiveServer | None = None
         self.pg: psycopg.Connection[Any] | None = None
+        self.paths = contextlib.ExitStack()
         self.devices: list[dict[str, Any]] = []
         self.writes = 0
         self.created: dict[int, int] = {}  # base key -> the write that created it
@@ -159,8 +163,13 @@ class RandomShapes(RuleBasedStateMachine):
         groups=st.lists(GROUPS, min_size=2, max_size=3),
         seed_rows=st.lists(st.tuples(GROUPS, SLOT, SLOT), min_size=4, max_size=14),
         chunk=st.integers(2, 5),
+        few=st.sampled_from([changes.FEW_CHANGES, 0]),
     )
-    def start(self, shape: dict[str, Any], groups: list[int], seed_rows: list[Any], chunk: int):
+    def start(
+        self, shape: dict[str, Any], groups: list[int], seed_rows: list[Any], chunk: int, few: int
+    ):
+        # 0: every delta reads through the pinned scope, as after a burst of writes.
+        self.paths.enter_context(mock.patch.object(changes, "FEW_CHANGES", few))
         self.t = _tables()
         self.db = self.dir / "server.sqlite"
         if self.pg_url is not None:
@@ -211,6 +220,7 @@ class RandomShapes(RuleBasedStateMachine):
                 self.store.engine.dispose()
             if self.pg is not None:
                 self.pg.close()
+            self.paths.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- the server's writers ---------------------------------------------------------

@@ -17,7 +17,7 @@ from hospital.models import appointment, doctor, hospital, patient
 
 from syncunit import Join, Stream, SyncSchema, SyncUnit
 from syncunit.errors import DeclarationError, ProblemError
-from syncunit.server import Principal, SyncServer, TokenAuth
+from syncunit.server import Principal, SyncServer, TokenAuth, changes
 from syncunit.server.store import ServerStore
 from tests.conftest import SIZE
 from tests.support import (
@@ -59,10 +59,22 @@ def city_appointments(**overrides: Any) -> Stream:
     return Stream("city_appointments", appointment, columns, **options)
 
 
-@pytest.fixture
-def shaped(store: ServerStore, serve: Callable[[Any], Any], make_client: Callable[..., Any]) -> Any:
+@pytest.fixture(params=["few changes", "through the scope"])
+def shaped(
+    request: pytest.FixtureRequest,
+    store: ServerStore,
+    serve: Callable[[Any], Any],
+    make_client: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Any:
     """``shaped(*streams)``: a live server of one unit "Pull" with ``streams`` on the
-    example's data; returns (server, live, client factory by token)."""
+    example's data; returns (server, live, client factory by token).
+
+    Twice: deltas read as they are here (a few changes and tombstones, by version),
+    and as after a burst of writes elsewhere (through the pinned scope, key by key
+    on PostgreSQL): ``FEW_CHANGES`` 0."""
+    if request.param == "through the scope":
+        monkeypatch.setattr(changes, "FEW_CHANGES", 0)
     generate(store.engine, **SIZE)
     state: dict[str, Any] = {}
 

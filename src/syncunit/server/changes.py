@@ -40,7 +40,7 @@ from syncunit.protocol import Chunk, StreamStart
 from syncunit.server.cursor import Cursor, decode_cursor, encode_cursor
 from syncunit.server.removals import old_images, removal_keys
 from syncunit.server.shape import StreamShape
-from syncunit.server.store import ServerStore
+from syncunit.server.store import ServerStore, tombstones
 from syncunit.units import VERSION, Stream, logical_type
 
 log = logging.getLogger("syncunit.server")
@@ -282,9 +282,33 @@ class StreamReader:
             self.store.query_cache[key] = probe
         return bool(conn.execute(probe, {SINCE: since}).scalar_one() <= FEW_CHANGES)
 
-    def _removals(self, since: Any, after: Any) -> sa.Select[Any]:
+    def _few_tombstones(self, conn: Connection, since: int) -> bool:
+        """Whether the filter's tables have at most ``FEW_CHANGES`` tombstones since
+        ``since`` (read from the (table, version) index, at most that many entries);
+        asked only of a store that reads the pinned scope key by key
+        (``pins_each_key``), where a seek per pinned key costs more than reading a
+        few tombstones. False otherwise: the removals read through the scope."""
+        if self.shape.driver is None or not self.store.pins_each_key:
+            return False
+        key = ("few tombstones", self.stream.name, self.stream.definition_hash)
+        probe = self.store.query_cache.get(key)
+        if probe is None:
+            names = [t.name for t in self.shape.filter_tables()]
+            recent = (
+                sa.select(sa.literal(1))
+                .where(
+                    tombstones.c.table_name.in_(names),
+                    tombstones.c.version > sa.bindparam(SINCE, type_=sa.BigInteger),
+                )
+                .limit(FEW_CHANGES + 1)
+            )
+            probe = sa.select(sa.func.count()).select_from(recent.subquery())
+            self.store.query_cache[key] = probe
+        return bool(conn.execute(probe, {SINCE: since}).scalar_one() <= FEW_CHANGES)
+
+    def _removals(self, since: Any, after: Any, *, restricted: bool = True) -> sa.Select[Any]:
         in_scope = self.rows_select(drive_by_base=True)
-        return removal_keys(self.store, self.shape, in_scope, since, after)
+        return removal_keys(self.store, self.shape, in_scope, since, after, restricted=restricted)
 
     # -- passes ----------------------------------------------------------------------
 
@@ -347,7 +371,11 @@ class StreamReader:
             yield rows, "", 0, rows[-1][key_index]
 
     def _delta_queries(
-        self, *, pinned: bool = True, rowid: ColumnElement[Any] | None = None
+        self,
+        *,
+        pinned: bool = True,
+        rowid: ColumnElement[Any] | None = None,
+        restricted: bool = True,
     ) -> _DeltaQueries:
         """The stream's delta statements, built once per store with bind parameters
         (SQLAlchemy then reuses their compiled form; a delta costs its SQL only).
@@ -356,6 +384,9 @@ class StreamReader:
         index rather than through the pinned scope (``FEW_CHANGES``); the scope
         filter still selects the rows, so both give the same rows in the same order.
         ``rowid``: the changed rows are found and read by it (``_rowid``).
+        ``restricted=False``: the removals read every tombstone of the filter's
+        tables since the cursor rather than through the pinned scope
+        (``_few_tombstones``); the same keys either way.
         """
         cache_key = (
             "delta",
@@ -363,6 +394,7 @@ class StreamReader:
             self.stream.definition_hash,
             pinned,
             rowid is not None,
+            restricted,
         )
         queries = self.store.query_cache.get(cache_key)
         if queries is None:
@@ -381,8 +413,8 @@ class StreamReader:
             after_ev = sa.bindparam(AFTER_EV, type_=sa.BigInteger)
             after_key = sa.bindparam(AFTER_KEY, type_=s.key_column.type)
 
-            removals = self._removals(since, None)
-            removals_after = self._removals(since, after_key)
+            removals = self._removals(since, None, restricted=restricted)
+            removals_after = self._removals(since, after_key, restricted=restricted)
 
             def queries_of(rows: sa.Select[Any], **more: Any) -> _DeltaQueries:
                 resumed = rows.where(
@@ -417,8 +449,11 @@ class StreamReader:
     def _delta_pass(self, conn: Connection, cur: Cursor, *, final: bool = True) -> Iterator[Any]:
         """Removals, then upserts, each streamed in chunks and resumable after any."""
         s = self.stream
+        since = cur.since or 0
         q = self._delta_queries(
-            pinned=not self._few_changes(conn, cur.since or 0), rowid=self._rowid(conn)
+            pinned=not self._few_changes(conn, since),
+            rowid=self._rowid(conn),
+            restricted=not self._few_tombstones(conn, since),
         )
         params: dict[str, Any] = {**self.params, SINCE: cur.since or 0}
         if q.candidates is not None and q.keyed is not None:

@@ -236,15 +236,25 @@ def _combination(
 
 
 def removal_keys(
-    store: ServerStore, shape: StreamShape, in_scope: sa.Select[Any], since: Any, after: Any
+    store: ServerStore,
+    shape: StreamShape,
+    in_scope: sa.Select[Any],
+    since: Any,
+    after: Any,
+    *,
+    restricted: bool = True,
 ) -> sa.Select[Any]:
     """The keys to remove, in key order (after ``after`` when given).
 
     ``in_scope`` is the stream's rows query; a key it finds now is not removed.
+    ``restricted``: old images are read only where the scope pins an allowed value
+    (``pinned_scope``); False reads every tombstone of the filter's tables since
+    ``since``, cheaper when they are few. The keys are the same: an image outside
+    the pinned values never meets the filter.
     """
     s = shape.stream
     tables = shape.filter_tables()
-    pinned = pinned_scope(store, shape, since)
+    pinned = pinned_scope(store, shape, since) if restricted else {}
     parts: list[sa.Select[Any]] = []
     n = 0
     for size in range(1, len(tables) + 1):
