@@ -265,44 +265,44 @@ class StreamReader:
 
     def _few_changes(self, conn: Connection, since: int) -> bool:
         """Whether the base table changed in at most ``FEW_CHANGES`` rows since ``since``
-        (read from the version index, at most that many entries); always False for a
-        stream without a pinned scope, whose candidates come by version anyway."""
+        (read from the version index); always False for a stream without a pinned
+        scope, whose candidates come by version anyway."""
         if self.shape.driver is None:
             return False
-        key = ("few", self.stream.base.name)
-        probe = self.store.query_cache.get(key)
-        if probe is None:
-            version = self.stream.base.c[VERSION]
-            recent = (
-                sa.select(sa.literal(1))
-                .where(version > sa.bindparam(SINCE, type_=sa.BigInteger))
-                .limit(FEW_CHANGES + 1)
-            )
-            probe = sa.select(sa.func.count()).select_from(recent.subquery())
-            self.store.query_cache[key] = probe
-        return bool(conn.execute(probe, {SINCE: since}).scalar_one() <= FEW_CHANGES)
+        version = self.stream.base.c[VERSION]
+        return self._at_most_few(
+            conn, since, ("few", self.stream.base.name), lambda after: version > after
+        )
 
     def _few_tombstones(self, conn: Connection, since: int) -> bool:
         """Whether the filter's tables have at most ``FEW_CHANGES`` tombstones since
-        ``since`` (read from the (table, version) index, at most that many entries);
-        asked only of a store that reads the pinned scope key by key
-        (``pins_each_key``), where a seek per pinned key costs more than reading a
-        few tombstones. False otherwise: the removals read through the scope."""
+        ``since`` (read from the (table, version) index); asked only of a store that
+        reads the pinned scope key by key (``pins_each_key``), where a seek per
+        pinned key costs more than reading a few tombstones. False otherwise: the
+        removals read through the scope."""
         if self.shape.driver is None or not self.store.pins_each_key:
             return False
-        key = ("few tombstones", self.stream.name, self.stream.definition_hash)
+        names = [t.name for t in self.shape.filter_tables()]
+
+        def recent(after: Any) -> ColumnElement[bool]:
+            return sa.and_(tombstones.c.table_name.in_(names), tombstones.c.version > after)
+
+        return self._at_most_few(conn, since, ("few tombstones", *names), recent)
+
+    def _at_most_few(
+        self,
+        conn: Connection,
+        since: int,
+        key: tuple[str, ...],
+        recent: Callable[[Any], ColumnElement[bool]],
+    ) -> bool:
+        """Whether at most ``FEW_CHANGES`` rows meet ``recent(since)``, reading at most
+        one more; the probe is built once per ``key``, ``since`` bound."""
         probe = self.store.query_cache.get(key)
         if probe is None:
-            names = [t.name for t in self.shape.filter_tables()]
-            recent = (
-                sa.select(sa.literal(1))
-                .where(
-                    tombstones.c.table_name.in_(names),
-                    tombstones.c.version > sa.bindparam(SINCE, type_=sa.BigInteger),
-                )
-                .limit(FEW_CHANGES + 1)
-            )
-            probe = sa.select(sa.func.count()).select_from(recent.subquery())
+            after = sa.bindparam(SINCE, type_=sa.BigInteger)
+            rows = sa.select(sa.literal(1)).where(recent(after)).limit(FEW_CHANGES + 1)
+            probe = sa.select(sa.func.count()).select_from(rows.subquery())
             self.store.query_cache[key] = probe
         return bool(conn.execute(probe, {SINCE: since}).scalar_one() <= FEW_CHANGES)
 
