@@ -259,7 +259,7 @@ class PostgresStore(ServerStore):
     def old_value(self, old: ColumnElement[Any], column: sa.Column[Any]) -> ColumnElement[Any]:
         # The key is written into the SQL (not bound), so that the expression is the one
         # of the index ``tombstone_index_ddl`` makes, in a generic plan as in a custom one.
-        key = sa.literal_column(_quoted(column.name), sa.Text)
+        key = sa.literal_column(_literal(column.name), sa.Text)
         return sa.cast(sa.cast(old, JSONB).op("->>", return_type=sa.Text)(key), column.type)
 
     def old_value_lookup(
@@ -547,11 +547,6 @@ class PostgresStore(ServerStore):
         return WatermarkLag(int(row[0]), int(row[1]), seconds, what)
 
 
-def _quoted(text: str) -> str:
-    """``text`` as a SQL string literal."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _old_in_table(
     store: PostgresStore, table_name: Any, old: Any, column: sa.Column[Any]
 ) -> ColumnElement[Any]:
@@ -561,7 +556,7 @@ def _old_in_table(
     with the same name (text where this one is a number, say) never fails it."""
     table = column.table
     assert isinstance(table, sa.Table)
-    own = table_name == sa.literal_column(_quoted(table.name), sa.String)
+    own = table_name == sa.literal_column(_literal(table.name), sa.String)
     return sa.case((own, store.old_value(old, column)))
 
 
