@@ -282,12 +282,13 @@ class StreamReader:
         removals read through the scope."""
         if self.shape.driver is None or not self.store.pins_each_key:
             return False
-        names = [t.name for t in self.shape.filter_tables()]
 
         def recent(after: Any) -> ColumnElement[bool]:
+            names = [t.name for t in self.shape.filter_tables()]
             return sa.and_(tombstones.c.table_name.in_(names), tombstones.c.version > after)
 
-        return self._at_most_few(conn, since, ("few tombstones", *names), recent)
+        s = self.stream
+        return self._at_most_few(conn, since, ("few tombstones", s.name, s.definition_hash), recent)
 
     def _at_most_few(
         self,
@@ -297,7 +298,8 @@ class StreamReader:
         recent: Callable[[Any], ColumnElement[bool]],
     ) -> bool:
         """Whether at most ``FEW_CHANGES`` rows meet ``recent(since)``, reading at most
-        one more; the probe is built once per ``key``, ``since`` bound."""
+        one more; the probe is built (``recent`` called) once per ``key``, ``since``
+        bound."""
         probe = self.store.query_cache.get(key)
         if probe is None:
             after = sa.bindparam(SINCE, type_=sa.BigInteger)
@@ -455,7 +457,7 @@ class StreamReader:
             rowid=self._rowid(conn),
             restricted=not self._few_tombstones(conn, since),
         )
-        params: dict[str, Any] = {**self.params, SINCE: cur.since or 0}
+        params: dict[str, Any] = {**self.params, SINCE: since}
         if q.candidates is not None and q.keyed is not None:
             found = list(conn.execute(q.candidates, params).scalars())
             if len(found) <= KEYED_CANDIDATES:  # the same keys, in the same snapshot
