@@ -117,12 +117,10 @@ def _changed_since(
     """Whether ``table``'s row with primary key ``keys`` has a tombstone with a version
     in [at, below) (or at or after ``at`` when ``below`` is None)."""
     ts = tombstones.alias(f"later_{table.name}_{n}")
-    found = [
-        (store.old_value_lookup(ts, col), key)
-        for col, key in zip(table.primary_key.columns, keys, strict=True)
-    ]
-    of_table = found[0][0][1]  # the same for every column of the key: the table's
-    cond = [*of_table, ts.c.version >= at, *(old == key for (old, _), key in found)]
+    lookups = [store.old_value_lookup(ts, col) for col in table.primary_key.columns]
+    of_table = lookups[0][1]  # the same for every column of the key: the table's
+    cond = [*of_table, ts.c.version >= at]
+    cond += [old == key for (old, _), key in zip(lookups, keys, strict=True)]
     if below is not None:
         cond.append(ts.c.version < below)
     return sa.exists().where(*cond)
