@@ -30,6 +30,8 @@ from pathlib import Path
 
 import psycopg
 
+from tests.filelock import held
+
 #: Where Debian and Ubuntu put the server binaries (newest first).
 _DEBIAN_BINS = "/usr/lib/postgresql/*/bin"
 
@@ -85,8 +87,9 @@ def _apt_install(packages: Sequence[str]) -> None:
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
-        subprocess.run(cmd, env=env, check=False, capture_output=True, timeout=600)
+    with held("apt"):  # parallel test workers would race for dpkg's lock
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
+            subprocess.run(cmd, env=env, check=False, capture_output=True, timeout=600)
 
 
 _HANDED_OUT: set[int] = set()
@@ -99,16 +102,27 @@ def _ephemeral_low() -> int:
         return 0
 
 
+def _worker_index() -> int:
+    """This test worker's number under ``pytest -n`` (``gw3``: 3), 0 otherwise."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+
+def _worker_count() -> int:
+    return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 nothing listens on, for a server started next.
 
     Picked below the kernel's ephemeral range where it can be: a port from that
     range, closed here and bound by the server a moment later, could meanwhile be
     given to one of the test's outgoing connections. Never the same one twice in a
-    session.
+    session; parallel test workers (``pytest -n``) each pick from their own share of
+    the range, so two of them never pick the same port at once.
     """
     low = _ephemeral_low()
-    candidates = random.sample(range(20000, low), min(200, low - 20000)) if low > 20200 else []
+    share = range(20000, low)[_worker_index() :: _worker_count()]
+    candidates = random.sample(share, min(200, len(share))) if len(share) > 200 else []
     for port in candidates:
         if port in _HANDED_OUT:
             continue

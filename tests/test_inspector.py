@@ -27,6 +27,7 @@ from syncunit.server import Principal, SyncServer
 from syncunit.server.inspector import SyncLog
 from syncunit.server.store import ServerStore
 from tests.conftest import SIZE, PlainSQL
+from tests.filelock import held
 from tests.support import LiveServer
 
 ADMIN = "token-admin"
@@ -231,13 +232,14 @@ def chrome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     except ImportError:
         pytest.skip("selenium is not installed (pip install -e '.[dev]')")
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        done = subprocess.run(
-            [str(ROOT / "scripts" / "install-browser")],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
+        with held("apt"):  # parallel test workers would race for dpkg's lock
+            done = subprocess.run(
+                [str(ROOT / "scripts" / "install-browser")],
+                capture_output=True,
+                text=True,
+                timeout=900,
+                check=False,
+            )
         if not (shutil.which("chromium") and shutil.which("chromedriver")):
             pytest.skip(f"no Chromium could be installed here: {done.stderr.strip()}")
     options = webdriver.ChromeOptions()

@@ -26,6 +26,7 @@ from syncunit.server import SyncServer
 from syncunit.server.postgres import PostgresStore, postgres_engine
 from syncunit.server.store import ServerStore
 from tests.conftest import throwaway_cluster
+from tests.filelock import held
 from tests.pgserver import PostgresServer, free_port
 from tests.support import assert_in_sync, local_keys
 from tests.test_postgres import _row, _write, open_writer
@@ -171,10 +172,11 @@ def _pgbouncer_bin() -> str | None:
     )
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "pgbouncer"],
-            env=env, capture_output=True, timeout=600, check=False,
-        )  # fmt: skip
+        with held("apt"):  # parallel test workers would race for dpkg's lock
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", "pgbouncer"],
+                env=env, capture_output=True, timeout=600, check=False,
+            )  # fmt: skip
         found = shutil.which("pgbouncer") or (
             "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
         )

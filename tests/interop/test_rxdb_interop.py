@@ -29,6 +29,7 @@ from syncunit.client import SyncClient
 from syncunit.server import SyncServer
 from syncunit.server.store import mutation_log
 from tests.conftest import PlainSQL
+from tests.filelock import held
 from tests.support import (
     LiveServer,
     appointments_of,
@@ -50,17 +51,18 @@ def node() -> str:
     if node is None or npm is None:
         pytest.skip("Node.js (node and npm) is not installed: the RxDB interop test needs it")
     lock = hashlib.sha256((JS / "package-lock.json").read_bytes()).hexdigest()
-    if not STAMP.exists() or STAMP.read_text().strip() != lock:
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=JS,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
-        STAMP.write_text(lock)
+    with held("npm"):  # parallel test workers (pytest -n) would both empty node_modules
+        if not STAMP.exists() or STAMP.read_text().strip() != lock:
+            done = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=JS,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+            assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
+            STAMP.write_text(lock)
     return node
 
 
