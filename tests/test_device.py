@@ -15,17 +15,21 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
+import sqlalchemy as sa
 
 from syncunit import SyncClient
 from syncunit.client.migrations import STORE_VERSION
 from syncunit.errors import LocalStoreError, NetworkError, SyncError, SyncUnitError
 from syncunit.protocol import Catalog, Chunk
+from syncunit.server import SyncServer, TokenAuth
 from syncunit.server.store import ServerStore
+from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import local_keys
-from tests.test_push_support import local_notes
+from tests.test_push_support import NOTE_COLUMNS, TOKENS, local_notes
 
 DUMP = Path(__file__).parent / "data" / "device-0.1.0.sql"
 
@@ -110,6 +114,172 @@ def test_changes_to_a_table_no_longer_synced_are_surfaced_not_dropped(notes_app)
     [kept] = device.outbox.rejected()
     assert (kept.key, kept.code) == ("k", "schema-changed")
     assert "no longer synced" in kept.reason
+
+
+# -- catalog changes with unpushed changes: what the user wrote survives ------------------------
+
+
+def _serve(app: Any, stream: Stream, *, pushes: bool = True) -> SyncServer:
+    """Serve ``app``'s database with another schema: its catalog changes for the devices."""
+    units = [SyncUnit("Sync", [stream], direction="both" if pushes else "pull")]
+    units.append(SyncUnit("Pull", [stream]))
+    if pushes:
+        units.append(SyncUnit("Push", [stream], direction="push"))
+    schema = SyncSchema(units)
+    server = SyncServer(schema, app.database, authenticate=TokenAuth(TOKENS), install=False)
+    server.store.install(schema)
+    app.live.app = server.app
+    return server
+
+
+def _notes(app: Any, columns: dict[str, str]) -> Stream:
+    """The notes stream with its local columns named ``columns`` (local name -> column)."""
+    note = app.note
+    return Stream(
+        "notes",
+        note,
+        {local: note.c[name] for local, name in columns.items()},
+        where=note.c.owner == sa.bindparam("owner"),
+        local_table="LocalNote",
+    )
+
+
+def _keyed_by_code(app: Any) -> Stream:
+    """The notes of a new server table keyed by ``code`` (the same rows, a new key)."""
+    meta = sa.MetaData()
+    note2 = sa.Table(
+        "note2",
+        meta,
+        sa.Column("code", sa.String(36), primary_key=True),
+        sa.Column("id", sa.String(36), unique=True),
+        sa.Column("owner", sa.String(20)),
+        sa.Column("title", sa.String(80)),
+    )
+    meta.create_all(app.server.store.engine)
+    with app.server.store.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO note2 (code, id, owner, title)"
+                " SELECT 'c-' || id, id, owner, title FROM note"
+            )
+        )
+    return Stream(
+        "notes",
+        note2,
+        {c: note2.c[c] for c in ("code", "id", "owner", "title")},
+        where=note2.c.owner == sa.bindparam("owner"),
+        local_table="LocalNote",
+    )
+
+
+RENAMED = {"id": "id", "owner": "owner", "headline": "title", "body": "body", "n": "n"}
+
+
+def test_a_renamed_column_pulled_first_keeps_the_unpushed_values(notes_app):
+    app = notes_app()
+    app.add("s1", title="server title", n=1)
+    device = app.client()
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "k1", "owner": "u1", "title": "my new note", "n": 42})
+    device.update("LocalNote", "s1", {"title": "my edit", "n": 2})
+    server = _serve(app, _notes(app, RENAMED))
+    try:
+        device.sync("Pull")  # the new catalog comes with a pull: the column goes first
+        result = device.sync("Sync")
+
+        assert result.applied == 0  # the insert is not reported applied without its title
+        got = {(r.key, r.op): r for r in device.outbox.rejected()}
+        assert got[("k1", "insert")].attempted["title"] == "my new note"
+        assert got[("k1", "insert")].attempted["n"] == 42
+        assert got[("s1", "update")].attempted == {"title": "my edit", "n": 2}
+        assert {r.code for r in got.values()} == {"unknown-column"}
+        assert app.row("k1") is None
+
+        # Retried, the value goes under the column's new name; the old one is left out.
+        edit = got[("s1", "update")]
+        with pytest.raises(LocalStoreError, match=r"no column 'title'.*without=\['title'\]"):
+            device.outbox.retry(edit.id)
+        device.outbox.retry(edit.id, {"headline": "my edit"}, without=["title"])
+        device.sync("Sync")
+        assert (app.row("s1") or {})["title"] == "my edit"
+        assert (app.row("s1") or {})["n"] == 2
+    finally:
+        server.store.engine.dispose()
+
+
+def test_a_key_change_pulled_first_surfaces_every_unpushed_change_with_its_values(notes_app):
+    app = notes_app()
+    for key in ("s1", "s2"):
+        app.add(key, title=f"server {key}")
+    device = app.client()
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "k-new", "owner": "u1", "title": "only on the device"})
+    device.update("LocalNote", "s2", {"title": "my edit of s2"})
+    device.delete("LocalNote", "s1")
+    server = _serve(app, _keyed_by_code(app))
+    try:
+        device.sync("Pull")
+        result = device.sync("Sync")
+
+        assert result.applied == 0
+        got = {(r.key, r.op): r for r in device.outbox.rejected()}
+        assert set(got) == {("k-new", "insert"), ("s2", "update"), ("s1", "delete")}
+        assert got[("k-new", "insert")].attempted["title"] == "only on the device"
+        assert got[("s2", "update")].attempted == {"title": "my edit of s2"}
+        assert {r.code for r in got.values()} == {"schema-changed"}
+        assert "from 'id' to 'code'" in got[("s1", "delete")].reason
+        assert device.outbox.pending() == []
+        # The delete names the row by its old key: retried as it is, it would delete nothing.
+        with pytest.raises(LocalStoreError, match="no row has that key"):
+            device.outbox.retry(got[("s1", "delete")].id)
+    finally:
+        server.store.engine.dispose()
+
+
+def test_a_delete_sent_just_before_a_key_change_is_not_reported_applied(notes_app):
+    app = notes_app()
+    for key in ("s1", "s2"):
+        app.add(key, title=f"server {key}")
+    device = app.client()
+    device.sync("Sync")
+    device.delete("LocalNote", "s1")
+    device.update("LocalNote", "s2", {"title": "my edit of s2"})
+    server = _serve(app, _keyed_by_code(app))
+    try:
+        # Numbered and sent under the old catalog: refused (schema-changed), the
+        # catalog comes, and they go again, in flight, named by the old key.
+        result = device.sync("Sync")
+
+        assert result.applied == 0
+        got = {(r.key, r.op): r for r in device.outbox.rejected()}
+        assert set(got) == {("s1", "delete"), ("s2", "update")}
+        assert {r.code for r in got.values()} == {"schema-changed"}
+        assert got[("s2", "update")].attempted == {"title": "my edit of s2"}
+        assert device.outbox.pending() == []
+    finally:
+        server.store.engine.dispose()
+
+
+def test_an_edit_of_a_table_no_longer_pushed_is_surfaced_with_its_values(notes_app):
+    app = notes_app()
+    app.add("s1", title="server title", body="b0")
+    device = app.client()
+    device.sync("Sync")
+    device.update("LocalNote", "s1", {"title": "my local edit"})
+    server = _serve(app, _notes(app, {c: c for c in NOTE_COLUMNS}), pushes=False)
+    try:
+        device.sync("Pull")
+
+        [kept] = device.outbox.rejected()
+        assert (kept.key, kept.op, kept.code) == ("s1", "update", "schema-changed")
+        assert kept.attempted == {"title": "my local edit"}
+        with pytest.raises(LocalStoreError, match="no longer synced"):
+            device.outbox.retry(kept.id)
+        app.backoffice("UPDATE note SET body = 'b1' WHERE id = 's1'")
+        device.sync("Pull")
+        assert [r.attempted for r in device.outbox.rejected()] == [{"title": "my local edit"}]
+    finally:
+        server.store.engine.dispose()
 
 
 # -- resets beside the old copy --------------------------------------------------------------

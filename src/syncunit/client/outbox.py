@@ -42,6 +42,9 @@ __all__ = ["Outbox", "PendingChange", "RejectedChange"]
 
 log = logging.getLogger("syncunit.outbox")
 
+#: A column name no catalog has: an in-flight change whose table's key changed carries it
+#: in ``changed``, so a server that has not applied it yet refuses it (``hold_in_flight``).
+UNSENDABLE = "syncunit:key-changed"
 _KEYS_PER_QUERY = 500  # keys bound in one IN (...) (SQLite allows 32,766 parameters)
 _mut_enc = msgspec.msgpack.Encoder()
 _mut_dec = msgspec.msgpack.Decoder(Mutation)
@@ -232,6 +235,116 @@ class Outbox:
             conn.execute("UPDATE syncunit_state SET next_seq = ? WHERE id = 1", (next_seq,))
         return fresh
 
+    def freeze(
+        self, streams: Sequence[StreamInfo], dropped: Mapping[str, set[str]]
+    ) -> list[Mutation]:
+        """Number and freeze the unsent changes up to the last one of the tables of
+        ``dropped`` (table -> the columns the next catalog drops); return them.
+
+        Before a catalog change drops those columns, their unsent changes
+        take their values from the rows while the columns still exist (an entry
+        keeps only column names until it is numbered). The changes of other
+        tables written before them are numbered too, so the order of the changes
+        is kept. An insert leaves out a dropped column it holds no value in: that
+        column would only get it refused.
+        """
+        conn = self.store.conn
+        names = [s.local_table for s in streams]
+        marks = ",".join("?" * len(dropped))
+        last = conn.execute(
+            f"SELECT max(id) FROM syncunit_outbox WHERE seq IS NULL AND table_name IN ({marks})",
+            list(dropped),
+        ).fetchone()[0]
+        if last is None or not names:
+            return []
+        marks = ",".join("?" * len(names))
+        limit = int(
+            conn.execute(
+                "SELECT count(*) FROM syncunit_outbox WHERE seq IS NULL AND id <= ?"
+                f" AND table_name IN ({marks})",
+                [last, *names],
+            ).fetchone()[0]
+        )
+        fresh = self.number(streams, limit)
+        for i, m in enumerate(fresh):
+            gone = dropped.get(m.table, set())
+            if m.op == "insert" and any(c in gone and v is None for c, v in m.values.items()):
+                values = {c: v for c, v in m.values.items() if not (c in gone and v is None)}
+                fresh[i] = msgspec.structs.replace(m, values=values)
+                conn.execute(
+                    "UPDATE syncunit_outbox SET payload = ? WHERE seq = ?",
+                    (_mut_enc.encode(fresh[i]), m.seq),
+                )
+        return fresh
+
+    def unsent(self, s: StreamInfo) -> list[tuple[int, str, Any, str, dict[str, Any]]]:
+        """``s``'s unsent changes with the values they would send now: (outbox id,
+        mutation id, key, op, values), oldest first (the table has ``s``'s columns)."""
+        rows = self.store.conn.execute(
+            "SELECT id, mutation_id, table_name, row_key, op, changed, base"
+            " FROM syncunit_outbox WHERE seq IS NULL AND table_name = ? ORDER BY id",
+            (s.local_table,),
+        ).fetchall()
+        if not rows:
+            return []
+        names: dict[str, list[str]] = {}
+        current = self._current_rows(rows, {s.local_table: s}, names)[s.local_table]
+        writable = {c.name for c in s.columns if c.writable}
+        out: list[tuple[int, str, Any, str, dict[str, Any]]] = []
+        for oid, mid, _, key, op, changed, base in rows:
+            row = current.get(key)
+            if row is None and op != "delete":  # the row is gone: nothing to carry
+                values: dict[str, Any] = {}
+            else:
+                m = self._mutation(
+                    s, names[s.local_table], writable, row, 0, mid, key, op, changed, base
+                )
+                values = dict(m.values)
+            out.append((oid, mid, key, op, values))
+        return out
+
+    def surface_unsent(self, s: StreamInfo, reason: str) -> int:
+        """Move ``s``'s unsent changes to the rejections, with the values the user wrote.
+
+        For a change that can no longer be sent (its table is no longer pushed, its
+        key changed): the app sees it with ``reason`` (``{key}`` is filled in) and
+        what it wrote. Runs in the caller's transaction, before the table changes.
+        """
+        conn = self.store.conn
+        found = self.unsent(s)
+        for oid, mid, key, op, values in found:
+            conn.execute(
+                "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op,"
+                " status, code, reason, attempted, server_row, created_at)"
+                " VALUES (?, NULL, ?, ?, ?, 'rejected', 'schema-changed', ?, ?, NULL,"
+                f" {_NOW})",
+                (mid, s.local_table, key, op, reason.replace("{key}", repr(key)), _dumps(values)),
+            )
+            conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
+        return len(found)
+
+    def hold_in_flight(self, table: str) -> int:
+        """Make ``table``'s in-flight changes unappliable: its key changed, and they name
+        rows by the old one.
+
+        They keep their numbers (the server refuses a gap): one the server applied
+        before the change is answered from its log, as applied; one it has not is
+        refused (``UNSENDABLE`` is no column of any table), and ``complete`` records
+        it as a rejection with the values it carried.
+        """
+        conn = self.store.conn
+        rows = conn.execute(
+            "SELECT id, payload FROM syncunit_outbox WHERE table_name = ? AND seq IS NOT NULL",
+            (table,),
+        ).fetchall()
+        for oid, payload in rows:
+            m = _mut_dec.decode(payload)
+            held = msgspec.structs.replace(m, op="update", changed=[UNSENDABLE])
+            conn.execute(
+                "UPDATE syncunit_outbox SET payload = ? WHERE id = ?", (_mut_enc.encode(held), oid)
+            )
+        return len(rows)
+
     def _current_rows(
         self,
         rows: Sequence[tuple[Any, ...]],
@@ -364,6 +477,17 @@ class Outbox:
         conn = self.store.conn
         _, table, key, op, payload = row
         m = _mut_dec.decode(payload)
+        if UNSENDABLE in m.changed:  # its table's key changed before it was applied
+            r = msgspec.structs.replace(
+                r,
+                status="rejected",
+                code="schema-changed",
+                reason=f"the key of {table!r} changed on the server before this change was"
+                f" applied; it was not applied (key {key!r} names the row by its old key):"
+                " make it again on the row under its new key, then discard this one",
+                server_row=None,
+            )
+            stream = None  # the key names no row of the table now: nothing to restore
         cur = conn.execute(
             "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op, status,"
             " code, reason, attempted, server_row, created_at)"
@@ -404,26 +528,64 @@ class Outbox:
 
     accept_server = discard
 
-    def retry(self, rejected_id: int, changes: dict[str, Any] | None = None) -> None:
-        """Write the change again (optionally altered); it goes out with the next push."""
+    def retry(
+        self,
+        rejected_id: int,
+        changes: dict[str, Any] | None = None,
+        *,
+        without: Sequence[str] = (),
+    ) -> None:
+        """Write the change again (optionally altered); it goes out with the next push.
+
+        ``without`` names columns of the attempted values to leave out: those the
+        table no longer has after a change of the server's schema (a renamed
+        column's value goes in ``changes`` under its new name).
+        """
         conn = self.store.conn
         with self.store.atomic():
             row = conn.execute(
-                "SELECT table_name, row_key, op, attempted FROM syncunit_rejected WHERE id = ?",
+                "SELECT table_name, row_key, op, attempted, code FROM syncunit_rejected"
+                " WHERE id = ?",
                 (rejected_id,),
             ).fetchone()
             if row is None:
                 raise LocalStoreError(f"no rejected change with id {rejected_id}")
-            table, key, op, attempted = row
+            table, key, op, attempted, code = row
             catalog = self.store.catalog()
             stream = None if catalog is None else next(
                 (s for s in catalog.streams if s.local_table == table), None
             )  # fmt: skip
-            if stream is None:
-                raise LocalStoreError(f"table {table!r} is no longer synced")
+            if stream is None or table not in self.store.pushed:
+                raise LocalStoreError(
+                    f"table {table!r} is no longer synced to the server: the change cannot"
+                    f" be sent; read its values from the rejection, then discard({rejected_id})"
+                )
             values = {**_loads(attempted), **(changes or {})}
+            for name in without:
+                values.pop(name, None)
             values.pop(stream.key, None)
+            known = {c.name for c in stream.columns}
+            missing = {c: v for c, v in values.items() if c not in known}
+            if missing and not self._local_only(table, missing):
+                listed = ", ".join(map(repr, missing))
+                raise LocalStoreError(
+                    f"cannot retry the change to {table} {key!r}: the table has no column"
+                    f" {listed} any more (the server's schema changed; the change wrote"
+                    f" {missing!r}). Put each value under a current column and leave the old"
+                    f" name out: retry({rejected_id}, {{'new_column': value}},"
+                    f" without={list(missing)!r}), or discard({rejected_id})"
+                )
             t, k = _q(table), _q(stream.key)
+            if (
+                op == "delete"
+                and code == "schema-changed"
+                and conn.execute(f"SELECT 1 FROM {t} WHERE {k} = ?", (key,)).fetchone() is None
+            ):
+                raise LocalStoreError(
+                    f"cannot retry the delete of {table} {key!r}: no row has that key"
+                    f" ({stream.key!r}) now; delete the row under its current key, then"
+                    f" discard({rejected_id})"
+                )
             try:
                 if op == "delete":
                     conn.execute(f"DELETE FROM {t} WHERE {k} = ?", (key,))
@@ -443,6 +605,11 @@ class Outbox:
             except self.store.errors as exc:
                 raise LocalStoreError(f"cannot retry the change to {table}: {exc}") from exc
             conn.execute("DELETE FROM syncunit_rejected WHERE id = ?", (rejected_id,))
+
+    def _local_only(self, table: str, names: Mapping[str, Any]) -> bool:
+        """Whether the local table has all of ``names`` (columns the app added itself)."""
+        have = {r[1] for r in self.store.conn.execute(f"PRAGMA table_info({_q(table)})")}
+        return all(n in have for n in names)
 
     # -- sessions: what a principal leaves behind at logout ----------------------------------
 

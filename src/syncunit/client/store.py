@@ -38,6 +38,7 @@ from typing import Any, cast
 from syncunit.client import holds
 from syncunit.client.applying import ChunkApply
 from syncunit.client.migrations import migrate
+from syncunit.client.outbox import Outbox
 from syncunit.client.schema import (
     INDEXES_SUSPENDED,
     column_defs,
@@ -327,7 +328,10 @@ class LocalStore(ChunkApply):
         """
         changes: list[str] = []
         with self.atomic():
+            before = self.catalog()
             pushed = self.pushed = {t for u in catalog.units for t in u.push}
+            if before is not None:
+                changes += self._carry_pending(before, catalog, pushed)
             self._learn_holds(catalog)
             for stream in catalog.streams:
                 changes += self._migrate(stream)
@@ -338,6 +342,54 @@ class LocalStore(ChunkApply):
             self.set_fact("catalog", encode_catalog(catalog).decode())
         self._upserts.clear()
         self._fixes.clear()
+        return changes
+
+    def _carry_pending(self, old: Catalog, new: Catalog, pushed: set[str]) -> list[str]:
+        """Before the local tables change: keep what the unsent changes wrote.
+
+        An unsent entry holds only column names and reads the values from its row
+        when it is numbered. A change that can no longer be sent (its table is no
+        longer pushed, or its key changed) becomes a rejection now, with its values;
+        one whose columns the new catalog drops is numbered now, its values frozen
+        (the server then judges it, as if it had been pushed before the change).
+        In-flight changes of a table whose key changed are held (``hold_in_flight``).
+        """
+        outbox = Outbox(self)
+        by_table = {s.local_table: s for s in new.streams}
+        was_pushed = {t for u in old.units for t in u.push}
+        streams = [s for s in old.streams if s.local_table in was_pushed]
+        changes: list[str] = []
+        surfaced = 0
+        dropped: dict[str, set[str]] = {}
+        for s in streams:
+            t = s.local_table
+            n = by_table.get(t)
+            if n is None or t not in pushed:
+                surfaced += outbox.surface_unsent(
+                    s,
+                    f"table {t!r} is no longer synced to the server (it accepts no changes"
+                    " to it); this change was not sent",
+                )
+            elif n.key != s.key:
+                surfaced += outbox.surface_unsent(
+                    s,
+                    f"the key of {t!r} changed on the server from {s.key!r} to {n.key!r};"
+                    f" this change of the row with {s.key} {{key}} was not sent: make it"
+                    " again on the row under its new key, then discard this one",
+                )
+                held = outbox.hold_in_flight(t)
+                if held:
+                    changes.append(f"held {held} changes of {t} sent before its key changed")
+            else:
+                gone = {c.name for c in s.columns} - {c.name for c in n.columns}
+                if gone:
+                    dropped[t] = gone
+        if surfaced:
+            changes.append(f"surfaced {surfaced} unsendable changes")
+        if dropped:
+            frozen = outbox.freeze(streams, dropped)
+            if frozen:
+                changes.append(f"froze {len(frozen)} changes before columns were dropped")
         return changes
 
     def _migrate(self, s: StreamInfo) -> list[str]:
