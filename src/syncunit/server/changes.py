@@ -533,13 +533,19 @@ class StreamReader:
 
     def _full_stream(self, conn: Connection, epoch: str, cur: Cursor | None) -> Iterator[Any]:
         """Compare a hash of the rows with the client's; send them all, in chunks, if
-        they differ. The client applies a full stream's chunks in one transaction."""
+        they differ. The client applies a full stream's chunks in one transaction.
+
+        A copy that a response ended early (or a cut) left part-way is resumed
+        after the rows sent, if the rows still hash the same; else it starts
+        again, whole (``reset``). Rows come in key order, so their order, and the
+        hash, do not depend on the plan.
+        """
         s = self.stream
-        assert s.query is not None
+        query = self._full_query()
         digest = hashlib.sha256()
         rows_seen = 0
         key = list(s.columns).index(s.key)
-        for rows in self._partitions(conn, s.query):
+        for rows in self._partitions(conn, query):
             rows_seen += len(rows)
             if rows_seen > MAX_FULL_STREAM_ROWS:
                 raise ValueError(
@@ -562,14 +568,41 @@ class StreamReader:
             yield StreamStart(stream=s.name, total=0, reset=False)
             yield self._chunk([], [], cur, complete=True)
             return
+        skip = 0  # rows the client has of this very content (a copy under way)
+        if cur is not None and cur.phase == "copy" and cur.content == content and cur.after:
+            skip = cur.after[0] if 0 < cur.after[0] < rows_seen else 0
+        reset = skip == 0
         new = self._cursor(epoch, "content", content=content)
-        yield StreamStart(stream=s.name, total=rows_seen, reset=True)
+        yield StreamStart(stream=s.name, total=rows_seen - skip, reset=reset)
         sent = 0
-        for rows in self._partitions(conn, s.query):
-            sent += len(rows)
-            yield self._chunk(rows, [], new, reset=sent == len(rows), complete=sent == rows_seen)
-        if sent == 0:
+        for rows in self._partitions(conn, query):
+            before, sent = sent, sent + len(rows)
+            if sent <= skip:
+                continue
+            part = rows[skip - before :] if before < skip else rows
+            # Until the last row, the cursor says how far the copy got: a response
+            # ended early continues from there, and the copy is never taken as whole.
+            at = (
+                new
+                if sent == rows_seen
+                else self._cursor(epoch, "copy", content=content, after=[sent])
+            )
+            first = reset and before == 0
+            yield self._chunk(part, [], at, reset=first, complete=sent == rows_seen)
+        if rows_seen == 0:
             yield self._chunk([], [], new, reset=True, complete=True)
+
+    def _full_query(self) -> sa.Select[Any]:
+        """A full stream's query, its rows in key order."""
+        s = self.stream
+        assert s.query is not None
+        cache_key = ("full", s.name, s.definition_hash)
+        query = self.store.query_cache.get(cache_key)
+        if query is None:
+            rows = s.query.subquery()
+            query = sa.select(*rows.c).order_by(rows.c[s.key])
+            self.store.query_cache[cache_key] = query
+        return query
 
     # -- frames ----------------------------------------------------------------------
 

@@ -7,8 +7,10 @@ A cursor says what the client has of one stream:
 * ``definition`` / ``params``: hashes of the stream definition and of the
   principal parameters it was filtered with (a change resets the stream);
 * ``phase``: ``full`` (first copy, keyset on the key), ``removals`` then
-  ``upserts`` (a delta pass), ``done`` (everything up to ``since``), or
-  ``content`` (a full stream, identified by a hash of its rows);
+  ``upserts`` (a delta pass), ``done`` (everything up to ``since``),
+  ``content`` (a full stream, identified by a hash of its rows), or ``copy``
+  (a full stream's copy under way: the hash of the rows being sent, and in
+  ``after`` how many the client has);
 * ``since``: every change at or below this version is on the client;
 * ``high``: the watermark when the current pass began; it becomes ``since``
   when the pass completes, even if the pass was resumed in later requests;
@@ -26,7 +28,7 @@ from typing import Any, Literal
 
 import msgspec
 
-Phase = Literal["full", "removals", "upserts", "done", "content"]
+Phase = Literal["full", "removals", "upserts", "done", "content", "copy"]
 
 
 class Cursor(msgspec.Struct, array_like=True, frozen=True):

@@ -454,7 +454,7 @@ class RxDBReplication:
                     if frame.complete:
                         complete = True
                         break
-                    # A full stream's chunks all carry its final cursor: it goes whole.
+                    # A full stream goes whole: a cursor before its last chunk is a copy's.
                     if len(out) >= batch and stream.mode != "full":
                         break
             finally:
