@@ -273,6 +273,46 @@ def test_changed_epoch_resets_every_stream(client, store, in_sync):
     assert client.sync("Login").resets == []
 
 
+def test_a_reset_split_across_responses_shows_the_previous_rows_until_it_completes(
+    make_server, serve, store, make_client, tap
+):
+    from hospital.generate import generate
+
+    from syncunit.server.limits import Limits
+    from tests.conftest import SIZE
+    from tests.support import chunks
+
+    server = make_server(limits=Limits(response_chunks=3))
+    generate(store.engine, **SIZE)
+    live = serve(server.app)
+    device = make_client(url=live.url, transport=tap)
+    device.sync("Login")
+    before = local_keys(device, "LocalAppointment")
+    gone = appointments_of(store, 1)[5]
+    with store.write() as conn:  # another database: a row is missing, without a tombstone
+        conn.execute(appointment.delete().where(appointment.c.id == gone))
+        conn.execute(tombstones.delete())
+        store._set_fact(conn, "epoch", "another-database")
+    seen: list[set[object]] = []
+
+    def at_each_early_end(frame: object) -> None:
+        if isinstance(frame, End) and not frame.complete:
+            seen.append(local_keys(device, "LocalAppointment"))
+
+    tap.responses.clear()
+    tap.on_frame = at_each_early_end
+
+    result = device.sync("Login")
+
+    assert sorted(result.resets) == ["appointments", "doctors"]
+    assert len(seen) > 2  # the re-download took several responses
+    assert all(keys == before for keys in seen)  # the old copy, whole, until the swap
+    # Each response after the first went on from the last chunk: one reset, at the start.
+    assert [c.reset for r in tap.responses for c in chunks(r, "appointments")].count(True) == 1
+    assert gone not in local_keys(device, "LocalAppointment")
+    assert_in_sync(server, device, "token-h1", "Login")
+
+
 def test_cursor_from_the_future_resets(make_server, live, client, store, db_backup, in_sync):
     client.sync("Login")
     saved = db_backup.save()
