@@ -7,6 +7,7 @@ explicitly (the server builds them in the background on a large first copy).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from hospital.models import appointment, doctor
+from hospital.units import appointment_columns, appointment_joins, doctors, my_hospital
 from hospital.units import schema as hospital_schema
 
+from syncunit import Stream, SyncSchema, SyncUnit
 from syncunit.client import bootstrap
+from syncunit.errors import AuthError
 from syncunit.protocol import SnapshotOffer
+from syncunit.server import Principal, SyncServer, TokenAuth
 from tests.support import appointments_of, assert_in_sync, principal_params
 
 H1 = "token-h1"
@@ -201,3 +206,66 @@ def test_a_snapshot_build_reads_the_file_mapped_on_sqlite(backend, snap_server, 
     monkeypatch.setattr(changes.StreamReader, "_partitions", spy)
     assert all(snap.rows for snap in _build(snap_server))
     assert sizes == [MMAP_BYTES] * len(sizes) != []
+
+
+
+# -- who may download a file ------------------------------------------------------------
+
+REFUSED: set[str] = set()  # principals the guarded stream's hook refuses now
+guarded = Stream(
+    "appointments",
+    appointment,
+    appointment_columns,
+    joins=appointment_joins,
+    where=doctor.c.hospital_id == my_hospital,
+    local_table="LocalAppointment",
+    authorize=lambda principal, params: principal.id not in REFUSED,
+)
+guarded_schema = SyncSchema([SyncUnit("Login", [doctors, guarded])])
+
+
+@pytest.fixture
+def refused() -> Iterator[set[str]]:
+    REFUSED.clear()
+    yield REFUSED
+    REFUSED.clear()
+
+
+def test_a_download_is_authorized_like_a_sync_of_its_stream(
+    make_server, live, make_client, refused, tmp_path
+):
+    server = make_server(guarded_schema, snapshot_dir=tmp_path / "snapshots", snapshot_min_rows=1)
+    live.app = server.app
+    snap = server.snapshots.build(guarded, principal_params(server.store, H1))
+    url = f"{live.url}/v1/snapshots/appointments/{snap.name}"
+    auth = {"Authorization": f"Bearer {H1}"}
+    assert httpx.get(url, headers=auth).content == snap.path.read_bytes()
+
+    refused.add("staff:1")  # its access revoked after the offer, or never given
+    with pytest.raises(AuthError) as sync_refusal:
+        make_client().sync("Login")
+
+    for method in ("GET", "HEAD"):
+        r = httpx.request(method, url, headers=auth)
+        assert r.status_code == sync_refusal.value.status == 403
+    r = httpx.get(url, headers={**auth, "Range": "bytes=10-"})  # nor resumed
+    assert (r.status_code, r.json()["code"]) == (403, sync_refusal.value.code) == (403, "forbidden")
+    assert "may not read stream 'appointments'" in r.json()["detail"]
+
+
+def test_a_download_needs_a_unit_the_principal_may_run(server, live, tmp_path):
+    desk = Principal("desk", {"hospital_id": 1}, units=frozenset({"Splash"}))
+    server = SyncServer(
+        hospital_schema,
+        server.store,
+        authenticate=TokenAuth({"t": desk}),
+        snapshot_dir=tmp_path / "snapshots",
+    )
+    live.app = server.app
+    snap = server.snapshots.build(hospital_schema.streams["appointments"], {"hospital_id": 1})
+
+    r = httpx.get(
+        f"{live.url}/v1/snapshots/appointments/{snap.name}", headers={"Authorization": "Bearer t"}
+    )
+
+    assert (r.status_code, r.json()["code"]) == (403, "unit-forbidden")

@@ -53,7 +53,7 @@ from syncunit.protocol import (
 )
 from syncunit.server.admission import RateLimiter, Slot, SyncSlots, default_sync_slots
 from syncunit.server.answer import SyncAnswer, sign_frames
-from syncunit.server.auth import Authenticator, Principal, authorize_unit
+from syncunit.server.auth import Authenticator, Principal, authorize_stream, authorize_unit
 from syncunit.server.backends import open_store
 from syncunit.server.cursor import verify_cursor
 from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
@@ -226,19 +226,24 @@ class SyncServer(SyncAnswer):
         )
 
     async def get_snapshot(self, request: Request) -> Response:
-        """A snapshot file offered to this principal (``Range`` requests resume it)."""
+        """A snapshot file offered to this principal (``Range`` requests resume it).
+
+        Authorized as a sync of its stream: a unit that pulls it and that the
+        principal may run, the stream's principal parameters, its ``authorize``
+        hook (with no client parameters: a stream offered as a file reads none);
+        then the file must hold that stream for the principal's parameters.
+        """
         principal = await self._principal(request)
         stream = self.schema.streams.get(request.path_params["stream"])
         snap = None
         if stream is not None and self.snapshots is not None:
-            missing = [p for p in stream.parameters if p not in principal.params]
-            allowed = any(
-                u.pulls
-                and stream in u.streams
-                and (principal.units is None or u.name in principal.units)
-                for u in self.schema.units.values()
-            )
-            if allowed and not missing:
+            pulling = [u for u in self.schema.units.values() if u.pulls and stream in u.streams]
+            if pulling:
+                if principal.units is not None and not any(
+                    u.name in principal.units for u in pulling
+                ):
+                    authorize_unit(principal, pulling[0])  # the problem a sync of it gets
+                authorize_stream(principal, stream, {})
                 snap = self.snapshots.find(request.path_params["name"], stream, principal.params)
         if snap is None or not snap.path.exists():
             raise ProblemException(
@@ -470,19 +475,7 @@ class SyncServer(SyncAnswer):
             if reason is not None:
                 raise ProblemException("invalid-parameter", f"unit {unit.name!r}: {reason}")
         for stream in unit.streams if unit.pulls else ():
-            missing = [p for p in stream.principal_parameters if p not in principal.params]
-            if missing:
-                raise ProblemException(
-                    "missing-parameter",
-                    f"stream {stream.name!r} filters on {', '.join(missing)}, which"
-                    f" principal {principal.id!r} does not have",
-                )
-            if stream.authorize is not None and not stream.authorize(principal, dict(params)):
-                raise ProblemException(
-                    "forbidden",
-                    f"principal {principal.id!r} may not read stream {stream.name!r}"
-                    f" with {dict(params)!r}",
-                )
+            authorize_stream(principal, stream, params)
 
     def _sync_ended(
         self, ctx: RequestContext, unit: SyncUnit, req: SyncRequest, tally: SyncTally,

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from syncunit.server.problems import ProblemException
 
 if TYPE_CHECKING:
-    from syncunit.units import SyncUnit
+    from syncunit.units import Stream, SyncUnit
 
 __all__ = ["Authenticator", "JWTAuth", "Principal", "TokenAuth", "first_of"]
 
@@ -61,6 +61,24 @@ def authorize_unit(principal: Principal, unit: SyncUnit) -> None:
     if principal.units is not None and unit.name not in principal.units:
         raise ProblemException(
             "unit-forbidden", f"principal {principal.id!r} may not run unit {unit.name!r}"
+        )
+
+
+def authorize_stream(principal: Principal, stream: Stream, params: Mapping[str, Any]) -> None:
+    """Raise a 403 problem unless ``principal`` has the parameters ``stream`` filters on
+    and the stream's ``authorize`` hook lets it read the stream with ``params`` (the
+    client parameters of the request)."""
+    missing = [p for p in stream.principal_parameters if p not in principal.params]
+    if missing:
+        raise ProblemException(
+            "missing-parameter",
+            f"stream {stream.name!r} filters on {', '.join(missing)}, which"
+            f" principal {principal.id!r} does not have",
+        )
+    if stream.authorize is not None and not stream.authorize(principal, dict(params)):
+        raise ProblemException(
+            "forbidden",
+            f"principal {principal.id!r} may not read stream {stream.name!r} with {dict(params)!r}",
         )
 
 
