@@ -10,7 +10,7 @@ pages instead: ``test_snapshot_pages``.)
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,9 +296,10 @@ def test_a_table_with_a_trigger_of_the_app_gets_the_rows_through_it(
 
 def test_a_file_that_holds_other_rows_than_offered_is_not_used(snap_server, make_client):
     built = _build(snap_server)
-    snaps = snap_server.snapshots
     for snap in built:  # a server bug: the offer says one row more than the file has
-        snaps._ready[(snap.definition, snap.params)] = dataclasses.replace(snap, rows=snap.rows + 1)
+        meta = snap.path.with_name(f"{snap.name}.json")
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "rows": snap.rows + 1}))
+    snap_server.snapshots._known.clear()
     device = make_client()
 
     result = device.sync("Login")

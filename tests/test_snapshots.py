@@ -6,6 +6,7 @@ explicitly (the server builds them in the background on a large first copy).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,8 @@ from syncunit import Stream, SyncSchema, SyncUnit
 from syncunit.client import bootstrap
 from syncunit.errors import AuthError
 from syncunit.protocol import SnapshotOffer
-from syncunit.server import Principal, SyncServer, TokenAuth
+from syncunit.server import Principal, SyncServer, TokenAuth, snapshots
+from syncunit.server.snapshots import Snapshots
 from tests.support import appointments_of, assert_in_sync, principal_params
 
 H1 = "token-h1"
@@ -151,7 +153,7 @@ def test_a_large_first_copy_builds_a_snapshot_in_the_background(snap_server, mak
     first.sync("Login")  # no file yet: row by row, and one is built meanwhile
     snaps = snap_server.snapshots
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(snaps._ready) < 2:
+    while time.monotonic() < deadline and len(snaps.ready()) < 2:
         time.sleep(0.05)
     second = make_client(name="second")
 
@@ -206,7 +208,6 @@ def test_a_snapshot_build_reads_the_file_mapped_on_sqlite(backend, snap_server, 
     monkeypatch.setattr(changes.StreamReader, "_partitions", spy)
     assert all(snap.rows for snap in _build(snap_server))
     assert sizes == [MMAP_BYTES] * len(sizes) != []
-
 
 
 # -- who may download a file ------------------------------------------------------------
@@ -269,3 +270,54 @@ def test_a_download_needs_a_unit_the_principal_may_run(server, live, tmp_path):
     )
 
     assert (r.status_code, r.json()["code"]) == (403, "unit-forbidden")
+
+
+# -- the folder: restarts, killed builds, several server processes ------------------------
+
+
+def test_a_restarted_process_takes_the_folder_into_account(server, tmp_path):
+    folder = tmp_path / "snapshots"
+    streams = hospital_schema.units["Login"].streams
+    first = Snapshots(server.store, folder, min_rows=1, keep=2)
+    built = [first.build(s, {"hospital_id": h}) for h in (1, 2) for s in streams]
+    killed = folder / "appointments-0-0-killed.building"  # its process died mid-build
+    killed.write_bytes(b"pages")
+    fd, building = snapshots._scratch(folder, "doctors-")  # a live build, elsewhere
+    stray = folder / "doctors-0-0-1-ab.sqlite.zst"  # no side file: cannot be offered
+    stray.write_bytes(b"?")
+
+    try:
+        after = Snapshots(server.store, folder, min_rows=1, keep=2)  # the next process
+        assert building.exists()
+    finally:
+        os.close(fd)
+
+    assert sorted(x.name for x in after.ready()) == sorted(x.name for x in built[2:])
+    assert not killed.exists()
+    assert not stray.exists()
+    assert sorted(p.name for p in folder.iterdir() if p.name != ".lock") == sorted(
+        [building.name, *(f"{x.name}{ext}" for x in built[2:] for ext in (".json", ".sqlite.zst"))]
+    )
+    after.build(streams[0], {"hospital_id": 1})  # bounded over what both processes built
+    assert len(after.ready()) == 2
+    assert len(list(folder.glob("*.sqlite.zst"))) == 2
+
+
+def test_any_process_on_the_folder_offers_and_serves_a_file(
+    snap_server, make_server, make_client, live, tap, tmp_path
+):
+    built = _build(snap_server)  # by one process
+    other = make_server(snapshot_dir=tmp_path / "snapshots", snapshot_min_rows=1)
+    live.app = other.app  # every request to another process on the same folder
+    device = make_client(transport=tap)
+
+    result = device.sync("Login")
+
+    assert sorted(result.snapshots) == ["appointments", "doctors"]
+    assert [x for x in tap.log if x[0] == "GET"] == [
+        ("GET", f"/v1/snapshots/{s.stream}/{s.name}", 200)
+        for s in sorted(built, key=lambda s: s.size, reverse=True)
+    ]
+    assert sorted(x.name for x in other.snapshots.ready()) == sorted(x.name for x in built)
+    assert_in_sync(snap_server, device, H1, "Login")
+

@@ -6,30 +6,42 @@ a SQLite file holding that stream's rows for those parameters, compresses it
 with zstd, and offers it (``SnapshotOffer``) to every device whose request has
 no cursor for the stream: the 50 tablets of one hospital share one file.
 
-* **Consistent**: the rows are read in one read snapshot, and the file's
-  cursor is a finished first copy at that snapshot's watermark, exactly what
-  the row-by-row copy would end with; the device's next request takes a normal
-  delta from it.
+* **Consistent**: the rows are read in one read snapshot, and the file's cursor is a finished
+  first copy at that snapshot's watermark, exactly what the row-by-row copy
+  would end with; the device's next request takes a normal delta from it.
 * **Scope**: a file is keyed by the stream's definition hash and the hash of
   the principal's parameters, read with the stream's own query; it is offered,
-  and served, only to a principal whose parameters hash the same.
+  and served, only to a principal whose parameters hash the same and who may
+  read the stream (the checks of a sync: see ``SyncServer.get_snapshot``).
 * **Fresh**: a file is offered while its cursor is valid (same epoch, above
   the tombstone horizon) and at most ``max_lag`` versions behind; an older one
   is rebuilt in the background, and the device copies row by row meanwhile.
-* **Bounded**: at most ``keep`` files; the least recently offered goes first.
+* **Shared**: the folder is the list of files. Each file ``<name>.sqlite.zst``
+  has a side file ``<name>.json`` (stream, hashes, watermark, rows, size,
+  checksum, cursor); both are published together under the folder's lock
+  (``.lock``), so every server process on the folder offers and serves every
+  file, whichever built it. The name ends with the checksum: a file, once
+  published, never changes.
+* **Bounded**: at most ``keep`` files in the folder; the least recently offered
+  goes first (a side file's modification time is when it was last offered). A
+  process starting on the folder keeps the files it can use and removes the
+  rest: files without a valid side file, and the ``*.building`` files of builds
+  whose process died (a live build holds a lock on its file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 import threading
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +54,19 @@ from syncunit.server.cursor import decode_cursor, encode_cursor
 from syncunit.server.store import ServerStore
 from syncunit.units import Stream
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger("syncunit.server")
 
 TABLE = "rows"  # the one table of a snapshot file
+DATA = ".sqlite.zst"  # a published file
+META = ".json"  # its side file
+BUILDING = ".building"  # a build's scratch file, locked by the process writing it
+#: What a file's name may hold (it comes from the request's path).
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -64,7 +86,7 @@ class Snapshot:
 
 
 class Snapshots:
-    """Builds, keeps and offers snapshot files in ``directory``."""
+    """Builds, keeps and offers snapshot files in ``directory`` (shared by processes)."""
 
     def __init__(
         self,
@@ -81,10 +103,78 @@ class Snapshots:
         self.min_rows = min_rows
         self.max_lag = max_lag
         self.keep = keep
-        self._ready: dict[tuple[str, str], Snapshot] = {}
-        self._used: dict[str, float] = {}
+        self._known: dict[str, Snapshot] = {}  # side files read (a name's never change)
         self._building: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self.recover()
+
+    # -- the folder ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _folder(self) -> Iterator[None]:
+        """The folder's lock, across processes: publishing, evicting and cleaning take
+        it (a build does not, but for its last two renames). A lock on a file of its own
+        (``flock``) holds between threads as between processes."""
+        with (self.directory / ".lock").open("a") as f:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
+
+    def ready(self) -> list[Snapshot]:
+        """The published snapshots in the folder, whichever process built them."""
+        out = []
+        for meta in self.directory.glob(f"*{META}"):
+            snap = self._read(meta.name.removesuffix(META))
+            if snap is not None:
+                out.append(snap)
+        return out
+
+    def _read(self, name: str) -> Snapshot | None:
+        """The snapshot ``name`` as its side file describes it, or None."""
+        snap = self._known.get(name)
+        if snap is None:
+            meta = self.directory / f"{name}{META}"
+            try:
+                fields = json.loads(meta.read_bytes())
+                snap = Snapshot(path=self.directory / f"{name}{DATA}", **fields)
+            except (OSError, ValueError, TypeError):
+                return None
+            if snap.name != name:
+                return None
+            self._known[name] = snap
+        if not snap.path.exists():
+            self._known.pop(name, None)
+            return None
+        return snap
+
+    def recover(self) -> None:
+        """Take the folder's files into account: keep the published ones, remove what
+        no process can use (killed builds, files without a side file), evict to
+        ``keep``. Run when the process starts; any number of processes may share the
+        folder."""
+        with self._folder():
+            for path in self.directory.iterdir():
+                name = path.name
+                if name.endswith(BUILDING):
+                    if _abandoned(path):
+                        log.info("removing %s, left by a build that did not finish", name)
+                        path.unlink(missing_ok=True)
+                elif name.endswith(META):
+                    snap = self._read(name.removesuffix(META))
+                    if snap is None or _size(snap.path) != snap.size:
+                        log.info("removing snapshot %s: its file is missing or unreadable", name)
+                        path.unlink(missing_ok=True)
+                        self.directory.joinpath(name.removesuffix(META) + DATA).unlink(
+                            missing_ok=True
+                        )
+                elif name.endswith(DATA):
+                    if not self.directory.joinpath(name.removesuffix(DATA) + META).exists():
+                        log.info("removing %s: it has no side file", name)
+                        path.unlink(missing_ok=True)
+                elif name.endswith((".part", ".tmp")):  # a publication cut by a kill
+                    path.unlink(missing_ok=True)
+            dropped = self._evict()
+        _unlink(*dropped)
 
     # -- offering ------------------------------------------------------------------------
 
@@ -103,14 +193,16 @@ class Snapshots:
         the background (this request copies row by row).
         """
         s = reader.stream
-        key = (s.definition_hash, reader.phash)
-        with self._lock:
-            snap = self._ready.get(key)
-        if snap is not None:
+        same = [
+            x
+            for x in self.ready()
+            if (x.stream, x.definition, x.params) == (s.name, s.definition_hash, reader.phash)
+        ]
+        for snap in sorted(same, key=lambda x: x.watermark, reverse=True):
             valid = reader._valid(conn, decode_cursor(snap.cursor), watermark, epoch, horizon)
-            if valid and watermark - snap.watermark <= self.max_lag and snap.path.exists():
-                with self._lock:
-                    self._used[snap.name] = time.monotonic()
+            if valid and watermark - snap.watermark <= self.max_lag:
+                with contextlib.suppress(OSError):  # offered now: evicted last
+                    os.utime(self.directory / f"{snap.name}{META}")
                 return snap
         rows = conn.execute(reader.shape.count(), reader.params).scalar_one()
         if rows >= self.min_rows:
@@ -119,8 +211,9 @@ class Snapshots:
 
     def find(self, name: str, stream: Stream, params: Mapping[str, Any]) -> Snapshot | None:
         """The snapshot ``name`` if it holds ``stream`` for these parameters, else None."""
-        with self._lock:
-            snap = next((x for x in self._ready.values() if x.name == name), None)
+        if not _NAME.fullmatch(name):
+            return None
+        snap = self._read(name)
         if snap is None or snap.stream != stream.name:
             return None
         if snap.params != params_hash(stream, params) or snap.definition != stream.definition_hash:
@@ -136,6 +229,10 @@ class Snapshots:
             if key in self._building:
                 return
             self._building.add(key)
+        if self._built_elsewhere(stream, key[1]):
+            with self._lock:
+                self._building.discard(key)
+            return
 
         def run() -> None:
             try:
@@ -148,13 +245,24 @@ class Snapshots:
 
         threading.Thread(target=run, name="syncunit-snapshot", daemon=True).start()
 
+    def _prefix(self, stream: Stream, phash: str) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_]", "_", stream.name)[:40]  # the stream's name is any text
+        return f"{safe}-{stream.definition_hash[:8]}-{phash[:12]}-"
+
+    def _built_elsewhere(self, stream: Stream, phash: str) -> bool:
+        """Whether another process is building this stream for these parameters now."""
+        prefix = self._prefix(stream, phash)
+        return any(
+            not _abandoned(p) for p in self.directory.glob(f"{glob_escape(prefix)}*{BUILDING}")
+        )
+
     def build(self, stream: Stream, params: Mapping[str, Any]) -> Snapshot:
         """Build the snapshot of ``stream`` for ``params`` now, in one read snapshot."""
         reader = StreamReader(self.store, stream, params, chunk_size=5000)
         pk = stream.key_column
-        fd, raw_name = tempfile.mkstemp(dir=self.directory, suffix=".building")
-        os.close(fd)
-        raw = Path(raw_name)
+        prefix = self._prefix(stream, reader.phash)
+        raw_fd, raw = _scratch(self.directory, prefix)
+        packed_fd, packed = _scratch(self.directory, prefix)
         rows = 0
         try:
             out = sqlite3.connect(raw, isolation_level=None)
@@ -181,50 +289,130 @@ class Snapshots:
                 out.execute("COMMIT")
             finally:
                 out.close()
-            name = f"{stream.name}-{reader.phash[:12]}-{watermark}"
-            path = self.directory / f"{name}.sqlite.zst"
             digest = hashlib.sha256()
-            tmp = path.with_suffix(".part")
-            with raw.open("rb") as src, tmp.open("wb") as dst:
+            with raw.open("rb") as src, packed.open("wb") as dst:
                 writer = zstandard.ZstdCompressor(level=3).stream_writer(dst, closefd=False)
                 while block := src.read(1 << 20):
                     writer.write(block)
                 writer.flush(zstandard.FLUSH_FRAME)
-            with tmp.open("rb") as f:
+            with packed.open("rb") as f:
                 while block := f.read(1 << 20):
                     digest.update(block)
-            tmp.replace(path)
+            sha = digest.hexdigest()
+            name = f"{prefix}{watermark}-{sha[:16]}"
+            snap = Snapshot(
+                name=name,
+                path=self.directory / f"{name}{DATA}",
+                stream=stream.name,
+                definition=stream.definition_hash,
+                params=reader.phash,
+                watermark=watermark,
+                rows=rows,
+                size=packed.stat().st_size,
+                sha256=sha,
+                cursor=encode_cursor(done),
+            )
+            dropped = self._publish(snap, packed)
         finally:
-            raw.unlink(missing_ok=True)
-        snap = Snapshot(
-            name=name,
-            path=path,
-            stream=stream.name,
-            definition=stream.definition_hash,
-            params=reader.phash,
-            watermark=watermark,
-            rows=rows,
-            size=path.stat().st_size,
-            sha256=digest.hexdigest(),
-            cursor=encode_cursor(done),
-        )
-        with self._lock:
-            old = self._ready.get((snap.definition, snap.params))
-            self._ready[(snap.definition, snap.params)] = snap
-            self._used[snap.name] = time.monotonic()
-            dropped = self._evict()
-        if old is not None and old.name != snap.name:
-            dropped.append(old)
-        for gone in dropped:
-            gone.path.unlink(missing_ok=True)
+            os.close(raw_fd)
+            os.close(packed_fd)
+            _unlink(raw, packed)
+        _unlink(*dropped)
         return snap
 
-    def _evict(self) -> list[Snapshot]:
-        """Drop the least recently offered snapshots beyond ``keep`` (under the lock)."""
-        dropped: list[Snapshot] = []
-        while len(self._ready) > self.keep:
-            key = min(self._ready, key=lambda k: self._used.get(self._ready[k].name, 0.0))
-            snap = self._ready.pop(key)
-            self._used.pop(snap.name, None)
-            dropped.append(snap)
-        return dropped
+    def _publish(self, snap: Snapshot, packed: Path) -> list[Path]:
+        """Put the file and its side file in place, under the folder's lock; return
+        the files it replaces (older ones of its stream and parameters) or evicts."""
+        fields = {k: v for k, v in asdict(snap).items() if k != "path"}
+        meta = self.directory / f"{snap.name}{META}"
+        tmp = meta.with_suffix(".tmp")
+        with self._folder():
+            packed.replace(snap.path)
+            tmp.write_text(json.dumps(fields))
+            tmp.replace(meta)
+            self._known[snap.name] = snap
+            same = (snap.stream, snap.definition, snap.params)
+            older = [
+                x
+                for x in self.ready()
+                if (x.stream, x.definition, x.params) == same
+                and x.name != snap.name
+                and x.watermark <= snap.watermark
+            ]
+            for old in older:
+                self._forget(old)
+            dropped = self._evict()
+        return [p for old in older for p in self._files(old)] + dropped
+
+    def _files(self, snap: Snapshot) -> list[Path]:
+        return [self.directory / f"{snap.name}{META}", snap.path]
+
+    def _forget(self, snap: Snapshot) -> None:
+        """No longer offer ``snap`` (under the folder's lock): its side file goes now."""
+        (self.directory / f"{snap.name}{META}").unlink(missing_ok=True)
+        self._known.pop(snap.name, None)
+
+    def _evict(self) -> list[Path]:
+        """Drop the least recently offered snapshots beyond ``keep`` (under the folder's
+        lock); return the data files to remove."""
+        ready = sorted(self.ready(), key=lambda x: _mtime(self.directory / f"{x.name}{META}"))
+        dropped = ready[: max(0, len(ready) - self.keep)]
+        for snap in dropped:
+            self._forget(snap)
+        return [snap.path for snap in dropped]
+
+
+def glob_escape(text: str) -> str:
+    """``text`` matched literally by ``Path.glob``."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _scratch(folder: Path, prefix: str) -> tuple[int, Path]:
+    """A new ``*.building`` file in ``folder``, and a descriptor holding its lock for as
+    long as this process writes it (see ``_abandoned``)."""
+    while True:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=BUILDING)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.stat(name)):
+                return fd, Path(name)
+        except OSError:
+            pass  # removed between its making and its lock: make another
+        os.close(fd)
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether no live process holds the lock of the ``*.building`` file ``path``."""
+    if fcntl is None:  # pragma: no cover - no locks: never taken for abandoned
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # gone already
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # a build is writing it
+    finally:
+        os.close(fd)
+    return True
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _unlink(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
