@@ -24,6 +24,7 @@ from syncunit.client import bootstrap
 from syncunit.errors import AuthError
 from syncunit.protocol import SnapshotOffer
 from syncunit.server import Principal, SyncServer, TokenAuth, snapshots
+from syncunit.server.cursor import decode_cursor
 from syncunit.server.snapshots import Snapshots
 from tests.support import appointments_of, assert_in_sync, principal_params
 
@@ -321,3 +322,42 @@ def test_any_process_on_the_folder_offers_and_serves_a_file(
     assert sorted(x.name for x in other.snapshots.ready()) == sorted(x.name for x in built)
     assert_in_sync(snap_server, device, H1, "Login")
 
+
+def test_a_build_reads_within_the_tenant_scope(store, server, monkeypatch, tmp_path):
+    """A store sharded by tenant (Citus) reads only within a tenant's scope."""
+    opened = store.snapshot
+    scopes: list[Any] = []
+
+    def scoped(**kw: Any) -> Any:
+        scopes.append(kw.get("scope"))
+        if kw.get("scope") is None:
+            raise ValueError("on Citus every pull is scoped to a tenant")
+        return opened(**kw)
+
+    monkeypatch.setattr(store, "snapshot", scoped)
+    snaps = Snapshots(store, tmp_path / "snapshots", min_rows=1)
+
+    snap = snaps.build(hospital_schema.streams["appointments"], {"hospital_id": 1})
+
+    assert scopes == [{"hospital_id": 1}]
+    assert snap.rows == len(appointments_of(store, 1))
+
+
+def test_a_build_on_a_citus_store_reads_on_the_tenants_node(backend, server, tmp_path):
+    """Citus is not installed here: its store on plain PostgreSQL, with the function it
+    installs on the tenant's node created as on one node."""
+    if backend != "postgres":
+        pytest.skip("the Citus store is PostgreSQL's")
+    from syncunit.server.citus import _NODE_FUNCTION, CitusStore
+
+    citus = CitusStore(server.store.engine, tenant="hospital_id", colocate_with="doctor")
+    with citus.engine.begin() as conn:
+        conn.exec_driver_sql(_NODE_FUNCTION.format(type="bigint"))
+    snaps = Snapshots(citus, tmp_path / "snapshots", min_rows=1)
+
+    snap = snaps.build(hospital_schema.streams["appointments"], {"hospital_id": 1})
+
+    cursor = decode_cursor(snap.cursor)
+    assert cursor is not None
+    assert "@" in cursor.epoch
+    assert snap.rows == len(appointments_of(server.store, 1))

@@ -6,7 +6,8 @@ a SQLite file holding that stream's rows for those parameters, compresses it
 with zstd, and offers it (``SnapshotOffer``) to every device whose request has
 no cursor for the stream: the 50 tablets of one hospital share one file.
 
-* **Consistent**: the rows are read in one read snapshot, and the file's cursor is a finished
+* **Consistent**: the rows are read in one read snapshot (within the tenant's
+  scope, on a store that shards by tenant), and the file's cursor is a finished
   first copy at that snapshot's watermark, exactly what the row-by-row copy
   would end with; the device's next request takes a normal delta from it.
 * **Scope**: a file is keyed by the stream's definition hash and the hash of
@@ -257,7 +258,8 @@ class Snapshots:
         )
 
     def build(self, stream: Stream, params: Mapping[str, Any]) -> Snapshot:
-        """Build the snapshot of ``stream`` for ``params`` now, in one read snapshot."""
+        """Build the snapshot of ``stream`` for ``params`` now, in one read snapshot
+        (scoped to ``params``: a store sharded by tenant reads on the tenant's node)."""
         reader = StreamReader(self.store, stream, params, chunk_size=5000)
         pk = stream.key_column
         prefix = self._prefix(stream, reader.phash)
@@ -275,7 +277,7 @@ class Snapshots:
                 out.execute(create_table)
                 insert = f"INSERT INTO {TABLE} VALUES ({', '.join('?' * len(stream.columns))})"
                 out.execute("BEGIN")
-                with self.store.snapshot() as (conn, watermark):
+                with self.store.snapshot(scope=params) as (conn, watermark):
                     self.store.before_long_read(conn)  # the walk reads the whole scope
                     epoch, _ = self.store.epoch_and_horizon(conn)
                     query = reader.rows_select(raw=True).order_by(pk)
