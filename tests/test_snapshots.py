@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import sqlalchemy as sa
 from hospital.models import appointment, doctor
@@ -25,7 +26,7 @@ from syncunit.errors import AuthError
 from syncunit.protocol import SnapshotOffer
 from syncunit.server import Principal, SyncServer, TokenAuth, snapshots
 from syncunit.server.cursor import decode_cursor
-from syncunit.server.snapshots import Snapshots
+from syncunit.server.snapshots import Snapshot, Snapshots
 from tests.support import appointments_of, assert_in_sync, principal_params
 
 H1 = "token-h1"
@@ -147,6 +148,42 @@ def test_a_cut_download_resumes_with_a_range_request(snap_server, make_client, t
     assert ("GET", offer.path, 206) in tap.log
     assert not part.exists()
     assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_a_download_no_offer_continues_is_swept(snap_server, make_client, tap):
+    built = _build(snap_server)
+    device = make_client(transport=tap)
+    appointments = next(s for s in built if s.stream == "appointments")
+    current = _offer(appointments)
+    rebuilt = msgspec.structs.replace(current, sha256="0" * 64)  # a file built over since
+    dead, part = (
+        bootstrap.part_path(device.store, rebuilt),
+        bootstrap.part_path(device.store, current),
+    )
+    dead.write_bytes(b"half of a file no offer names again")
+    part.write_bytes(appointments.path.read_bytes()[: appointments.size // 2])
+    another = dead.with_name(f"{bootstrap.SCRATCH}other.sqlite-{'0' * 24}.part")
+    another.write_bytes(b"another database's download")  # that database may resume it
+
+    result = device.sync("Login")
+
+    assert "appointments" in result.snapshots
+    assert ("GET", current.path, 206) in tap.log  # the current one was resumed
+    assert not dead.exists()
+    assert not part.exists()
+    assert another.exists()
+    assert_in_sync(snap_server, device, H1, "Login")
+
+
+def _offer(snap: Snapshot) -> SnapshotOffer:
+    return SnapshotOffer(
+        stream=snap.stream,
+        path=f"/v1/snapshots/{snap.stream}/{snap.name}",
+        size=snap.size,
+        sha256=snap.sha256,
+        rows=snap.rows,
+        cursor=snap.cursor,
+    )
 
 
 def test_a_large_first_copy_builds_a_snapshot_in_the_background(snap_server, make_client):

@@ -9,8 +9,9 @@ takes that file as its database, page by page (``adopt``); otherwise
 ``copy_rows`` attaches the file and copies its rows into the local table in one
 transaction with the stream's cursor. Any failure raises ``SnapshotError`` or
 ``LocalStoreError``; the caller then asks for the copy row by row. The
-decompressed file is locked while in use; the next install removes those a
-killed process left (``sweep``).
+decompressed file and the download are locked while in use; the next install
+removes the decompressed files a killed process left, and this database's
+downloads that no offer of the response continues (``sweep``).
 
 The file's table has exactly the local table's columns and indexes
 (``local_table_ddl``), so an empty local table without triggers takes it with
@@ -76,11 +77,21 @@ def can_apply() -> bool:
 
 
 def part_path(store: LocalStore, offer: SnapshotOffer) -> Path:
-    """Where the download of ``offer`` goes (beside the database file, if it has one)."""
+    """Where the download of ``offer`` goes (beside the database file, if it has one,
+    named after it: databases that share a folder keep their downloads apart)."""
+    return _parts_of(store) / f"{_part_prefix(store)}{offer.sha256[:24]}.part"
+
+
+def _parts_of(store: LocalStore) -> Path:
     with store.lock:
         main = store.conn.execute("PRAGMA database_list").fetchone()
-    folder = Path(main[2]).parent if main and main[2] else Path(tempfile.gettempdir())
-    return folder / f".syncunit-snapshot-{offer.sha256[:24]}.part"
+    return Path(main[2]).parent if main and main[2] else Path(tempfile.gettempdir())
+
+
+def _part_prefix(store: LocalStore) -> str:
+    with store.lock:
+        main = store.conn.execute("PRAGMA database_list").fetchone()
+    return f"{SCRATCH}{Path(main[2]).name if main and main[2] else ''}-"
 
 
 class _Intake:
@@ -133,6 +144,30 @@ def fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) -> 
     """
     if zstandard is None:
         raise SnapshotError("zstandard is not installed")
+    held = _hold(part)  # while it is being written, no sweep removes it
+    try:
+        _fetch(http, offer, part, plain)
+    finally:
+        os.close(held)
+
+
+def _hold(part: Path) -> int:
+    """A descriptor of ``part`` (made if need be) holding its lock; SnapshotError if
+    another download of the same file holds it."""
+    try:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise SnapshotError(f"cannot write the snapshot download {part}: {exc}") from exc
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SnapshotError("another download of this snapshot file is going on") from None
+    return fd
+
+
+def _fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) -> None:
     have = part.stat().st_size if part.exists() else 0
     if have > offer.size:
         part.unlink()
@@ -210,7 +245,7 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
                 raise ProtocolError(f"server offered a snapshot of unknown stream {offer.stream!r}")
             part = part_path(client.store, offer)
             if n == 0:
-                sweep(part.parent)
+                sweep(part.parent, client.store, offers)
             fd, plain = scratch(part.parent)  # its own name: an earlier one may still be going
             try:
                 fetch(client.http, offer, part, plain)
@@ -253,12 +288,28 @@ def scratch(folder: Path) -> tuple[int, Path]:
         os.close(fd)
 
 
-def sweep(folder: Path) -> None:
+def sweep(
+    folder: Path, store: LocalStore | None = None, offers: list[SnapshotOffer] | None = None
+) -> None:
     """Remove the decompressed snapshots of installs whose process died: files no
-    process holds the lock of (a killed install would leave hundreds of MB)."""
+    process holds the lock of (a killed install would leave hundreds of MB).
+
+    Given the ``store`` and the ``offers`` of a response, also remove that store's
+    downloads (``.part``) that none of the offers continues: the server built
+    another file meanwhile, and no offer will ever name this one again.
+    """
     if fcntl is None:  # pragma: no cover - not on POSIX: they stay
         return
-    for path in folder.glob(f"{SCRATCH}*.sqlite"):
+    paths = list(folder.glob(f"{SCRATCH}*.sqlite"))
+    if store is not None:
+        prefix = _part_prefix(store)
+        wanted = {part_path(store, offer).name for offer in offers or ()}
+        paths += [
+            p
+            for p in folder.iterdir()
+            if p.name.startswith(prefix) and p.name.endswith(".part") and p.name not in wanted
+        ]
+    for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -269,7 +320,7 @@ def sweep(folder: Path) -> None:
             continue  # in use
         finally:
             os.close(fd)  # before the removal, which then frees the blocks on its thread
-        log.info("removing %s, left by an install that did not finish", path.name)
+        log.info("removing %s, left by a download or install that will not go on", path.name)
         discard(path)
 
 
