@@ -123,12 +123,10 @@ class Snapshots:
 
     def ready(self) -> list[Snapshot]:
         """The published snapshots in the folder, whichever process built them."""
-        out = []
-        for meta in self.directory.glob(f"*{META}"):
-            snap = self._read(meta.name.removesuffix(META))
-            if snap is not None:
-                out.append(snap)
-        return out
+        names = {meta.name.removesuffix(META) for meta in self.directory.glob(f"*{META}")}
+        for gone in set(self._known) - names:  # removed by another process
+            self._known.pop(gone, None)
+        return [snap for name in names if (snap := self._read(name)) is not None]
 
     def _read(self, name: str) -> Snapshot | None:
         """The snapshot ``name`` as its side file describes it, or None."""
