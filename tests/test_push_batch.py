@@ -304,6 +304,78 @@ def test_a_set_check_that_raises_falls_back_and_blocks_nothing(servers, monkeypa
     assert batches == [False]
 
 
+@pytest.mark.parametrize(
+    "odd",
+    [{"n": 2**40}, {"title": "a\x00b"}],
+    ids=["integer beyond 32 bits", "NUL in text"],
+)
+def test_a_value_the_database_refuses_falls_back_and_rejects_only_its_mutation(
+    servers, backend, monkeypatch, batches, odd
+):
+    """PostgreSQL refuses these with a DataError (SQLite stores them): the batch goes
+    one by one, where that mutation alone is rejected and the others apply, on every
+    retry; the request never fails as a whole."""
+    mutations = [_ins(i, f"k{i:03}", **(odd if i == 3 else {})) for i in range(1, 7)]
+
+    results = _same_both_ways(servers, monkeypatch, mutations)
+
+    if backend == "postgres":
+        assert [r.code for r in results] == ["", "", "server-error", "", "", ""]
+        assert "database failed on this change" in results[2].reason
+        assert batches == [False]
+    else:
+        assert [r.status for r in results] == ["applied"] * 6
+        assert batches == [True]
+
+
+def _no_broken_title(batch: BatchContext) -> bool:
+    if any(r["title"] == "broken" for r in batch.rows):
+        batch.conn.execute(sa.text("SELECT 1 FROM no_such_table"))
+    return True
+
+
+@set_check(_no_broken_title)
+def no_broken_title(ctx: MutationContext) -> str | None:
+    """A rule whose query fails on one row (a bug in the app's rule, say)."""
+    if ctx.row["title"] == "broken":
+        ctx.conn.execute(sa.text("SELECT 1 FROM no_such_table"))
+    return None
+
+
+def test_a_rule_query_failing_in_the_set_based_form_falls_back_and_matches(
+    new_database, monkeypatch, batches
+):
+    """The set-based form's statement fails (PostgreSQL: a ProgrammingError, SQLite: an
+    OperationalError): one by one, only the row it fails on is rejected."""
+    rules = [unique_title, no_broken_title]
+    servers = (_server(new_database("batched"), rules), _server(new_database("single"), rules))
+    mutations = [_ins(i, f"k{i:03}", title="broken" if i == 2 else None) for i in range(1, 7)]
+    try:
+        results = _same_both_ways(servers, monkeypatch, mutations)
+    finally:
+        for server in servers:
+            server.store.engine.dispose()
+
+    assert [r.code for r in results] == ["", "server-error", "", "", "", ""]
+    assert batches == [False]
+
+
+def test_a_lost_connection_in_the_batch_still_fails_the_request(servers, monkeypatch, batches):
+    """Not a refusal of the data: the request fails as a whole (and is retried)."""
+    batched, _ = servers
+
+    def invalidated(*args: Any) -> None:
+        exc = sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection"))
+        exc.connection_invalidated = True
+        raise exc
+
+    monkeypatch.setattr(batched.store, "insert_new_rows", invalidated)
+    with pytest.raises(sa.exc.OperationalError):
+        _push(batched, [_ins(i, f"k{i:03}") for i in range(1, 7)], monkeypatch, batch=True)
+    assert _log_of(batched) == (0, [])
+    assert _rows(batched) == []
+
+
 def test_a_rule_without_a_set_based_form_keeps_the_one_by_one_path(
     new_database, monkeypatch, batches
 ):

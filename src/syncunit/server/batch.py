@@ -11,10 +11,13 @@ savepoint, and checked with one statement per check over the whole run:
 3. after the insert, every row is in the principal's write scope (one query);
 4. every business rule's set-based form (``policies.set_check``) says yes.
 
-If any check says no, or the database refuses the insert, the savepoint is
-rolled back and the caller applies the run one mutation at a time, so each
-mutation gets exactly the result it would get alone: the batch is only a
-faster way to reach the same "applied" for all.
+If any check says no, or the database refuses a statement of the batch (a
+constraint, a value its column cannot hold, a rule's query that fails), the
+savepoint is rolled back and the caller applies the run one mutation at a time,
+so each mutation gets exactly the result it would get alone: the batch is only
+a faster way to reach the same "applied" for all. Only what would end the
+request one by one too (a lost connection, a lost serialization race) ends it
+here.
 """
 
 from __future__ import annotations
@@ -99,8 +102,13 @@ def write_batch(
     savepoint = _Savepoint(dbapi)
     try:
         ok = _write_and_check(applier, conn, principal, s, keys, rows)
-    except (sa.exc.IntegrityError, sa.exc.OperationalError):
-        ok = False  # the one-by-one path reports (or retries) it per mutation
+    except sa.exc.SQLAlchemyError as exc:
+        if _fails_the_request(applier, exc):
+            raise  # the transaction is gone or doomed: nothing to roll back to
+        # The database refused a value or a statement of the batch (a key that exists,
+        # an integer too large for its column, a NUL in text, a rule's query): the
+        # one-by-one path gives each mutation its own result (or retries it).
+        ok = False
     except BaseException:
         savepoint.rollback()
         raise
@@ -109,6 +117,15 @@ def write_batch(
     else:
         savepoint.rollback()
     return ok
+
+
+def _fails_the_request(applier: PushApplier, exc: sa.exc.SQLAlchemyError) -> bool:
+    """Whether ``exc`` ends the whole request, as it would one by one: the connection
+    is lost, or the transaction lost a race and is run again (``PushApplier.apply``).
+    Anything else is about the batch's data, which one by one answers per mutation."""
+    return isinstance(exc, sa.exc.DBAPIError) and (
+        exc.connection_invalidated or applier.store.retryable(exc)
+    )
 
 
 def _columnar(
