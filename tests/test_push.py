@@ -836,6 +836,95 @@ def test_a_restored_server_refuses_the_gap_until_renew_epoch(
     in_sync(client, "Online")
 
 
+def test_after_renew_epoch_a_batch_that_came_first_waits_for_the_unanswered_before_it(
+    notes_app,
+):
+    """renew-epoch forgot every client's sequence. A batch that reaches the server before
+    the one before it (sent at once, on another connection) does not restart the
+    sequence at its own first seq: the client's lowest unanswered seq does, so it waits
+    for the earlier batch as after any gap, and both are applied, in order."""
+    app = notes_app()
+    pushed = post_sync(app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a")])
+    assert [r.status for r in push_results(pushed).results] == ["applied"]
+    app.server.store.renew_epoch()
+    earlier = [_note(2, "b"), _note(3, "c")]
+    later = [_note(4, "d"), _note(5, "e")]
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            post_sync,
+            app.url,
+            "Push",
+            token="t1",
+            client_id="raw",
+            mutations=later,
+            unanswered_from=2,
+        )
+        time.sleep(0.3)  # it is waiting for seqs 2 and 3
+        assert not waiting.done()
+        first = post_sync(
+            app.url, "Push", token="t1", client_id="raw", mutations=earlier, unanswered_from=2
+        )
+        then = waiting.result()
+
+    assert [r.status for r in push_results(first).results] == ["applied"] * 2
+    assert [r.status for r in push_results(then).results] == ["applied"] * 2
+    assert [r[0] for r in app.rows()] == ["a", "b", "c", "d", "e"]
+    versions = [app.version(k) for k in "bcde"]
+    assert versions == sorted(versions)
+    assert versions[1] < versions[2]  # b and c, then d and e
+    assert app.last_seq("raw") == 5
+
+
+def test_a_batch_waits_for_the_one_before_while_it_is_being_applied(notes_app, monkeypatch):
+    """The wait for a batch's predecessor ends after a while if it does not come, not
+    while it is being applied (a large batch may take longer than the wait)."""
+    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 0.3)
+
+    def slow(ctx: MutationContext) -> str | None:
+        if ctx.row["title"] == "slow":
+            time.sleep(0.8)
+        return None
+
+    app = notes_app(rules=[slow])
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            post_sync, app.url, "Push", token="t1", client_id="raw", mutations=[_note(2, "b")]
+        )
+        time.sleep(0.1)
+        first = post_sync(
+            app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a", title="slow")]
+        )
+        then = waiting.result()
+
+    assert first.status_code == then.status_code == 200
+    assert [r.status for r in push_results(then).results] == ["applied"]
+    assert [r[0] for r in app.rows()] == ["a", "b"]
+
+
+def test_after_renew_epoch_a_change_below_the_restart_is_never_answered_applied(notes_app):
+    """A client that does not say where its unanswered changes start: the later batch
+    restarts the sequence, and the earlier one, arriving after it, finds no verdict in
+    the log. It is rejected (the device keeps it for the app), not answered "applied"
+    without having been applied."""
+    app = notes_app()
+    post_sync(app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a")])
+    app.server.store.renew_epoch()
+
+    later = post_sync(
+        app.url, "Push", token="t1", client_id="raw", mutations=[_note(4, "d"), _note(5, "e")]
+    )
+    earlier = post_sync(
+        app.url, "Push", token="t1", client_id="raw", mutations=[_note(2, "b"), _note(3, "c")]
+    )
+
+    assert [r.status for r in push_results(later).results] == ["applied"] * 2
+    results = push_results(earlier).results
+    assert [(r.status, r.code) for r in results] == [("rejected", "out-of-order")] * 2
+    assert "restored" in results[0].reason
+    assert [r[0] for r in app.rows()] == ["a", "d", "e"]
+
+
 def test_rules_see_deletes(notes_app):
     """A business rule runs for deletes too, with the row being deleted."""
     seen: list[tuple[str, Any]] = []

@@ -68,7 +68,8 @@ class SlowAnswers(FaultTransport):
     committed it), ("read", first seq) when its answer was read whole and ("closed",
     first seq) when it was closed. ``lose``: the answer to the push starting at that
     seq is lost (it was applied); ``cut``: that answer's body breaks; ``late``: the
-    push starting at that seq reaches the server only once a later push has left;
+    push starting at that seq reaches the server only once a later push has left
+    (and 0.3 s more, for the later one to get there first);
     ``plain``: the answers do not say that the server queues pushes (as from a server
     that does not).
 
@@ -121,6 +122,7 @@ class SlowAnswers(FaultTransport):
             self._note("sent", pushed[0].seq)
             if pushed[0].seq == self.late:
                 self._wait_for_push_after(pushed[0].seq)
+                time.sleep(0.3)  # and a moment more: the later push reaches the server first
         response = self._forward(request)
         if self.plain:
             del response.headers[QUEUES_PUSHES]
@@ -207,6 +209,20 @@ def test_a_batch_goes_before_the_server_has_the_one_before_and_is_applied_after_
     result = device.sync("Push")
 
     _assert_overtook(app, device, slow, result, (71, 21), n=170, requests=4)
+
+
+@pytest.mark.usefixtures("short_first")
+def test_after_renew_epoch_a_batch_that_overtook_the_first_is_applied_after_it(notes_app):
+    """renew-epoch (a restored database) forgot the device's sequence; its first batch
+    then reaches the server late, after the second. The device's requests say where
+    its unanswered changes start, so the second still waits for the first: nothing is
+    answered "applied" without being applied, and all go in order."""
+    app, device, slow = _device(notes_app, 170, late=1)
+    app.server.store.renew_epoch()
+
+    result = device.sync("Push")
+
+    _assert_overtook(app, device, slow, result, (21, 1), n=170, requests=4)
 
 
 @pytest.mark.usefixtures("short_first")

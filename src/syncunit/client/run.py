@@ -216,8 +216,11 @@ class UnitRun:
             params=dict(params or {}),
             subscriptions=held(self.client, unit_name, catalog) if stream_names else [],
             # A pull may bring rows that changes still in flight wrote: their verdicts
-            # come first (``Answered``), or the device would keep its own version.
-            unanswered_from=self.client.outbox.in_flight_from() if stream_names else 0,
+            # come first (``Answered``), or the device would keep its own version. A
+            # push says where its sequence continues if the server forgot it (a restore).
+            unanswered_from=(
+                self.client.outbox.in_flight_from() if stream_names or mutations else 0
+            ),
             json_rows=True,
         )
         return request, holder

@@ -23,11 +23,13 @@ new rows into one table are first tried as one set-based batch (``batch.py``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import random
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -80,6 +82,20 @@ def _log_results(conn: Connection, rows: list[tuple[str, int, str, bytes]]) -> N
     conn.exec_driver_sql(sql, params)
 
 
+def _restart(req: SyncRequest) -> int:
+    """The seq the client's sequence continues after, after ``renew_epoch`` forgot it.
+
+    A client's lowest unanswered seq (``unanswered_from``) is where it continues:
+    every change below it has its answer. A request that starts above it (a
+    batch sent before the one before it was applied, which is still on its way)
+    then waits for that one as after any gap, instead of being taken as the new
+    start and letting the earlier one be answered from a log that never held
+    it. A client that does not say starts where its request does.
+    """
+    first = req.mutations[0].seq
+    return min(first, req.unanswered_from if req.unanswered_from > 0 else first) - 1
+
+
 #: Attempts of a push whose transaction lost a serialization race (PostgreSQL), and the
 #: attempt from which it waits for its turn among the pushes retried as often.
 ATTEMPTS = 30
@@ -108,6 +124,7 @@ class PushApplier(MutationWrites):
         self._rows: dict[str, sa.Select[Any]] = {}  # per stream: one row as it shows it
         self._pushed = threading.Condition()  # notified when a push of this process commits
         self._pushes = 0  # pushes of this process committed so far
+        self._applying: dict[str, int] = {}  # per client id: its pushes being applied now
 
     def authorize(self, principal: Principal, unit: SyncUnit) -> None:
         """Refuse (``ProblemException``) a push the principal may not make through ``unit``."""
@@ -154,7 +171,8 @@ class PushApplier(MutationWrites):
         while True:
             seen = self._pushes
             try:
-                pushed = self._attempts(principal, req, unit)
+                with self._being_applied(req.client_id):
+                    pushed = self._attempts(principal, req, unit)
             except ProblemException as exc:
                 # Its predecessor may be on its way on another connection: wait for it.
                 if exc.code != "sequence-gap" or not self._wait_for_predecessor(
@@ -167,28 +185,46 @@ class PushApplier(MutationWrites):
                 self._pushed.notify_all()
             return pushed
 
+    @contextlib.contextmanager
+    def _being_applied(self, client_id: str) -> Iterator[None]:
+        """Count a push of ``client_id`` as being applied, for ``_wait_for_push``."""
+        with self._pushed:
+            self._applying[client_id] = self._applying.get(client_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._pushed:
+                left = self._applying.pop(client_id) - 1
+                if left:
+                    self._applying[client_id] = left
+
     def _wait_for_predecessor(self, req: SyncRequest, seen: int, deadline: float) -> bool:
         """Wait until the client's last applied seq reaches the one before ``req``'s
-        first: True, and the request is tried again; False once ``deadline`` has passed.
-        Looking is a plain read: a try is a write transaction, and on SQLite the write
-        lock every other push waits for (a wait is woken by every push of the process,
-        and looks every 20 ms for those of other processes)."""
+        first: True, and the request is tried again; False once ``deadline`` has passed
+        (and no push of the client is being applied in this process: a large batch
+        before it may take longer than the wait). Looking is a plain read: a try is a
+        write transaction, and on SQLite the write lock every other push waits for (a
+        wait is woken by every push of the process, and looks every 20 ms for those of
+        other processes)."""
         before = req.mutations[0].seq - 1
-        while self._wait_for_push(seen, deadline):
+        while self._wait_for_push(seen, deadline, req.client_id):
             seen = self._pushes
             with self.store.engine.connect() as conn:
                 if _last_seq(conn, req.client_id) >= before:
                     return True
         return False
 
-    def _wait_for_push(self, seen: int, deadline: float) -> bool:
+    def _wait_for_push(self, seen: int, deadline: float, client_id: str) -> bool:
         """Wait until a push of this process commits after the ``seen``-th (or, for one
-        of another process, a short while); False once ``deadline`` has passed."""
+        of another process, a short while); False once ``deadline`` has passed, unless
+        a push of ``client_id`` is being applied in this process."""
         left = deadline - time.monotonic()
-        if left <= 0:
-            return False
         with self._pushed:
-            self._pushed.wait_for(lambda: self._pushes != seen, min(left, 0.02))
+            if left <= 0 and not self._applying.get(client_id):
+                return False
+            self._pushed.wait_for(
+                lambda: self._pushes != seen, min(left, 0.02) if left > 0 else 0.02
+            )
         return True
 
     def _attempts(self, principal: Principal, req: SyncRequest, unit: SyncUnit) -> PushResults:
@@ -232,8 +268,8 @@ class PushApplier(MutationWrites):
                 )
             else:
                 last = int(row.last_seq)
-            if last < 0 and req.mutations:  # after renew_epoch: continue from what comes
-                last = req.mutations[0].seq - 1
+            if last < 0 and req.mutations:  # after renew_epoch: continue from the device
+                last = _restart(req)
             self._check_sequence(req.mutations, last)
             results: list[MutationResult] = []
             logged: list[tuple[str, int, str, bytes]] = []
@@ -260,7 +296,7 @@ class PushApplier(MutationWrites):
             while i < len(mutations):
                 m = mutations[i]
                 if m.seq <= last:
-                    results.append(self._replay(conn, req.client_id, m))
+                    results.append(self._replay(conn, req.client_id, m, last))
                     i += 1
                     continue
                 if i >= tried:
@@ -361,14 +397,27 @@ class PushApplier(MutationWrites):
                 )
             expected = m.seq + 1
 
-    def _replay(self, conn: Connection, client_id: str, m: Mutation) -> MutationResult:
+    def _replay(self, conn: Connection, client_id: str, m: Mutation, last: int) -> MutationResult:
+        """The logged result of ``m``, whose seq is at or below ``last``, the client's last
+        applied one."""
         row = conn.execute(
             sa.select(mutation_log.c.mutation_id, mutation_log.c.result).where(
                 mutation_log.c.client_id == client_id, mutation_log.c.seq == m.seq
             )
         ).first()
-        if row is None:  # older than the log's retention: it was applied long ago
+        if row is None and m.seq <= last - LOG_RETENTION:
+            # Older than the log's retention: it was applied long ago.
             return MutationResult(seq=m.seq, id=m.id, status="applied")
+        if row is None:
+            # Within the log's retention every applied seq is logged: this one never was.
+            # Only after renew_epoch, whose sequence continued from a later request of
+            # a client that did not say where its unanswered changes start.
+            reason = (
+                f"seq {m.seq} arrived after later changes of this client were applied"
+                " (the server's database was restored meanwhile); it was not applied:"
+                " make the change again"
+            )
+            return MutationResult(m.seq, m.id, "rejected", reason, "out-of-order")
         if row.mutation_id != m.id:
             reason = f"seq {m.seq} was already used by another mutation of this client"
             return MutationResult(m.seq, m.id, "rejected", reason, "sequence-reused")
