@@ -10,6 +10,7 @@ really taken.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -419,6 +420,117 @@ def test_hospital_bookings_in_one_batch_keep_the_double_booking_rule(server, sto
     assert [r.status for r in results] == ["applied"] * 8 + ["rejected"]
     assert results[8].code == "rule"
     assert "already booked" in results[8].reason
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "one by one"])
+def test_a_booking_that_leaves_out_its_defaulted_status_is_checked_as_booked(
+    server, store, monkeypatch, batch
+):
+    """``status`` has a default ('booked'): a device that leaves it out books as surely
+    as one that sends it, so the double-booking rule must see it."""
+    staff = Principal("staff:1", {"hospital_id": 1})
+    start = dt.datetime(2033, 6, 2, 9, 0)
+
+    def booking(seq: int, doctor: int, minutes: int) -> Mutation:
+        at = start + dt.timedelta(minutes=minutes)
+        row = {
+            "id": f"d{seq:03}",
+            "doctor_id": doctor,
+            "patient_id": 1,
+            "starts_at": at.isoformat(),
+            "ends_at": (at + dt.timedelta(minutes=30)).isoformat(),
+            "room": "R1",
+            "notes": "",
+        }
+        return Mutation(seq, f"m{seq}", "LocalAppointment", row["id"], "insert", row)
+
+    with store.engine.connect() as conn:
+        doctor = conn.execute(sa.text("SELECT id FROM doctor WHERE hospital_id = 1")).scalar()
+    mutations = [booking(i, doctor, 30 * i) for i in range(1, 6)]
+    mutations.append(booking(6, doctor, 30 * 2 + 15))  # overlaps the 2nd and the 3rd
+
+    results = _push_as(server, staff, "SendAppointments", mutations, monkeypatch, batch)
+
+    assert [r.status for r in results] == ["applied"] * 5 + ["rejected"]
+    assert results[5].code == "rule"
+    assert "already booked" in results[5].reason
+    with store.engine.connect() as conn:
+        statuses = conn.execute(
+            sa.text("SELECT status FROM appointment WHERE id LIKE 'd%'")
+        ).scalars()
+        assert set(statuses) == {"booked"}
+
+
+def _push_as(
+    server: SyncServer,
+    principal: Principal,
+    unit: str,
+    mutations: list[Mutation],
+    monkeypatch: pytest.MonkeyPatch,
+    batch: bool,
+) -> list[MutationResult]:
+    with monkeypatch.context() as m:
+        if not batch:
+            m.setattr(push_module, "BATCH_MIN", 10**9)
+        req = SyncRequest(protocol=1, client_id="tablet", mutations=mutations)
+        return server.pusher.apply(principal, req, server.schema.units[unit]).results
+
+
+defaults_meta = sa.MetaData()
+defaulted = sa.Table(
+    "defaulted",
+    defaults_meta,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("owner", sa.String(20), nullable=False),
+    sa.Column("kind", sa.String(10), nullable=False, default="plain"),
+    sa.Column("label", sa.String(20), nullable=False, server_default="unlabelled"),
+    sa.Column("code", sa.String(40), nullable=False, default=lambda: uuid.uuid4().hex),
+    sa.Column("note", sa.String(20), nullable=True),
+)
+seen_rows: dict[str, dict[str, Any]] = {}  # per key: the row the rule (or its set form) saw
+
+
+def _remember_all(batch: BatchContext) -> bool:
+    seen_rows.update((k, dict(r)) for k, r in zip(batch.keys, batch.rows, strict=True))
+    return True
+
+
+@set_check(_remember_all)
+def remember(ctx: MutationContext) -> str | None:
+    """Accepts every row; remembers what it saw."""
+    seen_rows[ctx.key] = dict(ctx.row)
+    return None
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "one by one"])
+def test_rules_see_the_defaults_of_left_out_columns_as_stored(
+    new_database, monkeypatch, batches, batch
+):
+    """A scalar default, a callable one and a server default: what the rule sees of a
+    new row is what the database stores, whichever path wrote it."""
+    seen_rows.clear()
+    server = owner_push_server(
+        new_database("defaults"), defaulted, "LocalDefaulted", U1, [remember]
+    )
+    mutations = [
+        Mutation(i, f"m{i}", "LocalDefaulted", f"k{i}", "insert", {"id": f"k{i}", "owner": "u1"})
+        for i in range(1, 7)
+    ]
+    try:
+        results = _push(server, mutations, monkeypatch, batch=batch)
+        with server.store.engine.connect() as conn:
+            cols = [defaulted.c[n] for n in ("id", "owner", "kind", "label", "code", "note")]
+            stored = {r.id: dict(r._mapping) for r in conn.execute(sa.select(*cols))}
+    finally:
+        server.store.engine.dispose()
+
+    assert [r.status for r in results] == ["applied"] * 6
+    assert batches == ([True] if batch else [])
+    assert len({row["code"] for row in stored.values()}) == 6
+    for key, row in stored.items():
+        assert row["kind"] == "plain"
+        assert row["label"] == "unlabelled"
+        assert {n: seen_rows[key][n] for n in row} == row
 
 
 visit_meta = sa.MetaData()

@@ -124,7 +124,9 @@ class MutationContext:
     table: str
     op: Literal["insert", "update", "delete"]
     key: Any
-    row: Mapping[str, Any]  # the full row after the change (base-table column names)
+    #: The full row after the change (base-table column names); an insert's left-out
+    #: columns hold what the database stores in them (their defaults).
+    row: Mapping[str, Any]
     principal_id: str
     params: Mapping[str, Any] = field(default_factory=dict)
 
@@ -139,7 +141,8 @@ class BatchContext:
     conn: Connection
     table: str
     keys: Sequence[Any]  # the rows' keys (base-table values), in push order
-    rows: Sequence[Mapping[str, Any]]  # the rows as written (base-table column names)
+    #: The rows as written (base-table column names), left-out columns' defaults included.
+    rows: Sequence[Mapping[str, Any]]
     principal_id: str
     params: Mapping[str, Any] = field(default_factory=dict)
 

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 from syncunit.policies import BatchContext, set_check_of
 from syncunit.protocol import Mutation
 from syncunit.server.auth import Principal
-from syncunit.server.mutation import _Savepoint
+from syncunit.server.mutation import _Savepoint, insert_defaults
 from syncunit.server.values import Rejected, coerce
 from syncunit.units import Stream, logical_type
 
@@ -224,6 +224,9 @@ def _write_and_check(
     rows: list[dict[str, Any]],
 ) -> bool:
     st = applier._statements(s)
+    fill, computed = insert_defaults(s.base, rows[0])  # every row has the same columns
+    if fill:
+        rows = [{**fill, **r} for r in rows]
     applier.store.insert_new_rows(conn, s.base, rows)
     params = applier._scope_params(s, principal)
     # A count, not the rows: no row objects to build for a check that needs none.
@@ -232,6 +235,17 @@ def _write_and_check(
         return False
     blank = dict.fromkeys(c.name for c in s.base.columns)
     full = [{**blank, **r} for r in rows]
+    if computed:  # the rules see the defaults the database filled, as one by one
+        pk = s.key_column
+        read = conn.execute(sa.select(pk, *computed).where(pk.in_(keys))).mappings()
+        stored = {r[pk.name]: r for r in read}
+        if len(stored) != len(keys):
+            return False
+        for row, key in zip(full, keys, strict=True):
+            found = stored.get(key)
+            if found is None:
+                return False  # a key that reads back otherwise: one by one
+            row.update((c.name, found[c.name]) for c in computed)
     batch = BatchContext(
         conn=conn,
         table=s.local_table,

@@ -12,9 +12,10 @@ failure rejects this mutation alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +28,7 @@ from syncunit.server.auth import Principal
 from syncunit.server.changes import to_wire
 from syncunit.server.shape import StreamShape
 from syncunit.server.values import Rejected, coerce
-from syncunit.units import Stream
+from syncunit.units import TRACKING_COLUMNS, Stream
 
 if TYPE_CHECKING:
     from syncunit.server.store import ServerStore
@@ -58,6 +59,51 @@ def _transient(exc: sa.exc.SQLAlchemyError) -> bool:
 def _first_line(exc: sa.exc.SQLAlchemyError) -> str:
     orig = getattr(exc, "orig", None)
     return (str(orig) if orig is not None else str(exc)).splitlines()[0]
+
+
+#: Of an insert's omitted columns: the values of their scalar defaults (written by the
+#: insert), and the columns whose default only the database (or SQLAlchemy, as it
+#: executes the insert) computes, read back from the row once it is written.
+InsertDefaults = tuple[dict[str, Any], tuple[sa.Column[Any], ...]]
+
+
+@functools.lru_cache(maxsize=1024)
+def _insert_defaults(table: sa.Table, written: frozenset[str]) -> InsertDefaults:
+    fill: dict[str, Any] = {}
+    computed: list[sa.Column[Any]] = []
+    for column in table.columns:
+        if column.name in written or column.primary_key or column.name in TRACKING_COLUMNS:
+            continue
+        default = column.default
+        if default is not None and default.is_scalar:
+            fill[column.name] = default.arg  # type: ignore[attr-defined]
+        elif default is not None or column.server_default is not None:
+            computed.append(column)
+    return fill, tuple(computed)
+
+
+def insert_defaults(table: sa.Table, written: Collection[str]) -> InsertDefaults:
+    """What an insert of ``written`` columns into ``table`` stores in the others.
+
+    Rules see a new row as it is stored (``MutationContext.row``), the defaults of
+    the columns the device left out included: a scalar default is written with the
+    row (the rule sees the value it gets), any other (a callable, a SQL expression,
+    a server default) is read back from the written row before the rules run.
+    """
+    return _insert_defaults(table, frozenset(written))
+
+
+def new_row(
+    conn: Connection, s: Stream, key: Any, written: Mapping[str, Any], computed: Collection[Any]
+) -> dict[str, Any]:
+    """The full row just inserted at ``key``: ``written``, the ``computed`` columns read
+    back, NULL in the others."""
+    pk = s.key_column
+    row = {c.name: None for c in s.base.columns} | dict(written) | {pk.name: key}
+    if computed:
+        stored = conn.execute(sa.select(*computed).where(pk == key)).mappings().one()
+        row |= dict(stored)
+    return row
 
 
 class ConflictFound(Exception):
@@ -208,8 +254,10 @@ class MutationWrites:
             if changes:
                 conn.execute(st.update, {**changes, KEY: key})
         else:
-            row = {c.name: None for c in base.columns} | changes | {pk.name: key}
+            fill, computed = insert_defaults(base, changes)
+            changes = {**fill, **changes}
             conn.execute(st.insert, {**changes, pk.name: key})
+            row = new_row(conn, s, key, changes, computed)
         # The scope comes first: a rule's answer may describe other rows (a clash with
         # another booking), which a principal may only learn about inside its scope.
         if not self._in_scope(conn, s, principal, key):
@@ -341,12 +389,15 @@ class MutationWrites:
         if key is None:
             raise Rejected("invalid-value", "the row key cannot be empty")
         changes = self._map(s, m, list(m.values))
+        fill, computed = insert_defaults(s.base, changes)
+        if fill:
+            changes = {**fill, **changes}
         done = conn.execute(self._statements(s).insert_new, {**changes, pk.name: key})
         if done.rowcount == 0:
             return False
         if not self._in_scope(conn, s, principal, key):
             raise Rejected("out-of-scope", "the change would move the row outside your scope")
-        row = {c.name: None for c in s.base.columns} | changes | {pk.name: key}
+        row = new_row(conn, s, key, changes, computed)
         self._check_rules(conn, s, principal, m, key, row)
         return True
 
