@@ -123,3 +123,13 @@ def test_a_principal_whose_scope_changes_loses_the_old_rows(server, client, plai
 
     assert local_keys(client, "LocalAppointment") == set(appointments_of(store, 2))
     assert_in_sync(server, client, "token-h1", "Login")
+
+
+def test_admin_and_units_are_keyword_only():
+    # Positional units would land in ``admin`` (a truthy set): an admin with every unit.
+    with pytest.raises(TypeError):
+        Principal("ana", {"hospital_id": 1}, {"Login"})  # type: ignore[misc]
+
+    ana = Principal("ana", {"hospital_id": 1}, units=frozenset({"Login"}))
+    assert ana.admin is False
+    assert ana.units == frozenset({"Login"})

@@ -15,7 +15,7 @@ several in turn.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -36,10 +36,12 @@ class Principal:
     read the inspector page (``/inspector``); ``units`` names the sync units it
     may run (None: every unit). A principal that loses a unit, or a parameter
     value, has what it may no longer hold removed on its next sync.
+    ``admin`` and ``units`` are keyword-only: ``Principal("ana", {...}, units={"Login"})``.
     """
 
     id: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    _: KW_ONLY
     admin: bool = False
     units: frozenset[str] | None = None
 
