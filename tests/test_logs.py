@@ -142,3 +142,37 @@ def test_json_lines_carry_the_fields(make_live, caplog):
     assert line["outcome"] == "ok"
     assert line["level"] == "INFO"
     assert "token" not in json.dumps(line)
+
+
+def test_a_client_that_disconnects_mid_request_makes_one_plain_line(make_live, caplog):
+    """An app that closes while it sends a push (a process ending) is no server error:
+    one line without a traceback, and uvicorn sees the request end cleanly."""
+    import socket
+
+    caplog.set_level(logging.INFO, logger="syncunit")
+    uvicorn_lines: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = uvicorn_lines.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    live = make_live()
+    caplog.clear()
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/sync/SendAppointments HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Authorization: Bearer token-h1\r\n"
+                + f"Content-Type: {content_type('msgpack')}\r\n".encode()
+                + b"Content-Length: 100000\r\n\r\n"
+                + b"\x00" * 10
+            )  # and the rest never comes: the app is gone
+        line = wait_for(caplog, "disconnected")
+        time.sleep(0.3)  # a traceback, if any, would follow the line
+    finally:
+        uvicorn_log.removeHandler(handler)
+    assert server_records(caplog) == [line]
+    assert line.levelno == logging.INFO
+    assert line.exc_info is None
+    assert "POST /v1/sync/SendAppointments" in line.getMessage()
+    assert line.request_id
+    assert [r.getMessage() for r in uvicorn_lines if r.levelno >= logging.ERROR] == []

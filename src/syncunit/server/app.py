@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
@@ -192,6 +192,7 @@ class SyncServer(SyncAnswer):
                 ProtocolError: self._on_malformed,
                 HTTPException: self._on_no_route,
                 sa.exc.DBAPIError: self._on_database_error,
+                ClientDisconnect: _on_disconnect,
                 Exception: _on_error,
             },
         )
@@ -589,6 +590,15 @@ def create_app(
 ) -> Starlette:
     """The ASGI app serving ``schema`` from ``database``; mount it anywhere."""
     return SyncServer(schema, database, authenticate=authenticate, **options).app
+
+
+async def _on_disconnect(request: Request, exc: Exception) -> Response:
+    """A client that went away before its request ended (an app closing, a lost
+    network) is not a server failure: one line, and the request ends here. Nothing
+    of a request body that never fully arrived was applied; the client sends it again."""
+    log.info("%s %s: the client disconnected before the request ended",
+             request.method, request.url.path)  # fmt: skip
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
