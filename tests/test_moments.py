@@ -239,6 +239,24 @@ def test_pending_units_and_local_rows_survive_a_restart(make_client, net, clock,
     assert queue_rows(second) == []
 
 
+def test_close_runs_the_units_triggered_before_it(make_client, store):
+    """A script that triggers a push and closes (the README's device) loses nothing:
+    close() lets the worker run what is due before it stops."""
+    c = make_client()
+    c.sync("Login")
+    key = c.insert("LocalAppointment", booking(50))
+    c.trigger("Splash")
+    c.trigger("SendAppointments")  # behind Splash: not started when close() is called
+    c.close()
+    assert server_ids(store, [key]) == [key]
+    done = sqlite3.connect(c.store.path)
+    try:
+        assert done.execute("SELECT count(*) FROM syncunit_outbox").fetchone() == (0,)
+        assert done.execute("SELECT count(*) FROM syncunit_queue").fetchone() == (0,)
+    finally:
+        done.close()
+
+
 def test_a_response_lost_before_a_restart_is_not_applied_twice(make_client, net, clock, store):
     first = make_client(transport=net, clock=clock)  # so its retry is long due after restart
     first.sync("Login")

@@ -184,8 +184,10 @@ class SyncClient:
     def close(self, timeout: float = 30.0) -> None:
         """Stop the worker and the live watcher, then close the database.
 
-        A running sync has ``timeout`` seconds to finish; then it is cancelled (its
-        connection closed: what it applied stays, the rest is fetched next time).
+        Units already triggered and due (not waiting for a retry, not offline) run
+        first, and a running sync finishes, within ``timeout`` seconds; then it is
+        cancelled (its connection closed: what it applied stays, the rest is fetched
+        next time) and what still waits stays queued for the next ``start()``.
         The database is closed only once no sync runs, and after a background WAL
         checkpoint under way has ended. Not from a sync callback.
         """
@@ -193,12 +195,14 @@ class SyncClient:
             return
         if self._sync_owner == threading.get_ident():
             raise SyncError("close() cannot be called from inside a sync (a callback)")
+        deadline = time.monotonic() + timeout
+        self.scheduler.finish_due(timeout)
         self._closed = True
         if self._watcher is not None:
             self._watcher.close()
         if self._live is not None:
             self._live.stop()
-        if not self.scheduler.stop(timeout):
+        if not self.scheduler.stop(max(0.0, deadline - time.monotonic())):
             self._cancel.set()
             self.http.close()
             self.scheduler.stop(None)

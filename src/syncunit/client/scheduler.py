@@ -317,6 +317,26 @@ class Scheduler:
         self._thread = None
         return True
 
+    def finish_due(self, timeout: float) -> None:
+        """Give the worker up to ``timeout`` seconds to run the units due now: queued
+        before this call and not waiting for a retry. Units queued later, and any
+        left when the time is up, stay queued for the next ``start()``."""
+        if not self.running:
+            return
+        last = self.client.store.query("SELECT max(id) FROM syncunit_queue")[0][0]
+        deadline = time.monotonic() + timeout
+        while last is not None and self.running and self.online and not self.offline_detected:
+            due = self.client.store.query(
+                "SELECT 1 FROM syncunit_queue WHERE id <= ?"
+                " AND (state = 'running' OR next_at <= ?) LIMIT 1",
+                (last, self.clock()),
+            )
+            left = deadline - time.monotonic()
+            if not due or left <= 0:
+                return
+            with self._cond:
+                self._cond.wait(min(left, 0.05))
+
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
