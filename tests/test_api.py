@@ -31,6 +31,7 @@ def test_exported_members_do_not_change_by_accident() -> None:
         "Progress",
         "ProtocolError",
         "RequestRejected",
+        "RetryPolicy",
         "Stream",
         "SyncClient",
         "SyncError",

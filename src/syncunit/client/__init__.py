@@ -3,7 +3,7 @@
 from syncunit.client.aio import AsyncSyncClient
 from syncunit.client.client import SyncClient, SyncResult
 from syncunit.client.reactive import LiveQuery
-from syncunit.client.scheduler import Progress, SyncStatus
+from syncunit.client.scheduler import Progress, RetryPolicy, SyncStatus
 from syncunit.client.store import LocalStore
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "LiveQuery",
     "LocalStore",
     "Progress",
+    "RetryPolicy",
     "SyncClient",
     "SyncResult",
     "SyncStatus",
