@@ -470,6 +470,35 @@ def test_sync_from_a_progress_callback_is_refused_not_deadlocked(make_client):
     assert device.store.last_sync_on("Login") is not None
 
 
+@pytest.mark.parametrize("event", ["on_start", "on_complete", "on_error", "on_status"])
+def test_sync_from_any_callback_of_the_worker_is_refused(make_client, event):
+    """Not only from progress: a sync() in any event the worker runs would run a whole
+    unit on the worker, inside another's events."""
+    seen: list[BaseException | str] = []
+    holder: list[SyncClient] = []
+    done = threading.Event()
+
+    def callback(*args: Any) -> None:
+        if threading.current_thread().name != "syncunit-worker" or seen:
+            return
+        try:
+            holder[0].sync("Splash")
+            seen.append("ran")
+        except SyncUnitError as exc:
+            seen.append(exc)
+        done.set()
+
+    device = make_client(**{event: callback})
+    holder.append(device)
+    device.trigger("NoSuchUnit" if event == "on_error" else "Login")
+    assert done.wait(30)
+
+    [refused] = seen
+    assert isinstance(refused, SyncError), refused
+    assert "use trigger()" in str(refused)
+    assert device.store.last_sync_on("Splash") is None
+
+
 def test_close_waits_for_the_worker_then_cancels_it_cleanly(make_client, net):
     errors: list[Exception] = []
     device = make_client(transport=net, on_error=lambda unit, exc: errors.append(exc))

@@ -151,6 +151,7 @@ class SyncClient:
         self.clock = clock
         self._sync_lock = threading.Lock()
         self._sync_owner: int | None = None  # the thread running a sync
+        self._callbacks = threading.local()  # .depth: callbacks running on this thread
         self._cancel = threading.Event()
         self._closed = False
         self.scheduler = Scheduler(self, retry=retry or RetryPolicy(), clock=clock)
@@ -300,7 +301,14 @@ class SyncClient:
 
     def _status_changed(self) -> None:
         """Tell ``on_status`` about a new status (not twice the same one)."""
-        self._feed.tell(lambda: self.status, self.on_status, self.dispatch)
+        here = self.on_status is not None and self.dispatch is None  # called on this thread
+        listener = self._status_callback if here else self.on_status
+        self._feed.tell(lambda: self.status, listener, self.dispatch)
+
+    def _status_callback(self, status: SyncStatus) -> None:
+        if self.on_status is not None:
+            with self._calling_back():
+                self.on_status(status)
 
     def watch_query(
         self,
@@ -339,9 +347,23 @@ class SyncClient:
         if callback is None:
             return
         try:
-            callback(*args)
+            with self._calling_back():
+                callback(*args)
         except Exception:
             log.exception("a sync event callback failed")
+
+    @contextmanager
+    def _calling_back(self) -> Iterator[None]:
+        """Mark this thread as running a sync callback: ``sync()`` refuses to start in one
+        (on the worker it would run a whole unit inside another's events)."""
+        self._callbacks.depth = getattr(self._callbacks, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._callbacks.depth -= 1
+
+    def _in_callback(self) -> bool:
+        return bool(getattr(self._callbacks, "depth", 0))
 
     def __enter__(self) -> SyncClient:
         return self
@@ -434,7 +456,7 @@ class SyncClient:
         own, so opening it again is a delta. It stays until ``unsubscribe``,
         or until it has not been synced for ``keep_for`` seconds.
         """
-        if self._sync_owner == threading.get_ident():
+        if self._sync_owner == threading.get_ident() or self._in_callback():
             raise SyncError(
                 f"sync({unit!r}) was called from inside a sync (a callback);"
                 " use trigger() to run it after this one"

@@ -321,7 +321,7 @@ class Scheduler:
         """Give the worker up to ``timeout`` seconds to run the units due now: queued
         before this call and not waiting for a retry. Units queued later, and any
         left when the time is up, stay queued for the next ``start()``."""
-        if not self.running:
+        if not self.running or self._thread is threading.current_thread():
             return
         last = self.client.store.query("SELECT max(id) FROM syncunit_queue")[0][0]
         deadline = time.monotonic() + timeout
