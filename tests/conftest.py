@@ -421,6 +421,8 @@ def live(server: SyncServer, serve: Callable[[Any], LiveServer]) -> LiveServer:
 
 #: The example apps (``hospital``, ``notes``), importable by a ``syncunit serve`` process.
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+#: This checkout's package, imported by those processes before any installed one.
+SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture
@@ -439,7 +441,7 @@ def serve_process(tmp_path: Path) -> Iterator[Callable[..., tuple[str, subproces
              "--database", database, "--app-dir", str(EXAMPLES),
              "--port", str(port), "--workers", str(workers), "--log-level", "warning", *options],
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(EXAMPLES)},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SOURCE), str(EXAMPLES)])},
         )  # fmt: skip
         log.close()  # the child holds its own copy
         procs.append(proc)

@@ -176,3 +176,42 @@ def test_a_client_that_disconnects_mid_request_makes_one_plain_line(make_live, c
     assert "POST /v1/sync/SendAppointments" in line.getMessage()
     assert line.request_id
     assert [r.getMessage() for r in uvicorn_lines if r.levelno >= logging.ERROR] == []
+
+
+def _serve_log(serve_process: Any, database: str, tmp_path: Any, *options: str) -> list[str]:
+    """Serve and make one request; the lines the process wrote to stdout and stderr."""
+    url, _ = serve_process(database, 1, "--log-level", "info", *options)
+    assert httpx.get(f"{url}/v1/catalog", timeout=10).status_code == 401
+    log = tmp_path / f"serve-{url.rsplit(':', 1)[1]}.log"
+    deadline = time.monotonic() + 10
+    while "refused GET /v1/catalog" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the access line follows the response
+    return [line for line in log.read_text().splitlines() if line.strip()]
+
+
+def test_serve_json_logs_are_one_object_a_line_uvicorns_too(
+    store, server_db_url, serve_process, tmp_path
+):
+    generate(store.engine, **SIZE)
+    lines = _serve_log(serve_process, server_db_url, tmp_path, "--log-format", "json")
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+    loggers = {r["logger"] for r in records}
+    assert {"uvicorn.error", "uvicorn.access", "syncunit.server"} <= loggers, loggers
+    assert any("Uvicorn running on" in r["message"] for r in records)
+    assert any("GET /v1/catalog" in r["message"] and "401" in r["message"] for r in records)
+
+
+def test_serve_without_the_access_log(store, server_db_url, serve_process, tmp_path):
+    generate(store.engine, **SIZE)
+    lines = _serve_log(
+        serve_process, server_db_url, tmp_path, "--log-format", "json", "--no-access-log"
+    )
+    loggers = {json.loads(line)["logger"] for line in lines}
+    assert "uvicorn.access" not in loggers
+    assert "syncunit.server" in loggers  # the server's own lines stay

@@ -106,20 +106,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "metrics_token": args.metrics_token or os.environ.get("SYNCUNIT_METRICS_TOKEN"),
         "log_format": args.log_format, "log_level": args.log_level,
     }  # fmt: skip
+    logs: dict[str, Any] = {"log_level": args.log_level, "access_log": args.access_log}
+    if args.log_format == "json":
+        logs["log_config"] = uvicorn_to_root()
     if args.workers > 1:
         # Each worker process imports the app itself (uvicorn needs an import string).
         os.environ[_WORKER_ENV] = json.dumps(config)
         run_app(
             "syncunit.cli:worker_app", keep_alive=args.keep_alive, factory=True,
-            workers=args.workers, host=args.host, port=args.port, log_level=args.log_level,
+            workers=args.workers, host=args.host, port=args.port, **logs,
         )  # fmt: skip
         return 0
     server = _server_from(config)
-    run_app(
-        server.app, keep_alive=args.keep_alive,
-        host=args.host, port=args.port, log_level=args.log_level,
-    )  # fmt: skip
+    run_app(server.app, keep_alive=args.keep_alive, host=args.host, port=args.port, **logs)
     return 0
+
+
+def uvicorn_to_root() -> dict[str, Any]:
+    """A ``log_config`` for uvicorn that gives its loggers (startup, errors, the access
+    log) no handlers of their own: their lines go to the root logger's handler, in the
+    same format as the server's (``configure_logging``)."""
+    names = ("uvicorn", "uvicorn.error", "uvicorn.access")
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "loggers": {name: {"handlers": [], "propagate": True} for name in names},
+    }
 
 
 def run_app(app: Any, *, keep_alive: int = KEEP_ALIVE_S, **options: Any) -> None:
@@ -292,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.add_argument(
         "--log-format", choices=["text", "json"], default="text",
-        help="log lines as text or one JSON object each (default text)",
+        help="log lines as text or one JSON object each, uvicorn's too (default text)",
+    )  # fmt: skip
+    p.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, default=True,
+        help="log each HTTP request with its client address (default on)",
     )  # fmt: skip
     p.add_argument(
         "--metrics-token",
