@@ -146,3 +146,83 @@ print(result.total_in)
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) > 0
+
+
+SERVED = ["hospital.server:build", "--database", "sqlite:///x.sqlite"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra"),
+    [
+        (["serve", *SERVED], "server"),
+        (["ddl", *SERVED], "server"),
+        (["prune", *SERVED, "--keep", "1"], "server"),
+        (["renew-epoch", *SERVED], "server"),
+        (["lag", *SERVED], "server"),
+        (["demo"], "cli"),
+        (["bench", "--help"], "cli,bench"),
+    ],
+)
+def test_a_client_only_install_names_the_extra_a_command_needs(
+    tmp_path: Path, argv: list[str], extra: str
+) -> None:
+    """``pip install syncunit`` (no extras): each command says what to install, no traceback."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+class Forbid:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sqlalchemy", "starlette", "uvicorn", "anyio", "rich",
+                                  "matplotlib", "psutil"):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Forbid())
+from syncunit.cli import main
+sys.exit(main({argv!r}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"syncunit {argv[0]} needs the extra [{extra}]" in done.stderr
+    assert f"pip install 'syncunit[{extra}]'" in done.stderr
+
+
+def test_sync_runs_without_the_cli_extra_and_prints_its_result_to_stdout(
+    live: Any, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+class Forbid:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sqlalchemy", "starlette", "uvicorn", "anyio", "rich"):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Forbid())
+from syncunit.cli import main
+sys.exit(main(["sync", {live.url!r}, "Login", "--db", "d.sqlite", "--token", "token-h1"]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Login: ")
+    assert "rows in" in done.stdout
+    assert done.stderr == ""
+
+
+def test_a_missing_parameter_tells_the_cli_option(
+    live: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = str(tmp_path / "d.sqlite")
+    code = main(["sync", live.url, "PatientDetails", "--db", db, "--token", "token-h1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "pass --param patient_id=..." in err
+    assert "params=" not in err

@@ -21,11 +21,14 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from syncunit.errors import SyncUnitError
+from syncunit.errors import ProblemError, SyncUnitError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +48,12 @@ def _from_checkout(folder: str, module: str) -> Any:
             break
     try:
         return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.partition(".")[0] in _EXTRA_MODULES:
+            raise  # the bench's own dependencies: main() names the extra
+        raise SystemExit(
+            f"error: cannot import {module} ({exc}); run from a checkout of syncunit"
+        ) from exc
     except ImportError as exc:
         raise SystemExit(
             f"error: cannot import {module} ({exc}); run from a checkout of syncunit"
@@ -221,29 +230,53 @@ def cmd_renew_epoch(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
+    """Run one unit; its result goes to stdout, the progress bar (with rich) to stderr."""
     from syncunit.client import SyncClient
 
-    console = Console(stderr=True)
-    bar = Progress(
-        TextColumn(args.unit), BarColumn(), MofNCompleteColumn(),
-        console=console, transient=True, disable=args.json,
-    )  # fmt: skip
-    with SyncClient(args.url, args.db, token=args.token, chunk_size=args.chunk_size) as client, bar:
-        task = bar.add_task(args.unit, total=None)
-        client.on_progress = lambda _u, done, total: bar.update(task, completed=done, total=total)
-        result = client.sync(args.unit, params=_params(args.param))
+    params = _params(args.param)
+    client = SyncClient(args.url, args.db, token=args.token, chunk_size=args.chunk_size)
+    with client, _progress_bar(args.unit, hidden=args.json) as show:
+        client.on_progress = show
+        try:
+            result = client.sync(args.unit, params=params)
+        except ProblemError as exc:
+            # The server tells a library user to pass params={...}: here it is --param.
+            told = str(exc)
+            fixed = _PARAMS_HINT.sub(r"pass --param \1=...", told)
+            if fixed == told:
+                raise
+            raise SyncUnitError(fixed) from None
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        console.print(
+        print(
             f"{result.unit}: {result.total_in:,} rows in, {result.total_removed:,} removed,"
             f" {result.rows_out:,} out, {result.bytes_in:,} bytes in, {result.seconds:.3f} s,"
             f" {result.requests} request(s)"
         )
     return 0
+
+
+_PARAMS_HINT = re.compile(r"pass params=\{'(\w+)': \.\.\.\}")
+
+
+@contextmanager
+def _progress_bar(unit: str, *, hidden: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """An ``on_progress`` that draws a bar on stderr (none without rich: the client-only
+    install has no rich, and the command works the same)."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    except ImportError:
+        yield lambda _unit, _done, _total: None
+        return
+    bar = Progress(
+        TextColumn(unit), BarColumn(), MofNCompleteColumn(),
+        console=Console(stderr=True), transient=True, disable=hidden,
+    )  # fmt: skip
+    with bar:
+        task = bar.add_task(unit, total=None)
+        yield lambda _unit, done, total: bar.update(task, completed=done, total=total)
 
 
 def _params(pairs: list[str] | None) -> dict[str, Any] | None:
@@ -261,12 +294,7 @@ def _params(pairs: list[str] | None) -> dict[str, Any] | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        run_demo = importlib.import_module("syncunit.examples.hospital.scenario").run_demo
-    except ImportError as exc:
-        raise SystemExit(
-            f"error: the demo needs the cli extra ({exc}): pip install 'syncunit[cli]'"
-        ) from exc
+    run_demo = importlib.import_module("syncunit.examples.hospital.scenario").run_demo
     code: int = run_demo(
         appointments=args.appointments,
         report=Path(args.report) if args.report else None,
@@ -380,9 +408,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The extra each command needs beyond the client (``sync`` needs none).
+COMMAND_EXTRAS = {
+    "serve": "server", "ddl": "server", "prune": "server", "renew-epoch": "server",
+    "lag": "server", "demo": "cli", "bench": "cli,bench",
+}  # fmt: skip
+#: Modules of an extra of their own (the PostgreSQL driver, whichever command needs it).
+_MODULE_EXTRAS = {"psycopg": "postgres", "rich": "cli", "matplotlib": "bench", "psutil": "bench"}
+#: What the extras install: a missing one is an install to fix, not a bug to trace.
+_EXTRA_MODULES = {
+    "starlette", "uvicorn", "anyio", "sqlalchemy", "zstandard", "jwt", "prometheus_client",
+    *_MODULE_EXTRAS,
+}  # fmt: skip
+
+
+def _missing_extra(command: str, exc: ModuleNotFoundError) -> str | None:
+    """The message for a command whose extra is not installed (None: another error)."""
+    module = (exc.name or "").partition(".")[0]
+    if module not in _EXTRA_MODULES:
+        return None
+    extra = "postgres" if module == "psycopg" else COMMAND_EXTRAS.get(command)
+    extra = extra or _MODULE_EXTRAS.get(module, "server")
+    return (
+        f"error: syncunit {command} needs the extra [{extra}] (no module named {module!r}):"
+        f" pip install 'syncunit[{extra}]', or from a checkout pip install './[{extra}]'"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``syncunit`` command."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(argv)
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(argv[0] if argv else "", exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # its options are the bench's own (see syncunit bench --help)
         return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
