@@ -373,6 +373,16 @@ def test_a_postgres_database_without_creation_stamps_upgrades_in_place(store, se
     assert store.install(mini_schema) is False
 
 
+def test_the_scope_index_ddl_has_each_statement_once(store):
+    """Scope columns of the same name in several tables (``id``) share a tombstone index
+    where it is keyed by name: ``syncunit ddl`` prints it once."""
+    from hospital.units import schema as hospital_schema
+
+    wanted = store.scope_index_ddl(hospital_schema)
+    assert wanted
+    assert len(wanted) == len(set(wanted)), wanted
+
+
 def test_servers_creating_the_scope_indexes_together_all_succeed(store, server_db_url):
     """Each server process creates the scope indexes it finds missing; several finding
     them missing at once take turns (PostgreSQL's CREATE INDEX IF NOT EXISTS alone

@@ -233,7 +233,9 @@ class ServerStore(abc.ABC):
         ]
         for column in tombstone_scope_columns(streams):
             out += self.tombstone_index_ddl(column)
-        return out
+        # Columns of the same name in several tables may share one index (SQLite's is
+        # on the old value by name): each statement once, in its first place.
+        return list(dict.fromkeys(out))
 
     def old_value_lookup(
         self, ts: Any, column: sa.Column[Any]
