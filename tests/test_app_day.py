@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from syncunit import AsyncSyncClient, NetworkError, SyncClient, SyncStatus
+from syncunit.client.scheduler import subscription_id
 from tests.support import LiveServer
 from tests.test_scheduler import booking
 
@@ -282,3 +283,23 @@ def test_the_async_client_syncs_and_hands_results_to_the_loop(live: LiveServer, 
     assert out["second"] == [(out["first"][0][0] + 1,)]
     assert out["threads"] == {out["loop"]}  # every status call ran on the loop's thread
     assert any(s.download is not None for s in out["statuses"])
+
+
+def test_the_async_client_takes_a_units_params_like_the_sync_one(live: LiveServer, store, tmp_path):
+    from tests.test_subscriptions import patients_of
+
+    patient = patients_of(store, 1)[0]
+    wanted = {"patient_id": patient}
+
+    async def app() -> tuple[Any, list[tuple[str, dict[str, Any]]], bool]:
+        async with AsyncSyncClient(live.url, tmp_path / "a.sqlite", token="token-h1") as client:
+            await client.sync("Login")
+            result = await client.sync("PatientDetails", wanted, keep_for=3600)
+            queued = client.trigger("PatientDetails", params=wanted)
+            return result, client.client.subscriptions(), queued
+
+    result, subscriptions, queued = asyncio.run(app())
+    assert result.unit == subscription_id("PatientDetails", wanted)
+    assert result.total_in > 0
+    assert subscriptions == [("PatientDetails", wanted)]
+    assert queued

@@ -77,13 +77,26 @@ class AsyncSyncClient:
 
     # -- syncing ---------------------------------------------------------------------------
 
-    async def sync(self, unit: str) -> SyncResult:
-        """Run ``unit`` now (on a worker thread) and return what it did."""
-        return await asyncio.to_thread(self.client.sync, unit)
+    async def sync(
+        self,
+        unit: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        keep_for: float | None = None,
+    ) -> SyncResult:
+        """Run ``unit`` (with its client ``params``, a subscription: see
+        ``SyncClient.sync``) now, on a worker thread, and return what it did."""
+        return await asyncio.to_thread(self.client.sync, unit, params, keep_for=keep_for)
 
-    def trigger(self, unit: str, *, discard_pending: bool = False) -> bool:
-        """Queue ``unit`` for the background worker; returns at once."""
-        return self.client.trigger(unit, discard_pending=discard_pending)
+    def trigger(
+        self,
+        unit: str,
+        *,
+        discard_pending: bool = False,
+        params: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Queue ``unit`` (with its ``params``) for the background worker; returns at once."""
+        return self.client.trigger(unit, discard_pending=discard_pending, params=params)
 
     def start(self) -> None:
         """Start the background worker (see ``SyncClient.start``)."""
