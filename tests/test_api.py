@@ -226,3 +226,16 @@ def test_a_missing_parameter_tells_the_cli_option(
     assert code == 1
     assert "pass --param patient_id=..." in err
     assert "params=" not in err
+
+
+def test_the_switch_users_sign_in_runs_login(live: Any, tmp_path: Path) -> None:
+    """docs/switch-users.md: sign_in() leaves the user's rows on the device."""
+    page = (ROOT / "docs" / "switch-users.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", page, re.S)[0]
+    scope: dict[str, Any] = {"app_data_dir": str(tmp_path), "SERVER_URL": live.url}
+    exec(compile(code, "switch-users.md", "exec"), scope)
+    client = scope["sign_in"]("ana", "token-h1")
+    try:
+        assert client.store.query("SELECT count(*) FROM LocalAppointment")[0][0] > 0
+    finally:
+        scope["sign_out"](client)
