@@ -34,6 +34,11 @@ PROBLEM = "application/problem+json"
 #: one is applied, instead of answering ``sequence-gap``; a client may then send its
 #: next batch without waiting for the answer to the one before.
 QUEUES_PUSHES = "Syncunit-Queues-Pushes"
+#: A header of sync and catalog answers, refusals included: the server's bounds on a
+#: push request, ``body=<bytes>, field=<bytes>, mutations=<count>`` (``PushLimits``).
+#: A client sizes its push batches under them, and surfaces a change that alone
+#: cannot pass them as a rejection instead of sending it.
+PUSH_LIMITS = "Syncunit-Push-Limits"
 
 Encoding = Literal["msgpack", "json"]
 
@@ -42,6 +47,7 @@ __all__ = [
     "MSGPACK",
     "PROBLEM_CODES",
     "PROTOCOL_VERSION",
+    "PUSH_LIMITS",
     "QUEUES_PUSHES",
     "Answered",
     "Catalog",
@@ -56,6 +62,7 @@ __all__ = [
     "MutationResult",
     "ParamInfo",
     "Problem",
+    "PushLimits",
     "PushResults",
     "SnapshotOffer",
     "StreamInfo",
@@ -69,6 +76,37 @@ __all__ = [
     "local_index_name",
     "local_table_ddl",
 ]
+
+
+class PushLimits(msgspec.Struct, frozen=True):
+    """The server's bounds on one push request, as its ``PUSH_LIMITS`` header says them.
+
+    ``body``: the request body in bytes (compressed, and once decompressed);
+    ``field``: one string or bytes value inside a mutation (key, values, base), in
+    bytes (a string's UTF-8); ``mutations``: mutations in one request.
+    """
+
+    body: int = 8 * 1024 * 1024
+    field: int = 256 * 1024
+    mutations: int = 10_000
+
+    def header(self) -> str:
+        """The header's value."""
+        return f"body={self.body}, field={self.field}, mutations={self.mutations}"
+
+    @classmethod
+    def parse(cls, value: str | None) -> PushLimits | None:
+        """The limits in a header's value; None if it is missing or unreadable."""
+        if not value:
+            return None
+        found: dict[str, int] = {}
+        for part in value.split(","):
+            name, _, number = part.partition("=")
+            if number.strip().isdigit() and int(number) > 0:
+                found[name.strip()] = int(number)
+        if not {"body", "field", "mutations"} <= found.keys():
+            return None
+        return cls(body=found["body"], field=found["field"], mutations=found["mutations"])
 
 
 # -- catalog -----------------------------------------------------------------

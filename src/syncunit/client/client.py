@@ -41,9 +41,11 @@ from syncunit.errors import (
 from syncunit.ids import uuid7
 from syncunit.protocol import (
     PROTOCOL_VERSION,
+    PUSH_LIMITS,
     QUEUES_PUSHES,
     Catalog,
     Encoding,
+    PushLimits,
     StreamInfo,
     decode_catalog,
     decode_problem,
@@ -130,6 +132,10 @@ class SyncClient:
         #: The server said (in its last sync answer) that it queues a push behind the
         #: one before it: a push-only unit then sends each batch without waiting.
         self._queues_pushes = False
+        #: The server's bounds on a push (``protocol.PUSH_LIMITS``), from its last answer;
+        #: None until one said them (batches are then sized under the defaults, and no
+        #: change is refused on the device).
+        self.push_limits: PushLimits | None = None
         self.on_start = on_start
         self.on_complete = on_complete
         self.on_error = on_error
@@ -590,6 +596,9 @@ class SyncClient:
             response = self._transmit(request)
         except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: closed by close()
             raise NetworkError(f"cannot reach the server: {exc}") from exc
+        limits = PushLimits.parse(response.headers.get(PUSH_LIMITS))
+        if limits is not None:
+            self.push_limits = limits
         if response.status_code >= 400:
             try:
                 body = response.read()

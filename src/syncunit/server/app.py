@@ -45,6 +45,7 @@ from starlette.routing import Route
 from syncunit.errors import ProtocolError
 from syncunit.protocol import (
     PROTOCOL_VERSION,
+    PUSH_LIMITS,
     QUEUES_PUSHES,
     SyncRequest,
     content_type,
@@ -133,6 +134,9 @@ class SyncServer(SyncAnswer):
         if max_mutations is not None:
             limits = replace(limits, max_mutations=max_mutations)
         self.limits = limits
+        #: The bounds a device sizes its pushes under, told in every sync, catalog
+        #: and problem answer (``protocol.PUSH_LIMITS``).
+        self._push_limits = limits.push_limits().header()
         self.rate = RateLimiter(limits.requests_per_second, limits.request_burst)
         self.sync_slots = SyncSlots(
             limits.max_concurrent_syncs or default_sync_slots(self.store.engine),
@@ -223,7 +227,9 @@ class SyncServer(SyncAnswer):
     async def get_catalog(self, request: Request) -> Response:
         await self._principal(request)
         return Response(
-            self._catalog_body, media_type="application/json", headers={QUEUES_PUSHES: "1"}
+            self._catalog_body,
+            media_type="application/json",
+            headers={QUEUES_PUSHES: "1", PUSH_LIMITS: self._push_limits},
         )
 
     async def get_snapshot(self, request: Request) -> Response:
@@ -345,7 +351,11 @@ class SyncServer(SyncAnswer):
             self._maybe_prune()
             accept = encoding_of(request.headers.get("accept")) or encoding
             compressor = compressor_for(request.headers.get("accept-encoding", ""))
-            headers = {"Cache-Control": "no-store", QUEUES_PUSHES: "1"}
+            headers = {
+                "Cache-Control": "no-store",
+                QUEUES_PUSHES: "1",
+                PUSH_LIMITS: self._push_limits,
+            }
             if compressor.name:
                 headers["Content-Encoding"] = compressor.name
             frames = self._frames(unit, principal, req, pushed)
@@ -511,7 +521,10 @@ class SyncServer(SyncAnswer):
         path, detail = request.url.path, ctx.scrub(shorten(exc.detail, 200))
         self.metrics.refused.labels(exc.code).inc()
         log.info("refused %s %s: %s: %s", request.method, path, exc.code, detail)
-        return problem_response(exc.code, exc.detail, exc.headers)
+        # A push refused as too large (413) says the bounds: the device sizes under them.
+        return problem_response(
+            exc.code, exc.detail, {PUSH_LIMITS: self._push_limits, **exc.headers}
+        )
 
     async def _on_no_route(self, request: Request, exc: Exception) -> Response:
         """The router's own refusals (no such path, or not with this method) as problems,

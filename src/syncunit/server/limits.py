@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from syncunit.protocol import Encoding, Mutation, SyncRequest, decode_request
+from syncunit.protocol import Encoding, Mutation, PushLimits, SyncRequest, decode_request
 from syncunit.server.problems import ProblemException
 
 try:
@@ -82,6 +82,12 @@ class Limits:
     #: and per principal; then 503.
     max_concurrent_syncs: int | None = None
     syncs_per_principal: int = 4
+
+    def push_limits(self) -> PushLimits:
+        """The bounds on a push a device is told (``protocol.PUSH_LIMITS``)."""
+        return PushLimits(
+            body=self.max_body_bytes, field=self.max_field_bytes, mutations=self.max_mutations
+        )
 
 
 def shorten(value: Any, limit: int = 80) -> str:
