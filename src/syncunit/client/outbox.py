@@ -15,6 +15,14 @@ with the same numbers, and the server answers from its log.
 Conflicts and rejections move to ``syncunit_rejected``, where the app lists
 them and decides: ``retry`` (with changes), or ``discard`` (keep the server's
 row). Nothing is dropped silently.
+
+A push request carries at most what the server takes (``Budget``, from the
+bounds it says in ``protocol.PUSH_LIMITS``): batches are sized by their encoded
+bytes too, and a change that alone cannot pass those bounds (a value over the
+per-value limit, or a change over the body limit) is never sent: it becomes a
+rejection (``field-too-large`` or ``body-too-large``) with its values kept, before
+it is numbered, so the changes after it go on. One numbered before the device
+knew the bounds is taken out of flight the same way (``withdraw``).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import msgspec
 
 from syncunit.client.triggers import NOW as _NOW
 from syncunit.errors import LocalStoreError
-from syncunit.protocol import Mutation, MutationResult, PushResults, StreamInfo
+from syncunit.protocol import Mutation, MutationResult, PushLimits, PushResults, StreamInfo
 from syncunit.protocol import quote_name as _q
 
 if TYPE_CHECKING:
@@ -38,7 +46,7 @@ if TYPE_CHECKING:
 
     from syncunit.client.store import LocalStore
 
-__all__ = ["Outbox", "PendingChange", "RejectedChange"]
+__all__ = ["Budget", "Outbox", "PendingChange", "RejectedChange"]
 
 log = logging.getLogger("syncunit.outbox")
 
@@ -48,6 +56,88 @@ UNSENDABLE = "syncunit:key-changed"
 _KEYS_PER_QUERY = 500  # keys bound in one IN (...) (SQLite allows 32,766 parameters)
 _mut_enc = msgspec.msgpack.Encoder()
 _mut_dec = msgspec.msgpack.Decoder(Mutation)
+_json_enc = msgspec.json.Encoder()
+#: Bytes of a push request besides its mutations (client id, cursors, parameters) that
+#: a batch leaves room for: an eighth of the body limit, at most this much.
+ENVELOPE_BYTES = 512 * 1024
+#: Room a change sent alone leaves for the rest of its request; one over the body
+#: limit by less is sent, and withdrawn if the server refuses it (``withdraw``).
+ALONE_ENVELOPE_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one push request may carry, from the server's bounds (``PushLimits``).
+
+    ``limits`` None: the server has not said them yet; batches are sized under the
+    defaults and no change is refused on the device (the server's answer says them).
+    """
+
+    limits: PushLimits | None
+    json: bool = False  # the requests are JSON (else MessagePack)
+
+    @property
+    def max_bytes(self) -> int:
+        """Encoded bytes of mutations in one request."""
+        body = (self.limits or PushLimits()).body
+        return max(1, body - min(ENVELOPE_BYTES, body // 8))
+
+    @property
+    def mutations(self) -> int:
+        return (self.limits or PushLimits()).mutations
+
+    def size(self, m: Mutation, packed: bytes) -> int:
+        """``m``'s bytes in a request (``packed``: its MessagePack)."""
+        return len(_json_enc.encode(m)) + 1 if self.json else len(packed)
+
+    def refusal(self, m: Mutation, size: int) -> tuple[str, str] | None:
+        """Why the server would refuse any request holding ``m`` (a problem code and
+        a reason), or None: it passes, or the bounds are not known."""
+        if self.limits is None:
+            return None
+        found = _value_over(m, self.limits.field)
+        if found is not None:
+            where, big = found
+            return "field-too-large", (
+                f"{where} holds {big} bytes; the server takes at most {self.limits.field}"
+                " bytes in one value: keep large content out of synced columns (a file,"
+                " object storage) or split it, then retry the change with a smaller value"
+            )
+        if size > self.limits.body - ALONE_ENVELOPE_BYTES:
+            return "body-too-large", (
+                f"this change alone is {size} bytes encoded; the server takes at most"
+                f" {self.limits.body} bytes in one request: split the row's content over"
+                " several rows, then retry the change with smaller values"
+            )
+        return None
+
+
+def _value_over(m: Mutation, limit: int) -> tuple[str, int] | None:
+    """The first value of ``m`` (key, values, base) holding a string or bytes over
+    ``limit`` bytes, as the server measures them: where it is, and its size."""
+    short = limit // 4  # a string of at most this many characters fits, whatever it holds
+    places: list[tuple[str, Any]] = [("key", m.key)]
+    places += [(f"values[{c!r}]", v) for c, v in m.values.items()]
+    places += [(f"base[{c!r}]", v) for c, v in m.base.items()]
+    for where, value in places:
+        todo = [value]
+        while todo:
+            v = todo.pop()
+            if isinstance(v, str):
+                size = len(v) if len(v) <= short else len(v.encode())
+            elif isinstance(v, bytes | bytearray | memoryview):
+                size = len(v)
+            elif isinstance(v, dict):
+                todo += [*v.keys(), *v.values()]
+                continue
+            elif isinstance(v, list | tuple):
+                todo += v
+                continue
+            else:
+                continue
+            if size > limit:
+                return where, size
+    return None
 
 
 def _encode_bytes(value: Any) -> Any:
@@ -113,6 +203,14 @@ class Outbox:
 
     def __init__(self, store: LocalStore) -> None:
         self.store = store
+        #: Changes made rejections on the device since ``take_refused`` last ran.
+        self._refused: list[RejectedChange] = []
+
+    def take_refused(self) -> list[RejectedChange]:
+        """The changes made rejections on the device (never sent: too large) since the
+        last call; each stays in ``rejected()`` until the app decides."""
+        taken, self._refused = self._refused, []
+        return taken
 
     # -- reading -------------------------------------------------------------------------
 
@@ -164,30 +262,59 @@ class Outbox:
         row = self.store.query("SELECT min(seq) FROM syncunit_outbox WHERE seq IS NOT NULL")
         return int(row[0][0]) if row and row[0][0] is not None else 0
 
-    def prepare(self, streams: Sequence[StreamInfo], limit: int) -> list[Mutation]:
-        """Mutations to send: those in flight first, then new ones, numbered; ``limit`` in all.
+    def prepare(
+        self, streams: Sequence[StreamInfo], limit: int, budget: Budget | None = None
+    ) -> list[Mutation]:
+        """Mutations to send: those in flight first, then new ones, numbered; ``limit`` in all,
+        and within ``budget`` (at least one).
 
         In flight are changes numbered and sent (or numbered ahead, see ``number``)
         whose answer has not been recorded; they go again first, in order, the
-        oldest ``limit`` of them if there are more.
+        oldest ``limit`` of them if there are more. The first of them, if it cannot
+        pass the server's bounds, is withdrawn first (``withdraw``).
         """
+        if budget is not None:
+            limit = min(limit, budget.mutations)
         with self.store.atomic() as conn:
-            in_flight = [
-                _mut_dec.decode(r[0])
-                for r in conn.execute(
-                    "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL"
-                    " ORDER BY seq LIMIT ?",
-                    (limit,),
-                )
-            ]
-            return in_flight + self.number(streams, limit - len(in_flight))
+            in_flight: list[Mutation] = []
+            used = 0
+            for (payload,) in conn.execute(
+                "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall():
+                m = _mut_dec.decode(payload)
+                if budget is None:
+                    in_flight.append(m)
+                    continue
+                size = budget.size(m, payload)
+                refused = budget.refusal(m, size)
+                if refused is not None and not in_flight:
+                    # Numbered before the bounds were known: never sent again, surfaced.
+                    self.withdraw(m.seq, *refused, streams)
+                    return self.prepare(streams, limit, budget)
+                if in_flight and (refused is not None or used + size > budget.max_bytes):
+                    return in_flight  # the rest go in the next requests
+                in_flight.append(m)
+                used += size
+            return in_flight + self.number(streams, limit - len(in_flight), budget, used)
 
-    def number(self, streams: Sequence[StreamInfo], limit: int) -> list[Mutation]:
+    def number(
+        self,
+        streams: Sequence[StreamInfo],
+        limit: int,
+        budget: Budget | None = None,
+        used: int = 0,
+    ) -> list[Mutation]:
         """Number and freeze up to ``limit`` unsent changes of ``streams``; return them.
 
         They are in flight from then on: a push sends them after those numbered
         before, and a run that stops first sends them with the next one. A client
         numbers the next batch while the server applies the current one.
+
+        With a ``budget``, the batch stops before the change that would take its
+        bytes (``used`` so far by the changes it follows) past the budget's; a
+        change that alone cannot pass the server's bounds is not numbered (no
+        sequence number is spent on it): it becomes a rejection.
         """
         by_table = {s.local_table: s for s in streams}
         if limit <= 0 or not by_table:
@@ -211,6 +338,7 @@ class Outbox:
             )
             fresh: list[Mutation] = []
             numbered: list[tuple[int, bytes, int]] = []
+            refused: list[tuple[int, Mutation, str, str]] = []
             names: dict[str, list[str]] = {}
             writable: dict[str, set[str]] = {}
             current = self._current_rows(rows, by_table, names)
@@ -226,13 +354,25 @@ class Outbox:
                 m = self._mutation(
                     s, names[table], writable[table], row, next_seq, mid, key, op, changed, base
                 )
-                numbered.append((next_seq, _mut_enc.encode(m), oid))
+                packed = _mut_enc.encode(m)
+                if budget is not None:
+                    size = budget.size(m, packed)
+                    why = budget.refusal(m, size)
+                    if why is not None:
+                        refused.append((oid, m, *why))
+                        continue
+                    if (fresh or used) and used + size > budget.max_bytes:
+                        break  # the next batch starts here
+                    used += size
+                numbered.append((next_seq, packed, oid))
                 fresh.append(m)
                 next_seq += 1
             conn.executemany(
                 "UPDATE syncunit_outbox SET seq = ?, payload = ? WHERE id = ?", numbered
             )
             conn.execute("UPDATE syncunit_state SET next_seq = ? WHERE id = 1", (next_seq,))
+            for oid, m, code, reason in refused:
+                self._refuse(oid, None, m, code, reason, by_table[m.table])
         return fresh
 
     def freeze(
@@ -344,6 +484,76 @@ class Outbox:
                 "UPDATE syncunit_outbox SET payload = ? WHERE id = ?", (_mut_enc.encode(held), oid)
             )
         return len(rows)
+
+    def withdraw(self, seq: int, code: str, reason: str, streams: Sequence[StreamInfo]) -> bool:
+        """Take the change numbered ``seq``, the first in flight, out of flight: it becomes
+        a rejection (``code``, ``reason``) with its values kept, and the changes numbered
+        after it move down one number, so the server sees no gap.
+
+        For a change no request can carry (the server refuses every request holding
+        it, before applying anything): the server has applied none of its number or
+        after. False (nothing done) if ``seq`` is not the first in flight.
+        """
+        conn = self.store.conn
+        with self.store.atomic():
+            if self.in_flight_from() != seq:
+                return False
+            oid, payload = conn.execute(
+                "SELECT id, payload FROM syncunit_outbox WHERE seq = ?", (seq,)
+            ).fetchone()
+            m = _mut_dec.decode(payload)
+            stream = next((s for s in streams if s.local_table == m.table), None)
+            self._refuse(oid, seq, m, code, reason, stream)
+            later = conn.execute(
+                "SELECT id, payload FROM syncunit_outbox WHERE seq > ? ORDER BY seq", (seq,)
+            ).fetchall()
+            for later_id, later_payload in later:  # in order: each number is free when taken
+                old = _mut_dec.decode(later_payload)
+                moved = msgspec.structs.replace(old, seq=old.seq - 1)
+                conn.execute(
+                    "UPDATE syncunit_outbox SET seq = ?, payload = ? WHERE id = ?",
+                    (moved.seq, _mut_enc.encode(moved), later_id),
+                )
+            conn.execute("UPDATE syncunit_state SET next_seq = next_seq - 1 WHERE id = 1")
+        return True
+
+    def _refuse(
+        self,
+        oid: int,
+        seq: int | None,
+        m: Mutation,
+        code: str,
+        reason: str,
+        stream: StreamInfo | None,
+    ) -> None:
+        """Make outbox entry ``oid`` (change ``m``, never applied) a rejection the app sees,
+        and its local row what the server holds: the row as the device saw it before the
+        change (none, for a row new on the device). Runs in the caller's transaction."""
+        conn = self.store.conn
+        table, key = m.table, m.key
+        (base,) = conn.execute("SELECT base FROM syncunit_outbox WHERE id = ?", (oid,)).fetchone()
+        server_row = None if base == "{}" else _loads(base)
+        cur = conn.execute(
+            "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op, status,"
+            " code, reason, attempted, server_row, created_at)"
+            f" VALUES (?, ?, ?, ?, ?, 'rejected', ?, ?, ?, NULL, {_NOW})",
+            (m.id, seq, table, key, m.op, code, reason, _dumps(m.values)),
+        )
+        rid = int(cur.lastrowid or 0)
+        self._refused.append(
+            RejectedChange(rid, table, key, m.op, "rejected", code, reason, dict(m.values), None)
+        )
+        conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
+        newer = conn.execute(
+            "SELECT 1 FROM syncunit_outbox WHERE table_name = ? AND row_key = ?", (table, key)
+        ).fetchone()
+        if stream is not None and newer is None:
+            conn.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+            try:
+                self._restore(stream, key, server_row)
+            finally:
+                conn.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+        log.warning("change to %s %s not pushed: %s", table, shorten_key(key), reason)
 
     def _current_rows(
         self,
@@ -694,6 +904,12 @@ class Outbox:
             )
             conn.execute("DELETE FROM syncunit_parked WHERE client_id = ?", (client_id,))
         return applied, kept
+
+
+def shorten_key(key: Any) -> str:
+    """A row key for a log line, cut short."""
+    text = repr(key)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _utc() -> str:

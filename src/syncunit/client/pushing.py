@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from syncunit.errors import RequestRejected
 from syncunit.protocol import Catalog, Mutation, StreamInfo, UnitInfo
 
 if TYPE_CHECKING:
     from syncunit.client.client import SyncResult
-    from syncunit.client.outbox import Outbox
+    from syncunit.client.outbox import Budget, Outbox
     from syncunit.client.run import UnitRun
 
 __all__ = ["NumberAhead", "overlaps", "push_overlapped"]
@@ -54,17 +55,23 @@ class NumberAhead:
     ``mutations`` stays empty: the next round numbers the batch itself.
     """
 
-    def __init__(self, outbox: Outbox, streams: Sequence[StreamInfo], limit: int) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        streams: Sequence[StreamInfo],
+        limit: int,
+        budget: Budget | None = None,
+    ) -> None:
         self.outbox = outbox
         self.mutations: list[Mutation] = []
         self.error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._run, args=(list(streams), limit), name="syncunit-number-ahead"
+            target=self._run, args=(list(streams), limit, budget), name="syncunit-number-ahead"
         )
 
-    def _run(self, streams: list[StreamInfo], limit: int) -> None:
+    def _run(self, streams: list[StreamInfo], limit: int, budget: Budget | None) -> None:
         try:
-            self.mutations = self.outbox.number(streams, limit)
+            self.mutations = self.outbox.number(streams, limit, budget)
         except BaseException as exc:  # kept, logged; the next round numbers in the open
             self.error = exc
 
@@ -140,7 +147,8 @@ def push_overlapped(
 
     ``sizes`` is ``(first, batch, rounds, sending)``, ``sending`` the changes waiting
     (for progress). Returns whether the server completed the last response (False:
-    the caller continues the run).
+    the caller continues the run; also after a batch refused as too large, which
+    the run then sends in smaller ones: ``UnitRun.too_large``).
     """
     first, batch, rounds, sending = sizes
     outbox = run.client.outbox
@@ -151,13 +159,17 @@ def push_overlapped(
         request, _ = run._build(unit_name, unit, catalog, mutations, params, False)
         return _Posting(lambda: run._post(unit_name, request, result))
 
-    mutations = outbox.prepare(streams, first)
+    mutations = outbox.prepare(streams, run.cap(first), run.budget())
     if not mutations:
         return True
     posting = send(mutations)
     complete = True
     for round_ in range(rounds):
-        ahead = None if round_ + 1 == rounds else NumberAhead(outbox, streams, batch)
+        ahead = (
+            None
+            if round_ + 1 == rounds
+            else NumberAhead(outbox, streams, run.cap(batch), run.budget())
+        )
         # A server that queues pushes holds a batch that comes before its predecessor
         # is applied: the next one goes as soon as it is numbered. Any other: once this
         # answer's headers came (the server has committed this batch).
@@ -171,13 +183,15 @@ def push_overlapped(
             if response is None:
                 response = posting.response()
             complete, _ = run._finish(response, catalog, result)
-        except BaseException:
+        except BaseException as exc:
             if following is not None:
                 following.discard()
+            if isinstance(exc, RequestRejected) and run.too_large(exc, mutations, streams):
+                return False
             raise
         if following is None:
             # Nothing numbered to follow at once: what is in flight, in order, then new.
-            nxt = [] if ahead is None else outbox.prepare(streams, batch)
+            nxt = [] if ahead is None else outbox.prepare(streams, run.cap(batch), run.budget())
             if not nxt:
                 break
             following = send(nxt)

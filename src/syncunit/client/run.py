@@ -12,17 +12,25 @@ import contextlib
 import gzip
 import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from syncunit.client import bootstrap, pushing
+from syncunit.client.outbox import Budget
 from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.pushing import NumberAhead
 from syncunit.client.scheduler import subscription_id
-from syncunit.errors import NetworkError, ProtocolError, SyncError, problem_error
+from syncunit.errors import (
+    NetworkError,
+    ProtocolError,
+    RequestRejected,
+    SyncError,
+    problem_error,
+)
 from syncunit.protocol import (
     QUEUES_PUSHES,
     Answered,
@@ -58,6 +66,8 @@ MAX_IDLE_CONTINUATIONS = 3
 #: on it sooner, and the next, full batch is numbered while it works.
 FIRST_PUSH_BATCH = 500
 log = logging.getLogger("syncunit.client")
+#: The refusals of a push too large for the server (413), which it sends less after.
+_TOO_LARGE = ("field-too-large", "body-too-large", "too-many-mutations")
 
 
 class UnitRun:
@@ -70,8 +80,71 @@ class UnitRun:
         #: A first copy of at least this many rows builds its local indexes at its end.
         self.defer_indexes_above = defer_indexes_above
         self._offers: list[SnapshotOffer] = []
+        #: At most this many changes a request, after the server refused a larger batch
+        #: as too large (None: ``push_batch``).
+        self._cap: int | None = None
+
+    def budget(self) -> Budget:
+        """What one push request may carry, by the server's last word on its bounds."""
+        return Budget(self.client.push_limits, json=self.client.encoding == "json")
+
+    def cap(self, count: int) -> int:
+        """``count`` changes, or fewer after a batch was refused as too large."""
+        return count if self._cap is None else max(1, min(count, self._cap))
+
+    def too_large(
+        self, exc: RequestRejected, sent: list[Mutation], streams: Sequence[StreamInfo]
+    ) -> bool:
+        """The server refused the push ``sent`` as too large (413): send less. True if the
+        run can go on (False: ``exc`` stands).
+
+        The change the server names (``field-too-large`` says its seq), or the one
+        change of a batch of one, cannot pass in any request: it is withdrawn and
+        surfaced (``Outbox.withdraw``); the changes before it go on their own. A
+        batch too large in bytes goes again in smaller ones (the answer said the
+        server's bounds, which the next batch is sized under; and at most half as
+        many changes, in case they were not enough).
+        """
+        if exc.status != 413 or not sent or exc.code not in _TOO_LARGE:
+            return False
+        first = sent[0].seq
+        seq: int | None = None  # the change no request can carry
+        if exc.code == "field-too-large":  # its detail names the change
+            named = re.search(r"\(seq (\d+)\)", exc.detail)
+            seq = int(named.group(1)) if named else None
+            if seq is None and len(sent) == 1:
+                return False  # not a change's value (the request's own fields)
+        elif exc.code == "body-too-large" and len(sent) == 1:
+            seq = first
+        if seq == first:
+            reason = (
+                f"the server refuses any request holding it ({exc.detail or exc.title}):"
+                " keep large content out of synced columns (a file, object storage) or"
+                " split it, then retry the change with smaller values"
+            )
+            self._cap = None  # it was the one: the changes after it go in full batches
+            return self.client.outbox.withdraw(first, exc.code, reason, streams)
+        if seq is not None and first < seq <= sent[-1].seq:
+            self._cap = seq - first  # those before it, then it alone
+        else:
+            self._cap = max(1, len(sent) // 2)
+        log.info("a push of %d changes was refused (%s): sending fewer", len(sent), exc.code)
+        return True
 
     def run(
+        self,
+        unit_name: str,
+        catalog: Catalog | None,
+        result: SyncResult,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Run ``unit_name``: push its changes, pull its streams; record it in ``result``."""
+        try:
+            self._run(unit_name, catalog, result, params)
+        finally:  # changes too large to send, made rejections on the way
+            result.rejected += [c.to_dict() for c in self.client.outbox.take_refused()]
+
+    def _run(
         self,
         unit_name: str,
         catalog: Catalog | None,
@@ -115,22 +188,36 @@ class UnitRun:
             rounds, first = 1 + sending // batch, batch
         left: list[Path] = []
         ahead: NumberAhead | None = None
-        for round_ in range(rounds):
+        round_ = -1
+        while round_ + 1 < rounds:
+            round_ += 1
             # The batch numbered while the server applied the last one, or a fresh one.
             mutations = ahead.next_batch() if ahead is not None else []
+            wanted = first if round_ == 0 else batch
             if not mutations and push_streams:
                 mutations = self.client.outbox.prepare(
-                    push_streams, first if round_ == 0 else batch
+                    push_streams, self.cap(wanted), self.budget()
                 )
+            if 0 < len(mutations) < wanted and self.client.outbox.count(tables) > len(mutations):
+                rounds += 1  # cut short (by its bytes, or the cap): one more round for the rest
             ahead = None
             if mutations:
                 self.client._feed.sending(unit_name, len(mutations), sending)
                 self.client._status_changed()
                 if self.client.pipeline and round_ + 1 < rounds:
-                    ahead = NumberAhead(self.client.outbox, push_streams, batch)
-            complete, chunks = self._request(
-                unit_name, unit, catalog, mutations, result, params, ahead=ahead
-            )
+                    ahead = NumberAhead(
+                        self.client.outbox, push_streams, self.cap(batch), self.budget()
+                    )
+            try:
+                complete, chunks = self._request(
+                    unit_name, unit, catalog, mutations, result, params, ahead=ahead
+                )
+            except RequestRejected as exc:
+                if not self.too_large(exc, mutations, push_streams):
+                    raise
+                round_ -= 1  # the same round again, with fewer changes
+                ahead = None
+                continue
             if catalog is None:  # the first response brought it: continue with its cursors
                 catalog = self.client.store.catalog()
                 unit = None if catalog is None else catalog.unit(unit_name)

@@ -1,0 +1,250 @@
+"""Pushes sized under the server's bounds, and changes too large for any push.
+
+The server refuses a whole push request that holds a value over its per-value
+limit (``field-too-large``) or that is over its body limit (``body-too-large``),
+before it applies anything, and says its bounds in every answer
+(``protocol.PUSH_LIMITS``). The device sizes each batch by its encoded bytes under
+them; a change that alone cannot pass them is surfaced as a rejection with its
+values kept (never numbered, or withdrawn from flight with the numbers after it
+moved down), and the changes after it go on (invariant 2: no lost write; 3:
+exactly once, in order).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import Any
+
+import httpx
+import pytest
+
+from syncunit.protocol import PUSH_LIMITS, PushLimits
+from syncunit.server.limits import Limits
+from tests.test_push_support import FaultTransport, local_note, outbox_rows
+
+KB = 1024
+#: Small bounds keep the bodies small: 64 KiB a value, 1 MiB a request.
+SMALL = Limits(
+    max_field_bytes=64 * KB,
+    max_body_bytes=1024 * KB,
+    requests_per_second=1e6,
+    request_burst=10**6,
+)
+
+
+def _text(n: int, seed: int) -> str:
+    """``n`` characters that gzip cannot shrink much."""
+    rnd = random.Random(seed)
+    return "".join(rnd.choices(string.ascii_letters, k=n))
+
+
+def _note(device: Any, key: str, **values: Any) -> None:
+    device.insert("LocalNote", {"id": key, "owner": "u1", "title": key, **values})
+
+
+def _device(notes_app: Any, limits: Limits = SMALL, **options: Any) -> tuple[Any, Any, Any]:
+    app = notes_app(limits=limits)
+    app.add("s1", title="on the server")
+    fault = options.pop("transport", None) or FaultTransport()
+    device = app.client(transport=fault, **options)
+    device.sync("Sync")
+    return app, device, fault
+
+
+def _push_bodies(fault: FaultTransport) -> list[int]:
+    return [len(r.mutations) for r in fault.sent if r.mutations]
+
+
+def _assert_surfaced(device: Any, key: str, code: str, attempted: dict[str, Any]) -> None:
+    [rejected] = device.outbox.rejected()
+    assert (rejected.table, rejected.key, rejected.status, rejected.code) == (
+        "LocalNote",
+        key,
+        "rejected",
+        code,
+    )
+    assert "then retry the change with" in rejected.reason
+    for column, value in attempted.items():
+        assert rejected.attempted[column] == value  # the values are kept
+
+
+@pytest.mark.parametrize("unit", ["Sync", "Push"])
+def test_a_value_over_the_field_limit_is_surfaced_and_the_changes_after_it_go_on(
+    notes_app: Any, unit: str
+) -> None:
+    app, device, fault = _device(notes_app)
+    photo = b"\x89PNG" + b"\x00" * (300 * KB)  # a 300 KB value
+    _note(device, "before")
+    _note(device, "photo", data=photo)
+    _note(device, "after")
+    device.update("LocalNote", "s1", {"title": "an edit written later"})
+
+    result = device.sync(unit)
+
+    assert result.applied == 3
+    assert [r["key"] for r in result.rejected] == ["photo"]
+    _assert_surfaced(device, "photo", "field-too-large", {"data": photo})
+    assert outbox_rows(device) == []
+    assert local_note(device, "photo") is None  # as for a rejected insert: not on the server
+    rows = {r[0]: r[2] for r in app.rows("u1")}
+    assert rows == {"s1": "an edit written later", "before": "before", "after": "after"}
+    # No number was spent on it: the server saw 1, 2, 3 and waits for nothing.
+    assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2, 3]
+    # Later changes go on; the app retries it with a smaller value.
+    _note(device, "later")
+    [rejected] = device.outbox.rejected()
+    device.outbox.retry(rejected.id, {"data": b"small"})
+    assert device.sync(unit).applied == 2
+    assert app.row("photo")["data"] == b"small"  # type: ignore[index]
+    assert device.outbox.rejected() == []
+    assert device.outbox.count() == 0
+    assert max(_push_bodies(fault)) <= 3
+
+
+def test_an_update_over_the_field_limit_keeps_the_row_the_server_has(notes_app: Any) -> None:
+    app, device, _ = _device(notes_app)
+    device.update("LocalNote", "s1", {"body": _text(100 * KB, 1), "title": "long"})
+    _note(device, "after")
+    result = device.sync("Sync")
+    assert result.applied == 1
+    assert [r["code"] for r in result.rejected] == ["field-too-large"]
+    assert local_note(device, "s1")["title"] == "on the server"  # type: ignore[index]
+    assert app.row("s1")["title"] == "on the server"  # type: ignore[index]
+    assert app.row("after") is not None
+
+
+def test_a_change_alone_over_the_body_limit_is_surfaced(notes_app: Any) -> None:
+    tight = Limits(max_field_bytes=64 * KB, max_body_bytes=100 * KB, requests_per_second=1e6)
+    app, device, _ = _device(notes_app, tight)
+    # Each value fits; together they are over the body limit.
+    body, data = _text(60 * KB, 2), b"\x01" * (60 * KB)
+    _note(device, "big", body=body, data=data)
+    _note(device, "small")
+    result = device.sync("Sync")
+    assert result.applied == 1
+    _assert_surfaced(device, "big", "body-too-large", {"body": body, "data": data})
+    assert app.row("small") is not None
+    assert app.row("big") is None
+    assert outbox_rows(device) == []
+
+
+@pytest.mark.parametrize("unit", ["Sync", "Push"])
+def test_many_large_values_are_all_applied_in_several_requests(notes_app: Any, unit: str) -> None:
+    # 300 notes of 40 KB (12 MB) under a 1 MiB body limit: each fits, no batch of 2000 does.
+    app, device, fault = _device(notes_app, push_batch=100)
+    with device.store.atomic() as conn:
+        conn.executemany(
+            "INSERT INTO LocalNote (id, owner, title, body, n) VALUES (?, 'u1', ?, ?, 0)",
+            [(f"n{i:03d}", f"note {i}", _text(40 * KB, i)) for i in range(300)],
+        )
+    _note(device, "later")
+
+    result = device.sync(unit)
+
+    assert result.applied == 301
+    assert result.rejected == []
+    assert device.outbox.count() == 0
+    assert device.outbox.rejected() == []
+    assert len(app.rows("u1")) == 302
+    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 302))
+    assert app.applications() == 301  # each once
+    sizes = _push_bodies(fault)
+    assert len(sizes) >= 12
+    assert sum(sizes) == 301
+
+
+class _Unsaid(httpx.BaseTransport):
+    """A server that does not say its bounds (one from before they were said): the
+    header is taken off every answer."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        del response.headers[PUSH_LIMITS]
+        return response
+
+
+def test_a_batch_refused_for_one_value_is_split_and_the_value_withdrawn(notes_app: Any) -> None:
+    fault = FaultTransport()
+    app, device, _ = _device(notes_app, transport=_Unsaid(fault))
+    assert device.push_limits is None
+    _note(device, "ok-1")
+    _note(device, "big", body=_text(100 * KB, 3))
+    _note(device, "ok-2")
+    device.update("LocalNote", "s1", {"title": "edited"})
+
+    result = device.sync("Sync")
+
+    assert result.applied == 3
+    _assert_surfaced(device, "big", "field-too-large", {})
+    assert "the server refuses any request holding it" in device.outbox.rejected()[0].reason
+    # Sent: all four (refused), the one before it, it alone (refused), the two after it,
+    # numbered down one: the server saw no gap.
+    assert _push_bodies(fault) == [4, 1, 1, 2]
+    assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2, 3]
+    pushes = [r.mutations for r in fault.sent if r.mutations]
+    assert [(m.id, m.seq) for m in pushes[-1]] == [(m.id, m.seq - 1) for m in pushes[0][2:]]
+    assert outbox_rows(device) == []
+    _note(device, "later")
+    assert device.sync("Sync").applied == 1
+    assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2, 3, 4]
+
+
+def test_a_batch_over_the_body_limit_is_halved_when_the_server_does_not_say_it(
+    notes_app: Any,
+) -> None:
+    fault = FaultTransport()
+    app, device, _ = _device(notes_app, transport=_Unsaid(fault))
+    with device.store.atomic() as conn:
+        conn.executemany(
+            "INSERT INTO LocalNote (id, owner, title, body, n) VALUES (?, 'u1', ?, ?, 0)",
+            [(f"n{i:03d}", f"note {i}", _text(40 * KB, i)) for i in range(40)],
+        )
+    result = device.sync("Sync")
+    assert result.applied == 40
+    assert device.outbox.count() == 0
+    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 41))
+    sizes = _push_bodies(fault)
+    assert sizes[0] == 40
+    assert sum(sizes[1:]) >= 40
+
+
+def test_changes_numbered_before_the_bounds_were_known_are_withdrawn(notes_app: Any) -> None:
+    app, device, fault = _device(notes_app)
+    _note(device, "ok-1")
+    _note(device, "big", data=b"\x02" * (100 * KB))
+    _note(device, "ok-2")
+    streams = device.catalog().streams
+    assert [m.seq for m in device.outbox.number(streams, 10)] == [1, 2, 3]  # in flight
+    result = device.sync("Sync")
+    assert result.applied == 2
+    assert [r["key"] for r in result.rejected] == ["big"]
+    _assert_surfaced(device, "big", "field-too-large", {"data": b"\x02" * (100 * KB)})
+    assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2]
+    assert fault.sent[-1].mutations[-1].seq == 2  # ok-2, numbered down
+    _note(device, "later")
+    assert device.sync("Sync").applied == 1
+    assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2, 3]
+
+
+def test_the_server_says_its_bounds_in_every_answer(notes_app: Any) -> None:
+    app = notes_app(limits=SMALL)
+    headers = {"Authorization": "Bearer t1"}
+    said = PushLimits(body=1024 * KB, field=64 * KB, mutations=10_000)
+    with httpx.Client(base_url=app.url, headers=headers) as http:
+        catalog = http.get("/v1/catalog")
+        too_big = http.post(
+            "/v1/sync/Sync",
+            content=b"\x00" * (1100 * KB),
+            headers={"Content-Type": "application/vnd.syncunit.v1+msgpack"},
+        )
+    assert PushLimits.parse(catalog.headers[PUSH_LIMITS]) == said
+    assert too_big.status_code == 413
+    assert too_big.json()["code"] == "body-too-large"
+    assert PushLimits.parse(too_big.headers[PUSH_LIMITS]) == said
+    assert Limits().push_limits() == PushLimits()  # the device's defaults are the server's
+    assert PushLimits.parse("body=1, field=x") is None
+    assert PushLimits.parse(None) is None
