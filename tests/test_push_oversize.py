@@ -114,6 +114,19 @@ def test_an_update_over_the_field_limit_keeps_the_row_the_server_has(notes_app: 
     assert app.row("after") is not None
 
 
+def test_a_json_device_measures_bytes_as_they_travel(notes_app: Any) -> None:
+    # 60,000 bytes fit 64 KiB; as the base64 text a JSON request carries (80,000), not.
+    app, device, fault = _device(notes_app, encoding="json")
+    data = b"\x03" * 60_000
+    _note(device, "blob", data=data)
+    _note(device, "after")
+    assert device.sync("Sync").applied == 1
+    _assert_surfaced(device, "blob", "field-too-large", {"data": data})
+    assert "holds 80000 bytes" in device.outbox.rejected()[0].reason  # never sent
+    assert _push_bodies(fault) == [1]
+    assert app.row("after") is not None
+
+
 def test_a_change_alone_over_the_body_limit_is_surfaced(notes_app: Any) -> None:
     tight = Limits(max_field_bytes=64 * KB, max_body_bytes=100 * KB, requests_per_second=1e6)
     app, device, _ = _device(notes_app, tight)
