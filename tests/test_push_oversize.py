@@ -229,15 +229,18 @@ def test_changes_numbered_before_the_bounds_were_known_are_withdrawn(notes_app: 
     app, device, fault = _device(notes_app)
     _note(device, "ok-1")
     _note(device, "big", data=b"\x02" * (100 * KB))
+    _note(device, "big-too", body=_text(70 * KB, 4))
     _note(device, "ok-2")
     streams = device.catalog().streams
-    assert [m.seq for m in device.outbox.number(streams, 10)] == [1, 2, 3]  # in flight
+    assert [m.seq for m in device.outbox.number(streams, 10)] == [1, 2, 3, 4]  # in flight
     result = device.sync("Sync")
     assert result.applied == 2
-    assert [r["key"] for r in result.rejected] == ["big"]
-    _assert_surfaced(device, "big", "field-too-large", {"data": b"\x02" * (100 * KB)})
+    assert [r["key"] for r in result.rejected] == ["big", "big-too"]
+    seqs = device.store.query("SELECT seq FROM syncunit_rejected ORDER BY id")
+    assert [r[0] for r in seqs] == [2, 2]  # the second, numbered down once the first left
     assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2]
-    assert fault.sent[-1].mutations[-1].seq == 2  # ok-2, numbered down
+    pushes = [[(m.key, m.seq) for m in r.mutations] for r in fault.sent if r.mutations]
+    assert pushes == [[("ok-1", 1)], [("ok-2", 2)]]  # the large ones never sent
     _note(device, "later")
     assert device.sync("Sync").applied == 1
     assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2, 3]

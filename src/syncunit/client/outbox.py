@@ -276,28 +276,42 @@ class Outbox:
         """
         if budget is not None:
             limit = min(limit, budget.mutations)
-        with self.store.atomic() as conn:
-            in_flight: list[Mutation] = []
-            used = 0
-            for (payload,) in conn.execute(
-                "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL ORDER BY seq LIMIT ?",
-                (limit,),
-            ).fetchall():
-                m = _mut_dec.decode(payload)
-                if budget is None:
-                    in_flight.append(m)
-                    continue
-                size = budget.size(m, payload)
-                refused = budget.refusal(m, size)
-                if refused is not None and not in_flight:
-                    # Numbered before the bounds were known: never sent again, surfaced.
-                    self.withdraw(m.seq, *refused, streams)
-                    return self.prepare(streams, limit, budget)
-                if in_flight and (refused is not None or used + size > budget.max_bytes):
-                    return in_flight  # the rest go in the next requests
-                in_flight.append(m)
-                used += size
+        with self.store.atomic():
+            while True:  # again after each change withdrawn (the later ones were renumbered)
+                in_flight, used, full = self._in_flight(streams, limit, budget)
+                if in_flight is not None:
+                    break
+            if full:
+                return in_flight  # the rest go in the next requests
             return in_flight + self.number(streams, limit - len(in_flight), budget, used)
+
+    def _in_flight(
+        self, streams: Sequence[StreamInfo], limit: int, budget: Budget | None
+    ) -> tuple[list[Mutation], int, bool] | tuple[None, int, bool]:
+        """The oldest changes in flight, up to ``limit`` and within ``budget``; their
+        bytes; whether the request is full. (None: the first could not pass the
+        server's bounds, and was withdrawn: look again.)"""
+        in_flight: list[Mutation] = []
+        used = 0
+        for (payload,) in self.store.conn.execute(
+            "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL ORDER BY seq LIMIT ?",
+            (limit,),
+        ).fetchall():
+            m = _mut_dec.decode(payload)
+            if budget is None:
+                in_flight.append(m)
+                continue
+            size = budget.size(m, payload)
+            refused = budget.refusal(m, size)
+            if refused is not None and not in_flight:
+                # Numbered before the bounds were known: never sent again, surfaced.
+                self.withdraw(m.seq, *refused, streams)
+                return None, 0, False
+            if in_flight and (refused is not None or used + size > budget.max_bytes):
+                return in_flight, used, True  # it goes first in the next request
+            in_flight.append(m)
+            used += size
+        return in_flight, used, False
 
     def number(
         self,
