@@ -52,8 +52,8 @@ def _lit(value: str) -> str:
 def trigger_ddl(stream: StreamInfo) -> list[str]:
     """Triggers that record changes of ``stream``'s local table in the outbox.
 
-    Only the catalog's columns are recorded: a column the app adds to a local
-    table itself is local-only data (a "read" flag, say), never pushed.
+    Only the catalog's columns are recorded (the local tables are the engine's: a
+    column the app adds is never pushed, and is dropped by the next migration).
     """
     t, name, k = _q(stream.local_table), _lit(stream.local_table), _q(stream.key)
     cols = [c.name for c in stream.columns]
