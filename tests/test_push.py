@@ -879,11 +879,24 @@ def test_after_renew_epoch_a_batch_that_came_first_waits_for_the_unanswered_befo
 def test_a_batch_waits_for_the_one_before_while_it_is_being_applied(notes_app, monkeypatch):
     """The wait for a batch's predecessor ends after a while if it does not come, not
     while it is being applied (a large batch may take longer than the wait)."""
-    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 0.3)
+    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 2.0)
+    waits = threading.Event()
+    started: list[float] = []
+    wait_for_predecessor = PushApplier._wait_for_predecessor
+
+    def waiting_since(self: PushApplier, req: Any, seen: int, deadline: float) -> bool:
+        if not started:
+            started.append(time.monotonic())
+            waits.set()
+        return wait_for_predecessor(self, req, seen, deadline)
+
+    monkeypatch.setattr(PushApplier, "_wait_for_predecessor", waiting_since)
 
     def slow(ctx: MutationContext) -> str | None:
-        if ctx.row["title"] == "slow":
-            time.sleep(0.8)
+        if ctx.row["title"] == "slow":  # applied until well past the waiter's deadline
+            time.sleep(
+                max(0.0, started[0] + push_module.PREDECESSOR_WAIT_S + 1.0 - time.monotonic())
+            )
         return None
 
     app = notes_app(rules=[slow])
@@ -891,7 +904,7 @@ def test_a_batch_waits_for_the_one_before_while_it_is_being_applied(notes_app, m
         waiting = pool.submit(
             post_sync, app.url, "Push", token="t1", client_id="raw", mutations=[_note(2, "b")]
         )
-        time.sleep(0.1)
+        assert waits.wait(10), "the later batch never waited for the one before it"
         first = post_sync(
             app.url, "Push", token="t1", client_id="raw", mutations=[_note(1, "a", title="slow")]
         )
