@@ -179,6 +179,9 @@ class _Unsaid(httpx.BaseTransport):
         del response.headers[PUSH_LIMITS]
         return response
 
+    def close(self) -> None:
+        self.inner.close()  # its connections, with the client's close
+
 
 def test_a_batch_refused_for_one_value_is_split_and_the_value_withdrawn(notes_app: Any) -> None:
     fault = FaultTransport()
