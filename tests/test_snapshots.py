@@ -23,6 +23,7 @@ from hospital.units import schema as hospital_schema
 from syncunit import Stream, SyncSchema, SyncUnit
 from syncunit.client import bootstrap
 from syncunit.errors import AuthError
+from syncunit.heldfiles import held_scratch
 from syncunit.protocol import SnapshotOffer
 from syncunit.server import Principal, SyncServer, TokenAuth, snapshots
 from syncunit.server.cursor import decode_cursor
@@ -320,7 +321,7 @@ def test_a_restarted_process_takes_the_folder_into_account(server, tmp_path):
     built = [first.build(s, {"hospital_id": h}) for h in (1, 2) for s in streams]
     killed = folder / "appointments-0-0-killed.building"  # its process died mid-build
     killed.write_bytes(b"pages")
-    fd, building = snapshots._scratch(folder, "doctors-")  # a live build, elsewhere
+    fd, building = held_scratch(folder, "doctors-", snapshots.BUILDING)  # a live build, elsewhere
     stray = folder / "doctors-0-0-1-ab.sqlite.zst"  # no side file: cannot be offered
     stray.write_bytes(b"?")
 

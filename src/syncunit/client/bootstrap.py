@@ -42,6 +42,7 @@ from syncunit.client import adopt, holds
 from syncunit.client.schema import columns_of, indexes_of
 from syncunit.client.store import quote
 from syncunit.errors import LocalStoreError, ProtocolError, SyncUnitError
+from syncunit.heldfiles import held_scratch, unheld
 from syncunit.protocol import SnapshotOffer, StreamInfo
 
 if TYPE_CHECKING:
@@ -276,16 +277,7 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
 def scratch(folder: Path) -> tuple[int, Path]:
     """A new file in ``folder`` for a decompressed snapshot, and a descriptor that
     holds its lock for as long as this process uses it (see ``sweep``)."""
-    while True:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=SCRATCH, suffix=".sqlite")
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.path.samestat(os.fstat(fd), os.stat(name)):
-                return fd, Path(name)
-        except OSError:
-            pass  # swept between its making and its lock: make another
-        os.close(fd)
+    return held_scratch(folder, SCRATCH, ".sqlite")
 
 
 def sweep(
@@ -310,16 +302,8 @@ def sweep(
             if p.name.startswith(prefix) and p.name.endswith(".part") and p.name not in wanted
         ]
     for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # in use
-        finally:
-            os.close(fd)  # before the removal, which then frees the blocks on its thread
+        if not unheld(path):
+            continue  # in use (its lock is let go before the removal, which frees the blocks)
         log.info("removing %s, left by a download or install that will not go on", path.name)
         discard(path)
 

@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ from typing import Any
 import zstandard
 from sqlalchemy.engine import Connection
 
+from syncunit.heldfiles import held_scratch, unheld
 from syncunit.protocol import local_table_ddl
 from syncunit.server.changes import StreamReader, params_hash
 from syncunit.server.cursor import decode_cursor, encode_cursor
@@ -155,7 +155,7 @@ class Snapshots:
             for path in self.directory.iterdir():
                 name = path.name
                 if name.endswith(BUILDING):
-                    if _abandoned(path):
+                    if unheld(path):
                         log.info("removing %s, left by a build that did not finish", name)
                         path.unlink(missing_ok=True)
                 elif name.endswith(META):
@@ -251,9 +251,7 @@ class Snapshots:
     def _built_elsewhere(self, stream: Stream, phash: str) -> bool:
         """Whether another process is building this stream for these parameters now."""
         prefix = self._prefix(stream, phash)
-        return any(
-            not _abandoned(p) for p in self.directory.glob(f"{glob_escape(prefix)}*{BUILDING}")
-        )
+        return any(not unheld(p) for p in self.directory.glob(f"{glob_escape(prefix)}*{BUILDING}"))
 
     def build(self, stream: Stream, params: Mapping[str, Any]) -> Snapshot:
         """Build the snapshot of ``stream`` for ``params`` now, in one read snapshot
@@ -261,8 +259,8 @@ class Snapshots:
         reader = StreamReader(self.store, stream, params, chunk_size=5000)
         pk = stream.key_column
         prefix = self._prefix(stream, reader.phash)
-        raw_fd, raw = _scratch(self.directory, prefix)
-        packed_fd, packed = _scratch(self.directory, prefix)
+        raw_fd, raw = held_scratch(self.directory, prefix, BUILDING)
+        packed_fd, packed = held_scratch(self.directory, prefix, BUILDING)
         rows = 0
         try:
             out = sqlite3.connect(raw, isolation_level=None)
@@ -365,38 +363,6 @@ class Snapshots:
 def glob_escape(text: str) -> str:
     """``text`` matched literally by ``Path.glob``."""
     return re.sub(r"([*?\[])", r"[\1]", text)
-
-
-def _scratch(folder: Path, prefix: str) -> tuple[int, Path]:
-    """A new ``*.building`` file in ``folder``, and a descriptor holding its lock for as
-    long as this process writes it (see ``_abandoned``)."""
-    while True:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=BUILDING)
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.path.samestat(os.fstat(fd), os.stat(name)):
-                return fd, Path(name)
-        except OSError:
-            pass  # removed between its making and its lock: make another
-        os.close(fd)
-
-
-def _abandoned(path: Path) -> bool:
-    """Whether no live process holds the lock of the ``*.building`` file ``path``."""
-    if fcntl is None:  # pragma: no cover - no locks: never taken for abandoned
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False  # gone already
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False  # a build is writing it
-    finally:
-        os.close(fd)
-    return True
 
 
 def _size(path: Path) -> int:
