@@ -394,25 +394,11 @@ def test_a_rule_without_a_set_based_form_keeps_the_one_by_one_path(
 def test_hospital_bookings_in_one_batch_keep_the_double_booking_rule(server, store):
     staff = Principal("staff:1", {"hospital_id": 1})
     start = dt.datetime(2033, 5, 2, 9, 0)
-
-    def booking(seq: int, doctor: int, minutes: int) -> Mutation:
-        at = start + dt.timedelta(minutes=minutes)
-        row = {
-            "id": f"b{seq:03}",
-            "doctor_id": doctor,
-            "patient_id": 1,
-            "starts_at": at.isoformat(),
-            "ends_at": (at + dt.timedelta(minutes=30)).isoformat(),
-            "status": "booked",
-            "room": "R1",
-            "notes": "",
-        }
-        return Mutation(seq, f"m{seq}", "LocalAppointment", row["id"], "insert", row)
-
     with store.engine.connect() as conn:
         doctor = conn.execute(sa.text("SELECT id FROM doctor WHERE hospital_id = 1")).scalar()
-    mutations = [booking(i, doctor, 30 * i) for i in range(1, 9)]
-    mutations.append(booking(9, doctor, 30 * 4 + 15))  # overlaps the 4th and the 5th
+    mutations = [_booking("b", i, doctor, start, 30 * i, status="booked") for i in range(1, 9)]
+    # overlaps the 4th and the 5th
+    mutations.append(_booking("b", 9, doctor, start, 30 * 4 + 15, status="booked"))
 
     req = SyncRequest(protocol=1, client_id="tablet", mutations=mutations)
     results = server.pusher.apply(staff, req, server.schema.units["SendAppointments"]).results
@@ -430,24 +416,10 @@ def test_a_booking_that_leaves_out_its_defaulted_status_is_checked_as_booked(
     as one that sends it, so the double-booking rule must see it."""
     staff = Principal("staff:1", {"hospital_id": 1})
     start = dt.datetime(2033, 6, 2, 9, 0)
-
-    def booking(seq: int, doctor: int, minutes: int) -> Mutation:
-        at = start + dt.timedelta(minutes=minutes)
-        row = {
-            "id": f"d{seq:03}",
-            "doctor_id": doctor,
-            "patient_id": 1,
-            "starts_at": at.isoformat(),
-            "ends_at": (at + dt.timedelta(minutes=30)).isoformat(),
-            "room": "R1",
-            "notes": "",
-        }
-        return Mutation(seq, f"m{seq}", "LocalAppointment", row["id"], "insert", row)
-
     with store.engine.connect() as conn:
         doctor = conn.execute(sa.text("SELECT id FROM doctor WHERE hospital_id = 1")).scalar()
-    mutations = [booking(i, doctor, 30 * i) for i in range(1, 6)]
-    mutations.append(booking(6, doctor, 30 * 2 + 15))  # overlaps the 2nd and the 3rd
+    mutations = [_booking("d", i, doctor, start, 30 * i) for i in range(1, 6)]
+    mutations.append(_booking("d", 6, doctor, start, 30 * 2 + 15))  # overlaps the 2nd and 3rd
 
     results = _push_as(server, staff, "SendAppointments", mutations, monkeypatch, batch)
 
@@ -459,6 +431,24 @@ def test_a_booking_that_leaves_out_its_defaulted_status_is_checked_as_booked(
             sa.text("SELECT status FROM appointment WHERE id LIKE 'd%'")
         ).scalars()
         assert set(statuses) == {"booked"}
+
+
+def _booking(
+    prefix: str, seq: int, doctor: int, start: dt.datetime, minutes: int, **more: Any
+) -> Mutation:
+    """A new half-hour appointment of ``doctor``, ``minutes`` after ``start``."""
+    at = start + dt.timedelta(minutes=minutes)
+    row = {
+        "id": f"{prefix}{seq:03}",
+        "doctor_id": doctor,
+        "patient_id": 1,
+        "starts_at": at.isoformat(),
+        "ends_at": (at + dt.timedelta(minutes=30)).isoformat(),
+        "room": "R1",
+        "notes": "",
+        **more,
+    }
+    return Mutation(seq, f"m{seq}", "LocalAppointment", row["id"], "insert", row)
 
 
 def _push_as(
