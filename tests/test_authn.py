@@ -13,13 +13,23 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import sqlalchemy as sa
 from hospital.generate import generate
+from hospital.models import appointment
 from hospital.server import staff_auth
 from hospital.units import schema
 
 from syncunit.errors import AuthError
-from syncunit.protocol import MSGPACK
-from syncunit.server import JWTAuth, Principal, SyncServer, first_of
+from syncunit.protocol import (
+    MSGPACK,
+    PROTOCOL_VERSION,
+    Chunk,
+    FrameDecoder,
+    Subscription,
+    SyncRequest,
+    encode_request,
+)
+from syncunit.server import JWTAuth, Principal, SyncServer, TokenAuth, first_of
 from tests.support import local_keys, sync_body
 
 KEYS = {"2026-a": "secret-a" * 4, "2026-b": "secret-b" * 4}
@@ -105,6 +115,53 @@ def test_a_principal_that_loses_a_unit_loses_its_rows(store, serve, make_client)
     allowed["units"] = None  # given back: a clean download
     client.sync("Login")
     assert local_keys(client, "LocalAppointment")
+
+
+def test_a_subscription_to_a_forbidden_unit_refuses_the_whole_request(store, serve):
+    """A unit the principal may not run is refused as a subscription too, on every
+    endpoint that reads subscriptions, and the answer names it (not the carrier)."""
+    generate(store.engine, appointments=40, hospitals=2, doctors=4, patients=20)
+    may_not_open = frozenset({"Login", "Online", "Splash", "SendAppointments"})
+    principals = {
+        "limited": Principal("ana", {"hospital_id": 1}, units=may_not_open),
+        "full": Principal("rui", {"hospital_id": 1}),
+    }
+    server = SyncServer(schema, store, authenticate=TokenAuth(principals))
+    url = serve(server.app).url
+    with store.engine.connect() as conn:
+        patient_id = conn.execute(sa.select(appointment.c.patient_id).limit(1)).scalar_one()
+
+    def post(token: str, path: str, subscribed: bool = True) -> httpx.Response:
+        subs = [Subscription(id="s1", unit="PatientDetails", params={"patient_id": patient_id})]
+        params = {} if subscribed else {"patient_id": patient_id}
+        body = SyncRequest(
+            protocol=PROTOCOL_VERSION, client_id="raw", params=params,
+            subscriptions=subs if subscribed else [],
+        )  # fmt: skip
+        return httpx.post(
+            f"{url}{path}",
+            content=encode_request(body),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": MSGPACK},
+            timeout=30,
+        )
+
+    direct = post("limited", "/v1/sync/PatientDetails", subscribed=False)
+    assert (direct.status_code, direct.json()["code"]) == (403, "unit-forbidden")
+    assert direct.json()["unit"] == "PatientDetails"
+    for path in ("/v1/sync/Online", "/v1/sync/Login", "/v1/live/Online?wait=0"):
+        r = post("limited", path)
+        assert r.status_code == 403, path
+        problem = r.json()
+        assert problem["code"] == "unit-forbidden"
+        assert problem["unit"] == "PatientDetails"  # the one to drop, not the request's unit
+        assert "'s1'" in problem["detail"]
+
+    # A principal that may run it gets the subscription's rows in the same request.
+    r = post("full", "/v1/sync/Online")
+    assert r.status_code == 200
+    frames = list(FrameDecoder("msgpack").feed(r.content))
+    assert any(isinstance(f, Chunk) and f.subscription == "s1" and f.data for f in frames)
+    assert post("full", "/v1/live/Online?wait=0").status_code == 200
 
 
 def test_jwt_auth_refuses_the_none_algorithm():

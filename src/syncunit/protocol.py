@@ -439,13 +439,16 @@ PROBLEM_CODES: dict[str, tuple[int, str]] = {
 
 
 class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
-    """An ``application/problem+json`` document (RFC 9457) plus a stable ``code``."""
+    """An ``application/problem+json`` document (RFC 9457) plus a stable ``code``;
+    ``unit``, when set, names the unit it is about (``unit-forbidden``: the unit the
+    principal may not run, which may be a subscription of the request's unit)."""
 
     type: str
     title: str
     status: int
     code: str
     detail: str = ""
+    unit: str = ""
 
 
 # -- encoding ----------------------------------------------------------------

@@ -463,6 +463,9 @@ class SyncServer(SyncAnswer):
                 raise ProblemException(
                     "invalid-request", f"subscription {sub.id!r}: no pulling unit {sub.unit!r}"
                 )
+            # Authorized as a sync of it would be: the whole request is refused, naming
+            # the subscription's unit (the device drops that subscription, not this unit).
+            authorize_unit(principal, other, subscription=sub.id)
             self._check_unit(other, principal, sub.params)
 
     def _check_unit(self, unit: SyncUnit, principal: Principal, params: Mapping[str, Any]) -> None:
@@ -523,7 +526,7 @@ class SyncServer(SyncAnswer):
         log.info("refused %s %s: %s: %s", request.method, path, exc.code, detail)
         # A push refused as too large (413) says the bounds: the device sizes under them.
         return problem_response(
-            exc.code, exc.detail, {PUSH_LIMITS: self._push_limits, **exc.headers}
+            exc.code, exc.detail, {PUSH_LIMITS: self._push_limits, **exc.headers}, unit=exc.unit
         )
 
     async def _on_no_route(self, request: Request, exc: Exception) -> Response:

@@ -58,11 +58,15 @@ class Principal:
 Authenticator = Callable[[Request], Principal | None]
 
 
-def authorize_unit(principal: Principal, unit: SyncUnit) -> None:
-    """Raise a 403 problem unless ``principal`` may run ``unit``."""
+def authorize_unit(principal: Principal, unit: SyncUnit, *, subscription: str = "") -> None:
+    """Raise a 403 problem naming ``unit`` unless ``principal`` may run it (directly, or
+    as the ``subscription`` of a request to another unit)."""
     if principal.units is not None and unit.name not in principal.units:
+        asked = f" (asked as subscription {subscription!r})" if subscription else ""
         raise ProblemException(
-            "unit-forbidden", f"principal {principal.id!r} may not run unit {unit.name!r}"
+            "unit-forbidden",
+            f"principal {principal.id!r} may not run unit {unit.name!r}{asked}",
+            unit=unit.name,
         )
 
 

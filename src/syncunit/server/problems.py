@@ -26,7 +26,7 @@ class Kind(NamedTuple):
 PROBLEMS: dict[str, Kind] = {code: Kind(*kind) for code, kind in PROBLEM_CODES.items()}
 
 
-def problem(code: str, detail: str = "") -> Problem:
+def problem(code: str, detail: str = "", *, unit: str = "") -> Problem:
     kind = PROBLEMS[code]
     return Problem(
         type=f"urn:syncunit:problem:{code}",
@@ -34,28 +34,36 @@ def problem(code: str, detail: str = "") -> Problem:
         status=kind.status,
         code=code,
         detail=detail,
+        unit=unit,
     )
 
 
 def problem_response(
-    code: str, detail: str = "", headers: Mapping[str, str] | None = None
+    code: str, detail: str = "", headers: Mapping[str, str] | None = None, *, unit: str = ""
 ) -> Response:
-    p = problem(code, detail)
+    p = problem(code, detail, unit=unit)
     return Response(
         msgspec.json.encode(p), status_code=p.status, media_type=PROBLEM, headers=headers
     )
 
 
 class ProblemException(Exception):
-    """Raised inside request handling; becomes a problem response."""
+    """Raised inside request handling; becomes a problem response (``unit``: the
+    unit it is about, for the device to act on, e.g. the one a ``unit-forbidden`` names)."""
 
     def __init__(
-        self, code: str, detail: str = "", *, headers: Mapping[str, str] | None = None
+        self,
+        code: str,
+        detail: str = "",
+        *,
+        headers: Mapping[str, str] | None = None,
+        unit: str = "",
     ) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
         self.headers = dict(headers or {})
+        self.unit = unit
 
 
 #: What a device is told when the database ended the connection its request used.
