@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from hospital.generate import generate
 from hospital.models import appointment, doctor, patient
 from hospital.units import appointment_columns, appointment_joins, my_hospital, patient_param
 from hospital.units import schema as hospital_schema
@@ -25,6 +26,7 @@ from syncunit import Param, Stream, SyncSchema, SyncUnit
 from syncunit.client.scheduler import subscription_id
 from syncunit.errors import DeclarationError, ProblemError
 from syncunit.protocol import (
+    PROTOCOL_VERSION,
     Chunk,
     FrameDecoder,
     StreamStart,
@@ -32,6 +34,7 @@ from syncunit.protocol import (
     content_type,
     encode_request,
 )
+from syncunit.server import Principal, SyncServer, TokenAuth
 from tests.support import (
     db_state,
     expected_rows,
@@ -429,6 +432,113 @@ def test_declarations_keep_client_parameters_inside_the_principals_scope():
                 ),
             ]
         )
+
+
+def _doctor_units() -> SyncSchema:
+    """A unit whose one stream takes the client parameter ``doctor_id`` (a colleague of
+    the same hospital) while another filters on the principal's own ``doctor_id``."""
+    mine = Stream(
+        "my_appointments",
+        appointment,
+        appointment_columns,
+        joins=appointment_joins,
+        where=appointment.c.doctor_id == sa.bindparam("doctor_id"),
+        local_table="LocalMine",
+    )
+    agenda = Stream(
+        "colleague_agenda",
+        appointment,
+        appointment_columns,
+        joins=appointment_joins,
+        where=sa.and_(
+            doctor.c.hospital_id == my_hospital,
+            appointment.c.doctor_id == sa.bindparam("doctor_id"),
+        ),
+        local_table="LocalAgenda",
+        client_params={"doctor_id": Param("integer", min=1)},
+    )
+    return SyncSchema([SyncUnit("DoctorPage", [mine, agenda])])
+
+
+def test_a_client_parameter_never_replaces_the_principals_own(store, serve, make_client):
+    """Each stream reads the principal's parameters plus the client parameters it
+    declares itself: a colleague's ``doctor_id`` chosen for one stream is not the
+    signed-in doctor's for the other, in a sync, a live poll or an RxDB pull."""
+    principals: dict[str, Principal] = {}
+    server = SyncServer(_doctor_units(), store, authenticate=TokenAuth(principals.get))
+    generate(store.engine, appointments=200, hospitals=2, doctors=6, patients=30)
+    with store.engine.connect() as conn:
+        doctors = conn.execute(sa.select(doctor.c.id, doctor.c.hospital_id)).all()
+    me, colleague = [d for d, h in doctors if h == 1][:2]
+    stranger = next(d for d, h in doctors if h == 2)
+    principals["doc"] = Principal("doc", {"hospital_id": 1, "doctor_id": me})
+    url = serve(server.app).url
+    dev = make_client("doc", url=url)
+
+    def appointments_by_doctor(doctor_id: int) -> set[Any]:
+        with store.engine.connect() as conn:
+            query = sa.select(appointment.c.id).where(appointment.c.doctor_id == doctor_id)
+            return set(conn.execute(query).scalars())
+
+    def mine() -> set[Any]:
+        return appointments_by_doctor(me)
+
+    dev.sync("DoctorPage", params={"doctor_id": stranger})  # of another hospital
+    assert local_keys(dev, "LocalMine") == mine()
+    assert local_keys(dev, "LocalAgenda") == set()  # narrowed by the principal's hospital
+    dev.sync("DoctorPage", params={"doctor_id": colleague})
+    assert local_keys(dev, "LocalMine") == mine()
+    assert local_keys(dev, "LocalAgenda") == appointments_by_doctor(colleague)
+
+    # A live poll reads each stream in the same scope: the stranger's changes are no news.
+    sub = subscription_id("DoctorPage", {"doctor_id": stranger})
+    dev.sync("DoctorPage", params={"doctor_id": stranger})
+    # The plain stream keeps its cursor under its own name; the other under the subscription.
+    cursors = {**dev.store.cursors(["my_appointments"]),
+               **dev.store.subscription_cursors(sub, ["colleague_agenda"])}  # fmt: skip
+    body = encode_request(
+        SyncRequest(
+            protocol=PROTOCOL_VERSION,
+            client_id="raw",
+            params={"doctor_id": stranger},
+            cursors=cursors,
+        )
+    )
+    headers = {"Authorization": "Bearer doc", "Content-Type": content_type("msgpack")}
+
+    def changed() -> bool:
+        r = httpx.post(f"{url}/v1/live/DoctorPage?wait=0", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        return bool(r.json()["changed"])
+
+    assert set(cursors) == {"my_appointments", "colleague_agenda"}
+    assert not changed()
+    touch = appointment.update().values(notes="moved")
+    with store.write() as conn:
+        conn.execute(touch.where(appointment.c.doctor_id == stranger))
+    assert not changed()
+    with store.write() as conn:
+        conn.execute(touch.where(appointment.c.doctor_id == me))
+    assert changed()
+
+    # RxDB: the stream that declares no client parameter reads the principal's value.
+    r = httpx.post(
+        f"{url}/v1/rxdb/DoctorPage/my_appointments/pull",
+        params={"params": json.dumps({"doctor_id": stranger})},
+        json={"checkpoint": None, "batchSize": 1000},
+        headers={"Authorization": "Bearer doc"},
+    )
+    assert r.status_code == 200, r.text
+    assert {d["id"] for d in r.json()["documents"]} == {str(k) for k in mine()}
+
+
+def test_a_stream_reads_only_its_own_client_parameters():
+    mine, agenda = _doctor_units().units["DoctorPage"].streams
+    ana = Principal("ana", {"hospital_id": 1, "doctor_id": 3})
+    assert ana.scope(mine, {"doctor_id": 9}) == {"hospital_id": 1, "doctor_id": 3}
+    assert ana.scope(agenda, {"doctor_id": 9}) == {"hospital_id": 1, "doctor_id": 9}
+    # A declared client parameter is never read from the principal, even when missing.
+    assert ana.scope(agenda) == {"hospital_id": 1}
 
 
 def test_the_catalog_lists_the_parameters(client):

@@ -87,8 +87,8 @@ class SyncAnswer:
                     yield answered
                 epoch, horizon = self.store.epoch_and_horizon(conn)
                 for sub_id, run, client_params, cursors in runs:
-                    params = principal.scope(client_params)
                     for stream in run.streams:
+                        params = principal.scope(stream, client_params)
                         reader = StreamReader(
                             self.store, stream, params, chunk_size=chunk, json_rows=req.json_rows
                         )

@@ -417,7 +417,7 @@ class SyncServer(SyncAnswer):
         """Whether the unit, or one of the request's subscriptions, has changes in scope."""
         runs = [(unit, req.params, req.cursors)]
         runs += [(self.schema.units[s.unit], s.params, s.cursors) for s in req.subscriptions]
-        return any(unit_has_changes(self.store, u, principal.scope(p), c) for u, p, c in runs)
+        return any(unit_has_changes(self.store, u, principal, p, c) for u, p, c in runs)
 
     def _validate(
         self, req: SyncRequest, unit: SyncUnit, principal: Principal, checked: bool = False
@@ -489,7 +489,8 @@ class SyncServer(SyncAnswer):
             if reason is not None:
                 raise ProblemException("invalid-parameter", f"unit {unit.name!r}: {reason}")
         for stream in unit.streams if unit.pulls else ():
-            authorize_stream(principal, stream, params)
+            # Each stream's hook sees the client parameters it declares, as it reads them.
+            authorize_stream(principal, stream, {n: params[n] for n in stream.client_params})
 
     def _sync_ended(
         self, ctx: RequestContext, unit: SyncUnit, req: SyncRequest, tally: SyncTally,

@@ -49,10 +49,20 @@ class Principal:
         if self.units is not None and not isinstance(self.units, frozenset):
             object.__setattr__(self, "units", frozenset(self.units))
 
-    def scope(self, selection: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
-        """The values a stream is read with: this principal's, and a selection's (a
-        unit opened on client parameters, already checked: they only narrow the scope)."""
-        return {**self.params, **selection} if selection else self.params
+    def scope(self, stream: Stream, selection: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The values ``stream`` is read with: this principal's own, plus the client
+        parameters ``stream`` itself declares, taken from ``selection`` (a unit opened
+        on client parameters, already checked: they only narrow the scope).
+
+        A value of ``selection`` that ``stream`` does not declare is not used, even if
+        another stream of the unit declares it: it never replaces the principal's
+        value of the same name. A name ``stream`` declares as a client parameter is
+        never read from the principal, so a selection lacking it fails loudly.
+        """
+        own = {n: v for n, v in self.params.items() if n not in stream.client_params}
+        chosen = selection or {}
+        own.update((n, chosen[n]) for n in stream.client_params if n in chosen)
+        return own
 
 
 Authenticator = Callable[[Request], Principal | None]

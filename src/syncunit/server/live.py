@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio.to_thread
 
+from syncunit.server.auth import Principal
 from syncunit.server.changes import StreamReader
 from syncunit.server.cursor import newest_cursor
 from syncunit.server.store import ServerStore
@@ -70,17 +71,24 @@ class VersionMonitor:
 
 
 def unit_has_changes(
-    store: ServerStore, unit: SyncUnit, params: Mapping[str, Any], cursors: Mapping[str, str]
+    store: ServerStore,
+    unit: SyncUnit,
+    principal: Principal,
+    client_params: Mapping[str, Any],
+    cursors: Mapping[str, str],
 ) -> bool:
-    """Whether a sync of ``unit`` with these cursors would bring anything."""
+    """Whether a sync of ``unit`` (opened on ``client_params``) with these cursors would
+    bring ``principal`` anything; each stream read in its own scope, as a sync reads it."""
     at_least = newest_cursor(cursors.values())
-    with store.snapshot(replica=True, at_least=at_least, scope=params) as (
+    with store.snapshot(replica=True, at_least=at_least, scope=principal.params) as (
         conn,
         watermark,
     ):
         epoch, horizon = store.epoch_and_horizon(conn)
         for stream in unit.streams:
-            reader = StreamReader(store, stream, params, chunk_size=1)
+            reader = StreamReader(
+                store, stream, principal.scope(stream, client_params), chunk_size=1
+            )
             if reader.has_changes(conn, watermark, epoch, horizon, cursors.get(stream.name)):
                 return True
     return False

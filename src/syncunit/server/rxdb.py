@@ -428,7 +428,7 @@ class RxDBReplication:
         """
         store = self.server.store
         docs = self.docs(stream)
-        reader = StreamReader(store, stream, principal.scope(params), chunk_size=batch)
+        reader = StreamReader(store, stream, principal.scope(stream, params), chunk_size=batch)
         out: dict[str, dict[str, Any]] = {}
         cursor, reset, complete = token, False, False
         with store.snapshot() as (conn, watermark):
@@ -522,10 +522,8 @@ class RxDBReplication:
         store = self.server.store
         with store.snapshot() as (conn, watermark):
             epoch, _ = store.epoch_and_horizon(conn)
-        cur = Cursor(
-            epoch, stream.definition_hash, params_hash(stream, principal.scope(params)), "done",
-            since=watermark, high=watermark,
-        )  # fmt: skip
+        phash = params_hash(stream, principal.scope(stream, params))
+        cur = Cursor(epoch, stream.definition_hash, phash, "done", since=watermark, high=watermark)
         return encode_cursor(cur)
 
     async def _events(
@@ -593,7 +591,7 @@ class RxDBReplication:
         """What to send on a change: (the stream's new cursor, the event or None); None
         ends the stream."""
         changed = await anyio.to_thread.run_sync(
-            unit_has_changes, self.server.store, alone, principal.scope(params),
+            unit_has_changes, self.server.store, alone, principal, params,
             {stream.name: cursor or ""},
         )  # fmt: skip
         if not changed:
