@@ -308,6 +308,99 @@ def test_pushes_of_a_device_follow_one_sequence_applied_once(
     assert peer.docs == server_docs(server)
 
 
+@pytest.fixture
+def second_process(
+    server: SyncServer, server_db_url: str, serve: Callable[[Any], LiveServer]
+) -> Iterator[httpx.Client]:
+    """Another server process on the same database (its own store, locks and applier)."""
+    from hospital.server import staff_auth
+
+    from syncunit.server import open_store
+
+    store = open_store(server_db_url)
+    other = SyncServer(server.schema, store, authenticate=staff_auth(store.engine))
+    with httpx.Client(base_url=serve(other.app).url, timeout=30) as c:
+        yield c
+    store.engine.dispose()
+
+
+def _edit(peer: RxPeer, key: str, notes: str) -> dict[str, Any]:
+    doc = {**peer.docs[key], "_deleted": False}
+    return {"assumedMasterState": doc, "newDocumentState": {**doc, "notes": notes}}
+
+
+def _other_push_first(
+    server: SyncServer, other: RxPeer, rows: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """Make the device's next push through ``server`` take its sequence numbers, then
+    wait while ``other`` (the same device, through another process) pushes ``rows``."""
+    answers: dict[str, Any] = {}
+    apply = server.pusher.apply
+
+    def after_the_other(*args: Any, **kwargs: Any) -> Any:
+        if not answers:
+            answers.update(other.push(rows))
+        return apply(*args, **kwargs)
+
+    monkeypatch.setattr(server.pusher, "apply", after_the_other)
+    return answers
+
+
+def test_pushes_of_one_device_through_two_server_processes_each_apply(
+    peer: RxPeer,
+    server: SyncServer,
+    second_process: httpx.Client,
+    plain_sql: PlainSQL,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    peer.pull()
+    keys = sorted(peer.docs)[:4]
+    mine = [_edit(peer, k, f"tab one {i}") for i, k in enumerate(keys[:3])]
+    theirs = [_edit(peer, keys[3], "tab two")]
+    other = _other_push_first(server, RxPeer(second_process), theirs, monkeypatch)
+
+    out = peer.push(mine)
+
+    # The other push took the first number; the rows that had it go again after it.
+    assert [r["status"] for r in other["results"]] == ["applied"]
+    assert [r["status"] for r in out["results"]] == ["applied"] * 3
+    assert out["conflicts"] == other["conflicts"] == []
+    notes = dict(plain_sql("SELECT id, notes FROM appointment WHERE id IN (:a, :b, :c, :d)",
+                           dict(zip("abcd", keys, strict=True))))  # fmt: skip
+    assert notes == {**{k: f"tab one {i}" for i, k in enumerate(keys[:3])}, keys[3]: "tab two"}
+    with server.store.engine.connect() as conn:
+        last = conn.execute(
+            sa.select(clients.c.last_seq).where(clients.c.client_id == "rxdb:js-1:appointments")
+        ).scalar_one()
+    assert last == 4
+
+
+def test_a_row_refused_unread_comes_back_as_the_server_has_it_not_deleted(
+    peer: RxPeer,
+    server: SyncServer,
+    second_process: httpx.Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from syncunit.server import rxdb
+
+    monkeypatch.setattr(rxdb, "NUMBERING_ATTEMPTS", 1)  # no renumbering: the refusal stays
+    peer.pull()
+    a, b, c = sorted(peer.docs)[:3]
+    other = _other_push_first(server, RxPeer(second_process), [_edit(peer, c, "x")], monkeypatch)
+
+    out = peer.push([_edit(peer, a, "mine"), _edit(peer, b, "mine")])
+
+    assert [r["status"] for r in other["results"]] == ["applied"]
+    assert [(r["status"], r.get("code")) for r in out["results"]] == [
+        ("rejected", "sequence-reused"),
+        ("applied", None),
+    ]
+    assert "push it again" in out["results"][0]["reason"]
+    # The device holds a, which is in its scope: RxDB gets the row, not a deletion.
+    assert out["conflicts"] == [{**server_docs(server)[a], "_deleted": False}]
+    assert server_docs(server)[a]["notes"] == peer.docs[a]["notes"]
+
+
 def test_fields_the_stream_does_not_have_or_may_not_change_are_refused_by_name(
     peer: RxPeer, server: SyncServer
 ) -> None:

@@ -79,9 +79,13 @@ __all__ = ["CLIENT_HEADER", "RxDBReplication", "rxdb_schema"]
 
 CLIENT_HEADER = "Syncunit-Client-Id"
 DEFAULT_BATCH = 1000
-#: Refusals the push applier answers before reading the row: the device keeps it as
-#: the server has it, so RxDB must be told that state, not a deletion.
-_REFUSED_UNREAD = frozenset({"read-only-table", "unknown-table"})
+#: Times the rows of one push are numbered and sent to the applier, when pushes of the
+#: same device through other server processes keep taking their numbers first.
+NUMBERING_ATTEMPTS = 30
+_OUTNUMBERED = (
+    "not applied: other pushes of this device, through other server processes, kept"
+    " taking this change's place in its sequence; push it again"
+)
 #: Seconds between keep-alive comments on an idle event stream.
 HEARTBEAT = 15.0
 #: An event stream ends after this many seconds; the client reconnects (and is
@@ -470,35 +474,61 @@ class RxDBReplication:
         client_id: str,
         mutations: list[Mutation],
     ) -> dict[str, Any]:
-        """Apply the rows through ``PushApplier``; RxDB's conflicts plus every result."""
+        """Apply the rows through ``PushApplier``; RxDB's conflicts plus every result.
+
+        RxDB rows carry no sequence numbers: they follow the device's last applied
+        one. Pushes of one device through this process are numbered one at a time;
+        one through another server process may take the same numbers first. The
+        applier then applies none of the rows it numbered twice (``sequence-reused``,
+        against the other push's log), and those rows go again with the numbers after
+        it, until every row has its own result (or ``NUMBERING_ATTEMPTS`` ran out).
+        """
         if not mutations:
             return {"conflicts": [], "results": []}
-        with self._lock_for(client_id):
-            # RxDB rows carry no sequence numbers: they follow the device's last applied
-            # one, under a lock, so the applier's exactly-once log numbers them in order.
-            with self.server.store.engine.connect() as conn:
-                last = conn.execute(
-                    sa.select(clients.c.last_seq).where(clients.c.client_id == client_id)
-                ).scalar()
-            first = int(last or 0) + 1
-            numbered = [msgspec.structs.replace(m, seq=first + i) for i, m in enumerate(mutations)]
-            req = SyncRequest(protocol=PROTOCOL_VERSION, client_id=client_id, mutations=numbered)
-            pushed = self.server.pusher.apply(principal, req, unit)
+        pushed: list[tuple[Mutation, MutationResult] | None] = [None] * len(mutations)
+        waiting = list(range(len(mutations)))
+        for _ in range(NUMBERING_ATTEMPTS):
+            with self._lock_for(client_id):
+                with self.server.store.engine.connect() as conn:
+                    last = conn.execute(
+                        sa.select(clients.c.last_seq).where(clients.c.client_id == client_id)
+                    ).scalar()
+                first = int(last or 0) + 1
+                numbered = [
+                    msgspec.structs.replace(mutations[i], seq=first + n)
+                    for n, i in enumerate(waiting)
+                ]
+                req = SyncRequest(
+                    protocol=PROTOCOL_VERSION, client_id=client_id, mutations=numbered
+                )
+                results = self.server.pusher.apply(principal, req, unit).results
+            taken: list[int] = []
+            for i, m, r in zip(waiting, numbered, results, strict=True):
+                if r.code == "sequence-reused":  # not applied: its number was another push's
+                    taken.append(i)
+                    r = msgspec.structs.replace(r, reason=_OUTNUMBERED)
+                pushed[i] = (m, r)
+            if not taken:
+                break
+            waiting = taken
         docs = self.docs(stream)
         conflicts: list[dict[str, Any]] = []
-        results: list[dict[str, Any]] = []
-        for m, r in zip(numbered, pushed.results, strict=True):
-            results.append(_result(docs, m, r))
+        answers: list[dict[str, Any]] = []
+        for m, r in (p for p in pushed if p is not None):
+            answers.append(_result(docs, m, r))
             if r.status == "applied":
                 continue
+            # A refusal made without reading the row (a read-only table, a number another
+            # push took, ...) says nothing of it: the device learns the row as it is,
+            # and a deletion only of a row it may not hold.
             row = r.server_row
-            if row is None and r.code in _REFUSED_UNREAD:
+            if row is None:
                 row = self._server_row(stream, principal, m.key)
             if row is None:
                 conflicts.append(docs.deleted(m.key))
             else:
                 conflicts.append(docs.row(list(row), list(row.values())))
-        return {"conflicts": conflicts, "results": results}
+        return {"conflicts": conflicts, "results": answers}
 
     def _server_row(self, stream: Stream, principal: Principal, key: Any) -> dict[str, Any] | None:
         """The row as the device should hold it (the applier's own lookup)."""
