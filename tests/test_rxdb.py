@@ -401,6 +401,36 @@ def test_a_row_refused_unread_comes_back_as_the_server_has_it_not_deleted(
     assert server_docs(server)[a]["notes"] == peer.docs[a]["notes"]
 
 
+def test_deleted_must_be_a_json_boolean(
+    peer: RxPeer, http: httpx.Client, server: SyncServer
+) -> None:
+    from tests.support import db_state
+
+    peer.pull()
+    key = sorted(peer.docs)[0]
+    doc = {**peer.docs[key], "_deleted": False}
+    edited = {**doc, "notes": "edited"}
+    before = db_state(server.store.engine)
+    for row, said in [
+        ({"assumedMasterState": doc, "newDocumentState": {**edited, "_deleted": "false"}},
+         "'false'"),
+        ({"assumedMasterState": doc, "newDocumentState": {**edited, "_deleted": 0}}, "0"),
+        ({"assumedMasterState": {**doc, "_deleted": "true"}, "newDocumentState": edited},
+         "'true'"),
+        ({"assumedMasterState": "yes", "newDocumentState": edited}, "null"),
+    ]:  # fmt: skip
+        r = http.post(f"{BASE}/push", json=[row], headers=auth())
+        assert r.status_code == 400, r.text
+        assert r.json()["code"] == "malformed-request"
+        assert said in r.json()["detail"]
+        assert key in r.json()["detail"]
+    assert db_state(server.store.engine) == before
+    # Left out, _deleted is false.
+    out = peer.push([{"assumedMasterState": peer.docs[key], "newDocumentState": edited}])
+    assert [r["status"] for r in out["results"]] == ["applied"]
+    assert server_docs(server)[key]["notes"] == "edited"
+
+
 def test_fields_the_stream_does_not_have_or_may_not_change_are_refused_by_name(
     peer: RxPeer, server: SyncServer
 ) -> None:

@@ -176,13 +176,19 @@ class _Docs:
         old = row.get("assumedMasterState")
         if self.key not in new:
             raise ProblemException("malformed-request", f"a pushed document has no {self.key!r}")
+        if old is not None and not isinstance(old, dict):
+            raise ProblemException(
+                "malformed-request",
+                f"the assumedMasterState of document {new[self.key]!r} must be a document"
+                " or null (a new document)",
+            )
         key = self.server_key(new[self.key])
-        known = isinstance(old, dict) and not old.get("_deleted", False)
+        known = old is not None and not _flag(old, "assumedMasterState", new[self.key])
         base = {c: old[c] for c in self.writable if c in old} if known and old else {}
         mid = str(uuid.uuid4())
         table = self.stream.local_table
         self._binary(base)
-        if new.get("_deleted", False):
+        if _flag(new, "newDocumentState", new[self.key]):
             return Mutation(seq=seq, id=mid, table=table, key=key, op="delete", base=base)
         # Fields the stream does not have are sent on, for the server to refuse by name.
         extra = [f for f in new if f not in self.columns and not f.startswith("_")]
@@ -641,6 +647,19 @@ class RxDBReplication:
             "documents": found.documents,
             "checkpoint": found.checkpoint,
         }
+
+
+def _flag(doc: dict[str, Any], part: str, doc_id: Any) -> bool:
+    """A document's ``_deleted``: a JSON boolean, false when absent. Anything else
+    refuses the request: a string such as ``"false"`` is no answer to "deleted?"."""
+    value = doc.get("_deleted", False)
+    if not isinstance(value, bool):
+        raise ProblemException(
+            "malformed-request",
+            f"_deleted of the {part} of document {doc_id!r} is {value!r}: send true or"
+            " false (a JSON boolean), or leave it out for false",
+        )
+    return value
 
 
 def _cursor_of(checkpoint: Any) -> str | None:
