@@ -134,6 +134,8 @@ class ChunkApply:
             and self._insert_new(stream, chunk, bulk)
         ):
             upserted, removed = rows_in, 0
+            k = chunk.columns.index(stream.key)
+            holds.undefer(self.conn, stream.local_table, [r[k] for r in chunk.row_list()])
         else:
             upserted, removed = self._merge(stream, chunk, rows_in, bulk, held)
         if chunk.complete:
@@ -190,6 +192,8 @@ class ChunkApply:
             if held:
                 removed += holds.release(c, stream, list(chunk.removed), "", pending)
             else:
+                # Kept for their changes: removed once these are answered (holds.carry_out).
+                holds.defer(c, stream.local_table, [k for k in chunk.removed if k in pending])
                 gone = [(k,) for k in chunk.removed if k not in pending]
                 if gone:
                     cur = c.executemany(f"DELETE FROM {t} WHERE {key} = ?", gone)
@@ -199,6 +203,7 @@ class ChunkApply:
                 rows: Any = chunk.row_list()
                 if held:
                     holds.mark_plain(c, stream.local_table, [r[k] for r in rows])
+                holds.undefer(c, stream.local_table, [r[k] for r in rows])
                 if pending:
                     rows = [r for r in rows if r[k] not in pending]
                 self._write_rows(stream, tuple(chunk.columns), rows)
@@ -277,6 +282,9 @@ class ChunkApply:
                 removed = c.execute(
                     f"DELETE FROM {t} WHERE {key} NOT IN ({pending})", (stream.local_table,)
                 ).rowcount
+            # Rows the new copy brings stand; those kept only for their changes wait.
+            brought = [r[0] for r in c.execute(f"SELECT {key} FROM {s}")]
+            holds.undefer(c, stream.local_table, brought)
             c.execute(
                 f"INSERT OR REPLACE INTO {t} ({names}) SELECT {names} FROM {s}"
                 f" WHERE {key} NOT IN ({pending})",

@@ -519,6 +519,9 @@ class SyncClient:
             self._status_changed()
             raise
         result.seconds = time.perf_counter() - started
+        catalog = self.store.catalog()
+        if catalog is not None:  # changes answered or dropped meanwhile: removals they held up
+            self.store.carry_out_removals(catalog.streams)
         self.store.complete_unit(sub_id, json.dumps(result.to_dict()))
         self._feed.idle()
         self._emit(self.on_complete, result)

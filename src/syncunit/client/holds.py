@@ -12,7 +12,12 @@ parameters (Login's) is recorded there as ``''``, but only beside a
 subscription's hold: a row without any hold is that stream's alone, so its
 chunks cost one lookup while no subscription holds rows of the table. A
 removal, a reset or closing a subscription releases only its own holds; a row
-is deleted when no hold remains (rows with unpushed local changes stay).
+is deleted when no hold remains.
+
+A row with an unpushed local change stays where a removal would delete it
+(pulls don't clobber): the removal is recorded in ``syncunit_deferred`` and
+carried out once the change is answered and no hold remains (``carry_out``),
+unless the server sends the row again meanwhile.
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ from syncunit.protocol import Chunk, StreamInfo
 if TYPE_CHECKING:
     from syncunit.client.store import LocalStore
 
-__all__ = ["DDL", "apply_held", "close_subscription", "release"]
+__all__ = [
+    "DDL",
+    "DEFERRED_DDL",
+    "apply_held",
+    "carry_out",
+    "close_subscription",
+    "defer",
+    "release",
+    "undefer",
+]
 
 #: The engine tables of subscriptions (migration step 3).
 DDL = [
@@ -36,6 +50,12 @@ DDL = [
     "CREATE TABLE syncunit_holds (local_table TEXT NOT NULL, row_key NOT NULL,"
     " holder TEXT NOT NULL, PRIMARY KEY (local_table, row_key, holder)) WITHOUT ROWID",
     "CREATE INDEX ix_syncunit_holds_holder ON syncunit_holds (holder, local_table)",
+]
+
+#: Removals put off while the row had an unpushed change (migration step 4).
+DEFERRED_DDL = [
+    "CREATE TABLE syncunit_deferred (local_table TEXT NOT NULL, row_key NOT NULL,"
+    " PRIMARY KEY (local_table, row_key)) WITHOUT ROWID",
 ]
 
 
@@ -94,6 +114,7 @@ def release(
                 conn.execute(
                     "DELETE FROM syncunit_holds WHERE local_table = ? AND row_key = ?", (table, k)
                 )
+    defer(conn, table, [k for k in keys if k not in kept and k in pending])
     gone = [(k,) for k in keys if k not in kept and k not in pending]
     if not gone:
         return 0
@@ -149,6 +170,7 @@ def apply_held(store: LocalStore, stream: StreamInfo, chunk: Chunk, holder: str)
             "INSERT OR IGNORE INTO syncunit_holds VALUES (?, ?, ?)",
             [(table, v, holder) for v in keys],
         )
+        undefer(c, table, keys)
         if pending:
             rows = [r for r in rows if r[k] not in pending]
         c.executemany(store._upsert_sql(stream, tuple(chunk.columns)), rows)
@@ -166,4 +188,58 @@ def close_subscription(store: LocalStore, sub_id: str, streams: Sequence[StreamI
         removed += release(c, s, held_by(c, s.local_table, sub_id), sub_id, pending)
         c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (cursor_name(s.name, sub_id),))
     c.execute("DELETE FROM syncunit_subscriptions WHERE id = ?", (sub_id,))
+    return removed
+
+
+def defer(conn: sqlite3.Connection, table: str, keys: Sequence[Any]) -> None:
+    """Remember that the rows ``keys`` were to be removed but have unpushed changes."""
+    if keys:
+        conn.executemany(
+            "INSERT OR IGNORE INTO syncunit_deferred VALUES (?, ?)", [(table, k) for k in keys]
+        )
+
+
+def undefer(conn: sqlite3.Connection, table: str, keys: Sequence[Any]) -> None:
+    """The server sent the rows ``keys`` again: a removal put off no longer stands."""
+    if keys and has_deferred(conn, table):
+        conn.executemany(
+            "DELETE FROM syncunit_deferred WHERE local_table = ? AND row_key = ?",
+            [(table, k) for k in keys],
+        )
+
+
+def has_deferred(conn: sqlite3.Connection, table: str | None = None) -> bool:
+    """Whether a removal waits on ``table`` (None: on any table)."""
+    sql = "SELECT 1 FROM syncunit_deferred"
+    row = conn.execute(
+        *((sql + " WHERE local_table = ? LIMIT 1", (table,)) if table else (sql + " LIMIT 1",))
+    )
+    return row.fetchone() is not None
+
+
+def carry_out(conn: sqlite3.Connection, streams: Sequence[StreamInfo]) -> int:
+    """Carry out the removals put off for rows whose changes are now answered (in the
+    caller's transaction, the outbox triggers quiet): a row no hold keeps is deleted.
+    Returns the number of rows deleted."""
+    if not has_deferred(conn):
+        return 0
+    removed = 0
+    keys = {s.local_table: s.key for s in streams}
+    tables = [r[0] for r in conn.execute("SELECT DISTINCT local_table FROM syncunit_deferred")]
+    for table in tables:
+        answered = (
+            "local_table = ?1 AND NOT EXISTS (SELECT 1 FROM syncunit_outbox o"
+            " WHERE o.table_name = ?1 AND o.row_key = syncunit_deferred.row_key)"
+        )
+        if table in keys:
+            cur = conn.execute(
+                f"DELETE FROM {quote(table)} WHERE {quote(keys[table])} IN"
+                f" (SELECT row_key FROM syncunit_deferred WHERE {answered} AND NOT EXISTS"
+                " (SELECT 1 FROM syncunit_holds h WHERE h.local_table = ?1"
+                " AND h.row_key = syncunit_deferred.row_key))",
+                (table,),
+            )
+            removed += max(cur.rowcount, 0)
+        # Done (or held again, or the table is no longer synced): the record goes.
+        conn.execute(f"DELETE FROM syncunit_deferred WHERE {answered}", (table,))
     return removed

@@ -11,7 +11,9 @@ is a new step at the end. ``PRAGMA user_version`` is left to the app.
   ``syncunit_parked`` (changes of a principal who logged out before they
   could be pushed);
 * 3: ``syncunit_subscriptions`` and ``syncunit_holds`` (units opened with
-  parameter values, and which of them holds which row).
+  parameter values, and which of them holds which row);
+* 4: ``syncunit_deferred`` (removals put off while the row had an unpushed
+  change, carried out once it is answered).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sqlite3
 from collections.abc import Callable
 
 from syncunit.client.holds import DDL as HOLDS_DDL
+from syncunit.client.holds import DEFERRED_DDL
 from syncunit.client.scheduler import DDL as QUEUE_DDL
 from syncunit.client.triggers import DDL as OUTBOX_DDL
 from syncunit.errors import LocalStoreError
@@ -54,7 +57,7 @@ _V2 = [
 Step = list[str] | Callable[[sqlite3.Connection], None]
 
 #: The steps, in order; step n brings the database to version n.
-STEPS: list[Step] = [_V1, _V2, HOLDS_DDL]
+STEPS: list[Step] = [_V1, _V2, HOLDS_DDL, DEFERRED_DDL]
 STORE_VERSION = len(STEPS)
 
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from syncunit.client import holds
 from syncunit.client.triggers import NOW as _NOW
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import Mutation, MutationResult, PushLimits, PushResults, StreamInfo
@@ -694,6 +695,8 @@ class Outbox:
                     conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (row[0],))
                     kept.append(self._keep(r, row, by_table.get(row[1])))
                 applied += remove_done()
+                # Removals put off while these rows had changes in flight (holds.py).
+                holds.carry_out(conn, streams)
             finally:
                 conn.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
         return applied, kept

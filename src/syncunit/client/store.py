@@ -631,6 +631,18 @@ class LocalStore(ChunkApply):
             c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
         return removed
 
+    def carry_out_removals(self, streams: Sequence[StreamInfo]) -> int:
+        """Remove the rows whose removal waited for their changes to be answered (and
+        that nothing holds now), in one transaction; return how many went."""
+        with self.lock:
+            if not holds.has_deferred(self.conn):
+                return 0
+            with self.atomic() as c:
+                c.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+                removed = holds.carry_out(c, streams)
+                c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+        return removed
+
     def rows(self, table: str, columns: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
         """Every row of a local table (for checks and small tables)."""
         cols = "*" if columns is None else ", ".join(map(quote, columns))

@@ -1,0 +1,187 @@
+"""Which rows go when a hold is released, and when a row has an unpushed change.
+
+A removal that
+finds the row with an unpushed change (pulls don't clobber) is put off, and
+carried out once the change is answered, unless the server sent the row again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hospital.models import appointment, doctor
+from hospital.units import appointment_columns, appointment_joins, my_hospital
+
+from syncunit import Stream, SyncSchema, SyncUnit
+from tests.support import local_keys
+from tests.test_subscriptions import history, patients_of
+
+
+def edit_notes(client: Any, key: str, notes: str) -> None:
+    """The app changes a row (the outbox records it)."""
+    with client.store.atomic() as c:
+        c.execute("UPDATE LocalAppointment SET notes = ? WHERE id = ?", (notes, key))
+
+
+def pending(client: Any) -> int:
+    return int(client.store.query("SELECT count(*) FROM syncunit_outbox")[0][0])
+
+
+def engine_rows(client: Any, table: str) -> list[tuple[Any, ...]]:
+    return client.store.query(f"SELECT * FROM {table}")
+
+
+def move_to_patient(store: Any, key: str, patient_id: int) -> None:
+    with store.write() as conn:
+        conn.execute(
+            appointment.update().where(appointment.c.id == key).values(patient_id=patient_id)
+        )
+
+
+# -- removals put off for rows with unpushed changes -----------------------------------------
+
+
+@pytest.mark.parametrize("how", ["moved", "closed", "expired"])
+def test_a_released_row_with_a_change_goes_once_the_push_is_answered(
+    how, make_client, store, clock
+):
+    dev = make_client(clock=clock)
+    a, b = patients_of(store, 1)[:2]
+    dev.sync("PatientDetails", params={"patient_id": a}, keep_for=60)
+    changed = history(store, a)[0]
+    edit_notes(dev, changed, "device note")
+    if how == "moved":  # the server moves the appointment to another patient
+        move_to_patient(store, changed, b)
+        dev.sync("PatientDetails", params={"patient_id": a})
+    elif how == "closed":
+        dev.unsubscribe("PatientDetails", {"patient_id": a})
+    else:
+        clock.advance(61)
+        dev.expire_subscriptions()
+    assert changed in local_keys(dev, "LocalAppointment")  # kept for its change
+
+    assert dev.sync("SendAppointments").applied == 1
+    assert pending(dev) == 0
+    assert changed not in local_keys(dev, "LocalAppointment")
+    if how == "moved":
+        dev.sync("PatientDetails", params={"patient_id": a})
+        assert local_keys(dev, "LocalAppointment") == set(history(store, a))
+    else:
+        assert local_keys(dev, "LocalAppointment") == set()
+    assert engine_rows(dev, "syncunit_deferred") == []
+
+
+def test_a_row_the_server_sends_again_stays_after_the_push(make_client, store):
+    dev = make_client()
+    a, b = patients_of(store, 1)[:2]
+    dev.sync("PatientDetails", params={"patient_id": a})
+    dev.sync("PatientDetails", params={"patient_id": b})
+    changed = history(store, a)[0]
+    edit_notes(dev, changed, "device note")
+    move_to_patient(store, changed, b)
+    dev.sync("PatientDetails", params={"patient_id": a})  # a lets go of it
+    dev.sync("PatientDetails", params={"patient_id": b})  # b holds it now
+    assert dev.sync("SendAppointments").applied == 1
+    assert changed in local_keys(dev, "LocalAppointment")
+    dev.unsubscribe("PatientDetails", {"patient_id": a})
+    assert set(history(store, b)) <= local_keys(dev, "LocalAppointment")
+
+
+# A pulled stream narrower than what the device may push: booked appointments only.
+booked = Stream(
+    "booked",
+    appointment,
+    appointment_columns,
+    joins=appointment_joins,
+    where=sa.and_(doctor.c.hospital_id == my_hospital, appointment.c.status == "booked"),
+    local_table="LocalAppointment",
+)
+booked_schema = SyncSchema(
+    [SyncUnit("Booked", [booked]), SyncUnit("Send", [booked], direction="push")]
+)
+
+
+def test_a_plain_row_that_left_the_scope_with_a_change_goes_after_the_push(
+    server, make_server, serve, make_client, store
+):
+    dev = make_client(url=serve(make_server(booked_schema).app).url)
+    dev.sync("Booked")
+    changed = sorted(local_keys(dev, "LocalAppointment"))[0]
+    edit_notes(dev, changed, "device note")
+    with store.write() as conn:  # cancelled at the desk: it leaves what the device pulls
+        conn.execute(
+            appointment.update().where(appointment.c.id == changed).values(status="cancelled")
+        )
+    dev.sync("Booked")
+    assert changed in local_keys(dev, "LocalAppointment")  # pulls don't clobber
+
+    result = dev.sync("Send")  # the server refuses it out of scope: the row goes
+    assert [r["code"] for r in result.rejected] == ["out-of-scope"]
+    assert changed not in local_keys(dev, "LocalAppointment")
+    dev.sync("Booked")
+    want = {k for k, in store.engine.connect().execute(
+        sa.select(appointment.c.id).join(doctor, appointment.c.doctor_id == doctor.c.id)
+        .where(doctor.c.hospital_id == 1, appointment.c.status == "booked")
+    )}  # fmt: skip
+    assert local_keys(dev, "LocalAppointment") == want
+
+
+def test_a_row_logins_first_copy_brings_stays_after_the_push(make_client, store, in_sync):
+    dev = make_client()
+    a, b = patients_of(store, 1)[:2]
+    dev.sync("PatientDetails", params={"patient_id": a})
+    changed = history(store, a)[0]
+    edit_notes(dev, changed, "device note")
+    move_to_patient(store, changed, b)
+    dev.sync("PatientDetails", params={"patient_id": a})  # a lets go of it
+    dev.sync("Login")  # still the hospital's: Login brings it (its change stays)
+    assert dev.sync("SendAppointments").applied == 1
+    assert changed in local_keys(dev, "LocalAppointment")
+    dev.sync("Login")
+    in_sync(dev)
+
+
+def test_a_row_a_login_delta_brings_back_stays_after_the_push(make_client, store, in_sync):
+    dev = make_client()
+    a, b = patients_of(store, 1)[:2]
+    dev.sync("Login")
+    dev.sync("PatientDetails", params={"patient_id": a})
+    changed = history(store, a)[0]
+    edit_notes(dev, changed, "device note")
+    with store.write() as conn:  # to another hospital: Login and a let go of it
+        home = conn.execute(sa.select(appointment.c.doctor_id).where(appointment.c.id == changed))
+        home_doctor = home.scalar_one()
+        other = conn.execute(sa.select(doctor.c.id).where(doctor.c.hospital_id == 2)).scalar()
+        conn.execute(
+            appointment.update().where(appointment.c.id == changed).values(doctor_id=other)
+        )
+    dev.sync("Login")
+    dev.sync("PatientDetails", params={"patient_id": a})
+    with store.write() as conn:  # back, for another patient: Login's delta brings it
+        conn.execute(
+            appointment.update()
+            .where(appointment.c.id == changed)
+            .values(doctor_id=home_doctor, patient_id=b)
+        )
+    dev.sync("Login")
+    assert dev.sync("SendAppointments").applied == 1
+    assert changed in local_keys(dev, "LocalAppointment")
+    dev.sync("Login")
+    in_sync(dev)
+
+
+def test_put_off_removals_survive_a_restart(make_client, store):
+    dev = make_client(name="device")
+    a, b = patients_of(store, 1)[:2]
+    dev.sync("PatientDetails", params={"patient_id": a})
+    changed = history(store, a)[0]
+    edit_notes(dev, changed, "device note")
+    move_to_patient(store, changed, b)
+    dev.sync("PatientDetails", params={"patient_id": a})
+    dev.close()
+
+    again = make_client(name="device")
+    assert again.sync("SendAppointments").applied == 1
+    assert changed not in local_keys(again, "LocalAppointment")
