@@ -1,22 +1,50 @@
-"""Which rows go when a hold is released, and when a row has an unpushed change.
+"""Which rows go when a hold is released: a forbidden unit, a row with an unpushed change.
 
-A removal that
+Forgetting a unit the principal may no longer run releases what that unit (or
+a subscription of it) holds, and nothing another unit holds. A removal that
 finds the row with an unpushed change (pulls don't clobber) is put off, and
 carried out once the change is answered, unless the server sent the row again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hospital.models import appointment, doctor
+from hospital.models import appointment, doctor, staff
 from hospital.units import appointment_columns, appointment_joins, my_hospital
+from hospital.units import schema as hospital_schema
 
 from syncunit import Stream, SyncSchema, SyncUnit
+from syncunit.errors import ProblemError
+from syncunit.server import Principal, SyncServer, TokenAuth
+from syncunit.server.auth import authorize_unit
 from tests.support import local_keys
 from tests.test_subscriptions import history, patients_of
+
+APP_UNITS = frozenset({"Login", "Online", "SendAppointments", "Splash"})
+
+
+@pytest.fixture
+def revocable(make_server: Any, serve: Any, store: Any) -> tuple[Any, dict[str, Any]]:
+    """A server whose principal's units can be narrowed mid-test: (live server, {"units"})."""
+    make_server()  # tracking and rows, as the hospital server has them
+    allowed: dict[str, Any] = {"units": None}
+
+    def lookup(token: str) -> Principal | None:
+        with store.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(staff.c.id, staff.c.hospital_id).where(staff.c.token == token)
+            ).first()
+        if row is None:
+            return None
+        params = {"hospital_id": row.hospital_id}
+        return Principal(id=f"staff:{row.id}", params=params, units=allowed["units"])
+
+    app = SyncServer(hospital_schema, store, authenticate=TokenAuth(lookup)).app
+    return serve(app), allowed
 
 
 def edit_notes(client: Any, key: str, notes: str) -> None:
@@ -38,6 +66,96 @@ def move_to_patient(store: Any, key: str, patient_id: int) -> None:
         conn.execute(
             appointment.update().where(appointment.c.id == key).values(patient_id=patient_id)
         )
+
+
+# -- a unit the principal may no longer run --------------------------------------------------
+
+
+def test_a_forbidden_subscription_unit_removes_its_rows_and_keeps_logins(
+    server, revocable, make_client, store, in_sync
+):
+    live, allowed = revocable
+    dev = make_client(url=live.url)
+    dev.sync("Login")
+    login_rows = local_keys(dev, "LocalAppointment")
+    a = patients_of(store, 1)[0]
+    dev.sync("PatientDetails", params={"patient_id": a})
+    assert local_keys(dev, "LocalPatient") == {a}
+
+    allowed["units"] = APP_UNITS
+    with pytest.raises(ProblemError) as err:
+        dev.sync("PatientDetails", params={"patient_id": a})
+    assert (err.value.status, err.value.code) == (403, "unit-forbidden")
+
+    assert dev.subscriptions() == []
+    assert local_keys(dev, "LocalPatient") == set()
+    assert local_keys(dev, "LocalAppointment") == login_rows  # Login's rows all stay
+    assert engine_rows(dev, "syncunit_holds") == []
+    cursors = {r[0] for r in engine_rows(dev, "syncunit_cursors")}
+    assert cursors == {"appointments", "doctors"}
+    dev.sync("Login")
+    in_sync(dev)
+
+
+def test_a_forbidden_unit_keeps_a_changed_row_until_its_push_is_answered(
+    server, revocable, make_client, store
+):
+    live, allowed = revocable
+    dev = make_client(url=live.url)
+    a = patients_of(store, 1)[0]
+    dev.sync("PatientDetails", params={"patient_id": a})
+    changed = history(store, a)[0]
+    edit_notes(dev, changed, "seen today")
+
+    allowed["units"] = APP_UNITS
+    with pytest.raises(ProblemError):
+        dev.sync("PatientDetails", params={"patient_id": a})
+    assert local_keys(dev, "LocalAppointment") == {changed}  # pulls don't clobber
+
+    result = dev.sync("SendAppointments")
+    assert result.applied == 1
+    assert local_keys(dev, "LocalAppointment") == set()  # nothing holds it any more
+    assert engine_rows(dev, "syncunit_deferred") == []
+    with store.engine.connect() as conn:
+        notes = conn.execute(sa.select(appointment.c.notes).where(appointment.c.id == changed))
+        assert notes.scalar_one() == "seen today"
+
+
+def test_a_held_subscription_of_a_forbidden_unit_is_dropped_and_online_goes_on(
+    server, revocable, make_client, store, in_sync, monkeypatch
+):
+    # The server refuses a whole request that carries a subscription of a unit the
+    # principal may not run, naming that unit.
+    check = SyncServer._check_unit
+
+    def check_unit(self: SyncServer, unit: Any, principal: Principal, params: Mapping[str, Any]):
+        authorize_unit(principal, unit)
+        check(self, unit, principal, params)
+
+    monkeypatch.setattr(SyncServer, "_check_unit", check_unit)
+    live, allowed = revocable
+    errors: list[tuple[str, Exception]] = []
+    dev = make_client(
+        url=live.url, sync_on_reconnect="Online", on_error=lambda u, e: errors.append((u, e))
+    )
+    a = patients_of(store, 1)[0]
+    dev.sync("Online")
+    online_rows = local_keys(dev, "LocalAppointment")
+    dev.sync("PatientDetails", params={"patient_id": a})
+    dev.sync("Online")  # refreshes the subscription beside it
+
+    allowed["units"] = APP_UNITS
+    result = dev.sync("Online")
+
+    assert result.requests == 2  # refused whole, then again without the subscription
+    assert dev.subscriptions() == []
+    assert [(u, e.code) for u, e in errors] == [  # type: ignore[attr-defined]
+        (f'PatientDetails?{{"patient_id":{a}}}', "unit-forbidden")
+    ]
+    assert local_keys(dev, "LocalPatient") == set()
+    assert local_keys(dev, "LocalAppointment") == online_rows
+    dev.sync("Online")
+    in_sync(dev, "Online")
 
 
 # -- removals put off for rows with unpushed changes -----------------------------------------

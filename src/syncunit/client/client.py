@@ -26,7 +26,7 @@ from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
 from syncunit.client.result import SyncResult
-from syncunit.client.run import UnitRun, forget_unit
+from syncunit.client.run import UnitRun, forbidden_unit, forget_unit
 from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus, subscription_id
 from syncunit.client.status import StatusFeed
 from syncunit.client.store import LocalStore, quote
@@ -491,12 +491,8 @@ class SyncClient:
                     result.requests += 1
                     catalog = self.catalog(refresh=True)
                 try:
-                    UnitRun(self, PROTOCOL_VERSION, DEFER_INDEXES_ABOVE).run(
-                        unit, catalog, result, params
-                    )
+                    self._run_allowed(unit, catalog, result, params)
                 except ProblemError as exc:
-                    if exc.code == "unit-forbidden" and catalog is not None:
-                        forget_unit(self, unit, catalog)
                     if exc.code != "schema-changed":
                         raise
                     # Pending mutations under an old schema: migrate first, then send them.
@@ -527,6 +523,45 @@ class SyncClient:
         self._emit(self.on_complete, result)
         self._status_changed()
         return result
+
+    def _run_allowed(
+        self,
+        unit: str,
+        catalog: Catalog | None,
+        result: SyncResult,
+        params: Mapping[str, Any] | None,
+    ) -> None:
+        """Run ``unit``; a unit the principal may no longer run is forgotten.
+
+        The server refuses a whole request (403 ``unit-forbidden``) when the unit
+        it names is the one run, or the unit of a subscription the request
+        carries to refresh. The first ends the run with the error; the second
+        closes that unit's subscriptions (surfaced to ``on_error`` and the log)
+        and runs again without them.
+        """
+        while True:
+            try:
+                UnitRun(self, PROTOCOL_VERSION, DEFER_INDEXES_ABOVE).run(
+                    unit, catalog, result, params
+                )
+                return
+            except ProblemError as exc:
+                if exc.code != "unit-forbidden":
+                    raise
+                catalog = self.store.catalog()
+                named = forbidden_unit(exc)
+                dropped = [] if named in (None, unit) else [
+                    sub_id for sub_id, sub_unit, _, _, _ in self.store.subscriptions()
+                    if sub_unit == named
+                ]  # fmt: skip
+                if catalog is None:
+                    raise
+                forget_unit(self, named or unit, catalog)
+                if not dropped:
+                    raise
+                for sub_id in dropped:
+                    log.warning("subscription %s was closed and its rows removed: %s", sub_id, exc)
+                    self._emit(self.on_error, sub_id, exc)
 
     # -- subscriptions ---------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from syncunit.client.pushing import NumberAhead
 from syncunit.client.scheduler import subscription_id
 from syncunit.errors import (
     NetworkError,
+    ProblemError,
     ProtocolError,
     RequestRejected,
     SyncError,
@@ -54,7 +55,7 @@ from syncunit.protocol import (
 if TYPE_CHECKING:
     from syncunit.client.client import SyncClient, SyncResult
 
-__all__ = ["UnitRun", "forget_unit", "held"]
+__all__ = ["UnitRun", "forbidden_unit", "forget_unit", "held"]
 
 COMPRESS_ABOVE = 16 * 1024
 #: gzip level of request bodies. A push of 2,000 inserts (640 KB of msgpack) takes
@@ -469,25 +470,44 @@ class UnitRun:
             target.append(change.to_dict())
 
 
-def forget_unit(client: SyncClient, unit_name: str, catalog: Catalog) -> None:
-    """The principal may no longer run ``unit_name``: remove what its streams brought.
+def forget_unit(client: SyncClient, unit_name: str, catalog: Catalog) -> int:
+    """The principal may no longer run ``unit_name``: remove what it brought.
 
-    Rows with local changes not yet pushed stay (with their outbox entries);
-    the streams' cursors go, so a unit still allowed later downloads afresh.
+    Each subscription of the unit is closed (its holds, cursors and record go;
+    rows no one else holds go with them). The unit's streams without client
+    parameters start over: their cursors go, so a unit still allowed later
+    downloads afresh, and so do their rows that no subscription holds. Rows of
+    other streams, and the rows subscriptions of other units hold, stay; rows
+    with local changes not yet pushed stay until the push is answered
+    (``holds.carry_out``). Returns the number of rows removed.
     """
     unit = catalog.unit(unit_name)
-    for name in unit.streams if unit is not None else []:
-        info = catalog.stream(name)
-        if info is None:
+    streams = [s for s in catalog.streams if unit is not None and s.name in unit.streams]
+    removed = 0
+    for sub_id, sub_unit, _, _, _ in client.store.subscriptions():
+        if sub_unit == unit_name:
+            removed += client.store.close_subscription(sub_id, streams)
+    for info in streams:
+        if info.params:  # read only with parameter values: its rows are subscriptions'
             continue
         # complete: applied in place at once (an incomplete reset would go to a shadow table)
         empty = Chunk(
-            stream=name, columns=[], data=[], removed=[], cursor="", reset=True, complete=True
+            stream=info.name, columns=[], data=[], removed=[], cursor="", reset=True, complete=True
         )
-        client.store.apply_chunk(info, empty)
+        removed += client.store.apply_chunk(info, empty)[1]
         with client.store.atomic() as c:
-            c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (name,))
-    log.info("unit %r is no longer allowed: its local rows were removed", unit_name)
+            c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (info.name,))
+    log.info("unit %r is no longer allowed: %d local rows were removed", unit_name, removed)
+    return removed
+
+
+def forbidden_unit(exc: ProblemError) -> str | None:
+    """The unit a ``unit-forbidden`` problem names (``may not run unit 'Name'``)."""
+    named = exc.extra.get("unit")
+    if isinstance(named, str):
+        return named
+    found = re.search(r"may not run unit (['\"])(.+?)\1", exc.detail)
+    return found.group(2) if found else None
 
 
 def held(client: SyncClient, unit_name: str, catalog: Catalog | None) -> list[Subscription]:
