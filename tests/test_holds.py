@@ -21,7 +21,7 @@ from syncunit import Stream, SyncSchema, SyncUnit
 from syncunit.errors import ProblemError
 from syncunit.server import Principal, SyncServer, TokenAuth
 from syncunit.server.auth import authorize_unit
-from tests.support import local_keys
+from tests.support import local_keys, principal_params
 from tests.test_subscriptions import history, patients_of
 
 APP_UNITS = frozenset({"Login", "Online", "SendAppointments", "Splash"})
@@ -284,6 +284,28 @@ def test_a_row_a_login_delta_brings_back_stays_after_the_push(make_client, store
             .values(doctor_id=home_doctor, patient_id=b)
         )
     dev.sync("Login")
+    assert dev.sync("SendAppointments").applied == 1
+    assert changed in local_keys(dev, "LocalAppointment")
+    dev.sync("Login")
+    in_sync(dev)
+
+
+def test_a_row_a_snapshot_file_brings_stays_after_the_push(
+    make_server, live, make_client, store, tmp_path, in_sync
+):
+    server = make_server(snapshot_dir=tmp_path / "snapshots", snapshot_min_rows=1)
+    live.app = server.app
+    dev = make_client()
+    a, b = patients_of(store, 1)[:2]
+    dev.sync("PatientDetails", params={"patient_id": a})
+    changed = history(store, a)[0]
+    edit_notes(dev, changed, "device note")
+    move_to_patient(store, changed, b)
+    dev.sync("PatientDetails", params={"patient_id": a})  # a lets go of it
+    params = principal_params(store, "token-h1")
+    for s in hospital_schema.units["Login"].streams:
+        server.snapshots.build(s, params)
+    assert dev.sync("Login").snapshots  # Login's first copy, from files, has it
     assert dev.sync("SendAppointments").applied == 1
     assert changed in local_keys(dev, "LocalAppointment")
     dev.sync("Login")

@@ -443,6 +443,12 @@ def _copy(store: LocalStore, stream: StreamInfo, offer: SnapshotOffer, *, transf
                 f" WHERE {key} IN (SELECT row_key FROM syncunit_holds WHERE local_table = ?1)",
                 (table,),
             )
+        # The file brings these rows: removals put off for them no longer stand.
+        c.execute(
+            f"DELETE FROM syncunit_deferred WHERE local_table = ? AND row_key IN"
+            f" (SELECT {key} FROM {SNAP}.rows)",
+            (table,),
+        )
         for schema, _, sql in engine:  # SQLite keeps a temporary one's SQL without TEMP
             c.execute(sql if schema == "main" else "CREATE TEMP " + sql.removeprefix("CREATE "))
         if rows != offer.rows:

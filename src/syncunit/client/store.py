@@ -10,6 +10,7 @@ savepoints for nesting). The engine's own tables are prefixed ``syncunit_``:
   the local one, swapped in one transaction when complete;
 * ``syncunit_subscriptions`` and ``syncunit_holds``: units the app opened with
   parameter values, and which of them holds which row (``holds.py``);
+* ``syncunit_deferred``: removals put off while the row had an unpushed change;
 
 The engine's tables are versioned (``migrations.py``): an older device file is
 upgraded in place when it is opened.
@@ -310,6 +311,7 @@ class LocalStore(ChunkApply):
             c.execute("DELETE FROM syncunit_sync_properties")
             c.execute("DELETE FROM syncunit_holds")
             c.execute("DELETE FROM syncunit_subscriptions")
+            c.execute("DELETE FROM syncunit_deferred")
         return new
 
     # -- catalog and local tables ----------------------------------------------------------
@@ -426,6 +428,7 @@ class LocalStore(ChunkApply):
             changes.append(f"created {s.local_table}")
             # A new table holds nothing: its subscriptions copy again.
             c.execute("DELETE FROM syncunit_holds WHERE local_table = ?", (s.local_table,))
+            c.execute("DELETE FROM syncunit_deferred WHERE local_table = ?", (s.local_table,))
             c.execute(
                 "DELETE FROM syncunit_cursors WHERE stream LIKE ? ESCAPE '\\'",
                 (s.name.replace("_", "\\_") + "@%",),
