@@ -8,7 +8,6 @@ carried out once the change is answered, unless the server sent the row again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -20,7 +19,6 @@ from hospital.units import schema as hospital_schema
 from syncunit import Stream, SyncSchema, SyncUnit
 from syncunit.errors import ProblemError
 from syncunit.server import Principal, SyncServer, TokenAuth
-from syncunit.server.auth import authorize_unit
 from tests.support import local_keys, principal_params
 from tests.test_subscriptions import history, patients_of
 
@@ -122,17 +120,10 @@ def test_a_forbidden_unit_keeps_a_changed_row_until_its_push_is_answered(
 
 
 def test_a_held_subscription_of_a_forbidden_unit_is_dropped_and_online_goes_on(
-    server, revocable, make_client, store, in_sync, monkeypatch
+    server, revocable, make_client, store, in_sync
 ):
     # The server refuses a whole request that carries a subscription of a unit the
-    # principal may not run, naming that unit.
-    check = SyncServer._check_unit
-
-    def check_unit(self: SyncServer, unit: Any, principal: Principal, params: Mapping[str, Any]):
-        authorize_unit(principal, unit)
-        check(self, unit, principal, params)
-
-    monkeypatch.setattr(SyncServer, "_check_unit", check_unit)
+    # principal may not run, naming that unit in the problem's ``unit``.
     live, allowed = revocable
     errors: list[tuple[str, Exception]] = []
     dev = make_client(
@@ -152,6 +143,7 @@ def test_a_held_subscription_of_a_forbidden_unit_is_dropped_and_online_goes_on(
     assert [(u, e.code) for u, e in errors] == [  # type: ignore[attr-defined]
         (f'PatientDetails?{{"patient_id":{a}}}', "unit-forbidden")
     ]
+    assert errors[0][1].extra["unit"] == "PatientDetails"  # type: ignore[attr-defined]
     assert local_keys(dev, "LocalPatient") == set()
     assert local_keys(dev, "LocalAppointment") == online_rows
     dev.sync("Online")

@@ -656,6 +656,8 @@ class SyncClient:
             retry_after = response.headers.get("retry-after", "")
             if retry_after.isdigit():
                 extra["retry_after"] = int(retry_after)
+            if problem.unit:  # the unit refused: maybe a subscription's, not the one asked
+                extra["unit"] = problem.unit
             raise problem_error(
                 problem.status, problem.code, problem.title, problem.detail, **extra
             )
