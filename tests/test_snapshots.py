@@ -6,6 +6,7 @@ explicitly (the server builds them in the background on a large first copy).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -309,6 +310,61 @@ def test_a_download_needs_a_unit_the_principal_may_run(server, live, tmp_path):
     )
 
     assert (r.status_code, r.json()["code"]) == (403, "unit-forbidden")
+
+
+def _range_refusals(server: SyncServer, code: str) -> float:
+    sample = server.metrics.registry.get_sample_value(
+        "syncunit_refused_requests_total", {"code": code}
+    )
+    return sample or 0.0
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "code"),
+    [
+        ("bytes=5-2", 400, "invalid-range"),  # its last byte before its first
+        ("bytes=abc", 400, "invalid-range"),  # no range in it
+        ("pages=0-10", 400, "invalid-range"),  # another unit
+        ("bytes", 400, "invalid-range"),
+        ("bytes=99999999-", 416, "range-not-satisfiable"),  # past the end
+        ("bytes=0-1, 99999999-", 416, "range-not-satisfiable"),
+    ],
+)
+def test_a_bad_range_is_a_problem_logged_and_counted(
+    snap_server, live, caplog, header, status, code
+):
+    caplog.set_level(logging.INFO, logger="syncunit")
+    snap = _build(snap_server)[0]
+    url = f"{live.url}/v1/snapshots/{snap.stream}/{snap.name}"
+    before = _range_refusals(snap_server, code)
+
+    r = httpx.get(url, headers={"Authorization": f"Bearer {H1}", "Range": header})
+
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == code
+    assert r.json()["detail"]
+    if status == 416:
+        assert r.headers["content-range"] == f"bytes */{snap.size}"
+    assert _range_refusals(snap_server, code) == before + 1
+    refused = [rec.getMessage() for rec in caplog.records if rec.name == "syncunit.server"]
+    assert any("refused GET /v1/snapshots/" in m and code in m for m in refused), refused
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+
+
+def test_good_ranges_and_a_stale_if_range_still_serve_the_file(snap_server, live):
+    snap = _build(snap_server)[0]
+    url = f"{live.url}/v1/snapshots/{snap.stream}/{snap.name}"
+    auth = {"Authorization": f"Bearer {H1}"}
+    whole = snap.path.read_bytes()
+
+    r = httpx.get(url, headers={**auth, "Range": "bytes=10-"})
+    assert (r.status_code, r.content) == (206, whole[10:])
+    r = httpx.get(url, headers={**auth, "Range": "bytes=-5"})
+    assert (r.status_code, r.content) == (206, whole[-5:])
+    # A Range of another version of the file (If-Range) is ignored: the whole file.
+    r = httpx.get(url, headers={**auth, "Range": "bytes=99999999-", "If-Range": '"old"'})
+    assert (r.status_code, r.content) == (200, whole)
 
 
 # -- the folder: restarts, killed builds, several server processes ------------------------

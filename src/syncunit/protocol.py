@@ -423,6 +423,8 @@ PROBLEM_CODES: dict[str, tuple[int, str]] = {
     "unsupported-protocol": (400, "Unsupported protocol version"),
     "invalid-parameter": (400, "A client parameter is missing, unknown or malformed"),
     "upload-timeout": (408, "The request body took too long to arrive"),
+    "invalid-range": (400, "The Range header cannot be read"),
+    "range-not-satisfiable": (416, "The Range header asks for bytes past the end of the file"),
     "invalid-request": (422, "The request is well-formed but not valid"),
     "sequence-gap": (409, "Mutations are missing before these"),
     "schema-changed": (409, "The server's schema changed; fetch the catalog again"),

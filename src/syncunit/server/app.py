@@ -19,6 +19,7 @@ treated as no cursor at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -84,7 +85,7 @@ from syncunit.server.problems import (
 )
 from syncunit.server.push import PushApplier
 from syncunit.server.rxdb import RxDBReplication
-from syncunit.server.snapshots import Snapshots
+from syncunit.server.snapshots import Snapshots, check_range
 from syncunit.server.store import ServerStore
 from syncunit.server.streaming import FramePump, FrameResponse, compressor_for
 from syncunit.units import SyncSchema, SyncUnit
@@ -252,11 +253,27 @@ class SyncServer(SyncAnswer):
                     authorize_unit(principal, pulling[0])  # the problem a sync of it gets
                 authorize_stream(principal, stream, {})
                 snap = self.snapshots.find(request.path_params["name"], stream, principal.params)
-        if snap is None or not snap.path.exists():
+        stat = None
+        if snap is not None:
+            with contextlib.suppress(FileNotFoundError):
+                stat = snap.path.stat()
+        if snap is None or stat is None:
             raise ProblemException(
                 "unknown-snapshot", "no such snapshot for you: sync again to get a fresh offer"
             )
-        return FileResponse(snap.path, media_type="application/zstd")
+        response = FileResponse(snap.path, media_type="application/zstd", stat_result=stat)
+        # A Range FileResponse would refuse in plain text is a problem, as every refusal;
+        # one it ignores (If-Range of another version: the whole file) stays so.
+        wanted, if_range = request.headers.get("range"), request.headers.get("if-range")
+        if wanted is not None and (
+            if_range is None
+            or (
+                not if_range.startswith("W/")
+                and if_range in (response.headers["etag"], response.headers["last-modified"])
+            )
+        ):
+            check_range(wanted, stat.st_size)
+        return response
 
     async def _sync_request(self, request: Request) -> tuple[Principal, SyncUnit, SyncRequest]:
         """Authenticate, find the unit, read and validate the body."""

@@ -52,6 +52,8 @@ from syncunit.heldfiles import held_scratch, unheld
 from syncunit.protocol import local_table_ddl
 from syncunit.server.changes import StreamReader, params_hash
 from syncunit.server.cursor import decode_cursor, encode_cursor
+from syncunit.server.limits import shorten
+from syncunit.server.problems import ProblemException
 from syncunit.server.store import ServerStore
 from syncunit.units import Stream
 
@@ -358,6 +360,55 @@ class Snapshots:
         for snap in dropped:
             self._forget(snap)
         return [snap.path for snap in dropped]
+
+
+#: Most ranges one ``Range`` header may ask for; past it, the whole file is sent (as
+#: Starlette's ``FileResponse`` does).
+MAX_RANGES = 100
+
+
+def check_range(header: str, size: int) -> None:
+    """Refuse a ``Range`` header of a file of ``size`` bytes that ``FileResponse``
+    would answer in plain text: 400 ``invalid-range`` if it cannot be read, 416
+    ``range-not-satisfiable`` (with ``Content-Range: bytes */size``) if it starts past
+    the end. It reads the header as ``FileResponse`` does; parts it cannot read are
+    skipped, as there.
+    """
+    units, sep, spec = header.partition("=")
+    if not sep or units.strip().lower() != "bytes":
+        raise ProblemException(
+            "invalid-range", f"Range {shorten(header, 60)}: send 'Range: bytes=<first>-'"
+        )
+    if spec.count(",") + 1 > MAX_RANGES:
+        return  # the whole file is sent
+    ranges: list[tuple[int, int]] = []
+    for part in spec.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not dash or not (first.strip() or last.strip()):
+            continue
+        try:
+            start = int(first) if first.strip() else max(size - int(last), 0)
+            end = int(last) + 1 if first.strip() and last.strip() and int(last) < size else size
+        except ValueError:
+            continue
+        ranges.append((start, end))
+    if not ranges:
+        raise ProblemException(
+            "invalid-range",
+            f"Range {shorten(header, 60)} names no byte range; send 'Range: bytes=<first>-'",
+        )
+    if any(not 0 <= start < size for start, _ in ranges):
+        raise ProblemException(
+            "range-not-satisfiable",
+            f"the file holds {size} bytes: a range starts at 0 to {size - 1}; download it"
+            " whole again (without Range)",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    if any(start >= end for start, end in ranges):
+        raise ProblemException(
+            "invalid-range",
+            f"Range {shorten(header, 60)}: a range's last byte comes before its first",
+        )
 
 
 def glob_escape(text: str) -> str:
