@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import socket
 import threading
 import uuid
@@ -550,6 +551,8 @@ def test_a_deleted_document_is_a_delete_and_a_delete_again_is_harmless(
         (f"{BASE}/push", {"json": [], "params": {"params": '{"patient_id": 7}'}}, 400,
          "invalid-parameter"),
         (f"{DETAILS}/push", {"json": []}, 422, "invalid-request"),
+        (f"{DETAILS}/pull", {"json": {}, "params": {"params":
+         '{"patient_id": ' + "[" * 1000 + "]" * 1000 + "}"}}, 400, "malformed-request"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_a_clear_problem_and_change_nothing(
@@ -570,6 +573,34 @@ def test_bad_requests_get_a_clear_problem_and_change_nothing(
     assert r.json()["code"] == code
     assert r.json()["detail"]
     assert db_state(server.store.engine) == before
+
+
+_DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (f"{BASE}/push", b'[{"newDocumentState": {"id": "z", "notes": ' + _DEEP + b"}}]"),
+        (f"{BASE}/pull", b'{"checkpoint": ' + _DEEP + b"}"),
+    ],
+)
+def test_a_body_nested_too_deeply_is_a_400_as_on_the_native_endpoint(
+    http: httpx.Client, server: SyncServer, caplog: pytest.LogCaptureFixture, path: str, body: bytes
+) -> None:
+    from tests.support import db_state
+
+    caplog.set_level(logging.INFO, logger="syncunit")
+    before = db_state(server.store.engine)
+
+    r = http.post(path, content=body, headers={**auth(), "Content-Type": "application/json"})
+
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "malformed-request"
+    assert "nested too deeply" in r.json()["detail"]
+    assert db_state(server.store.engine) == before
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
 
 
 def test_the_schema_comes_from_the_catalog(http: httpx.Client) -> None:

@@ -324,6 +324,10 @@ class RxDBReplication:
             raise ProblemException(
                 "malformed-request", f"params is not JSON: {exc}; send ?params={{...}}"
             ) from exc
+        except RecursionError:
+            raise ProblemException(
+                "malformed-request", "params nests too deeply; send ?params={...} of plain values"
+            ) from None
         if not isinstance(params, dict):
             raise ProblemException(
                 "malformed-request", 'params must be a JSON object, e.g. ?params={"patient_id":7}'
@@ -342,6 +346,10 @@ class RxDBReplication:
             return msgspec.json.decode(body) if body else None
         except msgspec.DecodeError as exc:
             raise ProblemException("malformed-request", f"the body is not JSON: {exc}") from exc
+        except RecursionError:
+            raise ProblemException(
+                "malformed-request", "the body's values are nested too deeply"
+            ) from None
 
     # -- handlers ------------------------------------------------------------------
 
