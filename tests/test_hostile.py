@@ -258,6 +258,74 @@ def test_a_rejection_reason_never_echoes_the_whole_value(live, store):
     assert len(result.reason) < 300
 
 
+# -- client parameters and other request fields -------------------------------------------
+
+
+def _request(**fields: Any) -> bytes:
+    """A sync request as JSON (which, unlike MessagePack, holds any integer)."""
+    return msgspec.json.encode({"protocol": 1, "client_id": "hostile", **fields})
+
+
+def _no_error_logged(caplog: pytest.LogCaptureFixture) -> None:
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"params": {"patient_id": 2**63}}, id="param-2^63"),
+        pytest.param({"params": {"patient_id": 2**64 - 1}}, id="param-2^64-1"),
+        pytest.param({"params": {"patient_id": -(2**63) - 1}}, id="param-below-int64"),
+        pytest.param({"params": {"patient_id": 1}, "subscriptions": [
+            {"id": "s", "unit": "PatientDetails", "params": {"patient_id": 2**64 - 1}}]},
+            id="subscription-param-2^64-1"),
+        pytest.param({"params": {"patient_id": 1}, "unanswered_from": 2**64 - 1},
+                     id="unanswered-from-2^64-1"),
+    ],
+)  # fmt: skip
+def test_integers_past_64_bits_anywhere_in_a_request_are_a_422(live, store, caplog, fields):
+    caplog.set_level(logging.INFO, logger="syncunit")
+    before = db_state(store.engine)
+    with httpx.Client(timeout=30) as http:
+        headers = {**AUTH, "Content-Type": JSON, "Accept-Encoding": "identity"}
+        url = f"{live.url}/v1/sync/PatientDetails"
+
+        r = http.post(url, content=_request(**fields), headers=headers)
+
+        problem = _assert_problem(r, 422, "invalid-request")
+        assert "64 bits" in problem["detail"]
+        assert len(problem["detail"]) < 300
+        assert db_state(store.engine) == before
+        # The connection goes on serving this device.
+        ok = http.post(url, content=_request(params={"patient_id": 1}), headers=headers)
+        assert ok.status_code == 200
+    _no_error_logged(caplog)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"params": {"patient_id": "7" * 1_000_000}}, id="long-value"),
+        pytest.param({"params": {"patient_id": ["x" * 100_000]}}, id="long-list-value"),
+        pytest.param({"params": {"patient_id": 1, "p" * 100_000: 1}}, id="long-name"),
+        pytest.param({"params": {"patient_id": 1, **{f"p{i}" * 500: 1 for i in range(50)}}},
+                     id="many-long-names"),
+        pytest.param({"params": {"patient_id": 1},
+                      "subscriptions": [{"id": "s" * 100_000, "unit": "Nope" * 10_000}]},
+                     id="subscription"),
+        pytest.param({"params": {"patient_id": 1}, "subscriptions": [
+            {"id": "s" * 100_000, "unit": "PatientDetails", "params": {"patient_id": 1}},
+            {"id": "s" * 100_000, "unit": "PatientDetails", "params": {"patient_id": 1}}]},
+            id="subscription-repeated"),
+    ],
+)  # fmt: skip
+def test_a_problem_never_echoes_a_long_value_or_name_whole(live, fields):
+    r = _post(live.url, _request(**fields), {"Content-Type": JSON}, unit="PatientDetails")
+
+    assert r.status_code in (400, 422), r.text
+    assert len(r.json()["detail"]) < 500
+
+
 # -- cursors ---------------------------------------------------------------------------
 
 

@@ -553,11 +553,20 @@ def test_a_deleted_document_is_a_delete_and_a_delete_again_is_harmless(
         (f"{DETAILS}/push", {"json": []}, 422, "invalid-request"),
         (f"{DETAILS}/pull", {"json": {}, "params": {"params":
          '{"patient_id": ' + "[" * 1000 + "]" * 1000 + "}"}}, 400, "malformed-request"),
+        (f"{DETAILS}/pull", {"json": {}, "params": {"params":
+         '{"patient_id": 18446744073709551615}'}}, 422, "invalid-request"),
+        (f"{DETAILS}/pull", {"json": {}, "params": {"params":
+         '{"patient_id": 99999999999999999999999}'}}, 422, "invalid-request"),
+        (f"{DETAILS}/pull/stream", {"params": {"params":
+         '{"patient_id": 9223372036854775808}'}}, 422, "invalid-request"),
+        ("/v1/rxdb/" + "U" * 30_000 + "/appointments/pull", {"json": {}}, 404, "unknown-unit"),
+        ("/v1/rxdb/Online/" + "S" * 30_000 + "/pull", {"json": {}}, 404, "unknown-stream"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_a_clear_problem_and_change_nothing(
     http: httpx.Client,
     server: SyncServer,
+    caplog: pytest.LogCaptureFixture,
     path: str,
     kwargs: dict[str, Any],
     status: int,
@@ -565,6 +574,7 @@ def test_bad_requests_get_a_clear_problem_and_change_nothing(
 ) -> None:
     from tests.support import db_state
 
+    caplog.set_level(logging.INFO, logger="syncunit")
     before = db_state(server.store.engine)
     kwargs.setdefault("headers", auth())
     r = http.request("GET" if path.endswith("/stream") else "POST", path, **kwargs)
@@ -572,7 +582,9 @@ def test_bad_requests_get_a_clear_problem_and_change_nothing(
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["code"] == code
     assert r.json()["detail"]
+    assert len(r.json()["detail"]) < 300  # a value is never echoed whole
     assert db_state(server.store.engine) == before
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
 
 
 _DEEP = b"[" * 5000 + b"]" * 5000

@@ -239,7 +239,7 @@ def test_another_hospitals_patient_gives_nothing_of_it(client, store):
         ({"patient_id": "42"}, "must be an integer"),
         ({"patient_id": 0}, "at least 1"),
         ({"patient_id": True}, "must be an integer"),
-        ({"patient_id": 4, "doctor_id": 1}, "no parameter doctor_id"),
+        ({"patient_id": 4, "doctor_id": 1}, "no parameter 'doctor_id'"),
     ],
 )
 def test_a_missing_or_malformed_parameter_is_a_400_problem(client, store, params, says):
@@ -255,6 +255,33 @@ def test_a_missing_or_malformed_parameter_is_a_400_problem(client, store, params
     assert local_keys(client, "LocalAppointment") == before_local
     assert local_keys(client, "LocalPatient") == set()
     assert client.subscriptions() == []  # a refused value is not held (nor sent by Online)
+
+
+def test_an_integer_parameter_past_64_bits_is_a_422_problem(client, store):
+    before = db_state(store.engine)
+    with pytest.raises(ProblemError) as err:
+        client.sync("PatientDetails", params={"patient_id": 2**63})
+    assert (err.value.status, err.value.code) == (422, "invalid-request")
+    assert "64 bits" in str(err.value.detail)
+    assert db_state(store.engine) == before
+    assert client.subscriptions() == []
+
+
+@pytest.mark.parametrize(
+    ("param", "value", "says"),
+    [
+        (Param("integer"), 2**63, "signed 64-bit"),
+        (Param("integer", max=2**70), -(2**63) - 1, "signed 64-bit"),
+        (Param("integer"), "9" * 100_000, "must be an integer"),
+        (Param("text"), ["x" * 100_000], "must be text"),
+    ],
+)
+def test_a_parameter_check_says_what_is_wrong_without_echoing_the_value(param, value, says):
+    reason = param.check("p", value)
+    assert reason is not None
+    assert says in reason
+    assert len(reason) < 200
+    assert param.check("p", 7 if param.type == "integer" else "ok") is None
 
 
 def test_a_unit_without_parameters_refuses_them(client):

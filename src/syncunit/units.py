@@ -71,6 +71,16 @@ class Join:
 
 ParamType = Literal["integer", "text"]
 
+#: Integers on the wire are signed 64-bit (docs/security.md), parameters too.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a reason never echoes a whole value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 #: ``authorize(principal, params)``: False refuses the request with a 403 problem.
 Authorize = Callable[[Any, Mapping[str, Any]], bool]
 
@@ -94,17 +104,23 @@ class Param:
             raise DeclarationError(f"parameter type must be 'integer' or 'text', not {self.type!r}")
 
     def check(self, name: str, value: Any) -> str | None:
-        """Why ``value`` is not acceptable for this parameter, or None if it is."""
+        """Why ``value`` is not acceptable for this parameter, or None if it is.
+
+        The reason names the parameter and what it takes; it never repeats a long
+        value whole. Integers are signed 64-bit whatever ``min`` and ``max`` say.
+        """
         if self.type == "integer":
             if isinstance(value, bool) or not isinstance(value, int):
-                return f"parameter {name!r} must be an integer, not {value!r}"
+                return f"parameter {name!r} must be an integer, not {_shown(value)}"
+            if not INT64_MIN <= value <= INT64_MAX:
+                return f"parameter {name!r} must be a signed 64-bit integer, not {_shown(value)}"
             if self.min is not None and value < self.min:
                 return f"parameter {name!r} must be at least {self.min}, not {value}"
             if self.max is not None and value > self.max:
                 return f"parameter {name!r} must be at most {self.max}, not {value}"
             return None
         if not isinstance(value, str):
-            return f"parameter {name!r} must be text, not {value!r}"
+            return f"parameter {name!r} must be text, not {_shown(value)}"
         if len(value) > self.max_length:
             return f"parameter {name!r} must be at most {self.max_length} characters"
         return None

@@ -472,13 +472,14 @@ class SyncServer(SyncAnswer):
         for sub in req.subscriptions:
             if not sub.id or sub.id in ids:
                 raise ProblemException(
-                    "invalid-request", f"subscription id {sub.id!r} is empty or repeated"
+                    "invalid-request", f"subscription id {shorten(sub.id, 60)} is empty or repeated"
                 )
             ids.add(sub.id)
             other = self.schema.units.get(sub.unit)
             if other is None or not other.pulls:
                 raise ProblemException(
-                    "invalid-request", f"subscription {sub.id!r}: no pulling unit {sub.unit!r}"
+                    "invalid-request",
+                    f"subscription {shorten(sub.id, 60)}: no pulling unit {shorten(sub.unit, 60)}",
                 )
             # Authorized as a sync of it would be: the whole request is refused, naming
             # the subscription's unit (the device drops that subscription, not this unit).
@@ -493,7 +494,9 @@ class SyncServer(SyncAnswer):
             known = ", ".join(sorted(declared)) or "none"
             raise ProblemException(
                 "invalid-parameter",
-                f"unit {unit.name!r} has no parameter {', '.join(unknown)} (it takes: {known})",
+                f"unit {unit.name!r} has no parameter"
+                f" {', '.join(shorten(n, 60) for n in unknown[:5])}"
+                f"{' and more' if len(unknown) > 5 else ''} (it takes: {known})",
             )
         for name, param in declared.items():
             if name not in params:

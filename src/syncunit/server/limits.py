@@ -97,7 +97,8 @@ def shorten(value: Any, limit: int = 80) -> str:
 
 
 def check_request(req: SyncRequest, limits: Limits) -> None:
-    """Check the request's envelope (client id, cursors, counts) against ``limits``."""
+    """Check the request's envelope (client id, cursors, counts, parameters) against
+    ``limits``."""
     if not req.client_id or len(req.client_id) > limits.max_name_length:
         raise ProblemException(
             "invalid-request", f"client_id must be 1 to {limits.max_name_length} characters"
@@ -115,12 +116,29 @@ def check_request(req: SyncRequest, limits: Limits) -> None:
             )
     if req.chunk_size is not None and not INT64_MIN <= req.chunk_size <= INT64_MAX:
         raise ProblemException("invalid-request", "chunk_size is not a 64-bit integer")
+    if not INT64_MIN <= req.unanswered_from <= INT64_MAX:
+        raise ProblemException("invalid-request", "unanswered_from must fit in 64 bits (signed)")
+    _check_params(req.params, "params")
+    for sub in req.subscriptions:
+        _check_params(sub.params, f"subscription {shorten(sub.id, 40)}: params")
     if len(req.mutations) > limits.max_mutations:
         raise ProblemException(
             "too-many-mutations",
             f"{len(req.mutations)} mutations; the limit is {limits.max_mutations}:"
             " send them in several requests",
         )
+
+
+def _check_params(params: Mapping[str, Any], where: str) -> None:
+    """Client parameter values that are integers fit in 64 bits (signed), as every
+    integer of a request must; the unit's own check says the rest."""
+    for name, value in params.items():
+        if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+            raise ProblemException(
+                "invalid-request",
+                f"{where}[{shorten(name, 40)}]: integers must fit in 64 bits (signed),"
+                f" not {shorten(value, 24)}",
+            )
 
 
 def check_mutations(mutations: list[Mutation], limits: Limits) -> None:

@@ -66,7 +66,7 @@ from syncunit.server.admission import Slot
 from syncunit.server.auth import Principal, authorize_unit
 from syncunit.server.changes import StreamReader, params_hash
 from syncunit.server.cursor import Cursor, encode_cursor, sign_cursor
-from syncunit.server.limits import read_body
+from syncunit.server.limits import read_body, shorten
 from syncunit.server.live import unit_has_changes
 from syncunit.server.problems import ProblemException
 from syncunit.server.store import clients
@@ -259,13 +259,15 @@ class RxDBReplication:
         unit = self.server.schema.units.get(name)
         if unit is None:
             known = ", ".join(sorted(self.server.schema.units))
-            raise ProblemException("unknown-unit", f"unit {name!r} does not exist; known: {known}")
+            raise ProblemException(
+                "unknown-unit", f"unit {shorten(name, 60)} does not exist; known: {known}"
+            )
         stream = next((s for s in unit.streams if s.name == request.path_params["stream"]), None)
         if stream is None:
             known = ", ".join(s.name for s in unit.streams)
             raise ProblemException(
                 "unknown-stream",
-                f"unit {unit.name!r} has no stream {request.path_params['stream']!r};"
+                f"unit {unit.name!r} has no stream {shorten(request.path_params['stream'], 60)};"
                 f" it has: {known}",
             )
         authorize_unit(principal, unit)
