@@ -326,6 +326,98 @@ def test_a_problem_never_echoes_a_long_value_or_name_whole(live, fields):
     assert len(r.json()["detail"]) < 500
 
 
+# -- NUL characters ----------------------------------------------------------------------
+
+
+def _booking(seq: int, doctor: int, notes: str = "", **fields: Any) -> dict[str, Any]:
+    key = f"0190aaaa-0000-7000-8000-{seq:012}"
+    at = f"2031-01-01T{8 + seq // 4:02}:{15 * (seq % 4):02}:00"
+    until = f"2031-01-01T{8 + seq // 4:02}:{15 * (seq % 4) + 10:02}:00"
+    values = {"id": key, "doctor_id": doctor, "patient_id": 1, "starts_at": at,
+              "ends_at": until, "status": "booked", "room": "R1", "notes": notes}  # fmt: skip
+    return {"seq": seq, "id": f"m{seq}", "table": "LocalAppointment", "key": key,
+            "op": "insert", "values": values, **fields}  # fmt: skip
+
+
+def _doctor_of_hospital_1(store: Any) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT id FROM doctor WHERE hospital_id = 1")).scalar())
+
+
+@pytest.mark.parametrize(
+    ("fields", "mutation"),
+    [
+        pytest.param({"client_id": "dev\x00ice"}, {}, id="client-id"),
+        pytest.param({}, {"id": "m\x001"}, id="mutation-id"),
+        pytest.param({}, {"key": "k\x00ey"}, id="key"),
+        pytest.param({}, {"key": ["k", "e\x00y"]}, id="list-key"),
+        pytest.param({}, {"table": "Local\x00Appointment"}, id="table"),
+    ],
+)
+def test_a_nul_in_an_identifier_is_a_422_on_every_database(live, store, caplog, fields, mutation):
+    caplog.set_level(logging.INFO, logger="syncunit")
+    doctor = _doctor_of_hospital_1(store)
+    before = db_state(store.engine)
+
+    body = {"protocol": 1, "client_id": "hostile", **fields,
+            "mutations": [{**_booking(1, doctor), **mutation}]}  # fmt: skip
+    r = _post(live.url, msgspec.msgpack.encode(body), unit="SendAppointments")
+
+    problem = _assert_problem(r, 422, "invalid-request")
+    assert "NUL" in problem["detail"]
+    assert db_state(store.engine) == before
+    _no_error_logged(caplog)
+
+
+def test_a_pull_whose_client_id_holds_a_nul_is_a_422(live, store, caplog):
+    caplog.set_level(logging.INFO, logger="syncunit")
+    body = _request(client_id="pull\x00dev", unanswered_from=1)
+
+    r = _post(live.url, body, {"Content-Type": JSON})
+
+    assert "NUL" in _assert_problem(r, 422, "invalid-request")["detail"]
+    _no_error_logged(caplog)
+
+
+@pytest.mark.parametrize("count", [1, 40], ids=["alone", "in-a-batch"])
+def test_a_nul_in_a_text_value_is_rejected_where_the_database_cannot_store_it(
+    backend, live, store, caplog, count
+):
+    """PostgreSQL's text cannot hold NUL: that mutation is rejected ``invalid-value``,
+    the others go ahead, and nothing is logged as a server fault. SQLite's can: the
+    value is stored as sent."""
+    caplog.set_level(logging.INFO, logger="syncunit")
+    doctor = _doctor_of_hospital_1(store)
+    odd = count // 2  # the one mutation whose notes hold a NUL
+    mutations = [_booking(i + 1, doctor, "no\x00tes" if i == odd else "ok") for i in range(count)]
+    body = msgspec.msgpack.encode({"protocol": 1, "client_id": "hostile", "mutations": mutations})
+
+    r = _post(live.url, body, unit="SendAppointments")
+
+    [pushed] = [f for f in frames_of(r) if isinstance(f, PushResults)]
+    statuses = [res.status for res in pushed.results]
+    key = mutations[odd]["key"]
+    with store.engine.connect() as conn:
+        stored = conn.execute(
+            sa.text("SELECT notes FROM appointment WHERE id = :k"), {"k": key}
+        ).scalar()
+        count_stored = conn.execute(
+            sa.text("SELECT count(*) FROM appointment WHERE notes = 'ok'")
+        ).scalar()
+    if backend == "postgres":
+        rejected = pushed.results[odd]
+        assert (rejected.status, rejected.code) == ("rejected", "invalid-value")
+        assert "NUL" in rejected.reason
+        assert "'notes'" in rejected.reason
+        assert statuses.count("applied") == count - 1
+        assert stored is None
+    else:
+        assert statuses == ["applied"] * count
+        assert stored == "no\x00tes"
+    assert count_stored == count - 1
+    _no_error_logged(caplog)
+
+
 # -- cursors ---------------------------------------------------------------------------
 
 

@@ -561,6 +561,8 @@ def test_a_deleted_document_is_a_delete_and_a_delete_again_is_harmless(
          '{"patient_id": 9223372036854775808}'}}, 422, "invalid-request"),
         ("/v1/rxdb/" + "U" * 30_000 + "/appointments/pull", {"json": {}}, 404, "unknown-unit"),
         ("/v1/rxdb/Online/" + "S" * 30_000 + "/pull", {"json": {}}, 404, "unknown-stream"),
+        (f"{BASE}/push", {"json": [{"newDocumentState": {"id": "k\x00ey"}}]}, 422,
+         "invalid-request"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_a_clear_problem_and_change_nothing(

@@ -274,6 +274,7 @@ def test_an_integer_parameter_past_64_bits_is_a_422_problem(client, store):
         (Param("integer", max=2**70), -(2**63) - 1, "signed 64-bit"),
         (Param("integer"), "9" * 100_000, "must be an integer"),
         (Param("text"), ["x" * 100_000], "must be text"),
+        (Param("text"), "a\x00b", "NUL"),
     ],
 )
 def test_a_parameter_check_says_what_is_wrong_without_echoing_the_value(param, value, says):

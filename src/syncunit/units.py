@@ -107,7 +107,8 @@ class Param:
         """Why ``value`` is not acceptable for this parameter, or None if it is.
 
         The reason names the parameter and what it takes; it never repeats a long
-        value whole. Integers are signed 64-bit whatever ``min`` and ``max`` say.
+        value whole. Integers are signed 64-bit whatever ``min`` and ``max`` say,
+        and text never holds NUL (U+0000, which PostgreSQL cannot hold).
         """
         if self.type == "integer":
             if isinstance(value, bool) or not isinstance(value, int):
@@ -123,6 +124,8 @@ class Param:
             return f"parameter {name!r} must be text, not {_shown(value)}"
         if len(value) > self.max_length:
             return f"parameter {name!r} must be at most {self.max_length} characters"
+        if "\x00" in value:
+            return f"parameter {name!r} cannot hold the NUL character (U+0000); remove it"
         return None
 
     def info(self, name: str) -> ParamInfo:

@@ -64,7 +64,7 @@ def prepare_batch(
     """Keys and rows of ``mutations`` (inserts into ``s``); None if they must go one by
     one (a value refused, a key repeated, rows of different columns)."""
     try:
-        prepared = _columnar(s, mutations)
+        prepared = _columnar(s, mutations, nul=applier.store.text_holds_nul)
         if prepared is None:
             prepared = _one_by_one(applier, s, mutations)
     except Rejected:
@@ -106,7 +106,7 @@ def write_batch(
         if _fails_the_request(applier, exc):
             raise  # the transaction is gone or doomed: nothing to roll back to
         # The database refused a value or a statement of the batch (a key that exists,
-        # an integer too large for its column, a NUL in text, a rule's query): the
+        # an integer too large for its column, a rule's query): the
         # one-by-one path gives each mutation its own result (or retries it).
         ok = False
     except BaseException:
@@ -129,14 +129,14 @@ def _fails_the_request(applier: PushApplier, exc: sa.exc.SQLAlchemyError) -> boo
 
 
 def _columnar(
-    s: Stream, mutations: Sequence[Mutation]
+    s: Stream, mutations: Sequence[Mutation], *, nul: bool
 ) -> tuple[list[Any], list[dict[str, Any]]] | None:
     """Keys and rows of the batch, each column coerced in one pass over the batch.
 
     For the common batch: every mutation names the same columns, all of them known
     and writable, with no NULL (a default may apply) and no second key. Returns
     None otherwise (``_one_by_one`` then maps each mutation as ``_map`` does).
-    Raises ``Rejected`` on a value ``coerce`` refuses.
+    Raises ``Rejected`` on a value ``coerce`` refuses (``nul``: as ``coerce`` takes it).
     """
     names = tuple(mutations[0].values)
     plan = _plan(s, names)
@@ -160,13 +160,15 @@ def _columnar(
     keys = _coerce_column(raw_keys, pk, s.key)
     if any(k is None for k in keys):
         return None
-    columns = [_coerce_column(list(by_name[n]), c, n) for n, c in plan]
+    columns = [_coerce_column(list(by_name[n]), c, n, nul) for n, c in plan]
     out = [c.name for _, c in plan] + [pk.name]
     rows = [dict(zip(out, row, strict=True)) for row in zip(*columns, keys, strict=True)]
     return keys, rows
 
 
-def _coerce_column(values: list[Any], column: sa.Column[Any], local: str) -> list[Any]:
+def _coerce_column(
+    values: list[Any], column: sa.Column[Any], local: str, nul: bool = True
+) -> list[Any]:
     """``coerce`` of each value, in one pass for the plain cases (same checks, same
     results); anything else value by value."""
     kind = logical_type(column.type)
@@ -174,14 +176,15 @@ def _coerce_column(values: list[Any], column: sa.Column[Any], local: str) -> lis
         return values
     if kind == "text" and all(type(v) is str for v in values):
         length = getattr(column.type, "length", None)
-        if length is None or max(map(len, values), default=0) <= length:
+        fits = length is None or max(map(len, values), default=0) <= length
+        if fits and (nul or not any("\x00" in v for v in values)):
             return values
     if kind == "datetime" and all(type(v) is str for v in values):
         try:
             return [dt.datetime.fromisoformat(v) for v in values]
         except ValueError:
             pass  # coerce says which value and why
-    return [coerce(v, column, local) for v in values]
+    return [coerce(v, column, local, nul=nul) for v in values]
 
 
 def _one_by_one(

@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "Limits",
+    "check_identifiers",
     "check_mutations",
     "check_request",
     "decode_checked",
@@ -97,8 +98,8 @@ def shorten(value: Any, limit: int = 80) -> str:
 
 
 def check_request(req: SyncRequest, limits: Limits) -> None:
-    """Check the request's envelope (client id, cursors, counts, parameters) against
-    ``limits``."""
+    """Check the request's envelope (client id, cursors, counts, parameters, and the
+    identifiers of its mutations) against ``limits``."""
     if not req.client_id or len(req.client_id) > limits.max_name_length:
         raise ProblemException(
             "invalid-request", f"client_id must be 1 to {limits.max_name_length} characters"
@@ -114,6 +115,10 @@ def check_request(req: SyncRequest, limits: Limits) -> None:
                 f"cursor names hold at most {limits.max_name_length} characters and cursors"
                 f" {limits.max_cursor_length}; send the cursors the server gave",
             )
+    if "\x00" in req.client_id:
+        raise ProblemException(
+            "invalid-request", "client_id cannot hold the NUL character (U+0000); remove it"
+        )
     if req.chunk_size is not None and not INT64_MIN <= req.chunk_size <= INT64_MAX:
         raise ProblemException("invalid-request", "chunk_size is not a 64-bit integer")
     if not INT64_MIN <= req.unanswered_from <= INT64_MAX:
@@ -127,6 +132,7 @@ def check_request(req: SyncRequest, limits: Limits) -> None:
             f"{len(req.mutations)} mutations; the limit is {limits.max_mutations}:"
             " send them in several requests",
         )
+    check_identifiers(req.mutations)
 
 
 def _check_params(params: Mapping[str, Any], where: str) -> None:
@@ -138,6 +144,27 @@ def _check_params(params: Mapping[str, Any], where: str) -> None:
                 "invalid-request",
                 f"{where}[{shorten(name, 40)}]: integers must fit in 64 bits (signed),"
                 f" not {shorten(value, 24)}",
+            )
+
+
+def check_identifiers(mutations: list[Mutation]) -> None:
+    """No mutation id, table name or text key holds NUL (U+0000).
+
+    They are stored as text, which PostgreSQL cannot hold NUL in; they are
+    refused on every database, so a device is told the same wherever it syncs.
+    """
+    for i, m in enumerate(mutations):
+        key = m.key
+        if (
+            "\x00" in m.id
+            or "\x00" in m.table
+            or (type(key) is str and "\x00" in key)
+            or (type(key) is list and any(type(k) is str and "\x00" in k for k in key))
+        ):
+            raise ProblemException(
+                "invalid-request",
+                f"mutation {i} (seq {shorten(m.seq, 24)}): its id, table and key cannot hold"
+                " the NUL character (U+0000); remove it",
             )
 
 

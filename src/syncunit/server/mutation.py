@@ -305,7 +305,9 @@ class MutationWrites:
                 # where the server filled a default; that is a fact, not a value to check.
                 out[column.name] = None
                 continue
-            out[column.name] = coerce(source[name], column, name)
+            # A base value is compared, not stored: only a stored one must fit the database.
+            nul = values is not None or self.store.text_holds_nul
+            out[column.name] = coerce(source[name], column, name, nul=nul)
         return out
 
     def _on_conflict(

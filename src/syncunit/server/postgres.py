@@ -245,6 +245,8 @@ class PostgresStore(ServerStore):
     def take_turns(self, conn: Connection) -> None:
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PUSH_LOCK})")
 
+    text_holds_nul = False
+
     def retryable(self, exc: BaseException) -> bool:
         orig = getattr(exc, "orig", None)
         return getattr(orig, "sqlstate", None) in ("40001", "40P01")

@@ -399,6 +399,10 @@ class ServerStore(abc.ABC):
         already take turns."""
         return None
 
+    #: Whether text columns hold the NUL character (U+0000). PostgreSQL's cannot: a
+    #: pushed text value holding one is rejected (``invalid-value``), not written.
+    text_holds_nul = True
+
     def retryable(self, exc: BaseException) -> bool:
         """Whether a write transaction that raised ``exc`` may simply be run again
         (it lost a serialization race or a deadlock; nothing of it was kept)."""

@@ -34,8 +34,11 @@ class Rejected(Exception):
 _kinds: dict[Any, str] = {}  # logical type per column type object (held: ids stay unique)
 
 
-def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
-    """Validate a wire value for ``column`` and turn it into the column's Python type."""
+def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) -> Any:
+    """Validate a wire value for ``column`` and turn it into the column's Python type.
+
+    ``nul``: whether text may hold the NUL character (the database's text can).
+    """
     if value is None:
         if not column.nullable:
             raise Rejected("invalid-value", f"column {local!r} cannot be empty")
@@ -80,6 +83,12 @@ def coerce(value: Any, column: sa.Column[Any], local: str) -> Any:
             if length is not None and len(value) > length:
                 raise Rejected(
                     "invalid-value", f"column {local!r} holds at most {length} characters"
+                )
+            if not nul and "\x00" in value:
+                raise Rejected(
+                    "invalid-value",
+                    f"column {local!r}: text cannot hold the NUL character (U+0000) in this"
+                    " server's database; remove it, or keep such data in a binary column",
                 )
             return value
         if kind == "blob":
