@@ -309,6 +309,23 @@ def test_pushes_of_a_device_follow_one_sequence_applied_once(
     assert peer.docs == server_docs(server)
 
 
+def test_a_device_pushes_again_after_the_database_gets_a_new_epoch(
+    peer: RxPeer, server: SyncServer, plain_sql: PlainSQL
+) -> None:
+    """``renew_epoch`` forgets every client's sequence (``last_seq`` -1): the bridge
+    numbers the device's next push from 1 again, not from 0, which the applier
+    refuses (every push of the device was refused for good)."""
+    peer.pull()
+    doctor_id = plain_sql("SELECT id FROM doctor WHERE hospital_id = 1 LIMIT 1")[0][0]
+    before = [{"newDocumentState": _new_booking(peer, doctor_id, 3, 8)}]
+    assert [r["status"] for r in peer.push(before)["results"]] == ["applied"]
+    server.store.renew_epoch()
+
+    after = [{"newDocumentState": _new_booking(peer, doctor_id, 3, 9)}]
+    assert [r["status"] for r in peer.push(after)["results"]] == ["applied"]
+    assert after[0]["newDocumentState"]["id"] in server_docs(server)
+
+
 @pytest.fixture
 def second_process(
     server: SyncServer, server_db_url: str, serve: Callable[[Any], LiveServer]

@@ -509,7 +509,7 @@ class RxDBReplication:
                     last = conn.execute(
                         sa.select(clients.c.last_seq).where(clients.c.client_id == client_id)
                     ).scalar()
-                first = int(last or 0) + 1
+                first = max(int(last or 0), 0) + 1  # -1 after renew_epoch: from 1 again
                 numbered = [
                     msgspec.structs.replace(mutations[i], seq=first + n)
                     for n, i in enumerate(waiting)
