@@ -18,7 +18,14 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 from hospital.models import appointment, doctor
-from hospital.units import appointment_columns, appointment_joins, doctors, my_hospital
+from hospital.units import (
+    appointment_columns,
+    appointment_joins,
+    doctors,
+    my_hospital,
+    patient_param,
+    the_patient,
+)
 from hospital.units import schema as hospital_schema
 
 from syncunit import Stream, SyncSchema, SyncUnit
@@ -292,6 +299,32 @@ def test_a_download_is_authorized_like_a_sync_of_its_stream(
     r = httpx.get(url, headers={**auth, "Range": "bytes=10-"})  # nor resumed
     assert (r.status_code, r.json()["code"]) == (403, sync_refusal.value.code) == (403, "forbidden")
     assert "may not read stream 'appointments'" in r.json()["detail"]
+
+
+def test_a_stream_read_with_client_parameters_has_no_file_to_download(make_server, live, tmp_path):
+    """Such a stream is never offered as a file: a download of it finds none (404), and
+    its ``authorize`` hook, written for the client parameters a sync always passes, is
+    not called without them (it raised, and the client got a 500)."""
+    chosen = Stream(
+        "patient_history",
+        appointment,
+        appointment_columns,
+        joins=appointment_joins,
+        where=sa.and_(doctor.c.hospital_id == my_hospital, appointment.c.patient_id == the_patient),
+        local_table="LocalAppointment",
+        client_params=patient_param,
+        authorize=lambda principal, params: params["patient_id"] > 0,
+    )
+    server = make_server(
+        SyncSchema([SyncUnit("Login", [doctors]), SyncUnit("PatientDetails", [chosen])]),
+        snapshot_dir=tmp_path / "snapshots",
+    )
+    live.app = server.app
+    r = httpx.get(
+        f"{live.url}/v1/snapshots/patient_history/patient_history-0123456789ab-1",
+        headers={"Authorization": f"Bearer {H1}"},
+    )
+    assert (r.status_code, r.json()["code"]) == (404, "unknown-snapshot")
 
 
 def test_a_download_needs_a_unit_the_principal_may_run(server, live, tmp_path):

@@ -244,7 +244,8 @@ class SyncServer(SyncAnswer):
         principal = await self._principal(request)
         stream = self.schema.streams.get(request.path_params["stream"])
         snap = None
-        if stream is not None and self.snapshots is not None:
+        # A stream with client parameters is never offered as a file (see Snapshots).
+        if stream is not None and self.snapshots is not None and not stream.client_params:
             pulling = [u for u in self.schema.units.values() if u.pulls and stream in u.streams]
             if pulling:
                 if principal.units is not None and not any(
