@@ -173,6 +173,9 @@ def test_a_download_no_offer_continues_is_swept(snap_server, make_client, tap):
     part.write_bytes(appointments.path.read_bytes()[: appointments.size // 2])
     another = dead.with_name(f"{bootstrap.SCRATCH}other.sqlite-{'0' * 24}.part")
     another.write_bytes(b"another database's download")  # that database may resume it
+    # ... and one of a database whose name starts with this one's ("x.sqlite-2")
+    longer = dead.with_name(dead.name.replace(f"-{'0' * 24}.part", f"-2-{'0' * 24}.part"))
+    longer.write_bytes(b"another database's download")
 
     result = device.sync("Login")
 
@@ -181,6 +184,7 @@ def test_a_download_no_offer_continues_is_swept(snap_server, make_client, tap):
     assert not dead.exists()
     assert not part.exists()
     assert another.exists()
+    assert longer.exists()
     assert_in_sync(snap_server, device, H1, "Login")
 
 

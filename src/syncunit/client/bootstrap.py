@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import sqlite3
 import tempfile
 import threading
@@ -296,11 +297,9 @@ def sweep(
     if store is not None:
         prefix = _part_prefix(store)
         wanted = {part_path(store, offer).name for offer in offers or ()}
-        paths += [
-            p
-            for p in folder.iterdir()
-            if p.name.startswith(prefix) and p.name.endswith(".part") and p.name not in wanted
-        ]
+        # This database's downloads only: another's name may start with this one's.
+        ours = re.compile(re.escape(prefix) + r"[0-9a-f]{24}\.part")
+        paths += [p for p in folder.iterdir() if ours.fullmatch(p.name) and p.name not in wanted]
     for path in paths:
         if not unheld(path):
             continue  # in use (its lock is let go before the removal, which frees the blocks)
