@@ -17,8 +17,10 @@ import string
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
+from syncunit.errors import NetworkError
 from syncunit.protocol import PUSH_LIMITS, PushLimits
 from syncunit.server.limits import Limits
 from tests.test_push_support import FaultTransport, local_note, outbox_rows
@@ -228,7 +230,12 @@ def test_a_batch_over_the_body_limit_is_halved_when_the_server_does_not_say_it(
     assert sum(sizes[1:]) >= 40
 
 
-def test_changes_numbered_before_the_bounds_were_known_are_withdrawn(notes_app: Any) -> None:
+def test_changes_numbered_before_the_bounds_were_known_go_alone_and_are_withdrawn(
+    notes_app: Any,
+) -> None:
+    """In flight before the device knew the bounds: each large one goes alone (the
+    server may have applied it, its answer lost: only the server can tell), and
+    once the server refuses it, it is withdrawn and the changes after it go on."""
     app, device, fault = _device(notes_app)
     _note(device, "ok-1")
     _note(device, "big", data=b"\x02" * (100 * KB))
@@ -243,7 +250,7 @@ def test_changes_numbered_before_the_bounds_were_known_are_withdrawn(notes_app: 
     assert [r[0] for r in seqs] == [2, 2]  # the second, numbered down once the first left
     assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2]
     pushes = [[(m.key, m.seq) for m in r.mutations] for r in fault.sent if r.mutations]
-    assert pushes == [[("ok-1", 1)], [("ok-2", 2)]]  # the large ones never sent
+    assert pushes == [[("ok-1", 1)], [("big", 2)], [("big-too", 2)], [("ok-2", 2)]]
     _note(device, "later")
     assert device.sync("Sync").applied == 1
     assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2, 3]
@@ -267,3 +274,87 @@ def test_the_server_says_its_bounds_in_every_answer(notes_app: Any) -> None:
     assert Limits().push_limits() == PushLimits()  # the device's defaults are the server's
     assert PushLimits.parse("body=1, field=x") is None
     assert PushLimits.parse(None) is None
+
+
+class _CutBody(httpx.BaseTransport):
+    """``cut``: the next sync request is handled and its answer's headers come back
+    (with the server's bounds), then its body breaks."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner, self.cut = inner, False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if not (self.cut and request.url.path.startswith("/v1/sync/")):
+            return response
+        self.cut = False
+        response.read()
+        return httpx.Response(
+            response.status_code, headers=response.headers, stream=_Broken(), request=request
+        )
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _Broken(httpx.SyncByteStream):
+    def __iter__(self) -> Any:
+        raise httpx.ReadError("connection reset")
+
+
+def test_a_change_the_server_applied_is_never_withdrawn_by_the_device(notes_app: Any) -> None:
+    """Sent before the device knew the bounds, a change just under the server's body
+    limit is applied, and the answer is lost after its headers told the bounds. By
+    them the change looks too large (the device keeps an envelope's margin), but only
+    the server can tell it was applied: it goes again, alone, and is answered from
+    the server's log, as is the change after it."""
+    limits = Limits(
+        max_field_bytes=64 * KB,
+        max_body_bytes=100 * KB,
+        requests_per_second=1e6,
+        request_burst=10**6,
+    )
+    app = notes_app(limits=limits)
+    cut = _CutBody(FaultTransport())
+    device = app.client(transport=cut)
+    device.sync("Sync")
+    device.close()
+    device = app.client(transport=cut)  # a new process: it has not heard the bounds
+    assert device.push_limits is None
+    rnd = random.Random(1)
+    data = rnd.randbytes(40 * KB)
+    device.insert("LocalNote", {"id": "big", "owner": "u1", "title": "t", "data": data})
+    size = _numbered_size(device)
+    # Under the server's limit, but within the envelope the device keeps under it.
+    device.update("LocalNote", "big", {"body": _text(100 * KB - 700 - size, 2)})
+    assert 100 * KB - 1024 < _numbered_size(device) < 100 * KB
+    _note(device, "after")
+
+    cut.cut = True
+    with pytest.raises(NetworkError):
+        device.sync("Sync")
+    assert device.push_limits is not None
+    assert app.row("big") is not None  # both applied
+    assert app.row("after") is not None
+
+    result = device.sync("Sync")
+    assert result.rejected == []
+    assert device.outbox.rejected() == []
+    assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2]
+    assert local_note(device, "big") is not None
+    assert local_note(device, "after") is not None
+
+
+class _Undo(Exception):
+    pass
+
+
+def _numbered_size(device: Any) -> int:
+    """The encoded size the next unsent change would have, numbered (then undone)."""
+    try:
+        with device.store.atomic():
+            [m] = device.outbox.number(device.catalog().streams, 1)
+            size = len(msgspec.msgpack.encode(m))
+            raise _Undo
+    except _Undo:
+        return size

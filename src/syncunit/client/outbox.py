@@ -272,26 +272,25 @@ class Outbox:
 
         In flight are changes numbered and sent (or numbered ahead, see ``number``)
         whose answer has not been recorded; they go again first, in order, the
-        oldest ``limit`` of them if there are more. The first of them, if it cannot
-        pass the server's bounds, is withdrawn first (``withdraw``).
+        oldest ``limit`` of them if there are more (one that looks past the
+        server's bounds alone: see ``_in_flight``).
         """
         if budget is not None:
             limit = min(limit, budget.mutations)
         with self.store.atomic():
-            while True:  # again after each change withdrawn (the later ones were renumbered)
-                in_flight, used, full = self._in_flight(streams, limit, budget)
-                if in_flight is not None:
-                    break
+            in_flight, used, full = self._in_flight(limit, budget)
             if full:
                 return in_flight  # the rest go in the next requests
             return in_flight + self.number(streams, limit - len(in_flight), budget, used)
 
-    def _in_flight(
-        self, streams: Sequence[StreamInfo], limit: int, budget: Budget | None
-    ) -> tuple[list[Mutation], int, bool] | tuple[None, int, bool]:
+    def _in_flight(self, limit: int, budget: Budget | None) -> tuple[list[Mutation], int, bool]:
         """The oldest changes in flight, up to ``limit`` and within ``budget``; their
-        bytes; whether the request is full. (None: the first could not pass the
-        server's bounds, and was withdrawn: look again.)"""
+        bytes; whether the request is full.
+
+        A change in flight that looks past the server's bounds (numbered before they
+        were known, or they were lowered since) goes alone: it may have been applied
+        already (its answer lost), which only the server can tell; if the server
+        refuses it as too large, ``UnitRun.too_large`` withdraws it."""
         in_flight: list[Mutation] = []
         used = 0
         for (payload,) in self.store.conn.execute(
@@ -305,9 +304,7 @@ class Outbox:
             size = budget.size(m, payload)
             refused = budget.refusal(m, size)
             if refused is not None and not in_flight:
-                # Numbered before the bounds were known: never sent again, surfaced.
-                self.withdraw(m.seq, *refused, streams)
-                return None, 0, False
+                return [m], size, True
             if in_flight and (refused is not None or used + size > budget.max_bytes):
                 return in_flight, used, True  # it goes first in the next request
             in_flight.append(m)
