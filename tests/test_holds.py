@@ -95,6 +95,30 @@ def test_a_forbidden_subscription_unit_removes_its_rows_and_keeps_logins(
     in_sync(dev)
 
 
+def test_a_forbidden_unit_without_parameters_keeps_a_changed_row_until_its_push(
+    server, revocable, make_client, store
+):
+    """The principal may no longer pull appointments (it may still push them): Login's
+    rows go at once, the one with an unpushed change once the push is answered."""
+    live, allowed = revocable
+    dev = make_client(url=live.url)
+    dev.sync("Login")
+    changed = sorted(local_keys(dev, "LocalAppointment"))[0]
+    edit_notes(dev, changed, "seen today")
+
+    allowed["units"] = frozenset({"SendAppointments", "Splash"})
+    with pytest.raises(ProblemError) as refusal:
+        dev.sync("Login")
+    assert refusal.value.code == "unit-forbidden"
+    assert local_keys(dev, "LocalAppointment") == {changed}  # kept for its change
+
+    assert dev.sync("SendAppointments").applied == 1
+    with store.engine.connect() as conn:
+        notes = conn.execute(sa.select(appointment.c.notes).where(appointment.c.id == changed))
+        assert notes.scalar_one() == "seen today"
+    assert local_keys(dev, "LocalAppointment") == set()
+
+
 def test_a_forbidden_unit_keeps_a_changed_row_until_its_push_is_answered(
     server, revocable, make_client, store
 ):

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from syncunit.client import bootstrap, pushing
+from syncunit.client import bootstrap, holds, pushing
 from syncunit.client.outbox import Budget
 from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.pushing import NumberAhead
 from syncunit.client.scheduler import subscription_id
+from syncunit.client.store import quote
 from syncunit.errors import (
     NetworkError,
     ProblemError,
@@ -494,9 +495,17 @@ def forget_unit(client: SyncClient, unit_name: str, catalog: Catalog) -> int:
         empty = Chunk(
             stream=info.name, columns=[], data=[], removed=[], cursor="", reset=True, complete=True
         )
-        removed += client.store.apply_chunk(info, empty)[1]
         with client.store.atomic() as c:
+            removed += client.store.apply_chunk(info, empty)[1]
             c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (info.name,))
+            # The rows it kept for their unpushed changes go once those are answered.
+            t, k = quote(info.local_table), quote(info.key)
+            kept = c.execute(
+                f"SELECT {k} FROM {t} WHERE {k} IN"
+                " (SELECT row_key FROM syncunit_outbox WHERE table_name = ?)",
+                (info.local_table,),
+            ).fetchall()
+            holds.defer(c, info.local_table, [r[0] for r in kept])
     log.info("unit %r is no longer allowed: %d local rows were removed", unit_name, removed)
     return removed
 
