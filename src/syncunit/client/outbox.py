@@ -96,7 +96,9 @@ class Budget:
         a reason), or None: it passes, or the bounds are not known."""
         if self.limits is None:
             return None
-        found = _value_over(m, self.limits.field, self.json)
+        # No value is longer than the whole change as it travels (``size``): most
+        # changes are below the field limit whole, and need no walk over their values.
+        found = None if size <= self.limits.field else _value_over(m, self.limits.field, self.json)
         if found is not None:
             where, big = found
             return "field-too-large", (
