@@ -121,3 +121,67 @@ def test_a_provider_that_keeps_failing_surfaces_an_auth_error(notes_app):
     with pytest.raises(AuthError) as info:
         device.sync("Sync")
     assert info.value.status == 401
+
+
+def test_a_session_that_never_pushed_is_offered_only_to_its_own_token_provider(notes_app):
+    app = notes_app()
+    _notes(app)
+    app.client("t1", name="tablet").sync("Sync")  # a pull: the session is bound to nobody
+    device = app.client(token=lambda: "t1", name="tablet")  # reopened with a provider
+    device.insert("LocalNote", {"id": "u1-b", "owner": "u1", "title": "alice's private note"})
+    device.update("LocalNote", "u1-a", {"title": "edited offline"})
+
+    assert device.logout(push=False) == 2
+
+    # Bob logs in with his own provider: Alice's session is neither pushed nor shown to him.
+    device.login(lambda: "t2")
+    assert sum(device.outbox.parked().values()) == 2
+    assert device.outbox.rejected() == []
+    assert app.row("u1-b") is None
+    assert app.row("u1-a")["title"] == "alice's"
+    device.logout()
+    # Alice comes back with her provider: her changes go out, once, under her principal.
+    device.login(lambda: "t1")
+    assert device.outbox.parked() == {}
+    assert device.outbox.rejected() == []
+    assert app.row("u1-b")["title"] == "alice's private note"
+    assert app.row("u1-a")["title"] == "edited offline"
+    assert app.applications("u1-b") == 1
+
+
+def test_a_returning_principal_with_a_provider_gets_the_changes_parked_offline(notes_app, net):
+    app = notes_app()
+    _notes(app)
+    device = app.client(token=lambda: "t1", transport=net)
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "u1-b", "owner": "u1", "title": "offline write"})
+    net.fail("offline")
+
+    assert device.logout() == 1  # the push at logout failed: parked
+    net.heal()
+    device.login(lambda: "t1")
+
+    assert device.outbox.parked() == {}
+    assert app.row("u1-b")["title"] == "offline write"
+    assert app.applications("u1-b") == 1
+
+
+def test_a_session_whose_owner_is_unknown_at_logout_stays_parked(notes_app):
+    app = notes_app()
+    _notes(app)
+    app.client("t1", name="tablet").sync("Sync")
+
+    def failing() -> str:
+        raise RuntimeError("the identity provider is unreachable")
+
+    device = app.client(token=failing, name="tablet")
+    device.insert("LocalNote", {"id": "u1-b", "owner": "u1", "title": "whose?"})
+
+    assert device.logout(push=False) == 1
+
+    for token in ("t2", "t1"):  # nobody can prove it is theirs: it is pushed under no one
+        device.login(lambda token=token: token)
+        assert sum(device.outbox.parked().values()) == 1
+        assert device.outbox.rejected() == []
+        device.logout()
+    assert app.row("u1-b") is None

@@ -5,7 +5,9 @@ logout therefore gives the device a new client id; what the old session could
 not push is parked (``Outbox.park``) under its old id, out of the next
 principal's sight, and offered to the server again at each ``login``: the
 server accepts it only from the principal it is bound to. A session that never
-pushed is bound to nobody yet, so it is offered only with the same token.
+pushed is bound to nobody yet, so it is offered only with the same token (a token
+provider is asked for it, at logout and at login); one whose token cannot be
+known (no token, a provider that fails) stays parked.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def logout(client: SyncClient, *, clear: bool, push: bool) -> int:
             # A session the server never saw push is bound to no principal: only the
             # same token may push it later (it would be taken by anyone otherwise).
             bound = client.store.get_fact("bound") == client.client_id
-            owner = "" if bound else _token_digest(client.http.headers.get("Authorization"))
+            owner = "" if bound else (_credential_digest(client) or UNOWNED)
             client.store.set_fact(f"parked:{client.client_id}", owner)
         client.client_id = client.store.end_session(clear=clear)
     client._set_token(None)
@@ -76,12 +78,18 @@ def push_parked(client: SyncClient) -> int:
     if catalog is None or not units:
         return 0
     applied = 0
-    mine = _token_digest(client.http.headers.get("Authorization"))
+    mine: str | None = None
+    asked = False
     for client_id in client.outbox.parked():
         mutations = client.outbox.parked_mutations(client_id)
         owner = client.store.get_fact(f"parked:{client_id}")
-        if not mutations or owner not in ("", mine):
+        if not mutations or owner is None:
             continue
+        if owner != "":  # unbound: only the same token may push it (bound, the server checks)
+            if not asked:
+                mine, asked = _credential_digest(client), True
+            if owner != mine:
+                continue
         request = SyncRequest(
             protocol=PROTOCOL_VERSION,
             client_id=client_id,
@@ -127,8 +135,28 @@ def _first_push_results(response: httpx.Response, encoding: Encoding) -> PushRes
     return None
 
 
-def _token_digest(authorization: str | None) -> str:
-    return hashlib.sha256((authorization or "").encode()).hexdigest()
+#: The owner of a parked session that never pushed and whose credentials were unknown at
+#: logout: no digest equals it, so it is never offered to anyone (it stays in ``parked()``).
+UNOWNED = "unowned"
+
+
+def _credential_digest(client: SyncClient) -> str | None:
+    """A digest of the credentials of the principal using ``client``, or None if unknown.
+
+    A token provider is asked (the header may be absent, or stale); a provider
+    that fails, or no token at all, identifies nobody.
+    """
+    provider = client._token_provider
+    if provider is not None:
+        try:
+            client._ask_token(provider)
+        except AuthError as exc:
+            log.info("parked changes: the token provider failed (%s)", exc.detail)
+            return None
+    authorization = client.http.headers.get("Authorization")
+    if not authorization:
+        return None
+    return hashlib.sha256(authorization.encode()).hexdigest()
 
 
 def push_units(catalog: Catalog) -> list[UnitInfo]:
