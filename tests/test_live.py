@@ -239,6 +239,50 @@ def test_the_watcher_backs_off_exponentially_and_recovers(make_client, short_pol
     assert stop.pauses[n : n + 2] == [0.5, 1.0]  # a success reset the backoff
 
 
+def test_a_watcher_asks_the_token_provider_for_its_credentials(make_client, short_polls, plain_sql):
+    first = make_client(name="b")
+    first.sync("Login")
+    first.close()  # the device is reopened with a token provider; nothing has synced since
+    asked: list[str] = []
+
+    def provider() -> str:
+        asked.append("token-h1")
+        return "token-h1"
+
+    b = make_client(token=provider, name="b")
+    b.watch("Login")
+    wait_until(lambda: b._live.polls >= 2)
+
+    assert asked  # the first poll already carried the provider's token
+    assert b._live.errors == 0
+    key = insert_appointment(plain_sql, doctor_id=1)
+    wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+
+
+def test_a_watcher_asks_the_token_provider_again_when_its_token_expires(
+    make_client, short_polls, plain_sql
+):
+    asked: list[str] = []
+
+    def provider() -> str:
+        asked.append("token-h1")
+        return "token-h1"
+
+    b, _ = watching(make_client, token=provider)
+    n = len(asked)
+    polls = b._live.polls
+    b.http.headers["Authorization"] = "Bearer expired"  # the token held has expired
+    wait_until(lambda: b._live.polls >= polls + 2)  # a poll sent since then has ended
+
+    key = insert_appointment(plain_sql, doctor_id=1)
+
+    wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+    assert len(asked) > n  # the watcher's 401 asked the provider for a new token
+    polls = b._live.polls
+    wait_until(lambda: b._live.polls >= polls + 2)
+    assert b.http.headers["Authorization"] == "Bearer token-h1"
+
+
 # -- the endpoint -------------------------------------------------------------------------------
 
 

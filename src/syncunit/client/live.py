@@ -18,6 +18,7 @@ import httpx
 import msgspec
 
 from syncunit.client.run import held
+from syncunit.errors import SyncError
 from syncunit.protocol import PROTOCOL_VERSION, SyncRequest, content_type, encode_request
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class LiveWatcher:
         while not self._stop.is_set():
             try:
                 changed = self._poll()
-            except (httpx.HTTPError, msgspec.DecodeError, OSError) as exc:
+            except (SyncError, httpx.HTTPError, msgspec.DecodeError, OSError) as exc:
                 self.errors += 1
                 log.info("live changes for %s: %s; retrying in %.1f s", self.unit, exc, backoff)
                 self._stop.wait(backoff)
@@ -99,20 +100,21 @@ class LiveWatcher:
             )
         )
         self.polls += 1
-        response = self.client.http.post(
+        # Through the client's own sending: a token provider is asked for the credentials,
+        # and asked again when the server answers 401 (the token expired).
+        response = self.client._send(
+            "POST",
             f"/v1/live/{self.unit}",
             params={"wait": str(self.wait)},
             content=body,
             headers={"Content-Type": content_type("msgpack")},
             timeout=self.wait + 15.0,
         )
-        if response.status_code >= 400:
-            raise httpx.HTTPStatusError(
-                f"live changes answered {response.status_code}",
-                request=response.request,
-                response=response,
-            )
-        return msgspec.json.decode(response.content, type=LiveAnswer).changed
+        try:
+            content = response.read()
+        finally:
+            response.close()
+        return msgspec.json.decode(content, type=LiveAnswer).changed
 
     def _settle(self) -> None:
         """Wait for the triggered sync to finish so the next poll sends fresh cursors."""
