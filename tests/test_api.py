@@ -33,6 +33,7 @@ def test_exported_members_do_not_change_by_accident() -> None:
         "RequestRejected",
         "RetryPolicy",
         "Stream",
+        "SyncCancelled",
         "SyncClient",
         "SyncError",
         "SyncResult",

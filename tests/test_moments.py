@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from hospital.models import appointment
@@ -307,3 +309,63 @@ def test_a_unit_running_when_the_process_died_runs_again(make_client, tmp_path, 
     assert queue_rows(second) == []
     rows = second.store.rows("LocalSummary", ["doctor_id"])
     assert sorted(r[0] for r in rows) == doctors_of(store, 1)
+
+
+# -- close() while a unit runs ------------------------------------------------------------
+
+
+class HeldPush(httpx.BaseTransport):
+    """The real network, except that the second push request is held until ``release()``
+    returns true, then cut: close() finds the unit mid-run, between two batches."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.pushes = 0
+        self.holding = threading.Event()
+        self.release: Callable[[], bool] = lambda: True
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/v1/sync/"):
+            self.pushes += 1
+            if self.pushes == 2:
+                self.holding.set()
+                wait_until(self.release)
+                raise httpx.ReadError("the connection was cut", request=request)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_close_cancelling_a_running_unit_keeps_it_queued(make_client, store):
+    """A run close() cancels is not a failure: its unit stays queued (not dropped),
+    on_error hears nothing, and the next start() pushes what the outbox still holds."""
+    make_client().sync("Login")
+    events = Events()
+    held = HeldPush()
+    c = make_client(name="device", transport=held, push_batch=1, **events.kwargs())
+    c.pipeline = False
+    keys = [c.insert("LocalAppointment", booking(m)) for m in (0, 10, 20, 30)]
+    held.release = c._cancel.is_set  # let the held request go once close() cancels
+    c.start()
+    c.trigger("SendAppointments")
+    assert held.holding.wait(15)
+    c.close(timeout=0.2)
+
+    assert events.errors() == []
+    db = sqlite3.connect(c.store.path)
+    try:
+        assert db.execute(
+            "SELECT unit, state, attempts, next_at FROM syncunit_queue"
+        ).fetchall() == [("SendAppointments", "pending", 0, 0)]
+        assert db.execute("SELECT count(*) FROM syncunit_outbox").fetchone()[0] > 0
+    finally:
+        db.close()
+
+    again = Events()
+    second = make_client(name="device", **again.kwargs())
+    second.start()
+    again.wait(lambda: again.completed() == ["SendAppointments"])
+    assert again.errors() == []
+    assert sorted(server_ids(store, keys)) == sorted(keys)  # each exactly once
+    assert second.status.pending_mutations == 0

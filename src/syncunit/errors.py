@@ -7,6 +7,7 @@
     ├── DatabaseRestored     the server's database is a restored copy: renew its epoch first
     └── SyncError            a sync run failed
         ├── NetworkError         the server could not be reached or the stream was cut: retryable
+        ├── SyncCancelled        close() stopped the run: the unit stays queued, nothing is lost
         └── ProblemError         the server answered with an application/problem+json error
             ├── AuthError            401 or 403: not retried
             ├── UnknownUnitError     404: the unit does not exist on the server
@@ -29,6 +30,7 @@ __all__ = [
     "ProblemError",
     "ProtocolError",
     "RequestRejected",
+    "SyncCancelled",
     "SyncError",
     "SyncUnitError",
     "UnknownUnitError",
@@ -70,6 +72,12 @@ class NetworkError(SyncError):
     """The server was unreachable, or the connection broke mid-sync."""
 
     retryable = True
+
+
+class SyncCancelled(SyncError):
+    """``close()`` stopped the run before it ended: the chunks it applied stay, its
+    changes wait in the outbox, and a queued unit stays queued for the next ``start()``.
+    Not a failure: ``on_error`` is not called."""
 
 
 class ProblemError(SyncError):

@@ -35,6 +35,8 @@ from syncunit.errors import (
     LocalStoreError,
     NetworkError,
     ProblemError,
+    ProtocolError,
+    SyncCancelled,
     SyncError,
     problem_error,
 )
@@ -171,16 +173,17 @@ class SyncClient:
         self.on_progress = on_progress
         headers = {"Accept-Encoding": ACCEPT_ENCODING, "User-Agent": "syncunit-client/0.1"}
         self._token_provider: TokenProvider | None = None
+        limits = httpx.Limits(  # httpx's defaults, said here
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=IDLE_CONNECTION_S,
+        )
         self.http = httpx.Client(
             base_url=server_url.rstrip("/"),
             transport=transport,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(  # httpx's defaults, said here
-                max_connections=100,
-                max_keepalive_connections=20,
-                keepalive_expiry=IDLE_CONNECTION_S,
-            ),
+            limits=limits,
             verify=tls_context(),
         )
         self._set_token(token)
@@ -193,10 +196,12 @@ class SyncClient:
 
         Units already triggered and due (not waiting for a retry, not offline) run
         first, and a running sync finishes, within ``timeout`` seconds; then it is
-        cancelled (its connection closed: what it applied stays, the rest is fetched
-        next time) and what still waits stays queued for the next ``start()``.
-        The database is closed only once no sync runs, and after a background WAL
-        checkpoint under way has ended. Not from a sync callback.
+        cancelled: its connection is closed, what it applied stays, the rest is fetched
+        next time, and its unit stays queued, with what still waits, for the next
+        ``start()``. A cancelled run is not
+        an error: ``on_error`` is not called; a ``sync()`` on an app thread raises
+        ``SyncCancelled``. The database is closed only once no sync runs, and after a
+        background WAL checkpoint under way has ended. Not from a sync callback.
         """
         if self._closed:
             return
@@ -210,18 +215,21 @@ class SyncClient:
         if self._live is not None:
             self._live.stop()
         if not self.scheduler.stop(max(0.0, deadline - time.monotonic())):
-            self._cancel.set()
-            self.http.close()
+            self._abort()
             self.scheduler.stop(None)
-        if not self._sync_lock.acquire(timeout=timeout):  # a sync on an app thread
-            self._cancel.set()
-            self.http.close()
+        if not self._sync_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._abort()  # a sync on an app thread
             self._sync_lock.acquire()
         try:
             self.http.close()
             self.store.close()
         finally:
             self._sync_lock.release()
+
+    def _abort(self) -> None:
+        """Cancel the running sync: it stops at its next step."""
+        self._cancel.set()
+        self.http.close()
 
     # -- sync moments -----------------------------------------------------------------------
 
@@ -502,6 +510,17 @@ class SyncClient:
                         unit, catalog, result, params
                     )
         except Exception as exc:
+            if self._cancel.is_set() and isinstance(
+                exc, (NetworkError, ProtocolError, SyncCancelled)
+            ):
+                # close() cut the run (a broken connection is how it cuts one): not a
+                # failure, and its unit stays queued.
+                result.seconds = time.perf_counter() - started
+                self._feed.idle()
+                self._status_changed()
+                if isinstance(exc, SyncCancelled):
+                    raise
+                raise SyncCancelled(f"the sync of {sub_id!r} was cancelled by close()") from exc
             if opened and isinstance(exc, ProblemError) and not exc.retryable:
                 # Refused (a malformed value, a 403): nothing to hold, and an Online
                 # run must not carry it. A network failure keeps it, to be retried.
@@ -628,7 +647,7 @@ class SyncClient:
 
     def _send_once(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         if self._cancel.is_set():
-            raise SyncError("the client is closing")
+            raise SyncCancelled("the client is closing: the sync was cancelled by close()")
         try:
             request = self.http.build_request(method, path, **kwargs)
             response = self._transmit(request)

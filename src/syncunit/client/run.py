@@ -30,7 +30,7 @@ from syncunit.errors import (
     ProblemError,
     ProtocolError,
     RequestRejected,
-    SyncError,
+    SyncCancelled,
     problem_error,
 )
 from syncunit.protocol import (
@@ -392,7 +392,9 @@ class UnitRun:
         with whole, FramePrefetch(response, self.client.encoding) as frames:
             for frame in frames:
                 if self.client._cancel.is_set():
-                    raise SyncError("the sync was cancelled by close(); applied chunks are kept")
+                    raise SyncCancelled(
+                        "the sync was cancelled by close(); applied chunks are kept"
+                    )
                 if isinstance(frame, CatalogFrame):
                     # A first sync, or the server's schema changed: migrate, then apply.
                     catalog = frame.catalog

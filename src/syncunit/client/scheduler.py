@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from syncunit.errors import NetworkError, SyncUnitError
+from syncunit.errors import NetworkError, SyncCancelled, SyncUnitError
 
 if TYPE_CHECKING:
     from syncunit.client.client import SyncClient
@@ -208,6 +208,8 @@ class Scheduler:
             raise
         try:
             self.client.sync(*split_subscription(unit))
+        except SyncCancelled:
+            self._requeue(rid, unit)
         except Exception as exc:
             self._failed(rid, unit, attempts + 1, exc)
         else:
@@ -218,6 +220,15 @@ class Scheduler:
             self.current = None
             self.client._status_changed()
         return True
+
+    def _requeue(self, rid: int, unit: str) -> None:
+        """A run close() cancelled waits again, due at once, its attempts unchanged:
+        not a failure, and the next ``start()`` runs it first."""
+        with self.client.store.atomic() as c:
+            c.execute("DELETE FROM syncunit_queue WHERE state = 'pending' AND unit = ?", (unit,))
+            c.execute(
+                "UPDATE syncunit_queue SET state = 'pending', next_at = 0 WHERE id = ?", (rid,)
+            )
 
     def _failed(self, rid: int, unit: str, attempts: int, exc: Exception) -> None:
         self.last_error = str(exc)
