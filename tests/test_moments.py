@@ -9,16 +9,19 @@ the app stopped (or died) runs after a restart, nothing lost and nothing doubled
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
 from hospital.models import appointment
 
-from syncunit.errors import AuthError
+from syncunit.errors import AuthError, SyncCancelled
 from tests.support import appointments_of, doctors_of, local_keys
 from tests.test_scheduler import Events, booking, idle, queue_rows, wait_until
 
@@ -369,3 +372,96 @@ def test_close_cancelling_a_running_unit_keeps_it_queued(make_client, store):
     assert again.errors() == []
     assert sorted(server_ids(store, keys)) == sorted(keys)  # each exactly once
     assert second.status.pending_mutations == 0
+
+
+class Silent:
+    """A server on 127.0.0.1 that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="silent-server", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def silent() -> Any:
+    s = Silent()
+    yield s
+    s.close()
+
+
+def hanging_device(make_client, silent: Silent, events: Events):
+    """A device with a first copy and one change, now talking to ``silent``."""
+    make_client().sync("Login")
+    c = make_client(name="device", url=silent.url, timeout=60.0, **events.kwargs())
+    key = c.insert("LocalAppointment", booking(40))
+    return c, key
+
+
+def assert_kept(path, key, queued, make_client, store) -> None:
+    """``queued`` waits in the queue, the change in the outbox; a next run sends it."""
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT unit, state, attempts FROM syncunit_queue").fetchall() == queued
+        assert db.execute("SELECT count(*) FROM syncunit_outbox").fetchone() == (1,)
+    finally:
+        db.close()
+    again = Events()
+    c = make_client(name="device", **again.kwargs())
+    c.trigger("SendAppointments")
+    again.wait(lambda: again.completed() == ["SendAppointments"])
+    assert server_ids(store, [key]) == [key]
+
+
+def test_close_does_not_wait_for_a_server_that_never_answers(make_client, store, silent):
+    """close(timeout) cuts the connection of a sync blocked reading a silent server:
+    it does not wait for the read timeout (60 s here), and nothing is lost."""
+    events = Events()
+    c, key = hanging_device(make_client, silent, events)
+    c.start()
+    c.trigger("SendAppointments")
+    wait_until(lambda: silent.accepted and c.status.unit == "SendAppointments")
+    started = time.monotonic()
+    c.close(timeout=0.5)
+    assert time.monotonic() - started < 30  # well under the read timeout
+    assert not c.scheduler.running
+    assert events.errors() == []
+    assert_kept(c.store.path, key, [("SendAppointments", "pending", 0)], make_client, store)
+
+
+def test_close_cancels_a_sync_an_app_thread_waits_on(make_client, store, silent):
+    """The same for a sync() called on an app thread: it raises SyncCancelled."""
+    events = Events()
+    c, key = hanging_device(make_client, silent, events)
+    raised: list[BaseException] = []
+
+    def app_thread() -> None:
+        try:
+            c.sync("SendAppointments")
+        except BaseException as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=app_thread, name="app")
+    t.start()
+    wait_until(lambda: silent.accepted)
+    started = time.monotonic()
+    c.close(timeout=0.5)
+    assert time.monotonic() - started < 30
+    t.join(15)
+    assert [type(e) for e in raised] == [SyncCancelled]  # the app's call, told so
+    assert events.errors() == []
+    assert_kept(c.store.path, key, [], make_client, store)

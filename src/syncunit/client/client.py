@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from syncunit.client import bootstrap, sessions
+from syncunit.client.abort import AbortableBackend, abortable_transport
 from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
@@ -178,6 +179,11 @@ class SyncClient:
             max_keepalive_connections=20,
             keepalive_expiry=IDLE_CONNECTION_S,
         )
+        #: Cuts the connections of the built-in transport, to cancel a blocked read
+        #: (None with an app's own ``transport``: closing it is all close() can do).
+        self._connections: AbortableBackend | None = None
+        if transport is None:
+            transport, self._connections = abortable_transport(tls_context(), limits)
         self.http = httpx.Client(
             base_url=server_url.rstrip("/"),
             transport=transport,
@@ -196,9 +202,9 @@ class SyncClient:
 
         Units already triggered and due (not waiting for a retry, not offline) run
         first, and a running sync finishes, within ``timeout`` seconds; then it is
-        cancelled: its connection is closed, what it applied stays, the rest is fetched
-        next time, and its unit stays queued, with what still waits, for the next
-        ``start()``. A cancelled run is not
+        cancelled: its connection is cut (a server that does not answer is not waited
+        for), what it applied stays, the rest is fetched next time, and its unit stays
+        queued, with what still waits, for the next ``start()``. A cancelled run is not
         an error: ``on_error`` is not called; a ``sync()`` on an app thread raises
         ``SyncCancelled``. The database is closed only once no sync runs, and after a
         background WAL checkpoint under way has ended. Not from a sync callback.
@@ -227,8 +233,11 @@ class SyncClient:
             self._sync_lock.release()
 
     def _abort(self) -> None:
-        """Cancel the running sync: it stops at its next step."""
+        """Cancel the running sync: it stops at its next step, or at once if it waits
+        on the network (its connection is cut)."""
         self._cancel.set()
+        if self._connections is not None:
+            self._connections.abort()
         self.http.close()
 
     # -- sync moments -----------------------------------------------------------------------
