@@ -262,14 +262,21 @@ def test_a_plain_row_that_left_the_scope_with_a_change_goes_after_the_push(
     assert local_keys(dev, "LocalAppointment") == want
 
 
-def test_a_row_logins_first_copy_brings_stays_after_the_push(make_client, store, in_sync):
-    dev = make_client()
+def _let_go_with_a_change(dev: Any, store: Any) -> Any:
+    """A row of one patient's history, changed on the device, then moved to another
+    patient on the server: the subscription lets go of it, its change unpushed."""
     a, b = patients_of(store, 1)[:2]
     dev.sync("PatientDetails", params={"patient_id": a})
     changed = history(store, a)[0]
     edit_notes(dev, changed, "device note")
     move_to_patient(store, changed, b)
     dev.sync("PatientDetails", params={"patient_id": a})  # a lets go of it
+    return changed
+
+
+def test_a_row_logins_first_copy_brings_stays_after_the_push(make_client, store, in_sync):
+    dev = make_client()
+    changed = _let_go_with_a_change(dev, store)
     dev.sync("Login")  # still the hospital's: Login brings it (its change stays)
     assert dev.sync("SendAppointments").applied == 1
     assert changed in local_keys(dev, "LocalAppointment")
@@ -312,12 +319,7 @@ def test_a_row_a_snapshot_file_brings_stays_after_the_push(
     server = make_server(snapshot_dir=tmp_path / "snapshots", snapshot_min_rows=1)
     live.app = server.app
     dev = make_client()
-    a, b = patients_of(store, 1)[:2]
-    dev.sync("PatientDetails", params={"patient_id": a})
-    changed = history(store, a)[0]
-    edit_notes(dev, changed, "device note")
-    move_to_patient(store, changed, b)
-    dev.sync("PatientDetails", params={"patient_id": a})  # a lets go of it
+    changed = _let_go_with_a_change(dev, store)
     params = principal_params(store, "token-h1")
     for s in hospital_schema.units["Login"].streams:
         server.snapshots.build(s, params)
