@@ -84,16 +84,21 @@ def part_path(store: LocalStore, offer: SnapshotOffer) -> Path:
     return _parts_of(store) / f"{_part_prefix(store)}{offer.sha256[:24]}.part"
 
 
-def _parts_of(store: LocalStore) -> Path:
+def _main_file(store: LocalStore) -> Path | None:
+    """The store's database file (None: in memory), also for a connection it was given."""
     with store.lock:
         main = store.conn.execute("PRAGMA database_list").fetchone()
-    return Path(main[2]).parent if main and main[2] else Path(tempfile.gettempdir())
+    return Path(main[2]) if main and main[2] else None
+
+
+def _parts_of(store: LocalStore) -> Path:
+    main = _main_file(store)
+    return main.parent if main is not None else Path(tempfile.gettempdir())
 
 
 def _part_prefix(store: LocalStore) -> str:
-    with store.lock:
-        main = store.conn.execute("PRAGMA database_list").fetchone()
-    return f"{SCRATCH}{Path(main[2]).name if main and main[2] else ''}-"
+    main = _main_file(store)
+    return f"{SCRATCH}{main.name if main is not None else ''}-"
 
 
 class _Intake:

@@ -115,6 +115,28 @@ class Budget:
         return None
 
 
+def _reject(
+    conn: sqlite3.Connection,
+    mutation_id: str,
+    seq: int | None,
+    table: str,
+    key: Any,
+    op: str,
+    code: str,
+    reason: str,
+    attempted: Mapping[str, Any],
+) -> int:
+    """Record a change the device will not send as a rejection the app sees (with the
+    values it ``attempted``); its id."""
+    cur = conn.execute(
+        "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op, status,"
+        " code, reason, attempted, server_row, created_at)"
+        f" VALUES (?, ?, ?, ?, ?, 'rejected', ?, ?, ?, NULL, {_NOW})",
+        (mutation_id, seq, table, key, op, code, reason, _dumps(dict(attempted))),
+    )
+    return int(cur.lastrowid or 0)
+
+
 def _value_over(m: Mutation, limit: int, json: bool = False) -> tuple[str, int] | None:
     """The first value of ``m`` (key, values, base) holding a string or bytes over
     ``limit`` bytes, as the server measures them: where it is, and its size. In a JSON
@@ -468,13 +490,8 @@ class Outbox:
         conn = self.store.conn
         found = self.unsent(s)
         for oid, mid, key, op, values in found:
-            conn.execute(
-                "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op,"
-                " status, code, reason, attempted, server_row, created_at)"
-                " VALUES (?, NULL, ?, ?, ?, 'rejected', 'schema-changed', ?, ?, NULL,"
-                f" {_NOW})",
-                (mid, s.local_table, key, op, reason.replace("{key}", repr(key)), _dumps(values)),
-            )
+            why = reason.replace("{key}", repr(key))
+            _reject(conn, mid, None, s.local_table, key, op, "schema-changed", why, values)
             conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
         return len(found)
 
@@ -548,13 +565,7 @@ class Outbox:
         table, key = m.table, m.key
         (base,) = conn.execute("SELECT base FROM syncunit_outbox WHERE id = ?", (oid,)).fetchone()
         server_row = None if base == "{}" else _loads(base)
-        cur = conn.execute(
-            "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op, status,"
-            " code, reason, attempted, server_row, created_at)"
-            f" VALUES (?, ?, ?, ?, ?, 'rejected', ?, ?, ?, NULL, {_NOW})",
-            (m.id, seq, table, key, m.op, code, reason, _dumps(m.values)),
-        )
-        rid = int(cur.lastrowid or 0)
+        rid = _reject(conn, m.id, seq, table, key, m.op, code, reason, m.values)
         self._refused.append(
             RejectedChange(rid, table, key, m.op, "rejected", code, reason, dict(m.values), None)
         )
