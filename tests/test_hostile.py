@@ -418,6 +418,103 @@ def test_a_nul_in_a_text_value_is_rejected_where_the_database_cannot_store_it(
     _no_error_logged(caplog)
 
 
+def _documents_server(database: str) -> tuple[Any, sa.Table]:
+    """A server of one ``doc`` table with a JSON column of each kind: ``j`` (``json``
+    on PostgreSQL, which keeps the text as sent) and ``jb`` (``jsonb`` there)."""
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    from syncunit.server import Principal, SyncServer, TokenAuth
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    meta = sa.MetaData()
+    doc = sa.Table(
+        "doc", meta,
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("j", sa.JSON, nullable=True),
+        sa.Column("jb", sa.JSON().with_variant(JSONB(), "postgresql"), nullable=True),
+    )  # fmt: skip
+    stream = Stream("docs", doc, {c: doc.c[c] for c in ("id", "owner", "j", "jb")},
+                    where=doc.c.owner == sa.bindparam("owner"), local_table="LocalDoc")  # fmt: skip
+    schema = SyncSchema([SyncUnit("Docs", [stream], direction="both")])
+    tokens = {"t-ana": Principal("ana", {"owner": "ana"}),
+              "t-nul": Principal("a\x00na", {"owner": "ana"}),
+              "t-empty": Principal("", {"owner": "ana"})}  # fmt: skip
+    server = SyncServer(schema, database, authenticate=TokenAuth(tokens), install=False)
+    meta.create_all(server.store.engine)
+    server.store.install(schema)
+    return server, doc
+
+
+def _insert_doc(url: str, token: str, client_id: str, key: str, **values: Any) -> httpx.Response:
+    body = {"protocol": 1, "client_id": client_id, "mutations": [
+        {"seq": 1, "id": f"m-{key}", "table": "LocalDoc", "key": key, "op": "insert",
+         "values": {"id": key, "owner": "ana", **values}}]}  # fmt: skip
+    return httpx.post(
+        f"{url}/v1/sync/Docs",
+        content=msgspec.msgpack.encode(body),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": MSGPACK},
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"note": "a\x00b"}, {"na\x00me": 1}, ["x", ["a\x00"]], '{"note": "a\\u0000b"}'],
+    ids=["in-a-string", "in-a-name", "nested", "as-json-text"],
+)
+def test_a_nul_in_json_is_rejected_only_where_jsonb_cannot_store_it(
+    backend, new_database, serve, caplog, value
+):
+    """``jsonb`` refuses NUL (PostgreSQL: "unsupported Unicode escape sequence"): such a
+    value is rejected ``invalid-value`` naming its column, never a ``server-error``;
+    ``json`` there, and SQLite's JSON, store it."""
+    caplog.set_level(logging.INFO, logger="syncunit")
+    server, doc = _documents_server(new_database("docs"))
+    url = serve(server.app).url
+    expected = msgspec.json.decode(value) if isinstance(value, str) else value
+
+    plain = _insert_doc(url, "t-ana", "dev-j", "k-j", j=value)
+    binary = _insert_doc(url, "t-ana", "dev-jb", "k-jb", jb=value)
+
+    [plain_result] = next(f for f in frames_of(plain) if isinstance(f, PushResults)).results
+    [binary_result] = next(f for f in frames_of(binary) if isinstance(f, PushResults)).results
+    assert plain_result.status == "applied"
+    with server.store.engine.connect() as conn:
+        stored = {r.id: (r.j, r.jb) for r in conn.execute(sa.select(doc))}
+    assert stored["k-j"] == (expected, None)
+    if backend == "postgres":
+        assert (binary_result.status, binary_result.code) == ("rejected", "invalid-value")
+        assert "'jb'" in binary_result.reason
+        assert "NUL" in binary_result.reason
+        assert "k-jb" not in stored
+    else:
+        assert binary_result.status == "applied"
+        assert stored["k-jb"] == (None, expected)
+    _no_error_logged(caplog)
+
+
+@pytest.mark.parametrize("token", ["t-nul", "t-empty"])
+def test_a_principal_id_the_server_cannot_record_is_refused_before_anything_runs(
+    backend, new_database, serve, caplog, token
+):
+    """The server records the principal each device pushes as; an id it cannot store
+    (a token subject holding NUL) or an empty one is a 403, the database unchanged,
+    and a warning for the operator, not a server fault."""
+    caplog.set_level(logging.INFO, logger="syncunit")
+    server, _ = _documents_server(new_database("docs"))
+    url = serve(server.app).url
+    before = db_state(server.store.engine)
+
+    r = _insert_doc(url, token, "dev-1", "k-1", j={"a": 1})
+
+    assert "principal id" in _assert_problem(r, 403, "forbidden")["detail"]
+    assert db_state(server.store.engine) == before
+    _no_error_logged(caplog)
+    assert any("principal whose id" in rec.getMessage() for rec in caplog.records)
+    assert _insert_doc(url, "t-ana", "dev-1", "k-1", j={"a": 1}).status_code == 200
+
+
 # -- cursors ---------------------------------------------------------------------------
 
 

@@ -211,6 +211,19 @@ class SyncServer(SyncAnswer):
             raise ProblemException(
                 "unauthenticated", "send a valid 'Authorization: Bearer <token>'"
             )
+        if not isinstance(principal.id, str) or not principal.id or "\x00" in principal.id:
+            # The server records which principal each device pushes as: an id it cannot
+            # store (a token's subject holding NUL, a number) would fail the request late.
+            why = (
+                f"a {type(principal.id).__name__}" if not isinstance(principal.id, str)
+                else "empty" if not principal.id else "holding NUL"
+            )  # fmt: skip
+            log.warning("authenticate returned a principal whose id is %s; refused", why)
+            raise ProblemException(
+                "forbidden",
+                "this credential's principal id cannot be used: it must be non-empty text"
+                " without the NUL character (U+0000); ask for a credential with another subject",
+            )
         ctx = current_request()
         if ctx is not None:
             ctx.principal, ctx.show_principal = principal.id, self.log_principals

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from syncunit.server.limits import shorten
 from syncunit.units import logical_type
@@ -59,9 +60,16 @@ def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) 
             if value in (0, 1):
                 return bool(value)
             raise TypeError
-        if kind in ("text", "uuid", "json", "decimal", "datetime", "date", "time"):
-            if kind == "json" and not isinstance(value, str):
-                return value
+        if kind == "json":
+            parsed = json.loads(value) if isinstance(value, str) else value
+            if not nul and _binary_json(column.type) and _holds_nul(parsed):
+                raise Rejected(
+                    "invalid-value",
+                    f"column {local!r}: JSON stored as jsonb cannot hold the NUL character"
+                    " (U+0000) in a string or a name in this server's database; remove it",
+                )
+            return parsed
+        if kind in ("text", "uuid", "decimal", "datetime", "date", "time"):
             if kind == "decimal" and isinstance(value, int):
                 return decimal.Decimal(value)
             if not isinstance(value, str):
@@ -77,8 +85,6 @@ def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) 
             if kind == "uuid":
                 parsed = uuid.UUID(value)
                 return parsed if isinstance(column.type, sa.Uuid) else value
-            if kind == "json":
-                return json.loads(value)
             length = getattr(column.type, "length", None)
             if length is not None and len(value) > length:
                 raise Rejected(
@@ -107,3 +113,26 @@ def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) 
             "invalid-value", f"column {local!r} expects {expected}, got {shorten(value)}"
         ) from None
     return value
+
+
+def _binary_json(type_: sa.types.TypeEngine[Any]) -> bool:
+    """Whether PostgreSQL stores this JSON column as ``jsonb``, which cannot hold NUL
+    (``json`` keeps the text as sent, escapes included)."""
+    variants: dict[str, Any] = getattr(type_, "_variant_mapping", {})
+    return isinstance(variants.get("postgresql", type_), JSONB)
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a decoded JSON value has the NUL character in a string or a name."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
