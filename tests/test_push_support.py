@@ -178,6 +178,7 @@ def push_results(response: httpx.Response) -> PushResults:
 TOKENS = {
     "t1": Principal("user-1", {"owner": "u1"}),
     "t2": Principal("user-2", {"owner": "u2"}),
+    "t1-renewed": Principal("user-1", {"owner": "u1"}),  # another credential of user-1
 }
 NOTE_COLUMNS = ("id", "owner", "title", "body", "tag", "n", "data")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from syncunit.errors import AuthError
+from syncunit.policies import Detect
 from tests.test_push_support import FaultTransport, local_notes
 
 
@@ -169,7 +170,9 @@ def test_a_returning_principal_with_a_provider_gets_the_changes_parked_offline(n
 def test_a_session_whose_owner_is_unknown_at_logout_stays_parked(notes_app):
     app = notes_app()
     _notes(app)
-    app.client("t1", name="tablet").sync("Sync")
+    tablet = app.client("t1", name="tablet")
+    tablet.sync("Sync")  # the tables; then a session the server never answers
+    tablet.logout(clear=False)
 
     def failing() -> str:
         raise RuntimeError("the identity provider is unreachable")
@@ -185,3 +188,55 @@ def test_a_session_whose_owner_is_unknown_at_logout_stays_parked(notes_app):
         assert device.outbox.rejected() == []
         device.logout()
     assert app.row("u1-b") is None
+
+
+def test_conflicts_left_at_logout_come_back_to_their_principal_only(notes_app):
+    """A session that pushed everything but left a conflict unresolved parks the
+    conflict; it is shown again to the same principal (whatever its credential),
+    never to another, with no push needed."""
+    app = notes_app(policy=Detect())
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Sync")
+    device.update("LocalNote", "u1-a", {"title": "alice's edit"})
+    app.backoffice("UPDATE note SET title = 'office edit' WHERE id = 'u1-a'")
+    device.sync("Sync")
+    [conflict] = device.outbox.rejected()
+
+    assert device.logout() == 1
+    device.login("t2")
+    assert device.outbox.rejected() == []
+    device.logout()
+    device.login("t1-renewed")  # Alice again, with a new token
+
+    [back] = device.outbox.rejected()
+    assert (back.key, back.status) == ("u1-a", "conflict")
+    assert back.attempted == {"title": "alice's edit"}
+    assert back.server_row == conflict.server_row
+    assert device.outbox.parked() == {}
+
+
+def test_a_session_the_server_answered_is_its_principals_with_any_credential(notes_app):
+    """A session that only pulled is bound to no one on the server, and its token may be
+    unknown at logout (a provider that fails): the server's word on who it was makes
+    its changes that principal's, pushed when it returns with another token."""
+    app = notes_app()
+    _notes(app)
+    app.client("t1", name="tablet").sync("Sync")  # answered as user-1; pushed nothing
+
+    def failing() -> str:
+        raise RuntimeError("the identity provider is unreachable")
+
+    device = app.client(token=failing, name="tablet")
+    device.insert("LocalNote", {"id": "u1-b", "owner": "u1", "title": "alice's offline"})
+    assert device.logout(push=False) == 1
+
+    device.login("t2")
+    assert sum(device.outbox.parked().values()) == 1
+    assert app.row("u1-b") is None
+    device.logout()
+    device.login("t1-renewed")
+
+    assert device.outbox.parked() == {}
+    assert app.row("u1-b")["title"] == "alice's offline"
+    assert app.applications("u1-b") == 1

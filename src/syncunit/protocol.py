@@ -39,12 +39,18 @@ QUEUES_PUSHES = "Syncunit-Queues-Pushes"
 #: A client sizes its push batches under them, and surfaces a change that alone
 #: cannot pass them as a rejection instead of sending it.
 PUSH_LIMITS = "Syncunit-Push-Limits"
+#: A header of sync and catalog answers: an opaque tag of the principal the request
+#: was authenticated as (the same for every credential of that principal, different
+#: for another; it does not reveal the principal's id). A device parks a session's
+#: changes under it at logout and brings them back when the same principal returns.
+PRINCIPAL_TAG = "Syncunit-Principal"
 
 Encoding = Literal["msgpack", "json"]
 
 __all__ = [
     "JSON",
     "MSGPACK",
+    "PRINCIPAL_TAG",
     "PROBLEM_CODES",
     "PROTOCOL_VERSION",
     "PUSH_LIMITS",

@@ -43,6 +43,7 @@ from syncunit.errors import (
 )
 from syncunit.ids import uuid7
 from syncunit.protocol import (
+    PRINCIPAL_TAG,
     PROTOCOL_VERSION,
     PUSH_LIMITS,
     QUEUES_PUSHES,
@@ -139,6 +140,9 @@ class SyncClient:
         #: None until one said them (batches are then sized under the defaults, and no
         #: change is refused on the device).
         self.push_limits: PushLimits | None = None
+        #: (client id, tag) of the principal the server last said this session is
+        #: (``protocol.PRINCIPAL_TAG``); kept in the device database once per session.
+        self._principal: tuple[str, str] | None = None
         self.on_start = on_start
         self.on_complete = on_complete
         self.on_error = on_error
@@ -647,6 +651,24 @@ class SyncClient:
         self._ask_token(provider)  # expired: ask again, once
         return self._send_once(method, path, **kwargs)
 
+    def _note_principal(self, tag: str) -> None:
+        """Remember which principal the server says this session is (once per change)."""
+        seen = (self.client_id, tag)
+        if self._principal == seen:
+            return
+        with self.store.atomic():
+            self.store.set_fact("principal", f"{seen[0]} {tag}")
+        self._principal = seen
+
+    def _session_principal(self) -> str | None:
+        """The server's tag of this session's principal (``protocol.PRINCIPAL_TAG``), or
+        None if no answer of this session has said it yet."""
+        raw = self.store.get_fact("principal")
+        if raw is None:
+            return None
+        client_id, _, tag = raw.partition(" ")
+        return tag if client_id == self.client_id and tag else None
+
     def _ask_token(self, provider: TokenProvider) -> None:
         try:
             token = provider()
@@ -665,6 +687,9 @@ class SyncClient:
         limits = PushLimits.parse(response.headers.get(PUSH_LIMITS))
         if limits is not None:
             self.push_limits = limits
+        tag = response.headers.get(PRINCIPAL_TAG)
+        if tag:
+            self._note_principal(tag)
         if response.status_code >= 400:
             try:
                 body = response.read()

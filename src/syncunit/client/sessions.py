@@ -66,30 +66,45 @@ def logout(client: SyncClient, *, clear: bool, push: bool) -> int:
             bound = client.store.get_fact("bound") == client.client_id
             owner = "" if bound else (_credential_digest(client) or UNOWNED)
             client.store.set_fact(f"parked:{client.client_id}", owner)
+            # Who the server said this session is: the same principal is known again
+            # with any credential, and its conflicts come back without a push.
+            tag = client._session_principal()
+            if tag is not None:
+                client.store.set_fact(f"parked-tag:{client.client_id}", tag)
         client.client_id = client.store.end_session(clear=clear)
     client._set_token(None)
     return kept
 
 
 def push_parked(client: SyncClient) -> int:
-    """``SyncClient.push_parked``: push the parked changes this principal owns."""
+    """``SyncClient.push_parked``: push the parked changes this principal owns, and bring
+    back into sight the conflicts and rejections of its sessions."""
     catalog = client.store.catalog()
     units = [] if catalog is None else push_units(catalog)
-    if catalog is None or not units:
+    if catalog is None:
         return 0
     applied = 0
-    mine: str | None = None
-    asked = False
+    me = _Me(client)
     for client_id in client.outbox.parked():
         mutations = client.outbox.parked_mutations(client_id)
         owner = client.store.get_fact(f"parked:{client_id}")
-        if not mutations or owner is None:
+        if owner is None:
             continue
-        if owner != "":  # unbound: only the same token may push it (bound, the server checks)
-            if not asked:
-                mine, asked = _credential_digest(client), True
-            if owner != mine:
+        tag = client.store.get_fact(f"parked-tag:{client_id}")
+        if tag is not None and me.tag() is not None:
+            if tag == me.tag() and not mutations:
+                # Only conflicts and rejections: nothing to push, and the server has
+                # said this principal is the session's own.
+                client.outbox.unpark(client_id, PushResults(results=[], last_seq=0))
+                _forget(client, client_id)
                 continue
+            if tag != me.tag() and owner != "":
+                continue  # another principal's; unbound, so the server could not tell
+            # Bound: the server decides (its key, hence the tag, may have changed).
+        elif owner != "" and owner != me.digest():
+            continue  # unbound: only the same token may push it (bound, the server checks)
+        if not mutations or not units:
+            continue
         request = SyncRequest(
             protocol=PROTOCOL_VERSION,
             client_id=client_id,
@@ -110,16 +125,51 @@ def push_parked(client: SyncClient) -> int:
                     response.close()
                 if pushed is not None:
                     applied += client.outbox.unpark(client_id, pushed)[0]
-                    with client.store.atomic():
-                        client.store.conn.execute(
-                            "DELETE FROM syncunit_local WHERE key = ?", (f"parked:{client_id}",)
-                        )
+                    _forget(client, client_id)
         except AuthError:
             continue  # another principal's session
         except SyncError as exc:
             log.info("parked changes stay parked for now (%s)", exc)
             break
     return applied
+
+
+class _Me:
+    """Who is using the client now, each asked at most once: the server's tag of the
+    principal (a catalog request if no answer of this session said it) and a digest
+    of the credentials."""
+
+    def __init__(self, client: SyncClient) -> None:
+        self.client = client
+        self._tag: str | None = None
+        self._digest: str | None = None
+        self._asked: set[str] = set()
+
+    def tag(self) -> str | None:
+        if "tag" not in self._asked:
+            self._asked.add("tag")
+            self._tag = self.client._session_principal()
+            if self._tag is None:
+                try:
+                    self.client._send("GET", "/v1/catalog").close()
+                except SyncError as exc:
+                    log.info("parked changes: the server could not say who is signed in (%s)", exc)
+                self._tag = self.client._session_principal()
+        return self._tag
+
+    def digest(self) -> str | None:
+        if "digest" not in self._asked:
+            self._asked.add("digest")
+            self._digest = _credential_digest(self.client)
+        return self._digest
+
+
+def _forget(client: SyncClient, client_id: str) -> None:
+    with client.store.atomic():
+        client.store.conn.execute(
+            "DELETE FROM syncunit_local WHERE key IN (?, ?)",
+            (f"parked:{client_id}", f"parked-tag:{client_id}"),
+        )
 
 
 def _first_push_results(response: httpx.Response, encoding: Encoding) -> PushResults | None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
+import hmac
 import logging
 import math
 import os
@@ -45,6 +47,7 @@ from starlette.routing import Route
 
 from syncunit.errors import ProtocolError
 from syncunit.protocol import (
+    PRINCIPAL_TAG,
     PROTOCOL_VERSION,
     PUSH_LIMITS,
     QUEUES_PUSHES,
@@ -239,11 +242,12 @@ class SyncServer(SyncAnswer):
         return principal
 
     async def get_catalog(self, request: Request) -> Response:
-        await self._principal(request)
+        principal = await self._principal(request)
+        tag = self._principal_tag(principal, await self._key())
         return Response(
             self._catalog_body,
             media_type="application/json",
-            headers={QUEUES_PUSHES: "1", PUSH_LIMITS: self._push_limits},
+            headers={QUEUES_PUSHES: "1", PUSH_LIMITS: self._push_limits, PRINCIPAL_TAG: tag},
         )
 
     async def get_snapshot(self, request: Request) -> Response:
@@ -349,6 +353,12 @@ class SyncServer(SyncAnswer):
             self._cursor_key = await anyio.to_thread.run_sync(self._load_cursor_key)
         return self._cursor_key
 
+    @staticmethod
+    def _principal_tag(principal: Principal, key: bytes) -> str:
+        """``protocol.PRINCIPAL_TAG``: the principal's id under the server's key."""
+        mac = hmac.new(key, b"principal\x00" + principal.id.encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
+
     def _load_cursor_key(self) -> bytes:
         return bytes.fromhex(self.store.fact_made_once("cursor-key", lambda: secrets.token_hex(32)))
 
@@ -386,6 +396,7 @@ class SyncServer(SyncAnswer):
                 "Cache-Control": "no-store",
                 QUEUES_PUSHES: "1",
                 PUSH_LIMITS: self._push_limits,
+                PRINCIPAL_TAG: self._principal_tag(principal, key),
             }
             if compressor.name:
                 headers["Content-Encoding"] = compressor.name
