@@ -33,7 +33,7 @@ from syncunit.server.postgres import PostgresStore
 from syncunit.server.store import ServerStore, tombstones
 from syncunit.units import VERSION
 from tests.conftest import pg_dsn
-from tests.support import assert_in_sync, local_keys
+from tests.support import appointments_of, assert_in_sync, local_keys
 
 pytestmark = pytest.mark.backends("postgres")
 
@@ -399,6 +399,33 @@ def test_an_open_transaction_holds_the_watermark_and_shows_as_lag(server, store,
     while store.current_version() < xid and time.monotonic() < deadline:
         time.sleep(0.05)
     assert store.current_version() >= xid  # released when it ended
+
+
+def test_pruning_by_age_never_lifts_the_horizon_past_a_held_watermark(
+    store, client, server_db_url, plain_sql, in_sync
+):
+    """A write transaction older than the retention (a forgotten prepared one, say) holds
+    the watermark below tombstones recorded since: they may be old enough to prune, but
+    a horizon above the watermark would reset every cursor handed out meanwhile, every
+    sync a full download until that transaction ends. Deltas wait instead."""
+    client.sync("Login")
+    mine = appointments_of(store, 1)
+    with open_writer(server_db_url, _row("held")):
+        plain_sql(f"DELETE FROM appointment WHERE id IN ('{mine[0]}', '{mine[1]}')")
+        held = store.current_version()
+
+        horizon = store.prune_tombstones_before(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+
+        assert horizon <= held
+        for _ in range(2):
+            result = client.sync("Login")
+            assert result.resets == []
+    deadline = time.monotonic() + 30  # the watermark moves once the writer is gone
+    while store.current_version() < held + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.sync("Login").resets == []
+    assert not {mine[0], mine[1]} & local_keys(client, "LocalAppointment")
+    in_sync(client)
 
 
 def test_pruning_deletes_in_small_batches_after_raising_the_horizon(

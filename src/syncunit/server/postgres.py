@@ -498,7 +498,11 @@ class PostgresStore(ServerStore):
         at = cutoff.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
         with self.engine.connect() as conn:
             old = sa.select(sa.func.max(tombstones.c.version)).where(tombstones.c.at < at)
-            return self._prune(int(conn.execute(old).scalar() or 0))
+            newest_old = int(conn.execute(old).scalar() or 0)
+        # Never past the watermark: a write transaction older than the cutoff holds it
+        # below tombstones recorded since, and a horizon above it would reset every
+        # cursor handed out meanwhile (each sync a full download) until it ends.
+        return self._prune(min(newest_old, self.current_version()))
 
     def _prune(self, horizon: int) -> int:
         """Raise the horizon first (older cursors reset), then delete in small transactions.

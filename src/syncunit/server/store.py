@@ -478,7 +478,8 @@ class ServerStore(abc.ABC):
         at = cutoff.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
         with self.write() as conn:
             old = sa.select(sa.func.max(tombstones.c.version)).where(tombstones.c.at < at)
-            return self._prune_to(conn, int(conn.execute(old).scalar() or 0))
+            newest_old = int(conn.execute(old).scalar() or 0)
+            return self._prune_to(conn, min(newest_old, self.watermark(conn)))
 
     def _prune_to(self, conn: Connection, horizon: int) -> int:
         conn.execute(tombstones.delete().where(tombstones.c.version <= horizon))
