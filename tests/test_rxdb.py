@@ -491,6 +491,101 @@ def test_write_authorization_is_the_push_applier_s(
     assert after["doctor"] == before["doctor"]
 
 
+def test_a_push_to_a_full_stream_answers_rows_of_the_principal_s_scope_only(
+    http: httpx.Client, server: SyncServer
+) -> None:
+    """A full stream is read-only: each row is refused, and the state RxDB gets back is
+    the row the stream's query gives this principal, or a deletion: never the row of
+    another scope (here a summary over several tables, keyed by doctor)."""
+    from tests.support import db_state, doctors_of
+
+    summary = RxPeer(http, base="/v1/rxdb/Online/summary", key="doctor_id")
+    summary.pull()
+    mine, theirs = str(doctors_of(server.store, 1)[0]), str(doctors_of(server.store, 2)[0])
+    assert mine in summary.docs
+    assert theirs not in summary.docs
+    before = db_state(server.store.engine)
+    out = summary.push(
+        [
+            {"assumedMasterState": None, "newDocumentState": {"doctor_id": theirs}},
+            {"assumedMasterState": None, "newDocumentState": {"doctor_id": "not a key"}},
+            {
+                "assumedMasterState": {**summary.docs[mine], "_deleted": False},
+                "newDocumentState": {**summary.docs[mine], "booked": 0, "_deleted": False},
+            },
+        ]
+    )
+    assert [(r["status"], r["code"]) for r in out["results"]] == [
+        ("rejected", "read-only-table")
+    ] * 3
+    assert out["conflicts"] == [
+        {"doctor_id": theirs, "_deleted": True},
+        {"doctor_id": "not a key", "_deleted": True},
+        {**summary.docs[mine], "_deleted": False},
+    ]
+    after = db_state(server.store.engine)
+    assert {t: after[t] for t in ("doctor", "appointment")} == {
+        t: before[t] for t in ("doctor", "appointment")
+    }
+
+
+def test_a_full_stream_over_one_table_never_answers_another_scope_s_row(
+    make_server: Callable[..., SyncServer], serve: Callable[[Any], LiveServer]
+) -> None:
+    """Its filter lives in its query, not in a row filter: the row of a key is read
+    through that query, so another hospital's patient is a deletion, not its data."""
+    from hospital.generate import generate
+    from hospital.models import doctor, patient
+    from hospital.units import appointments, my_hospital
+
+    from syncunit import Stream, SyncSchema, SyncUnit
+    from tests.support import doctors_of
+
+    here = Stream.full(
+        "patients_here",
+        sa.select(patient.c.id, patient.c.name, patient.c.phone).where(
+            sa.exists()
+            .where(appointment.c.patient_id == patient.c.id)
+            .where(appointment.c.doctor_id == doctor.c.id)
+            .where(doctor.c.hospital_id == my_hospital)
+        ),
+        key="id",
+        local_table="LocalPatientHere",
+    )
+    server = make_server(SyncSchema([SyncUnit("Desk", [here, appointments], direction="both")]))
+    store = server.store
+    generate(store.engine, appointments=40, hospitals=2, doctors=6, patients=20)
+    with store.write() as conn:
+        conn.execute(patient.insert().values(id=9001, name="Elsewhere", phone="+351 900 111"))
+        conn.execute(
+            appointment.insert().values(
+                id="0190aaaa-0000-7000-8000-00000000e001",
+                doctor_id=doctors_of(store, 2)[0],
+                patient_id=9001,
+                starts_at=dt.datetime(2031, 1, 1, 9),
+                ends_at=dt.datetime(2031, 1, 1, 9, 15),
+            )
+        )
+    with httpx.Client(base_url=serve(server.app).url, timeout=30) as http:
+        peer = RxPeer(http, base="/v1/rxdb/Desk/patients_here")
+        peer.pull()
+        assert "9001" not in peer.docs
+        own = sorted(peer.docs)[0]
+        out = peer.push(
+            [
+                {"assumedMasterState": None, "newDocumentState": {"id": "9001"}},
+                {"assumedMasterState": None, "newDocumentState": {"id": own}},
+            ]
+        )
+    assert [(r["status"], r["code"]) for r in out["results"]] == [
+        ("rejected", "read-only-table")
+    ] * 2
+    assert out["conflicts"] == [
+        {"id": "9001", "_deleted": True},
+        {**peer.docs[own], "_deleted": False},
+    ]
+
+
 def test_a_principal_runs_only_its_units_here_too(
     make_server: Callable[..., SyncServer], serve: Callable[[Any], LiveServer]
 ) -> None:

@@ -444,19 +444,37 @@ class MutationWrites:
     def _server_row(
         self, conn: Connection, s: Stream, principal: Principal, key: Any
     ) -> dict[str, Any] | None:
-        """The row as the client should hold it now, or None if it should not hold it."""
+        """The row as the client should hold it now, or None if it should not hold it.
+
+        It is read through the stream's own filter (a full stream's query) with the
+        principal's values: a key outside that scope is None, whoever's row it is.
+        A principal without every value the filter binds holds none of its rows.
+        """
+        if key is None or any(p not in principal.params for p in s.parameters):
+            return None
         try:
             k = coerce(key, s.key_column, s.key)
         except Rejected:
             return None
         select = self._rows.get(s.name)
         if select is None:  # built once: SQLAlchemy then reuses its compiled form
-            columns = [expr.label(name) for name, expr in s.columns.items()]
-            select = self._rows[s.name] = (
-                StreamShape(s).rows(columns).where(s.key_column == sa.bindparam(KEY))
-            )
+            select = self._rows[s.name] = _row_select(s)
         params = {p: principal.params[p] for p in s.parameters}
         row = conn.execute(select, {**params, KEY: k}).first()
         if row is None:
             return None
         return {name: to_wire(v) for name, v in zip(s.columns, row, strict=True)}
+
+
+def _row_select(s: Stream) -> sa.Select[Any]:
+    """One row of ``s`` by key, as the stream shows it and only within its scope."""
+    if s.mode == "full":
+        # Its query is the scope (a filter, a grouping over several tables): the row is
+        # one the query gives, never the base table's row of that key.
+        assert s.query is not None
+        rows = s.query.subquery()
+        return sa.select(*(rows.c[name] for name in s.columns)).where(
+            rows.c[s.key] == sa.bindparam(KEY)
+        )
+    columns = [expr.label(name) for name, expr in s.columns.items()]
+    return StreamShape(s).rows(columns).where(s.key_column == sa.bindparam(KEY))

@@ -535,8 +535,9 @@ class RxDBReplication:
             if r.status == "applied":
                 continue
             # A refusal made without reading the row (a read-only table, a number another
-            # push took, ...) says nothing of it: the device learns the row as it is,
-            # and a deletion only of a row it may not hold.
+            # push took, ...) says nothing of it: the device learns the row as this stream
+            # gives it to the principal (a full stream's through its query), and a deletion
+            # of a row it may not hold.
             row = r.server_row
             if row is None:
                 row = self._server_row(stream, principal, m.key)
