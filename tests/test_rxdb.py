@@ -586,6 +586,47 @@ def test_a_full_stream_over_one_table_never_answers_another_scope_s_row(
     ]
 
 
+def test_a_stream_s_authorize_hook_guards_a_push_through_a_push_only_unit(
+    make_server: Callable[..., SyncServer], serve: Callable[[Any], LiveServer]
+) -> None:
+    from hospital.generate import generate
+
+    from syncunit.server import Principal, TokenAuth
+    from tests.support import db_state, doctors_of
+    from tests.test_write_auth import hooked_schema
+
+    server = make_server(hooked_schema())
+    server.authenticate = TokenAuth(
+        {
+            "ok": Principal("ok", {"hospital_id": 1}),
+            "suspended": Principal("sus", {"hospital_id": 1, "suspended": True}),
+        }
+    )
+    generate(server.store.engine, appointments=40, hospitals=2, doctors=6, patients=20)
+    start, end = _slot(3, 9)
+    with server.store.engine.connect() as conn:
+        patient_id = conn.execute(sa.select(appointment.c.patient_id).limit(1)).scalar()
+    booking = {
+        "id": str(uuid.uuid4()),
+        "doctor_id": doctors_of(server.store, 1)[0],
+        "patient_id": patient_id,
+        "starts_at": start,
+        "ends_at": end,
+        "status": "booked",
+        "room": "12",
+        "notes": "",
+    }
+    row = [{"assumedMasterState": None, "newDocumentState": booking}]
+    before = db_state(server.store.engine)
+    with httpx.Client(base_url=serve(server.app).url, timeout=30) as http:
+        r = http.post("/v1/rxdb/Send/appointments/push", json=row, headers=auth("suspended"))
+        assert r.status_code == 403, r.text
+        assert r.json()["code"] == "forbidden"
+        assert db_state(server.store.engine) == before
+        out = RxPeer(http, base="/v1/rxdb/Send/appointments", token="ok").push(row)
+    assert [r["status"] for r in out["results"]] == ["applied"]
+
+
 def test_a_principal_runs_only_its_units_here_too(
     make_server: Callable[..., SyncServer], serve: Callable[[Any], LiveServer]
 ) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from hospital.models import appointment, doctor, hospital, specialty
+from hospital.units import appointment_columns, appointment_joins, my_hospital, summary
 from hospital.units import appointments as appointments_stream
-from hospital.units import my_hospital, summary
 
 from syncunit.errors import DeclarationError
 from syncunit.protocol import Mutation
@@ -181,3 +181,60 @@ def test_a_pushed_row_must_reference_existing_rows(server, live, store):
     assert result.code == "constraint"
     assert "foreign key" in result.reason.lower()  # SQLite's and PostgreSQL's words
     assert db_state(store.engine)["appointment"] == before
+
+
+def hooked_schema() -> SyncSchema:
+    """Appointments guarded by an ``authorize`` hook that refuses a suspended principal,
+    pulled and pushed by "Online" and pushed alone by "Send"."""
+    guarded = Stream(
+        "appointments",
+        appointment,
+        appointment_columns,
+        joins=appointment_joins,
+        where=doctor.c.hospital_id == my_hospital,
+        local_table="LocalAppointment",
+        authorize=lambda principal, params: not principal.params.get("suspended"),
+    )
+    return SyncSchema(
+        [
+            SyncUnit("Online", [guarded], direction="both"),
+            SyncUnit("Send", [guarded], direction="push"),
+        ]
+    )
+
+
+@pytest.mark.parametrize("unit", ["Send", "Online"])
+def test_a_stream_s_authorize_hook_guards_its_writes_through_every_unit(
+    make_server, serve, store, unit
+):
+    from hospital.generate import generate
+
+    from syncunit.server import Principal, TokenAuth
+
+    server = make_server(hooked_schema())
+    server.authenticate = TokenAuth(
+        {
+            "ok": Principal("ok", {"hospital_id": 1}),
+            "suspended": Principal("sus", {"hospital_id": 1, "suspended": True}),
+        }
+    )
+    generate(store.engine, appointments=40, hospitals=2, doctors=6, patients=20)
+    live = serve(server.app)
+    own = appointments_of(store, 1)[0]
+    before = db_state(store.engine)
+
+    r = post_sync(
+        live.url, unit, token="suspended", client_id="sus-1",
+        mutations=[_mutation(1, "LocalAppointment", own, notes="while suspended")],
+    )  # fmt: skip
+
+    assert r.status_code == 403, r.text
+    assert r.json()["code"] == "forbidden"
+    assert "appointments" in r.json()["detail"]
+    assert db_state(store.engine) == before
+    # The same push of a principal the hook lets in is applied.
+    r = post_sync(
+        live.url, unit, token="ok", client_id="ok-1",
+        mutations=[_mutation(1, "LocalAppointment", own, notes="allowed")],
+    )  # fmt: skip
+    assert [x.status for x in push_results(r).results] == ["applied"]

@@ -81,7 +81,9 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-#: ``authorize(principal, params)``: False refuses the request with a 403 problem.
+#: ``authorize(principal, params)``: False refuses the request with a 403 problem: a pull
+#: of the stream (``params``: its client parameters), or a push through any unit that
+#: pushes it (``params`` empty).
 Authorize = Callable[[Any, Mapping[str, Any]], bool]
 
 

@@ -91,11 +91,25 @@ def authorize_stream(principal: Principal, stream: Stream, params: Mapping[str, 
             f"stream {stream.name!r} filters on {', '.join(missing)}, which"
             f" principal {principal.id!r} does not have",
         )
-    if stream.authorize is not None and not stream.authorize(principal, dict(params)):
+    check_hook(principal, stream, params)
+
+
+def check_hook(
+    principal: Principal, stream: Stream, params: Mapping[str, Any], *, writing: bool = False
+) -> None:
+    """Raise a 403 problem unless the stream's ``authorize`` hook lets ``principal`` use
+    it with ``params``: read it, or push to it (``writing``, with no client parameters:
+    a pushing unit has none)."""
+    if stream.authorize is None or stream.authorize(principal, dict(params)):
+        return
+    if writing:
         raise ProblemException(
-            "forbidden",
-            f"principal {principal.id!r} may not read stream {stream.name!r} with {dict(params)!r}",
+            "forbidden", f"principal {principal.id!r} may not write to stream {stream.name!r}"
         )
+    raise ProblemException(
+        "forbidden",
+        f"principal {principal.id!r} may not read stream {stream.name!r} with {dict(params)!r}",
+    )
 
 
 def bearer_token(request: Request) -> str | None:

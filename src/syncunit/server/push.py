@@ -13,7 +13,8 @@ do not come (an earlier one was lost).
 
 Write authorization is checked here, where every entry point of a push passes
 (the HTTP app today, other front ends later): the principal must be allowed the
-unit, the unit must push the mutation's table, and the stream must be writable.
+unit, the unit must push the mutation's table, the stream must be writable, and
+the ``authorize`` hook of each stream the unit pushes must allow the principal.
 
 Each mutation runs in a savepoint (``mutation.py``, whose methods
 ``PushApplier`` takes in as a mixin), and its result is ``applied``,
@@ -37,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from syncunit.protocol import Answered, Mutation, MutationResult, PushResults, SyncRequest
-from syncunit.server.auth import Principal, authorize_unit
+from syncunit.server.auth import Principal, authorize_unit, check_hook
 from syncunit.server.batch import (
     BATCH_MAX,
     BATCH_MIN,
@@ -127,7 +128,9 @@ class PushApplier(MutationWrites):
         self._applying: dict[str, int] = {}  # per client id: its pushes being applied now
 
     def authorize(self, principal: Principal, unit: SyncUnit) -> None:
-        """Refuse (``ProblemException``) a push the principal may not make through ``unit``."""
+        """Refuse (``ProblemException``) a push the principal may not make through ``unit``:
+        a unit it may not run, a write parameter it lacks, or a pushed stream whose
+        ``authorize`` hook says no (403, as a pull of the stream is refused)."""
         authorize_unit(principal, unit)
         if not unit.pushes or self.schema.units.get(unit.name) is not unit:
             raise ProblemException(
@@ -142,6 +145,8 @@ class PushApplier(MutationWrites):
                     f"stream {stream.name!r} checks writes on {', '.join(missing)}, which"
                     f" principal {principal.id!r} does not have",
                 )
+            # The hook that guards a pull guards a write too, whichever way the unit goes.
+            check_hook(principal, stream, {}, writing=True)
 
     def apply(
         self, principal: Principal, req: SyncRequest, unit: SyncUnit, *, checked: bool = False
