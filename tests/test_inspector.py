@@ -25,6 +25,7 @@ from syncunit.client import SyncClient
 from syncunit.protocol import Chunk, End, Frame, SyncRequest
 from syncunit.server import Principal, SyncServer
 from syncunit.server.inspector import SyncLog
+from syncunit.server.limits import Limits
 from syncunit.server.store import ServerStore
 from tests.conftest import SIZE, PlainSQL
 from tests.filelock import held
@@ -174,6 +175,27 @@ def test_conflicts_and_rejections_are_listed_with_what_was_refused(
     second.outbox.retry(change.id, moved)
     assert second.sync("SendAppointments").applied == 1
     assert overview(ops_live).json()["problems"] == []
+
+
+def test_a_response_the_servers_budget_ended_is_not_a_failure(
+    store: ServerStore, serve: Callable[[Any], LiveServer], tmp_path: Path
+) -> None:
+    """A first copy split by the server's response budget (``End(complete=false)``, the
+    client continues at once) is recorded as ``more``, as metrics count it, not ``cut``."""
+    srv = SyncServer(
+        schema, store, authenticate=admin_or_staff(store), limits=Limits(response_chunks=3)
+    )
+    generate(store.engine, **SIZE)
+    live = serve(srv.app)
+    with SyncClient(live.url, tmp_path / "d.sqlite", token="token-h1", chunk_size=16) as c:
+        assert c.sync("Login").requests > 2
+    outcomes = [r.outcome for r in srv.sync_log.recent()]
+    assert set(outcomes[:-1]) == {"more"}, outcomes
+    assert outcomes[-1] == "ok"
+    data = overview(live).json()
+    assert (_total(data, "ok"), _total(data, "failed")) == (len(outcomes), 0)
+    [unit] = data["devices"][0]["units"]
+    assert unit["outcome"] == "ok"
 
 
 # -- the log on its own ---------------------------------------------------------------------

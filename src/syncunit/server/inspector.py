@@ -53,6 +53,7 @@ from syncunit.server.auth import Principal
 from syncunit.server.cursor import decode_cursor
 from syncunit.server.problems import ProblemException
 from syncunit.server.store import ServerStore, clients
+from syncunit.server.streaming import ENDING
 from syncunit.units import SyncUnit
 
 __all__ = ["Inspector", "PushProblem", "SyncLog", "SyncRecord"]
@@ -69,7 +70,8 @@ class SyncRecord:
     client_id: str
     principal: str
     unit: str
-    #: ``ok`` (the last frame went out), ``failed`` (a failure frame or an error),
+    #: ``ok`` (the last frame went out), ``more`` (the server's response budget ended
+    #: it; the client continues at once), ``failed`` (a failure frame or an error),
     #: or ``cut`` (the client went away before the end)
     outcome: str
     seconds: float
@@ -140,7 +142,9 @@ class SyncLog:
                     outcome = "failed"
                 yield frame
         except GeneratorExit:
-            outcome = "cut"
+            # Closed early: by the server's budget (the client continues), or because
+            # the client went away.
+            outcome = ENDING.get() or "cut"
             raise
         finally:
             try:
@@ -376,7 +380,7 @@ class Inspector:
             i = int((rec.at - start) // width)
             if not 0 <= i < self.buckets:
                 continue
-            if rec.outcome != "ok":
+            if rec.outcome not in ("ok", "more"):
                 counts[i]["failed"] += 1
             elif rec.conflicts or rec.rejected:
                 counts[i]["problems"] += 1

@@ -52,7 +52,12 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("syncunit.server")
 
-__all__ = ["FramePump", "FrameResponse", "compressor_for"]
+__all__ = ["ENDING", "FramePump", "FrameResponse", "compressor_for"]
+
+#: Set on the worker thread while the pump closes a response's frames because the
+#: server's budget ended the response (``"more"``), so that an observer seeing its
+#: frames closed (``GeneratorExit``) tells that end from a client gone.
+ENDING: contextvars.ContextVar[str] = contextvars.ContextVar("syncunit_ending", default="")
 
 AHEAD = 4  # encoded pieces waiting between the worker and the event loop
 _DONE = object()
@@ -184,6 +189,7 @@ class FramePump:
                 ):
                     self.cut = "budget"
                     outcome = "more"
+                    ENDING.set(outcome)  # in this worker's own context
                     break
             outcome = outcome or ("ok" if ended else "cut")
         except Exception as exc:
