@@ -15,9 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from hospital.generate import generate
 
 from syncunit.client import live as client_live
 from syncunit.protocol import PROBLEM, content_type
+from tests.conftest import SIZE
 from tests.support import LiveServer, final_cursors, local_keys, raw_sync, sync_body
 from tests.test_scheduler import Events, booking, wait_until
 
@@ -354,3 +356,36 @@ def test_endpoint_problems(live, unit, token, wait, status, code):
     assert r.status_code == status
     assert r.headers["content-type"] == PROBLEM
     assert r.json()["code"] == code
+
+
+def test_one_principal_cannot_take_every_long_poll(make_server, serve, store, plain_sql):
+    """Long-polls waiting are bounded per principal too: one principal (a stolen token)
+    filling its share is told to retry later, and other principals still wait."""
+    server = make_server(max_live_waiters=6, live_waiters_per_principal=2)
+    generate(store.engine, **SIZE)
+    live = serve(server.app)
+    mine = _up_to_date_body(live.url)
+    theirs = sync_body(cursors=final_cursors(raw_sync(live.url, "Login", token="token-h2")))
+    answers: list[httpx.Response] = []
+    polls = [
+        threading.Thread(target=lambda: answers.append(_live(live.url, "Login", mine, wait=30)))
+        for _ in range(2)
+    ]
+    for poll in polls:
+        poll.start()
+    try:
+        wait_until(lambda: server.monitor.waiters == 2)
+        over = _live(live.url, "Login", mine, wait=30)
+        assert over.status_code == 503
+        assert over.json()["code"] == "busy"
+        assert "this principal" in over.json()["detail"]
+        assert int(over.headers["Retry-After"]) >= 1
+        other = _live(live.url, "Login", theirs, token="token-h2", wait=0.2)  # another principal
+        assert other.status_code == 200, other.text
+        assert other.json() == {"unit": "Login", "changed": False}
+    finally:
+        insert_appointment(plain_sql, doctor_id=1)  # hospital 1's polls answer now
+        for poll in polls:
+            poll.join(30)
+    assert [a.json()["changed"] for a in answers] == [True, True]
+    assert _live(live.url, "Login", mine, wait=0).status_code == 200  # its waits are back

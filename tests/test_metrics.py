@@ -7,6 +7,8 @@ the watermark and the tombstones; one registry per server.
 
 from __future__ import annotations
 
+import gzip
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -17,8 +19,11 @@ import pytest
 from hospital.generate import generate
 from hospital.units import schema
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event
 
 from syncunit.client import SyncClient
+from syncunit.errors import ProblemError
+from syncunit.protocol import content_type
 from syncunit.server import SyncServer
 from syncunit.server.store import ServerStore
 from tests.conftest import SIZE, PlainSQL
@@ -172,3 +177,70 @@ def test_each_server_counts_its_own(store: ServerStore, serve, tmp_path):
         c.sync("Splash")
     assert value(samples(live_one), "syncunit_syncs_total", unit="Splash", outcome="ok") == 1
     assert value(samples(live_two), "syncunit_syncs_total", unit="Splash", outcome="ok") == 0
+
+
+def test_a_server_failure_is_counted_as_internal(ops, monkeypatch):
+    srv, live = ops
+
+    def broken() -> None:
+        raise RuntimeError("a bug in the server")
+
+    monkeypatch.setattr(srv, "_maybe_prune", broken)
+    r = httpx.post(
+        f"{live.url}/v1/sync/Login",
+        content=sync_body(),
+        headers={"Authorization": "Bearer token-h1", "Content-Type": content_type("msgpack")},
+        timeout=10,
+    )
+    assert r.status_code == 500
+    assert r.json()["code"] == "internal"
+    assert value(samples(live), "syncunit_refused_requests_total", code="internal") == 1
+
+
+def test_a_locked_sqlite_database_is_a_503_the_device_retries(ops, backend, tmp_path):
+    """A back-office writer holding SQLite's write lock past the busy timeout: the push
+    is answered 503 with Retry-After (not a 500), counted, and goes through later."""
+    if backend != "sqlite":
+        pytest.skip("SQLite's write lock")
+    srv, live = ops
+    engine = srv.store.engine
+    event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA busy_timeout = 100"))
+    engine.dispose()  # connections from now on give up after 0.1 s
+    with SyncClient(live.url, tmp_path / "d.sqlite", token="token-h1", chunk_size=500) as c:
+        c.sync("Login")
+        [(key,)] = c.store.conn.execute("SELECT id FROM LocalAppointment LIMIT 1").fetchall()
+        c.update("LocalAppointment", key, {"notes": "seen"})
+        office = sqlite3.connect(engine.url.database, isolation_level=None)
+        office.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(ProblemError) as refused:
+                c.sync("SendAppointments")
+        finally:
+            office.execute("ROLLBACK")
+            office.close()
+        assert refused.value.status == 503
+        assert refused.value.code == "database-unavailable"
+        assert refused.value.retryable
+        assert c.sync("SendAppointments").applied == 1  # nothing lost: sent again
+    data = samples(live)
+    assert value(data, "syncunit_refused_requests_total", code="database-unavailable") == 1
+    assert value(data, "syncunit_refused_requests_total", code="internal") == 0
+
+
+def test_request_bytes_are_counted_as_they_travelled(ops):
+    _, live = ops
+    raw = sync_body(encoding="json")
+    raw = raw[:-1] + b" " * 100_000 + b"}"  # JSON whitespace: the same request, larger
+    packed = gzip.compress(raw)
+    r = httpx.post(
+        f"{live.url}/v1/sync/Login",
+        content=packed,
+        headers={
+            "Authorization": "Bearer token-h1",
+            "Content-Type": content_type("json"),
+            "Content-Encoding": "gzip",
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert value(samples(live), "syncunit_request_bytes_total", unit="Login") == len(packed)

@@ -29,7 +29,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -80,8 +80,10 @@ from syncunit.server.logs import (
 )
 from syncunit.server.metrics import ServerMetrics, SyncTally
 from syncunit.server.problems import (
+    DATABASE_LOCKED,
     DATABASE_LOST,
     ProblemException,
+    database_locked,
     database_lost,
     first_line,
     problem_response,
@@ -116,6 +118,7 @@ class SyncServer(SyncAnswer):
         max_body_bytes: int | None = None,
         max_mutations: int | None = None,
         max_live_waiters: int = 1000,
+        live_waiters_per_principal: int | None = None,
         max_live_wait: float = 60.0,
         tombstone_retention: dt.timedelta | None = dt.timedelta(days=30),
         prune_every: float = 3600.0,
@@ -161,6 +164,12 @@ class SyncServer(SyncAnswer):
         self._pruned_at = -float("inf")
         self._pruning = threading.Lock()
         self.max_live_waiters = max_live_waiters
+        #: Long-polls waiting at once, in total and per principal (default: a tenth of
+        #: the total): one principal's devices, or a stolen token, cannot take them all.
+        self.live_waits = SyncSlots(
+            max_live_waiters,
+            live_waiters_per_principal or max(1, max_live_waiters // 10),
+        )
         self.max_live_wait = max_live_wait
         self._cursor_key = cursor_secret
         self.accept_unsigned_cursors = accept_unsigned_cursors
@@ -201,7 +210,7 @@ class SyncServer(SyncAnswer):
                 HTTPException: self._on_no_route,
                 sa.exc.DBAPIError: self._on_database_error,
                 ClientDisconnect: _on_disconnect,
-                Exception: _on_error,
+                Exception: self._on_error,
             },
         )
 
@@ -312,8 +321,8 @@ class SyncServer(SyncAnswer):
                 "unsupported-media-type",
                 f"Content-Type must be {content_type('msgpack')} or {content_type('json')}",
             )
-        body = await read_body(request.stream(), request.headers, self.limits)
-        ctx.bytes_in = len(body)
+        # Counted as they arrive (compressed, if the client compressed them).
+        body = await read_body(_counted(request.stream(), ctx), request.headers, self.limits)
         if not body:
             raise ProblemException("malformed-request", "the request body is empty")
         req, checked = decode_checked(body, encoding, self.limits)
@@ -433,8 +442,25 @@ class SyncServer(SyncAnswer):
         if not math.isfinite(wait):
             raise ProblemException("invalid-request", "wait must be a number of seconds")
         wait = min(max(wait, 0.0), self.max_live_wait)
-        if self.monitor.waiters >= self.max_live_waiters:
-            raise ProblemException("busy", f"{self.monitor.waiters} clients are waiting")
+        waiting = self.live_waits.try_acquire(principal.id)
+        if not isinstance(waiting, Slot):
+            who = "this principal" if waiting == "principal" else "the server"
+            limit = (
+                self.live_waits.per_principal if waiting == "principal" else self.live_waits.total
+            )
+            raise ProblemException(
+                "busy", f"{who} already has {limit} long-polls waiting; retry in 5 s",
+                headers={"Retry-After": "5"},
+            )  # fmt: skip
+        try:
+            return await self._wait_live(unit, principal, req, wait)
+        finally:
+            waiting.release()
+
+    async def _wait_live(
+        self, unit: SyncUnit, principal: Principal, req: SyncRequest, wait: float
+    ) -> Response:
+        """Answer when ``unit`` has changes in scope for ``req``, or after ``wait`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         seen = await anyio.to_thread.run_sync(self.store.current_version)
@@ -596,13 +622,24 @@ class SyncServer(SyncAnswer):
     async def _on_database_error(self, request: Request, exc: Exception) -> Response:
         """A connection the database ended (a restart, a failover) is not a bug: one
         line in the log and a 503 the device retries; any other database error is."""
-        if not database_lost(exc):
-            return await _on_error(request, exc)
+        lost = database_lost(exc)
+        if not lost and not database_locked(exc):
+            return await self._on_error(request, exc)
         path = request.url.path
         self.metrics.refused.labels("database-unavailable").inc()
-        log.error("%s %s failed: its database connection ended: %s", request.method, path,
-                  first_line(exc))  # fmt: skip
-        return problem_response("database-unavailable", DATABASE_LOST, {"Retry-After": "1"})
+        why = "its database connection ended" if lost else "the database stayed locked"
+        log.error("%s %s failed: %s: %s", request.method, path, why, first_line(exc))
+        detail = DATABASE_LOST if lost else DATABASE_LOCKED
+        return problem_response("database-unavailable", detail, {"Retry-After": "1"})
+
+    async def _on_error(self, request: Request, exc: Exception) -> Response:
+        """A failure of the server's own: a traceback in the log, counted as ``internal``."""
+        # It runs after the request's context is gone: its fields come from the scope.
+        ctx = request.scope.get(SCOPE_KEY)
+        extra = ctx.fields() if isinstance(ctx, RequestContext) else {}
+        self.metrics.refused.labels("internal").inc()
+        log.exception("sync request failed", exc_info=exc, extra=extra)
+        return problem_response("internal", "see the server log")
 
     async def _on_malformed(self, request: Request, exc: Exception) -> Response:
         detail = str(exc)
@@ -663,9 +700,8 @@ async def _on_disconnect(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
 
-async def _on_error(request: Request, exc: Exception) -> Response:
-    # It runs after the request's context is gone: its fields come from the scope.
-    ctx = request.scope.get(SCOPE_KEY)
-    extra = ctx.fields() if isinstance(ctx, RequestContext) else {}
-    log.exception("sync request failed", exc_info=exc, extra=extra)
-    return problem_response("internal", "see the server log")
+async def _counted(stream: AsyncIterator[bytes], ctx: RequestContext) -> AsyncIterator[bytes]:
+    """``stream``, adding the bytes of each part to ``ctx.bytes_in`` as it arrives."""
+    async for part in stream:
+        ctx.bytes_in += len(part)
+        yield part

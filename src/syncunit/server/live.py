@@ -5,7 +5,8 @@ cursors) and answers ``{"unit": ..., "changed": true}`` as soon as one of the
 unit's streams has changes in the principal's scope, or ``"changed": false``
 when the wait is over. One monitor per server polls the database's version
 (a single cheap query) while anyone waits; the per-client scope check runs only
-when that version moved. Waits are capped in time and number.
+when that version moved. Waits are capped in time, and in number in total and per
+principal.
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ Counted as requests go (labels: the unit's name, never a device or a principal):
 * ``syncunit_rows_sent_total{unit, kind}`` (``upsert``, ``remove``),
   ``syncunit_mutations_received_total{unit}``,
   ``syncunit_request_bytes_total{unit}``, ``syncunit_response_bytes_total{unit}``
-  (as encoded, after compression);
+  (as they travelled: compressed, when the body was);
 * ``syncunit_push_results_total{unit, status}`` (``applied``, ``conflict``, ``rejected``);
 * ``syncunit_sync_duration_seconds{unit}`` (request to last frame) and
   ``syncunit_push_duration_seconds{unit}`` histograms;
-* ``syncunit_refused_requests_total{code}``: problem responses by code.
+* ``syncunit_refused_requests_total{code}``: problem responses by code: refusals,
+  and failures before a response began (``internal``, ``database-unavailable``).
 
 Read when scraped: ``syncunit_live_waiters`` (long-polls waiting),
 ``syncunit_syncs_running``, ``syncunit_watermark`` and the watermark's lag
@@ -132,7 +133,7 @@ class ServerMetrics:
             ["unit"], buckets=DURATION_BUCKETS, registry=r,
         )  # fmt: skip
         self.refused = Counter(
-            "syncunit_refused_requests", "Requests refused with a problem response", ["code"],
+            "syncunit_refused_requests", "Requests answered with a problem response", ["code"],
             registry=r,
         )  # fmt: skip
         r.register(_StateCollector(store, monitor, slots))

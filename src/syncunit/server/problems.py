@@ -8,6 +8,7 @@ traces. Per-mutation problems travel in push results, not as HTTP errors.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -74,6 +75,22 @@ def database_lost(exc: BaseException) -> bool:
     """Whether ``exc`` is the database ending a connection (SQLAlchemy invalidated it):
     a ``database-unavailable`` problem, not a failure of the server's code."""
     return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+#: What a device is told when the database stayed locked (SQLite: another process held
+#: the write lock past the busy timeout).
+DATABASE_LOCKED = "the server's database is locked by another writer; retry shortly"
+
+
+def database_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (another connection held the
+    write lock past the busy timeout): a ``database-unavailable`` problem, retried."""
+    orig = getattr(exc, "orig", None)
+    return (
+        isinstance(exc, sa.exc.OperationalError)
+        and isinstance(orig, sqlite3.OperationalError)
+        and str(orig).startswith("database is locked")
+    )
 
 
 def first_line(exc: BaseException) -> str:
