@@ -37,7 +37,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.errors import DatabaseRestored
 from syncunit.server.migrations import TRUNCATED_PREFIX, TableTracking
-from syncunit.server.store import ServerStore, WatermarkLag, tombstones
+from syncunit.server.store import ServerStore, WatermarkLag, check_keep_versions, tombstones
 from syncunit.units import (
     CREATED_AT,
     CREATED_STAMP,
@@ -492,6 +492,7 @@ class PostgresStore(ServerStore):
     # -- pruning ---------------------------------------------------------------------
 
     def prune_tombstones(self, keep_versions: int) -> int:
+        check_keep_versions(keep_versions)
         return self._prune(max(0, self.current_version() - keep_versions))
 
     def prune_tombstones_before(self, cutoff: dt.datetime) -> int:

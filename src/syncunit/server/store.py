@@ -113,6 +113,16 @@ class WatermarkLag:
     holder: str | None
 
 
+def check_keep_versions(keep_versions: int) -> None:
+    """Refuse a negative count of versions to keep: it would move the tombstone horizon
+    past the current version, and every client would re-download every delta stream."""
+    if keep_versions < 0:
+        raise ValueError(
+            f"keep_versions must be 0 or more, not {keep_versions}: it counts the newest"
+            " versions whose tombstones are kept (0 drops them all)"
+        )
+
+
 class ServerStore(abc.ABC):
     """Database-specific parts of the server. Subclass once per database."""
 
@@ -468,8 +478,10 @@ class ServerStore(abc.ABC):
         """Delete tombstones older than the newest ``keep_versions`` versions.
 
         Returns the new horizon. Clients whose cursor is older than the horizon
-        get a reset (a clean re-download) of the affected streams.
+        get a reset (a clean re-download) of the affected streams. A negative
+        ``keep_versions`` is a ``ValueError``, and nothing is pruned.
         """
+        check_keep_versions(keep_versions)
         with self.write() as conn:
             return self._prune_to(conn, max(0, self.watermark(conn) - keep_versions))
 
