@@ -11,8 +11,8 @@
     syncunit bench                           the benchmarks (from a checkout)
 
 TARGET is ``module:attribute`` naming a ``SyncServer``, a function
-``build(database_url, **options) -> SyncServer``, or a ``SyncSchema`` (then
-``--tokens FILE`` gives the bearer tokens).
+``build(database_url, **options) -> SyncServer``, or a ``SyncSchema`` (``serve``
+then needs ``--tokens FILE`` for the bearer tokens; the other commands sign no one in).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from syncunit.errors import ProblemError, SyncUnitError
+
+#: ``serve --header-timeout``'s default (kept here: the client-only install has no uvicorn).
+HEADER_TIMEOUT_S = 15.0
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,9 +64,16 @@ def _from_checkout(folder: str, module: str) -> Any:
 
 
 def load_server(
-    target: str, database: str, *, app_dir: str, tokens: str | None, **options: Any
+    target: str,
+    database: str,
+    *,
+    app_dir: str,
+    tokens: str | None,
+    serving: bool = True,
+    **options: Any,
 ) -> Any:
-    """Resolve TARGET into a ``SyncServer``."""
+    """Resolve TARGET into a ``SyncServer``; a ``SyncSchema`` needs ``tokens`` only when
+    ``serving`` (the maintenance commands sign no one in)."""
     from syncunit.server import Principal, SyncServer, TokenAuth
     from syncunit.units import SyncSchema
 
@@ -79,9 +89,9 @@ def load_server(
     if isinstance(obj, SyncServer):
         return obj
     if isinstance(obj, SyncSchema):
-        if tokens is None:
+        if tokens is None and serving:
             raise SystemExit("error: serving a SyncSchema needs --tokens FILE")
-        raw = json.loads(Path(tokens).read_text())
+        raw = json.loads(Path(tokens).read_text()) if tokens is not None else {}
         auth = TokenAuth(
             {
                 t: Principal(p["id"], p.get("params", {}), admin=bool(p.get("admin", False)))
@@ -104,11 +114,15 @@ _WORKER_ENV = "SYNCUNIT_SERVE"
 #: (60 s for AWS's, 75 s for nginx's by default), and asks the same of its backends.
 KEEP_ALIVE_S = 75
 
+#: ``serve --log-level`` choices: Python's logging levels, which uvicorn's follow.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from syncunit.server.logs import configure_logging
 
     configure_logging(args.log_format, args.log_level.upper())
+    timeouts = {"keep_alive": args.keep_alive, "header_timeout": args.header_timeout}
     config = {
         "target": args.target, "database": args.database, "app_dir": args.app_dir,
         "tokens": args.tokens, "chunk_size": args.chunk_size,
@@ -122,12 +136,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Each worker process imports the app itself (uvicorn needs an import string).
         os.environ[_WORKER_ENV] = json.dumps(config)
         run_app(
-            "syncunit.cli:worker_app", keep_alive=args.keep_alive, factory=True,
+            "syncunit.cli:worker_app", **timeouts, factory=True,
             workers=args.workers, host=args.host, port=args.port, **logs,
         )  # fmt: skip
         return 0
     server = _server_from(config)
-    run_app(server.app, keep_alive=args.keep_alive, host=args.host, port=args.port, **logs)
+    run_app(server.app, **timeouts, host=args.host, port=args.port, **logs)
     return 0
 
 
@@ -143,10 +157,18 @@ def uvicorn_to_root() -> dict[str, Any]:
     }
 
 
-def run_app(app: Any, *, keep_alive: int = KEEP_ALIVE_S, **options: Any) -> None:
+def run_app(
+    app: Any,
+    *,
+    keep_alive: int = KEEP_ALIVE_S,
+    header_timeout: float = HEADER_TIMEOUT_S,
+    **options: Any,
+) -> None:
     """Run a server's ASGI ``app`` with uvicorn as ``syncunit serve`` does: its heap
     frozen once it has started (``FreezeOnStartup``), idle connections kept
-    ``keep_alive`` seconds; ``options`` go to ``uvicorn.run``.
+    ``keep_alive`` seconds, a connection closed when its request headers are not
+    complete ``header_timeout`` seconds after it opened (or after its first byte
+    following a response); ``options`` go to ``uvicorn.run``.
 
     ``app`` may be an import string (with ``factory=True``, the name of a function
     returning the app, as ``--workers`` needs): what it names freezes its own heap
@@ -154,10 +176,12 @@ def run_app(app: Any, *, keep_alive: int = KEEP_ALIVE_S, **options: Any) -> None
     """
     import uvicorn
 
+    from syncunit.server.header_timeout import header_timeout_protocol
     from syncunit.server.heap import FreezeOnStartup
 
     target = app if isinstance(app, str) else FreezeOnStartup(app)
-    uvicorn.run(target, timeout_keep_alive=keep_alive, **options)
+    http = header_timeout_protocol(header_timeout)
+    uvicorn.run(target, timeout_keep_alive=keep_alive, http=http, **options)
 
 
 def _server_from(config: dict[str, Any]) -> Any:
@@ -185,10 +209,40 @@ def worker_app() -> Any:
     return FreezeOnStartup(_server_from(config).app)
 
 
+def open_maintained(args: argparse.Namespace, *, tracked: bool = True, **options: Any) -> Any:
+    """The server of a maintenance command (``ddl``, ``lag``, ``prune``, ``renew-epoch``),
+    on a database that exists and, when ``tracked``, has syncunit's tracking installed:
+    a mistyped SQLite path is an error, not a new empty file."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(args.database)
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(url.database)
+        if not path.exists():
+            raise SyncUnitError(
+                f"no database at {path.resolve()} ({shown}): check the path;"
+                " 'syncunit serve' creates a new database, this command does not"
+            )
+    try:
+        if tracked:
+            with sa.create_engine(url).connect() as conn:
+                installed = sa.inspect(conn).has_table("syncunit_meta")
+            if not installed:
+                raise SyncUnitError(
+                    f"the database {shown} has no syncunit tracking installed: check the URL,"
+                    " or install it first ('syncunit serve' does, or apply 'syncunit ddl')"
+                )
+        return load_server(
+            args.target, args.database, app_dir=args.app_dir, tokens=None, serving=False,
+            **options,
+        )  # fmt: skip
+    except sa.exc.OperationalError as exc:
+        raise SyncUnitError(f"cannot use the database {shown}: {exc.orig}") from exc
+
+
 def cmd_lag(args: argparse.Namespace) -> int:
-    server = load_server(
-        args.target, args.database, app_dir=args.app_dir, tokens=None, install=False
-    )
+    server = open_maintained(args, install=False)
     lag = server.store.watermark_lag()
     if lag is None:
         print("no lag: this database serializes its writers")
@@ -201,20 +255,22 @@ def cmd_lag(args: argparse.Namespace) -> int:
 
 
 def cmd_ddl(args: argparse.Namespace) -> int:
-    server = load_server(
-        args.target, args.database, app_dir=args.app_dir, tokens=None, install=False
-    )
+    server = open_maintained(args, tracked=False, install=False)
     store, schema = server.store, server.schema
-    for stmt in [
-        *store.tracking_ddl(schema, existing=not args.fresh),
-        *store.scope_index_ddl(schema),
-    ]:
+    try:
+        statements = [
+            *store.tracking_ddl(schema, existing=not args.fresh),
+            *store.scope_index_ddl(schema),
+        ]
+    except ValueError as exc:  # e.g. a tracked table missing from this database
+        raise SyncUnitError(f"{exc} (is --database the application's database?)") from exc
+    for stmt in statements:
         print(stmt.rstrip(";") + ";")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    server = load_server(args.target, args.database, app_dir=args.app_dir, tokens=None)
+    server = open_maintained(args)
     horizon = server.store.prune_tombstones(args.keep)
     print(f"tombstones at or below version {horizon} removed")
     return 0
@@ -222,11 +278,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_renew_epoch(args: argparse.Namespace) -> int:
     # Without installing: a restored database refuses to be served until this has run.
-    server = load_server(
-        args.target, args.database, app_dir=args.app_dir, tokens=None, install=False
-    )
+    server = open_maintained(args, install=False)
     print(f"new epoch {server.store.renew_epoch()}: every client re-downloads on its next sync")
     return 0
+
+
+def _versions(raw: str) -> int:
+    """``--keep``: a count of versions, zero or more."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{value} is negative: keep N >= 0 versions (0 drops every tombstone)"
+        )
+    return value
+
+
+def _seconds(raw: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {raw!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{raw} is not a positive number of seconds")
+    return value
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -329,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--chunk-size", type=int, help="rows per chunk (default 2000)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
+        help="the least severe log lines shown (default info)",
+    )  # fmt: skip
     p.add_argument(
         "--log-format", choices=["text", "json"], default="text",
         help="log lines as text or one JSON object each, uvicorn's too (default text)",
@@ -351,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-alive", type=int, default=KEEP_ALIVE_S, metavar="SECONDS",
         help="how long an idle connection stays open; longer than the clients' and any"
         f" proxy's in front keep theirs (default {KEEP_ALIVE_S})",
+    )  # fmt: skip
+    p.add_argument(
+        "--header-timeout", type=_seconds, default=HEADER_TIMEOUT_S, metavar="SECONDS",
+        help="close a connection whose request headers are not complete this long after it"
+        " opened, or after its first byte following a response: half-sent requests"
+        f" cannot hold connections (default {HEADER_TIMEOUT_S:g})",
     )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
@@ -376,7 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="drop old tombstones", description="Drop old tombstones.")
     server_args(p)
-    p.add_argument("--keep", type=int, required=True, help="keep the newest N versions")
+    p.add_argument(
+        "--keep", type=_versions, required=True, metavar="N",
+        help="keep the tombstones of the newest N versions (N >= 0)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser(
