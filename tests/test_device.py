@@ -29,7 +29,7 @@ from syncunit.server import SyncServer, TokenAuth
 from syncunit.server.store import ServerStore
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import local_keys
-from tests.test_push_support import NOTE_COLUMNS, TOKENS, local_notes
+from tests.test_push_support import NOTE_COLUMNS, TOKENS, FaultTransport, local_notes
 
 DUMP = Path(__file__).parent / "data" / "device-0.1.0.sql"
 
@@ -278,6 +278,109 @@ def test_an_edit_of_a_table_no_longer_pushed_is_surfaced_with_its_values(notes_a
         app.backoffice("UPDATE note SET body = 'b1' WHERE id = 's1'")
         device.sync("Pull")
         assert [r.attempted for r in device.outbox.rejected()] == [{"title": "my local edit"}]
+    finally:
+        server.store.engine.dispose()
+
+
+def test_a_change_in_flight_when_no_unit_takes_changes_any_more_is_surfaced(notes_app):
+    app = notes_app()
+    app.add("s1", title="server title")
+    device = app.client()
+    device.sync("Sync")
+    device.update("LocalNote", "s1", {"title": "sent, answer lost"})
+    catalog = device.store.catalog()
+    assert catalog is not None
+    device.outbox.prepare(catalog.streams, 10)  # numbered: in flight, its answer unknown
+    device.insert("LocalNote", {"id": "k", "owner": "u1", "title": "not sent"})
+    old_id = device.client_id
+    server = _serve(app, _notes(app, {c: c for c in NOTE_COLUMNS}), pushes=False)
+    try:
+        device.sync("Pull")
+
+        assert device.outbox.pending() == []
+        got = {r.key: r for r in device.outbox.rejected()}
+        assert set(got) == {"s1", "k"}
+        assert (got["s1"].code, got["s1"].op) == ("schema-changed", "update")
+        assert got["s1"].attempted == {"title": "sent, answer lost"}
+        assert "may have applied it" in got["s1"].reason
+        assert got["k"].code == "schema-changed"
+        # Its number is answered by nobody: the device numbers afresh, under a new id.
+        assert device.client_id != old_id
+    finally:
+        server.store.engine.dispose()
+    # The table is pushed again: a new change is not held behind the surfaced one.
+    app.live.app = app.server.app
+    device.sync("Pull")  # the catalog: the table is pushed again
+    device.update("LocalNote", "s1", {"title": "after"})
+    assert device.sync("Sync").applied == 1
+    assert (app.row("s1") or {})["title"] == "after"
+
+
+def _other_table_pushed(app: Any) -> SyncServer:
+    """Serve notes pull-only, and a unit ``Other`` that pushes another table."""
+    meta = sa.MetaData()
+    other = sa.Table(
+        "other",
+        meta,
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20)),
+    )
+    meta.create_all(app.server.store.engine)
+    notes = _notes(app, {c: c for c in NOTE_COLUMNS})
+    others = Stream(
+        "others",
+        other,
+        {c: other.c[c] for c in ("id", "owner")},
+        where=other.c.owner == sa.bindparam("owner"),
+        local_table="LocalOther",
+    )
+    schema = SyncSchema([SyncUnit("Pull", [notes]), SyncUnit("Other", [others], direction="both")])
+    server = SyncServer(schema, app.database, authenticate=TokenAuth(TOKENS), install=False)
+    server.store.install(schema)
+    app.live.app = server.app
+    return server
+
+
+def test_changes_in_flight_to_a_table_no_longer_pushed_are_answered_by_any_pushing_unit(
+    notes_app,
+):
+    app = notes_app()
+    for key in ("s1", "s2"):
+        app.add(key, title="server title")
+    lossy = FaultTransport()
+    device = app.client(transport=lossy)
+    device.sync("Sync")
+    device.update("LocalNote", "s1", {"title": "applied, answer lost"})
+    lossy.lose_next()
+    with pytest.raises(NetworkError):
+        device.sync("Push")
+    device.update("LocalNote", "s2", {"title": "numbered, never applied"})
+    catalog = device.store.catalog()
+    assert catalog is not None
+    device.outbox.prepare(catalog.streams, 10)
+    assert [p.seq for p in device.outbox.pending()] == [1, 2]
+    server = _other_table_pushed(app)
+    try:
+        device.catalog(refresh=True)
+        assert [p.seq for p in device.outbox.pending()] == [1, 2]  # still in flight
+
+        # Sent through the unit that pushes another table: seq 1 is answered from the
+        # server's log (applied once), seq 2 refused (read-only now): surfaced.
+        result = device.sync("Other")
+
+        assert device.outbox.pending() == []
+        assert result.applied == 1
+        assert app.applications("s1") == 1
+        assert (app.row("s1") or {})["title"] == "applied, answer lost"
+        [kept] = device.outbox.rejected()
+        assert (kept.key, kept.code) == ("s2", "read-only-table")
+        assert kept.attempted == {"title": "numbered, never applied"}
+        assert (app.row("s2") or {})["title"] == "server title"
+        # The seqs after them are not blocked.
+        device.insert("LocalOther", {"id": "o1", "owner": "u1"})
+        assert device.sync("Other").applied == 1
+        with server.store.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT id FROM other")).fetchall() == [("o1",)]
     finally:
         server.store.engine.dispose()
 

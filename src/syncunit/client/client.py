@@ -460,6 +460,7 @@ class SyncClient:
         self._queues_pushes = response.headers.get(QUEUES_PUSHES) == "1"
         catalog = decode_catalog(body)
         self.store.apply_catalog(catalog)
+        self.client_id = self.store.client_id()  # renewed if no unit takes changes now
         return catalog
 
     # -- sync ----------------------------------------------------------------------------

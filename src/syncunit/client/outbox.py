@@ -495,6 +495,32 @@ class Outbox:
             conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
         return len(found)
 
+    def surface_in_flight(self) -> int:
+        """Move every numbered change to the rejections, with the values it carried.
+
+        For changes no unit can carry any more (the server takes changes through
+        none): each was numbered to be sent and no answer recorded, so the server
+        may have applied it; the reason says so. Runs in the caller's transaction;
+        the caller gives the device a new client id (``LocalStore.renew_client_id``),
+        so the numbers after these are not waited for by the server.
+        """
+        conn = self.store.conn
+        rows = conn.execute(
+            "SELECT id, mutation_id, seq, table_name, row_key, op, payload FROM syncunit_outbox"
+            " WHERE seq IS NOT NULL ORDER BY seq"
+        ).fetchall()
+        for oid, mid, seq, table, key, op, payload in rows:
+            why = (
+                f"table {table!r} is no longer synced to the server (it takes no changes"
+                " through any unit now); this change was numbered to be sent before that"
+                " and no answer came: the server may have applied it. Compare with the"
+                " server's row before making it again, then discard this one"
+            )
+            values = _mut_dec.decode(payload).values
+            _reject(conn, mid, seq, table, key, op, "schema-changed", why, values)
+            conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
+        return len(rows)
+
     def hold_in_flight(self, table: str) -> int:
         """Make ``table``'s in-flight changes unappliable: its key changed, and they name
         rows by the old one.

@@ -69,7 +69,7 @@ MAX_IDLE_CONTINUATIONS = 3
 FIRST_PUSH_BATCH = 500
 log = logging.getLogger("syncunit.client")
 #: The refusals of a push too large for the server (413), which it sends less after.
-_TOO_LARGE = ("field-too-large", "body-too-large", "too-many-mutations")
+TOO_LARGE = ("field-too-large", "body-too-large", "too-many-mutations")
 
 
 class UnitRun:
@@ -107,7 +107,7 @@ class UnitRun:
         server's bounds, which the next batch is sized under; and at most half as
         many changes, in case they were not enough).
         """
-        if exc.status != 413 or not sent or exc.code not in _TOO_LARGE:
+        if exc.status != 413 or not sent or exc.code not in TOO_LARGE:
             return False
         first = sent[0].seq
         seq: int | None = None  # the change no request can carry
@@ -399,6 +399,7 @@ class UnitRun:
                     # A first sync, or the server's schema changed: migrate, then apply.
                     catalog = frame.catalog
                     self.client.store.apply_catalog(catalog)
+                    self.client.client_id = self.client.store.client_id()  # may be renewed
                     continue
                 if isinstance(frame, End):
                     return frame, chunks

@@ -286,6 +286,16 @@ class LocalStore(ChunkApply):
                 self.set_fact("client_id", value)
         return value
 
+    def renew_client_id(self) -> str:
+        """A new client id, whose changes are numbered from 1 (in the caller's transaction).
+
+        The server knows the new id from its first push on, and waits for no number
+        the old one handed out."""
+        new = str(uuid.uuid4())
+        self.set_fact("client_id", new)
+        self.conn.execute("UPDATE syncunit_state SET next_seq = 1 WHERE id = 1")
+        return new
+
     def end_session(self, *, clear: bool) -> str:
         """A new client id for the next principal (in the caller's transaction).
 
@@ -294,9 +304,7 @@ class LocalStore(ChunkApply):
         principal starts from nothing and sees nothing of the previous one.
         """
         c = self.conn
-        new = str(uuid.uuid4())
-        self.set_fact("client_id", new)
-        c.execute("UPDATE syncunit_state SET next_seq = 1 WHERE id = 1")
+        new = self.renew_client_id()
         c.execute("DELETE FROM syncunit_queue")
         if clear:
             catalog = self.catalog()
@@ -355,6 +363,10 @@ class LocalStore(ChunkApply):
         one whose columns the new catalog drops is numbered now, its values frozen
         (the server then judges it, as if it had been pushed before the change).
         In-flight changes of a table whose key changed are held (``hold_in_flight``).
+        In-flight changes of a table no longer pushed stay in flight while a unit
+        pushes anything (the server answers them: from its log if it applied them,
+        else it refuses them, which surfaces them); with no unit left they are
+        surfaced now (``surface_in_flight``).
         """
         outbox = Outbox(self)
         by_table = {s.local_table: s for s in new.streams}
@@ -386,6 +398,12 @@ class LocalStore(ChunkApply):
                 gone = {c.name for c in s.columns} - {c.name for c in n.columns}
                 if gone:
                     dropped[t] = gone
+        if not pushed and outbox.in_flight_from():
+            # Numbered, unanswered, and no unit left to carry them (any unit that pushes
+            # would: the server answers one it applied from its log, refuses the others).
+            surfaced += outbox.surface_in_flight()
+            self.renew_client_id()
+            changes.append("new client id: changes sent before are answered by nobody now")
         if surfaced:
             changes.append(f"surfaced {surfaced} unsendable changes")
         if dropped:
