@@ -8,6 +8,7 @@ client id. A token provider is asked again when the server answers 401.
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from syncunit.errors import AuthError
@@ -240,3 +241,111 @@ def test_a_session_the_server_answered_is_its_principals_with_any_credential(not
     assert device.outbox.parked() == {}
     assert app.row("u1-b")["title"] == "alice's offline"
     assert app.applications("u1-b") == 1
+
+
+def _no_forbidden_title(ctx):
+    """A business rule: the title 'forbidden' is refused."""
+    return (
+        "the title 'forbidden' is not allowed"
+        if (ctx.row or {}).get("title") == "forbidden"
+        else None
+    )
+
+
+def test_a_parked_change_refused_at_login_leaves_the_servers_row(notes_app):
+    """As on a normal push: a refused parked change leaves the local row what the server
+    holds, so the refused value is not kept (nor pushed) once the app discards it."""
+    app = notes_app(rules=[_no_forbidden_title])
+    _notes(app)
+    app.add("u1-c", owner="u1", title="alice's other")
+    device = app.client("t1")
+    device.sync("Sync")  # bound to user-1
+    device.update("LocalNote", "u1-a", {"title": "forbidden"})
+    device.insert("LocalNote", {"id": "u1-new", "owner": "u1", "title": "forbidden"})
+    device.update("LocalNote", "u1-c", {"title": "allowed"})
+    assert device.logout(clear=False, push=False) == 3
+
+    device.login("t1")
+
+    got = {r.key: r for r in device.outbox.rejected()}
+    assert set(got) == {"u1-a", "u1-new"}
+    assert got["u1-a"].attempted == {"title": "forbidden"}
+    assert app.row("u1-c")["title"] == "allowed"
+    assert local_notes(device) == app.rows("u1")
+    for r in got.values():
+        device.outbox.discard(r.id)
+    device.sync("Sync")
+    assert local_notes(device) == app.rows("u1")
+    assert device.outbox.pending() == []
+
+
+def test_a_parked_session_over_the_servers_bounds_is_pushed_in_batches(notes_app):
+    """A session with more parked changes than one request may carry goes in several,
+    each unparked as it is answered; one answered before a failure is not sent twice."""
+    app = notes_app(max_mutations=3)
+    _notes(app)
+    lossy = FaultTransport()
+    device = app.client("t1", transport=lossy)
+    device.sync("Sync")  # bound to user-1; the answer says the server's bounds
+    for i in range(8):
+        device.insert("LocalNote", {"id": f"u1-n{i}", "owner": "u1", "title": f"offline {i}"})
+    assert device.logout(push=False) == 8
+
+    # The first batch is applied, its answer lost: its changes stay parked.
+    lossy.lose_next()
+    device.login("t1")
+    assert sum(device.outbox.parked().values()) == 8
+    assert app.row("u1-n0") is not None
+    device.logout()
+
+    device.login("t1")
+
+    assert device.outbox.parked() == {}
+    assert device.outbox.rejected() == []
+    for i in range(8):
+        assert app.row(f"u1-n{i}")["title"] == f"offline {i}"
+        assert app.applications(f"u1-n{i}") == 1
+    sizes = [len(r.mutations) for r in lossy.sent if r.mutations]
+    assert max(sizes) <= 3
+
+
+def test_a_parked_session_over_bounds_the_device_does_not_know_yet_is_pushed(notes_app):
+    """The device learns the server's bounds from its refusal (413), then sends less."""
+    app = notes_app(max_mutations=3)
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Sync")
+    for i in range(7):
+        device.insert("LocalNote", {"id": f"u1-n{i}", "owner": "u1", "title": f"offline {i}"})
+    assert device.logout(push=False) == 7
+    device.push_limits = None  # as on a device restarted since
+
+    device.login("t1")
+
+    assert device.outbox.parked() == {}
+    assert all(app.row(f"u1-n{i}") is not None for i in range(7))
+
+
+def test_parked_changes_no_unit_can_carry_are_surfaced_to_their_principal(notes_app):
+    app = notes_app()
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Sync")
+    device.update("LocalNote", "u1-a", {"title": "alice's edit"})
+    assert device.logout(push=False) == 1
+    catalog = device.store.catalog()
+    units = [u for u in catalog.units if u.direction == "pull"]
+    # The server now takes changes through no unit.
+    device.store.apply_catalog(msgspec.structs.replace(catalog, units=units))
+
+    device.login("t2")
+    assert device.outbox.rejected() == []
+    assert sum(device.outbox.parked().values()) == 1
+    device.logout()
+    device.login("t1")
+
+    [kept] = device.outbox.rejected()
+    assert (kept.key, kept.code) == ("u1-a", "schema-changed")
+    assert kept.attempted == {"title": "alice's edit"}
+    assert device.outbox.parked() == {}
+    assert app.row("u1-a")["title"] == "alice's"

@@ -166,6 +166,29 @@ def _value_over(m: Mutation, limit: int, json: bool = False) -> tuple[str, int] 
     return None
 
 
+def _fill(payloads: Sequence[bytes], budget: Budget | None) -> tuple[list[Mutation], int, bool]:
+    """The frozen changes ``payloads`` (numbered, in order) that one request takes under
+    ``budget``: the first ones; their bytes; whether the request is full.
+
+    A change that looks past the server's bounds goes alone (the server tells)."""
+    taken: list[Mutation] = []
+    used = 0
+    for payload in payloads:
+        m = _mut_dec.decode(payload)
+        if budget is None:
+            taken.append(m)
+            continue
+        size = budget.size(m, payload)
+        refused = budget.refusal(m, size)
+        if refused is not None and not taken:
+            return [m], size, True
+        if taken and (refused is not None or used + size > budget.max_bytes):
+            return taken, used, True  # it goes first in the next request
+        taken.append(m)
+        used += size
+    return taken, used, False
+
+
 def _encode_bytes(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$bytes": bytes(value).hex()}
@@ -315,25 +338,11 @@ class Outbox:
         were known, or they were lowered since) goes alone: it may have been applied
         already (its answer lost), which only the server can tell; if the server
         refuses it as too large, ``UnitRun.too_large`` withdraws it."""
-        in_flight: list[Mutation] = []
-        used = 0
-        for (payload,) in self.store.conn.execute(
+        rows = self.store.conn.execute(
             "SELECT payload FROM syncunit_outbox WHERE seq IS NOT NULL ORDER BY seq LIMIT ?",
             (limit,),
-        ).fetchall():
-            m = _mut_dec.decode(payload)
-            if budget is None:
-                in_flight.append(m)
-                continue
-            size = budget.size(m, payload)
-            refused = budget.refusal(m, size)
-            if refused is not None and not in_flight:
-                return [m], size, True
-            if in_flight and (refused is not None or used + size > budget.max_bytes):
-                return in_flight, used, True  # it goes first in the next request
-            in_flight.append(m)
-            used += size
-        return in_flight, used, False
+        ).fetchall()
+        return _fill([r[0] for r in rows], budget)
 
     def number(
         self,
@@ -923,10 +932,30 @@ class Outbox:
         )
         return [_mut_dec.decode(r[0]) for r in rows]
 
-    def unpark(self, client_id: str, pushed: PushResults) -> tuple[int, list[RejectedChange]]:
+    def parked_batch(self, client_id: str, limit: int, budget: Budget | None) -> list[Mutation]:
+        """The oldest parked changes of session ``client_id`` that one push request takes:
+        ``limit`` at most (and the budget's), sized as a push of the outbox's."""
+        if budget is not None:
+            limit = min(limit, budget.mutations)
+        rows = self.store.query(
+            "SELECT body FROM syncunit_parked WHERE client_id = ? AND kind = 'mutation'"
+            " ORDER BY seq LIMIT ?",
+            (client_id, max(1, limit)),
+        )
+        return _fill([r[0] for r in rows], budget)[0]
+
+    def unpark(
+        self, client_id: str, pushed: PushResults, streams: Sequence[StreamInfo] = ()
+    ) -> tuple[int, list[RejectedChange]]:
         """The server accepted a parked session's push (it is this principal's): record
-        the verdicts, and bring its conflicts and rejections back into sight."""
+        the verdicts of the changes it answered (those it did not stay parked, to be
+        sent again), and bring the session's conflicts and rejections back into sight.
+
+        A change not applied leaves its local row what the server holds, as for a
+        normal push (``streams``: the tables pushed now; the rows are this principal's,
+        whose session the server accepted)."""
         conn = self.store.conn
+        by_table = {s.local_table: s for s in streams}
         applied = 0
         kept: list[RejectedChange] = []
         with self.store.atomic():
@@ -938,16 +967,26 @@ class Outbox:
                     (client_id,),
                 )
             }
-            for r in pushed.results:
-                body = bodies.get(r.seq)
-                if body is None:
-                    continue
-                if r.status == "applied":
-                    applied += 1
-                    continue
-                m = _mut_dec.decode(body)
-                row = (0, m.table, m.key, m.op, body)
-                kept.append(self._keep(r, row, None))
+            answered: list[tuple[str, int]] = []
+            conn.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+            try:
+                for r in pushed.results:
+                    body = bodies.pop(r.seq, None)
+                    if body is None:
+                        continue
+                    answered.append((client_id, r.seq))
+                    if r.status == "applied":
+                        applied += 1
+                        continue
+                    m = _mut_dec.decode(body)
+                    row = (0, m.table, m.key, m.op, body)
+                    kept.append(self._keep(r, row, by_table.get(m.table)))
+            finally:
+                conn.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+            conn.executemany(
+                "DELETE FROM syncunit_parked WHERE client_id = ? AND kind = 'mutation' AND seq = ?",
+                answered,
+            )
             conn.execute(
                 "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op,"
                 " status, code, reason, attempted, server_row, created_at)"
@@ -956,7 +995,10 @@ class Outbox:
                 + " FROM syncunit_parked WHERE client_id = ? AND kind = 'rejected' ORDER BY id",
                 (client_id,),
             )
-            conn.execute("DELETE FROM syncunit_parked WHERE client_id = ?", (client_id,))
+            conn.execute(
+                "DELETE FROM syncunit_parked WHERE client_id = ? AND kind = 'rejected'",
+                (client_id,),
+            )
         return applied, kept
 
 

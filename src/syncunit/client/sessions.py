@@ -19,13 +19,17 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from syncunit.client.outbox import Budget
 from syncunit.client.prefetch import FramePrefetch
-from syncunit.errors import AuthError, NetworkError, SyncError, problem_error
+from syncunit.client.run import TOO_LARGE
+from syncunit.errors import AuthError, NetworkError, RequestRejected, SyncError, problem_error
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Catalog,
     Encoding,
     Failure,
+    Mutation,
+    MutationResult,
     PushResults,
     SyncRequest,
     UnitInfo,
@@ -103,35 +107,92 @@ def push_parked(client: SyncClient) -> int:
             # Bound: the server decides (its key, hence the tag, may have changed).
         elif owner != "" and owner != me.digest():
             continue  # unbound: only the same token may push it (bound, the server checks)
-        if not mutations or not units:
+        if not mutations:
             continue
-        request = SyncRequest(
-            protocol=PROTOCOL_VERSION,
-            client_id=client_id,
-            schema_hash=catalog.schema_hash,
-            cursors={},
-            mutations=mutations,
-        )
-        headers = {"Content-Type": content_type(client.encoding)}
-        body = encode_request(request, client.encoding)
+        if not units:
+            # No unit takes changes now: none of these can be sent. Surfaced to the
+            # principal they are known to be of (a bound session whose principal the
+            # server never said stays parked: only the server could tell).
+            mine = (tag is not None and tag == me.tag()) or (owner != "" and owner == me.digest())
+            if mine:
+                applied += client.outbox.unpark(client_id, _unsendable(mutations))[0]
+                _forget(client, client_id)
+            continue
         try:
             with client._sync_lock:
-                response = client._send(
-                    "POST", f"/v1/sync/{units[0].name}", content=body, headers=headers
-                )
-                try:
-                    pushed = _first_push_results(response, client.encoding)
-                finally:
-                    response.close()
-                if pushed is not None:
-                    applied += client.outbox.unpark(client_id, pushed)[0]
-                    _forget(client, client_id)
+                applied += _push_session(client, client_id, catalog, units[0].name)
         except AuthError:
             continue  # another principal's session
         except SyncError as exc:
             log.info("parked changes stay parked for now (%s)", exc)
             break
     return applied
+
+
+def _push_session(client: SyncClient, client_id: str, catalog: Catalog, unit: str) -> int:
+    """Push the parked changes of session ``client_id`` through ``unit`` in batches the
+    server takes (sized as the outbox's pushes), each unparked as it is answered;
+    return how many applied.
+
+    A crash between batches loses nothing: those answered are recorded, the others
+    still parked, and a batch sent again is answered from the server's log.
+    """
+    pushed_tables = {t for u in catalog.units for t in u.push}
+    streams = [s for s in catalog.streams if s.local_table in pushed_tables]
+    headers = {"Content-Type": content_type(client.encoding)}
+    applied = 0
+    cap = client.push_batch
+    while True:
+        budget = Budget(client.push_limits, json=client.encoding == "json")
+        batch = client.outbox.parked_batch(client_id, cap, budget)
+        if not batch:
+            break
+        request = SyncRequest(
+            protocol=PROTOCOL_VERSION,
+            client_id=client_id,
+            schema_hash=catalog.schema_hash,
+            cursors={},
+            mutations=batch,
+        )
+        body = encode_request(request, client.encoding)
+        try:
+            response = client._send("POST", f"/v1/sync/{unit}", content=body, headers=headers)
+        except RequestRejected as exc:
+            if exc.status != 413 or exc.code not in TOO_LARGE or len(batch) == 1:
+                raise
+            # The answer said the server's bounds, which the next batch is sized under;
+            # and at most half as many changes, in case they were not enough.
+            cap = max(1, len(batch) // 2)
+            log.info("parked changes: a batch of %d was refused (%s)", len(batch), exc.code)
+            continue
+        try:
+            pushed = _first_push_results(response, client.encoding)
+        finally:
+            response.close()
+        if pushed is None:
+            break
+        seqs = {m.seq for m in batch}
+        applied += client.outbox.unpark(client_id, pushed, streams)[0]
+        if not any(r.seq in seqs for r in pushed.results):
+            break  # nothing of the batch answered: it stays parked
+    if not client.outbox.parked().get(client_id):
+        _forget(client, client_id)
+    return applied
+
+
+def _unsendable(mutations: list[Mutation]) -> PushResults:
+    """Verdicts for parked changes no unit can carry: each is surfaced with its values."""
+    reason = (
+        "the server takes no changes through any unit now; this change, kept from an"
+        " earlier session, was not pushed after it (if it was sent before, the server may"
+        " have applied it): compare with the server's row, then discard this one"
+    )
+    return PushResults(
+        results=[
+            MutationResult(m.seq, m.id, "rejected", reason, "schema-changed") for m in mutations
+        ],
+        last_seq=0,
+    )
 
 
 class _Me:
