@@ -18,7 +18,7 @@ from hospital import units as hospital_units
 from hospital.models import appointment, patient
 
 from syncunit import SyncClient
-from syncunit.errors import DatabaseRestored, NetworkError
+from syncunit.errors import DatabaseRestored, NetworkError, ProblemError
 from syncunit.protocol import (
     JSON,
     PROBLEM,
@@ -338,6 +338,50 @@ def test_cursor_from_the_future_resets(make_server, live, client, store, db_back
     assert not {"new-0", "new-1", "new-2"} & local_keys(client, "LocalAppointment")
     assert {r[0] for r in client.store.rows("LocalAppointment", ["room"])} != {"Z"}
     assert_in_sync(restarted, client, "token-h1", "Login")
+
+
+@pytest.mark.backends("postgres")
+def test_a_database_restored_under_a_running_server_is_refused_until_renewed(
+    make_server, live, make_client, store, db_backup
+):
+    """The server keeps running (or another starts with ``install=False``) while its
+    database is dropped and restored from a dump: the dump brings back the old epoch
+    and cursor key, and transaction ids keep rising, so old cursors look valid. Each
+    new connection is checked against the identity tracking recorded: nothing is
+    served or applied (a 503 the device retries) until the epoch is renewed."""
+    device = make_client(url=live.url)
+    device.sync("Login")
+    saved = db_backup.save()
+    _insert_appointments(store, [f"lost-{i}" for i in range(3)])
+    device.sync("Login")
+    assert {"lost-0", "lost-1", "lost-2"} <= local_keys(device, "LocalAppointment")
+
+    db_backup.restore(saved, store)  # under the running server
+    mine = appointments_of(store, 1)
+    device.update("LocalAppointment", mine[0], {"notes": "written after the restore"})
+
+    for server in (live, None):
+        if server is None:  # another process starting without install
+            live.app = make_server(install=False).app
+        for unit in ("SendAppointments", "Login"):  # a push, a pull
+            with pytest.raises(ProblemError) as refused:
+                device.sync(unit)
+            assert (refused.value.status, refused.value.code) == (503, "database-restored")
+            assert refused.value.retryable
+    assert device.outbox.count() == 1
+    with store.engine.connect() as conn:
+        notes = conn.execute(
+            sa.select(appointment.c.notes).where(appointment.c.id == mine[0])
+        ).scalar()
+    assert notes != "written after the restore"
+
+    store.renew_epoch()
+    assert device.sync("SendAppointments").applied == 1
+    result = device.sync("Login")
+
+    assert sorted(result.resets) == ["appointments", "doctors"]
+    assert not {"lost-0", "lost-1", "lost-2"} & local_keys(device, "LocalAppointment")
+    assert_in_sync(make_server(install=False), device, "token-h1", "Login")
 
 
 def _insert_appointments(store, keys):

@@ -45,7 +45,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from syncunit.errors import ProtocolError
+from syncunit.errors import DatabaseRestored, ProtocolError
 from syncunit.protocol import (
     PRINCIPAL_TAG,
     PROTOCOL_VERSION,
@@ -209,6 +209,7 @@ class SyncServer(SyncAnswer):
                 ProtocolError: self._on_malformed,
                 HTTPException: self._on_no_route,
                 sa.exc.DBAPIError: self._on_database_error,
+                DatabaseRestored: self._on_restored,
                 ClientDisconnect: _on_disconnect,
                 Exception: self._on_error,
             },
@@ -631,6 +632,13 @@ class SyncServer(SyncAnswer):
         log.error("%s %s failed: %s: %s", request.method, path, why, first_line(exc))
         detail = DATABASE_LOST if lost else DATABASE_LOCKED
         return problem_response("database-unavailable", detail, {"Retry-After": "1"})
+
+    async def _on_restored(self, request: Request, exc: Exception) -> Response:
+        """A database restored under a running server: nothing is served from it until
+        the operator renews its epoch; devices retry (a 503) and lose nothing."""
+        self.metrics.refused.labels("database-restored").inc()
+        log.error("%s %s refused: %s", request.method, request.url.path, exc)
+        return problem_response("database-restored", str(exc), {"Retry-After": "30"})
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         """A failure of the server's own: a traceback in the log, counted as ``internal``."""

@@ -65,8 +65,19 @@ NO_PARALLEL_SQL = "SET LOCAL max_parallel_workers_per_gather = 0"
 #: had committed before the row existed (``created_before``); a single number (the
 #: watermark) would hold back behind any transaction open anywhere at the time.
 _SNAPSHOT = "pg_current_snapshot()::text"
+
+
 #: Who this database is: the cluster's system identifier and the database's oid.
 #: A restore with pg_restore (a new database) or into another cluster changes it.
+def _restored(why: str) -> str:
+    return (
+        f"this database looks restored from a backup or copied: {why}. Serving it"
+        " would let clients skip or resurrect rows. Run 'syncunit renew-epoch"
+        " TARGET --database URL' (ServerStore.renew_epoch()) once: every client"
+        " then re-downloads on its next sync."
+    )
+
+
 _IDENTITY_SQL = (
     "SELECT (SELECT system_identifier FROM pg_control_system())::text"
     " || ':' || (SELECT oid FROM pg_database WHERE datname = current_database())::text"
@@ -445,6 +456,28 @@ class PostgresStore(ServerStore):
 
     # -- a restored database -----------------------------------------------------------
 
+    def check_same_database(self, conn: Connection) -> None:
+        """Raise ``DatabaseRestored`` if ``conn``'s database is not the one tracking
+        recorded: a database dropped and restored from a dump, or moved to another
+        cluster, under a server that keeps running (or starts with ``install=False``).
+
+        Once per connection: a restore ends the connections to the database it
+        replaces, and each new one is checked before its first pull or push.
+        """
+        if conn.info.get("syncunit_same_database"):
+            return
+        identity = str(conn.exec_driver_sql(_IDENTITY_SQL).scalar_one())
+        known = self.facts(conn).get("identity")
+        if known is not None and known != identity:
+            raise DatabaseRestored(
+                _restored("it is another database than the one clients synced with")
+            )
+        conn.info["syncunit_same_database"] = True
+
+    def epoch_and_horizon(self, conn: Connection) -> tuple[str, int]:
+        self.check_same_database(conn)
+        return super().epoch_and_horizon(conn)
+
     def check_not_restored(self, *, record: bool = False) -> None:
         """Raise ``DatabaseRestored`` if this database is not the one cursors were made on.
 
@@ -467,12 +500,7 @@ class PostgresStore(ServerStore):
                 if known != identity
                 else f"its watermark {watermark} is below the {seen} recorded before"
             )
-            raise DatabaseRestored(
-                f"this database looks restored from a backup or copied: {why}. Serving it"
-                " would let clients skip or resurrect rows. Run 'syncunit renew-epoch"
-                " TARGET --database URL' (ServerStore.renew_epoch()) once: every client"
-                " then re-downloads on its next sync."
-            )
+            raise DatabaseRestored(_restored(why))
         if record or known is None:
             self._record_identity()
 

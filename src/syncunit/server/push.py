@@ -250,6 +250,7 @@ class PushApplier(MutationWrites):
         with self.store.write(serializable=True) as conn:
             if take_turns:
                 self.store.take_turns(conn)
+            self.store.check_same_database(conn)  # a restored log would answer wrongly
             # Read with a row lock: a retry of this request on another server process
             # waits here, then sees this one's last_seq and replays from the log.
             row = conn.execute(

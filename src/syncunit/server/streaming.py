@@ -32,6 +32,7 @@ import anyio.to_thread
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
+from syncunit.errors import DatabaseRestored
 from syncunit.protocol import Chunk, Encoding, End, Failure, Frame, close_frames, encode_frame
 from syncunit.server.admission import Slot
 from syncunit.server.limits import Limits
@@ -197,6 +198,9 @@ class FramePump:
             outcome = "failed"
             if isinstance(exc, ProblemException):
                 p = problem(exc.code, exc.detail)
+            elif isinstance(exc, DatabaseRestored):  # the operator must renew the epoch
+                log.error("sync stream refused: %s", exc)
+                p = problem("database-restored", str(exc))
             elif database_lost(exc):  # a restart or a failover: one line, and a 503
                 log.error("sync stream failed: its database connection ended: %s", first_line(exc))
                 p = problem("database-unavailable", DATABASE_LOST)
