@@ -17,6 +17,7 @@ from hospital.units import appointment_columns, appointment_joins, my_hospital
 from hospital.units import schema as hospital_schema
 
 from syncunit import Stream, SyncSchema, SyncUnit
+from syncunit.client.scheduler import subscription_id
 from syncunit.errors import ProblemError
 from syncunit.server import Principal, SyncServer, TokenAuth
 from tests.support import local_keys, principal_params
@@ -172,6 +173,54 @@ def test_a_held_subscription_of_a_forbidden_unit_is_dropped_and_online_goes_on(
     assert local_keys(dev, "LocalAppointment") == online_rows
     dev.sync("Online")
     in_sync(dev, "Online")
+
+
+def open_unanswered(dev: Any, unit: str, params: dict[str, Any]) -> str:
+    """Record a subscription as a run does before its request, and no more (the process
+    was killed, or the network failed, before the server's answer)."""
+    sub_id = subscription_id(unit, params)
+    dev.store.open_subscription(sub_id, unit, sub_id.partition("?")[2], dev.clock(), None)
+    return sub_id
+
+
+def test_a_held_subscription_the_server_refuses_is_closed_and_online_pushes(
+    server, make_client, store
+):
+    errors: list[tuple[str, Exception]] = []
+    dev = make_client(sync_on_reconnect="Online", on_error=lambda u, e: errors.append((u, e)))
+    a = patients_of(store, 1)[0]
+    dev.sync("Online")
+    dev.sync("PatientDetails", params={"patient_id": a})
+    refused = open_unanswered(dev, "PatientDetails", {"patient_id": 0})  # min is 1
+    changed = sorted(local_keys(dev, "LocalAppointment") - set(history(store, a)))[0]
+    edit_notes(dev, changed, "pushed at last")
+
+    result = dev.sync("Online")
+
+    assert result.requests == 2  # refused whole, then again without that subscription
+    assert result.applied == 1
+    assert pending(dev) == 0
+    with store.engine.connect() as conn:
+        notes = conn.execute(sa.select(appointment.c.notes).where(appointment.c.id == changed))
+        assert notes.scalar_one() == "pushed at last"
+    assert dev.subscriptions() == [("PatientDetails", {"patient_id": a})]  # the good one stays
+    assert [(u, e.code) for u, e in errors] == [(refused, "invalid-parameter")]  # type: ignore[attr-defined]
+    assert errors[0][1].extra["subscription"] == refused  # type: ignore[attr-defined]
+    assert set(history(store, a)) <= local_keys(dev, "LocalAppointment")
+    assert local_keys(dev, "LocalPatient") == {a}
+
+
+def test_a_refused_subscription_is_closed_by_a_later_call_that_did_not_open_it(
+    server, make_client, store
+):
+    dev = make_client()
+    dev.sync("Login")
+    open_unanswered(dev, "PatientDetails", {"patient_id": 0})
+    with pytest.raises(ProblemError) as err:
+        dev.sync("PatientDetails", params={"patient_id": 0})
+    assert (err.value.status, err.value.code) == (400, "invalid-parameter")
+    assert dev.subscriptions() == []
+    assert engine_rows(dev, "syncunit_holds") == []
 
 
 # -- removals put off for rows with unpushed changes -----------------------------------------

@@ -450,7 +450,9 @@ PROBLEM_CODES: dict[str, tuple[int, str]] = {
 class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
     """An ``application/problem+json`` document (RFC 9457) plus a stable ``code``;
     ``unit``, when set, names the unit it is about (``unit-forbidden``: the unit the
-    principal may not run, which may be a subscription of the request's unit)."""
+    principal may not run, which may be a subscription of the request's unit);
+    ``subscription``, when set, is the ``id`` of the request's subscription refused
+    (``invalid-parameter``: its parameter values)."""
 
     type: str
     title: str
@@ -458,6 +460,7 @@ class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
     code: str
     detail: str = ""
     unit: str = ""
+    subscription: str = ""
 
 
 # -- encoding ----------------------------------------------------------------

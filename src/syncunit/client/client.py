@@ -27,7 +27,7 @@ from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
 from syncunit.client.result import SyncResult
-from syncunit.client.run import UnitRun, forbidden_unit, forget_unit
+from syncunit.client.run import UnitRun, forbidden_unit, forget_unit, held, refused_own_params
 from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus, subscription_id
 from syncunit.client.status import StatusFeed
 from syncunit.client.store import LocalStore, quote
@@ -535,9 +535,12 @@ class SyncClient:
                 if isinstance(exc, SyncCancelled):
                     raise
                 raise SyncCancelled(f"the sync of {sub_id!r} was cancelled by close()") from exc
-            if opened and isinstance(exc, ProblemError) and not exc.retryable:
+            if isinstance(exc, ProblemError) and (
+                (opened and not exc.retryable) or (params and self._refused_own(exc, unit, sub_id))
+            ):
                 # Refused (a malformed value, a 403): nothing to hold, and an Online
-                # run must not carry it. A network failure keeps it, to be retried.
+                # run must not carry it. Values the server refuses are closed whichever
+                # call opened them. A network failure keeps it, to be retried.
                 with self._sync_lock:
                     self._unsubscribe(unit, params or {})
             result.seconds = time.perf_counter() - started
@@ -579,6 +582,8 @@ class SyncClient:
                 )
                 return
             except ProblemError as exc:
+                if exc.code == "invalid-parameter" and self._close_refused(exc):
+                    continue
                 if exc.code != "unit-forbidden":
                     raise
                 catalog = self.store.catalog()
@@ -595,6 +600,27 @@ class SyncClient:
                 for sub_id in dropped:
                     log.warning("subscription %s was closed and its rows removed: %s", sub_id, exc)
                     self._emit(self.on_error, sub_id, exc)
+
+    def _refused_own(self, exc: ProblemError, unit: str, sub_id: str) -> bool:
+        """Whether ``exc`` refuses the values of subscription ``sub_id`` the run opened."""
+        carried = held(self, unit, self.store.catalog())
+        return refused_own_params(exc, unit, any(s.id != sub_id for s in carried))
+
+    def _close_refused(self, exc: ProblemError) -> bool:
+        """Close the held subscription whose parameter values the server refused
+        (named by the problem's ``subscription``), surfaced to ``on_error`` and the
+        log, so the run goes on without it. False if the problem names none held."""
+        named = exc.extra.get("subscription")
+        found = next(
+            ((u, raw) for sub_id, u, raw, _, _ in self.store.subscriptions() if sub_id == named),
+            None,
+        )
+        if not isinstance(named, str) or found is None:
+            return False
+        self._unsubscribe(found[0], json.loads(found[1]))
+        log.warning("subscription %s was refused and closed: %s", named, exc)
+        self._emit(self.on_error, named, exc)
+        return True
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -712,6 +738,8 @@ class SyncClient:
                 extra["retry_after"] = int(retry_after)
             if problem.unit:  # the unit refused: maybe a subscription's, not the one asked
                 extra["unit"] = problem.unit
+            if problem.subscription:  # the subscription of the request refused
+                extra["subscription"] = problem.subscription
             raise problem_error(
                 problem.status, problem.code, problem.title, problem.detail, **extra
             )

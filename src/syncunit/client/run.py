@@ -56,7 +56,7 @@ from syncunit.protocol import (
 if TYPE_CHECKING:
     from syncunit.client.client import SyncClient, SyncResult
 
-__all__ = ["UnitRun", "forbidden_unit", "forget_unit", "held"]
+__all__ = ["UnitRun", "forbidden_unit", "forget_unit", "held", "refused_own_params"]
 
 COMPRESS_ABOVE = 16 * 1024
 #: gzip level of request bodies. A push of 2,000 inserts (640 KB of msgpack) takes
@@ -520,6 +520,15 @@ def forbidden_unit(exc: ProblemError) -> str | None:
         return named
     found = re.search(r"may not run unit (['\"])(.+?)\1", exc.detail)
     return found.group(2) if found else None
+
+
+def refused_own_params(exc: ProblemError, unit_name: str, carried_others: bool) -> bool:
+    """Whether ``exc`` refuses the parameter values of the run's own unit (not those of
+    a subscription it carried): the problem names no subscription, and either names
+    the run's unit or nothing else was carried (a server that names neither)."""
+    if exc.code != "invalid-parameter" or exc.extra.get("subscription"):
+        return False
+    return exc.extra.get("unit") == unit_name or not carried_others
 
 
 def held(client: SyncClient, unit_name: str, catalog: Catalog | None) -> list[Subscription]:

@@ -536,7 +536,18 @@ class SyncServer(SyncAnswer):
             # Authorized as a sync of it would be: the whole request is refused, naming
             # the subscription's unit (the device drops that subscription, not this unit).
             authorize_unit(principal, other, subscription=sub.id)
-            self._check_unit(other, principal, sub.params)
+            try:
+                self._check_unit(other, principal, sub.params)
+            except ProblemException as exc:
+                if exc.code != "invalid-parameter":
+                    raise
+                # Named, so the device closes that subscription and syncs on without it.
+                raise ProblemException(
+                    exc.code,
+                    f"subscription {shorten(sub.id, 60)}: {exc.detail}",
+                    unit=sub.unit,
+                    subscription=sub.id,
+                ) from exc
 
     def _check_unit(self, unit: SyncUnit, principal: Principal, params: Mapping[str, Any]) -> None:
         """The unit's client parameters are all given and valid; the principal has its own."""
@@ -549,6 +560,7 @@ class SyncServer(SyncAnswer):
                 f"unit {unit.name!r} has no parameter"
                 f" {', '.join(shorten(n, 60) for n in unknown[:5])}"
                 f"{' and more' if len(unknown) > 5 else ''} (it takes: {known})",
+                unit=unit.name,
             )
         for name, param in declared.items():
             if name not in params:
@@ -556,10 +568,13 @@ class SyncServer(SyncAnswer):
                     "invalid-parameter",
                     f"unit {unit.name!r} needs parameter {name!r} ({param.type});"
                     f" pass params={{{name!r}: ...}}",
+                    unit=unit.name,
                 )
             reason = param.check(name, params[name])
             if reason is not None:
-                raise ProblemException("invalid-parameter", f"unit {unit.name!r}: {reason}")
+                raise ProblemException(
+                    "invalid-parameter", f"unit {unit.name!r}: {reason}", unit=unit.name
+                )
         for stream in unit.streams if unit.pulls else ():
             # Each stream's hook sees the client parameters it declares, as it reads them.
             authorize_stream(principal, stream, {n: params[n] for n in stream.client_params})
@@ -599,7 +614,11 @@ class SyncServer(SyncAnswer):
         log.info("refused %s %s: %s: %s", request.method, path, exc.code, detail)
         # A push refused as too large (413) says the bounds: the device sizes under them.
         return problem_response(
-            exc.code, exc.detail, {PUSH_LIMITS: self._push_limits, **exc.headers}, unit=exc.unit
+            exc.code,
+            exc.detail,
+            {PUSH_LIMITS: self._push_limits, **exc.headers},
+            unit=exc.unit,
+            subscription=exc.subscription,
         )
 
     async def _on_no_route(self, request: Request, exc: Exception) -> Response:

@@ -27,7 +27,7 @@ class Kind(NamedTuple):
 PROBLEMS: dict[str, Kind] = {code: Kind(*kind) for code, kind in PROBLEM_CODES.items()}
 
 
-def problem(code: str, detail: str = "", *, unit: str = "") -> Problem:
+def problem(code: str, detail: str = "", *, unit: str = "", subscription: str = "") -> Problem:
     kind = PROBLEMS[code]
     return Problem(
         type=f"urn:syncunit:problem:{code}",
@@ -36,13 +36,19 @@ def problem(code: str, detail: str = "", *, unit: str = "") -> Problem:
         code=code,
         detail=detail,
         unit=unit,
+        subscription=subscription,
     )
 
 
 def problem_response(
-    code: str, detail: str = "", headers: Mapping[str, str] | None = None, *, unit: str = ""
+    code: str,
+    detail: str = "",
+    headers: Mapping[str, str] | None = None,
+    *,
+    unit: str = "",
+    subscription: str = "",
 ) -> Response:
-    p = problem(code, detail, unit=unit)
+    p = problem(code, detail, unit=unit, subscription=subscription)
     return Response(
         msgspec.json.encode(p), status_code=p.status, media_type=PROBLEM, headers=headers
     )
@@ -50,7 +56,8 @@ def problem_response(
 
 class ProblemException(Exception):
     """Raised inside request handling; becomes a problem response (``unit``: the
-    unit it is about, for the device to act on, e.g. the one a ``unit-forbidden`` names)."""
+    unit it is about, for the device to act on, e.g. the one a ``unit-forbidden`` names;
+    ``subscription``: the id of the request's subscription it refuses)."""
 
     def __init__(
         self,
@@ -59,12 +66,14 @@ class ProblemException(Exception):
         *,
         headers: Mapping[str, str] | None = None,
         unit: str = "",
+        subscription: str = "",
     ) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
         self.headers = dict(headers or {})
         self.unit = unit
+        self.subscription = subscription
 
 
 #: What a device is told when the database ended the connection its request used.
