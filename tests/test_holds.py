@@ -392,3 +392,55 @@ def test_put_off_removals_survive_a_restart(make_client, store):
     again = make_client(name="device")
     assert again.sync("SendAppointments").applied == 1
     assert changed not in local_keys(again, "LocalAppointment")
+
+
+# -- a change refused out of the pushed stream's scope -----------------------------------------
+
+
+def test_an_out_of_scope_rejection_of_a_held_row_brings_it_back_as_the_server_has_it(
+    server, make_server, serve, make_client, store, in_sync
+):
+    """The pushed stream writes booked appointments only; a subscription shows a done one.
+    A change to that row is refused out of scope, with no server row in the answer: the
+    row goes, and the subscription copies afresh on its next refresh, bringing it back
+    (and letting go of a row it no longer shows)."""
+    booked = Stream(
+        "booked",
+        appointment,
+        appointment_columns,
+        joins=appointment_joins,
+        where=sa.and_(doctor.c.hospital_id == my_hospital, appointment.c.status == "booked"),
+        local_table="LocalAppointment",
+    )
+    schema = SyncSchema(
+        [SyncUnit("Booked", [booked], direction="both"), hospital_schema.units["PatientDetails"]]
+    )
+    dev = make_client(url=serve(make_server(schema).app).url, sync_on_reconnect="Booked")
+    a = patients_of(store, 1)[0]
+    done, moved = history(store, a)[:2]
+    with store.write() as conn:
+        conn.execute(
+            appointment.update().where(appointment.c.id.in_([done, moved])).values(status="done")
+        )
+    dev.sync("Booked")
+    dev.sync("PatientDetails", params={"patient_id": a})
+    assert done in local_keys(dev, "LocalAppointment")
+    edit_notes(dev, done, "not mine to change")
+
+    result = dev.sync("Booked")
+    assert [(r["key"], r["code"]) for r in result.rejected] == [(done, "out-of-scope")]
+    assert pending(dev) == 0
+    with store.write() as conn:  # meanwhile gone, with no trace: the fresh copy lets it go
+        conn.execute(appointment.delete().where(appointment.c.id == moved))
+        conn.execute(sa.text("DELETE FROM syncunit_tombstones"))
+
+    dev.sync("Booked")  # refreshes the subscription beside it
+    with store.engine.connect() as conn:
+        want = conn.execute(sa.select(appointment.c.notes).where(appointment.c.id == done))
+        notes = want.scalar_one()
+    assert dev.store.query("SELECT notes, status FROM LocalAppointment WHERE id = ?", (done,)) == [
+        (notes, "done")
+    ]
+    assert set(history(store, a)) <= local_keys(dev, "LocalAppointment")
+    assert moved not in local_keys(dev, "LocalAppointment")
+    assert dev.sync("PatientDetails", params={"patient_id": a}).total_in == 0

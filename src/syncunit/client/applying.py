@@ -55,6 +55,7 @@ class ChunkApply:
         pushed: set[str]
         held: set[str]
         copying: set[str]
+        rereading: set[str]
         _upserts: dict[tuple[str, tuple[str, ...], bool], str]
         _fixes: dict[tuple[str, tuple[str, ...]], tuple[str, str, list[int]] | None]
 
@@ -85,6 +86,17 @@ class ChunkApply:
         try:
             with self.relaxed() as c:  # a lost chunk is fetched again: no fsync
                 if holder and stream.local_table in self.held:
+                    name = holds.cursor_name(stream.name, holder)
+                    if name in self.rereading:  # a delta from the cursor dropped: copied anew
+                        return 0, 0
+                    if (
+                        not chunk.reset
+                        and not c.execute(
+                            "SELECT 1 FROM syncunit_cursors WHERE stream = ?", (name,)
+                        ).fetchone()
+                    ):
+                        # A first copy is the whole picture: rows it held before go too.
+                        chunk = msgspec.structs.replace(chunk, reset=True)
                     with self._quiet(stream, bulk=False):
                         done = holds.apply_held(cast("LocalStore", self), stream, chunk, holder)
                     self._save_cursor(stream, chunk.cursor, holder)

@@ -40,6 +40,7 @@ __all__ = [
     "close_subscription",
     "defer",
     "release",
+    "reread",
     "undefer",
 ]
 
@@ -189,6 +190,27 @@ def close_subscription(store: LocalStore, sub_id: str, streams: Sequence[StreamI
         c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (cursor_name(s.name, sub_id),))
     c.execute("DELETE FROM syncunit_subscriptions WHERE id = ?", (sub_id,))
     return removed
+
+
+def reread(
+    conn: sqlite3.Connection, streams: Sequence[StreamInfo], table: str, key: Any
+) -> list[str]:
+    """The row ``key`` of ``table`` went (a change to it was refused, and the answer
+    carried no row) while subscriptions still hold it: their streams of the table lose
+    their cursors, so each copies afresh on its next refresh and brings the row back as
+    it shows it. Returns the cursors dropped (``stream@subscription``)."""
+    holders = [
+        r[0]
+        for r in conn.execute(
+            "SELECT holder FROM syncunit_holds WHERE local_table = ? AND row_key = ?"
+            " AND holder != ''",
+            (table, key),
+        )
+    ]
+    names = [s.name for s in streams if s.local_table == table and s.params]
+    dropped = [cursor_name(n, h) for h in holders for n in names]
+    conn.executemany("DELETE FROM syncunit_cursors WHERE stream = ?", [(d,) for d in dropped])
+    return dropped
 
 
 def defer(conn: sqlite3.Connection, table: str, keys: Sequence[Any]) -> None:

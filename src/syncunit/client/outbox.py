@@ -784,7 +784,12 @@ class Outbox:
         """Make the local row what the server holds (or remove it), without recording a change."""
         t = _q(s.local_table)
         self.store.conn.execute(f"DELETE FROM {t} WHERE {_q(s.key)} = ?", (key,))
-        if server_row is not None:
+        if server_row is None:
+            # Out of the push's scope, yet a subscription may still show the row.
+            catalog = self.store.catalog()
+            streams = [s] if catalog is None else catalog.streams
+            self.store.rereading.update(holds.reread(self.store.conn, streams, s.local_table, key))
+        else:
             names = [c for c in server_row if c in {c.name for c in s.columns}]
             self.store.conn.execute(
                 f"INSERT INTO {t} ({', '.join(map(_q, names))})"

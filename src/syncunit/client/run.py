@@ -355,6 +355,7 @@ class UnitRun:
         holder: str | None = None,
     ) -> tuple[bool, int]:
         deferred: dict[str, StreamInfo] = {}  # streams whose indexes wait for the copy's end
+        self.client.store.rereading.clear()  # dropped by an earlier response: copied now
         try:
             with self.client.store.bulk():
                 end, chunks = self._apply_frames(response, catalog, result, deferred, holder)

@@ -170,6 +170,9 @@ class LocalStore(ChunkApply):
         self._fixes: dict[tuple[str, tuple[str, ...]], tuple[str, str, list[int]] | None] = {}
         #: Streams whose chunks in the sync under way are a first copy (set by the run).
         self.copying: set[str] = set()
+        #: Subscription cursors (``stream@subscription``) dropped in the response under way
+        #: so the stream copies afresh: the rest of that response's chunks for them wait.
+        self.rereading: set[str] = set()
         cached = self.catalog()
         #: Local tables whose changes are pushed (they carry outbox triggers).
         self.pushed: set[str] = set()
