@@ -404,14 +404,6 @@ def test_an_out_of_scope_rejection_of_a_held_row_brings_it_back_as_the_server_ha
     A change to that row is refused out of scope, with no server row in the answer: the
     row goes, and the subscription copies afresh on its next refresh, bringing it back
     (and letting go of a row it no longer shows)."""
-    booked = Stream(
-        "booked",
-        appointment,
-        appointment_columns,
-        joins=appointment_joins,
-        where=sa.and_(doctor.c.hospital_id == my_hospital, appointment.c.status == "booked"),
-        local_table="LocalAppointment",
-    )
     schema = SyncSchema(
         [SyncUnit("Booked", [booked], direction="both"), hospital_schema.units["PatientDetails"]]
     )
