@@ -439,7 +439,8 @@ def _documents_server(database: str) -> tuple[Any, sa.Table]:
     schema = SyncSchema([SyncUnit("Docs", [stream], direction="both")])
     tokens = {"t-ana": Principal("ana", {"owner": "ana"}),
               "t-nul": Principal("a\x00na", {"owner": "ana"}),
-              "t-empty": Principal("", {"owner": "ana"})}  # fmt: skip
+              "t-empty": Principal("", {"owner": "ana"}),
+              "t-nul-param": Principal("ana", {"owner": "a\x00na"})}  # fmt: skip
     server = SyncServer(schema, database, authenticate=TokenAuth(tokens), install=False)
     meta.create_all(server.store.engine)
     server.store.install(schema)
@@ -494,13 +495,14 @@ def test_a_nul_in_json_is_rejected_only_where_jsonb_cannot_store_it(
     _no_error_logged(caplog)
 
 
-@pytest.mark.parametrize("token", ["t-nul", "t-empty"])
+@pytest.mark.parametrize("token", ["t-nul", "t-empty", "t-nul-param"])
 def test_a_principal_id_the_server_cannot_record_is_refused_before_anything_runs(
     backend, new_database, serve, caplog, token
 ):
-    """The server records the principal each device pushes as; an id it cannot store
-    (a token subject holding NUL) or an empty one is a 403, the database unchanged,
-    and a warning for the operator, not a server fault."""
+    """The server records the principal each device pushes as, and reads rows with its
+    parameters; an id or a parameter the database cannot hold (a token subject or
+    claim holding NUL), or an empty id, is a 403, the database unchanged, and a
+    warning for the operator, not a server fault."""
     caplog.set_level(logging.INFO, logger="syncunit")
     server, _ = _documents_server(new_database("docs"))
     url = serve(server.app).url
@@ -508,10 +510,10 @@ def test_a_principal_id_the_server_cannot_record_is_refused_before_anything_runs
 
     r = _insert_doc(url, token, "dev-1", "k-1", j={"a": 1})
 
-    assert "principal id" in _assert_problem(r, 403, "forbidden")["detail"]
+    assert "principal cannot be used" in _assert_problem(r, 403, "forbidden")["detail"]
     assert db_state(server.store.engine) == before
     _no_error_logged(caplog)
-    assert any("principal whose id" in rec.getMessage() for rec in caplog.records)
+    assert any("principal whose" in rec.getMessage() for rec in caplog.records)
     assert _insert_doc(url, "t-ana", "dev-1", "k-1", j={"a": 1}).status_code == 200
 
 

@@ -384,6 +384,25 @@ def test_a_database_restored_under_a_running_server_is_refused_until_renewed(
     assert_in_sync(make_server(install=False), device, "token-h1", "Login")
 
 
+@pytest.mark.backends("postgres")
+def test_a_connection_checked_before_is_checked_again(live, make_client, store):
+    """Behind PgBouncer the server's connections are to the pooler, which outlives a
+    restore and opens new backends to the restored database: an answer remembered per
+    connection would serve it. Here the same pooled connections, already checked,
+    meet a database whose identity differs from the one tracking recorded."""
+    device = make_client(url=live.url)
+    device.sync("Login")
+    with store.write() as conn:
+        store._set_fact(conn, "identity", "another-cluster:1")
+
+    for unit in ("SendAppointments", "Login"):
+        if unit == "SendAppointments":
+            device.update("LocalAppointment", appointments_of(store, 1)[0], {"notes": "x"})
+        with pytest.raises(ProblemError) as refused:
+            device.sync(unit)
+        assert refused.value.code == "database-restored"
+
+
 def _insert_appointments(store, keys):
     start = dt.datetime(2026, 2, 1, 9, 0)
     with store.write() as conn:

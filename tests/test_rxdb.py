@@ -33,6 +33,7 @@ from tests.support import (
     expected_rows,
     patients_of,
     principal_params,
+    wait_until,
 )
 
 BASE = "/v1/rxdb/Online/appointments"
@@ -857,6 +858,36 @@ def test_the_event_stream_sends_resync_then_the_changed_documents(
         assert peer.docs == server_docs(server)
     finally:
         events.close()
+
+
+def test_event_streams_take_the_principals_share_of_long_waits(
+    server: SyncServer, make_server: Callable[..., SyncServer], serve: Callable[[Any], LiveServer]
+) -> None:
+    """An event stream waits on changes as a long-poll does, and counts as one: a
+    principal holding its share is told to retry later, another is not, and a stream
+    that ends gives its place back."""
+    server = make_server(max_live_waiters=6, live_waiters_per_principal=2)
+    live = serve(server.app)
+    held = [Events(live, f"{BASE}/pull/stream") for _ in range(2)]
+    others: list[Events] = []
+    try:
+        with httpx.stream("GET", f"{live.url}{BASE}/pull/stream", headers=auth(), timeout=30) as r:
+            assert r.status_code == 503  # (a stream would be a 200 that never ends)
+            over = json.loads(r.read())
+            assert int(r.headers["Retry-After"]) >= 1
+        assert over["code"] == "busy"
+        assert "this principal" in over["detail"]
+        others.append(Events(live, f"{BASE}/pull/stream", token="token-h2"))
+        assert others[0].next() == "RESYNC"
+
+        held.pop().close()
+        wait_until(lambda: server.live_waits.used == 2)
+        held.append(Events(live, f"{BASE}/pull/stream"))  # its place came back
+        assert held[-1].next() == "RESYNC"
+    finally:
+        for events in held + others:
+            events.close()
+    wait_until(lambda: server.live_waits.used == 0)
 
 
 def test_an_event_stream_ends_so_the_client_reconnects_as_who_it_is_now(

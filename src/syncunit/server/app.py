@@ -97,6 +97,22 @@ from syncunit.units import SyncSchema, SyncUnit
 
 log = logging.getLogger("syncunit.server")
 
+
+def _unusable(principal: Principal) -> str | None:
+    """Why the server cannot serve ``principal`` (for the log), or None."""
+    if not isinstance(principal.id, str):
+        return f"id is a {type(principal.id).__name__}"
+    if not principal.id:
+        return "id is empty"
+    if "\x00" in principal.id:
+        return "id holds NUL"
+    for name, value in principal.params.items():
+        values = value if isinstance(value, list | tuple | set | frozenset) else (value,)
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            return f"parameter {name!r} holds NUL"
+    return None
+
+
 __all__ = ["SyncServer", "create_app"]
 
 #: A cursor that is not the server's own becomes this: the stream starts afresh.
@@ -224,18 +240,16 @@ class SyncServer(SyncAnswer):
             raise ProblemException(
                 "unauthenticated", "send a valid 'Authorization: Bearer <token>'"
             )
-        if not isinstance(principal.id, str) or not principal.id or "\x00" in principal.id:
-            # The server records which principal each device pushes as: an id it cannot
-            # store (a token's subject holding NUL, a number) would fail the request late.
-            why = (
-                f"a {type(principal.id).__name__}" if not isinstance(principal.id, str)
-                else "empty" if not principal.id else "holding NUL"
-            )  # fmt: skip
-            log.warning("authenticate returned a principal whose id is %s; refused", why)
+        why = _unusable(principal)
+        if why is not None:
+            # The server records which principal each device pushes as, and filters rows
+            # with its parameters: a value the database cannot hold would fail late.
+            log.warning("authenticate returned a principal whose %s; refused", why)
             raise ProblemException(
                 "forbidden",
-                "this credential's principal id cannot be used: it must be non-empty text"
-                " without the NUL character (U+0000); ask for a credential with another subject",
+                "this credential's principal cannot be used: its id must be non-empty text"
+                " and neither it nor a parameter may hold the NUL character (U+0000); ask"
+                " for a credential with another subject",
             )
         ctx = current_request()
         if ctx is not None:
@@ -443,20 +457,24 @@ class SyncServer(SyncAnswer):
         if not math.isfinite(wait):
             raise ProblemException("invalid-request", "wait must be a number of seconds")
         wait = min(max(wait, 0.0), self.max_live_wait)
-        waiting = self.live_waits.try_acquire(principal.id)
-        if not isinstance(waiting, Slot):
-            who = "this principal" if waiting == "principal" else "the server"
-            limit = (
-                self.live_waits.per_principal if waiting == "principal" else self.live_waits.total
-            )
-            raise ProblemException(
-                "busy", f"{who} already has {limit} long-polls waiting; retry in 5 s",
-                headers={"Retry-After": "5"},
-            )  # fmt: skip
+        waiting = self.live_slot(principal)
         try:
             return await self._wait_live(unit, principal, req, wait)
         finally:
             waiting.release()
+
+    def live_slot(self, principal: Principal) -> Slot:
+        """A slot for a long wait on changes (a long-poll, an RxDB event stream), or 503
+        ``busy``: each principal has its share, and the server its total."""
+        waiting = self.live_waits.try_acquire(principal.id)
+        if isinstance(waiting, Slot):
+            return waiting
+        who = "this principal" if waiting == "principal" else "the server"
+        limit = self.live_waits.per_principal if waiting == "principal" else self.live_waits.total
+        raise ProblemException(
+            "busy", f"{who} already has {limit} long waits on changes; retry in 5 s",
+            headers={"Retry-After": "5"},
+        )  # fmt: skip
 
     async def _wait_live(
         self, unit: SyncUnit, principal: Principal, req: SyncRequest, wait: float

@@ -456,27 +456,24 @@ class PostgresStore(ServerStore):
 
     # -- a restored database -----------------------------------------------------------
 
-    def check_same_database(self, conn: Connection) -> None:
+    def check_same_database(self, conn: Connection, facts: dict[str, str] | None = None) -> None:
         """Raise ``DatabaseRestored`` if ``conn``'s database is not the one tracking
         recorded: a database dropped and restored from a dump, or moved to another
         cluster, under a server that keeps running (or starts with ``install=False``).
 
-        Once per connection: a restore ends the connections to the database it
-        replaces, and each new one is checked before its first pull or push.
+        Asked in every pull and push (one small query): a connection kept open across
+        the restore (PgBouncer's, to the pooler) may reach the restored database.
+        ``facts``: the ones ``conn`` already read, if any.
         """
-        if conn.info.get("syncunit_same_database"):
-            return
         identity = str(conn.exec_driver_sql(_IDENTITY_SQL).scalar_one())
-        known = self.facts(conn).get("identity")
+        known = (self.facts(conn) if facts is None else facts).get("identity")
         if known is not None and known != identity:
-            raise DatabaseRestored(
-                _restored("it is another database than the one clients synced with")
-            )
-        conn.info["syncunit_same_database"] = True
+            raise DatabaseRestored(_restored("it is another database than clients synced with"))
 
     def epoch_and_horizon(self, conn: Connection) -> tuple[str, int]:
-        self.check_same_database(conn)
-        return super().epoch_and_horizon(conn)
+        facts = self.facts(conn)
+        self.check_same_database(conn, facts)
+        return self.epoch_and_horizon_of(facts)
 
     def check_not_restored(self, *, record: bool = False) -> None:
         """Raise ``DatabaseRestored`` if this database is not the one cursors were made on.

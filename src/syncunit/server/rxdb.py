@@ -418,12 +418,11 @@ class RxDBReplication:
         principal, unit, stream = await self._resolve(request)
         params = self._params(request)
         self._check(principal, unit, batch=batch, params=params)
-        monitor = self.server.monitor
-        if monitor.waiters >= self.server.max_live_waiters:
-            raise ProblemException("busy", f"{monitor.waiters} clients are waiting")
+        waiting = self.server.live_slot(principal)
         events = self._events(request, stream, principal, batch, params)
-        return StreamingResponse(
+        return _HeldStream(
             events,
+            waiting,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -658,6 +657,21 @@ class RxDBReplication:
             "documents": found.documents,
             "checkpoint": found.checkpoint,
         }
+
+
+class _HeldStream(StreamingResponse):
+    """An event stream holding a share of the server's long waits until it ends, however
+    it ends (a client gone, a failure, its lifetime)."""
+
+    def __init__(self, content: AsyncIterator[bytes], slot: Slot, **options: Any) -> None:
+        super().__init__(content, **options)
+        self._slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slot.release()
 
 
 def _flag(doc: dict[str, Any], part: str, doc_id: Any) -> bool:

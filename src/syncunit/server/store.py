@@ -424,14 +424,18 @@ class ServerStore(abc.ABC):
         rows = conn.execute(sa.select(meta_table.c.key, meta_table.c.value))
         return {str(k): str(v) for k, v in rows}
 
-    def check_same_database(self, conn: Connection) -> None:
+    def check_same_database(self, conn: Connection, facts: dict[str, str] | None = None) -> None:
         """Raise ``DatabaseRestored`` if ``conn`` reaches a database restored or copied
         since tracking recorded its identity (a store that can tell; this one cannot)."""
         return None
 
     def epoch_and_horizon(self, conn: Connection) -> tuple[str, int]:
         """The database's epoch and its tombstone horizon, as a cursor is checked against."""
-        facts = self.facts(conn)
+        return self.epoch_and_horizon_of(self.facts(conn))
+
+    @staticmethod
+    def epoch_and_horizon_of(facts: dict[str, str]) -> tuple[str, int]:
+        """``epoch_and_horizon`` from facts already read."""
         if "epoch" not in facts:
             raise RuntimeError("tracking is not installed: call install() first")
         return facts["epoch"], int(facts.get("horizon", "0"))
