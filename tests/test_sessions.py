@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from syncunit.errors import AuthError
+from syncunit.errors import AuthError, SyncError
 from syncunit.policies import Detect
 from tests.test_push_support import FaultTransport, local_notes
 
@@ -349,3 +349,143 @@ def test_parked_changes_no_unit_can_carry_are_surfaced_to_their_principal(notes_
     assert kept.attempted == {"title": "alice's edit"}
     assert device.outbox.parked() == {}
     assert app.row("u1-a")["title"] == "alice's"
+
+
+def test_a_parked_change_too_large_for_any_request_is_surfaced_and_blocks_nothing(notes_app):
+    """As on a normal push: a parked change the server refuses alone (413) becomes a
+    rejection of its session, with its values, shown to its principal; the changes
+    after it are pushed, and the sessions parked after it, another principal's too."""
+    from syncunit.server import Limits
+
+    app = notes_app(limits=Limits(max_field_bytes=1024))
+    _notes(app)
+    device = app.client("t1")
+    device.insert("LocalNote", {"id": "u1-b", "owner": "u1", "title": "pushed"})
+    device.sync("Sync")  # bound to user-1
+    device.insert("LocalNote", {"id": "u1-big", "owner": "u1", "title": "big", "body": "x" * 4000})
+    device.insert("LocalNote", {"id": "u1-small", "owner": "u1", "title": "small"})
+    device.push_limits = None  # as on a device restarted since: the server alone refuses
+    assert device.logout(push=False) == 2
+    device.login("t2")
+    device.sync("Sync")  # bound to user-2
+    device.insert("LocalNote", {"id": "u2-b", "owner": "u2", "title": "bob's offline"})
+    assert device.logout(push=False) == 1
+
+    device.login("t2")  # Bob: Alice's session is refused to him (403), his own goes out
+    assert app.row("u2-b")["title"] == "bob's offline"
+    assert device.outbox.rejected() == []
+    assert app.row("u1-small") is None
+    device.logout()
+    device.login("t1-renewed")  # Alice
+
+    [big] = device.outbox.rejected()
+    assert (big.key, big.code) == ("u1-big", "field-too-large")
+    assert big.attempted["body"] == "x" * 4000
+    assert app.row("u1-small")["title"] == "small"  # numbered one lower: no gap
+    assert app.row("u1-big") is None
+    assert device.outbox.parked() == {}
+
+
+def test_a_session_renewed_by_the_catalog_keeps_its_principal(notes_app):
+    """The catalog left no unit that pushes: the device surfaced its in-flight change and
+    took a new client id. The session is still its principal's: parked at logout, the
+    rejection comes back to it."""
+    from syncunit import SyncSchema, SyncUnit
+    from syncunit.server import SyncServer, TokenAuth
+    from tests.test_push_support import TOKENS
+
+    app = notes_app()
+    _notes(app)
+    lossy = FaultTransport()
+    device = app.client("t1", transport=lossy)
+    device.sync("Sync")
+    device.update("LocalNote", "u1-a", {"title": "edit whose answer was lost"})
+    lossy.lose_next()
+    with pytest.raises(SyncError):
+        device.sync("Sync")
+    pull_only = SyncSchema([SyncUnit("Pull", [app.stream])])
+    server = SyncServer(pull_only, app.database, authenticate=TokenAuth(TOKENS), install=False)
+    app.live.app = server.app
+    try:
+        old_id = device.client_id
+        device.sync("Pull")  # the one answer after the renewal
+        assert device.client_id != old_id
+        assert device.logout() == 1
+
+        device.login("t1-renewed")
+
+        [back] = device.outbox.rejected()
+        assert (back.key, back.code) == ("u1-a", "schema-changed")
+        assert device.outbox.parked() == {}
+    finally:
+        server.store.engine.dispose()
+
+
+def test_an_unbound_session_goes_to_the_same_token_after_the_servers_key_changed(notes_app):
+    """A tag that no longer matches (the server's key changed) only loses its match: the
+    same token still pushes the session it made."""
+    from syncunit.server import SyncServer, TokenAuth
+    from tests.test_push_support import TOKENS
+
+    app = notes_app()
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Pull")  # answered as user-1, pushed nothing: bound to no one
+    device.insert("LocalNote", {"id": "u1-b", "owner": "u1", "title": "offline"})
+    assert device.logout(push=False) == 1
+    server = SyncServer(
+        app.schema, app.database, authenticate=TokenAuth(TOKENS), install=False,
+        cursor_secret=b"k" * 32,
+    )  # fmt: skip
+    app.live.app = server.app
+    try:
+        device.login("t2")
+        assert app.row("u1-b") is None
+        device.logout()
+
+        device.login("t1")
+
+        assert app.row("u1-b")["title"] == "offline"
+        assert device.outbox.parked() == {}
+    finally:
+        server.store.engine.dispose()
+
+
+def test_a_session_answered_as_two_principals_is_matched_by_no_tag(notes_app):
+    """A token provider whose user changed mid-session (the first one's token revoked):
+    the server named two principals for one client id, so the session's tag says
+    nobody; its conflict is never shown to the second principal (with the first one's
+    server row)."""
+    from syncunit.server import Principal, SyncServer, TokenAuth
+    from tests.test_push_support import TOKENS
+
+    app = notes_app(policy=Detect())
+    _notes(app)
+    valid = dict(TOKENS)
+    server = SyncServer(
+        app.schema, app.database, authenticate=TokenAuth(lambda t: valid.get(t)), install=False
+    )
+    app.live.app = server.app
+    current = ["t1"]
+    device = app.client(token=lambda: current[0])
+    try:
+        device.sync("Sync")  # bound to user-1
+        device.update("LocalNote", "u1-a", {"title": "alice's edit"})
+        app.backoffice("UPDATE note SET title = 'office edit' WHERE id = 'u1-a'")
+        device.sync("Sync")
+        assert len(device.outbox.rejected()) == 1
+        del valid["t1"]  # the app's auth signs Alice out and Bob in
+        current[0] = "t2"
+        device.sync("Pull")  # 401, the provider asked again: answered as user-2
+        assert device.logout() == 1
+
+        device.login("t2")
+
+        assert device.outbox.rejected() == []
+        assert sum(device.outbox.parked().values()) == 1
+        device.logout()
+        valid["t1-again"] = Principal("user-1", {"owner": "u1"})
+        device.login("t1-again")  # bound: the server decides, and no push is needed
+        assert sum(device.outbox.parked().values()) == 1
+    finally:
+        server.store.engine.dispose()

@@ -70,6 +70,8 @@ TokenProvider = Callable[[], str]
 #: A first copy of at least this many rows builds the local secondary indexes at its end.
 DEFER_INDEXES_ABOVE = 5000
 log = logging.getLogger("syncunit.client")
+#: The principal of a session whose answers named two (no tag, hex, is this word).
+AMBIGUOUS = "ambiguous"
 
 #: Seconds an idle connection is kept for the next request (httpx's default). A server
 #: should keep its side open longer (``syncunit serve`` does, 75 s): a request that goes
@@ -679,22 +681,36 @@ class SyncClient:
         return self._send_once(method, path, **kwargs)
 
     def _note_principal(self, tag: str) -> None:
-        """Remember which principal the server says this session is (once per change)."""
+        """Remember which principal the server says this session is (once per change).
+
+        Answers for one client id that name two principals (a token provider whose
+        user changed) leave the session's principal ambiguous: it is then known by
+        no tag (``_session_principal`` is None) for the rest of the session."""
         seen = (self.client_id, tag)
-        if self._principal == seen:
+        if self._principal in (seen, (self.client_id, AMBIGUOUS)):
             return
         with self.store.atomic():
-            self.store.set_fact("principal", f"{seen[0]} {tag}")
+            raw = self.store.get_fact("principal")
+            client_id, _, known = (raw or "").partition(" ")
+            if client_id == self.client_id and known and known != tag:
+                seen = (self.client_id, AMBIGUOUS)
+                if known != AMBIGUOUS:
+                    log.warning(
+                        "the server named another principal for this session: its"
+                        " parked changes will be offered by the earlier rules only"
+                    )
+            if raw != f"{seen[0]} {seen[1]}":
+                self.store.set_fact("principal", f"{seen[0]} {seen[1]}")
         self._principal = seen
 
     def _session_principal(self) -> str | None:
         """The server's tag of this session's principal (``protocol.PRINCIPAL_TAG``), or
-        None if no answer of this session has said it yet."""
+        None if no answer of this session has said it yet, or answers named two."""
         raw = self.store.get_fact("principal")
         if raw is None:
             return None
         client_id, _, tag = raw.partition(" ")
-        return tag if client_id == self.client_id and tag else None
+        return tag if client_id == self.client_id and tag and tag != AMBIGUOUS else None
 
     def _ask_token(self, provider: TokenProvider) -> None:
         try:

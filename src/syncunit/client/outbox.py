@@ -949,6 +949,49 @@ class Outbox:
         )
         return _fill([r[0] for r in rows], budget)[0]
 
+    def withdraw_parked(self, client_id: str, seq: int, code: str, reason: str) -> bool:
+        """Make the parked change ``seq`` of session ``client_id``, its first, a parked
+        rejection (``code``, ``reason``, its values kept), and move the parked changes
+        numbered after it down one number, so the server sees no gap.
+
+        As ``withdraw``, for a change no request can carry: the server has applied
+        none of its number or after. The rejection stays with the session and comes
+        back into sight with it, to its principal (``unpark``); no local row is
+        touched (the rows in sight may be another principal's). False (nothing
+        done) if ``seq`` is not the session's first parked change.
+        """
+        conn = self.store.conn
+        with self.store.atomic():
+            rows = conn.execute(
+                "SELECT id, seq, body FROM syncunit_parked WHERE client_id = ?"
+                " AND kind = 'mutation' AND seq >= ? ORDER BY seq",
+                (client_id, seq),
+            ).fetchall()
+            first = conn.execute(
+                "SELECT min(seq) FROM syncunit_parked WHERE client_id = ? AND kind = 'mutation'",
+                (client_id,),
+            ).fetchone()[0]
+            if not rows or first != seq or rows[0][1] != seq:
+                return False
+            pid, _, body = rows[0]
+            m = _mut_dec.decode(body)
+            conn.execute(
+                "INSERT INTO syncunit_parked (client_id, kind, seq, body, parked_at)"
+                " VALUES (?, 'rejected', NULL, json_array(?, ?, ?, ?, ?, 'rejected', ?, ?, ?,"
+                f" NULL, {_NOW}), ?)",
+                (client_id, m.id, seq, m.table, m.key, m.op, code, reason, _dumps(m.values),
+                 _utc()),
+            )  # fmt: skip
+            conn.execute("DELETE FROM syncunit_parked WHERE id = ?", (pid,))
+            for later_id, later_seq, later_body in rows[1:]:  # in order: each number is free
+                moved = msgspec.structs.replace(_mut_dec.decode(later_body), seq=later_seq - 1)
+                conn.execute(
+                    "UPDATE syncunit_parked SET seq = ?, body = ? WHERE id = ?",
+                    (moved.seq, _mut_enc.encode(moved), later_id),
+                )
+        log.warning("parked change to %s %s not pushed: %s", m.table, shorten_key(m.key), reason)
+        return True
+
     def unpark(
         self, client_id: str, pushed: PushResults, streams: Sequence[StreamInfo] = ()
     ) -> tuple[int, list[RejectedChange]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,14 @@ import httpx
 from syncunit.client.outbox import Budget
 from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.run import TOO_LARGE
-from syncunit.errors import AuthError, NetworkError, RequestRejected, SyncError, problem_error
+from syncunit.errors import (
+    AuthError,
+    NetworkError,
+    ProblemError,
+    RequestRejected,
+    SyncError,
+    problem_error,
+)
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Catalog,
@@ -95,47 +103,56 @@ def push_parked(client: SyncClient) -> int:
         if owner is None:
             continue
         tag = client.store.get_fact(f"parked-tag:{client_id}")
-        if tag is not None and me.tag() is not None:
-            if tag == me.tag() and not mutations:
-                # Only conflicts and rejections: nothing to push, and the server has
-                # said this principal is the session's own.
-                client.outbox.unpark(client_id, PushResults(results=[], last_seq=0))
-                _forget(client, client_id)
-                continue
-            if tag != me.tag() and owner != "":
-                continue  # another principal's; unbound, so the server could not tell
-            # Bound: the server decides (its key, hence the tag, may have changed).
-        elif owner != "" and owner != me.digest():
+        # A tag only ever adds a match: one that differs from the current principal's
+        # (the server's key may have changed since) falls back to the rules before it.
+        tagged = tag is not None and tag == me.tag()
+        if tagged and not mutations:
+            # Only conflicts and rejections: nothing to push, and the server has said
+            # this principal is the session's own.
+            client.outbox.unpark(client_id, PushResults(results=[], last_seq=0))
+            _forget(client, client_id)
+            continue
+        if not tagged and owner != "" and owner != me.digest():
             continue  # unbound: only the same token may push it (bound, the server checks)
         if not mutations:
             continue
+        mine = tagged or (owner != "" and owner == me.digest())
         if not units:
             # No unit takes changes now: none of these can be sent. Surfaced to the
             # principal they are known to be of (a bound session whose principal the
             # server never said stays parked: only the server could tell).
-            mine = (tag is not None and tag == me.tag()) or (owner != "" and owner == me.digest())
             if mine:
                 applied += client.outbox.unpark(client_id, _unsendable(mutations))[0]
                 _forget(client, client_id)
             continue
         try:
             with client._sync_lock:
-                applied += _push_session(client, client_id, catalog, units[0].name)
-        except AuthError:
-            continue  # another principal's session
+                applied += _push_session(client, client_id, catalog, units[0].name, mine)
+        except ProblemError as exc:
+            if exc.retryable:  # the server is busy or failing: every session waits
+                log.info("parked changes stay parked for now (%s)", exc)
+                break
+            # Refused (another principal's session, a bad request): this session only.
+            log.info("parked changes of an ended session stay parked (%s)", exc)
         except SyncError as exc:
             log.info("parked changes stay parked for now (%s)", exc)
             break
     return applied
 
 
-def _push_session(client: SyncClient, client_id: str, catalog: Catalog, unit: str) -> int:
+def _push_session(
+    client: SyncClient, client_id: str, catalog: Catalog, unit: str, mine: bool
+) -> int:
     """Push the parked changes of session ``client_id`` through ``unit`` in batches the
     server takes (sized as the outbox's pushes), each unparked as it is answered;
     return how many applied.
 
     A crash between batches loses nothing: those answered are recorded, the others
-    still parked, and a batch sent again is answered from the server's log.
+    still parked, and a batch sent again is answered from the server's log. A change
+    no request can carry (too large, alone) becomes a rejection of the session
+    (``Outbox.withdraw_parked``), and the changes after it go on; a session left
+    with rejections only comes back into sight if it is known to be this principal's
+    (``mine``), else it stays parked for its principal.
     """
     pushed_tables = {t for u in catalog.units for t in u.push}
     streams = [s for s in catalog.streams if s.local_table in pushed_tables]
@@ -158,12 +175,10 @@ def _push_session(client: SyncClient, client_id: str, catalog: Catalog, unit: st
         try:
             response = client._send("POST", f"/v1/sync/{unit}", content=body, headers=headers)
         except RequestRejected as exc:
-            if exc.status != 413 or exc.code not in TOO_LARGE or len(batch) == 1:
+            smaller = _too_large(client, client_id, exc, batch)
+            if smaller is None:
                 raise
-            # The answer said the server's bounds, which the next batch is sized under;
-            # and at most half as many changes, in case they were not enough.
-            cap = max(1, len(batch) // 2)
-            log.info("parked changes: a batch of %d was refused (%s)", len(batch), exc.code)
+            cap = smaller
             continue
         try:
             pushed = _first_push_results(response, client.encoding)
@@ -175,9 +190,54 @@ def _push_session(client: SyncClient, client_id: str, catalog: Catalog, unit: st
         applied += client.outbox.unpark(client_id, pushed, streams)[0]
         if not any(r.seq in seqs for r in pushed.results):
             break  # nothing of the batch answered: it stays parked
-    if not client.outbox.parked().get(client_id):
+    left = client.outbox.parked().get(client_id)
+    if left and mine and not client.outbox.parked_mutations(client_id):
+        client.outbox.unpark(client_id, PushResults(results=[], last_seq=0))
+        left = None
+    if not left:
         _forget(client, client_id)
     return applied
+
+
+def _too_large(
+    client: SyncClient, client_id: str, exc: RequestRejected, batch: list[Mutation]
+) -> int | None:
+    """The server refused the parked ``batch`` as too large (413): how many changes the
+    next request carries, or None if ``exc`` stands (as ``UnitRun.too_large``).
+
+    The change it names (``field-too-large`` says its seq), or the one change of a
+    batch of one, cannot pass in any request: it is withdrawn (a rejection of the
+    session) and those after it go in full batches. A batch too large in bytes goes
+    again in smaller ones (the answer said the server's bounds, which the next
+    batch is sized under; and at most half as many changes, in case they were not
+    enough).
+    """
+    if exc.status != 413 or exc.code not in TOO_LARGE:
+        return None
+    first = batch[0].seq
+    seq: int | None = None  # the change no request can carry
+    if exc.code == "field-too-large":  # its detail names the change
+        named = re.search(r"\(seq (\d+)\)", exc.detail)
+        seq = int(named.group(1)) if named else None
+        if seq is None and len(batch) == 1:
+            return None  # not a change's value (the request's own fields)
+    elif exc.code == "body-too-large" and len(batch) == 1:
+        seq = first
+    if seq == first:
+        reason = (
+            f"the server refuses any request holding it ({exc.detail or exc.title}):"
+            " keep large content out of synced columns (a file, object storage) or"
+            " split it, then make the change again with smaller values"
+        )
+        if not client.outbox.withdraw_parked(client_id, first, exc.code, reason):
+            return None
+        return client.push_batch
+    log.info("parked changes: a batch of %d was refused (%s)", len(batch), exc.code)
+    if seq is not None and first < seq <= batch[-1].seq:
+        return seq - first  # those before it, then it alone
+    if len(batch) == 1:
+        return None
+    return max(1, len(batch) // 2)
 
 
 def _unsendable(mutations: list[Mutation]) -> PushResults:

@@ -289,12 +289,19 @@ class LocalStore(ChunkApply):
                 self.set_fact("client_id", value)
         return value
 
-    def renew_client_id(self) -> str:
+    def renew_client_id(self, *, same_session: bool = False) -> str:
         """A new client id, whose changes are numbered from 1 (in the caller's transaction).
 
         The server knows the new id from its first push on, and waits for no number
-        the old one handed out."""
+        the old one handed out. ``same_session``: the principal's session goes on
+        under the new id, and what the server said of its principal (the fact
+        ``principal``, ``SyncClient._note_principal``) moves to it."""
         new = str(uuid.uuid4())
+        if same_session:
+            old = self.get_fact("client_id")
+            client_id, _, tag = (self.get_fact("principal") or "").partition(" ")
+            if tag and client_id == old:
+                self.set_fact("principal", f"{new} {tag}")
         self.set_fact("client_id", new)
         self.conn.execute("UPDATE syncunit_state SET next_seq = 1 WHERE id = 1")
         return new
@@ -405,7 +412,7 @@ class LocalStore(ChunkApply):
             # Numbered, unanswered, and no unit left to carry them (any unit that pushes
             # would: the server answers one it applied from its log, refuses the others).
             surfaced += outbox.surface_in_flight()
-            self.renew_client_id()
+            self.renew_client_id(same_session=True)
             changes.append("new client id: changes sent before are answered by nobody now")
         if surfaced:
             changes.append(f"surfaced {surfaced} unsendable changes")
