@@ -144,7 +144,9 @@ def test_the_device_is_the_same_as_after_a_row_copy(
     for sql in (
         f'SELECT * FROM "{TABLE}" ORDER BY id',
         "SELECT * FROM syncunit_cursors ORDER BY stream",
-        "SELECT key, value FROM syncunit_local WHERE key != 'client_id' ORDER BY key",
+        # (Each device is its own client, answered as the same principal.)
+        "SELECT key, CASE key WHEN 'principal' THEN substr(value, instr(value, ' ')) ELSE value"
+        " END FROM syncunit_local WHERE key != 'client_id' ORDER BY key",
     ):
         assert by_pages.store.query(sql) == by_rows.store.query(sql)
     key = by_pages.store.query(f'SELECT id FROM "{TABLE}" LIMIT 1')[0][0]
