@@ -29,7 +29,7 @@ from syncunit.server import SyncServer, TokenAuth
 from syncunit.server.store import ServerStore
 from syncunit.units import Stream, SyncSchema, SyncUnit
 from tests.support import local_keys
-from tests.test_push_support import NOTE_COLUMNS, TOKENS, FaultTransport, local_notes
+from tests.test_push_support import NOTE_COLUMNS, TOKENS, FaultTransport, local_note, local_notes
 
 DUMP = Path(__file__).parent / "data" / "device-0.1.0.sql"
 
@@ -314,6 +314,75 @@ def test_a_change_in_flight_when_no_unit_takes_changes_any_more_is_surfaced(note
     device.update("LocalNote", "s1", {"title": "after"})
     assert device.sync("Sync").applied == 1
     assert (app.row("s1") or {})["title"] == "after"
+
+
+def test_rows_of_changes_a_catalog_change_made_unsendable_come_back_as_the_server_has_them(
+    notes_app,
+):
+    """The table stops being pushed but is still pulled: the unsent edits, insert and
+    delete become rejections, and their rows go back to the server's, including a
+    version the server wrote meanwhile that the pulls skipped (the row had a change)."""
+    app = notes_app()
+    for key in ("s1", "s2", "s3"):
+        app.add(key, title=f"server {key}")
+    device = app.client()
+    device.sync("Sync")
+    device.update("LocalNote", "s1", {"title": "my edit of s1"})
+    device.update("LocalNote", "s2", {"title": "my edit of s2"})
+    device.insert("LocalNote", {"id": "k", "owner": "u1", "title": "only on the device"})
+    device.delete("LocalNote", "s3")
+    app.backoffice("UPDATE note SET title = 'server s2, later' WHERE id = 's2'")
+    device.sync("Pull")  # skips s2: it has a local change
+    assert (local_note(device, "s2") or {})["title"] == "my edit of s2"
+    server = _serve(app, _notes(app, {c: c for c in NOTE_COLUMNS}), pushes=False)
+    try:
+        device.sync("Pull")
+
+        got = {(r.key, r.op): r for r in device.outbox.rejected()}
+        assert set(got) == {("s1", "update"), ("s2", "update"), ("k", "insert"), ("s3", "delete")}
+        assert {r.code for r in got.values()} == {"schema-changed"}
+        assert got[("s2", "update")].attempted == {"title": "my edit of s2"}
+        assert device.outbox.pending() == []
+        assert local_notes(device) == app.rows("u1")  # while the rejections are listed
+        assert (local_note(device, "s2") or {})["title"] == "server s2, later"
+        for r in got.values():
+            device.outbox.discard(r.id)
+        device.sync("Pull")
+        assert local_notes(device) == app.rows("u1")
+    finally:
+        server.store.engine.dispose()
+
+
+def test_a_row_of_a_change_in_flight_surfaced_by_a_catalog_change_ends_as_the_server_has_it(
+    notes_app,
+):
+    """Numbered, unanswered, and then no unit takes changes: the server may or may not
+    have applied it; the table copies afresh and the row is the server's."""
+    app = notes_app()
+    for key in ("s1", "s2"):
+        app.add(key, title=f"server {key}")
+    lossy = FaultTransport()
+    device = app.client(transport=lossy)
+    device.sync("Sync")
+    device.update("LocalNote", "s1", {"title": "applied, answer lost"})
+    lossy.lose_next()
+    with pytest.raises(NetworkError):
+        device.sync("Push")
+    device.update("LocalNote", "s2", {"title": "numbered, never sent"})
+    catalog = device.store.catalog()
+    assert catalog is not None
+    device.outbox.prepare(catalog.streams, 10)
+    app.backoffice("UPDATE note SET n = 7 WHERE id = 's1'")
+    server = _serve(app, _notes(app, {c: c for c in NOTE_COLUMNS}), pushes=False)
+    try:
+        device.sync("Pull")
+
+        assert {r.key for r in device.outbox.rejected()} == {"s1", "s2"}
+        assert local_notes(device) == app.rows("u1")
+        assert (local_note(device, "s1") or {})["title"] == "applied, answer lost"
+        assert (local_note(device, "s2") or {})["title"] == "server s2"
+    finally:
+        server.store.engine.dispose()
 
 
 def _other_table_pushed(app: Any) -> SyncServer:

@@ -23,7 +23,7 @@ import pytest
 from syncunit.errors import NetworkError
 from syncunit.protocol import PUSH_LIMITS, PushLimits
 from syncunit.server.limits import Limits
-from tests.test_push_support import FaultTransport, local_note, outbox_rows
+from tests.test_push_support import FaultTransport, local_note, local_notes, outbox_rows
 
 KB = 1024
 #: Small bounds keep the bodies small: 64 KiB a value, 1 MiB a request.
@@ -114,6 +114,32 @@ def test_an_update_over_the_field_limit_keeps_the_row_the_server_has(notes_app: 
     assert local_note(device, "s1")["title"] == "on the server"  # type: ignore[index]
     assert app.row("s1")["title"] == "on the server"  # type: ignore[index]
     assert app.row("after") is not None
+
+
+@pytest.mark.parametrize("numbered", [False, True], ids=["refused", "withdrawn"])
+def test_a_row_refused_as_too_large_ends_as_the_server_has_it_now(
+    notes_app: Any, numbered: bool
+) -> None:
+    """The server changed the row after the edit; the pulls since skipped it (it had a
+    change). Refused on the device (before numbering, or withdrawn from flight), the
+    row is not left as the device last saw it: the sync brings the server's version."""
+    app, device, _ = _device(notes_app)
+    device.update("LocalNote", "s1", {"body": _text(100 * KB, 5), "title": "long"})
+    if numbered:
+        assert [m.seq for m in device.outbox.number(device.catalog().streams, 10)] == [1]
+    app.backoffice("UPDATE note SET title = 'changed on the server' WHERE id = 's1'")
+    device.sync("Pull")
+    assert local_note(device, "s1")["title"] == "long"  # type: ignore[index]
+
+    result = device.sync("Sync")
+
+    assert [(r["key"], r["code"]) for r in result.rejected] == [("s1", "field-too-large")]
+    assert local_note(device, "s1")["title"] == "changed on the server"  # type: ignore[index]
+    assert local_notes(device) == app.rows("u1")
+    [rejected] = device.outbox.rejected()
+    device.outbox.discard(rejected.id)
+    device.sync("Sync")
+    assert local_notes(device) == app.rows("u1")
 
 
 def test_a_json_device_measures_bytes_as_they_travel(notes_app: Any) -> None:

@@ -386,6 +386,35 @@ def test_a_parked_change_too_large_for_any_request_is_surfaced_and_blocks_nothin
     assert device.outbox.parked() == {}
 
 
+def test_rows_of_parked_changes_withdrawn_as_too_large_end_as_the_server_has_them(notes_app):
+    """The rows stayed as their principal wrote them (logout without clear); the
+    changes, withdrawn at login as too large, come back as rejections, and the next
+    sync brings the rows back as the server has them: the edit undone, the insert gone."""
+    from syncunit.server import Limits
+
+    app = notes_app(limits=Limits(max_field_bytes=1024))
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Sync")  # bound to user-1
+    device.update("LocalNote", "u1-a", {"title": "big edit", "body": "y" * 4000})
+    device.insert("LocalNote", {"id": "u1-big", "owner": "u1", "title": "big", "body": "x" * 4000})
+    device.push_limits = None  # as on a device restarted since: the server alone refuses
+    assert device.logout(clear=False, push=False) == 2
+
+    device.login("t1")
+
+    got = {r.key: r.code for r in device.outbox.rejected()}
+    assert got == {"u1-a": "field-too-large", "u1-big": "field-too-large"}
+    assert device.outbox.parked() == {}
+    device.sync("Sync")
+    assert local_notes(device) == app.rows("u1")
+    for r in device.outbox.rejected():
+        device.outbox.discard(r.id)
+    device.sync("Sync")
+    assert local_notes(device) == app.rows("u1")
+    assert app.row("u1-big") is None
+
+
 def test_a_session_renewed_by_the_catalog_keeps_its_principal(notes_app):
     """The catalog left no unit that pushes: the device surfaced its in-flight change and
     took a new client id. The session is still its principal's: parked at logout, the

@@ -14,7 +14,10 @@ with the same numbers, and the server answers from its log.
 
 Conflicts and rejections move to ``syncunit_rejected``, where the app lists
 them and decides: ``retry`` (with changes), or ``discard`` (keep the server's
-row). Nothing is dropped silently.
+row). Nothing is dropped silently. The local row of a rejected change is made
+the server's when the change is rejected: from the server's answer, or, for a
+change the device refused itself, from what it saw before the change and a
+fresh copy of the streams that bring the row (``recopy.py``).
 
 A push request carries at most what the server takes (``Budget``, from the
 bounds it says in ``protocol.PUSH_LIMITS``): batches are sized by their encoded
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from syncunit.client import holds
+from syncunit.client import holds, recopy
 from syncunit.client.triggers import NOW as _NOW
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import Mutation, MutationResult, PushLimits, PushResults, StreamInfo
@@ -489,22 +492,38 @@ class Outbox:
             out.append((oid, mid, key, op, values))
         return out
 
-    def surface_unsent(self, s: StreamInfo, reason: str) -> int:
+    def surface_unsent(self, s: StreamInfo, reason: str, streams: Sequence[StreamInfo] = ()) -> int:
         """Move ``s``'s unsent changes to the rejections, with the values the user wrote.
 
         For a change that can no longer be sent (its table is no longer pushed, its
         key changed): the app sees it with ``reason`` (``{key}`` is filled in) and
         what it wrote. Runs in the caller's transaction, before the table changes.
+
+        If the next catalog's ``streams`` still fill the table, its row goes back at
+        once to what the device saw before the change (an insert's goes), and those
+        streams copy it afresh on their next sync (the server may have changed it
+        since): the row ends as the server has it (``_refuse``).
         """
         conn = self.store.conn
         found = self.unsent(s)
+        kept = any(n.local_table == s.local_table for n in streams)
+        bases = dict(
+            conn.execute(
+                "SELECT id, base FROM syncunit_outbox WHERE seq IS NULL AND table_name = ?",
+                (s.local_table,),
+            ).fetchall()
+        )
         for oid, mid, key, op, values in found:
             why = reason.replace("{key}", repr(key))
             _reject(conn, mid, None, s.local_table, key, op, "schema-changed", why, values)
             conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
+            if kept:
+                base = bases[oid]
+                self._put_back(s, key, None if base == "{}" else _loads(base))
+                self._recopy(s.local_table, key, streams)
         return len(found)
 
-    def surface_in_flight(self) -> int:
+    def surface_in_flight(self, streams: Sequence[StreamInfo] = ()) -> int:
         """Move every numbered change to the rejections, with the values it carried.
 
         For changes no unit can carry any more (the server takes changes through
@@ -512,6 +531,10 @@ class Outbox:
         may have applied it; the reason says so. Runs in the caller's transaction;
         the caller gives the device a new client id (``LocalStore.renew_client_id``),
         so the numbers after these are not waited for by the server.
+
+        Only the server knows whether the row is the change's or what it was: the
+        next catalog's ``streams`` that fill its table copy it afresh on their next
+        sync (``recopy.py``), and the row ends as the server has it.
         """
         conn = self.store.conn
         rows = conn.execute(
@@ -528,6 +551,7 @@ class Outbox:
             values = _mut_dec.decode(payload).values
             _reject(conn, mid, seq, table, key, op, "schema-changed", why, values)
             conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
+            self._recopy(table, key, streams)
         return len(rows)
 
     def hold_in_flight(self, table: str) -> int:
@@ -594,8 +618,11 @@ class Outbox:
         stream: StreamInfo | None,
     ) -> None:
         """Make outbox entry ``oid`` (change ``m``, never applied) a rejection the app sees,
-        and its local row what the server holds: the row as the device saw it before the
-        change (none, for a row new on the device). Runs in the caller's transaction."""
+        and its local row what the server holds: at once the row as the device saw it
+        before the change (none, for a row new on the device), then, the server having
+        maybe changed it since, as the streams that bring it copy it afresh on their
+        next sync (``recopy.py``). A newer change to the row keeps it as it is. Runs in
+        the caller's transaction."""
         conn = self.store.conn
         table, key = m.table, m.key
         (base,) = conn.execute("SELECT base FROM syncunit_outbox WHERE id = ?", (oid,)).fetchone()
@@ -605,15 +632,14 @@ class Outbox:
             RejectedChange(rid, table, key, m.op, "rejected", code, reason, dict(m.values), None)
         )
         conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
+        # One numbered before it (in flight) is in the base already: only a newer one stays.
         newer = conn.execute(
-            "SELECT 1 FROM syncunit_outbox WHERE table_name = ? AND row_key = ?", (table, key)
+            "SELECT 1 FROM syncunit_outbox WHERE table_name = ? AND row_key = ? AND id > ?",
+            (table, key, oid),
         ).fetchone()
         if stream is not None and newer is None:
-            conn.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
-            try:
-                self._restore(stream, key, server_row)
-            finally:
-                conn.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+            self._put_back(stream, key, server_row)
+        self._recopy(table, key)
         log.warning("change to %s %s not pushed: %s", table, shorten_key(key), reason)
 
     def _current_rows(
@@ -761,6 +787,7 @@ class Outbox:
                 server_row=None,
             )
             stream = None  # the key names no row of the table now: nothing to restore
+            self._recopy(table, key)  # the server's rows come back under their new keys
         cur = conn.execute(
             "INSERT INTO syncunit_rejected (mutation_id, seq, table_name, row_key, op, status,"
             " code, reason, attempted, server_row, created_at)"
@@ -780,10 +807,36 @@ class Outbox:
             dict(m.values), r.server_row,
         )  # fmt: skip
 
-    def _restore(self, s: StreamInfo, key: Any, server_row: dict[str, Any] | None) -> None:
-        """Make the local row what the server holds (or remove it), without recording a change."""
+    def _put_back(self, s: StreamInfo, key: Any, row: dict[str, Any] | None) -> None:
+        """Make the local row ``row`` (None: remove it), without recording a change."""
+        conn = self.store.conn
+        conn.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+        try:
+            self._restore(s, key, row, reread=False)
+        finally:
+            conn.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+
+    def _recopy(self, table: str, key: Any, streams: Sequence[StreamInfo] | None = None) -> None:
+        """The local row ``key`` of ``table`` may differ from the server's, which the device
+        cannot tell: the streams that bring it copy afresh on their next sync, once the
+        row has no unpushed change (``recopy.py``). ``streams``: the catalog's (default:
+        the one stored)."""
+        if streams is None:
+            catalog = self.store.catalog()
+            streams = [] if catalog is None else catalog.streams
+        recopy.mark(self.store.conn, streams, table, key)
+
+    def _restore(
+        self, s: StreamInfo, key: Any, server_row: dict[str, Any] | None, *, reread: bool = True
+    ) -> None:
+        """Make the local row what the server holds (or remove it), without recording a change.
+
+        ``reread``: a row removed (no server row) is brought back by the subscriptions
+        still holding it (``holds.reread``)."""
         t = _q(s.local_table)
         self.store.conn.execute(f"DELETE FROM {t} WHERE {_q(s.key)} = ?", (key,))
+        if server_row is None and not reread:
+            return
         if server_row is None:
             # Out of the push's scope, yet a subscription may still show the row.
             catalog = self.store.catalog()
@@ -800,7 +853,15 @@ class Outbox:
     # -- the app's decisions -----------------------------------------------------------------
 
     def discard(self, rejected_id: int) -> None:
-        """Drop a conflicting or rejected change; the local row already is the server's."""
+        """Drop a conflicting or rejected change; the local row already is the server's.
+
+        For a change the server answered, the row was restored from its answer (the
+        server's row, or removed). For one the device refused itself (too large,
+        ``schema-changed``: no server row came), the row was put back to what the
+        device saw before the change, and the streams that bring it copy afresh in
+        the sync that made the rejection or the next one (``recopy.py``), whether
+        the change is discarded or not: the row ends as the server has it.
+        """
         with self.store.atomic():
             self.store.conn.execute("DELETE FROM syncunit_rejected WHERE id = ?", (rejected_id,))
 
@@ -957,8 +1018,10 @@ class Outbox:
         As ``withdraw``, for a change no request can carry: the server has applied
         none of its number or after. The rejection stays with the session and comes
         back into sight with it, to its principal (``unpark``); no local row is
-        touched (the rows in sight may be another principal's). False (nothing
-        done) if ``seq`` is not the session's first parked change.
+        touched now (the rows in sight may be another principal's): when it comes
+        back, the streams that bring its row copy it afresh (``recopy.py``), so the
+        row ends as the server has it. False (nothing done) if ``seq`` is not the
+        session's first parked change.
         """
         conn = self.store.conn
         with self.store.atomic():
@@ -983,6 +1046,7 @@ class Outbox:
                  _utc()),
             )  # fmt: skip
             conn.execute("DELETE FROM syncunit_parked WHERE id = ?", (pid,))
+            recopy.mark_parked(conn, client_id, m.table, m.key)
             for later_id, later_seq, later_body in rows[1:]:  # in order: each number is free
                 moved = msgspec.structs.replace(_mut_dec.decode(later_body), seq=later_seq - 1)
                 conn.execute(
@@ -1047,6 +1111,9 @@ class Outbox:
                 "DELETE FROM syncunit_parked WHERE client_id = ? AND kind = 'rejected'",
                 (client_id,),
             )
+            # Its changes withdrawn as too large: their rows copy afresh (recopy.py).
+            catalog = self.store.catalog()
+            recopy.unpark(conn, client_id, [] if catalog is None else catalog.streams)
         return applied, kept
 
 

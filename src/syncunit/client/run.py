@@ -235,10 +235,14 @@ class UnitRun:
                 if self._offers:
                     raise ProtocolError("the server offered a snapshot again after one failed")
             idle = 0
-            while not complete:
+            recopied = False
+            while not complete or (not recopied and self._recopy_due(unit_name, unit, params)):
                 # The server ends a response after a bounded time: continue from the
                 # cursors just stored. Responses that bring nothing, again and again,
-                # mean something is wrong: give up (the next run resumes).
+                # mean something is wrong: give up (the next run resumes). Streams
+                # marked to copy afresh on the way (a change the device refused, or a
+                # catalog change made unsendable: ``recopy.py``) copy in this run.
+                recopied = recopied or complete
                 idle = 0 if chunks else idle + 1
                 if idle >= MAX_IDLE_CONTINUATIONS:
                     raise NetworkError(
@@ -252,6 +256,23 @@ class UnitRun:
                 part.unlink(missing_ok=True)
             if not push_streams or not self.client.outbox.count(tables):
                 break
+
+    def _recopy_due(
+        self, unit_name: str, unit: UnitInfo | None, params: Mapping[str, Any] | None
+    ) -> bool:
+        """Whether a cursor the next request of ``unit_name`` carries is marked to copy
+        afresh (``recopy.py``)."""
+        if unit is None or unit.direction == "push":
+            return False
+        holder = subscription_id(unit_name, params) if params else None
+        names = [holds.cursor_name(s, holder) for s in unit.streams]
+        catalog = self.client.store.catalog()
+        if catalog is not None and unit_name in self.client.refresh_subscriptions_with:
+            for sub_id, sub_unit, _, _, _ in self.client.store.subscriptions():
+                info = catalog.unit(sub_unit)
+                if info is not None:
+                    names += [holds.cursor_name(s, sub_id) for s in info.streams]
+        return self.client.store.recopy_due(names)
 
     def _request(
         self,
@@ -291,8 +312,11 @@ class UnitRun:
         if not stream_names:
             cursors = {}
         elif holder:
+            # Streams marked to copy afresh go without their cursors (``recopy.py``).
+            self.client.store.take_recopies([holds.cursor_name(s, holder) for s in stream_names])
             cursors = self.client.store.subscription_cursors(holder, stream_names)
         else:
+            self.client.store.take_recopies(stream_names)
             cursors = self.client.store.cursors(stream_names)
         request = SyncRequest(
             protocol=self.protocol,
@@ -303,7 +327,7 @@ class UnitRun:
             chunk_size=self.client.chunk_size,
             snapshots=self.client.snapshots and snapshots and not holder,
             params=dict(params or {}),
-            subscriptions=held(self.client, unit_name, catalog) if stream_names else [],
+            subscriptions=held(self.client, unit_name, catalog, take=True) if stream_names else [],
             # A pull may bring rows that changes still in flight wrote: their verdicts
             # come first (``Answered``), or the device would keep its own version. A
             # push says where its sequence continues if the server forgot it (a restore).
@@ -532,8 +556,13 @@ def refused_own_params(exc: ProblemError, unit_name: str, carried_others: bool) 
     return exc.extra.get("unit") == unit_name or not carried_others
 
 
-def held(client: SyncClient, unit_name: str, catalog: Catalog | None) -> list[Subscription]:
-    """Every held subscription, with its cursors, to refresh beside ``unit_name``."""
+def held(
+    client: SyncClient, unit_name: str, catalog: Catalog | None, *, take: bool = False
+) -> list[Subscription]:
+    """Every held subscription, with its cursors, to refresh beside ``unit_name``.
+
+    ``take``: for a sync request, whose response is applied; those marked to copy
+    afresh go without their cursors (``recopy.py``)."""
     if catalog is None or unit_name not in client.refresh_subscriptions_with:
         return []
     subs = []
@@ -541,6 +570,8 @@ def held(client: SyncClient, unit_name: str, catalog: Catalog | None) -> list[Su
         info = catalog.unit(unit)
         if info is None:
             continue
+        if take:
+            client.store.take_recopies([holds.cursor_name(s, sub_id) for s in info.streams])
         cursors = client.store.subscription_cursors(sub_id, info.streams)
         subs.append(Subscription(id=sub_id, unit=unit, params=json.loads(raw), cursors=cursors))
     return subs

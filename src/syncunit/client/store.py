@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from syncunit.client import holds
+from syncunit.client import holds, recopy
 from syncunit.client.applying import ChunkApply
 from syncunit.client.migrations import migrate
 from syncunit.client.outbox import Outbox
@@ -393,6 +393,7 @@ class LocalStore(ChunkApply):
                     s,
                     f"table {t!r} is no longer synced to the server (it accepts no changes"
                     " to it); this change was not sent",
+                    new.streams,
                 )
             elif n.key != s.key:
                 surfaced += outbox.surface_unsent(
@@ -400,6 +401,7 @@ class LocalStore(ChunkApply):
                     f"the key of {t!r} changed on the server from {s.key!r} to {n.key!r};"
                     f" this change of the row with {s.key} {{key}} was not sent: make it"
                     " again on the row under its new key, then discard this one",
+                    new.streams,
                 )
                 held = outbox.hold_in_flight(t)
                 if held:
@@ -411,7 +413,7 @@ class LocalStore(ChunkApply):
         if not pushed and outbox.in_flight_from():
             # Numbered, unanswered, and no unit left to carry them (any unit that pushes
             # would: the server answers one it applied from its log, refuses the others).
-            surfaced += outbox.surface_in_flight()
+            surfaced += outbox.surface_in_flight(new.streams)
             self.renew_client_id(same_session=True)
             changes.append("new client id: changes sent before are answered by nobody now")
         if surfaced:
@@ -626,6 +628,20 @@ class LocalStore(ChunkApply):
             )
 
     # -- subscriptions ------------------------------------------------------------------------
+
+    def recopy_due(self, names: Sequence[str]) -> bool:
+        """Whether a cursor of ``names`` is marked to copy afresh (``recopy.py``)."""
+        with self.lock:
+            return recopy.due(self.conn, names)
+
+    def take_recopies(self, names: Sequence[str]) -> list[str]:
+        """Before a request carrying the cursors ``names`` is built: drop those marked to
+        copy afresh (``recopy.py``); return them."""
+        with self.lock:
+            if not recopy.due(self.conn, names):
+                return []
+            with self.atomic() as c:
+                return recopy.take(c, names)
 
     def subscription_cursors(self, holder: str, streams: Sequence[str]) -> dict[str, str]:
         """The cursors of a subscription's streams, by stream name."""
