@@ -91,10 +91,23 @@ def _sqlcipher() -> Any:
     return sqlcipher3
 
 
-def _open_encrypted(path: Path, key: str) -> Any:
-    conn = _sqlcipher().connect(str(path), check_same_thread=False)
+def _open_encrypted(path: Path, key: str, *, before_4_12: bool = False) -> Any:
+    options = {"factory": _before_4_12()} if before_4_12 else {}
+    conn = _sqlcipher().connect(str(path), check_same_thread=False, **options)
     conn.execute(f"PRAGMA key = '{key}'")
     return conn
+
+
+def _before_4_12() -> Any:
+    """A SQLCipher connection as one before 4.12 answers: no ``cipher_status``."""
+
+    class Before412(_sqlcipher().Connection):  # type: ignore[misc, name-defined]
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql.strip().lower() == "pragma cipher_status":
+                sql = "SELECT 1 WHERE 0"
+            return super().execute(sql, *args)
+
+    return Before412
 
 
 def test_a_sqlcipher_connection_syncs_into_an_encrypted_file(
@@ -169,9 +182,14 @@ def _beside(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir() if not p.name.startswith(path.name))
 
 
+@pytest.mark.parametrize("before_4_12", [False, True], ids=["sqlcipher", "sqlcipher-before-4.12"])
 @pytest.mark.parametrize("offered_anyway", [False, True])
 def test_an_encrypted_store_takes_no_snapshot_and_copies_row_by_row(
-    snap_live: SyncServer, live: LiveServer, tmp_path: Path, offered_anyway: bool
+    snap_live: SyncServer,
+    live: LiveServer,
+    tmp_path: Path,
+    offered_anyway: bool,
+    before_4_12: bool,
 ) -> None:
     """A snapshot is a plain SQLite file: downloaded beside an encrypted store it would
     hold the scope's rows in the clear. The client does not ask for one; a server that
@@ -180,7 +198,8 @@ def test_an_encrypted_store_takes_no_snapshot_and_copies_row_by_row(
     device = tmp_path / "device" / "secret.sqlite"
     device.parent.mkdir()
     tap = TapTransport()
-    client = SyncClient(live.url, _open_encrypted(device, KEY), token="token-h1", transport=tap)
+    conn = _open_encrypted(device, KEY, before_4_12=before_4_12)
+    client = SyncClient(live.url, conn, token="token-h1", transport=tap)
     try:
         assert client.store.encrypted
         assert not client.snapshots
@@ -206,4 +225,21 @@ def test_only_a_keyed_sqlcipher_connection_counts_as_encrypted(tmp_path: Path) -
         assert [keyed.encrypted, unkeyed.encrypted, standard.encrypted] == [True, False, False]
     finally:
         for store in (keyed, unkeyed, standard):
+            store.close()
+
+
+def test_before_sqlcipher_4_12_a_plain_file_is_told_by_its_header(tmp_path: Path) -> None:
+    """No ``cipher_status``: a SQLCipher connection counts as encrypted unless its file
+    starts with SQLite's plain header (one with nothing written yet counts as encrypted)."""
+    from syncunit.client.store import LocalStore
+
+    written = LocalStore(tmp_path / "plain.sqlite")  # the standard module: a plain file
+    written.close()
+    old = _before_4_12()
+    keyed = LocalStore(_open_encrypted(tmp_path / "keyed.sqlite", KEY, before_4_12=True))
+    plain = LocalStore(_sqlcipher().connect(str(tmp_path / "plain.sqlite"), factory=old))
+    try:
+        assert [keyed.encrypted, plain.encrypted] == [True, False]
+    finally:
+        for store in (keyed, plain):
             store.close()

@@ -96,9 +96,31 @@ def driver_errors(conn: Any) -> tuple[type[Exception], ...]:
 
 def _keyed(conn: Any) -> bool:
     """Whether ``conn`` is a SQLCipher connection with a key set (``cipher_status`` 1;
-    the standard module, and SQLCipher without a key, answer nothing or 0)."""
+    the standard module, and SQLCipher without a key, answer nothing or 0).
+
+    SQLCipher before 4.12 has no ``cipher_status``: a SQLCipher connection (it
+    answers ``cipher_version``) then counts as encrypted unless its file starts
+    with SQLite's plain header. A file with nothing written yet counts as
+    encrypted: the safe side (no snapshot file beside it), at a first sync's speed.
+    """
     row = conn.execute("PRAGMA cipher_status").fetchone()
-    return row is not None and str(row[0]) == "1"
+    if row is not None:
+        return str(row[0]) == "1"
+    version = conn.execute("PRAGMA cipher_version").fetchone()
+    if version is None or not version[0]:
+        return False  # not SQLCipher
+    main = next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main"), "")
+    if not main:
+        return False  # in memory: nothing at rest
+    try:
+        with open(main, "rb") as f:
+            return f.read(16) != PLAIN_HEADER
+    except OSError:
+        return True
+
+
+#: The first bytes of a SQLite file that is not encrypted.
+PLAIN_HEADER = b"SQLite format 3\x00"
 
 
 class LocalStore(ChunkApply):
