@@ -142,6 +142,20 @@ def test_a_row_refused_as_too_large_ends_as_the_server_has_it_now(
     assert local_notes(device) == app.rows("u1")
 
 
+def test_a_logout_that_clears_leaves_no_mark_naming_the_previous_rows(notes_app: Any) -> None:
+    """A refusal on the device marks the row's streams to copy afresh; a logout that
+    clears the rows leaves nothing of the previous principal, those marks included."""
+    _, device, _ = _device(notes_app)
+    device.update("LocalNote", "s1", {"body": _text(100 * KB, 6)})
+    device.sync("Push")  # refused on the device; the next pull would copy afresh
+    marks = "SELECT key, value FROM syncunit_local WHERE key LIKE 'recopy:%'"
+    assert "s1" in str(device.store.query(marks))
+
+    device.logout()
+
+    assert device.store.query(marks) == []
+
+
 def test_a_json_device_measures_bytes_as_they_travel(notes_app: Any) -> None:
     # 60,000 bytes fit 64 KiB; as the base64 text a JSON request carries (80,000), not.
     app, device, fault = _device(notes_app, encoding="json")

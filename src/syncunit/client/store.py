@@ -352,6 +352,11 @@ class LocalStore(ChunkApply):
             c.execute("DELETE FROM syncunit_holds")
             c.execute("DELETE FROM syncunit_subscriptions")
             c.execute("DELETE FROM syncunit_deferred")
+            # Rows marked to copy afresh are gone with the rest; the marks name them.
+            c.execute(
+                "DELETE FROM syncunit_local WHERE substr(key, 1, ?) = ?",
+                (len(recopy.PREFIX), recopy.PREFIX),
+            )
         return new
 
     # -- catalog and local tables ----------------------------------------------------------
