@@ -72,6 +72,43 @@ log = logging.getLogger("syncunit.client")
 TOO_LARGE = ("field-too-large", "body-too-large", "too-many-mutations")
 
 
+def too_large(exc: ProblemError, first: int, last: int) -> tuple[int | None, int] | None:
+    """How a push of the changes numbered ``first`` to ``last`` goes on after the
+    server refused it as too large, or None if ``exc`` stands (not such a refusal).
+
+    (the seq of the change no request can carry, to withdraw, and None otherwise;
+    how many changes the next request carries). The change the server names
+    (``field-too-large`` says its seq), or the one change of a batch of one, can
+    pass in no request; the changes before a named one go on their own; a batch
+    too large in bytes goes again with at most half as many changes (its next
+    request is also sized under the bounds the answer said).
+    """
+    if exc.status != 413 or exc.code not in TOO_LARGE:
+        return None
+    seq: int | None = None
+    if exc.code == "field-too-large":  # its detail names the change
+        named = re.search(r"\(seq (\d+)\)", exc.detail)
+        seq = int(named.group(1)) if named else None
+        if seq is None and first == last:
+            return None  # not a change's value (the request's own fields)
+    elif exc.code == "body-too-large" and first == last:
+        seq = first
+    if seq == first:
+        return first, 0
+    if seq is not None and first < seq <= last:
+        return None, seq - first  # those before it, then it alone
+    return None, max(1, (last - first + 1) // 2)
+
+
+def too_large_reason(exc: ProblemError, then: str) -> str:
+    """Why a change no request can carry was withdrawn; ``then``: what the user does."""
+    return (
+        f"the server refuses any request holding it ({exc.detail or exc.title}): keep"
+        " large content out of synced columns (a file, object storage) or split it,"
+        f" then {then} with smaller values"
+    )
+
+
 class UnitRun:
     """One run of a unit for ``client``: one request, or more (push batches, continuations,
     the delta after snapshot offers)."""
@@ -97,39 +134,20 @@ class UnitRun:
     def too_large(
         self, exc: RequestRejected, sent: list[Mutation], streams: Sequence[StreamInfo]
     ) -> bool:
-        """The server refused the push ``sent`` as too large (413): send less. True if the
-        run can go on (False: ``exc`` stands).
-
-        The change the server names (``field-too-large`` says its seq), or the one
-        change of a batch of one, cannot pass in any request: it is withdrawn and
-        surfaced (``Outbox.withdraw``); the changes before it go on their own. A
-        batch too large in bytes goes again in smaller ones (the answer said the
-        server's bounds, which the next batch is sized under; and at most half as
-        many changes, in case they were not enough).
-        """
-        if exc.status != 413 or not sent or exc.code not in TOO_LARGE:
+        """The server refused the push ``sent`` as too large (413): send less (``too_large``),
+        the change no request can carry withdrawn and surfaced (``Outbox.withdraw``).
+        True if the run can go on (False: ``exc`` stands)."""
+        if not sent:
             return False
-        first = sent[0].seq
-        seq: int | None = None  # the change no request can carry
-        if exc.code == "field-too-large":  # its detail names the change
-            named = re.search(r"\(seq (\d+)\)", exc.detail)
-            seq = int(named.group(1)) if named else None
-            if seq is None and len(sent) == 1:
-                return False  # not a change's value (the request's own fields)
-        elif exc.code == "body-too-large" and len(sent) == 1:
-            seq = first
-        if seq == first:
-            reason = (
-                f"the server refuses any request holding it ({exc.detail or exc.title}):"
-                " keep large content out of synced columns (a file, object storage) or"
-                " split it, then retry the change with smaller values"
-            )
+        verdict = too_large(exc, sent[0].seq, sent[-1].seq)
+        if verdict is None:
+            return False
+        withdrawn, cap = verdict
+        if withdrawn is not None:
             self._cap = None  # it was the one: the changes after it go in full batches
-            return self.client.outbox.withdraw(first, exc.code, reason, streams)
-        if seq is not None and first < seq <= sent[-1].seq:
-            self._cap = seq - first  # those before it, then it alone
-        else:
-            self._cap = max(1, len(sent) // 2)
+            reason = too_large_reason(exc, "retry the change")
+            return self.client.outbox.withdraw(withdrawn, exc.code, reason, streams)
+        self._cap = cap
         log.info("a push of %d changes was refused (%s): sending fewer", len(sent), exc.code)
         return True
 

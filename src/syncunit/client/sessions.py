@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
 from typing import TYPE_CHECKING
 
@@ -22,7 +21,7 @@ import httpx
 
 from syncunit.client.outbox import Budget
 from syncunit.client.prefetch import FramePrefetch
-from syncunit.client.run import TOO_LARGE
+from syncunit.client.run import too_large, too_large_reason
 from syncunit.errors import (
     AuthError,
     NetworkError,
@@ -203,41 +202,19 @@ def _too_large(
     client: SyncClient, client_id: str, exc: RequestRejected, batch: list[Mutation]
 ) -> int | None:
     """The server refused the parked ``batch`` as too large (413): how many changes the
-    next request carries, or None if ``exc`` stands (as ``UnitRun.too_large``).
-
-    The change it names (``field-too-large`` says its seq), or the one change of a
-    batch of one, cannot pass in any request: it is withdrawn (a rejection of the
-    session) and those after it go in full batches. A batch too large in bytes goes
-    again in smaller ones (the answer said the server's bounds, which the next
-    batch is sized under; and at most half as many changes, in case they were not
-    enough).
-    """
-    if exc.status != 413 or exc.code not in TOO_LARGE:
+    next request carries (``run.too_large``), the change no request can carry
+    withdrawn as a rejection of the session; None if ``exc`` stands."""
+    verdict = too_large(exc, batch[0].seq, batch[-1].seq)
+    if verdict is None:
         return None
-    first = batch[0].seq
-    seq: int | None = None  # the change no request can carry
-    if exc.code == "field-too-large":  # its detail names the change
-        named = re.search(r"\(seq (\d+)\)", exc.detail)
-        seq = int(named.group(1)) if named else None
-        if seq is None and len(batch) == 1:
-            return None  # not a change's value (the request's own fields)
-    elif exc.code == "body-too-large" and len(batch) == 1:
-        seq = first
-    if seq == first:
-        reason = (
-            f"the server refuses any request holding it ({exc.detail or exc.title}):"
-            " keep large content out of synced columns (a file, object storage) or"
-            " split it, then make the change again with smaller values"
-        )
-        if not client.outbox.withdraw_parked(client_id, first, exc.code, reason):
+    withdrawn, cap = verdict
+    if withdrawn is not None:
+        reason = too_large_reason(exc, "make the change again")
+        if not client.outbox.withdraw_parked(client_id, withdrawn, exc.code, reason):
             return None
         return client.push_batch
     log.info("parked changes: a batch of %d was refused (%s)", len(batch), exc.code)
-    if seq is not None and first < seq <= batch[-1].seq:
-        return seq - first  # those before it, then it alone
-    if len(batch) == 1:
-        return None
-    return max(1, len(batch) // 2)
+    return None if len(batch) == 1 else cap
 
 
 def _unsendable(mutations: list[Mutation]) -> PushResults:

@@ -98,6 +98,20 @@ from syncunit.units import SyncSchema, SyncUnit
 log = logging.getLogger("syncunit.server")
 
 
+def _take(slots: SyncSlots, principal: Principal, code: str, holds: str, *, retry: int) -> Slot:
+    """One of ``slots`` for ``principal``, or a 503 ``code`` saying whose share is full
+    (``holds``: what it already does, ``{}`` the count) and when to retry."""
+    slot = slots.try_acquire(principal.id)
+    if isinstance(slot, Slot):
+        return slot
+    who = "this principal" if slot == "principal" else "the server"
+    limit = slots.per_principal if slot == "principal" else slots.total
+    raise ProblemException(
+        code, f"{who} already {holds.format(limit)}; retry in {retry} s",
+        headers={"Retry-After": str(retry)},
+    )  # fmt: skip
+
+
 def _unusable(principal: Principal) -> str | None:
     """Why the server cannot serve ``principal`` (for the log), or None."""
     if not isinstance(principal.id, str):
@@ -388,15 +402,7 @@ class SyncServer(SyncAnswer):
 
     def _slot(self, principal: Principal) -> Slot:
         """A sync slot, or 503 at once (never a wait on the database pool)."""
-        slot = self.sync_slots.try_acquire(principal.id)
-        if isinstance(slot, Slot):
-            return slot
-        who = "this principal" if slot == "principal" else "the server"
-        limit = self.sync_slots.per_principal if slot == "principal" else self.sync_slots.total
-        raise ProblemException(
-            "overloaded", f"{who} already runs {limit} syncs; retry in 1 s",
-            headers={"Retry-After": "1"},
-        )  # fmt: skip
+        return _take(self.sync_slots, principal, "overloaded", "runs {} syncs", retry=1)
 
     async def post_sync(self, request: Request) -> Response:
         principal, unit, req = await self._sync_request(request)
@@ -466,15 +472,7 @@ class SyncServer(SyncAnswer):
     def live_slot(self, principal: Principal) -> Slot:
         """A slot for a long wait on changes (a long-poll, an RxDB event stream), or 503
         ``busy``: each principal has its share, and the server its total."""
-        waiting = self.live_waits.try_acquire(principal.id)
-        if isinstance(waiting, Slot):
-            return waiting
-        who = "this principal" if waiting == "principal" else "the server"
-        limit = self.live_waits.per_principal if waiting == "principal" else self.live_waits.total
-        raise ProblemException(
-            "busy", f"{who} already has {limit} long waits on changes; retry in 5 s",
-            headers={"Retry-After": "5"},
-        )  # fmt: skip
+        return _take(self.live_waits, principal, "busy", "has {} long waits on changes", retry=5)
 
     async def _wait_live(
         self, unit: SyncUnit, principal: Principal, req: SyncRequest, wait: float
