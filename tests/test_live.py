@@ -8,6 +8,7 @@ scope wakes nobody; a server restart is survived by reconnecting with backoff.
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import threading
 import time
 import uuid
@@ -356,6 +357,28 @@ def test_endpoint_problems(live, unit, token, wait, status, code):
     assert r.status_code == status
     assert r.headers["content-type"] == PROBLEM
     assert r.json()["code"] == code
+
+
+def test_a_long_poll_whose_client_left_gives_its_share_back(make_server, serve, store):
+    """A client gone mid-wait (an app closed, a network lost) holds its principal's share
+    of long waits only until the server looks again, not until the wait ends."""
+    server = make_server(max_live_waiters=6, live_waiters_per_principal=1)
+    generate(store.engine, **SIZE)
+    live = serve(server.app)
+    body = _up_to_date_body(live.url)
+    sock = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+    sock.sendall(
+        b"POST /v1/live/Login?wait=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Authorization: Bearer token-h1\r\nContent-Type: " + content_type("msgpack").encode()
+        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+    wait_until(lambda: server.live_waits.used == 1)
+    assert _live(live.url, "Login", body, wait=0).status_code == 503  # its one share
+
+    sock.close()  # gone, 58 s before its wait ends
+
+    wait_until(lambda: server.live_waits.used == 0, timeout=10)
+    assert _live(live.url, "Login", body, wait=0).status_code == 200
 
 
 def test_one_principal_cannot_take_every_long_poll(make_server, serve, store, plain_sql):

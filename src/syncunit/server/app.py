@@ -96,6 +96,8 @@ from syncunit.server.streaming import FramePump, FrameResponse, compressor_for
 from syncunit.units import SyncSchema, SyncUnit
 
 log = logging.getLogger("syncunit.server")
+#: How often a long-poll with nothing to answer looks whether its client is still there.
+LIVE_LOOK = 2.0
 
 
 def _take(slots: SyncSlots, principal: Principal, code: str, holds: str, *, retry: int) -> Slot:
@@ -465,7 +467,7 @@ class SyncServer(SyncAnswer):
         wait = min(max(wait, 0.0), self.max_live_wait)
         waiting = self.live_slot(principal)
         try:
-            return await self._wait_live(unit, principal, req, wait)
+            return await self._wait_live(request, unit, principal, req, wait)
         finally:
             waiting.release()
 
@@ -475,9 +477,10 @@ class SyncServer(SyncAnswer):
         return _take(self.live_waits, principal, "busy", "has {} long waits on changes", retry=5)
 
     async def _wait_live(
-        self, unit: SyncUnit, principal: Principal, req: SyncRequest, wait: float
+        self, request: Request, unit: SyncUnit, principal: Principal, req: SyncRequest, wait: float
     ) -> Response:
-        """Answer when ``unit`` has changes in scope for ``req``, or after ``wait`` seconds."""
+        """Answer when ``unit`` has changes in scope for ``req``, or after ``wait`` seconds;
+        end early if the client has gone (its share of long waits goes back)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         seen = await anyio.to_thread.run_sync(self.store.current_version)
@@ -495,8 +498,10 @@ class SyncServer(SyncAnswer):
             if changed or remaining <= 0:
                 body = msgspec.json.encode({"unit": unit.name, "changed": changed})
                 return Response(body, media_type="application/json")
-            wake = remaining if isinstance(slot, Slot) else min(remaining, 1.0)
+            wake = min(remaining, LIVE_LOOK if isinstance(slot, Slot) else 1.0)
             seen = max(seen, await self.monitor.wait_beyond(seen, wake))
+            if await request.is_disconnected():
+                return Response(status_code=204)  # nobody reads it
 
     def _has_changes(self, unit: SyncUnit, principal: Principal, req: SyncRequest) -> bool:
         """Whether the unit, or one of the request's subscriptions, has changes in scope."""
