@@ -238,8 +238,16 @@ def test_before_sqlcipher_4_12_a_plain_file_is_told_by_its_header(tmp_path: Path
     old = _before_4_12()
     keyed = LocalStore(_open_encrypted(tmp_path / "keyed.sqlite", KEY, before_4_12=True))
     plain = LocalStore(_sqlcipher().connect(str(tmp_path / "plain.sqlite"), factory=old))
+    # A keyed file that keeps SQLite's header in the clear (iOS shared WAL, as SQLCipher
+    # documents): its header says nothing.
+    headed = _open_encrypted(tmp_path / "headed.sqlite", KEY, before_4_12=True)
+    headed.execute("PRAGMA cipher_plaintext_header_size = 32")
+    headed.execute("PRAGMA cipher_salt = \"x'01010101010101010101010101010101'\"")
+    headed.execute("CREATE TABLE t (x)")
+    assert (tmp_path / "headed.sqlite").read_bytes()[:16] == b"SQLite format 3\x00"
+    with_header = LocalStore(headed)
     try:
-        assert [keyed.encrypted, plain.encrypted] == [True, False]
+        assert [keyed.encrypted, plain.encrypted, with_header.encrypted] == [True, False, True]
     finally:
-        for store in (keyed, plain):
+        for store in (keyed, plain, with_header):
             store.close()

@@ -100,7 +100,8 @@ def _keyed(conn: Any) -> bool:
 
     SQLCipher before 4.12 has no ``cipher_status``: a SQLCipher connection (it
     answers ``cipher_version``) then counts as encrypted unless its file starts
-    with SQLite's plain header. A file with nothing written yet counts as
+    with SQLite's plain header and it keeps no plain header on purpose
+    (``cipher_plaintext_header_size``). A file with nothing written yet counts as
     encrypted: the safe side (no snapshot file beside it), at a first sync's speed.
     """
     row = conn.execute("PRAGMA cipher_status").fetchone()
@@ -109,6 +110,9 @@ def _keyed(conn: Any) -> bool:
     version = conn.execute("PRAGMA cipher_version").fetchone()
     if version is None or not version[0]:
         return False  # not SQLCipher
+    kept = conn.execute("PRAGMA cipher_plaintext_header_size").fetchone()
+    if kept is not None and str(kept[0]) not in ("", "0"):
+        return True  # a plain header on purpose (iOS shared WAL): the header tells nothing
     main = next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main"), "")
     if not main:
         return False  # in memory: nothing at rest
