@@ -353,12 +353,9 @@ def test_rows_of_changes_a_catalog_change_made_unsendable_come_back_as_the_serve
         server.store.engine.dispose()
 
 
-def test_a_row_of_a_change_in_flight_surfaced_by_a_catalog_change_ends_as_the_server_has_it(
-    notes_app,
-):
-    """Numbered, unanswered, and then no unit takes changes: the server may or may not
-    have applied it; the table copies afresh and the row is the server's."""
-    app = notes_app()
+def _two_changes_in_flight(app: Any) -> Any:
+    """A device with two changes in flight: to s1, applied by the server but its answer
+    lost; to s2, numbered and never sent."""
     for key in ("s1", "s2"):
         app.add(key, title=f"server {key}")
     lossy = FaultTransport()
@@ -372,6 +369,16 @@ def test_a_row_of_a_change_in_flight_surfaced_by_a_catalog_change_ends_as_the_se
     catalog = device.store.catalog()
     assert catalog is not None
     device.outbox.prepare(catalog.streams, 10)
+    return device
+
+
+def test_a_row_of_a_change_in_flight_surfaced_by_a_catalog_change_ends_as_the_server_has_it(
+    notes_app,
+):
+    """Numbered, unanswered, and then no unit takes changes: the server may or may not
+    have applied it; the table copies afresh and the row is the server's."""
+    app = notes_app()
+    device = _two_changes_in_flight(app)
     app.backoffice("UPDATE note SET n = 7 WHERE id = 's1'")
     server = _serve(app, _notes(app, {c: c for c in NOTE_COLUMNS}), pushes=False)
     try:
@@ -414,19 +421,7 @@ def test_changes_in_flight_to_a_table_no_longer_pushed_are_answered_by_any_pushi
     notes_app,
 ):
     app = notes_app()
-    for key in ("s1", "s2"):
-        app.add(key, title="server title")
-    lossy = FaultTransport()
-    device = app.client(transport=lossy)
-    device.sync("Sync")
-    device.update("LocalNote", "s1", {"title": "applied, answer lost"})
-    lossy.lose_next()
-    with pytest.raises(NetworkError):
-        device.sync("Push")
-    device.update("LocalNote", "s2", {"title": "numbered, never applied"})
-    catalog = device.store.catalog()
-    assert catalog is not None
-    device.outbox.prepare(catalog.streams, 10)
+    device = _two_changes_in_flight(app)
     assert [p.seq for p in device.outbox.pending()] == [1, 2]
     server = _other_table_pushed(app)
     try:
@@ -443,8 +438,8 @@ def test_changes_in_flight_to_a_table_no_longer_pushed_are_answered_by_any_pushi
         assert (app.row("s1") or {})["title"] == "applied, answer lost"
         [kept] = device.outbox.rejected()
         assert (kept.key, kept.code) == ("s2", "read-only-table")
-        assert kept.attempted == {"title": "numbered, never applied"}
-        assert (app.row("s2") or {})["title"] == "server title"
+        assert kept.attempted == {"title": "numbered, never sent"}
+        assert (app.row("s2") or {})["title"] == "server s2"
         # The seqs after them are not blocked.
         device.insert("LocalOther", {"id": "o1", "owner": "u1"})
         assert device.sync("Other").applied == 1
