@@ -1027,14 +1027,10 @@ class Outbox:
         with self.store.atomic():
             rows = conn.execute(
                 "SELECT id, seq, body FROM syncunit_parked WHERE client_id = ?"
-                " AND kind = 'mutation' AND seq >= ? ORDER BY seq",
-                (client_id, seq),
-            ).fetchall()
-            first = conn.execute(
-                "SELECT min(seq) FROM syncunit_parked WHERE client_id = ? AND kind = 'mutation'",
+                " AND kind = 'mutation' ORDER BY seq",
                 (client_id,),
-            ).fetchone()[0]
-            if not rows or first != seq or rows[0][1] != seq:
+            ).fetchall()
+            if not rows or rows[0][1] != seq:
                 return False
             pid, _, body = rows[0]
             m = _mut_dec.decode(body)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import httpx
@@ -104,18 +105,17 @@ def push_parked(client: SyncClient) -> int:
         tag = client.store.get_fact(f"parked-tag:{client_id}")
         # A tag only ever adds a match: one that differs from the current principal's
         # (the server's key may have changed since) falls back to the rules before it.
-        tagged = tag is not None and tag == me.tag()
+        tagged = tag is not None and tag == me.tag
         if tagged and not mutations:
             # Only conflicts and rejections: nothing to push, and the server has said
             # this principal is the session's own.
-            client.outbox.unpark(client_id, PushResults(results=[], last_seq=0))
-            _forget(client, client_id)
+            _bring_back(client, client_id)
             continue
-        if not tagged and owner != "" and owner != me.digest():
+        if not tagged and owner != "" and owner != me.digest:
             continue  # unbound: only the same token may push it (bound, the server checks)
         if not mutations:
             continue
-        mine = tagged or (owner != "" and owner == me.digest())
+        mine = tagged or (owner != "" and owner == me.digest)
         if not units:
             # No unit takes changes now: none of these can be sent. Surfaced to the
             # principal they are known to be of (a bound session whose principal the
@@ -191,9 +191,8 @@ def _push_session(
             break  # nothing of the batch answered: it stays parked
     left = client.outbox.parked().get(client_id)
     if left and mine and not client.outbox.parked_mutations(client_id):
-        client.outbox.unpark(client_id, PushResults(results=[], last_seq=0))
-        left = None
-    if not left:
+        _bring_back(client, client_id)
+    elif not left:
         _forget(client, client_id)
     return applied
 
@@ -239,27 +238,28 @@ class _Me:
 
     def __init__(self, client: SyncClient) -> None:
         self.client = client
-        self._tag: str | None = None
-        self._digest: str | None = None
-        self._asked: set[str] = set()
 
+    @cached_property
     def tag(self) -> str | None:
-        if "tag" not in self._asked:
-            self._asked.add("tag")
-            self._tag = self.client._session_principal()
-            if self._tag is None:
-                try:
-                    self.client._send("GET", "/v1/catalog").close()
-                except SyncError as exc:
-                    log.info("parked changes: the server could not say who is signed in (%s)", exc)
-                self._tag = self.client._session_principal()
-        return self._tag
+        tag = self.client._session_principal()
+        if tag is None:
+            try:
+                self.client._send("GET", "/v1/catalog").close()
+            except SyncError as exc:
+                log.info("parked changes: the server could not say who is signed in (%s)", exc)
+            tag = self.client._session_principal()
+        return tag
 
+    @cached_property
     def digest(self) -> str | None:
-        if "digest" not in self._asked:
-            self._asked.add("digest")
-            self._digest = _credential_digest(self.client)
-        return self._digest
+        return _credential_digest(self.client)
+
+
+def _bring_back(client: SyncClient, client_id: str) -> None:
+    """Bring session ``client_id``'s conflicts and rejections (nothing left to push)
+    back into sight: it is known to be this principal's."""
+    client.outbox.unpark(client_id, PushResults(results=[], last_seq=0))
+    _forget(client, client_id)
 
 
 def _forget(client: SyncClient, client_id: str) -> None:
