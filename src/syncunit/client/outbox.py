@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from syncunit.client import holds, recopy
+from syncunit.client.rowjson import dumps as _dumps
+from syncunit.client.rowjson import loads as _loads
 from syncunit.client.triggers import NOW as _NOW
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import Mutation, MutationResult, PushLimits, PushResults, StreamInfo
@@ -190,27 +192,6 @@ def _fill(payloads: Sequence[bytes], budget: Budget | None) -> tuple[list[Mutati
         taken.append(m)
         used += size
     return taken, used, False
-
-
-def _encode_bytes(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {"$bytes": bytes(value).hex()}
-    raise TypeError(f"cannot store {type(value).__name__} in the outbox")
-
-
-def _decode_bytes(obj: dict[str, Any]) -> Any:
-    if len(obj) == 1 and isinstance(obj.get("$bytes"), str):
-        return bytes.fromhex(obj["$bytes"])
-    return obj
-
-
-def _dumps(value: Any) -> str:
-    """JSON for the outbox's row images; bytes (BLOB values) as ``{"$bytes": hex}``."""
-    return json.dumps(value, default=_encode_bytes)
-
-
-def _loads(text: str) -> Any:
-    return json.loads(text, object_hook=_decode_bytes)
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,11 @@ the rows that called for it), so a restart keeps them.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from syncunit.client import holds
+from syncunit.client import holds, rowjson
 from syncunit.protocol import StreamInfo
 
 __all__ = ["PARKED", "PREFIX", "due", "mark", "mark_parked", "take", "unpark"]
@@ -37,21 +36,9 @@ PREFIX = "recopy:"
 PARKED = "recopy-parked:"
 
 
-def _key_json(key: Any) -> Any:
-    if isinstance(key, bytes | bytearray | memoryview):
-        return {"$bytes": bytes(key).hex()}
-    return key
-
-
-def _key_value(key: Any) -> Any:
-    if isinstance(key, dict) and isinstance(key.get("$bytes"), str):
-        return bytes.fromhex(key["$bytes"])
-    return key
-
-
 def _read(conn: sqlite3.Connection, name: str) -> list[list[Any]]:
     row = conn.execute("SELECT value FROM syncunit_local WHERE key = ?", (name,)).fetchone()
-    return [] if row is None else list(json.loads(row[0]))
+    return [] if row is None else list(rowjson.loads(row[0]))
 
 
 def _write(conn: sqlite3.Connection, name: str, entries: list[list[Any]]) -> None:
@@ -61,13 +48,13 @@ def _write(conn: sqlite3.Connection, name: str, entries: list[list[Any]]) -> Non
     conn.execute(
         "INSERT INTO syncunit_local (key, value) VALUES (?, ?)"
         " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        (name, json.dumps(entries)),
+        (name, rowjson.dumps(entries)),
     )
 
 
 def _add(conn: sqlite3.Connection, name: str, table: str, key: Any) -> None:
     entries = _read(conn, name)
-    entry = [table, _key_json(key)]
+    entry = [table, key]
     if entry not in entries:
         _write(conn, name, [*entries, entry])
 
@@ -107,7 +94,7 @@ def unpark(conn: sqlite3.Connection, client_id: str, streams: Sequence[StreamInf
     """Session ``client_id`` is back in sight: mark its remembered rows; how many."""
     entries = _read(conn, PARKED + client_id)
     for table, key in entries:
-        mark(conn, streams, table, _key_value(key))
+        mark(conn, streams, table, key)
     _write(conn, PARKED + client_id, [])
     return len(entries)
 

@@ -1,0 +1,31 @@
+"""Row values as JSON text in the device's own tables (the outbox's row images, the
+rows marked to copy afresh): bytes (BLOB values) as ``{"$bytes": hex}``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["dumps", "loads"]
+
+
+def _encode_bytes(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": bytes(value).hex()}
+    raise TypeError(f"cannot store {type(value).__name__} as a row value")
+
+
+def _decode_bytes(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1 and isinstance(obj.get("$bytes"), str):
+        return bytes.fromhex(obj["$bytes"])
+    return obj
+
+
+def dumps(value: Any) -> str:
+    """JSON text of ``value``; bytes as ``{"$bytes": hex}``."""
+    return json.dumps(value, default=_encode_bytes)
+
+
+def loads(text: str) -> Any:
+    """``value`` back from ``dumps``, bytes included."""
+    return json.loads(text, object_hook=_decode_bytes)
