@@ -359,6 +359,20 @@ def test_endpoint_problems(live, unit, token, wait, status, code):
     assert r.json()["code"] == code
 
 
+def test_an_idle_long_poll_checks_its_scope_only_when_a_version_moves(server, live, monkeypatch):
+    """Looking whether its client is still there is not a reason to read the scope again:
+    a wait on a quiet database checks it once."""
+    body = _up_to_date_body(live.url)
+    checks: list[str] = []
+    has_changes = server._has_changes
+    monkeypatch.setattr(server, "_has_changes", lambda *a: checks.append("x") or has_changes(*a))
+
+    r = _live(live.url, "Login", body, wait=5)
+
+    assert r.json() == {"unit": "Login", "changed": False}
+    assert checks == ["x"]
+
+
 def test_a_long_poll_whose_client_left_gives_its_share_back(make_server, serve, store):
     """A client gone mid-wait (an app closed, a network lost) holds its principal's share
     of long waits only until the server looks again, not until the wait ends."""

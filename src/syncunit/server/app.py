@@ -484,24 +484,29 @@ class SyncServer(SyncAnswer):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         seen = await anyio.to_thread.run_sync(self.store.current_version)
+        look = True  # the scope is checked at first, and again only once a version moved
         while True:
-            changed = False
-            slot = self.sync_slots.try_acquire(principal.id)
-            if isinstance(slot, Slot):  # no slot free: check again on the next wake
-                try:
-                    changed = await anyio.to_thread.run_sync(
-                        self._has_changes, unit, principal, req
-                    )
-                finally:
-                    slot.release()
+            changed, checked = False, not look
+            if look:
+                slot = self.sync_slots.try_acquire(principal.id)
+                if isinstance(slot, Slot):  # no slot free: check again on the next wake
+                    checked = True
+                    try:
+                        changed = await anyio.to_thread.run_sync(
+                            self._has_changes, unit, principal, req
+                        )
+                    finally:
+                        slot.release()
             remaining = deadline - loop.time()
             if changed or remaining <= 0:
                 body = msgspec.json.encode({"unit": unit.name, "changed": changed})
                 return Response(body, media_type="application/json")
-            wake = min(remaining, LIVE_LOOK if isinstance(slot, Slot) else 1.0)
-            seen = max(seen, await self.monitor.wait_beyond(seen, wake))
+            wake = min(remaining, LIVE_LOOK if checked else 1.0)
+            newest = await self.monitor.wait_beyond(seen, wake)
             if await request.is_disconnected():
                 return Response(status_code=204)  # nobody reads it
+            look = newest > seen or not checked
+            seen = max(seen, newest)
 
     def _has_changes(self, unit: SyncUnit, principal: Principal, req: SyncRequest) -> bool:
         """Whether the unit, or one of the request's subscriptions, has changes in scope."""
