@@ -69,6 +69,12 @@ _SNAPSHOT = "pg_current_snapshot()::text"
 
 #: Who this database is: the cluster's system identifier and the database's oid.
 #: A restore with pg_restore (a new database) or into another cluster changes it.
+_IDENTITY_SQL = (
+    "SELECT (SELECT system_identifier FROM pg_control_system())::text"
+    " || ':' || (SELECT oid FROM pg_database WHERE datname = current_database())::text"
+)
+
+
 def _restored(why: str) -> str:
     return (
         f"this database looks restored from a backup or copied: {why}. Serving it"
@@ -78,10 +84,6 @@ def _restored(why: str) -> str:
     )
 
 
-_IDENTITY_SQL = (
-    "SELECT (SELECT system_identifier FROM pg_control_system())::text"
-    " || ':' || (SELECT oid FROM pg_database WHERE datname = current_database())::text"
-)
 #: The advisory lock that serializes installs (any constant; "sync" in ASCII).
 INSTALL_LOCK = 0x73796E63
 #: The advisory lock a push retried several times takes: such pushes run one at a time.
@@ -487,16 +489,12 @@ class PostgresStore(ServerStore):
         """
         with self.engine.connect() as conn:
             facts = self.facts(conn)
-            identity = str(conn.exec_driver_sql(_IDENTITY_SQL).scalar_one())
+            self.check_same_database(conn, facts)
             watermark = self.watermark(conn)
             conn.rollback()
         known, seen = facts.get("identity"), int(facts.get("watermark", "0"))
-        if known is not None and (known != identity or watermark < seen):
-            why = (
-                "it is another database than the one clients synced with"
-                if known != identity
-                else f"its watermark {watermark} is below the {seen} recorded before"
-            )
+        if known is not None and watermark < seen:
+            why = f"its watermark {watermark} is below the {seen} recorded before"
             raise DatabaseRestored(_restored(why))
         if record or known is None:
             self._record_identity()
