@@ -398,3 +398,31 @@ def _numbered_size(device: Any) -> int:
             raise _Undo
     except _Undo:
         return size
+
+
+@pytest.mark.parametrize("newer_numbered", [False, True], ids=["unsent", "in-flight"])
+def test_a_change_after_a_withdrawn_one_is_sent_against_the_server_s_row(
+    notes_app: Any, newer_numbered: bool
+) -> None:
+    """A large edit is in flight, then a small edit of the same row is made: its base
+    holds the large value. The large one is withdrawn; the small one is checked
+    against the row the server has (the large value never reached it), so it is
+    applied in the same sync, not refused for a value it does not carry."""
+    app, device, _ = _device(notes_app)
+    streams = device.catalog().streams
+    body = app.row("s1")["body"]  # type: ignore[index]
+    device.update("LocalNote", "s1", {"body": _text(100 * KB, 6)})
+    assert [m.seq for m in device.outbox.number(streams, 10)] == [1]
+    device.update("LocalNote", "s1", {"title": "a small edit"})
+    if newer_numbered:
+        assert [m.seq for m in device.outbox.number(streams, 10)] == [2]
+
+    result = device.sync("Sync")
+
+    assert [(r["key"], r["code"]) for r in result.rejected] == [("s1", "field-too-large")]
+    assert result.applied == 1
+    assert app.row("s1")["title"] == "a small edit"  # type: ignore[index]
+    assert app.row("s1")["body"] == body  # type: ignore[index]
+    assert outbox_rows(device) == []
+    assert [seq for seq, _ in app.logged(device.client_id)] == [1]
+    assert local_notes(device) == app.rows("u1")

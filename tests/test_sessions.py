@@ -415,6 +415,33 @@ def test_rows_of_parked_changes_withdrawn_as_too_large_end_as_the_server_has_the
     assert app.row("u1-big") is None
 
 
+def test_a_parked_change_after_one_withdrawn_as_too_large_is_pushed_against_the_server_s_row(
+    notes_app,
+):
+    """A small edit made over a large one still in flight carries the large value in
+    its base; the large one withdrawn at login, the small one is checked against the
+    row the server has and applied, not refused for a value it does not carry."""
+    from syncunit.server import Limits
+
+    app = notes_app(limits=Limits(max_field_bytes=1024))
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Sync")  # bound to user-1
+    device.update("LocalNote", "u1-a", {"body": "y" * 4000})
+    assert [m.seq for m in device.outbox.number(device.catalog().streams, 10)] == [1]
+    device.update("LocalNote", "u1-a", {"title": "a small edit"})
+    device.push_limits = None  # as on a device restarted since: the server alone refuses
+    assert device.logout(push=False) == 2
+
+    device.login("t1")
+
+    [big] = device.outbox.rejected()
+    assert (big.key, big.code) == ("u1-a", "field-too-large")
+    assert device.outbox.parked() == {}
+    assert app.row("u1-a")["title"] == "a small edit"
+    assert app.row("u1-a")["body"] != "y" * 4000
+
+
 def test_a_session_renewed_by_the_catalog_keeps_its_principal(notes_app):
     """The catalog left no unit that pushes: the device surfaced its in-flight change and
     took a new client id. The session is still its principal's: parked at logout, the

@@ -388,6 +388,10 @@ class Outbox:
                 if budget is not None:
                     size = budget.size(m, packed)
                     why = budget.refusal(m, size)
+                    if why is not None and self._row_in_flight(table, key):
+                        # Its base holds that change's values, which the server may
+                        # never take: decided once that change is answered.
+                        break
                     if why is not None:
                         refused.append((oid, m, *why))
                         continue
@@ -615,13 +619,45 @@ class Outbox:
         conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
         # One numbered before it (in flight) is in the base already: only a newer one stays.
         newer = conn.execute(
-            "SELECT 1 FROM syncunit_outbox WHERE table_name = ? AND row_key = ? AND id > ?",
+            "SELECT id, payload FROM syncunit_outbox WHERE table_name = ? AND row_key = ?"
+            " AND id > ?",
             (table, key, oid),
-        ).fetchone()
-        if stream is not None and newer is None:
+        ).fetchall()
+        if stream is not None and not newer:
             self._put_back(stream, key, server_row)
+        if server_row is not None:
+            self._rebase(newer, base, server_row)
         self._recopy(table, key)
         log.warning("change to %s %s not pushed: %s", table, shorten_key(key), reason)
+
+    def _row_in_flight(self, table: str, key: Any) -> bool:
+        """Whether a change to row ``key`` of ``table`` is in flight."""
+        return (
+            self.store.conn.execute(
+                "SELECT 1 FROM syncunit_outbox WHERE table_name = ? AND row_key = ?"
+                " AND seq IS NOT NULL",
+                (table, key),
+            ).fetchone()
+            is not None
+        )
+
+    def _rebase(
+        self, newer: Sequence[tuple[int, bytes | None]], base: str, row: dict[str, Any]
+    ) -> None:
+        """The changes ``newer`` to a row were made over a change that never reached the
+        server: their base becomes the one it had (``base``, the row ``row``), so the
+        server checks them against what it holds, not against values it never saw. A
+        numbered one was not applied either (the server applies in order)."""
+        conn = self.store.conn
+        for oid, payload in newer:
+            conn.execute("UPDATE syncunit_outbox SET base = ? WHERE id = ?", (base, oid))
+            if payload is not None:
+                m = _mut_dec.decode(payload)
+                rebased = msgspec.structs.replace(m, base={c: row[c] for c in m.base if c in row})
+                conn.execute(
+                    "UPDATE syncunit_outbox SET payload = ? WHERE id = ?",
+                    (_mut_enc.encode(rebased), oid),
+                )
 
     def _current_rows(
         self,
@@ -1026,6 +1062,10 @@ class Outbox:
             recopy.mark_parked(conn, client_id, m.table, m.key)
             for later_id, later_seq, later_body in rows[1:]:  # in order: each number is free
                 moved = msgspec.structs.replace(_mut_dec.decode(later_body), seq=later_seq - 1)
+                if m.base and (moved.table, moved.key) == (m.table, m.key):
+                    # Made over it: checked against the row the server has (``_rebase``).
+                    base = {c: m.base.get(c, v) for c, v in moved.base.items()}
+                    moved = msgspec.structs.replace(moved, base=base)
                 conn.execute(
                     "UPDATE syncunit_parked SET seq = ?, body = ? WHERE id = ?",
                     (moved.seq, _mut_enc.encode(moved), later_id),
