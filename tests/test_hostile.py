@@ -695,6 +695,24 @@ def test_a_response_ends_early_and_the_client_continues_in_the_same_run(
     assert_in_sync(server, client, "token-h1", "Login")
 
 
+def test_a_response_of_empty_deltas_is_never_cut_short(make_server, serve, store, make_client):
+    """The budget ends a response only once it moved a stream on: a unit whose streams
+    have nothing new (here more streams than the budget's chunks) gets its whole
+    answer in one response, not a cut one asked again for ever."""
+    from hospital.generate import generate
+
+    server = make_server(limits=Limits(response_chunks=1))
+    generate(store.engine, appointments=40, hospitals=2, doctors=4, patients=10)
+    live = serve(server.app)
+    client = make_client(url=live.url, chunk_size=16)
+    client.sync("Login")
+
+    cursors = client.store.cursors(["doctors", "appointments"])
+    frames = raw_sync(live.url, "Login", token="token-h1", cursors=cursors)
+    assert frames[-1] == End(server_time=frames[-1].server_time, complete=True)  # type: ignore[union-attr]
+    assert client.sync("Login").requests == 1
+
+
 def test_push_through_a_unit_that_does_not_push_is_refused(server, live, store):
     m = Mutation(seq=1, id="m", table="LocalAppointment", key="k", op="delete")
     r = post_sync(live.url, "Login", token="token-h1", client_id="c", mutations=[m])

@@ -170,6 +170,7 @@ class FramePump:
     def _produce(self) -> None:
         started = time.monotonic()
         chunks = 0
+        moved = False
         frames = self.frames
         ended = False
         outcome = ""
@@ -184,9 +185,17 @@ class FramePump:
                     break
                 if isinstance(frame, Chunk):
                     chunks += 1
-                if not ended and (
-                    chunks >= self.limits.response_chunks
-                    or time.monotonic() - started >= self.limits.response_seconds
+                    moved = moved or bool(frame.reset or frame.removed or frame.row_count())
+                # Cut only a response that moved a stream on: one of only empty deltas
+                # (a unit of many streams, a slow database) would be asked again for
+                # ever.
+                if (
+                    moved
+                    and not ended
+                    and (
+                        chunks >= self.limits.response_chunks
+                        or time.monotonic() - started >= self.limits.response_seconds
+                    )
                 ):
                     self.cut = "budget"
                     outcome = "more"
