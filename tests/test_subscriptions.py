@@ -754,3 +754,72 @@ def test_closing_drops_the_rows_only_the_subscription_held(
     keys = local_keys(dev, "LocalAppointment")
     assert cancelled not in keys
     assert set(history(store, p)[1:]) <= keys  # the agenda holds them
+
+
+def test_a_subscription_reset_split_across_responses_keeps_its_rows_until_it_completes(
+    make_server, serve, store, make_client, tap
+):
+    """A subscription copied afresh (here after the database changed under it) over
+    several responses: the app keeps every row it held until the copy completes,
+    then holds exactly what the stream selects."""
+    from syncunit.protocol import End
+    from syncunit.server.limits import Limits
+    from tests.conftest import SIZE
+    from tests.support import chunks
+
+    limits = Limits(response_chunks=2, requests_per_second=1e6, request_burst=10**6)
+    server = make_server(limits=limits)
+    generate(store.engine, **SIZE)
+    live = serve(server.app)
+    device = make_client(url=live.url, transport=tap, chunk_size=1)
+    a = patients_of(store, 1)[0]
+    device.sync("PatientDetails", params={"patient_id": a})
+    before = local_keys(device, "LocalAppointment")
+    assert len(history(store, a)) > 3
+    gone = history(store, a)[-1]
+    with store.write() as conn:  # another database: a row is missing, without a tombstone
+        conn.execute(appointment.delete().where(appointment.c.id == gone))
+        conn.execute(sa.text("DELETE FROM syncunit_tombstones"))
+        store._set_fact(conn, "epoch", "another-database")
+    seen: list[set[object]] = []
+
+    def at_each_early_end(frame: object) -> None:
+        if isinstance(frame, End) and not frame.complete:
+            seen.append(local_keys(device, "LocalAppointment"))
+
+    tap.responses.clear()
+    tap.on_frame = at_each_early_end
+
+    result = device.sync("PatientDetails", params={"patient_id": a})
+
+    assert "patient_history" in result.resets
+    assert len(seen) > 2  # the copy took several responses
+    assert all(before - {gone} <= keys for keys in seen)  # none went mid-way
+    assert [c.reset for r in tap.responses for c in chunks(r, "patient_history")].count(True) == 1
+    assert gone not in local_keys(device, "LocalAppointment")
+    assert local_keys(device, "LocalAppointment") == set(history(store, a))
+    assert_subscription(server, device, a)
+
+
+def test_closing_a_subscription_mid_copy_drops_every_row_it_held(
+    server, make_client, live, tap, store
+):
+    """Cut during its fresh copy, a subscription still holds its old rows (set aside
+    until the copy completes); closing it then releases them too."""
+    from syncunit.errors import NetworkError
+
+    device = make_client(url=live.url, transport=tap, chunk_size=2)
+    a = patients_of(store, 1)[0]
+    device.sync("PatientDetails", params={"patient_id": a})
+    assert len(history(store, a)) > 4
+    with store.write() as conn:  # another database: the subscription is copied afresh
+        store._set_fact(conn, "epoch", "another-database")
+    tap.arm(chunks=("patient_history", 1))
+    with pytest.raises(NetworkError):
+        device.sync("PatientDetails", params={"patient_id": a})
+    assert local_keys(device, "LocalAppointment") == set(history(store, a))  # none went
+
+    device.unsubscribe("PatientDetails", {"patient_id": a})
+
+    assert local_keys(device, "LocalAppointment") == set()
+    assert device.store.query("SELECT count(*) FROM syncunit_holds") == [(0,)]

@@ -12,7 +12,10 @@ parameters (Login's) is recorded there as ``''``, but only beside a
 subscription's hold: a row without any hold is that stream's alone, so its
 chunks cost one lookup while no subscription holds rows of the table. A
 removal, a reset or closing a subscription releases only its own holds; a row
-is deleted when no hold remains.
+is deleted when no hold remains. A subscription's fresh copy (a reset) that takes
+more than one response keeps the rows it held until it completes: its holds are
+set aside as retiring (``retiring``) and released with the copy's last chunk,
+except those the new copy took again.
 
 A row with an unpushed local change stays where a removal would delete it
 (pulls don't clobber): the removal is recorded in ``syncunit_deferred`` and
@@ -73,6 +76,24 @@ def has_holds(conn: sqlite3.Connection, table: str) -> bool:
 def pending_keys(conn: sqlite3.Connection, table: str) -> set[Any]:
     rows = conn.execute("SELECT row_key FROM syncunit_outbox WHERE table_name = ?", (table,))
     return {r[0] for r in rows}
+
+
+#: Marks a subscription's holds set aside by its fresh copy under way.
+_RETIRING = "\x1fretiring:"
+
+
+def retiring(holder: str) -> str:
+    """The holder name of ``holder``'s holds set aside by a fresh copy under way."""
+    return _RETIRING + holder
+
+
+def holders_of(conn: sqlite3.Connection, table: str, key: Any) -> set[str]:
+    """The holders of row ``key`` of ``table`` (a retiring hold counts as its
+    subscription's; ``''``: the stream without parameters)."""
+    rows = conn.execute(
+        "SELECT holder FROM syncunit_holds WHERE local_table = ? AND row_key = ?", (table, key)
+    )
+    return {r[0].removeprefix(_RETIRING) for r in rows}
 
 
 def held_by(conn: sqlite3.Connection, table: str, holder: str) -> list[Any]:
@@ -153,8 +174,16 @@ def apply_held(store: LocalStore, stream: StreamInfo, chunk: Chunk, holder: str)
     table, t, key = stream.local_table, quote(stream.local_table), quote(stream.key)
     upserted = removed = 0
     pending = pending_keys(c, table)
+    old = retiring(holder)
     if chunk.reset:
-        removed += release(c, stream, held_by(c, table, holder), holder, pending)
+        # What it held stays in sight until the fresh copy completes.
+        c.execute(
+            "UPDATE OR IGNORE syncunit_holds SET holder = ? WHERE local_table = ? AND holder = ?",
+            (old, table, holder),
+        )
+        c.execute(
+            "DELETE FROM syncunit_holds WHERE local_table = ? AND holder = ?", (table, holder)
+        )
     removed += release(c, stream, list(chunk.removed), holder, pending)
     if chunk.row_count():
         k = chunk.columns.index(stream.key)
@@ -176,6 +205,8 @@ def apply_held(store: LocalStore, stream: StreamInfo, chunk: Chunk, holder: str)
             rows = [r for r in rows if r[k] not in pending]
         c.executemany(store._upsert_sql(stream, tuple(chunk.columns)), rows)
         upserted = len(keys)
+    if chunk.complete:
+        removed += release(c, stream, held_by(c, table, old), old, pending)
     return upserted, removed
 
 
@@ -186,7 +217,8 @@ def close_subscription(store: LocalStore, sub_id: str, streams: Sequence[StreamI
     removed = 0
     for s in streams:
         pending = pending_keys(c, s.local_table)
-        removed += release(c, s, held_by(c, s.local_table, sub_id), sub_id, pending)
+        for holder in (sub_id, retiring(sub_id)):
+            removed += release(c, s, held_by(c, s.local_table, holder), holder, pending)
         c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (cursor_name(s.name, sub_id),))
     c.execute("DELETE FROM syncunit_subscriptions WHERE id = ?", (sub_id,))
     return removed
@@ -199,14 +231,7 @@ def reread(
     carried no row) while subscriptions still hold it: their streams of the table lose
     their cursors, so each copies afresh on its next refresh and brings the row back as
     it shows it. Returns the cursors dropped (``stream@subscription``)."""
-    holders = [
-        r[0]
-        for r in conn.execute(
-            "SELECT holder FROM syncunit_holds WHERE local_table = ? AND row_key = ?"
-            " AND holder != ''",
-            (table, key),
-        )
-    ]
+    holders = sorted(holders_of(conn, table, key) - {""})
     names = [s.name for s in streams if s.local_table == table and s.params]
     dropped = [cursor_name(n, h) for h in holders for n in names]
     conn.executemany("DELETE FROM syncunit_cursors WHERE stream = ?", [(d,) for d in dropped])

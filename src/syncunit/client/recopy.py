@@ -65,13 +65,7 @@ def mark(
     """Mark the cursors of the streams that bring row ``key`` of ``table`` (in the
     caller's transaction): the table's streams without parameters, unless only
     subscriptions hold the row, and the subscriptions that hold it. Returns them."""
-    holders = {
-        r[0]
-        for r in conn.execute(
-            "SELECT holder FROM syncunit_holds WHERE local_table = ? AND row_key = ?",
-            (table, key),
-        )
-    }
+    holders = holds.holders_of(conn, table, key)
     names: list[str] = []
     for s in streams:
         if s.local_table != table:
