@@ -2,19 +2,21 @@
 
 DESIGN invariant 2 (no lost write) and the push's promise: a mutation that
 fails for a non-transient reason (a business rule whose query hits a database
-error) is rejected with its reason; a transient failure (a lock) is tried
-again a bounded number of times, then surfaced the same way; the rest of the
-push is applied.
+error) is rejected with its reason, and the rest of the push is applied; a
+transient failure (a lock, a timeout, a full disk) is tried again a bounded
+number of times, then fails the whole request with a 503 the device retries:
+it never rejects the change.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from syncunit.errors import NetworkError
+from syncunit.errors import NetworkError, ProblemError
 from syncunit.policies import MutationContext
 from syncunit.server import mutation
 from tests.test_push_support import FaultTransport, local_notes
@@ -74,24 +76,83 @@ def test_a_transient_failure_is_tried_again_and_applies(notes_app, monkeypatch):
     assert app.applications("a") == 1
 
 
-def test_a_transient_failure_past_its_retries_is_surfaced_and_nothing_waits(notes_app, monkeypatch):
+def _unavailable(device: Any) -> None:
+    """The next push is answered 503 ``database-unavailable``: nothing of it applied."""
+    with pytest.raises(ProblemError) as failed:
+        device.sync("Sync")
+    assert (failed.value.status, failed.value.code) == (503, "database-unavailable")
+
+
+def test_a_transient_failure_past_its_retries_fails_the_request_and_loses_nothing(
+    notes_app, monkeypatch
+):
+    """Not the change's fault: never a rejection (which would drop the user's write),
+    but a 503 the device retries, the whole push kept; applied once when it passes."""
     monkeypatch.setattr(mutation, "TRANSIENT_PAUSE", 0.0)
     calls: list[int] = []
     app = notes_app(rules=[_locked(calls, fail_first=10**6)])
     device = app.client()
-    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "busy"})
     device.insert("LocalNote", {"id": "b", "owner": "u1", "title": "free"})
+    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "busy"})
 
-    result = device.sync("Sync")
+    _unavailable(device)
 
-    assert [(r["key"], r["code"]) for r in result.rejected] == [("a", "unavailable")]
-    assert f"tried {mutation.TRANSIENT_ATTEMPTS} times" in result.rejected[0]["reason"]
-    assert result.applied == 1
-    assert app.row("b") is not None
-    assert app.row("a") is None
-    [kept] = device.outbox.rejected()
-    device.outbox.retry(kept.id)  # the app decides to send it again
-    assert device.outbox.count() == 1
+    assert len(calls) == 1 + mutation.TRANSIENT_ATTEMPTS
+    assert device.outbox.rejected() == []
+    assert device.outbox.count() == 2
+    assert app.rows("u1") == []  # b's write went with the request's transaction
+    calls.clear()  # the lock clears
+    calls.extend([0] * 10**6)
+    assert device.sync("Sync").applied == 2
+    assert (app.applications("a"), app.applications("b")) == (1, 1)
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_a_lock_or_a_full_disk_on_the_server_keeps_the_change_for_a_retry(notes_app, backend):
+    """Real failures: on PostgreSQL a row another transaction holds past the lock
+    timeout, on SQLite a disk full (its page limit). A 503, the changes kept, and
+    applied once the database can take them."""
+    app = notes_app()
+    app.add("s1", title="on the server")
+    device = app.client()
+    device.sync("Sync")
+    device.update("LocalNote", "s1", {"title": "edited"})
+    device.insert("LocalNote", {"id": "big", "owner": "u1", "body": "x" * 200_000})
+    engine = app.server.store.engine
+    holder = sa.create_engine(app.database, poolclass=sa.pool.NullPool)
+    name = sa.engine.make_url(app.database).database
+    if backend == "postgres":
+        app.backoffice(f'ALTER DATABASE "{name}" SET lock_timeout = 100')
+        held = holder.connect()
+        held.begin()
+        held.execute(sa.text("SELECT 1 FROM note WHERE id = 's1' FOR UPDATE"))
+    else:
+        with engine.connect() as conn:
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+
+        def cap(dbapi: Any, _: Any) -> None:
+            dbapi.execute(f"PRAGMA max_page_count = {pages + 5}")
+
+        sa.event.listen(engine, "connect", cap)
+    engine.dispose()
+    try:
+        _unavailable(device)
+        assert device.outbox.rejected() == []
+        assert device.outbox.count() == 2
+        assert app.row("s1")["title"] == "on the server"
+    finally:
+        if backend == "postgres":
+            held.close()
+            app.backoffice(f'ALTER DATABASE "{name}" RESET lock_timeout')
+        else:
+            sa.event.remove(engine, "connect", cap)
+        engine.dispose()
+        holder.dispose()
+
+    assert device.sync("Sync").applied == 2
+    assert app.row("s1")["title"] == "edited"
+    assert (app.applications("s1"), app.applications("big")) == (1, 1)
+    assert [seq for seq, _ in app.logged(device.client_id)] == [1, 2]
 
 
 def test_an_update_behind_an_unanswered_insert_is_not_refused_for_its_nulls(notes_app):
@@ -110,4 +171,57 @@ def test_an_update_behind_an_unanswered_insert_is_not_refused_for_its_nulls(note
     assert result.rejected == []
     assert result.applied == 2
     assert app.row("a")["title"] == "second"
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_a_lock_timeout_outside_any_change_is_a_503_not_a_server_fault(notes_app, backend):
+    """The device's own row in the server's client table, locked by another
+    transaction past the lock timeout (PostgreSQL): a 503, not a 500."""
+    if backend != "postgres":
+        pytest.skip("a lock timeout is PostgreSQL's")
+    app = notes_app()
+    device = app.client()
+    device.insert("LocalNote", {"id": "a", "owner": "u1"})
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "b", "owner": "u1"})
+    name = sa.engine.make_url(app.database).database
+    app.backoffice(f'ALTER DATABASE "{name}" SET lock_timeout = 100')
+    app.server.store.engine.dispose()
+    holder = sa.create_engine(app.database, poolclass=sa.pool.NullPool)
+    try:
+        with holder.connect() as held, held.begin():
+            held.execute(
+                sa.text("SELECT 1 FROM syncunit_clients WHERE client_id = :c FOR UPDATE"),
+                {"c": device.client_id},
+            )
+            _unavailable(device)
+    finally:
+        app.backoffice(f'ALTER DATABASE "{name}" RESET lock_timeout')
+        holder.dispose()
+    assert device.sync("Sync").applied == 1
+    assert app.applications("b") == 1
+
+
+def test_a_pull_that_meets_a_lock_timeout_is_told_to_retry(notes_app, backend):
+    """A table locked by a migration past the lock timeout (PostgreSQL): the pull is
+    a 503 (a ``Failure`` frame mid-stream), not a server fault; then it goes on."""
+    if backend != "postgres":
+        pytest.skip("a lock timeout is PostgreSQL's")
+    app = notes_app()
+    app.add("s1")
+    device = app.client()
+    name = sa.engine.make_url(app.database).database
+    app.backoffice(f'ALTER DATABASE "{name}" SET lock_timeout = 100')
+    app.server.store.engine.dispose()
+    holder = sa.create_engine(app.database, poolclass=sa.pool.NullPool)
+    try:
+        with holder.connect() as held, held.begin():
+            held.execute(sa.text("LOCK TABLE note IN ACCESS EXCLUSIVE MODE"))
+            with pytest.raises(ProblemError) as failed:
+                device.sync("Pull")
+            assert (failed.value.status, failed.value.code) == (503, "database-unavailable")
+    finally:
+        app.backoffice(f'ALTER DATABASE "{name}" RESET lock_timeout')
+        holder.dispose()
+    device.sync("Pull")
     assert local_notes(device) == app.rows("u1")

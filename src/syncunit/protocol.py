@@ -442,7 +442,7 @@ PROBLEM_CODES: dict[str, tuple[int, str]] = {
     "internal": (500, "The server failed"),
     "busy": (503, "Too many clients are waiting for live changes; try again later"),
     "overloaded": (503, "The server is running as many syncs as it can; retry after a while"),
-    "database-unavailable": (503, "The server lost its database connection; retry after a while"),
+    "database-unavailable": (503, "The server's database is unavailable; retry after a while"),
     "database-restored": (503, "The server's database is a restored copy; retry after a while"),
 }
 

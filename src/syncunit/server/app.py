@@ -80,10 +80,10 @@ from syncunit.server.logs import (
 )
 from syncunit.server.metrics import ServerMetrics, SyncTally
 from syncunit.server.problems import (
-    DATABASE_LOCKED,
+    DATABASE_BUSY,
     DATABASE_LOST,
     ProblemException,
-    database_locked,
+    database_busy,
     database_lost,
     first_line,
     problem_response,
@@ -241,6 +241,7 @@ class SyncServer(SyncAnswer):
                 ProtocolError: self._on_malformed,
                 HTTPException: self._on_no_route,
                 sa.exc.DBAPIError: self._on_database_error,
+                sa.exc.TimeoutError: self._on_database_error,
                 DatabaseRestored: self._on_restored,
                 ClientDisconnect: _on_disconnect,
                 Exception: self._on_error,
@@ -669,13 +670,14 @@ class SyncServer(SyncAnswer):
         """A connection the database ended (a restart, a failover) is not a bug: one
         line in the log and a 503 the device retries; any other database error is."""
         lost = database_lost(exc)
-        if not lost and not database_locked(exc):
+        busy = None if lost else database_busy(exc)
+        if not lost and busy is None:
             return await self._on_error(request, exc)
         path = request.url.path
         self.metrics.refused.labels("database-unavailable").inc()
-        why = "its database connection ended" if lost else "the database stayed locked"
+        why = "its database connection ended" if lost else "the database could not take it"
         log.error("%s %s failed: %s: %s", request.method, path, why, first_line(exc))
-        detail = DATABASE_LOST if lost else DATABASE_LOCKED
+        detail = DATABASE_LOST if lost else DATABASE_BUSY.format(why=busy)
         return problem_response("database-unavailable", detail, {"Retry-After": "1"})
 
     async def _on_restored(self, request: Request, exc: Exception) -> Response:

@@ -26,6 +26,7 @@ from syncunit.policies import Conflict, MutationContext, Reject, Resolve
 from syncunit.protocol import Mutation, MutationResult
 from syncunit.server.auth import Principal
 from syncunit.server.changes import to_wire
+from syncunit.server.problems import database_busy
 from syncunit.server.shape import StreamShape
 from syncunit.server.values import Rejected, coerce
 from syncunit.units import TRACKING_COLUMNS, Stream
@@ -38,22 +39,15 @@ __all__ = ["ConflictFound", "MutationWrites"]
 
 log = logging.getLogger("syncunit.server")
 
-#: A mutation whose write fails for a transient reason (a lock, a deadlock, a
-#: serialization failure) is tried this many times before it is rejected.
+#: A mutation whose write fails for a transient reason (a lock or statement timeout, a
+#: full disk: ``problems.database_busy``) is tried this many times; then the whole
+#: request fails with ``database-unavailable`` (a 503 the device retries): such a
+#: change is never rejected.
 TRANSIENT_ATTEMPTS = 3
 TRANSIENT_PAUSE = 0.05  # seconds, times the attempt number
-_TRANSIENT = ("locked", "busy", "deadlock", "could not serialize", "lock timeout", "timeout")
 
 
 KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
-
-
-def _transient(exc: sa.exc.SQLAlchemyError) -> bool:
-    """A failure that may pass if the same write is tried again."""
-    if not isinstance(exc, sa.exc.OperationalError):
-        return False
-    text = str(exc.orig).lower()
-    return any(t in text for t in _TRANSIENT)
 
 
 def _first_line(exc: sa.exc.SQLAlchemyError) -> str:
@@ -181,6 +175,11 @@ class MutationWrites:
                     # The transaction is gone (or, a serialization failure on PostgreSQL,
                     # doomed): the whole request fails here, and ``apply`` runs it again.
                     raise
+                busy = database_busy(exc) is not None
+                if busy and attempt == TRANSIENT_ATTEMPTS:
+                    # Not this change's fault: the request fails (503), nothing of it
+                    # is kept, and the device sends it again.
+                    raise
                 savepoint.rollback()
                 status: Literal["rejected", "conflict"]
                 if isinstance(exc, Rejected):
@@ -190,20 +189,17 @@ class MutationWrites:
                 elif isinstance(exc, sa.exc.IntegrityError):
                     status, code = "rejected", "constraint"
                     reason = f"the database refused the change: {_first_line(exc)}"
-                elif _transient(exc) and attempt < TRANSIENT_ATTEMPTS:
+                elif busy:
                     log.warning("transient failure on %s %r, again: %s", m.table, m.key, exc)
                     time.sleep(TRANSIENT_PAUSE * attempt)
                     continue
                 else:
                     # A poison mutation (a rule's query fails, a value the database
-                    # cannot store) or a transient failure past its retries: this one
-                    # is rejected with its reason, the ones behind it go ahead.
+                    # cannot store): this one is rejected with its reason, the ones
+                    # behind it go ahead.
                     log.error("mutation %s %r failed: %s", m.table, m.key, exc)
-                    status = "rejected"
-                    code = "unavailable" if _transient(exc) else "server-error"
+                    status, code = "rejected", "server-error"
                     reason = f"the server's database failed on this change: {_first_line(exc)}"
-                    if code == "unavailable":
-                        reason += f" (tried {attempt} times; retry later)"
                 row = self._server_row(conn, stream, principal, m.key)
                 return MutationResult(m.seq, m.id, status, reason, code, row)
             savepoint.commit()

@@ -86,20 +86,39 @@ def database_lost(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
-#: What a device is told when the database stayed locked (SQLite: another process held
-#: the write lock past the busy timeout).
-DATABASE_LOCKED = "the server's database is locked by another writer; retry shortly"
+#: What a device is told when the database could not take its request for now (a lock
+#: held past a timeout, a statement cancelled, a disk or memory full).
+DATABASE_BUSY = "the server's database could not take the request for now ({why}); retry shortly"
+
+#: SQLite result codes (``sqlite_errorname``, extended codes by their prefix) of a
+#: failure that passes with time: another writer's lock, a full disk, an I/O error.
+_SQLITE_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_NOMEM")
+#: PostgreSQL SQLSTATEs of the same: a lock not granted in time (55P03), a statement
+#: cancelled (57014: statement_timeout, pg_cancel_backend), idle in transaction too long
+#: (25P03); classes 53 (insufficient resources: disk, memory, connections), 57P (the
+#: server shutting down or starting) and 58 (I/O).
+_PG_BUSY = ("55P03", "57014", "25P03")
+_PG_BUSY_CLASSES = ("53", "57P", "58")
 
 
-def database_locked(exc: BaseException) -> bool:
-    """Whether ``exc`` is SQLite's "database is locked" (another connection held the
-    write lock past the busy timeout): a ``database-unavailable`` problem, retried."""
-    orig = getattr(exc, "orig", None)
-    return (
-        isinstance(exc, sa.exc.OperationalError)
-        and isinstance(orig, sqlite3.OperationalError)
-        and str(orig).startswith("database is locked")
-    )
+def database_busy(exc: BaseException) -> str | None:
+    """Why ``exc`` is the database failing for now, not the request (SQLite locked or
+    full, a PostgreSQL lock or statement timeout, a cancelled statement, a full disk,
+    SQLAlchemy's pool exhausted); None for any other error. Such a failure is a
+    ``database-unavailable`` problem the device retries, never a change's rejection."""
+    if isinstance(exc, sa.exc.TimeoutError):
+        return "no database connection free in time"
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return None
+    orig = exc.orig
+    if isinstance(orig, sqlite3.Error):
+        name = getattr(orig, "sqlite_errorname", "") or ""
+        busy = name.startswith(_SQLITE_BUSY) or str(orig).startswith("database is locked")
+        return first_line(exc) if busy else None
+    state = getattr(orig, "sqlstate", None) or ""
+    if state in _PG_BUSY or state.startswith(_PG_BUSY_CLASSES):
+        return first_line(exc)
+    return None
 
 
 def first_line(exc: BaseException) -> str:

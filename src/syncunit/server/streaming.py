@@ -37,8 +37,10 @@ from syncunit.protocol import Chunk, Encoding, End, Failure, Frame, close_frames
 from syncunit.server.admission import Slot
 from syncunit.server.limits import Limits
 from syncunit.server.problems import (
+    DATABASE_BUSY,
     DATABASE_LOST,
     ProblemException,
+    database_busy,
     database_lost,
     first_line,
     problem,
@@ -213,6 +215,9 @@ class FramePump:
             elif database_lost(exc):  # a restart or a failover: one line, and a 503
                 log.error("sync stream failed: its database connection ended: %s", first_line(exc))
                 p = problem("database-unavailable", DATABASE_LOST)
+            elif (busy := database_busy(exc)) is not None:  # a lock, a timeout: a 503
+                log.error("sync stream failed: the database could not take it: %s", busy)
+                p = problem("database-unavailable", DATABASE_BUSY.format(why=busy))
             else:
                 log.exception("sync stream failed", exc_info=exc)
                 p = problem("internal", "see the server log")
