@@ -8,6 +8,7 @@
     └── SyncError            a sync run failed
         ├── NetworkError         the server could not be reached or the stream was cut: retryable
         ├── SyncCancelled        close() stopped the run: the unit stays queued, nothing is lost
+        ├── DeviceBusy           another sync of the device's database held on too long: retryable
         └── ProblemError         the server answered with an application/problem+json error
             ├── AuthError            401 or 403: not retried
             ├── UnknownUnitError     404: the unit does not exist on the server
@@ -25,6 +26,7 @@ __all__ = [
     "AuthError",
     "DatabaseRestored",
     "DeclarationError",
+    "DeviceBusy",
     "LocalStoreError",
     "NetworkError",
     "ProblemError",
@@ -70,6 +72,14 @@ class SyncError(SyncUnitError):
 
 class NetworkError(SyncError):
     """The server was unreachable, or the connection broke mid-sync."""
+
+    retryable = True
+
+
+class DeviceBusy(SyncError):
+    """Another sync of the same device database (another client object, another
+    process) ran longer than ``lock_timeout``: the runs of one database take turns.
+    Nothing was read or written; the message says who holds the database."""
 
     retryable = True
 

@@ -23,6 +23,7 @@ from typing import Any
 from syncunit.client.client import SyncClient, SyncResult
 from syncunit.client.reactive import LiveQuery, Rows
 from syncunit.client.scheduler import SyncStatus
+from syncunit.errors import LocalStoreError
 
 __all__ = ["AsyncSyncClient"]
 
@@ -120,11 +121,16 @@ class AsyncSyncClient:
         await asyncio.to_thread(self.client.delete, table, key)
 
     async def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Rows:
-        """Rows of ``sql`` on the local database."""
+        """Rows of ``sql`` on the local database (``LocalStoreError`` if it fails, as
+        the threaded client's ``store.query``)."""
+        store = self.client.store
 
         def run() -> Rows:
-            with self.client.store.lock:
-                return [tuple(r) for r in self.client.store.conn.execute(sql, params)]
+            with store.lock:
+                try:
+                    return [tuple(r) for r in store.conn.execute(sql, params)]
+                except store.errors as exc:
+                    raise LocalStoreError(f"local query failed: {exc}") from exc
 
         return await asyncio.to_thread(run)
 

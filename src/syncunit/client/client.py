@@ -128,6 +128,7 @@ class SyncClient:
         clock: Callable[[], float] = time.time,
         snapshots: bool = True,
         refresh_subscriptions_with: Sequence[str] | None = None,
+        lock_timeout: float = 300.0,
     ) -> None:
         self.store = local_db if isinstance(local_db, LocalStore) else LocalStore(local_db)
         self.outbox = Outbox(self.store)
@@ -164,7 +165,9 @@ class SyncClient:
             else [u for u in (sync_on_reconnect,) if u]
         )
         self.clock = clock
-        self._sync_lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # this object's runs (``close`` waits for it)
+        #: Seconds a run waits for another sync of the same database file to end.
+        self.lock_timeout = lock_timeout
         self._sync_owner: int | None = None  # the thread running a sync
         self._callbacks = threading.local()  # .depth: callbacks running on this thread
         self._cancel = threading.Event()
@@ -454,15 +457,16 @@ class SyncClient:
         cached = None if refresh else self.store.catalog()
         if cached is not None:
             return cached
-        response = self._send("GET", "/v1/catalog")
-        try:
-            body = response.read()
-        finally:
-            response.close()
-        self._queues_pushes = response.headers.get(QUEUES_PUSHES) == "1"
-        catalog = decode_catalog(body)
-        self.store.apply_catalog(catalog)
-        self.client_id = self.store.client_id()  # renewed if no unit takes changes now
+        with self._device("catalog update"):
+            response = self._send("GET", "/v1/catalog")
+            try:
+                body = response.read()
+            finally:
+                response.close()
+            self._queues_pushes = response.headers.get(QUEUES_PUSHES) == "1"
+            catalog = decode_catalog(body)
+            self.store.apply_catalog(catalog)
+            self.client_id = self.store.client_id()  # renewed if no unit takes changes now
         return catalog
 
     # -- sync ----------------------------------------------------------------------------
@@ -501,7 +505,7 @@ class SyncClient:
         self._feed.idle()
         self._status_changed()
         try:
-            with self._sync_lock, self._owned():
+            with self._exclusive(f"sync of {sub_id!r}"), self._owned():
                 self._expire()
                 opened = bool(params) and sub_id not in {s[0] for s in self.store.subscriptions()}
                 if params:
@@ -543,7 +547,7 @@ class SyncClient:
                 # Refused (a malformed value, a 403): nothing to hold, and an Online
                 # run must not carry it. Values the server refuses are closed whichever
                 # call opened them. A network failure keeps it, to be retried.
-                with self._sync_lock:
+                with self._exclusive(f"closing subscription {sub_id!r}"):
                     self._unsubscribe(unit, params or {})
             result.seconds = time.perf_counter() - started
             # Offline is a status: only the first network failure is an error event.
@@ -633,7 +637,7 @@ class SyncClient:
     def unsubscribe(self, unit: str, params: Mapping[str, Any]) -> int:
         """Close a subscription: its rows that no other subscription or stream holds
         are removed, with its cursors. Returns the number of rows removed."""
-        with self._sync_lock:
+        with self._exclusive(f"closing subscription {subscription_id(unit, params)!r}"):
             return self._unsubscribe(unit, params)
 
     def _unsubscribe(self, unit: str, params: Mapping[str, Any]) -> int:
@@ -646,7 +650,7 @@ class SyncClient:
 
     def expire_subscriptions(self) -> list[str]:
         """Close the subscriptions not synced for their ``keep_for``; return their ids."""
-        with self._sync_lock:
+        with self._exclusive("expiring subscriptions"):
             return self._expire()
 
     def _expire(self) -> list[str]:
@@ -657,6 +661,24 @@ class SyncClient:
                 self._unsubscribe(unit, json.loads(raw))
                 gone.append(sub_id)
         return gone
+
+    @contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        """Hold this client's runs and the database's (``DeviceLock``): what this object
+        knows of the database is read again first, for another client may have synced
+        it meanwhile (its catalog, its client id after a logout)."""
+        with self._sync_lock, self._device(what):
+            yield
+
+    @contextmanager
+    def _device(self, what: str) -> Iterator[None]:
+        """Hold the database's sync lock (reentrant on this thread), and catch up with
+        what another client of the database changed before it was taken."""
+        with self.store.sync_lock.held(what, self.lock_timeout, self._cancel) as taken:
+            if taken:
+                self.store.reload_catalog()
+                self.client_id = self.store.get_fact("client_id") or self.client_id
+            yield
 
     @contextmanager
     def _owned(self) -> Iterator[None]:

@@ -907,6 +907,7 @@ class Outbox:
             if row is None:
                 raise LocalStoreError(f"no rejected change with id {rejected_id}")
             table, key, op, attempted, code = row
+            self.store.reload_catalog()  # another client may have applied a new one
             catalog = self.store.catalog()
             stream = None if catalog is None else next(
                 (s for s in catalog.streams if s.local_table == table), None

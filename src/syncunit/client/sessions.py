@@ -70,7 +70,7 @@ def logout(client: SyncClient, *, clear: bool, push: bool) -> int:
                 log.info("logout: pending changes kept for later (%s)", exc)
                 break
     streams = [] if catalog is None else catalog.streams
-    with client._sync_lock, client.store.atomic():
+    with client._exclusive("logout"), client.store.atomic():
         kept = client.outbox.park(streams, client.client_id)
         if kept:
             # A session the server never saw push is bound to no principal: only the
@@ -90,7 +90,13 @@ def logout(client: SyncClient, *, clear: bool, push: bool) -> int:
 
 def push_parked(client: SyncClient) -> int:
     """``SyncClient.push_parked``: push the parked changes this principal owns, and bring
-    back into sight the conflicts and rejections of its sessions."""
+    back into sight the conflicts and rejections of its sessions (one run of the
+    database: see ``devicelock.py``)."""
+    with client._exclusive("push of parked changes"):
+        return _push_parked(client)
+
+
+def _push_parked(client: SyncClient) -> int:
     catalog = client.store.catalog()
     units = [] if catalog is None else push_units(catalog)
     if catalog is None:
@@ -125,8 +131,7 @@ def push_parked(client: SyncClient) -> int:
                 _forget(client, client_id)
             continue
         try:
-            with client._sync_lock:
-                applied += _push_session(client, client_id, catalog, units[0].name, mine)
+            applied += _push_session(client, client_id, catalog, units[0].name, mine)
         except ProblemError as exc:
             if exc.retryable:  # the server is busy or failing: every session waits
                 log.info("parked changes stay parked for now (%s)", exc)

@@ -38,6 +38,7 @@ from typing import Any, cast
 
 from syncunit.client import holds, recopy
 from syncunit.client.applying import ChunkApply
+from syncunit.client.devicelock import DeviceLock
 from syncunit.client.migrations import migrate
 from syncunit.client.outbox import Outbox
 from syncunit.client.schema import (
@@ -199,19 +200,51 @@ class LocalStore(ChunkApply):
         #: Subscription cursors (``stream@subscription``) dropped in the response under way
         #: so the stream copies afresh: the rest of that response's chunks for them wait.
         self.rereading: set[str] = set()
-        cached = self.catalog()
+        #: One sync run at a time on this database, across objects and processes.
+        self.sync_lock = DeviceLock(self._main_file())
         #: Local tables whose changes are pushed (they carry outbox triggers).
         self.pushed: set[str] = set()
         #: Local tables a stream with client parameters fills (their rows carry holds),
         #: and those a stream without parameters fills.
         self.held: set[str] = set()
         self.plain: set[str] = set()
+        #: The stored catalog the sets above were learnt from (``reload_catalog``).
+        self._loaded: str | None = None
+        self.reload_catalog()
+        cached = self.catalog()
         if cached is not None:
-            self.pushed = {t for u in cached.units for t in u.push}
-            self._learn_holds(cached)
             self._restore_suspended(cached)
 
-    def _learn_holds(self, catalog: Catalog) -> None:
+    def _main_file(self) -> Path | None:
+        """The database file (None: in memory), also for a connection it was given."""
+        if self.path is not None:
+            return self.path.resolve()
+        with self.lock:
+            try:
+                main = self.conn.execute("PRAGMA database_list").fetchone()
+            except self.errors as exc:
+                raise LocalStoreError(f"cannot read the local database's file: {exc}") from exc
+        return Path(main[2]).resolve() if main and main[2] else None
+
+    def reload_catalog(self) -> bool:
+        """Learn again what the stored catalog says of the local tables (which are
+        pushed, which hold rows for subscriptions) if another client object or process
+        applied another one since this object last did; return whether it had."""
+        with self.lock:
+            raw = self.get_fact("catalog")
+            if raw == self._loaded:
+                return False
+            if raw is not None:
+                self._learn(decode_catalog(raw.encode()))
+            else:
+                self.pushed, self.held, self.plain = set(), set(), set()
+            self._upserts.clear()
+            self._fixes.clear()
+            self._loaded = raw
+            return True
+
+    def _learn(self, catalog: Catalog) -> None:
+        self.pushed = {t for u in catalog.units for t in u.push}
         self.held = {s.local_table for s in catalog.streams if s.params}
         self.plain = {s.local_table for s in catalog.streams if not s.params}
 
@@ -380,17 +413,20 @@ class LocalStore(ChunkApply):
         changes: list[str] = []
         with self.atomic():
             before = self.catalog()
+            self._loaded = ""  # learnt again by the next run if this one rolls back
             pushed = self.pushed = {t for u in catalog.units for t in u.push}
             if before is not None:
                 changes += self._carry_pending(before, catalog, pushed)
-            self._learn_holds(catalog)
+            self._learn(catalog)
             for stream in catalog.streams:
                 changes += self._migrate(stream)
                 if stream.local_table in pushed:
                     for stmt in trigger_ddl(stream):
                         self.conn.execute(stmt)
             changes += surface_orphans(self.conn, catalog, self.pushed)
-            self.set_fact("catalog", encode_catalog(catalog).decode())
+            raw = encode_catalog(catalog).decode()
+            self.set_fact("catalog", raw)
+            self._loaded = raw
         self._upserts.clear()
         self._fixes.clear()
         return changes
