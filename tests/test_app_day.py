@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from syncunit import AsyncSyncClient, NetworkError, SyncClient, SyncStatus
+from syncunit import AsyncSyncClient, LocalStoreError, NetworkError, SyncClient, SyncStatus
 from syncunit.client.scheduler import subscription_id
 from tests.support import LiveServer
 from tests.test_scheduler import booking
@@ -283,6 +283,20 @@ def test_the_async_client_syncs_and_hands_results_to_the_loop(live: LiveServer, 
     assert out["second"] == [(out["first"][0][0] + 1,)]
     assert out["threads"] == {out["loop"]}  # every status call ran on the loop's thread
     assert any(s.download is not None for s in out["statuses"])
+
+
+def test_the_async_clients_query_raises_only_syncunit_errors(tmp_path):
+    """As the threaded ``store.query``: a driver error becomes ``LocalStoreError``."""
+
+    async def app() -> None:
+        async with AsyncSyncClient("http://127.0.0.1:9", tmp_path / "d.sqlite", token="t") as c:
+            # Before a first sync brought the catalog, there is no local table yet.
+            with pytest.raises(LocalStoreError, match="no such table: LocalDoctor"):
+                await c.query("SELECT * FROM LocalDoctor")
+            with pytest.raises(LocalStoreError, match="syntax error"):
+                await c.query("SELEKT 1")
+
+    asyncio.run(app())
 
 
 def test_the_async_client_takes_a_units_params_like_the_sync_one(live: LiveServer, store, tmp_path):
