@@ -187,10 +187,12 @@ class FramePump:
                     break
                 if isinstance(frame, Chunk):
                     chunks += 1
-                    moved = moved or bool(frame.reset or frame.removed or frame.row_count())
-                # Cut only a response that moved a stream on: one of only empty deltas
-                # (a unit of many streams, a slow database) would be asked again for
-                # ever.
+                    moved = moved or bool(
+                        frame.reset or frame.removed or frame.row_count() or not frame.complete
+                    )
+                # Cut only a response that moved a stream on (rows, or a stream part-way):
+                # one of only complete empty deltas (a unit of many streams, a slow
+                # database) would be asked again for ever.
                 if (
                     moved
                     and not ended
