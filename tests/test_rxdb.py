@@ -1057,3 +1057,37 @@ def test_binary_columns_travel_as_base64_both_ways(
             "a": changed,
             "b": new,
         }
+
+
+@pytest.mark.backends("postgres")
+def test_an_event_stream_on_a_restored_database_is_refused_as_a_sync_is(
+    live: LiveServer,
+    peer: RxPeer,
+    server: SyncServer,
+    store: Any,
+    db_backup: Any,
+    plain_sql: PlainSQL,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A database restored under the running server: a stream open then ends (the
+    client reconnects), and a new one is the sync's ``503 database-restored``, not
+    a 200 cut by a server fault."""
+    peer.pull()
+    events = Events(live, f"{BASE}/pull/stream")
+    try:
+        assert events.next() == "RESYNC"
+        db_backup.restore(db_backup.save(), store)
+        plain_sql(
+            "UPDATE appointment SET notes = 'after' WHERE id = :id",
+            {"id": appointments_of(server.store, 1)[0]},
+        )
+        events.thread.join(10)
+        assert not events.thread.is_alive()  # the stream ended
+        assert events.items == []
+    finally:
+        events.close()
+    with httpx.stream("GET", f"{live.url}{BASE}/pull/stream", headers=auth(), timeout=10) as r:
+        assert r.status_code == 503
+        assert json.loads(r.read())["code"] == "database-restored"
+    assert server.metrics.refused.labels("internal")._value.get() == 0
+    assert [r for r in caplog.records if r.exc_info] == []

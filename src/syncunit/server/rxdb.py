@@ -41,6 +41,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -53,6 +54,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from syncunit.errors import DatabaseRestored
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Chunk,
@@ -68,7 +70,12 @@ from syncunit.server.changes import StreamReader, params_hash
 from syncunit.server.cursor import Cursor, encode_cursor, sign_cursor
 from syncunit.server.limits import read_body, shorten
 from syncunit.server.live import unit_has_changes
-from syncunit.server.problems import ProblemException
+from syncunit.server.problems import (
+    ProblemException,
+    database_busy,
+    database_lost,
+    first_line,
+)
 from syncunit.server.store import clients
 from syncunit.units import Stream, SyncUnit
 
@@ -76,6 +83,8 @@ if TYPE_CHECKING:
     from syncunit.server.app import SyncServer
 
 __all__ = ["CLIENT_HEADER", "RxDBReplication", "rxdb_schema"]
+
+log = logging.getLogger("syncunit.server")
 
 CLIENT_HEADER = "Syncunit-Client-Id"
 DEFAULT_BATCH = 1000
@@ -419,7 +428,15 @@ class RxDBReplication:
         params = self._params(request)
         self._check(principal, unit, batch=batch, params=params)
         waiting = self.server.live_slot(principal)
-        events = self._events(request, stream, principal, batch, params)
+        try:
+            # Read before the answer starts: a database that cannot answer (restored,
+            # gone) is the sync's problem response, not a 200 cut short.
+            seen = await anyio.to_thread.run_sync(self.server.store.current_version)
+            cursor = await anyio.to_thread.run_sync(self._cursor_now, stream, principal, params)
+        except BaseException:
+            waiting.release()
+            raise
+        events = self._events(request, stream, principal, batch, params, seen, cursor)
         return _HeldStream(
             events,
             waiting,
@@ -579,21 +596,22 @@ class RxDBReplication:
         principal: Principal,
         batch: int,
         params: dict[str, Any],
+        seen: int,
+        cursor: str | None,
     ) -> AsyncIterator[bytes]:
         """The event stream: ``RESYNC`` first, then the changes in scope as they come.
 
-        The stream keeps its own cursor, taken before each ``RESYNC`` is sent: the
-        pull the client makes on it reads at least that far, so a later event (whose
-        checkpoint replaces the client's) leaves no gap behind it.
+        The stream keeps its own cursor (``cursor``, at version ``seen`` to begin with),
+        taken before each ``RESYNC`` is sent: the pull the client makes on it reads at
+        least that far, so a later event (whose checkpoint replaces the client's) leaves
+        no gap behind it. A read that fails ends the stream (the client reconnects, and
+        is told why: ``_ended``).
         """
-        store = self.server.store
         monitor = self.server.monitor
         key = await self.server._key()
         alone = SyncUnit(f"rxdb:{stream.name}", [stream])
         loop = asyncio.get_running_loop()
         ends = loop.time() + self.stream_lifetime
-        seen = await anyio.to_thread.run_sync(store.current_version)
-        cursor = await anyio.to_thread.run_sync(self._cursor_now, stream, principal, params)
         yield b"retry: 1000\n\n" + _event("RESYNC")
         beat = loop.time()
         while (left := ends - loop.time()) > 0 and not await request.is_disconnected():
@@ -614,6 +632,9 @@ class RxDBReplication:
                 event = await self._event_for(
                     request, stream, principal, alone, cursor, batch, params
                 )
+            except Exception as exc:  # the answer is under way: it can only end
+                self._ended(exc)
+                return
             finally:
                 slot.release()
             if event is None:
@@ -623,6 +644,20 @@ class RxDBReplication:
                 if isinstance(data, dict):
                     data = {**data, "checkpoint": _signed(data["checkpoint"], key)}
                 yield _event(data)
+
+    def _ended(self, exc: Exception) -> None:
+        """An event stream's read failed: logged and counted as the problem a request
+        would have been answered with (which the reconnecting client gets)."""
+        refused = self.server.metrics.refused
+        if isinstance(exc, DatabaseRestored):
+            log.error("event stream ended: %s", exc)
+            refused.labels("database-restored").inc()
+        elif database_lost(exc) or database_busy(exc) is not None:
+            log.error("event stream ended: the database failed: %s", first_line(exc))
+            refused.labels("database-unavailable").inc()
+        else:
+            log.exception("event stream failed", exc_info=exc)
+            refused.labels("internal").inc()
 
     async def _event_for(
         self,
