@@ -360,3 +360,43 @@ def test_a_renamed_doctor_is_not_a_conflict_for_an_edited_appointment(
     row = _local_appointment(client, key)
     assert (row["doctor_name"], row["notes"]) == ("Dr. Renamed", "edited")
     in_sync(client, "Online")
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_a_conflict_on_a_row_with_json_values_is_surfaced_with_the_row_as_pulled(
+    serve: Any, new_database: Any, tmp_path: Any, encoding: str
+) -> None:
+    """The server's row sent back with a conflict carries JSON columns as text, as
+    pulls do: the device stores it, surfaces the conflict and syncs on."""
+    import json
+
+    import sqlalchemy as sa
+
+    from syncunit import SyncClient
+    from tests.test_hostile import _documents_server
+
+    server, doc = _documents_server(new_database("docs"), policy=Detect())
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "doc.sqlite", token="t-ana", encoding=encoding)
+    try:
+        device.insert("LocalDoc", {"id": "r1", "owner": "ana", "j": '{"k": 1}', "jb": "[1, 2]"})
+        assert device.sync("Docs").applied == 1
+        with server.store.engine.begin() as conn:
+            conn.execute(doc.update().where(doc.c.id == "r1").values(j={"k": 2, "by": "server"}))
+        device.update("LocalDoc", "r1", {"j": '{"k": 3}'})
+        device.insert("LocalDoc", {"id": "r2", "owner": "ana"})
+
+        result = device.sync("Docs")
+
+        assert [(c["key"], c["status"]) for c in result.conflicts] == [("r1", "conflict")]
+        assert result.applied == 1
+        [kept] = device.outbox.rejected()
+        assert json.loads(kept.server_row["j"]) == {"k": 2, "by": "server"}
+        [(j, jb)] = device.store.query("SELECT j, jb FROM LocalDoc WHERE id = 'r1'")
+        assert (json.loads(j), json.loads(jb)) == ({"k": 2, "by": "server"}, [1, 2])
+        assert device.outbox.count() == 0
+        with server.store.engine.connect() as conn:
+            assert conn.execute(sa.select(doc.c.id).where(doc.c.id == "r2")).first() is not None
+    finally:
+        device.close()
+        server.store.engine.dispose()

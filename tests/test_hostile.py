@@ -418,7 +418,7 @@ def test_a_nul_in_a_text_value_is_rejected_where_the_database_cannot_store_it(
     _no_error_logged(caplog)
 
 
-def _documents_server(database: str) -> tuple[Any, sa.Table]:
+def _documents_server(database: str, policy: Any = None) -> tuple[Any, sa.Table]:
     """A server of one ``doc`` table with a JSON column of each kind: ``j`` (``json``
     on PostgreSQL, which keeps the text as sent) and ``jb`` (``jsonb`` there)."""
     from sqlalchemy.dialects.postgresql import JSONB
@@ -435,7 +435,8 @@ def _documents_server(database: str) -> tuple[Any, sa.Table]:
         sa.Column("jb", sa.JSON().with_variant(JSONB(), "postgresql"), nullable=True),
     )  # fmt: skip
     stream = Stream("docs", doc, {c: doc.c[c] for c in ("id", "owner", "j", "jb")},
-                    where=doc.c.owner == sa.bindparam("owner"), local_table="LocalDoc")  # fmt: skip
+                    where=doc.c.owner == sa.bindparam("owner"), local_table="LocalDoc",
+                    policy=policy)  # fmt: skip
     schema = SyncSchema([SyncUnit("Docs", [stream], direction="both")])
     tokens = {"t-ana": Principal("ana", {"owner": "ana"}),
               "t-nul": Principal("a\x00na", {"owner": "ana"}),

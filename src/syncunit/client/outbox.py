@@ -746,6 +746,14 @@ class Outbox:
         the next numbering, which commits with an fsync, and so far below the
         log's retention.
         """
+        try:
+            return self._complete(pushed, streams)
+        except self.store.errors as exc:
+            raise LocalStoreError(f"cannot record the server's verdicts: {exc}") from exc
+
+    def _complete(
+        self, pushed: PushResults, streams: Sequence[StreamInfo]
+    ) -> tuple[int, list[RejectedChange]]:
         by_table = {s.local_table: s for s in streams}
         conn = self.store.conn
         applied = 0

@@ -83,6 +83,17 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def wire_converters(stream: Stream) -> list[tuple[int, Callable[[Any], Any]]]:
+    """Per column of ``stream`` (by position) whose values do not travel as the
+    database driver reads them, the function that makes them travel (an ISO date, a
+    decimal's text, JSON as text): every row the server sends goes through them."""
+    return [
+        (i, _CONVERTERS[lt])
+        for i, expr in enumerate(stream.columns.values())
+        if (lt := logical_type(expr.type)) in _CONVERTERS
+    ]
+
+
 def to_wire(value: Any) -> Any:
     """One server value as it travels and is stored locally."""
     if isinstance(value, dt.date | dt.time):
@@ -137,11 +148,7 @@ class StreamReader:
         self.phash = params_hash(stream, params)
         self.shape = StreamShape(stream)
         self.columns = list(stream.columns)
-        self.converters: list[tuple[int, Callable[[Any], Any]]] = [
-            (i, _CONVERTERS[lt])
-            for i, expr in enumerate(stream.columns.values())
-            if (lt := logical_type(expr.type)) in _CONVERTERS
-        ]
+        self.converters = wire_converters(stream)
         # Where the store can read every column raw, rows skip SQLAlchemy's result
         # processing (and datetimes their parse and format round trip).
         raw = [store.raw_column(expr) for expr in stream.columns.values()]

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 from syncunit.policies import Conflict, MutationContext, Reject, Resolve
 from syncunit.protocol import Mutation, MutationResult
 from syncunit.server.auth import Principal
-from syncunit.server.changes import to_wire
+from syncunit.server.changes import wire_converters
 from syncunit.server.problems import database_busy
 from syncunit.server.shape import StreamShape
 from syncunit.server.values import Rejected, coerce
@@ -459,7 +459,10 @@ class MutationWrites:
         row = conn.execute(select, {**params, KEY: k}).first()
         if row is None:
             return None
-        return {name: to_wire(v) for name, v in zip(s.columns, row, strict=True)}
+        values = list(row)
+        for i, conv in wire_converters(s):  # as a pull sends it (JSON as text, say)
+            values[i] = conv(values[i])
+        return dict(zip(s.columns, values, strict=True))
 
 
 def _row_select(s: Stream) -> sa.Select[Any]:
