@@ -400,3 +400,99 @@ def test_a_conflict_on_a_row_with_json_values_is_surfaced_with_the_row_as_pulled
     finally:
         device.close()
         server.store.engine.dispose()
+
+
+def _measures_server(database: str) -> tuple[Any, Any]:
+    """A server of one ``measure`` table with a float column, conflicts detected."""
+    import sqlalchemy as sa
+
+    from syncunit.server import Principal, SyncServer, TokenAuth
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    meta = sa.MetaData()
+    measure = sa.Table(
+        "measure", meta,
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("x", sa.Float, nullable=True),
+        sa.Column("note", sa.String(50), nullable=True),
+    )  # fmt: skip
+    stream = Stream("measures", measure, {c: measure.c[c] for c in ("id", "owner", "x", "note")},
+                    where=measure.c.owner == sa.bindparam("owner"), local_table="LocalMeasure",
+                    policy=Detect())  # fmt: skip
+    schema = SyncSchema([SyncUnit("Measures", [stream], direction="both")])
+    tokens = {"t-ana": Principal("ana", {"owner": "ana"})}
+    server = SyncServer(schema, database, authenticate=TokenAuth(tokens), install=False)
+    meta.create_all(server.store.engine)
+    server.store.install(schema)
+    return server, measure
+
+
+def test_a_float_s_base_is_exact_so_an_edit_over_it_never_conflicts(
+    serve: Any, new_database: Any, tmp_path: Any
+) -> None:
+    """Floats a short form would change (0.1 + 0.2, 1e308's neighbours) and infinities
+    (which SQLite's JSON writes as ``Inf``, not JSON) in the base of an edit of another
+    column: applied, no conflict, nothing stuck; a real concurrent change conflicts."""
+    import sqlalchemy as sa
+
+    from syncunit import SyncClient
+
+    server, measure = _measures_server(new_database("measures"))
+    values = {"a": 0.1 + 0.2, "b": 1 / 3, "c": float("inf"), "d": float("-inf"), "e": 5e-324}
+    with server.store.engine.begin() as conn:
+        conn.execute(
+            measure.insert(), [{"id": k, "owner": "ana", "x": v} for k, v in values.items()]
+        )
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "m.sqlite", token="t-ana")
+    try:
+        device.sync("Measures")
+        for key in values:
+            device.update("LocalMeasure", key, {"note": "edited"})
+        device.update("LocalMeasure", "a", {"x": 2.5})
+
+        result = device.sync("Measures")
+
+        assert (result.applied, result.conflicts, result.rejected) == (5, [], [])
+        with server.store.engine.connect() as conn:
+            rows = dict(conn.execute(sa.select(measure.c.id, measure.c.x)).all())
+        assert rows == {**values, "a": 2.5}
+        # A change on the server in between is still a conflict.
+        with server.store.engine.begin() as conn:
+            conn.execute(measure.update().where(measure.c.id == "b").values(x=1 / 3 + 1e-15))
+        device.update("LocalMeasure", "b", {"x": 7.0})
+        result = device.sync("Measures")
+        assert [c["key"] for c in result.conflicts] == ["b"]
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
+def test_outbox_triggers_an_earlier_engine_made_are_made_again_at_open(
+    serve: Any, new_database: Any, tmp_path: Any
+) -> None:
+    from syncunit import SyncClient
+
+    server, _ = _measures_server(new_database("measures"))
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "m.sqlite", token="t-ana")
+    device.sync("Measures")
+    [(now,)] = device.store.query(
+        "SELECT sql FROM sqlite_master WHERE name = 'syncunit_LocalMeasure_au'"
+    )
+    before = now.replace("json_object('$real', printf('%!.17g', OLD.\"x\"))", 'OLD."x"')
+    assert before != now
+    with device.store.atomic() as conn:  # as an earlier engine wrote it
+        conn.execute("DROP TRIGGER syncunit_LocalMeasure_au")
+        conn.execute(before)
+    device.close()
+
+    device = SyncClient(live.url, tmp_path / "m.sqlite", token="t-ana")
+    try:
+        assert device.store.query(
+            "SELECT sql FROM sqlite_master WHERE name = 'syncunit_LocalMeasure_au'"
+        ) == [(now,)]
+    finally:
+        device.close()
+        server.store.engine.dispose()

@@ -1,5 +1,6 @@
 """Row values as JSON text in the device's own tables (the outbox's row images, the
-rows marked to copy afresh): bytes (BLOB values) as ``{"$bytes": hex}``."""
+rows marked to copy afresh): bytes (BLOB values) as ``{"$bytes": hex}``; the outbox's
+triggers write a REAL as ``{"$real": text}`` (exact, infinities included)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ def _encode_bytes(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} as a row value")
 
 
-def _decode_bytes(obj: dict[str, Any]) -> Any:
-    if len(obj) == 1 and isinstance(obj.get("$bytes"), str):
-        return bytes.fromhex(obj["$bytes"])
+def _decode(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        if isinstance(obj.get("$bytes"), str):
+            return bytes.fromhex(obj["$bytes"])
+        if isinstance(obj.get("$real"), str):
+            return float(obj["$real"])
     return obj
 
 
@@ -27,5 +31,6 @@ def dumps(value: Any) -> str:
 
 
 def loads(text: str) -> Any:
-    """``value`` back from ``dumps``, bytes included."""
-    return json.loads(text, object_hook=_decode_bytes)
+    """``value`` back from ``dumps`` (or a trigger's ``json_object``), bytes and reals
+    included."""
+    return json.loads(text, object_hook=_decode)

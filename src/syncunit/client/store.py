@@ -214,6 +214,7 @@ class LocalStore(ChunkApply):
         cached = self.catalog()
         if cached is not None:
             self._restore_suspended(cached)
+            self._renew_triggers(cached)
 
     def _main_file(self) -> Path | None:
         """The database file (None: in memory), also for a connection it was given."""
@@ -591,6 +592,28 @@ class LocalStore(ChunkApply):
         come back in the same transaction."""
         if self.get_fact(INDEXES_SUSPENDED + s.name) is not None:
             self.restore_indexes(s)
+
+    def _renew_triggers(self, catalog: Catalog) -> None:
+        """Make the outbox triggers this engine's, where an earlier one made them (a
+        database opened after an upgrade): the changes recorded from then on are in
+        the form this engine reads best (see ``triggers.py``)."""
+        stale: list[StreamInfo] = []
+        with self.lock:
+            made = dict(
+                self.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+            )
+            for stream in catalog.streams:
+                if stream.local_table not in self.pushed:
+                    continue
+                creates = [stmt for stmt in trigger_ddl(stream) if stmt.startswith("CREATE")]
+                names = [f"syncunit_{stream.local_table}{end}" for end in ("_ai", "_au", "_ad")]
+                if [made.get(n) for n in names] != creates:
+                    stale.append(stream)
+        if stale:
+            with self.atomic() as conn:
+                for stream in stale:
+                    for stmt in trigger_ddl(stream):
+                        conn.execute(stmt)
 
     def _restore_suspended(self, catalog: Catalog) -> None:
         """Restore indexes a copy left suspended (the process ended before it did)."""

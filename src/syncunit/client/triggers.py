@@ -49,6 +49,23 @@ def _lit(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _json_value(value: str, kind: str) -> str:
+    """SQL giving ``value`` (of a column of logical type ``kind``) as ``json_object()``
+    takes it, read back by ``rowjson.loads``: json_object() refuses BLOBs (bytes go
+    in as ``{"$bytes": hex}``), and writes a REAL with 15 digits (0.1 + 0.2 as 0.3,
+    which no longer equals the value: a base the server would find changed) and
+    infinity as ``Inf``, which is not JSON: a real goes in as ``{"$real": text}``,
+    its 17 significant digits telling it exactly."""
+    if kind == "blob":
+        return f"CASE WHEN {value} IS NULL THEN NULL ELSE json_object('$bytes', hex({value})) END"
+    if kind == "real":
+        return (
+            f"CASE WHEN typeof({value}) = 'real'"
+            f" THEN json_object('$real', printf('%!.17g', {value})) ELSE {value} END"
+        )
+    return value
+
+
 def trigger_ddl(stream: StreamInfo) -> list[str]:
     """Triggers that record changes of ``stream``'s local table in the outbox.
 
@@ -65,14 +82,7 @@ def trigger_ddl(stream: StreamInfo) -> list[str]:
         )
         or "SELECT NULL AS c WHERE 0"
     )
-    # json_object() refuses BLOBs: binary values go in as {"$bytes": hex} (see _loads).
-    old = {
-        c.name: f"CASE WHEN OLD.{_q(c.name)} IS NULL THEN NULL"
-        f" ELSE json_object('$bytes', hex(OLD.{_q(c.name)})) END"
-        if c.type == "blob"
-        else f"OLD.{_q(c.name)}"
-        for c in stream.columns
-    }
+    old = {c.name: _json_value(f"OLD.{_q(c.name)}", c.type) for c in stream.columns}
     old_row = "json_object(" + ", ".join(f"{_lit(c)}, {old[c]}" for c in cols) + ")"
     unsent = f"table_name = {name} AND row_key = {{r}}.{k} AND seq IS NULL"
     insert_cols = "(mutation_id, table_name, row_key, op, changed, base, created_at)"
