@@ -923,3 +923,52 @@ def test_a_cancelled_response_ends_after_its_worker(make_server, store):
     anyio.run(call)
     assert pieces  # the response had begun
     assert server.sync_slots.used == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "sent", "stored"),
+    [
+        (sa.Uuid(), "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+        (sa.DateTime(), "2027-03-01 09:00:00", "2027-03-01T09:00:00"),
+        (sa.Numeric(10, 2), "1.5", "1.50"),
+    ],
+    ids=["uuid", "datetime", "numeric"],
+)
+def test_a_key_the_server_would_store_in_another_form_is_refused_naming_it(
+    serve: Any, new_database: Any, tmp_path: Any, kind: Any, sent: str, stored: str
+) -> None:
+    """Stored in its own form, the row would come back as a second row beside the
+    device's: the key is refused (its value kept for the app), the server's form taken."""
+    from syncunit import SyncClient
+    from syncunit.server import Principal, SyncServer, TokenAuth
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    meta = sa.MetaData()
+    item = sa.Table(
+        "item", meta,
+        sa.Column("id", kind, primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+    )  # fmt: skip
+    stream = Stream("items", item, {"id": item.c.id, "owner": item.c.owner},
+                    where=item.c.owner == sa.bindparam("owner"), local_table="LocalItem")  # fmt: skip
+    schema = SyncSchema([SyncUnit("Items", [stream], direction="both")])
+    tokens = {"t": Principal("ana", {"owner": "ana"})}
+    server = SyncServer(
+        schema, new_database("items"), authenticate=TokenAuth(tokens), install=False
+    )
+    meta.create_all(server.store.engine)
+    server.store.install(schema)
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "items.sqlite", token="t")
+    try:
+        device.insert("LocalItem", {"id": sent, "owner": "ana"})
+        result = device.sync("Items")
+        assert [(r["key"], r["code"]) for r in result.rejected] == [(sent, "invalid-value")]
+        assert f"is stored as '{stored}'" in result.rejected[0]["reason"]
+        device.insert("LocalItem", {"id": stored, "owner": "ana"})
+        assert device.sync("Items").applied == 1
+        device.sync("Items")
+        assert device.store.query("SELECT id FROM LocalItem") == [(stored,)]
+    finally:
+        device.close()
+        server.store.engine.dispose()

@@ -36,7 +36,7 @@ from syncunit.protocol import Mutation
 from syncunit.server.auth import Principal
 from syncunit.server.mutation import _Savepoint, insert_defaults
 from syncunit.server.problems import database_busy
-from syncunit.server.values import Rejected, coerce
+from syncunit.server.values import Rejected, coerce, coerce_key
 from syncunit.units import Stream, logical_type
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ def _columnar(
     if s.key in by_name and list(by_name[s.key]) != raw_keys:
         return None
     pk = s.key_column
-    keys = _coerce_column(raw_keys, pk, s.key)
+    keys = _coerce_column(raw_keys, pk, s.key, key=True)
     if any(k is None for k in keys):
         return None
     columns = [_coerce_column(list(by_name[n]), c, n, nul) for n, c in plan]
@@ -169,10 +169,10 @@ def _columnar(
 
 
 def _coerce_column(
-    values: list[Any], column: sa.Column[Any], local: str, nul: bool = True
+    values: list[Any], column: sa.Column[Any], local: str, nul: bool = True, key: bool = False
 ) -> list[Any]:
-    """``coerce`` of each value, in one pass for the plain cases (same checks, same
-    results); anything else value by value."""
+    """``coerce`` of each value (``coerce_key`` for the ``key``), in one pass for the
+    plain cases (same checks, same results); anything else value by value."""
     kind = logical_type(column.type)
     if kind == "integer" and all(type(v) is int for v in values):
         return values
@@ -181,6 +181,8 @@ def _coerce_column(
         fits = length is None or max(map(len, values), default=0) <= length
         if fits and (nul or not any("\x00" in v for v in values)):
             return values
+    if key:
+        return [coerce_key(v, column, local) for v in values]
     if kind == "datetime" and all(type(v) is str for v in values):
         try:
             return [dt.datetime.fromisoformat(v) for v in values]
@@ -197,7 +199,7 @@ def _one_by_one(
     keys: list[Any] = []
     rows: list[dict[str, Any]] = []
     for m in mutations:
-        key = coerce(m.key, pk, s.key)
+        key = coerce_key(m.key, pk, s.key)
         if key is None:
             return None
         changes = applier._map(s, m, list(m.values))

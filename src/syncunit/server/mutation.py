@@ -28,7 +28,7 @@ from syncunit.server.auth import Principal
 from syncunit.server.changes import wire_converters
 from syncunit.server.problems import database_busy
 from syncunit.server.shape import StreamShape
-from syncunit.server.values import Rejected, coerce
+from syncunit.server.values import Rejected, coerce, coerce_key
 from syncunit.units import TRACKING_COLUMNS, Stream
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class MutationWrites:
         st = self._statements(s)
         if m.op == "insert" and self._insert_new(conn, s, principal, m):
             return
-        key = coerce(m.key, pk, s.key)
+        key = coerce_key(m.key, pk, s.key)
         if key is None:
             raise Rejected("invalid-value", "the row key cannot be empty")
         if m.op not in ("insert", "update", "delete"):
@@ -383,7 +383,7 @@ class MutationWrites:
         savepoint, so a rejection (or a scope check failing) undoes it.
         """
         pk = s.key_column
-        key = coerce(m.key, pk, s.key)
+        key = coerce_key(m.key, pk, s.key)
         if key is None:
             raise Rejected("invalid-value", "the row key cannot be empty")
         changes = self._map(s, m, list(m.values))

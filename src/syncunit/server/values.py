@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from syncunit.server.limits import shorten
 from syncunit.units import logical_type
 
-__all__ = ["Rejected", "coerce"]
+__all__ = ["Rejected", "coerce", "coerce_key"]
 
 
 class Rejected(Exception):
@@ -113,6 +113,31 @@ def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) 
             "invalid-value", f"column {local!r} expects {expected}, got {shorten(value)}"
         ) from None
     return value
+
+
+def coerce_key(value: Any, column: sa.Column[Any], local: str) -> Any:
+    """``coerce`` for a row's key, which must also be in the form the row comes back in:
+    a key the database stores in another form (an upper-case UUID, a date-time with a
+    space, ``1.5`` in a column of two decimals) would come back as another row beside
+    the device's own, which keeps its form."""
+    key = coerce(value, column, local)
+    kind = _kinds[column.type]
+    if kind not in ("uuid", "datetime", "date", "time", "decimal") or key is None:
+        return key
+    if isinstance(key, dt.date | dt.time):
+        canonical = key.isoformat()
+    elif isinstance(key, decimal.Decimal):
+        scale = getattr(column.type, "scale", None)
+        canonical = str(key if scale is None else key.quantize(decimal.Decimal(1).scaleb(-scale)))
+    else:
+        canonical = str(key)
+    if canonical != value:
+        raise Rejected(
+            "invalid-value",
+            f"key column {local!r}: {shorten(value)} is stored as {shorten(canonical)}, and"
+            " would come back as another row; write the key as the server stores it",
+        )
+    return key
 
 
 def _binary_json(type_: sa.types.TypeEngine[Any]) -> bool:
