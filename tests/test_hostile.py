@@ -949,8 +949,13 @@ def test_a_key_the_server_would_store_in_another_form_is_refused_naming_it(
         sa.Column("id", kind, primary_key=True),
         sa.Column("owner", sa.String(20), nullable=False),
     )  # fmt: skip
-    stream = Stream("items", item, {"id": item.c.id, "owner": item.c.owner},
-                    where=item.c.owner == sa.bindparam("owner"), local_table="LocalItem")  # fmt: skip
+    stream = Stream(
+        "items",
+        item,
+        {"id": item.c.id, "owner": item.c.owner},
+        where=item.c.owner == sa.bindparam("owner"),
+        local_table="LocalItem",
+    )
     schema = SyncSchema([SyncUnit("Items", [stream], direction="both")])
     tokens = {"t": Principal("ana", {"owner": "ana"})}
     server = SyncServer(
