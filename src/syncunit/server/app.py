@@ -93,6 +93,7 @@ from syncunit.server.rxdb import RxDBReplication
 from syncunit.server.snapshots import Snapshots, check_range
 from syncunit.server.store import ServerStore
 from syncunit.server.streaming import FramePump, FrameResponse, compressor_for
+from syncunit.server.values import bytes_from_json
 from syncunit.units import SyncSchema, SyncUnit
 
 log = logging.getLogger("syncunit.server")
@@ -361,6 +362,11 @@ class SyncServer(SyncAnswer):
         # printable and short: a device's id must not forge or flood log lines
         ctx.client_id = "".join(c if c.isprintable() else "?" for c in req.client_id[:64])
         self._validate(req, unit, principal, checked)
+        if encoding == "json" and req.mutations:
+            # Bytes travel as base64 text in JSON (measured so by the limits, above).
+            req = msgspec.structs.replace(
+                req, mutations=bytes_from_json(req.mutations, self.schema)
+            )
         if req.cursors or req.subscriptions:
             key = await self._key()
             req = msgspec.structs.replace(

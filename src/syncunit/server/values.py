@@ -4,23 +4,31 @@
 ISO 8601 text for dates and times, decimals as text) and returns what the
 column's SQLAlchemy type takes, or raises ``Rejected`` with a reason a person
 can read: the mutation is then answered ``rejected``, never applied.
+
+A JSON request carries bytes as base64 text: ``bytes_from_json`` turns the
+values of blob columns back into bytes before the mutations are applied.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import decimal
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
+from syncunit.protocol import Mutation
 from syncunit.server.limits import shorten
-from syncunit.units import logical_type
+from syncunit.units import Stream, SyncSchema, logical_type
 
-__all__ = ["Rejected", "coerce", "coerce_key"]
+__all__ = ["NotBase64", "Rejected", "bytes_from_json", "coerce", "coerce_key"]
 
 
 class Rejected(Exception):
@@ -98,6 +106,12 @@ def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) 
                 )
             return value
         if kind == "blob":
+            if isinstance(value, NotBase64):
+                raise Rejected(
+                    "invalid-value",
+                    f"column {local!r} expects bytes, which a JSON request carries as"
+                    f" base64 text; {shorten(str(value))} is not base64: {value.error}",
+                )
             if not isinstance(value, bytes):
                 raise TypeError
             return value
@@ -138,6 +152,77 @@ def coerce_key(value: Any, column: sa.Column[Any], local: str) -> Any:
             " would come back as another row; write the key as the server stores it",
         )
     return key
+
+
+class NotBase64(str):
+    """A JSON request's value for a blob column that is not base64 text (``error``
+    says why): ``coerce`` rejects it, naming the column."""
+
+    error: str
+
+
+def _not_base64(text: str, error: str) -> NotBase64:
+    value = NotBase64(text)
+    value.error = error
+    return value
+
+
+def _blob_names(stream: Stream) -> frozenset[str]:
+    """The local names of ``stream``'s columns of logical type ``blob``."""
+    return frozenset(n for n, c in stream.columns.items() if logical_type(c.type) == "blob")
+
+
+def _decoded(values: Mapping[str, Any], blobs: frozenset[str]) -> dict[str, Any] | None:
+    """``values`` with the text of ``blobs`` columns as bytes; None if none is text."""
+    out: dict[str, Any] | None = None
+    for name in blobs & values.keys():
+        value = values[name]
+        if isinstance(value, str):
+            if out is None:
+                out = dict(values)
+            out[name] = _from_base64(value)
+    return out
+
+
+def _from_base64(text: str) -> bytes | NotBase64:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        return _not_base64(text, str(exc))
+
+
+def bytes_from_json(mutations: list[Mutation], schema: SyncSchema) -> list[Mutation]:
+    """A JSON request's ``mutations`` with the base64 text of blob columns (in the key,
+    ``values`` and ``base``) as bytes, as MessagePack carries them.
+
+    Only tables with a blob column are looked at. Text that is not base64 becomes a
+    ``NotBase64``, which ``coerce`` rejects (``invalid-value``) naming the column.
+    """
+    blobs_of: dict[str, tuple[frozenset[str], bool]] = {}  # per table: blobs, key is one
+    out = mutations
+    for i, m in enumerate(mutations):
+        found = blobs_of.get(m.table)
+        if found is None:
+            stream = schema.by_local_table.get(m.table)
+            blobs = frozenset() if stream is None else _blob_names(stream)
+            found = blobs_of[m.table] = (blobs, stream is not None and stream.key in blobs)
+        blobs, key_blob = found
+        if not blobs:
+            continue
+        key = _from_base64(m.key) if key_blob and isinstance(m.key, str) else m.key
+        values = _decoded(m.values, blobs)
+        base = _decoded(m.base, blobs)
+        if key is m.key and values is None and base is None:
+            continue
+        if out is mutations:
+            out = list(mutations)
+        out[i] = msgspec.structs.replace(
+            m,
+            key=key,
+            values=m.values if values is None else values,
+            base=m.base if base is None else base,
+        )
+    return out
 
 
 def _binary_json(type_: sa.types.TypeEngine[Any]) -> bool:
