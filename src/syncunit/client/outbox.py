@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from syncunit.client import holds, recopy
+from syncunit.client.blobtext import row_bytes
 from syncunit.client.rowjson import dumps as _dumps
 from syncunit.client.rowjson import loads as _loads
 from syncunit.client.triggers import NOW as _NOW
@@ -736,9 +737,12 @@ class Outbox:
         )
 
     def complete(
-        self, pushed: PushResults, streams: Sequence[StreamInfo]
+        self, pushed: PushResults, streams: Sequence[StreamInfo], *, json_answer: bool = False
     ) -> tuple[int, list[RejectedChange]]:
         """Record the server's verdicts: applied ones leave, the others are kept for the app.
+
+        ``json_answer``: the verdicts came in a JSON answer, whose server rows hold bytes as
+        base64 text (``blobtext.row_bytes``).
 
         Committed without an fsync (``LocalStore.relaxed``): if a power cut loses
         it, the changes are still in flight, go out again first, and the server
@@ -789,7 +793,7 @@ class Outbox:
                     if row is None:
                         continue  # already recorded by an earlier answer to the same request
                     conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (row[0],))
-                    kept.append(self._keep(r, row, by_table.get(row[1])))
+                    kept.append(self._keep(r, row, by_table.get(row[1]), json_answer))
                 applied += remove_done()
                 # Removals put off while these rows had changes in flight (holds.py).
                 holds.carry_out(conn, streams)
@@ -797,10 +801,14 @@ class Outbox:
                 conn.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
         return applied, kept
 
-    def _keep(self, r: MutationResult, row: Any, stream: StreamInfo | None) -> RejectedChange:
+    def _keep(
+        self, r: MutationResult, row: Any, stream: StreamInfo | None, json_answer: bool = False
+    ) -> RejectedChange:
         conn = self.store.conn
         _, table, key, op, payload = row
         m = _mut_dec.decode(payload)
+        if json_answer and stream is not None and r.server_row is not None:
+            r = msgspec.structs.replace(r, server_row=row_bytes(r.server_row, stream))
         if UNSENDABLE in m.changed:  # its table's key changed before it was applied
             r = msgspec.structs.replace(
                 r,
@@ -1083,7 +1091,12 @@ class Outbox:
         return True
 
     def unpark(
-        self, client_id: str, pushed: PushResults, streams: Sequence[StreamInfo] = ()
+        self,
+        client_id: str,
+        pushed: PushResults,
+        streams: Sequence[StreamInfo] = (),
+        *,
+        json_answer: bool = False,
     ) -> tuple[int, list[RejectedChange]]:
         """The server accepted a parked session's push (it is this principal's): record
         the verdicts of the changes it answered (those it did not stay parked, to be
@@ -1091,7 +1104,7 @@ class Outbox:
 
         A change not applied leaves its local row what the server holds, as for a
         normal push (``streams``: the tables pushed now; the rows are this principal's,
-        whose session the server accepted)."""
+        whose session the server accepted; ``json_answer``: as for ``complete``)."""
         conn = self.store.conn
         by_table = {s.local_table: s for s in streams}
         applied = 0
@@ -1118,7 +1131,7 @@ class Outbox:
                         continue
                     m = _mut_dec.decode(body)
                     row = (0, m.table, m.key, m.op, body)
-                    kept.append(self._keep(r, row, by_table.get(m.table)))
+                    kept.append(self._keep(r, row, by_table.get(m.table), json_answer))
             finally:
                 conn.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
             conn.executemany(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from syncunit.client import bootstrap, holds, pushing
+from syncunit.client.blobtext import chunk_bytes
 from syncunit.client.outbox import Budget
 from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.pushing import NumberAhead
@@ -455,6 +456,8 @@ class UnitRun:
                     info = catalog.stream(frame.stream)
                     if info is None:
                         raise ProtocolError(f"server sent unknown stream {frame.stream!r}")
+                    if self.client.encoding == "json":
+                        frame = chunk_bytes(frame, info)
                     sub = frame.subscription or holder
                     upserted, removed = (
                         self.client.store.apply_chunk(info, frame, sub)
@@ -507,7 +510,8 @@ class UnitRun:
             # changes can be offered to whoever logs in (the server refuses others).
             with self.client.store.atomic():
                 self.client.store.set_fact("bound", self.client.client_id)
-        applied, kept = self.client.outbox.complete(frame, catalog.streams)
+        json_answer = self.client.encoding == "json"
+        applied, kept = self.client.outbox.complete(frame, catalog.streams, json_answer=json_answer)
         if sent_now and self.client._feed.upload is not None:  # the progress of this upload
             self.client._feed.answered(len(frame.results))
             self.client._status_changed()

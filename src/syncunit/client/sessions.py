@@ -191,7 +191,8 @@ def _push_session(
         if pushed is None:
             break
         seqs = {m.seq for m in batch}
-        applied += client.outbox.unpark(client_id, pushed, streams)[0]
+        json_answer = client.encoding == "json"
+        applied += client.outbox.unpark(client_id, pushed, streams, json_answer=json_answer)[0]
         if not any(r.seq in seqs for r in pushed.results):
             break  # nothing of the batch answered: it stays parked
     left = client.outbox.parked().get(client_id)

@@ -1,0 +1,76 @@
+"""Bytes in a JSON answer: the server writes them as base64 text (MessagePack carries
+them as they are). A device that speaks JSON turns the values of its blob columns
+back into bytes before it stores them: a chunk's rows and removed keys, and the
+server's row in a verdict. Only streams with a blob column are looked at.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from syncunit.errors import ProtocolError
+from syncunit.protocol import Chunk, StreamInfo
+
+__all__ = ["blob_columns", "chunk_bytes", "row_bytes"]
+
+
+def blob_columns(info: StreamInfo) -> frozenset[str]:
+    """The names of ``info``'s columns of logical type ``blob``."""
+    return frozenset(c.name for c in info.columns if c.type == "blob")
+
+
+def _bytes(value: Any, stream: str, column: str) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            pass
+    raise ProtocolError(
+        f"the server sent {value!r:.80} for blob column {column!r} of stream {stream!r};"
+        " a JSON answer carries bytes as base64 text"
+    )
+
+
+def chunk_bytes(chunk: Chunk, info: StreamInfo) -> Chunk:
+    """``chunk`` of a JSON answer with its blob columns' values (and its removed keys,
+    if the key is one) as bytes; the same chunk if the stream has no blob column.
+
+    Raises ``ProtocolError`` for a blob value that is not base64 text.
+    """
+    blobs = blob_columns(info)
+    if not blobs:
+        return chunk
+    name = chunk.stream
+    changes: dict[str, Any] = {}
+    if info.key in blobs and chunk.removed:
+        changes["removed"] = [_bytes(k, name, info.key) for k in chunk.removed]
+    at = [i for i, c in enumerate(chunk.columns) if c in blobs]
+    if at and chunk.row_count():
+        if chunk.json_rows:
+            data = [list(col) for col in zip(*chunk.row_list(), strict=True)]
+            changes.update(json_rows="", json_count=0)
+        else:
+            data = list(chunk.data)
+        for i in at:
+            column = chunk.columns[i]
+            data[i] = [_bytes(v, name, column) for v in data[i]]
+        changes["data"] = data
+    return msgspec.structs.replace(chunk, **changes) if changes else chunk
+
+
+def row_bytes(row: Mapping[str, Any], info: StreamInfo) -> dict[str, Any]:
+    """A server's row (a verdict's) in a JSON answer, its blob columns' values as bytes.
+
+    Raises ``ProtocolError`` for a blob value that is not base64 text.
+    """
+    out = dict(row)
+    for column in blob_columns(info) & out.keys():
+        out[column] = _bytes(out[column], info.name, column)
+    return out
