@@ -26,6 +26,7 @@ from syncunit.client import SyncClient
 from syncunit.policies import BatchContext, ConflictPolicy, MutationContext, Rule, set_check
 from syncunit.protocol import (
     PROTOCOL_VERSION,
+    Encoding,
     Frame,
     FrameDecoder,
     Mutation,
@@ -131,8 +132,10 @@ def post_sync(
     cursors: dict[str, str] | None = None,
     schema_hash: str | None = None,
     unanswered_from: int = 0,
+    encoding: Encoding = "msgpack",
 ) -> httpx.Response:
-    """One ``POST /v1/sync/{unit}`` with bare httpx (the response fully read).
+    """One ``POST /v1/sync/{unit}`` with bare httpx (the response fully read), in
+    ``encoding`` both ways.
 
     Without ``schema_hash`` it sends the server's (read from ``GET /v1/catalog``),
     as a client that holds the catalog does.
@@ -148,27 +151,28 @@ def post_sync(
             cursors=cursors or {},
             mutations=list(mutations),
             unanswered_from=unanswered_from,
-        )
+        ),
+        encoding,
     )
     headers = {
         **auth,
-        "Content-Type": content_type("msgpack"),
-        "Accept": content_type("msgpack"),
+        "Content-Type": content_type(encoding),
+        "Accept": content_type(encoding),
         "Accept-Encoding": "identity",
     }
     return httpx.post(f"{url}/v1/sync/{unit}", content=body, headers=headers, timeout=30)
 
 
-def frames_of(response: httpx.Response) -> list[Frame]:
+def frames_of(response: httpx.Response, encoding: Encoding = "msgpack") -> list[Frame]:
     assert response.status_code == 200, response.text
-    decoder = FrameDecoder("msgpack")
+    decoder = FrameDecoder(encoding)
     frames = list(decoder.feed(response.content))
     assert decoder.pending == 0
     return frames
 
 
-def push_results(response: httpx.Response) -> PushResults:
-    first = frames_of(response)[0]
+def push_results(response: httpx.Response, encoding: Encoding = "msgpack") -> PushResults:
+    first = frames_of(response, encoding)[0]
     assert isinstance(first, PushResults), first
     return first
 
