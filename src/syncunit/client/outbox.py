@@ -751,12 +751,12 @@ class Outbox:
         log's retention.
         """
         try:
-            return self._complete(pushed, streams)
+            return self._complete(pushed, streams, json_answer)
         except self.store.errors as exc:
             raise LocalStoreError(f"cannot record the server's verdicts: {exc}") from exc
 
     def _complete(
-        self, pushed: PushResults, streams: Sequence[StreamInfo]
+        self, pushed: PushResults, streams: Sequence[StreamInfo], json_answer: bool
     ) -> tuple[int, list[RejectedChange]]:
         by_table = {s.local_table: s for s in streams}
         conn = self.store.conn
