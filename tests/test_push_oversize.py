@@ -21,7 +21,7 @@ import msgspec
 import pytest
 
 from syncunit.errors import NetworkError
-from syncunit.protocol import PUSH_LIMITS, PushLimits
+from syncunit.protocol import MAX_SUBSCRIPTIONS, PUSH_LIMITS, PushLimits
 from syncunit.server.limits import Limits
 from tests.test_push_support import FaultTransport, local_note, local_notes, outbox_rows
 
@@ -314,6 +314,12 @@ def test_the_server_says_its_bounds_in_every_answer(notes_app: Any) -> None:
     assert Limits().push_limits() == PushLimits()  # the device's defaults are the server's
     assert PushLimits.parse("body=1, field=x") is None
     assert PushLimits.parse(None) is None
+    # The subscriptions a request may carry, said beside; a server that says none
+    # (older) has the default bound.
+    assert "subscriptions=200" in catalog.headers[PUSH_LIMITS]
+    older = PushLimits.parse("body=1, field=2, mutations=3")
+    assert older == PushLimits(body=1, field=2, mutations=3, subscriptions=MAX_SUBSCRIPTIONS)
+    assert PushLimits.parse(PushLimits(subscriptions=3).header()) == PushLimits(subscriptions=3)
 
 
 class _CutBody(httpx.BaseTransport):

@@ -35,10 +35,16 @@ PROBLEM = "application/problem+json"
 #: next batch without waiting for the answer to the one before.
 QUEUES_PUSHES = "Syncunit-Queues-Pushes"
 #: A header of sync and catalog answers, refusals included: the server's bounds on a
-#: push request, ``body=<bytes>, field=<bytes>, mutations=<count>`` (``PushLimits``).
-#: A client sizes its push batches under them, and surfaces a change that alone
-#: cannot pass them as a rejection instead of sending it.
+#: push request, ``body=<bytes>, field=<bytes>, mutations=<count>``, and on the
+#: subscriptions one sync request may carry, ``subscriptions=<count>`` (``PushLimits``;
+#: servers before it said no ``subscriptions``: theirs is 200). A client sizes its
+#: push batches under them, surfaces a change that alone cannot pass them as a
+#: rejection instead of sending it, and refreshes more subscriptions than one
+#: request may carry in several requests of the run.
 PUSH_LIMITS = "Syncunit-Push-Limits"
+#: Subscriptions a sync request may carry by default (and at any server whose
+#: ``PUSH_LIMITS`` does not say it).
+MAX_SUBSCRIPTIONS = 200
 #: A header of sync and catalog answers: an opaque tag of the principal the request
 #: was authenticated as (the same for every credential of that principal, different
 #: for another; it does not reveal the principal's id). A device parks a session's
@@ -49,6 +55,7 @@ Encoding = Literal["msgpack", "json"]
 
 __all__ = [
     "JSON",
+    "MAX_SUBSCRIPTIONS",
     "MSGPACK",
     "PRINCIPAL_TAG",
     "PROBLEM_CODES",
@@ -89,16 +96,22 @@ class PushLimits(msgspec.Struct, frozen=True):
 
     ``body``: the request body in bytes (compressed, and once decompressed);
     ``field``: one string or bytes value inside a mutation (key, values, base), in
-    bytes (a string's UTF-8); ``mutations``: mutations in one request.
+    bytes (a string's UTF-8); ``mutations``: mutations in one request;
+    ``subscriptions``: held subscriptions one sync request may carry to refresh
+    besides its unit (a header without it, from an older server: the default).
     """
 
     body: int = 8 * 1024 * 1024
     field: int = 256 * 1024
     mutations: int = 10_000
+    subscriptions: int = MAX_SUBSCRIPTIONS
 
     def header(self) -> str:
         """The header's value."""
-        return f"body={self.body}, field={self.field}, mutations={self.mutations}"
+        return (
+            f"body={self.body}, field={self.field}, mutations={self.mutations},"
+            f" subscriptions={self.subscriptions}"
+        )
 
     @classmethod
     def parse(cls, value: str | None) -> PushLimits | None:
@@ -112,7 +125,12 @@ class PushLimits(msgspec.Struct, frozen=True):
                 found[name.strip()] = int(number)
         if not {"body", "field", "mutations"} <= found.keys():
             return None
-        return cls(body=found["body"], field=found["field"], mutations=found["mutations"])
+        return cls(
+            body=found["body"],
+            field=found["field"],
+            mutations=found["mutations"],
+            subscriptions=found.get("subscriptions", MAX_SUBSCRIPTIONS),
+        )
 
 
 # -- catalog -----------------------------------------------------------------

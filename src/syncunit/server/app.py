@@ -206,8 +206,6 @@ class SyncServer(SyncAnswer):
         self.max_live_wait = max_live_wait
         self._cursor_key = cursor_secret
         self.accept_unsigned_cursors = accept_unsigned_cursors
-        #: Subscriptions one request may refresh besides its unit.
-        self.max_subscriptions = 200
         if install:
             self.store.install(schema)
             if self._cursor_key is None:
@@ -334,6 +332,17 @@ class SyncServer(SyncAnswer):
         ):
             check_range(wanted, stat.st_size)
         return response
+
+    @property
+    def max_subscriptions(self) -> int:
+        """Held subscriptions one request may carry to refresh besides its unit
+        (``Limits.max_subscriptions``); devices learn it from ``protocol.PUSH_LIMITS``."""
+        return self.limits.max_subscriptions
+
+    @max_subscriptions.setter
+    def max_subscriptions(self, count: int) -> None:
+        self.limits = replace(self.limits, max_subscriptions=count)
+        self._push_limits = self.limits.push_limits().header()
 
     async def _sync_request(self, request: Request) -> tuple[Principal, SyncUnit, SyncRequest]:
         """Authenticate, find the unit, read and validate the body."""

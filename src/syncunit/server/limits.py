@@ -22,7 +22,14 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from syncunit.protocol import Encoding, Mutation, PushLimits, SyncRequest, decode_request
+from syncunit.protocol import (
+    MAX_SUBSCRIPTIONS,
+    Encoding,
+    Mutation,
+    PushLimits,
+    SyncRequest,
+    decode_request,
+)
 from syncunit.server.problems import ProblemException
 
 try:
@@ -57,6 +64,9 @@ class Limits:
     max_mutations: int = 10_000
     #: One string or bytes value inside a mutation (key, values, base).
     max_field_bytes: int = 256 * 1024
+    #: Held subscriptions one request may carry to refresh besides its unit (a device
+    #: with more refreshes them over several requests of one run).
+    max_subscriptions: int = MAX_SUBSCRIPTIONS
     #: Table, column and stream names, mutation ids, client ids (characters).
     max_name_length: int = 200
     #: Entries in one mutation's ``values``, ``base`` or ``changed``.
@@ -87,7 +97,10 @@ class Limits:
     def push_limits(self) -> PushLimits:
         """The bounds on a push a device is told (``protocol.PUSH_LIMITS``)."""
         return PushLimits(
-            body=self.max_body_bytes, field=self.max_field_bytes, mutations=self.max_mutations
+            body=self.max_body_bytes,
+            field=self.max_field_bytes,
+            mutations=self.max_mutations,
+            subscriptions=self.max_subscriptions,
         )
 
 
