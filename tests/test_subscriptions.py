@@ -823,3 +823,100 @@ def test_closing_a_subscription_mid_copy_drops_every_row_it_held(
 
     assert local_keys(device, "LocalAppointment") == set()
     assert device.store.query("SELECT count(*) FROM syncunit_holds") == [(0,)]
+
+
+def open_patients(dev: Any, store: Any, count: int) -> list[int]:
+    """Open PatientDetails for ``count`` patients of hospital 1 on ``dev``."""
+    opened = patients_of(store, 1)[:count]
+    assert len(opened) == count
+    for p in opened:
+        dev.sync("PatientDetails", params={"patient_id": p})
+    return opened
+
+
+def new_phones(store: Any, patients: list[int], prefix: str) -> dict[int, str]:
+    """Give each patient a new phone number on the server; return them."""
+    phones = {p: f"{prefix} {p:05d}" for p in patients}
+    with store.write() as conn:
+        for p, phone in phones.items():
+            conn.execute(patient.update().where(patient.c.id == p).values(phone=phone))
+    return phones
+
+
+def assert_phones(server: Any, dev: Any, phones: dict[int, str]) -> None:
+    for p, phone in phones.items():
+        assert dev.store.query("SELECT phone FROM LocalPatient WHERE id = ?", (p,)) == [(phone,)]
+        assert_subscription(server, dev, p)
+
+
+def test_more_subscriptions_than_a_request_may_carry_refresh_in_one_run(server, make_client, store):
+    server.max_subscriptions = 3  # what the server says in every answer's Push-Limits
+    dev = make_client(sync_on_reconnect="Online")
+    dev.sync("Login")
+    assert dev.push_limits is not None
+    assert dev.push_limits.subscriptions == 3
+    opened = open_patients(dev, store, 7)
+    phones = new_phones(store, opened, "+351 1")
+
+    result = dev.sync("Online")  # not refused: the 7 go 3, 3 and 1 to a request
+    assert result.requests == 3
+    assert result.rows_in["LocalPatient"] == 7
+    assert_phones(server, dev, phones)
+    # Every subscription's cursors moved: opening each patient brings nothing.
+    for p in opened:
+        assert dev.sync("PatientDetails", params={"patient_id": p}).total_in == 0
+
+    for p in opened[3:]:  # as many as one request carries: one request, as always
+        dev.unsubscribe("PatientDetails", {"patient_id": p})
+    phones = new_phones(store, opened[:3], "+351 2")
+    result = dev.sync("Online")
+    assert result.requests == 1
+    assert result.rows_in["LocalPatient"] == 3
+    assert_phones(server, dev, phones)
+
+
+def test_a_bound_lowered_since_the_device_learnt_it_is_followed(server, make_client, store):
+    server.max_subscriptions = 3
+    dev = make_client(sync_on_reconnect="Online")
+    dev.sync("Login")
+    opened = open_patients(dev, store, 7)
+    server.max_subscriptions = 2  # the device still believes 3
+    phones = new_phones(store, opened, "+351 1")
+
+    result = dev.sync("Online")  # refused once (422, saying 2), then 2, 2, 2 and 1
+    assert result.requests == 5
+    assert dev.push_limits is not None
+    assert dev.push_limits.subscriptions == 2
+    assert result.rows_in["LocalPatient"] == 7
+    assert_phones(server, dev, phones)
+    phones = new_phones(store, opened, "+351 2")
+    assert dev.sync("Online").requests == 4  # no refusal again
+    assert_phones(server, dev, phones)
+
+
+def test_live_changes_of_more_subscriptions_than_a_request_may_carry(
+    server, make_client, store, monkeypatch
+):
+    from syncunit.client import live as client_live
+    from tests.test_scheduler import wait_until
+
+    defaults = dict(client_live.LiveWatcher.__init__.__kwdefaults__)
+    defaults["wait"] = 0.3
+    monkeypatch.setattr(client_live.LiveWatcher.__init__, "__kwdefaults__", defaults)
+    server.max_subscriptions = 2
+    dev = make_client()
+    dev.sync("Splash")
+    opened = open_patients(dev, store, 5)
+    dev.watch("Splash")  # its polls ask about the 5, two at a time
+    wait_until(lambda: dev._live is not None and dev._live.polls >= 3)
+
+    last = opened[-1]
+    new_phones(store, [last], "+351 3")
+    wait_until(
+        lambda: (
+            dev.store.query("SELECT phone FROM LocalPatient WHERE id = ?", (last,))
+            == [(f"+351 3 {last:05d}",)]
+        )
+    )
+    assert dev._live is not None
+    assert dev._live.errors == 0

@@ -3,7 +3,9 @@
 It asks the server whether a unit has new changes in scope; when it does, the
 watcher triggers the unit (or calls a function) and waits for that sync to end
 before asking again. Errors (a server restart, a dropped connection) back off
-exponentially and reconnect; nothing spins.
+exponentially and reconnect; nothing spins. More held subscriptions than one
+request may carry (the server's bound, ``protocol.PUSH_LIMITS``) are asked
+about in turns: each poll carries the next group.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import msgspec
 
 from syncunit.client.run import held
 from syncunit.errors import SyncError
-from syncunit.protocol import PROTOCOL_VERSION, SyncRequest, content_type, encode_request
+from syncunit.protocol import (
+    PROTOCOL_VERSION,
+    PushLimits,
+    Subscription,
+    SyncRequest,
+    content_type,
+    encode_request,
+)
 
 if TYPE_CHECKING:
     from syncunit.client.client import SyncClient
@@ -53,6 +62,9 @@ class LiveWatcher:
         self.polls = 0
         self.errors = 0
         self.changes = 0
+        #: Where the next poll's group of held subscriptions starts (more than one
+        #: request may carry go in turns).
+        self._turn = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -96,7 +108,9 @@ class LiveWatcher:
                 client_id=self.client.client_id,
                 schema_hash="" if catalog is None else catalog.schema_hash,
                 cursors=self.client.store.cursors(streams) if streams else {},
-                subscriptions=[] if catalog is None else held(self.client, self.unit, catalog),
+                subscriptions=[]
+                if catalog is None
+                else self._group(held(self.client, self.unit, catalog)),
             )
         )
         self.polls += 1
@@ -115,6 +129,16 @@ class LiveWatcher:
         finally:
             response.close()
         return msgspec.json.decode(content, type=LiveAnswer).changed
+
+    def _group(self, subs: list[Subscription]) -> list[Subscription]:
+        """The held subscriptions this poll carries: all, or the next group of as many
+        as the server allows in one request (a refusal told the device a lower bound)."""
+        bound = (self.client.push_limits or PushLimits()).subscriptions
+        if len(subs) <= bound:
+            return subs
+        start = self._turn % len(subs)
+        self._turn = start + bound
+        return (subs[start:] + subs[:start])[:bound]
 
     def _settle(self) -> None:
         """Wait for the triggered sync to finish so the next poll sends fresh cursors."""

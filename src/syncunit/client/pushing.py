@@ -105,8 +105,10 @@ def overlaps(run: UnitRun, unit: UnitInfo | None, sending: int, batch: int) -> b
 class _Posting:
     """A request sent on a thread of its own; ``response`` waits for its headers."""
 
-    def __init__(self, post: Callable[[], httpx.Response]) -> None:
+    def __init__(self, post: Callable[[], httpx.Response], carried: list[str]) -> None:
         self._post = post
+        #: The ids of the held subscriptions the request carries.
+        self.carried = carried
         self._response: httpx.Response | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="syncunit-push", daemon=True)
@@ -148,7 +150,8 @@ def push_overlapped(
     ``sizes`` is ``(first, batch, rounds, sending)``, ``sending`` the changes waiting
     (for progress). Returns whether the server completed the last response (False:
     the caller continues the run; also after a batch refused as too large, which
-    the run then sends in smaller ones: ``UnitRun.too_large``).
+    the run then sends in smaller ones: ``UnitRun.too_large``, or a request refused
+    for carrying too many subscriptions: ``UnitRun.too_many_subscriptions``).
     """
     first, batch, rounds, sending = sizes
     outbox = run.client.outbox
@@ -157,7 +160,8 @@ def push_overlapped(
         run.client._feed.sending(unit_name, len(mutations), sending)
         run.client._status_changed()
         request, _ = run._build(unit_name, unit, catalog, mutations, params, False)
-        return _Posting(lambda: run._post(unit_name, request, result))
+        carried = [s.id for s in request.subscriptions]
+        return _Posting(lambda: run._post(unit_name, request, result), carried)
 
     mutations = outbox.prepare(streams, run.cap(first), run.budget())
     if not mutations:
@@ -182,11 +186,14 @@ def push_overlapped(
             following = send(nxt) if nxt else None
             if response is None:
                 response = posting.response()
-            complete, _ = run._finish(response, catalog, result)
+            complete, _ = run._finish(response, catalog, result, carried=posting.carried)
         except BaseException as exc:
             if following is not None:
                 following.discard()
-            if isinstance(exc, RequestRejected) and run.too_large(exc, mutations, streams):
+            if isinstance(exc, RequestRejected) and (
+                run.too_large(exc, mutations, streams)
+                or run.too_many_subscriptions(exc, len(posting.carried))
+            ):
                 return False
             raise
         if following is None:

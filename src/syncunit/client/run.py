@@ -13,7 +13,7 @@ import gzip
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ from syncunit.protocol import (
     End,
     Failure,
     Mutation,
+    PushLimits,
     PushResults,
     SnapshotOffer,
     StreamInfo,
@@ -123,6 +124,56 @@ class UnitRun:
         #: At most this many changes a request, after the server refused a larger batch
         #: as too large (None: ``push_batch``).
         self._cap: int | None = None
+        #: Held subscriptions a request of this run refreshed (its response completed):
+        #: the next requests carry the others, at most ``subscription_bound()`` each.
+        self._refreshed: set[str] = set()
+        #: At most this many subscriptions a request, after the server refused more
+        #: (None: the bound it said, ``protocol.PUSH_LIMITS``).
+        self._sub_cap: int | None = None
+
+    def subscription_bound(self) -> int:
+        """How many held subscriptions one request carries: the server's bound (its last
+        word, or the default for a server that said none), or fewer after a refusal."""
+        bound = (self.client.push_limits or PushLimits()).subscriptions
+        return bound if self._sub_cap is None else max(1, min(bound, self._sub_cap))
+
+    def too_many_subscriptions(self, exc: RequestRejected, carried: int) -> bool:
+        """The server refused a request carrying ``carried`` subscriptions as carrying
+        too many (its bound was lowered since the device learnt it): carry fewer.
+        True if the run can go on (False: ``exc`` stands)."""
+        if (
+            exc.status != 422
+            or exc.code != "invalid-request"
+            or "subscriptions per request" not in exc.detail
+            or carried <= 1
+        ):
+            return False
+        said = (self.client.push_limits or PushLimits()).subscriptions
+        named = re.search(r"at most (\d+) subscriptions", exc.detail)
+        if said < carried:  # the refusal's header says the new bound
+            self._sub_cap = said
+        elif named and 0 < int(named.group(1)) < carried:
+            self._sub_cap = int(named.group(1))
+        else:
+            self._sub_cap = carried // 2
+        log.info(
+            "a request carrying %d subscriptions was refused (%s): carrying %d",
+            carried,
+            exc.detail,
+            self.subscription_bound(),
+        )
+        return True
+
+    def refreshed(self, carried: Sequence[str], complete: bool) -> None:
+        """A response to a request carrying the subscriptions ``carried`` was read:
+        complete, they are refreshed for this run."""
+        if complete:
+            self._refreshed.update(carried)
+
+    def subscriptions_left(self, unit_name: str, catalog: Catalog | None) -> bool:
+        """Whether a held subscription ``unit_name`` refreshes is not refreshed yet in
+        this run (more than one request may carry: the next carries it)."""
+        return bool(held(self.client, unit_name, catalog, skip=self._refreshed, limit=1))
 
     def budget(self) -> Budget:
         """What one push request may carry, by the server's last word on its bounds."""
@@ -255,14 +306,20 @@ class UnitRun:
                     raise ProtocolError("the server offered a snapshot again after one failed")
             idle = 0
             recopied = False
-            while not complete or (not recopied and self._recopy_due(unit_name, unit, params)):
+            while True:
                 # The server ends a response after a bounded time: continue from the
                 # cursors just stored. Responses that bring nothing, again and again,
-                # mean something is wrong: give up (the next run resumes). Streams
-                # marked to copy afresh on the way (a change the device refused, or a
-                # catalog change made unsendable: ``recopy.py``) copy in this run.
-                recopied = recopied or complete
-                idle = 0 if chunks else idle + 1
+                # mean something is wrong: give up (the next run resumes). Held
+                # subscriptions beyond what one request may carry go in the next
+                # requests. Streams marked to copy afresh on the way (a change the
+                # device refused, or a catalog change made unsendable: ``recopy.py``)
+                # copy in this run.
+                if complete and not self.subscriptions_left(unit_name, catalog):
+                    if recopied or not self._recopy_due(unit_name, unit, params):
+                        break
+                    recopied = True
+                    self._recopy_again(catalog)
+                idle = 0 if chunks or complete else idle + 1
                 if idle >= MAX_IDLE_CONTINUATIONS:
                     raise NetworkError(
                         f"the server ended {idle} responses of {unit_name!r} early without"
@@ -293,6 +350,18 @@ class UnitRun:
                     names += [holds.cursor_name(s, sub_id) for s in info.streams]
         return self.client.store.recopy_due(names)
 
+    def _recopy_again(self, catalog: Catalog | None) -> None:
+        """Held subscriptions refreshed in this run with a stream marked to copy afresh
+        since go again."""
+        if catalog is None:
+            return
+        for sub_id, sub_unit, _, _, _ in self.client.store.subscriptions():
+            info = catalog.unit(sub_unit)
+            if sub_id in self._refreshed and info is not None:
+                names = [holds.cursor_name(s, sub_id) for s in info.streams]
+                if self.client.store.recopy_due(names):
+                    self._refreshed.discard(sub_id)
+
     def _request(
         self,
         unit_name: str,
@@ -311,10 +380,19 @@ class UnitRun:
         way and the server applies it; it is done before the response is read.
         """
         self._offers = []
-        request, holder = self._build(unit_name, unit, catalog, mutations, params, snapshots)
         with ahead if ahead is not None else contextlib.nullcontext():
-            response = self._post(unit_name, request, result)
-        return self._finish(response, catalog, result, holder)
+            while True:
+                request, holder = self._build(
+                    unit_name, unit, catalog, mutations, params, snapshots
+                )
+                try:
+                    response = self._post(unit_name, request, result)
+                    break
+                except RequestRejected as exc:  # refused whole: nothing was applied
+                    if not self.too_many_subscriptions(exc, len(request.subscriptions)):
+                        raise
+        carried = [s.id for s in request.subscriptions]
+        return self._finish(response, catalog, result, holder, carried)
 
     def _build(
         self,
@@ -346,7 +424,16 @@ class UnitRun:
             chunk_size=self.client.chunk_size,
             snapshots=self.client.snapshots and snapshots and not holder,
             params=dict(params or {}),
-            subscriptions=held(self.client, unit_name, catalog, take=True) if stream_names else [],
+            subscriptions=held(
+                self.client,
+                unit_name,
+                catalog,
+                take=True,
+                skip=self._refreshed,
+                limit=self.subscription_bound(),
+            )
+            if stream_names
+            else [],
             # A pull may bring rows that changes still in flight wrote: their verdicts
             # come first (``Answered``), or the device would keep its own version. A
             # push says where its sequence continues if the server forgot it (a restore).
@@ -363,10 +450,14 @@ class UnitRun:
         catalog: Catalog | None,
         result: SyncResult,
         holder: str | None = None,
+        carried: Sequence[str] = (),
     ) -> tuple[bool, int]:
-        """Read and apply ``response``'s frames, then close it; see ``_request``."""
+        """Read and apply ``response``'s frames, then close it; see ``_request``.
+        ``carried``: the ids of the held subscriptions the request carried."""
         try:
-            return self._read_frames(response, catalog, result, holder)
+            complete, chunks = self._read_frames(response, catalog, result, holder)
+            self.refreshed(carried, complete)
+            return complete, chunks
         finally:
             result.bytes_in += response.num_bytes_downloaded
             response.close()
@@ -579,19 +670,29 @@ def refused_own_params(exc: ProblemError, unit_name: str, carried_others: bool) 
 
 
 def held(
-    client: SyncClient, unit_name: str, catalog: Catalog | None, *, take: bool = False
+    client: SyncClient,
+    unit_name: str,
+    catalog: Catalog | None,
+    *,
+    take: bool = False,
+    skip: Collection[str] = (),
+    limit: int | None = None,
 ) -> list[Subscription]:
-    """Every held subscription, with its cursors, to refresh beside ``unit_name``.
+    """Every held subscription, with its cursors, to refresh beside ``unit_name``
+    (in the order they were opened).
 
     ``take``: for a sync request, whose response is applied; those marked to copy
-    afresh go without their cursors (``recopy.py``)."""
+    afresh go without their cursors (``recopy.py``). ``skip``: ids left out;
+    ``limit``: at most this many."""
     if catalog is None or unit_name not in client.refresh_subscriptions_with:
         return []
-    subs = []
+    subs: list[Subscription] = []
     for sub_id, unit, raw, _, _ in client.store.subscriptions():
         info = catalog.unit(unit)
-        if info is None:
+        if info is None or sub_id in skip:
             continue
+        if limit is not None and len(subs) >= limit:
+            break
         if take:
             client.store.take_recopies([holds.cursor_name(s, sub_id) for s in info.streams])
         cursors = client.store.subscription_cursors(sub_id, info.streams)
