@@ -8,6 +8,7 @@ carried out once the change is answered, unless the server sent the row again.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import pytest
@@ -20,7 +21,8 @@ from syncunit import Stream, SyncSchema, SyncUnit
 from syncunit.client.scheduler import subscription_id
 from syncunit.errors import ProblemError
 from syncunit.server import Principal, SyncServer, TokenAuth
-from tests.support import local_keys, principal_params
+from syncunit.server.store import tombstones
+from tests.support import appointments_of, local_keys, principal_params
 from tests.test_subscriptions import history, patients_of
 
 APP_UNITS = frozenset({"Login", "Online", "SendAppointments", "Splash"})
@@ -436,3 +438,76 @@ def test_an_out_of_scope_rejection_of_a_held_row_brings_it_back_as_the_server_ha
     assert set(history(store, a)) <= local_keys(dev, "LocalAppointment")
     assert moved not in local_keys(dev, "LocalAppointment")
     assert dev.sync("PatientDetails", params={"patient_id": a}).total_in == 0
+
+
+# -- rows with unpushed changes, looked up by key ------------------------------------------------
+
+
+def test_a_refresh_looks_up_pending_changes_by_the_keys_each_chunk_brings(make_client, store):
+    """Each chunk looks up only its own rows among the changes waiting to be pushed,
+    never every pending key of the table: subscriptions refreshed while thousands of
+    changes wait cost what their rows cost. Rows with a change keep it."""
+    dev = make_client(refresh_subscriptions_with=["Login"])
+    dev.sync("Login")
+    a, b = patients_of(store, 1)[:2]
+    for p in (a, b):
+        dev.sync("PatientDetails", params={"patient_id": p})
+    edited = history(store, a)
+    with dev.store.atomic() as c:
+        c.executemany(
+            "UPDATE LocalAppointment SET notes = 'offline' WHERE id = ?", [(k,) for k in edited]
+        )
+    with store.write() as conn:
+        conn.execute(
+            appointment.update().where(appointment.c.patient_id.in_([a, b])).values(room="moved")
+        )
+    traced: list[str] = []
+    dev.store.conn.set_trace_callback(traced.append)
+    try:
+        dev.sync("Login")  # refreshes both subscriptions too
+    finally:
+        dev.store.conn.set_trace_callback(None)
+
+    looked_up = [
+        s for s in traced if s.startswith("SELECT") and "row_key FROM syncunit_outbox" in s
+    ]
+    assert looked_up  # the chunks' keys, a few hundred at a time
+    assert [s for s in looked_up if "row_key IN (" not in s] == []
+    rows = {
+        k: (r, n) for k, r, n in dev.store.query("SELECT id, room, notes FROM LocalAppointment")
+    }
+    assert {rows[k] for k in edited} <= {(r, "offline") for r, _ in rows.values() if r != "moved"}
+    assert {rows[k][0] for k in history(store, b)} == {"moved"}
+    assert pending(dev) == len(edited)
+
+
+@pytest.mark.parametrize("subscribed", [False, True], ids=["plain", "held"])
+def test_a_fresh_copy_keeps_more_changed_rows_than_a_statement_binds_variables(
+    make_client, store, subscribed
+):
+    """A reset keeps every row with an unpushed change, however many: they are not
+    bound one variable each (SQLite allows 999 on older phones)."""
+    dev = make_client()
+    dev.sync("Login")
+    if subscribed:  # rows subscriptions hold stay too: the plain stream starts over alone
+        dev.sync("PatientDetails", params={"patient_id": patients_of(store, 1)[0]})
+    mine = appointments_of(store, 1)
+    stale, edited = mine[0], mine[1:]
+    with dev.store.atomic() as c:
+        c.execute("UPDATE LocalAppointment SET notes = 'offline' WHERE id != ?", (stale,))
+    assert pending(dev) == len(edited) > 40
+    dev.store.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 40)
+    # Another database, without the hospital's appointments or their tombstones: the
+    # fresh copy is a single chunk that brings no row.
+    with store.write() as conn:
+        conn.execute(appointment.delete().where(appointment.c.id.in_(mine)))
+        conn.execute(tombstones.delete())
+        store._set_fact(conn, "epoch", "another-database")
+
+    result = dev.sync("Login")
+
+    assert "appointments" in result.resets
+    rows = dict(dev.store.query("SELECT id, notes FROM LocalAppointment"))
+    assert stale not in rows
+    assert {rows[k] for k in edited} == {"offline"}  # pulls don't clobber
+    assert pending(dev) == len(edited)

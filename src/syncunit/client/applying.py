@@ -165,7 +165,7 @@ class ChunkApply:
         an upsert would compile it in).
         """
         c = self.conn
-        if holds.pending_keys(c, stream.local_table):
+        if holds.has_pending(c, stream.local_table):
             return False
         sql = self._upsert_sql(stream, tuple(chunk.columns), new=True)
         ddl = trigger_ddl(stream)
@@ -191,20 +191,20 @@ class ChunkApply:
         key = quote(stream.key)
         upserted = removed = 0
         with self._quiet(stream, bulk):
-            pending = holds.pending_keys(c, stream.local_table)
             if chunk.reset and held:
-                removed += holds.reset_plain(c, stream, pending)
+                removed += holds.reset_plain(c, stream)
             elif chunk.reset:
-                if pending:
-                    marks = ",".join("?" * len(pending))
-                    cur = c.execute(f"DELETE FROM {t} WHERE {key} NOT IN ({marks})", [*pending])
-                else:
-                    cur = c.execute(f"DELETE FROM {t}")
+                cur = c.execute(
+                    f"DELETE FROM {t} WHERE {key} NOT IN"
+                    " (SELECT row_key FROM syncunit_outbox WHERE table_name = ?)",
+                    (stream.local_table,),
+                )
                 removed += cur.rowcount
             if held:
-                removed += holds.release(c, stream, list(chunk.removed), "", pending)
+                removed += holds.release(c, stream, list(chunk.removed), "")
             else:
                 # Kept for their changes: removed once these are answered (holds.carry_out).
+                pending = holds.pending_among(c, stream.local_table, chunk.removed)
                 holds.defer(c, stream.local_table, [k for k in chunk.removed if k in pending])
                 gone = [(k,) for k in chunk.removed if k not in pending]
                 if gone:
@@ -213,9 +213,11 @@ class ChunkApply:
             if rows_in:
                 k = chunk.columns.index(stream.key)
                 rows: Any = chunk.row_list()
+                keys = [r[k] for r in rows]
                 if held:
-                    holds.mark_plain(c, stream.local_table, [r[k] for r in rows])
-                holds.undefer(c, stream.local_table, [r[k] for r in rows])
+                    holds.mark_plain(c, stream.local_table, keys)
+                holds.undefer(c, stream.local_table, keys)
+                pending = holds.pending_among(c, stream.local_table, keys)
                 if pending:
                     rows = [r for r in rows if r[k] not in pending]
                 self._write_rows(stream, tuple(chunk.columns), rows)
@@ -284,7 +286,7 @@ class ChunkApply:
         held = stream.local_table in self.held and holds.has_holds(c, stream.local_table)
         with self._quiet(stream, bulk):
             if held:  # rows subscriptions hold stay; the new copy overwrites them
-                removed = holds.reset_plain(c, stream, holds.pending_keys(c, stream.local_table))
+                removed = holds.reset_plain(c, stream)
                 holds.mark_plain(
                     c,
                     stream.local_table,

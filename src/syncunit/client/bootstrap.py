@@ -406,7 +406,7 @@ def _copy(store: LocalStore, stream: StreamInfo, offer: SnapshotOffer, *, transf
         # A first copy is the whole picture: rows not in it go, unless a local change
         # waits to be pushed or a subscription holds them.
         if held:
-            holds.reset_plain(c, stream, holds.pending_keys(c, table))
+            holds.reset_plain(c, stream)
         else:
             c.execute(f"DELETE FROM {t} WHERE {key} NOT IN ({pending})", (table,))
         if transfer:

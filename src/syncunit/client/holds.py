@@ -26,7 +26,7 @@ unless the server sends the row again meanwhile.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from syncunit.client.schema import quote
@@ -73,9 +73,34 @@ def has_holds(conn: sqlite3.Connection, table: str) -> bool:
     return row.fetchone() is not None
 
 
-def pending_keys(conn: sqlite3.Connection, table: str) -> set[Any]:
-    rows = conn.execute("SELECT row_key FROM syncunit_outbox WHERE table_name = ?", (table,))
-    return {r[0] for r in rows}
+#: Keys bound in one ``IN (...)``, at most (fewer if the connection allows fewer variables).
+KEYS_PER_QUERY = 500
+
+
+def has_pending(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether a change to a row of ``table`` is in the outbox."""
+    row = conn.execute("SELECT 1 FROM syncunit_outbox WHERE table_name = ? LIMIT 1", (table,))
+    return row.fetchone() is not None
+
+
+def pending_among(conn: sqlite3.Connection, table: str, keys: Iterable[Any]) -> set[Any]:
+    """Those of ``keys`` whose rows of ``table`` have a change in the outbox: looked up
+    by key, a few hundred at a time, however many changes the outbox holds."""
+    wanted = list(dict.fromkeys(keys))
+    found: set[Any] = set()
+    if not wanted or not has_pending(conn, table):
+        return found
+    step = min(KEYS_PER_QUERY, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 1)
+    for i in range(0, len(wanted), step):
+        part = wanted[i : i + step]
+        marks = ",".join("?" * len(part))
+        rows = conn.execute(
+            "SELECT DISTINCT row_key FROM syncunit_outbox"
+            f" WHERE table_name = ? AND row_key IN ({marks})",
+            (table, *part),
+        )
+        found.update(r[0] for r in rows)
+    return found
 
 
 #: Marks a subscription's holds set aside by its fresh copy under way.
@@ -108,9 +133,9 @@ def release(
     stream: StreamInfo,
     keys: Sequence[Any],
     holder: str,
-    pending: set[Any],
 ) -> int:
-    """Drop ``holder``'s hold on ``keys``; delete the rows no one holds any more.
+    """Drop ``holder``'s hold on ``keys``; delete the rows no one holds any more (those
+    with an unpushed change wait: ``defer``).
 
     Returns the number of rows deleted.
     """
@@ -136,24 +161,26 @@ def release(
                 conn.execute(
                     "DELETE FROM syncunit_holds WHERE local_table = ? AND row_key = ?", (table, k)
                 )
-    defer(conn, table, [k for k in keys if k not in kept and k in pending])
-    gone = [(k,) for k in keys if k not in kept and k not in pending]
+    free = [k for k in keys if k not in kept]
+    pending = pending_among(conn, table, free)
+    defer(conn, table, [k for k in free if k in pending])
+    gone = [(k,) for k in free if k not in pending]
     if not gone:
         return 0
     cur = conn.executemany(f"DELETE FROM {quote(table)} WHERE {quote(stream.key)} = ?", gone)
     return max(cur.rowcount, 0)
 
 
-def reset_plain(conn: sqlite3.Connection, stream: StreamInfo, pending: set[Any]) -> int:
-    """The plain stream starts over: its marks go, and every row no subscription holds."""
+def reset_plain(conn: sqlite3.Connection, stream: StreamInfo) -> int:
+    """The plain stream starts over: its marks go, and every row no subscription holds
+    and without an unpushed change."""
     table, t, key = stream.local_table, quote(stream.local_table), quote(stream.key)
     conn.execute("DELETE FROM syncunit_holds WHERE local_table = ? AND holder = ''", (table,))
-    marks = ",".join("?" * len(pending))
-    skip = f" AND {key} NOT IN ({marks})" if pending else ""
     cur = conn.execute(
         f"DELETE FROM {t} WHERE {key} NOT IN (SELECT row_key FROM syncunit_holds"
-        f" WHERE local_table = ?){skip}",
-        (table, *pending),
+        f" WHERE local_table = ?1) AND {key} NOT IN"
+        " (SELECT row_key FROM syncunit_outbox WHERE table_name = ?1)",
+        (table,),
     )
     return max(cur.rowcount, 0)
 
@@ -173,7 +200,6 @@ def apply_held(store: LocalStore, stream: StreamInfo, chunk: Chunk, holder: str)
     c = store.conn
     table, t, key = stream.local_table, quote(stream.local_table), quote(stream.key)
     upserted = removed = 0
-    pending = pending_keys(c, table)
     old = retiring(holder)
     if chunk.reset:
         # What it held stays in sight until the fresh copy completes.
@@ -184,7 +210,7 @@ def apply_held(store: LocalStore, stream: StreamInfo, chunk: Chunk, holder: str)
         c.execute(
             "DELETE FROM syncunit_holds WHERE local_table = ? AND holder = ?", (table, holder)
         )
-    removed += release(c, stream, list(chunk.removed), holder, pending)
+    removed += release(c, stream, list(chunk.removed), holder)
     if chunk.row_count():
         k = chunk.columns.index(stream.key)
         rows: Any = chunk.row_list()
@@ -201,12 +227,13 @@ def apply_held(store: LocalStore, stream: StreamInfo, chunk: Chunk, holder: str)
             [(table, v, holder) for v in keys],
         )
         undefer(c, table, keys)
+        pending = pending_among(c, table, keys)
         if pending:
             rows = [r for r in rows if r[k] not in pending]
         c.executemany(store._upsert_sql(stream, tuple(chunk.columns)), rows)
         upserted = len(keys)
     if chunk.complete:
-        removed += release(c, stream, held_by(c, table, old), old, pending)
+        removed += release(c, stream, held_by(c, table, old), old)
     return upserted, removed
 
 
@@ -216,9 +243,8 @@ def close_subscription(store: LocalStore, sub_id: str, streams: Sequence[StreamI
     c = store.conn
     removed = 0
     for s in streams:
-        pending = pending_keys(c, s.local_table)
         for holder in (sub_id, retiring(sub_id)):
-            removed += release(c, s, held_by(c, s.local_table, holder), holder, pending)
+            removed += release(c, s, held_by(c, s.local_table, holder), holder)
         c.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (cursor_name(s.name, sub_id),))
     c.execute("DELETE FROM syncunit_subscriptions WHERE id = ?", (sub_id,))
     return removed
