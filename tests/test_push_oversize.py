@@ -12,7 +12,9 @@ exactly once, in order).
 
 from __future__ import annotations
 
+import json
 import random
+import sqlite3
 import string
 from typing import Any
 
@@ -148,12 +150,84 @@ def test_a_logout_that_clears_leaves_no_mark_naming_the_previous_rows(notes_app:
     _, device, _ = _device(notes_app)
     device.update("LocalNote", "s1", {"body": _text(100 * KB, 6)})
     device.sync("Push")  # refused on the device; the next pull would copy afresh
-    marks = "SELECT key, value FROM syncunit_local WHERE key LIKE 'recopy:%'"
+    marks = "SELECT name, row_key FROM syncunit_recopy WHERE name LIKE 'recopy:%'"
     assert "s1" in str(device.store.query(marks))
 
     device.logout()
 
     assert device.store.query(marks) == []
+
+
+def test_each_row_refused_on_the_device_is_marked_by_a_write_of_its_own(notes_app: Any) -> None:
+    """Marking a row to copy afresh writes that row's mark alone, never the marks made
+    before it again: a burst of refusals (or a catalog change) marking thousands of
+    rows costs one small write each, not a rewrite of a growing list."""
+    app, device, _ = _device(notes_app)
+    keys = [f"row{i:02d}" for i in range(12)]
+    for k in keys:
+        app.add(k, title="on the server")
+    device.sync("Sync")
+    for i, k in enumerate(keys):
+        device.update("LocalNote", k, {"body": _text(100 * KB, 10 + i)})
+    traced: list[str] = []
+    device.store.conn.set_trace_callback(traced.append)
+    try:
+        result = device.sync("Push")  # every change refused on the device
+    finally:
+        device.store.conn.set_trace_callback(None)
+
+    assert sorted(r["key"] for r in result.rejected) == keys
+    writes = [s for s in traced if "syncunit_recopy" in s or "syncunit_local" in s]
+    assert writes
+    assert [s for s in writes if sum(k in s for k in keys) > 1] == []
+    marks = device.store.query("SELECT name, local_table, row_key FROM syncunit_recopy")
+    assert sorted(k for _, _, k in marks) == keys  # one row a mark, each row once
+    assert {(n, t) for n, t, _ in marks} == {("recopy:notes", "LocalNote")}
+
+
+def test_marks_kept_by_an_earlier_version_are_carried_over(notes_app: Any) -> None:
+    """A device file whose marks an earlier version kept as JSON lists in
+    ``syncunit_local`` opens with them moved to ``syncunit_recopy``: the stream still
+    copies afresh, and a parked session's rows are still marked when it comes back."""
+    app, device, fault = _device(notes_app)
+    device.update("LocalNote", "s1", {"body": _text(100 * KB, 7), "title": "long"})
+    app.backoffice("UPDATE note SET title = 'changed on the server' WHERE id = 's1'")
+    device.sync("Pull")  # skips s1: it has a change
+    device.sync("Push")  # refused on the device: s1 is marked
+    assert local_note(device, "s1")["title"] == "on the server"  # type: ignore[index]
+    device.close()
+    # The file as version 4 left it: each name's marks as one JSON list.
+    path = app.tmp_path / "device.sqlite"
+    conn = sqlite3.connect(path)
+    with conn:
+        marks: dict[str, list[list[Any]]] = {}
+        for name, table, key in conn.execute("SELECT * FROM syncunit_recopy"):
+            marks.setdefault(name, []).append([table, key])
+        marks["recopy-parked:gone"] = [["LocalNote", "s1"], ["LocalNote", 7]]
+        conn.execute("DROP TABLE syncunit_recopy")
+        conn.executemany(
+            "INSERT INTO syncunit_local VALUES (?, ?)",
+            [(name, json.dumps(entries)) for name, entries in marks.items()],
+        )
+        conn.execute("UPDATE syncunit_local SET value = '4' WHERE key = 'store_version'")
+    conn.close()
+
+    device = app.client(transport=fault)
+
+    assert device.store.migrated == [5]
+    assert device.store.query("SELECT key FROM syncunit_local WHERE key LIKE 'recopy%'") == []
+    assert sorted(device.store.query("SELECT * FROM syncunit_recopy"), key=str) == sorted(
+        [
+            ("recopy-parked:gone", "LocalNote", 7),
+            ("recopy-parked:gone", "LocalNote", "s1"),
+            ("recopy:notes", "LocalNote", "s1"),
+        ],
+        key=str,
+    )
+    device.sync("Pull")
+    assert local_note(device, "s1")["title"] == "changed on the server"  # type: ignore[index]
+    assert local_notes(device) == app.rows("u1")
+    assert device.store.query("SELECT name FROM syncunit_recopy") == [("recopy-parked:gone",)] * 2
 
 
 def test_a_json_device_measures_bytes_as_they_travel(notes_app: Any) -> None:

@@ -13,7 +13,9 @@ is a new step at the end. ``PRAGMA user_version`` is left to the app.
 * 3: ``syncunit_subscriptions`` and ``syncunit_holds`` (units opened with
   parameter values, and which of them holds which row);
 * 4: ``syncunit_deferred`` (removals put off while the row had an unpushed
-  change, carried out once it is answered).
+  change, carried out once it is answered);
+* 5: ``syncunit_recopy`` (streams marked to copy afresh, one row per mark; the
+  marks earlier versions kept in ``syncunit_local`` move into it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable
 
 from syncunit.client.holds import DDL as HOLDS_DDL
 from syncunit.client.holds import DEFERRED_DDL
+from syncunit.client.recopy import migrate as recopy_marks
 from syncunit.client.scheduler import DDL as QUEUE_DDL
 from syncunit.client.triggers import DDL as OUTBOX_DDL
 from syncunit.errors import LocalStoreError
@@ -57,7 +60,7 @@ _V2 = [
 Step = list[str] | Callable[[sqlite3.Connection], None]
 
 #: The steps, in order; step n brings the database to version n.
-STEPS: list[Step] = [_V1, _V2, HOLDS_DDL, DEFERRED_DDL]
+STEPS: list[Step] = [_V1, _V2, HOLDS_DDL, DEFERRED_DDL, recopy_marks]
 STORE_VERSION = len(STEPS)
 
 

@@ -14,8 +14,8 @@ newer change to the row ends it as the server has it when it is answered.
 
 A mark is taken only when a request of its stream is built: a response already
 on its way carries deltas from the old cursor, applied as usual. Marks live in
-``syncunit_local`` (``recopy:<cursor name>`` -> JSON list of ``[table, key]``,
-the rows that called for it), so a restart keeps them.
+``syncunit_recopy``, one row per mark: ``recopy:<cursor name>`` with the table and
+key of a row that called for it, so a restart keeps them and each costs one write.
 """
 
 from __future__ import annotations
@@ -27,36 +27,44 @@ from typing import Any
 from syncunit.client import holds, rowjson
 from syncunit.protocol import StreamInfo
 
-__all__ = ["PARKED", "PREFIX", "due", "mark", "mark_parked", "take", "unpark"]
+__all__ = ["DDL", "PARKED", "PREFIX", "due", "mark", "mark_parked", "migrate", "take", "unpark"]
 
-#: The key of a stream's marks in ``syncunit_local``, before its cursor name.
+#: The name of a stream's marks in ``syncunit_recopy``, before its cursor name.
 PREFIX = "recopy:"
-#: The key of a parked session's marks (``recopy-parked:<client id>``): rows of its
+#: The name of a parked session's marks (``recopy-parked:<client id>``): rows of its
 #: changes withdrawn while it was out of sight, marked when it comes back (``unpark``).
 PARKED = "recopy-parked:"
 
+#: The marks, one row each (migration step 5).
+DDL = [
+    "CREATE TABLE syncunit_recopy (name TEXT NOT NULL, local_table TEXT NOT NULL,"
+    " row_key NOT NULL, PRIMARY KEY (name, local_table, row_key)) WITHOUT ROWID",
+]
 
-def _read(conn: sqlite3.Connection, name: str) -> list[list[Any]]:
-    row = conn.execute("SELECT value FROM syncunit_local WHERE key = ?", (name,)).fetchone()
-    return [] if row is None else list(rowjson.loads(row[0]))
 
-
-def _write(conn: sqlite3.Connection, name: str, entries: list[list[Any]]) -> None:
-    if not entries:
+def migrate(conn: sqlite3.Connection) -> None:
+    """Migration step 5: create ``syncunit_recopy`` and move into it the marks earlier
+    versions kept in ``syncunit_local`` (a JSON list of ``[table, key]`` per name)."""
+    for stmt in DDL:
+        conn.execute(stmt)
+    kept = conn.execute(
+        "SELECT key, value FROM syncunit_local"
+        " WHERE substr(key, 1, ?) = ? OR substr(key, 1, ?) = ?",
+        (len(PREFIX), PREFIX, len(PARKED), PARKED),
+    ).fetchall()
+    for name, value in kept:
+        for table, key in rowjson.loads(value):
+            _add(conn, name, table, key)
         conn.execute("DELETE FROM syncunit_local WHERE key = ?", (name,))
-        return
-    conn.execute(
-        "INSERT INTO syncunit_local (key, value) VALUES (?, ?)"
-        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        (name, rowjson.dumps(entries)),
-    )
 
 
 def _add(conn: sqlite3.Connection, name: str, table: str, key: Any) -> None:
-    entries = _read(conn, name)
-    entry = [table, key]
-    if entry not in entries:
-        _write(conn, name, [*entries, entry])
+    conn.execute("INSERT OR IGNORE INTO syncunit_recopy VALUES (?, ?, ?)", (name, table, key))
+
+
+def _clear(conn: sqlite3.Connection, name: str) -> bool:
+    """Drop the marks kept as ``name``; whether there were any."""
+    return conn.execute("DELETE FROM syncunit_recopy WHERE name = ?", (name,)).rowcount > 0
 
 
 def mark(
@@ -86,10 +94,12 @@ def mark_parked(conn: sqlite3.Connection, client_id: str, table: str, key: Any) 
 
 def unpark(conn: sqlite3.Connection, client_id: str, streams: Sequence[StreamInfo]) -> int:
     """Session ``client_id`` is back in sight: mark its remembered rows; how many."""
-    entries = _read(conn, PARKED + client_id)
+    entries = conn.execute(
+        "SELECT local_table, row_key FROM syncunit_recopy WHERE name = ?", (PARKED + client_id,)
+    ).fetchall()
     for table, key in entries:
         mark(conn, streams, table, key)
-    _write(conn, PARKED + client_id, [])
+    _clear(conn, PARKED + client_id)
     return len(entries)
 
 
@@ -100,7 +110,7 @@ def due(conn: sqlite3.Connection, names: Iterable[str]) -> bool:
         return False
     marks = ",".join("?" * len(wanted))
     row = conn.execute(
-        f"SELECT 1 FROM syncunit_local WHERE key IN ({marks}) LIMIT 1", wanted
+        f"SELECT 1 FROM syncunit_recopy WHERE name IN ({marks}) LIMIT 1", wanted
     ).fetchone()
     return row is not None
 
@@ -110,8 +120,7 @@ def take(conn: sqlite3.Connection, names: Iterable[str]) -> list[str]:
     carries them) and their marks, in the caller's transaction; return them."""
     dropped: list[str] = []
     for name in names:
-        if _read(conn, PREFIX + name):
+        if _clear(conn, PREFIX + name):
             conn.execute("DELETE FROM syncunit_cursors WHERE stream = ?", (name,))
-            _write(conn, PREFIX + name, [])
             dropped.append(name)
     return dropped

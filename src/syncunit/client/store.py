@@ -11,6 +11,8 @@ savepoints for nesting). The engine's own tables are prefixed ``syncunit_``:
 * ``syncunit_subscriptions`` and ``syncunit_holds``: units the app opened with
   parameter values, and which of them holds which row (``holds.py``);
 * ``syncunit_deferred``: removals put off while the row had an unpushed change;
+* ``syncunit_recopy``: streams marked to copy afresh, and the rows that called for it
+  (``recopy.py``);
 
 The engine's tables are versioned (``migrations.py``): an older device file is
 upgraded in place when it is opened.
@@ -392,7 +394,7 @@ class LocalStore(ChunkApply):
             c.execute("DELETE FROM syncunit_deferred")
             # Rows marked to copy afresh are gone with the rest; the marks name them.
             c.execute(
-                "DELETE FROM syncunit_local WHERE substr(key, 1, ?) = ?",
+                "DELETE FROM syncunit_recopy WHERE substr(name, 1, ?) = ?",
                 (len(recopy.PREFIX), recopy.PREFIX),
             )
         return new
