@@ -98,3 +98,14 @@ def test_a_joined_table_without_a_key_is_refused_at_declaration():
     )
     with pytest.raises(DeclarationError, match="'loose' has no primary key"):
         Stream("b2", box, [box.c.id], joins=[Join(loose, box.c.site == loose.c.site)])
+
+
+def test_a_binary_key_is_refused_at_declaration():
+    """Tracking records keys as JSON text: a binary key made every delete of the table
+    fail on the server ("JSON cannot hold BLOB values") once tracking was installed."""
+    meta = sa.MetaData()
+    blob = sa.Table("blob", meta, sa.Column("id", sa.LargeBinary, primary_key=True))
+    with pytest.raises(DeclarationError, match="'blob' has a binary key column"):
+        Stream("blobs", blob, [blob.c.id])
+    with pytest.raises(DeclarationError, match="'blob' has a binary key column"):
+        Stream("b3", box, [box.c.id], joins=[Join(blob, box.c.name == blob.c.id)])

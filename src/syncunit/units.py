@@ -217,6 +217,15 @@ class Stream:
                     f"stream {name!r}: joined table {j.table.name!r} has no primary key;"
                     " declare one (tracking identifies its rows by it)"
                 )
+        for table in (base, *(j.table for j in joins)):
+            for kc in table.primary_key.columns:
+                if logical_type(kc.type) == "blob":
+                    raise DeclarationError(
+                        f"stream {name!r}: table {table.name!r} has a binary key column"
+                        f" ({kc.name!r}); tracking records keys as JSON text, which holds"
+                        " no bytes. Key the table by an integer, text or UUID column and"
+                        " keep the binary value in a UNIQUE column"
+                    )
         self.key_column: sa.Column[Any] = pk[0]
         key_names = [n for n, c in self.columns.items() if c is self.key_column]
         if not key_names:
