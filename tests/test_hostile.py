@@ -977,3 +977,59 @@ def test_a_key_the_server_would_store_in_another_form_is_refused_naming_it(
     finally:
         device.close()
         server.store.engine.dispose()
+
+
+def test_a_date_time_with_an_offset_is_stored_as_the_same_instant(
+    serve: Any, new_database: Any, tmp_path: Any, backend: str
+) -> None:
+    """Sent with an offset, a date-time keeps its instant on both databases: in UTC in a
+    column with time zone, and in UTC without the offset in one without (SQLite stored
+    the wall time with the offset dropped, another instant)."""
+    import datetime as dt
+
+    from syncunit import SyncClient
+    from syncunit.server import Principal, SyncServer, TokenAuth
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    meta = sa.MetaData()
+    visit = sa.Table(
+        "visit", meta,
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("aware", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("naive", sa.DateTime(), nullable=True),
+    )  # fmt: skip
+    stream = Stream(
+        "visits",
+        visit,
+        {c: visit.c[c] for c in ("id", "owner", "aware", "naive")},
+        where=visit.c.owner == sa.bindparam("owner"),
+        local_table="LocalVisit",
+    )
+    schema = SyncSchema([SyncUnit("Visits", [stream], direction="both")])
+    tokens = {"t": Principal("ana", {"owner": "ana"})}
+    server = SyncServer(
+        schema, new_database("visits"), authenticate=TokenAuth(tokens), install=False
+    )
+    meta.create_all(server.store.engine)
+    server.store.install(schema)
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "visits.sqlite", token="t")
+    sent = "2027-03-01T09:00:00.123456+05:30"
+    try:
+        device.insert("LocalVisit", {"id": "v1", "owner": "ana", "aware": sent, "naive": sent})
+        device.insert("LocalVisit", {"id": "v2", "owner": "ana"})
+        assert device.sync("Visits").applied == 2
+        device.update("LocalVisit", "v2", {"aware": sent, "naive": sent})
+        assert device.sync("Visits").applied == 1
+        instant = dt.datetime(2027, 3, 1, 3, 30, 0, 123456)
+        with server.store.engine.connect() as conn:
+            rows = conn.execute(sa.select(visit.c.aware, visit.c.naive)).all()
+        for aware, naive in rows:
+            assert naive == instant
+            if aware.tzinfo is not None:  # PostgreSQL's: in the session's zone
+                aware = aware.astimezone(dt.UTC).replace(tzinfo=None)
+            assert aware == instant
+    finally:
+        device.close()
+        server.store.engine.dispose()

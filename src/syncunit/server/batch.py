@@ -22,7 +22,6 @@ here.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import operator
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from syncunit.protocol import Mutation
 from syncunit.server.auth import Principal
 from syncunit.server.mutation import _Savepoint, insert_defaults
 from syncunit.server.problems import database_busy
-from syncunit.server.values import Rejected, coerce, coerce_key
+from syncunit.server.values import Rejected, coerce, coerce_key, to_datetime
 from syncunit.units import Stream, logical_type
 
 if TYPE_CHECKING:
@@ -185,7 +184,7 @@ def _coerce_column(
         return [coerce_key(v, column, local) for v in values]
     if kind == "datetime" and all(type(v) is str for v in values):
         try:
-            return [dt.datetime.fromisoformat(v) for v in values]
+            return [to_datetime(v, column) for v in values]
         except ValueError:
             pass  # coerce says which value and why
     return [coerce(v, column, local, nul=nul) for v in values]

@@ -28,7 +28,7 @@ from syncunit.protocol import Mutation
 from syncunit.server.limits import shorten
 from syncunit.units import Stream, SyncSchema, logical_type
 
-__all__ = ["NotBase64", "Rejected", "bytes_from_json", "coerce", "coerce_key"]
+__all__ = ["NotBase64", "Rejected", "bytes_from_json", "coerce", "coerce_key", "to_datetime"]
 
 
 class Rejected(Exception):
@@ -83,7 +83,7 @@ def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) 
             if not isinstance(value, str):
                 raise TypeError
             if kind == "datetime":
-                return dt.datetime.fromisoformat(value)
+                return to_datetime(value, column)
             if kind == "date":
                 return dt.date.fromisoformat(value)
             if kind == "time":
@@ -127,6 +127,18 @@ def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) 
             "invalid-value", f"column {local!r} expects {expected}, got {shorten(value)}"
         ) from None
     return value
+
+
+def to_datetime(value: str, column: sa.Column[Any]) -> dt.datetime:
+    """An ISO 8601 date-time for ``column``. One with an offset is the same instant in
+    UTC: kept so by a ``DateTime(timezone=True)`` column, without the offset by one
+    without time zone (which SQLite would otherwise store with the offset dropped,
+    another instant). Raises ``ValueError`` for anything else."""
+    parsed = dt.datetime.fromisoformat(value)
+    if parsed.utcoffset() is None:
+        return parsed
+    utc = parsed.astimezone(dt.UTC)
+    return utc if getattr(column.type, "timezone", False) else utc.replace(tzinfo=None)
 
 
 def coerce_key(value: Any, column: sa.Column[Any], local: str) -> Any:
