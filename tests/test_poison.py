@@ -225,3 +225,25 @@ def test_a_pull_that_meets_a_lock_timeout_is_told_to_retry(notes_app, backend):
         holder.dispose()
     device.sync("Pull")
     assert local_notes(device) == app.rows("u1")
+
+
+def test_a_value_its_column_cannot_hold_is_rejected_as_invalid_naming_the_column(
+    notes_app, backend
+):
+    """An integer past a PostgreSQL ``integer`` column's 32 bits: the change is
+    ``invalid-value`` naming the column (the database's message names none), the rest
+    of the push applies. SQLite's integers hold 64 bits: it is applied there."""
+    app = notes_app()
+    device = app.client()
+    device.insert("LocalNote", {"id": "big", "owner": "u1", "n": 2**40})
+    device.insert("LocalNote", {"id": "fine", "owner": "u1", "n": 1})
+
+    result = device.sync("Sync")
+
+    if backend == "postgres":
+        assert [(r["key"], r["code"]) for r in result.rejected] == [("big", "invalid-value")]
+        assert result.rejected[0]["reason"].startswith("column 'n': ")
+        assert result.applied == 1
+    else:
+        assert (result.applied, result.rejected) == (2, [])
+    assert app.row("fine") is not None

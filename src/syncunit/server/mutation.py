@@ -50,6 +50,25 @@ TRANSIENT_PAUSE = 0.05  # seconds, times the attempt number
 KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
 
 
+#: Integer types narrower than 64 bits where the database holds them so (PostgreSQL).
+_NARROW = ((sa.SmallInteger, 2**15), (sa.BigInteger, 2**63), (sa.Integer, 2**31))
+
+
+def _out_of_range(s: Stream, m: Mutation) -> str | None:
+    """The local column of ``m`` whose integer is past its column type's range, if one is
+    (the database's own message names none)."""
+    for name, value in m.values.items():
+        expr = s.columns.get(name)
+        if not isinstance(value, int) or expr is None:
+            continue
+        for kind, bound in _NARROW:
+            if isinstance(expr.type, kind):
+                if not -bound <= value < bound:
+                    return name
+                break
+    return None
+
+
 def _first_line(exc: sa.exc.SQLAlchemyError) -> str:
     orig = getattr(exc, "orig", None)
     return (str(orig) if orig is not None else str(exc)).splitlines()[0]
@@ -189,6 +208,11 @@ class MutationWrites:
                 elif isinstance(exc, sa.exc.IntegrityError):
                     status, code = "rejected", "constraint"
                     reason = f"the database refused the change: {_first_line(exc)}"
+                elif isinstance(exc, sa.exc.DataError):  # a value its column cannot hold
+                    status, code = "rejected", "invalid-value"
+                    reason = f"the database refused a value: {_first_line(exc)}"
+                    if (column := _out_of_range(stream, m)) is not None:
+                        reason = f"column {column!r}: {reason}"
                 elif busy:
                     log.warning("transient failure on %s %r, again: %s", m.table, m.key, exc)
                     time.sleep(TRANSIENT_PAUSE * attempt)
