@@ -108,6 +108,34 @@ def test_a_transient_failure_past_its_retries_fails_the_request_and_loses_nothin
     assert local_notes(device) == app.rows("u1")
 
 
+def test_a_change_that_fails_so_request_after_request_is_surfaced_in_the_end(
+    notes_app, monkeypatch
+):
+    """The failure may be the change's own (its rule's query past a statement timeout):
+    after ``STRIKES`` failed requests over ``PATIENCE`` it is rejected ``unavailable``,
+    its values kept, and the device's other changes go on."""
+    monkeypatch.setattr(mutation, "TRANSIENT_PAUSE", 0.0)
+    monkeypatch.setattr(mutation, "STRIKES", 3)
+    monkeypatch.setattr(mutation, "PATIENCE", 0.0)
+    calls: list[int] = []
+    app = notes_app(rules=[_locked(calls, fail_first=10**6)])
+    device = app.client()
+    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "busy"})
+    device.insert("LocalNote", {"id": "b", "owner": "u1", "title": "free"})
+    _unavailable(device)
+    _unavailable(device)
+
+    result = device.sync("Sync")
+
+    assert [(r["key"], r["code"]) for r in result.rejected] == [("a", "unavailable")]
+    assert "in 3 requests" in result.rejected[0]["reason"]
+    assert result.applied == 1
+    assert app.row("b") is not None
+    [kept] = device.outbox.rejected()
+    assert kept.attempted["title"] == "busy"
+    assert device.outbox.count() == 0
+
+
 def test_a_lock_or_a_full_disk_on_the_server_keeps_the_change_for_a_retry(notes_app, backend):
     """Real failures: on PostgreSQL a row another transaction holds past the lock
     timeout, on SQLite a disk full (its page limit). A 503, the changes kept, and

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from syncunit.server.store import ServerStore
     from syncunit.units import SyncSchema
 
-__all__ = ["ConflictFound", "MutationWrites"]
+__all__ = ["ConflictFound", "MutationWrites", "Strikes"]
 
 log = logging.getLogger("syncunit.server")
 
@@ -45,6 +46,34 @@ log = logging.getLogger("syncunit.server")
 #: change is never rejected.
 TRANSIENT_ATTEMPTS = 3
 TRANSIENT_PAUSE = 0.05  # seconds, times the attempt number
+#: A change that fails so in this many requests, over at least this many seconds, is
+#: rejected (``unavailable``): the failure may be its own (its rule's query past the
+#: statement timeout, say), and would otherwise hold back its device's later changes.
+STRIKES = 5
+PATIENCE = 300.0
+
+
+class Strikes:
+    """The requests in which each change failed on a transient error (this process)."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int, str], tuple[int, float]] = {}
+        self._keep = keep
+
+    def strike(self, client_id: str, m: Mutation) -> tuple[int, float] | None:
+        """Count a failed request of ``m``; (requests, seconds) once it has failed in
+        ``STRIKES`` over ``PATIENCE`` seconds (it is then forgotten), else None."""
+        key, now = (client_id, m.seq, m.id), time.monotonic()
+        with self._lock:
+            count, first = self._seen.pop(key, (0, now))
+            count += 1
+            if count >= STRIKES and now - first >= PATIENCE:
+                return count, now - first
+            if len(self._seen) >= self._keep:  # the oldest first: dicts keep their order
+                del self._seen[next(iter(self._seen))]
+            self._seen[key] = (count, first)
+        return None
 
 
 KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
@@ -163,11 +192,13 @@ class MutationWrites:
         schema: SyncSchema
         _cache: dict[str, _Statements]
         _rows: dict[str, sa.Select[Any]]
+        _strikes: Strikes
 
     def _apply_one(
         self,
         conn: Connection,
         principal: Principal,
+        client_id: str,
         m: Mutation,
         unit: str,
         writable: frozenset[str],
@@ -195,10 +226,13 @@ class MutationWrites:
                     # doomed): the whole request fails here, and ``apply`` runs it again.
                     raise
                 busy = database_busy(exc) is not None
+                struck = None
                 if busy and attempt == TRANSIENT_ATTEMPTS:
-                    # Not this change's fault: the request fails (503), nothing of it
-                    # is kept, and the device sends it again.
-                    raise
+                    struck = self._strikes.strike(client_id, m)
+                    if struck is None:
+                        # Most likely not this change's fault: the request fails (503),
+                        # nothing of it is kept, and the device sends it again.
+                        raise
                 savepoint.rollback()
                 status: Literal["rejected", "conflict"]
                 if isinstance(exc, Rejected):
@@ -213,6 +247,14 @@ class MutationWrites:
                     reason = f"the database refused a value: {_first_line(exc)}"
                     if (column := _out_of_range(stream, m)) is not None:
                         reason = f"column {column!r}: {reason}"
+                elif struck is not None:
+                    log.error("mutation %s %r kept failing: %s", m.table, m.key, exc)
+                    status, code = "rejected", "unavailable"
+                    reason = (
+                        f"the server's database failed on this change in {struck[0]} requests"
+                        f" over {struck[1] / 60:.0f} min ({_first_line(exc)}); it may be the"
+                        " change itself (a rule's query past a timeout): retry it later"
+                    )
                 elif busy:
                     log.warning("transient failure on %s %r, again: %s", m.table, m.key, exc)
                     time.sleep(TRANSIENT_PAUSE * attempt)

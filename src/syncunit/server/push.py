@@ -47,7 +47,7 @@ from syncunit.server.batch import (
     write_batch,
 )
 from syncunit.server.limits import Limits, check_mutations
-from syncunit.server.mutation import MutationWrites, _Statements
+from syncunit.server.mutation import MutationWrites, Strikes, _Statements
 from syncunit.server.problems import ProblemException
 from syncunit.server.store import ServerStore, clients, mutation_log
 from syncunit.units import Stream, SyncSchema, SyncUnit
@@ -126,6 +126,7 @@ class PushApplier(MutationWrites):
         self._pushed = threading.Condition()  # notified when a push of this process commits
         self._pushes = 0  # pushes of this process committed so far
         self._applying: dict[str, int] = {}  # per client id: its pushes being applied now
+        self._strikes = Strikes()  # changes failing on transient errors, request after request
 
     def authorize(self, principal: Principal, unit: SyncUnit) -> None:
         """Refuse (``ProblemException``) a push the principal may not make through ``unit``:
@@ -325,7 +326,7 @@ class PushApplier(MutationWrites):
                         last = commit_so_far()
                         changed_schema = False
                         continue  # the run one by one (or from the log: see commit_so_far)
-                result = self._apply_one(conn, principal, m, unit.name, writable)
+                result = self._apply_one(conn, principal, req.client_id, m, unit.name, writable)
                 logged.append((req.client_id, m.seq, m.id, _result_enc.encode(result)))
                 results.append(result)
                 last = m.seq
