@@ -881,7 +881,7 @@ def test_after_renew_epoch_a_batch_that_came_first_waits_for_the_unanswered_befo
 def test_a_batch_waits_for_the_one_before_while_it_is_being_applied(notes_app, monkeypatch):
     """The wait for a batch's predecessor ends after a while if it does not come, not
     while it is being applied (a large batch may take longer than the wait)."""
-    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 2.0)
+    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 4.0)
     waits = threading.Event()
     started: list[float] = []
     wait_for_predecessor = PushApplier._wait_for_predecessor
