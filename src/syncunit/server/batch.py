@@ -64,7 +64,10 @@ def prepare_batch(
     """Keys and rows of ``mutations`` (inserts into ``s``); None if they must go one by
     one (a value refused, a key repeated, rows of different columns)."""
     try:
-        prepared = _columnar(s, mutations, nul=applier.store.text_holds_nul)
+        store = applier.store
+        prepared = _columnar(
+            s, mutations, nul=store.text_holds_nul, native=store.native_decimals_and_zones
+        )
         if prepared is None:
             prepared = _one_by_one(applier, s, mutations)
     except Rejected:
@@ -130,14 +133,15 @@ def _fails_the_request(applier: PushApplier, exc: sa.exc.SQLAlchemyError) -> boo
 
 
 def _columnar(
-    s: Stream, mutations: Sequence[Mutation], *, nul: bool
+    s: Stream, mutations: Sequence[Mutation], *, nul: bool, native: bool = True
 ) -> tuple[list[Any], list[dict[str, Any]]] | None:
     """Keys and rows of the batch, each column coerced in one pass over the batch.
 
     For the common batch: every mutation names the same columns, all of them known
     and writable, with no NULL (a default may apply) and no second key. Returns
     None otherwise (``_one_by_one`` then maps each mutation as ``_map`` does).
-    Raises ``Rejected`` on a value ``coerce`` refuses (``nul``: as ``coerce`` takes it).
+    Raises ``Rejected`` on a value ``coerce`` refuses (``nul``: as ``coerce`` takes it;
+    ``native``: as ``coerce_key``).
     """
     names = tuple(mutations[0].values)
     plan = _plan(s, names)
@@ -158,7 +162,7 @@ def _columnar(
     if s.key in by_name and list(by_name[s.key]) != raw_keys:
         return None
     pk = s.key_column
-    keys = _coerce_column(raw_keys, pk, s.key, key=True)
+    keys = _coerce_column(raw_keys, pk, s.key, key=True, native=native)
     if any(k is None for k in keys):
         return None
     columns = [_coerce_column(list(by_name[n]), c, n, nul) for n, c in plan]
@@ -168,7 +172,12 @@ def _columnar(
 
 
 def _coerce_column(
-    values: list[Any], column: sa.Column[Any], local: str, nul: bool = True, key: bool = False
+    values: list[Any],
+    column: sa.Column[Any],
+    local: str,
+    nul: bool = True,
+    key: bool = False,
+    native: bool = True,
 ) -> list[Any]:
     """``coerce`` of each value (``coerce_key`` for the ``key``), in one pass for the
     plain cases (same checks, same results); anything else value by value."""
@@ -181,7 +190,7 @@ def _coerce_column(
         if fits and (nul or not any("\x00" in v for v in values)):
             return values
     if key:
-        return [coerce_key(v, column, local) for v in values]
+        return [coerce_key(v, column, local, native=native) for v in values]
     if kind == "datetime" and all(type(v) is str for v in values):
         try:
             return [to_datetime(v, column) for v in values]
@@ -198,7 +207,7 @@ def _one_by_one(
     keys: list[Any] = []
     rows: list[dict[str, Any]] = []
     for m in mutations:
-        key = coerce_key(m.key, pk, s.key)
+        key = coerce_key(m.key, pk, s.key, native=applier.store.native_decimals_and_zones)
         if key is None:
             return None
         changes = applier._map(s, m, list(m.values))

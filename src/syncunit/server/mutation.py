@@ -277,7 +277,7 @@ class MutationWrites:
         st = self._statements(s)
         if m.op == "insert" and self._insert_new(conn, s, principal, m):
             return
-        key = coerce_key(m.key, pk, s.key)
+        key = coerce_key(m.key, pk, s.key, native=self.store.native_decimals_and_zones)
         if key is None:
             raise Rejected("invalid-value", "the row key cannot be empty")
         if m.op not in ("insert", "update", "delete"):
@@ -449,7 +449,7 @@ class MutationWrites:
         savepoint, so a rejection (or a scope check failing) undoes it.
         """
         pk = s.key_column
-        key = coerce_key(m.key, pk, s.key)
+        key = coerce_key(m.key, pk, s.key, native=self.store.native_decimals_and_zones)
         if key is None:
             raise Rejected("invalid-value", "the row key cannot be empty")
         changes = self._map(s, m, list(m.values))

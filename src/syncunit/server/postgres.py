@@ -259,6 +259,7 @@ class PostgresStore(ServerStore):
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PUSH_LOCK})")
 
     text_holds_nul = False
+    native_decimals_and_zones = True
 
     def retryable(self, exc: BaseException) -> bool:
         orig = getattr(exc, "orig", None)

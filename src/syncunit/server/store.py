@@ -413,6 +413,11 @@ class ServerStore(abc.ABC):
     #: pushed text value holding one is rejected (``invalid-value``), not written.
     text_holds_nul = True
 
+    #: Whether decimals and zoned date-times come back as stored (``coerce_key``):
+    #: SQLite's decimals of no declared scale come back with ten places, and its
+    #: date-times without their zone.
+    native_decimals_and_zones = False
+
     def retryable(self, exc: BaseException) -> bool:
         """Whether a write transaction that raised ``exc`` may simply be run again
         (it lost a serialization race or a deadlock; nothing of it was kept)."""

@@ -141,20 +141,30 @@ def to_datetime(value: str, column: sa.Column[Any]) -> dt.datetime:
     return utc if getattr(column.type, "timezone", False) else utc.replace(tzinfo=None)
 
 
-def coerce_key(value: Any, column: sa.Column[Any], local: str) -> Any:
+def coerce_key(value: Any, column: sa.Column[Any], local: str, *, native: bool = True) -> Any:
     """``coerce`` for a row's key, which must also be in the form the row comes back in:
     a key the database stores in another form (an upper-case UUID, a date-time with a
-    space, ``1.5`` in a column of two decimals) would come back as another row beside
-    the device's own, which keeps its form."""
+    space, ``1.5`` in a column of two decimals, ``1E+2``, ``-0``) would come back as
+    another row beside the device's own, which keeps its form.
+
+    ``native``: whether the database gives decimals and zoned date-times back as
+    stored (PostgreSQL); SQLite's come back with SQLAlchemy's ten places when the
+    column says no scale, and without their zone."""
     key = coerce(value, column, local)
     kind = _kinds[column.type]
     if kind not in ("uuid", "datetime", "date", "time", "decimal") or key is None:
         return key
-    if isinstance(key, dt.date | dt.time):
+    if isinstance(key, dt.datetime) and not native:
+        canonical = key.replace(tzinfo=None).isoformat()
+    elif isinstance(key, dt.date | dt.time):
         canonical = key.isoformat()
     elif isinstance(key, decimal.Decimal):
         scale = getattr(column.type, "scale", None)
-        canonical = str(key if scale is None else key.quantize(decimal.Decimal(1).scaleb(-scale)))
+        if scale is None and not native:
+            scale = getattr(column.type, "_effective_decimal_return_scale", None)
+        if scale is not None:
+            key = key.quantize(decimal.Decimal(1).scaleb(-scale))
+        canonical = format(key.copy_abs() if key.is_zero() else key, "f")
     else:
         canonical = str(key)
     if canonical != value:
