@@ -875,6 +875,20 @@ def test_more_subscriptions_than_a_request_may_carry_refresh_in_one_run(server, 
     assert_phones(server, dev, phones)
 
 
+def test_a_push_unit_that_refreshes_subscriptions_is_one_request(server, make_client, store):
+    """A push-only unit reads no stream: the subscriptions it is to refresh do not go
+    with it, and its sync ends after its one request."""
+    dev = make_client(sync_on_reconnect="SendAppointments")
+    dev.sync("Login")
+    open_patients(dev, store, 2)
+    key = dev.store.query("SELECT id FROM LocalAppointment ORDER BY id LIMIT 1")[0][0]
+    dev.update("LocalAppointment", key, {"notes": "edited"})
+
+    result = dev.sync("SendAppointments")
+
+    assert (result.requests, result.applied) == (1, 1)
+
+
 def test_a_bound_lowered_since_the_device_learnt_it_is_followed(server, make_client, store):
     server.max_subscriptions = 3
     dev = make_client(sync_on_reconnect="Online")

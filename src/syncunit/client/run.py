@@ -686,6 +686,9 @@ def held(
     ``limit``: at most this many."""
     if catalog is None or unit_name not in client.refresh_subscriptions_with:
         return []
+    beside = catalog.unit(unit_name)
+    if beside is None or beside.direction == "push":  # its requests read no stream
+        return []
     subs: list[Subscription] = []
     for sub_id, unit, raw, _, _ in client.store.subscriptions():
         info = catalog.unit(unit)
