@@ -229,3 +229,52 @@ def test_a_run_that_waits_too_long_says_what_holds_the_database(make_client, mon
         second.sync("Login")
     held.release.set()
     pull.join()
+
+
+def test_a_store_opening_while_another_applies_a_catalog_keeps_that_catalog_s_triggers(
+    make_server: Callable[..., Any], store: Any, serve: Callable[[Any], Any], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A store checks its outbox triggers at open: another client applying a new catalog
+    meanwhile (a column added) must not have its triggers put back to the old catalog's,
+    which would leave the app's edits of the new column unrecorded."""
+    from hospital.generate import generate
+
+    from syncunit import SyncClient
+    from syncunit.client.store import LocalStore
+    from syncunit.units import Stream
+    from tests.conftest import SIZE
+
+    a = hu.appointments
+    without_room = Stream(
+        "appointments", a.base, {k: v for k, v in a.columns.items() if k != "room"},
+        joins=a.joins, where=a.where, local_table="LocalAppointment", indexes=a.indexes,
+        policy=a.policy, rules=a.rules,
+    )  # fmt: skip
+    old = SyncSchema(
+        [SyncUnit("Login", [hu.doctors, without_room]),
+         SyncUnit("SendAppointments", [without_room], direction="push")]
+    )  # fmt: skip
+    generate(store.engine, **SIZE)
+    live = serve(make_server(old).app)
+    path = tmp_path / "device.sqlite"
+    with SyncClient(live.url, path, token="token-h1") as first:
+        first.sync("Login")
+    live.app = make_server(hu.schema).app  # the server's stream gains ``room``
+    restore = LocalStore._restore_suspended
+
+    def meanwhile(self: LocalStore, catalog: Any) -> None:
+        monkeypatch.setattr(LocalStore, "_restore_suspended", restore)
+        with SyncClient(live.url, path, token="token-h1") as other:
+            other.sync("Login")  # applies the new catalog
+        restore(self, catalog)
+
+    monkeypatch.setattr(LocalStore, "_restore_suspended", meanwhile)
+    with SyncClient(live.url, path, token="token-h1") as device:
+        [(sql,)] = device.store.query(
+            "SELECT sql FROM sqlite_master WHERE name = 'syncunit_LocalAppointment_au'"
+        )
+        assert '"room"' in sql
+        key = device.store.query("SELECT id FROM LocalAppointment ORDER BY id LIMIT 1")[0][0]
+        device.update("LocalAppointment", key, {"room": "R-999"})
+        assert device.outbox.count() == 1

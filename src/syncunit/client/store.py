@@ -598,24 +598,34 @@ class LocalStore(ChunkApply):
     def _renew_triggers(self, catalog: Catalog) -> None:
         """Make the outbox triggers this engine's, where an earlier one made them (a
         database opened after an upgrade): the changes recorded from then on are in
-        the form this engine reads best (see ``triggers.py``)."""
-        stale: list[StreamInfo] = []
+        the form this engine reads best (see ``triggers.py``). Decided again inside the
+        write, on the catalog stored then: another process may have applied a new one
+        since ``catalog`` was read, with triggers of its own."""
         with self.lock:
-            made = dict(
-                self.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
-            )
-            for stream in catalog.streams:
-                if stream.local_table not in self.pushed:
-                    continue
-                creates = [stmt for stmt in trigger_ddl(stream) if stmt.startswith("CREATE")]
-                names = [f"syncunit_{stream.local_table}{end}" for end in ("_ai", "_au", "_ad")]
-                if [made.get(n) for n in names] != creates:
-                    stale.append(stream)
-        if stale:
-            with self.atomic() as conn:
-                for stream in stale:
-                    for stmt in trigger_ddl(stream):
-                        conn.execute(stmt)
+            if not self._stale_triggers(catalog):
+                return
+        with self.atomic():
+            raw = self.get_fact("catalog")
+            if raw is None:
+                return
+            for stream in self._stale_triggers(decode_catalog(raw.encode())):
+                for stmt in trigger_ddl(stream):
+                    self.conn.execute(stmt)
+
+    def _stale_triggers(self, catalog: Catalog) -> list[StreamInfo]:
+        """The pushed streams of ``catalog`` whose outbox triggers differ from this
+        engine's."""
+        made = dict(self.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"))
+        pushed = {t for u in catalog.units for t in u.push}
+        stale = []
+        for stream in catalog.streams:
+            if stream.local_table not in pushed:
+                continue
+            creates = [stmt for stmt in trigger_ddl(stream) if stmt.startswith("CREATE")]
+            names = [f"syncunit_{stream.local_table}{end}" for end in ("_ai", "_au", "_ad")]
+            if [made.get(n) for n in names] != creates:
+                stale.append(stream)
+        return stale
 
     def _restore_suspended(self, catalog: Catalog) -> None:
         """Restore indexes a copy left suspended (the process ended before it did)."""
