@@ -496,3 +496,42 @@ def test_outbox_triggers_an_earlier_engine_made_are_made_again_at_open(
     finally:
         device.close()
         server.store.engine.dispose()
+
+
+def test_an_infinity_an_earlier_engine_wrote_in_the_outbox_is_read(
+    serve: Any, new_database: Any, tmp_path: Any
+) -> None:
+    """Triggers of earlier versions wrote an infinite REAL as ``Inf`` (not JSON): such an
+    outbox entry still goes out, and the changes after it too."""
+    import sqlalchemy as sa
+
+    from syncunit import SyncClient
+
+    server, measure = _measures_server(new_database("measures"))
+    with server.store.engine.begin() as conn:
+        conn.execute(measure.insert().values(id="c", owner="ana", x=float("inf")))
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "m.sqlite", token="t-ana")
+    device.sync("Measures")
+    [(now,)] = device.store.query(
+        "SELECT sql FROM sqlite_master WHERE name = 'syncunit_LocalMeasure_au'"
+    )
+    with device.store.atomic() as conn:  # as an earlier engine wrote it
+        conn.execute("DROP TRIGGER syncunit_LocalMeasure_au")
+        conn.execute(now.replace("json_object('$real', printf('%!.17g', OLD.\"x\"))", 'OLD."x"'))
+    device.update("LocalMeasure", "c", {"note": "edited"})
+    assert ":Inf," in device.store.query("SELECT base FROM syncunit_outbox")[0][0]
+    device.close()
+    device = SyncClient(live.url, tmp_path / "m.sqlite", token="t-ana")
+    try:
+        device.insert("LocalMeasure", {"id": "d", "owner": "ana", "x": 1.0})
+
+        result = device.sync("Measures")
+
+        assert (result.applied, result.conflicts, result.rejected) == (2, [], [])
+        with server.store.engine.connect() as conn:
+            rows = dict(conn.execute(sa.select(measure.c.id, measure.c.note)).all())
+        assert rows == {"c": "edited", "d": None}
+    finally:
+        device.close()
+        server.store.engine.dispose()

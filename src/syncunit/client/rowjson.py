@@ -33,4 +33,32 @@ def dumps(value: Any) -> str:
 def loads(text: str) -> Any:
     """``value`` back from ``dumps`` (or a trigger's ``json_object``), bytes and reals
     included."""
-    return json.loads(text, object_hook=_decode)
+    try:
+        return json.loads(text, object_hook=_decode)
+    except json.JSONDecodeError:
+        # Triggers of earlier versions let json_object() write an infinite REAL as a
+        # bare ``Inf``, which is not JSON: read as ``Infinity``.
+        return json.loads(_infinities(text), object_hook=_decode)
+
+
+def _infinities(text: str) -> str:
+    """``text`` with each ``Inf`` outside its strings spelled ``Infinity``."""
+    out: list[str] = []
+    i, quoted = 0, False
+    while i < len(text):
+        c = text[i]
+        if quoted:
+            if c == "\\":
+                out.append(text[i : i + 2])
+                i += 2
+                continue
+            quoted = c != '"'
+        elif c == '"':
+            quoted = True
+        elif text.startswith("Inf", i) and not text.startswith("Infinity", i):
+            out.append("Infinity")
+            i += 3
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
