@@ -476,3 +476,32 @@ def owner_push_server(
     table.metadata.create_all(server.store.engine)
     server.store.install(schema)
     return server
+
+
+def owned_table_server(
+    database: str,
+    table: sa.Table,
+    local_table: str,
+    unit: str,
+    *,
+    policy: Any = None,
+    tokens: Mapping[str, Principal] | None = None,
+) -> SyncServer:
+    """A server of one ``table`` (its rows filtered by an ``owner`` column), every column
+    synced to ``local_table`` by a stream named after the table (``doc``: ``docs``) that
+    ``unit`` pulls and pushes; token ``t`` is owner ``ana``'s unless ``tokens`` says."""
+    stream = Stream(
+        f"{table.name}s",
+        table,
+        {str(c.name): c for c in table.columns},
+        where=table.c.owner == sa.bindparam("owner"),
+        local_table=local_table,
+        policy=policy,
+    )
+    schema = SyncSchema([SyncUnit(unit, [stream], direction="both")])
+    principals = tokens or {"t": Principal("ana", {"owner": "ana"})}
+    server = SyncServer(schema, database, authenticate=TokenAuth(principals), install=False)
+    assert table.metadata is not None
+    table.metadata.create_all(server.store.engine)
+    server.store.install(schema)
+    return server

@@ -406,25 +406,20 @@ def _measures_server(database: str) -> tuple[Any, Any]:
     """A server of one ``measure`` table with a float column, conflicts detected."""
     import sqlalchemy as sa
 
-    from syncunit.server import Principal, SyncServer, TokenAuth
-    from syncunit.units import Stream, SyncSchema, SyncUnit
+    from syncunit.server import Principal
+    from tests.support import owned_table_server
 
-    meta = sa.MetaData()
     measure = sa.Table(
-        "measure", meta,
+        "measure", sa.MetaData(),
         sa.Column("id", sa.String(36), primary_key=True),
         sa.Column("owner", sa.String(20), nullable=False),
         sa.Column("x", sa.Float, nullable=True),
         sa.Column("note", sa.String(50), nullable=True),
     )  # fmt: skip
-    stream = Stream("measures", measure, {c: measure.c[c] for c in ("id", "owner", "x", "note")},
-                    where=measure.c.owner == sa.bindparam("owner"), local_table="LocalMeasure",
-                    policy=Detect())  # fmt: skip
-    schema = SyncSchema([SyncUnit("Measures", [stream], direction="both")])
     tokens = {"t-ana": Principal("ana", {"owner": "ana"})}
-    server = SyncServer(schema, database, authenticate=TokenAuth(tokens), install=False)
-    meta.create_all(server.store.engine)
-    server.store.install(schema)
+    server = owned_table_server(
+        database, measure, "LocalMeasure", "Measures", policy=Detect(), tokens=tokens
+    )
     return server, measure
 
 
@@ -469,6 +464,20 @@ def test_a_float_s_base_is_exact_so_an_edit_over_it_never_conflicts(
         server.store.engine.dispose()
 
 
+def _as_an_earlier_engine(device: Any) -> str:
+    """Make the update trigger of ``LocalMeasure`` as an earlier engine made it (the
+    REAL in its row image as ``json_object()`` writes it); return this engine's."""
+    [(now,)] = device.store.query(
+        "SELECT sql FROM sqlite_master WHERE name = 'syncunit_LocalMeasure_au'"
+    )
+    before = now.replace("json_object('$real', printf('%!.17g', OLD.\"x\"))", 'OLD."x"')
+    assert before != now
+    with device.store.atomic() as conn:
+        conn.execute("DROP TRIGGER syncunit_LocalMeasure_au")
+        conn.execute(before)
+    return str(now)
+
+
 def test_outbox_triggers_an_earlier_engine_made_are_made_again_at_open(
     serve: Any, new_database: Any, tmp_path: Any
 ) -> None:
@@ -478,14 +487,7 @@ def test_outbox_triggers_an_earlier_engine_made_are_made_again_at_open(
     live = serve(server.app)
     device = SyncClient(live.url, tmp_path / "m.sqlite", token="t-ana")
     device.sync("Measures")
-    [(now,)] = device.store.query(
-        "SELECT sql FROM sqlite_master WHERE name = 'syncunit_LocalMeasure_au'"
-    )
-    before = now.replace("json_object('$real', printf('%!.17g', OLD.\"x\"))", 'OLD."x"')
-    assert before != now
-    with device.store.atomic() as conn:  # as an earlier engine wrote it
-        conn.execute("DROP TRIGGER syncunit_LocalMeasure_au")
-        conn.execute(before)
+    now = _as_an_earlier_engine(device)
     device.close()
 
     device = SyncClient(live.url, tmp_path / "m.sqlite", token="t-ana")
@@ -513,12 +515,7 @@ def test_an_infinity_an_earlier_engine_wrote_in_the_outbox_is_read(
     live = serve(server.app)
     device = SyncClient(live.url, tmp_path / "m.sqlite", token="t-ana")
     device.sync("Measures")
-    [(now,)] = device.store.query(
-        "SELECT sql FROM sqlite_master WHERE name = 'syncunit_LocalMeasure_au'"
-    )
-    with device.store.atomic() as conn:  # as an earlier engine wrote it
-        conn.execute("DROP TRIGGER syncunit_LocalMeasure_au")
-        conn.execute(now.replace("json_object('$real', printf('%!.17g', OLD.\"x\"))", 'OLD."x"'))
+    _as_an_earlier_engine(device)
     device.update("LocalMeasure", "c", {"note": "edited"})
     assert ":Inf," in device.store.query("SELECT base FROM syncunit_outbox")[0][0]
     device.close()

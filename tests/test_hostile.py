@@ -46,6 +46,7 @@ from tests.support import (
     db_state,
     final_cursors,
     local_keys,
+    owned_table_server,
     raw_sync,
     removed_keys,
     sync_body,
@@ -423,28 +424,20 @@ def _documents_server(database: str, policy: Any = None) -> tuple[Any, sa.Table]
     on PostgreSQL, which keeps the text as sent) and ``jb`` (``jsonb`` there)."""
     from sqlalchemy.dialects.postgresql import JSONB
 
-    from syncunit.server import Principal, SyncServer, TokenAuth
-    from syncunit.units import Stream, SyncSchema, SyncUnit
+    from syncunit.server import Principal
 
-    meta = sa.MetaData()
     doc = sa.Table(
-        "doc", meta,
+        "doc", sa.MetaData(),
         sa.Column("id", sa.String(36), primary_key=True),
         sa.Column("owner", sa.String(20), nullable=False),
         sa.Column("j", sa.JSON, nullable=True),
         sa.Column("jb", sa.JSON().with_variant(JSONB(), "postgresql"), nullable=True),
     )  # fmt: skip
-    stream = Stream("docs", doc, {c: doc.c[c] for c in ("id", "owner", "j", "jb")},
-                    where=doc.c.owner == sa.bindparam("owner"), local_table="LocalDoc",
-                    policy=policy)  # fmt: skip
-    schema = SyncSchema([SyncUnit("Docs", [stream], direction="both")])
     tokens = {"t-ana": Principal("ana", {"owner": "ana"}),
               "t-nul": Principal("a\x00na", {"owner": "ana"}),
               "t-empty": Principal("", {"owner": "ana"}),
               "t-nul-param": Principal("ana", {"owner": "a\x00na"})}  # fmt: skip
-    server = SyncServer(schema, database, authenticate=TokenAuth(tokens), install=False)
-    meta.create_all(server.store.engine)
-    server.store.install(schema)
+    server = owned_table_server(database, doc, "LocalDoc", "Docs", policy=policy, tokens=tokens)
     return server, doc
 
 
@@ -950,29 +943,13 @@ def test_a_key_the_server_would_store_in_another_form_is_refused_naming_it(
     if isinstance(stored, dict):
         stored = stored[backend]
     from syncunit import SyncClient
-    from syncunit.server import Principal, SyncServer, TokenAuth
-    from syncunit.units import Stream, SyncSchema, SyncUnit
 
-    meta = sa.MetaData()
     item = sa.Table(
-        "item", meta,
+        "item", sa.MetaData(),
         sa.Column("id", kind, primary_key=True),
         sa.Column("owner", sa.String(20), nullable=False),
     )  # fmt: skip
-    stream = Stream(
-        "items",
-        item,
-        {"id": item.c.id, "owner": item.c.owner},
-        where=item.c.owner == sa.bindparam("owner"),
-        local_table="LocalItem",
-    )
-    schema = SyncSchema([SyncUnit("Items", [stream], direction="both")])
-    tokens = {"t": Principal("ana", {"owner": "ana"})}
-    server = SyncServer(
-        schema, new_database("items"), authenticate=TokenAuth(tokens), install=False
-    )
-    meta.create_all(server.store.engine)
-    server.store.install(schema)
+    server = owned_table_server(new_database("items"), item, "LocalItem", "Items")
     live = serve(server.app)
     device = SyncClient(live.url, tmp_path / "items.sqlite", token="t")
     try:
@@ -1003,31 +980,15 @@ def test_a_date_time_with_an_offset_is_stored_as_the_same_instant(
     import datetime as dt
 
     from syncunit import SyncClient
-    from syncunit.server import Principal, SyncServer, TokenAuth
-    from syncunit.units import Stream, SyncSchema, SyncUnit
 
-    meta = sa.MetaData()
     visit = sa.Table(
-        "visit", meta,
+        "visit", sa.MetaData(),
         sa.Column("id", sa.String(36), primary_key=True),
         sa.Column("owner", sa.String(20), nullable=False),
         sa.Column("aware", sa.DateTime(timezone=True), nullable=True),
         sa.Column("naive", sa.DateTime(), nullable=True),
     )  # fmt: skip
-    stream = Stream(
-        "visits",
-        visit,
-        {c: visit.c[c] for c in ("id", "owner", "aware", "naive")},
-        where=visit.c.owner == sa.bindparam("owner"),
-        local_table="LocalVisit",
-    )
-    schema = SyncSchema([SyncUnit("Visits", [stream], direction="both")])
-    tokens = {"t": Principal("ana", {"owner": "ana"})}
-    server = SyncServer(
-        schema, new_database("visits"), authenticate=TokenAuth(tokens), install=False
-    )
-    meta.create_all(server.store.engine)
-    server.store.install(schema)
+    server = owned_table_server(new_database("visits"), visit, "LocalVisit", "Visits")
     live = serve(server.app)
     device = SyncClient(live.url, tmp_path / "visits.sqlite", token="t")
     sent = "2027-03-01T09:00:00.123456+05:30"

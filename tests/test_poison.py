@@ -10,7 +10,9 @@ it never rejects the change.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -76,10 +78,10 @@ def test_a_transient_failure_is_tried_again_and_applies(notes_app, monkeypatch):
     assert app.applications("a") == 1
 
 
-def _unavailable(device: Any) -> None:
-    """The next push is answered 503 ``database-unavailable``: nothing of it applied."""
+def _unavailable(device: Any, unit: str = "Sync") -> None:
+    """The next sync is answered 503 ``database-unavailable``: nothing of a push applied."""
     with pytest.raises(ProblemError) as failed:
-        device.sync("Sync")
+        device.sync(unit)
     assert (failed.value.status, failed.value.code) == (503, "database-unavailable")
 
 
@@ -136,6 +138,42 @@ def test_a_change_that_fails_so_request_after_request_is_surfaced_in_the_end(
     assert device.outbox.count() == 0
 
 
+@contextlib.contextmanager
+def _full(engine: Any) -> Iterator[None]:
+    """SQLite's database full (its page limit a few pages past its size) inside the block."""
+    with engine.connect() as conn:
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+
+    def cap(dbapi: Any, _: Any) -> None:
+        dbapi.execute(f"PRAGMA max_page_count = {pages + 5}")
+
+    sa.event.listen(engine, "connect", cap)
+    engine.dispose()
+    try:
+        yield
+    finally:
+        sa.event.remove(engine, "connect", cap)
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _held(app: Any, sql: str, params: Any = None) -> Iterator[None]:
+    """With the server's lock timeout at 100 ms (PostgreSQL), another transaction that
+    ran ``sql`` (taking its locks) holds them inside the block."""
+    name = sa.engine.make_url(app.database).database
+    app.backoffice(f'ALTER DATABASE "{name}" SET lock_timeout = 100')
+    app.server.store.engine.dispose()  # its connections take the setting anew
+    holder = sa.create_engine(app.database, poolclass=sa.pool.NullPool)
+    try:
+        with holder.connect() as held, held.begin():
+            held.execute(sa.text(sql), params or {})
+            yield
+    finally:
+        app.backoffice(f'ALTER DATABASE "{name}" RESET lock_timeout')
+        app.server.store.engine.dispose()
+        holder.dispose()
+
+
 def test_a_lock_or_a_full_disk_on_the_server_keeps_the_change_for_a_retry(notes_app, backend):
     """Real failures: on PostgreSQL a row another transaction holds past the lock
     timeout, on SQLite a disk full (its page limit). A 503, the changes kept, and
@@ -147,35 +185,15 @@ def test_a_lock_or_a_full_disk_on_the_server_keeps_the_change_for_a_retry(notes_
     device.update("LocalNote", "s1", {"title": "edited"})
     device.insert("LocalNote", {"id": "big", "owner": "u1", "body": "x" * 200_000})
     engine = app.server.store.engine
-    holder = sa.create_engine(app.database, poolclass=sa.pool.NullPool)
-    name = sa.engine.make_url(app.database).database
     if backend == "postgres":
-        app.backoffice(f'ALTER DATABASE "{name}" SET lock_timeout = 100')
-        held = holder.connect()
-        held.begin()
-        held.execute(sa.text("SELECT 1 FROM note WHERE id = 's1' FOR UPDATE"))
+        blocked = _held(app, "SELECT 1 FROM note WHERE id = 's1' FOR UPDATE")
     else:
-        with engine.connect() as conn:
-            pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
-
-        def cap(dbapi: Any, _: Any) -> None:
-            dbapi.execute(f"PRAGMA max_page_count = {pages + 5}")
-
-        sa.event.listen(engine, "connect", cap)
-    engine.dispose()
-    try:
+        blocked = _full(engine)
+    with blocked:
         _unavailable(device)
         assert device.outbox.rejected() == []
         assert device.outbox.count() == 2
         assert app.row("s1")["title"] == "on the server"
-    finally:
-        if backend == "postgres":
-            held.close()
-            app.backoffice(f'ALTER DATABASE "{name}" RESET lock_timeout')
-        else:
-            sa.event.remove(engine, "connect", cap)
-        engine.dispose()
-        holder.dispose()
 
     assert device.sync("Sync").applied == 2
     assert app.row("s1")["title"] == "edited"
@@ -212,20 +230,12 @@ def test_a_lock_timeout_outside_any_change_is_a_503_not_a_server_fault(notes_app
     device.insert("LocalNote", {"id": "a", "owner": "u1"})
     device.sync("Sync")
     device.insert("LocalNote", {"id": "b", "owner": "u1"})
-    name = sa.engine.make_url(app.database).database
-    app.backoffice(f'ALTER DATABASE "{name}" SET lock_timeout = 100')
-    app.server.store.engine.dispose()
-    holder = sa.create_engine(app.database, poolclass=sa.pool.NullPool)
-    try:
-        with holder.connect() as held, held.begin():
-            held.execute(
-                sa.text("SELECT 1 FROM syncunit_clients WHERE client_id = :c FOR UPDATE"),
-                {"c": device.client_id},
-            )
-            _unavailable(device)
-    finally:
-        app.backoffice(f'ALTER DATABASE "{name}" RESET lock_timeout')
-        holder.dispose()
+    with _held(
+        app,
+        "SELECT 1 FROM syncunit_clients WHERE client_id = :c FOR UPDATE",
+        {"c": device.client_id},
+    ):
+        _unavailable(device)
     assert device.sync("Sync").applied == 1
     assert app.applications("b") == 1
 
@@ -238,19 +248,8 @@ def test_a_pull_that_meets_a_lock_timeout_is_told_to_retry(notes_app, backend):
     app = notes_app()
     app.add("s1")
     device = app.client()
-    name = sa.engine.make_url(app.database).database
-    app.backoffice(f'ALTER DATABASE "{name}" SET lock_timeout = 100')
-    app.server.store.engine.dispose()
-    holder = sa.create_engine(app.database, poolclass=sa.pool.NullPool)
-    try:
-        with holder.connect() as held, held.begin():
-            held.execute(sa.text("LOCK TABLE note IN ACCESS EXCLUSIVE MODE"))
-            with pytest.raises(ProblemError) as failed:
-                device.sync("Pull")
-            assert (failed.value.status, failed.value.code) == (503, "database-unavailable")
-    finally:
-        app.backoffice(f'ALTER DATABASE "{name}" RESET lock_timeout')
-        holder.dispose()
+    with _held(app, "LOCK TABLE note IN ACCESS EXCLUSIVE MODE"):
+        _unavailable(device, "Pull")
     device.sync("Pull")
     assert local_notes(device) == app.rows("u1")
 
