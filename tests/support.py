@@ -486,10 +486,12 @@ def owned_table_server(
     *,
     policy: Any = None,
     tokens: Mapping[str, Principal] | None = None,
+    push_unit: str | None = None,
 ) -> SyncServer:
     """A server of one ``table`` (its rows filtered by an ``owner`` column), every column
     synced to ``local_table`` by a stream named after the table (``doc``: ``docs``) that
-    ``unit`` pulls and pushes; token ``t`` is owner ``ana``'s unless ``tokens`` says."""
+    ``unit`` pulls and pushes (and ``push_unit``, if given, only pushes); token ``t`` is
+    owner ``ana``'s unless ``tokens`` says."""
     stream = Stream(
         f"{table.name}s",
         table,
@@ -498,7 +500,10 @@ def owned_table_server(
         local_table=local_table,
         policy=policy,
     )
-    schema = SyncSchema([SyncUnit(unit, [stream], direction="both")])
+    units = [SyncUnit(unit, [stream], direction="both")]
+    if push_unit is not None:
+        units.append(SyncUnit(push_unit, [stream], direction="push"))
+    schema = SyncSchema(units)
     principals = tokens or {"t": Principal("ana", {"owner": "ana"})}
     server = SyncServer(schema, database, authenticate=TokenAuth(principals), install=False)
     assert table.metadata is not None

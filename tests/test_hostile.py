@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import zstandard
 
 from syncunit.errors import ProblemError, ProtocolError
+from syncunit.policies import Detect
 from syncunit.protocol import (
     JSON,
     MSGPACK,
@@ -988,7 +989,9 @@ def test_a_date_time_with_an_offset_is_stored_as_the_same_instant(
         sa.Column("aware", sa.DateTime(timezone=True), nullable=True),
         sa.Column("naive", sa.DateTime(), nullable=True),
     )  # fmt: skip
-    server = owned_table_server(new_database("visits"), visit, "LocalVisit", "Visits")
+    server = owned_table_server(
+        new_database("visits"), visit, "LocalVisit", "Visits", policy=Detect(), push_unit="Push"
+    )
     live = serve(server.app)
     device = SyncClient(live.url, tmp_path / "visits.sqlite", token="t")
     sent = "2027-03-01T09:00:00.123456+05:30"
@@ -1006,6 +1009,14 @@ def test_a_date_time_with_an_offset_is_stored_as_the_same_instant(
             if aware.tzinfo is not None:  # PostgreSQL's: in the session's zone
                 aware = aware.astimezone(dt.UTC).replace(tzinfo=None)
             assert aware == instant
+        # Pushed only, the row on the device is still as written: an edit over it is
+        # checked against the same instant, not a conflict with itself.
+        device.insert("LocalVisit", {"id": "v3", "owner": "ana", "aware": sent, "naive": sent})
+        assert device.sync("Push").applied == 1
+        later = "2027-03-01T10:00:00+05:30"
+        device.update("LocalVisit", "v3", {"aware": later, "naive": later})
+        result = device.sync("Push")
+        assert (result.applied, result.conflicts) == (1, [])
     finally:
         device.close()
         server.store.engine.dispose()

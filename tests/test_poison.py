@@ -11,6 +11,7 @@ it never rejects the change.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 from collections.abc import Iterator
 from typing import Any
@@ -110,17 +111,23 @@ def test_a_transient_failure_past_its_retries_fails_the_request_and_loses_nothin
     assert local_notes(device) == app.rows("u1")
 
 
+def _three_strikes(app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three failed requests, 100 s apart by the server's strike clock, reject a change."""
+    monkeypatch.setattr(mutation, "TRANSIENT_PAUSE", 0.0)
+    monkeypatch.setattr(mutation, "STRIKES", 3)
+    monkeypatch.setattr(mutation, "PATIENCE", 150.0)
+    app.server.pusher._strikes = mutation.Strikes(clock=itertools.count(0, 100).__next__)
+
+
 def test_a_change_that_fails_so_request_after_request_is_surfaced_in_the_end(
     notes_app, monkeypatch
 ):
     """The failure may be the change's own (its rule's query past a statement timeout):
     after ``STRIKES`` failed requests over ``PATIENCE`` it is rejected ``unavailable``,
     its values kept, and the device's other changes go on."""
-    monkeypatch.setattr(mutation, "TRANSIENT_PAUSE", 0.0)
-    monkeypatch.setattr(mutation, "STRIKES", 3)
-    monkeypatch.setattr(mutation, "PATIENCE", 0.0)
     calls: list[int] = []
     app = notes_app(rules=[_locked(calls, fail_first=10**6)])
+    _three_strikes(app, monkeypatch)
     device = app.client()
     device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "busy"})
     device.insert("LocalNote", {"id": "b", "owner": "u1", "title": "free"})
@@ -274,3 +281,58 @@ def test_a_value_its_column_cannot_hold_is_rejected_as_invalid_naming_the_column
     else:
         assert (result.applied, result.rejected) == (2, [])
     assert app.row("fine") is not None
+
+
+def test_a_new_row_locked_by_another_transaction_is_surfaced_from_a_batch_too(
+    notes_app, backend, monkeypatch
+):
+    """New rows go as a set-based batch; one of them waits on another transaction's
+    uncommitted insert of its key past the lock timeout (PostgreSQL): the request is a
+    503, then, request after request, that change alone is rejected."""
+    if backend != "postgres":
+        pytest.skip("a lock timeout is PostgreSQL's")
+    app = notes_app(batches=True)
+    _three_strikes(app, monkeypatch)
+    device = app.client()
+    for key in ("k1", "k2", "k3", "k4"):
+        device.insert("LocalNote", {"id": key, "owner": "u1"})
+    with _held(app, "INSERT INTO note (id, owner, title, body, n) VALUES ('k2', 'u9', '', '', 0)"):
+        _unavailable(device)
+        _unavailable(device)
+        result = device.sync("Sync")
+    assert [(r["key"], r["code"]) for r in result.rejected] == [("k2", "unavailable")]
+    assert result.applied == 3
+    assert device.outbox.count() == 0
+
+
+def test_strikes_far_apart_start_again() -> None:
+    """A change that last failed longer ago than ``PATIENCE`` counts from one again."""
+    from syncunit.protocol import Mutation
+
+    times = iter([0.0, 1000.0, 1100.0, 1200.0, 1300.0, 1400.0])
+    strikes = mutation.Strikes(clock=lambda: next(times))
+    m = Mutation(seq=1, id="m1", table="LocalNote", key="a", op="insert")
+    got = [strikes.strike("c", m) for _ in range(6)]
+    assert got == [None, None, None, None, None, (5, 400.0)]  # STRIKES 5, PATIENCE 300
+
+
+def _divides_by_zero(ctx: MutationContext) -> str | None:
+    if ctx.row.get("title") == "divide":
+        ctx.conn.execute(sa.text("SELECT 100 / (n - n) FROM note WHERE id = :k"), {"k": ctx.key})
+    return None
+
+
+def test_a_rule_s_query_the_database_refuses_is_a_server_error_not_the_change_s_value(
+    notes_app, backend, caplog
+):
+    """A data error (class 22) from a rule's own query (PostgreSQL: division by zero)
+    is the rule's failure: ``server-error``, logged for the operator, not the device's
+    ``invalid-value``."""
+    if backend != "postgres":
+        pytest.skip("SQLite divides by zero into NULL")
+    app = notes_app(rules=[_divides_by_zero])
+    device = app.client()
+    device.insert("LocalNote", {"id": "a", "owner": "u1", "title": "divide"})
+    result = device.sync("Sync")
+    assert [(r["key"], r["code"]) for r in result.rejected] == [("a", "server-error")]
+    assert any("division by zero" in r.getMessage() for r in caplog.records)

@@ -34,7 +34,6 @@ from syncunit.policies import BatchContext, set_check_of
 from syncunit.protocol import Mutation
 from syncunit.server.auth import Principal
 from syncunit.server.mutation import _Savepoint, insert_defaults
-from syncunit.server.problems import database_busy
 from syncunit.server.values import Rejected, coerce, coerce_key, to_datetime
 from syncunit.units import Stream, logical_type
 
@@ -124,11 +123,12 @@ def write_batch(
 
 def _fails_the_request(applier: PushApplier, exc: sa.exc.SQLAlchemyError) -> bool:
     """Whether ``exc`` ends the whole request, as it would one by one: the connection
-    is lost, the transaction lost a race and is run again (``PushApplier.apply``), or
-    the database cannot take it for now (a 503, ``problems.database_busy``). Anything
-    else is about the batch's data, which one by one answers per mutation."""
+    is lost, or the transaction lost a race and is run again (``PushApplier.apply``).
+    Anything else is left to the one-by-one path: a value of the batch's data is
+    answered per mutation, and a lock or a timeout is tried again per change, then
+    fails the request, or rejects a change that fails so request after request."""
     return isinstance(exc, sa.exc.DBAPIError) and (
-        exc.connection_invalidated or applier.store.retryable(exc) or database_busy(exc) is not None
+        exc.connection_invalidated or applier.store.retryable(exc)
     )
 
 

@@ -12,11 +12,12 @@ failure rejects this mutation alone.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -56,23 +57,28 @@ PATIENCE = 300.0
 class Strikes:
     """The requests in which each change failed on a transient error (this process)."""
 
-    def __init__(self, keep: int = 10_000) -> None:
+    def __init__(self, keep: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
-        self._seen: dict[tuple[str, int, str], tuple[int, float]] = {}
+        self._seen: dict[tuple[str, int, str], tuple[int, float, float]] = {}
         self._keep = keep
 
     def strike(self, client_id: str, m: Mutation) -> tuple[int, float] | None:
         """Count a failed request of ``m``; (requests, seconds) once it has failed in
-        ``STRIKES`` over ``PATIENCE`` seconds (it is then forgotten), else None."""
-        key, now = (client_id, m.seq, m.id), time.monotonic()
+        ``STRIKES`` over ``PATIENCE`` seconds, each within ``PATIENCE`` of the one
+        before (it is then forgotten), else None. A change last failed longer ago
+        than that starts again from one."""
+        key, now = (client_id, m.seq, m.id), self._clock()
         with self._lock:
-            count, first = self._seen.pop(key, (0, now))
+            count, first, last = self._seen.pop(key, (0, now, now))
+            if now - last > PATIENCE:
+                count, first = 0, now
             count += 1
             if count >= STRIKES and now - first >= PATIENCE:
                 return count, now - first
             if len(self._seen) >= self._keep:  # the oldest first: dicts keep their order
                 del self._seen[next(iter(self._seen))]
-            self._seen[key] = (count, first)
+            self._seen[key] = (count, first, now)
         return None
 
 
@@ -81,6 +87,23 @@ KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
 
 #: Integer types narrower than 64 bits where the database holds them so (PostgreSQL).
 _NARROW = ((sa.SmallInteger, 2**15), (sa.BigInteger, 2**63), (sa.Integer, 2**31))
+
+
+def _differs(stored: Any, sent: Any) -> bool:
+    """Whether a stored value differs from a sent one (a base). A date-time is the same
+    instant with or without its zone: SQLite gives a zoned column's values back
+    without it (in UTC, as they were written)."""
+    if (
+        isinstance(stored, dt.datetime)
+        and isinstance(sent, dt.datetime)
+        and (stored.tzinfo is None) != (sent.tzinfo is None)
+    ):
+        return _utc(stored) != _utc(sent)
+    return bool(stored != sent)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is None else value.astimezone(dt.UTC).replace(tzinfo=None)
 
 
 def _out_of_range(s: Stream, m: Mutation) -> str | None:
@@ -242,11 +265,12 @@ class MutationWrites:
                 elif isinstance(exc, sa.exc.IntegrityError):
                     status, code = "rejected", "constraint"
                     reason = f"the database refused the change: {_first_line(exc)}"
-                elif isinstance(exc, sa.exc.DataError):  # a value its column cannot hold
+                elif (
+                    isinstance(exc, sa.exc.DataError)
+                    and (column := _out_of_range(stream, m)) is not None
+                ):  # a value its column cannot hold (else: a rule's query, say)
                     status, code = "rejected", "invalid-value"
-                    reason = f"the database refused a value: {_first_line(exc)}"
-                    if (column := _out_of_range(stream, m)) is not None:
-                        reason = f"column {column!r}: {reason}"
+                    reason = f"column {column!r}: the database refused a value: {_first_line(exc)}"
                 elif struck is not None:
                     log.error("mutation %s %r kept failing: %s", m.table, m.key, exc)
                     status, code = "rejected", "unavailable"
@@ -294,7 +318,7 @@ class MutationWrites:
                 return  # already gone: deleting is idempotent
             if policy.detects:
                 base_vals = self._map(s, m, [n for n in m.base if n != s.key], values=m.base)
-                differ = tuple(c for c, v in base_vals.items() if current[c] != v)
+                differ = tuple(c for c, v in base_vals.items() if _differs(current[c], v))
                 if differ:
                     self._on_conflict(s, m, current, {}, base_vals, differ, key)
             self._check_rules(conn, s, principal, m, key, current)
@@ -307,9 +331,11 @@ class MutationWrites:
             if policy.detects:
                 merge = getattr(policy, "merge", True)
                 watched = list(changes) if merge else list(base_vals)
-                differ = tuple(c for c in watched if c in base_vals and current[c] != base_vals[c])
+                differ = tuple(
+                    c for c in watched if c in base_vals and _differs(current[c], base_vals[c])
+                )
                 if m.op == "insert" and not base_vals:
-                    differ = tuple(c for c in changes if current[c] != changes[c])
+                    differ = tuple(c for c in changes if _differs(current[c], changes[c]))
                 if differ:
                     changes = self._on_conflict(s, m, current, changes, base_vals, differ, key)
             row = {**current, **changes}
