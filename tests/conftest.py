@@ -615,6 +615,7 @@ class FaultyNetwork(httpx.BaseTransport):
         self.gate = threading.Event()
         self.gate.set()
         self.faults: dict[str | None, Any] = {}
+        self.retry_after: int | None = None  # the Retry-After of injected problems
         self.units: list[str] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -625,8 +626,13 @@ class FaultyNetwork(httpx.BaseTransport):
     def release(self) -> None:
         self.gate.set()
 
-    def fail(self, kind: str | int, unit: str | None = None) -> None:
+    def fail(
+        self, kind: str | int, unit: str | None = None, retry_after: int | None = None
+    ) -> None:
+        """Fail requests of ``unit`` (all: None) with ``kind`` ("offline", "lost", or an
+        HTTP status answered as a problem, with ``Retry-After`` if given)."""
         self.faults[unit] = kind
+        self.retry_after = retry_after
 
     def heal(self) -> None:
         self.faults.clear()
@@ -665,9 +671,10 @@ class FaultyNetwork(httpx.BaseTransport):
                      "code": code, "detail": "injected by FaultyNetwork"}
                 )  # fmt: skip
                 self._done()
-                return httpx.Response(
-                    fault, headers={"Content-Type": "application/problem+json"}, content=body
-                )
+                headers = {"Content-Type": "application/problem+json"}
+                if self.retry_after is not None:
+                    headers["Retry-After"] = str(self.retry_after)
+                return httpx.Response(fault, headers=headers, content=body)
             response = self.inner.handle_request(request)
             if fault == "lost":
                 response.read()  # the server has done its work...

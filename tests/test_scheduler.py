@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from syncunit.client import SyncClient
-from syncunit.client.scheduler import RetryPolicy
+from syncunit.client.scheduler import MAX_RETRY_AFTER, RetryPolicy
 from syncunit.errors import AuthError, NetworkError, ProblemError, RequestRejected
 from tests.support import appointments_of, local_keys, wait_until
 
@@ -380,6 +380,42 @@ def test_503_is_retried(stepped, net, clock, events):
     assert queue_rows(stepped) == []
     assert stepped.status.state == "idle"
     assert events.completed() == ["Login"]
+
+
+def test_a_clock_stepped_back_brings_the_due_times_back_with_it(stepped, net, clock):
+    """A retry set before the clock stepped back (an NTP correction) is due as it was
+    meant to be, not hours later; a periodic run too."""
+    stepped.scheduler.periodic = ("Splash", 60.0)
+    net.fail("offline")
+    stepped.scheduler.enqueue("Login")
+    stepped.scheduler.step()
+    assert queue_rows(stepped) == [("Login", "pending", 1, 1001.0)]
+    net.heal()
+    clock.advance(-3 * 3600)
+
+    assert stepped.scheduler.step() is False  # due in 1 s, as it was
+    assert stepped.status.next_retry_in == pytest.approx(1.0)
+    assert stepped.scheduler._wait_time() == pytest.approx(1.0)
+    clock.advance(1)
+    assert stepped.scheduler.step() is True
+    clock.advance(60)
+    stepped.scheduler.step()
+    assert queue_rows(stepped) == [("Splash", "pending", 0, 0.0)]  # every 60 s, as set
+
+
+def test_no_due_time_is_further_than_the_longest_wait_asked(stepped, net, clock):
+    """A retry set by a clock far ahead, or a server's ``Retry-After`` of years, waits
+    at most an hour (``MAX_RETRY_AFTER``), and the worker's wait stays short."""
+    net.fail(503, retry_after=10**11)
+    stepped.scheduler.enqueue("Login")
+    stepped.scheduler.step()
+    [(_, _, _, due)] = queue_rows(stepped)
+    assert due == clock.t + MAX_RETRY_AFTER
+    with stepped.store.atomic() as c:  # as a clock decades ahead had set it
+        c.execute("UPDATE syncunit_queue SET next_at = 1e11")
+    stepped.scheduler.step()
+    assert queue_rows(stepped)[0][3] <= clock.t + MAX_RETRY_AFTER
+    assert stepped.scheduler._wait_time() <= MAX_RETRY_AFTER
 
 
 # -- 3. a failing unit does not block the ones behind it ---------------------------------------

@@ -24,7 +24,7 @@ from hospital.units import schema as hospital_schema
 
 from syncunit import Param, Stream, SyncSchema, SyncUnit
 from syncunit.client.scheduler import subscription_id
-from syncunit.errors import DeclarationError, ProblemError
+from syncunit.errors import DeclarationError, NetworkError, ProblemError
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Chunk,
@@ -395,6 +395,37 @@ def test_time_to_live_drops_a_subscription_not_synced_for_long(make_client, stor
     clock.advance(31)
     assert dev.expire_subscriptions() == [subscription_id("PatientDetails", {"patient_id": a})]
     assert local_keys(dev, "LocalPatient") == {b}
+
+
+def test_a_subscription_synced_offline_after_its_time_to_live_keeps_its_rows(
+    make_client, store, clock, net
+):
+    """The clock jumped past ``keep_for`` and the device is offline: syncing that very
+    subscription keeps it and its rows (the app is using it), the sync just fails."""
+    dev = make_client(clock=clock, transport=net)
+    a = patients_of(store, 1)[0]
+    dev.sync("PatientDetails", params={"patient_id": a}, keep_for=3600)
+    clock.advance(2 * 86400)
+    net.fail("offline")
+    with pytest.raises(NetworkError):
+        dev.sync("PatientDetails", params={"patient_id": a}, keep_for=3600)
+    assert local_keys(dev, "LocalPatient") == {a}
+    assert set(history(store, a)) <= local_keys(dev, "LocalAppointment")
+
+
+def test_a_subscription_used_while_the_clock_was_ahead_expires_in_the_end(
+    make_client, store, clock
+):
+    """Used at a time the clock has stepped back from: it counts as used now, and
+    expires ``keep_for`` later, not once the clock catches up years later."""
+    dev = make_client(clock=clock)
+    a = patients_of(store, 1)[0]
+    clock.advance(10**9)  # decades ahead
+    dev.sync("PatientDetails", params={"patient_id": a}, keep_for=60)
+    clock.advance(-(10**9))  # corrected
+    assert dev.expire_subscriptions() == []
+    clock.advance(61)
+    assert dev.expire_subscriptions() == [subscription_id("PatientDetails", {"patient_id": a})]
 
 
 def test_authorize_hook_refuses_with_403(server, make_server, serve, make_client, store):

@@ -506,7 +506,7 @@ class SyncClient:
         self._status_changed()
         try:
             with self._exclusive(f"sync of {sub_id!r}"), self._owned():
-                self._expire()
+                self._expire(keep=sub_id)
                 opened = bool(params) and sub_id not in {s[0] for s in self.store.subscriptions()}
                 if params:
                     self.store.open_subscription(
@@ -653,11 +653,17 @@ class SyncClient:
         with self._exclusive("expiring subscriptions"):
             return self._expire()
 
-    def _expire(self) -> list[str]:
+    def _expire(self, keep: str | None = None) -> list[str]:
+        """Close the subscriptions not synced for their ``keep_for`` but ``keep`` (the
+        one being synced: its rows stay, whether or not the server is reached). One used
+        at a time still ahead of the clock (which stepped back since) counts as used
+        now."""
         now = self.clock()
         gone = []
         for sub_id, unit, raw, used_at, keep_for in self.store.subscriptions():
-            if keep_for is not None and now - used_at > keep_for:
+            if used_at > now:
+                self.store.touch_subscription(sub_id, now)
+            elif keep_for is not None and now - used_at > keep_for and sub_id != keep:
                 self._unsubscribe(unit, json.loads(raw))
                 gone.append(sub_id)
         return gone

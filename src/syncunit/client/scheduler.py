@@ -108,8 +108,18 @@ class SyncStatus:
     upload: Progress | None = None
 
 
+#: A server's ``Retry-After`` is followed up to this many seconds.
+MAX_RETRY_AFTER = 3600.0
+
+
 class Scheduler:
-    """The queue and its worker thread. ``step()`` runs one due unit (tests drive it)."""
+    """The queue and its worker thread. ``step()`` runs one due unit (tests drive it).
+
+    Due times are wall-clock times (the queue outlives the process), so the clock's
+    steps move them: one set while the clock was ahead is brought back with it (in
+    this process), and none is ever further than the longest wait the policy and a
+    server may ask for (``_keep_due_times_near``).
+    """
 
     def __init__(
         self,
@@ -130,6 +140,7 @@ class Scheduler:
         self.last_error_unit: str | None = None
         self.periodic: tuple[str, float] | None = None
         self._next_periodic: float | None = None
+        self._last_now: float | None = None  # the clock when last read (its steps back)
         self._cond = threading.Condition()
         self._starting = threading.Lock()
         self._stop = False
@@ -183,9 +194,35 @@ class Scheduler:
 
     # -- running ----------------------------------------------------------------------------
 
+    def _keep_due_times_near(self) -> float:
+        """The clock now, the due times kept near it (see the class); returns it."""
+        now = self.clock()
+        back = 0.0 if self._last_now is None else self._last_now - now
+        self._last_now = now
+        if self._next_periodic is not None and self.periodic is not None:
+            self._next_periodic = min(self._next_periodic - max(0.0, back), now + self.periodic[1])
+        furthest = now + max(self.retry.max_delay * (1.0 + self.retry.jitter), MAX_RETRY_AFTER)
+        far = self.client.store.query(
+            "SELECT 1 FROM syncunit_queue WHERE state = 'pending' AND next_at > ? LIMIT 1",
+            (furthest,),
+        )
+        if back > 1.0 or far:
+            with self.client.store.atomic() as c:
+                if back > 1.0:  # the clock stepped back: so do the times set before
+                    c.execute(
+                        "UPDATE syncunit_queue SET next_at = next_at - ?"
+                        " WHERE state = 'pending' AND next_at > 0",
+                        (back,),
+                    )
+                c.execute(
+                    "UPDATE syncunit_queue SET next_at = ? WHERE state = 'pending' AND next_at > ?",
+                    (furthest, furthest),
+                )
+        return now
+
     def step(self) -> bool:
         """Run the first due unit, if any and if online; return whether one ran."""
-        now = self.clock()
+        now = self._keep_due_times_near()
         self._tick_periodic(now)
         if not self.online:
             return False
@@ -248,7 +285,7 @@ class Scheduler:
                 delay = self.retry.delay(attempts, self.rand())
                 # A server that says when to come back (429, 503) is not asked sooner.
                 extra = getattr(exc, "extra", None) or {}
-                delay = max(delay, float(extra.get("retry_after", 0)))
+                delay = max(delay, min(float(extra.get("retry_after", 0)), MAX_RETRY_AFTER))
                 c.execute(
                     "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit = ?", (unit,)
                 )
@@ -376,7 +413,8 @@ class Scheduler:
             waits.append(max(0.0, due - now))
         if self.periodic is not None and self._next_periodic is not None:
             waits.append(max(0.0, self._next_periodic - now))
-        return min(waits) if waits else None
+        # Woken at least hourly: a clock that stepped is looked at again (``step``).
+        return min(*waits, MAX_RETRY_AFTER) if waits else None
 
     # -- status --------------------------------------------------------------------------------
 

@@ -766,6 +766,11 @@ class LocalStore(ChunkApply):
                 (sub_id, unit, params_json, utcnow(), now, keep_for),
             )
 
+    def touch_subscription(self, sub_id: str, now: float) -> None:
+        """Record subscription ``sub_id`` as used at ``now``."""
+        with self.atomic() as c:
+            c.execute("UPDATE syncunit_subscriptions SET used_at = ? WHERE id = ?", (now, sub_id))
+
     def subscriptions(self) -> list[tuple[str, str, str, float, float | None]]:
         """Every held subscription: (id, unit, params JSON, used_at, keep_for)."""
         sql = "SELECT id, unit, params, used_at, keep_for FROM syncunit_subscriptions"
