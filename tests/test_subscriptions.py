@@ -24,7 +24,7 @@ from hospital.units import schema as hospital_schema
 
 from syncunit import Param, Stream, SyncSchema, SyncUnit
 from syncunit.client.scheduler import subscription_id
-from syncunit.errors import DeclarationError, NetworkError, ProblemError
+from syncunit.errors import DeclarationError, NetworkError, ProblemError, RequestRejected
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Chunk,
@@ -426,6 +426,36 @@ def test_a_subscription_used_while_the_clock_was_ahead_expires_in_the_end(
     assert dev.expire_subscriptions() == []
     clock.advance(61)
     assert dev.expire_subscriptions() == [subscription_id("PatientDetails", {"patient_id": a})]
+
+
+@pytest.mark.parametrize(
+    ("params", "keep_for", "error"),
+    [
+        ({"patient_id": 2**70}, None, RequestRejected),
+        ({"patient_id": -(2**63) - 1}, None, RequestRejected),
+        ({"patient_id": b"13"}, None, RequestRejected),
+        ({"patient_id": 13}, "1 day", ValueError),
+        ({"patient_id": 13}, -5, ValueError),
+    ],
+    ids=["past-64-bits", "below-64-bits", "bytes", "keep-for-text", "keep-for-negative"],
+)
+def test_a_subscription_no_request_can_carry_is_refused_before_it_is_recorded(
+    make_client, store, params, keep_for, error
+):
+    """Refused at once, with nothing recorded: a recorded one went with every later
+    refresh (Online), which then failed for good."""
+    dev = make_client(sync_on_reconnect="Online")
+    dev.sync("Login")
+    before = list(dev.store.conn.iterdump())
+    with pytest.raises(error):
+        dev.sync("PatientDetails", params=params, keep_for=keep_for)
+    if error is RequestRejected:  # trigger takes no keep_for
+        with pytest.raises(error):
+            dev.trigger("PatientDetails", params=params)
+    assert dev.subscriptions() == []
+    assert list(dev.store.conn.iterdump()) == before
+    dev.sync("Online")
+    dev.sync("Login")
 
 
 def test_authorize_hook_refuses_with_403(server, make_server, serve, make_client, store):

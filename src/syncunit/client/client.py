@@ -271,6 +271,7 @@ class SyncClient:
         (returns False). ``discard_pending`` drops every other waiting run (not
         the running one).
         """
+        _check_subscription(params, None)
         added = self.scheduler.enqueue(
             subscription_id(unit, params), discard_pending=discard_pending
         )
@@ -497,6 +498,7 @@ class SyncClient:
             )
         if self._closed:
             raise SyncError("the client is closed")
+        _check_subscription(params, keep_for)
         sub_id = subscription_id(unit, params)
         opened = False
         result = SyncResult(unit=sub_id)
@@ -812,3 +814,34 @@ def _translated(what: str, errors: tuple[type[Exception], ...]) -> Iterator[None
         yield
     except errors as exc:
         raise LocalStoreError(f"{what}: {exc}") from exc
+
+
+#: What a client parameter may hold: what travels in any encoding, as the server takes it.
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_subscription(params: Mapping[str, Any] | None, keep_for: float | None) -> None:
+    """Refuse, before anything is recorded, parameter values no request can carry and a
+    ``keep_for`` that is not a number of seconds."""
+    if keep_for is not None and (
+        isinstance(keep_for, bool)
+        or not isinstance(keep_for, int | float)
+        or not 0 < keep_for < float("inf")
+    ):
+        raise ValueError(f"keep_for must be a positive number of seconds, not {keep_for!r}")
+    for name, value in (params or {}).items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not _INT64[0] <= value <= _INT64[1]:
+                raise problem_error(
+                    422,
+                    "invalid-request",
+                    "Invalid request",
+                    f"parameter {name!r}: integers hold 64 bits (signed); {value} does not fit",
+                )
+        elif value is not None and not isinstance(value, str | float | bool):
+            raise problem_error(
+                422,
+                "invalid-request",
+                "Invalid request",
+                f"parameter {name!r}: a value is a number or a string, not {type(value).__name__}",
+            )
