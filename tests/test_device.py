@@ -706,3 +706,26 @@ def test_a_first_copy_removes_pushed_rows_that_left_the_scope_before_it(notes_ap
     assert keys == ["mine", "pending", "s0"]  # "moved" is gone; the pending row stays
     device.sync("Sync")
     assert local_notes(device) == app.rows("u1")
+
+
+def test_a_table_of_the_app_s_own_named_as_a_local_table_is_never_touched(
+    live, tmp_path, store
+):
+    """The guide's promise: the engine never touches a table it did not make. A catalog
+    naming one is refused, saying so, and the app's table keeps its rows and columns."""
+    path = tmp_path / "app.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE LocalAppointment (appt_no INTEGER PRIMARY KEY, memo TEXT)")
+    conn.execute("INSERT INTO LocalAppointment VALUES (7, 'my own note')")
+    conn.commit()
+    conn.close()
+    device = SyncClient(live.url, path, token="token-h1")
+    try:
+        with pytest.raises(LocalStoreError, match="'LocalAppointment' that syncunit did not"):
+            device.sync("Login")
+        assert device.store.catalog() is None
+    finally:
+        device.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT * FROM LocalAppointment").fetchall() == [(7, "my own note")]
+    conn.close()

@@ -416,6 +416,7 @@ class LocalStore(ChunkApply):
         changes: list[str] = []
         with self.atomic():
             before = self.catalog()
+            self._refuse_foreign_tables(before, catalog)
             self._loaded = ""  # learnt again by the next run if this one rolls back
             pushed = self.pushed = {t for u in catalog.units for t in u.push}
             if before is not None:
@@ -433,6 +434,33 @@ class LocalStore(ChunkApply):
         self._upserts.clear()
         self._fixes.clear()
         return changes
+
+    def _refuse_foreign_tables(self, before: Catalog | None, catalog: Catalog) -> None:
+        """Refuse a catalog naming a local table the engine did not make: a table of the
+        app's own would be migrated, rebuilt or emptied like the engine's. The engine's
+        are those of the catalog it applied, or that its cursors or outbox triggers name
+        (a database of an earlier version)."""
+        made = set() if before is None else {s.local_table for s in before.streams}
+        made |= {r[0] for r in self.conn.execute("SELECT local_table FROM syncunit_cursors")}
+        made |= {
+            r[0]
+            for r in self.conn.execute(
+                "SELECT tbl_name FROM sqlite_master WHERE type = 'trigger'"
+                " AND name LIKE 'syncunit\\_%' ESCAPE '\\'"
+            )
+        }
+        tables = {
+            r[0].lower()
+            for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        for stream in catalog.streams:
+            name = stream.local_table
+            if name not in made and name.lower() in tables:
+                raise LocalStoreError(
+                    f"the local database already has a table {name!r} that syncunit did not"
+                    f" make; the server's stream {stream.name!r} fills a local table of that"
+                    " name. Rename the app's table (or use another database file)"
+                )
 
     def _carry_pending(self, old: Catalog, new: Catalog, pushed: set[str]) -> list[str]:
         """Before the local tables change: keep what the unsent changes wrote.
