@@ -708,9 +708,7 @@ def test_a_first_copy_removes_pushed_rows_that_left_the_scope_before_it(notes_ap
     assert local_notes(device) == app.rows("u1")
 
 
-def test_a_table_of_the_app_s_own_named_as_a_local_table_is_never_touched(
-    live, tmp_path, store
-):
+def test_a_table_of_the_app_s_own_named_as_a_local_table_is_never_touched(live, tmp_path, store):
     """The guide's promise: the engine never touches a table it did not make. A catalog
     naming one is refused, saying so, and the app's table keeps its rows and columns."""
     path = tmp_path / "app.sqlite"
