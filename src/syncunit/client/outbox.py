@@ -41,6 +41,7 @@ import msgspec
 
 from syncunit.client import holds, recopy
 from syncunit.client.blobtext import row_bytes
+from syncunit.client.rowjson import bad_value as _bad_value
 from syncunit.client.rowjson import dumps as _dumps
 from syncunit.client.rowjson import loads as _loads
 from syncunit.client.triggers import NOW as _NOW
@@ -248,8 +249,11 @@ class Outbox:
 
     # -- reading -------------------------------------------------------------------------
 
-    def pending(self, tables: Sequence[str] | None = None) -> list[PendingChange]:
-        """Changes not yet accepted, oldest first (``seq`` set on those in flight)."""
+    def pending(self, tables: str | Sequence[str] | None = None) -> list[PendingChange]:
+        """Changes not yet accepted, oldest first (``seq`` set on those in flight).
+
+        ``tables`` narrows them to those tables (a string names one table)."""
+        tables = _names(tables)
         rows = self.store.query(
             "SELECT id, table_name, row_key, op, changed, seq FROM syncunit_outbox ORDER BY id"
         )
@@ -259,7 +263,9 @@ class Outbox:
             if tables is None or r[1] in tables
         ]
 
-    def count(self, tables: Sequence[str] | None = None) -> int:
+    def count(self, tables: str | Sequence[str] | None = None) -> int:
+        """How many changes are not yet accepted (in ``tables``, a string naming one)."""
+        tables = _names(tables)
         if tables is None:
             return int(self.store.query("SELECT count(*) FROM syncunit_outbox")[0][0])
         marks = ",".join("?" * len(tables))
@@ -896,7 +902,14 @@ class Outbox:
         the change is discarded or not: the row ends as the server has it.
         """
         with self.store.atomic():
-            self.store.conn.execute("DELETE FROM syncunit_rejected WHERE id = ?", (rejected_id,))
+            gone = self.store.conn.execute(
+                "DELETE FROM syncunit_rejected WHERE id = ?", (rejected_id,)
+            ).rowcount
+            if gone == 0:
+                raise LocalStoreError(
+                    f"no rejected change with id {rejected_id!r} (already discarded or"
+                    " retried?): outbox.rejected() lists those waiting"
+                )
 
     accept_server = discard
 
@@ -905,14 +918,22 @@ class Outbox:
         rejected_id: int,
         changes: dict[str, Any] | None = None,
         *,
-        without: Sequence[str] = (),
+        without: str | Sequence[str] = (),
     ) -> None:
         """Write the change again (optionally altered); it goes out with the next push.
 
-        ``without`` names columns of the attempted values to leave out: those the
-        table no longer has after a change of the server's schema (a renamed
-        column's value goes in ``changes`` under its new name).
+        ``changes`` maps columns to new values. ``without`` names columns of the
+        attempted values to leave out (a string names one): those the table no
+        longer has after a change of the server's schema (a renamed column's value
+        goes in ``changes`` under its new name).
         """
+        if changes is not None and not isinstance(changes, Mapping):
+            raise LocalStoreError(
+                f"retry({rejected_id!r}, changes) takes a dict of column names to values,"
+                f" not {type(changes).__name__}: retry({rejected_id!r}, {{'column': value}})"
+            )
+        without = _names(without) or []
+        caught: tuple[type[Exception], ...] = (*self.store.errors, OverflowError)
         conn = self.store.conn
         with self.store.atomic():
             row = conn.execute(
@@ -975,8 +996,10 @@ class Outbox:
                         f" VALUES ({', '.join('?' * len(names))})",
                         [key, *values.values()],
                     )
-            except self.store.errors as exc:
-                raise LocalStoreError(f"cannot retry the change to {table}: {exc}") from exc
+            except caught as exc:
+                raise LocalStoreError(
+                    f"cannot retry the change to {table}: {_bad_value(exc, values)}"
+                ) from exc
             conn.execute("DELETE FROM syncunit_rejected WHERE id = ?", (rejected_id,))
 
     def _local_only(self, table: str, names: Mapping[str, Any]) -> bool:
@@ -1212,3 +1235,10 @@ def retype_in_flight(conn: sqlite3.Connection, table: str, types: dict[str, str]
             changed += 1
     conn.execute("DROP TABLE temp.syncunit_retype")
     return changed
+
+
+def _names(names: str | Sequence[str] | None) -> list[str] | None:
+    """Table or column names as a list: a string is one name, not its letters."""
+    if names is None:
+        return None
+    return [names] if isinstance(names, str) else list(names)

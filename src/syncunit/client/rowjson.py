@@ -5,9 +5,10 @@ triggers write a REAL as ``{"$real": text}`` (exact, infinities included)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["dumps", "loads"]
+__all__ = ["bad_value", "dumps", "loads"]
 
 
 def _encode_bytes(value: Any) -> Any:
@@ -62,3 +63,16 @@ def _infinities(text: str) -> str:
         out.append(c)
         i += 1
     return "".join(out)
+
+
+def bad_value(exc: Exception, values: Mapping[str, Any]) -> str:
+    """What was wrong with a write of ``values`` that the driver refused with ``exc``:
+    an integer SQLite cannot hold is named by its column."""
+    if isinstance(exc, OverflowError):
+        for name, value in values.items():
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                return (
+                    f"column {name!r}: {value} does not fit in SQLite's 64-bit INTEGER"
+                    " (store it as text, or keep it within -2**63 .. 2**63-1)"
+                )
+    return str(exc)

@@ -266,13 +266,18 @@ class LocalStore(ChunkApply):
             self._depth += 1
             try:
                 yield self.conn
-            except BaseException:
+            except BaseException as exc:
                 self._depth -= 1
                 if depth == 0:
                     self.conn.execute("ROLLBACK")
                 else:
                     self.conn.execute(f"ROLLBACK TO {name}")
                     self.conn.execute(f"RELEASE {name}")
+                if depth == 0 and isinstance(exc, self.errors):
+                    # A driver error (a read-only file, a full disk): nothing was written.
+                    raise LocalStoreError(
+                        f"the local database refused the change (nothing was written): {exc}"
+                    ) from exc
                 raise
             else:
                 self._depth -= 1
