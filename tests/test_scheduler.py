@@ -345,7 +345,8 @@ def test_no_retry_on_client_errors(stepped, net, clock, events, status, error):
 
 def test_real_401_and_422_from_the_server_are_not_retried(make_client, clock, events):
     bad_token = make_client("not-a-token", name="bad", clock=clock, **events.kwargs())
-    bad_chunk = make_client(name="chunk", chunk_size=0, clock=clock, **events.kwargs())
+    bad_chunk = make_client(name="chunk", clock=clock, **events.kwargs())
+    bad_chunk.chunk_size = 0  # past the constructor's check: the server answers 422
     for c in (bad_token, bad_chunk):
         c.scheduler.enqueue("Login")
         assert c.scheduler.step() is True
@@ -482,7 +483,8 @@ def test_events_from_the_worker_thread_with_their_arguments(make_client, events)
 
 
 def test_on_error_from_the_worker_thread(make_client, events):
-    c = make_client(chunk_size=0, **events.kwargs())  # the server answers 422
+    c = make_client(**events.kwargs())
+    c.chunk_size = 0  # past the constructor's check: the server answers 422
     c.trigger("Login")
     events.wait(lambda: events.errors())
 

@@ -27,7 +27,15 @@ from syncunit.client.live import LiveWatcher
 from syncunit.client.outbox import Outbox
 from syncunit.client.reactive import Dispatch, LiveQuery, QueryWatcher, Rows
 from syncunit.client.result import SyncResult
-from syncunit.client.run import UnitRun, forbidden_unit, forget_unit, held, refused_own_params
+from syncunit.client.rowjson import bad_value
+from syncunit.client.run import (
+    UnitRun,
+    forbidden_unit,
+    forget_unit,
+    held,
+    refused_own_params,
+    syncunit_answer,
+)
 from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus, subscription_id
 from syncunit.client.status import StatusFeed
 from syncunit.client.store import LocalStore, quote
@@ -43,6 +51,7 @@ from syncunit.errors import (
 )
 from syncunit.ids import uuid7
 from syncunit.protocol import (
+    JSON,
     PRINCIPAL_TAG,
     PROTOCOL_VERSION,
     PUSH_LIMITS,
@@ -130,6 +139,9 @@ class SyncClient:
         refresh_subscriptions_with: Sequence[str] | None = None,
         lock_timeout: float = 300.0,
     ) -> None:
+        _check_numbers(
+            push_batch=push_batch, chunk_size=chunk_size, timeout=timeout, lock_timeout=lock_timeout
+        )
         self.store = local_db if isinstance(local_db, LocalStore) else LocalStore(local_db)
         self.outbox = Outbox(self.store)
         self.push_batch = push_batch
@@ -249,11 +261,17 @@ class SyncClient:
             self._connections.abort()
         self.http.close()
 
+    def _check_open(self) -> None:
+        """Refuse a call that needs the database or the server once ``close()`` ran."""
+        if self._closed:
+            raise SyncError("the client is closed: make a new SyncClient to use the database")
+
     # -- sync moments -----------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the background worker: pending work from before a restart resumes,
         and the ``sync_on_start`` unit is queued."""
+        self._check_open()
         self.scheduler.start()
         if self.sync_on_start:
             self.scheduler.enqueue(self.sync_on_start)
@@ -271,6 +289,7 @@ class SyncClient:
         (returns False). ``discard_pending`` drops every other waiting run (not
         the running one).
         """
+        self._check_open()
         _check_subscription(params, None)
         added = self.scheduler.enqueue(
             subscription_id(unit, params), discard_pending=discard_pending
@@ -285,6 +304,7 @@ class SyncClient:
         Changes a principal left behind at ``logout`` (parked) are offered to the
         server first: those of this principal are pushed, the others stay parked.
         """
+        self._check_open()
         self._set_token(token)
         self.push_parked()
         return self.sync(self.sync_on_login) if self.sync_on_login else None
@@ -301,6 +321,7 @@ class SyncClient:
         for the same person coming back). The device gets a new client id; the
         worker stops and the token is forgotten.
         """
+        self._check_open()
         return sessions.logout(self, clear=clear, push=push)
 
     def push_parked(self) -> int:
@@ -309,6 +330,7 @@ class SyncClient:
         A session bound to another principal is refused by the server (403) and
         stays parked; a network failure leaves the rest for the next ``login``.
         """
+        self._check_open()
         return sessions.push_parked(self)
 
     def _set_token(self, token: str | TokenProvider | None) -> None:
@@ -359,6 +381,7 @@ class SyncClient:
         UI thread; the ``LiveQuery`` returned is also an iterator of results and
         stops with ``cancel()`` or ``close()``.
         """
+        self._check_open()
         if self._watcher is None:
             self._watcher = QueryWatcher(self.store)
         return self._watcher.watch(sql, params, callback, dispatch=dispatch or self.dispatch)
@@ -366,7 +389,12 @@ class SyncClient:
     def watch(self, unit: str, *, on_change: Callable[[str], None] | None = None) -> None:
         """Listen for server changes in ``unit``'s scope, or in a held subscription's;
         each one triggers ``unit`` (or calls ``on_change``), whose runs then refresh
-        every held subscription too. Reconnects by itself; stopped by ``close()``."""
+        every held subscription too. Reconnects by itself; stopped by ``close()``.
+
+        A unit the server does not know, or a token it refuses (401, 403), stops the
+        watching; a network failure is retried. Each failure goes to ``on_error`` and
+        ``status.last_error``, as a failed run's does."""
+        self._check_open()
         self.refresh_subscriptions_with.add(unit)
         if self._live is not None:
             self._live.stop()
@@ -412,24 +440,25 @@ class SyncClient:
         Plain SQL on the local table works the same: triggers record the change.
         """
         stream = self._local_stream(table)
-        row = dict(values)
+        row = _values(table, values)
         if row.get(stream.key) is None:
             row[stream.key] = uuid7()
         names = ", ".join(quote(c) for c in row)
         marks = ", ".join("?" * len(row))
         errors = self.store.errors
-        with _translated(f"cannot insert into {table}", errors), self.store.atomic() as c:
+        with _translated(f"cannot insert into {table}", errors, row), self.store.atomic() as c:
             c.execute(f"INSERT INTO {quote(table)} ({names}) VALUES ({marks})", list(row.values()))
         return row[stream.key]
 
     def update(self, table: str, key: Any, values: Mapping[str, Any]) -> None:
         """Change columns of a local row."""
         stream = self._local_stream(table)
+        values = _values(table, values)
         sets = ", ".join(f"{quote(c)} = ?" for c in values)
         if not sets:
             raise LocalStoreError(f"update of {table} {key!r} names no column to change")
         errors = self.store.errors
-        with _translated(f"cannot update {table}", errors), self.store.atomic() as c:
+        with _translated(f"cannot update {table}", errors, values), self.store.atomic() as c:
             cur = c.execute(
                 f"UPDATE {quote(table)} SET {sets} WHERE {quote(stream.key)} = ?",
                 [*values.values(), key],
@@ -445,21 +474,31 @@ class SyncClient:
             c.execute(f"DELETE FROM {quote(table)} WHERE {quote(stream.key)} = ?", (key,))
 
     def _local_stream(self, table: str) -> StreamInfo:
+        """The stream of ``table``, a local table some unit pushes."""
+        self._check_open()
         catalog = self.catalog()
         stream = next((s for s in catalog.streams if s.local_table == table), None)
         if stream is None:
             raise LocalStoreError(f"{table!r} is not a synced local table")
+        if not any(table in u.push for u in catalog.units):
+            raise LocalStoreError(
+                f"{table!r} is filled from the server and no unit pushes it: a change made"
+                " here would never reach the server (change the row on the server, or"
+                " declare a unit that pushes the table)"
+            )
         return stream
 
     # -- catalog -------------------------------------------------------------------------
 
     def catalog(self, *, refresh: bool = False) -> Catalog:
         """The server's catalog (cached locally); local tables are created or migrated."""
+        self._check_open()
         cached = None if refresh else self.store.catalog()
         if cached is not None:
             return cached
         with self._device("catalog update"):
             response = self._send("GET", "/v1/catalog")
+            syncunit_answer(response, "application/json", JSON)
             try:
                 body = response.read()
             finally:
@@ -634,11 +673,13 @@ class SyncClient:
 
     def subscriptions(self) -> list[tuple[str, dict[str, Any]]]:
         """The units the app holds open with parameter values: (unit, params)."""
+        self._check_open()
         return [(unit, json.loads(raw)) for _, unit, raw, _, _ in self.store.subscriptions()]
 
     def unsubscribe(self, unit: str, params: Mapping[str, Any]) -> int:
         """Close a subscription: its rows that no other subscription or stream holds
         are removed, with its cursors. Returns the number of rows removed."""
+        self._check_open()
         with self._exclusive(f"closing subscription {subscription_id(unit, params)!r}"):
             return self._unsubscribe(unit, params)
 
@@ -652,6 +693,7 @@ class SyncClient:
 
     def expire_subscriptions(self) -> list[str]:
         """Close the subscriptions not synced for their ``keep_for``; return their ids."""
+        self._check_open()
         with self._exclusive("expiring subscriptions"):
             return self._expire()
 
@@ -808,12 +850,51 @@ class SyncClient:
 
 
 @contextmanager
-def _translated(what: str, errors: tuple[type[Exception], ...]) -> Iterator[None]:
-    """Driver errors of an app write become ``LocalStoreError`` (nothing was written)."""
+def _translated(
+    what: str, errors: tuple[type[Exception], ...], values: Mapping[str, Any] | None = None
+) -> Iterator[None]:
+    """Driver errors of an app write become ``LocalStoreError`` (nothing was written);
+    an integer SQLite cannot hold is named by its column."""
+    caught: tuple[type[Exception], ...] = (*errors, OverflowError)
     try:
         yield
-    except errors as exc:
-        raise LocalStoreError(f"{what}: {exc}") from exc
+    except LocalStoreError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, errors):  # refused by the driver inside the transaction
+            raise LocalStoreError(f"{what}: {cause}") from cause
+        raise
+    except caught as exc:
+        raise LocalStoreError(f"{what}: {bad_value(exc, values or {})}") from exc
+
+
+def _values(table: str, values: Any) -> dict[str, Any]:
+    """The column values of an app write, as a dict (``LocalStoreError`` if not a mapping)."""
+    if not isinstance(values, Mapping):
+        raise LocalStoreError(
+            f"the values written to {table} must be a dict of column names to values,"
+            f" not {type(values).__name__}"
+        )
+    return dict(values)
+
+
+def _check_numbers(
+    *, push_batch: int, chunk_size: int | None, timeout: float, lock_timeout: float
+) -> None:
+    """Refuse settings no sync could run with, when the client is made."""
+    for name, value, least in (("push_batch", push_batch, 1), ("chunk_size", chunk_size, 1)):
+        if value is None and name == "chunk_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number of at least {least}, not {value!r}")
+    for name, seconds, zero in (("timeout", timeout, False), ("lock_timeout", lock_timeout, True)):
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not (seconds >= 0 if zero else seconds > 0)
+            or seconds == float("inf")
+        ):
+            bound = "zero or more" if zero else "more than zero"
+            raise ValueError(f"{name} must be a number of seconds, {bound}, not {seconds!r}")
 
 
 #: What a client parameter may hold: what travels in any encoding, as the server takes it.

@@ -478,6 +478,7 @@ class UnitRun:
         result.rows_out += mutations
         result.requests += 1
         response = self.client._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
+        syncunit_answer(response, content_type(self.client.encoding))
         self.client._queues_pushes = response.headers.get(QUEUES_PUSHES) == "1"
         return response
 
@@ -701,3 +702,16 @@ def held(
         cursors = client.store.subscription_cursors(sub_id, info.streams)
         subs.append(Subscription(id=sub_id, unit=unit, params=json.loads(raw), cursors=cursors))
     return subs
+
+
+def syncunit_answer(response: httpx.Response, *media_types: str) -> None:
+    """Refuse a successful answer whose Content-Type no syncunit server sends there (a
+    web page, another API): the URL points elsewhere, and no retry will fix it."""
+    got = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if got in media_types:
+        return
+    response.close()
+    raise ProtocolError(
+        f"{response.request.url} is not a syncunit server (Content-Type"
+        f" {got or 'missing'}, expected {' or '.join(media_types)}): check the server URL"
+    )

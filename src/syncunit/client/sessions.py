@@ -22,7 +22,7 @@ import httpx
 
 from syncunit.client.outbox import Budget
 from syncunit.client.prefetch import FramePrefetch
-from syncunit.client.run import too_large, too_large_reason
+from syncunit.client.run import syncunit_answer, too_large, too_large_reason
 from syncunit.errors import (
     AuthError,
     NetworkError,
@@ -184,6 +184,7 @@ def _push_session(
                 raise
             cap = smaller
             continue
+        syncunit_answer(response, content_type(client.encoding))
         try:
             pushed = _first_push_results(response, client.encoding)
         finally:
