@@ -19,6 +19,7 @@ import pytest
 from hospital.generate import generate
 
 from syncunit.client import live as client_live
+from syncunit.errors import AuthError, NetworkError
 from syncunit.protocol import PROBLEM, content_type
 from tests.conftest import SIZE
 from tests.support import LiveServer, final_cursors, local_keys, raw_sync, sync_body
@@ -219,15 +220,23 @@ def test_the_watcher_backs_off_exponentially_and_recovers(make_client, short_pol
     b, _ = watching(make_client)
     stop = RecordingStop()
     b._live._stop = stop
-    token = b.http.headers["Authorization"]
-    b.http.headers["Authorization"] = "Bearer not-a-token"  # every poll now answers 401
+    down = threading.Event()
+    send = b._send
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        if down.is_set():
+            raise NetworkError("cannot reach the server: connection refused (test)")
+        return send(*args, **kwargs)
+
+    b._send = unreachable  # type: ignore[method-assign]
+    down.set()  # every poll now fails to reach the server
 
     wait_until(lambda: len(stop.pauses) >= 9)
     assert stop.pauses[:9] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
     assert b._live.changes == 0
     assert b._live._thread.is_alive()
 
-    b.http.headers["Authorization"] = token  # it works again: the watcher recovers
+    down.clear()  # it works again: the watcher recovers
     key = insert_appointment(plain_sql, doctor_id=1)
     wait_until(lambda: key in local_keys(b, "LocalAppointment"))
 
@@ -235,11 +244,25 @@ def test_the_watcher_backs_off_exponentially_and_recovers(make_client, short_pol
     wait_until(lambda: b._live.polls >= polls + 2)  # done with that change: plain polls again
 
     n, errors = len(stop.pauses), b._live.errors
-    b.http.headers["Authorization"] = "Bearer not-a-token"
+    down.set()
     # The watcher counts an error before it pauses: wait for the pauses themselves.
     wait_until(lambda: len(stop.pauses) >= n + 2)
     assert b._live.errors >= errors + 2
     assert stop.pauses[n : n + 2] == [0.5, 1.0]  # a success reset the backoff
+
+
+def test_a_refused_token_stops_the_watcher_and_is_reported(make_client, short_polls):
+    errors: list[tuple[str, Exception]] = []
+    b, _ = watching(make_client)
+    b.on_error = lambda unit, exc: errors.append((unit, exc))
+    b.http.headers["Authorization"] = "Bearer not-a-token"  # every poll now answers 401
+
+    b._live._thread.join(10)
+    assert not b._live._thread.is_alive()  # polling again cannot help
+    [(unit, exc)] = errors
+    assert unit == "Login"
+    assert isinstance(exc, AuthError)
+    assert b.status.last_error == str(exc)
 
 
 def test_a_watcher_asks_the_token_provider_for_its_credentials(make_client, short_polls, plain_sql):

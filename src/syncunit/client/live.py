@@ -11,6 +11,7 @@ about in turns: each poll carries the next group.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,13 @@ import httpx
 import msgspec
 
 from syncunit.client.run import held
-from syncunit.errors import SyncError
+from syncunit.errors import (
+    LocalStoreError,
+    ProtocolError,
+    SyncCancelled,
+    SyncError,
+    SyncUnitError,
+)
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     PushLimits,
@@ -79,16 +86,38 @@ class LiveWatcher:
 
     def _loop(self) -> None:
         backoff = 0.5
+        streak = 0  # failures in a row
         while not self._stop.is_set():
             try:
                 changed = self._poll()
-            except (SyncError, httpx.HTTPError, msgspec.DecodeError, OSError) as exc:
+            except (
+                SyncUnitError,
+                httpx.HTTPError,
+                msgspec.DecodeError,
+                OSError,
+                sqlite3.ProgrammingError,
+            ) as exc:
+                if self._stop.is_set() or isinstance(exc, SyncCancelled):
+                    return  # close() or another watch() stopped it: not a failure
                 self.errors += 1
+                streak += 1
+                retryable = isinstance(exc, (httpx.HTTPError, OSError, LocalStoreError)) or (
+                    isinstance(exc, SyncError) and exc.retryable
+                )
+                if not retryable:
+                    # An unknown unit, a refused token, a wrong URL: polling again
+                    # cannot help; the app is told and watch() can be called again.
+                    log.warning("live changes for %s stopped: %s", self.unit, exc)
+                    self._report(exc)
+                    return
+                if streak == 1:  # retried: only the first of a run of failures is told
+                    self._report(exc)
                 log.info("live changes for %s: %s; retrying in %.1f s", self.unit, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(self.max_backoff, backoff * 2)
                 continue
             backoff = 0.5
+            streak = 0
             if changed and not self._stop.is_set():
                 self.changes += 1
                 try:
@@ -97,6 +126,14 @@ class LiveWatcher:
                     log.exception("the live change callback failed")
                 self._settle()
                 self._stop.wait(self.min_interval)  # never spin, whatever the callback does
+
+    def _report(self, exc: Exception) -> None:
+        """Tell the app about a failed poll, as a failed run is told: ``on_error`` and
+        ``status.last_error``."""
+        client = self.client
+        client._emit(client.on_error, self.unit, exc)
+        client._feed.failed(self.unit, exc)
+        client._status_changed()
 
     def _poll(self) -> bool:
         catalog = self.client.store.catalog()
@@ -128,7 +165,13 @@ class LiveWatcher:
             content = response.read()
         finally:
             response.close()
-        return msgspec.json.decode(content, type=LiveAnswer).changed
+        try:
+            return msgspec.json.decode(content, type=LiveAnswer).changed
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(
+                f"the answer to a live poll of {self.unit!r} is not a syncunit server's:"
+                f" {exc} (check the server URL)"
+            ) from exc
 
     def _group(self, subs: list[Subscription]) -> list[Subscription]:
         """The held subscriptions this poll carries: all, or the next group of as many
