@@ -23,7 +23,7 @@ from typing import Any
 from syncunit.client.client import SyncClient, SyncResult
 from syncunit.client.reactive import LiveQuery, Rows
 from syncunit.client.scheduler import SyncStatus
-from syncunit.errors import LocalStoreError
+from syncunit.errors import LocalStoreError, SyncError
 
 __all__ = ["AsyncSyncClient"]
 
@@ -32,7 +32,9 @@ class AsyncSyncClient:
     """``SyncClient``'s semantics with awaitable calls; create it inside the running loop.
 
     Takes the same arguments as ``SyncClient`` (or an existing one as ``client=``);
-    ``.client`` is the engine, for anything not wrapped here.
+    ``.client`` is the engine, for anything not wrapped here. It belongs to the loop
+    it was created in (its callbacks and watched queries are handed to that loop): a
+    call from another running loop raises ``SyncError`` (``aclose`` excepted).
     """
 
     def __init__(
@@ -43,7 +45,13 @@ class AsyncSyncClient:
         client: SyncClient | None = None,
         **options: Any,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise SyncError(
+                "AsyncSyncClient must be created inside the running event loop (in an"
+                " async function); outside one, use SyncClient"
+            ) from None
         if client is None:
             if server_url is None or local_db is None:
                 raise TypeError("give server_url and local_db, or client=")
@@ -65,12 +73,27 @@ class AsyncSyncClient:
 
     @on_status.setter
     def on_status(self, callback: Callable[[SyncStatus], None] | None) -> None:
+        self._check_loop()
         self._on_status = callback
         if callback is None:
             self.client.on_status = None
             return
         self.client.dispatch = self.client.dispatch or self._dispatch
         self.client.on_status = callback
+
+    def _check_loop(self) -> None:
+        """Refuse a call from a running loop other than the one this client belongs to:
+        what it hands to its loop would never run there."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # from a thread without a loop: nothing is handed to one
+        if running is not self.loop:
+            raise SyncError(
+                "this AsyncSyncClient was created in another event loop, and hands its"
+                " callbacks and watched queries to that one: create one AsyncSyncClient"
+                " per event loop (asyncio.run() makes a new loop each time)"
+            )
 
     def _dispatch(self, call: Callable[[], None]) -> None:
         if not self.loop.is_closed():
@@ -87,6 +110,7 @@ class AsyncSyncClient:
     ) -> SyncResult:
         """Run ``unit`` (with its client ``params``, a subscription: see
         ``SyncClient.sync``) now, on a worker thread, and return what it did."""
+        self._check_loop()
         return await asyncio.to_thread(self.client.sync, unit, params, keep_for=keep_for)
 
     def trigger(
@@ -97,33 +121,43 @@ class AsyncSyncClient:
         params: Mapping[str, Any] | None = None,
     ) -> bool:
         """Queue ``unit`` (with its ``params``) for the background worker; returns at once."""
+        self._check_loop()
         return self.client.trigger(unit, discard_pending=discard_pending, params=params)
 
     def start(self) -> None:
         """Start the background worker (see ``SyncClient.start``)."""
+        self._check_loop()
         self.client.start()
 
     def set_online(self, online: bool) -> None:
+        """Tell the engine about connectivity (see ``SyncClient.set_online``)."""
+        self._check_loop()
         self.client.set_online(online)
 
     async def login(self, token: str) -> SyncResult | None:
+        self._check_loop()
         return await asyncio.to_thread(self.client.login, token)
 
     # -- local data ------------------------------------------------------------------------
 
     async def insert(self, table: str, values: Mapping[str, Any]) -> Any:
+        self._check_loop()
         return await asyncio.to_thread(self.client.insert, table, values)
 
     async def update(self, table: str, key: Any, values: Mapping[str, Any]) -> None:
+        self._check_loop()
         await asyncio.to_thread(self.client.update, table, key, values)
 
     async def delete(self, table: str, key: Any) -> None:
+        self._check_loop()
         await asyncio.to_thread(self.client.delete, table, key)
 
     async def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Rows:
         """Rows of ``sql`` on the local database (``LocalStoreError`` if it fails, as
         the threaded client's ``store.query``)."""
+        self._check_loop()
         store = self.client.store
+        self.client._check_open()
 
         def run() -> Rows:
             with store.lock:
@@ -141,12 +175,14 @@ class AsyncSyncClient:
         callback: Callable[[Rows], None] | None = None,
     ) -> LiveQuery:
         """``SyncClient.watch_query`` with ``callback`` run on the event loop."""
+        self._check_loop()
         return self.client.watch_query(sql, params, callback, dispatch=self._dispatch)
 
     async def query_updates(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
     ) -> AsyncIterator[Rows]:
         """The rows of ``sql`` now, then each time they change, until the loop stops."""
+        self._check_loop()
         results: asyncio.Queue[Rows] = asyncio.Queue()
         live = await asyncio.to_thread(
             self.client.watch_query, sql, params, results.put_nowait, dispatch=self._dispatch
