@@ -13,7 +13,13 @@ import msgspec
 import pytest
 
 import syncunit.client.client as client_module
-from syncunit.errors import AuthError, RequestRejected, SyncError, UnknownUnitError
+from syncunit.errors import (
+    AuthError,
+    LocalStoreError,
+    RequestRejected,
+    SyncError,
+    UnknownUnitError,
+)
 from syncunit.protocol import JSON, MSGPACK, PROBLEM
 from tests.support import db_state, local_keys, sync_body
 
@@ -193,3 +199,284 @@ def test_errors_do_not_break_the_next_sync(client, in_sync):
         client.sync("Nope")
     client.sync("Login")
     in_sync(client)
+
+
+# -- misuse of the device API: a clear syncunit error, nothing written ------------------------
+
+
+def _local(client) -> list[tuple]:
+    """The device's rows and bookkeeping that a refused call must leave as they are."""
+    return [
+        *client.store.query("SELECT * FROM LocalAppointment ORDER BY id"),
+        *client.store.query("SELECT * FROM LocalDoctor ORDER BY id"),
+        *client.store.query("SELECT id, table_name, row_key, op FROM syncunit_outbox"),
+        *client.store.query("SELECT id FROM syncunit_rejected"),
+    ]
+
+
+def test_every_call_after_close_says_the_client_is_closed(client):
+    client.sync("Login")
+    key = client.store.query("SELECT id FROM LocalAppointment LIMIT 1")[0][0]
+    client.close()
+
+    calls = {
+        "insert": lambda: client.insert("LocalAppointment", {"room": "r"}),
+        "update": lambda: client.update("LocalAppointment", key, {"room": "r"}),
+        "delete": lambda: client.delete("LocalAppointment", key),
+        "login": lambda: client.login("token-h1"),
+        "logout": lambda: client.logout(),
+        "push_parked": lambda: client.push_parked(),
+        "catalog": lambda: client.catalog(),
+        "catalog(refresh)": lambda: client.catalog(refresh=True),
+        "unsubscribe": lambda: client.unsubscribe("PatientDetails", {"patient_id": 1}),
+        "subscriptions": lambda: client.subscriptions(),
+        "expire_subscriptions": lambda: client.expire_subscriptions(),
+        "watch_query": lambda: client.watch_query("SELECT 1"),
+        "watch": lambda: client.watch("Login"),
+        "trigger": lambda: client.trigger("Login"),
+        "start": lambda: client.start(),
+        "sync": lambda: client.sync("Login"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(SyncError, match="the client is closed") as info:
+            call()
+        assert type(info.value) is SyncError, name
+    assert client._live is None  # no watcher thread was started
+
+
+def test_an_async_client_after_aclose_says_the_client_is_closed(tmp_path, live):
+    import asyncio
+
+    from syncunit import AsyncSyncClient
+
+    async def main() -> None:
+        device = AsyncSyncClient(live.url, str(tmp_path / "a.sqlite"), token="token-h1")
+        await device.sync("Login")
+        await device.aclose()
+        for call in (
+            lambda: device.insert("LocalAppointment", {"room": "r"}),
+            lambda: device.update("LocalAppointment", "k", {"room": "r"}),
+            lambda: device.delete("LocalAppointment", "k"),
+            lambda: device.login("token-h1"),
+            lambda: device.query("SELECT 1"),
+            lambda: anext(device.query_updates("SELECT 1")),
+        ):
+            with pytest.raises(SyncError, match="the client is closed"):
+                await call()
+
+    asyncio.run(main())
+
+
+def test_an_async_client_used_from_another_loop_is_refused(tmp_path, live):
+    import asyncio
+
+    from syncunit import AsyncSyncClient
+
+    async def make() -> AsyncSyncClient:
+        return AsyncSyncClient(live.url, str(tmp_path / "a.sqlite"), token="token-h1")
+
+    with pytest.raises(SyncError, match="inside the running event loop"):
+        AsyncSyncClient(live.url, str(tmp_path / "outside.sqlite"))
+    assert not (tmp_path / "outside.sqlite").exists()
+    device = asyncio.run(make())  # that loop is closed now
+
+    async def elsewhere() -> None:
+        for call in (
+            lambda: device.sync("Login"),
+            lambda: device.insert("LocalAppointment", {"room": "r"}),
+            lambda: device.query("SELECT 1"),
+            lambda: anext(device.query_updates("SELECT 1")),
+        ):
+            with pytest.raises(SyncError, match="created in another event loop"):
+                await call()
+        with pytest.raises(SyncError, match="created in another event loop"):
+            device.watch_query("SELECT 1", callback=print)
+        with pytest.raises(SyncError, match="created in another event loop"):
+            device.on_status = print
+        with pytest.raises(SyncError, match="created in another event loop"):
+            device.trigger("Login")
+        await device.aclose()  # releasing it is allowed from anywhere
+
+    asyncio.run(elsewhere())
+
+
+def test_a_read_only_database_gives_a_local_store_error(client, tmp_path):
+    import sqlite3
+
+    from syncunit import SyncClient
+
+    client.sync("Login")
+    client.insert("LocalAppointment", {"doctor_id": 1, "patient_id": 1, "room": "R1"})
+    path = client.store.conn.execute("PRAGMA database_list").fetchone()[2]
+    url = client.http.base_url
+    client.close()
+    ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    device = SyncClient(str(url), ro, token="token-h1")
+    try:
+        before = _local(device)
+        for call in (lambda: device.sync("Online"), lambda: device.logout()):
+            with pytest.raises(LocalStoreError, match="readonly"):
+                call()
+        assert _local(device) == before
+    finally:
+        device.close()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda c, k: c.insert("LocalAppointment", {"id": 2**70}), id="insert-key"),
+        pytest.param(lambda c, k: c.update("LocalAppointment", k, {"room": 2**70}), id="update"),
+        pytest.param(lambda c, k: c.update("LocalAppointment", k, None), id="update-None"),
+        pytest.param(lambda c, k: c.insert("LocalAppointment", [1, 2]), id="insert-list"),
+    ],
+)
+def test_a_value_sqlite_cannot_hold_is_named_not_raised_raw(client, call):
+    client.sync("Login")
+    key = client.store.query("SELECT id FROM LocalAppointment LIMIT 1")[0][0]
+    before = _local(client)
+
+    with pytest.raises(LocalStoreError) as info:
+        call(client, key)
+
+    assert "'id'" in str(info.value) or "'room'" in str(info.value) or "dict" in str(info.value)
+    assert _local(client) == before
+
+
+def _rejected(client) -> int:
+    """A rejected change on the device (a copied column is read-only on the server)."""
+    client.sync("Login")
+    key = client.store.query("SELECT id FROM LocalAppointment LIMIT 1")[0][0]
+    client.update("LocalAppointment", key, {"doctor_name": "Dr X"})
+    client.sync("Online")
+    [rejected] = client.outbox.rejected()
+    return rejected.id
+
+
+def test_retry_refuses_values_it_cannot_write_and_takes_a_string_as_one_name(client):
+    rid = _rejected(client)
+    before = _local(client)
+
+    with pytest.raises(LocalStoreError, match=r"column 'room'.*64-bit"):
+        client.outbox.retry(rid, {"room": 2**80})
+    with pytest.raises(LocalStoreError, match="dict of column names"):
+        client.outbox.retry(rid, [1, 2])
+    assert _local(client) == before
+
+    client.outbox.retry(rid, {"notes": "kept"}, without="doctor_name")  # one name, not letters
+    [pending] = client.outbox.pending()
+    assert "doctor_name" not in pending.changed
+    assert client.outbox.rejected() == []
+
+
+def test_discard_of_an_unknown_id_raises_like_retry(client):
+    rid = _rejected(client)
+    client.outbox.discard(rid)
+    for call in (lambda: client.outbox.discard(rid), lambda: client.outbox.discard(987654)):
+        with pytest.raises(LocalStoreError, match="no rejected change with id"):
+            call()
+
+
+def test_pending_and_count_agree_on_a_table_named_by_a_string(client):
+    client.sync("Login")
+    client.insert("LocalAppointment", {"doctor_id": 1, "patient_id": 1, "room": "R1"})
+
+    assert len(client.outbox.pending("LocalAppointment")) == 1
+    assert client.outbox.count("LocalAppointment") == 1
+    assert client.outbox.pending("Appointment") == []  # not a part of the name
+    assert client.outbox.count("Appointment") == 0
+
+
+def test_a_write_to_a_table_no_unit_pushes_is_refused(client):
+    client.sync("Login")
+    before = _local(client)
+    doctor = client.store.query("SELECT id FROM LocalDoctor LIMIT 1")[0][0]
+
+    for call in (
+        lambda: client.insert("LocalDoctor", {"id": 999, "name": "x"}),
+        lambda: client.update("LocalDoctor", doctor, {"name": "changed"}),
+        lambda: client.delete("LocalDoctor", doctor),
+    ):
+        with pytest.raises(LocalStoreError, match="no unit pushes it"):
+            call()
+    assert _local(client) == before
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"push_batch": 0},
+        {"push_batch": -1},
+        {"push_batch": 1.5},
+        {"chunk_size": 0},
+        {"lock_timeout": -1},
+        {"lock_timeout": float("nan")},
+        {"timeout": 0},
+        {"timeout": float("inf")},
+    ],
+    ids=str,
+)
+def test_a_setting_no_sync_could_run_with_is_refused_at_construction(tmp_path, option):
+    from syncunit import SyncClient
+
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=name):
+        SyncClient("http://127.0.0.1:9", tmp_path / "d.sqlite", **option)
+    assert not (tmp_path / "d.sqlite").exists()  # nothing made
+
+
+def test_watch_reports_an_unknown_unit_and_a_refused_token_and_stops(make_client):
+    import threading
+
+    errors: list[tuple[str, Exception]] = []
+    seen = threading.Event()
+
+    def on_error(unit: str, exc: Exception) -> None:
+        errors.append((unit, exc))
+        seen.set()
+
+    for token, unit, kind in (
+        ("token-h1", "Nope", UnknownUnitError),
+        ("not-a-token", "Login", AuthError),
+    ):
+        errors.clear()
+        seen.clear()
+        device = make_client(token, name=f"w-{unit}", on_error=on_error)
+        device.watch(unit)
+        assert seen.wait(10)
+        device._live._thread.join(10)
+        assert not device._live._thread.is_alive()  # stopped polling
+        [(named, exc)] = errors
+        assert (named, type(exc)) == (unit, kind)
+        assert device.status.last_error == str(exc)
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_a_url_that_is_not_a_syncunit_server_is_told_not_retried(tmp_path, serve, encoding):
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    from syncunit import ProtocolError, SyncClient
+
+    async def page(request):
+        return HTMLResponse("<html><body>hello</body></html>")
+
+    async def api(request):
+        return JSONResponse({"status": "ok"})
+
+    web = serve(
+        Starlette(routes=[Route("/web/{p:path}", page, methods=["GET", "POST"]),
+                          Route("/api/{p:path}", api, methods=["GET", "POST"])])
+    )  # fmt: skip
+    for base, shown in (("web", "text/html"), ("api", "application/json")):
+        device = SyncClient(f"{web.url}/{base}", tmp_path / f"{base}.sqlite", encoding=encoding)
+        try:
+            with pytest.raises(ProtocolError, match=f"not a syncunit server.*{shown}") as info:
+                device.sync("Login")
+            assert "check the server URL" in str(info.value)
+            if base == "web":
+                with pytest.raises(ProtocolError, match="not a syncunit server"):
+                    device.catalog(refresh=True)
+        finally:
+            device.close()
