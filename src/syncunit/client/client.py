@@ -402,7 +402,8 @@ class SyncClient:
         self._live.start()
 
     def _trigger_quietly(self, unit: str) -> None:
-        self.trigger(unit)
+        if not self._closed:  # a change seen as close() stopped the watcher
+            self.trigger(unit)
 
     def _emit(self, callback: Callable[..., None] | None, *args: Any) -> None:
         if callback is None:
@@ -493,6 +494,10 @@ class SyncClient:
     def catalog(self, *, refresh: bool = False) -> Catalog:
         """The server's catalog (cached locally); local tables are created or migrated."""
         self._check_open()
+        return self._catalog(refresh=refresh)
+
+    def _catalog(self, *, refresh: bool = False) -> Catalog:
+        """``catalog()`` for the engine's own runs (one that close() lets finish)."""
         cached = None if refresh else self.store.catalog()
         if cached is not None:
             return cached
@@ -558,7 +563,7 @@ class SyncClient:
                 catalog = self.store.catalog()
                 if catalog is None and self.store.query("SELECT 1 FROM syncunit_outbox LIMIT 1"):
                     result.requests += 1
-                    catalog = self.catalog(refresh=True)
+                    catalog = self._catalog(refresh=True)
                 try:
                     self._run_allowed(unit, catalog, result, params)
                 except ProblemError as exc:
@@ -566,7 +571,7 @@ class SyncClient:
                         raise
                     # Pending mutations under an old schema: migrate first, then send them.
                     result.requests += 1
-                    catalog = self.catalog(refresh=True)
+                    catalog = self._catalog(refresh=True)
                     UnitRun(self, PROTOCOL_VERSION, DEFER_INDEXES_ABOVE).run(
                         unit, catalog, result, params
                     )
