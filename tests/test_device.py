@@ -727,3 +727,32 @@ def test_a_table_of_the_app_s_own_named_as_a_local_table_is_never_touched(live, 
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT * FROM LocalAppointment").fetchall() == [(7, "my own note")]
     conn.close()
+
+
+def test_a_stream_the_server_drops_then_brings_back_finds_its_table(
+    make_server, serve, store, tmp_path
+):
+    """A deploy rolled back: the stream's local table was the engine's, though the
+    catalog in between named it not (and nothing else names a pull-only table)."""
+    from hospital import units as hu
+    from hospital.generate import generate
+
+    from syncunit.units import SyncSchema
+    from tests.conftest import SIZE
+
+    generate(store.engine, **SIZE)
+    live = serve(make_server(hu.schema).app)
+    path = tmp_path / "device.sqlite"
+    device = SyncClient(live.url, path, token="token-h1")
+    try:
+        device.sync("Login")
+        without_summary = SyncSchema([hu.login, hu.send_appointments, hu.patient_details])
+        assert "LocalSummary" not in {s.local_table for s in without_summary.streams.values()}
+        live.app = make_server(without_summary).app
+        device.sync("Login")
+        live.app = make_server(hu.schema).app  # rolled back
+        device.sync("Login")
+        device.sync("Splash")
+        assert device.store.query("SELECT count(*) FROM LocalSummary")[0][0] > 0
+    finally:
+        device.close()

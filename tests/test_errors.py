@@ -425,7 +425,10 @@ def test_a_setting_no_sync_could_run_with_is_refused_at_construction(tmp_path, o
     assert not (tmp_path / "d.sqlite").exists()  # nothing made
 
 
-def test_watch_reports_an_unknown_unit_and_a_refused_token_and_stops(make_client):
+def test_watch_reports_an_unknown_unit_and_stops_and_a_refused_token_and_goes_on(make_client):
+    """An unknown unit cannot come to exist by polling: told, and the watcher stops. A
+    refused token may be renewed (a provider's next answer, a login): told once, and
+    the watcher polls on, backing off."""
     import threading
 
     errors: list[tuple[str, Exception]] = []
@@ -444,8 +447,8 @@ def test_watch_reports_an_unknown_unit_and_a_refused_token_and_stops(make_client
         device = make_client(token, name=f"w-{unit}", on_error=on_error)
         device.watch(unit)
         assert seen.wait(10)
-        device._live._thread.join(10)
-        assert not device._live._thread.is_alive()  # stopped polling
+        device._live._thread.join(2)
+        assert device._live._thread.is_alive() == (kind is AuthError)
         [(named, exc)] = errors
         assert (named, type(exc)) == (unit, kind)
         assert device.status.last_error == str(exc)
@@ -480,3 +483,14 @@ def test_a_url_that_is_not_a_syncunit_server_is_told_not_retried(tmp_path, serve
                     device.catalog(refresh=True)
         finally:
             device.close()
+
+
+def test_no_timeout_is_no_read_timeout(tmp_path):
+    """``timeout=None`` is httpx's: no read timeout (a connection still has 10 s)."""
+    from syncunit import SyncClient
+
+    client = SyncClient("http://127.0.0.1:9", tmp_path / "d.sqlite", timeout=None)
+    try:
+        assert client.http.timeout.read is None
+    finally:
+        client.close()

@@ -251,18 +251,25 @@ def test_the_watcher_backs_off_exponentially_and_recovers(make_client, short_pol
     assert stop.pauses[n : n + 2] == [0.5, 1.0]  # a success reset the backoff
 
 
-def test_a_refused_token_stops_the_watcher_and_is_reported(make_client, short_polls):
+def test_a_refused_token_is_reported_once_and_the_watcher_goes_on(
+    make_client, short_polls, plain_sql
+):
+    """Refused (an expired token, a provider that failed once): told once, polled on,
+    and the changes come again once the token is good."""
     errors: list[tuple[str, Exception]] = []
     b, _ = watching(make_client)
     b.on_error = lambda unit, exc: errors.append((unit, exc))
     b.http.headers["Authorization"] = "Bearer not-a-token"  # every poll now answers 401
-
-    b._live._thread.join(10)
-    assert not b._live._thread.is_alive()  # polling again cannot help
-    [(unit, exc)] = errors
+    wait_until(lambda: b._live.errors >= 2)
+    [(unit, exc)] = errors  # one streak of failures: told once
     assert unit == "Login"
     assert isinstance(exc, AuthError)
     assert b.status.last_error == str(exc)
+
+    b.http.headers["Authorization"] = "Bearer token-h1"
+    key = insert_appointment(plain_sql, doctor_id=1)
+    wait_until(lambda: key in local_keys(b, "LocalAppointment"))
+    assert b._live._thread.is_alive()
 
 
 def test_a_watcher_asks_the_token_provider_for_its_credentials(make_client, short_polls, plain_sql):

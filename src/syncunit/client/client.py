@@ -121,7 +121,7 @@ class SyncClient:
         transport: httpx.BaseTransport | None = None,
         encoding: Encoding = "msgpack",
         chunk_size: int | None = None,
-        timeout: float = 60.0,
+        timeout: float | None = 60.0,
         on_progress: ProgressCallback | None = None,
         on_start: Callable[[str], None] | None = None,
         on_complete: Callable[[SyncResult], None] | None = None,
@@ -883,15 +883,18 @@ def _values(table: str, values: Any) -> dict[str, Any]:
 
 
 def _check_numbers(
-    *, push_batch: int, chunk_size: int | None, timeout: float, lock_timeout: float
+    *, push_batch: int, chunk_size: int | None, timeout: float | None, lock_timeout: float
 ) -> None:
-    """Refuse settings no sync could run with, when the client is made."""
+    """Refuse settings no sync could run with, when the client is made (``timeout`` None:
+    no read timeout, as httpx takes it)."""
     for name, value, least in (("push_batch", push_batch, 1), ("chunk_size", chunk_size, 1)):
         if value is None and name == "chunk_size":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be a whole number of at least {least}, not {value!r}")
     for name, seconds, zero in (("timeout", timeout, False), ("lock_timeout", lock_timeout, True)):
+        if seconds is None and name == "timeout":
+            continue
         if (
             isinstance(seconds, bool)
             or not isinstance(seconds, (int, float))

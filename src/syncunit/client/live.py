@@ -22,11 +22,10 @@ import msgspec
 
 from syncunit.client.run import held
 from syncunit.errors import (
-    LocalStoreError,
     ProtocolError,
     SyncCancelled,
-    SyncError,
     SyncUnitError,
+    UnknownUnitError,
 )
 from syncunit.protocol import (
     PROTOCOL_VERSION,
@@ -101,12 +100,11 @@ class LiveWatcher:
                     return  # close() or another watch() stopped it: not a failure
                 self.errors += 1
                 streak += 1
-                retryable = isinstance(exc, (httpx.HTTPError, OSError, LocalStoreError)) or (
-                    isinstance(exc, SyncError) and exc.retryable
-                )
-                if not retryable:
-                    # An unknown unit, a refused token, a wrong URL: polling again
+                if isinstance(exc, (UnknownUnitError, ProtocolError)):
+                    # An unknown unit, a URL that is no syncunit server: polling again
                     # cannot help; the app is told and watch() can be called again.
+                    # Anything else (a refused or unrenewable token, a bound the server
+                    # lowered) may pass: told once, then polled again, backing off.
                     log.warning("live changes for %s stopped: %s", self.unit, exc)
                     self._report(exc)
                     return

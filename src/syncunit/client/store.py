@@ -28,6 +28,7 @@ together with its cursor, so an interrupted sync resumes where it stopped
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import sqlite3
 import sys
@@ -66,6 +67,10 @@ __all__ = ["LocalStore", "quote", "sql_type"]
 
 log = logging.getLogger("syncunit.client")
 
+
+#: The fact listing every local table a catalog the engine applied named (JSON): the
+#: engine's own, whatever catalog comes next (``_refuse_foreign_tables``).
+MADE_TABLES = "made_tables"
 
 #: SQLite's automatic checkpoint (WAL pages), and the WAL size (bytes) past which the
 #: checkpoint after a sync runs in the background.
@@ -421,7 +426,7 @@ class LocalStore(ChunkApply):
         changes: list[str] = []
         with self.atomic():
             before = self.catalog()
-            self._refuse_foreign_tables(before, catalog)
+            made = self._refuse_foreign_tables(before, catalog)
             self._loaded = ""  # learnt again by the next run if this one rolls back
             pushed = self.pushed = {t for u in catalog.units for t in u.push}
             if before is not None:
@@ -435,17 +440,20 @@ class LocalStore(ChunkApply):
             changes += surface_orphans(self.conn, catalog, self.pushed)
             raw = encode_catalog(catalog).decode()
             self.set_fact("catalog", raw)
+            made |= {s.local_table for s in catalog.streams}
+            self.set_fact(MADE_TABLES, json.dumps(sorted(made)))
             self._loaded = raw
         self._upserts.clear()
         self._fixes.clear()
         return changes
 
-    def _refuse_foreign_tables(self, before: Catalog | None, catalog: Catalog) -> None:
+    def _refuse_foreign_tables(self, before: Catalog | None, catalog: Catalog) -> set[str]:
         """Refuse a catalog naming a local table the engine did not make: a table of the
         app's own would be migrated, rebuilt or emptied like the engine's. The engine's
-        are those of the catalog it applied, or that its cursors or outbox triggers name
-        (a database of an earlier version)."""
-        made = set() if before is None else {s.local_table for s in before.streams}
+        are those any catalog it applied named (``MADE_TABLES``), or that its cursors or
+        outbox triggers name (a database of an earlier version). Returns them."""
+        made = set(json.loads(self.get_fact(MADE_TABLES) or "[]"))
+        made |= set() if before is None else {s.local_table for s in before.streams}
         made |= {r[0] for r in self.conn.execute("SELECT local_table FROM syncunit_cursors")}
         made |= {
             r[0]
@@ -466,6 +474,7 @@ class LocalStore(ChunkApply):
                     f" make; the server's stream {stream.name!r} fills a local table of that"
                     " name. Rename the app's table (or use another database file)"
                 )
+        return made
 
     def _carry_pending(self, old: Catalog, new: Catalog, pushed: set[str]) -> list[str]:
         """Before the local tables change: keep what the unsent changes wrote.
