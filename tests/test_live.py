@@ -456,3 +456,43 @@ def test_one_principal_cannot_take_every_long_poll(make_server, serve, store, pl
             poll.join(30)
     assert [a.json()["changed"] for a in answers] == [True, True]
     assert _live(live.url, "Login", mine, wait=0).status_code == 200  # its waits are back
+
+
+def test_the_version_monitor_outlives_a_failed_read(server, plain_sql, caplog):
+    """A read of the version that fails (a database restart) is logged in one line,
+    and the waiters are still woken by the next change, without a task dying."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from syncunit.server.live import VersionMonitor
+
+    store = server.store
+    monitor = VersionMonitor(store, interval=0.05)
+    real = store.current_version
+    calls = []
+
+    def flaky() -> int:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise sa.exc.OperationalError("SELECT version", {}, OSError("server closed"))
+        return real()
+
+    store.current_version = flaky  # type: ignore[method-assign]
+    seen = real()
+
+    async def wait() -> int:
+        waiting = asyncio.create_task(monitor.wait_beyond(seen, 20.0))
+        await asyncio.sleep(0.3)
+        assert monitor._task is not None
+        assert not monitor._task.done()
+        plain_sql("UPDATE doctor SET name = name || '.' WHERE id = 1")
+        return await waiting
+
+    try:
+        assert asyncio.run(wait()) > seen
+    finally:
+        store.current_version = real  # type: ignore[method-assign]
+    failed = [r for r in caplog.records if "reading the version failed" in r.getMessage()]
+    assert len(failed) == 1
+    assert failed[0].exc_info is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,8 +22,11 @@ import anyio.to_thread
 from syncunit.server.auth import Principal
 from syncunit.server.changes import StreamReader
 from syncunit.server.cursor import newest_cursor
+from syncunit.server.problems import first_line
 from syncunit.server.store import ServerStore
 from syncunit.units import SyncUnit
+
+log = logging.getLogger("syncunit.server")
 
 
 class VersionMonitor:
@@ -62,8 +66,17 @@ class VersionMonitor:
     async def _run(self) -> None:
         changed = self._changed
         assert changed is not None
+        failing = False
         while self.waiters > 0 and self._changed is changed:
-            version = await anyio.to_thread.run_sync(self.store.current_version)
+            try:
+                version = await anyio.to_thread.run_sync(self.store.current_version)
+            except Exception as exc:  # a database restart: the waiters wait on, it is read again
+                if not failing:
+                    log.warning("live changes: reading the version failed: %s", first_line(exc))
+                failing = True
+                await asyncio.sleep(max(self.interval, 1.0))
+                continue
+            failing = False
             if version != self.version:
                 self.version = version
                 async with changed:
