@@ -45,6 +45,8 @@ PUSH_LIMITS = "Syncunit-Push-Limits"
 #: Subscriptions a sync request may carry by default (and at any server whose
 #: ``PUSH_LIMITS`` does not say it).
 MAX_SUBSCRIPTIONS = 200
+#: What an integer on the wire may hold (signed 64 bits: both databases' widest).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: A header of sync and catalog answers: an opaque tag of the principal the request
 #: was authenticated as (the same for every credential of that principal, different
 #: for another; it does not reveal the principal's id). A device parks a session's
@@ -54,6 +56,8 @@ PRINCIPAL_TAG = "Syncunit-Principal"
 Encoding = Literal["msgpack", "json"]
 
 __all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
     "JSON",
     "MAX_SUBSCRIPTIONS",
     "MSGPACK",

@@ -26,6 +26,8 @@ from syncunit.clauses import absence_tables, bind_names, columns_of, describe
 from syncunit.errors import DeclarationError
 from syncunit.policies import ConflictPolicy, LastWriteWins, Rule
 from syncunit.protocol import (
+    INT64_MAX,
+    INT64_MIN,
     PROTOCOL_VERSION,
     Catalog,
     ColumnInfo,
@@ -70,9 +72,6 @@ class Join:
 
 
 ParamType = Literal["integer", "text"]
-
-#: Integers on the wire are signed 64-bit (docs/security.md), parameters too.
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _shown(value: Any, limit: int = 60) -> str:

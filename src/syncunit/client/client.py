@@ -51,6 +51,8 @@ from syncunit.errors import (
 )
 from syncunit.ids import uuid7
 from syncunit.protocol import (
+    INT64_MAX,
+    INT64_MIN,
     JSON,
     PRINCIPAL_TAG,
     PROTOCOL_VERSION,
@@ -905,10 +907,6 @@ def _check_numbers(
             raise ValueError(f"{name} must be a number of seconds, {bound}, not {seconds!r}")
 
 
-#: What a client parameter may hold: what travels in any encoding, as the server takes it.
-_INT64 = (-(2**63), 2**63 - 1)
-
-
 def _check_subscription(params: Mapping[str, Any] | None, keep_for: float | None) -> None:
     """Refuse, before anything is recorded, parameter values no request can carry and a
     ``keep_for`` that is not a number of seconds."""
@@ -920,7 +918,7 @@ def _check_subscription(params: Mapping[str, Any] | None, keep_for: float | None
         raise ValueError(f"keep_for must be a positive number of seconds, not {keep_for!r}")
     for name, value in (params or {}).items():
         if isinstance(value, int) and not isinstance(value, bool):
-            if not _INT64[0] <= value <= _INT64[1]:
+            if not INT64_MIN <= value <= INT64_MAX:
                 raise problem_error(
                     422,
                     "invalid-request",

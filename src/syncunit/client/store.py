@@ -52,7 +52,7 @@ from syncunit.client.schema import (
     surface_orphans,
     transform,
 )
-from syncunit.client.triggers import trigger_ddl
+from syncunit.client.triggers import trigger_ddl, trigger_names
 from syncunit.errors import LocalStoreError
 from syncunit.protocol import (
     Catalog,
@@ -664,8 +664,7 @@ class LocalStore(ChunkApply):
             if stream.local_table not in pushed:
                 continue
             creates = [stmt for stmt in trigger_ddl(stream) if stmt.startswith("CREATE")]
-            names = [f"syncunit_{stream.local_table}{end}" for end in ("_ai", "_au", "_ad")]
-            if [made.get(n) for n in names] != creates:
+            if [made.get(n) for n in trigger_names(stream.local_table)] != creates:
                 stale.append(stream)
         return stale
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from syncunit.protocol import StreamInfo
 from syncunit.protocol import quote_name as _q
 
-__all__ = ["DDL", "NOW", "trigger_ddl"]
+__all__ = ["DDL", "NOW", "trigger_ddl", "trigger_names"]
 
 DDL = [
     "CREATE TABLE IF NOT EXISTS syncunit_outbox ("
@@ -66,6 +66,11 @@ def _json_value(value: str, kind: str) -> str:
     return value
 
 
+def trigger_names(local_table: str) -> list[str]:
+    """The outbox triggers of ``local_table``: after insert, update and delete."""
+    return [f"syncunit_{local_table}{end}" for end in ("_ai", "_au", "_ad")]
+
+
 def trigger_ddl(stream: StreamInfo) -> list[str]:
     """Triggers that record changes of ``stream``'s local table in the outbox.
 
@@ -86,10 +91,10 @@ def trigger_ddl(stream: StreamInfo) -> list[str]:
     old_row = "json_object(" + ", ".join(f"{_lit(c)}, {old[c]}" for c in cols) + ")"
     unsent = f"table_name = {name} AND row_key = {{r}}.{k} AND seq IS NULL"
     insert_cols = "(mutation_id, table_name, row_key, op, changed, base, created_at)"
-    prefix = f"syncunit_{stream.local_table}"
+    ai, au, ad = trigger_names(stream.local_table)
     return [
-        *(f"DROP TRIGGER IF EXISTS {_q(prefix + s)}" for s in ("_ai", "_au", "_ad")),
-        f"CREATE TRIGGER {_q(prefix + '_ai')} AFTER INSERT ON {t} WHEN {_ACTIVE} BEGIN"
+        *(f"DROP TRIGGER IF EXISTS {_q(n)}" for n in (ai, au, ad)),
+        f"CREATE TRIGGER {_q(ai)} AFTER INSERT ON {t} WHEN {_ACTIVE} BEGIN"
         # A row deleted (or changed) and written again is sent whole, against the base
         # the device saw before: the server detects conflicts as for an update.
         f" UPDATE syncunit_outbox SET op = 'insert' WHERE {unsent.format(r='NEW')};"
@@ -97,7 +102,7 @@ def trigger_ddl(stream: StreamInfo) -> list[str]:
         f" SELECT {_ID}, {name}, NEW.{k}, 'insert', '[]', '{{}}', {NOW}"
         f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='NEW')});"
         " END",
-        f"CREATE TRIGGER {_q(prefix + '_au')} AFTER UPDATE ON {t} WHEN {_ACTIVE} BEGIN"
+        f"CREATE TRIGGER {_q(au)} AFTER UPDATE ON {t} WHEN {_ACTIVE} BEGIN"
         f" SELECT RAISE(ABORT, 'the key of a synced row cannot change')"
         f" WHERE OLD.{k} IS NOT NEW.{k};"
         f" UPDATE syncunit_outbox SET changed = (SELECT json_group_array(c) FROM"
@@ -109,7 +114,7 @@ def trigger_ddl(stream: StreamInfo) -> list[str]:
         f" {old_row}, {NOW}"
         f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='NEW')})"
         f" AND EXISTS ({changed}); END",
-        f"CREATE TRIGGER {_q(prefix + '_ad')} AFTER DELETE ON {t} WHEN {_ACTIVE} BEGIN"
+        f"CREATE TRIGGER {_q(ad)} AFTER DELETE ON {t} WHEN {_ACTIVE} BEGIN"
         f" INSERT INTO syncunit_outbox {insert_cols}"
         f" SELECT {_ID}, {name}, OLD.{k}, 'delete', '[]', {old_row}, {NOW}"
         f" WHERE NOT EXISTS (SELECT 1 FROM syncunit_outbox WHERE {unsent.format(r='OLD')});"

@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from syncunit.protocol import (
+    INT64_MAX,
+    INT64_MIN,
     MAX_SUBSCRIPTIONS,
     Encoding,
     Mutation,
@@ -49,7 +51,6 @@ __all__ = [
     "shorten",
 ]
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _PIECE = 64 * 1024  # decompressed bytes produced per step
 _INFLATERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="syncunit-inflate")
 

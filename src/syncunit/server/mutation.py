@@ -30,7 +30,7 @@ from syncunit.server.auth import Principal
 from syncunit.server.changes import wire_converters
 from syncunit.server.problems import database_busy
 from syncunit.server.shape import StreamShape
-from syncunit.server.values import Rejected, coerce, coerce_key
+from syncunit.server.values import Rejected, coerce, coerce_key, naive_utc
 from syncunit.units import TRACKING_COLUMNS, Stream
 
 if TYPE_CHECKING:
@@ -98,12 +98,8 @@ def _differs(stored: Any, sent: Any) -> bool:
         and isinstance(sent, dt.datetime)
         and (stored.tzinfo is None) != (sent.tzinfo is None)
     ):
-        return _utc(stored) != _utc(sent)
+        return naive_utc(stored) != naive_utc(sent)
     return bool(stored != sent)
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is None else value.astimezone(dt.UTC).replace(tzinfo=None)
 
 
 def _out_of_range(s: Stream, m: Mutation) -> str | None:

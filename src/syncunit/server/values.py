@@ -28,7 +28,15 @@ from syncunit.protocol import Mutation
 from syncunit.server.limits import shorten
 from syncunit.units import Stream, SyncSchema, logical_type
 
-__all__ = ["NotBase64", "Rejected", "bytes_from_json", "coerce", "coerce_key", "to_datetime"]
+__all__ = [
+    "NotBase64",
+    "Rejected",
+    "bytes_from_json",
+    "coerce",
+    "coerce_key",
+    "naive_utc",
+    "to_datetime",
+]
 
 
 class Rejected(Exception):
@@ -135,10 +143,14 @@ def to_datetime(value: str, column: sa.Column[Any]) -> dt.datetime:
     without time zone (which SQLite would otherwise store with the offset dropped,
     another instant). Raises ``ValueError`` for anything else."""
     parsed = dt.datetime.fromisoformat(value)
-    if parsed.utcoffset() is None:
-        return parsed
-    utc = parsed.astimezone(dt.UTC)
-    return utc if getattr(column.type, "timezone", False) else utc.replace(tzinfo=None)
+    if parsed.utcoffset() is None or not getattr(column.type, "timezone", False):
+        return naive_utc(parsed)
+    return parsed.astimezone(dt.UTC)
+
+
+def naive_utc(value: dt.datetime) -> dt.datetime:
+    """``value`` in UTC without its zone (one without a zone is taken as it is)."""
+    return value if value.tzinfo is None else value.astimezone(dt.UTC).replace(tzinfo=None)
 
 
 def coerce_key(value: Any, column: sa.Column[Any], local: str, *, native: bool = True) -> Any:
