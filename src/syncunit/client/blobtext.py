@@ -39,8 +39,9 @@ def _bytes(value: Any, stream: str, column: str) -> bytes | None:
 
 
 def chunk_bytes(chunk: Chunk, info: StreamInfo) -> Chunk:
-    """``chunk`` of a JSON answer with its blob columns' values (and its removed keys,
-    if the key is one) as bytes; the same chunk if the stream has no blob column.
+    """``chunk`` of a JSON answer with its blob columns' values as bytes (no key is
+    binary: the declaration refuses it); the same chunk if the stream has no blob
+    column.
 
     Raises ``ProtocolError`` for a blob value that is not base64 text.
     """
@@ -49,8 +50,6 @@ def chunk_bytes(chunk: Chunk, info: StreamInfo) -> Chunk:
         return chunk
     name = chunk.stream
     changes: dict[str, Any] = {}
-    if info.key in blobs and chunk.removed:
-        changes["removed"] = [_bytes(k, name, info.key) for k in chunk.removed]
     at = [i for i, c in enumerate(chunk.columns) if c in blobs]
     if at and chunk.row_count():
         if chunk.json_rows:

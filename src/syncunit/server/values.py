@@ -226,33 +226,30 @@ def _from_base64(text: str) -> bytes | NotBase64:
 
 
 def bytes_from_json(mutations: list[Mutation], schema: SyncSchema) -> list[Mutation]:
-    """A JSON request's ``mutations`` with the base64 text of blob columns (in the key,
-    ``values`` and ``base``) as bytes, as MessagePack carries them.
+    """A JSON request's ``mutations`` with the base64 text of blob columns (in
+    ``values`` and ``base``; no key is binary: the declaration refuses it) as bytes, as
+    MessagePack carries them.
 
     Only tables with a blob column are looked at. Text that is not base64 becomes a
     ``NotBase64``, which ``coerce`` rejects (``invalid-value``) naming the column.
     """
-    blobs_of: dict[str, tuple[frozenset[str], bool]] = {}  # per table: blobs, key is one
+    blobs_of: dict[str, frozenset[str]] = {}  # per table
     out = mutations
     for i, m in enumerate(mutations):
-        found = blobs_of.get(m.table)
-        if found is None:
+        blobs = blobs_of.get(m.table)
+        if blobs is None:
             stream = schema.by_local_table.get(m.table)
-            blobs = frozenset() if stream is None else _blob_names(stream)
-            found = blobs_of[m.table] = (blobs, stream is not None and stream.key in blobs)
-        blobs, key_blob = found
+            blobs = blobs_of[m.table] = frozenset() if stream is None else _blob_names(stream)
         if not blobs:
             continue
-        key = _from_base64(m.key) if key_blob and isinstance(m.key, str) else m.key
         values = _decoded(m.values, blobs)
         base = _decoded(m.base, blobs)
-        if key is m.key and values is None and base is None:
+        if values is None and base is None:
             continue
         if out is mutations:
             out = list(mutations)
         out[i] = msgspec.structs.replace(
             m,
-            key=key,
             values=m.values if values is None else values,
             base=m.base if base is None else base,
         )
