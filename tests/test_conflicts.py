@@ -98,6 +98,29 @@ def test_detect_merges_column_by_column_when_the_changes_do_not_overlap(notes_ap
     _assert_settled(app, device)
 
 
+def test_a_merge_in_a_later_batch_of_the_run_comes_back_in_that_run(notes_app):
+    """One change a request: the first response brings the stream to its end, and the
+    next request pushes a change the server merges with its own; the pull after that
+    push reads the stream again (not skipped as already brought up to date in the run)."""
+    app = notes_app(policy=Detect(merge=True))
+    app.add("a", title="t0", body="b0")
+    app.add("b", title="t0", body="b0")
+    device = app.client(push_batch=1)
+    device.sync("Sync")
+    app.backoffice("UPDATE note SET title = 'server' WHERE id = 'b'")
+    device.update("LocalNote", "a", {"body": "device"})
+    device.update("LocalNote", "b", {"body": "device"})
+
+    result = device.sync("Sync")
+
+    assert (result.applied, result.requests) == (2, 2)
+    assert (local_note(device, "b")["title"], local_note(device, "b")["body"]) == (
+        "server",
+        "device",
+    )
+    _assert_settled(app, device)
+
+
 def test_detect_merge_still_conflicts_on_the_overlapping_column_only(notes_app):
     app, device = _synced(notes_app, Detect(merge=True))
     app.backoffice("UPDATE note SET title = 'server' WHERE id = 'a'")

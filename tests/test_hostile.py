@@ -45,9 +45,12 @@ from tests.support import (
     appointments_of,
     assert_in_sync,
     db_state,
+    expected_rows,
     final_cursors,
     local_keys,
+    local_rows,
     owned_table_server,
+    principal_params,
     raw_sync,
     removed_keys,
     sync_body,
@@ -686,7 +689,7 @@ def test_a_response_ends_early_and_the_client_continues_in_the_same_run(
 
     client = make_client(url=live.url, chunk_size=16)
     result = client.sync("Login")
-    assert result.requests > 5
+    assert result.requests >= 4
     assert_in_sync(server, client, "token-h1", "Login")
 
 
@@ -706,6 +709,45 @@ def test_a_response_of_empty_deltas_is_never_cut_short(make_server, serve, store
     frames = raw_sync(live.url, "Login", token="token-h1", cursors=cursors)
     assert frames[-1] == End(server_time=frames[-1].server_time, complete=True)  # type: ignore[union-attr]
     assert client.sync("Login").requests == 1
+
+
+def test_a_stream_that_always_has_news_does_not_hold_back_the_next_ones(
+    make_server, serve, store, make_client
+):
+    """Every request finds a new doctor (the unit's first stream), and the budget cuts
+    each response after it: the continuations skip the streams this run already
+    brought to their end, so the appointments arrive and the run ends."""
+    import sqlalchemy as sa
+    from hospital.generate import generate
+    from hospital.models import doctor
+
+    server = make_server(limits=Limits(response_chunks=1))
+    generate(store.engine, appointments=60, hospitals=1, doctors=4, patients=10)
+    requests = 0
+
+    async def busy_backoffice(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal requests
+        if scope["type"] == "http" and scope["path"].startswith("/v1/sync/"):
+            requests += 1
+            assert requests < 50, "the run never ends"
+            with store.engine.begin() as conn:
+                conn.execute(
+                    sa.insert(doctor).values(
+                        id=1000 + requests, name=f"new {requests}", hospital_id=1, specialty_id=1
+                    )
+                )
+        await server.app(scope, receive, send)
+
+    live = serve(busy_backoffice)
+    client = make_client(url=live.url, chunk_size=16)
+    result = client.sync("Login")
+
+    params = principal_params(server.store, "token-h1")
+    [appointments] = [s for s in server.schema.units["Login"].streams if s.name == "appointments"]
+    assert local_rows(client, server, appointments) == expected_rows(server, appointments, params)
+    assert result.rows_in["LocalDoctor"] >= 5  # as of its first response: after the start
+    # the doctors, then a chunk of appointments each (their last one with its ending)
+    assert result.requests == 1 + -(-60 // 16)
 
 
 def test_push_through_a_unit_that_does_not_push_is_refused(server, live, store):

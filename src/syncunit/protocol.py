@@ -285,6 +285,11 @@ class SyncRequest(msgspec.Struct, frozen=True):
     unanswered_from: int = 0
     #: The client can apply a chunk whose rows come as JSON text (``Chunk.json_rows``).
     json_rows: bool = False
+    #: Streams an earlier response of this sync run brought to their end, with no push
+    #: since: the server skips them, so a stream that always has something new cannot
+    #: hold the later ones back. Each is a stream's name (``stream@subscription`` for a
+    #: subscription's).
+    done: list[str] = []
 
 
 # -- response frames ---------------------------------------------------------

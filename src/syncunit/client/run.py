@@ -130,6 +130,10 @@ class UnitRun:
         #: At most this many subscriptions a request, after the server refused more
         #: (None: the bound it said, ``protocol.PUSH_LIMITS``).
         self._sub_cap: int | None = None
+        #: Streams (``stream@subscription`` for a subscription's) a response of this run
+        #: brought to their end since its last push: the next requests ask the server to
+        #: skip them (``SyncRequest.done``).
+        self._done: set[str] = set()
 
     def subscription_bound(self) -> int:
         """How many held subscriptions one request carries: the server's bound (its last
@@ -415,6 +419,24 @@ class UnitRun:
         else:
             self.client.store.take_recopies(stream_names)
             cursors = self.client.store.cursors(stream_names)
+        subscriptions = (
+            held(
+                self.client,
+                unit_name,
+                catalog,
+                take=True,
+                skip=self._refreshed,
+                limit=self.subscription_bound(),
+            )
+            if stream_names
+            else []
+        )
+        if mutations:  # the pull after a push reads every stream again
+            self._done.clear()
+        # Only streams that keep their cursor: one marked to copy afresh goes again.
+        carried = set(cursors) | {
+            holds.cursor_name(name, sub.id) for sub in subscriptions for name in sub.cursors
+        }
         request = SyncRequest(
             protocol=self.protocol,
             client_id=self.client.client_id,
@@ -424,16 +446,7 @@ class UnitRun:
             chunk_size=self.client.chunk_size,
             snapshots=self.client.snapshots and snapshots and not holder,
             params=dict(params or {}),
-            subscriptions=held(
-                self.client,
-                unit_name,
-                catalog,
-                take=True,
-                skip=self._refreshed,
-                limit=self.subscription_bound(),
-            )
-            if stream_names
-            else [],
+            subscriptions=subscriptions,
             # A pull may bring rows that changes still in flight wrote: their verdicts
             # come first (``Answered``), or the device would keep its own version. A
             # push says where its sequence continues if the server forgot it (a restore).
@@ -441,6 +454,7 @@ class UnitRun:
                 self.client.outbox.in_flight_from() if stream_names or mutations else 0
             ),
             json_rows=True,
+            done=sorted(self._done & carried),
         )
         return request, holder
 
@@ -563,6 +577,7 @@ class UnitRun:
                         result.resets.append(frame.stream)
                     done += upserted + len(frame.removed)
                     if frame.complete:
+                        self._done.add(holds.cursor_name(frame.stream, frame.subscription))
                         self.client.store.copying.discard(frame.stream)
                         whole.close()
                         if frame.stream in deferred:

@@ -86,8 +86,11 @@ class SyncAnswer:
                 if answered is not None:
                     yield answered
                 epoch, horizon = self.store.epoch_and_horizon(conn)
+                done = set(req.done)
                 for sub_id, run, client_params, cursors in runs:
                     for stream in run.streams:
+                        if (f"{stream.name}@{sub_id}" if sub_id else stream.name) in done:
+                            continue  # brought to its end earlier in this run
                         params = principal.scope(stream, client_params)
                         reader = StreamReader(
                             self.store, stream, params, chunk_size=chunk, json_rows=req.json_rows

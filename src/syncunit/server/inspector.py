@@ -144,7 +144,8 @@ class SyncLog:
         except GeneratorExit:
             # Closed early: by the server's budget (the client continues), or because
             # the client went away.
-            outcome = ENDING.get() or "cut"
+            if outcome != "ok":  # closed after its End: complete all the same
+                outcome = ENDING.get() or "cut"
             raise
         finally:
             try:

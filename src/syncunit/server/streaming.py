@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime as dt
+import itertools
 import logging
 import threading
 import time
@@ -33,7 +34,16 @@ from starlette.responses import StreamingResponse
 from starlette.types import Send
 
 from syncunit.errors import DatabaseRestored
-from syncunit.protocol import Chunk, Encoding, End, Failure, Frame, close_frames, encode_frame
+from syncunit.protocol import (
+    Chunk,
+    Encoding,
+    End,
+    Failure,
+    Frame,
+    StreamStart,
+    close_frames,
+    encode_frame,
+)
 from syncunit.server.admission import Slot
 from syncunit.server.limits import Limits
 from syncunit.server.problems import (
@@ -201,6 +211,14 @@ class FramePump:
                         or time.monotonic() - started >= self.limits.response_seconds
                     )
                 ):
+                    closing = _closing(frames, frame)
+                    sent = all(self._put(d) for d in map(self._encode, closing) if d)
+                    if not sent:
+                        outcome = "stalled" if self.cut == "stalled" else "cut"
+                        break
+                    if closing and isinstance(closing[-1], End):  # nothing was left: not cut
+                        ended = True
+                        continue  # to the frames' own end (an observer records the sync)
                     self.cut = "budget"
                     outcome = "more"
                     ENDING.set(outcome)  # in this worker's own context
@@ -265,6 +283,41 @@ class FramePump:
             # shuts down): the worker gives back its snapshot before the response ends.
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.worker.join, 5.0)
+
+
+#: How many frames a cut response reads ahead for its stream's closing chunk.
+_CLOSING_FRAMES = 4
+
+
+def _closing(frames: Iterator[Frame], last: Frame) -> list[Frame]:
+    """What to send after ``last`` before a response is cut by its budget: the empty
+    frames that end ``last``'s stream (at most ``_CLOSING_FRAMES``: a chunk with no
+    rows, a delta that finds nothing after a copy) when they are next, then ``End``
+    when nothing follows; frames read ahead otherwise are left for the next request.
+
+    A stream's last rows come before its closing chunk: sent, the stream ends in this
+    response and the run's next requests skip it (``SyncRequest.done``); a stream that
+    always has something new would otherwise hold back the streams after it for good.
+    """
+    if not isinstance(last, Chunk) or last.complete:
+        return []
+    ahead: list[Frame] = []
+    for frame in itertools.islice(frames, _CLOSING_FRAMES):
+        ahead.append(frame)
+        if isinstance(frame, End):
+            return ahead  # the stream was the last one
+        if isinstance(frame, StreamStart):
+            empty = not (frame.total or frame.reset or frame.copy)
+        elif isinstance(frame, Chunk):
+            empty = not (frame.row_count() or frame.removed or frame.reset)
+        else:
+            return []
+        if not empty or frame.stream != last.stream or frame.subscription != last.subscription:
+            return []
+        if isinstance(frame, Chunk) and frame.complete:
+            after = next(frames, None)
+            return [*ahead, after] if isinstance(after, End) else ahead
+    return []
 
 
 class FrameResponse(StreamingResponse):
