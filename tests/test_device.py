@@ -449,6 +449,122 @@ def test_changes_in_flight_to_a_table_no_longer_pushed_are_answered_by_any_pushi
         server.store.engine.dispose()
 
 
+def _serve_units(app: Any, units: list[SyncUnit]) -> SyncServer:
+    """Serve ``app``'s database with the units ``units``: a redeploy the devices see."""
+    schema = SyncSchema(units)
+    server = SyncServer(schema, app.database, authenticate=TokenAuth(TOKENS), install=False)
+    server.store.install(schema)
+    app.live.app = server.app
+    return server
+
+
+def _titles(app: Any) -> Stream:
+    """Another stream on ``note``, into a local table of its own."""
+    note = app.note
+    return Stream(
+        "titles",
+        note,
+        [note.c.id, note.c.owner, note.c.title],
+        where=note.c.owner == sa.bindparam("owner"),
+        local_table="LocalTitle",
+    )
+
+
+def test_a_stream_a_unit_takes_in_after_a_redeploy_drops_rows_that_left_it(notes_app):
+    """Invariants 1, 4, 5: the device holds the notes (and their cursor) from one unit;
+    another unit takes the stream in. Its first sync after the deploy asks without the
+    notes' cursor (the device's catalog did not list them in it): the copy it gets is
+    the whole picture and replaces the rows, keeping the unpushed one."""
+    app = notes_app()
+    for key in ("s1", "s2", "s3"):
+        app.add(key, title=key)
+    titles = _titles(app)
+    v1 = _serve_units(app, [SyncUnit("Titles", [titles]), SyncUnit("Sync", [app.stream], "both")])
+    device = app.client()
+    device.sync("Titles")
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "k", "owner": "u1", "title": "mine"})
+    app.backoffice("DELETE FROM note WHERE id = 's1'")
+    app.backoffice("UPDATE note SET owner = 'u2' WHERE id = 's2'")
+    v2 = _serve_units(
+        app, [SyncUnit("Titles", [titles, app.stream]), SyncUnit("Sync", [app.stream], "both")]
+    )
+    try:
+        device.sync("Titles")
+        assert sorted(k for (k,) in device.store.query("SELECT id FROM LocalNote")) == ["k", "s3"]
+        assert local_note(device, "k") is not None  # unpushed: kept
+        device.sync("Titles")
+        device.sync("Sync")
+        assert local_notes(device) == app.rows("u1")
+        assert [r[0] for r in local_notes(device)] == ["k", "s3"]
+    finally:
+        v1.store.engine.dispose()
+        v2.store.engine.dispose()
+
+
+def test_a_stream_dropped_from_the_catalog_takes_its_table_along(notes_app):
+    """A deploy drops the notes stream, then is rolled back: its table went with it (its
+    unpushed insert surfaced with its values), so the stream comes back copied afresh,
+    without the note the server deleted meanwhile nor the insert it never got."""
+    app = notes_app()
+    for key in ("s1", "s2"):
+        app.add(key, title=key)
+    device = app.client()
+    device.sync("Sync")
+    device.insert("LocalNote", {"id": "k", "owner": "u1", "title": "mine"})
+    app.backoffice("DELETE FROM note WHERE id = 's1'")
+    v2 = _serve_units(app, [SyncUnit("Sync", [_titles(app)], "both")])
+    try:
+        device.sync("Sync")
+
+        tables = {n for (n,) in device.store.query("SELECT name FROM sqlite_master")}
+        assert "LocalNote" not in tables
+        [kept] = device.outbox.rejected()
+        assert (kept.key, kept.op, kept.code) == ("k", "insert", "unknown-table")
+        assert kept.attempted["title"] == "mine"
+        assert device.store.query(
+            "SELECT count(*) FROM syncunit_cursors WHERE local_table = 'LocalNote'"
+        ) == [(0,)]
+
+        app.live.app = app.server.app  # rolled back
+        device.sync("Sync")
+        device.sync("Sync")
+        assert local_notes(device) == app.rows("u1")
+        assert [r[0] for r in local_notes(device)] == ["s2"]
+    finally:
+        v2.store.engine.dispose()
+
+
+def test_a_renamed_local_table_leaves_no_stale_copy_behind(notes_app):
+    """The stream fills another local table after a deploy: the old one goes, so the
+    rows of a rollback are copied afresh, not the ones left from before."""
+    app = notes_app()
+    for key in ("s1", "s2"):
+        app.add(key, title=key)
+    device = app.client()
+    device.sync("Sync")
+    note = app.note
+    moved = Stream(
+        "notes",
+        note,
+        {c: note.c[c] for c in NOTE_COLUMNS},
+        where=note.c.owner == sa.bindparam("owner"),
+        local_table="Note2",
+    )
+    v2 = _serve_units(app, [SyncUnit("Sync", [moved], "both")])
+    try:
+        device.sync("Sync")
+        assert device.store.query("SELECT id FROM Note2 ORDER BY id") == [("s1",), ("s2",)]
+        app.backoffice("DELETE FROM note WHERE id = 's1'")
+        app.live.app = app.server.app  # rolled back
+        device.sync("Sync")
+        assert local_notes(device) == app.rows("u1")
+        tables = {n for (n,) in device.store.query("SELECT name FROM sqlite_master")}
+        assert "Note2" not in tables
+    finally:
+        v2.store.engine.dispose()
+
+
 # -- resets beside the old copy --------------------------------------------------------------
 
 

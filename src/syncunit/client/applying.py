@@ -55,6 +55,7 @@ class ChunkApply:
         pushed: set[str]
         held: set[str]
         copying: set[str]
+        fresh_copies: set[str]
         rereading: set[str]
         _upserts: dict[tuple[str, tuple[str, ...], bool], str]
         _fixes: dict[tuple[str, tuple[str, ...]], tuple[str, str, list[int]] | None]
@@ -82,7 +83,13 @@ class ChunkApply:
         app keeps reading its complete previous rows, an interrupted download
         resumes, and the chunk that completes it swaps the new rows in, in one
         transaction.
+
+        A stream in ``fresh_copies`` opens a copy the request asked for without its
+        cursor (a stream new to the unit as the device knew it): a first copy is the
+        whole picture, so over rows the device holds already it is a reset too.
         """
+        first_copy = stream.name in self.fresh_copies
+        self.fresh_copies.discard(stream.name)
         try:
             with self.relaxed() as c:  # a lost chunk is fetched again: no fsync
                 if holder and stream.local_table in self.held:
@@ -104,9 +111,11 @@ class ChunkApply:
                 shadow = c.execute(
                     "SELECT shadow FROM syncunit_resets WHERE stream = ?", (stream.name,)
                 ).fetchone()
-                if shadow is None and not chunk.reset and self._first_copy_over_rows(stream):
-                    # A first copy is the whole picture: rows pushed before it that are
-                    # not in it (moved out of scope, deleted meanwhile) must go too.
+                if not chunk.reset and self._first_copy_over_rows(
+                    stream, first_copy, shadow is not None
+                ):
+                    # A first copy is the whole picture: rows pushed or copied before it
+                    # that are not in it (moved out of scope, deleted meanwhile) go too.
                     chunk = msgspec.structs.replace(chunk, reset=True)
                 if chunk.reset and not chunk.complete:
                     return self._apply_shadow(stream, chunk, self._start_shadow(stream))
@@ -118,13 +127,22 @@ class ChunkApply:
         except self.errors as exc:
             raise LocalStoreError(f"cannot apply a chunk to {stream.local_table}: {exc}") from exc
 
-    def _first_copy_over_rows(self, stream: StreamInfo) -> bool:
-        """No cursor yet, but rows already (written here, pushed, or kept by a logout)."""
+    def _first_copy_over_rows(self, stream: StreamInfo, first_copy: bool, shadow: bool) -> bool:
+        """Whether a chunk that is no reset opens a first copy over rows already there:
+        with no cursor yet (rows written here, pushed, or kept by a logout), or asked for
+        without the cursor the device holds (``first_copy``: a stream new to the unit as
+        the device knew it, the device holding its rows from another unit), which also
+        replaces a re-download under way."""
         c = self.conn
-        has_cursor = c.execute(
-            "SELECT 1 FROM syncunit_cursors WHERE stream = ?", (stream.name,)
-        ).fetchone()
-        if has_cursor is not None:
+        if first_copy and shadow:
+            return True
+        if shadow or (
+            not first_copy
+            and c.execute(
+                "SELECT 1 FROM syncunit_cursors WHERE stream = ?", (stream.name,)
+            ).fetchone()
+            is not None
+        ):
             return False
         return (
             c.execute(f"SELECT 1 FROM {quote(stream.local_table)} LIMIT 1").fetchone() is not None

@@ -134,6 +134,8 @@ class UnitRun:
         #: brought to their end since its last push: the next requests ask the server to
         #: skip them (``SyncRequest.done``).
         self._done: set[str] = set()
+        #: A response of this run brought a new catalog: the next requests follow it.
+        self._new_catalog = False
 
     def subscription_bound(self) -> int:
         """How many held subscriptions one request carries: the server's bound (its last
@@ -294,9 +296,10 @@ class UnitRun:
                 round_ -= 1  # the same round again, with fewer changes
                 ahead = None
                 continue
-            if catalog is None:  # the first response brought it: continue with its cursors
-                catalog = self.client.store.catalog()
-                unit = None if catalog is None else catalog.unit(unit_name)
+            if catalog is None or self._new_catalog:
+                # The response brought the catalog (a first sync, or the server's changed):
+                # continue with its streams' cursors.
+                catalog, unit = self._latest(unit_name)
             if self._offers:
                 # Large first copies came as files: apply them, then a delta from there.
                 offers, self._offers = self._offers, []
@@ -332,10 +335,18 @@ class UnitRun:
                 complete, chunks = self._request(
                     unit_name, unit, catalog, [], result, params, snapshots=False
                 )
+                if self._new_catalog:
+                    catalog, unit = self._latest(unit_name)
             for part in left:  # copied row by row instead: a cut download is not resumed
                 part.unlink(missing_ok=True)
             if not push_streams or not self.client.outbox.count(tables):
                 break
+
+    def _latest(self, unit_name: str) -> tuple[Catalog | None, UnitInfo | None]:
+        """The catalog stored, and ``unit_name``'s description in it."""
+        self._new_catalog = False
+        catalog = self.client.store.catalog()
+        return catalog, None if catalog is None else catalog.unit(unit_name)
 
     def _recopy_due(
         self, unit_name: str, unit: UnitInfo | None, params: Mapping[str, Any] | None
@@ -396,7 +407,7 @@ class UnitRun:
                     if not self.too_many_subscriptions(exc, len(request.subscriptions)):
                         raise
         carried = [s.id for s in request.subscriptions]
-        return self._finish(response, catalog, result, holder, carried)
+        return self._finish(response, catalog, result, holder, carried, set(request.cursors))
 
     def _build(
         self,
@@ -465,11 +476,13 @@ class UnitRun:
         result: SyncResult,
         holder: str | None = None,
         carried: Sequence[str] = (),
+        sent: Collection[str] = (),
     ) -> tuple[bool, int]:
         """Read and apply ``response``'s frames, then close it; see ``_request``.
-        ``carried``: the ids of the held subscriptions the request carried."""
+        ``carried``: the ids of the held subscriptions the request carried; ``sent``:
+        the cursors it carried."""
         try:
-            complete, chunks = self._read_frames(response, catalog, result, holder)
+            complete, chunks = self._read_frames(response, catalog, result, holder, sent)
             self.refreshed(carried, complete)
             return complete, chunks
         finally:
@@ -502,16 +515,18 @@ class UnitRun:
         catalog: Catalog | None,
         result: SyncResult,
         holder: str | None = None,
+        sent: Collection[str] = (),
     ) -> tuple[bool, int]:
         deferred: dict[str, StreamInfo] = {}  # streams whose indexes wait for the copy's end
         self.client.store.rereading.clear()  # dropped by an earlier response: copied now
         try:
             with self.client.store.bulk():
-                end, chunks = self._apply_frames(response, catalog, result, deferred, holder)
+                end, chunks = self._apply_frames(response, catalog, result, deferred, holder, sent)
         except httpx.HTTPError as exc:
             raise NetworkError(f"the sync of {result.unit!r} was cut: {exc}") from exc
         finally:
             self.client.store.copying.clear()
+            self.client.store.fresh_copies.clear()
             for info in deferred.values():
                 self.client.store.restore_indexes(info)
         if end is None:
@@ -528,14 +543,21 @@ class UnitRun:
         result: SyncResult,
         deferred: dict[str, StreamInfo],
         holder: str | None = None,
+        sent: Collection[str] = (),
     ) -> tuple[End | None, int]:
         """Apply frames as they arrive; return the response's end frame (None: it was
         cut) and how many chunks it brought.
+
+        A stream whose cursor the request did not carry (``sent``) comes as a first
+        copy: the whole picture, even where the device holds the stream's rows and
+        cursor already (a unit the catalog in hand did not list it in): its first
+        chunk replaces them (``LocalStore.fresh_copies``).
 
         A reader thread receives and decodes the next frames while this thread
         writes the current chunk into SQLite (which runs without the GIL).
         """
         total = done = chunks = 0
+        begun: set[str] = set()  # streams whose chunks came in this response
         # A full stream is replaced whole: its chunks apply in one local transaction,
         # opened at its start and committed with its last chunk (or rolled back).
         whole = contextlib.ExitStack()
@@ -550,6 +572,7 @@ class UnitRun:
                     catalog = frame.catalog
                     self.client.store.apply_catalog(catalog)
                     self.client.client_id = self.client.store.client_id()  # may be renewed
+                    self._new_catalog = True
                     continue
                 if isinstance(frame, End):
                     return frame, chunks
@@ -565,6 +588,9 @@ class UnitRun:
                     if self.client.encoding == "json":
                         frame = chunk_bytes(frame, info)
                     sub = frame.subscription or holder
+                    if not sub and frame.stream not in sent and frame.stream not in begun:
+                        self.client.store.fresh_copies.add(frame.stream)
+                    begun.add(frame.stream)
                     upserted, removed = (
                         self.client.store.apply_chunk(info, frame, sub)
                         if sub

@@ -204,6 +204,9 @@ class LocalStore(ChunkApply):
         self._fixes: dict[tuple[str, tuple[str, ...]], tuple[str, str, list[int]] | None] = {}
         #: Streams whose chunks in the sync under way are a first copy (set by the run).
         self.copying: set[str] = set()
+        #: Streams whose next chunk opens a copy the request asked for without the
+        #: cursor the device holds (``UnitRun``): applied as a reset (``apply_chunk``).
+        self.fresh_copies: set[str] = set()
         #: Subscription cursors (``stream@subscription``) dropped in the response under way
         #: so the stream copies afresh: the rest of that response's chunks for them wait.
         self.rereading: set[str] = set()
@@ -438,14 +441,54 @@ class LocalStore(ChunkApply):
                     for stmt in trigger_ddl(stream):
                         self.conn.execute(stmt)
             changes += surface_orphans(self.conn, catalog, self.pushed)
+            gone = self._drop_unfilled(made, catalog)
+            changes += [f"dropped {t} (no stream fills it)" for t in gone]
             raw = encode_catalog(catalog).decode()
             self.set_fact("catalog", raw)
-            made |= {s.local_table for s in catalog.streams}
+            made = {t for t in made if t not in gone} | {s.local_table for s in catalog.streams}
             self.set_fact(MADE_TABLES, json.dumps(sorted(made)))
             self._loaded = raw
         self._upserts.clear()
         self._fixes.clear()
         return changes
+
+    def _drop_unfilled(self, made: set[str], catalog: Catalog) -> list[str]:
+        """Drop the local tables the engine made that no stream of ``catalog`` fills,
+        with their cursors, holds, put-off removals, copy marks and re-downloads: their
+        rows would stay as they were for good (the server sends nothing more of them),
+        and a catalog bringing a stream back copies it afresh. Their unsent changes were
+        surfaced before (``_carry_pending``); changes in flight keep their values in the
+        outbox until the server answers them. Returns the tables dropped."""
+        c = self.conn
+        filled = {s.local_table.lower() for s in catalog.streams}
+        tables = {
+            r[0].lower(): r[0]
+            for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        gone = sorted(
+            t
+            for t in made
+            if t.lower() not in filled
+            and t.lower() in tables
+            and not t.lower().startswith("syncunit_")
+        )
+        for t in gone:
+            for stream_name, shadow in c.execute(
+                "SELECT stream, shadow FROM syncunit_resets WHERE local_table = ?", (t,)
+            ).fetchall():
+                self._drop_shadow(stream_name, shadow)
+            c.execute(f"DROP TABLE {quote(tables[t.lower()])}")
+            for kept in ("syncunit_cursors", "syncunit_holds", "syncunit_deferred"):
+                c.execute(f"DELETE FROM {kept} WHERE local_table = ?", (t,))
+            c.execute(
+                "DELETE FROM syncunit_local WHERE substr(key, 1, ?) = ? AND value = ?",
+                (len(INDEXES_SUSPENDED), INDEXES_SUSPENDED, t),
+            )
+            c.execute(
+                "DELETE FROM syncunit_recopy WHERE local_table = ? AND substr(name, 1, ?) = ?",
+                (t, len(recopy.PREFIX), recopy.PREFIX),
+            )
+        return gone
 
     def _refuse_foreign_tables(self, before: Catalog | None, catalog: Catalog) -> set[str]:
         """Refuse a catalog naming a local table the engine did not make: a table of the
