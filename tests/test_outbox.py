@@ -173,6 +173,55 @@ def test_insert_or_replace_of_an_unchanged_row_is_not_a_conflict(notes_app):
     assert app.row("a")["title"] == "replaced"
 
 
+def _own_connection(device: Any) -> sqlite3.Connection:
+    """A plain sqlite3 connection of the app's own to the device's database (SQLite's
+    defaults: recursive triggers off)."""
+    conn = sqlite3.connect(device.store.path, isolation_level=None)
+    assert conn.execute("PRAGMA recursive_triggers").fetchone()[0] == 0
+    return conn
+
+
+def test_insert_or_replace_of_an_unchanged_row_on_an_apps_own_connection_is_not_a_conflict(
+    notes_app,
+):
+    app, device, fault = _device(notes_app, Detect())
+    conn = _own_connection(device)
+    conn.execute(
+        'INSERT OR REPLACE INTO "LocalNote" (id, owner, title, body, n)'
+        " VALUES ('a', 'u1', 'replaced', 'ba', 0)"
+    )
+    conn.close()
+
+    result = device.sync("Sync")
+
+    [m] = fault.sent[-1].mutations
+    assert (m.op, m.base["title"], m.base["body"]) == ("insert", "ta", "ba")
+    assert (result.applied, result.conflicts) == (1, [])
+    assert app.row("a")["title"] == "replaced"
+    assert local_notes(device) == app.rows("u1")
+
+
+@pytest.mark.parametrize("recursive", [True, False], ids=["recursive", "default"])
+def test_insert_or_replace_of_an_unpushed_insert_stays_one_insert_without_base(
+    notes_app, recursive
+):
+    """The replaced row's delete is recorded once, whoever records it (the delete
+    trigger with recursive triggers on, else the insert's): it cancels the insert."""
+    app, device, _ = _device(notes_app, Detect())
+    conn = _own_connection(device)
+    conn.execute(f"PRAGMA recursive_triggers = {int(recursive)}")
+    conn.execute("INSERT INTO \"LocalNote\" (id, owner, title) VALUES ('n', 'u1', 'one')")
+    conn.execute(
+        "INSERT OR REPLACE INTO \"LocalNote\" (id, owner, title) VALUES ('n', 'u1', 'two')"
+    )
+    conn.close()
+
+    assert [(k, op) for _, k, op, _, _ in outbox_rows(device)] == [("n", "insert")]
+    assert _base(device, "n") == {}
+    assert device.sync("Sync").applied == 1
+    assert app.row("n")["title"] == "two"
+
+
 def test_an_upsert_of_a_synced_row_is_an_update(notes_app):
     app, device, _ = _device(notes_app, Detect())
     device.store.conn.execute(

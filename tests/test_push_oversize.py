@@ -214,7 +214,7 @@ def test_marks_kept_by_an_earlier_version_are_carried_over(notes_app: Any) -> No
 
     device = app.client(transport=fault)
 
-    assert device.store.migrated == [5]
+    assert device.store.migrated == [5, 6]
     assert device.store.query("SELECT key FROM syncunit_local WHERE key LIKE 'recopy%'") == []
     assert sorted(device.store.query("SELECT * FROM syncunit_recopy"), key=str) == sorted(
         [

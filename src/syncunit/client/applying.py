@@ -178,8 +178,8 @@ class ChunkApply:
         left of the attempt, when one is not (the app or a push wrote the row since the
         copy began) or a local change is pending: the caller merges the rows instead.
 
-        A plain INSERT fires the insert trigger only, so only that one is set aside
-        (creating the update trigger again is most of the cost of swapping all three;
+        A plain INSERT fires the insert triggers only, so only those are set aside
+        (creating the update trigger again is most of the cost of swapping them all;
         an upsert would compile it in).
         """
         c = self.conn
@@ -187,12 +187,21 @@ class ChunkApply:
             return False
         sql = self._upsert_sql(stream, tuple(chunk.columns), new=True)
         ddl = trigger_ddl(stream)
-        drop, create = ddl[0], ddl[3]  # the insert trigger's (see trigger_ddl)
+        n = len(ddl) // 2  # the drops, then the creates, of the triggers (see trigger_ddl)
+        inserts = (0, n - 1)  # after insert, before insert
         c.execute("SAVEPOINT syncunit_insert_new")  # any other error: the caller rolls back
         try:
-            c.execute(drop if bulk else "UPDATE syncunit_state SET applying = 1 WHERE id = 1")
+            if bulk:
+                for i in inserts:
+                    c.execute(ddl[i])
+            else:
+                c.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
             c.executemany(sql, chunk.row_list())
-            c.execute(create if bulk else "UPDATE syncunit_state SET applying = 0 WHERE id = 1")
+            if bulk:
+                for i in inserts:
+                    c.execute(ddl[n + i])
+            else:
+                c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")
         except sqlite3.IntegrityError:
             c.execute("ROLLBACK TO syncunit_insert_new")
             c.execute("RELEASE syncunit_insert_new")
@@ -246,14 +255,15 @@ class ChunkApply:
     def _quiet(self, stream: StreamInfo, bulk: bool) -> Iterator[None]:
         """The outbox triggers do not record what runs inside (in a transaction)."""
         c = self.conn
+        ddl = trigger_ddl(stream)
         if bulk:
-            for stmt in trigger_ddl(stream)[:3]:
+            for stmt in ddl[: len(ddl) // 2]:
                 c.execute(stmt)
         else:
             c.execute("UPDATE syncunit_state SET applying = 1 WHERE id = 1")
         yield
         if bulk:
-            for stmt in trigger_ddl(stream)[3:]:
+            for stmt in ddl[len(ddl) // 2 :]:
                 c.execute(stmt)
         else:
             c.execute("UPDATE syncunit_state SET applying = 0 WHERE id = 1")

@@ -28,6 +28,7 @@ from syncunit.client.holds import DEFERRED_DDL
 from syncunit.client.recopy import migrate as recopy_marks
 from syncunit.client.scheduler import DDL as QUEUE_DDL
 from syncunit.client.triggers import DDL as OUTBOX_DDL
+from syncunit.client.triggers import REPLACING_DDL
 from syncunit.errors import LocalStoreError
 
 __all__ = ["STORE_VERSION", "migrate"]
@@ -60,7 +61,7 @@ _V2 = [
 Step = list[str] | Callable[[sqlite3.Connection], None]
 
 #: The steps, in order; step n brings the database to version n.
-STEPS: list[Step] = [_V1, _V2, HOLDS_DDL, DEFERRED_DDL, recopy_marks]
+STEPS: list[Step] = [_V1, _V2, HOLDS_DDL, DEFERRED_DDL, recopy_marks, REPLACING_DDL]
 STORE_VERSION = len(STEPS)
 
 
