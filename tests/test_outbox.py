@@ -222,6 +222,44 @@ def test_insert_or_replace_of_an_unpushed_insert_stays_one_insert_without_base(
     assert app.row("n")["title"] == "two"
 
 
+def test_an_unpushed_insert_a_replace_removed_is_not_sent_and_blocks_nothing(notes_app):
+    app, device, fault = _device(notes_app)
+    conn = _own_connection(device)
+    conn.execute('CREATE UNIQUE INDEX app_title ON "LocalNote" (title)')
+    conn.execute("INSERT INTO \"LocalNote\" (id, owner, title) VALUES ('n1', 'u1', 'new')")
+    # Deletes n1 unseen by the triggers (recursive triggers are off on this connection).
+    conn.execute(
+        "INSERT OR REPLACE INTO \"LocalNote\" (id, owner, title) VALUES ('n2', 'u1', 'new')"
+    )
+    conn.execute("UPDATE \"LocalNote\" SET body = 'later' WHERE id = 'b'")
+    conn.close()
+
+    result = device.sync("Sync")
+
+    assert sorted(m.key for m in fault.sent[-1].mutations) == ["b", "n2"]
+    assert (result.applied, result.rejected) == (2, [])
+    assert (app.row("n1"), app.row("n2")["title"], app.row("b")["body"]) == (None, "new", "later")
+    assert outbox_rows(device) == []
+    assert local_notes(device) == app.rows("u1")
+
+
+def test_a_changed_synced_row_a_replace_removed_is_pushed_as_its_delete(notes_app):
+    app, device, fault = _device(notes_app, Detect())
+    conn = _own_connection(device)
+    conn.execute('CREATE UNIQUE INDEX app_title ON "LocalNote" (title)')
+    conn.execute("UPDATE \"LocalNote\" SET body = 'edited' WHERE id = 'a'")
+    conn.execute("UPDATE OR REPLACE \"LocalNote\" SET title = 'ta' WHERE id = 'b'")  # a goes
+    conn.close()
+
+    result = device.sync("Sync")
+
+    sent = {m.key: m for m in fault.sent[-1].mutations}
+    assert (sent["a"].op, sent["a"].base["body"]) == ("delete", "ba")
+    assert (result.applied, result.conflicts) == (2, [])
+    assert (app.row("a"), app.row("b")["title"]) == (None, "ta")
+    assert local_notes(device) == app.rows("u1")
+
+
 def test_an_upsert_of_a_synced_row_is_an_update(notes_app):
     app, device, _ = _device(notes_app, Detect())
     device.store.conn.execute(

@@ -388,6 +388,15 @@ class Outbox:
                     row = conn.execute(
                         f"SELECT * FROM {_q(table)} WHERE {_q(s.key)} = ?", (key,)
                     ).fetchone()
+                if row is None and op != "delete":
+                    # Removed without its delete recorded (a REPLACE on a connection
+                    # without recursive triggers): a row new on this device is nothing
+                    # to send; one the server has is deleted, against its base.
+                    if op == "insert" and base == "{}":
+                        conn.execute("DELETE FROM syncunit_outbox WHERE id = ?", (oid,))
+                        continue
+                    op = "delete"
+                    conn.execute("UPDATE syncunit_outbox SET op = ? WHERE id = ?", (op, oid))
                 m = self._mutation(
                     s, names[table], writable[table], row, next_seq, mid, key, op, changed, base
                 )
