@@ -260,6 +260,25 @@ def test_a_changed_synced_row_a_replace_removed_is_pushed_as_its_delete(notes_ap
     assert local_notes(device) == app.rows("u1")
 
 
+def test_a_synced_column_the_app_renamed_stops_the_push_with_nothing_sent(notes_app):
+    app, device, fault = _device(notes_app)
+    conn = _own_connection(device)
+    conn.execute("UPDATE \"LocalNote\" SET title = 'edited' WHERE id = 'a'")
+    conn.execute('ALTER TABLE "LocalNote" RENAME COLUMN title TO heading')
+    requests = len(fault.sent)
+
+    with pytest.raises(LocalStoreError, match="LocalNote has no column 'title'"):
+        device.sync("Sync")
+
+    assert len(fault.sent) == requests
+    assert [(k, op, ch) for _, k, op, ch, _ in outbox_rows(device)] == [("a", "update", ["title"])]
+    assert app.row("a")["title"] == "ta"
+    conn.execute('ALTER TABLE "LocalNote" RENAME COLUMN heading TO title')
+    conn.close()
+    assert device.sync("Sync").applied == 1
+    assert app.row("a")["title"] == "edited"
+
+
 def test_an_upsert_of_a_synced_row_is_an_update(notes_app):
     app, device, _ = _device(notes_app, Detect())
     device.store.conn.execute(

@@ -122,6 +122,20 @@ class Budget:
         return None
 
 
+def _check_columns(s: StreamInfo, have: Sequence[str]) -> None:
+    """Refuse to send ``s``'s changes from a local table that lacks some of its
+    columns (renamed or dropped by the app): they would go out without those
+    values."""
+    missing = [c.name for c in s.columns if c.name not in have]
+    if missing:
+        raise LocalStoreError(
+            f"the local table {s.local_table} has no column {', '.join(map(repr, missing))}"
+            " of its stream (renamed or dropped outside syncunit): give the table back"
+            " its columns (ALTER TABLE ... RENAME COLUMN ... TO ...) and sync again;"
+            " nothing was sent, its changes wait in the outbox"
+        )
+
+
 def _reject(
     conn: sqlite3.Connection,
     mutation_id: str,
@@ -379,6 +393,8 @@ class Outbox:
             names: dict[str, list[str]] = {}
             writable: dict[str, set[str]] = {}
             current = self._current_rows(rows, by_table, names)
+            for table, have in names.items():
+                _check_columns(by_table[table], have)
             for oid, mid, table, key, op, changed, base in rows:
                 s = by_table[table]
                 if table not in writable:
