@@ -222,6 +222,25 @@ def test_insert_or_replace_of_an_unpushed_insert_stays_one_insert_without_base(
     assert app.row("n")["title"] == "two"
 
 
+def test_a_row_a_replace_removes_on_the_helpers_connection_is_deleted_on_the_server(notes_app):
+    app, device, _ = _device(notes_app)
+    conn = device.connect(isolation_level=None)
+    # An index of the app's own: a REPLACE that conflicts on it deletes the other row.
+    conn.execute('CREATE UNIQUE INDEX app_title ON "LocalNote" (title)')
+    conn.execute("INSERT OR REPLACE INTO \"LocalNote\" (id, owner, title) VALUES ('c', 'u1', 'ta')")
+    conn.execute("UPDATE OR REPLACE \"LocalNote\" SET title = 'tb' WHERE id = 'c'")
+    conn.close()
+
+    assert [(k, op) for _, k, op, _, _ in outbox_rows(device)] == [
+        ("a", "delete"),
+        ("c", "insert"),
+        ("b", "delete"),
+    ]
+    assert device.sync("Sync").applied == 3
+    assert (app.row("a"), app.row("b"), app.row("c")["title"]) == (None, None, "tb")
+    assert local_notes(device) == app.rows("u1")
+
+
 def test_an_unpushed_insert_a_replace_removed_is_not_sent_and_blocks_nothing(notes_app):
     app, device, fault = _device(notes_app)
     conn = _own_connection(device)

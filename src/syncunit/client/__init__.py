@@ -4,7 +4,7 @@ from syncunit.client.aio import AsyncSyncClient
 from syncunit.client.client import SyncClient, SyncResult
 from syncunit.client.reactive import LiveQuery
 from syncunit.client.scheduler import Progress, RetryPolicy, SyncStatus
-from syncunit.client.store import LocalStore
+from syncunit.client.store import LocalStore, connect
 
 __all__ = [
     "AsyncSyncClient",
@@ -15,4 +15,5 @@ __all__ = [
     "SyncClient",
     "SyncResult",
     "SyncStatus",
+    "connect",
 ]

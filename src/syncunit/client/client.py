@@ -39,6 +39,7 @@ from syncunit.client.run import (
 from syncunit.client.scheduler import RetryPolicy, Scheduler, SyncStatus, subscription_id
 from syncunit.client.status import StatusFeed
 from syncunit.client.store import LocalStore, quote
+from syncunit.client.store import connect as _connect
 from syncunit.errors import (
     AuthError,
     LocalStoreError,
@@ -219,6 +220,18 @@ class SyncClient:
         self.client_id = self.store.client_id()
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    def connect(self, **kwargs: Any) -> sqlite3.Connection:
+        """A new sqlite3 connection to this client's database, for the app's own SQL
+        (``kwargs`` go to ``sqlite3.connect``): set up so that every write through it is
+        recorded (``syncunit.client.connect``). The app closes it."""
+        if self.store.path is None:
+            raise LocalStoreError(
+                "this client's database was given as a connection (or is in memory):"
+                " open connections of your own with sqlite3.connect and run"
+                " PRAGMA recursive_triggers = ON on each"
+            )
+        return _connect(self.store.path, **kwargs)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the worker and the live watcher, then close the database.

@@ -63,9 +63,24 @@ from syncunit.protocol import (
     local_table_ddl,
 )
 
-__all__ = ["LocalStore", "quote", "sql_type"]
+__all__ = ["LocalStore", "connect", "quote", "sql_type"]
 
 log = logging.getLogger("syncunit.client")
+
+
+def connect(path: str | Path, **kwargs: Any) -> sqlite3.Connection:
+    """A new sqlite3 connection to the device database at ``path`` for the app's own
+    SQL (``kwargs`` go to ``sqlite3.connect``).
+
+    Recursive triggers are on: a row that an ``INSERT OR REPLACE`` or ``UPDATE OR
+    REPLACE`` deletes (a conflict on a UNIQUE index) is recorded as deleted and
+    pushed; with SQLite's default (off) no trigger sees it. A busy timeout lets its
+    writes wait for the engine's.
+    """
+    conn = cast(sqlite3.Connection, sqlite3.connect(str(path), **kwargs))
+    conn.execute("PRAGMA recursive_triggers=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
 
 
 #: The fact listing every local table a catalog the engine applied named (JSON): the
