@@ -190,3 +190,29 @@ def test_admin_and_units_are_keyword_only():
     ana = Principal("ana", {"hospital_id": 1}, units=frozenset({"Login"}))
     assert ana.admin is False
     assert ana.units == frozenset({"Login"})
+
+
+@pytest.mark.parametrize(
+    "value", [[1, 2], {"a": 1}, 2**70, "1\x00"], ids=["list", "object", "int-past-64-bits", "nul"]
+)
+def test_a_claim_parameter_the_database_cannot_compare_is_refused_by_name(jwt_live, value):
+    """Refused before any row is read (403, no traceback), not a 200 whose stream fails."""
+    r = httpx.post(
+        f"{jwt_live.url}/v1/sync/Login",
+        content=sync_body(),
+        headers={
+            "Authorization": f"Bearer {_token(params={'hospital_id': value})}",
+            "Content-Type": MSGPACK,
+        },
+        timeout=30,
+    )
+    assert r.status_code == 403, r.text
+    assert r.json()["code"] == "forbidden"
+    assert "parameter 'hospital_id'" in r.json()["detail"]
+
+
+def test_a_claim_no_stream_filters_on_may_hold_anything(jwt_live):
+    """Parameters only an ``authorize`` hook reads (roles, say) are the hook's business."""
+    token = _token(params={"hospital_id": 1, "roles": ["desk", {"ward": 2}], "big": 2**70})
+    assert _status(jwt_live.url, token) == 200
+

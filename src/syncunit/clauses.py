@@ -15,7 +15,7 @@ from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, Case, Null
 from sqlalchemy.sql.functions import FunctionElement
 
-__all__ = ["absence_tables", "bind_names", "columns_of", "describe"]
+__all__ = ["absence_tables", "bind_names", "columns_of", "describe", "list_bind_names"]
 
 
 def bind_names(*clauses: Any) -> list[str]:
@@ -33,6 +33,17 @@ def bind_names(*clauses: Any) -> list[str]:
             ):
                 names.add(elem.key)
     return sorted(names)
+
+
+def list_bind_names(*clauses: Any) -> set[str]:
+    """The names of the parameters in ``clauses`` that take a list (an expanding ``IN``)."""
+    return {
+        elem.key
+        for clause in clauses
+        if clause is not None
+        for elem in visitors.iterate(clause)
+        if isinstance(elem, BindParameter) and elem.expanding
+    }
 
 
 def describe(clause: Any) -> Any:

@@ -58,7 +58,14 @@ from syncunit.protocol import (
 )
 from syncunit.server.admission import RateLimiter, Slot, SyncSlots, default_sync_slots
 from syncunit.server.answer import SyncAnswer, sign_frames
-from syncunit.server.auth import Authenticator, Principal, authorize_stream, authorize_unit
+from syncunit.server.auth import (
+    Authenticator,
+    Principal,
+    authorize_stream,
+    authorize_unit,
+    bound_parameters,
+    unusable,
+)
 from syncunit.server.backends import open_store
 from syncunit.server.cursor import verify_cursor
 from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
@@ -115,21 +122,6 @@ def _take(slots: SyncSlots, principal: Principal, code: str, holds: str, *, retr
     )  # fmt: skip
 
 
-def _unusable(principal: Principal) -> str | None:
-    """Why the server cannot serve ``principal`` (for the log), or None."""
-    if not isinstance(principal.id, str):
-        return f"id is a {type(principal.id).__name__}"
-    if not principal.id:
-        return "id is empty"
-    if "\x00" in principal.id:
-        return "id holds NUL"
-    for name, value in principal.params.items():
-        values = value if isinstance(value, list | tuple | set | frozenset) else (value,)
-        if any(isinstance(v, str) and "\x00" in v for v in values):
-            return f"parameter {name!r} holds NUL"
-    return None
-
-
 __all__ = ["SyncServer", "create_app"]
 
 #: A cursor that is not the server's own becomes this: the stream starts afresh.
@@ -164,6 +156,8 @@ class SyncServer(SyncAnswer):
         snapshot_min_rows: int = 100_000,
     ) -> None:
         self.schema = schema
+        #: The principal parameters the streams bind (name -> taken as a list).
+        self.bound_parameters = bound_parameters(schema)
         self.store = database if isinstance(database, ServerStore) else open_store(database)
         self.authenticate = authenticate
         self.chunk_size = chunk_size
@@ -256,16 +250,17 @@ class SyncServer(SyncAnswer):
             raise ProblemException(
                 "unauthenticated", "send a valid 'Authorization: Bearer <token>'"
             )
-        why = _unusable(principal)
+        why = unusable(principal, self.bound_parameters)
         if why is not None:
             # The server records which principal each device pushes as, and filters rows
             # with its parameters: a value the database cannot hold would fail late.
             log.warning("authenticate returned a principal whose %s; refused", why)
             raise ProblemException(
                 "forbidden",
-                "this credential's principal cannot be used: its id must be non-empty text"
-                " and neither it nor a parameter may hold the NUL character (U+0000); ask"
-                " for a credential with another subject",
+                f"this credential's principal cannot be used: its {why}. Its id must be"
+                " non-empty text, no parameter may hold the NUL character (U+0000), and"
+                " a parameter the streams filter on must be text, a number or a signed"
+                " 64-bit integer; ask for a credential with other claims",
             )
         ctx = current_request()
         if ctx is not None:

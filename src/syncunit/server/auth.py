@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
+from syncunit.clauses import list_bind_names
+from syncunit.protocol import INT64_MAX, INT64_MIN
+from syncunit.server.limits import shorten
 from syncunit.server.problems import ProblemException
 
 if TYPE_CHECKING:
-    from syncunit.units import Stream, SyncUnit
+    from syncunit.units import Stream, SyncSchema, SyncUnit
 
 __all__ = ["Authenticator", "JWTAuth", "Principal", "TokenAuth", "first_of"]
 
@@ -110,6 +113,64 @@ def check_hook(
         "forbidden",
         f"principal {principal.id!r} may not read stream {stream.name!r} with {dict(params)!r}",
     )
+
+
+def bound_parameters(schema: SyncSchema) -> dict[str, bool]:
+    """The principal parameters the schema's streams bind in their SQL (filters, joins,
+    write rules, queries): name -> whether some stream binds it as a list (an ``IN``)."""
+    bound: dict[str, bool] = {}
+    for stream in schema.streams.values():
+        clauses = [stream.where, *(j.on for j in stream.joins), stream.write_where, stream.query]
+        lists = list_bind_names(*clauses)
+        for name in (*stream.parameters, *stream.write_parameters):
+            if name not in stream.client_params:
+                bound[name] = bound.get(name, False) or name in lists
+    return bound
+
+
+def _unbindable(value: Any, *, many: bool) -> str | None:
+    """Why the database cannot take ``value`` for a parameter (``many``: one that a
+    stream compares as a list), or None."""
+    if isinstance(value, list | tuple | set | frozenset):
+        if not many:
+            return f"is a {type(value).__name__}, but the streams compare it to one value"
+        for item in value:
+            why = _unbindable(item, many=False)
+            if why is not None:
+                return f"holds an item that {why}"
+        return None
+    if isinstance(value, Mapping):
+        return "is an object, which no stream can compare a column to"
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not INT64_MIN <= value <= INT64_MAX
+    ):
+        return "is an integer outside the signed 64-bit range"
+    return None
+
+
+def unusable(principal: Principal, bound: Mapping[str, bool]) -> str | None:
+    """Why the server cannot serve ``principal`` (said in the 403 and the log), or None.
+
+    Parameters a stream binds (``bound``) must be values the database can compare:
+    text, numbers, a 64-bit integer (or a list of such, where a stream takes a list).
+    The others are the ``authorize`` hooks' to read, and may be anything."""
+    if not isinstance(principal.id, str):
+        return f"id is a {type(principal.id).__name__}"
+    if not principal.id:
+        return "id is empty"
+    if "\x00" in principal.id:
+        return "id holds the NUL character (U+0000)"
+    for name, value in principal.params.items():
+        values = value if isinstance(value, list | tuple | set | frozenset) else (value,)
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            return f"parameter {shorten(name, 60)} holds the NUL character (U+0000)"
+        if name in bound:
+            why = _unbindable(value, many=bound[name])
+            if why is not None:
+                return f"parameter {name!r} {why}"
+    return None
 
 
 def bearer_token(request: Request) -> str | None:
