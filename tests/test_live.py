@@ -21,6 +21,7 @@ from hospital.generate import generate
 from syncunit.client import live as client_live
 from syncunit.errors import AuthError, NetworkError
 from syncunit.protocol import PROBLEM, content_type
+from syncunit.server import Principal
 from tests.conftest import SIZE
 from tests.support import LiveServer, final_cursors, local_keys, raw_sync, sync_body
 from tests.test_scheduler import Events, booking, wait_until
@@ -371,6 +372,46 @@ def test_endpoint_wakes_a_waiting_client_when_a_change_lands(server, live, plain
         poll.join(30)
     assert not poll.is_alive()
     assert answer[0].json() == {"unit": "Login", "changed": True}
+
+
+def test_a_long_poll_answers_only_whom_its_request_still_authenticates_as(server, live, plain_sql):
+    """A wait outlives the check made when it began: a token revoked (or expired) during
+    the wait gets 401 when the change lands, not "changed"; a token that now stands for
+    another principal is told to sync, which sees that principal's scope."""
+    body = _up_to_date_body(live.url)
+    own = server.authenticate
+    who: dict[str, Any] = {}
+
+    def authenticate(request: Any) -> Any:
+        return who["now"] if "now" in who else own(request)
+
+    server.authenticate = authenticate
+    # moved, and nothing changes until the wait ends; revoked, then a change in scope lands
+    for now, change, status, answer in [
+        (Principal("moved", {"hospital_id": 2}), False, 200, True),
+        (None, True, 401, "unauthenticated"),
+    ]:
+        who.clear()
+        answers: list[httpx.Response] = []
+        wait = 30 if change else 1
+
+        def poll_once(wait: float = wait, answers: list[httpx.Response] = answers) -> None:
+            answers.append(_live(live.url, "Login", body, wait=wait))
+
+        poll = threading.Thread(target=poll_once)
+        poll.start()
+        try:
+            wait_until(lambda: server.monitor.waiters == 1)  # it authenticated, and waits
+            who["now"] = now
+            if change:
+                insert_appointment(plain_sql, doctor_id=1)
+        finally:
+            poll.join(40)
+        assert answers[0].status_code == status, answers[0].text
+        got = answers[0].json()
+        assert (got["code"] if status == 401 else got["changed"]) == answer
+        if status == 401:
+            assert "during the wait" in got["detail"]
 
 
 @pytest.mark.parametrize(

@@ -510,6 +510,17 @@ class SyncServer(SyncAnswer):
                         slot.release()
             remaining = deadline - loop.time()
             if changed or remaining <= 0:
+                # The wait may have outlived the credential it began with: answer only
+                # whom the request still authenticates as (401 once its token expired);
+                # a changed principal is told to sync, which sees its scope as it is now.
+                now = await anyio.to_thread.run_sync(self.authenticate, request)
+                if now is None:
+                    raise ProblemException(
+                        "unauthenticated",
+                        "the token expired or was revoked during the wait; send a valid"
+                        " 'Authorization: Bearer <token>'",
+                    )
+                changed = changed or now != principal
                 body = msgspec.json.encode({"unit": unit.name, "changed": changed})
                 return Response(body, media_type="application/json")
             wake = min(remaining, LIVE_LOOK if checked else 1.0)
