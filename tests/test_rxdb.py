@@ -924,6 +924,53 @@ def test_an_event_stream_ends_so_the_client_reconnects_as_who_it_is_now(
         events.close()
 
 
+def test_an_event_stream_ends_once_the_streams_authorize_hook_refuses_the_principal(
+    make_server: Callable[..., SyncServer],
+    serve: Callable[[Any], LiveServer],
+    plain_sql: PlainSQL,
+) -> None:
+    """A hook may look up permissions that change while a stream is open: each event is
+    authorized as a pull would be, and a refused principal gets no row, the stream ends."""
+    from hospital.generate import generate
+    from hospital.models import doctor
+    from hospital.units import appointment_columns, appointment_joins, my_hospital
+
+    from syncunit.server import Principal, TokenAuth
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    revoked: set[str] = set()  # e.g. a permissions table
+    guarded = Stream(
+        "appointments",
+        appointment,
+        appointment_columns,
+        joins=appointment_joins,
+        where=doctor.c.hospital_id == my_hospital,
+        local_table="LocalAppointment",
+        authorize=lambda principal, params: principal.id not in revoked,
+    )
+    server = make_server(SyncSchema([SyncUnit("Online", [guarded], direction="both")]))
+    server.authenticate = TokenAuth({"ana": Principal("ana", {"hospital_id": 1})})
+    generate(server.store.engine, appointments=40, hospitals=2, doctors=4, patients=20)
+    live = serve(server.app)
+    keys = appointments_of(server.store, 1)
+    events = Events(live, f"{BASE}/pull/stream?batchSize=5", token="ana")
+    try:
+        assert events.next() == "RESYNC"
+        plain_sql("UPDATE appointment SET notes = 'seen' WHERE id = :id", {"id": keys[0]})
+        assert [d["notes"] for d in events.next()["documents"]] == ["seen"]
+        revoked.add("ana")
+        with httpx.Client(base_url=live.url, timeout=30) as http:
+            r = http.post(f"{BASE}/pull", json={"checkpoint": None}, headers=auth("ana"))
+        assert r.status_code == 403, r.text
+        plain_sql("UPDATE appointment SET notes = 'not for you' WHERE id = :id", {"id": keys[1]})
+        events.thread.join(10)
+        assert not events.thread.is_alive(), "the stream did not end"
+        assert events.items == []
+    finally:
+        events.close()
+    wait_until(lambda: server.live_waits.used == 0)
+
+
 # -- a unit opened on a selection ------------------------------------------------------
 
 

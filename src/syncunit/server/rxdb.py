@@ -436,7 +436,7 @@ class RxDBReplication:
         except BaseException:
             waiting.release()
             raise
-        events = self._events(request, stream, principal, batch, params, seen, cursor)
+        events = self._events(request, unit, stream, principal, batch, params, seen, cursor)
         return _HeldStream(
             events,
             waiting,
@@ -592,6 +592,7 @@ class RxDBReplication:
     async def _events(
         self,
         request: Request,
+        unit: SyncUnit,
         stream: Stream,
         principal: Principal,
         batch: int,
@@ -630,7 +631,7 @@ class RxDBReplication:
             seen = version
             try:
                 event = await self._event_for(
-                    request, stream, principal, alone, cursor, batch, params
+                    request, unit, stream, principal, alone, cursor, batch, params
                 )
             except Exception as exc:  # the answer is under way: it can only end
                 self._ended(exc)
@@ -662,6 +663,7 @@ class RxDBReplication:
     async def _event_for(
         self,
         request: Request,
+        unit: SyncUnit,
         stream: Stream,
         principal: Principal,
         alone: SyncUnit,
@@ -681,6 +683,13 @@ class RxDBReplication:
         # token or changed parameters end the stream (the client reconnects).
         now = await anyio.to_thread.run_sync(self.server.authenticate, request)
         if now != principal:
+            return None
+        # ... and whom the streams' ``authorize`` hooks still let read them, as a pull's
+        # check would (a hook may look up permissions that changed): a refusal ends it.
+        try:
+            await anyio.to_thread.run_sync(self.server._check_unit, unit, principal, params)
+        except ProblemException as exc:
+            log.info("event stream ended: %s", exc.detail)
             return None
         found = await anyio.to_thread.run_sync(self.pull, stream, principal, cursor, batch, params)
         if found.reset or not found.complete or found.checkpoint is None:
