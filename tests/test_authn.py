@@ -19,6 +19,7 @@ from hospital.models import appointment
 from hospital.server import staff_auth
 from hospital.units import schema
 
+from syncunit.client import RetryPolicy, SyncClient
 from syncunit.errors import AuthError
 from syncunit.protocol import (
     MSGPACK,
@@ -30,7 +31,7 @@ from syncunit.protocol import (
     encode_request,
 )
 from syncunit.server import JWTAuth, Principal, SyncServer, TokenAuth, first_of
-from tests.support import local_keys, sync_body
+from tests.support import local_keys, sync_body, wait_until
 
 KEYS = {"2026-a": "secret-a" * 4, "2026-b": "secret-b" * 4}
 
@@ -216,3 +217,69 @@ def test_a_claim_no_stream_filters_on_may_hold_anything(jwt_live):
     token = _token(params={"hospital_id": 1, "roles": ["desk", {"ward": 2}], "big": 2**70})
     assert _status(jwt_live.url, token) == 200
 
+
+BAD_TOKENS = ["", "token-h1\n", " token-h1 ", "token-h1\r\nX-Evil: 1", "t\u00f6ken-h1", None]
+
+
+@pytest.mark.parametrize(
+    "bad", BAD_TOKENS, ids=["empty", "newline", "spaces", "crlf", "non-ascii", "none"]
+)
+def test_a_provider_token_that_cannot_be_sent_is_refused_and_the_provider_asked_again(
+    make_client, bad
+):
+    """Never stored (it would fail every request as 'cannot reach the server'): an
+    AuthError says what is wrong with it, and the next sync asks the provider again."""
+    answers: list[Any] = [bad]
+
+    def provider() -> Any:
+        return answers.pop(0) if answers else "token-h1"
+
+    client = make_client(provider)
+    with pytest.raises(AuthError) as err:
+        client.sync("Login")
+
+    assert err.value.code == "token-provider"
+    assert err.value.retryable  # the provider's next answer may be good
+    assert "cannot be sent" in str(err.value)
+    assert "Authorization" not in client.http.headers
+    client.sync("Login")
+    assert not answers
+    assert local_keys(client, "LocalAppointment")
+
+
+def test_a_token_that_cannot_be_sent_is_refused_when_given(make_client, tmp_path):
+    with pytest.raises(ValueError, match="non-ASCII character U\\+00F6 at position 1"):
+        SyncClient("http://127.0.0.1:9", tmp_path / "never.sqlite", token="t\u00f6ken")
+    assert not (tmp_path / "never.sqlite").exists()  # refused before anything opened
+    client = make_client()
+    with pytest.raises(ValueError, match="control character U\\+000A"):
+        client.login("token-h1\n")
+    assert client.http.headers["Authorization"] == "Bearer token-h1"  # kept
+
+
+def test_the_worker_reports_a_provider_token_that_cannot_be_sent_and_retries(make_client):
+    """The background run is reported once and retried after its backoff; the retry asks
+    the provider again, whose token now works."""
+    answers: list[str] = ["t\u00f6ken-h1"]
+    errors: list[tuple[str, Exception]] = []
+    done: list[Any] = []
+
+    def provider() -> str:
+        return answers.pop(0) if answers else "token-h1"
+
+    client = make_client(
+        provider,
+        retry=RetryPolicy(base_delay=0.05, jitter=0.0),
+        on_error=lambda unit, exc: errors.append((unit, exc)),
+        on_complete=done.append,
+    )
+    client.start()
+    client.trigger("Login")
+    wait_until(lambda: done)
+
+    assert local_keys(client, "LocalAppointment")
+
+    assert [(u, type(e).__name__, getattr(e, "code", None)) for u, e in errors] == [
+        ("Login", "AuthError", "token-provider")
+    ]
+    assert "non-ASCII" in str(errors[0][1])

@@ -10,7 +10,8 @@
         ├── SyncCancelled        close() stopped the run: the unit stays queued, nothing is lost
         ├── DeviceBusy           another sync of the device's database held on too long: retryable
         └── ProblemError         the server answered with an application/problem+json error
-            ├── AuthError            401 or 403: not retried
+            ├── AuthError            401 or 403: not retried (code token-provider: the
+            │                        device's token provider failed: retried)
             ├── UnknownUnitError     404: the unit does not exist on the server
             └── RequestRejected      400, 413, 415, 422: the request itself is wrong: not retried
 

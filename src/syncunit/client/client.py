@@ -145,6 +145,8 @@ class SyncClient:
         _check_numbers(
             push_batch=push_batch, chunk_size=chunk_size, timeout=timeout, lock_timeout=lock_timeout
         )
+        if isinstance(token, str):
+            _check_token(token)  # before anything is opened
         self.store = local_db if isinstance(local_db, LocalStore) else LocalStore(local_db)
         self.outbox = Outbox(self.store)
         self.push_batch = push_batch
@@ -349,6 +351,8 @@ class SyncClient:
         return sessions.push_parked(self)
 
     def _set_token(self, token: str | TokenProvider | None) -> None:
+        if isinstance(token, str):
+            _check_token(token)
         self._token_provider = token if callable(token) else None
         if isinstance(token, str):
             self.http.headers["Authorization"] = f"Bearer {token}"
@@ -805,10 +809,19 @@ class SyncClient:
         return tag if client_id == self.client_id and tag and tag != AMBIGUOUS else None
 
     def _ask_token(self, provider: TokenProvider) -> None:
+        """Ask ``provider`` for a token and send it from now on; an AuthError
+        (``token-provider``, retryable: the provider is asked again next time) if it
+        fails or returns a token that cannot be sent, which is then never stored."""
         try:
             token = provider()
         except Exception as exc:
-            raise AuthError(401, "token-provider", "the token provider failed", str(exc)) from exc
+            raise _provider_error("the token provider failed", str(exc)) from exc
+        why = sessions.token_problem(token)
+        if why is not None:
+            # Stored, it would fail every request as a network error, and the provider
+            # (asked while no header is set) would never be asked again.
+            self.http.headers.pop("Authorization", None)
+            raise _provider_error("the token provider returned a token that cannot be sent", why)
         self.http.headers["Authorization"] = f"Bearer {token}"
 
     def _send_once(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -895,6 +908,20 @@ def _values(table: str, values: Any) -> dict[str, Any]:
             f" not {type(values).__name__}"
         )
     return dict(values)
+
+
+def _provider_error(title: str, detail: str) -> AuthError:
+    """A token provider's failure: retryable, since its next answer may be good."""
+    error = AuthError(401, "token-provider", title, detail)
+    error.retryable = True
+    return error
+
+
+def _check_token(token: str) -> None:
+    """Refuse a token that could never be sent as a bearer token."""
+    why = sessions.token_problem(token)
+    if why is not None:
+        raise ValueError(f"token: {why}")
 
 
 def _check_numbers(

@@ -48,9 +48,35 @@ from syncunit.protocol import (
 if TYPE_CHECKING:
     from syncunit.client.client import SyncClient
 
-__all__ = ["logout", "push_parked", "push_units"]
+__all__ = ["logout", "push_parked", "push_units", "token_problem"]
 
 log = logging.getLogger("syncunit.client")
+
+
+def token_problem(token: object) -> str | None:
+    """What keeps ``token`` from going out as ``Authorization: Bearer <token>``, or None.
+
+    A bearer token is non-empty ASCII text, without control characters (a line break,
+    say) and without spaces at either end; the token itself is never quoted back.
+    """
+    if not isinstance(token, str):
+        return f"the token is a {type(token).__name__}, not text"
+    if not token.strip():
+        return "the token is empty" if not token else "the token is only whitespace"
+    for i, c in enumerate(token):
+        if not c.isascii():
+            return (
+                f"the token holds the non-ASCII character U+{ord(c):04X} at position {i};"
+                " a bearer token is ASCII text"
+            )
+        if c < " " or c == "\x7f":
+            return (
+                f"the token holds the control character U+{ord(c):04X} at position {i},"
+                " as a line break read with it from a file would"
+            )
+    if token != token.strip():
+        return "the token starts or ends with a space (strip it)"
+    return None
 
 
 def logout(client: SyncClient, *, clear: bool, push: bool) -> int:
