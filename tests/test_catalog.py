@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import httpx
 import msgspec
+import sqlalchemy as sa
 from hospital import units as hospital_units
+from hospital.models import appointment
 
+from syncunit import Stream, SyncSchema, SyncUnit
 from syncunit.protocol import Catalog, CatalogFrame
 from tests.test_resets import _appointments_stream, _schema, schema_with_phone
 
@@ -134,3 +137,70 @@ def test_a_second_device_of_the_same_user_also_needs_one_request(make_client, ta
 
     assert tap.log == [("POST", "/v1/sync/Login", 200)]
     in_sync(second, "Login")
+
+
+def _with_indexes(indexes):
+    """The hospital's Splash and Login, the appointments indexed on ``indexes``."""
+    base = hospital_units.appointments
+    return _schema(
+        Stream(
+            "appointments",
+            appointment,
+            dict(base.columns),
+            joins=base.joins,
+            where=base.where,
+            local_table="LocalAppointment",
+            indexes=indexes,
+        )
+    )
+
+
+def _one_column(nullable: bool) -> SyncSchema:
+    table = sa.Table(
+        "t",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("v", sa.Integer, nullable=nullable),
+    )
+    return SyncSchema([SyncUnit("U", [Stream("s", table, [table.c.id, table.c.v])])])
+
+
+def test_every_field_of_the_catalog_is_in_the_schema_hash():
+    # Neither an index nor a column's nullability changes what a stream sends (its
+    # definition), but both change the catalog: devices must get it.
+    base = _with_indexes(hospital_units.appointments.indexes).catalog()
+    indexed = _with_indexes([["status"]]).catalog()
+    assert indexed.stream("appointments").definition == base.stream("appointments").definition
+    assert indexed.schema_hash != base.schema_hash
+    loose, strict = _one_column(True).catalog(), _one_column(False).catalog()
+    assert loose.stream("s").definition == strict.stream("s").definition
+    assert loose.stream("s").columns != strict.stream("s").columns
+    assert loose.schema_hash != strict.schema_hash
+
+
+def _index_names(client):
+    rows = client.store.conn.execute('PRAGMA index_list("LocalAppointment")')
+    return {r[1] for r in rows if not r[1].startswith("sqlite_autoindex")}
+
+
+def test_an_index_change_reaches_devices_without_copying_rows(make_server, live, tapped, store):
+    live.app = make_server(_with_indexes([["starts_at"], ["doctor_id", "starts_at"]])).app
+    tapped.sync("Login")
+    assert _index_names(tapped) == {
+        "ix_LocalAppointment_starts_at",
+        "ix_LocalAppointment_doctor_id_starts_at",
+    }
+    rows = set(tapped.store.rows("LocalAppointment"))
+    v2 = make_server(_with_indexes([["status"], ["doctor_id", "starts_at"]]))
+    live.app = v2.app
+
+    result = tapped.sync("Login")
+
+    assert tapped.store.catalog() == v2.catalog
+    assert _index_names(tapped) == {
+        "ix_LocalAppointment_status",
+        "ix_LocalAppointment_doctor_id_starts_at",
+    }
+    assert result.resets == []
+    assert result.total_in == 0  # nothing downloaded again
+    assert set(tapped.store.rows("LocalAppointment")) == rows

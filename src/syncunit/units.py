@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import (
     ColumnElement,
@@ -34,6 +35,7 @@ from syncunit.protocol import (
     ParamInfo,
     StreamInfo,
     UnitInfo,
+    encode_catalog,
 )
 
 __all__ = ["Direction", "Join", "Param", "Stream", "SyncSchema", "SyncUnit", "logical_type"]
@@ -565,12 +567,9 @@ class SyncSchema:
             )
             for u in self.units.values()
         ]
-        raw = json.dumps(
-            [[s.name, s.definition, s.local_table] for s in streams]
-            + [[u.name, u.direction, u.streams, u.push] for u in units],
-            sort_keys=True,
-        )
-        schema_hash = hashlib.sha256(raw.encode()).hexdigest()[:16]
-        return Catalog(
-            protocol=PROTOCOL_VERSION, schema_hash=schema_hash, units=units, streams=streams
-        )
+        # Every field of the catalog (indexes, nullability and writability included):
+        # a device holding another hash takes the whole catalog again, so whatever
+        # changes in it reaches every device.
+        unhashed = Catalog(protocol=PROTOCOL_VERSION, schema_hash="", units=units, streams=streams)
+        schema_hash = hashlib.sha256(encode_catalog(unhashed)).hexdigest()[:16]
+        return msgspec.structs.replace(unhashed, schema_hash=schema_hash)

@@ -455,6 +455,8 @@ class LocalStore(ChunkApply):
                 if stream.local_table in pushed:
                     for stmt in trigger_ddl(stream):
                         self.conn.execute(stmt)
+            if before is not None:
+                changes += self._drop_retired_indexes(before, catalog)
             changes += surface_orphans(self.conn, catalog, self.pushed)
             gone = self._drop_unfilled(made, catalog)
             changes += [f"dropped {t} (no stream fills it)" for t in gone]
@@ -650,6 +652,22 @@ class LocalStore(ChunkApply):
         if shadow is not None:  # a re-download of the old definition: start it again
             c.execute(f"DROP TABLE IF EXISTS {quote(shadow[0])}")
             c.execute("DELETE FROM syncunit_resets WHERE stream = ?", (s.name,))
+        return changes
+
+    def _drop_retired_indexes(self, old: Catalog, new: Catalog) -> list[str]:
+        """Drop the local indexes the old catalog declared and the new one no longer does
+        (those it declares are made by ``_migrate``); the rows stay as they are."""
+        wanted = {(s.local_table, local_index_name(s, ix)) for s in new.streams for ix in s.indexes}
+        tables = {s.local_table for s in new.streams}
+        retired = sorted(
+            {(s.local_table, local_index_name(s, ix)) for s in old.streams for ix in s.indexes}
+            - wanted
+        )
+        changes = []
+        for table, name in retired:
+            if table in tables:
+                self.conn.execute(f"DROP INDEX IF EXISTS {quote(name)}")
+                changes.append(f"dropped index {name}")
         return changes
 
     def _create_indexes(self, s: StreamInfo) -> None:
