@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from hospital import units as hospital_units
 from hospital.generate import generate
 from hospital.models import appointment, doctor, patient
 from hospital.units import appointment_columns, appointment_joins, my_hospital, patient_param
@@ -995,3 +996,130 @@ def test_live_changes_of_more_subscriptions_than_a_request_may_carry(
     )
     assert dev._live is not None
     assert dev._live.errors == 0
+
+
+# -- a redeploy that changes what a held subscription names ---------------------------------
+
+
+def redeployed(history_unit: str | None) -> SyncSchema:
+    """``narrow_schema`` deployed again with History renamed (or removed: None)."""
+    units = [SyncUnit("Agenda", [agenda])]
+    if history_unit is not None:
+        units.append(SyncUnit(history_unit, [full_history]))
+    return SyncSchema(units)
+
+
+def open_history(dev: Any, store: Any) -> tuple[int, str]:
+    """Agenda synced and one patient's History open; returns the patient and an
+    appointment of theirs only the subscription holds (cancelled: not the agenda's)."""
+    p = patients_of(store, 1)[0]
+    cancelled = history(store, p)[0]
+    with store.write() as conn:
+        conn.execute(
+            appointment.update().where(appointment.c.id == cancelled).values(status="cancelled")
+        )
+    dev.sync("Agenda")
+    dev.sync("History", params={"patient_id": p})
+    assert cancelled in local_keys(dev, "LocalAppointment")
+    return p, cancelled
+
+
+@pytest.mark.parametrize("renamed", ["PatientHistory", None], ids=["renamed", "removed"])
+def test_a_held_subscription_whose_unit_is_gone_is_closed_and_the_run_goes_on(
+    server, make_server, serve, make_client, store, renamed
+):
+    live = serve(make_server(narrow_schema).app)
+    errors: list[tuple[str, Exception]] = []
+    dev = make_client(
+        url=live.url,
+        refresh_subscriptions_with=["Agenda"],
+        on_error=lambda u, e: errors.append((u, e)),
+    )
+    p, cancelled = open_history(dev, store)
+    sub = subscription_id("History", {"patient_id": p})
+    v2 = make_server(redeployed(renamed))
+    live.app = v2.app  # the device still holds the old catalog, and History open
+
+    result = dev.sync("Agenda")
+
+    assert result.requests == 2  # refused whole, naming it; then again without it
+    assert dev.subscriptions() == []
+    assert [(u, e.code) for u, e in errors] == [(sub, "invalid-request")]  # type: ignore[attr-defined]
+    assert errors[0][1].extra["subscription"] == sub  # type: ignore[attr-defined]
+    assert dev.store.catalog().schema_hash == v2.catalog.schema_hash
+    keys = local_keys(dev, "LocalAppointment")
+    assert cancelled not in keys  # it alone held it
+    assert set(history(store, p)[1:]) <= keys  # the agenda holds them
+    assert dev.store.query("SELECT count(*) FROM syncunit_holds") == [(0,)]
+
+
+def test_a_fresh_catalog_closes_the_subscriptions_of_units_it_no_longer_has(
+    server, make_server, serve, make_client, store
+):
+    live = serve(make_server(narrow_schema).app)
+    dev = make_client(url=live.url, refresh_subscriptions_with=["Agenda"])
+    p, cancelled = open_history(dev, store)
+    sub = subscription_id("History", {"patient_id": p})
+    live.app = make_server(redeployed("PatientHistory")).app
+
+    dev.catalog(refresh=True)  # the new catalog, before any sync
+
+    assert dev.subscriptions() == []
+    assert cancelled not in local_keys(dev, "LocalAppointment")
+    assert dev.store.query("SELECT count(*) FROM syncunit_holds") == [(0,)]
+    assert dev.store.subscription_cursors(sub, ["full_history"]) == {}
+    with store.write() as conn:  # gone on the server meanwhile: nothing keeps it locally
+        conn.execute(appointment.delete().where(appointment.c.id == cancelled))
+    dev.sync("Agenda")
+    dev.sync("PatientHistory", params={"patient_id": p})  # opened again under its new name
+    assert local_keys(dev, "LocalAppointment") >= set(history(store, p))
+    assert cancelled not in local_keys(dev, "LocalAppointment")
+
+
+def test_a_held_subscription_a_stricter_hook_refuses_is_closed_and_online_pushes(
+    server, make_server, serve, make_client, store
+):
+    live = serve(make_server().app)
+    errors: list[tuple[str, Exception]] = []
+    dev = make_client(
+        url=live.url, sync_on_reconnect="Online", on_error=lambda u, e: errors.append((u, e))
+    )
+    a = patients_of(store, 1)[0]
+    dev.sync("Online")
+    dev.sync("PatientDetails", params={"patient_id": a})
+    changed = sorted(local_keys(dev, "LocalAppointment") - set(history(store, a)))[0]
+    dev.update("LocalAppointment", changed, {"notes": "pushed after the redeploy"})
+    # Redeployed with a hook on the patient's history: this patient may no longer be
+    # opened (no definition changed: the schema hash stays).
+    guarded = Stream(
+        "patient_history",
+        appointment,
+        appointment_columns,
+        joins=appointment_joins,
+        where=sa.and_(
+            doctor.c.hospital_id == my_hospital,
+            appointment.c.patient_id == sa.bindparam("patient_id"),
+        ),
+        local_table="LocalAppointment",
+        client_params=patient_param,
+        authorize=lambda principal, params: params["patient_id"] != a,
+    )
+    units = dict(hospital_schema.units)
+    units["PatientDetails"] = SyncUnit("PatientDetails", [guarded, hospital_units.patient_card])
+    v2 = make_server(SyncSchema(list(units.values())))
+    assert v2.catalog.schema_hash == dev.store.catalog().schema_hash
+    live.app = v2.app
+
+    result = dev.sync("Online")
+
+    assert result.requests == 2
+    assert result.applied == 1
+    with store.engine.connect() as conn:
+        notes = conn.execute(sa.select(appointment.c.notes).where(appointment.c.id == changed))
+        assert notes.scalar_one() == "pushed after the redeploy"
+    sub = subscription_id("PatientDetails", {"patient_id": a})
+    assert dev.subscriptions() == []
+    assert [(u, e.status, e.code) for u, e in errors] == [(sub, 403, "forbidden")]  # type: ignore[attr-defined]
+    assert errors[0][1].extra["subscription"] == sub  # type: ignore[attr-defined]
+    assert local_keys(dev, "LocalPatient") == set()
+    assert dev.sync("Online").requests == 1

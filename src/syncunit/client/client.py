@@ -591,9 +591,7 @@ class SyncClient:
                     # Pending mutations under an old schema: migrate first, then send them.
                     result.requests += 1
                     catalog = self._catalog(refresh=True)
-                    UnitRun(self, PROTOCOL_VERSION, DEFER_INDEXES_ABOVE).run(
-                        unit, catalog, result, params
-                    )
+                    self._run_allowed(unit, catalog, result, params)
         except Exception as exc:
             if self._cancel.is_set() and isinstance(
                 exc, (NetworkError, ProtocolError, SyncCancelled)
@@ -644,7 +642,9 @@ class SyncClient:
         it names is the one run, or the unit of a subscription the request
         carries to refresh. The first ends the run with the error; the second
         closes that unit's subscriptions (surfaced to ``on_error`` and the log)
-        and runs again without them.
+        and runs again without them. A refusal naming one held subscription (its
+        values, its unit gone from the server, a stream's ``authorize`` hook)
+        closes that subscription the same way.
         """
         while True:
             try:
@@ -653,7 +653,7 @@ class SyncClient:
                 )
                 return
             except ProblemError as exc:
-                if exc.code == "invalid-parameter" and self._close_refused(exc):
+                if self._close_refused(exc):
                     continue
                 if exc.code != "unit-forbidden":
                     raise
@@ -678,9 +678,10 @@ class SyncClient:
         return refused_own_params(exc, unit, any(s.id != sub_id for s in carried))
 
     def _close_refused(self, exc: ProblemError) -> bool:
-        """Close the held subscription whose parameter values the server refused
-        (named by the problem's ``subscription``), surfaced to ``on_error`` and the
-        log, so the run goes on without it. False if the problem names none held."""
+        """Close the held subscription the server refused (named by the problem's
+        ``subscription``: its parameter values, its unit gone from the server, a
+        stream's ``authorize`` hook), surfaced to ``on_error`` and the log, so the run
+        goes on without it. False if the problem names none held."""
         named = exc.extra.get("subscription")
         found = next(
             ((u, raw) for sub_id, u, raw, _, _ in self.store.subscriptions() if sub_id == named),

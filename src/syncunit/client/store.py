@@ -448,6 +448,8 @@ class LocalStore(ChunkApply):
             self._loaded = ""  # learnt again by the next run if this one rolls back
             pushed = self.pushed = {t for u in catalog.units for t in u.push}
             if before is not None:
+                # On the tables as the old catalog made them, before they change.
+                changes += self._close_orphans(before, catalog)
                 changes += self._carry_pending(before, catalog, pushed)
             self._learn(catalog)
             for stream in catalog.streams:
@@ -668,6 +670,27 @@ class LocalStore(ChunkApply):
             if table in tables:
                 self.conn.execute(f"DROP INDEX IF EXISTS {quote(name)}")
                 changes.append(f"dropped index {name}")
+        return changes
+
+    def _close_orphans(self, old: Catalog, new: Catalog) -> list[str]:
+        """Close the held subscriptions whose unit the new catalog no longer has (or no
+        longer pulls): renamed or removed, no request may carry them. Their holds go
+        with them (rows nothing else holds are removed), as ``unsubscribe`` does."""
+        changes = []
+        for sub_id, unit, _, _, _ in self.subscriptions():
+            info = new.unit(unit)
+            if info is not None and info.direction != "push":
+                continue
+            was = old.unit(unit)
+            names = set() if was is None else set(was.streams)
+            streams = [s for s in old.streams if s.name in names]
+            removed = self.close_subscription(sub_id, streams)
+            log.warning(
+                "subscription %s was closed: the server no longer has a unit %r that"
+                " pulls (%d local rows it alone held were removed)",
+                sub_id, unit, removed,
+            )  # fmt: skip
+            changes.append(f"closed subscription {sub_id}")
         return changes
 
     def _create_indexes(self, s: StreamInfo) -> None:

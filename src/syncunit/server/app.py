@@ -577,9 +577,13 @@ class SyncServer(SyncAnswer):
             ids.add(sub.id)
             other = self.schema.units.get(sub.unit)
             if other is None or not other.pulls:
+                # A unit renamed or removed since the device opened it: named, so the
+                # device closes that subscription and syncs on without it.
                 raise ProblemException(
                     "invalid-request",
                     f"subscription {shorten(sub.id, 60)}: no pulling unit {shorten(sub.unit, 60)}",
+                    unit=sub.unit,
+                    subscription=sub.id,
                 )
             # Authorized as a sync of it would be: the whole request is refused, naming
             # the subscription's unit (the device drops that subscription, not this unit).
@@ -587,9 +591,9 @@ class SyncServer(SyncAnswer):
             try:
                 self._check_unit(other, principal, sub.params)
             except ProblemException as exc:
-                if exc.code != "invalid-parameter":
-                    raise
-                # Named, so the device closes that subscription and syncs on without it.
+                # Its values refused, or a stream's ``authorize`` hook (or the principal's
+                # parameters) refusing them: named, so the device closes that subscription
+                # and syncs on without it.
                 raise ProblemException(
                     exc.code,
                     f"subscription {shorten(sub.id, 60)}: {exc.detail}",
