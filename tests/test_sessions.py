@@ -545,3 +545,49 @@ def test_a_session_answered_as_two_principals_is_matched_by_no_tag(notes_app):
         assert sum(device.outbox.parked().values()) == 1
     finally:
         server.store.engine.dispose()
+
+
+@pytest.mark.parametrize("push_unit", [True, False], ids=["schema-changed", "unit-gone"])
+def test_parked_changes_made_under_an_old_catalog_are_pushed_at_login(notes_app, push_unit):
+    """The server was deployed again without the ``tag`` column (and maybe without the
+    unit the device pushes through) since the session was parked: login migrates to
+    its catalog and sends them again, and the server judges each (the one that wrote
+    the dropped column is surfaced, not left parked)."""
+    import sqlalchemy as sa
+
+    from syncunit import Stream, SyncSchema, SyncUnit
+    from syncunit.server import SyncServer, TokenAuth
+    from tests.test_push_support import NOTE_COLUMNS, TOKENS
+
+    app = notes_app()
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Sync")
+    device.update("LocalNote", "u1-a", {"title": "edited before the redeploy"})
+    device.insert("LocalNote", {"id": "u1-t", "owner": "u1", "title": "t", "tag": "x"})
+    assert device.logout(push=False) == 2
+    note = app.note
+    stream = Stream(
+        "notes",
+        note,
+        {c: note.c[c] for c in NOTE_COLUMNS if c != "tag"},
+        where=note.c.owner == sa.bindparam("owner"),
+        local_table="LocalNote",
+    )
+    units = [SyncUnit("Sync", [stream], direction="both")]
+    if push_unit:
+        units.append(SyncUnit("Push", [stream], direction="push"))
+    untagged = SyncSchema(units)
+    server = SyncServer(untagged, app.database, authenticate=TokenAuth(TOKENS), install=False)
+    assert server.catalog.schema_hash != device.store.catalog().schema_hash
+    app.live.app = server.app
+    try:
+        device.login("t1")
+
+        assert device.outbox.parked() == {}
+        assert device.store.catalog() == server.catalog
+        assert app.row("u1-a")["title"] == "edited before the redeploy"
+        [refused] = device.outbox.rejected()
+        assert (refused.key, refused.code) == ("u1-t", "unknown-column")
+    finally:
+        server.store.engine.dispose()

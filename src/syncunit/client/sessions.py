@@ -52,6 +52,9 @@ __all__ = ["logout", "push_parked", "push_units", "token_problem"]
 
 log = logging.getLogger("syncunit.client")
 
+#: Refusals of a parked push that say the device's catalog is not the server's.
+STALE_CATALOG = frozenset({"schema-changed", "unknown-unit"})
+
 
 def token_problem(token: object) -> str | None:
     """What keeps ``token`` from going out as ``Authorization: Bearer <token>``, or None.
@@ -124,11 +127,12 @@ def push_parked(client: SyncClient) -> int:
 
 def _push_parked(client: SyncClient) -> int:
     catalog = client.store.catalog()
-    units = [] if catalog is None else push_units(catalog)
     if catalog is None:
         return 0
+    units = push_units(catalog)
     applied = 0
     me = _Me(client)
+    migrated = False
     for client_id in client.outbox.parked():
         mutations = client.outbox.parked_mutations(client_id)
         owner = client.store.get_fact(f"parked:{client_id}")
@@ -148,16 +152,19 @@ def _push_parked(client: SyncClient) -> int:
         if not mutations:
             continue
         mine = tagged or (owner != "" and owner == me.digest)
-        if not units:
-            # No unit takes changes now: none of these can be sent. Surfaced to the
-            # principal they are known to be of (a bound session whose principal the
-            # server never said stays parked: only the server could tell).
-            if mine:
-                applied += client.outbox.unpark(client_id, _unsendable(mutations))[0]
-                _forget(client, client_id)
-            continue
         try:
-            applied += _push_session(client, client_id, catalog, units[0].name, mine)
+            try:
+                applied += _offer_session(client, client_id, catalog, units, mine)
+            except ProblemError as exc:
+                if exc.code not in STALE_CATALOG or migrated:
+                    raise
+                # Parked under a catalog the server no longer has (its hash, or the
+                # unit it named, is gone): migrate to the server's, as a sync does,
+                # then send them again, once.
+                migrated = True
+                catalog = client._catalog(refresh=True)
+                units = push_units(catalog)
+                applied += _offer_session(client, client_id, catalog, units, mine)
         except ProblemError as exc:
             if exc.retryable:  # the server is busy or failing: every session waits
                 log.info("parked changes stay parked for now (%s)", exc)
@@ -167,6 +174,23 @@ def _push_parked(client: SyncClient) -> int:
         except SyncError as exc:
             log.info("parked changes stay parked for now (%s)", exc)
             break
+    return applied
+
+
+def _offer_session(
+    client: SyncClient, client_id: str, catalog: Catalog, units: list[UnitInfo], mine: bool
+) -> int:
+    """Push the parked changes of session ``client_id`` through the first of ``units``;
+    with no unit that takes changes, none of them can be sent: they are surfaced to
+    the principal they are known to be of (``mine``; a bound session whose principal
+    the server never said stays parked: only the server could tell)."""
+    if units:
+        return _push_session(client, client_id, catalog, units[0].name, mine)
+    if not mine:
+        return 0
+    mutations = client.outbox.parked_mutations(client_id)
+    applied = client.outbox.unpark(client_id, _unsendable(mutations))[0]
+    _forget(client, client_id)
     return applied
 
 
