@@ -1123,3 +1123,29 @@ def test_a_held_subscription_a_stricter_hook_refuses_is_closed_and_online_pushes
     assert errors[0][1].extra["subscription"] == sub  # type: ignore[attr-defined]
     assert local_keys(dev, "LocalPatient") == set()
     assert dev.sync("Online").requests == 1
+
+
+def test_a_live_poll_refused_for_a_held_subscription_closes_it_and_polls_on(
+    server, make_server, serve, make_client, store, monkeypatch
+):
+    from syncunit.client import live as client_live
+    from tests.support import wait_until
+
+    defaults = dict(client_live.LiveWatcher.__init__.__kwdefaults__)
+    defaults["wait"] = 0.3
+    monkeypatch.setattr(client_live.LiveWatcher.__init__, "__kwdefaults__", defaults)
+    live = serve(make_server(narrow_schema).app)
+    errors: list[tuple[str, Exception]] = []
+    dev = make_client(url=live.url, on_error=lambda u, e: errors.append((u, e)))
+    p, cancelled = open_history(dev, store)
+    live.app = make_server(redeployed(None)).app
+
+    dev.watch("Agenda")  # its polls carry the held History subscription
+
+    wait_until(lambda: dev.subscriptions() == [])
+    sub = subscription_id("History", {"patient_id": p})
+    assert [(u, e.code) for u, e in errors] == [(sub, "invalid-request")]  # type: ignore[attr-defined]
+    assert cancelled not in local_keys(dev, "LocalAppointment")
+    polls = dev._live.polls
+    wait_until(lambda: dev._live.polls > polls + 1)  # polled on, without it
+    assert dev._live.errors == 0  # not a failure: handled as a sync handles it

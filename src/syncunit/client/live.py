@@ -22,6 +22,7 @@ import msgspec
 
 from syncunit.client.run import held
 from syncunit.errors import (
+    ProblemError,
     ProtocolError,
     SyncCancelled,
     SyncUnitError,
@@ -98,6 +99,8 @@ class LiveWatcher:
             ) as exc:
                 if self._stop.is_set() or isinstance(exc, SyncCancelled):
                     return  # close() or another watch() stopped it: not a failure
+                if isinstance(exc, ProblemError) and self._close_named(exc):
+                    continue  # closed and reported as a sync does: polled without it
                 self.errors += 1
                 streak += 1
                 if isinstance(exc, (UnknownUnitError, ProtocolError)):
@@ -124,6 +127,18 @@ class LiveWatcher:
                     log.exception("the live change callback failed")
                 self._settle()
                 self._stop.wait(self.min_interval)  # never spin, whatever the callback does
+
+    def _close_named(self, exc: ProblemError) -> bool:
+        """Close the held subscription a refused poll names (its values, its unit gone
+        from the server, a stream's hook), as a sync does; False if it names none held."""
+        if not exc.extra.get("subscription"):
+            return False
+        try:
+            with self.client._exclusive("closing a refused subscription"):
+                return self.client._close_refused(exc)
+        except SyncUnitError as failed:  # the database busy past lock_timeout, say
+            log.info("live changes for %s: could not close it: %s", self.unit, failed)
+            return False
 
     def _report(self, exc: Exception) -> None:
         """Tell the app about a failed poll, as a failed run is told: ``on_error`` and
