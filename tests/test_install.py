@@ -361,6 +361,8 @@ def test_a_postgres_database_without_creation_stamps_upgrades_in_place(store, se
             "UPDATE syncunit_meta SET value = :v WHERE key = :k",
             {"v": json.dumps(rec), "k": f"tracking:{t}"},
         )
+    # That layout predates migration 4 (triggers enabled the ordinary way, not ALWAYS).
+    plain_sql("UPDATE syncunit_meta SET value = '3' WHERE key = 'schema-version'")
     old = SyncServer(mini_schema, store, authenticate=AUTH, install=False)
     url = serve(old.app).url
     early = final_cursors(raw_sync(url, "Items", token="t-north"))

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection
 from syncunit.client import SyncClient
 from syncunit.policies import MutationContext
 from syncunit.server import SyncServer
+from syncunit.server.migrations import LATEST
 from syncunit.server.postgres import PostgresStore
 from syncunit.server.store import ServerStore, tombstones
 from syncunit.units import VERSION
@@ -375,9 +376,40 @@ def test_a_database_from_before_migration_3_truncates_per_table_once_started(
 
     with store.engine.connect() as conn:
         facts = store.facts(conn)
-    assert facts["schema-version"] == "3"
+    assert facts["schema-version"] == str(LATEST)
     assert facts["horizon"] == before["horizon"]
     assert int(facts["tracking:truncated:appointment"]) > int(before["horizon"])
+
+
+_SYNCUNIT_TRIGGERS = (
+    "SELECT tgrelid::regclass::text, tgname, tgenabled FROM pg_trigger"
+    " WHERE NOT tgisinternal AND tgname LIKE 'syncunit%' ORDER BY 1, 2"
+)
+
+
+def test_a_database_from_before_migration_4_fires_its_triggers_always_once_started(
+    store, plain_sql
+):
+    """Its triggers were enabled the ordinary way, which replica-mode writers skip; the
+    next start's migration enables them ALWAYS, without re-installing (no stream resets)."""
+    assert store.install(hospital_schema)
+    triggers = plain_sql(_SYNCUNIT_TRIGGERS)
+    assert {e for _, _, e in triggers} == {"A"}
+    plain_sql.script(
+        [f"ALTER TABLE {t} ENABLE TRIGGER {name}" for t, name, _ in triggers]
+        + ["UPDATE syncunit_meta SET value = '3' WHERE key = 'schema-version'"]
+    )
+    with store.engine.connect() as conn:
+        before = {k: v for k, v in store.facts(conn).items() if k.startswith("tracking:")}
+
+    assert store.install(hospital_schema)
+
+    assert plain_sql(_SYNCUNIT_TRIGGERS) == triggers
+    with store.engine.connect() as conn:
+        facts = store.facts(conn)
+    assert facts["schema-version"] == str(LATEST)
+    assert {k: v for k, v in facts.items() if k.startswith("tracking:")} == before
+    assert not store.install(hospital_schema)  # intact: nothing more to do
 
 
 def test_an_open_transaction_holds_the_watermark_and_shows_as_lag(server, store, server_db_url):

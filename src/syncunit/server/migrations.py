@@ -121,6 +121,8 @@ MIGRATIONS = [
     Migration(2, "index tombstones by age", _v2_tombstone_age_index),
     # The store's part only: PostgreSQL's TRUNCATE trigger writes its table's horizon.
     Migration(3, "a TRUNCATE resets the streams of its table only", lambda d: []),
+    # The store's part only: PostgreSQL's triggers fire also for writers in replica mode.
+    Migration(4, "tracking triggers fire for every writer", lambda d: []),
 ]
 LATEST = MIGRATIONS[-1].number
 

@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from syncunit.errors import DatabaseRestored
-from syncunit.server.migrations import TRUNCATED_PREFIX, TableTracking
+from syncunit.server.migrations import TRUNCATED_PREFIX, TableTracking, schema_version
 from syncunit.server.store import ServerStore, WatermarkLag, check_keep_versions, tombstones
 from syncunit.units import (
     CREATED_AT,
@@ -94,15 +94,62 @@ PRUNE_BATCH = 5000
 #: TRUNCATE removes rows without row triggers: every cursor older than this transaction
 #: of a stream that reads the table must re-download. The version goes into the fact
 #: ``TRUNCATED_PREFIX + table`` (``ServerStore.stream_horizon`` reads it); before
-#: migration 3 it went into the global horizon, which reset every stream.
+#: migration 3 it went into the global horizon, which reset every stream. The argument,
+#: if any, names the tracked table (a partition's trigger names its partitioned table).
 _TRUNCATED = f"""CREATE OR REPLACE FUNCTION syncunit_truncated() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
   INSERT INTO syncunit_meta (key, value)
-  VALUES ('{TRUNCATED_PREFIX}' || TG_TABLE_NAME, {_XID}::text)
+  VALUES ('{TRUNCATED_PREFIX}' || COALESCE(TG_ARGV[0], TG_TABLE_NAME), {_XID}::text)
   ON CONFLICT (key) DO UPDATE SET value = GREATEST(syncunit_meta.value::bigint,
                                                   EXCLUDED.value::bigint)::text;
   RETURN NULL;
+END $$"""
+
+#: A partitioned table's row triggers are cloned onto its partitions, but its TRUNCATE
+#: trigger is not, and a TRUNCATE of one partition fires only that partition's: each
+#: partition that exists when tracking is installed gets one naming the tracked table.
+_TRUNCATE_PARTITIONS = """CREATE OR REPLACE FUNCTION
+  syncunit_truncate_partitions(parent regclass, trig name, logical text)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  p regclass;
+BEGIN
+  FOR p IN SELECT relid FROM pg_partition_tree(parent) WHERE relid <> parent LOOP
+    -- (no format(): its placeholders would be taken for the driver's)
+    EXECUTE 'DROP TRIGGER IF EXISTS ' || quote_ident(trig) || ' ON ' || p::text;
+    EXECUTE 'CREATE TRIGGER ' || quote_ident(trig) || ' AFTER TRUNCATE ON ' || p::text
+      || ' FOR EACH STATEMENT EXECUTE FUNCTION syncunit_truncated('
+      || quote_literal(logical) || ')';
+    EXECUTE 'ALTER TABLE ' || p::text || ' ENABLE ALWAYS TRIGGER ' || quote_ident(trig);
+  END LOOP;
+END $$"""
+
+#: Migration 4: the triggers of existing installs fire ALWAYS, also under
+#: ``session_replication_role = replica`` (logical replication's apply workers, restores
+#: that turn triggers off that way), which skips triggers enabled the ordinary way; and
+#: the partitions of a tracked partitioned table get their TRUNCATE trigger.
+_ENABLE_ALWAYS = """DO $$
+DECLARE
+  r record;
+BEGIN
+  FOR r IN
+    SELECT t.tgrelid::regclass AS rel, t.tgname
+    FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+    WHERE NOT t.tgisinternal AND t.tgenabled = 'O'
+      AND p.proname IN ('syncunit_stamp', 'syncunit_tombstone', 'syncunit_created',
+                        'syncunit_truncated')
+  LOOP
+    EXECUTE 'ALTER TABLE ' || r.rel::text || ' ENABLE ALWAYS TRIGGER ' || quote_ident(r.tgname);
+  END LOOP;
+  FOR r IN
+    SELECT t.tgrelid::regclass AS rel, t.tgname, c.relname
+    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+    WHERE NOT t.tgisinternal AND c.relkind = 'p' AND t.tgnargs = 0
+      AND t.tgfoid = 'syncunit_truncated'::regproc
+  LOOP
+    PERFORM syncunit_truncate_partitions(r.rel, r.tgname, r.relname::text);
+  END LOOP;
 END $$"""
 
 _FUNCTIONS = [
@@ -152,6 +199,7 @@ BEGIN
   RETURN NEW;
 END $$""",
     _TRUNCATED,
+    _TRUNCATE_PARTITIONS,
 ]
 
 
@@ -333,6 +381,8 @@ class PostgresStore(ServerStore):
             ]
         if number == 3:
             return [_TRUNCATED]
+        if number == 4:
+            return [_TRUNCATED, _TRUNCATE_PARTITIONS, _ENABLE_ALWAYS]
         return []
 
     def lock_for_install(self, conn: Connection) -> None:
@@ -365,6 +415,12 @@ class PostgresStore(ServerStore):
         out += [f"DROP TRIGGER IF EXISTS {q(n)} ON {t}" for n in _trigger_names(tracking.table)]
         out.append(f"DROP TRIGGER IF EXISTS {q(_created_trigger(tracking.table))} ON {t}")
         out += self._triggers(tracking)
+        triggers = [*_trigger_names(tracking.table), _created_trigger(tracking.table)]
+        out += [f"ALTER TABLE {t} ENABLE ALWAYS TRIGGER {q(n)}" for n in triggers]
+        out.append(
+            f"SELECT syncunit_truncate_partitions({_literal(t)}::regclass,"
+            f" {_literal(_trigger_names(tracking.table)[3])}, {_literal(tracking.table)})"
+        )
         # Rows written before tracking existed get one version, so a first sync sees them.
         out.append(f"UPDATE {t} SET {VERSION} = {_XID} WHERE {VERSION} IS NULL")
         return out
@@ -422,7 +478,10 @@ class PostgresStore(ServerStore):
         ]
 
     def tracking_intact(self, conn: Connection, tracking: TableTracking) -> bool:
-        """Every trigger present and enabled, the tombstone ones keeping the same columns."""
+        """Every trigger present and enabled ALWAYS (since migration 4; before it, enabled
+        the ordinary way, which migration 4 changes), the tombstone ones keeping the same
+        columns. A trigger disabled, or disabled and enabled again the ordinary way
+        (``DISABLE TRIGGER ALL`` ... ``ENABLE TRIGGER ALL``), is not intact."""
         rows = conn.exec_driver_sql(
             "SELECT tgname, tgenabled, encode(tgargs, 'escape'), tgfoid::regproc::text"
             " FROM pg_trigger WHERE NOT tgisinternal AND tgrelid = to_regclass(%(t)s)",
@@ -444,9 +503,10 @@ class PostgresStore(ServerStore):
             want[stamp] = ("syncunit_stamp", "created\\000")
             keys = "\\000".join(tracking.key) + "\\000"
             want[_created_trigger(tracking.table)] = ("syncunit_created", keys)
+        enabled = "A" if schema_version(conn) >= 4 else "AO"
         return all(
             name in found
-            and found[name][1] == "O"  # enabled (not 'D', nor only on replicas)
+            and found[name][1] in enabled  # not 'D', nor 'R' (only on replicas)
             and (str(found[name][3]), str(found[name][2])) == expected
             for name, expected in want.items()
         )
