@@ -1,7 +1,10 @@
 """Writers that could fool change tracking are still tracked (DESIGN invariants 1, 4, 5).
 
 A stale ORM save, a replace on a unique column, a no-op insert and a bulk
-delete, each written with plain SQL as another application would.
+delete, each written with plain SQL as another application would; writers
+in PostgreSQL's replica mode; triggers turned off and on again; and, for
+writes no trigger can see, ``retrack``, which makes every stream of the
+table copy afresh.
 """
 
 from __future__ import annotations
@@ -193,3 +196,207 @@ def test_a_writer_with_recursive_triggers_is_tracked_once(backend, tag_server, d
     assert result.rows_removed == {"LocalTag": 1}
     assert dict(device.store.rows("LocalTag", ["id", "label"])) == {1: "r", 3: "gamma"}
     _check(device, tag_server)
+
+
+# -- writers that turn triggers off ---------------------------------------------------------
+
+_OUT_OF_BAND = [
+    "UPDATE tag SET region = 'south' WHERE id = 2",
+    "DELETE FROM tag WHERE id = 3",
+    "UPDATE tag SET label = 'renamed' WHERE id = 1",
+]
+_AFTER = {1: "renamed"}
+
+
+def _labels(client):
+    return dict(client.store.rows("LocalTag", ["id", "label"]))
+
+
+def test_writes_in_replica_mode_reach_devices(backend, tag_server, device, plain_sql):
+    """Logical replication's apply workers, and restores that turn triggers off this way,
+    write with session_replication_role = replica: syncunit's triggers fire all the same."""
+    if backend != "postgres":
+        pytest.skip("session_replication_role is PostgreSQL's")
+    plain_sql.script(["SET LOCAL session_replication_role = replica", *_OUT_OF_BAND])
+
+    result = device.sync("Tags")
+
+    assert result.rows_removed == {"LocalTag": 2}
+    assert _labels(device) == _AFTER
+    _check(device, tag_server)
+
+
+def test_triggers_turned_off_and_on_again_reset_the_table_at_the_next_start(
+    backend, store, tag_server, serve, make_client, plain_sql
+):
+    """``DISABLE TRIGGER ALL`` ... ``ENABLE TRIGGER ALL`` (a data-only restore, many
+    migrations) leaves them enabled the ordinary way: the next start sees that and
+    reinstalls them, and every stream of the table copies afresh."""
+    if backend != "postgres":
+        pytest.skip("ALTER TABLE ... DISABLE TRIGGER is PostgreSQL's")
+    live = serve(tag_server.app)
+    client = make_client("t-north", url=live.url, name="tags")
+    client.sync("Tags")
+    plain_sql.script(
+        ["ALTER TABLE tag DISABLE TRIGGER ALL", *_OUT_OF_BAND, "ALTER TABLE tag ENABLE TRIGGER ALL"]
+    )
+    assert client.sync("Tags").resets == []  # untracked: nothing to deliver yet
+
+    restarted = SyncServer(schema, store, authenticate=tag_server.authenticate)
+    live.app = restarted.app
+    result = client.sync("Tags")
+
+    assert result.resets == ["tags"]
+    assert _labels(client) == _AFTER
+    _check(client, restarted)
+
+
+# -- writes no trigger sees, declared with retrack -------------------------------------------
+
+
+def _untracked_rewrite(backend, plain_sql):
+    """Labels rewritten with no trigger firing, and tracking left as it was."""
+    if backend == "postgres":  # a column's type changed, its values rewritten on the way
+        plain_sql("ALTER TABLE tag ALTER COLUMN label TYPE varchar(60) USING upper(label)")
+        return
+    # SQLite: the triggers set aside by hand around the write, then put back as they were.
+    triggers = plain_sql("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+    plain_sql.script(
+        [f'DROP TRIGGER "{name}"' for name, _ in triggers]
+        + ["UPDATE tag SET label = upper(label)"]
+        + [sql for _, sql in triggers]
+    )
+
+
+def test_retrack_makes_a_device_that_missed_an_untracked_rewrite_converge(
+    backend, store, tag_server, device, plain_sql
+):
+    _untracked_rewrite(backend, plain_sql)
+    assert SyncServer(schema, store, authenticate=tag_server.authenticate)  # a restart
+    assert device.sync("Tags").resets == []
+    assert _labels(device) == {1: "alpha", 2: "beta", 3: "gamma"}  # missed
+
+    version = tag_server.retrack("tag")
+
+    with store.engine.connect() as conn:
+        assert store.facts(conn)["tracking:truncated:tag"] == str(version)
+    result = device.sync("Tags")
+    assert result.resets == ["tags"]
+    assert _labels(device) == {1: "ALPHA", 2: "BETA", 3: "GAMMA"}
+    _check(device, tag_server)
+    assert device.sync("Tags").resets == []  # once: the cursor it now holds is valid
+
+
+def test_retrack_refuses_a_table_it_does_not_track_and_changes_nothing(tag_server, store):
+    with store.engine.connect() as conn:
+        before = store.facts(conn)
+    with pytest.raises(ValueError, match=r"table 'tags' is not tracked by this server.*tag"):
+        tag_server.retrack("tags")
+    with pytest.raises(ValueError, match=r"table 'nope' is not tracked in this database.*tag"):
+        store.retrack("nope")
+    with store.engine.connect() as conn:
+        assert store.facts(conn) == before
+
+
+# -- partitioned tables (PostgreSQL) ---------------------------------------------------------
+
+pmeta = sa.MetaData()
+ptag = sa.Table(
+    "ptag",
+    pmeta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("label", sa.String(40), nullable=False),
+    sa.Column("region", sa.String(20), nullable=False),
+)
+ptags = Stream(
+    "ptags",
+    ptag,
+    [ptag.c.id, ptag.c.label, ptag.c.region],
+    where=ptag.c.region == sa.bindparam("region"),
+    local_table="LocalPTag",
+)
+pschema = SyncSchema([SyncUnit("PTags", [ptags])])
+
+
+@pytest.fixture
+def ptag_server(backend, store, plain_sql):
+    if backend != "postgres":
+        pytest.skip("partitioned tables are PostgreSQL's")
+    plain_sql.script(
+        [
+            "CREATE TABLE ptag (id integer PRIMARY KEY, label varchar(40) NOT NULL,"
+            " region varchar(20) NOT NULL) PARTITION BY RANGE (id)",
+            "CREATE TABLE ptag_low PARTITION OF ptag FOR VALUES FROM (0) TO (100)",
+            "CREATE TABLE ptag_high PARTITION OF ptag FOR VALUES FROM (100) TO (200)",
+        ]
+    )
+    server = SyncServer(pschema, store, authenticate=TokenAuth({"t-north": Principal("n", NORTH)}))
+    plain_sql(
+        "INSERT INTO ptag (id, label, region) VALUES"
+        " (1, 'a', 'north'), (2, 'b', 'north'), (101, 'c', 'north'), (102, 'd', 'south')"
+    )
+    return server
+
+
+@pytest.fixture
+def pdevice(ptag_server, serve, make_client):
+    client = make_client("t-north", url=serve(ptag_server.app).url, name="ptags")
+    client.sync("PTags")
+    return client
+
+
+def _pcheck(client, server):
+    assert local_rows(client, server, ptags) == expected_rows(server, ptags, NORTH)
+
+
+def test_writes_through_partitions_and_in_replica_mode_reach_devices(
+    ptag_server, pdevice, plain_sql
+):
+    plain_sql.script(
+        [
+            "SET LOCAL session_replication_role = replica",
+            "UPDATE ptag_low SET label = 'a2' WHERE id = 1",
+            "DELETE FROM ptag_high WHERE id = 101",
+            "INSERT INTO ptag_low (id, label, region) VALUES (3, 'e', 'north')",
+        ]
+    )
+    result = pdevice.sync("PTags")
+    assert result.rows_removed == {"LocalPTag": 1}
+    assert dict(pdevice.store.rows("LocalPTag", ["id", "label"])) == {1: "a2", 2: "b", 3: "e"}
+    _pcheck(pdevice, ptag_server)
+
+
+def test_truncating_one_partition_resets_the_streams_of_its_table(ptag_server, pdevice, plain_sql):
+    """A partition's TRUNCATE fires only its own triggers: each has one naming its table."""
+    plain_sql("TRUNCATE ptag_high")
+    result = pdevice.sync("PTags")
+    assert result.resets == ["ptags"]
+    assert dict(pdevice.store.rows("LocalPTag", ["id", "label"])) == {1: "a", 2: "b"}
+    _pcheck(pdevice, ptag_server)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["ALTER TABLE ptag DETACH PARTITION ptag_high"],
+        ["DROP TABLE ptag_high"],
+        [
+            "CREATE TABLE ptag_more (LIKE ptag INCLUDING ALL)",
+            "INSERT INTO ptag_more (id, label, region) VALUES (201, 'f', 'north')",
+            "ALTER TABLE ptag ATTACH PARTITION ptag_more FOR VALUES FROM (200) TO (300)",
+        ],
+    ],
+    ids=["detach", "drop", "attach-loaded"],
+)
+def test_retrack_after_a_partition_changes_makes_devices_converge(
+    change, store, ptag_server, pdevice, plain_sql
+):
+    plain_sql.script(change)
+    assert pdevice.sync("PTags").resets == []  # no trigger saw it
+    assert local_rows(pdevice, ptag_server, ptags) != expected_rows(ptag_server, ptags, NORTH)
+
+    ptag_server.retrack("ptag")
+
+    assert pdevice.sync("PTags").resets == ["ptags"]
+    _pcheck(pdevice, ptag_server)
+    assert plain_sql(f"SELECT count(*) FROM ptag WHERE {VERSION} IS NULL") == [(0,)]

@@ -5,6 +5,8 @@
     syncunit ddl TARGET --database URL       print the tracking DDL (for Alembic users)
     syncunit prune TARGET --database URL     drop old tombstones
     syncunit renew-epoch TARGET --database URL   make every client re-download (after a restore)
+    syncunit retrack TARGET TABLE... --database URL   streams reading TABLE copy afresh
+                                             (after writes no trigger saw)
     syncunit lag TARGET --database URL       how far open transactions hold deltas back
     syncunit demo                            the hospital example, end to end (it ships
                                              inside the package: syncunit.examples.hospital)
@@ -283,6 +285,24 @@ def cmd_renew_epoch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrack(args: argparse.Namespace) -> int:
+    # Installing first: tracking a writer turned off (triggers disabled) is restored too.
+    server = open_maintained(args)
+    tracked = sorted(t.name for t in server.schema.tracked_tables())
+    unknown = [t for t in args.tables if t not in tracked]
+    if unknown:  # before any is declared: all or none
+        raise SyncUnitError(
+            f"not tracked by {args.target}: {', '.join(unknown)}; name among {', '.join(tracked)}"
+        )
+    for table in args.tables:
+        version = server.retrack(table)
+        print(
+            f"{table}: changed outside tracking at version {version}; every stream reading"
+            " it copies afresh on its next sync"
+        )
+    return 0
+
+
 def _versions(raw: str) -> int:
     """``--keep``: a count of versions, zero or more."""
     try:
@@ -484,6 +504,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server_args(p)
     p.set_defaults(func=cmd_renew_epoch)
+
+    p = sub.add_parser(
+        "retrack",
+        help="declare tables changed outside tracking",
+        description="Declare tables changed by writes no trigger saw (triggers disabled,"
+        " partitions attached, detached or truncated, ALTER COLUMN ... TYPE ... USING):"
+        " every stream reading them copies afresh on its next sync.",
+    )
+    server_args(p)
+    p.add_argument("tables", nargs="+", metavar="TABLE", help="a tracked table")
+    p.set_defaults(func=cmd_retrack)
 
     p = sub.add_parser("demo", help="the hospital example, end to end", description="Run the demo.")
     p.add_argument("--appointments", type=int, default=100_000, help="rows to generate")

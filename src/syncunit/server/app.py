@@ -730,6 +730,17 @@ class SyncServer(SyncAnswer):
 
     # -- housekeeping ------------------------------------------------------------------
 
+    def retrack(self, table: str) -> int:
+        """Declare that ``table`` changed outside tracking (see ``ServerStore.retrack``):
+        every stream reading it copies afresh at its next sync. Returns the version
+        recorded; a table this server's schema does not track is a ``ValueError``."""
+        names = sorted(t.name for t in self.schema.tracked_tables())
+        if table not in names:
+            raise ValueError(
+                f"table {table!r} is not tracked by this server: name one of {', '.join(names)}"
+            )
+        return self.store.retrack(table)
+
     def prune_now(self) -> int | None:
         """Drop tombstones older than ``tombstone_retention``; return the new horizon.
 

@@ -529,6 +529,44 @@ class ServerStore(abc.ABC):
             conn.execute(mutation_log.delete())
         return epoch
 
+    def retrack(self, table: str) -> int:
+        """Declare that ``table`` changed outside tracking; return the version recorded.
+
+        For writes no trigger saw: triggers disabled by hand, a partition attached,
+        detached, dropped or truncated on its own, a column rewritten by ``ALTER
+        TABLE ... TYPE ... USING``. The table's horizon moves as a TRUNCATE moves
+        it: every stream reading ``table`` copies afresh at its next sync, the
+        others keep their cursors. Rows without a version (a partition attached
+        with rows in it) get one. Run it once the untracked change has committed.
+        A table syncunit does not track is a ``ValueError``, and nothing changes.
+        """
+        from syncunit.server.migrations import TRACKING_PREFIX, TRUNCATED_PREFIX
+        from syncunit.units import VERSION
+
+        with self.write() as conn:
+            facts = self.facts(conn)
+            if TRACKING_PREFIX + table not in facts:
+                tracked = sorted(
+                    k.removeprefix(TRACKING_PREFIX)
+                    for k in facts
+                    if k.startswith(TRACKING_PREFIX) and not k.startswith(TRUNCATED_PREFIX)
+                )
+                raise ValueError(
+                    f"table {table!r} is not tracked in this database: name one of"
+                    f" {', '.join(tracked) or '(none: install tracking first)'}"
+                )
+            version = self.advance_clock(conn)
+            unversioned = sa.table(table, sa.column(VERSION))
+            conn.execute(
+                unversioned.update()
+                .where(unversioned.c[VERSION].is_(None))
+                .values({VERSION: version})
+            )
+            key = TRUNCATED_PREFIX + table
+            version = max(version, int(facts.get(key, "0")))
+            self._set_fact(conn, key, str(version))
+        return version
+
     def fact_made_once(self, key: str, make: Callable[[], str]) -> str:
         """The fact ``key``, recorded as ``make()`` by the first server that needs it.
 
