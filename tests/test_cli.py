@@ -49,6 +49,40 @@ def test_prune_refuses_a_negative_keep_and_changes_nothing(
     assert horizon <= store.current_version()  # never past the current version
 
 
+# -- retrack -------------------------------------------------------------------------------
+
+
+def test_retrack_moves_the_horizon_of_the_tables_named_only(
+    server: SyncServer, store: ServerStore, server_db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _facts(store)
+    assert "tracking:truncated:appointment" not in before
+
+    code = main(["retrack", *SCHEMA, "--database", server_db_url, "appointment", "patient"])
+
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "appointment: changed outside tracking at version" in out
+    assert "every stream reading it copies afresh" in out
+    after = _facts(store)
+    moved = {k for k in after if before.get(k) != after[k]}
+    assert moved == {"tracking:truncated:appointment", "tracking:truncated:patient"}
+    assert int(after["tracking:truncated:appointment"]) > 0
+
+
+def test_retrack_of_a_table_not_tracked_is_an_error_and_changes_nothing(
+    server: SyncServer, store: ServerStore, server_db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _facts(store)
+    code = main(["retrack", *SCHEMA, "--database", server_db_url, "appointment", "apointment"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "not tracked by hospital.units:schema: apointment; name among" in err
+    assert "appointment" in err.split("name among")[1]
+    assert "Traceback" not in err
+    assert _facts(store) == before  # not even the table named correctly
+
+
 # -- a SyncSchema TARGET, a missing or bare database ---------------------------------------
 
 
@@ -68,7 +102,10 @@ def test_the_maintenance_commands_take_a_sync_schema(
     assert err == ""
 
 
-@pytest.mark.parametrize("command", [["ddl"], ["lag"], ["prune", "--keep", "1"], ["renew-epoch"]])
+@pytest.mark.parametrize(
+    "command",
+    [["ddl"], ["lag"], ["prune", "--keep", "1"], ["renew-epoch"], ["retrack", "appointment"]],
+)
 def test_a_mistyped_sqlite_path_is_an_error_and_no_new_file(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -81,7 +118,9 @@ def test_a_mistyped_sqlite_path_is_an_error_and_no_new_file(
     assert not typo.exists()
 
 
-@pytest.mark.parametrize("command", [["lag"], ["prune", "--keep", "1"], ["renew-epoch"]])
+@pytest.mark.parametrize(
+    "command", [["lag"], ["prune", "--keep", "1"], ["renew-epoch"], ["retrack", "appointment"]]
+)
 def test_a_database_without_tracking_is_an_error_and_stays_as_it_was(
     command: list[str], store: ServerStore, server_db_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
