@@ -198,6 +198,42 @@ def test_a_writer_with_recursive_triggers_is_tracked_once(backend, tag_server, d
     _check(device, tag_server)
 
 
+# -- the application's own triggers (SQLite) ------------------------------------------------
+
+_APP_TRIGGERS = {
+    # As written naively: syncunit's stamp (a second UPDATE of the row) fires it again.
+    "plain": "AFTER UPDATE ON tag",
+    # The two forms the deploy page gives: they never match syncunit's own stamp.
+    "of-columns": "AFTER UPDATE OF code, label, region ON tag",
+    "when-changed": "AFTER UPDATE ON tag"
+    " WHEN OLD.code IS NOT NEW.code OR OLD.label IS NOT NEW.label"
+    " OR OLD.region IS NOT NEW.region",
+}
+
+
+@pytest.mark.parametrize("form", list(_APP_TRIGGERS))
+def test_an_app_trigger_on_updates_fires_once_in_the_documented_forms(
+    backend, form, tag_server, plain_sql
+):
+    if backend != "sqlite":
+        pytest.skip("on PostgreSQL the stamp is a BEFORE trigger: no second update")
+    plain_sql.script(
+        [
+            "CREATE TABLE app_audit (id INTEGER)",
+            f"CREATE TRIGGER app_audit_u {_APP_TRIGGERS[form]}"
+            " BEGIN INSERT INTO app_audit VALUES (NEW.id); END",
+        ]
+    )
+    plain_sql("INSERT INTO tag (id, code, label, region) VALUES (9, 'z', 'zeta', 'north')")
+    plain_sql("UPDATE tag SET label = 'alpha 2' WHERE id = 1")
+
+    fired = dict(plain_sql("SELECT id, count(*) FROM app_audit GROUP BY id"))
+    if form == "plain":  # what the deploy page warns of
+        assert fired == {9: 1, 1: 2}
+    else:
+        assert fired == {1: 1}
+
+
 # -- writers that turn triggers off ---------------------------------------------------------
 
 _OUT_OF_BAND = [
