@@ -218,6 +218,34 @@ def test_a_claim_no_stream_filters_on_may_hold_anything(jwt_live):
     assert _status(jwt_live.url, token) == 200
 
 
+def test_a_claim_taken_as_an_array_or_as_json_is_not_refused_for_its_shape():
+    """``= ANY(:teams)`` with an ARRAY-typed parameter takes a list (PostgreSQL's idiom
+    beside an expanding IN); a JSON-typed parameter takes any JSON value."""
+    from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+    from syncunit.server.auth import bound_parameters, unusable
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    meta = sa.MetaData()
+    t = sa.Table(
+        "doc", meta, sa.Column("id", sa.Integer, primary_key=True), sa.Column("team", sa.Integer),
+        sa.Column("meta", JSONB), sa.Column("owner", sa.Integer),
+    )  # fmt: skip
+    teams = sa.bindparam("teams", type_=ARRAY(sa.Integer))
+    shape = sa.bindparam("shape", type_=JSONB)
+    docs = Stream(
+        "docs", t, [t.c.id, t.c.team],
+        where=sa.and_(t.c.team == sa.any_(teams), t.c.meta.contains(shape),
+                      t.c.owner == sa.bindparam("owner")),
+    )  # fmt: skip
+    bound = bound_parameters(SyncSchema([SyncUnit("Docs", [docs])]))
+
+    assert bound == {"teams": True, "owner": False}
+    ok = Principal("u", {"teams": [1, 2], "shape": {"kind": ["a"]}, "owner": 3})
+    assert unusable(ok, bound) is None
+    assert "parameter 'owner' is a list" in (unusable(Principal("u", {"owner": [3]}), bound) or "")
+
+
 BAD_TOKENS = ["", "token-h1\n", " token-h1 ", "token-h1\r\nX-Evil: 1", "t\u00f6ken-h1", None]
 
 

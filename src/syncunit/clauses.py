@@ -15,7 +15,14 @@ from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, Case, Null
 from sqlalchemy.sql.functions import FunctionElement
 
-__all__ = ["absence_tables", "bind_names", "columns_of", "describe", "list_bind_names"]
+__all__ = [
+    "absence_tables",
+    "bind_names",
+    "columns_of",
+    "describe",
+    "json_bind_names",
+    "list_bind_names",
+]
 
 
 def bind_names(*clauses: Any) -> list[str]:
@@ -36,14 +43,28 @@ def bind_names(*clauses: Any) -> list[str]:
 
 
 def list_bind_names(*clauses: Any) -> set[str]:
-    """The names of the parameters in ``clauses`` that take a list (an expanding ``IN``)."""
+    """The names of the parameters in ``clauses`` that take a list (an expanding ``IN``,
+    or an ``ARRAY``-typed parameter, as ``= ANY(:p)`` takes on PostgreSQL)."""
     return {
         elem.key
+        for elem in _binds(clauses)
+        if elem.expanding or isinstance(elem.type, sa.types.ARRAY)
+    }
+
+
+def json_bind_names(*clauses: Any) -> set[str]:
+    """The names of the parameters in ``clauses`` typed JSON: they take any JSON value."""
+    return {elem.key for elem in _binds(clauses) if isinstance(elem.type, sa.types.JSON)}
+
+
+def _binds(clauses: tuple[Any, ...]) -> list[BindParameter[Any]]:
+    return [
+        elem
         for clause in clauses
         if clause is not None
         for elem in visitors.iterate(clause)
-        if isinstance(elem, BindParameter) and elem.expanding
-    }
+        if isinstance(elem, BindParameter)
+    ]
 
 
 def describe(clause: Any) -> Any:

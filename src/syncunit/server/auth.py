@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
-from syncunit.clauses import list_bind_names
+from syncunit.clauses import json_bind_names, list_bind_names
 from syncunit.protocol import INT64_MAX, INT64_MIN
 from syncunit.server.limits import shorten
 from syncunit.server.problems import ProblemException
@@ -117,15 +117,18 @@ def check_hook(
 
 def bound_parameters(schema: SyncSchema) -> dict[str, bool]:
     """The principal parameters the schema's streams bind in their SQL (filters, joins,
-    write rules, queries): name -> whether some stream binds it as a list (an ``IN``)."""
+    write rules, queries): name -> whether some stream binds it as a list (an ``IN``,
+    an ``ARRAY``). Parameters typed JSON take any value: they are left out."""
     bound: dict[str, bool] = {}
+    free: set[str] = set()
     for stream in schema.streams.values():
         clauses = [stream.where, *(j.on for j in stream.joins), stream.write_where, stream.query]
         lists = list_bind_names(*clauses)
+        free |= json_bind_names(*clauses)
         for name in (*stream.parameters, *stream.write_parameters):
             if name not in stream.client_params:
                 bound[name] = bound.get(name, False) or name in lists
-    return bound
+    return {name: many for name, many in bound.items() if name not in free}
 
 
 def _unbindable(value: Any, *, many: bool) -> str | None:
