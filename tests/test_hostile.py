@@ -750,6 +750,68 @@ def test_a_stream_that_always_has_news_does_not_hold_back_the_next_ones(
     assert result.requests == 1 + -(-60 // 16)
 
 
+@pytest.mark.parametrize("between", ["redeploy", "new-parameters"])
+def test_a_stream_done_earlier_in_the_run_is_read_again_when_its_scope_changed(
+    store, serve, tmp_path, between
+):
+    """The first response brings stream A to its end and the budget cuts B part-way;
+    before the next request A's filter narrows (a redeploy) or the principal's
+    parameters change: A is read again in the same run, not skipped as done."""
+    from syncunit.client import SyncClient
+    from syncunit.server import Principal, SyncServer, TokenAuth
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    meta = sa.MetaData()
+    note = sa.Table("note", meta, sa.Column("id", sa.String(20), primary_key=True),
+                    sa.Column("owner", sa.String(20)), sa.Column("tag", sa.String(20)))  # fmt: skip
+    task = sa.Table("task", meta, sa.Column("id", sa.String(20), primary_key=True),
+                    sa.Column("owner", sa.String(20)))  # fmt: skip
+
+    def schema(narrow: bool) -> SyncSchema:
+        mine = note.c.owner == sa.bindparam("owner")
+        where = sa.and_(mine, sa.func.coalesce(note.c.tag, "") != "secret") if narrow else mine
+        a = Stream("A", note, [note.c.id, note.c.owner, note.c.tag], where=where, local_table="LA")
+        b = Stream("B", task, [task.c.id, task.c.owner],
+                   where=task.c.owner == sa.bindparam("owner"), local_table="LB")  # fmt: skip
+        return SyncSchema([SyncUnit("U", [a, b])])
+
+    who = {"owner": "u"}
+    auth = TokenAuth(lambda token: Principal("p", dict(who)) if token == "t" else None)
+    limits = Limits(response_chunks=2)
+    v1 = SyncServer(schema(False), store, authenticate=auth, install=False, limits=limits)
+    meta.create_all(store.engine)
+    store.install(v1.schema)
+    with store.engine.begin() as conn:
+        conn.execute(note.insert(), [{"id": "n1", "owner": "u", "tag": None},
+                                     {"id": "n2", "owner": "u", "tag": "secret"},
+                                     {"id": "m1", "owner": "v", "tag": None}])  # fmt: skip
+        conn.execute(task.insert(), [{"id": f"t{i:02}{o}", "owner": o}
+                                     for i in range(12) for o in "uv"])  # fmt: skip
+    live = serve(v1.app)
+    v2 = v1
+    if between == "redeploy":
+        v2 = SyncServer(schema(True), store, authenticate=auth, install=False, limits=limits)
+        store.install(v2.schema)
+    requests = 0
+
+    def on_request(request: httpx.Request) -> None:
+        nonlocal requests
+        if request.url.path.startswith("/v1/sync/"):
+            requests += 1
+            if requests == 2:  # between the first response and the next request
+                live.app = v2.app
+                if between == "new-parameters":
+                    who["owner"] = "v"
+
+    with SyncClient(live.url, tmp_path / "device.sqlite", token="t", chunk_size=2) as client:
+        client.http.event_hooks["request"].append(on_request)
+        client.sync("U")
+        rows = client.store.query('SELECT id FROM "LA" ORDER BY id')
+
+    assert requests > 2
+    assert [r[0] for r in rows] == (["n1"] if between == "redeploy" else ["m1"])
+
+
 def test_push_through_a_unit_that_does_not_push_is_refused(server, live, store):
     m = Mutation(seq=1, id="m", table="LocalAppointment", key="k", op="delete")
     r = post_sync(live.url, "Login", token="token-h1", client_id="c", mutations=[m])

@@ -573,6 +573,7 @@ class UnitRun:
                     self.client.store.apply_catalog(catalog)
                     self.client.client_id = self.client.store.client_id()  # may be renewed
                     self._new_catalog = True
+                    self._done.clear()  # streams may have changed: each is read again
                     continue
                 if isinstance(frame, End):
                     return frame, chunks

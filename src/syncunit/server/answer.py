@@ -89,13 +89,18 @@ class SyncAnswer:
                 done = set(req.done)
                 for sub_id, run, client_params, cursors in runs:
                     for stream in run.streams:
-                        if (f"{stream.name}@{sub_id}" if sub_id else stream.name) in done:
-                            continue  # brought to its end earlier in this run
                         params = principal.scope(stream, client_params)
                         reader = StreamReader(
                             self.store, stream, params, chunk_size=chunk, json_rows=req.json_rows
                         )
                         token = cursors.get(stream.name)
+                        if (
+                            f"{stream.name}@{sub_id}" if sub_id else stream.name
+                        ) in done and reader.continues(conn, token, watermark, epoch, horizon):
+                            # Brought to its end earlier in this run, under the same
+                            # definition, scope and epoch (a redeploy or a principal's
+                            # new parameters meanwhile: read again).
+                            continue
                         if (
                             token is None
                             and not sub_id

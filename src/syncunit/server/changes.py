@@ -197,6 +197,13 @@ class StreamReader:
             since = self._cursor(epoch, "removals", since=cur.high, high=watermark)
             yield from self._delta_pass(conn, since)
 
+    def continues(
+        self, conn: Connection, token: str | None, watermark: int, epoch: str, horizon: int
+    ) -> bool:
+        """Whether the cursor ``token`` is valid here: same definition, scope and epoch,
+        and still within the stream's tombstones (else the stream copies afresh)."""
+        return self._valid(conn, decode_cursor(token), watermark, epoch, horizon)
+
     def _valid(
         self, conn: Connection, cur: Cursor | None, watermark: int, epoch: str, horizon: int
     ) -> bool:
