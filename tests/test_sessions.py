@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from syncunit.errors import AuthError, SyncError
+from syncunit.errors import AuthError, LocalStoreError, SyncError
 from syncunit.policies import Detect
 from tests.test_push_support import FaultTransport, local_notes
 
@@ -40,6 +40,28 @@ def test_a_second_user_on_the_same_device_syncs_and_sees_only_their_rows(notes_a
     assert local_notes(device) == app.rows("u2")
     device.insert("LocalNote", {"id": "u2-b", "owner": "u2", "title": "bob's new"})
     assert device.sync("Sync").applied == 1
+
+
+def test_a_logout_that_cannot_keep_a_change_as_written_ends_nothing(notes_app):
+    """A synced column the app renamed: its change could be kept only without its value.
+    The logout is refused whole (rows, token and the change stay), and goes through
+    once the column is back."""
+    app = notes_app()
+    _notes(app)
+    device = app.client("t1")
+    device.sync("Sync")
+    device.update("LocalNote", "u1-a", {"title": "offline edit"})
+    device.store.conn.execute('ALTER TABLE "LocalNote" RENAME COLUMN title TO heading')
+
+    with pytest.raises(LocalStoreError, match=r"session was not ended.*no column 'title'"):
+        device.logout(push=False)
+
+    assert device.http.headers["Authorization"] == "Bearer t1"
+    assert device.outbox.count() == 1
+    device.store.conn.execute('ALTER TABLE "LocalNote" RENAME COLUMN heading TO title')
+    assert device.logout(push=False) == 1
+    device.login("t1")  # pushes what its principal left parked
+    assert app.row("u1-a")["title"] == "offline edit"
 
 
 @pytest.mark.parametrize("fault", ["offline", "response-lost"])

@@ -25,6 +25,7 @@ from syncunit.client.prefetch import FramePrefetch
 from syncunit.client.run import syncunit_answer, too_large, too_large_reason
 from syncunit.errors import (
     AuthError,
+    LocalStoreError,
     NetworkError,
     ProblemError,
     RequestRejected,
@@ -100,7 +101,10 @@ def logout(client: SyncClient, *, clear: bool, push: bool) -> int:
                 break
     streams = [] if catalog is None else catalog.streams
     with client._exclusive("logout"), client.store.atomic():
-        kept = client.outbox.park(streams, client.client_id)
+        try:
+            kept = client.outbox.park(streams, client.client_id)
+        except LocalStoreError as exc:  # e.g. a synced column the app renamed
+            raise LocalStoreError(f"the session was not ended: {exc}") from exc
         if kept:
             # A session the server never saw push is bound to no principal: only the
             # same token may push it later (it would be taken by anyone otherwise).
