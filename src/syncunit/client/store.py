@@ -444,6 +444,12 @@ class LocalStore(ChunkApply):
         changes: list[str] = []
         with self.atomic():
             before = self.catalog()
+            # The tables a catalog applied here named, or a cursor does: only those may
+            # be dropped (an outbox-like trigger alone proves nothing: a server's
+            # tracked table in the same file has triggers of that name too).
+            known = set(json.loads(self.get_fact(MADE_TABLES) or "[]"))
+            known |= set() if before is None else {s.local_table for s in before.streams}
+            known |= {r[0] for r in self.conn.execute("SELECT local_table FROM syncunit_cursors")}
             made = self._refuse_foreign_tables(before, catalog)
             self._loaded = ""  # learnt again by the next run if this one rolls back
             pushed = self.pushed = {t for u in catalog.units for t in u.push}
@@ -460,7 +466,7 @@ class LocalStore(ChunkApply):
             if before is not None:
                 changes += self._drop_retired_indexes(before, catalog)
             changes += surface_orphans(self.conn, catalog, self.pushed)
-            gone = self._drop_unfilled(made, catalog)
+            gone = self._drop_unfilled(made & known, catalog)
             changes += [f"dropped {t} (no stream fills it)" for t in gone]
             raw = encode_catalog(catalog).decode()
             self.set_fact("catalog", raw)
