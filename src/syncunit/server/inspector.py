@@ -51,6 +51,7 @@ from syncunit.protocol import (
 )
 from syncunit.server.auth import Principal
 from syncunit.server.cursor import decode_cursor
+from syncunit.server.limits import shorten
 from syncunit.server.problems import ProblemException
 from syncunit.server.store import ServerStore, clients
 from syncunit.server.streaming import ENDING
@@ -176,7 +177,8 @@ class SyncLog:
             counts[r.status] = counts.get(r.status, 0) + 1
             m = sent.get(r.seq)
             seq_only = (req.client_id, "", str(r.seq).encode())
-            row = (req.client_id, m.table, _key_bytes(m.key)) if m else seq_only
+            key, shown = _shown_key(m.key) if m else (None, b"")
+            row = (req.client_id, m.table, shown) if m else seq_only
             if r.status == "applied":
                 answers.append((row, None))
                 continue
@@ -187,7 +189,7 @@ class SyncLog:
                 unit=unit.name,
                 seq=r.seq,
                 table=m.table if m else "",
-                key=m.key if m else None,
+                key=key,
                 op=m.op if m else "",
                 status=r.status,
                 code=r.code,
@@ -246,8 +248,25 @@ class SyncLog:
             return list(self._problems.values())
 
 
-def _key_bytes(key: Any) -> bytes:
-    return msgspec.json.encode(key)
+def _shown_key(key: Any) -> tuple[Any, bytes]:
+    """``key`` as the page shows it, and as JSON (``problems`` tells rows apart by it):
+    itself if JSON holds it, else with what JSON cannot hold described. Never an error:
+    an answered sync is recorded whatever a device sent."""
+    try:
+        return key, msgspec.json.encode(key)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    try:
+        shown = msgspec.json.encode(key, enc_hook=_described)
+    except (TypeError, ValueError, OverflowError):
+        shown = msgspec.json.encode(shorten(key, 200))
+    return msgspec.json.decode(shown), shown
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, msgspec.msgpack.Ext):
+        return f"<MessagePack extension {value.code}: {shorten(bytes(value.data), 80)}>"
+    return f"<{type(value).__name__}: {shorten(value, 80)}>"
 
 
 def _holds(unit: SyncUnit, cursors: dict[str, str]) -> tuple[int | None, bool]:
