@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 import tracemalloc
+from functools import partial
 from typing import Any
 
 import anyio
@@ -34,10 +35,13 @@ from syncunit.protocol import (
     MutationResult,
     PushResults,
     StreamStart,
+    SyncRequest,
     decode_request,
 )
+from syncunit.server.auth import Principal
 from syncunit.server.changes import StreamReader
 from syncunit.server.cursor import decode_cursor, encode_cursor
+from syncunit.server.inspector import SyncLog
 from syncunit.server.limits import Limits, check_mutations, decode_checked, inflate
 from syncunit.server.problems import ProblemException
 from tests.support import (
@@ -1124,3 +1128,244 @@ def test_a_date_time_with_an_offset_is_stored_as_the_same_instant(
     finally:
         device.close()
         server.store.engine.dispose()
+
+
+# -- what a request's body may make the server hold -------------------------------------
+
+
+def _notes(value_raw: bytes, key_raw: bytes | None = None) -> bytes:
+    """A push of one booking whose ``notes`` (and key, if given) are raw MessagePack."""
+    enc = msgspec.msgpack.encode
+    key = key_raw if key_raw is not None else enc("0190aaaa-0000-7000-8000-0000000000aa")
+    mutation = (
+        b"\x86"
+        + enc("seq")
+        + b"\x01"
+        + enc("id")
+        + enc("m1")
+        + enc("table")
+        + enc("LocalAppointment")
+        + enc("key")
+        + key
+        + enc("op")
+        + enc("insert")
+        + enc("values")
+        + b"\x81"
+        + enc("notes")
+        + value_raw
+    )
+    return (b"\x83" + enc("protocol") + b"\x01" + enc("client_id") + enc("odd")
+            + enc("mutations") + b"\x91" + mutation)  # fmt: skip
+
+
+def test_the_items_of_a_request_s_values_are_bounded_in_all():
+    small = Limits(max_value_items=10)
+
+    def mutation(seq: int, key: Any = "k", **fields: Any) -> Mutation:
+        return Mutation(seq=seq, id=f"m{seq}", table="T", key=key, op="insert", **fields)
+
+    within = [
+        mutation(1, values={"a": [1, 2, 3], "b": {"x": [4]}}),
+        mutation(2, key=[1, 2, 3, 4, 5]),
+    ]
+    check_mutations(within, small)  # 3 + 1 + 1 + 5: ten
+    over = [*within, mutation(3, base={"a": [None]})]
+    with pytest.raises(ProblemException, match=r"mutation 2 .*at most 10 list items") as caught:
+        check_mutations(over, small)
+    assert caught.value.code == "field-too-large"
+    # A composite key of plain values passes the decoder's own check only within it too.
+    body = _body("msgpack", key=list(range(11)))
+    req, checked = decode_checked(body, "msgpack", Limits(max_value_items=10, max_columns=20))
+    assert not checked
+    with pytest.raises(ProblemException, match="at most 10 list items"):
+        check_mutations(req.mutations, small)
+
+
+def test_counting_a_value_s_items_holds_no_list_as_long_as_the_value():
+    value = [[i] for i in range(200_000)]
+    m = Mutation(seq=1, id="m", table="T", key="k", op="insert", values={"a": value})
+    tracemalloc.start()
+    try:
+        check_mutations([m], Limits())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000  # a few iterators, not one entry per item
+
+
+def test_a_push_holding_too_many_items_is_a_413_naming_the_bound(make_server, serve, store):
+    from hospital.generate import generate
+
+    server = make_server(limits=Limits(max_value_items=1000))
+    generate(store.engine, appointments=10, hospitals=2, doctors=2, patients=5)
+    live = serve(server.app)
+    before = db_state(store.engine)
+    many_maps = b"\xdc" + (1001).to_bytes(2, "big") + b"\x80" * 1001
+
+    r = _post(live.url, _notes(many_maps), unit="SendAppointments")
+
+    problem = _assert_problem(r, 413, "field-too-large")
+    assert "values['notes']" in problem["detail"]
+    assert "1000 list items" in problem["detail"]
+    assert db_state(store.engine) == before
+
+
+@pytest.mark.parametrize("where", ["key", "values"])
+def test_a_messagepack_extension_value_is_refused_naming_where(live, store, caplog, where):
+    ext = b"\xd4\x05\x01"  # extension type 5
+    body = _notes(ext, key_raw=ext) if where == "key" else _notes(ext)
+    before = db_state(store.engine)
+
+    r = _post(live.url, body, unit="SendAppointments")
+
+    problem = _assert_problem(r, 422, "invalid-request")
+    assert f"mutation 0 (seq 1): {where}" in problem["detail"]
+    assert "extension value (type 5)" in problem["detail"]
+    assert "0x" not in problem["detail"]
+    assert db_state(store.engine) == before
+    _no_error_logged(caplog)
+
+
+def test_the_sync_log_records_a_push_whatever_its_key_holds():
+    from hospital.units import schema as hospital
+
+    log = SyncLog()
+    odd = msgspec.msgpack.Ext(5, b"\x01")
+    req = SyncRequest(protocol=1, client_id="dev", mutations=[
+        Mutation(seq=1, id="m1", table="LocalAppointment", key=odd, op="delete")])  # fmt: skip
+    results = PushResults(
+        results=[MutationResult(seq=1, id="m1", status="rejected", reason="no")], last_seq=1
+    )
+    frames = iter([results, End(server_time="now")])
+
+    assert len(list(log.observe(hospital.units["Online"], Principal("p"), req, frames))) == 2
+
+    [record] = log.recent()
+    assert (record.outcome, record.rejected) == ("ok", 1)
+    [problem] = log.problems()
+    assert "extension 5" in msgspec.json.encode(problem).decode()
+
+
+def test_every_member_of_a_gzip_body_is_read(live, store):
+    body = _push({"values": _booking_values()})
+    r = _post(live.url, gzip.compress(body[:40]) + gzip.compress(body[40:]),
+              {"Content-Encoding": "gzip"}, unit="SendAppointments")  # fmt: skip
+    assert r.status_code == 200, r.text
+    [pushed] = [f for f in frames_of(r) if isinstance(f, PushResults)]
+    assert [x.status for x in pushed.results] == ["applied"]
+
+
+@pytest.mark.parametrize("trailer", [b"not gzip at all", b"\x1f\x8b\x08", b"\0" * 8])
+def test_bytes_after_the_gzip_data_are_a_400_and_nothing_is_applied(live, store, trailer):
+    before = db_state(store.engine)
+    body = gzip.compress(_push({"values": _booking_values()})) + trailer
+
+    r = _post(live.url, body, {"Content-Encoding": "gzip"}, unit="SendAppointments")
+
+    problem = _assert_problem(r, 400, "malformed-request")
+    assert "gzip" in problem["detail"]
+    assert db_state(store.engine) == before
+
+
+def _booking_values() -> dict[str, Any]:
+    return {"id": "0190aaaa-0000-7000-8000-0000000000aa", "doctor_id": 1, "patient_id": 1,
+            "starts_at": "2031-01-01T10:00:00", "ends_at": "2031-01-01T10:30:00",
+            "status": "booked", "room": "1", "notes": ""}  # fmt: skip
+
+
+def _uploading(url: str, size: int, sent: int) -> socket.socket:
+    """A sync request declaring ``size`` bytes of body, of which ``sent`` are sent."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(
+        f"POST /v1/sync/Login HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer token-h2\r\n"
+        f"Content-Type: {MSGPACK}\r\nContent-Length: {size}\r\n\r\n".encode()
+        + b"\0" * sent
+    )
+    return s
+
+
+def test_request_bodies_held_at_once_are_bounded_in_all(make_server, serve, store):
+    from hospital.generate import generate
+
+    server = make_server(limits=Limits(max_buffered_bytes=10_000))
+    generate(store.engine, appointments=10, hospitals=2, doctors=2, patients=5)
+    live = serve(server.app)
+    pull = sync_body()
+    assert _post(live.url, pull).status_code == 200
+    # One upload holds 8,000 bytes (declared) while it arrives...
+    slow = _uploading(live.url, 8_000, 100)
+    try:
+        wait_until(lambda: server.bodies.held == 8_000)
+        # ... so another principal's request of more than the rest is refused unread.
+        r = _post(live.url, pull + b"\0" * 2_500)
+        problem = _assert_problem(r, 503, "overloaded")
+        assert r.headers["Retry-After"] == "1"
+        assert "10000 bytes of request bodies" in problem["detail"]
+        assert _post(live.url, pull).status_code == 200  # a small one still fits
+        # A small body inflating past the rest counts as it inflates.
+        r = _post(live.url, gzip.compress(pull + b"\0" * 5_000), {"Content-Encoding": "gzip"})
+        _assert_problem(r, 503, "overloaded")
+    finally:
+        slow.close()
+    wait_until(lambda: server.bodies.held == 0)  # given back, refused or not
+    assert _post(live.url, pull + b"\0" * 0).status_code == 200
+
+
+def _stalled_decoding(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> Any:
+    """Make ``module.name`` wait until the second event returned is set (at most 10 s);
+    the first is set once it waits."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(module, name)
+
+    def stalled(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, stalled)
+    return entered, release
+
+
+@pytest.mark.parametrize("path", ["sync", "rxdb"])
+def test_others_are_served_while_a_large_body_is_decoded(live, store, monkeypatch, path):
+    import threading
+
+    from syncunit.server import app as app_module
+    from syncunit.server import rxdb as rxdb_module
+    from syncunit.server.limits import INLINE_BODY_BYTES
+
+    notes = "n" * 1000
+    if path == "sync":
+        entered, release = _stalled_decoding(monkeypatch, app_module, "decode_checked")
+        mutations = [{"seq": i + 1, "id": f"m{i}", "table": "LocalAppointment", "op": "update",
+                      "key": f"0190aaaa-0000-7000-8000-{i:012x}", "values": {"notes": notes},
+                      "changed": ["notes"]} for i in range(100)]  # fmt: skip
+        body = msgspec.msgpack.encode({"protocol": 1, "client_id": "big", "mutations": mutations})
+        send = partial(_post, live.url, body, unit="SendAppointments")
+    else:
+        entered, release = _stalled_decoding(monkeypatch, rxdb_module, "check_mutations")
+        rows = [{"assumedMasterState": None, "newDocumentState": {
+            **_booking_values(), "id": f"0190aaaa-0000-7000-8000-{i:012x}", "notes": notes}}
+            for i in range(100)]  # fmt: skip
+        body = msgspec.json.encode(rows)
+        headers = {**AUTH, "Syncunit-Client-Id": "big"}
+        url = f"{live.url}/v1/rxdb/Online/appointments/push"
+        send = partial(httpx.post, url, content=body, headers=headers, timeout=30)
+    assert len(body) > INLINE_BODY_BYTES
+    answers: list[httpx.Response] = []
+    big = threading.Thread(target=lambda: answers.append(send()))
+    big.start()
+    try:
+        assert entered.wait(10)
+        # While the body waits on its worker, the event loop answers another principal.
+        r = httpx.get(f"{live.url}/v1/catalog", headers={"Authorization": "Bearer token-h2"},
+                      timeout=5)  # fmt: skip
+        assert r.status_code == 200
+    finally:
+        release.set()
+        big.join(30)
+    [answer] = answers
+    assert answer.status_code == 200, answer.text

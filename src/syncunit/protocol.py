@@ -528,7 +528,7 @@ def encode_request(request: SyncRequest, encoding: Encoding = "msgpack") -> byte
     return _mp_enc.encode(request) if encoding == "msgpack" else _js_enc.encode(request)
 
 
-def decode_request(body: bytes, encoding: Encoding) -> SyncRequest:
+def decode_request(body: bytes | bytearray, encoding: Encoding) -> SyncRequest:
     """Decode a request body; raise ``ProtocolError`` saying what is wrong."""
     try:
         req = _mp_req.decode(body) if encoding == "msgpack" else _js_req.decode(body)

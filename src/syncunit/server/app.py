@@ -51,6 +51,7 @@ from syncunit.protocol import (
     PROTOCOL_VERSION,
     PUSH_LIMITS,
     QUEUES_PUSHES,
+    Encoding,
     SyncRequest,
     content_type,
     encode_catalog,
@@ -70,10 +71,12 @@ from syncunit.server.backends import open_store
 from syncunit.server.cursor import verify_cursor
 from syncunit.server.inspector import FrameObserver, Inspector, SyncLog
 from syncunit.server.limits import (
+    BodyBudget,
     Limits,
     check_mutations,
     check_request,
     decode_checked,
+    off_the_loop,
     read_body,
     shorten,
 )
@@ -172,6 +175,8 @@ class SyncServer(SyncAnswer):
         #: and problem answer (``protocol.PUSH_LIMITS``).
         self._push_limits = limits.push_limits().header()
         self.rate = RateLimiter(limits.requests_per_second, limits.request_burst)
+        #: Request-body bytes held at once, by every request together.
+        self.bodies = BodyBudget(limits.max_buffered_bytes)
         self.sync_slots = SyncSlots(
             limits.max_concurrent_syncs or default_sync_slots(self.store.engine),
             limits.syncs_per_principal,
@@ -358,19 +363,28 @@ class SyncServer(SyncAnswer):
                 "unsupported-media-type",
                 f"Content-Type must be {content_type('msgpack')} or {content_type('json')}",
             )
-        # Counted as they arrive (compressed, if the client compressed them).
-        body = await read_body(_counted(request.stream(), ctx), request.headers, self.limits)
-        if not body:
-            raise ProblemException("malformed-request", "the request body is empty")
-        req, checked = decode_checked(body, encoding, self.limits)
+        held = self.bodies.hold()
+        try:
+            # Counted as they arrive (compressed, if the client compressed them).
+            body = await read_body(
+                _counted(request.stream(), ctx), request.headers, self.limits, held
+            )
+            if not body:
+                raise ProblemException("malformed-request", "the request body is empty")
+            size = len(body)
+            req = await off_the_loop(size, partial(self._decoded, body, encoding))
+            del body  # the request holds it all now
+        finally:
+            held.release()
         # printable and short: a device's id must not forge or flood log lines
         ctx.client_id = "".join(c if c.isprintable() else "?" for c in req.client_id[:64])
-        self._validate(req, unit, principal, checked)
+        self._validate(req, unit, principal, checked=True)
         if encoding == "json" and req.mutations:
             # Bytes travel as base64 text in JSON (measured so by the limits, above).
-            req = msgspec.structs.replace(
-                req, mutations=bytes_from_json(req.mutations, self.schema)
+            mutations = await off_the_loop(
+                size, partial(bytes_from_json, req.mutations, self.schema)
             )
+            req = msgspec.structs.replace(req, mutations=mutations)
         if req.cursors or req.subscriptions:
             key = await self._key()
             req = msgspec.structs.replace(
@@ -384,6 +398,14 @@ class SyncServer(SyncAnswer):
                 ],
             )
         return principal, unit, req
+
+    def _decoded(self, body: bytes | bytearray, encoding: Encoding) -> SyncRequest:
+        """The request in ``body``, its mutations checked against the limits (a worker
+        runs this for a large body)."""
+        req, checked = decode_checked(body, encoding, self.limits)
+        if not checked and req.protocol == PROTOCOL_VERSION:  # else _validate says so
+            check_mutations(req.mutations, self.limits)
+        return req
 
     def _verified(self, token: str, key: bytes) -> str:
         """The cursor inside a signed token, or ``FORGED`` (the stream starts afresh).

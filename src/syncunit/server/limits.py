@@ -8,17 +8,22 @@ bound was crossed and how to stay within it.
 
 The request body is read with a deadline and decompressed as a stream that
 stops at the limit, so a small compressed body cannot expand into gigabytes.
+The bodies held at once, across requests, are bounded too (``BodyBudget``), and
+a large one is decompressed, decoded and checked on a worker thread, two at a
+time (``off_the_loop``): the event loop goes on serving everybody else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import threading
 import zlib
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -42,17 +47,27 @@ except ImportError:  # pragma: no cover
     HAVE_ZSTD = False
 
 __all__ = [
+    "BodyBudget",
+    "HeldBody",
     "Limits",
     "check_identifiers",
     "check_mutations",
     "check_request",
     "decode_checked",
+    "off_the_loop",
     "read_body",
     "shorten",
 ]
 
 _PIECE = 64 * 1024  # decompressed bytes produced per step
-_INFLATERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="syncunit-inflate")
+# Large bodies are decompressed, decoded and checked here, two at a time: the memory
+# they touch stays in these two threads' allocator arenas, not in every worker's.
+_BODY_WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="syncunit-body")
+#: A body of at most this many bytes is decoded and checked on the event loop: it
+#: holds at most as many values, a millisecond or so of work.
+INLINE_BODY_BYTES = 64 * 1024
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -74,11 +89,17 @@ class Limits:
     max_columns: int = 500
     #: Nesting of lists and maps inside one value (JSON columns).
     max_depth: int = 16
+    #: List items and map entries in all the values of one request together (keys,
+    #: ``values`` and ``base``; the columns themselves are not counted).
+    max_value_items: int = 1_000_000
     #: Cursors sent in one request, and the length of each.
     max_cursors: int = 1000
     max_cursor_length: int = 4096
     #: Seconds the client may take to upload the body.
     upload_timeout: float = 30.0
+    #: Request-body bytes held at once by all requests together, as they arrive and
+    #: once decompressed, until decoded; then 503.
+    max_buffered_bytes: int = 128 * 1024 * 1024
     #: A response reads the database for at most this many chunks or seconds, then
     #: ends with ``End(complete=False)``; the client continues in another request.
     response_chunks: int = 500
@@ -192,6 +213,7 @@ def check_mutations(mutations: list[Mutation], limits: Limits) -> None:
     max_name, max_columns = limits.max_name_length, limits.max_columns
     # A string of at most this many characters fits whatever it holds (4 bytes a character).
     short = limits.max_field_bytes // 4
+    room = _Room(limits.max_value_items)
     for i, m in enumerate(mutations):
         # The common case first, in one pass with no message built: names short enough,
         # values that are short strings, 64-bit integers, floats, booleans or None.
@@ -210,10 +232,12 @@ def check_mutations(mutations: list[Mutation], limits: Limits) -> None:
             and _all_plain(m.base.values(), short)
         ):
             continue
-        _check_mutation(i, m, limits)
+        _check_mutation(i, m, limits, room)
 
 
-def decode_checked(body: bytes, encoding: Encoding, limits: Limits) -> tuple[SyncRequest, bool]:
+def decode_checked(
+    body: bytes | bytearray, encoding: Encoding, limits: Limits
+) -> tuple[SyncRequest, bool]:
     """The request in ``body``, and whether its mutations already pass ``check_mutations``.
 
     The common body (names short enough; keys and values short strings, 64-bit
@@ -235,7 +259,9 @@ def decode_checked(body: bytes, encoding: Encoding, limits: Limits) -> tuple[Syn
         req: SyncRequest = decoder.decode(body)
     except (msgspec.DecodeError, RecursionError):
         return decode_request(body, encoding), False
-    return req, True
+    # Values here are scalars; keys may be lists of them, which count as items.
+    items = sum(len(m.key) for m in req.mutations if type(m.key) is list)
+    return req, items <= limits.max_value_items
 
 
 @functools.lru_cache(maxsize=16)
@@ -251,7 +277,10 @@ def _checked_decoder(
         | float
         | Annotated[str, msgspec.Meta(max_length=short)]
     )
-    key = plain | list[plain] if list_keys else plain
+    # A composite key has a column of the table per item: no more than ``max_columns``.
+    key = (
+        plain | Annotated[list[plain], msgspec.Meta(max_length=max_columns)] if list_keys else plain
+    )
     columns = Annotated[dict[name, plain], msgspec.Meta(max_length=max_columns)]
     mutation = msgspec.defstruct(
         "CheckedMutation",
@@ -312,7 +341,16 @@ def _plain(v: Any, short: int) -> bool:
     return v is None or t is float or t is bool
 
 
-def _check_mutation(i: int, m: Mutation, limits: Limits) -> None:
+class _Room:
+    """List items and map entries the values of one request may still hold."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: int) -> None:
+        self.items = items
+
+
+def _check_mutation(i: int, m: Mutation, limits: Limits, room: _Room) -> None:
     where = f"mutation {i} (seq {shorten(m.seq, 24)})"
     if not INT64_MIN <= m.seq <= INT64_MAX:
         raise ProblemException("invalid-request", f"{where}: seq is not a 64-bit integer")
@@ -334,20 +372,28 @@ def _check_mutation(i: int, m: Mutation, limits: Limits) -> None:
                     "field-too-large",
                     f"{where}: column names hold at most {limits.max_name_length} characters",
                 )
-    _check_value(m.key, limits, f"{where}: key")
+    _check_value(m.key, limits, f"{where}: key", room)
     for label, values in (("values", m.values), ("base", m.base)):
         for name, value in values.items():
-            _check_value(value, limits, f"{where}: {label}[{shorten(name, 40)}]")
+            _check_value(value, limits, f"{where}: {label}[{shorten(name, 40)}]", room)
 
 
-def _check_value(value: Any, limits: Limits, where: str) -> None:
-    """Sizes, 64-bit integers and nesting of one wire value, without recursion."""
-    todo: list[tuple[Any, int]] = [(value, 0)]
-    while todo:
-        v, depth = todo.pop()
+_DONE = object()
+
+
+def _check_value(value: Any, limits: Limits, where: str, room: _Room) -> None:
+    """Sizes, 64-bit integers, nesting and items (``room``, shared by the request's
+    values) of one wire value, and no MessagePack extension in it.
+
+    Without recursion, and with no list of what is left to see: one iterator per
+    list or map open around the current item, ``max_depth`` at most.
+    """
+    open_: list[Iterator[Any]] = []
+    v = value
+    while True:
         if isinstance(v, bool) or v is None or isinstance(v, float):
-            continue
-        if isinstance(v, int):
+            pass
+        elif isinstance(v, int):
             if not INT64_MIN <= v <= INT64_MAX:
                 raise ProblemException(
                     "invalid-request", f"{where}: integers must fit in 64 bits (signed)"
@@ -360,26 +406,101 @@ def _check_value(value: Any, limits: Limits, where: str) -> None:
                     f"{where}: a value holds at most {limits.max_field_bytes} bytes",
                 )
         elif isinstance(v, list | tuple | dict):
-            if depth >= limits.max_depth:
+            if len(open_) >= limits.max_depth:
                 raise ProblemException(
                     "invalid-request", f"{where}: values nest at most {limits.max_depth} deep"
                 )
-            items: Iterator[Any] = iter(v.items()) if isinstance(v, Mapping) else iter(v)
-            for item in items:
-                if isinstance(item, tuple) and isinstance(v, Mapping):
-                    todo.append((item[0], depth + 1))
-                    todo.append((item[1], depth + 1))
-                else:
-                    todo.append((item, depth + 1))
+            room.items -= len(v)
+            if room.items < 0:
+                raise ProblemException(
+                    "field-too-large",
+                    f"{where}: the values of one request hold at most {limits.max_value_items}"
+                    " list items and map entries in all; send fewer changes in a request,"
+                    " or smaller lists and maps",
+                )
+            # A map's keys are seen as its values are (one after the other).
+            open_.append(
+                itertools.chain.from_iterable(v.items()) if isinstance(v, dict) else iter(v)
+            )
+        elif isinstance(v, msgspec.msgpack.Ext):
+            raise ProblemException(
+                "invalid-request",
+                f"{where}: a MessagePack extension value (type {v.code}) is not a value;"
+                " send a string, number, boolean, nil, binary, list or map",
+            )
+        while open_:
+            v = next(open_[-1], _DONE)
+            if v is not _DONE:
+                break
+            open_.pop()
+        else:
+            return
 
 
 # -- the body -------------------------------------------------------------------------
 
 
+class BodyBudget:
+    """The request-body bytes all requests hold at once (``Limits.max_buffered_bytes``)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def hold(self) -> HeldBody:
+        """A share for one request's body, empty at first; ``release`` it when done."""
+        return HeldBody(self)
+
+
+class HeldBody:
+    """One request's share of a ``BodyBudget``: grows as its body arrives and inflates."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.size = 0
+
+    def grow(self, size: int) -> None:
+        """Hold ``size`` more bytes, or raise 503 ``overloaded`` (thread-safe)."""
+        budget = self.budget
+        with budget._lock:
+            if budget.held + size > budget.total:
+                raise ProblemException(
+                    "overloaded",
+                    f"the server already holds {budget.total} bytes of request bodies;"
+                    " retry in 1 s",
+                    headers={"Retry-After": "1"},
+                )
+            budget.held += size
+            self.size += size
+
+    def release(self) -> None:
+        """Give back everything held (the body is decoded or refused)."""
+        with self.budget._lock:
+            self.budget.held -= self.size
+            self.size = 0
+
+
+async def off_the_loop(size: int, work: Callable[[], _T]) -> _T:
+    """``work()`` on a body of ``size`` bytes: here if it is small, else on a body worker
+    (two at once), so a large body never holds up the event loop."""
+    if size <= INLINE_BODY_BYTES:
+        return work()
+    return await asyncio.get_running_loop().run_in_executor(_BODY_WORKERS, work)
+
+
 async def read_body(
-    stream: AsyncIterator[bytes], headers: Mapping[str, str], limits: Limits
-) -> bytes:
-    """The request body, decompressed, within ``limits`` (size and upload time)."""
+    stream: AsyncIterator[bytes],
+    headers: Mapping[str, str],
+    limits: Limits,
+    held: HeldBody | None = None,
+) -> bytes | bytearray:
+    """The request body, decompressed, within ``limits`` (size and upload time).
+
+    ``held``: the share of the server's ``BodyBudget`` the body's bytes are counted
+    in as they arrive and inflate (a declared ``Content-Length`` at once): past it,
+    503 and nothing more is read.
+    """
     limit = limits.max_body_bytes
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -389,6 +510,8 @@ async def read_body(
         raise ProblemException(
             "unsupported-media-type", f"Content-Encoding {shorten(coding, 40)}: use gzip or zstd"
         )
+    if held is not None and declared is not None and declared.isdigit():
+        held.grow(int(declared))
     received = bytearray()
     try:
         async with asyncio.timeout(limits.upload_timeout):
@@ -396,22 +519,25 @@ async def read_body(
                 received += part
                 if len(received) > limit:
                     raise ProblemException("body-too-large", f"the limit is {limit} bytes")
+                if held is not None and len(received) > held.size:
+                    held.grow(len(received) - held.size)
     except TimeoutError:
         raise ProblemException(
             "upload-timeout", f"the body took longer than {limits.upload_timeout:g} s to arrive"
         ) from None
     if coding in ("", "identity"):
-        return bytes(received)
-    # Off the event loop (up to ``limit`` bytes of output), on two threads of its own:
-    # the memory a bomb touches stays in their two allocator arenas, not in every
-    # worker thread's.
-    packed, received = bytes(received), bytearray()
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_INFLATERS, inflate, packed, coding, limit)
+        return received
+    # Off the event loop whatever its size: a small body may inflate to ``limit`` bytes.
+    return await asyncio.get_running_loop().run_in_executor(
+        _BODY_WORKERS, inflate, received, coding, limit, held
+    )
 
 
-def inflate(data: bytes, coding: str, limit: int) -> bytes:
-    """Decompress ``data`` piece by piece, stopping as soon as the output passes ``limit``."""
+def inflate(
+    data: bytes | bytearray, coding: str, limit: int, held: HeldBody | None = None
+) -> bytearray:
+    """Decompress ``data`` piece by piece, stopping as soon as the output passes ``limit``
+    (or ``held`` cannot grow by the next piece)."""
     out = bytearray()
     try:
         for piece in _pieces(data, coding):
@@ -420,30 +546,56 @@ def inflate(data: bytes, coding: str, limit: int) -> bytes:
                 raise ProblemException(
                     "body-too-large", f"the body decompresses to more than {limit} bytes"
                 )
+            if held is not None:
+                held.grow(len(piece))
     except (zlib.error, ValueError, EOFError) as exc:
-        raise ProblemException("malformed-request", f"cannot decompress the body: {exc}") from exc
+        raise ProblemException(
+            "malformed-request", f"cannot decompress the {coding} body: {exc}"
+        ) from exc
     except Exception as exc:
         if HAVE_ZSTD and isinstance(exc, zstandard.ZstdError):
             raise ProblemException("malformed-request", f"bad zstd body: {exc}") from exc
         raise
-    return bytes(out)
+    return out
 
 
-def _pieces(data: bytes, coding: str) -> Iterator[bytes]:
+def _pieces(data: bytes | bytearray, coding: str) -> Iterator[bytes]:
     if coding == "gzip":
-        d = zlib.decompressobj(31)
-        rest = data
-        while not d.eof:
-            piece = d.decompress(rest, _PIECE)
-            rest = d.unconsumed_tail
-            if not piece and not rest:
-                break
-            yield piece
-        if not d.eof:
-            raise ValueError("the gzip stream is truncated")
+        yield from _gunzip(data)
         return
     # zstd: a bounded window (8 MiB) and output read in pieces, never all at once.
     dctx = zstandard.ZstdDecompressor(max_window_size=8 * 1024 * 1024)
     reader = dctx.stream_reader(data, read_across_frames=True)
     while piece := reader.read(_PIECE):
         yield piece
+
+
+def _gunzip(data: bytes | bytearray) -> Iterator[bytes]:
+    """Every gzip member of ``data`` (RFC 1952: one after another), as Python's ``gzip``
+    reads them; anything after the last one that is not a member is refused.
+
+    The input is fed a piece at a time from a view of ``data`` (never copied whole).
+    """
+    view = memoryview(data)
+    at = members = 0
+    while at < len(view) or not members:
+        if members and bytes(view[at : at + 2]) != b"\x1f\x8b":
+            raise ValueError(
+                f"{len(view) - at} bytes after the gzip data are not gzip;"
+                " send the compressed body alone"
+            )
+        d = zlib.decompressobj(31)
+        while not d.eof:
+            if at >= len(view):
+                raise ValueError("the gzip stream is truncated")
+            fed = view[at : at + _PIECE]
+            at += len(fed)
+            piece = d.decompress(fed, _PIECE)
+            yield piece
+            # Input left (at most one piece), or output held back once a piece was full.
+            # (Once at the end, ``unconsumed_tail`` may still hold what is ``unused_data``.)
+            while not d.eof and (d.unconsumed_tail or len(piece) == _PIECE):
+                piece = d.decompress(d.unconsumed_tail, _PIECE)
+                yield piece
+        at -= len(d.unused_data)  # the next member starts there
+        members += 1

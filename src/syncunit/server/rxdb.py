@@ -45,6 +45,7 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -68,7 +69,7 @@ from syncunit.server.admission import Slot
 from syncunit.server.auth import Principal, authorize_unit
 from syncunit.server.changes import StreamReader, params_hash
 from syncunit.server.cursor import Cursor, encode_cursor, sign_cursor
-from syncunit.server.limits import read_body, shorten
+from syncunit.server.limits import check_mutations, off_the_loop, read_body, shorten
 from syncunit.server.live import unit_has_changes
 from syncunit.server.problems import (
     ProblemException,
@@ -291,8 +292,10 @@ class RxDBReplication:
         mutations: list[Mutation] | None = None,
         batch: int | None = None,
         params: dict[str, Any] | None = None,
+        checked: bool = False,
     ) -> None:
-        """Validate as a native sync of the unit would be."""
+        """Validate as a native sync of the unit would be (``checked``: the mutations
+        passed ``check_mutations`` already)."""
         if mutations is not None and not unit.pushes:
             raise ProblemException(
                 "invalid-request", f"unit {unit.name!r} does not push; use a unit that does"
@@ -310,7 +313,7 @@ class RxDBReplication:
             params=params or {},
             chunk_size=batch,
         )
-        self.server._validate(req, unit, principal)
+        self.server._validate(req, unit, principal, checked)
 
     @staticmethod
     def _client_id(request: Request, stream: Stream) -> str:
@@ -351,16 +354,28 @@ class RxDBReplication:
             d = self._docs[stream.name] = _Docs(stream)
         return d
 
-    async def _json(self, request: Request) -> Any:
-        body = await read_body(request.stream(), request.headers, self.server.limits)
+    async def _json(self, request: Request) -> tuple[Any, int]:
+        """The JSON body, and its size in bytes."""
+        held = self.server.bodies.hold()
         try:
-            return msgspec.json.decode(body) if body else None
-        except msgspec.DecodeError as exc:
-            raise ProblemException("malformed-request", f"the body is not JSON: {exc}") from exc
-        except RecursionError:
+            body = await read_body(request.stream(), request.headers, self.server.limits, held)
+            return await off_the_loop(len(body), partial(_decode_json, body)), len(body)
+        finally:
+            held.release()
+
+    def _mutations(self, stream: Stream, rows: list[Any]) -> list[Mutation]:
+        """RxDB's push rows as mutations, checked against the limits (a worker runs this
+        for many rows)."""
+        limits = self.server.limits
+        if len(rows) > limits.max_mutations:
             raise ProblemException(
-                "malformed-request", "the body's values are nested too deeply"
-            ) from None
+                "too-many-mutations",
+                f"{len(rows)} rows; the limit is {limits.max_mutations}: push fewer at once",
+            )
+        docs = self.docs(stream)
+        mutations = [docs.mutation(i + 1, r) for i, r in enumerate(rows)]
+        check_mutations(mutations, limits)
+        return mutations
 
     # -- handlers ------------------------------------------------------------------
 
@@ -370,7 +385,7 @@ class RxDBReplication:
 
     async def post_pull(self, request: Request) -> Response:
         principal, unit, stream = await self._resolve(request)
-        body = await self._json(request)
+        body, _ = await self._json(request)
         if not isinstance(body, dict):
             raise ProblemException("malformed-request", 'send {"checkpoint": ..., "batchSize": n}')
         batch = body.get("batchSize", DEFAULT_BATCH)
@@ -401,15 +416,16 @@ class RxDBReplication:
     async def post_push(self, request: Request) -> Response:
         principal, unit, stream = await self._resolve(request)
         client_id = self._client_id(request, stream)
-        rows = await self._json(request)
+        rows, size = await self._json(request)
         if not isinstance(rows, list):
             raise ProblemException(
                 "malformed-request", "send the array of push rows RxDB gives the push handler"
             )
-        docs = self.docs(stream)
-        mutations = [docs.mutation(i + 1, r) for i, r in enumerate(rows)]
+        mutations = await off_the_loop(size, partial(self._mutations, stream, rows))
         params = self._params(request)  # a unit with client parameters does not push
-        self._check(principal, unit, client_id=client_id, mutations=mutations, params=params)
+        self._check(
+            principal, unit, client_id=client_id, mutations=mutations, params=params, checked=True
+        )
         slot = self.server._slot(principal)
         try:
             results = await anyio.to_thread.run_sync(
@@ -716,6 +732,17 @@ class _HeldStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._slot.release()
+
+
+def _decode_json(body: bytes | bytearray) -> Any:
+    try:
+        return msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError as exc:
+        raise ProblemException("malformed-request", f"the body is not JSON: {exc}") from exc
+    except RecursionError:
+        raise ProblemException(
+            "malformed-request", "the body's values are nested too deeply"
+        ) from None
 
 
 def _flag(doc: dict[str, Any], part: str, doc_id: Any) -> bool:
