@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from syncunit.client.store import INDEX_BUILD_CACHE_KIB, LocalStore
+from syncunit.client.triggers import trigger_names
 from syncunit.protocol import Chunk
 
 KILLED_LATE_IN_LOGIN = """
@@ -53,7 +54,10 @@ def _recording(store: LocalStore) -> bool:
     triggers = store.query(
         "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'LocalAppointment'"
     )
-    return len(triggers) == 3 and store.query("SELECT applying FROM syncunit_state") == [(0,)]
+    want = sorted(trigger_names("LocalAppointment"))
+    return sorted(t[0] for t in triggers) == want and store.query(
+        "SELECT applying FROM syncunit_state"
+    ) == [(0,)]
 
 
 def _indexes(store: LocalStore, table: str) -> set[str]:
