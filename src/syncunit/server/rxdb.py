@@ -42,6 +42,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import math
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -57,6 +58,8 @@ from starlette.routing import Route
 
 from syncunit.errors import DatabaseRestored
 from syncunit.protocol import (
+    INT64_MAX,
+    INT64_MIN,
     PROTOCOL_VERSION,
     Chunk,
     Mutation,
@@ -113,8 +116,9 @@ def rxdb_schema(info: StreamInfo, *, key_length: int = 100) -> dict[str, Any]:
     """An RxDB collection schema (version 0) for a stream of the catalog.
 
     The key is a string (RxDB keys are); columns keep their JSON type, and the
-    nullable ones admit ``null``. Only the key is required, since a deleted
-    document carries nothing else.
+    nullable ones admit ``null``, as do all real ones: JSON has no infinity or NaN,
+    so a non-finite value arrives as ``null``. Only the key is required, since a
+    deleted document carries nothing else.
     """
     properties: dict[str, Any] = {}
     for col in info.columns:
@@ -122,7 +126,8 @@ def rxdb_schema(info: StreamInfo, *, key_length: int = 100) -> dict[str, Any]:
             properties[col.name] = {"type": "string", "maxLength": key_length}
             continue
         kind = _JSON_TYPES.get(col.type, "string")
-        properties[col.name] = {"type": [kind, "null"] if col.nullable else kind}
+        nullable = col.nullable or col.type == "real"
+        properties[col.name] = {"type": [kind, "null"] if nullable else kind}
     return {
         "title": info.local_table,
         "version": 0,
@@ -145,6 +150,8 @@ class _Docs:
         # Binary values travel as base64 text (how msgspec writes bytes in JSON).
         self.blobs = {c.name for c in info.columns if c.type == "blob" and c.name != info.key}
         self.writable = {c.name for c in info.columns if c.writable}
+        self.integers = {c.name for c in info.columns if c.type == "integer" and c.name != info.key}
+        self.reals = {c.name for c in info.columns if c.type == "real" and c.name != info.key}
         key_info = next(c for c in info.columns if c.name == info.key)
         self.integer_key = key_info.type == "integer"
 
@@ -222,6 +229,78 @@ class _Docs:
             seq=seq, id=mid, table=table, key=key, op="update",
             values=values, changed=changed, base=base,
         )  # fmt: skip
+
+    def unseen(self, name: str, value: Any) -> bool:
+        """Whether ``value`` may be how RxDB holds a server value it cannot hold exactly:
+        an integer from 2**53 on (a rounded double in JavaScript), or null for a real column
+        (JSON has no infinity or NaN)."""
+        if name in self.integers:
+            return type(value) is float or (type(value) is int and abs(value) >= 2**53)
+        return name in self.reals and value is None
+
+    def beyond_64_bits(self, name: str, value: Any) -> bool:
+        """An integer column's value no 64-bit integer is (the wire refuses those)."""
+        if name not in self.integers:
+            return False
+        if type(value) is int:
+            return not INT64_MIN <= value <= INT64_MAX
+        return type(value) is float and not -(2.0**63) <= value < 2.0**63
+
+    def within_limits(self, m: Mutation) -> Mutation:
+        """``m`` without the values ``settle`` answers for, for the request's checks."""
+        if not any(self.beyond_64_bits(n, v) for n, v in [*m.base.items(), *m.values.items()]):
+            return m
+        base = {n: v for n, v in m.base.items() if not self.beyond_64_bits(n, v)}
+        values = {n: v for n, v in m.values.items() if not self.beyond_64_bits(n, v)}
+        return msgspec.structs.replace(m, base=base, values=values)
+
+    def needs_row(self, m: Mutation) -> bool:
+        """Whether ``settle`` must read the server's row to tell what ``m`` means."""
+        return any(self.unseen(n, v) for n, v in m.base.items()) or any(
+            self.beyond_64_bits(n, v) for n, v in m.values.items()
+        )
+
+    def settle(self, m: Mutation, row: dict[str, Any] | None) -> Mutation | MutationResult:
+        """``m`` with what RxDB sent read against the server's ``row``, as the device
+        could have received it (``_as_received``).
+
+        A base value RxDB could have received for the server's value is that value,
+        so it counts as unchanged (a NaN, equal to nothing, leaves the base); another
+        past 64 bits is one the row does not hold, as a 64-bit bound. A written
+        value past 64 bits is refused (``invalid-value``), unless it is how the
+        device received the server's value: then it is no change.
+        """
+        base = dict(m.base)
+        for name, sent in m.base.items():
+            if not self.unseen(name, sent):
+                continue
+            held = None if row is None else row.get(name)
+            if row is not None and _as_received(held) == _as_received(sent):
+                if isinstance(held, float) and math.isnan(held):
+                    del base[name]
+                else:
+                    base[name] = held
+            elif self.beyond_64_bits(name, sent):
+                bound = INT64_MAX if sent > 0 else INT64_MIN
+                base[name] = bound if held != bound else bound - 1 if sent > 0 else bound + 1
+        values, changed = dict(m.values), list(m.changed)
+        for name, sent in m.values.items():
+            if not self.beyond_64_bits(name, sent):
+                continue
+            held = None if row is None else row.get(name)
+            if row is None or type(held) is not int or _as_received(held) != _as_received(sent):
+                return MutationResult(
+                    seq=m.seq, id=m.id, status="rejected", code="invalid-value", server_row=row,
+                    reason=f"column {name!r}: integers must fit in 64 bits (signed), not"
+                    f" {shorten(sent, 24)}; JavaScript holds integers exactly only up to"
+                    " 2**53: write larger ones in a text or decimal column",
+                )  # fmt: skip
+            if m.op == "update":  # what the device received: not a change
+                del values[name]
+                changed.remove(name)
+            else:
+                values[name] = held
+        return msgspec.structs.replace(m, base=base, values=values, changed=changed)
 
     def _binary(self, values: dict[str, Any]) -> None:
         """Binary columns' base64 text as bytes, in place. Text that is not base64 stays
@@ -374,7 +453,9 @@ class RxDBReplication:
             )
         docs = self.docs(stream)
         mutations = [docs.mutation(i + 1, r) for i, r in enumerate(rows)]
-        check_mutations(mutations, limits)
+        # Integers past 64 bits that JavaScript made of a server value are read against
+        # the row (``_Docs.settle``), row by row: never a refusal of the whole push.
+        check_mutations([docs.within_limits(m) for m in mutations], limits)
         return mutations
 
     # -- handlers ------------------------------------------------------------------
@@ -530,12 +611,25 @@ class RxDBReplication:
         applier then applies none of the rows it numbered twice (``sequence-reused``,
         against the other push's log), and those rows go again with the numbers after
         it, until every row has its own result (or ``NUMBERING_ATTEMPTS`` ran out).
+        A row holding a value JavaScript may have received inexactly is first read
+        against the server's row (``_Docs.settle``).
         """
         if not mutations:
             return {"conflicts": [], "results": []}
         pushed: list[tuple[Mutation, MutationResult] | None] = [None] * len(mutations)
-        waiting = list(range(len(mutations)))
+        docs = self.docs(stream)
+        mutations = list(mutations)
+        for i, m in enumerate(mutations):
+            if docs.needs_row(m):
+                settled = docs.settle(m, self._server_row(stream, principal, m.key))
+                if isinstance(settled, MutationResult):
+                    pushed[i] = (m, settled)
+                else:
+                    mutations[i] = settled
+        waiting = [i for i, p in enumerate(pushed) if p is None]
         for _ in range(NUMBERING_ATTEMPTS):
+            if not waiting:
+                break
             with self._lock_for(client_id):
                 with self.server.store.engine.connect() as conn:
                     last = conn.execute(
@@ -559,7 +653,6 @@ class RxDBReplication:
             if not taken:
                 break
             waiting = taken
-        docs = self.docs(stream)
         conflicts: list[dict[str, Any]] = []
         answers: list[dict[str, Any]] = []
         for m, r in (p for p in pushed if p is not None):
@@ -782,6 +875,18 @@ def _result(docs: _Docs, m: Mutation, r: MutationResult) -> dict[str, Any]:
         out["code"] = r.code
         out["reason"] = r.reason
     return out
+
+
+def _as_received(value: Any) -> Any:
+    """A value as JSON brings it to JavaScript: an integer as its nearest double, a
+    non-finite real as null."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    try:
+        number = float(value)
+    except OverflowError:  # past any double: JSON.parse gives Infinity, never equal
+        return ("overflow", value)
+    return number if math.isfinite(number) else None
 
 
 def _event(data: Any) -> bytes:
