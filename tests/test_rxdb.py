@@ -787,6 +787,22 @@ def test_the_schema_comes_from_the_catalog(http: httpx.Client) -> None:
     }  # fmt: skip
 
 
+def test_a_real_column_admits_null_since_json_has_no_infinity() -> None:
+    from syncunit.server.rxdb import rxdb_schema
+    from syncunit.units import Stream
+
+    t = sa.Table(
+        "reading", sa.MetaData(),
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("x", sa.Float, nullable=False),
+        sa.Column("n", sa.BigInteger, nullable=False),
+    )  # fmt: skip
+    stream = Stream("readings", t, {c.name: c for c in t.columns}, local_table="LocalReading")
+    props = rxdb_schema(stream.info())["properties"]
+    assert props["x"] == {"type": ["number", "null"]}  # infinity arrives as null
+    assert props["n"] == {"type": "integer"}
+
+
 class Events:
     """An SSE client on a plain socket (so closing it ends it at once, as a browser tab
     closing would); a thread reads the events, ``next()`` waits for one."""

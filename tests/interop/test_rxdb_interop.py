@@ -318,3 +318,110 @@ def test_the_real_rxdb_replicates_a_unit_opened_on_one_patient(
     assert js.docs() == selection()
     assert key_of[theirs] not in js.docs()
     assert js.call("results")["errors"] == []
+
+
+def _tallies_server(database: str) -> tuple[SyncServer, sa.Table]:
+    """One ``tally`` table of big integers and a NOT NULL float, under
+    Detect(merge=False): every column of a base is checked, an edit's or a delete's."""
+    from syncunit.policies import Detect
+    from tests.support import owned_table_server
+
+    tally = sa.Table(
+        "tally", sa.MetaData(),
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("big", sa.BigInteger, nullable=True),
+        sa.Column("f", sa.Float, nullable=False, default=0.0),
+        sa.Column("note", sa.String(50), nullable=False, default=""),
+    )  # fmt: skip
+    return owned_table_server(
+        database, tally, "LocalTally", "Tallies", policy=Detect(merge=False)
+    ), tally
+
+
+@pytest.mark.timeout(300)
+def test_rxdb_writes_over_values_javascript_cannot_hold_are_never_stuck_or_false_conflicts(
+    js_device: Callable[[], JsDevice],
+    serve: Callable[[Any], LiveServer],
+    new_database: Callable[[str], str],
+) -> None:
+    """Integers from 2**53 on reach RxDB as doubles, infinities as null: sent back as
+    the base of an edit or a delete, they are the server's values (applied, none
+    stuck, no conflict); a value past 64 bits the app writes is refused for its
+    document alone; a real change on the server is still a conflict."""
+    server, tally = _tallies_server(new_database("tallies"))
+    rows = {
+        "max": {"big": 2**63 - 1, "f": 1.5},
+        "min": {"big": -(2**63), "f": 1.5},
+        "odd": {"big": 2**53 + 1, "f": float("inf")},
+        "neg": {"big": 7, "f": float("-inf")},
+        "moved": {"big": 2**53 + 3, "f": 2.5},
+    }
+
+    def server_rows() -> dict[str, dict[str, Any]]:
+        with server.store.engine.connect() as conn:
+            found = conn.execute(sa.select(tally.c.id, tally.c.big, tally.c.f, tally.c.note))
+            return {r.id: {"big": r.big, "f": r.f, "note": r.note} for r in found}
+
+    with server.store.engine.begin() as conn:
+        conn.execute(tally.insert(), [{"id": k, "owner": "ana", **v} for k, v in rows.items()])
+    live = serve(server.app)
+    js = js_device()
+    started = js.call(
+        "start", timeout=120, name="tallies", url=live.url, token="t",
+        unit="Tallies", stream="tallys", clientId="tablet", batchSize=10,
+    )  # fmt: skip
+    # RxDB holds them all: a non-finite float of a NOT NULL column arrives as null.
+    assert started["count"] == 5
+    held = js.docs()
+    assert {k: (d["big"], d["f"]) for k, d in held.items()} == {
+        "max": (9223372036854776000, 1.5),  # JSON.stringify of 2**63 as a double
+        "min": (-9223372036854776000, 1.5),
+        "odd": (2**53, None),
+        "neg": (7, None),
+        "moved": (2**53 + 4, 2.5),
+    }
+
+    # Edits of other columns, in one push with a new document: all applied, the
+    # values RxDB could not hold kept exactly.
+    js.call("pause")
+    for key in ("max", "min", "odd", "neg"):
+        js.call("patch", id=key, fields={"note": "js"})
+    js.call("insert", doc={"id": "new", "owner": "ana", "big": 2**53 + 2, "f": 0.5, "note": ""})
+    with server.store.engine.begin() as conn:  # a real change meanwhile: a conflict
+        conn.execute(tally.update().where(tally.c.id == "moved").values(big=2**53 + 100))
+    js.call("patch", id="moved", fields={"note": "js"})
+    js.call("resume")
+    now = server_rows()
+    assert {k: now[k] for k in rows} == {
+        **{k: {**v, "note": "js"} for k, v in rows.items()},
+        "moved": {"big": 2**53 + 100, "f": 2.5, "note": ""},
+    }
+    assert now["new"] == {"big": 2**53 + 2, "f": 0.5, "note": ""}  # as the app wrote it
+
+    # A value past 64 bits is refused for its document alone; deletes over the
+    # inexact values apply.
+    js.call("pause")
+    js.call("patch", id="neg", fields={"big": 2**64, "note": "too big"})
+    for key in ("max", "min", "odd"):
+        js.call("remove", id=key)
+    js.call("resume")
+    now = server_rows()
+    assert set(now) == {"neg", "moved", "new"}
+    assert now["neg"] == {"big": 7, "f": float("-inf"), "note": "js"}
+    assert js.docs()["neg"]["big"] == 7  # RxDB takes the server's row back
+
+    report = js.call("results")
+    assert report["errors"] == []
+    verdicts = [(r["id"], r["op"], r["status"], r.get("code")) for r in report["results"]]
+    assert sorted(verdicts) == sorted(
+        [
+            *[(k, "update", "applied", None) for k in ("max", "min", "odd", "neg")],
+            ("new", "insert", "applied", None),
+            ("moved", "update", "conflict", "conflict"),
+            ("neg", "update", "rejected", "invalid-value"),
+            *[(k, "delete", "applied", None) for k in ("max", "min", "odd")],
+        ]
+    )
+    [refusal] = [r for r in report["results"] if r["status"] == "rejected"]
+    assert "64 bits" in refusal["reason"]

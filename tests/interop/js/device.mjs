@@ -47,7 +47,7 @@ const commands = {
   },
   async insert(cmd) {
     await collection.insert(cmd.doc);
-    await replication.awaitInSync();
+    if (!replication.isPaused()) await replication.awaitInSync();
     return {};
   },
   async patch(cmd) {
@@ -59,7 +59,7 @@ const commands = {
   async remove(cmd) {
     const doc = await collection.findOne(cmd.id).exec();
     await doc.remove();
-    await replication.awaitInSync();
+    if (!replication.isPaused()) await replication.awaitInSync();
     return {};
   },
   async pause() {
