@@ -23,9 +23,11 @@ from alembic import command
 from alembic.config import Config
 from fastapi_service.app import create_service
 from fastapi_service.models import Region, Site, Technician, WorkOrder
+from fastapi_service.sync import schema
 from sqlalchemy.orm import Session
 
 from syncunit.client import SyncClient
+from syncunit.server import open_store
 from tests.support import LiveServer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fastapi_service"
@@ -159,6 +161,23 @@ def test_the_migration_installs_tracking(database: str) -> None:
         )
         assert unstamped.scalar() == 0
     engine.dispose()
+
+
+def test_the_migration_creates_the_scope_indexes(database: str) -> None:
+    """What ``syncunit ddl --fresh`` prints, indexes included: the mounted server
+    (``install=False``) creates none, so without them deltas read no scope index."""
+    store = open_store(database)
+    try:
+        wanted = [
+            ddl.split(" IF NOT EXISTS ", 1)[1].split(" ON ", 1)[0].strip('"')
+            for ddl in store.scope_index_ddl(schema)
+        ]
+        with store.engine.connect() as conn:
+            have = store.index_names(conn)
+    finally:
+        store.engine.dispose()
+    assert "ix_work_order_technician_id_syncunit_version" in wanted
+    assert [name for name in wanted if name not in have] == []
 
 
 def test_a_device_syncs_through_the_fastapi_app(

@@ -6,11 +6,13 @@ Create Date: 2026-12-05
 
 The statements are those ``syncunit ddl fastapi_service.sync:build --app-dir examples
 --database URL --fresh`` prints: syncunit's own tables, a version, a creation version
-and two timestamp columns on each tracked table, and the triggers that stamp them and
-record deletes. They are computed from the sync schema when the migration runs; to pin
-them instead, paste that command's output here. After upgrading syncunit, or changing
-which tables or columns the streams use, add a migration that runs ``syncunit ddl`` (without
-``--fresh``) output: it adds only what is missing and recreates the triggers.
+and two timestamp columns on each tracked table, the triggers that stamp them and
+record deletes, and the indexes deltas read a device's scope through (the mounted server,
+with ``install=False``, creates none). They are computed from the sync schema when the
+migration runs; to pin them instead, paste that command's output here. After upgrading
+syncunit, or changing which tables or columns the streams use, add a migration that runs
+``syncunit ddl`` (without ``--fresh``) output: it adds only what is missing and recreates
+the triggers.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def upgrade() -> None:
     # dialect: it never connects. The statements run on the migration's connection.
     store = open_store(bind.engine.url.render_as_string(hide_password=False))
     try:
-        statements = store.tracking_ddl(schema, existing=False)
+        statements = [*store.tracking_ddl(schema, existing=False), *store.scope_index_ddl(schema)]
     finally:
         store.engine.dispose()
     for stmt in statements:
@@ -41,9 +43,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Remove everything the upgrade made, by syncunit's prefix: its triggers (and, on
-    PostgreSQL, their functions), its tables, and the tracking columns with their index."""
+    """Remove everything the upgrade made, by syncunit's name: its triggers (and, on
+    PostgreSQL, their functions), its tables, and the tracking columns with their indexes."""
     bind = op.get_bind()
+    inspector = sa.inspect(bind)
+    for table in schema.tracked_tables():
+        for index in inspector.get_indexes(table.name):
+            if "syncunit" in str(index["name"]):
+                op.drop_index(str(index["name"]), table_name=table.name)
     if bind.dialect.name == "sqlite":
         objects = bind.exec_driver_sql(
             "SELECT type, name FROM sqlite_master WHERE name LIKE 'syncunit%' AND type != 'index'"
@@ -76,7 +83,6 @@ def downgrade() -> None:
     else:
         raise NotImplementedError(f"this example's downgrade has no {bind.dialect.name} form")
     for table in schema.tracked_tables():
-        op.drop_index(f"ix_{table.name}_syncunit_version", table_name=table.name)
         with op.batch_alter_table(table.name) as batch:
             for column in (
                 "syncunit_version",
