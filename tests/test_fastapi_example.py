@@ -8,6 +8,9 @@ syncs through the FastAPI app over real HTTP, with syncunit mounted at ``/sync``
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -180,10 +183,46 @@ def test_the_migration_creates_the_scope_indexes(database: str) -> None:
     assert [name for name in wanted if name not in have] == []
 
 
-def test_a_device_syncs_through_the_fastapi_app(
-    database: str, service: LiveServer, device: SyncClient
+def _scope_index_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The server's warnings about missing scope indexes, once its check has ended."""
+    deadline = time.monotonic() + 10
+    while any(t.name == "syncunit-scope-indexes" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the scope index check did not end"
+        time.sleep(0.01)
+    return [r.getMessage() for r in caplog.records if "scope index" in r.getMessage()]
+
+
+def test_a_server_without_install_warns_of_missing_scope_indexes(
+    database: str,
+    serve: Callable[[Any], LiveServer],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    result = device.sync("Field")
+    engine = sa.create_engine(database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql('DROP INDEX "ix_work_order_technician_id_syncunit_version"')
+    engine.dispose()
+    service = serve(create_service(database))
+    with caplog.at_level(logging.WARNING, logger="syncunit"):
+        c = SyncClient(f"{service.url}/sync", tmp_path / "ana.sqlite", token="tok-ana")
+        try:
+            c.sync("Field")
+            c.sync("Field")
+        finally:
+            c.close()
+        warnings = _scope_index_warnings(caplog)
+    assert len(warnings) == 1  # once per server, not per sync
+    assert "1 scope index(es) missing" in warnings[0]
+    assert "ix_work_order_technician_id_syncunit_version" in warnings[0]
+    assert "syncunit ddl" in warnings[0]
+
+
+def test_a_device_syncs_through_the_fastapi_app(
+    database: str, service: LiveServer, device: SyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="syncunit"):
+        result = device.sync("Field")
+        assert _scope_index_warnings(caplog) == []  # the migration created them all
     assert result.rows_in == {"LocalSite": 2, "LocalWorkOrder": 6}
     assert _local_orders(device) == _orm_orders(database, 1)
 

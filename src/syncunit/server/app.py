@@ -205,6 +205,9 @@ class SyncServer(SyncAnswer):
         self.max_live_wait = max_live_wait
         self._cursor_key = cursor_secret
         self.accept_unsigned_cursors = accept_unsigned_cursors
+        #: Taken once by the first sync of a server that did not install: it looks for
+        #: missing scope indexes (``install`` creates them, a migration may not have).
+        self._scope_check = None if install else threading.Lock()
         if install:
             self.store.install(schema)
             if self._cursor_key is None:
@@ -774,7 +777,31 @@ class SyncServer(SyncAnswer):
         cutoff = dt.datetime.now(dt.UTC) - self.tombstone_retention
         return self.store.prune_tombstones_before(cutoff)
 
+    def _check_scope_indexes(self) -> None:
+        """Warn, on a background thread, about the scope indexes missing from the database
+        of a server that did not install them (once per server, at its first sync)."""
+        if self._scope_check is None or not self._scope_check.acquire(blocking=False):
+            return  # installed at start, or checked already: the lock is never released
+
+        def check() -> None:
+            try:
+                missing = self.store.missing_scope_indexes(self.schema)
+            except Exception:
+                log.exception("looking for missing scope indexes failed")
+                return
+            if missing:
+                log.warning(
+                    "%d scope index(es) missing: a delta looks for a client's changes among"
+                    " every change of the table since its cursor. Create them (run what"
+                    " 'syncunit ddl' prints, or start a server with install=True): %s",
+                    len(missing),
+                    "; ".join(missing),
+                )
+
+        threading.Thread(target=check, name="syncunit-scope-indexes", daemon=True).start()
+
     def _maybe_prune(self) -> None:
+        self._check_scope_indexes()
         now = time.monotonic()
         if self.tombstone_retention is None or now - self._pruned_at < self.prune_every:
             return

@@ -169,10 +169,7 @@ class ServerStore(abc.ABC):
         """Create the indexes deltas read the scope through, if any is missing (they
         depend on the streams' filters, not on tracking); False when none was."""
         wanted = self.scope_index_ddl(schema)
-        with self.engine.connect() as conn, conn.begin():
-            have = self.index_names(conn)
-        missing = [ddl for ddl in wanted if _index_name(ddl) not in have]
-        if not missing:
+        if not self.missing_scope_indexes(schema):
             return False
         with self.write() as conn:
             # Servers starting together: PostgreSQL's CREATE INDEX IF NOT EXISTS can
@@ -184,6 +181,12 @@ class ServerStore(abc.ABC):
                     conn.exec_driver_sql(ddl)
                     have.add(_index_name(ddl))
         return True
+
+    def missing_scope_indexes(self, schema: SyncSchema) -> list[str]:
+        """The statements of ``scope_index_ddl`` whose index the database lacks."""
+        with self.engine.connect() as conn, conn.begin():
+            have = self.index_names(conn)
+        return [ddl for ddl in self.scope_index_ddl(schema) if _index_name(ddl) not in have]
 
     def index_names(self, conn: Connection) -> set[str]:
         """The names of every index in the database."""
