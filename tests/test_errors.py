@@ -485,6 +485,43 @@ def test_a_url_that_is_not_a_syncunit_server_is_told_not_retried(tmp_path, serve
             device.close()
 
 
+def test_an_error_page_that_is_not_a_syncunit_server_s_is_told_by_status(tmp_path, serve):
+    """A plain 404 or 405 (a syncunit server answers those with a problem) is a wrong
+    URL, not retried; a proxy's 502 page is a transient failure, retried."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    from syncunit import ProblemError, ProtocolError, SyncClient
+
+    async def page(request):
+        return HTMLResponse("<html><body>hello</body></html>")
+
+    async def bad_gateway(request):
+        return HTMLResponse("<html><body>502 Bad Gateway</body></html>", status_code=502)
+
+    web = serve(
+        Starlette(routes=[Route("/read-only/{p:path}", page, methods=["GET"]),
+                          Route("/down/{p:path}", bad_gateway, methods=["GET", "POST"])])
+    )  # fmt: skip
+    for base, shown in (("nowhere", "HTTP 404 Not Found"), ("read-only", "HTTP 405")):
+        device = SyncClient(f"{web.url}/{base}", tmp_path / f"{base}.sqlite")
+        try:
+            with pytest.raises(ProtocolError, match=f"not a syncunit server \\({shown}") as info:
+                device.sync("Login")
+            assert "check the server URL" in str(info.value)
+        finally:
+            device.close()
+    device = SyncClient(f"{web.url}/down", tmp_path / "down.sqlite")
+    try:
+        with pytest.raises(ProblemError) as problem:
+            device.sync("Login")
+        assert (problem.value.status, problem.value.code) == (502, "http-error")
+        assert problem.value.retryable
+    finally:
+        device.close()
+
+
 def test_no_timeout_is_no_read_timeout(tmp_path):
     """``timeout=None`` is httpx's: no read timeout (a connection still has 10 s)."""
     from syncunit import SyncClient

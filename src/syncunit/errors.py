@@ -2,7 +2,8 @@
 
     SyncUnitError
     ├── DeclarationError     a table, stream or unit is declared wrongly
-    ├── ProtocolError        a wire message could not be read (malformed, wrong version)
+    ├── ProtocolError        a wire message could not be read (malformed, wrong version),
+    │                        or the URL leads to something else than a syncunit server
     ├── LocalStoreError      the client's local database cannot do what was asked
     ├── DatabaseRestored     the server's database is a restored copy: renew its epoch first
     └── SyncError            a sync run failed
@@ -92,7 +93,8 @@ class SyncCancelled(SyncError):
 
 
 class ProblemError(SyncError):
-    """The server answered with a problem document (RFC 9457)."""
+    """The server answered with a problem document (RFC 9457), or with an error that is
+    not one (a proxy's page: ``code`` is the client's own ``http-error``)."""
 
     def __init__(self, status: int, code: str, title: str, detail: str = "", **extra: Any) -> None:
         self.status = status

@@ -847,6 +847,15 @@ class SyncClient:
             finally:
                 response.close()
             problem = decode_problem(body)
+            if problem is None and response.status_code in (404, 405):
+                # A syncunit server answers these with a problem: a plain 404 or 405 (a web
+                # server's page) means the URL leads elsewhere, and no retry will fix it.
+                got = response.headers.get("content-type", "").partition(";")[0].strip()
+                raise ProtocolError(
+                    f"{request.url} is not a syncunit server (HTTP {response.status_code}"
+                    f" {response.reason_phrase}, Content-Type {got or 'missing'}):"
+                    " check the server URL"
+                )
             if problem is None:
                 raise problem_error(
                     response.status_code,
