@@ -49,6 +49,31 @@ def test_prune_refuses_a_negative_keep_and_changes_nothing(
     assert horizon <= store.current_version()  # never past the current version
 
 
+# -- --chunk-size ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["sync", "serve", "demo"])
+@pytest.mark.parametrize(
+    ("raw", "told"),
+    [("0", "0 rows: a chunk holds at least 1 row"), ("-5", "-5 rows"), ("many", "not a whole")],
+)
+def test_a_chunk_size_under_one_row_is_a_one_line_error(
+    command: str, raw: str, told: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = {
+        "sync": ["sync", "http://127.0.0.1:9", "Login", "--db", str(tmp_path / "d.sqlite")],
+        "serve": ["serve", *SCHEMA, "--database", f"sqlite:///{tmp_path / 's.sqlite'}"],
+        "demo": ["demo", "--workdir", str(tmp_path)],
+    }[command]
+    with pytest.raises(SystemExit) as refused:
+        main([*args, "--chunk-size", raw])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --chunk-size: {told}" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
 # -- retrack -------------------------------------------------------------------------------
 
 

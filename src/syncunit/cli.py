@@ -316,6 +316,17 @@ def _versions(raw: str) -> int:
     return value
 
 
+def _rows(raw: str) -> int:
+    """``--chunk-size``: a count of rows, one or more."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of rows: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} rows: a chunk holds at least 1 row")
+    return value
+
+
 def _seconds(raw: str) -> float:
     """A positive number of seconds."""
     try:
@@ -426,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", help="JSON {token: {id, params, admin}} for a SyncSchema TARGET")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--chunk-size", type=int, help="rows per chunk (default 2000)")
+    p.add_argument("--chunk-size", type=_rows, metavar="ROWS", help="rows per chunk (default 2000)")
     p.add_argument(
         "--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
         help="the least severe log lines shown (default info)",
@@ -466,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("unit", help="the sync unit to run")
     p.add_argument("--db", required=True, help="the local SQLite file")
     p.add_argument("--token", help="bearer token")
-    p.add_argument("--chunk-size", type=int, help="rows per chunk to ask for")
+    p.add_argument("--chunk-size", type=_rows, metavar="ROWS", help="rows per chunk to ask for")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument(
         "--param",
@@ -520,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--appointments", type=int, default=100_000, help="rows to generate")
     p.add_argument("--report", help="write the syncs as JSON to this path")
     p.add_argument("--workdir", help="keep the databases here")
-    p.add_argument("--chunk-size", type=int, help="rows per chunk")
+    p.add_argument("--chunk-size", type=_rows, metavar="ROWS", help="rows per chunk")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run the benchmarks", description="Run the benchmarks.")
