@@ -1285,6 +1285,25 @@ def _uploading(url: str, size: int, sent: int) -> socket.socket:
     return s
 
 
+def test_a_body_share_given_back_holds_nothing_more():
+    """A request cancelled while a body worker inflates its body gives its share back
+    at once; the worker, still running, must not hold bytes nobody will give back
+    (the budget would fill, and every later request be refused 503)."""
+    from syncunit.server.limits import BodyBudget
+
+    budget = BodyBudget(100)
+    held = budget.hold()
+    held.grow(60)
+    held.release()  # the request ended (cancelled): its share is given back
+
+    with pytest.raises(ProblemException, match="ended while its body was read"):
+        held.grow(30)  # the worker inflating its body goes on
+    assert budget.held == 0
+    other = budget.hold()
+    other.grow(100)  # the whole budget is there for others
+    other.release()
+
+
 def test_request_bodies_held_at_once_are_bounded_in_all(make_server, serve, store):
     from hospital.generate import generate
 

@@ -459,11 +459,17 @@ class HeldBody:
     def __init__(self, budget: BodyBudget) -> None:
         self.budget = budget
         self.size = 0
+        self.released = False
 
     def grow(self, size: int) -> None:
-        """Hold ``size`` more bytes, or raise 503 ``overloaded`` (thread-safe)."""
+        """Hold ``size`` more bytes, or raise 503 ``overloaded`` (thread-safe).
+
+        After ``release`` it holds nothing and raises: a body worker still inflating
+        the body of a request that was cancelled meanwhile stops there."""
         budget = self.budget
         with budget._lock:
+            if self.released:
+                raise ProblemException("overloaded", "the request ended while its body was read")
             if budget.held + size > budget.total:
                 raise ProblemException(
                     "overloaded",
@@ -475,10 +481,12 @@ class HeldBody:
             self.size += size
 
     def release(self) -> None:
-        """Give back everything held (the body is decoded or refused)."""
+        """Give back everything held (the body is decoded or refused, or the request
+        ended); what would still grow it is refused."""
         with self.budget._lock:
             self.budget.held -= self.size
             self.size = 0
+            self.released = True
 
 
 async def off_the_loop(size: int, work: Callable[[], _T]) -> _T:
