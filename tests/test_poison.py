@@ -261,6 +261,24 @@ def test_a_pull_that_meets_a_lock_timeout_is_told_to_retry(notes_app, backend):
     assert local_notes(device) == app.rows("u1")
 
 
+def test_syncunit_s_tables_gone_mid_restore_are_a_503_not_a_server_fault(notes_app):
+    """A restore under way (pg_restore into a new database, a copied file) leaves the
+    database without syncunit's tables for a while: a sync then is told to retry, as
+    for a database that cannot take it for now, and goes on once they are back."""
+    app = notes_app()
+    app.add("s1")
+    device = app.client()
+    device.insert("LocalNote", {"id": "a", "owner": "u1"})
+    app.backoffice("ALTER TABLE syncunit_meta RENAME TO syncunit_meta_restoring")
+    try:
+        _unavailable(device)
+        _unavailable(device, "Pull")
+    finally:
+        app.backoffice("ALTER TABLE syncunit_meta_restoring RENAME TO syncunit_meta")
+    assert device.sync("Sync").applied == 1
+    assert local_notes(device) == app.rows("u1")
+
+
 def test_a_value_its_column_cannot_hold_is_rejected_as_invalid_naming_the_column(
     notes_app, backend
 ):

@@ -101,6 +101,10 @@ _PG_BUSY = ("55P03", "57014", "25P03")
 _PG_BUSY_CLASSES = ("53", "57P", "58")
 
 
+class TrackingMissing(RuntimeError):
+    """The database holds no tracking (never installed, or a restore is under way)."""
+
+
 def database_busy(exc: BaseException) -> str | None:
     """Why ``exc`` is the database failing for now, not the request (SQLite locked or
     full, a PostgreSQL lock or statement timeout, a cancelled statement, a full disk,
@@ -108,9 +112,17 @@ def database_busy(exc: BaseException) -> str | None:
     ``database-unavailable`` problem the device retries, never a change's rejection."""
     if isinstance(exc, sa.exc.TimeoutError):
         return "no database connection free in time"
+    if isinstance(exc, TrackingMissing):
+        return f"{exc} (or the database is being restored)"
     if not isinstance(exc, sa.exc.DBAPIError):
         return None
     orig = exc.orig
+    # syncunit's own tables gone: the database is being restored (or was replaced).
+    gone = "syncunit_" in str(orig) and (
+        str(orig).startswith("no such table") or getattr(orig, "sqlstate", None) == "42P01"
+    )
+    if gone:
+        return f"{first_line(exc)} (is the database being restored?)"
     if isinstance(orig, sqlite3.Error):
         name = getattr(orig, "sqlite_errorname", "") or ""
         busy = name.startswith(_SQLITE_BUSY) or str(orig).startswith("database is locked")

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
+from syncunit.server.problems import TrackingMissing
 from syncunit.server.shape import scope_indexes, tombstone_scope_columns
 from syncunit.units import Stream, SyncSchema
 
@@ -445,7 +446,7 @@ class ServerStore(abc.ABC):
     def epoch_and_horizon_of(facts: dict[str, str]) -> tuple[str, int]:
         """``epoch_and_horizon`` from facts already read."""
         if "epoch" not in facts:
-            raise RuntimeError("tracking is not installed: call install() first")
+            raise TrackingMissing("tracking is not installed: call install() first")
         return facts["epoch"], int(facts.get("horizon", "0"))
 
     def stream_horizon(self, conn: Connection, stream: Stream) -> tuple[int, int | None]:
