@@ -9,7 +9,9 @@
 * building a store twice on one engine configures it once; every SQLite
   connection commits durably;
 * a writer that disables tracking is caught at the next start: the table's
-  triggers come back and the streams reading it reset.
+  triggers come back and the streams reading it reset;
+* a database a newer syncunit migrated is refused at start, untouched: no
+  re-install, no reset (an older server must not take newer tracking for tampered).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from syncunit.server import Principal, SyncServer, TokenAuth, open_store
+from syncunit.server import DatabaseTooNew, Principal, SyncServer, TokenAuth, open_store
 from syncunit.server.migrations import LATEST, MIGRATIONS, TableTracking
 from syncunit.server.store import _index_name, meta_table
 from syncunit.units import Stream, SyncSchema, SyncUnit
@@ -260,6 +262,43 @@ def test_a_writer_that_disables_tracking_is_caught_at_the_next_start(
     assert result.resets == ["items"]
     assert local_rows(device, server, items) == expected_rows(server, items, NORTH)
     assert trigger_names(store.engine) == triggers
+
+
+def test_a_database_a_newer_version_migrated_is_refused_untouched(
+    backend, store, plain_sql, serve, make_client
+):
+    # Triggers this version would call tampered (on PostgreSQL, enabled the ordinary way,
+    # as a version before migration 4 re-installs them), under a newer migration number.
+    alter = {
+        "sqlite": ["DROP TRIGGER syncunit_item_ad"],
+        "postgres": ["ALTER TABLE item DISABLE TRIGGER ALL", "ALTER TABLE item ENABLE TRIGGER ALL"],
+    }
+    if backend not in alter:
+        pytest.skip(f"no way to alter triggers written for {backend}")
+    plain_sql.script(MINI_TABLES)
+    plain_sql("INSERT INTO owner (id, name, region) VALUES (1, 'Ana', 'north')")
+    plain_sql("INSERT INTO item (id, owner_id, name, qty) VALUES (1, 1, 'a', 1), (2, 1, 'b', 2)")
+    live = serve(_server(store).app)
+    device = make_client("t-north", url=live.url, name="d")
+    device.sync("Items")
+    plain_sql.script(alter[backend])
+    plain_sql(f"UPDATE syncunit_meta SET value = '{LATEST + 1}' WHERE key = 'schema-version'")
+    triggers = trigger_names(store.engine)
+    with store.engine.connect() as conn:
+        facts = store.facts(conn)
+    seen, stop = _statements(store.engine)
+
+    with pytest.raises(DatabaseTooNew, match=rf"migration {LATEST + 1}.*up to {LATEST}"):
+        _server(store)
+    with pytest.raises(DatabaseTooNew):
+        store.tracking_ddl(mini_schema)
+    stop()
+
+    assert [s for s in seen if s.lstrip().upper().startswith(WRITES)] == []
+    assert trigger_names(store.engine) == triggers
+    with store.engine.connect() as conn:
+        assert store.facts(conn) == facts
+    assert device.sync("Items").resets == []  # the running server: no stream reset
 
 
 def _creation_stamps_arrive(server, serve, plain_sql, early, late):

@@ -6,6 +6,7 @@
     │                        or the URL leads to something else than a syncunit server
     ├── LocalStoreError      the client's local database cannot do what was asked
     ├── DatabaseRestored     the server's database is a restored copy: renew its epoch first
+    ├── DatabaseTooNew       a newer syncunit migrated the server's database: run that one
     └── SyncError            a sync run failed
         ├── NetworkError         the server could not be reached or the stream was cut: retryable
         ├── SyncCancelled        close() stopped the run: the unit stays queued, nothing is lost
@@ -27,6 +28,7 @@ from typing import Any
 __all__ = [
     "AuthError",
     "DatabaseRestored",
+    "DatabaseTooNew",
     "DeclarationError",
     "DeviceBusy",
     "LocalStoreError",
@@ -51,6 +53,15 @@ class DatabaseRestored(SyncUnitError):
     Serving it as it is would let clients skip or resurrect rows; renewing its
     epoch (``syncunit renew-epoch``, ``ServerStore.renew_epoch()``) makes every
     client re-download instead.
+    """
+
+
+class DatabaseTooNew(SyncUnitError):
+    """A newer syncunit migrated the server's database past the migrations this one knows.
+
+    This version refuses to install on it (it would take the newer tracking for
+    tampered, re-install its own and reset every stream): serve it with the
+    newer version, and stop servers of older versions before such an upgrade.
     """
 
 

@@ -24,6 +24,12 @@ resets only if its window holds tombstones of the stream's tables.
 other start takes the store's write lock, re-reads, migrates and re-installs
 the tables whose definition changed, all in one transaction: several servers
 starting together serialize there, and all but the first find nothing to do.
+
+**A newer database.** A database a newer syncunit migrated (``schema-version``
+above ``LATEST``) is refused with ``DatabaseTooNew`` before anything is read
+or written: this version cannot judge that version's tracking (it would take
+it for tampered, re-install its own and reset every stream, and the newer one
+would do the same back at its next start).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from syncunit.errors import DatabaseTooNew
 from syncunit.server.shape import tables_read
 from syncunit.units import Stream, SyncSchema
 
@@ -137,6 +144,17 @@ def schema_version(conn: Connection) -> int:
         sa.select(meta_table.c.value).where(meta_table.c.key == SCHEMA_VERSION_FACT)
     ).scalar()
     return 1 if value is None else int(value)
+
+
+def check_not_newer(current: int) -> None:
+    """Raise ``DatabaseTooNew`` if migration ``current`` is one this version does not know."""
+    if current > LATEST:
+        raise DatabaseTooNew(
+            f"the database is at syncunit migration {current}, made by a newer syncunit than"
+            f" this one (which knows migrations up to {LATEST}); nothing was changed."
+            " Serve it with the newer version: stop servers of older versions before"
+            " upgrading across a migration (see docs/deploy.md, upgrades)"
+        )
 
 
 def migration_ddl(store: ServerStore, current: int) -> list[str]:
@@ -314,6 +332,7 @@ def plan(
     ``conn`` None plans for a database that has none of syncunit yet.
     """
     current = schema_version(conn) if conn is not None else 0
+    check_not_newer(current)
     facts = _facts(conn) if conn is not None and current else {}
     out: list[tuple[TableTracking, str]] = []
     for table in schema.tracked_tables():
