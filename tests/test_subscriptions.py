@@ -25,7 +25,13 @@ from hospital.units import schema as hospital_schema
 
 from syncunit import Param, Stream, SyncSchema, SyncUnit
 from syncunit.client.scheduler import subscription_id
-from syncunit.errors import DeclarationError, NetworkError, ProblemError, RequestRejected
+from syncunit.errors import (
+    DeclarationError,
+    NetworkError,
+    ProblemError,
+    RequestRejected,
+    UnknownUnitError,
+)
 from syncunit.protocol import (
     PROTOCOL_VERSION,
     Chunk,
@@ -1074,6 +1080,41 @@ def test_a_fresh_catalog_closes_the_subscriptions_of_units_it_no_longer_has(
     dev.sync("PatientHistory", params={"patient_id": p})  # opened again under its new name
     assert local_keys(dev, "LocalAppointment") >= set(history(store, p))
     assert cancelled not in local_keys(dev, "LocalAppointment")
+
+
+@pytest.mark.parametrize("via", ["sync", "catalog"])
+def test_a_subscription_a_catalog_closes_is_reported_to_on_error(
+    server, make_server, serve, make_client, store, via
+):
+    # A rolling deploy: the device opened History on a process that has it; its next
+    # request (not carrying History) lands on one that does not, whose catalog it applies.
+    live = serve(make_server(narrow_schema).app)
+    errors: list[tuple[str, Exception]] = []
+    dev = make_client(url=live.url, on_error=lambda u, e: errors.append((u, e)))
+    p, cancelled = open_history(dev, store)
+    sub = subscription_id("History", {"patient_id": p})
+    live.app = make_server(redeployed(None)).app
+
+    if via == "sync":
+        result = dev.sync("Agenda")
+        assert result.closed == [sub]
+    else:
+        dev.catalog(refresh=True)
+
+    assert dev.subscriptions() == []
+    assert cancelled not in local_keys(dev, "LocalAppointment")
+    assert len(errors) == 1
+    named, exc = errors[0]
+    assert named == sub
+    assert isinstance(exc, UnknownUnitError)
+    assert exc.code == "unknown-unit"
+    assert exc.extra == {"subscription": sub, "unit": "History", "params": {"patient_id": p}}
+    assert "sync the unit again to reopen it" in str(exc)
+    # The app reopens it with what the report carries, on a process that has the unit.
+    live.app = make_server(narrow_schema).app
+    dev.sync(exc.extra["unit"], params=exc.extra["params"])
+    assert cancelled in local_keys(dev, "LocalAppointment")
+    assert len(errors) == 1
 
 
 def test_a_held_subscription_a_stricter_hook_refuses_is_closed_and_online_pushes(

@@ -48,6 +48,7 @@ from syncunit.errors import (
     ProtocolError,
     SyncCancelled,
     SyncError,
+    UnknownUnitError,
     problem_error,
 )
 from syncunit.ids import uuid7
@@ -531,7 +532,27 @@ class SyncClient:
             catalog = decode_catalog(body)
             self.store.apply_catalog(catalog)
             self.client_id = self.store.client_id()  # renewed if no unit takes changes now
+        self._report_closed()
         return catalog
+
+    def _report_closed(self, result: SyncResult | None = None) -> None:
+        """Surface the subscriptions the catalogs just applied closed (their unit no
+        longer pulls on the server) to ``on_error``, and list them in ``result``."""
+        for closed in self.store.take_closed_by_catalog():
+            if result is not None:
+                result.closed.append(closed.sub_id)
+            exc = UnknownUnitError(
+                404,
+                "unknown-unit",
+                "No such sync unit",
+                f"the server's catalog no longer has a unit {closed.unit!r} that pulls:"
+                f" subscription {closed.sub_id} was closed and the {closed.removed} local"
+                " rows only it held were removed; sync the unit again to reopen it",
+                subscription=closed.sub_id,
+                unit=closed.unit,
+                params=closed.params,
+            )
+            self._emit(self.on_error, closed.sub_id, exc)
 
     # -- sync ----------------------------------------------------------------------------
 
@@ -653,7 +674,7 @@ class SyncClient:
                 )
                 return
             except ProblemError as exc:
-                if self._close_refused(exc):
+                if self._close_refused(exc, result):
                     continue
                 if exc.code != "unit-forbidden":
                     raise
@@ -670,6 +691,7 @@ class SyncClient:
                     raise
                 for sub_id in dropped:
                     log.warning("subscription %s was closed and its rows removed: %s", sub_id, exc)
+                    result.closed.append(sub_id)
                     self._emit(self.on_error, sub_id, exc)
 
     def _refused_own(self, exc: ProblemError, unit: str, sub_id: str) -> bool:
@@ -677,7 +699,7 @@ class SyncClient:
         carried = held(self, unit, self.store.catalog())
         return refused_own_params(exc, unit, any(s.id != sub_id for s in carried))
 
-    def _close_refused(self, exc: ProblemError) -> bool:
+    def _close_refused(self, exc: ProblemError, result: SyncResult | None = None) -> bool:
         """Close the held subscription the server refused (named by the problem's
         ``subscription``: its parameter values, its unit gone from the server, a
         stream's ``authorize`` hook), surfaced to ``on_error`` and the log, so the run
@@ -691,6 +713,8 @@ class SyncClient:
             return False
         self._unsubscribe(found[0], json.loads(found[1]))
         log.warning("subscription %s was refused and closed: %s", named, exc)
+        if result is not None:
+            result.closed.append(named)
         self._emit(self.on_error, named, exc)
         return True
 

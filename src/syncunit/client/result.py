@@ -25,6 +25,9 @@ class SyncResult:
     applied: int = 0
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    #: Held subscriptions the run closed (each also reported to ``on_error``): their unit
+    #: left the server's catalog, or the server refused them.
+    closed: list[str] = field(default_factory=list)
 
     @property
     def total_in(self) -> int:

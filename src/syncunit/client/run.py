@@ -572,6 +572,7 @@ class UnitRun:
                     catalog = frame.catalog
                     self.client.store.apply_catalog(catalog)
                     self.client.client_id = self.client.store.client_id()  # may be renewed
+                    self.client._report_closed(result)
                     self._new_catalog = True
                     self._done.clear()  # streams may have changed: each is read again
                     continue

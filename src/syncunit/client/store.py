@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from syncunit.client import holds, recopy
 from syncunit.client.applying import ChunkApply
@@ -98,6 +98,15 @@ BIG_WAL = 16 << 20
 #: one builds no faster (32,000 KiB: slower at 100k and at 1M rows) and is held
 #: whole at the peak of a large copy (the client's peak RSS at 1M rows: 113 MB).
 INDEX_BUILD_CACHE_KIB = 8_000
+
+
+class ClosedByCatalog(NamedTuple):
+    """A held subscription closed because the server's catalog no longer pulls its unit."""
+
+    sub_id: str
+    unit: str
+    params: dict[str, Any]
+    removed: int  # local rows only it held, removed with it
 
 
 def utcnow() -> str:
@@ -205,6 +214,9 @@ class LocalStore(ChunkApply):
         self.path = None if given or str(path) == ":memory:" else Path(str(path))
         self._bulk = 0  # syncs under way (``bulk``)
         self._closed = False
+        #: Subscriptions a catalog closed (``apply_catalog``), not yet reported: see
+        #: ``take_closed_by_catalog``.
+        self._closed_by_catalog: list[ClosedByCatalog] = []
         #: The background checkpoint under way, if any (``close`` waits for it).
         self._checkpointer: threading.Thread | None = None
         with self.lock:
@@ -442,6 +454,7 @@ class LocalStore(ChunkApply):
         carried over) is surfaced as a rejection, never dropped.
         """
         changes: list[str] = []
+        closing: list[ClosedByCatalog] = []
         with self.atomic():
             before = self.catalog()
             # The tables a catalog applied here named, or a cursor does: only those may
@@ -455,7 +468,7 @@ class LocalStore(ChunkApply):
             pushed = self.pushed = {t for u in catalog.units for t in u.push}
             if before is not None:
                 # On the tables as the old catalog made them, before they change.
-                changes += self._close_orphans(before, catalog)
+                changes += self._close_orphans(before, catalog, closing)
                 changes += self._carry_pending(before, catalog, pushed)
             self._learn(catalog)
             for stream in catalog.streams:
@@ -473,9 +486,16 @@ class LocalStore(ChunkApply):
             made = {t for t in made if t not in gone} | {s.local_table for s in catalog.streams}
             self.set_fact(MADE_TABLES, json.dumps(sorted(made)))
             self._loaded = raw
+        self._closed_by_catalog += closing  # committed: report them
         self._upserts.clear()
         self._fixes.clear()
         return changes
+
+    def take_closed_by_catalog(self) -> list[ClosedByCatalog]:
+        """The subscriptions catalogs applied since the last call closed (oldest first)."""
+        with self.lock:
+            out, self._closed_by_catalog = self._closed_by_catalog, []
+        return out
 
     def _drop_unfilled(self, made: set[str], catalog: Catalog) -> list[str]:
         """Drop the local tables the engine made that no stream of ``catalog`` fills,
@@ -678,12 +698,15 @@ class LocalStore(ChunkApply):
                 changes.append(f"dropped index {name}")
         return changes
 
-    def _close_orphans(self, old: Catalog, new: Catalog) -> list[str]:
+    def _close_orphans(
+        self, old: Catalog, new: Catalog, closing: list[ClosedByCatalog]
+    ) -> list[str]:
         """Close the held subscriptions whose unit the new catalog no longer has (or no
         longer pulls): renamed or removed, no request may carry them. Their holds go
-        with them (rows nothing else holds are removed), as ``unsubscribe`` does."""
+        with them (rows nothing else holds are removed), as ``unsubscribe`` does; each
+        is added to ``closing``, for the client to report."""
         changes = []
-        for sub_id, unit, _, _, _ in self.subscriptions():
+        for sub_id, unit, raw, _, _ in self.subscriptions():
             info = new.unit(unit)
             if info is not None and info.direction != "push":
                 continue
@@ -697,6 +720,7 @@ class LocalStore(ChunkApply):
                 sub_id, unit, removed,
             )  # fmt: skip
             changes.append(f"closed subscription {sub_id}")
+            closing.append(ClosedByCatalog(sub_id, unit, json.loads(raw), removed))
         return changes
 
     def _create_indexes(self, s: StreamInfo) -> None:
