@@ -50,6 +50,7 @@ def test_exported_members_do_not_change_by_accident() -> None:
     assert sorted(syncunit.server.__all__) == [
         "Authenticator",
         "DatabaseRestored",
+        "DatabaseTooNew",
         "JWTAuth",
         "Limits",
         "Principal",
