@@ -31,6 +31,7 @@ from tests.support import (
     LiveServer,
     appointments_of,
     expected_rows,
+    owned_table_server,
     patients_of,
     principal_params,
     wait_until,
@@ -785,6 +786,53 @@ def test_the_schema_comes_from_the_catalog(http: httpx.Client) -> None:
         "id", "doctor_id", "patient_id", "starts_at", "ends_at", "status", "room", "notes",
         "patient_name", "doctor_name", "specialty", "hospital",
     }  # fmt: skip
+
+
+@pytest.mark.backends("postgres")
+def test_a_write_over_a_nan_a_writer_changes_meanwhile_is_a_conflict(
+    serve: Any, new_database: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RxDB holds a NaN as null; a push over it reads the row to tell what the device
+    saw. A writer that changes the value between that read and the apply is a
+    conflict under Detect, not overwritten; with no writer, the edit applies."""
+    from syncunit.policies import Detect
+    from syncunit.server import rxdb
+
+    tally = sa.Table(
+        "tally", sa.MetaData(),
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("f", sa.Float, nullable=True),
+    )  # fmt: skip
+    server = owned_table_server(new_database("tallies"), tally, "LocalTally", "Tallies",
+                                policy=Detect(merge=False))  # fmt: skip
+    with server.store.engine.begin() as conn:
+        conn.execute(tally.insert(), [{"id": "a", "owner": "ana", "f": float("nan")},
+                                      {"id": "b", "owner": "ana", "f": float("nan")}])  # fmt: skip
+    live = serve(server.app)
+    base, headers = "/v1/rxdb/Tallies/tallys", {"Authorization": "Bearer t", CLIENT_HEADER: "js"}
+    pulled = httpx.post(f"{live.url}{base}/pull", json={"checkpoint": None, "batchSize": 10},
+                        headers=headers).json()["documents"]  # fmt: skip
+    assert [d["f"] for d in pulled] == [None, None]  # JSON has no NaN
+    read = rxdb.RxDBReplication._server_row
+
+    def read_then_a_writer(self: Any, stream: Any, principal: Any, key: Any) -> Any:
+        row = read(self, stream, principal, key)
+        if key == "a":  # another writer commits before the apply reads the row
+            with server.store.engine.begin() as conn:
+                conn.execute(tally.update().where(tally.c.id == "a").values(f=5.0))
+        return row
+
+    monkeypatch.setattr(rxdb.RxDBReplication, "_server_row", read_then_a_writer)
+    rows = [{"assumedMasterState": d, "newDocumentState": {**d, "f": 3.0}} for d in pulled]
+    answer = httpx.post(f"{live.url}{base}/push", json=rows, headers=headers).json()
+
+    assert [(r["id"], r["status"]) for r in answer["results"]] == [
+        ("a", "conflict"),
+        ("b", "applied"),
+    ]
+    with server.store.engine.connect() as conn:
+        assert dict(conn.execute(sa.select(tally.c.id, tally.c.f)).all()) == {"a": 5.0, "b": 3.0}
 
 
 def test_a_real_column_admits_null_since_json_has_no_infinity() -> None:

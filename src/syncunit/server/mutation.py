@@ -92,7 +92,9 @@ _NARROW = ((sa.SmallInteger, 2**15), (sa.BigInteger, 2**63), (sa.Integer, 2**31)
 def _differs(stored: Any, sent: Any) -> bool:
     """Whether a stored value differs from a sent one (a base). A date-time is the same
     instant with or without its zone: SQLite gives a zoned column's values back
-    without it (in UTC, as they were written)."""
+    without it (in UTC, as they were written). Two NaNs are the same value."""
+    if isinstance(stored, float) and isinstance(sent, float) and stored != stored:
+        return sent == sent  # NaN is the one float unequal to itself
     if (
         isinstance(stored, dt.datetime)
         and isinstance(sent, dt.datetime)

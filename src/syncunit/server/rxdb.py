@@ -265,7 +265,7 @@ class _Docs:
         could have received it (``_as_received``).
 
         A base value RxDB could have received for the server's value is that value,
-        so it counts as unchanged (a NaN, equal to nothing, leaves the base); another
+        so it counts as unchanged; another
         past 64 bits is one the row does not hold, as a 64-bit bound. A written
         value past 64 bits is refused (``invalid-value``), unless it is how the
         device received the server's value: then it is no change.
@@ -276,10 +276,9 @@ class _Docs:
                 continue
             held = None if row is None else row.get(name)
             if row is not None and _as_received(held) == _as_received(sent):
-                if isinstance(held, float) and math.isnan(held):
-                    del base[name]
-                else:
-                    base[name] = held
+                # The value as read (a NaN too: the apply takes two NaNs as one, and a
+                # writer changing it before the apply's own read makes it a conflict).
+                base[name] = held
             elif self.beyond_64_bits(name, sent):
                 bound = INT64_MAX if sent > 0 else INT64_MIN
                 base[name] = bound if held != bound else bound - 1 if sent > 0 else bound + 1
