@@ -279,6 +279,24 @@ def test_syncunit_s_tables_gone_mid_restore_are_a_503_not_a_server_fault(notes_a
     assert local_notes(device) == app.rows("u1")
 
 
+def test_only_syncunit_s_own_tables_missing_are_taken_for_a_restore() -> None:
+    """An app's table missing is a fault of the server's (500, logged), even when the
+    failing SQL names a tracking column: only a missing syncunit table is a 503."""
+    from syncunit.server.problems import database_busy
+
+    class PgError(Exception):
+        sqlstate = "42P01"
+
+    def failed(orig: Exception) -> Exception:
+        return sa.exc.ProgrammingError("SELECT ...", {}, orig)
+
+    assert database_busy(failed(sqlite3.OperationalError("no such table: syncunit_meta")))
+    assert database_busy(failed(PgError('relation "syncunit_meta" does not exist')))
+    assert not database_busy(failed(sqlite3.OperationalError("no such table: note")))
+    app_table = 'relation "note" does not exist\nLINE 2: SELECT n.syncunit_version FROM note n'
+    assert not database_busy(failed(PgError(app_table)))
+
+
 def test_a_value_its_column_cannot_hold_is_rejected_as_invalid_naming_the_column(
     notes_app, backend
 ):

@@ -117,9 +117,11 @@ def database_busy(exc: BaseException) -> str | None:
     if not isinstance(exc, sa.exc.DBAPIError):
         return None
     orig = exc.orig
-    # syncunit's own tables gone: the database is being restored (or was replaced).
-    gone = "syncunit_" in str(orig) and (
-        str(orig).startswith("no such table") or getattr(orig, "sqlstate", None) == "42P01"
+    # syncunit's own tables gone: the database is being restored (or was replaced). The
+    # message's first line names the table (PostgreSQL's further lines quote the SQL).
+    said = first_line(exc)
+    gone = said.startswith("no such table: syncunit_") or (
+        getattr(orig, "sqlstate", None) == "42P01" and said.startswith('relation "syncunit_')
     )
     if gone:
         return f"{first_line(exc)} (is the database being restored?)"
