@@ -484,6 +484,22 @@ def test_a_filter_a_missing_joined_row_satisfies_is_refused_at_declaration(where
     assert "IS NOT NULL" in str(info.value)  # says what to write instead
 
 
+def test_a_filter_reading_a_table_it_does_not_join_is_refused_at_declaration():
+    """A membership subquery (rows of the doctors a principal's specialty lists): no
+    tracking reaches the subquery's table, so a change there would move rows in or
+    out of scope unseen (and the server failed to build with a KeyError)."""
+    from hospital.models import specialty
+
+    mine = sa.select(specialty.c.id).where(specialty.c.name == sa.bindparam("specialty"))
+    with pytest.raises(DeclarationError, match=r"reads table 'specialty'.*Join 'specialty'"):
+        city_appointments(where=doctor.c.specialty_id.in_(mine))
+    joined = Join(specialty, doctor.c.specialty_id == specialty.c.id)
+    city_appointments(
+        joins=[*city_appointments().joins, joined],
+        where=specialty.c.name == sa.bindparam("specialty"),
+    )
+
+
 def test_a_filter_that_requires_the_joined_row_is_accepted():
     city_appointments(where=sa.and_(doctor.c.id.is_not(None), doctor.c.name.is_(None)))
     city_appointments(where=appointment.c.doctor_id.is_(None))  # the base table's own column

@@ -241,6 +241,14 @@ class Stream:
                         f"stream {name!r}: column {local!r} reads table {c.table.name!r},"
                         " which is neither the base table nor joined; add a Join for it"
                     )
+        for c in columns_of(where) if where is not None else ():
+            if c.table not in allowed:
+                raise DeclarationError(
+                    f"stream {name!r}: its filter reads table {c.table.name!r} (a subquery?),"
+                    " which is neither the base table nor joined: a change to it would"
+                    " move rows in or out of scope without devices hearing of it. Join"
+                    f" {c.table.name!r} (Join(...)) and filter on its columns"
+                )
         for t in absence_tables(where, {j.table for j in self.joins}):
             raise DeclarationError(
                 f"stream {name!r}: its filter can hold when the joined {t!r} row is missing"
