@@ -500,6 +500,30 @@ def test_a_filter_reading_a_table_it_does_not_join_is_refused_at_declaration():
     )
 
 
+def test_a_join_reading_a_table_it_does_not_join_is_refused_at_declaration():
+    from hospital.models import specialty
+
+    listed = sa.select(specialty.c.id).where(specialty.c.name == "Cardiology")
+    on = sa.and_(appointment.c.doctor_id == doctor.c.id, doctor.c.specialty_id.in_(listed))
+    joins = [
+        Join(doctor, on),
+        Join(hospital, doctor.c.hospital_id == hospital.c.id),
+        Join(patient, appointment.c.patient_id == patient.c.id),
+    ]
+    with pytest.raises(DeclarationError, match=r"join of 'doctor' reads table 'specialty'"):
+        city_appointments(joins=joins)
+
+
+def test_a_filter_reading_other_rows_of_the_base_table_is_refused_at_declaration():
+    """Scope decided by other rows of the same table (a patient's appointments are in
+    scope once one of them is flagged): flagging one row moves rows that did not
+    change, which no delta sees."""
+    flagged = sa.select(appointment.c.patient_id).where(appointment.c.notes == "FLAG")
+    where = sa.and_(hospital.c.city == sa.bindparam("city"), appointment.c.patient_id.in_(flagged))
+    with pytest.raises(DeclarationError, match="other rows of 'appointment'"):
+        city_appointments(where=where)
+
+
 def test_a_filter_that_requires_the_joined_row_is_accepted():
     city_appointments(where=sa.and_(doctor.c.id.is_not(None), doctor.c.name.is_(None)))
     city_appointments(where=appointment.c.doctor_id.is_(None))  # the base table's own column

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 import sqlalchemy as sa
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import (
     ColumnElement,
 )
@@ -241,6 +242,22 @@ class Stream:
                         f"stream {name!r}: column {local!r} reads table {c.table.name!r},"
                         " which is neither the base table nor joined; add a Join for it"
                     )
+        for j in self.joins:
+            for c in columns_of(j.on):
+                if c.table not in allowed:
+                    raise DeclarationError(
+                        f"stream {name!r}: the join of {j.table.name!r} reads table"
+                        f" {c.table.name!r}, which is neither the base table nor joined:"
+                        f" join {c.table.name!r} too, or leave it out of the join's condition"
+                    )
+        for e in visitors.iterate(where) if where is not None else ():
+            if isinstance(e, sa.Select) and base in (*e.columns_clause_froms, *e._from_obj):
+                raise DeclarationError(
+                    f"stream {name!r}: its filter reads other rows of {base.name!r} through a"
+                    " subquery, so a change to one row would move others in or out of scope"
+                    " without devices hearing of it. Decide scope from each row's own"
+                    " columns and joined rows (a column the app maintains, or a joined table)"
+                )
         for c in columns_of(where) if where is not None else ():
             if c.table not in allowed:
                 raise DeclarationError(
