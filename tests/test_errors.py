@@ -425,6 +425,24 @@ def test_a_setting_no_sync_could_run_with_is_refused_at_construction(tmp_path, o
     assert not (tmp_path / "d.sqlite").exists()  # nothing made
 
 
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [(None, {}), ("127.0.0.1:8000", {}), ("http://127.0.0.1:9", {"encoding": "xml"})],
+    ids=["no-url", "no-scheme", "encoding"],
+)
+def test_a_server_url_or_encoding_no_request_could_use_is_refused_at_construction(
+    tmp_path, url, option
+):
+    """Before: ``None`` was an ``AttributeError``, a URL without its scheme and an
+    unknown encoding failed only at the first request."""
+    from syncunit import SyncClient
+
+    name = "encoding" if option else "server_url"
+    with pytest.raises(ValueError, match=name):
+        SyncClient(url, tmp_path / "d.sqlite", **option)
+    assert not (tmp_path / "d.sqlite").exists()  # nothing made
+
+
 def test_watch_reports_an_unknown_unit_and_stops_and_a_refused_token_and_goes_on(make_client):
     """An unknown unit cannot come to exist by polling: told, and the watcher stops. A
     refused token may be renewed (a provider's next answer, a login): told once, and

@@ -148,6 +148,12 @@ class SyncClient:
         )
         if isinstance(token, str):
             _check_token(token)  # before anything is opened
+        if not isinstance(server_url, str) or not server_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"server_url must be the server's http:// or https:// URL, not {server_url!r}"
+            )
+        if encoding not in ("msgpack", "json"):
+            raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}")
         self.store = local_db if isinstance(local_db, LocalStore) else LocalStore(local_db)
         self.outbox = Outbox(self.store)
         self.push_batch = push_batch
