@@ -708,6 +708,10 @@ def test_a_device_file_of_a_newer_engine_is_refused(tmp_path):
 
     with pytest.raises(LocalStoreError, match="newer syncunit"):
         LocalStore(path)
+    conn = sqlite3.connect(path)  # left as it was: not switched to WAL, no sidecars
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["newer.sqlite"]
 
 
 # -- errors, callbacks, close ------------------------------------------------------------

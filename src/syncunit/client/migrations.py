@@ -76,17 +76,24 @@ def current_version(conn: sqlite3.Connection) -> int:
     return 1 if row is None else int(row[0])  # 0.1.0 recorded no version
 
 
-def migrate(conn: sqlite3.Connection) -> list[int]:
-    """Run the steps this database lacks (the caller holds a transaction); return them.
-
-    A database made by a newer engine is refused rather than misread.
-    """
+def refuse_newer(conn: sqlite3.Connection) -> int:
+    """The database's version; ``LocalStoreError`` if a newer engine made it (it is
+    left as it is)."""
     have = current_version(conn)
     if have > STORE_VERSION:
         raise LocalStoreError(
             f"the local database was made by a newer syncunit (store version {have});"
             f" this one knows up to {STORE_VERSION}: upgrade syncunit"
         )
+    return have
+
+
+def migrate(conn: sqlite3.Connection) -> list[int]:
+    """Run the steps this database lacks (the caller holds a transaction); return them.
+
+    A database made by a newer engine is refused rather than misread.
+    """
+    have = refuse_newer(conn)
     ran: list[int] = []
     for n in range(have + 1, STORE_VERSION + 1):
         step = STEPS[n - 1]

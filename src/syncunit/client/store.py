@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, cast
 from syncunit.client import holds, recopy
 from syncunit.client.applying import ChunkApply
 from syncunit.client.devicelock import DeviceLock
-from syncunit.client.migrations import migrate
+from syncunit.client.migrations import migrate, refuse_newer
 from syncunit.client.outbox import Outbox
 from syncunit.client.schema import (
     INDEXES_SUSPENDED,
@@ -189,6 +189,11 @@ class LocalStore(ChunkApply):
             self.conn.isolation_level = None
             asked = int(self.conn.execute("PRAGMA synchronous").fetchone()[0])
             if not given and str(path) != ":memory:":
+                try:  # before WAL: a newer engine's file is left as it was
+                    refuse_newer(self.conn)
+                except LocalStoreError:
+                    self.conn.close()
+                    raise
                 self.conn.execute("PRAGMA journal_mode=WAL")
             # At least FULL: a committed local change (and its outbox entry) survives
             # power loss; an app that asked for EXTRA on its connection keeps EXTRA.
