@@ -425,6 +425,18 @@ def test_a_setting_no_sync_could_run_with_is_refused_at_construction(tmp_path, o
     assert not (tmp_path / "d.sqlite").exists()  # nothing made
 
 
+def test_the_outbox_and_status_after_close_say_the_client_is_closed(tmp_path):
+    from syncunit import SyncClient
+
+    client = SyncClient("http://127.0.0.1:9", tmp_path / "d.sqlite")
+    client.close()
+    for call in (client.outbox.pending, client.outbox.rejected, client.outbox.count):
+        with pytest.raises(LocalStoreError, match="its client was closed"):
+            call()
+    with pytest.raises(LocalStoreError, match="its client was closed"):
+        client.status  # noqa: B018
+
+
 @pytest.mark.parametrize(
     ("url", "option"),
     [(None, {}), ("127.0.0.1:8000", {}), ("http://127.0.0.1:9", {"encoding": "xml"})],

@@ -297,6 +297,7 @@ class LocalStore(ChunkApply):
     def atomic(self) -> Iterator[sqlite3.Connection]:
         """One transaction (``BEGIN IMMEDIATE``); nested calls become savepoints."""
         with self.lock:
+            self._check_open()
             depth = self._depth
             name = f"syncunit_sp{depth}"
             try:
@@ -352,10 +353,15 @@ class LocalStore(ChunkApply):
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read query under the store's lock (safe while a sync runs on another thread)."""
         with self.lock:
+            self._check_open()
             try:
                 return list(self.conn.execute(sql, params))
             except self.errors as exc:
                 raise LocalStoreError(f"local query failed: {exc}") from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalStoreError("the local database is closed (its client was closed)")
 
     def close(self) -> None:
         """Close the connection, after a background checkpoint under way has ended.
