@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -299,6 +301,62 @@ def test_a_database_a_newer_version_migrated_is_refused_untouched(
     with store.engine.connect() as conn:
         assert store.facts(conn) == facts
     assert device.sync("Items").resets == []  # the running server: no stream reset
+
+
+def _newer(store, plain_sql):
+    """The mini tables, installed, then marked as migrated by a newer syncunit."""
+    plain_sql.script(MINI_TABLES)
+    plain_sql("INSERT INTO owner (id, name, region) VALUES (1, 'Ana', 'north')")
+    plain_sql("INSERT INTO item (id, owner_id, name, qty) VALUES (1, 1, 'a', 1)")
+    _server(store)
+    plain_sql(f"UPDATE syncunit_meta SET value = '{LATEST + 1}' WHERE key = 'schema-version'")
+
+
+def test_the_maintenance_writes_refuse_a_database_a_newer_version_migrated(store, plain_sql):
+    _newer(store, plain_sql)
+    with store.engine.connect() as conn:
+        facts = store.facts(conn)
+    seen, stop = _statements(store.engine)
+
+    for write in (
+        store.renew_epoch,
+        lambda: store.prune_tombstones(0),
+        lambda: store.prune_tombstones_before(dt.datetime.now(dt.UTC)),
+        lambda: store.retrack("item"),
+    ):
+        with pytest.raises(DatabaseTooNew, match=rf"migration {LATEST + 1}.*up to {LATEST}"):
+            write()
+    stop()
+
+    assert [s for s in seen if s.lstrip().upper().startswith(WRITES)] == []
+    with store.engine.connect() as conn:
+        assert store.facts(conn) == facts  # the epoch, the horizon: as they were
+
+
+def test_a_server_without_install_logs_a_database_a_newer_version_migrated_once(
+    store, plain_sql, serve, make_client, caplog
+):
+    _newer(store, plain_sql)
+    with store.engine.connect() as conn:
+        facts = store.facts(conn)
+    live = serve(SyncServer(mini_schema, store, authenticate=AUTH, install=False).app)
+    device = make_client("t-north", url=live.url, name="d")
+
+    with caplog.at_level(logging.WARNING, logger="syncunit"):
+        device.sync("Items")
+        device.sync("Items")
+        deadline = time.monotonic() + 10
+        while any(t.name == "syncunit-scope-indexes" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the first sync's check did not end"
+            time.sleep(0.01)
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1  # once per server, not per sync
+    assert f"migration {LATEST + 1}" in errors[0]
+    assert f"up to {LATEST}" in errors[0]
+    assert "Upgrade syncunit" in errors[0]
+    with store.engine.connect() as conn:
+        assert store.facts(conn) == facts  # served, tracking untouched
 
 
 def _creation_stamps_arrive(server, serve, plain_sql, early, late):

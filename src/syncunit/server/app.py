@@ -45,7 +45,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from syncunit.errors import DatabaseRestored, ProtocolError
+from syncunit.errors import DatabaseRestored, DatabaseTooNew, ProtocolError
 from syncunit.protocol import (
     PRINCIPAL_TAG,
     PROTOCOL_VERSION,
@@ -89,6 +89,7 @@ from syncunit.server.logs import (
     install_filter,
 )
 from syncunit.server.metrics import ServerMetrics, SyncTally
+from syncunit.server.migrations import LATEST, schema_version
 from syncunit.server.problems import (
     DATABASE_BUSY,
     DATABASE_LOST,
@@ -779,11 +780,27 @@ class SyncServer(SyncAnswer):
 
     def _check_scope_indexes(self) -> None:
         """Warn, on a background thread, about the scope indexes missing from the database
-        of a server that did not install them (once per server, at its first sync)."""
+        of a server that did not install them (once per server, at its first sync); an
+        error if a newer syncunit migrated that database."""
         if self._scope_check is None or not self._scope_check.acquire(blocking=False):
             return  # installed at start, or checked already: the lock is never released
 
         def check() -> None:
+            try:
+                with self.store.engine.connect() as conn, conn.begin():
+                    current = schema_version(conn)
+                if current > LATEST:
+                    log.error(
+                        "the database is at syncunit migration %d, made by a newer syncunit"
+                        " than this one (which knows migrations up to %d): this server"
+                        " (install=False) serves it without being able to judge that"
+                        " version's tracking. Upgrade syncunit here to the version that"
+                        " migrated it (see docs/deploy.md, upgrades)",
+                        current,
+                        LATEST,
+                    )
+            except Exception:
+                log.exception("checking the database's syncunit migration failed")
             try:
                 missing = self.store.missing_scope_indexes(self.schema)
             except Exception:
@@ -812,6 +829,8 @@ class SyncServer(SyncAnswer):
         def prune() -> None:
             try:
                 self.prune_now()
+            except DatabaseTooNew:
+                pass  # a newer syncunit's database: told once, at the first sync
             except Exception:
                 log.exception("pruning tombstones failed; it is tried again later")
             finally:

@@ -596,6 +596,7 @@ class PostgresStore(ServerStore):
         holds the watermark (or locks) for long.
         """
         with self.engine.connect() as conn:
+            self.check_not_newer(conn)  # before any write
             stored = int(self.facts(conn).get("horizon", "0"))
         if horizon > stored:  # no write (and no transaction id) when nothing moves
             with self.write() as conn:

@@ -189,6 +189,13 @@ class ServerStore(abc.ABC):
             have = self.index_names(conn)
         return [ddl for ddl in self.scope_index_ddl(schema) if _index_name(ddl) not in have]
 
+    def check_not_newer(self, conn: Connection) -> None:
+        """Raise ``DatabaseTooNew`` if a newer syncunit migrated this database: the
+        maintenance writes (pruning, a new epoch, retracking) call it first."""
+        from syncunit.server.migrations import check_not_newer, schema_version
+
+        check_not_newer(schema_version(conn))
+
     def index_names(self, conn: Connection) -> set[str]:
         """The names of every index in the database."""
         inspector = sa.inspect(conn)
@@ -497,16 +504,19 @@ class ServerStore(abc.ABC):
 
         Returns the new horizon. Clients whose cursor is older than the horizon
         get a reset (a clean re-download) of the affected streams. A negative
-        ``keep_versions`` is a ``ValueError``, and nothing is pruned.
+        ``keep_versions`` is a ``ValueError``, and a database a newer syncunit
+        migrated a ``DatabaseTooNew``: nothing is pruned.
         """
         check_keep_versions(keep_versions)
         with self.write() as conn:
+            self.check_not_newer(conn)
             return self._prune_to(conn, max(0, self.watermark(conn) - keep_versions))
 
     def prune_tombstones_before(self, cutoff: dt.datetime) -> int:
         """Delete tombstones recorded before ``cutoff`` (a time, UTC); return the horizon."""
         at = cutoff.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
         with self.write() as conn:
+            self.check_not_newer(conn)
             old = sa.select(sa.func.max(tombstones.c.version)).where(tombstones.c.at < at)
             newest_old = int(conn.execute(old).scalar() or 0)
             return self._prune_to(conn, min(newest_old, self.watermark(conn)))
@@ -523,10 +533,12 @@ class ServerStore(abc.ABC):
         Every client's cursors reset (a clean re-download), and the push sequence
         of every client starts again from whatever it sends next: the restored
         database has forgotten mutations it had applied, which the clients then
-        re-send if they still hold them.
+        re-send if they still hold them. A database a newer syncunit migrated is
+        refused (``DatabaseTooNew``) unchanged.
         """
         epoch = secrets.token_hex(8)
         with self.write() as conn:
+            self.check_not_newer(conn)
             self._set_fact(conn, "epoch", epoch)
             self._set_fact(conn, "sequence-reset", epoch)
             conn.execute(clients.update().values(last_seq=-1))
@@ -542,12 +554,14 @@ class ServerStore(abc.ABC):
         it: every stream reading ``table`` copies afresh at its next sync, the
         others keep their cursors. Rows without a version (a partition attached
         with rows in it) get one. Run it once the untracked change has committed.
-        A table syncunit does not track is a ``ValueError``, and nothing changes.
+        A table syncunit does not track is a ``ValueError``, a database a newer
+        syncunit migrated a ``DatabaseTooNew``: nothing changes.
         """
         from syncunit.server.migrations import TRACKING_PREFIX, TRUNCATED_PREFIX
         from syncunit.units import VERSION
 
         with self.write() as conn:
+            self.check_not_newer(conn)
             facts = self.facts(conn)
             if TRACKING_PREFIX + table not in facts:
                 tracked = sorted(
