@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +19,11 @@ from hospital.models import metadata
 
 from syncunit.cli import main
 from syncunit.server import ServerStore, SyncServer
+from syncunit.server.migrations import LATEST
 from syncunit.server.store import meta_table
-from tests.conftest import EXAMPLES, SIZE
+from tests.conftest import EXAMPLES, SIZE, SOURCE, PlainSQL
+from tests.pgserver import free_port
+from tests.support import trigger_names
 
 SCHEMA = ["hospital.units:schema", "--app-dir", str(EXAMPLES)]  # a SyncSchema TARGET
 REQUEST = b"GET /v1/catalog HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -106,6 +112,90 @@ def test_retrack_of_a_table_not_tracked_is_an_error_and_changes_nothing(
     assert "appointment" in err.split("name among")[1]
     assert "Traceback" not in err
     assert _facts(store) == before  # not even the table named correctly
+
+
+def _tamper(backend: str, plain_sql: PlainSQL) -> None:
+    """Turn off a trigger of the doctor table, as a writer that disabled tracking would."""
+    if backend == "sqlite":
+        name = plain_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'doctor'"
+        )[0][0]
+        plain_sql(f"DROP TRIGGER {name}")
+    else:
+        plain_sql("ALTER TABLE doctor DISABLE TRIGGER USER")
+
+
+def test_retrack_of_a_mistyped_table_reinstalls_nothing(
+    backend: str,
+    server: SyncServer,
+    store: ServerStore,
+    server_db_url: str,
+    plain_sql: PlainSQL,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _tamper(backend, plain_sql)
+    before, triggers = _facts(store), trigger_names(store.engine)
+    pending = store.tracking_ddl(server.schema)
+    assert pending  # the tampered tracking, which a correct retrack re-installs
+
+    code = main(["retrack", *SCHEMA, "--database", server_db_url, "doctr"])
+
+    assert code == 1
+    assert "not tracked by hospital.units:schema: doctr" in capsys.readouterr().err
+    assert _facts(store) == before
+    assert trigger_names(store.engine) == triggers
+    assert store.tracking_ddl(server.schema) == pending  # still to re-install
+
+
+# -- a database a newer syncunit migrated -----------------------------------------------------
+
+
+def _newer(store: ServerStore, plain_sql: PlainSQL) -> dict[str, str]:
+    plain_sql(f"UPDATE syncunit_meta SET value = '{LATEST + 1}' WHERE key = 'schema-version'")
+    return _facts(store)
+
+
+@pytest.mark.parametrize(
+    "command", [["lag"], ["prune", "--keep", "0"], ["renew-epoch"], ["retrack", "appointment"]]
+)
+def test_the_maintenance_commands_refuse_a_database_a_newer_version_migrated(
+    command: list[str],
+    server: SyncServer,
+    store: ServerStore,
+    server_db_url: str,
+    plain_sql: PlainSQL,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = _newer(store, plain_sql)
+
+    code = main([command[0], *SCHEMA, "--database", server_db_url, *command[1:]])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(f"error: the database is at syncunit migration {LATEST + 1}")
+    assert err.count("\n") == 1  # one line, no traceback
+    assert _facts(store) == before  # the epoch, the horizon, tracking: as they were
+
+
+def test_serve_with_workers_stops_on_a_database_a_newer_version_migrated(
+    server: SyncServer, store: ServerStore, server_db_url: str, plain_sql: PlainSQL
+) -> None:
+    """Before starting any worker: one failing at its start is started again, for ever."""
+    before = _newer(store, plain_sql)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "syncunit", "serve", "hospital.server:build",
+         "--database", server_db_url, "--app-dir", str(EXAMPLES),
+         "--port", str(free_port()), "--workers", "2"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SOURCE), str(EXAMPLES)])},
+    )  # fmt: skip
+
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: the database is at syncunit migration {LATEST + 1}")
+    assert _facts(store) == before
 
 
 # -- a SyncSchema TARGET, a missing or bare database ---------------------------------------

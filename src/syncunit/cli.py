@@ -135,6 +135,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.log_format == "json":
         logs["log_config"] = uvicorn_to_root()
     if args.workers > 1:
+        # A database no worker can serve stops here: a worker failing at start is
+        # started again by uvicorn, for ever.
+        check_database(args.database)
         # Each worker process imports the app itself (uvicorn needs an import string).
         os.environ[_WORKER_ENV] = json.dumps(config)
         run_app(
@@ -145,6 +148,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = _server_from(config)
     run_app(server.app, **timeouts, host=args.host, port=args.port, **logs)
     return 0
+
+
+def check_database(database: str) -> None:
+    """What ``serve --workers`` checks before starting its workers: that ``database`` is
+    reachable and not migrated by a newer syncunit (``DatabaseTooNew``)."""
+    import sqlalchemy as sa
+
+    from syncunit.server.backends import open_store
+
+    try:
+        store = open_store(database)
+    except ValueError as exc:  # an unsupported URL, or psycopg missing
+        raise SyncUnitError(str(exc)) from exc
+    try:
+        with store.engine.connect() as conn, conn.begin():
+            store.check_not_newer(conn)
+    except sa.exc.OperationalError as exc:
+        shown = store.engine.url.render_as_string(hide_password=True)
+        raise SyncUnitError(f"cannot use the database {shown}: {exc.orig}") from exc
+    finally:
+        store.engine.dispose()
 
 
 def uvicorn_to_root() -> dict[str, Any]:
@@ -214,8 +238,11 @@ def worker_app() -> Any:
 def open_maintained(args: argparse.Namespace, *, tracked: bool = True, **options: Any) -> Any:
     """The server of a maintenance command (``ddl``, ``lag``, ``prune``, ``renew-epoch``),
     on a database that exists and, when ``tracked``, has syncunit's tracking installed:
-    a mistyped SQLite path is an error, not a new empty file."""
+    a mistyped SQLite path is an error, not a new empty file, and one a newer syncunit
+    migrated is refused (``DatabaseTooNew``)."""
     import sqlalchemy as sa
+
+    from syncunit.server.migrations import check_not_newer, schema_version
 
     url = sa.engine.make_url(args.database)
     shown = url.render_as_string(hide_password=True)
@@ -230,11 +257,13 @@ def open_maintained(args: argparse.Namespace, *, tracked: bool = True, **options
         if tracked:
             with sa.create_engine(url).connect() as conn:
                 installed = sa.inspect(conn).has_table("syncunit_meta")
+                current = schema_version(conn) if installed else 0
             if not installed:
                 raise SyncUnitError(
                     f"the database {shown} has no syncunit tracking installed: check the URL,"
                     " or install it first ('syncunit serve' does, or apply 'syncunit ddl')"
                 )
+            check_not_newer(current)  # before the server is built: nothing read or written
         return load_server(
             args.target, args.database, app_dir=args.app_dir, tokens=None, serving=False,
             **options,
@@ -286,14 +315,15 @@ def cmd_renew_epoch(args: argparse.Namespace) -> int:
 
 
 def cmd_retrack(args: argparse.Namespace) -> int:
-    # Installing first: tracking a writer turned off (triggers disabled) is restored too.
-    server = open_maintained(args)
+    server = open_maintained(args, install=False)
     tracked = sorted(t.name for t in server.schema.tracked_tables())
     unknown = [t for t in args.tables if t not in tracked]
-    if unknown:  # before any is declared: all or none
+    if unknown:  # before anything is installed or declared: all or none
         raise SyncUnitError(
             f"not tracked by {args.target}: {', '.join(unknown)}; name among {', '.join(tracked)}"
         )
+    # Installing first: tracking a writer turned off (triggers disabled) is restored too.
+    server.store.install(server.schema)
     for table in args.tables:
         version = server.retrack(table)
         print(
