@@ -372,3 +372,33 @@ def test_a_rule_s_query_the_database_refuses_is_a_server_error_not_the_change_s_
     result = device.sync("Sync")
     assert [(r["key"], r["code"]) for r in result.rejected] == [("a", "server-error")]
     assert any("division by zero" in r.getMessage() for r in caplog.records)
+
+
+def test_tracking_never_installed_is_told_as_such_not_only_as_a_restore(
+    make_server: Any, serve: Any, store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server started with ``install=False`` on a database whose migration was never
+    run finds none of syncunit's tables, as during a restore: the device's 503 and the
+    log line name both causes, so the operator knows to install."""
+    import logging
+
+    import httpx
+    from hospital.generate import generate
+
+    generate(store.engine, appointments=10, hospitals=1, doctors=2, patients=5)
+    server = make_server(install=False)
+    live = serve(server.app)
+    caplog.set_level(logging.INFO, logger="syncunit")
+    r = httpx.post(
+        f"{live.url}/v1/rxdb/Login/doctors/pull",
+        json={"checkpoint": None, "batchSize": 10},
+        headers={"Authorization": "Bearer token-h1"},
+        timeout=30,
+    )
+    assert r.status_code == 503, r.text
+    assert r.json()["code"] == "database-unavailable"
+    cause = "tracking is not installed (run the install or its migration)"
+    assert cause in r.json()["detail"]
+    assert "the database is being restored" in r.json()["detail"]
+    logged = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert [line for line in logged if cause in line and "being restored" in line], logged

@@ -1035,6 +1035,68 @@ def test_an_event_stream_ends_once_the_streams_authorize_hook_refuses_the_princi
     wait_until(lambda: server.live_waits.used == 0)
 
 
+def test_an_event_stream_ended_by_a_refusal_is_counted_and_logged_without_the_principal(
+    make_server: Callable[..., SyncServer],
+    serve: Callable[[Any], LiveServer],
+    plain_sql: PlainSQL,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream ended by the ``authorize`` hook (403) or by a revoked token (401) is the
+    refusal a request would get: counted under its code and logged once, and the log
+    names no principal (``log_principals`` is off)."""
+    from hospital.generate import generate
+    from hospital.models import doctor
+    from hospital.units import appointment_columns, appointment_joins, my_hospital
+
+    from syncunit.server import Principal, TokenAuth
+    from syncunit.units import Stream, SyncSchema, SyncUnit
+
+    revoked: set[str] = set()
+    guarded = Stream(
+        "appointments",
+        appointment,
+        appointment_columns,
+        joins=appointment_joins,
+        where=doctor.c.hospital_id == my_hospital,
+        local_table="LocalAppointment",
+        authorize=lambda principal, params: principal.id not in revoked,
+    )
+    server = make_server(SyncSchema([SyncUnit("Online", [guarded], direction="both")]))
+    tokens = {
+        "ana": Principal("ana@example.org", {"hospital_id": 1}),
+        "bob": Principal("bob@example.org", {"hospital_id": 1}),
+    }
+    server.authenticate = TokenAuth(lambda token: tokens.get(token))
+    generate(server.store.engine, appointments=40, hospitals=2, doctors=4, patients=20)
+    live = serve(server.app)
+    caplog.set_level(logging.INFO, logger="syncunit")
+    refused = server.metrics.refused
+    ana = Events(live, f"{BASE}/pull/stream", token="ana")
+    bob = Events(live, f"{BASE}/pull/stream", token="bob")
+    try:
+        assert ana.next() == "RESYNC"
+        assert bob.next() == "RESYNC"
+        revoked.add("ana@example.org")  # the hook refuses ana
+        del tokens["bob"]  # bob's token is revoked
+        key = appointments_of(server.store, 1)[0]
+        plain_sql("UPDATE appointment SET notes = 'not for you' WHERE id = :id", {"id": key})
+        for events in (ana, bob):
+            events.thread.join(10)
+            assert not events.thread.is_alive(), "the stream did not end"
+            assert events.items == []
+    finally:
+        ana.close()
+        bob.close()
+    assert refused.labels("forbidden")._value.get() == 1
+    assert refused.labels("unauthenticated")._value.get() == 1
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("syncunit")]
+    assert not [line for line in lines if "example.org" in line], lines
+    ended = [line for line in lines if "the event stream ended" in line]
+    assert len(ended) == 2, lines
+    assert any("forbidden: " in line and "<principal>" in line for line in ended), ended
+    assert any("unauthenticated: " in line for line in ended), ended
+
+
 # -- a unit opened on a selection ------------------------------------------------------
 
 

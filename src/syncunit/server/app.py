@@ -96,7 +96,7 @@ from syncunit.server.problems import (
     ProblemException,
     database_busy,
     database_lost,
-    first_line,
+    failure_cause,
     problem_response,
 )
 from syncunit.server.push import PushApplier
@@ -686,10 +686,7 @@ class SyncServer(SyncAnswer):
 
     async def _on_problem(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProblemException)
-        ctx = current_request() or RequestContext("-")
-        path, detail = request.url.path, ctx.scrub(shorten(exc.detail, 200))
-        self.metrics.refused.labels(exc.code).inc()
-        log.info("refused %s %s: %s: %s", request.method, path, exc.code, detail)
+        self.note_refusal(request, exc.code, exc.detail)
         # A push refused as too large (413) says the bounds: the device sizes under them.
         return problem_response(
             exc.code,
@@ -698,6 +695,14 @@ class SyncServer(SyncAnswer):
             unit=exc.unit,
             subscription=exc.subscription,
         )
+
+    def note_refusal(self, request: Request, code: str, detail: str, *, after: str = "") -> None:
+        """Count a refusal (``code``) and log it once, without the principal's id unless
+        principals are logged; ``after`` says what followed (a stream that ended)."""
+        ctx = current_request() or RequestContext("-")
+        path, said = request.url.path, ctx.scrub(shorten(detail, 200))
+        self.metrics.refused.labels(code).inc()
+        log.info("refused %s %s: %s: %s%s", request.method, path, code, said, after)
 
     async def _on_no_route(self, request: Request, exc: Exception) -> Response:
         """The router's own refusals (no such path, or not with this method) as problems,
@@ -727,7 +732,7 @@ class SyncServer(SyncAnswer):
         path = request.url.path
         self.metrics.refused.labels("database-unavailable").inc()
         why = "its database connection ended" if lost else "the database could not take it"
-        log.error("%s %s failed: %s: %s", request.method, path, why, first_line(exc))
+        log.error("%s %s failed: %s: %s", request.method, path, why, failure_cause(exc))
         detail = DATABASE_LOST if lost else DATABASE_BUSY.format(why=busy)
         return problem_response("database-unavailable", detail, {"Retry-After": "1"})
 

@@ -101,6 +101,15 @@ _PG_BUSY = ("55P03", "57014", "25P03")
 _PG_BUSY_CLASSES = ("53", "57P", "58")
 
 
+#: Why syncunit's own tables are not there: a device is told both possibilities, and so
+#: is the operator (a server started with ``install=False`` whose migration was never
+#: run looks, from the database, exactly like a restore under way).
+TABLES_MISSING = (
+    "syncunit's tables are missing: tracking is not installed (run the install or its"
+    " migration) or the database is being restored"
+)
+
+
 class TrackingMissing(RuntimeError):
     """The database holds no tracking (never installed, or a restore is under way)."""
 
@@ -117,14 +126,15 @@ def database_busy(exc: BaseException) -> str | None:
     if not isinstance(exc, sa.exc.DBAPIError):
         return None
     orig = exc.orig
-    # syncunit's own tables gone: the database is being restored (or was replaced). The
-    # message's first line names the table (PostgreSQL's further lines quote the SQL).
+    # syncunit's own tables gone: never installed, or the database is being restored (or
+    # was replaced). The message's first line names the table (PostgreSQL's further
+    # lines quote the SQL).
     said = first_line(exc)
     gone = said.startswith("no such table: syncunit_") or (
         getattr(orig, "sqlstate", None) == "42P01" and said.startswith('relation "syncunit_')
     )
     if gone:
-        return f"{first_line(exc)} (is the database being restored?)"
+        return f"{TABLES_MISSING} ({said})"
     if isinstance(orig, sqlite3.Error):
         name = getattr(orig, "sqlite_errorname", "") or ""
         busy = name.startswith(_SQLITE_BUSY) or str(orig).startswith("database is locked")
@@ -133,6 +143,16 @@ def database_busy(exc: BaseException) -> str | None:
     if state in _PG_BUSY or state.startswith(_PG_BUSY_CLASSES):
         return first_line(exc)
     return None
+
+
+def failure_cause(exc: BaseException) -> str:
+    """What a log line says of a database failure: its first line, with the cause a
+    device is told when that says more (syncunit's tables missing, the pool exhausted)."""
+    said = first_line(exc)
+    busy = None if database_lost(exc) else database_busy(exc)
+    if busy is None or said in busy:
+        return busy or said
+    return f"{said} ({busy})"
 
 
 def first_line(exc: BaseException) -> str:

@@ -78,7 +78,7 @@ from syncunit.server.problems import (
     ProblemException,
     database_busy,
     database_lost,
-    first_line,
+    failure_cause,
 )
 from syncunit.server.store import clients
 from syncunit.units import Stream, SyncUnit
@@ -762,7 +762,7 @@ class RxDBReplication:
             log.error("event stream ended: %s", exc)
             refused.labels("database-restored").inc()
         elif database_lost(exc) or database_busy(exc) is not None:
-            log.error("event stream ended: the database failed: %s", first_line(exc))
+            log.error("event stream ended: the database failed: %s", failure_cause(exc))
             refused.labels("database-unavailable").inc()
         else:
             log.exception("event stream failed", exc_info=exc)
@@ -789,15 +789,27 @@ class RxDBReplication:
             return cursor, None
         # Rows go out only to whom the request still authenticates as: a revoked
         # token or changed parameters end the stream (the client reconnects).
+        # A refusal ends it, counted and logged as the request's refusal would be.
         now = await anyio.to_thread.run_sync(self.server.authenticate, request)
-        if now != principal:
+        if now is None:
+            self.server.note_refusal(
+                request,
+                "unauthenticated",
+                "the token expired or was revoked while the event stream was open",
+                after="; the event stream ended",
+            )
+            return None
+        if now != principal:  # not a refusal: the client reconnects as who it is now
+            log.info("event stream ended: the credential's principal changed")
             return None
         # ... and whom the streams' ``authorize`` hooks still let read them, as a pull's
-        # check would (a hook may look up permissions that changed): a refusal ends it.
+        # check would (a hook may look up permissions that changed).
         try:
             await anyio.to_thread.run_sync(self.server._check_unit, unit, principal, params)
         except ProblemException as exc:
-            log.info("event stream ended: %s", exc.detail)
+            self.server.note_refusal(
+                request, exc.code, exc.detail, after="; the event stream ended"
+            )
             return None
         found = await anyio.to_thread.run_sync(self.pull, stream, principal, cursor, batch, params)
         if found.reset or not found.complete or found.checkpoint is None:
