@@ -8,6 +8,7 @@ the watermark and the tombstones; one registry per server.
 from __future__ import annotations
 
 import gzip
+import logging
 import sqlite3
 import threading
 import time
@@ -165,6 +166,31 @@ def test_watermark_and_tombstones_are_read_when_scraped(ops, plain_sql: PlainSQL
     pruned = samples(live)
     assert value(pruned, "syncunit_tombstones") == 0
     assert value(pruned, "syncunit_tombstone_horizon") == horizon > 0
+
+
+def test_a_database_outage_is_logged_once_in_a_line_not_at_every_scrape(
+    ops, plain_sql: PlainSQL, caplog: pytest.LogCaptureFixture
+):
+    """Scraped during a restore (syncunit's tables gone for a while), the database is
+    down: one line with the database's own words when it begins, no traceback, and
+    one when it is back; each scrape still says ``syncunit_database_up 0``."""
+    _, live = ops
+    caplog.set_level(logging.INFO, logger="syncunit")
+    plain_sql("ALTER TABLE syncunit_tombstones RENAME TO syncunit_tombstones_restoring")
+    try:
+        for _ in range(3):
+            assert value(samples(live), "syncunit_database_up") == 0
+    finally:
+        plain_sql("ALTER TABLE syncunit_tombstones_restoring RENAME TO syncunit_tombstones")
+    assert value(samples(live), "syncunit_database_up") == 1
+    assert value(samples(live), "syncunit_database_up") == 1
+    lines = [r for r in caplog.records if r.getMessage().startswith("metrics:")]
+    assert [r.exc_info for r in lines] == [None, None], [r.getMessage() for r in lines]
+    failed, back = (r.getMessage() for r in lines)
+    assert failed.startswith("metrics: reading the database failed: ")
+    assert "syncunit_tombstones" in failed
+    assert "\n" not in failed
+    assert back == "metrics: reading the database works again"
 
 
 def test_each_server_counts_its_own(store: ServerStore, serve, tmp_path):

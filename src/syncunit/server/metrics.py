@@ -52,7 +52,7 @@ from syncunit.protocol import Chunk, Failure, Frame, PushResults, close_frames
 from syncunit.server.admission import SyncSlots
 from syncunit.server.auth import Principal
 from syncunit.server.live import VersionMonitor
-from syncunit.server.problems import ProblemException
+from syncunit.server.problems import ProblemException, failure_cause
 from syncunit.server.store import ServerStore, tombstones
 
 log = logging.getLogger("syncunit.server")
@@ -186,6 +186,9 @@ class _StateCollector(Collector):
         self.store = store
         self.monitor = monitor
         self.slots = slots
+        #: Whether the last scrape could not read the database: an outage (a restore,
+        #: a restart) is logged once, when it begins, not at every scrape.
+        self._down = False
 
     def describe(self) -> list[Metric]:
         return []  # read only when scraped: no database work at registration
@@ -196,10 +199,18 @@ class _StateCollector(Collector):
         yield _gauge("syncunit_syncs_running", "Syncs holding a database slot", self.slots.used)
         try:
             facts = self._database_facts()
-        except Exception:
-            log.warning("metrics: reading the database failed", exc_info=True)
+        except Exception as exc:
+            if not self._down:
+                self._down = True
+                if isinstance(exc, sa.exc.SQLAlchemyError):  # the database's: its first line
+                    log.warning("metrics: reading the database failed: %s", failure_cause(exc))
+                else:  # the server's own: a traceback
+                    log.warning("metrics: reading the database failed", exc_info=True)
             yield _gauge("syncunit_database_up", "Whether the scrape could read the database", 0)
             return
+        if self._down:
+            self._down = False
+            log.info("metrics: reading the database works again")
         yield _gauge("syncunit_database_up", "Whether the scrape could read the database", 1)
         yield _gauge("syncunit_watermark", "The highest version handed out", facts["watermark"])
         yield _gauge(
