@@ -1307,7 +1307,7 @@ def test_a_body_share_given_back_holds_nothing_more():
 def test_request_bodies_held_at_once_are_bounded_in_all(make_server, serve, store):
     from hospital.generate import generate
 
-    server = make_server(limits=Limits(max_buffered_bytes=10_000))
+    server = make_server(limits=Limits(max_buffered_bytes=10_000, max_body_bytes=10_000))
     generate(store.engine, appointments=10, hospitals=2, doctors=2, patients=5)
     live = serve(server.app)
     pull = sync_body()
@@ -1320,7 +1320,10 @@ def test_request_bodies_held_at_once_are_bounded_in_all(make_server, serve, stor
         r = _post(live.url, pull + b"\0" * 2_500)
         problem = _assert_problem(r, 503, "overloaded")
         assert r.headers["Retry-After"] == "1"
-        assert "10000 bytes of request bodies" in problem["detail"]
+        assert "holds 8000 bytes of request bodies" in problem["detail"]
+        assert "at most 10000 at once" in problem["detail"]
+        assert "syncs" not in problem["title"].split("(")[0]  # not only about sync slots
+        assert "request bodies" in problem["title"]
         assert _post(live.url, pull).status_code == 200  # a small one still fits
         # A small body inflating past the rest counts as it inflates.
         r = _post(live.url, gzip.compress(pull + b"\0" * 5_000), {"Content-Encoding": "gzip"})
@@ -1329,6 +1332,18 @@ def test_request_bodies_held_at_once_are_bounded_in_all(make_server, serve, stor
         slow.close()
     wait_until(lambda: server.bodies.held == 0)  # given back, refused or not
     assert _post(live.url, pull + b"\0" * 0).status_code == 200
+
+
+def test_a_body_budget_below_the_largest_body_is_refused_at_construction(make_server):
+    """A budget that one body the server takes could overrun would answer that body
+    503 "retry" for ever: such limits are refused at once, naming both."""
+    with pytest.raises(ValueError, match="max_buffered_bytes") as refused:
+        Limits(max_buffered_bytes=1_000_000)  # max_body_bytes is 8 MiB
+    assert "max_body_bytes" in str(refused.value)
+    with pytest.raises(ValueError, match=r"max_buffered_bytes.*max_body_bytes"):
+        make_server(limits=Limits(max_buffered_bytes=1_000_000, max_body_bytes=1_000_000),
+                    max_body_bytes=2_000_000)  # fmt: skip
+    assert Limits(max_buffered_bytes=1_000_000, max_body_bytes=1_000_000)  # equal: fine
 
 
 def _stalled_decoding(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> Any:

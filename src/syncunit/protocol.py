@@ -468,7 +468,10 @@ PROBLEM_CODES: dict[str, tuple[int, str]] = {
     "rate-limited": (429, "Too many requests from this principal; retry after a while"),
     "internal": (500, "The server failed"),
     "busy": (503, "Too many clients are waiting for live changes; try again later"),
-    "overloaded": (503, "The server is running as many syncs as it can; retry after a while"),
+    "overloaded": (
+        503,
+        "The server is at capacity (syncs running or request bodies held); retry after a while",
+    ),
     "database-unavailable": (503, "The server's database is unavailable; retry after a while"),
     "database-restored": (503, "The server's database is a restored copy; retry after a while"),
 }

@@ -116,6 +116,14 @@ class Limits:
     max_concurrent_syncs: int | None = None
     syncs_per_principal: int = 4
 
+    def __post_init__(self) -> None:
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) is below max_body_bytes"
+                f" ({self.max_body_bytes}): a body the server takes could never be held;"
+                " raise max_buffered_bytes or lower max_body_bytes"
+            )
+
     def push_limits(self) -> PushLimits:
         """The bounds on a push a device is told (``protocol.PUSH_LIMITS``)."""
         return PushLimits(
@@ -473,7 +481,8 @@ class HeldBody:
             if budget.held + size > budget.total:
                 raise ProblemException(
                     "overloaded",
-                    f"the server already holds {budget.total} bytes of request bodies;"
+                    f"the server holds {budget.held} bytes of request bodies and takes at"
+                    f" most {budget.total} at once; this request needs {self.size + size};"
                     " retry in 1 s",
                     headers={"Retry-After": "1"},
                 )
