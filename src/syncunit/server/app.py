@@ -686,7 +686,7 @@ class SyncServer(SyncAnswer):
 
     async def _on_problem(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProblemException)
-        self.note_refusal(request, exc.code, exc.detail)
+        self._note_refusal(request, exc.code, exc.detail)
         # A push refused as too large (413) says the bounds: the device sizes under them.
         return problem_response(
             exc.code,
@@ -696,7 +696,7 @@ class SyncServer(SyncAnswer):
             subscription=exc.subscription,
         )
 
-    def note_refusal(self, request: Request, code: str, detail: str, *, after: str = "") -> None:
+    def _note_refusal(self, request: Request, code: str, detail: str, *, after: str = "") -> None:
         """Count a refusal (``code``) and log it once, without the principal's id unless
         principals are logged; ``after`` says what followed (a stream that ended)."""
         ctx = current_request() or RequestContext("-")

@@ -792,7 +792,7 @@ class RxDBReplication:
         # A refusal ends it, counted and logged as the request's refusal would be.
         now = await anyio.to_thread.run_sync(self.server.authenticate, request)
         if now is None:
-            self.server.note_refusal(
+            self.server._note_refusal(
                 request,
                 "unauthenticated",
                 "the token expired or was revoked while the event stream was open",
@@ -807,7 +807,7 @@ class RxDBReplication:
         try:
             await anyio.to_thread.run_sync(self.server._check_unit, unit, principal, params)
         except ProblemException as exc:
-            self.server.note_refusal(
+            self.server._note_refusal(
                 request, exc.code, exc.detail, after="; the event stream ended"
             )
             return None
