@@ -151,6 +151,28 @@ def test_a_write_by_another_connection_is_seen(make_client, tmp_path):
     calls.wait_for(lambda items: items[-1] == [(before - 2,)])
 
 
+def test_a_watched_query_that_fails_holds_back_no_other(make_client, tmp_path):
+    """A table a watched query reads is dropped (a catalog change drops a stream's
+    table): that query keeps its error, and the others still see every write."""
+    client = make_client(name="shared")
+    client.sync("Login")
+    client.store.conn.execute("CREATE TABLE app_scratch (n INTEGER)")
+    gone = client.watch_query("SELECT count(*) FROM app_scratch")  # first in the list
+    calls = Calls()
+    client.watch_query("SELECT count(*) FROM LocalAppointment", (), calls)
+    calls.wait_for(lambda items: len(items) == 1)
+    before = calls.items[0][0][0]
+    client.store.conn.execute("DROP TABLE app_scratch")
+    other = sqlite3.connect(tmp_path / "shared.sqlite", timeout=30)
+    with other:  # another connection: every watched query runs again
+        other.execute(
+            "DELETE FROM LocalAppointment WHERE id IN (SELECT id FROM LocalAppointment LIMIT 2)"
+        )
+    other.close()
+    calls.wait_for(lambda items: items[-1] == [(before - 2,)])
+    assert "no such table: app_scratch" in str(gone.error)
+
+
 def test_callbacks_go_through_dispatch_and_stop_when_cancelled(make_client):
     client = make_client()
     client.sync("Login")

@@ -435,6 +435,8 @@ def test_the_outbox_and_status_after_close_say_the_client_is_closed(tmp_path):
             call()
     with pytest.raises(LocalStoreError, match="its client was closed"):
         client.status  # noqa: B018
+    with pytest.raises(SyncError, match="the client is closed"):
+        client.connect()
 
 
 @pytest.mark.parametrize(

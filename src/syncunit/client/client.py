@@ -234,6 +234,7 @@ class SyncClient:
         """A new sqlite3 connection to this client's database, for the app's own SQL
         (``kwargs`` go to ``sqlite3.connect``): set up so that every write through it is
         recorded (``syncunit.client.connect``). The app closes it."""
+        self._check_open()
         if self.store.path is None:
             raise LocalStoreError(
                 "this client's database was given as a connection (or is in memory):"

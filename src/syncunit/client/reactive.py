@@ -67,6 +67,9 @@ class LiveQuery:
         self.params = params
         self.tables = tables  #: the tables (and views' tables) the query reads
         self.rows: Rows | None = None
+        #: Why its last run failed (a table a catalog change dropped, say), or None: the
+        #: other watched queries go on, and this one runs again at the next change.
+        self.error: LocalStoreError | None = None
         self.cancelled = False
         self._watcher = watcher
         self._callback = callback
@@ -271,7 +274,14 @@ class QueryWatcher:
             for live in queries:
                 if live.cancelled or not (everything or live.tables & dirty):
                     continue
-                tables, rows = self._run_reading(live.sql, live.params)
+                try:
+                    tables, rows = self._run_reading(live.sql, live.params)
+                except LocalStoreError as exc:  # this query's alone: the others go on
+                    if live.error is None or str(live.error) != str(exc):
+                        log.warning("a watched query failed (%s): %s", live.sql[:80], exc)
+                    live.error = exc
+                    continue
+                live.error = None
                 for table in tables - live.tables:
                     self._track(table)
                 for table in live.tables:
