@@ -134,15 +134,10 @@ class ChunkApply:
         the device knew it, the device holding its rows from another unit), which also
         replaces a re-download under way."""
         c = self.conn
-        if first_copy and shadow:
-            return True
-        if shadow or (
-            not first_copy
-            and c.execute(
-                "SELECT 1 FROM syncunit_cursors WHERE stream = ?", (stream.name,)
-            ).fetchone()
-            is not None
-        ):
+        if shadow:
+            return first_copy
+        cursor = "SELECT 1 FROM syncunit_cursors WHERE stream = ?"
+        if not first_copy and c.execute(cursor, (stream.name,)).fetchone() is not None:
             return False
         return (
             c.execute(f"SELECT 1 FROM {quote(stream.local_table)} LIMIT 1").fetchone() is not None

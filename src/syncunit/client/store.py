@@ -468,13 +468,8 @@ class LocalStore(ChunkApply):
         closing: list[ClosedByCatalog] = []
         with self.atomic():
             before = self.catalog()
-            # The tables a catalog applied here named, or a cursor does: only those may
-            # be dropped (an outbox-like trigger alone proves nothing: a server's
-            # tracked table in the same file has triggers of that name too).
-            known = set(json.loads(self.get_fact(MADE_TABLES) or "[]"))
-            known |= set() if before is None else {s.local_table for s in before.streams}
-            known |= {r[0] for r in self.conn.execute("SELECT local_table FROM syncunit_cursors")}
-            made = self._refuse_foreign_tables(before, catalog)
+            known = self._known_tables(before)
+            made = self._refuse_foreign_tables(catalog, known)
             self._loaded = ""  # learnt again by the next run if this one rolls back
             pushed = self.pushed = {t for u in catalog.units for t in u.push}
             if before is not None:
@@ -490,7 +485,9 @@ class LocalStore(ChunkApply):
             if before is not None:
                 changes += self._drop_retired_indexes(before, catalog)
             changes += surface_orphans(self.conn, catalog, self.pushed)
-            gone = self._drop_unfilled(made & known, catalog)
+            # Only tables known for the engine's go: an outbox-like trigger alone proves
+            # nothing (a server's tracked table in the same file has such triggers).
+            gone = self._drop_unfilled(known, catalog)
             changes += [f"dropped {t} (no stream fills it)" for t in gone]
             raw = encode_catalog(catalog).decode()
             self.set_fact("catalog", raw)
@@ -546,14 +543,20 @@ class LocalStore(ChunkApply):
             )
         return gone
 
-    def _refuse_foreign_tables(self, before: Catalog | None, catalog: Catalog) -> set[str]:
+    def _known_tables(self, before: Catalog | None) -> set[str]:
+        """The local tables known for the engine's: those any catalog it applied named
+        (``MADE_TABLES``, or the catalog held, ``before``), or that a cursor names."""
+        known = set(json.loads(self.get_fact(MADE_TABLES) or "[]"))
+        known |= set() if before is None else {s.local_table for s in before.streams}
+        known |= {r[0] for r in self.conn.execute("SELECT local_table FROM syncunit_cursors")}
+        return known
+
+    def _refuse_foreign_tables(self, catalog: Catalog, known: set[str]) -> set[str]:
         """Refuse a catalog naming a local table the engine did not make: a table of the
         app's own would be migrated, rebuilt or emptied like the engine's. The engine's
-        are those any catalog it applied named (``MADE_TABLES``), or that its cursors or
-        outbox triggers name (a database of an earlier version). Returns them."""
-        made = set(json.loads(self.get_fact(MADE_TABLES) or "[]"))
-        made |= set() if before is None else {s.local_table for s in before.streams}
-        made |= {r[0] for r in self.conn.execute("SELECT local_table FROM syncunit_cursors")}
+        are those ``known`` (``_known_tables``) and those its outbox triggers name (a
+        database of an earlier version). Returns them."""
+        made = set(known)
         made |= {
             r[0]
             for r in self.conn.execute(
