@@ -816,8 +816,8 @@ def test_a_write_over_a_nan_a_writer_changes_meanwhile_is_a_conflict(
     assert [d["f"] for d in pulled] == [None, None]  # JSON has no NaN
     read = rxdb.RxDBReplication._server_row
 
-    def read_then_a_writer(self: Any, stream: Any, principal: Any, key: Any) -> Any:
-        row = read(self, stream, principal, key)
+    def read_then_a_writer(self: Any, conn: Any, stream: Any, principal: Any, key: Any) -> Any:
+        row = read(self, conn, stream, principal, key)
         if key == "a":  # another writer commits before the apply reads the row
             with server.store.engine.begin() as conn:
                 conn.execute(tally.update().where(tally.c.id == "a").values(f=5.0))

@@ -89,7 +89,6 @@ from syncunit.server.logs import (
     install_filter,
 )
 from syncunit.server.metrics import ServerMetrics, SyncTally
-from syncunit.server.migrations import LATEST, schema_version
 from syncunit.server.problems import (
     DATABASE_BUSY,
     DATABASE_LOST,
@@ -793,17 +792,14 @@ class SyncServer(SyncAnswer):
         def check() -> None:
             try:
                 with self.store.engine.connect() as conn, conn.begin():
-                    current = schema_version(conn)
-                if current > LATEST:
-                    log.error(
-                        "the database is at syncunit migration %d, made by a newer syncunit"
-                        " than this one (which knows migrations up to %d): this server"
-                        " (install=False) serves it without being able to judge that"
-                        " version's tracking. Upgrade syncunit here to the version that"
-                        " migrated it (see docs/deploy.md, upgrades)",
-                        current,
-                        LATEST,
-                    )
+                    self.store.check_not_newer(conn)
+            except DatabaseTooNew as exc:
+                log.error(
+                    "%s. This server (install=False) serves it without being able to judge"
+                    " that version's tracking: Upgrade syncunit here to the version that"
+                    " migrated it",
+                    exc,
+                )
             except Exception:
                 log.exception("checking the database's syncunit migration failed")
             try:

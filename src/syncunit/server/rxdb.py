@@ -618,13 +618,17 @@ class RxDBReplication:
         pushed: list[tuple[Mutation, MutationResult] | None] = [None] * len(mutations)
         docs = self.docs(stream)
         mutations = list(mutations)
-        for i, m in enumerate(mutations):
-            if docs.needs_row(m):
-                settled = docs.settle(m, self._server_row(stream, principal, m.key))
-                if isinstance(settled, MutationResult):
-                    pushed[i] = (m, settled)
-                else:
-                    mutations[i] = settled
+        reading = [i for i, m in enumerate(mutations) if docs.needs_row(m)]
+        if reading:  # one connection for every row to read
+            with self.server.store.engine.connect() as conn:
+                for i in reading:
+                    m = mutations[i]
+                    row = self._server_row(conn, stream, principal, m.key)
+                    settled = docs.settle(m, row)
+                    if isinstance(settled, MutationResult):
+                        pushed[i] = (m, settled)
+                    else:
+                        mutations[i] = settled
         waiting = [i for i, p in enumerate(pushed) if p is None]
         for _ in range(NUMBERING_ATTEMPTS):
             if not waiting:
@@ -664,17 +668,19 @@ class RxDBReplication:
             # of a row it may not hold.
             row = r.server_row
             if row is None:
-                row = self._server_row(stream, principal, m.key)
+                with self.server.store.engine.connect() as conn:
+                    row = self._server_row(conn, stream, principal, m.key)
             if row is None:
                 conflicts.append(docs.deleted(m.key))
             else:
                 conflicts.append(docs.row(list(row), list(row.values())))
         return {"conflicts": conflicts, "results": answers}
 
-    def _server_row(self, stream: Stream, principal: Principal, key: Any) -> dict[str, Any] | None:
+    def _server_row(
+        self, conn: sa.Connection, stream: Stream, principal: Principal, key: Any
+    ) -> dict[str, Any] | None:
         """The row as the device should hold it (the applier's own lookup)."""
-        with self.server.store.engine.connect() as conn:
-            return self.server.pusher._server_row(conn, stream, principal, key)
+        return self.server.pusher._server_row(conn, stream, principal, key)
 
     def _lock_for(self, client_id: str) -> threading.Lock:
         with self._numbering_guard:

@@ -169,15 +169,15 @@ class ServerStore(abc.ABC):
     def install_scope_indexes(self, schema: SyncSchema) -> bool:
         """Create the indexes deltas read the scope through, if any is missing (they
         depend on the streams' filters, not on tracking); False when none was."""
-        wanted = self.scope_index_ddl(schema)
-        if not self.missing_scope_indexes(schema):
+        missing = self.missing_scope_indexes(schema)
+        if not missing:
             return False
         with self.write() as conn:
             # Servers starting together: PostgreSQL's CREATE INDEX IF NOT EXISTS can
             # still collide with one running elsewhere, so take turns and look again.
             self.lock_for_install(conn)
             have = self.index_names(conn)
-            for ddl in wanted:
+            for ddl in missing:
                 if _index_name(ddl) not in have:
                     conn.exec_driver_sql(ddl)
                     have.add(_index_name(ddl))
