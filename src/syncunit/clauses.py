@@ -27,19 +27,13 @@ __all__ = [
 
 def bind_names(*clauses: Any) -> list[str]:
     """The names of the parameters (binds without a value) in ``clauses``, sorted."""
-    names: set[str] = set()
-    for clause in clauses:
-        if clause is None:
-            continue
-        for elem in visitors.iterate(clause):
-            if (
-                isinstance(elem, BindParameter)
-                and elem.value is None
-                and elem.callable is None
-                and not elem.key.startswith("%")
-            ):
-                names.add(elem.key)
-    return sorted(names)
+    return sorted(
+        {
+            elem.key
+            for elem in _binds(clauses)
+            if elem.value is None and elem.callable is None and not elem.key.startswith("%")
+        }
+    )
 
 
 def list_bind_names(*clauses: Any) -> set[str]:

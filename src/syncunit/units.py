@@ -236,20 +236,18 @@ class Stream:
         self.key = key_names[0]
         allowed = {base, *(j.table for j in self.joins)}
         for local, col in self.columns.items():
-            for c in columns_of(col):
-                if c.table not in allowed:
-                    raise DeclarationError(
-                        f"stream {name!r}: column {local!r} reads table {c.table.name!r},"
-                        " which is neither the base table nor joined; add a Join for it"
-                    )
+            if (other := _unjoined(col, allowed)) is not None:
+                raise DeclarationError(
+                    f"stream {name!r}: column {local!r} reads table {other!r},"
+                    " which is neither the base table nor joined; add a Join for it"
+                )
         for j in self.joins:
-            for c in columns_of(j.on):
-                if c.table not in allowed:
-                    raise DeclarationError(
-                        f"stream {name!r}: the join of {j.table.name!r} reads table"
-                        f" {c.table.name!r}, which is neither the base table nor joined:"
-                        f" join {c.table.name!r} too, or leave it out of the join's condition"
-                    )
+            if (other := _unjoined(j.on, allowed)) is not None:
+                raise DeclarationError(
+                    f"stream {name!r}: the join of {j.table.name!r} reads table {other!r},"
+                    f" which is neither the base table nor joined: join {other!r} too, or"
+                    " leave it out of the join's condition"
+                )
         for e in visitors.iterate(where) if where is not None else ():
             if isinstance(e, sa.Select) and base in (*e.columns_clause_froms, *e._from_obj):
                 raise DeclarationError(
@@ -258,14 +256,13 @@ class Stream:
                     " without devices hearing of it. Decide scope from each row's own"
                     " columns and joined rows (a column the app maintains, or a joined table)"
                 )
-        for c in columns_of(where) if where is not None else ():
-            if c.table not in allowed:
-                raise DeclarationError(
-                    f"stream {name!r}: its filter reads table {c.table.name!r} (a subquery?),"
-                    " which is neither the base table nor joined: a change to it would"
-                    " move rows in or out of scope without devices hearing of it. Join"
-                    f" {c.table.name!r} (Join(...)) and filter on its columns"
-                )
+        if (other := _unjoined(where, allowed)) is not None:
+            raise DeclarationError(
+                f"stream {name!r}: its filter reads table {other!r} (a subquery?), which is"
+                " neither the base table nor joined: a change to it would move rows in or"
+                f" out of scope without devices hearing of it. Join {other!r} (Join(...))"
+                " and filter on its columns"
+            )
         for t in absence_tables(where, {j.table for j in self.joins}):
             raise DeclarationError(
                 f"stream {name!r}: its filter can hold when the joined {t!r} row is missing"
@@ -285,12 +282,11 @@ class Stream:
         if write is None or write is True:
             self.write_where = where
         elif write is not False:
-            for c in columns_of(write):
-                if c.table not in allowed:
-                    raise DeclarationError(
-                        f"stream {name!r}: the write rule reads table {c.table.name!r},"
-                        " which is neither the base table nor joined"
-                    )
+            if (other := _unjoined(write, allowed)) is not None:
+                raise DeclarationError(
+                    f"stream {name!r}: the write rule reads table {other!r},"
+                    " which is neither the base table nor joined"
+                )
             self.write_where = write
         #: Whether clients may push changes to this stream's rows at all.
         self.is_writable = self.write_where is not None
@@ -482,6 +478,12 @@ class SyncUnit:
         for s in self.streams:
             out.update(s.client_params)
         return out
+
+
+def _unjoined(clause: Any, allowed: set[Any]) -> str | None:
+    """The name of a table ``clause`` reads that is not in ``allowed`` (the stream's base
+    table and joined tables), or None."""
+    return next((c.table.name for c in columns_of(clause) if c.table not in allowed), None)
 
 
 def _check_shared(a: Stream, b: Stream) -> None:
