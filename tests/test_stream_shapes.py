@@ -524,6 +524,22 @@ def test_a_filter_reading_other_rows_of_the_base_table_is_refused_at_declaration
         city_appointments(where=where)
 
 
+def test_an_alias_or_a_table_joined_twice_is_refused_at_declaration():
+    """Tracking maps a change of a table to the one join that reads it: an alias (the
+    referring doctor beside the attending one) failed with an AttributeError, and a
+    table joined twice built a query the database refused as ambiguous."""
+    base_joins = city_appointments().joins
+    referring = doctor.alias("referring")
+    aliased = Join(referring, appointment.c.doctor_id == referring.c.id)
+    with pytest.raises(DeclarationError, match=r"joined table 'referring' is not a Table"):
+        city_appointments(joins=[*base_joins, aliased])
+    again = Join(doctor, appointment.c.doctor_id == doctor.c.id)
+    with pytest.raises(DeclarationError, match=r"reads table 'doctor' twice"):
+        city_appointments(joins=[*base_joins, again])
+    with pytest.raises(DeclarationError, match=r"base table 'pick' is not a Table"):
+        Stream("picked", sa.select(appointment).subquery("pick"), [appointment.c.id])
+
+
 def test_a_filter_that_requires_the_joined_row_is_accepted():
     city_appointments(where=sa.and_(doctor.c.id.is_not(None), doctor.c.name.is_(None)))
     city_appointments(where=appointment.c.doctor_id.is_(None))  # the base table's own column

@@ -205,6 +205,22 @@ class Stream:
             self.columns: dict[str, ColumnElement[Any]] = dict(columns)
         else:
             self.columns = {str(c.name): c for c in columns}
+        for read, role in ((base, "base table"), *((j.table, "joined table") for j in joins)):
+            if not isinstance(read, sa.Table):
+                shown = getattr(read, "name", None) or type(read).__name__
+                raise DeclarationError(
+                    f"stream {name!r}: its {role} {shown!r} is not a Table but a"
+                    f" {type(read).__name__}: tracking follows changes per table, so a"
+                    " stream reads tables themselves, not aliases, subqueries or views"
+                )
+        tables = [base, *(j.table for j in joins)]
+        if len(set(tables)) != len(tables):
+            twice = next(x for i, x in enumerate(tables) if x in tables[:i])
+            raise DeclarationError(
+                f"stream {name!r} reads table {twice.name!r} twice (as its base or in two"
+                " joins): tracking maps each change of a table to one join. Keep one join,"
+                " or copy the second table's columns the stream needs into a table of their own"
+            )
         pk = list(base.primary_key.columns)
         if len(pk) != 1:
             raise DeclarationError(
