@@ -9,6 +9,7 @@ import gc
 import gzip
 import itertools
 import logging
+import random
 import socket
 import time
 import tracemalloc
@@ -1344,6 +1345,24 @@ def test_a_body_budget_below_the_largest_body_is_refused_at_construction(make_se
         make_server(limits=Limits(max_buffered_bytes=1_000_000, max_body_bytes=1_000_000),
                     max_body_bytes=2_000_000)  # fmt: skip
     assert Limits(max_buffered_bytes=1_000_000, max_body_bytes=1_000_000)  # equal: fine
+
+
+def test_a_body_that_could_never_be_held_is_too_large_not_overloaded(make_server, serve, store):
+    """A compressed body holds its compressed and its inflated bytes at once: with a
+    budget equal to the largest body, one near that size never fits, however idle
+    the server. 503 "retry in 1 s" made a device send it for ever; 413 says to send
+    less (a device splits its push)."""
+    from hospital.generate import generate
+
+    server = make_server(limits=Limits(max_buffered_bytes=10_000, max_body_bytes=10_000))
+    generate(store.engine, appointments=10, hospitals=2, doctors=2, patients=5)
+    live = serve(server.app)
+    noise = random.Random(7).randbytes(6_000)  # incompressible
+    r = _post(live.url, gzip.compress(sync_body() + noise), {"Content-Encoding": "gzip"})
+    problem = _assert_problem(r, 413, "body-too-large")
+    assert "max_buffered_bytes" in problem["detail"]
+    assert server.bodies.held == 0
+    assert _post(live.url, sync_body()).status_code == 200
 
 
 def _stalled_decoding(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> Any:

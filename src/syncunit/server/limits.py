@@ -478,6 +478,14 @@ class HeldBody:
         with budget._lock:
             if self.released:
                 raise ProblemException("overloaded", "the request ended while its body was read")
+            if self.size + size > budget.total:
+                # Never fits, however idle the server: a 503 would be retried for ever.
+                raise ProblemException(
+                    "body-too-large",
+                    f"the body, as sent and decompressed, needs more than the {budget.total}"
+                    " bytes the server holds for all request bodies at once"
+                    " (max_buffered_bytes); send less in one request",
+                )
             if budget.held + size > budget.total:
                 raise ProblemException(
                     "overloaded",
