@@ -27,6 +27,7 @@ from hospital.units import schema as hospital_schema
 from sqlalchemy.engine import Connection
 
 from syncunit.client import SyncClient
+from syncunit.errors import ProblemError
 from syncunit.policies import MutationContext
 from syncunit.server import SyncServer
 from syncunit.server.migrations import LATEST
@@ -292,6 +293,43 @@ def test_a_push_retried_on_another_process_applies_once(server, store, serve, ma
         assert rows.scalar_one() == 1
         seqs = conn.execute(sa.text("SELECT count(*) FROM syncunit_mutations")).scalar_one()
     assert seqs == 1
+
+
+def test_a_database_refusing_connections_is_a_503_the_device_retries(
+    server, store, serve, make_client, server_db_url, caplog
+):
+    """The database down or restarting: no connection can be made (psycopg's error has
+    no SQLSTATE). That is the database unavailable, a 503 the device retries and one
+    log line, not a 500 with a traceback; the pending change goes out once it is back."""
+    import logging
+
+    device = make_client(url=serve(server.app).url, name="dev")
+    device.sync("Online")
+    key = device.insert("LocalAppointment", dict(SLOT))
+    name = sa.make_url(server_db_url).database
+    admin = psycopg.connect(pg_dsn(server_db_url.rsplit("/", 1)[0] + "/postgres"), autocommit=True)
+    try:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+        store.engine.dispose()  # connections the pool held are gone
+        caplog.set_level(logging.INFO, logger="syncunit")
+        with pytest.raises(ProblemError) as down:
+            device.sync("Online")
+        assert (down.value.status, down.value.code) == (503, "database-unavailable")
+        assert down.value.retryable
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        assert device.outbox.pending()
+    finally:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        admin.close()
+    assert device.sync("Online").applied == 1
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT count(*) FROM appointment WHERE id = :k"), {"k": key})
+        assert rows.scalar_one() == 1
 
 
 def test_concurrent_pushes_of_one_client_to_two_processes_apply_once(server, store, serve):

@@ -730,7 +730,11 @@ class SyncServer(SyncAnswer):
             return await self._on_error(request, exc)
         path = request.url.path
         self.metrics.refused.labels("database-unavailable").inc()
-        why = "its database connection ended" if lost else "the database could not take it"
+        why = (
+            "its database connection ended or could not be made"
+            if lost
+            else "the database could not take it"
+        )
         log.error("%s %s failed: %s: %s", request.method, path, why, failure_cause(exc))
         detail = DATABASE_LOST if lost else DATABASE_BUSY.format(why=busy)
         return problem_response("database-unavailable", detail, {"Retry-After": "1"})

@@ -76,14 +76,30 @@ class ProblemException(Exception):
         self.subscription = subscription
 
 
-#: What a device is told when the database ended the connection its request used.
-DATABASE_LOST = "the server's database connection ended (a restart or a failover); retry shortly"
+#: What a device is told when the database ended the connection its request used, or
+#: none could be made.
+DATABASE_LOST = (
+    "the server's database connection ended or could not be made (a restart, a failover"
+    " or the database down); retry shortly"
+)
 
 
 def database_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` is the database ending a connection (SQLAlchemy invalidated it):
-    a ``database-unavailable`` problem, not a failure of the server's code."""
-    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+    """Whether ``exc`` is the database ending a connection (SQLAlchemy invalidated it) or
+    refusing a new one (down, restarting, not accepting connections): a
+    ``database-unavailable`` problem, not a failure of the server's code."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    # psycopg's error for a connection that could not be made carries no SQLSTATE (the
+    # server sent none: refused, or a FATAL at startup); every error of a session has one.
+    orig = exc.orig
+    return (
+        isinstance(exc, sa.exc.OperationalError)
+        and type(orig).__module__.startswith("psycopg")
+        and getattr(orig, "sqlstate", "") is None
+    )
 
 
 #: What a device is told when the database could not take its request for now (a lock

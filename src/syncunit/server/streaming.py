@@ -233,7 +233,10 @@ class FramePump:
                 log.error("sync stream refused: %s", exc)
                 p = problem("database-restored", str(exc))
             elif database_lost(exc):  # a restart or a failover: one line, and a 503
-                log.error("sync stream failed: its database connection ended: %s", first_line(exc))
+                log.error(
+                    "sync stream failed: its database connection ended or could not be made: %s",
+                    first_line(exc),
+                )
                 p = problem("database-unavailable", DATABASE_LOST)
             elif (busy := database_busy(exc)) is not None:  # a lock, a timeout: a 503
                 log.error("sync stream failed: the database could not take it: %s", busy)
