@@ -9,6 +9,7 @@ them in order and in bounded requests, each applied once.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,56 @@ def test_a_failed_push_leaves_the_batch_numbered_ahead_to_the_next_run_in_order(
     assert app.applications() == 120  # each applied once
     assert device.outbox.count() == 0
     assert local_notes(device) == app.rows("u1")
+
+
+class OvertakingTransport(FaultTransport):
+    """The first push batch is held on the way until the second one has its answer:
+    the second overtakes it (a slow route, or another server process applying it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second_answered = threading.Event()
+        self.statuses: list[tuple[int, int]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if not request.url.path.startswith("/v1/sync/"):
+            return self.inner.handle_request(request)
+        request.read()
+        mutations = decode_sync_request(request).mutations
+        first = mutations[0].seq if mutations else None
+        if first == 1 and not self.second_answered.is_set():
+            self.second_answered.wait(10)
+        response = self._forward(request)
+        if first is not None:
+            self.statuses.append((first, response.status_code))
+        if first is not None and first > 1:
+            response.read()
+            self.second_answered.set()
+        return response
+
+
+def test_a_batch_that_overtook_the_one_before_it_is_sent_again_after_it(notes_app, monkeypatch):
+    """The server holds a batch whose predecessor has not come for PREDECESSOR_WAIT_S,
+    then refuses it 409 ``sequence-gap`` (not retryable: a gap the device made would
+    never close). A batch sent before the answer to the one ahead of it may be refused
+    so when that one is slow on the way or applied by another server process: once
+    that answer comes, the device sends it again, and the run ends with all applied."""
+    from syncunit.server import push as push_module
+
+    monkeypatch.setattr(push_module, "PREDECESSOR_WAIT_S", 0.2)
+    app = notes_app()
+    overtaking = OvertakingTransport()
+    device = app.client(transport=overtaking, push_batch=50)
+    device.sync("Sync")
+    write_notes_offline(device, 120)
+
+    result = device.sync("Push")
+
+    assert (51, 409) in overtaking.statuses  # it overtook, and was refused for the gap
+    assert result.applied == 120
+    assert [seq for seq, _ in app.logged(device.client_id)] == list(range(1, 121))
+    assert app.applications() == 120  # each applied once
+    assert device.outbox.count() == 0
 
 
 def test_prepare_sends_the_oldest_in_flight_first_and_at_most_the_limit(notes_app):

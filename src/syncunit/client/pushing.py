@@ -168,6 +168,8 @@ def push_overlapped(
         return True
     posting = send(mutations)
     complete = True
+    #: Whether ``posting`` left before the answer to the batch before it came.
+    sent_early = False
     for round_ in range(rounds):
         ahead = (
             None
@@ -184,9 +186,23 @@ def push_overlapped(
                 response = None if early else posting.response()
             nxt = _following(ahead, mutations)
             following = send(nxt) if nxt else None
-            if response is None:
+            try:
+                if response is None:
+                    response = posting.response()
+                complete, _ = run._finish(response, catalog, result, carried=posting.carried)
+            except RequestRejected as exc:
+                if exc.code != "sequence-gap" or not sent_early:
+                    raise
+                # It overtook the batch before it (delayed on the way, or applied by
+                # another server process) and the server stopped waiting for that one,
+                # which is applied now that its answer came: send it again, after it.
+                if following is not None:
+                    following.discard()
+                    following = None
+                log.info("a push batch came before the one ahead of it; sending it again")
+                posting = send(mutations)
                 response = posting.response()
-            complete, _ = run._finish(response, catalog, result, carried=posting.carried)
+                complete, _ = run._finish(response, catalog, result, carried=posting.carried)
         except BaseException as exc:
             if following is not None:
                 following.discard()
@@ -196,6 +212,7 @@ def push_overlapped(
             ):
                 return False
             raise
+        sent_early = early and following is not None
         if following is None:
             # Nothing numbered to follow at once: what is in flight, in order, then new.
             nxt = [] if ahead is None else outbox.prepare(streams, run.cap(batch), run.budget())
