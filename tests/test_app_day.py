@@ -26,7 +26,14 @@ from typing import Any
 
 import pytest
 
-from syncunit import AsyncSyncClient, LocalStoreError, NetworkError, SyncClient, SyncStatus
+from syncunit import (
+    AsyncSyncClient,
+    LocalStoreError,
+    NetworkError,
+    RequestRejected,
+    SyncClient,
+    SyncStatus,
+)
 from syncunit.client.scheduler import subscription_id
 from tests.support import LiveServer
 from tests.test_scheduler import booking
@@ -305,6 +312,56 @@ def test_the_async_client_syncs_and_hands_results_to_the_loop(live: LiveServer, 
     assert out["second"] == [(out["first"][0][0] + 1,)]
     assert out["threads"] == {out["loop"]}  # every status call ran on the loop's thread
     assert any(s.download is not None for s in out["statuses"])
+
+
+def test_the_async_client_calls_the_callbacks_given_as_options_on_the_loop(
+    live: LiveServer, tmp_path
+):
+    """``on_status`` and the sync events given to the constructor run on the loop, as
+    ``on_status`` set afterwards does: not on the thread that ran the sync."""
+
+    async def app() -> tuple[int, dict[str, set[int]]]:
+        threads: dict[str, set[int]] = {}
+
+        def seen(name: str) -> Callable[..., None]:
+            return lambda *args: threads.setdefault(name, set()).add(threading.get_ident())
+
+        async with AsyncSyncClient(
+            live.url,
+            tmp_path / "async.sqlite",
+            token="token-h1",
+            chunk_size=16,
+            on_status=seen("on_status"),
+            on_start=seen("on_start"),
+            on_progress=seen("on_progress"),
+            on_complete=seen("on_complete"),
+            on_error=seen("on_error"),
+        ) as client:
+            await client.sync("Login")
+            with pytest.raises(RequestRejected):
+                await client.sync("PatientDetails")  # its parameter is missing
+            await asyncio.sleep(0.05)  # the last status calls posted to the loop
+        return threading.get_ident(), threads
+
+    loop_thread, threads = asyncio.run(app())
+    assert sorted(threads) == ["on_complete", "on_error", "on_progress", "on_start", "on_status"]
+    assert all(seen == {loop_thread} for seen in threads.values()), threads
+
+
+def test_the_async_client_refuses_options_beside_an_existing_client(tmp_path):
+    async def app() -> None:
+        engine = SyncClient("http://127.0.0.1:9", tmp_path / "d.sqlite")
+        try:
+            with pytest.raises(TypeError, match="on_error"):
+                AsyncSyncClient(client=engine, on_error=print)
+            shown: list[SyncStatus] = []
+            client = AsyncSyncClient(client=engine, on_status=shown.append)
+            assert client.on_status is not None
+            assert engine.dispatch is not None  # handed to the loop
+        finally:
+            engine.close()
+
+    asyncio.run(app())
 
 
 def test_the_async_clients_query_raises_only_syncunit_errors(tmp_path):

@@ -3,9 +3,10 @@
 It is the threaded ``SyncClient`` underneath, not a second engine: the same
 local store, outbox, scheduler, results and errors. What blocks (a sync's
 network and SQLite work, a local write, closing) runs on a worker thread and is
-awaited; what the engine reports from its threads (``on_status``, watched
-queries) is handed to the event loop with ``call_soon_threadsafe``, so app
-callbacks run on the loop's thread, where the UI lives.
+awaited; what the engine reports from its threads (``on_status``, the events
+given as options, watched queries) is handed to the event loop with
+``call_soon_threadsafe``, so app callbacks run on the loop's thread, where the
+UI lives.
 
     async with AsyncSyncClient(url, "app.sqlite", token=token) as client:
         client.on_status = show_status
@@ -17,6 +18,7 @@ callbacks run on the loop's thread, where the UI lives.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,14 +29,20 @@ from syncunit.errors import LocalStoreError, SyncError
 
 __all__ = ["AsyncSyncClient"]
 
+#: The ``SyncClient`` events an ``AsyncSyncClient`` given them as options calls on its loop.
+EVENTS = ("on_start", "on_progress", "on_complete", "on_error")
+
 
 class AsyncSyncClient:
     """``SyncClient``'s semantics with awaitable calls; create it inside the running loop.
 
-    Takes the same arguments as ``SyncClient`` (or an existing one as ``client=``);
-    ``.client`` is the engine, for anything not wrapped here. It belongs to the loop
-    it was created in (its callbacks and watched queries are handed to that loop): a
-    call from another running loop raises ``SyncError`` (``aclose`` excepted).
+    Takes the same arguments as ``SyncClient`` (or an existing one as ``client=``,
+    with ``on_status`` at most); ``.client`` is the engine, for anything not wrapped
+    here. The callbacks given (``on_status``, ``on_start``, ``on_progress``,
+    ``on_complete``, ``on_error``) are called on the event loop, as ``on_status``
+    set later is. It belongs to the loop it was created in (its callbacks and watched
+    queries are handed to that loop): a call from another running loop raises
+    ``SyncError`` (``aclose`` excepted).
     """
 
     def __init__(
@@ -52,12 +60,23 @@ class AsyncSyncClient:
                 "AsyncSyncClient must be created inside the running event loop (in an"
                 " async function); outside one, use SyncClient"
             ) from None
+        on_status = options.pop("on_status", None)
         if client is None:
             if server_url is None or local_db is None:
                 raise TypeError("give server_url and local_db, or client=")
+            for name in EVENTS:  # the engine calls them on its threads: the loop's instead
+                if options.get(name) is not None:
+                    options[name] = self._on_loop(options[name])
             client = SyncClient(server_url, local_db, **options)
+        elif options:
+            raise TypeError(
+                f"{', '.join(options)}: options of a new SyncClient; with client=, set"
+                " them on that client"
+            )
         self.client = client
         self._on_status: Callable[[SyncStatus], None] | None = None
+        if on_status is not None:
+            self.on_status = on_status  # through the loop, as when set later
 
     # -- status ----------------------------------------------------------------------------
 
@@ -98,6 +117,14 @@ class AsyncSyncClient:
     def _dispatch(self, call: Callable[[], None]) -> None:
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(call)
+
+    def _on_loop(self, callback: Callable[..., None]) -> Callable[..., None]:
+        """``callback``, called on this client's loop whichever thread calls it."""
+
+        def post(*args: Any) -> None:
+            self._dispatch(functools.partial(callback, *args))
+
+        return post
 
     # -- syncing ---------------------------------------------------------------------------
 
