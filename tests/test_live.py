@@ -19,7 +19,7 @@ import pytest
 from hospital.generate import generate
 
 from syncunit.client import live as client_live
-from syncunit.errors import AuthError, NetworkError
+from syncunit.errors import AuthError, NetworkError, RequestRejected
 from syncunit.protocol import PROBLEM, content_type
 from syncunit.server import Principal
 from tests.conftest import SIZE
@@ -315,6 +315,37 @@ def test_a_watcher_asks_the_token_provider_again_when_its_token_expires(
     polls = b._live.polls
     wait_until(lambda: b._live.polls >= polls + 2)
     assert b.http.headers["Authorization"] == "Bearer token-h1"
+
+
+def test_watch_of_a_unit_with_client_parameters_is_refused_at_once(make_client):
+    """A poll carries no parameter values: the server would refuse every one (400)."""
+    b = make_client(name="b")
+    b.sync("Login")  # the catalog is known: PatientDetails takes patient_id
+
+    with pytest.raises(RequestRejected, match="patient_id") as info:
+        b.watch("PatientDetails")
+
+    assert (info.value.status, info.value.code) == (400, "invalid-parameter")
+    assert b._live is None  # nothing polls
+    assert "PatientDetails" not in b.refresh_subscriptions_with
+
+
+def test_a_watcher_refused_its_units_parameters_stops_and_tells_once(make_client, short_polls):
+    """Without a catalog yet, the first poll finds out: asking again cannot help."""
+    events = Events()
+    b = make_client(name="b", **events.kwargs())
+
+    b.watch("PatientDetails")
+
+    events.wait(lambda: events.errors())
+    b._live._thread.join(5)
+    assert not b._live._thread.is_alive()
+    assert b._live.polls == 1
+    [(unit, exc)] = events.errors()
+    assert unit == "PatientDetails"
+    assert isinstance(exc, RequestRejected)
+    assert (exc.code, exc.extra.get("subscription")) == ("invalid-parameter", None)
+    assert b.status.last_error == str(exc)
 
 
 # -- the endpoint -------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from syncunit.protocol import (
     INT64_MIN,
     JSON,
     PRINCIPAL_TAG,
+    PROBLEM_CODES,
     PROTOCOL_VERSION,
     PUSH_LIMITS,
     QUEUES_PUSHES,
@@ -418,10 +419,26 @@ class SyncClient:
         each one triggers ``unit`` (or calls ``on_change``), whose runs then refresh
         every held subscription too. Reconnects by itself; stopped by ``close()``.
 
-        A unit the server does not know, or a token it refuses (401, 403), stops the
-        watching; a network failure is retried. Each failure goes to ``on_error`` and
-        ``status.last_error``, as a failed run's does."""
+        A live poll carries no parameter values: a unit whose streams take client
+        parameters cannot be watched (``RequestRejected``, ``invalid-parameter``, at
+        once if the catalog is known; watch a unit that refreshes the subscription
+        instead, Online say). A unit the server does not know or refuses the
+        parameters of, or a URL that is no syncunit server, stops the watching; a
+        token it refuses (401, 403) or a network failure is retried. Each failure
+        goes to ``on_error`` and ``status.last_error``, as a failed run's does."""
         self._check_open()
+        catalog = self.store.catalog()
+        needs = [] if catalog is None else _client_params(catalog, unit)
+        if needs:
+            raise problem_error(
+                400,
+                "invalid-parameter",
+                PROBLEM_CODES["invalid-parameter"][1],
+                f"unit {unit!r} takes client parameters ({', '.join(needs)}), which a live"
+                " poll cannot carry: watch a unit without them that refreshes the held"
+                " subscriptions (the reconnect unit, Online say)",
+                unit=unit,
+            )
         self.refresh_subscriptions_with.add(unit)
         if self._live is not None:
             self._live.stop()
@@ -986,6 +1003,14 @@ def _check_numbers(
         ):
             bound = "zero or more" if zero else "more than zero"
             raise ValueError(f"{name} must be a number of seconds, {bound}, not {seconds!r}")
+
+
+def _client_params(catalog: Catalog, unit: str) -> list[str]:
+    """The names of the client parameters ``unit``'s streams take (none for a unit the
+    catalog does not have)."""
+    info = catalog.unit(unit)
+    streams = [] if info is None else [catalog.stream(name) for name in info.streams]
+    return sorted({p.name for s in streams if s is not None for p in s.params})
 
 
 def _check_subscription(params: Mapping[str, Any] | None, keep_for: float | None) -> None:

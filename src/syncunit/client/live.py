@@ -43,6 +43,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("syncunit.client")
 
 
+def _own_params(exc: Exception) -> bool:
+    """Whether ``exc`` refuses the watched unit's own parameters: it names no
+    subscription (one it names is closed, and the polls go on without it)."""
+    return (
+        isinstance(exc, ProblemError)
+        and exc.code == "invalid-parameter"
+        and not exc.extra.get("subscription")
+    )
+
+
 class LiveAnswer(msgspec.Struct):
     unit: str
     changed: bool
@@ -103,11 +113,12 @@ class LiveWatcher:
                     continue  # closed and reported as a sync does: polled without it
                 self.errors += 1
                 streak += 1
-                if isinstance(exc, (UnknownUnitError, ProtocolError)):
-                    # An unknown unit, a URL that is no syncunit server: polling again
-                    # cannot help; the app is told and watch() can be called again.
-                    # Anything else (a refused or unrenewable token, a bound the server
-                    # lowered) may pass: told once, then polled again, backing off.
+                if isinstance(exc, (UnknownUnitError, ProtocolError)) or _own_params(exc):
+                    # An unknown unit, a URL that is no syncunit server, a unit that takes
+                    # client parameters (a poll carries none): polling again cannot help;
+                    # the app is told and watch() can be called again. Anything else (a
+                    # refused or unrenewable token, a bound the server lowered) may
+                    # pass: told once, then polled again, backing off.
                     log.warning("live changes for %s stopped: %s", self.unit, exc)
                     self._report(exc)
                     return
