@@ -275,6 +275,19 @@ def test_a_provider_token_that_cannot_be_sent_is_refused_and_the_provider_asked_
     assert local_keys(client, "LocalAppointment")
 
 
+def test_a_sync_whose_token_the_provider_renewed_counts_both_requests(make_client, tap):
+    """Refused (401: the token expired), then sent again with the provider's next token:
+    two requests, and the result says two."""
+    answers = ["expired", "token-h1"]
+    client = make_client(lambda: answers.pop(0) if answers else "token-h1", transport=tap)
+
+    result = client.sync("Login")
+
+    assert tap.log == [("POST", "/v1/sync/Login", 401), ("POST", "/v1/sync/Login", 200)]
+    assert result.requests == 2
+    assert local_keys(client, "LocalAppointment")
+
+
 def test_a_token_that_cannot_be_sent_is_refused_when_given(make_client, tmp_path):
     with pytest.raises(ValueError, match="non-ASCII character U\\+00F6 at position 1"):
         SyncClient("http://127.0.0.1:9", tmp_path / "never.sqlite", token="t\u00f6ken")

@@ -317,8 +317,10 @@ class _Network(httpx.BaseTransport):
         self.ignore_range = ignore_range
         self.cut_after = cut_after
         self.log: list[tuple[str, int]] = []
+        self.requests = 0  # of any kind
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
         snapshot = request.url.path.startswith("/v1/snapshots/")
         if snapshot and self.ignore_range:
             request.headers.pop("Range", None)
@@ -376,6 +378,7 @@ def test_a_server_that_ignores_range_sends_the_whole_file_again(snap_server, mak
 
     assert "appointments" in result.snapshots
     assert (_offer(snap).path, 200) in network.log
+    assert result.requests == network.requests
     assert _parts(device) == []
     assert_in_sync(snap_server, device, H1, "Login")
 
@@ -384,11 +387,13 @@ def test_a_cut_download_is_copied_row_by_row_in_the_same_run_leaving_nothing(
     snap_server, make_client
 ):
     snap = next(s for s in _build(snap_server) if s.stream == "appointments")
-    device = make_client(transport=_Network(cut_after=snap.size // 3))
+    network = _Network(cut_after=snap.size // 3)
+    device = make_client(transport=network)
 
     result = device.sync("Login")
 
     assert "appointments" not in result.snapshots
+    assert result.requests == network.requests  # the cut download counts
     assert _parts(device) == []  # the copy row by row made the half download useless
     assert_in_sync(snap_server, device, H1, "Login")
 

@@ -142,18 +142,25 @@ class _Intake:
         return _Intake(self.out)
 
 
-def fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) -> None:
+def fetch(
+    http: httpx.Client,
+    offer: SnapshotOffer,
+    part: Path,
+    plain: Path,
+    result: SyncResult | None = None,
+) -> None:
     """Download ``offer``'s file into ``part`` and decompress it into ``plain``, checked.
 
     What an earlier attempt left in ``part`` is read again (hashed and
     decompressed) and the rest asked for with ``Range``. A cut keeps ``part``
     for the next attempt; a file that does not match its offer is discarded.
+    The request, if one goes out, counts in ``result.requests``.
     """
     if zstandard is None:
         raise SnapshotError("zstandard is not installed")
     held = _hold(part)  # while it is being written, no sweep removes it
     try:
-        _fetch(http, offer, part, plain)
+        _fetch(http, offer, part, plain, result)
     finally:
         os.close(held)
 
@@ -174,7 +181,9 @@ def _hold(part: Path) -> int:
     return fd
 
 
-def _fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) -> None:
+def _fetch(
+    http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path, result: SyncResult | None
+) -> None:
     have = part.stat().st_size if part.exists() else 0
     if have > offer.size:
         part.unlink()
@@ -187,7 +196,7 @@ def _fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) ->
                     while block := f.read(1 << 20):
                         intake.take(block)
             if have < offer.size:
-                intake = _download(http, offer, part, have, intake)
+                intake = _download(http, offer, part, have, intake, result)
         finally:
             intake.close()
     if isinstance(intake.error, zstandard.ZstdError):
@@ -204,9 +213,16 @@ def _fetch(http: httpx.Client, offer: SnapshotOffer, part: Path, plain: Path) ->
 
 
 def _download(
-    http: httpx.Client, offer: SnapshotOffer, part: Path, have: int, intake: _Intake
+    http: httpx.Client,
+    offer: SnapshotOffer,
+    part: Path,
+    have: int,
+    intake: _Intake,
+    result: SyncResult | None,
 ) -> _Intake:
     headers = {"Range": f"bytes={have}-"} if have else {}
+    if result is not None:
+        result.requests += 1
     try:
         with http.stream("GET", offer.path, headers=headers) as r:
             if r.status_code not in (200, 206):
@@ -255,7 +271,7 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
                 sweep(part.parent, client.store, offers)
             fd, plain = scratch(part.parent)  # its own name: an earlier one may still be going
             try:
-                fetch(client.http, offer, part, plain)
+                fetch(client.http, offer, part, plain, result)
                 done.append(part)  # checked: whatever the copy does, never used again
                 with client.store.bulk():  # the WAL is checkpointed once, after the sync
                     taken = adopt.adopt(client.store, info, plain, offer)

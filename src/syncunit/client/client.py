@@ -2,7 +2,8 @@
 
 It learns units, streams and local table schemas from the server's catalog,
 so it shares no Python code with the server, and needs only the standard
-library's sqlite3 and httpx. One unit run is one HTTP request.
+library's sqlite3 and httpx. One unit run is one HTTP request, but for the
+exceptions ``SyncClient.sync`` lists.
 """
 
 from __future__ import annotations
@@ -540,13 +541,14 @@ class SyncClient:
         self._check_open()
         return self._catalog(refresh=refresh)
 
-    def _catalog(self, *, refresh: bool = False) -> Catalog:
-        """``catalog()`` for the engine's own runs (one that close() lets finish)."""
+    def _catalog(self, *, refresh: bool = False, result: SyncResult | None = None) -> Catalog:
+        """``catalog()`` for the engine's own runs (one that close() lets finish), whose
+        ``result`` counts the request."""
         cached = None if refresh else self.store.catalog()
         if cached is not None:
             return cached
         with self._device("catalog update"):
-            response = self._send("GET", "/v1/catalog")
+            response = self._send("GET", "/v1/catalog", result=result)
             syncunit_answer(response, "application/json", JSON)
             try:
                 body = response.read()
@@ -592,7 +594,14 @@ class SyncClient:
         One request, the first sync included (the catalog comes inside the
         response), except when the outbox holds more than ``push_batch``
         mutations (then one per batch), or holds mutations made under a schema
-        the server no longer has (the catalog is fetched, then they are sent).
+        the server no longer has (the catalog is fetched, then they are sent);
+        when the server offers a snapshot file for a first copy (one download
+        per file, then the request again, a delta from the file's cursor); when
+        the server ends a response early (a large copy: the run asks for the
+        rest); when the device holds more subscriptions than one request may
+        carry; and when the server answers 401 and the token provider is asked
+        for a new token (the request goes again). ``SyncResult.requests``
+        counts every one.
 
         ``params`` are the values of the unit's client parameters: the run
         opens (or refreshes) a subscription, whose cursors and rows are its
@@ -626,16 +635,14 @@ class SyncClient:
                 # changes waiting without one (an upgraded device file) need it first.
                 catalog = self.store.catalog()
                 if catalog is None and self.store.query("SELECT 1 FROM syncunit_outbox LIMIT 1"):
-                    result.requests += 1
-                    catalog = self._catalog(refresh=True)
+                    catalog = self._catalog(refresh=True, result=result)
                 try:
                     self._run_allowed(unit, catalog, result, params)
                 except ProblemError as exc:
                     if exc.code != "schema-changed":
                         raise
                     # Pending mutations under an old schema: migrate first, then send them.
-                    result.requests += 1
-                    catalog = self._catalog(refresh=True)
+                    catalog = self._catalog(refresh=True, result=result)
                     self._run_allowed(unit, catalog, result, params)
         except Exception as exc:
             if self._cancel.is_set() and isinstance(
@@ -813,17 +820,22 @@ class SyncClient:
 
     # -- http -------------------------------------------------------------------------------
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, *, result: SyncResult | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """Send a request (``kwargs`` go to httpx); a token provider is asked for the
+        token first, and again, once, when the server answers 401. Each request that
+        goes out counts in ``result.requests`` (the run's), the one after a 401 too."""
         provider = self._token_provider
         if provider is not None and "Authorization" not in self.http.headers:
             self._ask_token(provider)
         try:
-            return self._send_once(method, path, **kwargs)
+            return self._send_once(method, path, result, **kwargs)
         except AuthError as exc:
             if exc.status != 401 or provider is None:
                 raise
         self._ask_token(provider)  # expired: ask again, once
-        return self._send_once(method, path, **kwargs)
+        return self._send_once(method, path, result, **kwargs)
 
     def _note_principal(self, tag: str) -> None:
         """Remember which principal the server says this session is (once per change).
@@ -873,9 +885,13 @@ class SyncClient:
             raise _provider_error("the token provider returned a token that cannot be sent", why)
         self.http.headers["Authorization"] = f"Bearer {token}"
 
-    def _send_once(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send_once(
+        self, method: str, path: str, result: SyncResult | None, **kwargs: Any
+    ) -> httpx.Response:
         if self._cancel.is_set():
             raise SyncCancelled("the client is closing: the sync was cancelled by close()")
+        if result is not None:
+            result.requests += 1
         try:
             request = self.http.build_request(method, path, **kwargs)
             response = self._transmit(request)

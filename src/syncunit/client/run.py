@@ -503,8 +503,9 @@ class UnitRun:
             headers["Content-Encoding"] = "gzip"
         result.bytes_out += len(body)
         result.rows_out += mutations
-        result.requests += 1
-        response = self.client._send("POST", f"/v1/sync/{unit_name}", content=body, headers=headers)
+        response = self.client._send(
+            "POST", f"/v1/sync/{unit_name}", result=result, content=body, headers=headers
+        )
         syncunit_answer(response, content_type(self.client.encoding))
         self.client._queues_pushes = response.headers.get(QUEUES_PUSHES) == "1"
         return response
