@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import time
 from typing import Any
 
@@ -50,6 +51,7 @@ from tests.support import (
     principal_params,
     sent_keys,
 )
+from tests.test_scheduler import Events
 
 H1 = {"hospital_id": 1}
 
@@ -404,6 +406,29 @@ def test_time_to_live_drops_a_subscription_not_synced_for_long(make_client, stor
     assert local_keys(dev, "LocalPatient") == {b}
 
 
+def test_a_refresh_without_keep_for_keeps_the_one_set(make_client, store, clock):
+    """A triggered run (a background refresh) says no ``keep_for``: the subscription
+    still expires; ``math.inf`` is how the app holds it until it closes it."""
+    events = Events()
+    dev = make_client(clock=clock, **events.kwargs())
+    a = patients_of(store, 1)[0]
+    sub_a = subscription_id("PatientDetails", {"patient_id": a})
+    dev.sync("PatientDetails", params={"patient_id": a}, keep_for=60)
+
+    dev.trigger("PatientDetails", params={"patient_id": a})
+    events.wait(lambda: len(events.completed()) == 2)
+    assert [s[4] for s in dev.store.subscriptions()] == [60]
+    clock.advance(61)
+    assert dev.expire_subscriptions() == [sub_a]
+
+    dev.sync("PatientDetails", params={"patient_id": a}, keep_for=60)
+    dev.sync("PatientDetails", params={"patient_id": a}, keep_for=math.inf)
+    dev.sync("PatientDetails", params={"patient_id": a})
+    clock.advance(10**6)
+    assert dev.expire_subscriptions() == []
+    assert dev.subscriptions() == [("PatientDetails", {"patient_id": a})]
+
+
 def test_a_subscription_synced_offline_after_its_time_to_live_keeps_its_rows(
     make_client, store, clock, net
 ):
@@ -443,8 +468,16 @@ def test_a_subscription_used_while_the_clock_was_ahead_expires_in_the_end(
         ({"patient_id": b"13"}, None, RequestRejected),
         ({"patient_id": 13}, "1 day", ValueError),
         ({"patient_id": 13}, -5, ValueError),
+        ({"patient_id": 13}, math.nan, ValueError),
     ],
-    ids=["past-64-bits", "below-64-bits", "bytes", "keep-for-text", "keep-for-negative"],
+    ids=[
+        "past-64-bits",
+        "below-64-bits",
+        "bytes",
+        "keep-for-text",
+        "keep-for-negative",
+        "keep-for-nan",
+    ],
 )
 def test_a_subscription_no_request_can_carry_is_refused_before_it_is_recorded(
     make_client, store, params, keep_for, error

@@ -606,7 +606,8 @@ class SyncClient:
         ``params`` are the values of the unit's client parameters: the run
         opens (or refreshes) a subscription, whose cursors and rows are its
         own, so opening it again is a delta. It stays until ``unsubscribe``,
-        or until it has not been synced for ``keep_for`` seconds.
+        or until it has not been synced for ``keep_for`` seconds: a run without
+        ``keep_for`` (a triggered one) keeps the one set, ``math.inf`` clears it.
         """
         if self._sync_owner == threading.get_ident() or self._in_callback():
             raise SyncError(
@@ -1031,13 +1032,15 @@ def _client_params(catalog: Catalog, unit: str) -> list[str]:
 
 def _check_subscription(params: Mapping[str, Any] | None, keep_for: float | None) -> None:
     """Refuse, before anything is recorded, parameter values no request can carry and a
-    ``keep_for`` that is not a number of seconds."""
+    ``keep_for`` that is not a number of seconds (``math.inf``: held until closed)."""
     if keep_for is not None and (
         isinstance(keep_for, bool)
         or not isinstance(keep_for, int | float)
-        or not 0 < keep_for < float("inf")
+        or not keep_for > 0  # NaN too
     ):
-        raise ValueError(f"keep_for must be a positive number of seconds, not {keep_for!r}")
+        raise ValueError(
+            f"keep_for must be a positive number of seconds (or math.inf), not {keep_for!r}"
+        )
     for name, value in (params or {}).items():
         if isinstance(value, int) and not isinstance(value, bool):
             if not INT64_MIN <= value <= INT64_MAX:

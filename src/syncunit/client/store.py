@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import sqlite3
 import sys
 import threading
@@ -941,13 +942,18 @@ class LocalStore(ChunkApply):
     def open_subscription(
         self, sub_id: str, unit: str, params_json: str, now: float, keep_for: float | None
     ) -> None:
-        """Record (or touch) a subscription: the app opened ``unit`` with these values."""
+        """Record (or touch) a subscription: the app opened ``unit`` with these values.
+
+        ``keep_for`` None keeps the one set before (a refresh, a triggered run, says
+        none); ``math.inf`` holds the subscription until it is closed."""
+        stored = None if keep_for is None or math.isinf(keep_for) else keep_for
         with self.atomic() as c:
             c.execute(
                 "INSERT INTO syncunit_subscriptions (id, unit, params, opened_at, used_at,"
                 " keep_for) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
-                " used_at = excluded.used_at, keep_for = excluded.keep_for",
-                (sub_id, unit, params_json, utcnow(), now, keep_for),
+                " used_at = excluded.used_at,"
+                " keep_for = CASE WHEN ? THEN keep_for ELSE excluded.keep_for END",
+                (sub_id, unit, params_json, utcnow(), now, stored, keep_for is None),
             )
 
     def touch_subscription(self, sub_id: str, now: float) -> None:
