@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 from hospital.models import appointment
 
+from syncunit.client.scheduler import RetryPolicy
 from syncunit.errors import AuthError, SyncCancelled
 from tests.support import appointments_of, doctors_of, local_keys
 from tests.test_scheduler import Events, booking, idle, queue_rows, wait_until
@@ -131,6 +132,33 @@ def test_set_online_false_then_true_retries_at_once(make_client, net, clock):
 
     assert c.scheduler.step() is True
     assert c.store.last_sync_on("Splash") is not None
+
+
+def test_a_sync_that_succeeds_ends_the_offline_status(make_client, net):
+    """The worker saw the network fail, then the app synced and the server answered:
+    the device is not offline (the failed unit only waits for its retry), and close()
+    runs the units due, as it does when no failure was seen."""
+    c = make_client(transport=net, retry=RetryPolicy(base_delay=60, max_delay=60))
+    c.catalog()
+    net.fail("offline")
+    c.trigger("Splash")
+    wait_until(lambda: c.status.state == "offline")
+    net.heal()
+
+    c.sync("Login")
+
+    assert (c.status.state, c.status.queued) == ("retrying", ["Splash"])
+    net.hold()
+    c.trigger("SendAppointments")
+    assert net.wait_for_requests(3)  # Splash, Login, then the worker's SendAppointments
+    c.trigger("Login")  # due, behind the running unit
+    closing = threading.Thread(target=c.close)
+    closing.start()
+    time.sleep(0.2)  # close() waits for what is due...
+    net.release()
+    closing.join(30)
+    assert not closing.is_alive()
+    assert net.units == ["Splash", "Login", "SendAppointments", "Login"]  # ...Login too
 
 
 def test_going_online_when_already_online_triggers_nothing(make_client, net):

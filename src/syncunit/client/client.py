@@ -678,6 +678,9 @@ class SyncClient:
             self.store.carry_out_removals(catalog.streams)
         self.store.complete_unit(sub_id, json.dumps(result.to_dict()))
         self._feed.idle()
+        # The server answered: whichever thread ran it, the device is not offline (and
+        # close() runs the units due again).
+        self.scheduler.offline_detected = False
         self._emit(self.on_complete, result)
         self._status_changed()
         return result

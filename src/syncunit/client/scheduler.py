@@ -9,8 +9,9 @@ cannot fix (401, 403, 422, bad requests) end the run and are reported. The
 queue lives in the local database, so pending work survives a restart.
 
 Offline is a status, not an error storm: while the device is offline the
-worker waits; ``set_online(True)`` retries at once and runs the configured
-reconnect unit with ``discard_pending``, as the method's Online unit does.
+worker waits; any sync the server answers ends it; ``set_online(True)``
+retries at once and runs the configured reconnect unit with
+``discard_pending``, as the method's Online unit does.
 """
 
 from __future__ import annotations
@@ -249,8 +250,7 @@ class Scheduler:
             self._requeue(rid, unit)
         except Exception as exc:
             self._failed(rid, unit, attempts + 1, exc)
-        else:
-            self.offline_detected = False
+        else:  # sync() cleared offline_detected
             with self.client.store.atomic() as c:
                 c.execute("DELETE FROM syncunit_queue WHERE id = ?", (rid,))
         finally:
