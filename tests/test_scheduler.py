@@ -147,6 +147,7 @@ def test_queue_runs_in_fifo_order(make_client, net, events):
 
 def test_discard_pending_drops_the_queued_requests_not_the_running_one(make_client, net, events):
     c = make_client(transport=net, **events.kwargs())
+    c.catalog()  # what Online does (without it nothing is known to be covered)
     net.hold()
     c.trigger("Login")
     assert net.wait_for_requests(1)
@@ -164,6 +165,22 @@ def test_discard_pending_drops_the_queued_requests_not_the_running_one(make_clie
     assert events.completed() == ["Login", "Online"]  # the running Login was not dropped
     assert c.store.last_sync_on("Splash") is None
     assert len(local_keys(c, "LocalAppointment")) == 200
+
+
+def test_discard_pending_drops_only_the_runs_the_unit_does(make_client, net):
+    """A run is dropped only for one that does it too: Login pulls neither Splash's
+    stream nor pushes SendAppointments' table, so both stay; Online does all three."""
+    c = make_client(transport=net)
+    c.catalog()
+    c.set_online(False)  # the worker runs nothing meanwhile
+    c.scheduler.enqueue("Splash")
+    c.scheduler.enqueue("SendAppointments")
+
+    assert c.trigger("Login", discard_pending=True) is True
+    assert c.status.queued == ["Splash", "SendAppointments", "Login"]
+    assert c.trigger("Online", discard_pending=True) is True
+    assert c.status.queued == ["Online"]
+    assert net.units == []
 
 
 def test_one_sync_at_a_time_an_app_sync_waits_for_the_background_one(make_client, net, events):

@@ -50,8 +50,9 @@ from tests.support import (
     local_rows,
     principal_params,
     sent_keys,
+    wait_until,
 )
-from tests.test_scheduler import Events
+from tests.test_scheduler import Events, idle
 
 H1 = {"hospital_id": 1}
 
@@ -429,6 +430,38 @@ def test_a_refresh_without_keep_for_keeps_the_one_set(make_client, store, clock)
     assert dev.subscriptions() == [("PatientDetails", {"patient_id": a})]
 
 
+def test_reconnect_drops_only_the_waiting_runs_online_does(make_client, store, clock, net):
+    """Coming back online, Online's discard-pending drops Splash and the refresh of a
+    held patient (Online refreshes it; the use the trigger meant is recorded, so its
+    ``keep_for`` counts from it), not the opening of a patient not held yet: that run
+    stays queued and runs, and its rows arrive."""
+    events = Events()
+    dev = make_client(transport=net, clock=clock, sync_on_reconnect="Online", **events.kwargs())
+    a, b = patients_of(store, 1)[:2]
+    dev.sync("Login")
+    dev.sync("PatientDetails", params={"patient_id": a}, keep_for=60)
+    dev.set_online(False)
+    clock.advance(50)
+    assert dev.trigger("Splash")
+    assert dev.trigger("PatientDetails", params={"patient_id": a})
+    assert dev.trigger("PatientDetails", params={"patient_id": b})
+    clock.advance(30)  # a was opened 80 s ago, and asked for 30 s ago
+    net.units.clear()
+
+    dev.set_online(True)
+
+    events.wait(lambda: "Online" in events.completed())
+    wait_until(lambda: idle(dev))
+    assert net.units == ["PatientDetails", "Online"]  # b's run, queued first, then Online
+    assert events.errors() == []
+    assert dev.subscriptions() == [
+        ("PatientDetails", {"patient_id": a}),
+        ("PatientDetails", {"patient_id": b}),
+    ]
+    assert local_keys(dev, "LocalPatient") == {a, b}
+    assert dev.store.last_sync_on("Splash") is None
+
+
 def test_a_subscription_synced_offline_after_its_time_to_live_keeps_its_rows(
     make_client, store, clock, net
 ):
@@ -682,7 +715,6 @@ def test_the_catalog_lists_the_parameters(client):
 
 def test_a_live_change_to_an_open_patient_refreshes_it(server, make_client, store, monkeypatch):
     from syncunit.client import live as client_live
-    from tests.test_scheduler import wait_until
 
     defaults = dict(client_live.LiveWatcher.__init__.__kwdefaults__)
     defaults["wait"] = 0.3
@@ -1013,7 +1045,6 @@ def test_live_changes_of_more_subscriptions_than_a_request_may_carry(
     server, make_client, store, monkeypatch
 ):
     from syncunit.client import live as client_live
-    from tests.test_scheduler import wait_until
 
     defaults = dict(client_live.LiveWatcher.__init__.__kwdefaults__)
     defaults["wait"] = 0.3

@@ -313,8 +313,9 @@ class SyncClient:
         """Queue ``unit`` (with its ``params``) to run in the background and return at once.
 
         A unit with the same parameter values already waiting is not queued twice
-        (returns False). ``discard_pending`` drops every other waiting run (not
-        the running one).
+        (returns False). ``discard_pending`` drops the waiting runs this unit's run
+        does as well (the units whose streams it pulls and tables it pushes, the
+        held subscriptions it refreshes); the others, and the running one, stay.
         """
         self._check_open()
         _check_subscription(params, None)
@@ -371,7 +372,7 @@ class SyncClient:
 
     def set_online(self, online: bool) -> None:
         """Tell the engine about connectivity. Coming back online retries at once and
-        triggers the ``sync_on_reconnect`` unit with ``discard_pending``."""
+        triggers the ``sync_on_reconnect`` unit with ``discard_pending`` (see ``trigger``)."""
         came_back = self.scheduler.set_online(online, reconnect=self.sync_on_reconnect)
         if came_back and self.sync_on_reconnect:
             self.scheduler.start()

@@ -11,7 +11,8 @@ queue lives in the local database, so pending work survives a restart.
 Offline is a status, not an error storm: while the device is offline the
 worker waits; any sync the server answers ends it; ``set_online(True)``
 retries at once and runs the configured reconnect unit with
-``discard_pending``, as the method's Online unit does.
+``discard_pending`` (the waiting runs it covers are dropped), as the method's
+Online unit does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from syncunit.errors import NetworkError, SyncCancelled, SyncUnitError
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from syncunit.client.client import SyncClient
+    from syncunit.protocol import UnitInfo
 
 __all__ = ["RetryPolicy", "Scheduler", "SyncStatus", "split_subscription", "subscription_id"]
 
@@ -47,6 +51,12 @@ def split_subscription(entry: str) -> tuple[str, dict[str, Any] | None]:
 
 
 log = logging.getLogger("syncunit.client")
+
+
+def _pulled(unit: UnitInfo) -> set[str]:
+    """The streams a run of ``unit`` pulls."""
+    return set() if unit.direction == "push" else set(unit.streams)
+
 
 #: The queue's table (created by the local store's migrations).
 DDL = [
@@ -150,12 +160,11 @@ class Scheduler:
     # -- the queue ------------------------------------------------------------------------
 
     def enqueue(self, unit: str, *, discard_pending: bool = False) -> bool:
-        """Queue ``unit``; False if it was already waiting. ``discard_pending`` drops the rest."""
+        """Queue ``unit``; False if it was already waiting. ``discard_pending`` drops the
+        waiting runs it covers (``_discard_covered``)."""
         with self.client.store.atomic() as c:
             if discard_pending:
-                c.execute(
-                    "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit != ?", (unit,)
-                )
+                self._discard_covered(c, unit)
             cur = c.execute(
                 "INSERT OR IGNORE INTO syncunit_queue (unit, state, next_at, queued_at)"
                 " VALUES (?, 'pending', 0, ?)",
@@ -181,6 +190,51 @@ class Scheduler:
             "SELECT min(next_at) FROM syncunit_queue WHERE state = 'pending'"
         )
         return None if rows[0][0] is None else float(rows[0][0])
+
+    def _discard_covered(self, c: sqlite3.Connection, by: str) -> list[str]:
+        """Drop, in transaction ``c``, the waiting runs a run of ``by`` does as well (the
+        method's discard-pending: a complete sync makes them needless); return them.
+
+        Covered: a unit each of whose pulled streams ``by`` pulls and each of whose
+        pushed tables it pushes; a run with parameters whose subscription is held and
+        refreshed by ``by``'s runs (the use the run meant is recorded: ``keep_for``
+        counts from it). Anything else (a subscription not held yet, a unit ``by``
+        does not do, any unit while the catalog is unknown) stays queued, to run after.
+        """
+        by_unit, by_params = split_subscription(by)
+        catalog = self.client.store.catalog()
+        info = None if catalog is None else catalog.unit(by_unit)
+        if catalog is None or info is None:
+            return []
+        pulls = set() if by_params else _pulled(info)  # a subscription's: its values only
+        refreshed = (
+            {r[0] for r in c.execute("SELECT id FROM syncunit_subscriptions")}
+            if by_unit in self.client.refresh_subscriptions_with and info.direction != "push"
+            else set()
+        )  # the subscriptions its runs carry (``run.held``)
+        dropped = []
+        for rid, unit, queued_at in c.execute(
+            "SELECT id, unit, queued_at FROM syncunit_queue WHERE state = 'pending' AND unit != ?",
+            (by,),
+        ).fetchall():
+            name, params = split_subscription(unit)
+            other = catalog.unit(name)
+            if params:
+                if unit not in refreshed:
+                    continue
+                c.execute(
+                    "UPDATE syncunit_subscriptions SET used_at = max(used_at, ?) WHERE id = ?",
+                    (queued_at, unit),
+                )
+            elif other is None or not (
+                _pulled(other) <= pulls and set(other.push) <= set(info.push)
+            ):
+                continue
+            c.execute("DELETE FROM syncunit_queue WHERE id = ?", (rid,))
+            dropped.append(unit)
+        if dropped:
+            log.info("%s covers the waiting runs of %s: dropped", by, ", ".join(dropped))
+        return dropped
 
     def recover(self) -> None:
         """After a restart: runs that were interrupted go back to the queue."""
@@ -315,19 +369,16 @@ class Scheduler:
     def set_online(self, online: bool, *, reconnect: str | None = None) -> bool:
         """Record connectivity; True if this is a change from offline to online.
 
-        Coming back, ``reconnect`` is queued in place of everything waiting (the
-        method's discard-pending), in the same transaction, before the worker may
-        run again: it can never start a unit that is about to be dropped.
+        Coming back, ``reconnect`` is queued in place of the waiting runs it covers
+        (the method's discard-pending: ``_discard_covered``), in the same transaction,
+        before the worker may run again: it can never start a unit about to be dropped.
         """
         came_back = online and (not self.online or self.offline_detected)
         if came_back:
             self.offline_detected = False
             with self.client.store.atomic() as c:
                 if reconnect:
-                    c.execute(
-                        "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit != ?",
-                        (reconnect,),
-                    )
+                    self._discard_covered(c, reconnect)
                     c.execute(
                         "INSERT OR IGNORE INTO syncunit_queue (unit, state, next_at, queued_at)"
                         " VALUES (?, 'pending', 0, ?)",
