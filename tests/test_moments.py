@@ -342,6 +342,32 @@ def test_a_unit_running_when_the_process_died_runs_again(make_client, tmp_path, 
     assert sorted(r[0] for r in rows) == doctors_of(store, 1)
 
 
+def test_a_second_client_starting_leaves_the_run_of_the_first_alone(make_client, net):
+    """Two clients of one database (an app and its background service): the worker of
+    the second, started while the first's runs a unit, must not take that run for one
+    a dead process left: one trigger is one run."""
+    first_events, second_events = Events(), Events()
+    first = make_client(transport=net, **first_events.kwargs())
+    first.catalog()
+    net.hold()
+    first.trigger("Login")
+    assert net.wait_for_requests(1)
+
+    second = make_client(**second_events.kwargs())  # the same file
+    second.start()
+    second.trigger("Splash")  # either worker runs it, after Login
+    net.release()
+
+    def completed() -> list[str]:
+        return first_events.completed() + second_events.completed()
+
+    first_events.wait(lambda: "Login" in first_events.completed())
+    wait_until(lambda: "Splash" in completed())
+    wait_until(lambda: idle(first) and idle(second))
+    assert sorted(completed()) == ["Login", "Splash"]  # Login once, not once more
+    assert queue_rows(first) == []
+
+
 # -- close() while a unit runs ------------------------------------------------------------
 
 

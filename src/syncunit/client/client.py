@@ -191,7 +191,9 @@ class SyncClient:
             else [u for u in (sync_on_reconnect,) if u]
         )
         self.clock = clock
-        self._sync_lock = threading.Lock()  # this object's runs (``close`` waits for it)
+        #: This object's runs (``close`` waits for it); reentrant: the worker holds it
+        #: around the sync() of a queued unit (``Scheduler.step``).
+        self._sync_lock = threading.RLock()
         #: Seconds a run waits for another sync of the same database file to end.
         self.lock_timeout = lock_timeout
         self._sync_owner: int | None = None  # the thread running a sync

@@ -6,7 +6,10 @@ background worker runs the queue in order, one sync at a time. A run that
 fails on the network (or a 5xx) stays queued and is retried with exponential
 backoff and jitter, while the units behind it go ahead; errors that retrying
 cannot fix (401, 403, 422, bad requests) end the run and are reported. The
-queue lives in the local database, so pending work survives a restart.
+queue lives in the local database, so pending work survives a restart; the
+workers of every client of the database share it, and a worker holds the
+device's sync lock while a unit it took runs, so a unit seen running by the
+lock's holder was left by a process that died, and runs again.
 
 Offline is a status, not an error storm: while the device is offline the
 worker waits; any sync the server answers ends it; ``set_online(True)``
@@ -26,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from syncunit.errors import NetworkError, SyncCancelled, SyncUnitError
+from syncunit.errors import DeviceBusy, NetworkError, SyncCancelled, SyncUnitError
 
 if TYPE_CHECKING:
     import sqlite3
@@ -236,16 +239,16 @@ class Scheduler:
             log.info("%s covers the waiting runs of %s: dropped", by, ", ".join(dropped))
         return dropped
 
-    def recover(self) -> None:
-        """After a restart: runs that were interrupted go back to the queue."""
-        with self.client.store.atomic() as c:
-            for rid, unit in c.execute(
-                "SELECT id, unit FROM syncunit_queue WHERE state = 'running'"
-            ).fetchall():
-                c.execute(
-                    "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit = ?", (unit,)
-                )
-                c.execute("UPDATE syncunit_queue SET state = 'pending' WHERE id = ?", (rid,))
+    def _recover(self, c: sqlite3.Connection) -> None:
+        """Runs left running by a worker that is gone (its process died) go back to the
+        queue, first. Called holding the device's sync lock, which a worker holds for
+        as long as it has a row running (``step``): one seen then has no worker."""
+        for rid, unit in c.execute(
+            "SELECT id, unit FROM syncunit_queue WHERE state = 'running'"
+        ).fetchall():
+            log.info("%s was left running by a worker that is gone: it runs again", unit)
+            c.execute("DELETE FROM syncunit_queue WHERE state = 'pending' AND unit = ?", (unit,))
+            c.execute("UPDATE syncunit_queue SET state = 'pending' WHERE id = ?", (rid,))
 
     # -- running ----------------------------------------------------------------------------
 
@@ -276,13 +279,45 @@ class Scheduler:
         return now
 
     def step(self) -> bool:
-        """Run the first due unit, if any and if online; return whether one ran."""
+        """Run the first due unit, if any and if online; return whether one ran.
+
+        The run holds the device's sync lock (``devicelock.py``: this client's runs and
+        those of any other client of the database wait) from the moment its row leaves
+        the queue until the row is gone or waits again: so a row seen running by the
+        lock's holder is one whose worker is gone, and goes back to the queue.
+        """
         now = self._keep_due_times_near()
         self._tick_periodic(now)
         if not self.online:
             return False
+        due = self.client.store.query(
+            "SELECT id, unit, attempts FROM syncunit_queue WHERE state = 'pending'"
+            " AND next_at <= ? ORDER BY id LIMIT 1",
+            (now,),
+        )
+        left = self.client.store.query("SELECT 1 FROM syncunit_queue WHERE state = 'running'")
+        if not due and not left:
+            return False
+        try:
+            with self.client._exclusive(
+                f"sync of {due[0][1]!r}" if due else "recovery of the sync queue"
+            ):
+                return self._run_first(now)
+        except SyncCancelled:  # close() ended the wait for the lock: nothing was taken
+            return False
+        except DeviceBusy as exc:  # another client of the database held it too long
+            if not due:
+                return False
+            rid, unit, attempts = due[0]
+            self.client._emit(self.client.on_error, unit, exc)  # as the run's sync() would
+            self._failed(rid, unit, attempts + 1, exc, taken=False)
+            return True
+
+    def _run_first(self, now: float) -> bool:
+        """``step`` holding the device's sync lock."""
         try:
             with self.client.store.atomic() as c:
+                self._recover(c)
                 row = c.execute(
                     "SELECT id, unit, attempts FROM syncunit_queue WHERE state = 'pending'"
                     " AND next_at <= ? ORDER BY id LIMIT 1",
@@ -321,7 +356,13 @@ class Scheduler:
                 "UPDATE syncunit_queue SET state = 'pending', next_at = 0 WHERE id = ?", (rid,)
             )
 
-    def _failed(self, rid: int, unit: str, attempts: int, exc: Exception) -> None:
+    def _failed(
+        self, rid: int, unit: str, attempts: int, exc: Exception, *, taken: bool = True
+    ) -> None:
+        """Run ``rid`` failed: retried later, or dropped. ``taken`` False: it failed before
+        it left the queue (waiting for the device's lock), and another worker may have
+        taken it since, which this leaves alone."""
+        state = "running" if taken else "pending"
         self.last_error = str(exc)
         self.last_error_unit = unit
         retryable = isinstance(exc, SyncUnitError) and bool(getattr(exc, "retryable", False))
@@ -340,16 +381,17 @@ class Scheduler:
                 # A server that says when to come back (429, 503) is not asked sooner.
                 extra = getattr(exc, "extra", None) or {}
                 delay = max(delay, min(float(extra.get("retry_after", 0)), MAX_RETRY_AFTER))
-                c.execute(
-                    "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit = ?", (unit,)
-                )
+                if taken:  # one waiting row a unit: a trigger made meanwhile is this one
+                    c.execute(
+                        "DELETE FROM syncunit_queue WHERE state = 'pending' AND unit = ?", (unit,)
+                    )
                 c.execute(
                     "UPDATE syncunit_queue SET state = 'pending', attempts = ?, next_at = ?,"
-                    " last_error = ? WHERE id = ?",
-                    (attempts, self.clock() + delay, str(exc), rid),
+                    " last_error = ? WHERE id = ? AND state = ?",
+                    (attempts, self.clock() + delay, str(exc), rid, state),
                 )
             else:
-                c.execute("DELETE FROM syncunit_queue WHERE id = ?", (rid,))
+                c.execute("DELETE FROM syncunit_queue WHERE id = ? AND state = ?", (rid, state))
 
     def _tick_periodic(self, now: float) -> None:
         if self.periodic is None:
@@ -396,7 +438,8 @@ class Scheduler:
         with self._starting:
             if self._thread is not None and self._thread.is_alive():
                 return
-            self.recover()
+            # Runs another process left running are put back by the worker (``step``),
+            # under the device's lock: not here, where one may still be running.
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="syncunit-worker", daemon=True)
             self._thread.start()
