@@ -7,6 +7,9 @@ client can produce it, through ``SyncClient`` (to check the exception it raises)
 from __future__ import annotations
 
 import gzip
+import sqlite3
+import subprocess
+import sys
 
 import httpx
 import msgspec
@@ -320,6 +323,109 @@ def test_a_read_only_database_gives_a_local_store_error(client, tmp_path):
         assert _local(device) == before
     finally:
         device.close()
+
+
+def _app_write(client, notes, *, nested=False):
+    """A write of the app's to a table of its own (no triggers: a full disk makes SQLite
+    roll the whole transaction back), in the store's transaction or a savepoint."""
+    with client.store.atomic() as c:
+        if nested:
+            with client.store.atomic() as inner:
+                inner.execute("INSERT INTO app_notes VALUES (?)", (notes,))
+        else:
+            c.execute("INSERT INTO app_notes VALUES (?)", (notes,))
+
+
+def test_a_full_disk_gives_a_retryable_local_store_error_and_writes_nothing(client):
+    """The error says the disk is full, chained from the driver's, whether SQLite undid
+    the statement or the whole transaction (not "cannot rollback - no transaction is
+    active"), and the store goes on once there is room."""
+    client.sync("Login")
+    key = client.store.query("SELECT id FROM LocalAppointment LIMIT 1")[0][0]
+    client.update("LocalAppointment", key, {"notes": "kept"})
+    with client.store.atomic() as c:
+        c.execute("CREATE TABLE app_notes (notes TEXT)")
+    before = _local(client)
+    conn = client.store.conn
+    (pages,) = conn.execute("PRAGMA page_count").fetchone()
+    conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full: no page more
+    big = "x" * 100_000
+
+    for call in (
+        lambda: client.insert("LocalAppointment", {"doctor_id": 1, "notes": big}),
+        lambda: client.update("LocalAppointment", key, {"notes": big}),
+        lambda: _app_write(client, big),
+        lambda: _app_write(client, big, nested=True),
+    ):
+        with pytest.raises(LocalStoreError, match="database or disk is full") as info:
+            call()
+        assert info.value.retryable
+        assert not conn.in_transaction
+    assert _local(client) == before
+    assert client.store.query("SELECT count(*) FROM app_notes") == [(0,)]
+
+    conn.execute(f"PRAGMA max_page_count = {2**30}")  # room again
+    _app_write(client, big, nested=True)
+    client.update("LocalAppointment", key, {"notes": big})
+    assert client.store.query("SELECT count(*) FROM app_notes") == [(1,)]
+
+
+#: A process whose commit cannot be written: files may not grow past 8 KB, and the WAL
+#: was just emptied. SQLite rolls the transaction back when its COMMIT fails.
+_COMMIT_ON_A_FULL_DISK = """
+import resource, signal, sys
+from syncunit.client.store import LocalStore
+from syncunit.errors import LocalStoreError
+store = LocalStore(sys.argv[1])
+with store.atomic() as c:
+    c.execute("CREATE TABLE t (x)")
+store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+try:
+    with store.atomic() as c:
+        c.execute("INSERT INTO t VALUES (?)", ("x" * 100_000,))  # in the cache until COMMIT
+except LocalStoreError as exc:
+    print(type(exc.__cause__).__module__, exc.retryable, exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+with store.atomic() as c:
+    c.execute("INSERT INTO t VALUES ('after')")
+print(store.query("SELECT x FROM t"))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file size limit")
+def test_a_commit_the_disk_cannot_take_gives_a_local_store_error(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _COMMIT_ON_A_FULL_DISK, str(tmp_path / "device.sqlite")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    refused, rows = done.stdout.splitlines()
+    assert refused.startswith("sqlite3 True cannot commit a local transaction: "), refused
+    assert rows == "[('after',)]"  # nothing of the failed transaction
+
+
+def test_a_local_store_error_is_retryable_when_its_cause_may_pass(client, tmp_path):
+    client.sync("Login")
+    key = client.store.query("SELECT id FROM LocalAppointment LIMIT 1")[0][0]
+    app = sqlite3.connect(tmp_path / "device.sqlite", isolation_level=None)
+    app.execute("BEGIN IMMEDIATE")  # the app's own write transaction, held long
+    client.store.conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        with pytest.raises(LocalStoreError, match="database is locked") as busy:
+            client.update("LocalAppointment", key, {"notes": "waits"})
+    finally:
+        app.execute("ROLLBACK")
+        app.close()
+    assert busy.value.retryable
+    with pytest.raises(LocalStoreError) as wrong:  # a constraint: the same again next time
+        client.insert("LocalAppointment", {"id": key, "doctor_id": 1})
+    assert not wrong.value.retryable
+    assert not LocalStoreError("closed").retryable  # no driver error behind it
 
 
 @pytest.mark.parametrize(

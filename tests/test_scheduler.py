@@ -9,7 +9,9 @@ retried with exponential backoff (and jitter) while the units behind it go ahead
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +19,13 @@ import pytest
 
 from syncunit.client import SyncClient
 from syncunit.client.scheduler import MAX_RETRY_AFTER, RetryPolicy
-from syncunit.errors import AuthError, NetworkError, ProblemError, RequestRejected
+from syncunit.errors import (
+    AuthError,
+    LocalStoreError,
+    NetworkError,
+    ProblemError,
+    RequestRejected,
+)
 from tests.support import appointments_of, local_keys, wait_until
 
 LOGIN_ROWS = {"LocalDoctor": 10, "LocalAppointment": 200}
@@ -437,6 +445,70 @@ def test_no_due_time_is_further_than_the_longest_wait_asked(stepped, net, clock)
 
 
 # -- 3. a failing unit does not block the ones behind it ---------------------------------------
+
+
+def test_a_local_database_that_is_full_is_retried_like_the_network(stepped, clock, events):
+    """A run the device's database could not take (no page more for the rows: SQLite's
+    ``SQLITE_FULL``, as on a full disk) fails with a retryable ``LocalStoreError``:
+    the unit stays queued for its backoff instead of leaving the queue."""
+    c = stepped
+    c.scheduler.enqueue("Login")
+    (pages,) = c.store.conn.execute("PRAGMA page_count").fetchone()
+    c.store.conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+
+    assert c.scheduler.step() is True
+
+    [(unit, exc)] = events.errors()
+    assert unit == "Login"
+    assert isinstance(exc, LocalStoreError)
+    assert exc.retryable
+    assert "database or disk is full" in str(exc)
+    assert queue_rows(c) == [("Login", "pending", 1, 1001.0)]
+    assert c.status.state == "retrying"
+
+    c.store.conn.execute(f"PRAGMA max_page_count = {2**30}")  # room again
+    clock.t = 1001.0
+    assert c.scheduler.step() is True
+    assert queue_rows(c) == []
+    assert len(local_keys(c, "LocalAppointment")) == 200
+
+
+def test_a_queue_the_worker_cannot_write_is_tried_again_after_a_backoff(
+    make_client, events, caplog
+):
+    """step() itself failing (the queue's own write refused, as by a full disk) makes
+    the worker wait the retry policy's delay instead of trying again at once: one
+    log record and one ``on_error`` for the run of failures, a status that says so,
+    and the unit runs once the queue can be written again."""
+    caplog.set_level(logging.INFO, logger="syncunit")
+    c = make_client(retry=RetryPolicy(base_delay=0.2, jitter=0.0), **events.kwargs())
+    with c.store.lock:  # a write SQLite refuses: moving the unit to running
+        c.store.conn.execute(
+            "CREATE TEMP TRIGGER refuse BEFORE UPDATE OF state ON syncunit_queue"
+            " BEGIN SELECT RAISE(ABORT, 'database or disk is full (test)'); END"
+        )
+    c.trigger("Login")
+    events.wait(lambda: events.errors())
+    time.sleep(1.0)  # delays of 0.2, 0.4, 0.8 s: three or four attempts
+
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage()[:36] for r in failed] == ["the sync worker cannot run its queue"]
+    [(unit, exc)] = events.errors()
+    assert unit == "Login"
+    assert isinstance(exc, LocalStoreError)
+    assert "database or disk is full (test)" in str(exc)
+    s = c.status
+    assert (s.state, s.queued, s.last_error_unit) == ("retrying", ["Login"], "Login")
+    assert "database or disk is full (test)" in (s.last_error or "")
+
+    with c.store.lock:
+        c.store.conn.execute("DROP TRIGGER temp.refuse")
+    events.wait(lambda: events.completed() == ["Login"])
+    wait_until(lambda: idle(c))
+    assert len(local_keys(c, "LocalAppointment")) == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        failed[0].getMessage()
+    ]
 
 
 def test_a_failing_unit_waits_while_the_one_behind_it_runs(stepped, net, clock, events):

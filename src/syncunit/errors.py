@@ -5,6 +5,7 @@
     ├── ProtocolError        a wire message could not be read (malformed, wrong version),
     │                        or the URL leads to something else than a syncunit server
     ├── LocalStoreError      the client's local database cannot do what was asked
+    │                        (retryable when busy, locked, full or failing I/O)
     ├── DatabaseRestored     the server's database is a restored copy: renew its epoch first
     ├── DatabaseTooNew       a newer syncunit migrated the server's database: run that one
     └── SyncError            a sync run failed
@@ -73,8 +74,30 @@ class ProtocolError(SyncUnitError):
     """A wire message is malformed or speaks an unsupported protocol version."""
 
 
+#: SQLite's primary result codes of causes that pass: the database busy or locked (an
+#: app's write transaction held past the busy timeout), a full disk, an I/O error.
+TRANSIENT_SQLITE_CODES = frozenset({5, 6, 10, 13})  # BUSY, LOCKED, IOERR, FULL
+
+
 class LocalStoreError(SyncUnitError):
-    """The client's local SQLite database refused an operation."""
+    """The client's local SQLite database refused an operation.
+
+    ``retryable`` is true when the cause may pass by itself: the database was busy
+    or locked (another connection's write transaction held it past the busy
+    timeout), the disk was full, or an I/O error. The background worker then keeps
+    the unit queued and tries it again after its backoff, as for a network error.
+    """
+
+    @property
+    def retryable(self) -> bool:
+        """Whether trying again later can help (read from the driver error behind it)."""
+        cause, seen = self.__cause__, 0
+        while cause is not None and seen < 8:  # a LocalStoreError may wrap another
+            code = getattr(cause, "sqlite_errorcode", None)
+            if isinstance(code, int):  # extended codes carry the primary one in the low byte
+                return code & 0xFF in TRANSIENT_SQLITE_CODES
+            cause, seen = cause.__cause__, seen + 1
+        return False
 
 
 class SyncError(SyncUnitError):

@@ -3,11 +3,13 @@
 ``SyncClient.trigger(unit)`` puts the unit in ``syncunit_queue`` (not twice:
 a unit already waiting is not queued again) and returns at once; a single
 background worker runs the queue in order, one sync at a time. A run that
-fails on the network (or a 5xx) stays queued and is retried with exponential
-backoff and jitter, while the units behind it go ahead; errors that retrying
-cannot fix (401, 403, 422, bad requests) end the run and are reported. The
-queue lives in the local database, so pending work survives a restart; the
-workers of every client of the database share it, and a worker holds the
+fails on the network (or a 5xx, or a local database that was busy, full or
+failing: a retryable ``LocalStoreError``) stays queued and is retried with
+exponential backoff and jitter, while the units behind it go ahead; errors that
+retrying cannot fix (401, 403, 422, bad requests) end the run and are reported.
+The queue lives in the local database, so pending work survives a restart; when
+it cannot be written (a full disk), the worker waits as long as for a failed run.
+The workers of every client of the database share it, and a worker holds the
 device's sync lock while a unit it took runs, so a unit seen running by the
 lock's holder was left by a process that died, and runs again.
 
@@ -20,6 +22,7 @@ Online unit does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -153,6 +156,10 @@ class Scheduler:
         self.last_error: str | None = None
         self.last_error_unit: str | None = None
         self.periodic: tuple[str, float] | None = None
+        #: After ``step()`` itself failed (the queue's own writes: a full disk, a database
+        #: locked): the clock time the worker tries again, and the unit it was moving.
+        self._resume_at: float | None = None
+        self._moving: str | None = None
         self._next_periodic: float | None = None
         self._last_now: float | None = None  # the clock when last read (its steps back)
         self._cond = threading.Condition()
@@ -328,7 +335,7 @@ class Scheduler:
                 rid, unit, attempts = row
                 # Set under the store's lock, with the row leaving the queue: status()
                 # (which takes the lock) sees the unit either queued or running.
-                self.current = unit
+                self.current = self._moving = unit
                 c.execute("UPDATE syncunit_queue SET state = 'running' WHERE id = ?", (rid,))
         except BaseException:
             self.current = None
@@ -401,6 +408,7 @@ class Scheduler:
             self._next_periodic = now + every
         elif now >= self._next_periodic:
             self._next_periodic = now + every
+            self._moving = unit
             with self.client.store.atomic() as c:
                 c.execute(
                     "INSERT OR IGNORE INTO syncunit_queue (unit, state, next_at, queued_at)"
@@ -488,16 +496,48 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        failures = 0  # of step() itself, in a row
         while not self._stop:
             try:
-                if self.step():
+                # A unit a failed step left marked running: the next step puts it back.
+                self._moving = None
+                ran = self.step()
+            except Exception as exc:  # the worker must survive anything
+                failures += 1
+                wait: float | None = self._step_failed(exc, failures)
+            else:
+                if failures:
+                    log.info("the sync worker runs its queue again")
+                    failures, self._resume_at = 0, None
+                if ran:
                     continue
-            except Exception:  # the worker must survive anything
-                log.exception("the sync worker failed; it keeps going")
-            wait = self._wait_time()
+                wait = self._wait_time()
             with self._cond:
                 if not self._stop:
                     self._cond.wait(wait)
+
+    def _step_failed(self, exc: Exception, failures: int) -> float:
+        """``step()`` itself failed: the queue's own bookkeeping could not be written (a
+        full disk, a database locked by the app past the busy timeout). Return how long
+        to wait: the retry policy's delay, as for a failed run (trying again at once
+        would spin). The first failure of a run of them is logged and reported to
+        ``on_error``; ``set_online(True)`` or a trigger tries again sooner."""
+        delay = self.retry.delay(failures, self.rand())
+        self._resume_at = self.clock() + delay
+        unit = self._moving
+        if unit is None:  # failed before it picked one (BEGIN): the first waiting
+            with contextlib.suppress(SyncUnitError):
+                unit = next(iter(self.queued()), None)
+        self.last_error, self.last_error_unit = str(exc), unit
+        if failures == 1:
+            log.error(
+                "the sync worker cannot run its queue (it tries again in %.1f s): %s",
+                delay, exc, exc_info=None if isinstance(exc, SyncUnitError) else exc,
+            )  # fmt: skip
+            if unit is not None:
+                self.client._emit(self.client.on_error, unit, exc)
+        self.client._status_changed()
+        return delay
 
     def _wait_time(self) -> float | None:
         now = self.clock()
@@ -515,6 +555,8 @@ class Scheduler:
     def status(self) -> SyncStatus:
         with self.client.store.lock:  # the running unit and the queue, seen together
             current, queued, due = self.current, self.queued(), self.next_due()
+        if self._resume_at is not None and due is not None:  # the worker waits after a failure
+            due = max(due, self._resume_at)
         state: State
         if current is not None:
             state = "syncing"

@@ -310,11 +310,7 @@ class LocalStore(ChunkApply):
                 yield self.conn
             except BaseException as exc:
                 self._depth -= 1
-                if depth == 0:
-                    self.conn.execute("ROLLBACK")
-                else:
-                    self.conn.execute(f"ROLLBACK TO {name}")
-                    self.conn.execute(f"RELEASE {name}")
+                self._undo(depth, name)
                 if depth == 0 and isinstance(exc, self.errors):
                     # A driver error (a read-only file, a full disk): nothing was written.
                     raise LocalStoreError(
@@ -327,8 +323,27 @@ class LocalStore(ChunkApply):
                     self.conn.execute("COMMIT" if depth == 0 else f"RELEASE {name}")
                 except self.errors as exc:
                     if depth == 0:
-                        self.conn.execute("ROLLBACK")
+                        self._undo(depth, name)
                     raise LocalStoreError(f"cannot commit a local transaction: {exc}") from exc
+
+    def _undo(self, depth: int, name: str) -> None:
+        """Roll back the transaction (``depth`` 0) or the savepoint ``name`` that failed.
+
+        SQLite rolls a whole transaction back by itself on some errors (a full disk,
+        an I/O error, no memory), a failed COMMIT among them: there is nothing left
+        to undo then, and a ROLLBACK would fail in place of the error that matters.
+        A ROLLBACK that fails is logged, and the error that caused it raised.
+        """
+        if not self.conn.in_transaction:
+            return
+        try:
+            if depth == 0:
+                self.conn.execute("ROLLBACK")
+            else:
+                self.conn.execute(f"ROLLBACK TO {name}")
+                self.conn.execute(f"RELEASE {name}")
+        except self.errors as exc:
+            log.warning("cannot roll back a local transaction: %s", exc)
 
     @contextmanager
     def relaxed(self) -> Iterator[sqlite3.Connection]:
