@@ -10,6 +10,7 @@ pages instead: ``test_snapshot_pages``.)
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from hospital.models import appointment
 
 from syncunit.client import adopt, bootstrap
 from syncunit.client.triggers import trigger_names
+from syncunit.errors import LocalStoreError
 from syncunit.protocol import SnapshotOffer
 from tests.support import appointments_of, assert_in_sync, local_keys
 from tests.test_snapshots import H1, _build
@@ -396,6 +398,59 @@ def test_a_cut_download_is_copied_row_by_row_in_the_same_run_leaving_nothing(
     assert result.requests == network.requests  # the cut download counts
     assert _parts(device) == []  # the copy row by row made the half download useless
     assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_a_download_the_disk_cannot_hold_is_copied_row_by_row_in_the_same_run(
+    snap_server, make_client, monkeypatch
+):
+    snap = next(s for s in _build(snap_server) if s.stream == "appointments")
+    device = make_client()
+    real = bootstrap._download
+
+    def disk_fills(http: Any, offer: Any, part: Path, have: int, intake: Any) -> Any:
+        if offer.stream != "appointments":
+            return real(http, offer, part, have, intake)
+        with part.open("ab") as f:
+            f.write(snap.path.read_bytes()[: snap.size // 3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bootstrap, "_download", disk_fills)
+
+    result = device.sync("Login")
+
+    assert result.snapshots == ["doctors"]
+    assert _parts(device) == []
+    assert_in_sync(snap_server, device, H1, "Login")
+
+
+def test_a_download_a_failed_run_left_goes_once_its_stream_is_copied_row_by_row(
+    snap_server, server, make_client, live
+):
+    """The disk fills up during a first sync: the download (cut here) is kept for the
+    next attempt, and the copy row by row fails too. A later sync copies the stream
+    row by row (no file is offered now): the download can never be used again."""
+    snap = next(s for s in _build(snap_server) if s.stream == "appointments")
+    device = make_client(transport=_Network(cut_after=snap.size // 3))
+    device.catalog()
+    conn = device.store.conn
+    (pages,) = conn.execute("PRAGMA page_count").fetchone()
+    conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # a little room, not for the rows
+
+    with pytest.raises(LocalStoreError, match="database or disk is full"):
+        device.sync("Login")
+    assert [p.suffix for p in _parts(device)] == [".part"]  # to resume next time
+
+    conn.execute(f"PRAGMA max_page_count = {2**30}")  # room again
+    live.app = server.app  # a server that offers no file
+    device.sync("Login")
+
+    assert _parts(device) == []
+    assert_in_sync(snap_server, device, H1, "Login")
+    device.sync("Login")  # nothing left to remove: nothing to record either
+    assert (
+        device.store.query("SELECT key FROM syncunit_local WHERE key LIKE 'snapshot_download:%'")
+        == []
+    )
 
 
 def test_after_a_large_sync_the_wal_is_checkpointed_in_the_background(

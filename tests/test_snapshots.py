@@ -137,6 +137,72 @@ def test_a_corrupt_download_is_discarded_and_the_stream_copied_row_by_row(
     assert_in_sync(snap_server, device, H1, "Login")
 
 
+def test_a_file_damaged_after_publishing_is_not_offered_but_built_again(
+    snap_server, make_client, tap, caplog
+):
+    """A file truncated on the server (a full disk, an operator) is no longer offered:
+    each new device would download it only to refuse it. It is removed, and the
+    large first copy that found it so has it built again."""
+    built = _build(snap_server)
+    damaged = next(s for s in built if s.stream == "appointments")
+    with damaged.path.open("r+b") as f:
+        f.truncate(damaged.size // 3)
+    device = make_client(transport=tap)
+
+    result = device.sync("Login")
+
+    assert result.snapshots == ["doctors"]
+    assert not any(damaged.name in path for _, path, _ in tap.log)  # never downloaded
+    assert f"removing snapshot {damaged.name}: its file holds" in caplog.text
+    assert_in_sync(snap_server, device, H1, "Login")
+    snaps = snap_server.snapshots
+    deadline = time.monotonic() + 30  # built again in the background, whole
+    while time.monotonic() < deadline and len(snaps.ready()) < 2:
+        time.sleep(0.05)
+    again = next(s for s in snaps.ready() if s.stream == "appointments")
+    assert again.path.stat().st_size == again.size
+    assert sorted(make_client(name="second").sync("Login").snapshots) == [
+        "appointments",
+        "doctors",
+    ]
+
+
+def test_a_build_that_failed_waits_before_it_is_tried_again(snap_server, monkeypatch):
+    snaps = snap_server.snapshots
+    stream = hospital_schema.units["Login"].streams[0]
+    params = principal_params(snap_server.store, H1)
+    now = [1000.0]
+    snaps.clock = lambda: now[0]
+    builds: list[float] = []
+
+    def failing(*args: Any) -> Snapshot:
+        builds.append(now[0])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snaps, "build", failing)
+
+    def build_later() -> None:
+        snaps.build_later(stream, params)
+        deadline = time.monotonic() + 10
+        while snaps._building and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    build_later()
+    build_later()  # a first copy at once after: no build
+    now[0] += snapshots.BUILD_RETRY_DELAY
+    build_later()  # the delay is over: built again, failed again
+    now[0] += snapshots.BUILD_RETRY_DELAY
+    build_later()  # the delay doubled
+    now[0] += snapshots.BUILD_RETRY_DELAY
+    build_later()
+
+    assert builds == [1000.0, 1060.0, 1180.0]
+    monkeypatch.undo()
+    now[0] += 4 * snapshots.BUILD_RETRY_DELAY
+    build_later()  # succeeds: the next failure waits the first delay again
+    assert len(snaps.ready()) == 1
+
+
 def test_a_cut_download_resumes_with_a_range_request(snap_server, make_client, tap, tmp_path):
     built = _build(snap_server)
     device = make_client(transport=tap)

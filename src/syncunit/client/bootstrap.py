@@ -11,7 +11,8 @@ transaction with the stream's cursor. Any failure raises ``SnapshotError`` or
 ``LocalStoreError``; the caller then asks for the copy row by row. The
 decompressed file and the download are locked while in use; the next install
 removes the decompressed files a killed process left, and this database's
-downloads that no offer of the response continues (``sweep``).
+downloads that no offer of the response continues (``sweep``); a completed sync
+removes the downloads of streams copied row by row since (``sweep_copied``).
 
 The file's table has exactly the local table's columns and indexes
 (``local_table_ddl``), so an empty local table without triggers takes it with
@@ -67,6 +68,8 @@ SNAP = "syncunit_snapshot"
 SCRATCH = ".syncunit-snapshot-"
 #: Where rows the local table already holds wait while the file's rows go in.
 KEPT = "temp.syncunit_snapshot_kept"
+#: The facts naming the stream of each download (``.part``), by its file name.
+DOWNLOAD = "snapshot_download:"
 
 
 class SnapshotError(SyncUnitError):
@@ -161,6 +164,8 @@ def fetch(
     held = _hold(part)  # while it is being written, no sweep removes it
     try:
         _fetch(http, offer, part, plain, result)
+    except OSError as exc:  # a full disk, a file system gone read-only: copy row by row
+        raise SnapshotError(f"cannot write the snapshot download {part.name}: {exc}") from exc
     finally:
         os.close(held)
 
@@ -269,8 +274,10 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
             part = part_path(client.store, offer)
             if n == 0:
                 sweep(part.parent, client.store, offers)
-            fd, plain = scratch(part.parent)  # its own name: an earlier one may still be going
+            plain: Path | None = None  # made inside the try: a full disk fails its making
             try:
+                _note_download(client.store, part, offer)
+                fd, plain = scratch(part.parent)  # its own name: an earlier one may still go
                 fetch(client.http, offer, part, plain, result)
                 done.append(part)  # checked: whatever the copy does, never used again
                 with client.store.bulk():  # the WAL is checkpointed once, after the sync
@@ -281,8 +288,9 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
                 failed.append(part)
                 continue
             finally:
-                os.close(fd)  # before the removal: the last close of a removed file frees it
-                done.append(plain)
+                if plain is not None:
+                    os.close(fd)  # before the removal: the last close of a removed file frees it
+                    done.append(plain)
             if client._watcher is not None:  # the triggers that tell it were off meanwhile
                 client._watcher.notify([info.local_table])
             result.bytes_in += offer.size
@@ -299,7 +307,62 @@ def apply_offers(client: SyncClient, offers: list[SnapshotOffer], result: SyncRe
 def scratch(folder: Path) -> tuple[int, Path]:
     """A new file in ``folder`` for a decompressed snapshot, and a descriptor that
     holds its lock for as long as this process uses it (see ``sweep``)."""
-    return held_scratch(folder, SCRATCH, ".sqlite")
+    try:
+        return held_scratch(folder, SCRATCH, ".sqlite")
+    except OSError as exc:
+        raise SnapshotError(f"cannot make a file for the snapshot in {folder}: {exc}") from exc
+
+
+def _note_download(store: LocalStore, part: Path, offer: SnapshotOffer) -> None:
+    """Record which stream the download ``part`` is for, before it starts: once that
+    stream holds a cursor (copied row by row when the file could not be used), no
+    offer will continue the download, and ``sweep_copied`` removes it."""
+    with store.atomic():
+        store.set_fact(DOWNLOAD + part.name, offer.stream)
+
+
+def sweep_copied(store: LocalStore) -> None:
+    """Remove this database's downloads (``.part``) of streams that hold a cursor now.
+
+    A download that could not be used (the disk filled up while it was
+    decompressed, a cut the run did not resume) is kept for the next attempt,
+    but a stream copied row by row meanwhile is never offered a file again: run
+    after a sync completes, this frees what the run that failed left (a whole
+    compressed snapshot). A download another process holds stays.
+    """
+    try:
+        notes = store.query(
+            "SELECT key, value FROM syncunit_local WHERE substr(key, 1, ?) = ?",
+            (len(DOWNLOAD), DOWNLOAD),
+        )
+        if not notes:
+            return
+        streams = [stream for _, stream in notes]
+        copied = {
+            name
+            for (name,) in store.query(
+                "SELECT stream FROM syncunit_cursors"
+                f" WHERE stream IN ({','.join('?' * len(streams))})",
+                streams,
+            )
+        }
+        folder = _parts_of(store)
+        gone = []
+        for key, stream in notes:
+            if stream not in copied:
+                continue  # a first copy still to come: it may be offered the file again
+            part = folder / key.removeprefix(DOWNLOAD)
+            if part.exists():
+                if not unheld(part):
+                    continue  # being downloaded now (or no locks on this system)
+                log.info("removing %s: its stream was copied row by row", part.name)
+                discard(part)
+            gone.append((key,))
+        if gone:
+            with store.atomic() as c:
+                c.executemany("DELETE FROM syncunit_local WHERE key = ?", gone)
+    except (LocalStoreError, OSError) as exc:  # tried again after the next sync
+        log.warning("cannot remove the snapshot downloads no longer needed: %s", exc)
 
 
 def sweep(

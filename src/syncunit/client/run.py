@@ -339,6 +339,7 @@ class UnitRun:
                     catalog, unit = self._latest(unit_name)
             for part in left:  # copied row by row instead: a cut download is not resumed
                 part.unlink(missing_ok=True)
+            bootstrap.sweep_copied(self.client.store)  # and those an earlier run left
             if not push_streams or not self.client.outbox.count(tables):
                 break
 

@@ -16,13 +16,15 @@ no cursor for the stream: the 50 tablets of one hospital share one file.
   read the stream (the checks of a sync: see ``SyncServer.get_snapshot``).
 * **Fresh**: a file is offered while its cursor is valid (same epoch, above
   the tombstone horizon) and at most ``max_lag`` versions behind; an older one
-  is rebuilt in the background, and the device copies row by row meanwhile.
+  is rebuilt in the background, and the device copies row by row meanwhile. A
+  build that failed (a full disk) is started again only after a backoff.
 * **Shared**: the folder is the list of files. Each file ``<name>.sqlite.zst``
   has a side file ``<name>.json`` (stream, hashes, watermark, rows, size,
   checksum, cursor); both are published together under the folder's lock
   (``.lock``), so every server process on the folder offers and serves every
   file, whichever built it. The name ends with the checksum: a file, once
-  published, never changes.
+  published, never changes. One whose size is no longer the one published
+  (truncated on the server's disk) is not offered: it is removed, and built again.
 * **Bounded**: at most ``keep`` files in the folder; the least recently offered
   goes first (a side file's modification time is when it was last offered). A
   process starting on the folder keeps the files it can use and removes the
@@ -40,7 +42,8 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,10 @@ META = ".json"  # its side file
 BUILDING = ".building"  # a build's scratch file, locked by the process writing it
 #: What a file's name may hold (it comes from the request's path).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: Seconds before a build that failed is started again; doubled with each failure in a
+#: row, up to the second.
+BUILD_RETRY_DELAY = 60.0
+MAX_BUILD_RETRY_DELAY = 3600.0
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,13 @@ class Snapshots:
         self.keep = keep
         self._known: dict[str, Snapshot] = {}  # side files read (a name's never change)
         self._building: set[tuple[str, str]] = set()
+        #: Builds that failed, by key: how many in a row, and when one may start again.
+        self._failed: dict[tuple[str, str], tuple[int, float]] = {}
+        #: Published snapshots whose file was found not to be the size published.
+        self._bad: set[str] = set()
         self._lock = threading.Lock()
+        #: The clock the build backoff reads (tests set another).
+        self.clock: Callable[[], float] = time.monotonic
         self.recover()
 
     # -- the folder ----------------------------------------------------------------------
@@ -131,7 +144,20 @@ class Snapshots:
         return [snap for name in names if (snap := self._read(name)) is not None]
 
     def _read(self, name: str) -> Snapshot | None:
-        """The snapshot ``name`` as its side file describes it, or None."""
+        """The snapshot ``name`` as its side file describes it, or None; None too when
+        its file is not the size published (gone, truncated, grown: see ``_drop_bad``)."""
+        snap = self._described(name)
+        if snap is None:
+            return None
+        if _size(snap.path) != snap.size:  # a stat: the checksum is the device's to check
+            with self._lock:
+                self._known.pop(name, None)
+                self._bad.add(name)
+            return None
+        return snap
+
+    def _described(self, name: str) -> Snapshot | None:
+        """The snapshot ``name`` as its side file describes it (its file unchecked)."""
         snap = self._known.get(name)
         if snap is None:
             meta = self.directory / f"{name}{META}"
@@ -143,10 +169,29 @@ class Snapshots:
             if snap.name != name:
                 return None
             self._known[name] = snap
-        if not snap.path.exists():
-            self._known.pop(name, None)
-            return None
         return snap
+
+    def _drop_bad(self) -> None:
+        """Remove the snapshots whose file was found damaged after publishing (``_read``):
+        offered, each would be downloaded by every new device and refused; without
+        them, the next large first copy builds the file again."""
+        with self._lock:
+            bad, self._bad = self._bad, set()
+        if not bad:
+            return
+        dropped: list[Path] = []
+        with self._folder():
+            for name in bad:
+                snap = self._described(name)
+                if snap is None or _size(snap.path) == snap.size:
+                    continue  # removed, or published again (rebuilt), meanwhile
+                log.warning(
+                    "removing snapshot %s: its file holds %d bytes, %d were published",
+                    name, max(_size(snap.path), 0), snap.size,
+                )  # fmt: skip
+                self._forget(snap)
+                dropped.append(snap.path)
+        _unlink(*dropped)
 
     def recover(self) -> None:
         """Take the folder's files into account: keep the published ones, remove what
@@ -199,6 +244,7 @@ class Snapshots:
             for x in self.ready()
             if (x.stream, x.definition, x.params) == (s.name, s.definition_hash, reader.phash)
         ]
+        self._drop_bad()
         for snap in sorted(same, key=lambda x: x.watermark, reverse=True):
             valid = reader._valid(conn, decode_cursor(snap.cursor), watermark, epoch, horizon)
             if valid and watermark - snap.watermark <= self.max_lag:
@@ -224,10 +270,14 @@ class Snapshots:
     # -- building ------------------------------------------------------------------------
 
     def build_later(self, stream: Stream, params: Mapping[str, Any]) -> None:
-        """Build a snapshot on a background thread, unless one is being built."""
+        """Build a snapshot on a background thread, unless one is being built, or one
+        failed lately: after a failed build (a full disk, a database error) the next
+        waits ``BUILD_RETRY_DELAY`` seconds, doubling with each failure in a row up to
+        ``MAX_BUILD_RETRY_DELAY`` (the devices copy row by row meanwhile)."""
         key = (stream.definition_hash, params_hash(stream, params))
         with self._lock:
-            if key in self._building:
+            failures, after = self._failed.get(key, (0, 0.0))
+            if key in self._building or self.clock() < after:
                 return
             self._building.add(key)
         if self._built_elsewhere(stream, key[1]):
@@ -239,7 +289,16 @@ class Snapshots:
             try:
                 self.build(stream, params)
             except Exception:
-                log.exception("building a snapshot of %s failed", stream.name)
+                delay = min(MAX_BUILD_RETRY_DELAY, BUILD_RETRY_DELAY * 2**failures)
+                log.exception(
+                    "building a snapshot of %s failed (not tried again for %.0f s)",
+                    stream.name, delay,
+                )  # fmt: skip
+                with self._lock:
+                    self._failed[key] = (failures + 1, self.clock() + delay)
+            else:
+                with self._lock:
+                    self._failed.pop(key, None)
             finally:
                 with self._lock:
                     self._building.discard(key)
