@@ -407,9 +407,9 @@ def test_a_download_the_disk_cannot_hold_is_copied_row_by_row_in_the_same_run(
     device = make_client()
     real = bootstrap._download
 
-    def disk_fills(http: Any, offer: Any, part: Path, have: int, intake: Any) -> Any:
+    def disk_fills(http: Any, offer: Any, part: Path, have: int, *rest: Any) -> Any:
         if offer.stream != "appointments":
-            return real(http, offer, part, have, intake)
+            return real(http, offer, part, have, *rest)
         with part.open("ab") as f:
             f.write(snap.path.read_bytes()[: snap.size // 3])
         raise OSError(errno.ENOSPC, "No space left on device")
