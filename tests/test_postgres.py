@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import random
 import threading
 import time
@@ -31,11 +32,19 @@ from syncunit.errors import ProblemError
 from syncunit.policies import MutationContext
 from syncunit.server import SyncServer
 from syncunit.server.migrations import LATEST
-from syncunit.server.postgres import PostgresStore
+from syncunit.server.postgres import WRITTEN_IN, PostgresStore
 from syncunit.server.store import ServerStore, tombstones
 from syncunit.units import VERSION
 from tests.conftest import pg_dsn
-from tests.support import appointments_of, assert_in_sync, local_keys
+from tests.support import (
+    appointments_of,
+    assert_in_sync,
+    final_cursors,
+    local_keys,
+    raw_sync,
+    removed_keys,
+    sent_keys,
+)
 
 pytestmark = pytest.mark.backends("postgres")
 
@@ -121,6 +130,111 @@ def test_the_naive_watermark_misses_it(naive_server, serve, server_db_url, make_
     assert _out_of_order_commit("", server_db_url, client) == {"writer-b"}
     client.sync("Login")
     assert "writer-a" not in local_keys(client, "LocalAppointment")
+
+
+# -- removals when transaction ids are not the commit order ---------------------------------
+
+
+@contextmanager
+def _removing_while_the_doctor_moves_in(
+    db_url: str, deleted: str, moved: str
+) -> Iterator[psycopg.Connection[Any]]:
+    """T1 deletes ``deleted`` and moves ``moved`` from doctor 2 to doctor 4 (both at
+    hospital 2), and stays open; T2, with a later id, moves doctor 2 to hospital 1 and
+    commits. Yields T1."""
+    t1 = psycopg.connect(pg_dsn(db_url))
+    try:
+        t1.execute("DELETE FROM appointment WHERE id = %s", (deleted,))
+        t1.execute("UPDATE appointment SET doctor_id = 4 WHERE id = %s", (moved,))
+        with psycopg.connect(pg_dsn(db_url), autocommit=True) as t2:
+            t2.execute("UPDATE doctor SET hospital_id = 1 WHERE id = 2")
+        yield t1
+    finally:
+        t1.close()  # rolls back unless the test committed
+
+
+@pytest.mark.parametrize("how", ["first copy", "delta", "reset", "snapshot file"])
+def test_rows_removed_by_an_older_id_that_commits_after_a_newer_one_moved_them_in_leave(
+    how, server, store, live, make_client, make_server, plain_sql, server_db_url, tmp_path,
+    in_sync,
+):  # fmt: skip
+    """The device of hospital 1 gets doctor 2's appointments once T2 moved doctor 2
+    there, while T1, whose id is older, still holds the delete of one and the move of
+    another to hospital 2. When T1 commits, both must leave the device: just before T1,
+    doctor 2 was already at hospital 1, although its tombstone's id is above T1's."""
+    deleted, moved = appointments_of(store, 2, doctor_id=2)[:2]
+    snap = make_server(snapshot_dir=tmp_path / "snapshots", snapshot_min_rows=1)
+    if how == "snapshot file":
+        live.app = snap.app
+    device = make_client()
+    if how in ("delta", "reset"):
+        device.sync("Login")
+        # A transaction that commits: the watermark passes the device's cursor (a delta at
+        # an unchanged watermark finds nothing, and would wait for T1).
+        plain_sql("SELECT pg_current_xact_id()")
+
+    with _removing_while_the_doctor_moves_in(server_db_url, deleted, moved) as t1:
+        if how == "reset":
+            with store.write() as conn:
+                store._set_fact(conn, "epoch", "another-database")
+        if how == "snapshot file":
+            for s in hospital_schema.units["Login"].streams:
+                snap.snapshots.build(s, {"hospital_id": 1})
+        got = device.sync("Login")
+        assert {deleted, moved} <= local_keys(device, "LocalAppointment")
+        assert ("appointments" in got.resets) == (how == "reset")
+        assert bool(got.snapshots) == (how == "snapshot file")
+        t1.commit()
+
+    result = device.sync("Login")
+
+    assert result.rows_removed["LocalAppointment"] == 2
+    assert not {deleted, moved} & local_keys(device, "LocalAppointment")
+    in_sync(device)
+
+
+def test_a_row_removed_before_its_doctor_moved_in_is_named_to_nobody(
+    server, store, live, plain_sql
+):
+    """The same writes one after the other: the delete committed before doctor 2 moved
+    to hospital 1, so its key was never in hospital 1's scope and no removal names it
+    (the move's tombstone shows the delete as committed when it was written)."""
+    deleted, moved = appointments_of(store, 2, doctor_id=2)[:2]
+    cursors = final_cursors(raw_sync(live.url, "Login", token="token-h1"))
+    plain_sql.script(
+        [
+            f"DELETE FROM appointment WHERE id = '{deleted}'",
+            f"UPDATE appointment SET doctor_id = 4 WHERE id = '{moved}'",
+        ]
+    )
+    plain_sql("UPDATE doctor SET hospital_id = 1 WHERE id = 2")
+
+    frames = raw_sync(live.url, "Login", token="token-h1", cursors=cursors)
+
+    assert not {deleted, moved} & set(removed_keys(frames, "appointments"))
+    assert set(sent_keys(frames, "appointments")) == set(appointments_of(store, 1, doctor_id=2))
+
+
+def test_a_row_deleted_by_a_transaction_that_moved_its_doctor_after_a_newer_one_leaves(
+    server, store, client, server_db_url, in_sync
+):
+    """T1 takes its id; T2 moves doctor 1 to hospital 2 and commits; T1 then moves doctor
+    1 back and deletes one of its appointments. In id order doctor 1's tombstones read
+    T1's change first, but T2's was made first: the doctor's state just before T1 is
+    the one T2's tombstone keeps (hospital 1), and the appointment leaves the device."""
+    client.sync("Login")
+    gone = appointments_of(store, 1, doctor_id=1)[0]
+    with psycopg.connect(pg_dsn(server_db_url)) as t1:
+        t1.execute("SELECT pg_current_xact_id()")
+        with psycopg.connect(pg_dsn(server_db_url), autocommit=True) as t2:
+            t2.execute("UPDATE doctor SET hospital_id = 2 WHERE id = 1")
+        t1.execute("UPDATE doctor SET hospital_id = 1 WHERE id = 1")
+        t1.execute("DELETE FROM appointment WHERE id = %s", (gone,))
+
+    client.sync("Login")
+
+    assert gone not in local_keys(client, "LocalAppointment")
+    in_sync(client)
 
 
 # -- randomized: N writers with think time, a device syncing in a loop ------------------------
@@ -448,6 +562,58 @@ def test_a_database_from_before_migration_4_fires_its_triggers_always_once_start
     assert facts["schema-version"] == str(LATEST)
     assert {k: v for k, v in facts.items() if k.startswith("tracking:")} == before
     assert not store.install(hospital_schema)  # intact: nothing more to do
+
+
+#: The tombstone function before migration 5: no snapshot of the write.
+_TOMBSTONE_WITHOUT_SNAPSHOT = """CREATE OR REPLACE FUNCTION syncunit_tombstone() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  old_row jsonb := to_jsonb(OLD);
+  image jsonb := '{}'::jsonb;
+BEGIN
+  FOR i IN 1 .. TG_NARGS - 1 LOOP
+    image := image || jsonb_build_object(TG_ARGV[i], old_row -> TG_ARGV[i]);
+  END LOOP;
+  INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)
+  VALUES (TG_ARGV[0], pg_current_xact_id()::text::bigint,
+          CASE TG_OP WHEN 'DELETE' THEN 'delete' ELSE 'move' END, image::text,
+          to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+  RETURN NULL;
+END $$"""
+
+
+def test_a_database_from_before_migration_5_keeps_snapshots_in_tombstones_once_started(
+    server, store, client, plain_sql, in_sync
+):
+    """Its tombstones keep no snapshot of their write; the next start's migration
+    replaces the function, without any stream resetting, and removals read the older
+    tombstones in the order of their ids."""
+    client.sync("Login")
+    before, after = appointments_of(store, 1)[:2]
+    plain_sql.script(
+        [
+            _TOMBSTONE_WITHOUT_SNAPSHOT,
+            "UPDATE syncunit_meta SET value = '4' WHERE key = 'schema-version'",
+        ]
+    )
+    plain_sql(f"DELETE FROM appointment WHERE id = '{before}'")
+    with store.engine.connect() as conn:
+        facts = {k: v for k, v in store.facts(conn).items() if k.startswith("tracking:")}
+
+    assert store.install(hospital_schema)
+    plain_sql(f"DELETE FROM appointment WHERE id = '{after}'")
+
+    images = plain_sql("SELECT old FROM syncunit_tombstones ORDER BY id")
+    assert [WRITTEN_IN in json.loads(old) for (old,) in images] == [False, True]
+    with store.engine.connect() as conn:
+        now = store.facts(conn)
+    assert now["schema-version"] == str(LATEST)
+    assert {k: v for k, v in now.items() if k.startswith("tracking:")} == facts
+    result = client.sync("Login")
+    assert result.resets == []
+    assert result.rows_removed["LocalAppointment"] == 2
+    in_sync(client)
+    assert not store.install(hospital_schema)
 
 
 def test_an_open_transaction_holds_the_watermark_and_shows_as_lag(server, store, server_db_url):

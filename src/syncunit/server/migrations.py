@@ -130,6 +130,8 @@ MIGRATIONS = [
     Migration(3, "a TRUNCATE resets the streams of its table only", lambda d: []),
     # The store's part only: PostgreSQL's triggers fire also for writers in replica mode.
     Migration(4, "tracking triggers fire for every writer", lambda d: []),
+    # The store's part only: PostgreSQL's tombstones keep the snapshot of their write.
+    Migration(5, "tombstones keep what had committed when they were written", lambda d: []),
 ]
 LATEST = MIGRATIONS[-1].number
 

@@ -152,6 +152,34 @@ BEGIN
   END LOOP;
 END $$"""
 
+#: The key of a tombstone's image under which it keeps the snapshot its write was made in
+#: (since migration 5): what had committed by then (``PostgresStore.changed_after``).
+WRITTEN_IN = "syncunit_written_in"
+#: How removals read it: as a kept column of the image (``old_value``).
+_WRITTEN_IN_COLUMN: sa.Column[Any] = sa.Column(WRITTEN_IN, sa.Text)
+
+#: Deletes, and updates of a key or scope column: the old values of those columns, and
+#: the snapshot of the write. TG_ARGV: the logical table name, then the columns to keep.
+#: (In a function that writes, each statement under READ COMMITTED takes a new snapshot:
+#: the one kept is taken after the row was written, so it shows the row's previous
+#: writer as committed, since a writer of a row waits for the one before it. Under
+#: REPEATABLE READ a writer that cannot see the row's previous writer fails instead.)
+_TOMBSTONE = f"""CREATE OR REPLACE FUNCTION syncunit_tombstone() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+  old_row jsonb := to_jsonb(OLD);
+  image jsonb := '{{}}'::jsonb;
+BEGIN
+  FOR i IN 1 .. TG_NARGS - 1 LOOP
+    image := image || jsonb_build_object(TG_ARGV[i], old_row -> TG_ARGV[i]);
+  END LOOP;
+  image := image || jsonb_build_object('{WRITTEN_IN}', {_SNAPSHOT});
+  INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)
+  VALUES (TG_ARGV[0], {_XID}, CASE TG_OP WHEN 'DELETE' THEN 'delete' ELSE 'move' END,
+          image::text, {_NOW});
+  RETURN NULL;
+END $$"""
+
 _FUNCTIONS = [
     # Every insert and update, whoever writes: the writing transaction's id.
     f"""CREATE OR REPLACE FUNCTION syncunit_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -166,21 +194,7 @@ BEGIN
   END IF;
   RETURN NEW;
 END $$""",
-    # Deletes, and updates of a key or scope column: the old values of those columns.
-    # TG_ARGV: the logical table name, then the columns to keep.
-    f"""CREATE OR REPLACE FUNCTION syncunit_tombstone() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-  old_row jsonb := to_jsonb(OLD);
-  image jsonb := '{{}}'::jsonb;
-BEGIN
-  FOR i IN 1 .. TG_NARGS - 1 LOOP
-    image := image || jsonb_build_object(TG_ARGV[i], old_row -> TG_ARGV[i]);
-  END LOOP;
-  INSERT INTO syncunit_tombstones (table_name, version, kind, old, at)
-  VALUES (TG_ARGV[0], {_XID}, CASE TG_OP WHEN 'DELETE' THEN 'delete' ELSE 'move' END,
-          image::text, {_NOW});
-  RETURN NULL;
-END $$""",
+    _TOMBSTONE,
     # A row's creation stamp on an update (the insert's is the stamp's): the snapshot
     # when the key changed (TG_ARGV: the key columns), else the value it had.
     f"""CREATE OR REPLACE FUNCTION syncunit_created() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -368,6 +382,32 @@ class PostgresStore(ServerStore):
         visible = sa.func.pg_visible_in_snapshot(xid, sa.cast(stamp, _PgType("pg_snapshot")))
         return sa.or_(stamp.is_(None), ~visible)
 
+    def changed_after(
+        self, ts: Any, at: ColumnElement[Any], below: ColumnElement[Any] | None
+    ) -> list[ColumnElement[bool]]:
+        # Transaction ids are not commit order: a write with a later id may have committed
+        # before the one at ``at``, and the row's state just before that one is then the
+        # state after it. The snapshot a tombstone keeps orders its write after the one at
+        # ``at`` if that one is visible in it (had committed); if not, the two ran
+        # concurrently and either may have committed first: the states after it are tried
+        # too (at worst that names a key, never misses a removal). Writers of one row wait
+        # for each other, so its write came before the state recorded at ``below`` unless
+        # that one's write is visible in it. A tombstone from before migration 5 keeps no
+        # snapshot: ids order it. Only ids in the range the index reads ([at, below)) are
+        # looked at: a tombstone outside it is taken as ruling nothing out, which can only
+        # name more.
+        written = sa.cast(self.old_value(ts.c.old, _WRITTEN_IN_COLUMN), _PgType("pg_snapshot"))
+
+        def committed(version: ColumnElement[Any]) -> ColumnElement[bool]:
+            xid = sa.cast(sa.cast(version, sa.Text), _PgType("xid8"))
+            return sa.func.pg_visible_in_snapshot(xid, written)
+
+        ordered = [sa.or_(ts.c.version == at, committed(at))]
+        if below is not None:
+            ordered.append(~committed(below))
+        by_id = super().changed_after(ts, at, below)
+        return [*by_id, sa.or_(written.is_(None), sa.and_(*ordered))]
+
     # -- installing tracking (the neutral part is ``migrations``) ----------------------
 
     tracking_format = "postgresql/2"
@@ -383,6 +423,8 @@ class PostgresStore(ServerStore):
             return [_TRUNCATED]
         if number == 4:
             return [_TRUNCATED, _TRUNCATE_PARTITIONS, _ENABLE_ALWAYS]
+        if number == 5:
+            return [_TOMBSTONE]
         return []
 
     def lock_for_install(self, conn: Connection) -> None:

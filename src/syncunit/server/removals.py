@@ -21,6 +21,13 @@ does not show the moment's write as already made (``ServerStore.created_before``
 so a row created after a joined row left the scope is never paired with that
 joined row's old state.
 
+"That moment" is just before the earliest image's write, and which of a row's
+changes came after it is the store's to say (``ServerStore.changed_after``): on
+SQLite versions are the commit order; on PostgreSQL they are transaction ids,
+and one taken later may commit first, so the snapshot each tombstone keeps of
+its write decides, and a change concurrent with that write counts as possibly
+before it (at worst that names a key, never misses one).
+
 Combinations with no old image are the current state: in scope now, not a
 removal. Two tables on the path changing in one window (a hospital's city and
 the doctor's hospital) are both covered, since the combination of the doctor's
@@ -114,15 +121,15 @@ RECORDED = "syncunit_recorded_at_version"
 def _changed_since(
     store: ServerStore, table: sa.Table, keys: list[Any], at: Any, below: Any, n: int
 ) -> Any:
-    """Whether ``table``'s row with primary key ``keys`` has a tombstone with a version
-    in [at, below) (or at or after ``at`` when ``below`` is None)."""
+    """Whether ``table``'s row with primary key ``keys`` changed after the moment just
+    before the write at ``at`` and, when ``below`` is given, before the state its
+    tombstone at ``below`` recorded: then that state (the current row, when ``below``
+    is None) was not its state at that moment (``ServerStore.changed_after``)."""
     ts = tombstones.alias(f"later_{table.name}_{n}")
     lookups = [store.old_value_lookup(ts, col) for col in table.primary_key.columns]
     of_table = lookups[0][1]  # the same for every column of the key: the table's
-    cond = [*of_table, ts.c.version >= at]
+    cond = [*of_table, *store.changed_after(ts, at, below)]
     cond += [old == key for (old, _), key in zip(lookups, keys, strict=True)]
-    if below is not None:
-        cond.append(ts.c.version < below)
     return sa.exists().where(*cond)
 
 
@@ -215,7 +222,8 @@ def _combination(
     # be its row's state then (its row's first tombstone since that moment), and each
     # current row must have been current then: created before it (every tombstone at
     # or below its creation stamp was written before it existed; none: older than
-    # the stamps) and no tombstone since.
+    # the stamps) and no tombstone since. (Which changes came after the moment is the
+    # store's to say, ``changed_after``: on PostgreSQL ids are not the commit order.)
     at = store.least(*(olds[t.name].c[RECORDED] for t in images))
     for t in shape.filter_tables():
         if t.name in olds:

@@ -391,6 +391,18 @@ class ServerStore(abc.ABC):
         write that made tombstones at version ``at`` (a row without one did)."""
         return sa.or_(stamp.is_(None), stamp < at)
 
+    def changed_after(
+        self, ts: Any, at: ColumnElement[Any], below: ColumnElement[Any] | None
+    ) -> list[ColumnElement[bool]]:
+        """Conditions under which ``ts``, a tombstone of some row, records a change of
+        that row made after the moment just before the write at version ``at`` and (when
+        ``below`` is given) before the state its tombstone at ``below`` recorded: then
+        that state (the current row, when ``below`` is None) was not the row's state at
+        that moment. Here versions are the order of commits."""
+        if below is None:
+            return [ts.c.version >= at]
+        return [ts.c.version >= at, ts.c.version < below]
+
     def least(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
         """The smallest of several (non-null) integers, as one flat expression."""
         return values[0] if len(values) == 1 else sa.func.least(*values)
