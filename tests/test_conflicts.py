@@ -487,6 +487,95 @@ def test_a_float_s_base_is_exact_so_an_edit_over_it_never_conflicts(
         server.store.engine.dispose()
 
 
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_an_interval_travels_as_an_iso_duration_so_an_edit_over_it_never_conflicts(
+    serve: Any, new_database: Any, tmp_path: Any, backend: str, encoding: str
+) -> None:
+    """An ``Interval`` is an ISO 8601 duration on the wire, read back as one: an edit of
+    another column or a delete over a duration the device pulled is no conflict, a
+    pushed one is stored as the duration (in any ISO form) and comes back in the
+    server's, one the database cannot hold is rejected naming its column, and a change
+    on the server in between still conflicts."""
+    import datetime as dt
+
+    import httpx
+    import sqlalchemy as sa
+
+    from syncunit import SyncClient
+    from syncunit.server.rxdb import CLIENT_HEADER
+    from tests.support import owned_table_server
+
+    task = sa.Table(
+        "task", sa.MetaData(),
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("dur", sa.Interval(), nullable=True),
+        sa.Column("note", sa.String(50), nullable=True),
+    )  # fmt: skip
+    server = owned_table_server(
+        new_database("tasks"), task, "LocalTask", "Tasks", policy=Detect(merge=False)
+    )
+    two_hours, a_day = dt.timedelta(hours=2), dt.timedelta(days=1, hours=2, microseconds=5)
+    with server.store.engine.begin() as conn:
+        conn.execute(
+            task.insert(),
+            [
+                {"id": "a", "owner": "ana", "dur": two_hours},
+                {"id": "b", "owner": "ana", "dur": a_day},
+                {"id": "c", "owner": "ana", "dur": -two_hours},
+            ],
+        )
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "tasks.sqlite", token="t", encoding=encoding)
+    try:
+        device.sync("Tasks")
+        assert device.store.query("SELECT id, dur FROM LocalTask ORDER BY id") == [
+            ("a", "PT7200S"), ("b", "P1DT7200.000005S"), ("c", "-PT7200S"),
+        ]  # fmt: skip
+        device.update("LocalTask", "a", {"note": "edited"})
+        device.update("LocalTask", "c", {"dur": "PT2H30M"})
+        device.delete("LocalTask", "b")
+        device.insert("LocalTask", {"id": "d", "owner": "ana", "dur": "P1DT1.5S"})
+        device.insert("LocalTask", {"id": "e", "owner": "ana", "dur": "P1M"})
+        device.insert("LocalTask", {"id": "f", "owner": "ana", "dur": "P999999999D"})
+
+        result = device.sync("Tasks")
+
+        assert result.conflicts == []
+        rejected = {r["key"]: (r["code"], r["reason"]) for r in result.rejected}
+        assert sorted(rejected) == (["e", "f"] if backend == "sqlite" else ["e"])
+        assert all(code == "invalid-value" for code, _ in rejected.values())
+        assert all("column 'dur'" in reason for _, reason in rejected.values())
+        with server.store.engine.connect() as conn:
+            stored = dict(conn.execute(sa.select(task.c.id, task.c.dur)).all())
+        assert stored == {
+            "a": two_hours,
+            "c": dt.timedelta(hours=2, minutes=30),
+            "d": dt.timedelta(days=1, seconds=1.5),
+            **({} if backend == "sqlite" else {"f": dt.timedelta(days=999999999)}),
+        }
+        device.sync("Tasks")
+        assert device.store.query("SELECT id, dur FROM LocalTask ORDER BY id") == [
+            ("a", "PT7200S"), ("c", "PT9000S"), ("d", "P1DT1.5S"),
+            *([] if backend == "sqlite" else [("f", "P999999999D")]),
+        ]  # fmt: skip
+        # RxDB documents carry the same text.
+        rxdb = httpx.post(
+            f"{live.url}/v1/rxdb/Tasks/tasks/push",
+            json=[{"newDocumentState": {"id": "g", "owner": "ana", "dur": "PT5S"}}],
+            headers={"Authorization": "Bearer t", CLIENT_HEADER: "js-1"},
+        )
+        assert [r["status"] for r in rxdb.json()["results"]] == ["applied"]
+        # A change on the server in between is still a conflict.
+        with server.store.engine.begin() as conn:
+            conn.execute(task.update().where(task.c.id == "a").values(dur=two_hours * 2))
+        device.update("LocalTask", "a", {"note": "again"})
+        assert [c["key"] for c in device.sync("Tasks").conflicts] == ["a"]
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
 def _as_an_earlier_engine(device: Any) -> str:
     """Make the update trigger of ``LocalMeasure`` as an earlier engine made it (the
     REAL in its row image as ``json_object()`` writes it); return this engine's."""

@@ -1131,6 +1131,195 @@ def test_a_date_time_with_an_offset_is_stored_as_the_same_instant(
         server.store.engine.dispose()
 
 
+def _times_server(database: str, key: Any = None) -> tuple[Any, sa.Table]:
+    """A server of one ``event`` table (key ``id``: text, or of type ``key``) with a
+    date-time, zoned date-time, time, zoned time and interval column; conflicts detected,
+    unit ``Events`` (and ``Push``, push only) for token ``t``."""
+    event = sa.Table(
+        "event", sa.MetaData(),
+        sa.Column("id", key if key is not None else sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("ts", sa.DateTime(), nullable=True),
+        sa.Column("tstz", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("t", sa.Time(), nullable=True),
+        sa.Column("ttz", sa.Time(timezone=True), nullable=True),
+        sa.Column("dur", sa.Interval(), nullable=True),
+    )  # fmt: skip
+    server = owned_table_server(
+        database, event, "LocalEvent", "Events", policy=Detect(), push_unit="Push"
+    )
+    return server, event
+
+
+def _ts_insert(seq: int, key: str, ts: str) -> Mutation:
+    """An insert of only ``id``, ``owner`` and ``ts`` (inserts of the same columns and
+    no NULL are read a column at a time)."""
+    values = {"id": key, "owner": "ana", "ts": ts}
+    return Mutation(seq, f"m{seq}", "LocalEvent", key, "insert", values=values)
+
+
+def _rejected(result: Any) -> dict[Any, str]:
+    """Each rejected key's reason, all of them ``invalid-value``."""
+    assert {r["code"] for r in result.rejected} <= {"invalid-value"}, result.rejected
+    return {r["key"]: r["reason"] for r in result.rejected}
+
+
+def test_a_date_time_whose_instant_in_utc_is_outside_the_years_is_rejected_alone(
+    serve: Any, new_database: Any, tmp_path: Any, backend: str
+) -> None:
+    """An offset can move a date-time past year 1 or 9999 in UTC, which Python cannot
+    hold: that change alone is rejected naming its column (as a value, in a batch of
+    inserts, as a base and from RxDB); the push goes on and nothing is held behind it."""
+    from syncunit import SyncClient
+    from syncunit.server.rxdb import CLIENT_HEADER
+
+    server, event = _times_server(new_database("events"))
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "events.sqlite", token="t")
+    early, late = "0001-01-01T00:00:00+01:00", "9999-12-31T23:30:00-01:00"
+    try:
+        device.insert("LocalEvent", {"id": "a", "owner": "ana", "tstz": "2027-03-01T09:00:00Z"})
+        assert device.sync("Events").applied == 1
+        year_one = "0001-01-01T00:00:00"
+        for key, ts in (("b", early), ("c", "2027-03-01T09:00:00"), ("d", late), ("e", year_one)):
+            device.insert("LocalEvent", {"id": key, "owner": "ana", "ts": ts})
+        device.update("LocalEvent", "a", {"tstz": late})
+
+        result = device.sync("Events")
+
+        reasons = _rejected(result)
+        assert sorted(reasons) == ["a", "b", "d"]
+        assert "column 'tstz'" in reasons["a"]
+        assert "column 'ts'" in reasons["b"]
+        assert all("outside the years 1 to 9999 in UTC" in r for r in reasons.values())
+        assert result.applied == 2
+        assert device.outbox.count() == 0
+        with server.store.engine.connect() as conn:
+            rows = conn.execute(sa.select(event.c.id).order_by(event.c.id)).scalars().all()
+        assert rows == ["a", "c", "e"]
+
+        # A batch of inserts read a column at a time, and a base (what the device says
+        # it saw), are read the same way.
+        inserts = [
+            _ts_insert(n, k, late if k == "h" else year_one) for n, k in enumerate("ghij", 1)
+        ]
+        edit = Mutation(
+            seq=5, id="m5", table="LocalEvent", key="c", op="update",
+            values={"ts": "2027-03-02T09:00:00"}, changed=["ts"], base={"ts": early},
+        )  # fmt: skip
+        raw = post_sync(live.url, "Push", token="t", client_id="raw", mutations=[*inserts, edit])
+        [frame, *_] = frames_of(raw)
+        assert isinstance(frame, PushResults)
+        answers = [(r.status, r.code) for r in frame.results]
+        ok, refused = ("applied", ""), ("rejected", "invalid-value")
+        assert answers == [ok, refused, ok, ok, refused]
+        rxdb = httpx.post(
+            f"{live.url}/v1/rxdb/Events/events/push",
+            json=[{"newDocumentState": {"id": "f", "owner": "ana", "ts": late, "_deleted": False}}],
+            headers={"Authorization": "Bearer t", CLIENT_HEADER: "js-1"},
+        )
+        assert rxdb.status_code == 200, rxdb.text
+        [answer_js] = rxdb.json()["results"]
+        assert (answer_js["status"], answer_js["code"]) == ("rejected", "invalid-value")
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
+def test_a_time_of_day_keeps_its_offset_only_where_the_database_does(
+    serve: Any, new_database: Any, tmp_path: Any, backend: str
+) -> None:
+    """A time with an offset is refused naming its column where the database would drop
+    the offset (a ``Time()`` column, a key, any time on SQLite), not stored as another
+    time beside the device's. PostgreSQL's ``time with time zone`` keeps the offset
+    sent, and a plain time there is UTC: an edit over either is no conflict."""
+    from syncunit import SyncClient
+
+    server, _ = _times_server(new_database("events"), key=sa.Time())
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "events.sqlite", token="t")
+    zoned = backend == "postgres"
+    try:
+        device.insert("LocalEvent", {"id": "08:00:00+05:30", "owner": "ana"})
+        device.insert("LocalEvent", {"id": "09:00:00", "owner": "ana", "t": "09:00:00+05:30"})
+        device.insert("LocalEvent", {"id": "10:00:00", "owner": "ana", "ttz": "10:00:00+05:30"})
+        device.insert("LocalEvent", {"id": "11:00:00", "owner": "ana", "ttz": "11:00:00"})
+        device.insert("LocalEvent", {"id": "12:00:00", "owner": "ana", "t": "12:00:00"})
+
+        result = device.sync("Events")
+
+        reasons = _rejected(result)
+        assert sorted(reasons) == ["08:00:00+05:30", "09:00:00", *([] if zoned else ["10:00:00"])]
+        assert "column 'id' keeps no offset" in reasons["08:00:00+05:30"]
+        assert "column 't' keeps no offset" in reasons["09:00:00"]
+        assert "send a plain time" in reasons["09:00:00"]
+        device.sync("Events")
+        rows = device.store.query("SELECT id, t, ttz FROM LocalEvent ORDER BY id")
+        assert rows == [
+            *([("10:00:00", None, "10:00:00+05:30")] if zoned else []),
+            ("11:00:00", None, "11:00:00+00:00" if zoned else "11:00:00"),
+            ("12:00:00", "12:00:00", None),
+        ]
+        # Pushed only (the device keeps the time as written): its edit is checked
+        # against the time stored, the same one.
+        device.insert("LocalEvent", {"id": "13:00:00", "owner": "ana", "ttz": "13:00:00"})
+        if zoned:
+            device.insert("LocalEvent", {"id": "14:00:00", "owner": "ana", "ttz": "14:00:00+05:30"})
+        assert device.sync("Push").applied == (2 if zoned else 1)
+        device.update("LocalEvent", "13:00:00", {"ttz": "13:30:00"})
+        if zoned:
+            device.update("LocalEvent", "14:00:00", {"ttz": "14:30:00+05:30"})
+        result = device.sync("Push")
+        assert (result.applied, result.conflicts, result.rejected) == (2 if zoned else 1, [], [])
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
+def test_a_fraction_of_a_second_finer_than_microseconds_is_refused_not_cut(
+    serve: Any, new_database: Any, tmp_path: Any, backend: str
+) -> None:
+    """Python's parsers would drop digits past the microseconds (the precision both
+    databases keep): such a value is rejected naming its column, in a batch of inserts
+    too. A base is compared as the database reads the value: cut, not refused (SQLite
+    sends text another writer stored as it is)."""
+    from syncunit import SyncClient
+
+    server, event = _times_server(new_database("events"))
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "events.sqlite", token="t")
+    fine = "2027-03-01T09:00:00.123456"
+    try:
+        for key, ts in (("a", fine), ("b", fine + "789"), ("c", fine), ("d", fine)):
+            device.insert("LocalEvent", {"id": key, "owner": "ana", "ts": ts})
+        device.insert("LocalEvent", {"id": "e", "owner": "ana", "t": "09:00:00.1234567"})
+        device.insert("LocalEvent", {"id": "f", "owner": "ana", "dur": "PT0.0000001S"})
+
+        result = device.sync("Events")
+
+        reasons = _rejected(result)
+        assert sorted(reasons) == ["b", "e", "f"]
+        for key, column in (("b", "ts"), ("e", "t"), ("f", "dur")):
+            assert f"column {column!r}" in reasons[key]
+            assert "microseconds" in reasons[key]
+        assert result.applied == 3
+        inserts = [_ts_insert(n, k, fine + "7" * (k == "h")) for n, k in enumerate("ghij", 1)]
+        edit = Mutation(
+            seq=5, id="m5", table="LocalEvent", key="a", op="update",
+            values={"ts": "2027-03-02T09:00:00"}, changed=["ts"], base={"ts": fine + "9"},
+        )  # fmt: skip
+        raw = post_sync(live.url, "Push", token="t", client_id="raw", mutations=[*inserts, edit])
+        [frame, *_] = frames_of(raw)
+        assert isinstance(frame, PushResults)
+        assert [r.status for r in frame.results] == ["applied", "rejected", *["applied"] * 3]
+        with server.store.engine.connect() as conn:
+            stored = conn.execute(sa.select(event.c.ts).where(event.c.id == "a")).scalar()
+        assert stored.isoformat() == "2027-03-02T09:00:00"
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
 # -- what a request's body may make the server hold -------------------------------------
 
 

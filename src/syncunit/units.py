@@ -148,6 +148,7 @@ def logical_type(type_: sa.types.TypeEngine[Any]) -> str:
         (sa.DateTime, "datetime"),
         (sa.Date, "date"),
         (sa.Time, "time"),
+        (sa.Interval, "interval"),
         (sa.Uuid, "uuid"),
         (sa.LargeBinary, "blob"),
         (sa.JSON, "json"),

@@ -165,7 +165,7 @@ def _columnar(
     keys = _coerce_column(raw_keys, pk, s.key, key=True, native=native)
     if any(k is None for k in keys):
         return None
-    columns = [_coerce_column(list(by_name[n]), c, n, nul) for n, c in plan]
+    columns = [_coerce_column(list(by_name[n]), c, n, nul, native=native) for n, c in plan]
     out = [c.name for _, c in plan] + [pk.name]
     rows = [dict(zip(out, row, strict=True)) for row in zip(*columns, keys, strict=True)]
     return keys, rows
@@ -194,9 +194,9 @@ def _coerce_column(
     if kind == "datetime" and all(type(v) is str for v in values):
         try:
             return [to_datetime(v, column) for v in values]
-        except ValueError:
+        except (ValueError, OverflowError):
             pass  # coerce says which value and why
-    return [coerce(v, column, local, nul=nul) for v in values]
+    return [coerce(v, column, local, nul=nul, native=native) for v in values]
 
 
 def _one_by_one(

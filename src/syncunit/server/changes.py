@@ -73,10 +73,15 @@ def _json(v: Any) -> Any:
     return json.dumps(v) if v is not None else None
 
 
+def _duration(v: Any) -> Any:
+    return msgspec.to_builtins(v) if v is not None else None  # ISO 8601: 'P1DT7200S'
+
+
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "datetime": _iso,
     "date": _iso,
     "time": _iso,
+    "interval": _duration,
     "decimal": _str,
     "uuid": _str,
     "json": _json,
@@ -86,7 +91,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 def wire_converters(stream: Stream) -> list[tuple[int, Callable[[Any], Any]]]:
     """Per column of ``stream`` (by position) whose values do not travel as the
     database driver reads them, the function that makes them travel (an ISO date, a
-    decimal's text, JSON as text): every row the server sends goes through them."""
+    decimal's text, a duration's ISO 8601 text, JSON as text): every row the server
+    sends goes through them."""
     return [
         (i, _CONVERTERS[lt])
         for i, expr in enumerate(stream.columns.values())
@@ -100,6 +106,8 @@ def to_wire(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, decimal.Decimal | uuid.UUID):
         return str(value)
+    if isinstance(value, dt.timedelta):
+        return msgspec.to_builtins(value)
     return value
 
 

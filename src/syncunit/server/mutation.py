@@ -393,7 +393,14 @@ class MutationWrites:
                 continue
             # A base value is compared, not stored: only a stored one must fit the database.
             nul = values is not None or self.store.text_holds_nul
-            out[column.name] = coerce(source[name], column, name, nul=nul)
+            out[column.name] = coerce(
+                source[name],
+                column,
+                name,
+                nul=nul,
+                native=self.store.native_decimals_and_zones,
+                base=values is not None,
+            )
         return out
 
     def _on_conflict(
@@ -539,7 +546,7 @@ class MutationWrites:
         if key is None or any(p not in principal.params for p in s.parameters):
             return None
         try:
-            k = coerce(key, s.key_column, s.key)
+            k = coerce(key, s.key_column, s.key, native=self.store.native_decimals_and_zones)
         except Rejected:
             return None
         select = self._rows.get(s.name)

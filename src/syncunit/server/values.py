@@ -3,7 +3,9 @@
 ``coerce`` takes a value as the wire carries it (JSON or MessagePack scalars,
 ISO 8601 text for dates and times, decimals as text) and returns what the
 column's SQLAlchemy type takes, or raises ``Rejected`` with a reason a person
-can read: the mutation is then answered ``rejected``, never applied.
+can read: the mutation is then answered ``rejected``, never applied. A value the
+column would keep otherwise than sent is refused, not changed: a fraction of a
+second finer than microseconds, a time of day with an offset the database drops.
 
 A JSON request carries bytes as base64 text: ``bytes_from_json`` turns the
 values of blob columns back into bytes before the mutations are applied.
@@ -16,6 +18,7 @@ import binascii
 import datetime as dt
 import decimal
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -50,11 +53,33 @@ class Rejected(Exception):
 
 _kinds: dict[Any, str] = {}  # logical type per column type object (held: ids stay unique)
 
+#: Digits of a fraction of a second past the microseconds, which Python's ISO 8601
+#: parsers (and msgspec's for durations) drop without a word.
+_FINER = re.compile(r"([.,]\d{6})\d+")
 
-def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) -> Any:
+#: Where the database has no interval type (SQLite), SQLAlchemy keeps an ``Interval``
+#: as the date-time that long after 1970-01-01 (which must fall in years 1 to 9999).
+_EPOCH = dt.datetime(1970, 1, 1)
+
+
+def coerce(
+    value: Any,
+    column: sa.Column[Any],
+    local: str,
+    *,
+    nul: bool = True,
+    native: bool = True,
+    base: bool = False,
+) -> Any:
     """Validate a wire value for ``column`` and turn it into the column's Python type.
 
     ``nul``: whether text may hold the NUL character (the database's text can).
+    ``native``: whether the database keeps a time of day's offset in a column with
+    time zone, and has an interval type (PostgreSQL); elsewhere a time with an offset
+    is refused, and a duration must fit the date-time SQLAlchemy stores it as.
+    ``base``: the value is a base (what the device saw, compared, never stored): a
+    fraction of a second finer than microseconds is cut, as the database reads a
+    stored one, rather than refused.
     """
     if value is None:
         if not column.nullable:
@@ -85,17 +110,34 @@ def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) 
                     " (U+0000) in a string or a name in this server's database; remove it",
                 )
             return parsed
-        if kind in ("text", "uuid", "decimal", "datetime", "date", "time"):
+        if kind in ("text", "uuid", "decimal", "datetime", "date", "time", "interval"):
             if kind == "decimal" and isinstance(value, int):
                 return decimal.Decimal(value)
             if not isinstance(value, str):
                 raise TypeError
+            if kind in ("datetime", "time", "interval") and (finer := _FINER.search(value)):
+                if not base:
+                    raise Rejected(
+                        "invalid-value",
+                        f"column {local!r}: {shorten(value)} is finer than the microseconds"
+                        " the server keeps; round it to at most 6 decimals",
+                    )
+                value = value[: finer.end(1)] + value[finer.end() :]
             if kind == "datetime":
-                return to_datetime(value, column)
+                try:
+                    return to_datetime(value, column)
+                except OverflowError:  # an offset took it past Python's years
+                    raise Rejected(
+                        "invalid-value",
+                        f"column {local!r}: {shorten(value)} is outside the years 1 to"
+                        " 9999 in UTC, which the server cannot hold",
+                    ) from None
             if kind == "date":
                 return dt.date.fromisoformat(value)
             if kind == "time":
-                return dt.time.fromisoformat(value)
+                return _to_time(value, column, local, native=native)
+            if kind == "interval":
+                return _to_interval(value, column, local, native=native)
             if kind == "decimal":
                 return decimal.Decimal(value)
             if kind == "uuid":
@@ -128,6 +170,7 @@ def coerce(value: Any, column: sa.Column[Any], local: str, *, nul: bool = True) 
             "datetime": "an ISO 8601 date-time string",
             "date": "an ISO 8601 date string",
             "time": "an ISO 8601 time string",
+            "interval": "an ISO 8601 duration string (days, hours, minutes, seconds: PT1H30M)",
             "decimal": "a decimal number as a string",
             "uuid": "a UUID string",
         }.get(kind, f"a {kind} value")
@@ -141,7 +184,11 @@ def to_datetime(value: str, column: sa.Column[Any]) -> dt.datetime:
     """An ISO 8601 date-time for ``column``. One with an offset is the same instant in
     UTC: kept so by a ``DateTime(timezone=True)`` column, without the offset by one
     without time zone (which SQLite would otherwise store with the offset dropped,
-    another instant). Raises ``ValueError`` for anything else."""
+    another instant). Raises ``ValueError`` for anything else (a fraction of a second
+    finer than microseconds too), ``OverflowError`` for an instant in UTC outside the
+    years 1 to 9999."""
+    if _FINER.search(value):
+        raise ValueError(f"finer than microseconds: {value!r}")
     parsed = dt.datetime.fromisoformat(value)
     if parsed.utcoffset() is None or not getattr(column.type, "timezone", False):
         return naive_utc(parsed)
@@ -153,6 +200,39 @@ def naive_utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is None else value.astimezone(dt.UTC).replace(tzinfo=None)
 
 
+def _to_time(value: str, column: sa.Column[Any], local: str, *, native: bool) -> dt.time:
+    """An ISO 8601 time of day for ``column``. A ``Time(timezone=True)`` column on
+    PostgreSQL (``native``) keeps an offset: one without is taken as UTC, as a zoned
+    date-time is, not in the session's time zone. Elsewhere the database would drop
+    the offset (another time), so a time with one is refused."""
+    parsed = dt.time.fromisoformat(value)
+    if native and getattr(column.type, "timezone", False):
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
+    if parsed.tzinfo is not None:
+        raise Rejected(
+            "invalid-value",
+            f"column {local!r} keeps no offset in a time of day (the database would drop"
+            f" it): send a plain time (HH:MM:SS), not {shorten(value)}",
+        )
+    return parsed
+
+
+def _to_interval(value: str, column: sa.Column[Any], local: str, *, native: bool) -> dt.timedelta:
+    """An ISO 8601 duration (days, hours, minutes, seconds) for ``column``."""
+    parsed = msgspec.convert(value, dt.timedelta)
+    if not (native and getattr(column.type, "native", True)):
+        try:
+            _EPOCH + parsed
+        except OverflowError:
+            raise Rejected(
+                "invalid-value",
+                f"column {local!r}: {shorten(value)} is longer than this server's database"
+                " keeps (it stores a duration as a date-time from 1970-01-01, within the"
+                " years 1 to 9999)",
+            ) from None
+    return parsed
+
+
 def coerce_key(value: Any, column: sa.Column[Any], local: str, *, native: bool = True) -> Any:
     """``coerce`` for a row's key, which must also be in the form the row comes back in:
     a key the database stores in another form (an upper-case UUID, a date-time with a
@@ -162,11 +242,13 @@ def coerce_key(value: Any, column: sa.Column[Any], local: str, *, native: bool =
     ``native``: whether the database gives decimals and zoned date-times back as
     stored (PostgreSQL); SQLite's come back with SQLAlchemy's ten places when the
     column says no scale, and without their zone."""
-    key = coerce(value, column, local)
+    key = coerce(value, column, local, native=native)
     kind = _kinds[column.type]
-    if kind not in ("uuid", "datetime", "date", "time", "decimal") or key is None:
+    if kind not in ("uuid", "datetime", "date", "time", "interval", "decimal") or key is None:
         return key
-    if isinstance(key, dt.datetime) and not native:
+    if isinstance(key, dt.timedelta):
+        canonical = msgspec.to_builtins(key)
+    elif isinstance(key, dt.datetime) and not native:
         canonical = key.replace(tzinfo=None).isoformat()
     elif isinstance(key, dt.date | dt.time):
         canonical = key.isoformat()
