@@ -576,6 +576,23 @@ def test_an_interval_travels_as_an_iso_duration_so_an_edit_over_it_never_conflic
         server.store.engine.dispose()
 
 
+def test_a_date_time_s_base_is_compared_by_its_instant() -> None:
+    """A stored date-time in a zone, in the hour its clocks go back (``fold=1``), is
+    the same as the base naming its instant in UTC: ``==`` between zones never holds
+    there (PEP 495), which made an edit over it conflict with itself."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from syncunit.server.mutation import _differs
+
+    instant = dt.datetime(2027, 11, 7, 6, 30, tzinfo=dt.UTC)  # 01:30 in New York, again
+    stored = instant.astimezone(ZoneInfo("America/New_York"))
+    assert stored.fold == 1
+    assert not _differs(stored, instant)
+    assert not _differs(stored, instant.replace(tzinfo=None))  # SQLite's, without its zone
+    assert _differs(stored, instant - dt.timedelta(hours=1))  # the first 01:30
+
+
 def _as_an_earlier_engine(device: Any) -> str:
     """Make the update trigger of ``LocalMeasure`` as an earlier engine made it (the
     REAL in its row image as ``json_object()`` writes it); return this engine's."""

@@ -1041,8 +1041,13 @@ def test_a_cancelled_response_ends_after_its_worker(make_server, store):
             "2027-03-01T09:00:00+00:00",
             {"postgres": None, "sqlite": "2027-03-01T09:00:00"},
         ),
+        (  # without an offset: UTC
+            sa.DateTime(timezone=True),
+            "2027-03-01T09:00:00",
+            {"postgres": "2027-03-01T09:00:00+00:00", "sqlite": None},
+        ),
     ],
-    ids=["uuid", "datetime", "numeric", "negative-zero", "exponent", "zone"],
+    ids=["uuid", "datetime", "numeric", "negative-zero", "exponent", "zone", "no-zone"],
 )
 def test_a_key_the_server_would_store_in_another_form_is_refused_naming_it(
     serve: Any, new_database: Any, tmp_path: Any, backend: str, kind: Any, sent: str, stored: Any

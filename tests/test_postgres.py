@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection
 
 from syncunit.client import SyncClient
 from syncunit.errors import ProblemError
-from syncunit.policies import MutationContext
+from syncunit.policies import Detect, MutationContext
 from syncunit.server import SyncServer
 from syncunit.server.migrations import LATEST
 from syncunit.server.postgres import WRITTEN_IN, PostgresStore
@@ -41,6 +41,7 @@ from tests.support import (
     assert_in_sync,
     final_cursors,
     local_keys,
+    owned_table_server,
     raw_sync,
     removed_keys,
     sent_keys,
@@ -816,3 +817,124 @@ def test_tombstones_of_a_column_named_alike_in_two_tables_are_indexed_apart(
     device.sync("Pull")
     assert local_keys(device, "LocalBoard") == {1, 7}
     assert local_keys(device, "LocalTag") == {3, 5, 7}
+
+
+# -- date and time values -----------------------------------------------------------------
+
+
+def test_a_database_in_another_time_zone_syncs_date_times_in_utc(new_database, serve, tmp_path):
+    """The database's ``TimeZone`` (here New York's) is not the sync's: keys come back
+    in the form devices write them (a pulled row is edited, a pushed one comes back
+    once), a value without an offset is UTC as on SQLite, and a time in the hour the
+    clocks go back is its instant. The engine is the app's own, used before the server
+    (its pooled connection opened in New York's zone)."""
+    url = new_database("clock")
+    with psycopg.connect(pg_dsn(url), autocommit=True) as admin:
+        admin.execute(
+            f"ALTER DATABASE {sa.make_url(url).database} SET timezone TO 'America/New_York'"
+        )
+    event = sa.Table(
+        "event", sa.MetaData(),
+        sa.Column("id", sa.DateTime(timezone=True), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("note", sa.String(50), nullable=True),
+    )  # fmt: skip
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW TimeZone").scalar_one() == "America/New_York"
+    server = owned_table_server(engine, event, "LocalEvent", "Events", policy=Detect(merge=False))
+    with psycopg.connect(pg_dsn(url), autocommit=True) as backoffice:  # in New York's zone
+        backoffice.execute(
+            "INSERT INTO event (id, owner, at, note) VALUES"
+            " ('2027-03-01 04:00:00-05', 'ana', '2027-11-07 01:30:00-05', 'from backoffice')"
+        )
+    device = SyncClient(serve(server.app).url, tmp_path / "events.sqlite", token="t")
+    try:
+        device.sync("Events")
+        pulled = ("2027-03-01T09:00:00+00:00", "2027-11-07T06:30:00+00:00")
+        assert device.store.query("SELECT id, at FROM LocalEvent") == [pulled]
+        device.update("LocalEvent", pulled[0], {"note": "edited"})
+        mine = "2027-03-02T09:00:00+00:00"
+        device.insert("LocalEvent", {"id": mine, "owner": "ana", "at": "2027-03-02T09:00:00"})
+        result = device.sync("Events")
+        assert (result.applied, result.conflicts, result.rejected) == (2, [], [])
+        device.sync("Events")
+        assert device.store.query("SELECT id, at, note FROM LocalEvent ORDER BY id") == [
+            (*pulled, "edited"),
+            (mine, mine, None),
+        ]
+        with server.store.engine.connect() as conn:
+            stored = conn.execute(sa.select(event.c.id, event.c.at).order_by(event.c.id)).all()
+        instant = dt.datetime(2027, 3, 2, 9, tzinfo=dt.UTC)
+        assert stored[1] == (instant, instant)
+    finally:
+        device.close()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_date_and_time_values_python_cannot_hold_reach_devices_and_go_back(
+    new_database, serve, tmp_path, encoding
+):
+    """``infinity``, years BC or past 9999 and ``24:00:00``, written by a backoffice,
+    travel as PostgreSQL's text, in every column type: the rows reach devices (a
+    pull failed as a whole), are edited and deleted without conflicting with
+    themselves, and the text pushed back is stored as the same value."""
+    event = sa.Table(
+        "event", sa.MetaData(),
+        sa.Column("id", sa.String(20), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("d", sa.Date(), nullable=True),
+        sa.Column("ts", sa.DateTime(), nullable=True),
+        sa.Column("tstz", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("t", sa.Time(), nullable=True),
+        sa.Column("note", sa.String(50), nullable=True),
+    )  # fmt: skip
+    url = new_database("odd")
+    server = owned_table_server(url, event, "LocalEvent", "Events", policy=Detect(merge=False))
+    rows = {
+        "r0": ("infinity", "-infinity", "infinity", None),
+        "r1": ("0044-03-15 BC", "0044-03-15 12:30:00.5 BC", "0044-03-15 12:30:00.5+00 BC", None),
+        "r2": ("10000-01-01", "10000-01-01 00:00:00", "12000-01-01 01:00:00+00", "24:00:00"),
+        "r3": ("2027-03-01", None, None, None),
+    }
+    with psycopg.connect(pg_dsn(url), autocommit=True) as backoffice:
+        for key, values in rows.items():
+            backoffice.execute(
+                "INSERT INTO event (id, owner, d, ts, tstz, t) VALUES (%s, 'ana', %s, %s, %s, %s)",
+                (key, *values),
+            )
+    device = SyncClient(
+        serve(server.app).url, tmp_path / "odd.sqlite", token="t", encoding=encoding
+    )
+    local = "SELECT id, d, ts, tstz, t FROM LocalEvent WHERE id <> 'bad' ORDER BY id"
+    try:
+        device.sync("Events")
+        assert device.store.query(local) == [(k, *v) for k, v in rows.items()]
+        device.update("LocalEvent", "r0", {"note": "edited"})
+        device.update("LocalEvent", "r1", {"note": "edited"})
+        device.delete("LocalEvent", "r2")
+        for key, copied in (("n1", "r1"), ("n2", "r2")):
+            d, ts, tstz, t = rows[copied]
+            device.insert(
+                "LocalEvent", {"id": key, "owner": "ana", "d": d, "ts": ts, "tstz": tstz, "t": t}
+            )
+        device.insert("LocalEvent", {"id": "bad", "owner": "ana", "d": "44-03-15 BC"})
+        result = device.sync("Events")
+        assert (result.applied, result.conflicts) == (5, [])
+        assert [(r["key"], r["code"]) for r in result.rejected] == [("bad", "invalid-value")]
+        device.sync("Events")
+        rows |= {"n1": rows["r1"], "n2": rows["r2"]}
+        del rows["r2"]
+        expected = [(k, *v) for k, v in sorted(rows.items())]
+        assert device.store.query(local) == expected
+        with psycopg.connect(pg_dsn(url)) as conn:
+            conn.execute("SET TimeZone TO 'UTC'")
+            stored = conn.execute(
+                "SELECT id, d::text, ts::text, tstz::text, t::text FROM event ORDER BY id"
+            ).fetchall()
+        assert stored == expected
+    finally:
+        device.close()
+        server.store.engine.dispose()

@@ -62,7 +62,8 @@ _decode_row = msgspec.json.Decoder(list[Any]).decode
 
 
 def _iso(v: Any) -> Any:
-    return v.isoformat() if v is not None else None
+    # Text as it is: PostgreSQL's for a value Python cannot hold ('infinity').
+    return v if v is None or isinstance(v, str) else v.isoformat()
 
 
 def _str(v: Any) -> Any:

@@ -90,16 +90,14 @@ _NARROW = ((sa.SmallInteger, 2**15), (sa.BigInteger, 2**63), (sa.Integer, 2**31)
 
 
 def _differs(stored: Any, sent: Any) -> bool:
-    """Whether a stored value differs from a sent one (a base). A date-time is the same
-    instant with or without its zone: SQLite gives a zoned column's values back
-    without it (in UTC, as they were written). Two NaNs are the same value."""
+    """Whether a stored value differs from a sent one (a base). Date-times are compared
+    as instants in UTC, with or without their zone: SQLite gives a zoned column's
+    values back without it (in UTC, as they were written), and ``==`` never holds
+    between an aware one in the second of a repeated hour (``fold=1``) and one in
+    another zone (PEP 495). Two NaNs are the same value."""
     if isinstance(stored, float) and isinstance(sent, float) and stored != stored:
         return sent == sent  # NaN is the one float unequal to itself
-    if (
-        isinstance(stored, dt.datetime)
-        and isinstance(sent, dt.datetime)
-        and (stored.tzinfo is None) != (sent.tzinfo is None)
-    ):
+    if isinstance(stored, dt.datetime) and isinstance(sent, dt.datetime):
         return naive_utc(stored) != naive_utc(sent)
     return bool(stored != sent)
 
@@ -299,7 +297,7 @@ class MutationWrites:
         st = self._statements(s)
         if m.op == "insert" and self._insert_new(conn, s, principal, m):
             return
-        key = coerce_key(m.key, pk, s.key, native=self.store.native_decimals_and_zones)
+        key = self._coerce_key(m.key, s)
         if key is None:
             raise Rejected("invalid-value", "the row key cannot be empty")
         if m.op not in ("insert", "update", "delete"):
@@ -400,8 +398,20 @@ class MutationWrites:
                 nul=nul,
                 native=self.store.native_decimals_and_zones,
                 base=values is not None,
+                beyond_python=self.store.times_beyond_python,
             )
         return out
+
+    def _coerce_key(self, key: Any, s: Stream) -> Any:
+        """``coerce_key`` of a pushed key of ``s``, as this store holds it."""
+        store = self.store
+        return coerce_key(
+            key,
+            s.key_column,
+            s.key,
+            native=store.native_decimals_and_zones,
+            beyond_python=store.times_beyond_python,
+        )
 
     def _on_conflict(
         self,
@@ -480,7 +490,7 @@ class MutationWrites:
         savepoint, so a rejection (or a scope check failing) undoes it.
         """
         pk = s.key_column
-        key = coerce_key(m.key, pk, s.key, native=self.store.native_decimals_and_zones)
+        key = self._coerce_key(m.key, s)
         if key is None:
             raise Rejected("invalid-value", "the row key cannot be empty")
         changes = self._map(s, m, list(m.values))
@@ -546,7 +556,13 @@ class MutationWrites:
         if key is None or any(p not in principal.params for p in s.parameters):
             return None
         try:
-            k = coerce(key, s.key_column, s.key, native=self.store.native_decimals_and_zones)
+            k = coerce(
+                key,
+                s.key_column,
+                s.key,
+                native=self.store.native_decimals_and_zones,
+                beyond_python=self.store.times_beyond_python,
+            )
         except Rejected:
             return None
         select = self._rows.get(s.name)

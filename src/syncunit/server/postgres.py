@@ -23,13 +23,17 @@ writers are serialized; a push that loses a serialization race is retried.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
+from psycopg.abc import AdaptContext, Buffer
+from psycopg.adapt import Loader
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
@@ -47,7 +51,7 @@ from syncunit.units import (
     SyncSchema,
 )
 
-__all__ = ["PostgresStore", "postgres_engine"]
+__all__ = ["PostgresStore", "configure_engine", "postgres_engine"]
 
 _XID = "pg_current_xact_id()::text::bigint"
 _NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
@@ -237,6 +241,71 @@ def postgres_engine(url: str | sa.URL, **kw: Any) -> Engine:
     return engine
 
 
+#: Said once on each connection syncunit uses, whatever the database's (or the server
+#: environment's ``PGTZ``) settings: date-times with time zone come in UTC, so a key
+#: comes back in the form a device wrote it (``+00:00``) and a value without an offset
+#: means UTC, as on SQLite; dates in ISO, the text ``_BeyondPython`` hands on.
+_SESSION = ("SET TimeZone TO 'UTC'", "SET DateStyle TO 'ISO'")
+#: Marks a pooled connection (``ConnectionRecord.info``, one DBAPI connection's) done.
+_CONFIGURED = "syncunit_session"
+#: The types whose values psycopg's loaders refuse when Python cannot hold them.
+_TIME_TYPES = ("date", "timestamp", "timestamptz", "time", "timetz")
+
+
+def configure_engine(engine: Engine) -> Engine:
+    """Set up every connection ``engine`` hands out for syncunit (see ``_SESSION``, and
+    ``_BeyondPython``): new ones and those pooled already, at their next checkout.
+
+    ``PostgresStore`` calls it on its engines, an application's own included; that
+    engine's other users get the same settings. Idempotent.
+    """
+    if not sa.event.contains(engine, "checkout", _on_checkout):
+        sa.event.listen(engine, "checkout", _on_checkout)
+    return engine
+
+
+def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    if record.info.get(_CONFIGURED):
+        return
+    with dbapi_conn.cursor() as cur:
+        for sql in _SESSION:
+            cur.execute(sql)
+    dbapi_conn.commit()  # a SET rolled back would be undone
+    adapters = dbapi_conn.adapters
+    for name in _TIME_TYPES:
+        oid = adapters.types[name].oid
+        own = adapters.get_loader(oid, psycopg.pq.Format.TEXT)
+        if own is not None and not issubclass(own, _BeyondPython):
+            adapters.register_loader(oid, _beyond_python(own))
+    record.info[_CONFIGURED] = True
+
+
+class _BeyondPython(Loader):
+    """A date or time value that Python cannot hold (``infinity``, ``-infinity``, a
+    year BC or past 9999, ``24:00:00``) as PostgreSQL's text: psycopg's own loader
+    (``own``) raises for it, which would fail every pull of a row holding one. The
+    text travels to devices, and a push may write it back (``coerce``'s
+    ``beyond_python``)."""
+
+    own: type[Loader]
+
+    def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+        super().__init__(oid, context)
+        self._own = self.own(oid, context)
+
+    def load(self, data: Buffer) -> Any:
+        try:
+            return self._own.load(data)
+        except psycopg.DataError:
+            return bytes(data).decode()
+
+
+@functools.cache
+def _beyond_python(own: type[Loader]) -> type[Loader]:
+    """``_BeyondPython`` around ``own`` (one class per loader, for every connection)."""
+    return type(f"BeyondPython{own.__name__}", (_BeyondPython,), {"own": own})
+
+
 def _close_cursor_of_dead_connection(ctx: sa.engine.ExceptionContext) -> None:
     """Close the cursor of a statement whose connection died (a failover, a server
     restart): SQLAlchemy only invalidates the connection then, and psycopg would
@@ -254,9 +323,9 @@ class PostgresStore(ServerStore):
     dialect = "postgresql"
 
     def __init__(self, engine: Engine, *, replicas: Sequence[Engine] = ()) -> None:
-        super().__init__(engine)
+        super().__init__(configure_engine(engine))
         #: Streaming standbys that may serve pulls (the watermark works there unchanged).
-        self.replicas = list(replicas)
+        self.replicas = [configure_engine(r) for r in replicas]
         self._next_replica = itertools.count()
 
     @classmethod
@@ -322,6 +391,7 @@ class PostgresStore(ServerStore):
 
     text_holds_nul = False
     native_decimals_and_zones = True
+    times_beyond_python = True
 
     def retryable(self, exc: BaseException) -> bool:
         orig = getattr(exc, "orig", None)

@@ -441,6 +441,11 @@ class ServerStore(abc.ABC):
     #: date-times without their zone.
     native_decimals_and_zones = False
 
+    #: Whether date and time columns hold values Python's cannot (PostgreSQL's
+    #: ``infinity``, years BC or past 9999, ``24:00:00``): they are read as the
+    #: database's text, and a pushed value of that text is taken (``coerce``).
+    times_beyond_python = False
+
     def retryable(self, exc: BaseException) -> bool:
         """Whether a write transaction that raised ``exc`` may simply be run again
         (it lost a serialization race or a deadlock; nothing of it was kept)."""

@@ -70,6 +70,7 @@ def coerce(
     nul: bool = True,
     native: bool = True,
     base: bool = False,
+    beyond_python: bool = False,
 ) -> Any:
     """Validate a wire value for ``column`` and turn it into the column's Python type.
 
@@ -80,6 +81,8 @@ def coerce(
     ``base``: the value is a base (what the device saw, compared, never stored): a
     fraction of a second finer than microseconds is cut, as the database reads a
     stored one, rather than refused.
+    ``beyond_python``: whether a date or time column takes the database's text for a
+    value Python cannot hold (PostgreSQL's, as the server sends it: ``_beyond_python``).
     """
     if value is None:
         if not column.nullable:
@@ -88,6 +91,8 @@ def coerce(
     kind = _kinds.get(column.type)
     if kind is None:
         kind = _kinds[column.type] = logical_type(column.type)
+    if beyond_python and isinstance(value, str) and _beyond_python(value, column, kind):
+        return value  # the database reads the text
     try:
         if kind == "integer":
             if isinstance(value, bool) or not isinstance(value, int):
@@ -184,14 +189,16 @@ def to_datetime(value: str, column: sa.Column[Any]) -> dt.datetime:
     """An ISO 8601 date-time for ``column``. One with an offset is the same instant in
     UTC: kept so by a ``DateTime(timezone=True)`` column, without the offset by one
     without time zone (which SQLite would otherwise store with the offset dropped,
-    another instant). Raises ``ValueError`` for anything else (a fraction of a second
-    finer than microseconds too), ``OverflowError`` for an instant in UTC outside the
-    years 1 to 9999."""
+    another instant). One without is UTC in a column with time zone. Raises
+    ``ValueError`` for anything else (a fraction of a second finer than microseconds
+    too), ``OverflowError`` for an instant in UTC outside the years 1 to 9999."""
     if _FINER.search(value):
         raise ValueError(f"finer than microseconds: {value!r}")
     parsed = dt.datetime.fromisoformat(value)
-    if parsed.utcoffset() is None or not getattr(column.type, "timezone", False):
+    if not getattr(column.type, "timezone", False):
         return naive_utc(parsed)
+    if parsed.utcoffset() is None:  # UTC, as SQLite keeps it (not the session's zone)
+        return parsed.replace(tzinfo=dt.UTC)
     return parsed.astimezone(dt.UTC)
 
 
@@ -233,7 +240,14 @@ def _to_interval(value: str, column: sa.Column[Any], local: str, *, native: bool
     return parsed
 
 
-def coerce_key(value: Any, column: sa.Column[Any], local: str, *, native: bool = True) -> Any:
+def coerce_key(
+    value: Any,
+    column: sa.Column[Any],
+    local: str,
+    *,
+    native: bool = True,
+    beyond_python: bool = False,
+) -> Any:
     """``coerce`` for a row's key, which must also be in the form the row comes back in:
     a key the database stores in another form (an upper-case UUID, a date-time with a
     space, ``1.5`` in a column of two decimals, ``1E+2``, ``-0``) would come back as
@@ -241,8 +255,9 @@ def coerce_key(value: Any, column: sa.Column[Any], local: str, *, native: bool =
 
     ``native``: whether the database gives decimals and zoned date-times back as
     stored (PostgreSQL); SQLite's come back with SQLAlchemy's ten places when the
-    column says no scale, and without their zone."""
-    key = coerce(value, column, local, native=native)
+    column says no scale, and without their zone. ``beyond_python``: as ``coerce``
+    takes it (such a key is taken in the one form the database writes)."""
+    key = coerce(value, column, local, native=native, beyond_python=beyond_python)
     kind = _kinds[column.type]
     if kind not in ("uuid", "datetime", "date", "time", "interval", "decimal") or key is None:
         return key
@@ -268,6 +283,37 @@ def coerce_key(value: Any, column: sa.Column[Any], local: str, *, native: bool =
             " would come back as another row; write the key as the server stores it",
         )
     return key
+
+
+#: PostgreSQL's text (DateStyle ISO, time zone UTC: ``postgres.configure_engine``) for
+#: a date or date-time before year 1 (``BC``) or after 9999, and for a time (with time
+#: zone or not) of ``24:00:00``, by logical type and whether the column has a zone.
+#: Only the form the database writes: a value a device sends back unchanged compares
+#: equal to the stored one, and a key comes back as it went.
+_DAY = r"(?P<year>\d{4,})-\d\d-\d\d"
+_CLOCK = r" \d\d:\d\d:\d\d(\.\d{0,5}[1-9])?"
+_BEYOND = {
+    ("date", False): re.compile(_DAY + "(?P<bc> BC)?"),
+    ("datetime", False): re.compile(_DAY + _CLOCK + "(?P<bc> BC)?"),
+    ("datetime", True): re.compile(_DAY + _CLOCK + r"\+00(?P<bc> BC)?"),
+    ("time", False): re.compile("24:00:00"),
+    ("time", True): re.compile(r"24:00:00[+-]\d\d(:\d\d){0,2}"),
+}
+
+
+def _beyond_python(value: str, column: sa.Column[Any], kind: str) -> bool:
+    """Whether ``value`` is PostgreSQL's text for a value of ``column`` (of logical type
+    ``kind``) that Python cannot hold, as ``PostgresStore`` reads it: ``infinity`` and
+    ``-infinity`` (dates, date-times), a year BC or past 9999, ``24:00:00``."""
+    if kind in ("date", "datetime") and value in ("infinity", "-infinity"):
+        return True
+    zoned = kind != "date" and bool(getattr(column.type, "timezone", False))
+    pattern = _BEYOND.get((kind, zoned))
+    found = None if pattern is None else pattern.fullmatch(value)
+    if found is None or kind == "time":
+        return found is not None
+    year = found["year"]  # four digits, or more with no leading zero, as written
+    return (len(year) == 4 or year[0] != "0") and (found["bc"] is not None or len(year) > 4)
 
 
 class NotBase64(str):
