@@ -8,6 +8,7 @@ device changes it too and syncs.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import pytest
@@ -658,6 +659,94 @@ def test_an_infinity_an_earlier_engine_wrote_in_the_outbox_is_read(
         with server.store.engine.connect() as conn:
             rows = dict(conn.execute(sa.select(measure.c.id, measure.c.note)).all())
         assert rows == {"c": "edited", "d": None}
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
+class _Color(enum.Enum):
+    RED = "r"
+    GREEN = "g"
+
+
+def _kinds_server(database: str) -> tuple[Any, Any]:
+    """A server of one ``kind`` table whose columns read back in another Python type
+    than the one the wire's value is coerced to, conflicts detected on every column."""
+    import sqlalchemy as sa
+
+    from syncunit.server import Principal
+    from tests.support import owned_table_server
+
+    kind = sa.Table(
+        "kind", sa.MetaData(),
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("note", sa.String(50), nullable=True),
+        sa.Column("num", sa.Numeric(10, 2, asdecimal=False), nullable=True),
+        sa.Column("real", sa.Float(asdecimal=True), nullable=True),
+        sa.Column("uid", sa.Uuid(as_uuid=False), nullable=True),
+        sa.Column("color", sa.Enum(_Color, name="color"), nullable=True),
+        sa.Column("doc", sa.JSON, nullable=True),
+    )  # fmt: skip
+    tokens = {"t-ana": Principal("ana", {"owner": "ana"})}
+    server = owned_table_server(
+        database, kind, "LocalKind", "Kinds", policy=Detect(merge=False), tokens=tokens
+    )
+    return server, kind
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_values_read_back_in_another_python_type_are_the_servers_so_never_conflict(
+    serve: Any, new_database: Any, tmp_path: Any, encoding: str
+) -> None:
+    """A float from a decimal column, a decimal from a float one, a UUID as text, a
+    Python enum's member and a NULL JSON value, sent back unchanged as the base of an
+    edit of another column or of a delete: applied, no conflict. The enum travels as
+    the label the database stores, which a new row may hold; a real change on the
+    server still conflicts."""
+    import decimal
+    import uuid
+
+    import sqlalchemy as sa
+
+    from syncunit import SyncClient
+
+    server, kind = _kinds_server(new_database("kinds"))
+    uid = str(uuid.uuid4())
+    # doc: None is the JSON value null here (SQLAlchemy's default), which reads as NULL.
+    same = {"owner": "ana", "num": 0.1, "real": decimal.Decimal("0.1"), "uid": uid,
+            "color": _Color.RED, "doc": None}  # fmt: skip
+    with server.store.engine.begin() as conn:
+        conn.execute(kind.insert(), [{"id": "e", **same}, {"id": "d", **same}])
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "k.sqlite", token="t-ana", encoding=encoding)
+    try:
+        device.sync("Kinds")
+        columns = ["owner", "num", "real", "uid", "color", "doc"]
+        [pulled] = device.store.query(f"SELECT {', '.join(columns)} FROM LocalKind WHERE id = 'e'")
+        assert pulled == ("ana", "0.1", 0.1, uid, "RED", None)
+        device.update("LocalKind", "e", {"note": "edited"})
+        device.delete("LocalKind", "d")
+        device.insert("LocalKind", {"id": "n", **dict(zip(columns, pulled, strict=True))})
+
+        result = device.sync("Kinds")
+
+        assert (result.applied, result.conflicts, result.rejected) == (3, [], [])
+        with server.store.engine.connect() as conn:
+            rows = {r.id: r for r in conn.execute(sa.select(kind))}
+            sql_null = conn.execute(sa.select(kind.c.id).where(kind.c.doc.is_(sa.null())))
+            assert sql_null.scalars().all() == ["n"]  # the device's NULL: SQL NULL
+        assert sorted(rows) == ["e", "n"]
+        assert rows["e"].note == "edited"
+        assert (rows["n"].num, rows["n"].uid, rows["n"].color) == (0.1, uid, _Color.RED)
+        # A change on the server in between is still a conflict.
+        with server.store.engine.begin() as conn:
+            conn.execute(kind.update().where(kind.c.id == "e").values(color=_Color.GREEN))
+        device.update("LocalKind", "e", {"note": "again"})
+        result = device.sync("Kinds")
+        assert [c["key"] for c in result.conflicts] == ["e"]
+        assert "color" in result.conflicts[0]["reason"]
+        assert device.store.query("SELECT color FROM LocalKind WHERE id = 'e'") == [("GREEN",)]
     finally:
         device.close()
         server.store.engine.dispose()

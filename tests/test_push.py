@@ -8,8 +8,10 @@ notes schema's ``audit`` rule writes one row each time a change is applied.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -960,3 +962,202 @@ def test_rules_see_deletes(notes_app):
     assert [(r["key"], r["reason"]) for r in result.rejected] == [("p", "pinned notes stay")]
     assert ("delete", "pinned") in seen
     assert app.row("p") is not None
+
+
+# -- values as the column types take them ----------------------------------------------------------
+
+
+def _typed_server(database: str, *columns: sa.Column[Any], key: Any = None) -> tuple[Any, sa.Table]:
+    """A server of one ``item`` table (``LocalItem``, unit ``Items``, token ``t``) of an
+    ``owner`` and ``columns``, keyed by ``key`` (a text ``id`` by default)."""
+    from tests.support import owned_table_server
+
+    item = sa.Table(
+        "item", sa.MetaData(),
+        key if key is not None else sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        *columns,
+    )  # fmt: skip
+    return owned_table_server(database, item, "LocalItem", "Items"), item
+
+
+def test_a_uuid_column_read_as_text_takes_pushed_changes(serve, new_database, tmp_path):
+    """``Uuid(as_uuid=False)`` (``Mapped[str]``), as the key and as a value: an edit and
+    a new row apply (the value stored in lower case), and the outbox drains."""
+    from syncunit import SyncClient
+
+    server, item = _typed_server(
+        new_database("items"),
+        sa.Column("ref", sa.Uuid(as_uuid=False), nullable=True),
+        key=sa.Column("id", sa.Uuid(as_uuid=False), primary_key=True),
+    )
+    old, new, ref = "0190a0ee-0000-7000-8000-00000000000a", str(uuid.uuid4()), uuid.uuid4()
+    with server.store.engine.begin() as conn:
+        conn.execute(item.insert().values(id=old, owner="ana"))
+    device = SyncClient(serve(server.app).url, tmp_path / "items.sqlite", token="t")
+    try:
+        device.sync("Items")
+        device.update("LocalItem", old, {"ref": str(ref).upper()})
+        device.insert("LocalItem", {"id": new, "owner": "ana"})
+
+        result = device.sync("Items")
+
+        assert (result.applied, result.conflicts, result.rejected) == (2, [], [])
+        assert device.outbox.count() == 0
+        with server.store.engine.connect() as conn:
+            stored = dict(conn.execute(sa.select(item.c.id, item.c.ref)).all())
+        assert stored == {old: str(ref), new: None}
+        assert sorted(device.store.query("SELECT id, ref FROM LocalItem")) == sorted(
+            [(old, str(ref)), (new, None)]
+        )
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
+def test_a_refused_change_whose_row_cannot_be_read_back_is_still_answered(notes_app, monkeypatch):
+    """The row sent back with a refusal is read after the change failed; should that
+    read fail too, the refusal stands without a row and the push goes on."""
+    from syncunit.server import mutation
+
+    def unreadable(s: Stream) -> sa.Select[Any]:
+        missing = sa.table("no_such_table", sa.column("id"))
+        return sa.select(missing.c.id).where(missing.c.id == sa.bindparam(mutation.KEY))
+
+    monkeypatch.setattr(mutation, "_row_select", unreadable)
+    app = notes_app(policy=LastWriteWins())
+    mutations = [_note(1, "a", n="not a number"), _note(2, "b")]
+
+    r = post_sync(app.url, "Sync", token="t1", client_id="dev", mutations=mutations)
+
+    first, second = push_results(r).results
+    assert (first.status, first.code, first.server_row) == ("rejected", "invalid-value", None)
+    assert second.status == "applied"
+    assert app.row("a") is None
+    assert app.row("b") is not None
+
+
+def test_a_value_its_column_type_refuses_is_rejected_naming_the_column(
+    serve, new_database, tmp_path, backend, caplog
+):
+    """A decimal past its column's precision and JSON holding NaN, which PostgreSQL
+    refuses (SQLite stores them as sent), and on either database a label the Enum does
+    not declare and a signalling NaN: ``invalid-value`` naming the column, the good rows
+    applied (the run of new rows tried as one batch first), nothing logged as an error."""
+    from syncunit import SyncClient
+
+    caplog.set_level(logging.INFO, logger="syncunit")
+    server, _ = _typed_server(
+        new_database("items"),
+        sa.Column("amount", sa.Numeric(6, 2), nullable=True),
+        sa.Column("doc", sa.JSON, nullable=True),
+        sa.Column("mood", sa.Enum("happy", "sad", name="mood"), nullable=True),
+    )
+    device = SyncClient(serve(server.app).url, tmp_path / "items.sqlite", token="t")
+    try:
+        good = {"owner": "ana", "amount": "9999.99", "doc": "{}", "mood": "happy"}
+        for key, odd in [
+            ("ok", {}),
+            ("ok2", {"mood": "sad"}),
+            ("big", {"amount": "9999.995"}),
+            ("nan", {"doc": '{"x": [NaN]}'}),
+            ("mood", {"mood": "angry"}),
+        ]:
+            device.insert("LocalItem", {"id": key, **good, **odd})
+
+        result = device.sync("Items")
+        device.insert("LocalItem", {"id": "snan", **good, "amount": "sNaN"})
+        [snan] = device.sync("Items").rejected
+
+        refused = {r["key"]: (r["code"], r["reason"]) for r in result.rejected}
+        assert refused.pop("mood") == (
+            "invalid-value",
+            "column 'mood' expects one of 'happy', 'sad', got 'angry'",
+        )
+        assert (snan["code"], snan["reason"]) == (
+            "invalid-value",
+            "column 'amount' expects a decimal number as a string, got 'sNaN'",
+        )
+        if backend == "postgres":
+            assert {key: code for key, (code, _) in refused.items()} == {
+                "big": "invalid-value",
+                "nan": "invalid-value",
+            }
+            assert refused["big"][1].startswith("column 'amount': the database refused a value")
+            assert refused["nan"][1].startswith("column 'doc': the database refused a value")
+            assert result.applied == 2
+        else:
+            assert (refused, result.applied) == ({}, 4)
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
+class _Picky(sa.types.TypeDecorator[str]):
+    """Text that refuses one value as it is bound (a failure the database never sees)."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        if value == "boom":
+            raise ValueError("this type refuses 'boom'")
+        return value
+
+
+def test_a_failed_change_is_logged_without_the_rows_values(serve, new_database, tmp_path, caplog):
+    """A change the server fails on is rejected (``server-error``) and logged with the
+    reason and the statement, never with the values it was to write (the row's data)."""
+    from syncunit import SyncClient
+
+    caplog.set_level(logging.INFO, logger="syncunit")
+    server, _ = _typed_server(
+        new_database("items"),
+        sa.Column("picky", _Picky(20), nullable=True),
+        sa.Column("secret", sa.String(40), nullable=True),
+    )
+    device = SyncClient(serve(server.app).url, tmp_path / "items.sqlite", token="t")
+    try:
+        device.insert("LocalItem", {"id": "a", "owner": "ana", "picky": "boom", "secret": "s3cr3t"})
+
+        result = device.sync("Items")
+
+        assert [(r["key"], r["code"]) for r in result.rejected] == [("a", "server-error")]
+        [logged] = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+        assert "this type refuses 'boom'" in logged
+        assert "INSERT INTO item" in logged
+        assert "s3cr3t" not in logged
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
+def test_a_devices_null_in_a_json_column_is_stored_as_sql_null(serve, new_database, tmp_path):
+    """NULL in a JSON column of a device (a new row, alone or in a run of them, or an
+    edit to NULL) is SQL NULL on the server, not the JSON value ``null``."""
+    from syncunit import SyncClient
+    from tests.test_hostile import _documents_server
+
+    server, doc = _documents_server(new_database("docs"))
+    with server.store.engine.begin() as conn:
+        conn.execute(doc.insert().values(id="s", owner="ana", j={"a": 1}, jb=[1]))
+    device = SyncClient(serve(server.app).url, tmp_path / "doc.sqlite", token="t-ana")
+    try:
+        device.sync("Docs")
+        device.insert("LocalDoc", {"id": "alone", "owner": "ana"})
+        device.update("LocalDoc", "s", {"j": None, "jb": None})
+        assert device.sync("Docs").applied == 2
+        for i in range(5):  # a run of new rows: written as one batch
+            device.insert("LocalDoc", {"id": f"run{i}", "owner": "ana", "jb": None})
+        assert device.sync("Docs").applied == 5
+
+        with server.store.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(doc.c.id, doc.c.j.is_(sa.null()), doc.c.jb.is_(sa.null()))
+            ).all()
+        keys = ["alone", *(f"run{i}" for i in range(5)), "s"]
+        assert sorted(rows) == [(key, True, True) for key in keys]
+    finally:
+        device.close()
+        server.store.engine.dispose()

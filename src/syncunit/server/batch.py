@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 from syncunit.policies import BatchContext, set_check_of
 from syncunit.protocol import Mutation
 from syncunit.server.auth import Principal
-from syncunit.server.mutation import _Savepoint, insert_defaults
+from syncunit.server.mutation import _Savepoint, insert_defaults, sql_nulls
 from syncunit.server.values import Rejected, coerce, coerce_key, to_datetime
 from syncunit.units import Stream, logical_type
 
@@ -184,7 +184,8 @@ def _coerce_column(
     kind = logical_type(column.type)
     if kind == "integer" and all(type(v) is int for v in values):
         return values
-    if kind == "text" and all(type(v) is str for v in values):
+    plain_text = kind == "text" and not isinstance(column.type, sa.Enum)  # a label: checked
+    if plain_text and all(type(v) is str for v in values):
         length = getattr(column.type, "length", None)
         fits = length is None or max(map(len, values), default=0) <= length
         if fits and (nul or not any("\x00" in v for v in values)):
@@ -242,7 +243,7 @@ def _write_and_check(
     fill, computed = insert_defaults(s.base, rows[0])  # every row has the same columns
     if fill:
         rows = [{**fill, **r} for r in rows]
-    applier.store.insert_new_rows(conn, s.base, rows)
+    applier.store.insert_new_rows(conn, s.base, [sql_nulls(s.base, r) for r in rows])
     params = applier._scope_params(s, principal)
     # A count, not the rows: no row objects to build for a check that needs none.
     scoped = conn.execute(st.scope_count, {**params, "keys": keys}).scalar_one()

@@ -89,16 +89,25 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def _enum_label(type_: sa.Enum) -> Callable[[Any], Any]:
+    """A Python enum's member as the label its column stores (its name, unless
+    ``values_callable`` says otherwise), which a device writes back: not its value."""
+    labels = type_._valid_lookup
+    return lambda v: labels.get(v, v)
+
+
 def wire_converters(stream: Stream) -> list[tuple[int, Callable[[Any], Any]]]:
     """Per column of ``stream`` (by position) whose values do not travel as the
     database driver reads them, the function that makes them travel (an ISO date, a
-    decimal's text, a duration's ISO 8601 text, JSON as text): every row the server
-    sends goes through them."""
-    return [
-        (i, _CONVERTERS[lt])
-        for i, expr in enumerate(stream.columns.values())
-        if (lt := logical_type(expr.type)) in _CONVERTERS
-    ]
+    decimal's text, a duration's ISO 8601 text, JSON as text, an enum's label): every
+    row the server sends goes through them."""
+    out = []
+    for i, expr in enumerate(stream.columns.values()):
+        if (lt := logical_type(expr.type)) in _CONVERTERS:
+            out.append((i, _CONVERTERS[lt]))
+        elif isinstance(expr.type, sa.Enum) and expr.type.enum_class is not None:
+            out.append((i, _enum_label(expr.type)))
+    return out
 
 
 def to_wire(value: Any) -> Any:

@@ -13,8 +13,12 @@ failure rejects this mutation alone.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import functools
+import json
 import logging
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -87,6 +91,8 @@ KEY = "syncunit_key"  # the bind parameter naming the row a statement works on
 
 #: Integer types narrower than 64 bits where the database holds them so (PostgreSQL).
 _NARROW = ((sa.SmallInteger, 2**15), (sa.BigInteger, 2**63), (sa.Integer, 2**31))
+#: Half of a UTF-16 surrogate pair, which PostgreSQL's jsonb refuses in a string.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _differs(stored: Any, sent: Any) -> bool:
@@ -95,6 +101,10 @@ def _differs(stored: Any, sent: Any) -> bool:
     values back without it (in UTC, as they were written), and ``==`` never holds
     between an aware one in the second of a repeated hour (``fold=1``) and one in
     another zone (PEP 495). Two NaNs are the same value."""
+    if isinstance(stored, float) != isinstance(sent, float) and _number(stored) and _number(sent):
+        # A column that reads floats and takes decimals (Numeric(asdecimal=False)), or
+        # the other way round: the device saw the float, compared so.
+        return _differs(float(stored), float(sent))
     if isinstance(stored, float) and isinstance(sent, float) and stored != stored:
         return sent == sent  # NaN is the one float unequal to itself
     if isinstance(stored, dt.datetime) and isinstance(sent, dt.datetime):
@@ -102,24 +112,85 @@ def _differs(stored: Any, sent: Any) -> bool:
     return bool(stored != sent)
 
 
-def _out_of_range(s: Stream, m: Mutation) -> str | None:
-    """The local column of ``m`` whose integer is past its column type's range, if one is
-    (the database's own message names none)."""
+def _number(value: Any) -> bool:
+    return isinstance(value, float | decimal.Decimal)
+
+
+def _unfit(s: Stream, m: Mutation) -> str | None:
+    """The local column of ``m`` whose value its column type cannot hold, if one is (the
+    database's own message names none): an integer past its range, a decimal past its
+    precision, JSON that is not JSON to PostgreSQL."""
     for name, value in m.values.items():
         expr = s.columns.get(name)
-        if not isinstance(value, int) or expr is None:
+        if expr is None or value is None:
             continue
-        for kind, bound in _NARROW:
-            if isinstance(expr.type, kind):
-                if not -bound <= value < bound:
-                    return name
-                break
+        kind = expr.type
+        if isinstance(kind, sa.Integer):
+            bound = next((b for narrow, b in _NARROW if isinstance(kind, narrow)), None)
+            if isinstance(value, int) and bound is not None and not -bound <= value < bound:
+                return name
+        elif isinstance(kind, sa.Numeric) and not isinstance(kind, sa.Float):
+            if _past_precision(value, kind):
+                return name
+        elif isinstance(kind, sa.JSON) and _not_json(value):
+            return name
     return None
+
+
+def _past_precision(value: Any, kind: sa.Numeric[Any]) -> bool:
+    """Whether a decimal (as the wire carries it) rounds to more digits before the point
+    than ``kind`` holds (an infinity to any)."""
+    if kind.precision is None:
+        return False
+    try:
+        number = decimal.Decimal(value)
+    except (TypeError, ValueError, decimal.InvalidOperation):
+        return False
+    if number.is_nan():
+        return False
+    # It must round (half away from zero) to less than 10 ** (precision - scale).
+    scale = kind.scale or 0
+    with decimal.localcontext(prec=kind.precision + 2):  # exact: precision + 1 digits
+        half = decimal.Decimal(5).scaleb(-scale - 1)  # half of the last place
+        limit = decimal.Decimal(10) ** (kind.precision - scale) - half
+    return number.copy_abs() >= limit
+
+
+def _not_json(value: Any) -> bool:
+    """Whether JSON (as text, or decoded) holds what PostgreSQL's does not take: NaN or
+    an infinity, or (jsonb) half of a surrogate pair."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return True
+        if isinstance(item, str) and _SURROGATE.search(item):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
 
 
 def _first_line(exc: sa.exc.SQLAlchemyError) -> str:
     orig = getattr(exc, "orig", None)
     return (str(orig) if orig is not None else str(exc)).splitlines()[0]
+
+
+def _logged(exc: sa.exc.SQLAlchemyError) -> str:
+    """``exc`` for the log: the database's message and the statement, not the values
+    SQLAlchemy's own text lists (a row's data), nor the message's detail (which may
+    show the row)."""
+    statement = getattr(exc, "statement", None)
+    where = f" [SQL: {statement}]" if statement else ""
+    return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {_first_line(exc)}{where}"
 
 
 #: Of an insert's omitted columns: the values of their scalar defaults (written by the
@@ -152,6 +223,18 @@ def insert_defaults(table: sa.Table, written: Collection[str]) -> InsertDefaults
     a server default) is read back from the written row before the rules run.
     """
     return _insert_defaults(table, frozenset(written))
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_columns(table: sa.Table) -> tuple[str, ...]:
+    return tuple(c.name for c in table.columns if isinstance(c.type, sa.JSON))
+
+
+def sql_nulls(table: sa.Table, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` as a statement writes them into ``table``: None in a JSON column as SQL
+    NULL, which a device's NULL is (SQLAlchemy writes the JSON value ``null`` for it)."""
+    nulls = [n for n in _json_columns(table) if n in values and values[n] is None]
+    return {**values, **dict.fromkeys(nulls, sa.null())} if nulls else values
 
 
 def new_row(
@@ -262,13 +345,12 @@ class MutationWrites:
                     status, code = "rejected", "constraint"
                     reason = f"the database refused the change: {_first_line(exc)}"
                 elif (
-                    isinstance(exc, sa.exc.DataError)
-                    and (column := _out_of_range(stream, m)) is not None
+                    isinstance(exc, sa.exc.DataError) and (column := _unfit(stream, m)) is not None
                 ):  # a value its column cannot hold (else: a rule's query, say)
                     status, code = "rejected", "invalid-value"
                     reason = f"column {column!r}: the database refused a value: {_first_line(exc)}"
                 elif struck is not None:
-                    log.error("mutation %s %r kept failing: %s", m.table, m.key, exc)
+                    log.error("mutation %s %r kept failing: %s", m.table, m.key, _logged(exc))
                     status, code = "rejected", "unavailable"
                     reason = (
                         f"the server's database failed on this change in {struck[0]} requests"
@@ -276,14 +358,16 @@ class MutationWrites:
                         " change itself (a rule's query past a timeout): retry it later"
                     )
                 elif busy:
-                    log.warning("transient failure on %s %r, again: %s", m.table, m.key, exc)
+                    log.warning(
+                        "transient failure on %s %r, again: %s", m.table, m.key, _logged(exc)
+                    )
                     time.sleep(TRANSIENT_PAUSE * attempt)
                     continue
                 else:
                     # A poison mutation (a rule's query fails, a value the database
                     # cannot store): this one is rejected with its reason, the ones
                     # behind it go ahead.
-                    log.error("mutation %s %r failed: %s", m.table, m.key, exc)
+                    log.error("mutation %s %r failed: %s", m.table, m.key, _logged(exc))
                     status, code = "rejected", "server-error"
                     reason = f"the server's database failed on this change: {_first_line(exc)}"
                 row = self._server_row(conn, stream, principal, m.key)
@@ -336,11 +420,11 @@ class MutationWrites:
                     changes = self._on_conflict(s, m, current, changes, base_vals, differ, key)
             row = {**current, **changes}
             if changes:
-                conn.execute(st.update, {**changes, KEY: key})
+                conn.execute(st.update, {**sql_nulls(base, changes), KEY: key})
         else:
             fill, computed = insert_defaults(base, changes)
             changes = {**fill, **changes}
-            conn.execute(st.insert, {**changes, pk.name: key})
+            conn.execute(st.insert, {**sql_nulls(base, changes), pk.name: key})
             row = new_row(conn, s, key, changes, computed)
         # The scope comes first: a rule's answer may describe other rows (a clash with
         # another booking), which a principal may only learn about inside its scope.
@@ -497,7 +581,8 @@ class MutationWrites:
         fill, computed = insert_defaults(s.base, changes)
         if fill:
             changes = {**fill, **changes}
-        done = conn.execute(self._statements(s).insert_new, {**changes, pk.name: key})
+        written = {**sql_nulls(s.base, changes), pk.name: key}
+        done = conn.execute(self._statements(s).insert_new, written)
         if done.rowcount == 0:
             return False
         if not self._in_scope(conn, s, principal, key):
@@ -569,7 +654,18 @@ class MutationWrites:
         if select is None:  # built once: SQLAlchemy then reuses its compiled form
             select = self._rows[s.name] = _row_select(s)
         params = {p: principal.params[p] for p in s.parameters}
-        row = conn.execute(select, {**params, KEY: k}).first()
+        # Read in a savepoint: it answers a change already refused, which its failure
+        # (a key the column's type cannot take, say) must not turn into a failed request.
+        try:
+            with conn.begin_nested():
+                row = conn.execute(select, {**params, KEY: k}).first()
+        except sa.exc.SQLAlchemyError as exc:
+            if isinstance(exc, sa.exc.DBAPIError) and (
+                exc.connection_invalidated or self.store.retryable(exc)
+            ):
+                raise  # the request fails, and is run again (see ``_apply_one``)
+            log.warning("could not read %s %r back: %s", s.local_table, key, _logged(exc))
+            return None
         if row is None:
             return None
         values = list(row)

@@ -144,10 +144,16 @@ def coerce(
             if kind == "interval":
                 return _to_interval(value, column, local, native=native)
             if kind == "decimal":
-                return decimal.Decimal(value)
+                number = decimal.Decimal(value)
+                if number.is_snan():  # no database takes it, and comparing it raises
+                    raise ValueError(value)
+                return number
             if kind == "uuid":
+                # In the form the column gives back: text (lower case) with as_uuid=False.
                 parsed = uuid.UUID(value)
-                return parsed if isinstance(column.type, sa.Uuid) else value
+                return parsed if getattr(column.type, "as_uuid", True) else str(parsed)
+            if isinstance(column.type, sa.Enum):
+                return _enum_member(value, column.type, local)
             length = getattr(column.type, "length", None)
             if length is not None and len(value) > length:
                 raise Rejected(
@@ -183,6 +189,20 @@ def coerce(
             "invalid-value", f"column {local!r} expects {expected}, got {shorten(value)}"
         ) from None
     return value
+
+
+def _enum_member(label: str, type_: sa.Enum, local: str) -> Any:
+    """What an ``Enum`` column reads back for the ``label`` it stores: a Python enum's
+    member (a pull sends its label: its name, unless ``values_callable`` says otherwise),
+    the label itself for an Enum of strings. SQLAlchemy cannot read back a label the
+    Enum does not declare (a native enum, PostgreSQL's, cannot store one): rejected."""
+    try:
+        return type_._object_lookup[label]
+    except KeyError:
+        labels = ", ".join(map(repr, type_.enums[:10])) + (", ..." if type_.enums[10:] else "")
+        raise Rejected(
+            "invalid-value", f"column {local!r} expects one of {labels}, got {shorten(label)}"
+        ) from None
 
 
 def to_datetime(value: str, column: sa.Column[Any]) -> dt.datetime:
