@@ -1325,6 +1325,81 @@ def test_a_fraction_of_a_second_finer_than_microseconds_is_refused_not_cut(
         server.store.engine.dispose()
 
 
+@pytest.mark.parametrize(
+    ("server", "policy"),
+    [("current", "detect"), ("current", "last-write-wins"), ("old", "detect")],
+)
+def test_a_key_its_collation_takes_for_a_stored_one_is_refused_and_the_device_keeps_that_row(
+    serve: Any,
+    new_database: Any,
+    tmp_path: Any,
+    backend: str,
+    monkeypatch: Any,
+    server: str,
+    policy: str,
+) -> None:
+    """A key column that compares text without regard to case (SQLite's NOCASE, a
+    nondeterministic ICU collation on PostgreSQL) finds the stored 'ABC' for a pushed
+    'abc': the change is refused naming both, the stored row is left as it is (not
+    overwritten by last-write-wins), and the device holds it alone, not wedged on its
+    own 'abc'. From a server that takes 'abc' for the stored row (one that does not
+    compare the keys, ``old``), a conflict still leaves the device able to sync."""
+    from syncunit import SyncClient
+    from syncunit.policies import LastWriteWins
+    from syncunit.server import mutation
+
+    if server == "old":  # under last-write-wins, it overwrites 'ABC': no device undoes that
+        monkeypatch.setattr(mutation, "_other_key", lambda stored, key: False)
+    database = new_database("items")
+    collation = "NOCASE"
+    if backend == "postgres":
+        collation = "ci"
+        engine = sa.create_engine(database)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2',"
+                " deterministic = false)"
+            )
+        engine.dispose()
+    item = sa.Table(
+        "item", sa.MetaData(),
+        sa.Column("id", sa.String(20, collation=collation), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("note", sa.String(20)),
+    )  # fmt: skip
+    served = owned_table_server(
+        database, item, "LocalItem", "Items",
+        policy=Detect(merge=False) if policy == "detect" else LastWriteWins(),
+    )  # fmt: skip
+    with served.store.engine.begin() as conn:
+        conn.execute(item.insert(), {"id": "ABC", "owner": "ana", "note": "server"})
+    live = serve(served.app)
+    device = SyncClient(live.url, tmp_path / "items.sqlite", token="t")
+    try:
+        device.sync("Items")
+        device.insert("LocalItem", {"id": "abc", "owner": "ana", "note": "device"})
+        result = device.sync("Items")
+        if server == "old":
+            assert [(c["key"], c["code"]) for c in result.conflicts] == [("abc", "conflict")]
+        else:
+            assert [(r["key"], r["code"]) for r in result.rejected] == [("abc", "invalid-value")]
+            assert "collides with the stored key 'ABC'" in result.rejected[0]["reason"]
+        [kept] = device.outbox.rejected()
+        assert (kept.key, kept.attempted["note"]) == ("abc", "device")
+        with served.store.engine.connect() as conn:
+            assert conn.execute(sa.select(item.c.id, item.c.note)).all() == [("ABC", "server")]
+        assert device.store.query("SELECT id, note FROM LocalItem") == [("ABC", "server")]
+        device.insert("LocalItem", {"id": "xyz", "owner": "ana", "note": "later"})
+        assert device.sync("Items").applied == 1
+        assert device.store.query("SELECT id, note FROM LocalItem ORDER BY id") == [
+            ("ABC", "server"),
+            ("xyz", "later"),
+        ]
+    finally:
+        device.close()
+        served.store.engine.dispose()
+
+
 # -- what a request's body may make the server hold -------------------------------------
 
 

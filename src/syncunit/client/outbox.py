@@ -907,6 +907,17 @@ class Outbox:
             streams = [s] if catalog is None else catalog.streams
             self.store.rereading.update(holds.reread(self.store.conn, streams, s.local_table, key))
         else:
+            held = server_row.get(s.key, key)
+            if (
+                held != key
+                and self.store.conn.execute(
+                    f"SELECT 1 FROM {t} WHERE {_q(s.key)} = ?", (held,)
+                ).fetchone()
+            ):
+                # The server's row under a key its column takes as equal to this one
+                # ('ABC' for 'abc'): the device holds it already, maybe with changes of
+                # its own not pushed yet, and its pulls keep it as the server has it.
+                return
             names = [c for c in server_row if c in {c.name for c in s.columns}]
             self.store.conn.execute(
                 f"INSERT INTO {t} ({', '.join(map(_q, names))})"

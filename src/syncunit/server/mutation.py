@@ -32,6 +32,7 @@ from syncunit.policies import Conflict, MutationContext, Reject, Resolve
 from syncunit.protocol import Mutation, MutationResult
 from syncunit.server.auth import Principal
 from syncunit.server.changes import wire_converters
+from syncunit.server.limits import shorten
 from syncunit.server.problems import database_busy
 from syncunit.server.shape import StreamShape
 from syncunit.server.values import Rejected, coerce, coerce_key, naive_utc
@@ -114,6 +115,12 @@ def _differs(stored: Any, sent: Any) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, float | decimal.Decimal)
+
+
+def _other_key(stored: Any, key: Any) -> bool:
+    """Whether the row found by ``key`` is stored under another key: text that the
+    column's collation compares equal but is not (another case, trailing spaces)."""
+    return isinstance(stored, str) and isinstance(key, str) and stored != key
 
 
 def _unfit(s: Stream, m: Mutation) -> str | None:
@@ -392,6 +399,16 @@ class MutationWrites:
         current: dict[str, Any] | None = None if found is None else dict(found)
         if current is not None and not self._in_scope(conn, s, principal, key):
             raise Rejected("out-of-scope", "the row is outside your scope")
+        if current is not None and _other_key(current[pk.name], key):
+            # The column's collation finds another key equal ('ABC' for 'abc'): that row
+            # is not the device's, which would otherwise keep both under their own keys.
+            # (Checked after the scope: the reason names the stored key.)
+            raise Rejected(
+                "invalid-value",
+                f"key column {s.key!r}: {shorten(m.key)} collides with the stored key"
+                f" {shorten(current[pk.name])}, which the column's collation takes as the"
+                " same; write the row under the stored key, or another key",
+            )
         policy = s.policy
         if m.op == "delete":
             if current is None:
