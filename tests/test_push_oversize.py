@@ -23,6 +23,7 @@ import msgspec
 import pytest
 
 from syncunit.errors import NetworkError
+from syncunit.policies import Detect, LastWriteWins
 from syncunit.protocol import MAX_SUBSCRIPTIONS, PUSH_LIMITS, PushLimits
 from syncunit.server.limits import Limits
 from tests.test_push_support import FaultTransport, local_note, local_notes, outbox_rows
@@ -116,6 +117,76 @@ def test_an_update_over_the_field_limit_keeps_the_row_the_server_has(notes_app: 
     assert local_note(device, "s1")["title"] == "on the server"  # type: ignore[index]
     assert app.row("s1")["title"] == "on the server"  # type: ignore[index]
     assert app.row("after") is not None
+
+
+def _server_writes(app: Any, key: str, **values: Any) -> None:
+    """A change to row ``key`` written on the server (its values may be of any size)."""
+    with app.server.store.engine.begin() as conn:
+        conn.execute(app.note.update().where(app.note.c.id == key).values(values))
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+@pytest.mark.parametrize(
+    "policy",
+    [Detect(), Detect(merge=False), LastWriteWins()],
+    ids=["detect", "detect-whole-row", "last-write-wins"],
+)
+def test_a_row_holding_values_over_the_field_limit_can_be_edited_and_deleted(
+    notes_app: Any, encoding: str, policy: Any
+) -> None:
+    """Values written on the server may be over the field limit (a pull carries them).
+    The base of a change to such a row carries their digests: an edit of another
+    column, of the large value itself, and a delete are sent, and a change the
+    server made meanwhile is caught wherever the policy looks for one."""
+    app = notes_app(limits=SMALL, policy=policy)
+    photo, body = b"\x01" * (100 * KB), _text(100 * KB, 7)
+    app.add("big", title="t0", data=photo, body=body)
+    fault = FaultTransport()
+    device = app.client(transport=fault, encoding=encoding)
+    device.sync("Sync")
+    detects = policy.detects
+
+    device.update("LocalNote", "big", {"title": "edited"})
+    assert device.sync("Sync").applied == 1
+    [sent] = [m for r in fault.sent for m in r.mutations]
+    assert sorted(sent.digested) == ["body", "data"]
+    assert (app.row("big")["title"], app.row("big")["data"], app.row("big")["body"]) == (
+        "edited",
+        photo,
+        body,
+    )
+
+    # The large value replaced, after the server changed it: a conflict where detected.
+    device.update("LocalNote", "big", {"data": b"small"})
+    _server_writes(app, "big", data=b"\x02" * (100 * KB))
+    result = device.sync("Sync")
+    if detects:
+        assert [(c["key"], c["reason"]) for c in result.conflicts] == [
+            ("big", "changed on the server since you saw it: data")
+        ]
+        assert local_note(device, "big")["data"] == b"\x02" * (100 * KB)  # type: ignore[index]
+        [conflict] = device.outbox.rejected()
+        device.outbox.retry(conflict.id)  # now made over the server's value: applied
+        assert device.sync("Sync").applied == 1
+    else:
+        assert result.applied == 1
+    assert app.row("big")["data"] == b"small"  # type: ignore[index]
+
+    # A delete, after the server changed the large text the device did not change.
+    device.sync("Sync")
+    _server_writes(app, "big", body=_text(100 * KB, 8))
+    device.delete("LocalNote", "big")
+    result = device.sync("Sync")
+    if detects:
+        assert [c["key"] for c in result.conflicts] == ["big"]
+        assert app.row("big") is not None
+        device.delete("LocalNote", "big")
+        assert device.sync("Sync").applied == 1
+    else:
+        assert result.applied == 1
+    assert app.row("big") is None
+    assert device.outbox.count() == 0
+    assert local_notes(device) == app.rows("u1")
 
 
 @pytest.mark.parametrize("numbered", [False, True], ids=["refused", "withdrawn"])

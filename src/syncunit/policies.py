@@ -67,7 +67,7 @@ class Conflict:
     op: Literal["insert", "update", "delete"]
     server: Mapping[str, Any] | None  # the row as it is now; None if deleted
     client: Mapping[str, Any]  # the values the client wants to write
-    base: Mapping[str, Any]  # what the client saw before its change
+    base: Mapping[str, Any]  # what the client saw before its change, but values too large to send
     columns: tuple[str, ...]  # the columns in conflict
 
 

@@ -16,6 +16,7 @@ values per column), or, for a client that asks, one JSON text of the rows
 from __future__ import annotations
 
 import functools
+import hashlib
 import struct
 import types
 from collections.abc import Iterator, Sequence
@@ -87,6 +88,7 @@ __all__ = [
     "Subscription",
     "SyncRequest",
     "UnitInfo",
+    "base_digest",
     "decode_request",
     "encode_frame",
     "encode_request",
@@ -243,7 +245,9 @@ class Mutation(msgspec.Struct, frozen=True, gc=False):
 
     ``values`` holds the new values (an insert: the whole row; an update: the
     ``changed`` columns); ``base`` the values the client saw before its change,
-    which conflict detection compares with the server's current row.
+    which conflict detection compares with the server's current row. The base of a
+    column in ``digested`` is the ``base_digest`` of what the client saw, a value
+    too large to send (over the server's field limit) that is only compared.
     """
 
     seq: int
@@ -254,6 +258,22 @@ class Mutation(msgspec.Struct, frozen=True, gc=False):
     values: dict[str, Any] = {}
     changed: list[str] = []
     base: dict[str, Any] = {}
+    digested: list[str] = []
+
+
+def base_digest(value: Any) -> Any:
+    """What a mutation's ``base`` carries for ``value`` in a column listed in
+    ``digested``: the SHA-256 of bytes, as bytes; of text (its UTF-8), as
+    ``"sha256:"`` and its hex digits; None for any other value (never digested).
+
+    Typed as the value is, so a server that knows no ``digested`` still takes it
+    for its column (a blob as bytes), and finds it unequal to the value stored.
+    """
+    if isinstance(value, bytes | bytearray | memoryview):
+        return hashlib.sha256(value).digest()
+    if isinstance(value, str):
+        return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return None
 
 
 class Subscription(msgspec.Struct, frozen=True):

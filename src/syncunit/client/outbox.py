@@ -25,7 +25,8 @@ bytes too, and a change that alone cannot pass those bounds (a value over the
 per-value limit, or a change over the body limit) is never sent: it becomes a
 rejection (``field-too-large`` or ``body-too-large``) with its values kept, before
 it is numbered, so the changes after it go on. One numbered before the device
-knew the bounds is taken out of flight the same way (``withdraw``).
+knew the bounds is taken out of flight the same way (``withdraw``). A base value
+over the per-value limit (the server wrote it) goes as its digest (``Budget.sent``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ from syncunit.client.rowjson import dumps as _dumps
 from syncunit.client.rowjson import loads as _loads
 from syncunit.client.triggers import NOW as _NOW
 from syncunit.errors import LocalStoreError
-from syncunit.protocol import Mutation, MutationResult, PushLimits, PushResults, StreamInfo
+from syncunit.protocol import (
+    Mutation,
+    MutationResult,
+    PushLimits,
+    PushResults,
+    StreamInfo,
+    base_digest,
+)
 from syncunit.protocol import quote_name as _q
 
 if TYPE_CHECKING:
@@ -97,6 +105,25 @@ class Budget:
     def size(self, m: Mutation, packed: bytes) -> int:
         """``m``'s bytes in a request (``packed``: its MessagePack)."""
         return len(_json_enc.encode(m)) + 1 if self.json else len(packed)
+
+    def sent(self, m: Mutation, packed: bytes) -> tuple[Mutation, int]:
+        """``m`` as a request carries it (``packed``: its MessagePack), and its bytes there.
+
+        A base value over the field limit (the default one while the server has not
+        said its own) goes as its digest (``protocol.base_digest``): a base is only
+        compared, and the server compares the digest of its value, so a change to
+        another column of a row holding a large value, or its delete, is not refused
+        for it. The change is frozen with its values; this is done as it is sent."""
+        size = self.size(m, packed)
+        field = (self.limits or PushLimits()).field
+        if size <= field or not m.base:  # no value is longer than the whole change
+            return m, size
+        big = [c for c, v in m.base.items() if _size(v, field // 4, self.json) > field]
+        if not big:
+            return m, size
+        base = {**m.base, **{c: base_digest(m.base[c]) for c in big}}
+        slim = msgspec.structs.replace(m, base=base, digested=big)
+        return slim, self.size(slim, _mut_enc.encode(slim))
 
     def refusal(self, m: Mutation, size: int) -> tuple[str, str] | None:
         """Why the server would refuse any request holding ``m`` (a problem code and
@@ -170,21 +197,23 @@ def _value_over(m: Mutation, limit: int, json: bool = False) -> tuple[str, int] 
         todo = [value]
         while todo:
             v = todo.pop()
-            if isinstance(v, str):
-                size = len(v) if len(v) <= short else len(v.encode())
-            elif isinstance(v, bytes | bytearray | memoryview):
-                size = 4 * ((len(v) + 2) // 3) if json else len(v)
-            elif isinstance(v, dict):
+            if isinstance(v, dict):
                 todo += [*v.keys(), *v.values()]
-                continue
             elif isinstance(v, list | tuple):
                 todo += v
-                continue
-            else:
-                continue
-            if size > limit:
+            elif (size := _size(v, short, json)) > limit:
                 return where, size
     return None
+
+
+def _size(v: Any, short: int, json: bool) -> int:
+    """The bytes of a string or bytes value as the server measures them (0 for any
+    other): a string of at most ``short`` characters is not encoded to count them."""
+    if isinstance(v, str):
+        return len(v) if len(v) <= short else len(v.encode())
+    if isinstance(v, bytes | bytearray | memoryview):
+        return 4 * ((len(v) + 2) // 3) if json else len(v)
+    return 0
 
 
 def _fill(payloads: Sequence[bytes], budget: Budget | None) -> tuple[list[Mutation], int, bool]:
@@ -199,7 +228,7 @@ def _fill(payloads: Sequence[bytes], budget: Budget | None) -> tuple[list[Mutati
         if budget is None:
             taken.append(m)
             continue
-        size = budget.size(m, payload)
+        m, size = budget.sent(m, payload)
         refused = budget.refusal(m, size)
         if refused is not None and not taken:
             return [m], size, True
@@ -416,9 +445,9 @@ class Outbox:
                 m = self._mutation(
                     s, names[table], writable[table], row, next_seq, mid, key, op, changed, base
                 )
-                packed = _mut_enc.encode(m)
+                packed = _mut_enc.encode(m)  # frozen with its base as it is
                 if budget is not None:
-                    size = budget.size(m, packed)
+                    m, size = budget.sent(m, packed)
                     why = budget.refusal(m, size)
                     if why is not None and self._row_in_flight(table, key):
                         # Its base holds that change's values, which the server may

@@ -233,6 +233,8 @@ def check_mutations(mutations: list[Mutation], limits: Limits) -> None:
             and len(m.base) <= max_columns
             and len(m.changed) <= max_columns
             and _short_names(m.changed, max_name)
+            and len(m.digested) <= max_columns
+            and _short_names(m.digested, max_name)
             and _plain(m.key, short)
             and _short_names(m.values, max_name)
             and _all_plain(m.values.values(), short)
@@ -301,6 +303,7 @@ def _checked_decoder(
             ("values", columns, {}),
             ("changed", Annotated[list[name], msgspec.Meta(max_length=max_columns)], []),
             ("base", columns, {}),
+            ("digested", Annotated[list[name], msgspec.Meta(max_length=max_columns)], []),
         ],
         bases=(Mutation,),
         frozen=True,
@@ -368,7 +371,12 @@ def _check_mutation(i: int, m: Mutation, limits: Limits, room: _Room) -> None:
                 "field-too-large",
                 f"{where}: {label} holds at most {limits.max_name_length} characters",
             )
-    for label, columns in (("values", m.values), ("base", m.base), ("changed", m.changed)):
+    for label, columns in (
+        ("values", m.values),
+        ("base", m.base),
+        ("changed", m.changed),
+        ("digested", m.digested),
+    ):
         if len(columns) > limits.max_columns:
             raise ProblemException(
                 "field-too-large",

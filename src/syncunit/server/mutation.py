@@ -29,14 +29,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from syncunit.policies import Conflict, MutationContext, Reject, Resolve
-from syncunit.protocol import Mutation, MutationResult
+from syncunit.protocol import Mutation, MutationResult, base_digest
 from syncunit.server.auth import Principal
 from syncunit.server.changes import wire_converters
 from syncunit.server.limits import shorten
 from syncunit.server.problems import database_busy
 from syncunit.server.shape import StreamShape
 from syncunit.server.values import Rejected, coerce, coerce_key, naive_utc
-from syncunit.units import TRACKING_COLUMNS, Stream
+from syncunit.units import TRACKING_COLUMNS, Stream, logical_type
 
 if TYPE_CHECKING:
     from syncunit.server.store import ServerStore
@@ -96,12 +96,27 @@ _NARROW = ((sa.SmallInteger, 2**15), (sa.BigInteger, 2**63), (sa.Integer, 2**31)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+@dataclass(frozen=True)
+class _Digest:
+    """A base the client sent as its digest (``Mutation.digested``): a value too large
+    to send, compared by the digest of the stored value as a pull sends it."""
+
+    digest: Any
+    as_text: bool  # a JSON column: a pull sends its text
+
+    def differs(self, stored: Any) -> bool:
+        sent = json.dumps(stored) if self.as_text and stored is not None else stored
+        return stored is None or base_digest(sent) != self.digest
+
+
 def _differs(stored: Any, sent: Any) -> bool:
     """Whether a stored value differs from a sent one (a base). Date-times are compared
     as instants in UTC, with or without their zone: SQLite gives a zoned column's
     values back without it (in UTC, as they were written), and ``==`` never holds
     between an aware one in the second of a repeated hour (``fold=1``) and one in
     another zone (PEP 495). Two NaNs are the same value."""
+    if isinstance(sent, _Digest):
+        return sent.differs(stored)
     if isinstance(stored, float) != isinstance(sent, float) and _number(stored) and _number(sent):
         # A column that reads floats and takes decimals (Numeric(asdecimal=False)), or
         # the other way round: the device saw the float, compared so.
@@ -485,6 +500,10 @@ class MutationWrites:
                     continue
                 if not column.nullable and (default is not None or column.server_default):
                     continue  # the insert leaves it out: the database fills it
+            if values is not None and name in m.digested:
+                # Only compared: the digest of a value too large to send.
+                out[column.name] = _Digest(source[name], logical_type(column.type) == "json")
+                continue
             if values is not None and source[name] is None:
                 # A base value: what the device saw. A row it created itself holds NULL
                 # where the server filled a default; that is a fact, not a value to check.
@@ -530,7 +549,8 @@ class MutationWrites:
             op=m.op,
             server=dict(current),
             client=changes,
-            base=base_vals,
+            # A base sent as its digest is no value a resolver could merge with.
+            base={c: v for c, v in base_vals.items() if not isinstance(v, _Digest)},
             columns=differ,
         )
         try:
