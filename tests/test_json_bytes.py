@@ -2,21 +2,26 @@
 the same bytes wherever a value travels (pulled rows, pushed values and bases,
 server rows in verdicts, parked sessions). The server turns the text of a blob
 column back into bytes in a JSON request, the device in a JSON answer; text that
-is not base64 is refused, naming the column.
+is not base64 is refused, naming the column. Non-finite reals, which JSON has not
+either, travel as text the same way.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import uuid
 from typing import Any
 
+import msgspec
 import pytest
+import sqlalchemy as sa
 
 from syncunit.client.blobtext import chunk_bytes
 from syncunit.errors import ProtocolError
 from syncunit.policies import Detect
-from syncunit.protocol import Chunk, ColumnInfo, Mutation, StreamInfo
+from syncunit.protocol import Chunk, ColumnInfo, Frame, Mutation, StreamInfo, encode_frame
+from tests.support import owned_table_server
 from tests.test_push_support import local_note, post_sync, push_results
 
 PHOTO = b"\x00\x01\xffhello\x00"
@@ -197,3 +202,128 @@ def test_a_json_chunk_of_rows_brings_bytes() -> None:
     bad = Chunk(stream="files", columns=["hash"], data=[["%%"]], removed=[], cursor="c")
     with pytest.raises(ProtocolError, match=r"'hash'.*base64"):
         chunk_bytes(bad, _BLOB_KEYED)
+
+
+# -- non-finite reals --------------------------------------------------------------------
+
+
+def test_non_finite_reals_travel_over_json_both_ways(
+    serve: Any, new_database: Any, tmp_path: Any
+) -> None:
+    """JSON writes infinity as null: a real's infinity pushed or pulled over JSON
+    arrived as NULL (a NOT NULL column's default on the server), and an edit over it
+    conflicted with itself. As text, it arrives as the float, both ways."""
+    from syncunit import SyncClient
+
+    reading = sa.Table(
+        "reading", sa.MetaData(),
+        sa.Column("id", sa.String(20), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("f", sa.Float, nullable=True),
+        sa.Column("g", sa.Float, nullable=False, server_default="0"),
+        sa.Column("note", sa.String(20), nullable=True),
+    )  # fmt: skip
+    server = owned_table_server(
+        new_database("readings"), reading, "LocalReading", "Readings", policy=Detect()
+    )
+    inf = math.inf
+
+    def on_server(key: str) -> tuple[Any, Any]:
+        with server.store.engine.connect() as conn:
+            row = conn.execute(sa.select(reading.c.f, reading.c.g).where(reading.c.id == key))
+            return tuple(row.one())  # type: ignore[return-value]
+
+    def local(key: str) -> tuple[Any, Any]:
+        [row] = device.store.query("SELECT f, g FROM LocalReading WHERE id = ?", (key,))
+        return row[0], row[1]
+
+    with server.store.engine.begin() as conn:
+        conn.execute(reading.insert(), {"id": "srv", "owner": "ana", "f": inf, "g": -inf})
+    live = serve(server.app)
+    device = SyncClient(live.url, tmp_path / "readings.sqlite", token="t", encoding="json")
+    try:
+        device.sync("Readings")
+        assert local("srv") == (inf, -inf)
+
+        device.insert("LocalReading", {"id": "a", "owner": "ana", "f": inf, "g": 1.0})
+        device.insert("LocalReading", {"id": "b", "owner": "ana", "f": 1.0, "g": -inf})
+        assert device.sync("Readings").applied == 2
+        assert (on_server("a"), on_server("b")) == ((inf, 1.0), (1.0, -inf))
+        assert (local("a"), local("b")) == ((inf, 1.0), (1.0, -inf))
+
+        # The base holds the infinities: no conflict with the server's own values.
+        device.update("LocalReading", "srv", {"note": "seen"})
+        result = device.sync("Readings")
+        assert (result.applied, result.conflicts) == (1, [])
+
+        # A conflict's server row brings the server's infinity.
+        with server.store.engine.begin() as conn:
+            conn.execute(reading.update().where(reading.c.id == "srv").values(f=-inf))
+        device.update("LocalReading", "srv", {"f": 2.0})
+        assert [c["key"] for c in device.sync("Readings").conflicts] == ["srv"]
+        [kept] = device.outbox.rejected()
+        assert kept.server_row is not None
+        assert (kept.server_row["f"], kept.server_row["g"]) == (-inf, -inf)
+        assert local("srv") == (-inf, -inf)
+    finally:
+        device.close()
+        server.store.engine.dispose()
+
+
+_READINGS = StreamInfo(
+    name="readings",
+    local_table="LocalReading",
+    key="id",
+    mode="delta",
+    columns=[ColumnInfo("id", "text"), ColumnInfo("f", "real"), ColumnInfo("note", "text")],
+)
+
+
+def test_a_json_chunk_brings_non_finite_reals_and_leaves_text_as_text() -> None:
+    chunk = Chunk(
+        stream="readings", columns=["id", "f", "note"],
+        data=[["a", "b", "c", "d"], [math.inf, -math.inf, math.nan, 1.5],
+              ["Infinity", "NaN", None, "x"]],
+        removed=[], cursor="c",
+    )  # fmt: skip
+    sent = msgspec.json.decode(encode_frame(chunk, "json"), type=Frame)
+    assert isinstance(sent, Chunk)
+    assert sent.data[1] == ["Infinity", "-Infinity", "NaN", 1.5]
+    got = chunk_bytes(sent, _READINGS)
+    assert got.data[1][:2] == [math.inf, -math.inf]
+    assert math.isnan(got.data[1][2])
+    assert got.data[1][3] == 1.5
+    assert got.data[2] == ["Infinity", "NaN", None, "x"]  # a text column's text
+
+
+def test_other_text_in_a_real_column_of_a_json_push_is_refused_by_column(
+    serve: Any, new_database: Any
+) -> None:
+    reading = sa.Table(
+        "reading", sa.MetaData(),
+        sa.Column("id", sa.String(20), primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("f", sa.Float, nullable=True),
+    )  # fmt: skip
+    server = owned_table_server(new_database("readings"), reading, "LocalReading", "Readings")
+    live = serve(server.app)
+    try:
+        mutations = [
+            Mutation(seq=n, id=f"m{n}", table="LocalReading", key=key, op="insert",
+                     values={"id": key, "owner": "ana", "f": f})
+            for n, (key, f) in enumerate([("inf", "inf"), ("nan", math.nan)], 1)
+        ]  # fmt: skip
+        response = post_sync(
+            live.url, "Readings", token="t", client_id="raw-json", mutations=mutations,
+            encoding="json",
+        )  # fmt: skip
+        refused, nan = push_results(response, "json").results
+        assert (refused.status, refused.code) == ("rejected", "invalid-value")
+        assert "column 'f'" in refused.reason
+        assert nan.status == "applied"
+        with server.store.engine.connect() as conn:
+            stored = conn.execute(sa.select(reading.c.f).where(reading.c.id == "nan")).scalar()
+        # PostgreSQL stores NaN; SQLite stores NULL for it, whatever the encoding.
+        assert stored is None or math.isnan(stored)
+    finally:
+        server.store.engine.dispose()

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import struct
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -48,6 +49,11 @@ PUSH_LIMITS = "Syncunit-Push-Limits"
 MAX_SUBSCRIPTIONS = 200
 #: What an integer on the wire may hold (signed 64 bits: both databases' widest).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: JSON has no infinity or NaN (an encoder writes null): in the JSON encoding a
+#: non-finite float travels as one of these texts, which the receiver reads back as
+#: the float in a ``real`` column (the server from its schema, the client from its
+#: catalog), as it does base64 text in a ``blob`` column.
+NON_FINITE = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 #: A header of sync and catalog answers: an opaque tag of the principal the request
 #: was authenticated as (the same for every credential of that principal, different
 #: for another; it does not reveal the principal's id). A device parks a session's
@@ -62,6 +68,7 @@ __all__ = [
     "JSON",
     "MAX_SUBSCRIPTIONS",
     "MSGPACK",
+    "NON_FINITE",
     "PRINCIPAL_TAG",
     "PROBLEM_CODES",
     "PROTOCOL_VERSION",
@@ -548,7 +555,77 @@ def encoding_of(media_type: str | None) -> Encoding | None:
 
 
 def encode_request(request: SyncRequest, encoding: Encoding = "msgpack") -> bytes:
-    return _mp_enc.encode(request) if encoding == "msgpack" else _js_enc.encode(request)
+    if encoding == "msgpack":
+        return _mp_enc.encode(request)
+    mutations = _reals_as_text(request.mutations)
+    if mutations is not request.mutations:
+        request = msgspec.structs.replace(request, mutations=mutations)
+    return _js_enc.encode(request)
+
+
+def _text_of(value: Any) -> Any:
+    """A non-finite float as its ``NON_FINITE`` text; any other value as it is."""
+    if type(value) is float and not math.isfinite(value):
+        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _finite(values: Iterable[Any], isfinite: Callable[[float], bool] = math.isfinite) -> bool:
+    """Whether no value is a non-finite float (every value of a JSON answer's rows
+    goes through it)."""
+    for v in values:  # noqa: SIM110 (a loop runs faster than all() over a generator)
+        if type(v) is float and not isfinite(v):
+            return False
+    return True
+
+
+def _list_text(values: list[Any]) -> list[Any]:
+    """``values`` with non-finite floats as text (the same list if none is)."""
+    return values if _finite(values) else [_text_of(v) for v in values]
+
+
+def _dict_text(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with non-finite floats as text (the same dict if none is)."""
+    return values if _finite(values.values()) else {k: _text_of(v) for k, v in values.items()}
+
+
+def _reals_as_text(mutations: list[Mutation]) -> list[Mutation]:
+    """``mutations`` with the non-finite floats of their values and bases as text (the
+    same list if none has one)."""
+    out = mutations
+    for i, m in enumerate(mutations):
+        values, base = _dict_text(m.values), _dict_text(m.base)
+        if values is m.values and base is m.base:
+            continue
+        if out is mutations:
+            out = list(mutations)
+        out[i] = msgspec.structs.replace(m, values=values, base=base)
+    return out
+
+
+def _results_text(results: list[MutationResult]) -> list[MutationResult]:
+    out = results
+    for i, r in enumerate(results):
+        row = r.server_row
+        if row is None or (text := _dict_text(row)) is row:
+            continue
+        if out is results:
+            out = list(results)
+        out[i] = msgspec.structs.replace(r, server_row=text)
+    return out
+
+
+def _frame_text(frame: Frame) -> Frame:
+    """``frame`` with the non-finite floats of its rows as text, for a JSON answer."""
+    if isinstance(frame, Chunk) and frame.data:
+        data = [_list_text(column) for column in frame.data]
+        if any(new is not old for new, old in zip(data, frame.data, strict=True)):
+            return msgspec.structs.replace(frame, data=data)
+    elif isinstance(frame, PushResults | Answered):
+        results = _results_text(frame.results)
+        if results is not frame.results:
+            return msgspec.structs.replace(frame, results=results)
+    return frame
 
 
 def decode_request(body: bytes | bytearray, encoding: Encoding) -> SyncRequest:
@@ -574,7 +651,7 @@ def encode_frame(frame: Frame, encoding: Encoding = "msgpack") -> bytes:
     if encoding == "msgpack":
         payload = _mp_enc.encode(frame)
         return _LEN.pack(len(payload)) + payload
-    return _js_enc.encode(frame) + b"\n"
+    return _js_enc.encode(_frame_text(frame)) + b"\n"
 
 
 def encode_catalog(catalog: Catalog) -> bytes:

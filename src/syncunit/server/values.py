@@ -7,8 +7,9 @@ can read: the mutation is then answered ``rejected``, never applied. A value the
 column would keep otherwise than sent is refused, not changed: a fraction of a
 second finer than microseconds, a time of day with an offset the database drops.
 
-A JSON request carries bytes as base64 text: ``bytes_from_json`` turns the
-values of blob columns back into bytes before the mutations are applied.
+A JSON request carries bytes as base64 text, and a non-finite real as text
+(``protocol.NON_FINITE``): ``bytes_from_json`` turns the values of blob and real
+columns back into bytes and floats before the mutations are applied.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import decimal
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-from syncunit.protocol import Mutation
+from syncunit.protocol import NON_FINITE, Mutation
 from syncunit.server.limits import shorten
 from syncunit.units import Stream, SyncSchema, logical_type
 
@@ -349,21 +350,37 @@ def _not_base64(text: str, error: str) -> NotBase64:
     return value
 
 
-def _blob_names(stream: Stream) -> frozenset[str]:
-    """The local names of ``stream``'s columns of logical type ``blob``."""
-    return frozenset(n for n, c in stream.columns.items() if logical_type(c.type) == "blob")
+def _text_columns(stream: Stream) -> dict[str, Callable[[str], Any]]:
+    """The local names of ``stream``'s columns whose values a JSON request may carry as
+    text (``blob``, ``real``), each with what reads that text back."""
+    out: dict[str, Callable[[str], Any]] = {}
+    for name, column in stream.columns.items():
+        kind = logical_type(column.type)
+        if kind == "blob":
+            out[name] = _from_base64
+        elif kind == "real":
+            out[name] = _real_from_text
+    return out
 
 
-def _decoded(values: Mapping[str, Any], blobs: frozenset[str]) -> dict[str, Any] | None:
-    """``values`` with the text of ``blobs`` columns as bytes; None if none is text."""
+def _decoded(
+    values: Mapping[str, Any], columns: Mapping[str, Callable[[str], Any]]
+) -> dict[str, Any] | None:
+    """``values`` with the text of ``columns`` read back; None if none is text."""
     out: dict[str, Any] | None = None
-    for name in blobs & values.keys():
+    for name in columns.keys() & values.keys():
         value = values[name]
         if isinstance(value, str):
             if out is None:
                 out = dict(values)
-            out[name] = _from_base64(value)
+            out[name] = columns[name](value)
     return out
+
+
+def _real_from_text(text: str) -> Any:
+    """A non-finite real's text as its float; other text as it is (``coerce`` refuses
+    it, naming the column)."""
+    return NON_FINITE.get(text, text)
 
 
 def _from_base64(text: str) -> bytes | NotBase64:
@@ -375,23 +392,25 @@ def _from_base64(text: str) -> bytes | NotBase64:
 
 def bytes_from_json(mutations: list[Mutation], schema: SyncSchema) -> list[Mutation]:
     """A JSON request's ``mutations`` with the base64 text of blob columns (in
-    ``values`` and ``base``; no key is binary: the declaration refuses it) as bytes, as
+    ``values`` and ``base``; no key is binary: the declaration refuses it) as bytes,
+    and the text of non-finite reals (``protocol.NON_FINITE``) as floats, as
     MessagePack carries them.
 
-    Only tables with a blob column are looked at. Text that is not base64 becomes a
-    ``NotBase64``, which ``coerce`` rejects (``invalid-value``) naming the column.
+    Only tables with a blob or real column are looked at. Text that is not base64
+    becomes a ``NotBase64``, which ``coerce`` rejects (``invalid-value``) naming the
+    column; other text in a real column stays text, which it rejects too.
     """
-    blobs_of: dict[str, frozenset[str]] = {}  # per table
+    text_of: dict[str, dict[str, Callable[[str], Any]]] = {}  # per table
     out = mutations
     for i, m in enumerate(mutations):
-        blobs = blobs_of.get(m.table)
-        if blobs is None:
+        columns = text_of.get(m.table)
+        if columns is None:
             stream = schema.by_local_table.get(m.table)
-            blobs = blobs_of[m.table] = frozenset() if stream is None else _blob_names(stream)
-        if not blobs:
+            columns = text_of[m.table] = {} if stream is None else _text_columns(stream)
+        if not columns:
             continue
-        values = _decoded(m.values, blobs)
-        base = _decoded(m.base, blobs)
+        values = _decoded(m.values, columns)
+        base = _decoded(m.base, columns)
         if values is None and base is None:
             continue
         if out is mutations:
