@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from hospital.generate import generate
 from hospital.models import appointment, doctor, hospital, patient
+from sqlalchemy.dialects import postgresql
 
 from syncunit import Join, Stream, SyncSchema, SyncUnit
 from syncunit.errors import DeclarationError, ProblemError
@@ -544,3 +545,100 @@ def test_a_filter_that_requires_the_joined_row_is_accepted():
     city_appointments(where=sa.and_(doctor.c.id.is_not(None), doctor.c.name.is_(None)))
     city_appointments(where=appointment.c.doctor_id.is_(None))  # the base table's own column
     city_appointments(where=hospital.c.city.is_not(None))
+
+
+# -- column types ----------------------------------------------------------------------
+
+
+def _typed(kind: Any) -> sa.Table:
+    return sa.Table(
+        "item", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("v", kind),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        postgresql.ARRAY(sa.Integer),
+        postgresql.INET(),
+        postgresql.INT4RANGE(),
+        postgresql.HSTORE(),
+        postgresql.TSVECTOR(),
+    ],
+    ids=["array", "inet", "range", "hstore", "tsvector"],
+)
+def test_a_column_no_sync_can_carry_is_refused_at_declaration(kind: Any) -> None:
+    """Such a column was sent as text: its values (a list, an address, a range) failed
+    every sync of its units, on the server or on the device, for good."""
+    item = _typed(kind)
+    owned = item.c.owner == sa.bindparam("owner")
+    with pytest.raises(DeclarationError, match=r"column 'v' is of type") as info:
+        Stream("items", item, list(item.c), where=owned)
+    assert repr(kind) in str(info.value)
+    assert "sa.cast(item.c.v, sa.Text)" in str(info.value)  # says what to write instead
+    summary = sa.select(item.c.owner, sa.func.array_agg(item.c.id).label("ids"))
+    with pytest.raises(DeclarationError, match=r"column 'ids' is of type ARRAY"):
+        Stream.full("summary", summary.group_by(item.c.owner), key="owner")
+    # As the refusal says: sent as text, read-only on devices (a filter may still bind
+    # an array, which is no column sent).
+    Stream("items", item, {"id": item.c.id, "v": sa.cast(item.c.v, sa.Text)}, where=owned)
+    in_list = item.c.id == sa.func.any(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Integer)))
+    Stream("listed", item, [item.c.id, item.c.owner], where=sa.and_(owned, in_list))
+
+
+class _Label(sa.types.TypeDecorator[str]):
+    impl = postgresql.CITEXT()
+    cache_ok = True
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [sa.Interval(), postgresql.INTERVAL(), postgresql.CITEXT(), _Label(), sa.Enum("a", "b")],
+    ids=["interval", "pg-interval", "citext", "type-decorator", "enum"],
+)
+def test_columns_sent_as_text_are_accepted(kind: Any) -> None:
+    item = _typed(kind)
+    Stream("items", item, list(item.c), where=item.c.owner == sa.bindparam("owner"))
+
+
+@pytest.mark.backends("postgres")
+def test_a_column_cast_as_the_refusal_says_syncs(new_database: Any, serve: Any, tmp_path: Any):
+    from syncunit import SyncClient
+
+    meta = sa.MetaData()
+    item = sa.Table(
+        "item", meta,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("owner", sa.String(20), nullable=False),
+        sa.Column("address", postgresql.INET()),
+        sa.Column("sizes", postgresql.ARRAY(sa.Integer)),
+    )  # fmt: skip
+    columns = {
+        "id": item.c.id,
+        "owner": item.c.owner,
+        "address": sa.cast(item.c.address, sa.Text),
+        "sizes": sa.cast(item.c.sizes, sa.Text),
+    }
+    stream = Stream("items", item, columns, where=item.c.owner == sa.bindparam("city"))
+    server = SyncServer(
+        SyncSchema([SyncUnit("Pull", [stream])]),
+        new_database("items"),
+        authenticate=TokenAuth(TOKENS),
+        install=False,
+    )
+    meta.create_all(server.store.engine)
+    server.store.install(server.schema)
+    with server.store.engine.begin() as conn:
+        conn.execute(item.insert(), {"id": 1, "owner": "Lisbon", "address": "10.0.0.1",
+                                     "sizes": [1, 2]})  # fmt: skip
+    device = SyncClient(serve(server.app).url, tmp_path / "items.sqlite", token="lisbon")
+    try:
+        assert device.sync("Pull").rows_in == {"items": 1}
+        rows = device.store.query("SELECT id, owner, address, sizes FROM items")
+        assert rows == [(1, "Lisbon", "10.0.0.1/32", "{1,2}")]
+    finally:
+        device.close()
+        server.store.engine.dispose()

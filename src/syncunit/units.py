@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import (
     ColumnElement,
@@ -160,6 +161,25 @@ def logical_type(type_: sa.types.TypeEngine[Any]) -> str:
     if isinstance(type_, sa.types.NullType):
         return "text"
     return "text"
+
+
+#: The types of logical type ``text``: text itself, an expression of unknown type (a
+#: function, a literal column), the app's own ``TypeDecorator`` (its values are its
+#: own), and intervals. Any other type ``logical_type`` does not name is refused.
+_TEXT_TYPES = (
+    sa.String,
+    sa.types.NullType,
+    sa.types.TypeDecorator,
+    sa.Interval,
+    postgresql.INTERVAL,
+)
+
+
+def _carried(type_: sa.types.TypeEngine[Any]) -> bool:
+    """Whether a sync can carry a column of ``type_`` to devices and back: not one a
+    driver reads as objects no encoding carries and no local column stores (an
+    array, an address, a range, a text search vector)."""
+    return logical_type(type_) != "text" or isinstance(type_, _TEXT_TYPES)
 
 
 class Stream:
@@ -311,6 +331,7 @@ class Stream:
         self.client_params: dict[str, Param] = dict(client_params or {})
         self.authorize = authorize
         self._validate_names()
+        self._validate_types()
         self._validate_client_params()
 
     @classmethod
@@ -356,8 +377,24 @@ class Stream:
         self.client_params = dict(client_params or {})
         self.authorize = authorize
         self._validate_names()
+        self._validate_types()
         self._validate_client_params()
         return self
+
+    def _validate_types(self) -> None:
+        for local, expr in self.columns.items():
+            if _carried(expr.type):
+                continue
+            column = isinstance(expr, sa.Column) and expr.table is not None
+            shown = f"{expr.table.name}.c.{expr.name}" if column else "..."
+            raise DeclarationError(
+                f"stream {self.name!r}: column {local!r} is of type {expr.type!r}, whose"
+                " values no sync can carry to devices and back (every sync of its units"
+                " would fail). Send it as a supported type, read-only on devices"
+                f" ({local!r}: sa.cast({shown}, sa.Text) in the stream's columns, say),"
+                " or keep it in a column of a supported type (integer, real, decimal,"
+                " boolean, text, date and time, UUID, JSON or bytes)"
+            )
 
     def _validate_names(self) -> None:
         for n in [self.local_table, *self.columns]:
