@@ -35,7 +35,7 @@ from syncunit.server.changes import wire_converters
 from syncunit.server.limits import shorten
 from syncunit.server.problems import database_busy
 from syncunit.server.shape import StreamShape
-from syncunit.server.values import Rejected, coerce, coerce_key, naive_utc
+from syncunit.server.values import Rejected, coerce, coerce_key, json_items, naive_utc
 from syncunit.units import TRACKING_COLUMNS, Stream, logical_type
 
 if TYPE_CHECKING:
@@ -186,19 +186,11 @@ def _not_json(value: Any) -> bool:
             value = json.loads(value)
         except ValueError:
             return False
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return True
-        if isinstance(item, str) and _SURROGATE.search(item):
-            return True
-        if isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-    return False
+    return any(
+        (isinstance(item, float) and not math.isfinite(item))
+        or (isinstance(item, str) and _SURROGATE.search(item) is not None)
+        for item in json_items(value)
+    )
 
 
 def _first_line(exc: sa.exc.SQLAlchemyError) -> str:

@@ -21,7 +21,7 @@ import decimal
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import msgspec
@@ -430,17 +430,20 @@ def _binary_json(type_: sa.types.TypeEngine[Any]) -> bool:
     return isinstance(variants.get("postgresql", type_), JSONB)
 
 
-def _holds_nul(value: Any) -> bool:
-    """Whether a decoded JSON value has the NUL character in a string or a name."""
+def json_items(value: Any) -> Iterator[Any]:
+    """Every item of a decoded JSON value: itself, and each name, value and list item
+    within it, however deep (walked without recursion)."""
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
+        yield item
+        if isinstance(item, dict):
             stack.extend(item)
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
             stack.extend(item)
-    return False
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a decoded JSON value has the NUL character in a string or a name."""
+    return any(isinstance(item, str) and "\x00" in item for item in json_items(value))
